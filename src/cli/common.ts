@@ -1,0 +1,76 @@
+// What the three commands share: logging setup, progress bars on stderr, SIGINT/SIGTERM as an abort signal,
+// and the one rule for ending: a UserError prints one line and exits with its code; anything else is a bug.
+import cliProgress from 'cli-progress';
+import { Logger } from '../util/log.js';
+import { UserError, oneLine } from '../util/errors.js';
+
+export const VERSION = '2.0.0-ts';
+
+export interface CommonFlags {
+  verbose?: boolean;
+  noprogress?: boolean;
+  nocolor?: boolean;
+  quiet?: boolean;
+}
+
+export function makeLogger(flags: CommonFlags): Logger {
+  return new Logger({ verbose: flags.verbose, quiet: flags.quiet, color: flags.nocolor ? false : undefined });
+}
+
+/** One bar per disk on stderr, or nothing when disabled or stderr is not a terminal. */
+export function makeProgress(flags: CommonFlags, label: string): { factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void } {
+  if (flags.noprogress || flags.quiet || !process.stderr.isTTY) return { stop: () => undefined };
+  const bars = new cliProgress.MultiBar({
+    stream: process.stderr,
+    format: `${label} {disk} [{bar}] {percentage}% | {value}/{total} MiB`,
+    hideCursor: true,
+    clearOnComplete: false,
+  }, cliProgress.Presets.shades_classic);
+  const MiB = 1024 * 1024;
+  return {
+    factory: (disk, total) => {
+      const bar = bars.create(Math.max(1, Math.round(total / MiB)), 0, { disk });
+      let done = 0;
+      return (bytes) => {
+        done += bytes;
+        bar.update(Math.round(done / MiB));
+      };
+    },
+    stop: () => bars.stop(),
+  };
+}
+
+/** Runs a command body with an abort signal wired to SIGINT/SIGTERM; exits the process with its result. */
+export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>): Promise<never> {
+  const controller = new AbortController();
+  let interrupts = 0;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    interrupts++;
+    if (interrupts > 1) process.exit(130);
+    controller.abort(new UserError(`${name}: interrupted by ${sig}; cleaned up`, 130));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  let code: number;
+  try {
+    code = await body(controller.signal);
+  } catch (err) {
+    if (err instanceof UserError) {
+      process.stderr.write(`${name}: error: ${oneLine(err)}\n`);
+      code = err.exitCode;
+    } else {
+      process.stderr.write(`${name}: error: ${oneLine(err)}\n`);
+      if (verbose && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+      code = 1;
+    }
+  }
+  process.exit(code);
+}
+
+/** Splits comma-separated option values (-i vda,vdb or repeated -i). */
+export function listOption(value: unknown): string[] | undefined {
+  if (value === undefined) return undefined;
+  const values = Array.isArray(value) ? value : [value];
+  const out = values.flatMap((v) => String(v).split(',')).map((v) => v.trim()).filter(Boolean);
+  return out.length > 0 ? out : undefined;
+}

@@ -1,0 +1,33 @@
+// The one endpoint abstraction behind backup, restore and map: a block device you can read, write, zero,
+// flush and ask for extents. The copy loops know nothing of what kind of endpoint they talk to.
+
+/** base:allocation flags (NBD_STATE_HOLE, NBD_STATE_ZERO) and the dirty flag of qemu:dirty-bitmap contexts. */
+export const STATE_HOLE = 1;
+export const STATE_ZERO = 2;
+export const STATE_DIRTY = 1;
+export const CONTEXT_ALLOCATION = 'base:allocation';
+
+/** A run of bytes with the same status flags in one meta context. */
+export interface StatusExtent {
+  offset: number;
+  length: number;
+  flags: number;
+}
+
+export interface Endpoint {
+  /** Size of the device in bytes. */
+  readonly size: number;
+  /** Largest single read or write the endpoint accepts. */
+  readonly maxRequestSize: number;
+  /** Requests the endpoint can usefully have in flight at once. */
+  readonly parallelism: number;
+  /** Fills `buffer` from `offset`. */
+  read(buffer: Buffer, offset: number): Promise<void>;
+  write(buffer: Buffer, offset: number): Promise<void>;
+  /** Makes [offset, offset+length) read as zero; `allowTrim` lets the endpoint deallocate. */
+  zero(offset: number, length: number, allowTrim: boolean): Promise<void>;
+  flush(): Promise<void>;
+  /** Status extents covering [offset, offset+length) in order, for a meta context the endpoint was opened with. */
+  extents(context: string, offset: number, length: number): AsyncIterable<StatusExtent>;
+  close(): Promise<void>;
+}

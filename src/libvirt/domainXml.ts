@@ -1,0 +1,98 @@
+// Reads what backup and restore need from domain XML: the disks (target, image path, format, device) and the
+// boot files. Parsing only; the decision which disks to back up lives in selectDisks.
+import { XMLParser } from 'fast-xml-parser';
+
+export interface DomainDisk {
+  /** Target dev: vda, sda, ... */
+  target: string;
+  /** 'disk' | 'cdrom' | 'floppy' | 'lun' */
+  device: string;
+  /** 'file' | 'block' | 'network' | 'volume' */
+  type: string;
+  /** Image file or block device; undefined for network/volume disks and empty drives. */
+  path: string | undefined;
+  /** Driver type: qcow2, raw, ... */
+  format: string;
+}
+
+export interface DomainInfo {
+  name: string;
+  disks: DomainDisk[];
+  /** loader, nvram, kernel, initrd paths when set. */
+  bootFiles: Record<string, string>;
+}
+
+const parser = new XMLParser({
+  ignoreAttributes: false,
+  attributeNamePrefix: '@_',
+  isArray: (name) => name === 'disk',
+  textNodeName: '#text',
+});
+
+type Node = Record<string, unknown>;
+
+function text(node: unknown): string | undefined {
+  if (node === undefined || node === null) return undefined;
+  if (typeof node === 'string' || typeof node === 'number') return String(node);
+  const t = (node as Node)['#text'];
+  return t === undefined ? undefined : String(t);
+}
+
+export function parseDomainXml(xml: string): DomainInfo {
+  const doc = parser.parse(xml) as Node;
+  const domain = doc.domain as Node | undefined;
+  if (!domain) throw new Error('not a libvirt domain XML (no <domain> element)');
+  const devices = (domain.devices ?? {}) as Node;
+  const disks: DomainDisk[] = ((devices.disk ?? []) as Node[]).map((d) => {
+    const source = (d.source ?? {}) as Node;
+    const driver = (d.driver ?? {}) as Node;
+    const target = (d.target ?? {}) as Node;
+    return {
+      target: String(target['@_dev'] ?? ''),
+      device: String(d['@_device'] ?? 'disk'),
+      type: String(d['@_type'] ?? 'file'),
+      path: (source['@_file'] ?? source['@_dev']) as string | undefined,
+      format: String(driver['@_type'] ?? 'raw'),
+    };
+  });
+  const os = (domain.os ?? {}) as Node;
+  const bootFiles: Record<string, string> = {};
+  for (const key of ['loader', 'nvram', 'kernel', 'initrd']) {
+    const value = text(os[key]);
+    if (value) bootFiles[key] = value;
+  }
+  return { name: String(text(domain.name) ?? ''), disks, bootFiles };
+}
+
+export interface DiskSelection {
+  include?: string[];
+  exclude?: string[];
+  /** Back up raw-format disks too (always as copy). */
+  raw?: boolean;
+}
+
+export interface SelectedDisks {
+  disks: DomainDisk[];
+  /** Why each left-out disk is left out, for warnings. */
+  skipped: Array<{ disk: DomainDisk; reason: string }>;
+}
+
+/** Which disks a backup covers: -i/-x filters, no cdrom/floppy, raw only with `raw`, only file/block images. */
+export function selectDisks(all: DomainDisk[], selection: DiskSelection): SelectedDisks {
+  const disks: DomainDisk[] = [];
+  const skipped: SelectedDisks['skipped'] = [];
+  for (const disk of all) {
+    if (selection.include?.length && !selection.include.includes(disk.target)) continue;
+    if (selection.exclude?.includes(disk.target)) continue;
+    if (disk.device === 'cdrom' || disk.device === 'floppy') {
+      skipped.push({ disk, reason: `${disk.device} device` });
+    } else if (!disk.path || (disk.type !== 'file' && disk.type !== 'block')) {
+      skipped.push({ disk, reason: `${disk.type} disk without a local image path is not supported` });
+    } else if (disk.format === 'raw' && !selection.raw) {
+      skipped.push({ disk, reason: 'raw-format disk (no checkpoints possible); include it with -r/--raw' });
+    } else {
+      disks.push(disk);
+    }
+  }
+  return { disks, skipped };
+}

@@ -1,0 +1,127 @@
+// Typed face of the native addon (native/*.cc): libnbd, libvirt (+ libvirt-qemu), zlib adler32 and liblz4 frames.
+// Guarantees: every call that can block on I/O returns a Promise and runs off the event loop; errors are
+// rejected as NativeError with the library's own message.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+/** Error thrown by the addon. `code` is libvirt's virErrorNumber or libnbd's errno, when known. */
+export interface NativeError extends Error {
+  code?: number;
+  /** 'libvirt' | 'libnbd' | 'lz4' */
+  library?: string;
+}
+
+/** One open libnbd handle (one NBD connection). Operations on one handle are serialised by libnbd. */
+export interface NbdHandle {
+  /** Connect to a unix socket export; request the given meta contexts (e.g. 'base:allocation'). */
+  connectUnix(socketPath: string, exportName: string, metaContexts: string[]): Promise<void>;
+  /** Connect to an NBD URI (nbd://host:port/export, nbd+unix:///export?socket=...). */
+  connectUri(uri: string, metaContexts: string[]): Promise<void>;
+  /** Export size in bytes (valid after connect). */
+  getSize(): number;
+  /** Largest request the server accepts (LIBNBD_SIZE_MAXIMUM), 0 when the server does not say. */
+  getMaxBlockSize(): number;
+  canMultiConn(): boolean;
+  isReadOnly(): boolean;
+  canZero(): boolean;
+  canFlush(): boolean;
+  canTrim(): boolean;
+  /** Whether the server agreed to the named meta context. */
+  canMetaContext(name: string): boolean;
+  /**
+   * One NBD_CMD_BLOCK_STATUS for [offset, offset+length) in the given context. Returns a flat array
+   * [length0, flags0, length1, flags1, ...] of consecutive extents starting at `offset`; the server may
+   * answer for less than `length` (the caller loops).
+   */
+  blockStatus(offset: number, length: number, context: string): Promise<number[]>;
+  /** Fill `buffer` entirely from the export at `offset`. */
+  pread(buffer: Buffer, offset: number): Promise<void>;
+  /** Write all of `buffer` at `offset`. */
+  pwrite(buffer: Buffer, offset: number): Promise<void>;
+  /** NBD_CMD_WRITE_ZEROES; `allowTrim` false sets NBD_CMD_FLAG_NO_HOLE. */
+  zero(offset: number, length: number, allowTrim: boolean): Promise<void>;
+  trim(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+  /** Graceful NBD_CMD_DISC then close; safe to call twice. */
+  close(): Promise<void>;
+}
+
+export interface LibvirtDomain {
+  name(): string;
+  getXMLDesc(flags: number): Promise<string>;
+  isActive(): Promise<boolean>;
+  /** virDomainGetState: [state, reason]. */
+  getState(): Promise<[number, number]>;
+  getAutostart(): Promise<boolean>;
+  /** virDomainCreateWithFlags (start); flags e.g. VIR_DOMAIN_START_PAUSED = 1. */
+  create(flags: number): Promise<void>;
+  destroy(): Promise<void>;
+  suspend(): Promise<void>;
+  resume(): Promise<void>;
+  undefine(flags: number): Promise<void>;
+  backupBegin(backupXml: string, checkpointXml: string | null, flags: number): Promise<void>;
+  backupGetXMLDesc(): Promise<string>;
+  /** virDomainAbortJob: ends (or cancels) the running backup job. */
+  abortJob(): Promise<void>;
+  /** virDomainGetJobStats type (0 = none, VIR_DOMAIN_JOB_*), and the operation (VIR_DOMAIN_JOB_OPERATION_*). */
+  getJobType(): Promise<{ type: number; operation: number }>;
+  listCheckpointNames(): Promise<string[]>;
+  checkpointGetXMLDesc(name: string, flags: number): Promise<string>;
+  /** virDomainCheckpointCreateXML; flags e.g. VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE = 1. Returns the name. */
+  checkpointCreateXML(xml: string, flags: number): Promise<string>;
+  /** virDomainCheckpointDelete; flags e.g. VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY = 2. */
+  checkpointDelete(name: string, flags: number): Promise<void>;
+  /** virDomainQemuMonitorCommand; hmp=true sets VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP. */
+  qemuMonitorCommand(command: string, hmp: boolean): Promise<string>;
+}
+
+export interface LibvirtConnection {
+  lookupDomainByName(name: string): Promise<LibvirtDomain>;
+  defineXML(xml: string): Promise<LibvirtDomain>;
+  /** virConnectGetURI */
+  getURI(): Promise<string>;
+  close(): Promise<void>;
+}
+
+export interface NativeAddon {
+  NbdHandle: new () => NbdHandle;
+  /** virConnectOpen(uri) (read-write). */
+  libvirtOpen(uri: string): Promise<LibvirtConnection>;
+  /** zlib adler32 continuing from `start` (1 for a fresh checksum). Synchronous: CPU only. */
+  adler32(buffer: Buffer, start: number): number;
+  /** One LZ4 frame of `source`, block and content checksums on, at `level` (0 = default). Runs on a worker. */
+  lz4CompressFrame(source: Buffer, level: number): Promise<Buffer>;
+  /** Decompress one LZ4 frame; checksums verified; rejects on corruption. Runs on a worker. */
+  lz4DecompressFrame(source: Buffer): Promise<Buffer>;
+  /** Library versions, for -V and logs. */
+  versions(): { libnbd: string; libvirt: string; lz4: string; zlib: string };
+}
+
+export const VIR_ERR_NO_DOMAIN = 42;
+export const VIR_ERR_NO_DOMAIN_CHECKPOINT = 102;
+export const VIR_DOMAIN_XML_SECURE = 1;
+export const VIR_DOMAIN_XML_INACTIVE = 2;
+export const VIR_DOMAIN_CHECKPOINT_XML_SIZE = 4;
+export const VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE = 1;
+export const VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY = 2;
+export const VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA = 16;
+export const VIR_DOMAIN_JOB_OPERATION_BACKUP = 9;
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+let loaded: NativeAddon | undefined;
+
+/** Loads build/Release/virtnbd_native.node once; a missing build gets an error that says how to build it. */
+export function native(): NativeAddon {
+  if (loaded) return loaded;
+  const require = createRequire(import.meta.url);
+  // dist/src/native -> repository root
+  const root = path.resolve(here, '..', '..', '..');
+  const file = path.join(root, 'build', 'Release', 'virtnbd_native.node');
+  try {
+    loaded = require(file) as NativeAddon;
+  } catch (err) {
+    throw new Error(`native addon ${file} could not be loaded (${(err as Error).message}); run 'npm run build'`);
+  }
+  return loaded;
+}

@@ -1,0 +1,140 @@
+// The files of a backup set (virtnbdbackup-compatible names) and the per-disk chains they form.
+// A chain is the base (full or copy) followed by inc and diff files in checkpoint order, read from each stream's
+// metadata, never from file times. Guarantees: scanning refuses a set with leftovers of a failed run
+// (.partial) or a chain whose files do not link up, naming the file.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { StreamReader } from '../stream/reader.js';
+import type { StreamMetadata } from '../stream/format.js';
+import type { Level } from '../libvirt/checkpoints.js';
+import { UserError } from '../util/errors.js';
+
+export function dataFileName(disk: string, level: Level, ident: string): string {
+  if (level === 'full' || level === 'copy') return `${disk}.${level}.data`;
+  return `${disk}.${level}.${ident}.data`;
+}
+
+export const checksumFileName = (dataFile: string): string => `${dataFile}.chksum`;
+export const checkpointListName = (domain: string): string => `${domain}.cpt`;
+export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;
+export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;
+export const CHECKPOINT_DIR = 'checkpoints';
+
+export function logFileName(level: Level, when: Date): string {
+  const p = (n: number): string => String(n).padStart(2, '0');
+  const stamp = `${p(when.getMonth() + 1)}${p(when.getDate())}${when.getFullYear()}${p(when.getHours())}${p(when.getMinutes())}${p(when.getSeconds())}`;
+  return `backup.${level}.${stamp}.log`;
+}
+
+const DATA_FILE = /^(.+)\.(full|copy|inc|diff)(?:\.(.+))?\.data$/;
+
+export interface DataFile {
+  file: string;
+  disk: string;
+  level: Level;
+  /** Checkpoint name (inc) or unix seconds (diff); '' for full/copy. */
+  ident: string;
+}
+
+export function parseDataFileName(name: string): DataFile | undefined {
+  const m = DATA_FILE.exec(name);
+  if (!m) return undefined;
+  const [, disk, level, ident] = m;
+  if ((level === 'full' || level === 'copy') !== (ident === undefined)) return undefined;
+  return { file: name, disk: disk as string, level: level as Level, ident: ident ?? '' };
+}
+
+export async function readCheckpointList(file: string): Promise<string[]> {
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw err;
+  }
+  try {
+    const list: unknown = JSON.parse(text);
+    if (Array.isArray(list) && list.every((x) => typeof x === 'string')) return list as string[];
+  } catch { /* fall through */ }
+  throw new UserError(`${file} is not a checkpoint list (JSON array of names); restore it from a copy or start a new set with a full backup`);
+}
+
+export interface SetListing {
+  dir: string;
+  dataFiles: DataFile[];
+  partials: string[];
+  /** `<domain>.cpt` files found. */
+  checkpointLists: string[];
+}
+
+export async function listSet(dir: string): Promise<SetListing> {
+  let names: string[];
+  try {
+    names = await fs.readdir(dir);
+  } catch (err) {
+    throw new UserError(`cannot read backup set directory ${dir}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  names.sort();
+  return {
+    dir,
+    dataFiles: names.map(parseDataFileName).filter((d): d is DataFile => d !== undefined),
+    partials: names.filter((n) => n.endsWith('.partial')),
+    checkpointLists: names.filter((n) => n.endsWith('.cpt')),
+  };
+}
+
+export interface ChainLink extends DataFile {
+  path: string;
+  meta: StreamMetadata;
+}
+
+/** Sort key of a non-base file: inc N sits at N, a diff taken after checkpoint N at N + 0.5 (then by time). */
+function chainPosition(link: ChainLink, order: Map<string, number>): number {
+  const index = (name: string): number => order.get(name) ?? Number(/\.(\d+)$/.exec(name)?.[1] ?? Number.NaN);
+  return link.level === 'diff' ? index(link.meta.parentCheckpoint) + 0.5 : index(link.meta.checkpointName);
+}
+
+/**
+ * The chain of every disk in the set, base first. `checkpoints` (the .cpt list) orders incrementals;
+ * names ending in .N order them when it is missing (sets copied without their .cpt).
+ */
+export async function readChains(listing: SetListing, checkpoints: string[]): Promise<Map<string, ChainLink[]>> {
+  const order = new Map(checkpoints.map((name, i) => [name, i] as [string, number]));
+  const byDisk = new Map<string, ChainLink[]>();
+  for (const f of listing.dataFiles) {
+    const p = path.join(listing.dir, f.file);
+    const meta = await StreamReader.metadata(p).catch((err: Error) => {
+      throw new UserError(`${err.message}; the set's file ${f.file} is damaged or not a stream`);
+    });
+    const list = byDisk.get(f.disk) ?? [];
+    list.push({ ...f, path: p, meta });
+    byDisk.set(f.disk, list);
+  }
+  for (const [disk, links] of byDisk) {
+    const bases = links.filter((l) => l.level === 'full' || l.level === 'copy');
+    if (bases.length !== 1) {
+      throw new UserError(bases.length === 0
+        ? `no full or copy backup of disk ${disk} in ${listing.dir}: the chain has no base to restore onto`
+        : `${listing.dir} holds ${bases.map((b) => b.file).join(' and ')}: one base per disk expected`);
+    }
+    const rest = links.filter((l) => l.level === 'inc' || l.level === 'diff');
+    rest.sort((a, b) => chainPosition(a, order) - chainPosition(b, order) || Number(a.ident) - Number(b.ident) || a.file.localeCompare(b.file));
+    byDisk.set(disk, [bases[0] as ChainLink, ...rest]);
+  }
+  return byDisk;
+}
+
+/** Checks that every inc and diff is based on the last checkpoint of the chain before it. */
+export function checkLinks(chain: ChainLink[]): void {
+  let lastCheckpoint = chain[0]?.meta.checkpointName ?? '';
+  let lastFile = chain[0]?.file ?? '';
+  for (const link of chain.slice(1)) {
+    if (link.meta.parentCheckpoint !== lastCheckpoint) {
+      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${lastFile}); a data file is missing from the set`);
+    }
+    if (link.level === 'inc') {
+      lastCheckpoint = link.meta.checkpointName;
+      lastFile = link.file;
+    }
+  }
+}

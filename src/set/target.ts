@@ -1,0 +1,96 @@
+// Where a backup set is written. A Sink is one file of the set being written in order; the directory target
+// writes `<name>.partial`, fsyncs and renames it on commit, so a finished name always means a complete file.
+// Guarantees: never overwrites an existing file of the set (exclusive create); abort keeps the .partial as evidence.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+
+export interface Sink {
+  /** Appends the buffers, in order. */
+  write(buffers: Buffer[]): Promise<void>;
+  /** Makes the file final under its name. */
+  commit(): Promise<void>;
+  /** Stops writing; what was written stays as `.partial`. */
+  abort(): Promise<void>;
+}
+
+export interface OutputTarget {
+  /** Opens a new file of the set for writing. */
+  create(name: string): Promise<Sink>;
+  /** Writes a small file of the set completely (json, xml, checksum). */
+  writeFile(name: string, content: string | Buffer): Promise<void>;
+  /** Absolute path of a file in the set, for callers that must read it back. */
+  pathOf(name: string): string;
+}
+
+async function syncDirectory(dir: string): Promise<void> {
+  const handle = await fs.open(dir, 'r');
+  try { await handle.sync(); } finally { await handle.close(); }
+}
+
+class FileSink implements Sink {
+  constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {}
+
+  async write(buffers: Buffer[]): Promise<void> {
+    let rest = buffers;
+    while (rest.length > 0) {
+      const { bytesWritten } = await this.handle.writev(rest);
+      rest = skipBytes(rest, bytesWritten);
+    }
+  }
+
+  async commit(): Promise<void> {
+    await this.handle.sync();
+    await this.handle.close();
+    await fs.rename(this.partial, this.final);
+    await syncDirectory(path.dirname(this.final));
+  }
+
+  async abort(): Promise<void> {
+    await this.handle.close().catch(() => undefined);
+  }
+}
+
+/** Drops the first `count` bytes of a buffer list (after a short writev). */
+function skipBytes(buffers: Buffer[], count: number): Buffer[] {
+  let left = count;
+  const out: Buffer[] = [];
+  for (const b of buffers) {
+    if (left >= b.length) { left -= b.length; continue; }
+    out.push(left > 0 ? b.subarray(left) : b);
+    left = 0;
+  }
+  return out;
+}
+
+export class DirectoryTarget implements OutputTarget {
+  constructor(readonly dir: string) {}
+
+  pathOf(name: string): string {
+    return path.join(this.dir, name);
+  }
+
+  async create(name: string): Promise<Sink> {
+    const final = this.pathOf(name);
+    const partial = `${final}.partial`;
+    await refuseExisting(final);
+    const handle = await fs.open(partial, 'wx');
+    return new FileSink(handle, partial, final);
+  }
+
+  async writeFile(name: string, content: string | Buffer): Promise<void> {
+    const final = this.pathOf(name);
+    await fs.mkdir(path.dirname(final), { recursive: true });
+    const partial = `${final}.partial`;
+    await fs.writeFile(partial, content);
+    await fs.rename(partial, final);
+  }
+}
+
+async function refuseExisting(file: string): Promise<void> {
+  try {
+    await fs.access(file);
+  } catch {
+    return;
+  }
+  throw new Error(`${file} already exists; refusing to overwrite a backup file`);
+}

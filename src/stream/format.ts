@@ -1,0 +1,137 @@
+// Stream format version 2 of virtnbdbackup: frame headers, metadata and the lz4 trailer, encode and parse.
+// Guarantees: every header is exactly FRAME_HEADER_LENGTH bytes; parsing rejects anything else with a
+// StreamFormatError naming what was wrong, so a corrupt file never reads as valid frames.
+
+/** `KIND SP %016x SP %016x CR LF`: 4 + 1 + 16 + 1 + 16 + 2 bytes. */
+export const FRAME_HEADER_LENGTH = 40;
+export const TERMINATOR = Buffer.from('\r\n');
+export const STREAM_VERSION = 2;
+/** Chunk size for lz4 frames when the server does not announce a maximum request size. */
+export const DEFAULT_MAX_REQUEST_SIZE = 32 * 1024 * 1024;
+
+export type FrameKind = 'meta' | 'data' | 'zero' | 'stop' | 'comp';
+const KINDS: ReadonlySet<string> = new Set(['meta', 'data', 'zero', 'stop', 'comp']);
+
+export interface FrameHeader {
+  kind: FrameKind;
+  start: number;
+  length: number;
+}
+
+/** The JSON of the meta frame, keys as virtnbdbackup writes them. */
+export interface StreamMetadata {
+  virtualSize: number;
+  dataSize: number;
+  date: string;
+  diskName: string;
+  diskFormat: string;
+  checkpointName: string;
+  compressed: false | number;
+  compressionMethod: string;
+  parentCheckpoint: string;
+  incremental: boolean;
+  streamVersion: number;
+}
+
+/** One entry per data frame in the lz4 trailer: a single frame's size, or {total: [frame sizes]}. */
+export type TrailerEntry = number | Record<string, number[]>;
+
+export class StreamFormatError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'StreamFormatError';
+  }
+}
+
+function hex16(value: number): string {
+  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`frame field out of range: ${value}`);
+  return value.toString(16).padStart(16, '0');
+}
+
+export function encodeHeader(kind: FrameKind, start: number, length: number): Buffer {
+  return Buffer.from(`${kind} ${hex16(start)} ${hex16(length)}\r\n`, 'latin1');
+}
+
+const HEX16 = /^[0-9a-f]{16}$/;
+
+/** Parses one 40-byte header; `where` names the file and offset for the error message. */
+export function parseHeader(header: Buffer, where: string): FrameHeader {
+  if (header.length !== FRAME_HEADER_LENGTH) {
+    throw new StreamFormatError(`${where}: truncated frame header (${header.length} of ${FRAME_HEADER_LENGTH} bytes)`);
+  }
+  const text = header.toString('latin1');
+  const kind = text.slice(0, 4);
+  const start = text.slice(5, 21);
+  const length = text.slice(22, 38);
+  if (!KINDS.has(kind) || text[4] !== ' ' || text[21] !== ' ' || text.slice(38) !== '\r\n' ||
+      !HEX16.test(start) || !HEX16.test(length)) {
+    throw new StreamFormatError(`${where}: invalid frame header ${JSON.stringify(text)}`);
+  }
+  return { kind: kind as FrameKind, start: parseInt(start, 16), length: parseInt(length, 16) };
+}
+
+export function encodeMetadata(meta: StreamMetadata): Buffer {
+  const json = Buffer.from(JSON.stringify(meta, null, 4), 'utf8');
+  return Buffer.concat([encodeHeader('meta', 0, json.length), json, TERMINATOR]);
+}
+
+/** Validates the meta JSON: the keys restore depends on must be there with the right types. */
+export function parseMetadata(json: Buffer, where: string): StreamMetadata {
+  let meta: unknown;
+  try {
+    meta = JSON.parse(json.toString('utf8'));
+  } catch (err) {
+    throw new StreamFormatError(`${where}: metadata is not valid JSON (${(err as Error).message})`);
+  }
+  const m = meta as Record<string, unknown>;
+  if (typeof m !== 'object' || m === null || typeof m.virtualSize !== 'number' || typeof m.dataSize !== 'number') {
+    throw new StreamFormatError(`${where}: metadata lacks virtualSize/dataSize`);
+  }
+  return {
+    virtualSize: m.virtualSize,
+    dataSize: m.dataSize,
+    date: String(m.date ?? ''),
+    diskName: String(m.diskName ?? ''),
+    diskFormat: String(m.diskFormat ?? 'qcow2'),
+    checkpointName: String(m.checkpointName ?? ''),
+    compressed: typeof m.compressed === 'number' ? m.compressed : m.compressed === true ? 0 : false,
+    compressionMethod: String(m.compressionMethod ?? 'lz4'),
+    parentCheckpoint: String(m.parentCheckpoint ?? ''),
+    incremental: Boolean(m.incremental),
+    streamVersion: typeof m.streamVersion === 'number' ? m.streamVersion : 1,
+  };
+}
+
+/** `stop` header, then for compressed streams: trailer JSON, CRLF, `comp` header. */
+export function encodeEnd(trailer: TrailerEntry[] | null): Buffer {
+  const stop = encodeHeader('stop', 0, 0);
+  if (!trailer) return stop;
+  const json = Buffer.from(JSON.stringify(trailer), 'utf8');
+  return Buffer.concat([stop, json, TERMINATOR, encodeHeader('comp', 0, json.length)]);
+}
+
+/** Where the trailer JSON of a compressed stream of `fileSize` bytes starts, given the `comp` length. */
+export function trailerOffset(fileSize: number, trailerLength: number): number {
+  return fileSize - FRAME_HEADER_LENGTH - TERMINATOR.length - trailerLength;
+}
+
+export function parseTrailer(json: Buffer, where: string): TrailerEntry[] {
+  let trailer: unknown;
+  try {
+    trailer = JSON.parse(json.toString('utf8'));
+  } catch (err) {
+    throw new StreamFormatError(`${where}: compression trailer is not valid JSON (${(err as Error).message})`);
+  }
+  const valid = Array.isArray(trailer) && trailer.every((e) =>
+    typeof e === 'number' ||
+    (typeof e === 'object' && e !== null && Object.values(e).every((v) => Array.isArray(v) && v.every((n) => typeof n === 'number'))));
+  if (!valid) throw new StreamFormatError(`${where}: compression trailer has an unexpected shape`);
+  return trailer as TrailerEntry[];
+}
+
+/** The lz4 frame sizes of one data frame's payload, whichever trailer form it has. */
+export function frameSizes(entry: TrailerEntry): number[] {
+  if (typeof entry === 'number') return [entry];
+  const sizes = Object.values(entry)[0];
+  return sizes ?? [];
+}

@@ -1,0 +1,179 @@
+// Reads a stream file frame by frame for restore, dump, verify and map. Compressed payloads are
+// decompressed ahead on worker threads. Guarantees: every header, terminator, payload length, the stop frame,
+// the trailer and dataSize are checked; the first inconsistency throws a StreamFormatError naming the file and
+// byte offset, so a truncated or corrupt stream never restores silently.
+import fs from 'node:fs/promises';
+import { native } from '../native/addon.js';
+import {
+  FRAME_HEADER_LENGTH, TERMINATOR, StreamFormatError, frameSizes, parseHeader, parseMetadata, parseTrailer,
+  trailerOffset, type FrameHeader, type StreamMetadata, type TrailerEntry,
+} from './format.js';
+
+/** What a stream holds, in order: data at an offset, or a range that reads as zero. */
+export type StreamRecord =
+  | { kind: 'data'; offset: number; length: number; data: Promise<Buffer> }
+  | { kind: 'zero'; offset: number; length: number };
+
+/** Uncompressed payload is handed out in pieces of this size. */
+const PIECE = 4 * 1024 * 1024;
+
+export class StreamReader {
+  private position = 0;
+
+  private constructor(
+    readonly path: string,
+    private readonly handle: fs.FileHandle,
+    readonly fileSize: number,
+    readonly meta: StreamMetadata,
+    /** Offset of the first frame after the meta frame. */
+    private readonly bodyStart: number,
+    readonly trailer: TrailerEntry[] | null,
+    /** Where the stop frame must end (start of trailer JSON, or end of file). */
+    private readonly bodyEnd: number,
+  ) {}
+
+  /** Opens `file` and reads its meta frame (and trailer, if compressed). */
+  static async open(file: string): Promise<StreamReader> {
+    let handle: fs.FileHandle;
+    try {
+      handle = await fs.open(file, 'r');
+    } catch (err) {
+      throw new StreamFormatError(`${file}: cannot open (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+    }
+    try {
+      const { size } = await handle.stat();
+      const header = parseHeader(await readExactly(handle, 0, FRAME_HEADER_LENGTH, file), `${file} at 0`);
+      if (header.kind !== 'meta') throw new StreamFormatError(`${file}: not a backup stream (first frame is ${header.kind}, not meta)`);
+      const json = await readExactly(handle, FRAME_HEADER_LENGTH, header.length, file);
+      const meta = parseMetadata(json, file);
+      const afterMeta = FRAME_HEADER_LENGTH + header.length;
+      const term = await readExactly(handle, afterMeta, TERMINATOR.length, file);
+      if (!term.equals(TERMINATOR)) throw new StreamFormatError(`${file}: metadata not terminated by CRLF`);
+      let trailer: TrailerEntry[] | null = null;
+      let bodyEnd = size;
+      if (meta.compressed !== false) {
+        const comp = parseHeader(await readExactly(handle, size - FRAME_HEADER_LENGTH, FRAME_HEADER_LENGTH, file), `${file} trailer`);
+        if (comp.kind !== 'comp') throw new StreamFormatError(`${file}: compressed stream lacks its comp trailer (truncated?)`);
+        const at = trailerOffset(size, comp.length);
+        if (at < afterMeta) throw new StreamFormatError(`${file}: trailer length ${comp.length} exceeds the file`);
+        trailer = parseTrailer(await readExactly(handle, at, comp.length, file), file);
+        bodyEnd = at;
+      }
+      return new StreamReader(file, handle, size, meta, afterMeta + TERMINATOR.length, trailer, bodyEnd);
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+  }
+
+  /** Just the metadata of `file`. */
+  static async metadata(file: string): Promise<StreamMetadata> {
+    const reader = await StreamReader.open(file);
+    await reader.close();
+    return reader.meta;
+  }
+
+  private fail(message: string): never {
+    throw new StreamFormatError(`${this.path} at byte ${this.position}: ${message}`);
+  }
+
+  private async read(length: number): Promise<Buffer> {
+    const data = await readExactly(this.handle, this.position, length, this.path);
+    this.position += length;
+    return data;
+  }
+
+  private async header(): Promise<FrameHeader> {
+    if (this.position + FRAME_HEADER_LENGTH > this.bodyEnd) this.fail('stream ends without a stop frame (truncated)');
+    const where = `${this.path} at byte ${this.position}`;
+    const header = parseHeader(await this.read(FRAME_HEADER_LENGTH), where);
+    return header;
+  }
+
+  private async terminator(): Promise<void> {
+    const term = await this.read(TERMINATOR.length);
+    if (!term.equals(TERMINATOR)) this.fail('payload not followed by CRLF (corrupt or wrong length)');
+  }
+
+  /**
+   * Every data and zero record in order. Data records carry a promise of the bytes (decompression runs
+   * ahead), so a consumer can keep several in flight. Ends after validating stop, trailer and dataSize.
+   */
+  async *records(): AsyncGenerator<StreamRecord> {
+    this.position = this.bodyStart;
+    const addon = native();
+    let dataSize = 0;
+    let dataFrames = 0;
+    let lastEnd = 0;
+    for (;;) {
+      const frame = await this.header();
+      if (frame.kind === 'stop') break;
+      if (frame.kind !== 'data' && frame.kind !== 'zero') this.fail(`unexpected ${frame.kind} frame inside the stream`);
+      if (frame.start < lastEnd) this.fail(`frames out of order (${frame.start} after ${lastEnd})`);
+      if (frame.start + frame.length > this.meta.virtualSize) this.fail(`frame beyond the disk's virtual size ${this.meta.virtualSize}`);
+      lastEnd = frame.start + frame.length;
+      if (frame.kind === 'zero') {
+        yield { kind: 'zero', offset: frame.start, length: frame.length };
+        continue;
+      }
+      dataSize += frame.length;
+      if (this.trailer) {
+        const entry = this.trailer[dataFrames];
+        if (entry === undefined) this.fail(`data frame ${dataFrames} has no entry in the compression trailer`);
+        let offset = frame.start;
+        for (const [i, size] of frameSizes(entry).entries()) {
+          const compressed = await this.read(size);
+          const where = `${this.path}: lz4 frame ${i} of the data frame at disk offset ${frame.start}`;
+          const data = addon.lz4DecompressFrame(compressed).catch((err: Error) => {
+            throw new StreamFormatError(`${where}: ${err.message}`);
+          });
+          data.catch(() => undefined);
+          const length = lz4ContentSize(compressed) ?? (await data).length;
+          if (offset + length > frame.start + frame.length) this.fail(`lz4 frames exceed the data frame's length ${frame.length}`);
+          yield { kind: 'data', offset, length, data: data.then((d) => checkLength(d, length, where)) };
+          offset += length;
+        }
+        if (offset !== frame.start + frame.length) this.fail(`lz4 frames hold ${offset - frame.start} bytes, data frame says ${frame.length}`);
+      } else {
+        for (let done = 0; done < frame.length;) {
+          const step = Math.min(PIECE, frame.length - done);
+          yield { kind: 'data', offset: frame.start + done, length: step, data: Promise.resolve(await this.read(step)) };
+          done += step;
+        }
+      }
+      await this.terminator();
+      dataFrames++;
+    }
+    if (this.position !== this.bodyEnd) this.fail(`${this.bodyEnd - this.position} unexpected bytes after the stop frame`);
+    if (this.trailer && dataFrames !== this.trailer.length) this.fail(`trailer lists ${this.trailer.length} data frames, stream has ${dataFrames}`);
+    if (dataSize !== this.meta.dataSize) this.fail(`data frames hold ${dataSize} bytes, metadata says ${this.meta.dataSize}`);
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close().catch(() => undefined);
+  }
+}
+
+/** The content size an lz4 frame header declares (both writers store it), or undefined. */
+export function lz4ContentSize(frame: Buffer): number | undefined {
+  if (frame.length < 15 || frame.readUInt32LE(0) !== 0x184d2204) return undefined;
+  const flags = frame[4] as number;
+  if (!(flags & 0x08)) return undefined;
+  return Number(frame.readBigUInt64LE(6));
+}
+
+function checkLength(data: Buffer, expected: number, where: string): Buffer {
+  if (data.length !== expected) throw new StreamFormatError(`${where}: decompressed to ${data.length} bytes, header says ${expected}`);
+  return data;
+}
+
+async function readExactly(handle: fs.FileHandle, position: number, length: number, file: string): Promise<Buffer> {
+  const buffer = Buffer.allocUnsafe(length);
+  let done = 0;
+  while (done < length) {
+    const { bytesRead } = await handle.read(buffer, done, length - done, position + done);
+    if (bytesRead === 0) throw new StreamFormatError(`${file}: unexpected end of file at byte ${position + done} (truncated)`);
+    done += bytesRead;
+  }
+  return buffer;
+}

@@ -1,0 +1,163 @@
+// Writes one disk's stream: meta frame, a data or zero frame per planned extent, stop, and the lz4 trailer.
+// Reads (and compression) run ahead in a bounded window, many requests in flight, while output order stays
+// exact; headers go out in the same writev as the payload after them. Memory is bounded by the window, not by
+// the disk. Guarantees: the adler32 returned covers every byte handed to the sink, in order.
+import { native } from '../native/addon.js';
+import type { Endpoint } from '../endpoint/endpoint.js';
+import { chunks, type ExtentPlan } from '../extents/plan.js';
+import type { Sink } from '../set/target.js';
+import {
+  DEFAULT_MAX_REQUEST_SIZE, TERMINATOR, encodeEnd, encodeHeader, encodeMetadata,
+  type StreamMetadata, type TrailerEntry,
+} from './format.js';
+
+export interface StreamWriteOptions {
+  source: Endpoint;
+  plan: ExtentPlan;
+  sink: Sink;
+  /** Metadata without the sizes, which come from the plan and the source. */
+  meta: Omit<StreamMetadata, 'virtualSize' | 'dataSize' | 'compressed' | 'compressionMethod' | 'streamVersion'>;
+  /** lz4 level, or false for an uncompressed stream. */
+  compress: number | false;
+  /** Progress callback with the number of source bytes just stored. */
+  onProgress?: (bytes: number) => void;
+  signal?: AbortSignal;
+}
+
+export interface StreamWriteResult {
+  /** adler32 of the whole file as written. */
+  checksum: number;
+  bytesWritten: number;
+  dataSize: number;
+}
+
+/** Size of one read request; smaller than the server maximum so that several are in flight. */
+const READ_SIZE = 4 * 1024 * 1024;
+/** Bytes of source data in flight at most (reads issued but not yet written). */
+const WINDOW_BYTES = 64 * 1024 * 1024;
+/** Write accumulated small buffers (zero frames) once they reach this. */
+const BATCH_BYTES = 1024 * 1024;
+
+interface Pending {
+  output: Promise<Buffer[]>;
+  /** Source bytes this entry holds in memory (0 for headers). */
+  bytes: number;
+}
+
+/**
+ * The payload pieces of one data extent. Uncompressed: READ_SIZE pieces. Compressed: Python's restore reads
+ * an extent below 32 MiB as exactly one lz4 frame, so such an extent is one piece; larger extents are cut
+ * into READ_SIZE frames and listed in the trailer as {total: [sizes]}.
+ */
+function pieces(offset: number, length: number, compressed: boolean): Array<{ offset: number; length: number }> {
+  if (compressed && length < DEFAULT_MAX_REQUEST_SIZE) return [{ offset, length }];
+  return [...chunks(offset, length, READ_SIZE)];
+}
+
+async function readPiece(source: Endpoint, offset: number, length: number): Promise<Buffer> {
+  const buffer = Buffer.allocUnsafe(length);
+  const step = Math.min(READ_SIZE, source.maxRequestSize);
+  const reads: Promise<void>[] = [];
+  for (const c of chunks(0, length, step)) reads.push(source.read(buffer.subarray(c.offset, c.offset + c.length), offset + c.offset));
+  await Promise.all(reads);
+  return buffer;
+}
+
+export async function writeStream(options: StreamWriteOptions): Promise<StreamWriteResult> {
+  const { source, plan, sink, compress } = options;
+  const addon = native();
+  const compressed = compress !== false;
+  const meta: StreamMetadata = {
+    virtualSize: source.size,
+    dataSize: plan.dataSize,
+    ...options.meta,
+    compressed: compress,
+    compressionMethod: 'lz4',
+    streamVersion: 2,
+  };
+
+  let checksum = 1;
+  let bytesWritten = 0;
+  let batch: Buffer[] = [];
+  let batchBytes = 0;
+  const queue: Pending[] = [];
+  let bytesInFlight = 0;
+  const trailer: Promise<TrailerEntry>[] = [];
+
+  const flushBatch = async (): Promise<void> => {
+    if (batch.length === 0) return;
+    const out = batch;
+    batch = [];
+    batchBytes = 0;
+    await sink.write(out);
+  };
+
+  const emit = async (buffers: Buffer[], force: boolean): Promise<void> => {
+    for (const b of buffers) {
+      checksum = addon.adler32(b, checksum);
+      bytesWritten += b.length;
+      batch.push(b);
+      batchBytes += b.length;
+    }
+    if (force || batchBytes >= BATCH_BYTES) await flushBatch();
+  };
+
+  const drainOne = async (): Promise<void> => {
+    const entry = queue.shift();
+    if (!entry) return;
+    const buffers = await entry.output;
+    bytesInFlight -= entry.bytes;
+    await emit(buffers, entry.bytes > 0);
+    if (entry.bytes > 0) options.onProgress?.(entry.bytes);
+  };
+
+  const enqueue = async (output: Promise<Buffer[]> | Buffer[], bytes: number): Promise<void> => {
+    const promise = Promise.resolve(output);
+    promise.catch(() => undefined); // awaited in order later; avoid an early unhandled rejection
+    queue.push({ output: promise, bytes });
+    bytesInFlight += bytes;
+    while (bytesInFlight > WINDOW_BYTES || (queue.length > 0 && bytes === 0 && queue.length > 4096)) {
+      if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted');
+      await drainOne();
+    }
+  };
+
+  try {
+    await enqueue([encodeMetadata(meta)], 0);
+    for (const extent of plan.extents) {
+      if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted');
+      if (extent.kind === 'zero') {
+        await enqueue([encodeHeader('zero', extent.offset, extent.length)], 0);
+        continue;
+      }
+      await enqueue([encodeHeader('data', extent.offset, extent.length)], 0);
+      const parts = pieces(extent.offset, extent.length, compressed);
+      const sizes: Promise<number>[] = [];
+      for (const part of parts) {
+        const data = readPiece(source, part.offset, part.length);
+        if (compressed) {
+          const frame = data.then((raw) => addon.lz4CompressFrame(raw, compress));
+          sizes.push(frame.then((f) => f.length, () => 0));
+          await enqueue(frame.then((f) => [f]), part.length);
+        } else {
+          await enqueue(data.then((d) => [d]), part.length);
+        }
+      }
+      await enqueue([TERMINATOR], 0);
+      if (compressed) {
+        const single = extent.length < DEFAULT_MAX_REQUEST_SIZE;
+        trailer.push(Promise.all(sizes).then((frameSizes) => {
+          const total = frameSizes.reduce((a, b) => a + b, 0);
+          return single ? total : { [String(total)]: frameSizes };
+        }));
+      }
+    }
+    while (queue.length > 0) await drainOne();
+    await emit([encodeEnd(compressed ? await Promise.all(trailer) : null)], true);
+  } catch (err) {
+    // Let in-flight reads settle before the caller closes the endpoint under them.
+    await Promise.allSettled(queue.map((q) => q.output));
+    throw err;
+  }
+  return { checksum, bytesWritten, dataSize: plan.dataSize };
+}

@@ -1,0 +1,17 @@
+// Errors a user can act on: one line naming the thing and what to do, and the exit code to leave with.
+// Guarantees: the CLI prints `message` alone for a UserError; anything else is a bug and gets its stack with -v.
+
+export class UserError extends Error {
+  readonly exitCode: number;
+  constructor(message: string, exitCode = 1) {
+    super(message);
+    this.name = 'UserError';
+    this.exitCode = exitCode;
+  }
+}
+
+/** Message of any thrown value, first line only, for one-line reports. */
+export function oneLine(err: unknown): string {
+  const text = err instanceof Error ? err.message : String(err);
+  return text.split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
+}

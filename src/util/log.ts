@@ -1,0 +1,55 @@
+// Logging for the commands: level-filtered lines to stderr (never stdout, which may carry a zip) and
+// optionally to a log file in the backup set; counts warnings for --strict.
+import fs from 'node:fs';
+
+export type Level = 'debug' | 'info' | 'warn' | 'error';
+const ORDER: Record<Level, number> = { debug: 0, info: 1, warn: 2, error: 3 };
+const COLOR: Record<Level, string> = { debug: '\x1b[2m', info: '', warn: '\x1b[33m', error: '\x1b[31m' };
+
+export interface LoggerOptions {
+  verbose?: boolean;
+  quiet?: boolean;
+  color?: boolean;
+}
+
+export class Logger {
+  warnings = 0;
+  errors = 0;
+  private file: fs.WriteStream | undefined;
+  private readonly threshold: number;
+  private readonly color: boolean;
+
+  constructor(private readonly options: LoggerOptions = {}) {
+    this.threshold = ORDER[options.verbose ? 'debug' : options.quiet ? 'warn' : 'info'];
+    this.color = options.color ?? Boolean(process.stderr.isTTY);
+  }
+
+  /** Also write every line (all levels, no colour) to `path`; the file is appended to. */
+  attachFile(path: string): void {
+    this.file = fs.createWriteStream(path, { flags: 'a' });
+    this.file.on('error', () => { this.file = undefined; });
+  }
+
+  async detachFile(): Promise<void> {
+    const file = this.file;
+    this.file = undefined;
+    if (file) await new Promise<void>((resolve) => file.end(resolve));
+  }
+
+  debug(msg: string): void { this.log('debug', msg); }
+  info(msg: string): void { this.log('info', msg); }
+  warn(msg: string): void { this.warnings++; this.log('warn', msg); }
+  error(msg: string): void { this.errors++; this.log('error', msg); }
+
+  private log(level: Level, msg: string): void {
+    const stamp = new Date().toISOString();
+    this.file?.write(`${stamp} ${level.toUpperCase()} ${msg}\n`);
+    if (ORDER[level] < this.threshold) return;
+    const prefix = level === 'info' || level === 'debug' ? '' : `${level === 'warn' ? 'warning' : 'error'}: `;
+    const line = `${prefix}${msg}`;
+    process.stderr.write(this.color && COLOR[level] ? `${COLOR[level]}${line}\x1b[0m\n` : `${line}\n`);
+  }
+}
+
+/** A logger that drops everything: the default for library callers that pass none. */
+export const silentLogger = new Logger({ quiet: true, color: false });

@@ -1,0 +1,51 @@
+// Runs helper programs (qemu-img, qemu-nbd) without a shell; failures become errors carrying their stderr.
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs/promises';
+
+export interface RunResult { stdout: string; stderr: string }
+
+export function run(command: string, args: string[]): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    execFile(command, args, { maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
+      if (err) {
+        const detail = (stderr || err.message).trim().split('\n').pop();
+        reject(new Error(`${command} failed: ${detail}`));
+      } else {
+        resolve({ stdout, stderr });
+      }
+    });
+  });
+}
+
+/** Starts a long-running server and resolves once `socketPath` exists; rejects if the process dies first. */
+export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
+  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
+  let exited: string | undefined;
+  child.on('exit', (code, signal) => { exited = `exited with ${signal ?? code}`; });
+  child.on('error', (err) => { exited = err.message; });
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (exited) throw new Error(`${command} ${exited}: ${stderr.trim().split('\n').pop() ?? ''}`);
+    try {
+      await fs.access(socketPath);
+      return child;
+    } catch { /* not yet */ }
+    if (Date.now() > deadline) {
+      child.kill('SIGTERM');
+      throw new Error(`${command} did not create ${socketPath} within ${timeoutMs / 1000} s`);
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Terminates a server started by spawnServer and waits for it to be gone. */
+export async function stopServer(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+  await gone;
+  clearTimeout(timer);
+}
