@@ -21,7 +21,7 @@ import { BackupJob } from '../libvirt/backupJob.js';
 import { lookupDomain, openLibvirt } from '../libvirt/connection.js';
 import { VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE, type LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import { run } from '../util/process.js';
 
 export interface BackupOptions {
@@ -250,7 +250,8 @@ async function backupDisk(
       await sink.commit();
     } catch (err) {
       await sink.abort();
-      throw err;
+      if (err instanceof UserError) throw err; // an interrupt, or another disk's failure
+      throw new UserError(`backup of disk ${disk.target} failed writing ${target.pathOf(file)}.partial: ${describeFailure(err)}`);
     }
     await target.writeFile(checksumFileName(file), String(result.checksum));
     return { disk: disk.target, file, dataSize: plan.dataSize, virtualSize: endpoint.size, bytesWritten: result.bytesWritten };

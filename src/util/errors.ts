@@ -15,3 +15,17 @@ export function oneLine(err: unknown): string {
   const text = err instanceof Error ? err.message : String(err);
   return text.split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
 }
+
+const ERRNO_HINTS: Record<string, string> = {
+  ENOSPC: 'no space left on device; free space or choose another output directory',
+  EDQUOT: 'disk quota exceeded; free space or choose another output directory',
+  EACCES: 'permission denied; check the directory permissions',
+  EROFS: 'read-only file system; choose another output directory',
+  EIO: 'I/O error on the output device',
+};
+
+/** A one-line description of a file-system failure, with what to do when the errno says it. */
+export function describeFailure(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code && ERRNO_HINTS[code] ? `${ERRNO_HINTS[code]} (${code})` : oneLine(err);
+}

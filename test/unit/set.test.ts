@@ -1,0 +1,67 @@
+// Backup-set names, checkpoint planning and the XML handed to libvirt.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { dataFileName, parseDataFileName, logFileName, qcowInfoName } from '../../src/set/backupSet.js';
+import { backupJobXml, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
+import { parseDomainXml, selectDisks } from '../../src/libvirt/domainXml.js';
+import { qcow2CreateOptions } from '../../src/restore/qemu.js';
+
+test('data file names follow virtnbdbackup', () => {
+  assert.equal(dataFileName('vda', 'full', 'virtnbdbackup.0'), 'vda.full.data');
+  assert.equal(dataFileName('vda', 'copy', 'copy'), 'vda.copy.data');
+  assert.equal(dataFileName('sda', 'inc', 'virtnbdbackup.3'), 'sda.inc.virtnbdbackup.3.data');
+  assert.equal(dataFileName('vdb', 'diff', '1700000000'), 'vdb.diff.1700000000.data');
+  assert.deepEqual(parseDataFileName('sda.inc.virtnbdbackup.3.data'), { file: 'sda.inc.virtnbdbackup.3.data', disk: 'sda', level: 'inc', ident: 'virtnbdbackup.3' });
+  assert.equal(parseDataFileName('vda.full.data.partial'), undefined);
+  assert.equal(parseDataFileName('vda.full.x.data'), undefined);
+  assert.equal(qcowInfoName('vda', 'virtnbdbackup.0'), 'vda.virtnbdbackup.0.qcow.json');
+  assert.match(logFileName('inc', new Date(2026, 0, 2, 3, 4, 5)), /^backup\.inc\.01022026030405\.log$/);
+});
+
+test('checkpoint chain: full starts at .0, inc continues, diff creates nothing, inc without chain refused', () => {
+  assert.deepEqual(planCheckpoint('full', ['virtnbdbackup.0']), { name: 'virtnbdbackup.0', parent: '', create: true });
+  assert.deepEqual(planCheckpoint('inc', ['virtnbdbackup.0', 'virtnbdbackup.1']), { name: 'virtnbdbackup.2', parent: 'virtnbdbackup.1', create: true });
+  assert.deepEqual(planCheckpoint('diff', ['virtnbdbackup.0']), { name: 'virtnbdbackup.1', parent: 'virtnbdbackup.0', create: false });
+  assert.equal(planCheckpoint('copy', []).create, false);
+  assert.throws(() => planCheckpoint('inc', []), /full backup first/);
+});
+
+test('job and checkpoint XML list unselected disks as not participating', () => {
+  const job = backupJobXml('/var/tmp/s', 'virtnbdbackup.0', [{ target: 'vda', scratchFile: '/var/tmp/x' }], ['vda', 'vdb']);
+  assert.match(job, /<incremental>virtnbdbackup\.0<\/incremental>/);
+  assert.match(job, /<disk name='vdb' backup='no'\/>/);
+  assert.match(job, /socket='\/var\/tmp\/s'/);
+  const cpt = checkpointXml({ name: 'virtnbdbackup.1', parent: 'virtnbdbackup.0', create: true }, ['vda'], ['vda', 'vdb']);
+  assert.match(cpt, /<disk name='vda' checkpoint='bitmap'\/>/);
+  assert.match(cpt, /<disk name='vdb' checkpoint='no'\/>/);
+  assert.match(cpt, /<parent><name>virtnbdbackup\.0<\/name><\/parent>/);
+});
+
+const domainXml = `<domain type='qemu'><name>web</name><os><type>hvm</type><loader>/usr/share/OVMF/OVMF_CODE.fd</loader><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os><devices>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/images/web.qcow2'/><target dev='vda' bus='virtio'/></disk>
+  <disk type='block' device='disk'><driver name='qemu' type='qcow2'/><source dev='/dev/vg/web'/><target dev='vdb' bus='virtio'/></disk>
+  <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/images/data.img'/><target dev='vdc' bus='virtio'/></disk>
+  <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sda' bus='sata'/></disk>
+</devices></domain>`;
+
+test('domain XML: disks and boot files; selection skips raw and cdrom with reasons, honours -i/-x', () => {
+  const info = parseDomainXml(domainXml);
+  assert.equal(info.name, 'web');
+  assert.deepEqual(info.disks.map((d) => [d.target, d.type, d.format, d.path]), [
+    ['vda', 'file', 'qcow2', '/images/web.qcow2'], ['vdb', 'block', 'qcow2', '/dev/vg/web'],
+    ['vdc', 'file', 'raw', '/images/data.img'], ['sda', 'file', 'raw', undefined],
+  ]);
+  assert.equal(info.bootFiles.loader, '/usr/share/OVMF/OVMF_CODE.fd');
+  const all = selectDisks(info.disks, {});
+  assert.deepEqual(all.disks.map((d) => d.target), ['vda', 'vdb']);
+  assert.deepEqual(all.skipped.map((s) => s.disk.target), ['vdc', 'sda']);
+  assert.deepEqual(selectDisks(info.disks, { include: ['vdb'] }).disks.map((d) => d.target), ['vdb']);
+  assert.deepEqual(selectDisks(info.disks, { exclude: ['vda'] }).disks.map((d) => d.target), ['vdb']);
+});
+
+test('qcow2 create options come from qemu-img info JSON', () => {
+  const info = JSON.stringify({ format: 'qcow2', 'cluster-size': 131072, 'format-specific': { type: 'qcow2', data: { compat: '1.1', 'lazy-refcounts': true, 'compression-type': 'zstd' } } });
+  assert.deepEqual(qcow2CreateOptions(info), ['compat=1.1', 'cluster_size=131072', 'lazy_refcounts=on', 'compression_type=zstd']);
+  assert.deepEqual(qcow2CreateOptions(undefined), []);
+  assert.deepEqual(qcow2CreateOptions('not json'), []);
+});
