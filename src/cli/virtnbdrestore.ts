@@ -31,7 +31,7 @@ const argv = yargs(hideBin(process.argv))
 
 await runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   if (argv.action === 'dump' || argv.output === 'dump') {
-    for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta, null, 2)}\n`);
+    for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);
     return 0;
   }
   const log = makeLogger(argv);

@@ -1,0 +1,15 @@
+// The engine as a library: back up, restore and inspect virtnbdbackup-compatible backup sets from your own
+// program. The commands in src/cli are thin fronts over exactly these functions.
+export { backup, type BackupOptions, type BackupResult, type DiskResult } from './backup/backup.js';
+export { restore, dump, applyStream, loadChains, type RestoreOptions, type RestoredDisk } from './restore/restore.js';
+export { StreamReader, type StreamRecord } from './stream/reader.js';
+export { writeStream, type StreamWriteOptions, type StreamWriteResult } from './stream/writer.js';
+export * from './stream/format.js';
+export { NbdEndpoint, type NbdAddress, type NbdOpenOptions } from './endpoint/nbd.js';
+export * from './endpoint/endpoint.js';
+export { planFull, planDirty, type ExtentPlan, type PlannedExtent } from './extents/plan.js';
+export { parseDomainXml, selectDisks, type DomainDisk, type DomainInfo } from './libvirt/domainXml.js';
+export { planCheckpoint, type CheckpointPlan, type Level } from './libvirt/checkpoints.js';
+export { listSet, readChains, checkLinks, dataFileName, type ChainLink, type DataFile } from './set/backupSet.js';
+export { Logger } from './util/log.js';
+export { UserError } from './util/errors.js';

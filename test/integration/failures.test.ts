@@ -1,0 +1,118 @@
+// Bad input and failures on a real domain: one-line errors, non-zero exits, and nothing left behind — no
+// running job, no checkpoint of the failed run, no socket — while the evidence (.partial) stays.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { withDomain, tempDir, type TestDomain } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk, startCli } from '../support/cli.js';
+
+const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
+
+/** Asserts the domain has no backup job, no checkpoint and the socket is gone. */
+async function assertCleanDomain(dom: TestDomain, socket: string): Promise<void> {
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
+  const socketLeft = await fs.access(socket).then(() => true, () => false);
+  assert.equal(socketLeft, false, `socket ${socket} left behind`);
+}
+
+test('unknown domain: one-line error naming it, exit 1', async () => {
+  const out = await tempDir('vnbd-err-');
+  try {
+    const r = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-l', 'full', '-o', path.join(out, 'set'), '-n']);
+    assert.equal(r.code, 1);
+    const errors = errorLines(r);
+    assert.equal(errors.length, 1, r.stderr);
+    assert.match(errors[0] as string, /domain 'vnbdtest-no-such-domain' not found/);
+  } finally {
+    await fs.rm(out, { recursive: true, force: true });
+  }
+});
+
+test('inc or diff without a full backup, and full into a used set, are refused', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const out = await tempDir('vnbd-err-');
+  t.after(() => fs.rm(out, { recursive: true, force: true }));
+  for (const level of ['inc', 'diff']) {
+    const r = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', level, '-o', out, '-n']);
+    assert.equal(r.code, 1);
+    assert.equal(errorLines(r).length, 1, r.stderr);
+    assert.match(r.stderr, /no full backup in .*run with -l full/);
+  }
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n']);
+  const before = await fs.readFile(path.join(out, 'vda.full.data'));
+  const again = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n']);
+  assert.equal(again.code, 1);
+  assert.match(again.stderr, /already holds a backup \(vda\.full\.data\)/);
+  assert.ok(before.equals(await fs.readFile(path.join(out, 'vda.full.data'))), 'existing backup was touched');
+});
+
+test('disk full in mid-backup: clear error, job ended, checkpoint removed, .partial kept, inc refuses', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 24 }] }] });
+  const mount = await tempDir('vnbd-full-');
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4M', 'tmpfs', mount]);
+  t.after(async () => {
+    execFileSync('umount', [mount]);
+    await fs.rm(mount, { recursive: true, force: true });
+  });
+  const socket = `/var/tmp/vnbdtest-${process.pid}-enospc.sock`;
+  const r = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', mount, '-n', '-f', socket]);
+  assert.equal(r.code, 1);
+  assert.equal(errorLines(r).length, 1, r.stderr);
+  assert.match(r.stderr, /vda\.full\.data\.partial: no space left on device/);
+  await assertCleanDomain(dom, socket);
+  const files = await fs.readdir(mount);
+  assert.ok(files.includes('vda.full.data.partial'), `evidence missing: ${files.join(' ')}`);
+  assert.ok(!files.includes('vda.full.data') && !files.some((f) => f.endsWith('.cpt')), files.join(' '));
+  const inc = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', mount, '-n']);
+  assert.equal(inc.code, 1);
+  assert.match(inc.stderr, /no full backup/);
+});
+
+test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit non-zero', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
+  const out = await tempDir('vnbd-term-');
+  t.after(() => fs.rm(out, { recursive: true, force: true }));
+  const socket = `/var/tmp/vnbdtest-${process.pid}-term.sock`;
+  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
+  // Wait until data is flowing: the .partial exists.
+  const partial = path.join(out, 'vda.full.data.partial');
+  for (let i = 0; i < 2000; i++) {
+    if (await fs.access(partial).then(() => true, () => false)) break;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  run.child.kill('SIGTERM');
+  const r = await run.done;
+  assert.notEqual(r.code, 0, `backup finished before the signal: ${r.stderr}`);
+  assert.match(r.stderr, /interrupted by SIGTERM/);
+  await assertCleanDomain(dom, socket);
+  assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
+});
+
+test('restore refuses bad input with one line: not a set, unknown --until, existing image', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const work = await tempDir('vnbd-rerr-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+
+  const notSet = await runCli(ourBin('virtnbdrestore'), ['-i', work, '-o', path.join(work, 'r1'), '-n']);
+  assert.equal(notSet.code, 1);
+  assert.match(notSet.stderr, /is not a backup set/);
+
+  const until = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'r2'), '-n', '--until', 'virtnbdbackup.7']);
+  assert.equal(until.code, 1);
+  assert.match(until.stderr, /checkpoint virtnbdbackup\.7 is not in the chain of disk vda .*it has: virtnbdbackup\.0/);
+
+  const out = path.join(work, 'r3');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  const image = path.join(out, path.basename(dom.diskPath('vda')));
+  const before = await fs.stat(image);
+  const again = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  assert.equal(again.code, 1);
+  assert.match(again.stderr, /already exists; restore into another directory/);
+  assert.equal((await fs.stat(image)).mtimeMs, before.mtimeMs);
+  for (const r of [notSet, until, again]) assert.equal(errorLines(r).length, 1, r.stderr);
+});
