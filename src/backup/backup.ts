@@ -12,7 +12,7 @@ import { planDirty, planFull } from '../extents/plan.js';
 import { writeStream } from '../stream/writer.js';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import {
-  CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, listSet, logFileName, qcowInfoName,
+  CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, listSet, logFileName, qcowInfoName,
   readCheckpointList, vmConfigName,
 } from '../set/backupSet.js';
 import { DEFAULT_PREFIX, dirtyBitmapContext, planCheckpoint, type CheckpointPlan, type Level } from '../libvirt/checkpoints.js';
@@ -245,6 +245,7 @@ async function backupDisk(
         },
         compress: options.compress ?? false,
         onProgress: options.progress?.(disk.target, plan.dataSize),
+        digests: true,
         signal,
       });
       await sink.commit();
@@ -254,6 +255,7 @@ async function backupDisk(
       throw new UserError(`backup of disk ${disk.target} failed writing ${target.pathOf(file)}.partial: ${describeFailure(err)}`);
     }
     await target.writeFile(checksumFileName(file), String(result.checksum));
+    await target.writeFile(digestFileName(file), JSON.stringify({ algorithm: 'sha256', pieces: result.digests ?? [] }));
     return { disk: disk.target, file, dataSize: plan.dataSize, virtualSize: endpoint.size, bytesWritten: result.bytesWritten };
   } finally {
     await endpoint.close();

@@ -15,6 +15,8 @@ export function dataFileName(disk: string, level: Level, ident: string): string 
 }
 
 export const checksumFileName = (dataFile: string): string => `${dataFile}.chksum`;
+/** Our side file: SHA-256 of every payload piece, so verify can name the extent that rotted. */
+export const digestFileName = (dataFile: string): string => `${dataFile}.sha256.json`;
 export const checkpointListName = (domain: string): string => `${domain}.cpt`;
 export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;

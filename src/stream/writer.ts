@@ -2,6 +2,7 @@
 // Reads (and compression) run ahead in a bounded window, many requests in flight, while output order stays
 // exact; headers go out in the same writev as the payload after them. Memory is bounded by the window, not by
 // the disk. Guarantees: the adler32 returned covers every byte handed to the sink, in order.
+import { webcrypto } from 'node:crypto';
 import { native } from '../native/addon.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
@@ -21,7 +22,16 @@ export interface StreamWriteOptions {
   compress: number | false;
   /** Progress callback with the number of source bytes just stored. */
   onProgress?: (bytes: number) => void;
+  /** Compute a SHA-256 of every data piece (disk bytes, before compression), off the event loop. */
+  digests?: boolean;
   signal?: AbortSignal;
+}
+
+/** SHA-256 of the disk bytes [offset, offset+length) as stored in one payload piece. */
+export interface PieceDigest {
+  offset: number;
+  length: number;
+  sha256: string;
 }
 
 export interface StreamWriteResult {
@@ -29,6 +39,8 @@ export interface StreamWriteResult {
   checksum: number;
   bytesWritten: number;
   dataSize: number;
+  /** With `digests`: one per payload piece, in stream order. */
+  digests?: PieceDigest[];
 }
 
 /** Size of one read request; smaller than the server maximum so that several are in flight. */
@@ -83,6 +95,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const queue: Pending[] = [];
   let bytesInFlight = 0;
   const trailer: Promise<TrailerEntry>[] = [];
+  const digests: Promise<PieceDigest>[] = [];
 
   const flushBatch = async (): Promise<void> => {
     if (batch.length === 0) return;
@@ -135,6 +148,11 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
       const sizes: Promise<number>[] = [];
       for (const part of parts) {
         const data = readPiece(source, part.offset, part.length);
+        if (options.digests) {
+          const digest = data.then(async (raw) => ({ ...part, sha256: Buffer.from(await webcrypto.subtle.digest('SHA-256', raw)).toString('hex') }));
+          digest.catch(() => undefined);
+          digests.push(digest);
+        }
         if (compressed) {
           const frame = data.then((raw) => addon.lz4CompressFrame(raw, compress));
           sizes.push(frame.then((f) => f.length, () => 0));
@@ -159,5 +177,5 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     await Promise.allSettled(queue.map((q) => q.output));
     throw err;
   }
-  return { checksum, bytesWritten, dataSize: plan.dataSize };
+  return { checksum, bytesWritten, dataSize: plan.dataSize, digests: options.digests ? await Promise.all(digests) : undefined };
 }
