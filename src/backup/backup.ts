@@ -11,6 +11,8 @@ import { CONTEXT_ALLOCATION } from '../endpoint/endpoint.js';
 import { planDirty, planFull } from '../extents/plan.js';
 import { writeStream } from '../stream/writer.js';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
+import { ZipTarget } from '../set/zipTarget.js';
+import { writeRawImage } from './rawImage.js';
 import {
   CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, listSet, logFileName, qcowInfoName,
   readCheckpointList, vmConfigName,
@@ -29,8 +31,14 @@ export interface BackupOptions {
   /** libvirt URI, default qemu:///system. */
   uri?: string;
   level: Level | 'auto';
-  /** Backup set directory (created when missing). */
+  /** Backup set directory (created when missing), or '-' for a zip archive on `stdout`. */
   output: string;
+  /** 'stream' (default) or 'raw' (full-size sparse images; copy/full only). */
+  type?: 'stream' | 'raw';
+  /** Include raw-format disks (always as copy; left out of inc/diff). */
+  raw?: boolean;
+  /** Where the zip goes for output '-'; default process.stdout. */
+  stdout?: NodeJS.WritableStream;
   include?: string[];
   exclude?: string[];
   /** NBD socket of the job; default /var/tmp/virtnbdbackup.<pid>. */
@@ -61,11 +69,21 @@ export interface BackupResult {
   disks: DiskResult[];
 }
 
-/** Level `auto`: full when the set has no full backup yet, else inc. */
-async function resolveLevel(level: Level | 'auto', output: string): Promise<Level> {
+/** Level `auto`: full when the set has no full backup yet (for a zip: no chain in the state dir), else inc. */
+async function resolveLevel(level: Level | 'auto', stateDir: string, toZip: boolean, domain: string): Promise<Level> {
   if (level !== 'auto') return level;
-  const names = await fs.readdir(output).catch(() => [] as string[]);
+  if (toZip) return (await readCheckpointList(path.join(stateDir, checkpointListName(domain)))).length > 0 ? 'inc' : 'full';
+  const names = await fs.readdir(stateDir).catch(() => [] as string[]);
   return names.some((n) => n.endsWith('.full.data')) ? 'inc' : 'full';
+}
+
+/** Refuses combinations of options that cannot work, before anything is touched. */
+function checkOptions(options: BackupOptions, level: Level, toZip: boolean): void {
+  if (options.type === 'raw' && (level === 'inc' || level === 'diff')) {
+    throw new UserError(`-t raw writes full images only; use it with -l full or -l copy (got -l ${level})`);
+  }
+  if (toZip && options.type === 'raw') throw new UserError('-t raw cannot be written to standard output (-o -); give an output directory');
+  if (toZip && options.raw) throw new UserError('raw disks (-r) cannot be written to standard output (-o -); give an output directory');
 }
 
 /** Refuses what would damage the set or produce an unusable run. */
@@ -127,12 +145,18 @@ async function forEachLimited<T>(items: T[], limit: number, task: (item: T) => P
 export async function backup(options: BackupOptions): Promise<BackupResult> {
   const log = options.log ?? silentLogger;
   const uri = options.uri ?? 'qemu:///system';
-  const output = path.resolve(options.output);
-  const level = await resolveLevel(options.level, output);
-  await checkSet(output, level);
-  const target: OutputTarget = new DirectoryTarget(output);
+  const toZip = options.output === '-';
+  // The state dir holds the chain (.cpt, checkpoints/): the set itself, or for a zip the current directory.
+  const output = toZip ? process.cwd() : path.resolve(options.output);
+  let level = await resolveLevel(options.level, output, toZip, options.domain);
+  checkOptions(options, level, toZip);
+  if (!toZip) await checkSet(output, level);
+  const state = new DirectoryTarget(output);
+  const target: OutputTarget = toZip ? new ZipTarget(options.stdout ?? process.stdout) : state;
   const started = new Date();
-  log.attachFile(target.pathOf(logFileName(level, started)));
+  const logName = logFileName(level, started);
+  log.attachFile(state.pathOf(logName));
+  let targetClosed = false;
 
   const conn = await openLibvirt(uri);
   try {
@@ -146,11 +170,17 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     }
     const vmXml = await domain.getXMLDesc(0);
     const info = parseDomainXml(vmXml);
-    const { disks, skipped } = selectDisks(info.disks, { include: options.include, exclude: options.exclude });
+    const incremental = level === 'inc' || level === 'diff';
+    if (options.raw && incremental) log.warn('raw disks have no checkpoints: they are left out of inc and diff backups');
+    const { disks, skipped } = selectDisks(info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental });
     for (const s of skipped) log.warn(`skipping disk ${s.disk.target}: ${s.reason}`);
     if (disks.length === 0) throw new UserError(`domain '${options.domain}' has no disk to back up${options.include?.length ? ` matching -i ${options.include.join(',')}` : ''}`);
+    if (level === 'full' && disks.every((d) => d.format === 'raw')) {
+      log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');
+      level = 'copy';
+    }
 
-    const cptFile = target.pathOf(checkpointListName(options.domain));
+    const cptFile = state.pathOf(checkpointListName(options.domain));
     const chain = level === 'full' || level === 'copy' ? [] : await readCheckpointList(cptFile);
     let checkpoint: CheckpointPlan;
     try {
@@ -181,6 +211,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
         socket,
         scratchDir: options.scratchDir ?? '/var/tmp',
         targets: disks.map((d) => d.target),
+        checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
         allTargets: info.disks.map((d) => d.target),
         checkpoint,
         log,
@@ -193,8 +224,9 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       const results: DiskResult[] = [];
       const controller = new AbortController();
       const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
-      const perDiskConnections = Math.max(1, Math.ceil(4 / Math.min(disks.length, options.workers ?? disks.length)));
-      await forEachLimited(disks, options.workers ?? disks.length, async (disk) => {
+      const workers = toZip ? 1 : options.workers ?? disks.length;
+      const perDiskConnections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
+      await forEachLimited(disks, workers, async (disk) => {
         try {
           results.push(await backupDisk(disk, level, ident, checkpoint, socket, target, perDiskConnections, options, signal, log));
         } catch (err) {
@@ -202,15 +234,22 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
           throw err;
         }
       });
-      await saveSideFiles(domain, disks, level, ident, checkpoint, vmXml, target, cptFile, chain, log);
+      await saveSideFiles(domain, disks, level, ident, checkpoint, vmXml, target, state, cptFile, chain, log);
       failed = false;
       return { level, checkpoint, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
     } finally {
       await backupJob.end(failed);
+      if (!failed && toZip) {
+        await log.detachFile();
+        await target.writeFile(logName, await fs.readFile(state.pathOf(logName)));
+        await target.close();
+        targetClosed = true;
+      }
     }
   } finally {
     await conn.close().catch(() => undefined);
     await log.detachFile();
+    if (!targetClosed && toZip) await (target as ZipTarget).abort();
   }
 }
 
@@ -218,7 +257,8 @@ async function backupDisk(
   disk: DomainDisk, level: Level, ident: string, checkpoint: CheckpointPlan, socket: string, target: OutputTarget,
   connections: number, options: BackupOptions, signal: AbortSignal, log: Logger,
 ): Promise<DiskResult> {
-  const incremental = level === 'inc' || level === 'diff';
+  const diskLevel: Level = disk.format === 'raw' ? 'copy' : level;
+  const incremental = diskLevel === 'inc' || diskLevel === 'diff';
   const dirtyContext = dirtyBitmapContext(disk.target);
   const endpoint = await NbdEndpoint.open(
     { socket, exportName: disk.target },
@@ -226,8 +266,21 @@ async function backupDisk(
   );
   try {
     const plan = incremental ? await planDirty(endpoint, dirtyContext) : await planFull(endpoint);
-    const file = dataFileName(disk.target, level, ident);
+    const file = dataFileName(disk.target, diskLevel, ident);
     log.info(`disk ${disk.target}: ${plan.dataSize} bytes of data in ${plan.extents.length} extents of ${endpoint.size} bytes, writing ${file}`);
+    const onProgress = options.progress?.(disk.target, plan.dataSize);
+    if (options.type === 'raw' && target.createPositional) {
+      const image = await target.createPositional(file, endpoint.size);
+      try {
+        await writeRawImage(endpoint, plan, image, onProgress, signal);
+        await image.commit();
+      } catch (err) {
+        await image.abort();
+        if (err instanceof UserError) throw err;
+        throw new UserError(`backup of disk ${disk.target} failed writing ${target.pathOf(file)}.partial: ${describeFailure(err)}`);
+      }
+      return { disk: disk.target, file, dataSize: plan.dataSize, virtualSize: endpoint.size, bytesWritten: endpoint.size };
+    }
     const sink = await target.create(file);
     let result;
     try {
@@ -244,7 +297,7 @@ async function backupDisk(
           incremental,
         },
         compress: options.compress ?? false,
-        onProgress: options.progress?.(disk.target, plan.dataSize),
+        onProgress,
         digests: true,
         signal,
       });
@@ -264,7 +317,7 @@ async function backupDisk(
 
 async function saveSideFiles(
   domain: LibvirtDomain, disks: DomainDisk[], level: Level, ident: string, checkpoint: CheckpointPlan, vmXml: string,
-  target: OutputTarget, cptFile: string, chain: string[], log: Logger,
+  target: OutputTarget, state: OutputTarget, cptFile: string, chain: string[], log: Logger,
 ): Promise<void> {
   for (const disk of disks) {
     try {
@@ -278,7 +331,10 @@ async function saveSideFiles(
   if (await domain.getAutostart()) await target.writeFile(`autostart.${ident}`, 'True');
   if (!checkpoint.create) return;
   const xml = await domain.checkpointGetXMLDesc(checkpoint.name, 0);
-  await target.writeFile(path.join(CHECKPOINT_DIR, `${checkpoint.name}.xml`), xml);
   const next = level === 'full' ? [checkpoint.name] : [...chain, checkpoint.name];
-  await target.writeFile(path.basename(cptFile), JSON.stringify(next));
+  // The chain state lives in the state dir (for a zip, also inside it, so unzipped sets are complete).
+  for (const out of new Set([target, state])) {
+    await out.writeFile(path.join(CHECKPOINT_DIR, `${checkpoint.name}.xml`), xml);
+    await out.writeFile(path.basename(cptFile), JSON.stringify(next));
+  }
 }

@@ -11,7 +11,8 @@ const argv = yargs(hideBin(process.argv))
   .option('domain', { alias: 'd', type: 'string', demandOption: true, describe: 'Domain to back up' })
   .option('level', { alias: 'l', choices: ['copy', 'full', 'inc', 'diff', 'auto'] as const, default: 'copy' as const, describe: 'Backup level' })
   .option('type', { alias: 't', choices: ['stream', 'raw'] as const, default: 'stream' as const, describe: 'Output type' })
-  .option('output', { alias: 'o', type: 'string', demandOption: true, describe: 'Output target directory' })
+  .option('raw', { alias: 'r', type: 'boolean', default: false, describe: 'Include raw-format disks (saved as copy; not in inc/diff)' })
+  .option('output', { alias: 'o', type: 'string', demandOption: true, describe: "Output target directory, or '-' for a zip archive on stdout" })
   .option('scratchdir', { alias: 'S', type: 'string', default: '/var/tmp', describe: 'Directory for temporary scratch files (writable by QEMU)' })
   .option('include', { alias: 'i', type: 'string', describe: 'Back up only these disks (target dev, comma-separated: -i vda,vdb)' })
   .option('exclude', { alias: 'x', type: 'string', describe: 'Exclude these disks (-x vda,vdb)' })
@@ -34,13 +35,15 @@ const argv = yargs(hideBin(process.argv))
   .example('$0 -d webvm -l auto -o /backup/webvm', 'full into an empty set, else incremental')
   .example('$0 -d webvm -l full -x vda -o /backup/webvm', 'full backup without disk vda')
   .example('$0 -d webvm -l full -z -o /backup/webvm', 'full backup, lz4 compressed')
+  .example('$0 -d webvm -l full -t raw -o /backup/webvm', 'full backup as sparse raw images')
+  .example('$0 -d webvm -l full -o - > webvm.full.zip', 'full backup as a zip archive on stdout')
+  .example("$0 -d webvm -l inc -o - | ssh host 'cat > webvm.inc.zip'", 'incremental into a zip on another host')
   .strict()
   .wrap(Math.min(110, process.stdout.columns || 110))
   .parseSync();
 
 await runCommand('virtnbdbackup', argv.verbose, async (signal) => {
-  if (argv.type === 'raw') throw new UserError('-t raw is not implemented yet; use the default stream type');
-  if (argv.output === '-') throw new UserError('-o - (zip on stdout) is not implemented yet; give an output directory');
+  if (argv.output === '-' && process.stdout.isTTY) throw new UserError('-o - writes a zip archive to standard output: redirect it to a file or a pipe');
   const compressFlag = process.argv.slice(2).some((a) => a === '-z' || a === '--compress' || a.startsWith('--compress='));
   const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;
   const log = makeLogger(argv);
@@ -51,6 +54,8 @@ await runCommand('virtnbdbackup', argv.verbose, async (signal) => {
       uri: argv.uri,
       level: argv.level,
       output: argv.output,
+      type: argv.type,
+      raw: argv.raw,
       include: listOption(argv.include),
       exclude: listOption(argv.exclude),
       socketFile: argv.socketfile,

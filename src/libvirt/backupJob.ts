@@ -13,6 +13,8 @@ export interface BackupJobOptions {
   scratchDir: string;
   /** Disk targets to export. */
   targets: string[];
+  /** Disk targets that get a bitmap in the new checkpoint (raw-format disks cannot). */
+  checkpointTargets: string[];
   /** All disk targets of the domain (the others are listed as not participating). */
   allTargets: string[];
   checkpoint: CheckpointPlan;
@@ -36,7 +38,7 @@ export class BackupJob {
     const tag = crypto.randomBytes(3).toString('hex');
     const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`) }));
     const jobXml = backupJobXml(options.socket, checkpoint.parent, disks, options.allTargets);
-    const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.targets, options.allTargets) : null;
+    const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets) : null;
     options.log.debug(`backup job XML:\n${jobXml}`);
     if (cptXml) options.log.debug(`checkpoint XML:\n${cptXml}`);
     await domain.backupBegin(jobXml, cptXml, 0);

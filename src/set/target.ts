@@ -13,9 +13,20 @@ export interface Sink {
   abort(): Promise<void>;
 }
 
+/** A file written at positions rather than in order: raw images (-t raw). */
+export interface PositionalSink {
+  writeAt(buffer: Buffer, offset: number): Promise<void>;
+  commit(): Promise<void>;
+  abort(): Promise<void>;
+}
+
 export interface OutputTarget {
   /** Opens a new file of the set for writing. */
   create(name: string): Promise<Sink>;
+  /** Opens a new sparse file of `size` bytes for positional writes; only where the target can seek. */
+  createPositional?(name: string, size: number): Promise<PositionalSink>;
+  /** Finishes the target (the zip's central directory); nothing for a directory. */
+  close(): Promise<void>;
   /** Writes a small file of the set completely (json, xml, checksum). */
   writeFile(name: string, content: string | Buffer): Promise<void>;
   /** Absolute path of a file in the set, for callers that must read it back. */
@@ -27,8 +38,15 @@ async function syncDirectory(dir: string): Promise<void> {
   try { await handle.sync(); } finally { await handle.close(); }
 }
 
-class FileSink implements Sink {
+class FileSink implements Sink, PositionalSink {
   constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {}
+
+  async writeAt(buffer: Buffer, offset: number): Promise<void> {
+    for (let done = 0; done < buffer.length;) {
+      const { bytesWritten } = await this.handle.write(buffer, done, buffer.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
 
   async write(buffers: Buffer[]): Promise<void> {
     let rest = buffers;
@@ -47,6 +65,10 @@ class FileSink implements Sink {
 
   async abort(): Promise<void> {
     await this.handle.close().catch(() => undefined);
+  }
+
+  async truncate(size: number): Promise<void> {
+    await this.handle.truncate(size);
   }
 }
 
@@ -75,6 +97,16 @@ export class DirectoryTarget implements OutputTarget {
     await refuseExisting(final);
     const handle = await fs.open(partial, 'wx');
     return new FileSink(handle, partial, final);
+  }
+
+  async createPositional(name: string, size: number): Promise<PositionalSink> {
+    const sink = (await this.create(name)) as FileSink;
+    await sink.truncate(size);
+    return sink;
+  }
+
+  async close(): Promise<void> {
+    // every file is complete on commit
   }
 
   async writeFile(name: string, content: string | Buffer): Promise<void> {

@@ -1,0 +1,168 @@
+// Output forms on a real domain: the zip stream on stdout through a pipe (full + inc unzipped into one set,
+// restored by ours and by Python), -t raw images, -r raw-format disks, lz4 over compressible and
+// incompressible data, and offsets/files beyond 4 GiB (reduced by default; VNBD_LARGE=1 for > 4 GiB of data).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { withDomain, tempDir, run, type TestDomain } from '../support/testbed.js';
+import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
+import { TestDomain as Domain } from '../support/testbed.js';
+
+const MiB = 1024 * 1024;
+
+/** Runs `virtnbdbackup ... -o -` in `cwd` piped through `cat` into `zipFile`, as `| ssh host 'cat > f'` would. */
+function backupToZip(cwd: string, args: string[], zipFile: string): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const shell = spawn('bash', ['-o', 'pipefail', '-c', `"$0" "$@" -o - | cat > '${zipFile}'`, ourBin('virtnbdbackup'), ...args], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    shell.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+    shell.on('error', reject);
+    shell.on('close', (code) => resolve({ code, stderr }));
+  });
+}
+
+async function assertSame(image: string, reference: string, formatA: 'qcow2' | 'raw' = 'qcow2'): Promise<void> {
+  const r = await Domain.compare(image, reference, { formatA, formatB: 'raw' });
+  assert.ok(r.identical, `${image} differs from ${reference}: ${r.output}`);
+}
+
+test('zip on stdout through a pipe: full + inc unzipped into one set restore with ours and Python', async (t) => {
+  const dom = await withDomain(t, { disks: [
+    { target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 16 }] },
+    { target: 'vdb', sizeMiB: 64, fill: [{ pattern: 0x22, offsetMiB: 8, lengthMiB: 8 }] },
+  ] });
+  const work = await tempDir('vnbd-zip-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const state = path.join(work, 'state');
+  await fs.mkdir(state);
+  const full = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(work, 'full.zip'));
+  assert.equal(full.code, 0, full.stderr);
+  assert.match(full.stderr, /finished full backup/, 'log lines go to stderr');
+  // The chain state stays in the current directory for the next run.
+  assert.deepEqual(JSON.parse(await fs.readFile(path.join(state, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0']);
+  await dom.write('vda', 0x33, '4M', '2M');
+  await dom.write('vdb', 0x44, '1M', '1M');
+  const refs = { vda: await dom.snapshot('vda', path.join(work, 'vda.ref')), vdb: await dom.snapshot('vdb', path.join(work, 'vdb.ref')) };
+  const inc = await backupToZip(state, ['-d', dom.name, '-l', 'inc', '-n'], path.join(work, 'inc.zip'));
+  assert.equal(inc.code, 0, inc.stderr);
+
+  for (const zip of ['full.zip', 'inc.zip']) {
+    await run('unzip', ['-tq', path.join(work, zip)]);
+    const listed = await run('/usr/bin/python3', ['-c', 'import sys,zipfile; z=zipfile.ZipFile(sys.argv[1]); assert z.testzip() is None; print("\\n".join(z.namelist()))', path.join(work, zip)]);
+    assert.match(listed.stdout, /vda\.(full|inc\.virtnbdbackup\.1)\.data\n/);
+    assert.match(listed.stdout, /checkpoints\/virtnbdbackup\.\d\.xml/);
+    assert.match(listed.stdout, /backup\.(full|inc)\.\d{14}\.log/);
+  }
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  await run('unzip', ['-oq', path.join(work, 'full.zip'), '-d', set]);
+  await run('unzip', ['-oq', path.join(work, 'inc.zip'), '-d', set]);
+  for (const [tool, name] of [[ourBin('virtnbdrestore'), 'ours'], [pythonBin('virtnbdrestore'), 'python']] as const) {
+    const out = path.join(work, name);
+    await runOk(tool, ['-i', set, '-o', out, '-n']);
+    await assertSame(path.join(out, 'vda.qcow2'), refs.vda);
+    await assertSame(path.join(out, 'vdb.qcow2'), refs.vdb);
+  }
+  const tty = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', '-', '-t', 'raw', '-n']);
+  assert.equal(tty.code, 1);
+  assert.match(tty.stderr, /-t raw (writes full images only|cannot be written to standard output)/);
+});
+
+test('-t raw writes full-size sparse images; inc with -t raw is refused', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [{ pattern: 0x5c, offsetMiB: 100, lengthMiB: 12 }] }] });
+  const work = await tempDir('vnbd-raw-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  const ref = await dom.snapshot('vda', path.join(work, 'vda.ref'));
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-t', 'raw', '-o', set, '-n']);
+  const image = path.join(set, 'vda.full.data');
+  const stat = await fs.stat(image);
+  assert.equal(stat.size, 256 * MiB);
+  assert.ok(stat.blocks * 512 < 64 * MiB, `raw image is not sparse: ${stat.blocks * 512} bytes allocated`);
+  await assertSame(image, ref, 'raw');
+  const inc = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-t', 'raw', '-o', set, '-n']);
+  assert.equal(inc.code, 1);
+  assert.match(inc.stderr, /-t raw writes full images only/);
+});
+
+test('-r includes raw-format disks as copy; without it they are skipped with a warning', async (t) => {
+  const dom = await withDomain(t, { disks: [
+    { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] },
+    { target: 'vdb', sizeMiB: 32, format: 'raw', fill: [{ pattern: 0x77, offsetMiB: 2, lengthMiB: 3 }] },
+  ] });
+  const work = await tempDir('vnbd-rawdisk-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const without = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', path.join(work, 'a'), '-n']);
+  assert.match(without.stderr, /skipping disk vdb: raw-format disk/);
+  assert.ok(!(await fs.readdir(path.join(work, 'a'))).some((f) => f.startsWith('vdb.')));
+
+  const set = path.join(work, 'b');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-r', '-o', set, '-n']);
+  const files = await fs.readdir(set);
+  assert.ok(files.includes('vda.full.data') && files.includes('vdb.copy.data'), files.join(' '));
+  const ref = await dom.snapshot('vdb', path.join(work, 'vdb.ref'));
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vdb']);
+  await assertSame(path.join(out, 'vdb.raw'), ref, 'raw');
+  // In an incremental, raw disks are left out with a warning; the qcow2 disk continues its chain.
+  await dom.write('vda', 0x12, '1M', '1M');
+  const inc = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-r', '-o', set, '-n']);
+  assert.match(inc.stderr, /raw disks have no checkpoints/);
+  assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.1.data'));
+});
+
+test('lz4 over compressible and incompressible data: smaller where it can be, exact everywhere', async (t) => {
+  const dom = await withDomain(t, { start: false, disks: [{ target: 'vda', sizeMiB: 256, fill: [{ pattern: 0x61, offsetMiB: 0, lengthMiB: 48 }] }] });
+  const work = await tempDir('vnbd-lz4mix-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const random = path.join(work, 'random.bin');
+  await run('dd', ['if=/dev/urandom', `of=${random}`, 'bs=1M', 'count=40', 'status=none']);
+  await run('qemu-io', ['-f', 'qcow2', '-c', `write -s ${random} ${100 * MiB} ${40 * MiB}`, dom.diskPath('vda')]);
+  await dom.start();
+  const ref = await dom.snapshot('vda', path.join(work, 'vda.ref'));
+  const plain = path.join(work, 'plain');
+  const packed = path.join(work, 'lz4');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-o', plain, '-n']);
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-z', '-o', packed, '-n']);
+  const plainSize = (await fs.stat(path.join(plain, 'vda.copy.data'))).size;
+  const packedSize = (await fs.stat(path.join(packed, 'vda.copy.data'))).size;
+  assert.ok(packedSize < plainSize - 40 * MiB, `compressed ${packedSize} vs plain ${plainSize}`);
+  assert.ok(packedSize > 40 * MiB, 'random data cannot shrink');
+  for (const [tool, name] of [[ourBin('virtnbdrestore'), 'ours'], [pythonBin('virtnbdrestore'), 'python']] as const) {
+    const out = path.join(work, `out-${name}`);
+    await runOk(tool, ['-i', packed, '-o', out, '-n']);
+    await assertSame(path.join(out, 'vda.qcow2'), ref);
+  }
+});
+
+/**
+ * Offsets beyond 4 GiB always; with VNBD_LARGE=1 also data files larger than 4 GiB (about 4.2 GiB of data),
+ * in a directory and in the zip stream. The reduced form keeps the suite fast.
+ */
+test('beyond 4 GiB: offsets (and, with VNBD_LARGE=1, file sizes) in a directory and in the zip', async (t) => {
+  const large = process.env.VNBD_LARGE === '1';
+  const fill = large
+    ? [{ pattern: 0x21, offsetMiB: 0, lengthMiB: 2200 }, { pattern: 0x43, offsetMiB: 4200, lengthMiB: 2100 }]
+    : [{ pattern: 0x21, offsetMiB: 0, lengthMiB: 4 }, { pattern: 0x43, offsetMiB: 4600, lengthMiB: 8 }];
+  const dom: TestDomain = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: large ? 6400 : 5120, fill }] });
+  const work = await tempDir('vnbd-4g-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const ref = await dom.snapshot('vda', path.join(work, 'vda.ref'));
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-o', set, '-n']);
+  if (large) assert.ok((await fs.stat(path.join(set, 'vda.copy.data'))).size > 4 * 1024 * MiB);
+  const zipState = path.join(work, 'state');
+  await fs.mkdir(zipState);
+  const zipped = await backupToZip(zipState, ['-d', dom.name, '-l', 'copy', '-n'], path.join(work, 'copy.zip'));
+  assert.equal(zipped.code, 0, zipped.stderr);
+  const unzipped = path.join(work, 'unzipped');
+  await fs.mkdir(unzipped);
+  await run('/usr/bin/python3', ['-c', 'import sys,zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])', path.join(work, 'copy.zip'), unzipped]);
+  for (const [source, tool, name] of [[set, ourBin('virtnbdrestore'), 'ours'], [unzipped, ourBin('virtnbdrestore'), 'ours-zip'], [set, pythonBin('virtnbdrestore'), 'python']] as const) {
+    const out = path.join(work, `out-${name}`);
+    await runOk(tool, ['-i', source, '-o', out, '-n']);
+    await assertSame(path.join(out, 'vda.qcow2'), ref);
+  }
+});
