@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs the compiled tests (dist/test/unit, dist/test/integration) one file at a time after sweeping stale test domains; exits with the runner's code, 1 if no test file.
+#
+# Usage: scripts/test.sh [FILTER...] [NODE_TEST_OPTION...]
+#   FILTER is a test file (test/x.test.ts or dist/test/x.test.js) or a substring of its path; options (starting
+#   with -) go to `node --test` as they are, so give their values with '=' (--test-name-pattern=backup).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+shopt -s nullglob
+
+all_files=(dist/test/unit/*.test.js dist/test/integration/*.test.js)
+options=()
+filters=()
+for arg in "$@"; do
+  case "$arg" in
+    -*) options+=("$arg") ;;
+    *) filters+=("$arg") ;;
+  esac
+done
+
+files=()
+if [ "${#filters[@]}" -eq 0 ]; then
+  files=("${all_files[@]}")
+else
+  for filter in "${filters[@]}"; do
+    # A source path names its compiled twin.
+    compiled=$filter
+    if [[ "$filter" == *.ts ]]; then
+      compiled="dist/${filter%.ts}.js"
+    fi
+    if [ -f "$compiled" ]; then
+      files+=("$compiled")
+      continue
+    fi
+    matched=0
+    for file in "${all_files[@]}"; do
+      if [[ "$file" == *"$filter"* ]]; then
+        files+=("$file")
+        matched=1
+      fi
+    done
+    [ "$matched" -eq 1 ] || { echo "test: no test file matches '$filter'" >&2; exit 1; }
+  done
+fi
+
+if [ "${#files[@]}" -eq 0 ]; then
+  echo "test: no test files under dist/test/unit or dist/test/integration (did the build run?)" >&2
+  exit 1
+fi
+
+node dist/test/support/sweep.js
+
+status=0
+node --test --test-reporter=spec --test-concurrency=1 "${options[@]}" "${files[@]}" || status=$?
+exit "$status"
