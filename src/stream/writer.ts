@@ -7,6 +7,7 @@ import { native } from '../native/addon.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
 import type { Sink } from '../set/target.js';
+import { BufferPool } from '../util/bufferPool.js';
 import {
   DEFAULT_MAX_REQUEST_SIZE, TERMINATOR, encodeEnd, encodeHeader, encodeMetadata,
   type StreamMetadata, type TrailerEntry,
@@ -46,7 +47,7 @@ export interface StreamWriteResult {
 /** Size of one read request; smaller than the server maximum so that several are in flight. */
 const READ_SIZE = 4 * 1024 * 1024;
 /** Bytes of source data in flight at most (reads issued but not yet written). */
-const WINDOW_BYTES = 64 * 1024 * 1024;
+const WINDOW_BYTES = 32 * 1024 * 1024;
 /** Write accumulated small buffers (zero frames) once they reach this. */
 const BATCH_BYTES = 1024 * 1024;
 
@@ -54,6 +55,8 @@ interface Pending {
   output: Promise<Buffer[]>;
   /** Source bytes this entry holds in memory (0 for headers). */
   bytes: number;
+  /** Called once the output has been written. */
+  written?: () => void;
 }
 
 /**
@@ -66,8 +69,7 @@ function pieces(offset: number, length: number, compressed: boolean): Array<{ of
   return [...chunks(offset, length, READ_SIZE)];
 }
 
-async function readPiece(source: Endpoint, offset: number, length: number): Promise<Buffer> {
-  const buffer = Buffer.allocUnsafe(length);
+async function readPiece(source: Endpoint, offset: number, length: number, buffer: Buffer): Promise<Buffer> {
   const step = Math.min(READ_SIZE, source.maxRequestSize);
   const reads: Promise<void>[] = [];
   for (const c of chunks(0, length, step)) reads.push(source.read(buffer.subarray(c.offset, c.offset + c.length), offset + c.offset));
@@ -96,6 +98,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   let bytesInFlight = 0;
   const trailer: Promise<TrailerEntry>[] = [];
   const digests: Promise<PieceDigest>[] = [];
+  const pool = new BufferPool(READ_SIZE, WINDOW_BYTES / READ_SIZE + 2);
 
   const flushBatch = async (): Promise<void> => {
     if (batch.length === 0) return;
@@ -121,13 +124,14 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     const buffers = await entry.output;
     bytesInFlight -= entry.bytes;
     await emit(buffers, entry.bytes > 0);
+    entry.written?.();
     if (entry.bytes > 0) options.onProgress?.(entry.bytes);
   };
 
-  const enqueue = async (output: Promise<Buffer[]> | Buffer[], bytes: number): Promise<void> => {
+  const enqueue = async (output: Promise<Buffer[]> | Buffer[], bytes: number, written?: () => void): Promise<void> => {
     const promise = Promise.resolve(output);
     promise.catch(() => undefined); // awaited in order later; avoid an early unhandled rejection
-    queue.push({ output: promise, bytes });
+    queue.push({ output: promise, bytes, written });
     bytesInFlight += bytes;
     while (bytesInFlight > WINDOW_BYTES || (queue.length > 0 && bytes === 0 && queue.length > 4096)) {
       if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted');
@@ -147,18 +151,23 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
       const parts = pieces(extent.offset, extent.length, compressed);
       const sizes: Promise<number>[] = [];
       for (const part of parts) {
-        const data = readPiece(source, part.offset, part.length);
+        const buffer = pool.acquire(part.length);
+        const data = readPiece(source, part.offset, part.length, buffer);
+        // The buffer returns to the pool only after its digest, compression and write are all done.
+        let digest: Promise<unknown> = Promise.resolve();
         if (options.digests) {
-          const digest = data.then(async (raw) => ({ ...part, sha256: Buffer.from(await webcrypto.subtle.digest('SHA-256', raw)).toString('hex') }));
-          digest.catch(() => undefined);
-          digests.push(digest);
+          const pieceDigest = data.then(async (raw) => ({ ...part, sha256: Buffer.from(await webcrypto.subtle.digest('SHA-256', raw)).toString('hex') }));
+          pieceDigest.catch(() => undefined);
+          digests.push(pieceDigest);
+          digest = pieceDigest;
         }
         if (compressed) {
           const frame = data.then((raw) => addon.lz4CompressFrame(raw, compress));
           sizes.push(frame.then((f) => f.length, () => 0));
-          await enqueue(frame.then((f) => [f]), part.length);
+          const ready = Promise.all([frame, digest]).then(([f]) => { pool.release(buffer); return [f]; });
+          await enqueue(ready, part.length);
         } else {
-          await enqueue(data.then((d) => [d]), part.length);
+          await enqueue(Promise.all([data, digest]).then(([d]) => [d]), part.length, () => pool.release(buffer));
         }
       }
       await enqueue([TERMINATOR], 0);
