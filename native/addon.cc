@@ -1,0 +1,68 @@
+// Module entry: registers NbdHandle, libvirt and lz4 bindings, plus the synchronous adler32 and versions().
+#include <libnbd.h>
+#include <libvirt/libvirt.h>
+#include <lz4.h>
+#include <napi.h>
+#include <zlib.h>
+
+#include <string>
+
+#include "args.h"
+#include "libvirt.h"
+#include "lz4.h"
+#include "nbd_handle.h"
+
+namespace virtnbd {
+
+namespace {
+
+// CPU only, so synchronous; adler32_z takes a size_t length, so buffers above 4 GiB need no chunking.
+Napi::Value Adler32(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> buffer = ArgBuffer(info, 0, "buffer");
+  uint32_t start = ArgU32(info, 1, "start");
+  return Napi::Number::New(info.Env(), static_cast<double>(adler32_z(start, buffer.Data(), buffer.Length())));
+}
+
+// nbd_get_version needs a handle; nbd_create/nbd_close are local (no connection is made).
+std::string LibnbdVersion() {
+  nbd_handle* h = nbd_create();
+  if (!h) return "unknown";
+  const char* version = nbd_get_version(h);
+  std::string out = version ? version : "unknown";
+  nbd_close(h);
+  return out;
+}
+
+std::string LibvirtVersion() {
+  unsigned long version = 0;
+  if (virGetVersion(&version, nullptr, nullptr) < 0) return "unknown";
+  return std::to_string(version / 1000000) + "." + std::to_string(version / 1000 % 1000) + "." +
+         std::to_string(version % 1000);
+}
+
+Napi::Value Versions(const Napi::CallbackInfo& info) {
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("libnbd", LibnbdVersion());
+  out.Set("libvirt", LibvirtVersion());
+  out.Set("lz4", LZ4_versionString());
+  out.Set("zlib", zlibVersion());
+  return out;
+}
+
+}  // namespace
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("NbdHandle", NbdHandle::Define(env));
+  InitLibvirt(env, exports);
+  InitLz4(env, exports);
+  exports.Set("adler32", Napi::Function::New(env, Adler32, "adler32"));
+  exports.Set("versions", Napi::Function::New(env, Versions, "versions"));
+  return exports;
+}
+
+}  // namespace virtnbd
+
+// NODE_API_MODULE pastes the name into an identifier, so it needs an unqualified one.
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return virtnbd::Init(env, exports); }
+
+NODE_API_MODULE(virtnbd_native, InitModule)

@@ -1,0 +1,374 @@
+// libvirt bindings: every daemon round trip runs on a worker; returned strings and checkpoints are always freed.
+#include "libvirt.h"
+
+#include <libvirt/libvirt-qemu.h>
+#include <libvirt/virterror.h>
+
+#include <cstdlib>
+#include <functional>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "args.h"
+#include "async.h"
+
+namespace virtnbd {
+
+namespace {
+
+struct LibvirtClasses {
+  Napi::FunctionReference connection;
+  Napi::FunctionReference domain;
+};
+
+// Read on the thread where the call failed: virGetLastError() is thread-local.
+Failure VirFailure() {
+  virErrorPtr err = virGetLastError();
+  if (!err) return {"unknown libvirt error", std::nullopt, "libvirt"};
+  return {err->message ? err->message : "unknown libvirt error", err->code, "libvirt"};
+}
+
+// Queues op(resource) -> out on the threadpool, holding the resource and the JS wrapper; < 0 rejects.
+template <typename Resource, typename T>
+Napi::Value VirCall(Napi::Env env, Napi::Object self, std::shared_ptr<Resource> resource,
+                    std::function<int(Resource*, T&)> op,
+                    typename PromiseWorker<T>::Settle settle = PromiseWorker<T>::Undefined) {
+  auto run = [resource, op](T& out) -> std::optional<Failure> {
+    if (op(resource.get(), out) < 0) return VirFailure();
+    return std::nullopt;
+  };
+  return PromiseWorker<T>::Start(env, run, settle, {self});
+}
+
+// Takes ownership of a libvirt-allocated string; null means the call failed.
+int TakeString(char* s, std::string& out) {
+  if (!s) return -1;
+  out = s;
+  free(s);
+  return 0;
+}
+
+using IntPair = std::pair<int, int>;
+
+Napi::Value StringValue(Napi::Env env, std::string& s) { return Napi::String::New(env, s); }
+
+Napi::Value BoolValue(Napi::Env env, int& value) { return Napi::Boolean::New(env, value != 0); }
+
+// Runs fn on a checkpoint looked up by name and frees it whatever fn returns.
+int WithCheckpoint(virDomainPtr dom, const std::string& name, const std::function<int(virDomainCheckpointPtr)>& fn) {
+  virDomainCheckpointPtr checkpoint = virDomainCheckpointLookupByName(dom, name.c_str(), 0);
+  if (!checkpoint) return -1;
+  int rc = fn(checkpoint);
+  virDomainCheckpointFree(checkpoint);
+  return rc;
+}
+
+// A domain pointer (from lookup/define) owned by a shared_ptr, null pointer meaning failure.
+int TakeDomain(virDomainPtr dom, DomPtr& out) {
+  if (!dom) return -1;
+  out = DomPtr(dom, virDomainFree);
+  return 0;
+}
+
+Napi::Value DomainValue(Napi::Env env, DomPtr& dom) { return LibvirtDomain::New(env, std::move(dom)); }
+
+void IgnoreError(void*, virErrorPtr) {}
+
+Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string uri = ArgString(info, 0, "uri");
+    auto run = [uri](ConnPtr& out) -> std::optional<Failure> {
+      virConnectPtr conn = virConnectOpen(uri.c_str());
+      if (!conn) return VirFailure();
+      out = ConnPtr(conn, virConnectClose);
+      return std::nullopt;
+    };
+    auto settle = [](Napi::Env env, ConnPtr& conn) -> Napi::Value {
+      return LibvirtConnection::New(env, std::move(conn));
+    };
+    return PromiseWorker<ConnPtr>::Start(info.Env(), run, settle);
+  });
+}
+
+}  // namespace
+
+// ---- connection ----
+
+Napi::Function LibvirtConnection::Define(Napi::Env env) {
+  return DefineClass(env, "LibvirtConnection",
+                     {
+                         InstanceMethod<&LibvirtConnection::LookupDomainByName>("lookupDomainByName"),
+                         InstanceMethod<&LibvirtConnection::DefineXML>("defineXML"),
+                         InstanceMethod<&LibvirtConnection::GetURI>("getURI"),
+                         InstanceMethod<&LibvirtConnection::Close>("close"),
+                     });
+}
+
+Napi::Object LibvirtConnection::New(Napi::Env env, ConnPtr conn) {
+  return env.GetInstanceData<LibvirtClasses>()->connection.New({Napi::External<ConnPtr>::New(env, &conn)});
+}
+
+// Only built by libvirtOpen, which passes the native pointer as an External.
+LibvirtConnection::LibvirtConnection(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LibvirtConnection>(info) {
+  if (!info[0].IsExternal()) throw Napi::TypeError::New(info.Env(), "use libvirtOpen()");
+  conn_ = *info[0].As<Napi::External<ConnPtr>>().Data();
+}
+
+const ConnPtr& LibvirtConnection::Open(const Napi::CallbackInfo& info) const {
+  if (!conn_) throw Napi::Error::New(info.Env(), "libvirt connection is closed");
+  return conn_;
+}
+
+Napi::Value LibvirtConnection::LookupDomainByName(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string name = ArgString(info, 0, "name");
+    return VirCall<virConnect, DomPtr>(
+        info.Env(), Value(), Open(info),
+        [name](virConnectPtr c, DomPtr& out) { return TakeDomain(virDomainLookupByName(c, name.c_str()), out); },
+        DomainValue);
+  });
+}
+
+Napi::Value LibvirtConnection::DefineXML(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string xml = ArgString(info, 0, "xml");
+    return VirCall<virConnect, DomPtr>(
+        info.Env(), Value(), Open(info),
+        [xml](virConnectPtr c, DomPtr& out) { return TakeDomain(virDomainDefineXML(c, xml.c_str()), out); },
+        DomainValue);
+  });
+}
+
+Napi::Value LibvirtConnection::GetURI(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    return VirCall<virConnect, std::string>(
+        info.Env(), Value(), Open(info),
+        [](virConnectPtr c, std::string& out) { return TakeString(virConnectGetURI(c), out); }, StringValue);
+  });
+}
+
+// Idempotent. The daemon connection really closes once domains obtained from it are released as well.
+Napi::Value LibvirtConnection::Close(const Napi::CallbackInfo& info) {
+  if (!conn_) return Resolved(info.Env());
+  ConnPtr conn = std::move(conn_);
+  conn_.reset();
+  // The worker owns the last reference, so virConnectClose happens on the threadpool when it drops it.
+  return PromiseWorker<Unit>::Start(info.Env(), [conn](Unit&) -> std::optional<Failure> { return std::nullopt; },
+                                    PromiseWorker<Unit>::Undefined, {Value()});
+}
+
+// ---- domain ----
+
+Napi::Function LibvirtDomain::Define(Napi::Env env) {
+  return DefineClass(env, "LibvirtDomain",
+                     {
+                         InstanceMethod<&LibvirtDomain::Name>("name"),
+                         InstanceMethod<&LibvirtDomain::GetXMLDesc>("getXMLDesc"),
+                         InstanceMethod<&LibvirtDomain::IsActive>("isActive"),
+                         InstanceMethod<&LibvirtDomain::GetState>("getState"),
+                         InstanceMethod<&LibvirtDomain::GetAutostart>("getAutostart"),
+                         InstanceMethod<&LibvirtDomain::Create>("create"),
+                         InstanceMethod<&LibvirtDomain::Destroy>("destroy"),
+                         InstanceMethod<&LibvirtDomain::Suspend>("suspend"),
+                         InstanceMethod<&LibvirtDomain::Resume>("resume"),
+                         InstanceMethod<&LibvirtDomain::Undefine>("undefine"),
+                         InstanceMethod<&LibvirtDomain::BackupBegin>("backupBegin"),
+                         InstanceMethod<&LibvirtDomain::BackupGetXMLDesc>("backupGetXMLDesc"),
+                         InstanceMethod<&LibvirtDomain::AbortJob>("abortJob"),
+                         InstanceMethod<&LibvirtDomain::GetJobType>("getJobType"),
+                         InstanceMethod<&LibvirtDomain::ListCheckpointNames>("listCheckpointNames"),
+                         InstanceMethod<&LibvirtDomain::CheckpointGetXMLDesc>("checkpointGetXMLDesc"),
+                         InstanceMethod<&LibvirtDomain::CheckpointCreateXML>("checkpointCreateXML"),
+                         InstanceMethod<&LibvirtDomain::CheckpointDelete>("checkpointDelete"),
+                         InstanceMethod<&LibvirtDomain::QemuMonitorCommand>("qemuMonitorCommand"),
+                     });
+}
+
+Napi::Object LibvirtDomain::New(Napi::Env env, DomPtr dom) {
+  return env.GetInstanceData<LibvirtClasses>()->domain.New({Napi::External<DomPtr>::New(env, &dom)});
+}
+
+LibvirtDomain::LibvirtDomain(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LibvirtDomain>(info) {
+  if (!info[0].IsExternal()) throw Napi::TypeError::New(info.Env(), "use lookupDomainByName() or defineXML()");
+  dom_ = *info[0].As<Napi::External<DomPtr>>().Data();
+  const char* name = virDomainGetName(dom_.get());
+  name_ = name ? name : "";
+}
+
+// Every domain method below is: parse arguments, then one Call with a lambda doing the libvirt call.
+template <typename T>
+Napi::Value LibvirtDomain::Call(const Napi::CallbackInfo& info, std::function<int(virDomainPtr, T&)> op,
+                                typename PromiseWorker<T>::Settle settle) {
+  return VirCall<virDomain, T>(info.Env(), Value(), dom_, std::move(op), std::move(settle));
+}
+
+Napi::Value LibvirtDomain::Name(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), name_); }
+
+Napi::Value LibvirtDomain::GetXMLDesc(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    uint32_t flags = ArgU32(info, 0, "flags");
+    auto op = [flags](virDomainPtr d, std::string& out) { return TakeString(virDomainGetXMLDesc(d, flags), out); };
+    return Call<std::string>(info, op, StringValue);
+  });
+}
+
+Napi::Value LibvirtDomain::IsActive(const Napi::CallbackInfo& info) {
+  return Call<int>(info, [](virDomainPtr d, int& out) { return out = virDomainIsActive(d); }, BoolValue);
+}
+
+Napi::Value LibvirtDomain::GetState(const Napi::CallbackInfo& info) {
+  auto op = [](virDomainPtr d, IntPair& out) { return virDomainGetState(d, &out.first, &out.second, 0); };
+  return Call<IntPair>(info, op, [](Napi::Env env, IntPair& out) -> Napi::Value {
+    Napi::Array array = Napi::Array::New(env, 2);
+    array.Set(0u, out.first);
+    array.Set(1u, out.second);
+    return array;
+  });
+}
+
+Napi::Value LibvirtDomain::GetAutostart(const Napi::CallbackInfo& info) {
+  return Call<int>(info, [](virDomainPtr d, int& out) { return virDomainGetAutostart(d, &out); }, BoolValue);
+}
+
+Napi::Value LibvirtDomain::Create(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    uint32_t flags = ArgU32(info, 0, "flags");
+    return Call<Unit>(info, [flags](virDomainPtr d, Unit&) { return virDomainCreateWithFlags(d, flags); });
+  });
+}
+
+Napi::Value LibvirtDomain::Destroy(const Napi::CallbackInfo& info) {
+  return Call<Unit>(info, [](virDomainPtr d, Unit&) { return virDomainDestroy(d); });
+}
+
+Napi::Value LibvirtDomain::Suspend(const Napi::CallbackInfo& info) {
+  return Call<Unit>(info, [](virDomainPtr d, Unit&) { return virDomainSuspend(d); });
+}
+
+Napi::Value LibvirtDomain::Resume(const Napi::CallbackInfo& info) {
+  return Call<Unit>(info, [](virDomainPtr d, Unit&) { return virDomainResume(d); });
+}
+
+Napi::Value LibvirtDomain::Undefine(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    uint32_t flags = ArgU32(info, 0, "flags");
+    return Call<Unit>(info, [flags](virDomainPtr d, Unit&) { return virDomainUndefineFlags(d, flags); });
+  });
+}
+
+Napi::Value LibvirtDomain::BackupBegin(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string backup = ArgString(info, 0, "backupXml");
+    std::optional<std::string> checkpoint = ArgOptString(info, 1, "checkpointXml");
+    uint32_t flags = ArgU32(info, 2, "flags");
+    return Call<Unit>(info, [backup, checkpoint, flags](virDomainPtr d, Unit&) {
+      return virDomainBackupBegin(d, backup.c_str(), checkpoint ? checkpoint->c_str() : nullptr, flags);
+    });
+  });
+}
+
+Napi::Value LibvirtDomain::BackupGetXMLDesc(const Napi::CallbackInfo& info) {
+  auto op = [](virDomainPtr d, std::string& out) { return TakeString(virDomainBackupGetXMLDesc(d, 0), out); };
+  return Call<std::string>(info, op, StringValue);
+}
+
+Napi::Value LibvirtDomain::AbortJob(const Napi::CallbackInfo& info) {
+  return Call<Unit>(info, [](virDomainPtr d, Unit&) { return virDomainAbortJob(d); });
+}
+
+// type comes from the out-parameter; operation from the typed parameter, 0 when the daemon does not send it.
+Napi::Value LibvirtDomain::GetJobType(const Napi::CallbackInfo& info) {
+  auto op = [](virDomainPtr d, IntPair& out) {
+    virTypedParameterPtr params = nullptr;
+    int count = 0;
+    if (virDomainGetJobStats(d, &out.first, &params, &count, 0) < 0) return -1;
+    if (virTypedParamsGetInt(params, count, VIR_DOMAIN_JOB_OPERATION, &out.second) != 1) out.second = 0;
+    virTypedParamsFree(params, count);
+    return 0;
+  };
+  return Call<IntPair>(info, op, [](Napi::Env env, IntPair& out) -> Napi::Value {
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("type", out.first);
+    result.Set("operation", out.second);
+    return result;
+  });
+}
+
+Napi::Value LibvirtDomain::ListCheckpointNames(const Napi::CallbackInfo& info) {
+  using Names = std::vector<std::string>;
+  auto op = [](virDomainPtr d, Names& out) {
+    virDomainCheckpointPtr* checkpoints = nullptr;
+    int count = virDomainListAllCheckpoints(d, &checkpoints, 0);
+    for (int k = 0; k < count; k++) {
+      out.emplace_back(virDomainCheckpointGetName(checkpoints[k]));
+      virDomainCheckpointFree(checkpoints[k]);
+    }
+    free(checkpoints);
+    return count;
+  };
+  return Call<Names>(info, op, [](Napi::Env env, Names& out) -> Napi::Value { return ToArray(env, out); });
+}
+
+Napi::Value LibvirtDomain::CheckpointGetXMLDesc(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string name = ArgString(info, 0, "name");
+    uint32_t flags = ArgU32(info, 1, "flags");
+    auto op = [name, flags](virDomainPtr d, std::string& out) {
+      return WithCheckpoint(d, name, [&](virDomainCheckpointPtr c) {
+        return TakeString(virDomainCheckpointGetXMLDesc(c, flags), out);
+      });
+    };
+    return Call<std::string>(info, op, StringValue);
+  });
+}
+
+Napi::Value LibvirtDomain::CheckpointCreateXML(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string xml = ArgString(info, 0, "xml");
+    uint32_t flags = ArgU32(info, 1, "flags");
+    auto op = [xml, flags](virDomainPtr d, std::string& out) {
+      virDomainCheckpointPtr checkpoint = virDomainCheckpointCreateXML(d, xml.c_str(), flags);
+      if (!checkpoint) return -1;
+      out = virDomainCheckpointGetName(checkpoint);
+      virDomainCheckpointFree(checkpoint);
+      return 0;
+    };
+    return Call<std::string>(info, op, StringValue);
+  });
+}
+
+Napi::Value LibvirtDomain::CheckpointDelete(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string name = ArgString(info, 0, "name");
+    uint32_t flags = ArgU32(info, 1, "flags");
+    return Call<Unit>(info, [name, flags](virDomainPtr d, Unit&) {
+      return WithCheckpoint(d, name, [&](virDomainCheckpointPtr c) { return virDomainCheckpointDelete(c, flags); });
+    });
+  });
+}
+
+Napi::Value LibvirtDomain::QemuMonitorCommand(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string command = ArgString(info, 0, "command");
+    uint32_t flags = ArgBool(info, 1, "hmp") ? VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP : 0;
+    auto op = [command, flags](virDomainPtr d, std::string& out) {
+      char* result = nullptr;
+      if (virDomainQemuMonitorCommand(d, command.c_str(), &result, flags) < 0) return -1;
+      return TakeString(result, out);
+    };
+    return Call<std::string>(info, op, StringValue);
+  });
+}
+
+void InitLibvirt(Napi::Env env, Napi::Object exports) {
+  if (virInitialize() < 0) throw MakeError(env, VirFailure());
+  // Errors are reported through promises; libvirt's default handler would also print them to stderr.
+  virSetErrorFunc(nullptr, IgnoreError);
+  auto* classes = new LibvirtClasses{Napi::Persistent(LibvirtConnection::Define(env)),
+                                     Napi::Persistent(LibvirtDomain::Define(env))};
+  env.SetInstanceData(classes);
+  exports.Set("libvirtOpen", Napi::Function::New(env, LibvirtOpen, "libvirtOpen"));
+}
+
+}  // namespace virtnbd

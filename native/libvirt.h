@@ -1,0 +1,74 @@
+// LibvirtConnection/LibvirtDomain wrappers: daemon calls run off the event loop, errors keep libvirt's code.
+#pragma once
+
+#include <libvirt/libvirt.h>
+#include <napi.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "async.h"
+
+namespace virtnbd {
+
+// virConnectClose / virDomainFree run when the last owner (wrapper or in-flight worker) lets go.
+using ConnPtr = std::shared_ptr<virConnect>;
+using DomPtr = std::shared_ptr<virDomain>;
+
+class LibvirtConnection : public Napi::ObjectWrap<LibvirtConnection> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  static Napi::Object New(Napi::Env env, ConnPtr conn);
+  explicit LibvirtConnection(const Napi::CallbackInfo& info);
+
+ private:
+  Napi::Value LookupDomainByName(const Napi::CallbackInfo& info);
+  Napi::Value DefineXML(const Napi::CallbackInfo& info);
+  Napi::Value GetURI(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  const ConnPtr& Open(const Napi::CallbackInfo& info) const;
+
+  ConnPtr conn_;  // null once close() has started
+};
+
+class LibvirtDomain : public Napi::ObjectWrap<LibvirtDomain> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  static Napi::Object New(Napi::Env env, DomPtr dom);
+  explicit LibvirtDomain(const Napi::CallbackInfo& info);
+
+ private:
+  Napi::Value Name(const Napi::CallbackInfo& info);
+  Napi::Value GetXMLDesc(const Napi::CallbackInfo& info);
+  Napi::Value IsActive(const Napi::CallbackInfo& info);
+  Napi::Value GetState(const Napi::CallbackInfo& info);
+  Napi::Value GetAutostart(const Napi::CallbackInfo& info);
+  Napi::Value Create(const Napi::CallbackInfo& info);
+  Napi::Value Destroy(const Napi::CallbackInfo& info);
+  Napi::Value Suspend(const Napi::CallbackInfo& info);
+  Napi::Value Resume(const Napi::CallbackInfo& info);
+  Napi::Value Undefine(const Napi::CallbackInfo& info);
+  Napi::Value BackupBegin(const Napi::CallbackInfo& info);
+  Napi::Value BackupGetXMLDesc(const Napi::CallbackInfo& info);
+  Napi::Value AbortJob(const Napi::CallbackInfo& info);
+  Napi::Value GetJobType(const Napi::CallbackInfo& info);
+  Napi::Value ListCheckpointNames(const Napi::CallbackInfo& info);
+  Napi::Value CheckpointGetXMLDesc(const Napi::CallbackInfo& info);
+  Napi::Value CheckpointCreateXML(const Napi::CallbackInfo& info);
+  Napi::Value CheckpointDelete(const Napi::CallbackInfo& info);
+  Napi::Value QemuMonitorCommand(const Napi::CallbackInfo& info);
+
+  // Queues op(domain) -> out on the threadpool; < 0 rejects with that thread's libvirt error.
+  template <typename T>
+  Napi::Value Call(const Napi::CallbackInfo& info, std::function<int(virDomainPtr, T&)> op,
+                   typename PromiseWorker<T>::Settle settle = PromiseWorker<T>::Undefined);
+
+  DomPtr dom_;
+  std::string name_;  // virDomainGetName is local; cached so name() stays synchronous
+};
+
+// virInitialize, silences libvirt's stderr error printer, exports libvirtOpen.
+void InitLibvirt(Napi::Env env, Napi::Object exports);
+
+}  // namespace virtnbd

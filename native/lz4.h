@@ -1,0 +1,11 @@
+// LZ4 frame compression for backup chunks (compatible with Python's lz4.frame), run on the threadpool.
+#pragma once
+
+#include <napi.h>
+
+namespace virtnbd {
+
+// Exports lz4CompressFrame and lz4DecompressFrame.
+void InitLz4(Napi::Env env, Napi::Object exports);
+
+}  // namespace virtnbd

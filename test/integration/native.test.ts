@@ -1,0 +1,388 @@
+// Integration test of the native addon against real peers: qemu-nbd (libnbd), python3 zlib/lz4 (checksums and
+// frames), and libvirtd at qemu:///system (a throwaway domain that is always destroyed and undefined).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { inspect } from 'node:util';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { chmod, mkdtemp, rm, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import {
+  native,
+  VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
+  VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY,
+  VIR_DOMAIN_JOB_OPERATION_BACKUP,
+  VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+  VIR_ERR_NO_DOMAIN,
+  type NativeError,
+  type NbdHandle,
+} from '../../src/native/addon.js';
+
+const MiB = 1024 * 1024;
+const addon = native();
+
+/** Runs a command to completion; rejects with its stderr when it exits non-zero. */
+function run(cmd: string, args: string[], input?: Buffer): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => err.push(b));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code === 0) resolve(Buffer.concat(out));
+      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${Buffer.concat(err).toString()}`));
+    });
+    child.stdin.end(input ?? Buffer.alloc(0));
+  });
+}
+
+/** The python3 that has the lz4 module (Debian's python3-lz4 lives in /usr/bin/python3, not in a pyenv). */
+const python = ['/usr/bin/python3', 'python3'].find(
+  (p) => spawnSync(p, ['-c', 'import lz4.frame'], { stdio: 'ignore' }).status === 0,
+);
+
+function py(script: string, input: Buffer): Promise<string> {
+  assert.ok(python, 'no python3 with the lz4 module (apt-get install python3-lz4)');
+  return run(python, ['-c', script], input).then((b) => b.toString().trim());
+}
+
+async function tempDir(): Promise<string> {
+  const dir = await mkdtemp('/var/tmp/virtnbd-native-');
+  await chmod(dir, 0o777); // QEMU run by libvirt may use another user
+  return dir;
+}
+
+/** qemu-io writes: the first MiB is 0x11 data, [2M, 3M) an explicit zero cluster, the rest unallocated. */
+async function makeImage(dir: string, size: string): Promise<string> {
+  const image = path.join(dir, 'disk.qcow2');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', image, size]);
+  await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', '-c', 'write -z 2M 1M', image]);
+  return image;
+}
+
+async function waitForSocket(socket: string, child?: ChildProcess): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    if (child && child.exitCode !== null) throw new Error(`server exited ${child.exitCode} before ${socket} appeared`);
+    const st = await stat(socket).catch(() => undefined);
+    if (st?.isSocket()) return;
+    await sleep(50);
+  }
+  throw new Error(`${socket} did not appear`);
+}
+
+async function serve(image: string, socket: string, extra: string[] = []): Promise<ChildProcess> {
+  const child = spawn('qemu-nbd', ['-k', socket, '-f', 'qcow2', '-x', 'vda', '--cache=none', ...extra, image], {
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  await waitForSocket(socket, child);
+  return child;
+}
+
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  await exited;
+}
+
+/** Flags of the extent covering `at` in a flat [len, flags, ...] list starting at `start`. */
+function flagsAt(extents: number[], start: number, at: number): number | undefined {
+  let pos = start;
+  for (let i = 0; i < extents.length; i += 2) {
+    if (at < pos + extents[i]) return extents[i + 1];
+    pos += extents[i];
+  }
+  return undefined;
+}
+
+function isNativeError(library: string, code?: number) {
+  return (err: unknown): boolean => {
+    const e = err as NativeError;
+    assert.ok(e instanceof Error, 'an Error');
+    assert.equal(e.library, library);
+    if (code !== undefined) assert.equal(e.code, code);
+    else assert.equal(typeof e.code, 'number');
+    return true;
+  };
+}
+
+async function withServer(size: string, extra: string[], body: (image: string, socket: string) => Promise<void>) {
+  const dir = await tempDir();
+  let server: ChildProcess | undefined;
+  try {
+    const image = await makeImage(dir, size);
+    const socket = path.join(dir, 'nbd.sock');
+    server = await serve(image, socket, extra);
+    await body(image, socket);
+  } finally {
+    if (server) await stop(server);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+test('versions() names every library', () => {
+  const v = addon.versions();
+  assert.match(v.libnbd, /^\d+\.\d+\.\d+/);
+  assert.match(v.libvirt, /^\d+\.\d+\.\d+$/);
+  assert.match(v.lz4, /^\d+\.\d+\.\d+$/);
+  assert.match(v.zlib, /^\d+\.\d+/);
+});
+
+test('NbdHandle against qemu-nbd', async () => {
+  await withServer('64M', [], async (_image, socket) => {
+    const h = new addon.NbdHandle();
+    await h.connectUnix(socket, 'vda', ['base:allocation']);
+    assert.equal(h.getSize(), 64 * MiB);
+    assert.equal(h.canMetaContext('base:allocation'), true);
+    assert.equal(h.canMetaContext('qemu:dirty-bitmap:none'), false);
+    assert.equal(h.isReadOnly(), false);
+    assert.equal(h.canZero(), true);
+    assert.equal(h.canFlush(), true);
+    assert.ok(h.getMaxBlockSize() > 0, 'qemu-nbd states a maximum request size');
+    assert.equal(h.canMultiConn(), false, 'qemu-nbd with the default -e 1 does not advertise multi-conn');
+
+    const extents = await h.blockStatus(0, h.getSize(), 'base:allocation');
+    assert.ok(extents.length >= 2 && extents.length % 2 === 0);
+    assert.ok(extents.every((n) => Number.isInteger(n) && n >= 0));
+    assert.equal(flagsAt(extents, 0, 0), 0, 'first MiB is data');
+    assert.equal(flagsAt(extents, 0, 1 * MiB), 3, 'unallocated is hole|zero');
+    assert.equal((flagsAt(extents, 0, 2 * MiB) ?? 0) & 2, 2, 'written zeroes read as zero');
+    const tail = await h.blockStatus(3 * MiB, MiB, 'base:allocation');
+    assert.ok(tail[0] > 0 && tail[0] <= MiB, 'answers for at most the requested length');
+
+    const data = Buffer.alloc(MiB);
+    await h.pread(data, 0);
+    assert.ok(data.every((b) => b === 0x11));
+
+    // Larger than the server's 32 MiB limit: the addon splits it.
+    const big = Buffer.alloc(40 * MiB, 0xff);
+    await h.pread(big, 0);
+    assert.ok(big.subarray(0, MiB).every((b) => b === 0x11));
+    assert.ok(big.subarray(MiB).every((b) => b === 0));
+
+    const written = randomBytes(64 * 1024);
+    await h.pwrite(written, 5 * MiB + 512);
+    const back = Buffer.alloc(written.length);
+    await h.pread(back, 5 * MiB + 512);
+    assert.deepEqual(back, written);
+
+    await h.zero(5 * MiB, MiB, false);
+    await h.pread(back, 5 * MiB + 512);
+    assert.ok(back.every((b) => b === 0));
+    if (h.canTrim()) await h.trim(6 * MiB, MiB);
+    await h.flush();
+
+    await assert.rejects(h.blockStatus(h.getSize(), 4096, 'base:allocation'), isNativeError('libnbd'));
+    await assert.rejects(h.pread(Buffer.alloc(4096), h.getSize()), isNativeError('libnbd'));
+    await assert.rejects(h.pread('x' as unknown as Buffer, 0), TypeError);
+
+    await h.close();
+    await h.close();
+    await assert.rejects(h.pread(Buffer.alloc(512), 0), /closed/);
+  });
+});
+
+test('NbdHandle connect failures reject with errno', async () => {
+  const h = new addon.NbdHandle();
+  await assert.rejects(h.connectUnix('/nonexistent/virtnbd.sock', 'vda', []), isNativeError('libnbd', 2));
+  assert.throws(() => h.getSize(), /not connected/);
+  await h.close();
+});
+
+test('8 concurrent preads on 2 handles leave the event loop free', async () => {
+  await withServer('64M', ['-e', '4'], async (_image, socket) => {
+    const handles: NbdHandle[] = [new addon.NbdHandle(), new addon.NbdHandle()];
+    await Promise.all(handles.map((h) => h.connectUri(`nbd+unix:///vda?socket=${socket}`, ['base:allocation'])));
+    assert.equal(handles[0].canMultiConn(), true, 'qemu-nbd -e 4 advertises multi-conn');
+    // Each pread runs on a threadpool thread. A binding that read on the event loop would hand back settled
+    // promises; ours must return pending ones at once (checked without any timing).
+    const bufs = Array.from({ length: 8 }, () => Buffer.alloc(16 * MiB, 0xee));
+    try {
+      const reads = bufs.map((buf, i) => handles[i % 2].pread(buf, (i % 4) * 16 * MiB));
+      for (const read of reads) assert.match(inspect(read), /<pending>/, 'pread() returns before the data is read');
+      await Promise.all(reads);
+      for (const [i, buf] of bufs.entries()) {
+        const data = i % 4 === 0 ? MiB : 0;
+        assert.ok(buf.subarray(0, data).every((b) => b === 0x11), `read ${i} sees the 0x11 data`);
+        assert.ok(buf.subarray(data).every((b) => b === 0), `read ${i} is zero past the data`);
+      }
+    } finally {
+      await Promise.all(handles.map((h) => h.close()));
+    }
+  });
+});
+
+test('adler32 matches python zlib.adler32', async () => {
+  const data = randomBytes(3 * MiB + 17);
+  const expected = Number(await py('import sys, zlib; print(zlib.adler32(sys.stdin.buffer.read()))', data));
+  assert.equal(addon.adler32(data, 1), expected);
+  const half = addon.adler32(data.subarray(0, MiB), 1);
+  assert.equal(addon.adler32(data.subarray(MiB), half), expected, 'continues from a start value');
+  assert.equal(addon.adler32(Buffer.alloc(0), 1), 1);
+});
+
+test('lz4 frames interoperate with python lz4.frame', async () => {
+  // Compressible but not trivial, and several 64 KiB blocks long.
+  const source = Buffer.concat([randomBytes(100_000), Buffer.alloc(300_000, 'virtnbd '), randomBytes(1000)]);
+  const sha = createHash('sha256').update(source).digest('hex');
+  for (const level of [0, 9]) {
+    const frame = await addon.lz4CompressFrame(source, level);
+    assert.ok(frame.length < source.length);
+    const report = JSON.parse(
+      await py(
+        'import sys, json, hashlib, lz4.frame\n' +
+          'b = sys.stdin.buffer.read(); i = lz4.frame.get_frame_info(b)\n' +
+          'print(json.dumps({"sha": hashlib.sha256(lz4.frame.decompress(b)).hexdigest(),\n' +
+          '  "block": i["block_checksum"], "content": i["content_checksum"], "size": i["content_size"]}))',
+        frame,
+      ),
+    ) as { sha: string; block: boolean; content: boolean; size: number };
+    assert.deepEqual(report, { sha, block: true, content: true, size: source.length });
+    assert.deepEqual(await addon.lz4DecompressFrame(frame), source);
+
+    const flipped = Buffer.from(frame);
+    flipped[flipped.length >> 1] ^= 0x40;
+    await assert.rejects(addon.lz4DecompressFrame(flipped), isNativeError('lz4'));
+    await assert.rejects(addon.lz4DecompressFrame(frame.subarray(0, frame.length - 9)), /truncated/);
+    await assert.rejects(addon.lz4DecompressFrame(Buffer.concat([frame, Buffer.from('x')])), /trailing/);
+  }
+
+  // Frames python writes with its defaults (no checksums, content size stored) decompress too.
+  const pyFrame = Buffer.from(
+    await py('import sys, lz4.frame; sys.stdout.write(lz4.frame.compress(sys.stdin.buffer.read()).hex())', source),
+    'hex',
+  );
+  assert.deepEqual(await addon.lz4DecompressFrame(pyFrame), source);
+
+  const empty = await addon.lz4CompressFrame(Buffer.alloc(0), 0);
+  assert.equal((await addon.lz4DecompressFrame(empty)).length, 0);
+  await assert.rejects(addon.lz4DecompressFrame(Buffer.from('not a frame')), isNativeError('lz4'));
+});
+
+async function ensureLibvirtd(): Promise<void> {
+  const ok = () => spawnSync('virsh', ['-c', 'qemu:///system', 'version'], { stdio: 'ignore' }).status === 0;
+  if (ok()) return;
+  spawnSync('virtlogd', ['-d']);
+  spawnSync('libvirtd', ['-d']);
+  for (let i = 0; i < 100 && !ok(); i++) await sleep(100);
+  assert.ok(ok(), 'libvirtd at qemu:///system');
+}
+
+function domainXml(name: string, image: string): string {
+  return `<domain type='qemu'>
+  <name>${name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='${image}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>`;
+}
+
+function virshListAll(): string {
+  return spawnSync('virsh', ['-c', 'qemu:///system', 'list', '--all', '--name'], { encoding: 'utf8' }).stdout;
+}
+
+test('libvirt: errors, a throwaway domain, pull backup and checkpoints', async (t) => {
+  await ensureLibvirtd();
+  const conn = await addon.libvirtOpen('qemu:///system');
+  assert.equal(await conn.getURI(), 'qemu:///system');
+  await assert.rejects(conn.lookupDomainByName('no-such-domain-xyz'), (err: NativeError) => {
+    assert.equal(err.code, VIR_ERR_NO_DOMAIN);
+    assert.equal(err.library, 'libvirt');
+    assert.match(err.message, /no-such-domain-xyz/);
+    return true;
+  });
+
+  const name = `virtnbd-native-test-${process.pid}-${randomBytes(3).toString('hex')}`;
+  const dir = await tempDir();
+  try {
+    const image = await makeImage(dir, '16M');
+    await chmod(image, 0o666);
+    const dom = await conn.defineXML(domainXml(name, image));
+    try {
+      assert.equal(dom.name(), name);
+      assert.equal(await dom.isActive(), false);
+      assert.equal(await dom.getAutostart(), false);
+      assert.match(await dom.getXMLDesc(0), new RegExp(`<name>${name}</name>`));
+      assert.equal((await conn.lookupDomainByName(name)).name(), name);
+
+      await dom.create(0);
+      assert.equal(await dom.isActive(), true);
+      assert.equal((await dom.getState())[0], 1, 'VIR_DOMAIN_RUNNING');
+      const info = await dom.qemuMonitorCommand('info block', true);
+      assert.ok(info.includes('vda') || info.includes(image), info);
+      assert.deepEqual(await dom.getJobType(), { type: 0, operation: 0 });
+      assert.deepEqual(await dom.listCheckpointNames(), []);
+
+      // Pull-mode backup: the NBD export libvirt sets up is what the backup engine reads.
+      const socket = path.join(dir, 'backup.sock');
+      const checkpoint = 'virtnbd-cp0';
+      const backupXml =
+        `<domainbackup mode='pull'><server transport='unix' socket='${socket}'/><disks>` +
+        `<disk name='vda' backup='yes' type='file'><scratch file='${dir}/scratch.qcow2'/></disk>` +
+        `</disks></domainbackup>`;
+      const checkpointXml =
+        `<domaincheckpoint><name>${checkpoint}</name>` +
+        `<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>`;
+      await dom.backupBegin(backupXml, checkpointXml, 0);
+      const job = await dom.getJobType();
+      assert.notEqual(job.type, 0);
+      assert.equal(job.operation, VIR_DOMAIN_JOB_OPERATION_BACKUP);
+      assert.match(await dom.backupGetXMLDesc(), /mode=.pull./);
+      await waitForSocket(socket);
+      const h = new addon.NbdHandle();
+      await h.connectUnix(socket, 'vda', ['base:allocation']);
+      try {
+        assert.equal(h.getSize(), 16 * MiB);
+        assert.equal(h.isReadOnly(), true);
+        t.diagnostic(
+          `libvirt backup export: multi-conn=${h.canMultiConn()} maxBlock=${h.getMaxBlockSize()} ` +
+            `trim=${h.canTrim()} zero=${h.canZero()}`,
+        );
+        const data = Buffer.alloc(MiB);
+        await h.pread(data, 0);
+        assert.ok(data.every((b) => b === 0x11));
+        const extents = await h.blockStatus(0, h.getSize(), 'base:allocation');
+        assert.equal(flagsAt(extents, 0, 0), 0);
+      } finally {
+        await h.close();
+      }
+      await dom.abortJob();
+      for (let i = 0; i < 100 && (await dom.getJobType()).type !== 0; i++) await sleep(50);
+      assert.equal((await dom.getJobType()).type, 0);
+
+      assert.deepEqual(await dom.listCheckpointNames(), [checkpoint]);
+      const cpXml = await dom.checkpointGetXMLDesc(checkpoint, 0);
+      assert.match(cpXml, new RegExp(`<name>${checkpoint}</name>`));
+      await dom.checkpointDelete(checkpoint, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
+      assert.deepEqual(await dom.listCheckpointNames(), []);
+      assert.equal(await dom.checkpointCreateXML(cpXml, VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE), checkpoint);
+      assert.deepEqual(await dom.listCheckpointNames(), [checkpoint]);
+      await dom.checkpointDelete(checkpoint, 0);
+      assert.deepEqual(await dom.listCheckpointNames(), []);
+      await assert.rejects(dom.checkpointGetXMLDesc(checkpoint, 0), isNativeError('libvirt'));
+
+      await dom.suspend();
+      assert.equal((await dom.getState())[0], 3, 'VIR_DOMAIN_PAUSED');
+      await dom.resume();
+    } finally {
+      if (await dom.isActive().catch(() => false)) await dom.destroy();
+      await dom.undefine(VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA);
+    }
+    await assert.rejects(conn.lookupDomainByName(name), isNativeError('libvirt', VIR_ERR_NO_DOMAIN));
+  } finally {
+    await conn.close();
+    await conn.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+  assert.ok(!virshListAll().split('\n').includes(name), 'the test domain is gone');
+});
