@@ -10,6 +10,7 @@
 #include "args.h"
 #include "libvirt.h"
 #include "lz4.h"
+#include "checksum.h"
 #include "nbd_handle.h"
 
 namespace virtnbd {
@@ -55,6 +56,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NbdHandle", NbdHandle::Define(env));
   InitLibvirt(env, exports);
   InitLz4(env, exports);
+  InitChecksum(env, exports);
   exports.Set("adler32", Napi::Function::New(env, Adler32, "adler32"));
   exports.Set("versions", Napi::Function::New(env, Versions, "versions"));
   return exports;

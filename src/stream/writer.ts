@@ -2,7 +2,6 @@
 // Reads (and compression) run ahead in a bounded window, many requests in flight, while output order stays
 // exact; headers go out in the same writev as the payload after them. Memory is bounded by the window, not by
 // the disk. Guarantees: the adler32 returned covers every byte handed to the sink, in order.
-import { webcrypto } from 'node:crypto';
 import { native } from '../native/addon.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
@@ -23,7 +22,7 @@ export interface StreamWriteOptions {
   compress: number | false;
   /** Progress callback with the number of source bytes just stored. */
   onProgress?: (bytes: number) => void;
-  /** Compute a SHA-256 of every data piece (disk bytes, before compression), off the event loop. */
+  /** Compute a SHA-256 of every data piece (disk bytes, before compression), on worker threads. */
   digests?: boolean;
   signal?: AbortSignal;
 }
@@ -51,8 +50,14 @@ const WINDOW_BYTES = 32 * 1024 * 1024;
 /** Write accumulated small buffers (zero frames) once they reach this. */
 const BATCH_BYTES = 1024 * 1024;
 
+/** A buffer to write, with its adler32 when a worker thread has already computed it. */
+interface Out {
+  data: Buffer;
+  adler32?: number;
+}
+
 interface Pending {
-  output: Promise<Buffer[]>;
+  output: Promise<Out[]>;
   /** Source bytes this entry holds in memory (0 for headers). */
   bytes: number;
   /** Called once the output has been written. */
@@ -75,6 +80,12 @@ async function readPiece(source: Endpoint, offset: number, length: number, buffe
   for (const c of chunks(0, length, step)) reads.push(source.read(buffer.subarray(c.offset, c.offset + c.length), offset + c.offset));
   await Promise.all(reads);
   return buffer;
+}
+
+function digestOf(part: { offset: number; length: number }, sums: Promise<{ sha256?: string }>): Promise<PieceDigest> {
+  const digest = sums.then((s) => ({ offset: part.offset, length: part.length, sha256: s.sha256 ?? '' }));
+  digest.catch(() => undefined); // failures surface through the piece's queue entry
+  return digest;
 }
 
 export async function writeStream(options: StreamWriteOptions): Promise<StreamWriteResult> {
@@ -108,12 +119,13 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     await sink.write(out);
   };
 
-  const emit = async (buffers: Buffer[], force: boolean): Promise<void> => {
-    for (const b of buffers) {
-      checksum = addon.adler32(b, checksum);
-      bytesWritten += b.length;
-      batch.push(b);
-      batchBytes += b.length;
+  const emit = async (outs: Out[], force: boolean): Promise<void> => {
+    for (const { data, adler32 } of outs) {
+      // Payload sums come from the worker threads; only small headers are summed here.
+      checksum = adler32 === undefined ? addon.adler32(data, checksum) : addon.adler32Combine(checksum, adler32, data.length);
+      bytesWritten += data.length;
+      batch.push(data);
+      batchBytes += data.length;
     }
     if (force || batchBytes >= BATCH_BYTES) await flushBatch();
   };
@@ -128,8 +140,8 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     if (entry.bytes > 0) options.onProgress?.(entry.bytes);
   };
 
-  const enqueue = async (output: Promise<Buffer[]> | Buffer[], bytes: number, written?: () => void): Promise<void> => {
-    const promise = Promise.resolve(output);
+  const enqueue = async (output: Promise<Out[]> | Buffer[], bytes: number, written?: () => void): Promise<void> => {
+    const promise = Array.isArray(output) ? Promise.resolve(output.map((data) => ({ data }))) : output;
     promise.catch(() => undefined); // awaited in order later; avoid an early unhandled rejection
     queue.push({ output: promise, bytes, written });
     bytesInFlight += bytes;
@@ -152,22 +164,24 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
       const sizes: Promise<number>[] = [];
       for (const part of parts) {
         const buffer = pool.acquire(part.length);
-        const data = readPiece(source, part.offset, part.length, buffer);
-        // The buffer returns to the pool only after its digest, compression and write are all done.
-        let digest: Promise<unknown> = Promise.resolve();
-        if (options.digests) {
-          const pieceDigest = data.then(async (raw) => ({ ...part, sha256: Buffer.from(await webcrypto.subtle.digest('SHA-256', raw)).toString('hex') }));
-          pieceDigest.catch(() => undefined);
-          digests.push(pieceDigest);
-          digest = pieceDigest;
-        }
+        const raw = readPiece(source, part.offset, part.length, buffer);
+        // adler32 and SHA-256 run on worker threads; the buffer returns to the pool once nothing uses it.
         if (compressed) {
-          const frame = data.then((raw) => addon.lz4CompressFrame(raw, compress));
+          const frame = raw.then((r) => addon.lz4CompressFrame(r, compress));
+          const frameSum = frame.then((f) => addon.checksumPiece(f, false));
+          const rawSum = options.digests ? raw.then((r) => addon.checksumPiece(r, true)) : undefined;
+          if (rawSum) digests.push(digestOf(part, rawSum));
           sizes.push(frame.then((f) => f.length, () => 0));
-          const ready = Promise.all([frame, digest]).then(([f]) => { pool.release(buffer); return [f]; });
+          const ready = Promise.all([frame, frameSum, rawSum]).then(([f, sum]) => {
+            pool.release(buffer);
+            return [{ data: f, adler32: sum.adler32 }];
+          });
           await enqueue(ready, part.length);
         } else {
-          await enqueue(Promise.all([data, digest]).then(([d]) => [d]), part.length, () => pool.release(buffer));
+          const sums = raw.then((r) => addon.checksumPiece(r, Boolean(options.digests)));
+          if (options.digests) digests.push(digestOf(part, sums));
+          const ready = Promise.all([raw, sums]).then(([data, sum]) => [{ data, adler32: sum.adler32 }]);
+          await enqueue(ready, part.length, () => pool.release(buffer));
         }
       }
       await enqueue([TERMINATOR], 0);
@@ -180,7 +194,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
       }
     }
     while (queue.length > 0) await drainOne();
-    await emit([encodeEnd(compressed ? await Promise.all(trailer) : null)], true);
+    await emit([{ data: encodeEnd(compressed ? await Promise.all(trailer) : null) }], true);
   } catch (err) {
     // Let in-flight reads settle before the caller closes the endpoint under them.
     await Promise.allSettled(queue.map((q) => q.output));
