@@ -1,19 +1,31 @@
-// virtnbdrestore: command-line front of restore and dump, flags and defaults as virtnbdbackup 2.x.
+// virtnbdrestore: command-line front of restore, dump and verify, flags and defaults as virtnbdbackup 2.x.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { dump, restore } from '../restore/restore.js';
-import { VERSION, makeLogger, makeProgress, runCommand } from './common.js';
+import { verifySet } from '../verify/verify.js';
+import { VERSION, listOption, makeLogger, makeProgress, runCommand } from './common.js';
 
 const argv = yargs(hideBin(process.argv))
   .scriptName('virtnbdrestore')
-  .usage('$0 -i SETDIR -o OUTDIR [options]\n\nRestore virtual machine disks from a backup set.')
-  .option('action', { alias: 'a', choices: ['dump', 'restore'] as const, default: 'restore' as const, describe: 'Action to perform' })
+  .usage('$0 -i SETDIR -o OUTDIR [options]\n\nRestore virtual machine disks from a backup set, dump its metadata or verify it.')
+  .option('action', { alias: 'a', choices: ['dump', 'restore', 'verify'] as const, default: 'restore' as const, describe: 'Action to perform' })
   .option('input', { alias: 'i', type: 'string', demandOption: true, describe: 'Directory holding a backup set' })
-  .option('output', { alias: 'o', type: 'string', demandOption: true, describe: "Restore target directory ('dump' prints metadata)" })
+  .option('output', { alias: 'o', type: 'string', demandOption: true, describe: "Restore target: a directory, or an existing raw file or block device for one disk ('dump' and 'verify' select those actions)" })
   .option('until', { alias: 'u', type: 'string', describe: 'Restore only up to this checkpoint (point in time)' })
-  .option('disk', { alias: 'd', type: 'string', describe: 'Restore only the disk with this target dev' })
-  .option('socketfile', { alias: 'f', type: 'string', describe: 'Socket for the local NBD server (default under /var/tmp)' })
+  .option('sequence', { alias: 's', type: 'string', describe: 'Restore exactly these data files of one disk, in chain order (comma-separated)' })
+  .option('disk', { alias: 'd', type: 'string', describe: 'Process only the disk with this target dev' })
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bars' })
+  .option('socketfile', { alias: 'f', type: 'string', describe: 'Socket for the local NBD server (default under /var/tmp)' })
+  .option('raw', { alias: 'r', type: 'boolean', default: false, describe: 'Restore raw-format disks as raw images (and keep cdrom/floppy devices with -c)' })
+  .option('adjust-config', { alias: 'c', type: 'boolean', default: false, describe: 'Adjust the domain XML to the restored disks' })
+  .option('define', { alias: 'D', type: 'boolean', default: false, describe: 'Define the restored domain in libvirt (implies -c)' })
+  .option('config-file', { alias: 'C', type: 'string', describe: 'Domain XML to copy or adjust (default: the vmconfig of the restore point)' })
+  .option('name', { alias: 'N', type: 'string', describe: 'Name of the restored domain (default: restore_<name>)' })
+  .option('buffsize', { alias: 'B', type: 'number', describe: 'Accepted for compatibility; verify reads 4 MiB at a time' })
+  .option('preallocate', { alias: 'A', type: 'boolean', default: false, describe: 'Preallocate restored images (metadata for qcow2, falloc for raw)' })
+  .option('compress', { type: 'boolean', default: false, describe: 'Write restored qcow2 images with compressed clusters' })
+  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI (used by -D only)' })
+  .option('logfile', { alias: 'L', type: 'string', describe: 'Also write the log to this file' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
   .option('verbose', { alias: 'v', type: 'boolean', default: false, describe: 'Debug output' })
@@ -22,29 +34,46 @@ const argv = yargs(hideBin(process.argv))
   .help('help')
   .alias('help', 'h')
   .example('$0 -i /backup/webvm -o dump', 'print the metadata of every data file')
+  .example('$0 -i /backup/webvm -o verify', 'check every data file against its checksums')
   .example('$0 -i /backup/webvm -o /restore', 'restore all disks at the latest point')
   .example('$0 -i /backup/webvm -o /restore --until virtnbdbackup.2', 'point-in-time restore')
   .example('$0 -i /backup/webvm -o /restore -d vda', 'restore only disk vda')
+  .example('$0 -i /backup/webvm -o /dev/vg/webvm -d vda', 'restore disk vda onto an existing block device')
+  .example('$0 -i /backup/webvm -o /restore -s vda.full.data,vda.inc.virtnbdbackup.1.data', 'apply exactly these files')
+  .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2')
   .strict()
   .wrap(Math.min(110, process.stdout.columns || 110))
   .parseSync();
 
 await runCommand('virtnbdrestore', argv.verbose, async (signal) => {
-  if (argv.action === 'dump' || argv.output === 'dump') {
+  const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
+  if (action === 'dump') {
     for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);
     return 0;
   }
+  if (action === 'verify') {
+    const verdicts = await verifySet({
+      input: argv.input, disk: argv.disk, signal,
+      onVerdict: (v) => process.stdout.write(v.ok ? `OK ${v.file}\n` : `FAILED ${v.file}: ${v.reason}\n`),
+    });
+    return verdicts.every((v) => v.ok) ? 0 : 1;
+  }
   const log = makeLogger(argv);
+  if (argv.logfile) log.attachFile(argv.logfile);
   const progress = makeProgress(argv, 'restoring');
   try {
-    const disks = await restore({
-      input: argv.input, output: argv.output, until: argv.until, disk: argv.disk, socketFile: argv.socketfile,
+    const result = await restore({
+      input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
+      raw: argv.raw, preallocate: argv.preallocate, compress: argv.compress, socketFile: argv.socketfile,
+      adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, configFile: argv['config-file'],
       log, progress: progress.factory, signal,
     });
     progress.stop();
-    for (const d of disks) log.info(`disk ${d.disk} restored to ${d.image} (${d.applied.join(', ')})`);
+    for (const d of result.disks) log.info(`disk ${d.disk} restored to ${d.image} (${d.applied.join(', ')})`);
+    if (result.config) log.info(`domain XML written to ${result.config}${result.defined ? `, defined as '${result.defined}'` : ''}`);
   } finally {
     progress.stop();
+    await log.detachFile();
   }
   return 0;
 });

@@ -1,8 +1,12 @@
 // The restore target image: created with qemu-img to match the source (qcow.json), served by qemu-nbd on a
-// unix socket for the stream to be written into. Guarantees: qemu-nbd detects zero writes and unmaps them, so
-// restored images stay thin; stop() flushes by terminating qemu-nbd cleanly.
+// unix socket for the stream to be written into, or filled by qemu-img convert from a raw image. Guarantees:
+// a thin server detects zero writes and unmaps them, so restored images stay thin; stop() flushes by
+// terminating qemu-nbd cleanly.
 import type { ChildProcess } from 'node:child_process';
+import path from 'node:path';
 import { run, spawnServer, stopServer } from '../util/process.js';
+
+export type ImageFormat = 'qcow2' | 'raw';
 
 /** Subset of `qemu-img info --output=json` that decides how the image is created. */
 interface QemuImageInfo {
@@ -11,41 +15,94 @@ interface QemuImageInfo {
   'format-specific'?: { type?: string; data?: Record<string, unknown> };
 }
 
-/** `-o` options that recreate the source image's qcow2 layout. */
-export function qcow2CreateOptions(infoJson: string | undefined): string[] {
-  if (!infoJson) return [];
-  let info: QemuImageInfo;
+function formatData(infoJson: string | undefined): Record<string, unknown> & { clusterSize?: number } {
+  if (!infoJson) return {};
   try {
-    info = JSON.parse(infoJson) as QemuImageInfo;
+    const info = JSON.parse(infoJson) as QemuImageInfo;
+    return { ...(info['format-specific']?.data ?? {}), clusterSize: info['cluster-size'] };
   } catch {
-    return [];
+    return {};
   }
+}
+
+/** `-o` options that recreate the source image's qcow2 layout (without its data file, see qcow2DataFile). */
+export function qcow2CreateOptions(infoJson: string | undefined): string[] {
+  const data = formatData(infoJson);
   const options: string[] = [];
-  const data = info['format-specific']?.data ?? {};
   if (typeof data.compat === 'string') options.push(`compat=${data.compat}`);
-  if (typeof info['cluster-size'] === 'number') options.push(`cluster_size=${info['cluster-size']}`);
+  if (typeof data.clusterSize === 'number') options.push(`cluster_size=${data.clusterSize}`);
   if (data['lazy-refcounts'] === true) options.push('lazy_refcounts=on');
   if (typeof data['compression-type'] === 'string') options.push(`compression_type=${data['compression-type']}`);
+  if (typeof data['refcount-bits'] === 'number') options.push(`refcount_bits=${data['refcount-bits']}`);
+  if (data['extended-l2'] === true) options.push('extended_l2=on');
   return options;
 }
 
-export async function createImage(file: string, format: string, size: number, options: string[]): Promise<void> {
+/** The source image's external data file (qcow2 `data-file`), if it had one. */
+export function qcow2DataFile(infoJson: string | undefined): { file: string; raw: boolean } | undefined {
+  const data = formatData(infoJson);
+  return typeof data['data-file'] === 'string' ? { file: data['data-file'], raw: data['data-file-raw'] === true } : undefined;
+}
+
+/** `-o` options that give a new qcow2 image the external data file `file` (created by qemu-img). */
+export function dataFileOptions(file: string, raw: boolean): string[] {
+  // qemu-img -o takes commas as separators: a path with one must double it.
+  return [`data_file=${path.resolve(file).replace(/,/g, ',,')}`, `data_file_raw=${raw ? 'on' : 'off'}`];
+}
+
+export async function createImage(file: string, format: ImageFormat, size: number, options: string[]): Promise<void> {
   const args = ['create', '-q', '-f', format];
   if (options.length > 0) args.push('-o', options.join(','));
   args.push(file, String(size));
   await run('qemu-img', args);
 }
 
+export interface ConvertOptions {
+  /** `-o` options of a newly created target. */
+  options?: string[];
+  /** Write compressed clusters (qcow2 targets). */
+  compress?: boolean;
+  /** The target exists (a file or device): write into it, zeroes included, instead of creating it. */
+  existing?: boolean;
+}
+
+/** qemu-img convert; zero ranges stay holes in new targets and are written as zeroes into existing ones. */
+export async function convertImage(source: string, sourceFormat: ImageFormat, target: string, targetFormat: ImageFormat, opts: ConvertOptions = {}): Promise<void> {
+  const args = ['convert', '-q', '-f', sourceFormat, '-O', targetFormat];
+  if (opts.existing) args.push('-n');
+  if (opts.compress) args.push('-c');
+  if (opts.options?.length) args.push('-o', opts.options.join(','));
+  await run('qemu-img', [...args, source, target]);
+}
+
+/** Virtual size of a file or block device read as raw. */
+export async function rawSize(file: string): Promise<number> {
+  const { stdout } = await run('qemu-img', ['info', '--output=json', '-f', 'raw', file]);
+  return (JSON.parse(stdout) as { 'virtual-size': number })['virtual-size'];
+}
+
+export interface ServeOptions {
+  file: string;
+  format: ImageFormat;
+  socket: string;
+  exportName: string;
+  /** Clients that may connect at once. */
+  connections: number;
+  /** Unmap zero writes and discards, so the image stays thin (false for preallocated images). */
+  thin: boolean;
+}
+
 export class ImageServer {
   private constructor(private readonly child: ChildProcess, readonly socket: string, readonly exportName: string) {}
 
-  /** Serves `file` writable on `socket` for up to `connections` clients. */
-  static async start(file: string, format: string, socket: string, exportName: string, connections: number): Promise<ImageServer> {
+  /** Serves the image writable on its socket. */
+  static async start(opts: ServeOptions): Promise<ImageServer> {
     const child = await spawnServer('qemu-nbd', [
-      '--socket', socket, '--format', format, '--export-name', exportName, '--shared', String(connections),
-      '--cache', 'writeback', '--aio', 'threads', '--discard', 'unmap', '--detect-zeroes', 'unmap', '--persistent', file,
-    ], socket);
-    return new ImageServer(child, socket, exportName);
+      '--socket', opts.socket, '--format', opts.format, '--export-name', opts.exportName, '--shared', String(opts.connections),
+      '--cache', 'writeback', '--aio', 'threads', '--persistent',
+      '--discard', opts.thin ? 'unmap' : 'ignore', '--detect-zeroes', opts.thin ? 'unmap' : 'off', opts.file,
+    ], opts.socket);
+    return new ImageServer(child, opts.socket, opts.exportName);
   }
 
   async stop(): Promise<void> {

@@ -1,32 +1,47 @@
 // Restores disks from a backup set at any point of its chain, and dumps stream metadata.
-//   scan set -> per disk: chain (base, inc/diff in checkpoint order, cut at --until) -> new image (.partial)
-//   -> qemu-nbd -> each stream's records written in order (zero frames of later links written as zeroes)
-//   -> flush, stop qemu-nbd, rename -> copy the matching vmconfig
+//   plan (plan.ts: every refusal before anything is written) -> -c: adjusted domain XML, -D: name free in libvirt
+//   -> per disk: new image (.partial, qcow.json layout) or the existing raw file/device -> qemu-nbd
+//   -> each stream's records in order (zero frames of later links written; onto an existing target, the base
+//      also zeroes every range it does not cover) -> adler32 of each file == its .chksum -> flush, stop qemu-nbd
+//   -> (--compress: qemu-img convert -c) -> rename; raw images: qemu-img convert -> vmconfig copied, or adjusted
+//   with the saved NVRAM copied beside it -> -D: defined through libvirt
 // Guarantees: never overwrites an existing file; each link is fully written before the next starts, so later
-// changes win; a failed restore leaves only `<image>.partial` behind and names the file that broke it.
+// changes win; a damaged file (bad frame, bad lz4 checksum, checksum mismatch) fails the restore naming it, and a
+// failed restore into a directory leaves nothing of that disk behind. Only -D needs libvirtd.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
-import type { StreamMetadata } from '../stream/format.js';
-import {
-  checkLinks, listSet, qcowInfoName, readChains, readCheckpointList, vmConfigName, type ChainLink,
-} from '../set/backupSet.js';
+import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
+import { listSet, type ChainLink } from '../set/backupSet.js';
+import { openLibvirt } from '../libvirt/connection.js';
+import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
+import { checksumMismatch, recordedChecksum } from '../verify/verify.js';
+import { ImageServer, convertImage, createImage } from './qemu.js';
+import { exists, planRestore, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
+import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
-import { ImageServer, createImage, qcow2CreateOptions } from './qemu.js';
+import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
+import { WorkWindow } from '../util/window.js';
 
-export interface RestoreOptions {
-  input: string;
-  output: string;
-  /** Stop after the link whose checkpoint has this name. */
-  until?: string;
-  /** Restore only this disk (target dev). */
-  disk?: string;
+export { loadChains } from './plan.js';
+
+export interface RestoreOptions extends PlanOptions {
   /** Socket for qemu-nbd; default /var/tmp/virtnbdrestore.<pid>.<disk>. */
   socketFile?: string;
+  /** -c: write the domain XML adjusted to the restored disks (implied by `define`). */
+  adjustConfig?: boolean;
+  /** -D: define the adjusted domain in libvirt. */
+  define?: boolean;
+  /** -N: name of the restored domain; default restore_<name>. */
+  name?: string;
+  /** libvirt URI for `define`; default qemu:///system. */
+  uri?: string;
+  /** -C: the domain XML to copy or adjust instead of the set's vmconfig of the restore point. */
+  configFile?: string;
   log?: Logger;
   progress?: (disk: string, total: number) => (bytes: number) => void;
   signal?: AbortSignal;
@@ -39,155 +54,258 @@ export interface RestoredDisk {
   applied: string[];
 }
 
+export interface RestoreResult {
+  disks: RestoredDisk[];
+  /** The domain XML written into the output directory (copied or adjusted). */
+  config?: string;
+  /** Name of the domain defined with `define`. */
+  defined?: string;
+}
+
 /** Bytes of payload being written at most at once. */
 const WRITE_WINDOW = 64 * 1024 * 1024;
 const CONNECTIONS = 4;
 
-/** The set's chains, checked and cut at `until`. */
-export async function loadChains(input: string, until: string | undefined, onlyDisk: string | undefined): Promise<Map<string, ChainLink[]>> {
-  const listing = await listSet(input);
-  if (listing.partials.length > 0) {
-    throw new UserError(`${path.join(input, listing.partials[0] as string)} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
-  }
-  if (listing.dataFiles.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files`);
-  const cpt = listing.checkpointLists[0];
-  const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)) : [];
-  const chains = await readChains(listing, checkpoints);
-  if (onlyDisk !== undefined) {
-    for (const disk of [...chains.keys()]) if (disk !== onlyDisk) chains.delete(disk);
-    if (chains.size === 0) throw new UserError(`no backup of disk ${onlyDisk} in ${input}`);
-  }
-  for (const [disk, chain] of chains) {
-    checkLinks(chain);
-    if (until !== undefined) {
-      const end = chain.findIndex((l) => l.meta.checkpointName === until && l.level !== 'diff');
-      if (end < 0) {
-        const known = chain.filter((l) => l.level !== 'diff').map((l) => l.meta.checkpointName).join(', ');
-        throw new UserError(`checkpoint ${until} is not in the chain of disk ${disk} in ${input} (it has: ${known})`);
-      }
-      chains.set(disk, chain.slice(0, end + 1));
-    }
-  }
-  return chains;
+/** What the error line adds when a file of the set is damaged. */
+const DAMAGED_HINT = "the set's file is damaged: check the set with -a verify, or restore an earlier point with --until";
+
+interface ConfigPlan {
+  source: string;
+  /** Where it goes in the output directory. */
+  target?: string;
+  /** The adjusted XML and the domain name in it, with -c/-D. */
+  adjusted?: { xml: string; name: string };
+  /** The domain's NVRAM as saved in the set, and where its copy goes. */
+  nvram?: { saved: string; target: string };
 }
 
-/** Image file name of `disk` as in the domain XML saved with `ident`, or the target name. */
-async function imageName(input: string, disk: string, ident: string): Promise<{ name: string; vmconfig?: string }> {
-  const vmconfig = vmConfigName(ident);
-  try {
-    const info = parseDomainXml(await fs.readFile(path.join(input, vmconfig), 'utf8'));
-    const source = info.disks.find((d) => d.target === disk)?.path;
-    return { name: source ? path.basename(source) : disk, vmconfig };
-  } catch {
-    return { name: disk };
-  }
-}
-
-function identOf(link: ChainLink): string {
-  return link.level === 'full' ? link.meta.checkpointName : link.level === 'copy' ? 'copy' : link.ident;
-}
-
-export async function restore(options: RestoreOptions): Promise<RestoredDisk[]> {
+export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const log = options.log ?? silentLogger;
-  const input = path.resolve(options.input);
-  const output = path.resolve(options.output);
-  const chains = await loadChains(input, options.until, options.disk);
-  await fs.mkdir(output, { recursive: true });
-
-  const restored: RestoredDisk[] = [];
-  const vmconfigs = new Set<string>();
-  for (const [disk, chain] of chains) {
-    const last = chain[chain.length - 1] as ChainLink;
-    const { name, vmconfig } = await imageName(input, disk, identOf(last));
-    if (vmconfig) vmconfigs.add(vmconfig);
-    const image = path.join(output, name);
-    for (const existing of [image, `${image}.partial`]) {
-      if (await fs.access(existing).then(() => true, () => false)) {
-        throw new UserError(`${existing} already exists; restore into another directory or move it away (nothing is overwritten)`);
-      }
+  const adjust = Boolean(options.adjustConfig || options.define);
+  const plan = await planRestore({ ...options, log });
+  const config = await planConfig(plan, options, adjust, log);
+  const connection = options.define ? await openForDefine(options.uri ?? 'qemu:///system', config?.adjusted?.name as string) : undefined;
+  try {
+    if (plan.outputDir) await fs.mkdir(plan.outputDir, { recursive: true });
+    const disks: RestoredDisk[] = [];
+    for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
+    const result: RestoreResult = { disks };
+    if (config?.nvram) await fs.copyFile(config.nvram.saved, config.nvram.target, fs.constants.COPYFILE_EXCL);
+    if (config?.target) {
+      if (config.adjusted) await fs.writeFile(config.target, config.adjusted.xml, { flag: 'wx' });
+      else await fs.copyFile(config.source, config.target, fs.constants.COPYFILE_EXCL).catch(ignoreExisting);
+      result.config = config.target;
     }
-    restored.push(await restoreDisk(disk, chain, image, input, options, log));
+    if (connection && config?.adjusted) {
+      try {
+        await connection.defineXML(config.adjusted.xml);
+      } catch (err) {
+        throw new UserError(`defining domain '${config.adjusted.name}' failed: ${oneLine(err)}; the restored images and ${config.target} are in place: fix the XML and run virsh define`);
+      }
+      result.defined = config.adjusted.name;
+    }
+    return result;
+  } finally {
+    await connection?.close().catch(() => undefined);
   }
-  for (const vmconfig of vmconfigs) {
-    await fs.copyFile(path.join(input, vmconfig), path.join(output, vmconfig), fs.constants.COPYFILE_EXCL).catch((err: NodeJS.ErrnoException) => {
-      if (err.code !== 'EEXIST') throw err;
-    });
-  }
-  return restored;
 }
 
-async function restoreDisk(disk: string, chain: ChainLink[], image: string, input: string, options: RestoreOptions, log: Logger): Promise<RestoredDisk> {
-  const base = chain[0] as ChainLink;
-  const last = chain[chain.length - 1] as ChainLink;
-  const format = base.meta.diskFormat === 'raw' ? 'raw' : 'qcow2';
-  const qcowJson = await fs.readFile(path.join(input, qcowInfoName(disk, identOf(last))), 'utf8')
-    .catch(() => fs.readFile(path.join(input, qcowInfoName(disk, identOf(base))), 'utf8'))
-    .catch(() => undefined);
-  const partial = `${image}.partial`;
-  const createOptions = format === 'qcow2' ? qcow2CreateOptions(qcowJson) : [];
-  log.info(`restoring disk ${disk} into ${image} (${format}${createOptions.length ? ` ${createOptions.join(',')}` : ''}) from ${chain.map((l) => l.file).join(', ')}`);
-  await createImage(partial, format, base.meta.virtualSize, createOptions);
+function ignoreExisting(err: NodeJS.ErrnoException): void {
+  if (err.code !== 'EEXIST') throw err;
+}
 
-  const socket = options.socketFile ?? `/var/tmp/virtnbdrestore.${process.pid}.${disk}`;
+/** Which domain XML goes into the output, adjusted or as saved; refuses before anything is written. */
+async function planConfig(plan: RestorePlan, options: RestoreOptions, adjust: boolean, log: Logger): Promise<ConfigPlan | undefined> {
+  const source = options.configFile ? path.resolve(plan.input, options.configFile) : plan.vmconfig;
+  if (!source) {
+    if (adjust) throw new UserError(`${plan.input} holds no vmconfig.${plan.ident}.xml for -c/-D; give the domain XML with -C`);
+    log.warn(`${plan.input} holds no vmconfig.${plan.ident}.xml: no domain XML copied`);
+    return undefined;
+  }
+  const xml = await fs.readFile(source, 'utf8').catch((err: NodeJS.ErrnoException) => {
+    throw new UserError(`cannot read the domain XML ${source}: ${err.code ?? err.message}`);
+  });
+  if (!adjust) return { source, target: plan.outputDir && path.join(plan.outputDir, path.basename(source)) };
+  if (!plan.outputDir) throw new UserError('-c/-D adjust the domain XML to images in a directory: restore into a directory, or define the domain yourself with the target as its disk');
+  const target = path.join(plan.outputDir, path.basename(source));
+  const nvram = await savedNvram(xml, plan, plan.outputDir);
+  for (const file of [target, ...(nvram ? [nvram.target] : [])]) {
+    if (await exists(file)) {
+      throw new UserError(`${file} already exists; restore into another directory or move it away (nothing is overwritten)`);
+    }
+  }
+  let adjusted;
+  try {
+    adjusted = adjustDomainConfig(xml, {
+      name: options.name,
+      disks: new Map(plan.disks.map((d) => [d.disk, { path: d.image, format: d.format, block: d.block }])),
+      keepRawDevices: Boolean(options.raw),
+      nvram: nvram?.target,
+    });
+  } catch (err) {
+    throw new UserError(`cannot adjust the domain XML ${source}: ${oneLine(err)}; give another with -C`);
+  }
+  for (const change of adjusted.changes) log.info(`config: ${change}`);
+  return { source, target, adjusted, nvram };
+}
+
+/** The NVRAM the domain XML names, if the backup saved it (`<basename>.<ident>`), and its place in the output. */
+async function savedNvram(xml: string, plan: RestorePlan, outputDir: string): Promise<ConfigPlan['nvram']> {
+  let nvram: string | undefined;
+  try {
+    nvram = parseDomainXml(xml).bootFiles.nvram;
+  } catch {
+    return undefined; // adjustDomainConfig reports the XML itself
+  }
+  if (!nvram) return undefined;
+  const saved = path.join(plan.input, bootFileName(nvram, plan.ident ?? 'copy'));
+  if (!(await exists(saved))) return undefined;
+  return { saved, target: path.join(outputDir, path.basename(nvram)) };
+}
+
+/** Connects for -D and makes sure the name is free, so that a define never replaces an existing domain. */
+async function openForDefine(uri: string, name: string): Promise<LibvirtConnection> {
+  const connection = await openLibvirt(uri);
+  try {
+    const taken = await connection.lookupDomainByName(name).then(() => true, (err: NativeError) => {
+      if (err.code === VIR_ERR_NO_DOMAIN) return false;
+      throw new UserError(`cannot look up domain '${name}' at ${uri}: ${oneLine(err)}`);
+    });
+    if (taken) throw new UserError(`domain '${name}' already exists at ${uri}; name the restored domain with -N`);
+    return connection;
+  } catch (err) {
+    await connection.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger): Promise<RestoredDisk> {
+  const created: string[] = [];
+  const applied = disk.source.kind === 'stream' ? disk.source.chain.map((l) => l.file) : [disk.source.file];
+  log.info(`restoring disk ${disk.disk} onto ${disk.image} (${disk.format}${disk.createOptions.length ? ` ${disk.createOptions.join(',')}` : ''}) from ${applied.join(', ')}`);
+  try {
+    if (disk.existing) await growRegularFile(disk);
+    if (disk.source.kind === 'image') {
+      await copyImage(disk, disk.source.path, options, created);
+    } else {
+      await writeChain(disk, disk.source.chain, options, created);
+    }
+  } catch (err) {
+    await Promise.all(created.map((file) => fs.rm(file, { force: true })));
+    if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
+    const hint = err instanceof StreamFormatError ? `; ${DAMAGED_HINT}` : '';
+    const left = disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
+    throw new UserError(`restore of disk ${disk.disk} failed: ${oneLine(err)}${hint}; ${left}`);
+  }
+  return { disk: disk.disk, image: disk.image, applied };
+}
+
+/** An existing regular file smaller than the disk grows to its size (devices were checked in the plan). */
+async function growRegularFile(disk: DiskPlan): Promise<void> {
+  if (disk.block) return;
+  const { size } = await fs.stat(disk.image);
+  if (size < disk.virtualSize) await fs.truncate(disk.image, disk.virtualSize);
+}
+
+/** A raw image of the set (-t raw, or Python's raw disks): copied as it is, or converted to the disk's format. */
+async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions, created: string[]): Promise<void> {
+  if (disk.existing) {
+    await convertImage(source, 'raw', disk.image, 'raw', { existing: true });
+    return;
+  }
+  const partial = `${disk.image}.partial`;
+  created.push(partial, ...(disk.dataFile ? [disk.dataFile] : []));
+  await convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2' });
+  await fs.rename(partial, disk.image);
+}
+
+async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOptions, created: string[]): Promise<void> {
+  const compress = Boolean(options.compress) && disk.format === 'qcow2' && !disk.existing;
+  const partial = `${disk.image}.partial`;
+  const work = disk.existing ? disk.image : compress ? `${disk.image}.uncompressed.partial` : partial;
+  if (!disk.existing) {
+    created.push(work, ...(disk.dataFile ? [disk.dataFile] : []));
+    await createImage(work, disk.format, disk.virtualSize, disk.createOptions);
+  }
+  const socket = options.socketFile ?? `/var/tmp/virtnbdrestore.${process.pid}.${disk.disk}`;
   await fs.rm(socket, { force: true });
-  const server = await ImageServer.start(partial, format, socket, disk, CONNECTIONS);
+  const preallocated = disk.createOptions.some((o) => o.startsWith('preallocation='));
+  const server = await ImageServer.start({ file: work, format: disk.format, socket, exportName: disk.disk, connections: CONNECTIONS, thin: !preallocated });
   let endpoint: Endpoint | undefined;
   try {
-    endpoint = await NbdEndpoint.open({ socket, exportName: disk }, { connections: CONNECTIONS, sharedBackend: true });
-    const total = chain.reduce((sum, l) => sum + l.meta.dataSize, 0);
-    const progress = options.progress?.(disk, total);
+    endpoint = await NbdEndpoint.open({ socket, exportName: disk.disk }, { connections: CONNECTIONS, sharedBackend: true });
+    const progress = options.progress?.(disk.disk, disk.dataSize);
     for (const [i, link] of chain.entries()) {
-      await applyStream(link, endpoint, i === 0, progress, options.signal);
-      log.debug(`applied ${link.file}`);
+      const base = i === 0;
+      const { checksum } = await applyStream(link, endpoint, {
+        targetIsZero: base && !disk.existing, zeroUncovered: base && disk.existing, progress, signal: options.signal,
+      });
+      await checkRecordedChecksum(link.path, checksum);
+      options.log?.debug(`applied ${link.file}`);
     }
     await endpoint.flush();
-  } catch (err) {
-    throw new UserError(`restore of disk ${disk} failed: ${oneLine(err)}; ${partial} is incomplete`);
   } finally {
     await endpoint?.close();
     await server.stop();
     await fs.rm(socket, { force: true });
   }
-  await fs.rename(partial, image);
-  return { disk, image, applied: chain.map((l) => l.file) };
+  if (disk.existing) return;
+  if (compress) {
+    created.push(partial);
+    await convertImage(work, 'qcow2', partial, 'qcow2', { options: disk.createOptions, compress: true });
+    await fs.rm(work);
+  }
+  await fs.rename(partial, disk.image);
 }
 
-/**
- * Writes one stream into the target. `fresh`: the target is a new image and reads as zero, so zero
- * frames need no write; otherwise they are written, which makes restores exact after trims.
- */
-export async function applyStream(
-  link: { path: string }, target: Endpoint, fresh: boolean, progress?: (bytes: number) => void, signal?: AbortSignal,
-): Promise<StreamMetadata> {
-  const reader = await StreamReader.open(link.path);
-  const inFlight = new Set<Promise<void>>();
-  let bytesInFlight = 0;
-  let failure: unknown;
-  const track = (work: Promise<void>, bytes: number): void => {
-    bytesInFlight += bytes;
-    const done = work.then(() => progress?.(bytes), (err) => { failure ??= err; }).finally(() => {
-      bytesInFlight -= bytes;
-      inFlight.delete(done);
-    });
-    inFlight.add(done);
+/** A data file whose adler32 differs from its `.chksum` is damaged, even where its frames parse. */
+async function checkRecordedChecksum(file: string, actual: number): Promise<void> {
+  const recorded = await recordedChecksum(file);
+  if (recorded !== undefined && recorded !== actual) throw new StreamFormatError(`${file}: ${checksumMismatch(file, actual, recorded)}`);
+}
+
+export interface ApplyOptions {
+  /** The target reads as zero where this stream has zero frames: they need no write. */
+  targetIsZero: boolean;
+  /** Also zero every range the stream does not cover, up to its virtual size (a base onto a used target). */
+  zeroUncovered?: boolean;
+  progress?: (bytes: number) => void;
+  signal?: AbortSignal;
+}
+
+export interface AppliedStream {
+  meta: StreamMetadata;
+  /** adler32 of every byte of the file. */
+  checksum: number;
+}
+
+/** Writes one stream into the target, several writes in flight, and checks its structure to the last byte. */
+export async function applyStream(link: { path: string }, target: Endpoint, options: ApplyOptions): Promise<AppliedStream> {
+  const reader = await StreamReader.open(link.path, { checksum: true });
+  const window = new WorkWindow(WRITE_WINDOW);
+  const add = (work: Promise<void>, bytes: number): Promise<void> => {
+    work.catch(() => undefined); // the window reports it
+    return window.add(work, bytes);
   };
+  const zero = (offset: number, length: number): Promise<void> => add(target.zero(offset, length, true), 0);
+  let covered = 0;
   try {
     for await (const record of reader.records()) {
-      if (signal?.aborted) throw signal.reason ?? new Error('aborted');
-      if (failure !== undefined) throw failure;
+      if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted');
+      if (options.zeroUncovered && record.offset > covered) await zero(covered, record.offset - covered);
+      covered = record.offset + record.length;
       if (record.kind === 'zero') {
-        if (!fresh) track(target.zero(record.offset, record.length, true), 0);
+        if (!options.targetIsZero) await zero(record.offset, record.length);
       } else {
-        const offset = record.offset;
-        track(record.data.then((data) => target.write(data, offset)), record.length);
+        const { offset, length } = record;
+        await add(record.data.then((data) => target.write(data, offset)).then(() => options.progress?.(length)), length);
       }
-      while (bytesInFlight > WRITE_WINDOW || inFlight.size > 64) await Promise.race(inFlight);
     }
-    await Promise.all(inFlight);
-    if (failure !== undefined) throw failure;
-    return reader.meta;
+    if (options.zeroUncovered && reader.meta.virtualSize > covered) await zero(covered, reader.meta.virtualSize - covered);
+    await window.drain();
+    return { meta: reader.meta, checksum: reader.checksum as number };
   } finally {
-    await Promise.allSettled(inFlight);
+    await window.settle();
     await reader.close();
   }
 }

@@ -132,11 +132,32 @@ export function checkLinks(chain: ChainLink[]): void {
   let lastFile = chain[0]?.file ?? '';
   for (const link of chain.slice(1)) {
     if (link.meta.parentCheckpoint !== lastCheckpoint) {
-      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${lastFile}); a data file is missing from the set`);
+      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${lastFile}); a data file is missing from the set: put it back, or restore an earlier point with --until`);
     }
     if (link.level === 'inc') {
       lastCheckpoint = link.meta.checkpointName;
       lastFile = link.file;
     }
   }
+}
+
+/** A chain moved aside (`chain.<unix-seconds>`) when its checkpoints became unusable; itself a complete set. */
+export const archivedChainName = (when: Date): string => `chain.${Math.floor(when.getTime() / 1000)}`;
+export const isArchivedChain = (name: string): boolean => /^chain\.\d+$/.test(name);
+
+/**
+ * Moves `names` (files and directories of the set `dir`) into a new subdirectory `chain.<unix-seconds>`, where
+ * they still form a set that restores; returns its path. Never overwrites: an existing subdirectory is refused.
+ */
+export async function archiveChain(dir: string, names: string[], when: Date): Promise<string> {
+  const archive = path.join(dir, archivedChainName(when));
+  await fs.mkdir(archive).catch((err: NodeJS.ErrnoException) => {
+    throw new UserError(`cannot move the set's chain aside into ${archive}: ${err.code ?? err.message}`);
+  });
+  for (const name of names) {
+    await fs.rename(path.join(dir, name), path.join(archive, name)).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw new UserError(`cannot move ${path.join(dir, name)} into ${archive}: ${err.code ?? err.message}`);
+    });
+  }
+  return archive;
 }

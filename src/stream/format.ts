@@ -70,6 +70,23 @@ export function parseHeader(header: Buffer, where: string): FrameHeader {
   return { kind: kind as FrameKind, start: parseInt(start, 16), length: parseInt(length, 16) };
 }
 
+/**
+ * Whether the first bytes of a data file are a stream's meta header, allowing for a few damaged bytes, as
+ * opposed to a raw disk image (-t raw, or a raw disk saved by Python), which has no frames at all.
+ */
+export function looksLikeStream(head: Buffer): boolean {
+  const expected = 'meta 0000000000000000 ';
+  let matching = 0;
+  for (let i = 0; i < FRAME_HEADER_LENGTH; i++) {
+    const c = head[i];
+    if (c === undefined) return true; // too short for an image: a truncated stream
+    const ch = String.fromCharCode(c);
+    const fits = i < expected.length ? ch === expected[i] : i < 38 ? /[0-9a-f]/.test(ch) : ch === '\r\n'[i - 38];
+    if (fits) matching++;
+  }
+  return matching >= FRAME_HEADER_LENGTH - 4;
+}
+
 export function encodeMetadata(meta: StreamMetadata): Buffer {
   const json = Buffer.from(JSON.stringify(meta, null, 4), 'utf8');
   return Buffer.concat([encodeHeader('meta', 0, json.length), json, TERMINATOR]);

@@ -1,7 +1,8 @@
 // Reads a stream file frame by frame for restore, dump, verify and map. Compressed payloads are
 // decompressed ahead on worker threads. Guarantees: every header, terminator, payload length, the stop frame,
 // the trailer and dataSize are checked; the first inconsistency throws a StreamFormatError naming the file and
-// byte offset, so a truncated or corrupt stream never restores silently.
+// byte offset, so a truncated or corrupt stream never restores silently. With `checksum`, records() also computes
+// the adler32 of every byte of the file (the `.chksum` value) in the same single pass.
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
 import {
@@ -16,9 +17,30 @@ export type StreamRecord =
 
 /** Uncompressed payload is handed out in pieces of this size. */
 const PIECE = 4 * 1024 * 1024;
+/** Reads at least this long are summed on a worker thread, smaller ones inline. */
+const THREADED_SUM = 256 * 1024;
+/** Most threaded sums outstanding before a read waits for the oldest. */
+const SUMS_AHEAD = 16;
+
+/** The adler32 of one read, in file order; `sum` is set once its worker is done. */
+interface PendingSum {
+  length: number;
+  sum?: number;
+  done: Promise<unknown>;
+}
+
+export interface StreamReaderOptions {
+  /** Compute the adler32 of the whole file while records() reads it (see `checksum`). */
+  checksum?: boolean;
+}
 
 export class StreamReader {
   private position = 0;
+  /** Running adler32 of the bytes read so far in file order, when checksumming. */
+  private running: number | undefined;
+  /** Sums of reads still on worker threads, oldest first; folded into `running` in order. */
+  private pending: PendingSum[] = [];
+  private complete = false;
 
   private constructor(
     readonly path: string,
@@ -26,14 +48,16 @@ export class StreamReader {
     readonly fileSize: number,
     readonly meta: StreamMetadata,
     /** Offset of the first frame after the meta frame. */
-    private readonly bodyStart: number,
+    readonly bodyStart: number,
     readonly trailer: TrailerEntry[] | null,
     /** Where the stop frame must end (start of trailer JSON, or end of file). */
-    private readonly bodyEnd: number,
+    readonly bodyEnd: number,
+    /** adler32 of the bytes before the body (meta frame), or undefined when not checksumming. */
+    private readonly headChecksum: number | undefined,
   ) {}
 
   /** Opens `file` and reads its meta frame (and trailer, if compressed). */
-  static async open(file: string): Promise<StreamReader> {
+  static async open(file: string, options: StreamReaderOptions = {}): Promise<StreamReader> {
     let handle: fs.FileHandle;
     try {
       handle = await fs.open(file, 'r');
@@ -42,7 +66,8 @@ export class StreamReader {
     }
     try {
       const { size } = await handle.stat();
-      const header = parseHeader(await readExactly(handle, 0, FRAME_HEADER_LENGTH, file), `${file} at 0`);
+      const headerBytes = await readExactly(handle, 0, FRAME_HEADER_LENGTH, file);
+      const header = parseHeader(headerBytes, `${file} at 0`);
       if (header.kind !== 'meta') throw new StreamFormatError(`${file}: not a backup stream (first frame is ${header.kind}, not meta)`);
       const json = await readExactly(handle, FRAME_HEADER_LENGTH, header.length, file);
       const meta = parseMetadata(json, file);
@@ -59,7 +84,8 @@ export class StreamReader {
         trailer = parseTrailer(await readExactly(handle, at, comp.length, file), file);
         bodyEnd = at;
       }
-      return new StreamReader(file, handle, size, meta, afterMeta + TERMINATOR.length, trailer, bodyEnd);
+      const headChecksum = options.checksum ? [headerBytes, json, term].reduce((sum, b) => native().adler32(b, sum), 1) : undefined;
+      return new StreamReader(file, handle, size, meta, afterMeta + TERMINATOR.length, trailer, bodyEnd, headChecksum);
     } catch (err) {
       await handle.close();
       throw err;
@@ -80,7 +106,44 @@ export class StreamReader {
   private async read(length: number): Promise<Buffer> {
     const data = await readExactly(this.handle, this.position, length, this.path);
     this.position += length;
+    if (this.running !== undefined) await this.sum(data);
     return data;
+  }
+
+  /** Adds `data` to the running adler32: large reads on a worker thread (restore reads at disk speed). */
+  private async sum(data: Buffer): Promise<void> {
+    const addon = native();
+    if (data.length < THREADED_SUM && this.pending.length === 0) {
+      this.running = addon.adler32(data, this.running as number);
+      return;
+    }
+    const entry: PendingSum = { length: data.length, done: Promise.resolve() };
+    if (data.length < THREADED_SUM) entry.sum = addon.adler32(data, 1);
+    else entry.done = addon.checksumPiece(data, false).then((s) => { entry.sum = s.adler32; });
+    this.pending.push(entry);
+    this.foldSettled();
+    if (this.pending.length > SUMS_AHEAD) {
+      await this.pending[0]!.done;
+      this.foldSettled();
+    }
+  }
+
+  private foldSettled(): void {
+    const addon = native();
+    while (this.pending.length > 0 && this.pending[0]!.sum !== undefined) {
+      const head = this.pending.shift()!;
+      this.running = addon.adler32Combine(this.running as number, head.sum as number, head.length);
+    }
+  }
+
+  private async settleSums(): Promise<void> {
+    await Promise.all(this.pending.map((p) => p.done));
+    this.foldSettled();
+  }
+
+  /** adler32 of every byte of the file, once records() has run to its end with `checksum` set; else undefined. */
+  get checksum(): number | undefined {
+    return this.complete ? this.running : undefined;
   }
 
   private async header(): Promise<FrameHeader> {
@@ -101,6 +164,9 @@ export class StreamReader {
    */
   async *records(): AsyncGenerator<StreamRecord> {
     this.position = this.bodyStart;
+    this.running = this.headChecksum;
+    this.pending = [];
+    this.complete = false;
     const addon = native();
     let dataSize = 0;
     let dataFrames = 0;
@@ -147,6 +213,9 @@ export class StreamReader {
     if (this.position !== this.bodyEnd) this.fail(`${this.bodyEnd - this.position} unexpected bytes after the stop frame`);
     if (this.trailer && dataFrames !== this.trailer.length) this.fail(`trailer lists ${this.trailer.length} data frames, stream has ${dataFrames}`);
     if (dataSize !== this.meta.dataSize) this.fail(`data frames hold ${dataSize} bytes, metadata says ${this.meta.dataSize}`);
+    if (this.running !== undefined && this.fileSize > this.bodyEnd) await this.read(this.fileSize - this.bodyEnd);
+    await this.settleSums();
+    this.complete = true;
   }
 
   async close(): Promise<void> {
@@ -167,7 +236,7 @@ function checkLength(data: Buffer, expected: number, where: string): Buffer {
   return data;
 }
 
-async function readExactly(handle: fs.FileHandle, position: number, length: number, file: string): Promise<Buffer> {
+export async function readExactly(handle: fs.FileHandle, position: number, length: number, file: string): Promise<Buffer> {
   const buffer = Buffer.allocUnsafe(length);
   let done = 0;
   while (done < length) {

@@ -1,0 +1,367 @@
+// Plans a restore before anything is written: which disks, from which data files (chain, --until, --sequence),
+// into which images of which format and layout, and whether the output is a directory of new images or one
+// existing raw file or block device.
+//   scan set (refuse .partial, non-sets) -> streams vs raw images -> chains -> select (--sequence | -d, --until)
+//   -> per disk: restore point, vmconfig, raw-format check (-r), image name, qcow.json layout -> output checks
+// Guarantees: every refusal (bad set, broken chain, bad sequence, unknown checkpoint, images already there,
+// unusable target) happens here, so a refused restore touches nothing.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import {
+  checkLinks, listSet, parseDataFileName, qcowInfoName, readChains, readCheckpointList, vmConfigName,
+  type ChainLink, type DataFile,
+} from '../set/backupSet.js';
+import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
+import { isStreamFile } from '../verify/verify.js';
+import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
+import { UserError } from '../util/errors.js';
+import { silentLogger, type Logger } from '../util/log.js';
+
+export interface PlanOptions {
+  input: string;
+  /** A directory for new images, or an existing raw file or block device to restore one disk onto. */
+  output: string;
+  /** Stop after the link whose checkpoint has this name. */
+  until?: string;
+  /** Explicit data files of one disk, in chain order (--sequence). */
+  sequence?: string[];
+  /** Restore only this disk (target dev). */
+  disk?: string;
+  /** Restore raw-format disks (as raw images); without it they are left out. */
+  raw?: boolean;
+  /** Preallocate new images instead of keeping them thin. */
+  preallocate?: boolean;
+  /** Write new qcow2 images with compressed clusters. */
+  compress?: boolean;
+  log?: Logger;
+}
+
+/** Where a disk's data comes from: a stream chain, or one raw image copied as it is. */
+export type DiskSource =
+  | { kind: 'stream'; chain: ChainLink[] }
+  | { kind: 'image'; file: string; path: string };
+
+export interface DiskPlan {
+  disk: string;
+  source: DiskSource;
+  /** Ident of the restore point (checkpoint, 'copy' or diff seconds): names its vmconfig and qcow.json. */
+  ident: string;
+  virtualSize: number;
+  format: ImageFormat;
+  /** `qemu-img create -o` options of a new image. */
+  createOptions: string[];
+  /** The restored image: a new file in the output directory, or the existing target. */
+  image: string;
+  /** The image is the existing target (not known to read as zero), not a new file. */
+  existing: boolean;
+  /** The existing target is a block device. */
+  block: boolean;
+  /** External data file created with a new qcow2 image (qcow.json `data-file`), in the output directory. */
+  dataFile?: string;
+  /** Bytes of payload to write, for progress. */
+  dataSize: number;
+}
+
+export interface RestorePlan {
+  input: string;
+  /** The output directory (for an existing target: none). */
+  outputDir?: string;
+  disks: DiskPlan[];
+  /** The saved domain XML of the restore point, when the set has one. */
+  vmconfig?: string;
+  /** Ident of the restore point of the vmconfig. */
+  ident?: string;
+}
+
+export const identOf = (link: ChainLink): string => (link.level === 'full' ? link.meta.checkpointName : link.level === 'copy' ? 'copy' : link.ident);
+
+export const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
+
+interface ScannedSet {
+  checkpoints: string[];
+  chains: Map<string, ChainLink[]>;
+  images: Map<string, DataFile>;
+}
+
+/** Lists the set, refuses leftovers and non-sets, and reads the chains; raw images stand alone. */
+async function scanSet(input: string): Promise<ScannedSet> {
+  const listing = await listSet(input);
+  if (listing.partials.length > 0) {
+    throw new UserError(`${path.join(input, listing.partials[0] as string)} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
+  }
+  if (listing.dataFiles.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files`);
+  const cpt = listing.checkpointLists[0];
+  const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)) : [];
+  const streams: DataFile[] = [];
+  const images = new Map<string, DataFile>();
+  for (const f of listing.dataFiles) {
+    // Only a base can be a raw image (-t raw, or a raw disk saved by Python); anything else is a stream.
+    const base = f.level === 'full' || f.level === 'copy';
+    if (base && !(await isStreamFile(path.join(input, f.file)))) images.set(f.disk, f);
+    else streams.push(f);
+  }
+  const chains = await readChains({ ...listing, dataFiles: streams }, checkpoints);
+  return { checkpoints, chains, images };
+}
+
+/** Cuts a checked chain after the checkpoint `until` (diffs carry no checkpoint of their own). */
+function cutAt(chain: ChainLink[], until: string, disk: string, input: string): ChainLink[] {
+  const end = chain.findIndex((l) => l.meta.checkpointName === until && l.level !== 'diff');
+  if (end < 0) {
+    const known = chain.filter((l) => l.level !== 'diff').map((l) => l.meta.checkpointName).join(', ');
+    throw new UserError(`checkpoint ${until} is not in the chain of disk ${disk} in ${input} (it has: ${known}); pick one of those with --until`);
+  }
+  return chain.slice(0, end + 1);
+}
+
+/**
+ * The chain a --sequence names: files of one disk, starting at its base, in chain order, with no incremental
+ * left out between two of them (diffs may be skipped: each holds all changes since its checkpoint).
+ */
+export function chainFromSequence(sequence: string[], chains: ReadonlyMap<string, ChainLink[]>, input: string): ChainLink[] {
+  const names = sequence.map((f) => path.basename(f));
+  const disks = new Set(names.map((n) => {
+    const parsed = parseDataFileName(n);
+    if (!parsed) throw new UserError(`${n} in --sequence is not a data file name (<disk>.<level>[.<ident>].data)`);
+    return parsed.disk;
+  }));
+  if (disks.size !== 1) throw new UserError(`--sequence mixes the disks ${[...disks].join(' and ')}: give the files of one disk per restore`);
+  const disk = [...disks][0] as string;
+  const chain = chains.get(disk) ?? [];
+  const positions = names.map((n) => {
+    const at = chain.findIndex((l) => l.file === n);
+    if (at < 0) throw new UserError(`${n} in --sequence is not in the set ${input}; list the set with -o dump`);
+    return at;
+  });
+  const order = chain.map((l) => l.file).join(',');
+  if (positions[0] !== 0) throw new UserError(`--sequence must start with the base of disk ${disk} (${chain[0]?.file}), not ${names[0]}; the chain is ${order}`);
+  checkLinks(chain.slice(0, Math.max(...positions) + 1));
+  const misplaced = positions.findIndex((at, i) => i > 0 && at <= (positions[i - 1] as number));
+  if (misplaced > 0) throw new UserError(`--sequence is out of chain order: ${names[misplaced]} comes before ${names[misplaced - 1]}; the chain is ${order}`);
+  for (let i = 1; i < positions.length; i++) {
+    const [from, to] = [positions[i - 1] as number, positions[i] as number];
+    const missing = chain.slice(from + 1, to).filter((l) => l.level === 'inc').map((l) => l.file);
+    if (missing.length > 0) throw new UserError(`--sequence has a gap before ${names[i]}: it needs ${missing.join(', ')} first; the chain is ${order}`);
+  }
+  return positions.map((at) => chain[at] as ChainLink);
+}
+
+/** The set's chains, checked, selected by disk and cut at `until`: what a restore of every disk would apply. */
+export async function loadChains(input: string, until: string | undefined, onlyDisk: string | undefined): Promise<Map<string, ChainLink[]>> {
+  const { chains } = await scanSet(input);
+  const selected = selectChains(chains, { input, until, disk: onlyDisk });
+  if (selected.size === 0) throw new UserError(`no backup of disk ${onlyDisk} in ${input}`);
+  return selected;
+}
+
+function selectChains(chains: Map<string, ChainLink[]>, options: { input: string; until?: string; disk?: string }): Map<string, ChainLink[]> {
+  const selected = new Map<string, ChainLink[]>();
+  for (const [disk, chain] of chains) {
+    if (options.disk !== undefined && disk !== options.disk) continue;
+    checkLinks(chain);
+    selected.set(disk, options.until === undefined ? chain : cutAt(chain, options.until, disk, options.input));
+  }
+  return selected;
+}
+
+/**
+ * The domain XMLs saved in the set (vmconfig.<ident>.xml), newest first. A disk is described by the XML of its
+ * own restore point when there is one, else by the newest that has it (a raw disk copied along a full backup
+ * is saved under the full's ident, not under 'copy').
+ */
+class SavedConfigs {
+  private readonly parsed = new Map<string, Promise<DomainDisk[]>>();
+
+  private constructor(private readonly input: string, readonly files: string[]) {}
+
+  static async read(input: string): Promise<SavedConfigs> {
+    const names = (await fs.readdir(input)).filter((n) => /^vmconfig\..+\.xml$/.test(n));
+    const dated = await Promise.all(names.map(async (n) => ({ n, at: (await fs.stat(path.join(input, n))).mtimeMs })));
+    return new SavedConfigs(input, dated.sort((a, b) => b.at - a.at).map((d) => d.n));
+  }
+
+  private disks(file: string): Promise<DomainDisk[]> {
+    let disks = this.parsed.get(file);
+    if (!disks) {
+      disks = fs.readFile(path.join(this.input, file), 'utf8').then((xml) => parseDomainXml(xml).disks).catch(() => []);
+      this.parsed.set(file, disks);
+    }
+    return disks;
+  }
+
+  /** The disk as the XML of the first of `idents` that has one describes it, else as the newest XML does. */
+  async disk(disk: string, idents: string[]): Promise<DomainDisk | undefined> {
+    const own = idents.map(vmConfigName).filter((f) => this.files.includes(f));
+    for (const file of [...own, ...this.files]) {
+      const found = (await this.disks(file)).find((d) => d.target === disk);
+      if (found) return found;
+    }
+    return undefined;
+  }
+
+  has(ident: string): boolean {
+    return this.files.includes(vmConfigName(ident));
+  }
+
+  /** The XML of the restore point `ident`, else the newest one. */
+  pick(ident: string): string | undefined {
+    const own = vmConfigName(ident);
+    const file = this.files.includes(own) ? own : this.files[0];
+    return file && path.join(this.input, file);
+  }
+}
+
+interface OutputTarget {
+  dir?: string;
+  /** An existing raw file or block device. */
+  file?: string;
+  block: boolean;
+}
+
+async function resolveOutput(output: string): Promise<OutputTarget> {
+  const stat = await fs.stat(output).catch(() => undefined);
+  if (!stat || stat.isDirectory()) return { dir: output, block: false };
+  if (!stat.isFile() && !stat.isBlockDevice()) throw new UserError(`-o ${output} is neither a directory, a regular file nor a block device`);
+  const head = Buffer.alloc(4);
+  const handle = await fs.open(output, 'r');
+  await handle.read(head, 0, 4, 0).finally(() => handle.close());
+  if (head.equals(Buffer.from('QFI\xfb', 'latin1'))) {
+    throw new UserError(`-o ${output} is a qcow2 image; restore writes raw data onto existing files: give a raw file, a block device or a directory`);
+  }
+  return { file: output, block: stat.isBlockDevice() };
+}
+
+/** What gets applied per disk: the --sequence, or the chains selected by -d and cut at --until, and raw images. */
+function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): ScannedSet {
+  const { input } = options;
+  if (options.sequence && options.until) throw new UserError('--sequence and --until both choose the files to apply: give one of them');
+  const named = options.sequence?.length === 1 ? path.basename(options.sequence[0] as string) : undefined;
+  const image = [...scanned.images.values()].find((f) => f.file === named);
+  if (image) return { ...scanned, chains: new Map(), images: new Map([[image.disk, image]]) };
+  if (options.sequence) {
+    const chain = chainFromSequence(options.sequence, scanned.chains, input);
+    const disk = (chain[0] as ChainLink).disk;
+    if (options.disk !== undefined && options.disk !== disk) throw new UserError(`-d ${options.disk} and --sequence of disk ${disk} contradict each other: give one of them`);
+    return { ...scanned, chains: new Map([[disk, chain]]), images: new Map() };
+  }
+  const chains = selectChains(scanned.chains, { input, until: options.until, disk: options.disk });
+  const images = new Map([...scanned.images].filter(([disk]) => options.disk === undefined || disk === options.disk));
+  for (const [disk, file] of images) {
+    if (chains.has(disk)) throw new UserError(`${input} holds a raw image (${file.file}) and streams of disk ${disk}, which form no chain; restore the image alone with -s ${file.file}`);
+  }
+  if (options.until !== undefined && images.size > 0) log.warn(`--until does not apply to raw images (${[...images.values()].map((f) => f.file).join(', ')}): they are restored as they are`);
+  return { ...scanned, chains, images };
+}
+
+export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
+  const log = options.log ?? silentLogger;
+  const input = path.resolve(options.input);
+  const output = await resolveOutput(path.resolve(options.output));
+  const { chains, images, checkpoints } = selectSources(await scanSet(input), { ...options, input }, log);
+  const configs = await SavedConfigs.read(input);
+  const disks: DiskPlan[] = [];
+  for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));
+  for (const [disk, file] of images) disks.push(await planImageDisk(disk, file, input, checkpoints, configs));
+  if (disks.length === 0) throw new UserError(`no backup of disk ${options.disk} in ${input}`);
+
+  const kept = disks.filter((d) => {
+    if (d.format !== 'raw' || options.raw) return true;
+    log.warn(`disk ${d.disk} is a raw-format disk: left out; restore it with -r/--raw`);
+    return false;
+  });
+  if (kept.length === 0) throw new UserError(`nothing to restore from ${input}: ${disks.map((d) => d.disk).join(', ')} ${disks.length > 1 ? 'are raw-format disks' : 'is a raw-format disk'}; add -r/--raw`);
+  kept.sort((a, b) => a.disk.localeCompare(b.disk));
+
+  if (output.file) await placeOnto(kept, output.file, output.block, options);
+  else await placeInDirectory(kept, output.dir as string, options);
+  const point = pickRestorePoint(kept, configs);
+  return { input, outputDir: output.dir, disks: kept, vmconfig: configs.pick(point), ident: point };
+}
+
+/** The latest restore point among the disks that has a saved XML (it describes the machine then). */
+function pickRestorePoint(disks: DiskPlan[], configs: SavedConfigs): string {
+  const byDate = disks.map((d) => ({ ident: d.ident, date: d.source.kind === 'stream' ? d.source.chain.at(-1)?.meta.date ?? '' : '' }))
+    .sort((a, b) => b.date.localeCompare(a.date));
+  return (byDate.find((p) => configs.has(p.ident)) ?? byDate[0])?.ident ?? 'copy';
+}
+
+async function planStreamDisk(disk: string, chain: ChainLink[], configs: SavedConfigs): Promise<DiskPlan> {
+  const base = chain[0] as ChainLink;
+  const last = chain[chain.length - 1] as ChainLink;
+  const ident = identOf(last);
+  const saved = await configs.disk(disk, [ident, identOf(base)]);
+  const format: ImageFormat = (saved?.format ?? base.meta.diskFormat) === 'raw' ? 'raw' : 'qcow2';
+  return {
+    disk, source: { kind: 'stream', chain }, ident, virtualSize: last.meta.virtualSize, format, createOptions: [],
+    image: imageBaseName(saved, disk), existing: false, block: false,
+    dataSize: chain.reduce((sum, l) => sum + l.meta.dataSize, 0),
+  };
+}
+
+async function planImageDisk(disk: string, file: DataFile, input: string, checkpoints: string[], configs: SavedConfigs): Promise<DiskPlan> {
+  const ident = file.level === 'copy' ? 'copy' : checkpoints[0] ?? 'virtnbdbackup.0';
+  const saved = await configs.disk(disk, [ident]);
+  const filePath = path.join(input, file.file);
+  const size = (await fs.stat(filePath)).size;
+  return {
+    disk, source: { kind: 'image', file: file.file, path: filePath }, ident, virtualSize: size,
+    format: (saved?.format ?? 'raw') === 'raw' ? 'raw' : 'qcow2', createOptions: [],
+    image: imageBaseName(saved, disk), existing: false, block: false, dataSize: size,
+  };
+}
+
+function imageBaseName(saved: DomainDisk | undefined, disk: string): string {
+  return saved?.path ? path.basename(saved.path) : disk;
+}
+
+/** One disk onto an existing raw file or device: no layout, and it must be large enough. */
+async function placeOnto(disks: DiskPlan[], target: string, block: boolean, options: PlanOptions): Promise<void> {
+  if (disks.length !== 1) {
+    throw new UserError(`-o ${target} is a ${block ? 'block device' : 'file'}: a restore onto it takes one disk, the set has ${disks.map((d) => d.disk).join(', ')}; choose one with -d`);
+  }
+  if (options.compress || options.preallocate) throw new UserError(`--compress and -A/--preallocate shape new images; -o ${target} exists: leave them out, or restore into a directory`);
+  const disk = disks[0] as DiskPlan;
+  const size = await rawSize(target);
+  if (block && size < disk.virtualSize) {
+    throw new UserError(`block device ${target} holds ${size} bytes, disk ${disk.disk} needs ${disk.virtualSize}; give a device at least that large`);
+  }
+  Object.assign(disk, { image: target, format: 'raw', existing: true, block });
+}
+
+/** New images in `dir`: unique names, the source's qcow2 layout, nothing of the same name already there. */
+async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOptions): Promise<void> {
+  if (options.compress && options.preallocate) throw new UserError('--compress and -A/--preallocate contradict each other: give one of them');
+  const taken = new Set<string>();
+  const outputs: string[] = [];
+  for (const disk of disks) {
+    let name = disk.image;
+    if (taken.has(name)) name = `${disk.disk}.${name}`; // two source images of the same file name
+    taken.add(name);
+    disk.image = path.join(dir, name);
+    const qcowJson = await readQcowInfo(options.input, disk);
+    if (disk.format === 'qcow2') disk.createOptions = qcow2CreateOptions(qcowJson);
+    const dataFile = disk.format === 'qcow2' ? qcow2DataFile(qcowJson) : undefined;
+    if (dataFile) {
+      if (options.compress) throw new UserError(`--compress cannot be used for disk ${disk.disk}: its image keeps its data in an external data file (${dataFile.file}), which holds no compressed clusters`);
+      disk.dataFile = path.join(dir, path.basename(dataFile.file));
+      disk.createOptions.push(...dataFileOptions(disk.dataFile, dataFile.raw));
+      outputs.push(disk.dataFile);
+    }
+    if (options.preallocate) disk.createOptions.push(`preallocation=${disk.format === 'qcow2' ? 'metadata' : 'falloc'}`);
+    outputs.push(disk.image, `${disk.image}.partial`, `${disk.image}.uncompressed.partial`);
+  }
+  const twice = outputs.find((file, i) => outputs.indexOf(file) !== i);
+  if (twice) throw new UserError(`two restored files would be named ${twice}; restore the disks one by one with -d`);
+  for (const file of outputs) {
+    if (await exists(file)) throw new UserError(`${file} already exists; restore into another directory or move it away (nothing is overwritten)`);
+  }
+}
+
+async function readQcowInfo(input: string, disk: DiskPlan): Promise<string | undefined> {
+  const idents = [disk.ident, ...(disk.source.kind === 'stream' ? [identOf(disk.source.chain[0] as ChainLink)] : [])];
+  for (const ident of idents) {
+    const text = await fs.readFile(path.join(path.resolve(input), qcowInfoName(disk.disk, ident)), 'utf8').catch(() => undefined);
+    if (text !== undefined) return text;
+  }
+  return undefined;
+}

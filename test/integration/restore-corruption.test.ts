@@ -1,0 +1,165 @@
+// Bad input, table-driven, on real sets (plain full -> inc -> inc, and lz4 full -> inc): each case damages a copy of
+// the set, runs restore or verify, and expects a non-zero exit, one error line naming the file and what to do, no
+// image or .partial left in the output directory, no socket left, and the set untouched by the run.
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { TestDomain, run, tempDir } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk, type CliResult } from '../support/cli.js';
+import { flipByte } from '../support/craftedSet.js';
+
+type SetKind = 'plain' | 'lz4';
+
+interface BadInput {
+  name: string;
+  set: SetKind;
+  /** Damages the copy of the set in `dir`. */
+  damage?: (dir: string) => Promise<void>;
+  /** virtnbdrestore arguments after -i SET; OUT stands for the output directory. */
+  args?: string[];
+  /** What stderr (restore) or the FAILED line (verify) must say. */
+  expect: RegExp;
+  verify?: boolean;
+}
+
+/** Byte position of the first `data` frame header of `file`. */
+async function firstDataHeader(file: string): Promise<number> {
+  const at = (await fs.readFile(file)).indexOf('\r\ndata 0', 0, 'latin1');
+  assert.ok(at > 0, `no data frame in ${file}`);
+  return at + 2;
+}
+
+async function truncateBy(file: string, bytes: number): Promise<void> {
+  await fs.truncate(file, (await fs.stat(file)).size - bytes);
+}
+
+async function writeAt(file: string, offset: number, text: string): Promise<void> {
+  const handle = await fs.open(file, 'r+');
+  await handle.write(Buffer.from(text, 'latin1'), 0, text.length, offset).finally(() => handle.close());
+}
+
+const INC1 = 'vda.inc.virtnbdbackup.1.data';
+const INC2 = 'vda.inc.virtnbdbackup.2.data';
+const DAMAGED = /the set's file is damaged: check the set with -a verify, or restore an earlier point with --until/;
+
+const cases: BadInput[] = [
+  { name: 'a data file missing from the chain', set: 'plain', damage: (d) => fs.rm(path.join(d, INC1)),
+    expect: /broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set: put it back, or restore an earlier point with --until/ },
+  { name: 'a .partial left in the set', set: 'plain', damage: (d) => fs.writeFile(path.join(d, 'vda.inc.virtnbdbackup.3.data.partial'), 'x'),
+    expect: /vda\.inc\.virtnbdbackup\.3\.data\.partial is left from a failed backup run; .*restore with --until an earlier checkpoint after moving the \.partial file away/ },
+  { name: 'a stream truncated inside its metadata', set: 'plain', damage: (d) => fs.truncate(path.join(d, INC2), 100),
+    expect: /vda\.inc\.virtnbdbackup\.2\.data: unexpected end of file at byte \d+ \(truncated\); the set's file vda\.inc\.virtnbdbackup\.2\.data is damaged or not a stream/ },
+  { name: 'a stream truncated inside a payload', set: 'plain', damage: async (d) => fs.truncate(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 4096),
+    expect: new RegExp(`${INC1.replace(/\./g, '\\.')}: unexpected end of file at byte \\d+ \\(truncated\\); ${DAMAGED.source}`) },
+  { name: 'a stream truncated before its stop frame', set: 'plain', damage: (d) => truncateBy(path.join(d, INC2), 40),
+    expect: new RegExp(`${INC2.replace(/\./g, '\\.')} at byte \\d+: stream ends without a stop frame \\(truncated\\); ${DAMAGED.source}`) },
+  { name: 'an lz4 stream truncated in its trailer', set: 'lz4', damage: (d) => truncateBy(path.join(d, INC1), 10),
+    expect: /vda\.inc\.virtnbdbackup\.1\.data( trailer)?: (compressed stream lacks its comp trailer|invalid frame header).*damaged or not a stream/ },
+  { name: 'a flipped byte in a frame header', set: 'plain', damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 10),
+    expect: new RegExp(`${INC1.replace(/\./g, '\\.')} at byte \\d+: invalid frame header .*; ${DAMAGED.source}`) },
+  { name: 'a frame header that still parses but points elsewhere', set: 'plain',
+    // disk offset 0x2000000 -> 0x2100000: still in order and inside the disk, so only the checksum can tell
+    damage: async (d) => writeAt(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 'data 0000000002'.length, '1'),
+    expect: new RegExp(`${INC1.replace(/\./g, '\\.')}: adler32 of the file is \\d+, ${INC1.replace(/\./g, '\\.')}\\.chksum says \\d+; ${DAMAGED.source}`) },
+  { name: 'a flipped byte in an uncompressed payload (restore)', set: 'plain', damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 1000),
+    expect: new RegExp(`adler32 of the file is \\d+, ${INC1.replace(/\./g, '\\.')}\\.chksum says \\d+; ${DAMAGED.source}`) },
+  { name: 'a flipped byte in an uncompressed payload (verify)', set: 'plain', verify: true, damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 1000),
+    expect: new RegExp(`^FAILED ${INC1.replace(/\./g, '\\.')}: extent at disk offset 33554432 \\(2097152 bytes\\): SHA-256 differs from the recorded one; adler32`) },
+  { name: 'a flipped byte in a compressed frame (restore)', set: 'lz4', damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 30),
+    expect: new RegExp(`${INC1.replace(/\./g, '\\.')}: lz4 frame 0 of the data frame at disk offset 33554432: .*; ${DAMAGED.source}`) },
+  { name: 'a flipped byte in a compressed frame (verify)', set: 'lz4', verify: true, damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 30),
+    expect: new RegExp(`^FAILED ${INC1.replace(/\./g, '\\.')}: lz4 frame 0 of the data frame at disk offset 33554432`) },
+  { name: 'a missing checksum (verify)', set: 'plain', verify: true, damage: (d) => fs.rm(path.join(d, `${INC2}.chksum`)),
+    expect: new RegExp(`^FAILED ${INC2.replace(/\./g, '\\.')}: no checksum file ${INC2.replace(/\./g, '\\.')}\\.chksum$`) },
+  { name: '--until naming a checkpoint the set does not have', set: 'plain', args: ['--until', 'virtnbdbackup.9'],
+    expect: /checkpoint virtnbdbackup\.9 is not in the chain of disk vda in .* \(it has: virtnbdbackup\.0, virtnbdbackup\.1, virtnbdbackup\.2\); pick one of those with --until/ },
+];
+
+describe('bad input: one line, non-zero exit, nothing touched outside the output directory', () => {
+  let dom: TestDomain;
+  let work: string;
+  const sets: Record<SetKind, string> = { plain: '', lz4: '' };
+
+  before(async () => {
+    dom = await TestDomain.create({ disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 6 }] }] });
+    work = await tempDir('vnbd-corrupt-');
+    for (const [kind, extra] of [['plain', []], ['lz4', ['-z']]] as const) {
+      sets[kind] = path.join(work, kind);
+      await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', sets[kind], '-n', ...extra]);
+      await dom.write('vda', 0x22, '32M', '2M');
+      await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', sets[kind], '-n', ...extra]);
+      await dom.write('vda', 0x33, '40M', '1M');
+      if (kind === 'plain') await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', sets[kind], '-n']);
+    }
+  });
+  after(async () => {
+    await dom?.destroy();
+    if (work) await fs.rm(work, { recursive: true, force: true });
+  });
+
+  /** Names, sizes and modification times of everything in `dir`: what "untouched" means. */
+  async function fingerprint(dir: string): Promise<string[]> {
+    const names = (await fs.readdir(dir, { recursive: true })).sort();
+    return Promise.all(names.map(async (n) => {
+      const s = await fs.stat(path.join(dir, n));
+      return `${n} ${s.size} ${s.mtimeMs}`;
+    }));
+  }
+
+  async function assertNothingLeft(out: string, socket: string): Promise<void> {
+    const left = await fs.readdir(out).catch(() => [] as string[]);
+    assert.deepEqual(left, [], `left in the output directory: ${left.join(' ')}`);
+    assert.equal(await fs.access(socket).then(() => true, () => false), false, 'socket left behind');
+  }
+
+  for (const [i, c] of cases.entries()) {
+    test(`${c.verify ? 'verify' : 'restore'}: ${c.name}`, async () => {
+      const set = path.join(work, `case${i}`);
+      await run('cp', ['-a', sets[c.set], set]);
+      await c.damage?.(set);
+      const before = await fingerprint(set);
+      const out = path.join(work, `out${i}`);
+      const socket = path.join(work, `case${i}.sock`);
+      const r: CliResult = c.verify
+        ? await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify'])
+        : await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-f', socket, ...(c.args ?? [])]);
+      assert.equal(r.code, 1, `exit ${r.code}: ${r.stderr}${r.stdout}`);
+      if (c.verify) {
+        const failed = r.stdout.split('\n').filter((l) => l.startsWith('FAILED'));
+        assert.equal(failed.length, 1, r.stdout);
+        assert.match(failed[0] as string, c.expect);
+      } else {
+        assert.equal(errorLines(r).length, 1, r.stderr);
+        assert.match(errorLines(r)[0] as string, c.expect);
+        await assertNothingLeft(out, socket);
+      }
+      assert.deepEqual(await fingerprint(set), before, 'the run changed the set');
+      await fs.rm(set, { recursive: true, force: true });
+    });
+  }
+
+  test('restore: an output directory that already holds an image of that name is refused, the image untouched', async () => {
+    const out = path.join(work, 'existing');
+    await runOk(ourBin('virtnbdrestore'), ['-i', sets.plain, '-o', out, '-n', '--until', 'virtnbdbackup.0']);
+    const before = await fingerprint(out);
+    const r = await runCli(ourBin('virtnbdrestore'), ['-i', sets.plain, '-o', out, '-n']);
+    assert.equal(r.code, 1);
+    assert.equal(errorLines(r).length, 1, r.stderr);
+    assert.match(r.stderr, /vda\.qcow2 already exists; restore into another directory or move it away \(nothing is overwritten\)/);
+    assert.deepEqual(await fingerprint(out), before);
+  });
+
+  test('restore and verify: a directory that is not a backup set is refused', async () => {
+    const notSet = path.join(work, 'not-a-set');
+    await fs.mkdir(notSet, { recursive: true });
+    await fs.writeFile(path.join(notSet, 'notes.txt'), 'hello');
+    for (const args of [['-o', path.join(work, 'out-not-set'), '-n'], ['-o', 'verify']]) {
+      const r = await runCli(ourBin('virtnbdrestore'), ['-i', notSet, ...args]);
+      assert.equal(r.code, 1);
+      assert.equal(errorLines(r).length, 1, r.stderr);
+      assert.match(r.stderr, /not-a-set is not a backup set: it holds no \*\.data files/);
+    }
+    assert.equal(await fs.access(path.join(work, 'out-not-set')).then(() => true, () => false), false);
+  });
+});

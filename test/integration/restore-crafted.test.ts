@@ -1,0 +1,176 @@
+// Restore of sets crafted with the engine's own stream writer (no domain needed, real qemu-img/qemu-nbd): raw-format
+// disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
+// --compress and -A layouts, the saved NVRAM with -c, and a restore (with -c) in a mount namespace where libvirtd
+// cannot be reached.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { TestDomain, run, withTempDir } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
+import { qcowInfoName } from '../../src/set/backupSet.js';
+
+const MiB = 1024 * 1024;
+
+interface Crafted {
+  set: string;
+  /** Raw reference images of the disks, by target. */
+  refs: Record<string, string>;
+}
+
+/** A set of a qcow2 disk vda (full + inc with a zeroed range) and a raw-format disk vdb (copy). */
+async function craftTwoDiskSet(work: string): Promise<Crafted> {
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  const vda = new MemoryDisk(64 * MiB).fill(0x11, 0, 8 * MiB).fill(0x22, 40 * MiB, 4 * MiB);
+  await craftStream({ dir: set, file: 'vda.full.data', disk: vda, diskName: 'vda', extents: [
+    { offset: 0, length: 8 * MiB, kind: 'data' }, { offset: 40 * MiB, length: 4 * MiB, kind: 'data' },
+  ] });
+  vda.fill(0x33, 4 * MiB, MiB).fill(0, 40 * MiB, 2 * MiB);
+  await craftStream({ dir: set, file: 'vda.inc.virtnbdbackup.1.data', disk: vda, diskName: 'vda', incremental: true,
+    checkpointName: 'virtnbdbackup.1', parentCheckpoint: 'virtnbdbackup.0', compress: 2,
+    extents: [{ offset: 4 * MiB, length: MiB, kind: 'data' }, { offset: 40 * MiB, length: 2 * MiB, kind: 'zero' }] });
+  const vdb = new MemoryDisk(16 * MiB).fill(0x44, 2 * MiB, 3 * MiB);
+  await craftStream({ dir: set, file: 'vdb.copy.data', disk: vdb, diskName: 'vdb', diskFormat: 'raw', checkpointName: '',
+    extents: [{ offset: 0, length: 2 * MiB, kind: 'zero' }, { offset: 2 * MiB, length: 3 * MiB, kind: 'data' }] });
+  const disks = [{ target: 'vda', file: '/vm/web.qcow2', format: 'qcow2' }, { target: 'vdb', file: '/vm/data.img', format: 'raw' },
+    { target: 'sda', file: '/iso/boot.iso', format: 'raw', device: 'cdrom' as const }];
+  for (const ident of ['virtnbdbackup.0', 'virtnbdbackup.1']) await craftVmConfig(set, ident, 'web', disks);
+  await fs.writeFile(path.join(set, 'web.cpt'), JSON.stringify(['virtnbdbackup.0', 'virtnbdbackup.1']));
+  return { set, refs: { vda: await vda.saveRaw(path.join(work, 'vda.ref')), vdb: await vdb.saveRaw(path.join(work, 'vdb.ref')) } };
+}
+
+async function assertSame(image: string, reference: string, format: 'qcow2' | 'raw'): Promise<void> {
+  const r = await TestDomain.compare(image, reference, { formatA: format, formatB: 'raw' });
+  assert.ok(r.identical, `${image} differs from ${reference}: ${r.output}`);
+}
+
+async function imageInfo(image: string): Promise<Record<string, unknown> & { 'format-specific'?: { data?: Record<string, unknown> } }> {
+  return JSON.parse((await run('qemu-img', ['info', '--output=json', '-U', image])).stdout);
+}
+
+/** Bytes qemu-img map reports as allocated data. */
+async function allocatedBytes(image: string): Promise<number> {
+  const map = JSON.parse((await run('qemu-img', ['map', '--output=json', '-U', image])).stdout) as Array<{ length: number; data: boolean }>;
+  return map.filter((e) => e.data).reduce((sum, e) => sum + e.length, 0);
+}
+
+test('raw-format disks: left out with a warning without -r, restored as raw images with -r; -c follows', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+
+  const plain = path.join(work, 'plain');
+  const without = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', plain, '-n', '-c']);
+  assert.match(without.stderr, /disk vdb is a raw-format disk: left out; restore it with -r\/--raw/);
+  assert.deepEqual((await fs.readdir(plain)).sort(), ['vmconfig.virtnbdbackup.1.xml', 'web.qcow2']);
+  await assertSame(path.join(plain, 'web.qcow2'), refs.vda as string, 'qcow2');
+  const adjusted = await fs.readFile(path.join(plain, 'vmconfig.virtnbdbackup.1.xml'), 'utf8');
+  assert.match(adjusted, /<name>restore_web<\/name>/);
+  assert.doesNotMatch(adjusted, /data\.img|boot\.iso|<uuid>/);
+  assert.match(adjusted, new RegExp(`<source file="${path.join(plain, 'web.qcow2')}"/>`));
+
+  const withRaw = path.join(work, 'raw');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', withRaw, '-n', '-r', '-c', '-N', 'web2']);
+  assert.equal((await imageInfo(path.join(withRaw, 'data.img'))).format, 'raw');
+  await assertSame(path.join(withRaw, 'data.img'), refs.vdb as string, 'raw');
+  await assertSame(path.join(withRaw, 'web.qcow2'), refs.vda as string, 'qcow2');
+  const kept = await fs.readFile(path.join(withRaw, 'vmconfig.virtnbdbackup.1.xml'), 'utf8');
+  assert.match(kept, /<name>web2<\/name>/);
+  assert.match(kept, new RegExp(`<source file="${path.join(withRaw, 'data.img')}"/>`));
+  assert.match(kept, /boot\.iso/, 'with -r the cdrom stays');
+
+  const only = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'only'), '-n', '-d', 'vdb']);
+  assert.equal(only.code, 1);
+  assert.match(errorLines(only).join('\n'), /nothing to restore from .*: vdb is a raw-format disk; add -r\/--raw/);
+});
+
+test('raw images in the set (-t raw) are copied as they are, or converted into qcow2 like the source', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  const disk = new MemoryDisk(32 * MiB).fill(0x5a, 3 * MiB, 2 * MiB);
+  await disk.saveRaw(path.join(set, 'vda.full.data'));
+  await disk.saveRaw(path.join(set, 'vdb.copy.data'));
+  await craftVmConfig(set, 'virtnbdbackup.0', 'img', [{ target: 'vda', file: '/vm/a.qcow2', format: 'qcow2' }, { target: 'vdb', file: '/vm/b.raw', format: 'raw' }]);
+  const ref = await disk.saveRaw(path.join(work, 'ref'));
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-r']);
+  assert.equal((await imageInfo(path.join(out, 'a.qcow2'))).format, 'qcow2');
+  await assertSame(path.join(out, 'a.qcow2'), ref, 'qcow2');
+  await assertSame(path.join(out, 'b.raw'), ref, 'raw');
+  assert.ok(await allocatedBytes(path.join(out, 'a.qcow2')) <= 2 * MiB, 'converted image is not thin');
+});
+
+test('a qcow2 image with an external data file is recreated with its data file in the output directory', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+  const info = { 'virtual-size': 64 * MiB, format: 'qcow2', 'cluster-size': 65536, 'format-specific': { type: 'qcow2', data: { compat: '1.1', 'data-file': '/vm/web.data', 'data-file-raw': true } } };
+  await fs.writeFile(path.join(set, qcowInfoName('vda', 'virtnbdbackup.1')), JSON.stringify(info));
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vda']);
+  const data = (await imageInfo(path.join(out, 'web.qcow2')))['format-specific']?.data ?? {};
+  assert.equal(data['data-file'], path.join(out, 'web.data'));
+  assert.equal(data['data-file-raw'], true);
+  await assertSame(path.join(out, 'web.qcow2'), refs.vda as string, 'qcow2');
+  await assertSame(path.join(out, 'web.data'), refs.vda as string, 'raw'); // data-file-raw: the data file is the disk
+
+  const again = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'again'), '-n', '-d', 'vda', '--compress']);
+  assert.equal(again.code, 1);
+  assert.match(errorLines(again).join('\n'), /--compress cannot be used for disk vda: its image keeps its data in an external data file/);
+});
+
+test('--compress writes compressed clusters and -A preallocates; both restore the same content', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+  const compressed = path.join(work, 'compressed');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', compressed, '-n', '-d', 'vda', '--compress']);
+  const check = await run('qemu-img', ['check', path.join(compressed, 'web.qcow2')]);
+  assert.match(check.stdout, /100\.00% compressed clusters/);
+  await assertSame(path.join(compressed, 'web.qcow2'), refs.vda as string, 'qcow2');
+  assert.deepEqual(await fs.readdir(compressed), ['vmconfig.virtnbdbackup.1.xml', 'web.qcow2'], 'no working image left');
+
+  const preallocated = path.join(work, 'prealloc');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', preallocated, '-n', '-d', 'vda', '-A']);
+  const map = JSON.parse((await run('qemu-img', ['map', '--output=json', path.join(preallocated, 'web.qcow2')])).stdout) as Array<{ present: boolean }>;
+  assert.ok(map.every((e) => e.present), 'preallocated image has unallocated ranges');
+  await assertSame(path.join(preallocated, 'web.qcow2'), refs.vda as string, 'qcow2');
+});
+
+test('restore and -c need no libvirtd; -D does, and says so before touching anything', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+  // A private mount namespace with an empty /run/libvirt: no libvirt socket for this restore only.
+  const isolated = (args: string[]): Promise<{ code: number | null; stderr: string }> => runCli('unshare', [
+    '-m', 'sh', '-c', 'mount -t tmpfs tmpfs /run/libvirt && exec "$@"', 'sh', ourBin('virtnbdrestore'), ...args,
+  ]);
+  const out = path.join(work, 'out');
+  const ok = await isolated(['-i', set, '-o', out, '-n', '-c']);
+  assert.equal(ok.code, 0, ok.stderr);
+  await assertSame(path.join(out, 'web.qcow2'), refs.vda as string, 'qcow2');
+
+  const defined = path.join(work, 'defined');
+  const refused = await isolated(['-i', set, '-o', defined, '-n', '-D', '-N', 'vnbdtest-never-defined']);
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /cannot connect to libvirt at qemu:\/\/\/system: .*is libvirtd running\?/);
+  assert.equal(await fs.access(defined).then(() => true, () => false), false, 'the output directory was created');
+});
+
+test('-c copies the NVRAM the backup saved beside the images and points the XML at it; without a copy it is dropped', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set } = await craftTwoDiskSet(work);
+  const disks = [{ target: 'vda', file: '/vm/web.qcow2', format: 'qcow2' }];
+  await fs.rm(path.join(set, 'vmconfig.virtnbdbackup.1.xml'));
+  await craftVmConfig(set, 'virtnbdbackup.1', 'web', disks, '/var/lib/libvirt/qemu/nvram/web_VARS.fd');
+  await fs.writeFile(path.join(set, 'web_VARS.fd.virtnbdbackup.1'), 'efi variables');
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-c']);
+  assert.equal(await fs.readFile(path.join(out, 'web_VARS.fd'), 'utf8'), 'efi variables');
+  assert.match(await fs.readFile(path.join(out, 'vmconfig.virtnbdbackup.1.xml'), 'utf8'), new RegExp(`<nvram>${path.join(out, 'web_VARS.fd')}</nvram>`));
+
+  await fs.rm(path.join(set, 'web_VARS.fd.virtnbdbackup.1'));
+  const bare = path.join(work, 'bare');
+  const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', bare, '-n', '-c']);
+  assert.match(r.stderr, /nvram \/var\/lib\/libvirt\/qemu\/nvram\/web_VARS\.fd dropped \(the set holds no copy\)/);
+  assert.doesNotMatch(await fs.readFile(path.join(bare, 'vmconfig.virtnbdbackup.1.xml'), 'utf8'), /nvram/);
+});

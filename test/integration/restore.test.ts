@@ -1,0 +1,162 @@
+// virtnbdrestore on a real domain's set (full -> inc -> inc with write-zeroes and discard): a restored, adjusted and
+// defined domain that starts on images equal to the source; thin output; restores onto a pre-filled raw file and
+// a loop block device; --sequence against --until; verify of the whole set.
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { TestDomain, run, tempDir, LIBVIRT_URI } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+
+const MiB = 1024 * 1024;
+const virsh = (...args: string[]): ReturnType<typeof run> => run('virsh', ['-c', LIBVIRT_URI, ...args], { allowFailure: true });
+
+describe('restore of a real domain set', () => {
+  let dom: TestDomain;
+  let work: string;
+  let set: string;
+  /** Raw snapshot of `<disk>` at point p0 (full), p1 (inc 1), p2 (inc 2). */
+  const ref = (point: string, disk = 'vda'): string => path.join(work, `${point}.${disk}.raw`);
+
+  before(async () => {
+    dom = await TestDomain.create({ disks: [
+      { target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 8 }, { pattern: 0x22, offsetMiB: 64, lengthMiB: 8 }] },
+      { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x44, offsetMiB: 1, lengthMiB: 2 }] },
+    ] });
+    work = await tempDir('vnbd-restore-');
+    set = path.join(work, 'set');
+    const backup = (level: string): Promise<unknown> => runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', level, '-o', set, '-n']);
+    const snapshot = async (point: string): Promise<void> => {
+      for (const disk of ['vda', 'vdb']) await dom.snapshot(disk, ref(point, disk));
+    };
+    await snapshot('p0');
+    await backup('full');
+    await dom.write('vda', 0x33, '16M', '4M');
+    await dom.write('vdb', 0x55, '8M', '1M');
+    await snapshot('p1');
+    await backup('inc');
+    await dom.writeZeroes('vda', '64M', '2M');
+    await dom.discard('vda', '68M', '2M');
+    await dom.write('vda', 0x66, '100M', '1M');
+    await dom.write('vda', 0x00, '110M', '1M'); // zeroes as data: stored as payload, must not be allocated again
+    await snapshot('p2');
+    await backup('inc');
+  });
+  after(async () => {
+    await dom?.destroy();
+    if (work) await fs.rm(work, { recursive: true, force: true });
+  });
+
+  async function assertSame(image: string, reference: string, format: 'qcow2' | 'raw' = 'qcow2'): Promise<void> {
+    const r = await TestDomain.compare(image, reference, { formatA: format, formatB: 'raw' });
+    assert.ok(r.identical, `${image} differs from ${reference}: ${r.output}`);
+  }
+
+  test('-c -D -N: the restored domain is defined, starts, and runs on images equal to the source at that point', async (t) => {
+    const name = `vnbdtest-restored-${randomBytes(4).toString('hex')}`;
+    t.after(async () => {
+      await virsh('destroy', name);
+      await virsh('undefine', '--checkpoints-metadata', name);
+    });
+    const out = path.join(work, 'defined');
+    const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-c', '-D', '-N', name, '--until', 'virtnbdbackup.1']);
+    assert.match(r.stderr, new RegExp(`defined as '${name}'`));
+    const images = { vda: path.join(out, path.basename(dom.diskPath('vda'))), vdb: path.join(out, path.basename(dom.diskPath('vdb'))) };
+    const xml = (await virsh('dumpxml', '--inactive', name)).stdout;
+    assert.doesNotMatch(xml, new RegExp((await virsh('domuuid', dom.name)).stdout.trim()), 'the restored domain kept the source uuid');
+
+    await run('virsh', ['-c', LIBVIRT_URI, 'start', name]);
+    const blocks = (await virsh('domblklist', name)).stdout;
+    for (const [disk, image] of Object.entries(images)) assert.match(blocks, new RegExp(`${disk}\\s+${image}`), blocks);
+    const state = (await virsh('domstate', name)).stdout.trim();
+    assert.equal(state, 'running');
+    for (const disk of ['vda', 'vdb'] as const) await assertSame(images[disk], ref('p1', disk));
+    const info = (await run('virsh', ['-c', LIBVIRT_URI, 'qemu-monitor-command', '--hmp', name, 'info block'])).stdout;
+    for (const image of Object.values(images)) assert.ok(info.includes(image), `the running domain does not use ${image}:\n${info}`);
+
+    const again = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'defined-again'), '-n', '-D', '-N', name]);
+    assert.equal(again.code, 1);
+    assert.match(errorLines(again).join('\n'), new RegExp(`domain '${name}' already exists at ${LIBVIRT_URI}; name the restored domain with -N`));
+    assert.equal(await fs.access(path.join(work, 'defined-again')).then(() => true, () => false), false);
+  });
+
+  test('restored images are thin: only written data is allocated, zeroed and trimmed ranges are not', async () => {
+    const out = path.join(work, 'thin');
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vda']);
+    const image = path.join(out, path.basename(dom.diskPath('vda')));
+    await assertSame(image, ref('p2'));
+    const map = JSON.parse((await run('qemu-img', ['map', '--output=json', image])).stdout) as Array<{ start: number; length: number; data: boolean }>;
+    const data = map.filter((e) => e.data);
+    const allocated = data.reduce((sum, e) => sum + e.length, 0);
+    // 8M + 4M (0x33) + 8M - 2M zeroed - 2M trimmed + 1M (0x66); the 1M of zero data is not allocated
+    assert.equal(allocated, 17 * MiB, JSON.stringify(data));
+    for (const e of data) assert.ok(e.start + e.length <= 64 * MiB || e.start >= 70 * MiB || e.start + e.length <= 68 * MiB && e.start >= 66 * MiB, `zeroed range allocated: ${JSON.stringify(e)}`);
+  });
+
+  test('onto a pre-filled raw file or block device: every byte the disk must read as zero is written as zero', async () => {
+    const target = path.join(work, 'prefilled.raw');
+    await fs.writeFile(target, Buffer.alloc(128 * MiB, 0xee));
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', target, '-n', '-d', 'vda', '--until', 'virtnbdbackup.1']);
+    await assertSame(target, ref('p1'), 'raw');
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', target, '-n', '-d', 'vda']);
+    await assertSame(target, ref('p2'), 'raw');
+
+    const small = path.join(work, 'small.raw');
+    await fs.writeFile(small, Buffer.alloc(4 * MiB, 0xee));
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', small, '-n', '-d', 'vdb']);
+    await assertSame(small, ref('p2', 'vdb'), 'raw');
+
+    // A block device (loop) filled with 0xee: the same, and one too small for the disk is refused.
+    const backing = path.join(work, 'loop.img');
+    await fs.writeFile(backing, Buffer.alloc(32 * MiB, 0xee));
+    const device = (await run('losetup', ['-f', '--show', backing])).stdout.trim();
+    try {
+      await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', device, '-n', '-d', 'vdb']);
+      await assertSame(device, ref('p2', 'vdb'), 'raw');
+      const tooSmall = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', device, '-n', '-d', 'vda']);
+      assert.match(errorLines(tooSmall).join('\n'), new RegExp(`block device ${device} holds 33554432 bytes, disk vda needs 134217728`));
+    } finally {
+      await run('losetup', ['-d', device]);
+    }
+
+    const both = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', target, '-n']);
+    assert.equal(both.code, 1);
+    assert.match(errorLines(both).join('\n'), /is a file: a restore onto it takes one disk, the set has vda, vdb; choose one with -d/);
+    const qcow = path.join(work, 'target.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '128M']);
+    const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', qcow, '-n', '-d', 'vda']);
+    assert.match(errorLines(refused).join('\n'), /is a qcow2 image; restore writes raw data onto existing files/);
+  });
+
+  test('--sequence applies exactly the listed files and refuses lists out of order, with gaps or of two disks', async () => {
+    const out = path.join(work, 'sequence');
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-s', 'vda.full.data,vda.inc.virtnbdbackup.1.data']);
+    await assertSame(path.join(out, path.basename(dom.diskPath('vda'))), ref('p1'));
+    assert.deepEqual((await fs.readdir(out)).sort(), [path.basename(dom.diskPath('vda')), 'vmconfig.virtnbdbackup.1.xml']);
+    const bad: Array<[string, RegExp]> = [
+      ['vda.full.data,vda.inc.virtnbdbackup.2.data,vda.inc.virtnbdbackup.1.data', /out of chain order/],
+      ['vda.full.data,vda.inc.virtnbdbackup.2.data', /gap before vda\.inc\.virtnbdbackup\.2\.data: it needs vda\.inc\.virtnbdbackup\.1\.data first/],
+      ['vda.full.data,vdb.inc.virtnbdbackup.1.data', /mixes the disks vda and vdb/],
+    ];
+    for (const [sequence, message] of bad) {
+      const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'bad-sequence'), '-n', '-s', sequence]);
+      assert.equal(r.code, 1, sequence);
+      assert.equal(errorLines(r).length, 1, r.stderr);
+      assert.match(r.stderr, message);
+    }
+    assert.equal(await fs.access(path.join(work, 'bad-sequence')).then(() => true, () => false), false);
+  });
+
+  test('-a verify and -o verify: one OK line per data file, exit 0', async () => {
+    for (const args of [['-a', 'verify', '-o', work], ['-o', 'verify']]) {
+      const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, ...args]);
+      assert.deepEqual(r.stdout.trim().split('\n'), [
+        'OK vda.full.data', 'OK vda.inc.virtnbdbackup.1.data', 'OK vda.inc.virtnbdbackup.2.data',
+        'OK vdb.full.data', 'OK vdb.inc.virtnbdbackup.1.data', 'OK vdb.inc.virtnbdbackup.2.data',
+      ]);
+    }
+    const one = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify', '-d', 'vdb']);
+    assert.equal(one.stdout.trim().split('\n').length, 3);
+  });
+});

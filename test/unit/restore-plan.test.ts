@@ -1,0 +1,44 @@
+// --sequence: the files of one disk, from its base, in chain order, with no incremental left out.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { chainFromSequence } from '../../src/restore/plan.js';
+import type { ChainLink } from '../../src/set/backupSet.js';
+import type { Level } from '../../src/libvirt/checkpoints.js';
+
+function link(disk: string, level: Level, ident: string, checkpointName: string, parentCheckpoint: string): ChainLink {
+  const file = level === 'full' ? `${disk}.full.data` : `${disk}.${level}.${ident}.data`;
+  return {
+    file, disk, level, ident, path: `/set/${file}`,
+    meta: { virtualSize: 1, dataSize: 0, date: '', diskName: disk, diskFormat: 'qcow2', checkpointName, compressed: false, compressionMethod: 'lz4', parentCheckpoint, incremental: level !== 'full', streamVersion: 2 },
+  };
+}
+
+const chainOf = (disk: string): ChainLink[] => [
+  link(disk, 'full', '', 'virtnbdbackup.0', ''),
+  link(disk, 'inc', 'virtnbdbackup.1', 'virtnbdbackup.1', 'virtnbdbackup.0'),
+  link(disk, 'diff', '1700000000', 'virtnbdbackup.2', 'virtnbdbackup.1'),
+  link(disk, 'inc', 'virtnbdbackup.2', 'virtnbdbackup.2', 'virtnbdbackup.1'),
+  link(disk, 'inc', 'virtnbdbackup.3', 'virtnbdbackup.3', 'virtnbdbackup.2'),
+];
+const chains = new Map([['vda', chainOf('vda')], ['vdb', chainOf('vdb')]]);
+const files = (links: ChainLink[]): string[] => links.map((l) => l.file);
+
+test('a sequence in chain order gives those links; a diff may be skipped or used', () => {
+  assert.deepEqual(files(chainFromSequence(['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], chains, '/set')), ['vda.full.data', 'vda.inc.virtnbdbackup.1.data']);
+  assert.deepEqual(files(chainFromSequence(['/set/vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vda.diff.1700000000.data'], chains, '/set')).length, 3);
+  assert.equal(chainFromSequence(['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vda.inc.virtnbdbackup.2.data', 'vda.inc.virtnbdbackup.3.data'], chains, '/set').length, 4);
+});
+
+const refused: Array<[string, string[], RegExp]> = [
+  ['out of chain order', ['vda.full.data', 'vda.inc.virtnbdbackup.2.data', 'vda.inc.virtnbdbackup.1.data'], /out of chain order: vda\.inc\.virtnbdbackup\.1\.data comes before vda\.inc\.virtnbdbackup\.2\.data/],
+  ['with a gap', ['vda.full.data', 'vda.inc.virtnbdbackup.2.data'], /gap before vda\.inc\.virtnbdbackup\.2\.data: it needs vda\.inc\.virtnbdbackup\.1\.data first/],
+  ['mixing disks', ['vda.full.data', 'vdb.inc.virtnbdbackup.1.data'], /mixes the disks vda and vdb/],
+  ['not starting at the base', ['vda.inc.virtnbdbackup.1.data'], /must start with the base of disk vda \(vda\.full\.data\)/],
+  ['naming a file the set lacks', ['vda.full.data', 'vda.inc.virtnbdbackup.9.data'], /vda\.inc\.virtnbdbackup\.9\.data in --sequence is not in the set \/set/],
+  ['naming no data file', ['vda.qcow2'], /not a data file name/],
+];
+for (const [what, sequence, message] of refused) {
+  test(`a sequence ${what} is refused`, () => {
+    assert.throws(() => chainFromSequence(sequence, chains, '/set'), message);
+  });
+}

@@ -1,0 +1,76 @@
+// -c/--adjust-config: the saved domain XML made to describe the restored machine, everything else left as it was.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { adjustDomainConfig } from '../../src/restore/vmconfig.js';
+import { parseDomainXml } from '../../src/libvirt/domainXml.js';
+
+/** One <disk> element of the saved XML. */
+const diskXml = (type: string, device: string, format: string, source: string, target: string, extra = ''): string => `
+    <disk type='${type}' device='${device}'>
+      <driver name='qemu' type='${format}'${format === 'qcow2' && target === 'vda' ? " discard='unmap'" : ''}/>
+      <source ${source}/>${extra}
+      <target dev='${target}' bus='${device === 'cdrom' ? 'sata' : 'virtio'}'/>
+    </disk>`;
+
+const SAVED = `<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>web &amp; db</name>
+  <uuid>8f0e2a9c-1f7e-4c55-9a53-0d1f6a2b3c4d</uuid>
+  <!-- kept -->
+  <description>a &lt;tag&gt;</description>
+  <os><type arch='x86_64'>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>
+  <devices>${[
+    diskXml('file', 'disk', 'qcow2', "file='/vm/web.qcow2' index='2'", 'vda', `
+      <backingStore type='file' index='3'><format type='qcow2'/><source file='/vm/base.qcow2'/></backingStore>`),
+    diskXml('block', 'disk', 'raw', "dev='/dev/vg/data'", 'vdb'),
+    diskXml('file', 'cdrom', 'raw', "file='/iso/install.iso'", 'sda', `
+      <readonly/>`),
+    diskXml('file', 'disk', 'qcow2', "file='/vm/excluded.qcow2'", 'vdc'),
+  ].join('')}
+    <interface type='network'><mac address='52:54:00:00:00:01'/><source network='default'/></interface>
+  </devices>
+  <qemu:commandline><qemu:arg value='-no-shutdown'/></qemu:commandline>
+</domain>
+`;
+
+test('adjusted XML: no uuid, new name, restored disks pointed at their images, the rest removed', () => {
+  const { xml, name, changes } = adjustDomainConfig(SAVED, {
+    disks: new Map([['vda', { path: '/restore/web.qcow2', format: 'qcow2' }]]),
+    keepRawDevices: false,
+  });
+  assert.equal(name, 'restore_web & db');
+  assert.doesNotMatch(xml, /<uuid>/);
+  assert.doesNotMatch(xml, /backingStore|base\.qcow2|nvram/);
+  const info = parseDomainXml(xml);
+  assert.equal(info.name, 'restore_web & db');
+  assert.deepEqual(info.disks.map((d) => [d.target, d.path, d.format, d.type]), [['vda', '/restore/web.qcow2', 'qcow2', 'file']]);
+  // What -c does not touch comes out as it went in.
+  assert.match(xml, /<!-- kept -->/);
+  assert.match(xml, /<description>a &lt;tag&gt;<\/description>/);
+  assert.match(xml, /<driver name="qemu" type="qcow2" discard="unmap"\/>/);
+  assert.match(xml, /<mac address="52:54:00:00:00:01"\/>/);
+  assert.match(xml, /<qemu:commandline><qemu:arg value="-no-shutdown"\/><\/qemu:commandline>/);
+  assert.match(xml, /<loader readonly="yes" type="pflash">\/usr\/share\/OVMF\/OVMF_CODE.fd<\/loader>/);
+  assert.ok(changes.some((c) => /cdrom sda removed/.test(c)) && changes.some((c) => /disk vdc removed: not restored/.test(c)), changes.join('\n'));
+});
+
+test('-N names the domain; -r keeps cdroms; raw disks and block targets; the NVRAM points at its restored copy', () => {
+  const { xml } = adjustDomainConfig(SAVED, {
+    name: 'web2',
+    disks: new Map([['vda', { path: '/dev/vg/restored', format: 'raw', block: true }], ['vdb', { path: '/restore/data', format: 'raw' }]]),
+    keepRawDevices: true,
+    nvram: '/restore/web_VARS.fd',
+  });
+  const info = parseDomainXml(xml);
+  assert.equal(info.name, 'web2');
+  assert.equal(info.bootFiles.nvram, '/restore/web_VARS.fd');
+  assert.deepEqual(info.disks.map((d) => [d.target, d.device, d.type, d.path, d.format]), [
+    ['vda', 'disk', 'block', '/dev/vg/restored', 'raw'],
+    ['vdb', 'disk', 'file', '/restore/data', 'raw'],
+    ['sda', 'cdrom', 'file', '/iso/install.iso', 'raw'],
+  ]);
+  assert.doesNotMatch(xml, /index=/, 'source attributes of the old location are dropped');
+});
+
+test('not a domain XML is refused', () => {
+  assert.throws(() => adjustDomainConfig('<network><name>x</name></network>', { disks: new Map(), keepRawDevices: false }), /no <domain> element/);
+});

@@ -1,0 +1,113 @@
+// Verify on crafted sets (no libvirt): sound streams pass; a flipped payload byte names its extent, a damaged lz4
+// frame, a bent header, truncation, a missing checksum and a .partial leftover each fail with their reason.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { verifyDataFile, verifySet } from '../../src/verify/verify.js';
+import { MemoryDisk, craftStream, flipByte } from '../support/craftedSet.js';
+
+const MiB = 1024 * 1024;
+
+async function craftedDir(t: { after: (fn: () => Promise<void>) => void }): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-verify-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** A 32 MiB disk: 12 MiB of data at 8 MiB (three 4 MiB pieces), a zero range, 1 MiB at 24 MiB. */
+async function craft(dir: string, file: string, compress: number | false): Promise<string> {
+  const disk = new MemoryDisk(32 * MiB).fill(0x11, 8 * MiB, 12 * MiB).fill(0x22, 24 * MiB, MiB);
+  disk.bytes.writeUInt32LE(0xdeadbeef, 13 * MiB); // pieces differ, so a moved piece is noticed
+  return craftStream({
+    dir, file, disk, diskName: 'vda', compress,
+    extents: [
+      { offset: 8 * MiB, length: 12 * MiB, kind: 'data' }, { offset: 20 * MiB, length: 4 * MiB, kind: 'zero' },
+      { offset: 24 * MiB, length: MiB, kind: 'data' },
+    ],
+  });
+}
+
+/** Byte position in `file` of the first occurrence of `text`. */
+async function positionOf(file: string, text: string): Promise<number> {
+  const at = (await fs.readFile(file)).indexOf(text, 0, 'latin1');
+  assert.ok(at >= 0, `${text} not in ${file}`);
+  return at;
+}
+
+test('sound plain and lz4 streams verify OK', async (t) => {
+  const dir = await craftedDir(t);
+  await craft(dir, 'vda.full.data', false);
+  await craft(dir, 'vdb.full.data', 2);
+  const lines: string[] = [];
+  const verdicts = await verifySet({ input: dir, onVerdict: (v) => lines.push(`${v.ok ? 'OK' : 'FAILED'} ${v.file}`) });
+  assert.deepEqual(lines, ['OK vda.full.data', 'OK vdb.full.data']);
+  assert.ok(verdicts.every((v) => v.ok), JSON.stringify(verdicts));
+});
+
+test('a flipped byte in an uncompressed payload names the extent that rotted', async (t) => {
+  const dir = await craftedDir(t);
+  const file = await craft(dir, 'vda.full.data', false);
+  const payload = (await positionOf(file, 'data 0000000000800000')) + 40;
+  await flipByte(file, payload + 5 * MiB); // in the second 4 MiB piece: disk offset 12 MiB
+  const v = await verifyDataFile(file);
+  assert.equal(v.ok, false);
+  assert.match(v.reason ?? '', /^extent at disk offset 12582912 \(4194304 bytes\): SHA-256 differs from the recorded one; adler32 of the file is \d+, vda\.full\.data\.chksum says \d+$/);
+});
+
+test('a flipped byte in an lz4 frame fails on its frame checksum', async (t) => {
+  const dir = await craftedDir(t);
+  const file = await craft(dir, 'vda.full.data', 2);
+  await flipByte(file, (await positionOf(file, 'data 0000000001800000')) + 40 + 30);
+  const v = await verifyDataFile(file);
+  assert.equal(v.ok, false);
+  assert.match(v.reason ?? '', /lz4 frame 0 of the data frame at disk offset 25165824/);
+});
+
+test('a header that still parses but moved its extent is caught by the recorded pieces and the checksum', async (t) => {
+  const dir = await craftedDir(t);
+  const file = await craft(dir, 'vda.full.data', false);
+  // '8' (0x38) -> '9' (0x39): the last data frame now claims disk offset 25 MiB instead of 24 MiB
+  const at = (await positionOf(file, 'data 0000000001800000')) + 'data 00000000018'.length - 1;
+  const handle = await fs.open(file, 'r+');
+  await handle.write(Buffer.from('9'), 0, 1, at);
+  await handle.close();
+  const v = await verifyDataFile(file);
+  assert.equal(v.ok, false);
+  assert.match(v.reason ?? '', /^extent at disk offset 26214400 \(1048576 bytes\): recorded as extent at disk offset 25165824 \(1048576 bytes\); adler32 of the file is \d+, vda\.full\.data\.chksum says \d+$/);
+});
+
+test('truncation anywhere fails, naming what is missing', async (t) => {
+  const dir = await craftedDir(t);
+  const plain = await craft(dir, 'vda.full.data', false);
+  const lz4 = await craft(dir, 'vdb.full.data', 2);
+  for (const file of [plain, lz4]) {
+    const size = (await fs.stat(file)).size;
+    for (const keep of [20, 200, Math.floor(size / 2), size - 50, size - 1]) {
+      const copy = path.join(dir, `cut-${keep}.${path.basename(file)}`);
+      await fs.copyFile(file, copy);
+      await fs.truncate(copy, keep);
+      const v = await verifyDataFile(copy);
+      assert.equal(v.ok, false, `${path.basename(file)} cut at ${keep} passed`);
+      assert.match(v.reason ?? '', /truncated|unexpected end|lacks|not terminated|invalid|exceeds|not valid JSON/, `${path.basename(file)} cut at ${keep}: ${v.reason}`);
+    }
+  }
+});
+
+test('a missing checksum file fails; a .partial leftover fails; a raw image is checked by its checksum', async (t) => {
+  const dir = await craftedDir(t);
+  const file = await craft(dir, 'vda.full.data', false);
+  await fs.rm(`${file}.chksum`);
+  await fs.writeFile(path.join(dir, 'vdb.inc.virtnbdbackup.1.data.partial'), 'half');
+  const raw = path.join(dir, 'vdc.copy.data');
+  await fs.writeFile(raw, Buffer.alloc(MiB, 0x5a));
+  await fs.writeFile(`${raw}.chksum`, '1'); // wrong on purpose
+  const verdicts = await verifySet({ input: dir });
+  assert.deepEqual(verdicts.map((v) => [v.file, v.ok]), [['vdb.inc.virtnbdbackup.1.data.partial', false], ['vda.full.data', false], ['vdc.copy.data', false]]);
+  assert.match(verdicts[0]?.reason ?? '', /failed backup run/);
+  assert.equal(verdicts[1]?.reason, 'no checksum file vda.full.data.chksum');
+  assert.match(verdicts[2]?.reason ?? '', /^adler32 of the file is \d+, vdc\.copy\.data\.chksum says 1$/);
+  await assert.rejects(verifySet({ input: path.join(dir, 'nothing') }), /cannot read backup set directory/);
+  await assert.rejects(verifySet({ input: dir, disk: 'vdz' }), /not a backup set: it holds no \*\.data files of disk vdz/);
+});
