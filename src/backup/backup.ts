@@ -1,30 +1,34 @@
-// Backs up a running domain into a backup set: checks the set, plans the checkpoint, starts a pull-mode backup
-// job, streams every selected disk from the job's NBD export, then saves the set's side files.
-//   check set -> plan checkpoint -> begin job -> per disk (parallel): plan extents, write stream, commit
-//   -> qcow.json, vmconfig, checkpoint XML, .cpt (last: it admits the run to the chain) -> end job
-// Guarantees: the job is always ended and its socket and scratch files removed; a failed run leaves no
-// checkpoint of its own in libvirt and no entry in .cpt, and its unfinished files stay as .partial.
+// Backs up a domain into a backup set: locks the domain and the set, checks the set, brings the domain into a
+// state to back up (running, started paused with -S, or shut off), plans the checkpoint, exports the disks
+// (libvirt pull-mode job, or qemu-nbd on the images of a shut-off domain), streams every selected disk, then
+// saves the set's side files.
+//   lock -> check set -> domain state -> plan (runPlan.ts) -> [-p | -T] -> export disks -> [-s] -> per disk
+//   (parallel): plan extents, write stream, commit -> side files, .cpt last -> end export -> unlock
+// Guarantees: the export is always ended and its socket and scratch files removed; a failed run leaves no
+// checkpoint of its own in libvirt and no entry in .cpt, and its unfinished files stay as .partial; a domain
+// started for the run is stopped again; locks are released.
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { NbdEndpoint } from '../endpoint/nbd.js';
-import { CONTEXT_ALLOCATION } from '../endpoint/endpoint.js';
-import { planDirty, planFull } from '../extents/plan.js';
-import { writeStream } from '../stream/writer.js';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
-import { writeRawImage } from './rawImage.js';
-import {
-  CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, listSet, logFileName, qcowInfoName,
-  readCheckpointList, vmConfigName,
-} from '../set/backupSet.js';
-import { DEFAULT_PREFIX, dirtyBitmapContext, planCheckpoint, type CheckpointPlan, type Level } from '../libvirt/checkpoints.js';
-import { parseDomainXml, selectDisks, type DomainDisk } from '../libvirt/domainXml.js';
+import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
+import type { CheckpointPlan, Level } from '../libvirt/checkpoints.js';
+import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
+import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain, takeCensus } from '../libvirt/chain.js';
 import { lookupDomain, openLibvirt } from '../libvirt/connection.js';
-import { VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE, type LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, describeFailure, oneLine } from '../util/errors.js';
-import { run } from '../util/process.js';
+import { UserError, oneLine } from '../util/errors.js';
+import { lockRun } from './lock.js';
+import { DomainPower } from './domainPower.js';
+import { OfflineExports, type DiskExports } from './offline.js';
+import { refuseActiveJob } from './jobControl.js';
+import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
+import { backupDisk, type DiskResult } from './diskBackup.js';
+import { saveSideFiles } from './sideFiles.js';
+import type { RunContext } from './context.js';
+
+export type { DiskResult } from './diskBackup.js';
 
 export interface BackupOptions {
   domain: string;
@@ -41,7 +45,7 @@ export interface BackupOptions {
   stdout?: NodeJS.WritableStream;
   include?: string[];
   exclude?: string[];
-  /** NBD socket of the job; default /var/tmp/virtnbdbackup.<pid>. */
+  /** NBD socket of the job; default /var/tmp/virtnbdbackup.<pid> (shut-off domains: one per disk, `.<disk>` appended). */
   socketFile?: string;
   /** Where QEMU puts scratch files; must be writable by QEMU's user. */
   scratchDir?: string;
@@ -49,24 +53,44 @@ export interface BackupOptions {
   workers?: number;
   /** lz4 level or false. */
   compress?: number | false;
+  /** -C: directory of the saved checkpoint definitions; default <set>/checkpoints. */
+  checkpointDir?: string;
+  /** Checkpoint name prefix of a new chain (full); inc/diff use the set's. Default virtnbdbackup. */
+  checkpointPrefix?: string;
+  /** -S: start a shut-off domain paused for the backup and stop it afterwards. */
+  startDomain?: boolean;
+  /** --pause: suspend a running domain while the backup job starts. */
+  pause?: boolean;
+  /** -s: start the backup job and leave it and its NBD export running; creates no checkpoint, writes nothing. */
+  startOnly?: boolean;
+  /** -p: only estimate the size of the next inc/diff (bytes changed since the set's last checkpoint). */
+  printOnly?: boolean;
+  /** -T: skip an inc/diff when fewer bytes than this changed since the last checkpoint. */
+  threshold?: number;
+  /** -q: query extents with qemu-img map instead of NBD block status. */
+  qemuExtents?: boolean;
+  /** --no-sparse-detection: inc/diff save every changed range as data, also where it now reads as zero. */
+  noSparseDetection?: boolean;
   log?: Logger;
   /** Called once per disk with its total data bytes; returns the per-chunk progress callback. */
   progress?: (disk: string, total: number) => (bytes: number) => void;
   signal?: AbortSignal;
 }
 
-export interface DiskResult {
-  disk: string;
-  file: string;
-  dataSize: number;
-  virtualSize: number;
-  bytesWritten: number;
-}
-
 export interface BackupResult {
   level: Level;
   checkpoint: CheckpointPlan;
   disks: DiskResult[];
+  /** The domain was shut off: its images were read directly. */
+  offline?: boolean;
+  /** The set's previous chain was unusable and moved here before this run made a full backup. */
+  archivedChain?: string;
+  /** -p and -T: bytes changed since the last checkpoint, as libvirt estimates them. */
+  estimate?: number;
+  /** -T: nothing was backed up, the estimate was below the threshold. */
+  skipped?: boolean;
+  /** -s: the job left running. */
+  startedJob?: { socket: string; exports: string[] };
 }
 
 /** Level `auto`: full when the set has no full backup yet (for a zip: no chain in the state dir), else inc. */
@@ -84,13 +108,11 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
   }
   if (toZip && options.type === 'raw') throw new UserError('-t raw cannot be written to standard output (-o -); give an output directory');
   if (toZip && options.raw) throw new UserError('raw disks (-r) cannot be written to standard output (-o -); give an output directory');
+  if ([options.startOnly, options.printOnly].filter(Boolean).length > 1) throw new UserError('-s and -p exclude each other');
 }
 
 /** Refuses what would damage the set or produce an unusable run. */
 async function checkSet(output: string, level: Level): Promise<void> {
-  await fs.mkdir(output, { recursive: true }).catch((err: NodeJS.ErrnoException) => {
-    throw new UserError(`cannot create output directory ${output}: ${err.code ?? err.message}`);
-  });
   const listing = await listSet(output);
   if (level === 'full' || level === 'copy') {
     const existing = [...listing.dataFiles.map((d) => d.file), ...listing.partials.filter((p) => p.includes('.data'))];
@@ -103,24 +125,7 @@ async function checkSet(output: string, level: Level): Promise<void> {
     throw new UserError(`no full backup in ${output}: an ${level} backup needs one; run with -l full (or -l auto) first`);
   }
   if (listing.partials.length > 0) {
-    throw new UserError(`${path.join(output, listing.partials[0] as string)} is left from a failed run, so the chain in ${output} is incomplete; start a new set with -l full in an empty directory`);
-  }
-}
-
-/** Puts back checkpoints libvirt lost (domain redefined, host moved) from the set's saved XML. */
-async function redefineMissing(domain: LibvirtDomain, chain: string[], output: string, log: Logger): Promise<void> {
-  const present = new Set(await domain.listCheckpointNames());
-  for (const name of chain) {
-    if (present.has(name)) continue;
-    const file = path.join(output, CHECKPOINT_DIR, `${name}.xml`);
-    const xml = await fs.readFile(file, 'utf8').catch(() => undefined);
-    if (xml === undefined) continue;
-    try {
-      await domain.checkpointCreateXML(xml, VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE);
-      log.info(`redefined checkpoint ${name} from ${file}`);
-    } catch (err) {
-      log.warn(`could not redefine checkpoint ${name} from ${file}: ${oneLine(err)}`);
-    }
+    throw new UserError(`${path.join(output, listing.partials[0] as string)} is left from a failed run, so the chain in ${output} is incomplete; start a new set with -l full in an empty directory (or move the .partial away to continue the chain from its last complete backup)`);
   }
 }
 
@@ -144,197 +149,207 @@ async function forEachLimited<T>(items: T[], limit: number, task: (item: T) => P
 
 export async function backup(options: BackupOptions): Promise<BackupResult> {
   const log = options.log ?? silentLogger;
-  const uri = options.uri ?? 'qemu:///system';
   const toZip = options.output === '-';
   // The state dir holds the chain (.cpt, checkpoints/): the set itself, or for a zip the current directory.
-  const output = toZip ? process.cwd() : path.resolve(options.output);
-  let level = await resolveLevel(options.level, output, toZip, options.domain);
+  const stateDir = toZip ? process.cwd() : path.resolve(options.output);
+  const writesSet = !options.printOnly && !options.startOnly;
+  // -p and -s look at the next inc: the level only picks the export (-s) and is never written.
+  const level = options.printOnly ? 'inc' : await resolveLevel(options.level, stateDir, toZip, options.domain);
   checkOptions(options, level, toZip);
-  if (!toZip) await checkSet(output, level);
-  const state = new DirectoryTarget(output);
-  const target: OutputTarget = toZip ? new ZipTarget(options.stdout ?? process.stdout) : state;
-  const started = new Date();
-  const logName = logFileName(level, started);
-  log.attachFile(state.pathOf(logName));
-  let targetClosed = false;
+  if (!toZip) {
+    await fs.mkdir(stateDir, { recursive: true }).catch((err: NodeJS.ErrnoException) => {
+      throw new UserError(`cannot create output directory ${stateDir}: ${err.code ?? err.message}`);
+    });
+  }
+  const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir);
+  try {
+    if (!toZip && writesSet) await checkSet(stateDir, level);
+    return await backupLocked(options, log, level, stateDir, toZip, writesSet);
+  } finally {
+    await unlock();
+  }
+}
 
+async function backupLocked(options: BackupOptions, log: Logger, level: Level, stateDir: string, toZip: boolean, writesSet: boolean): Promise<BackupResult> {
+  const uri = options.uri ?? 'qemu:///system';
+  const startedAt = new Date();
+  const logName = logFileName(level, startedAt);
+  if (writesSet) log.attachFile(path.join(stateDir, logName));
+  const target: OutputTarget = toZip && writesSet ? await ZipTarget.open(options.stdout ?? process.stdout) : new DirectoryTarget(stateDir);
+  let succeeded = false;
   const conn = await openLibvirt(uri);
   try {
     const domain = await lookupDomain(conn, options.domain, uri);
-    if (!(await domain.isActive())) {
-      throw new UserError(`domain '${options.domain}' is not running; start it, then back it up (offline backups are not supported yet)`);
-    }
-    const job = await domain.getJobType();
-    if (job.type !== 0) {
-      throw new UserError(`domain '${options.domain}' already has an active job (type ${job.type}); wait for it or end it with 'virsh domjobabort ${options.domain}'`);
-    }
-    const vmXml = await domain.getXMLDesc(0);
-    const info = parseDomainXml(vmXml);
-    const incremental = level === 'inc' || level === 'diff';
-    if (options.raw && incremental) log.warn('raw disks have no checkpoints: they are left out of inc and diff backups');
-    const { disks, skipped } = selectDisks(info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental });
-    for (const s of skipped) log.warn(`skipping disk ${s.disk.target}: ${s.reason}`);
-    if (disks.length === 0) throw new UserError(`domain '${options.domain}' has no disk to back up${options.include?.length ? ` matching -i ${options.include.join(',')}` : ''}`);
-    if (level === 'full' && disks.every((d) => d.format === 'raw')) {
-      log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');
-      level = 'copy';
-    }
-
-    const cptFile = state.pathOf(checkpointListName(options.domain));
-    const chain = level === 'full' || level === 'copy' ? [] : await readCheckpointList(cptFile);
-    let checkpoint: CheckpointPlan;
+    const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);
     try {
-      checkpoint = planCheckpoint(level, chain);
-    } catch (err) {
-      throw new UserError(`${oneLine(err)} (${cptFile} lists none)`);
-    }
-    const existing = await domain.listCheckpointNames();
-    if (level === 'full') {
-      for (const name of existing.filter((n) => n.startsWith(`${DEFAULT_PREFIX}.`)).reverse()) {
-        await domain.checkpointDelete(name, 0);
-        log.info(`removed old checkpoint ${name}: a full backup starts a new chain`);
-      }
-    } else if (checkpoint.parent) {
-      await redefineMissing(domain, chain, output, log);
-      if (!(await domain.listCheckpointNames()).includes(checkpoint.parent)) {
-        throw new UserError(`checkpoint ${checkpoint.parent} of the set ${output} is missing in libvirt for '${options.domain}'; start a new set with -l full`);
-      }
-    }
-    const ident = level === 'copy' ? 'copy' : level === 'diff' ? String(Math.floor(started.getTime() / 1000)) : checkpoint.name;
-    log.info(`${level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${output}, checkpoint ${checkpoint.create ? checkpoint.name : 'none'}${checkpoint.parent ? `, changes since ${checkpoint.parent}` : ''}`);
-
-    const socket = options.socketFile ?? `/var/tmp/virtnbdbackup.${process.pid}`;
-    await fs.rm(socket, { force: true });
-    let backupJob: BackupJob;
-    try {
-      backupJob = await BackupJob.start(domain, {
-        socket,
-        scratchDir: options.scratchDir ?? '/var/tmp',
-        targets: disks.map((d) => d.target),
-        checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
-        allTargets: info.disks.map((d) => d.target),
-        checkpoint,
-        log,
-      });
-    } catch (err) {
-      throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}`);
-    }
-    let failed = true;
-    try {
-      const results: DiskResult[] = [];
-      const controller = new AbortController();
-      const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
-      const workers = toZip ? 1 : options.workers ?? disks.length;
-      const perDiskConnections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
-      await forEachLimited(disks, workers, async (disk) => {
-        try {
-          results.push(await backupDisk(disk, level, ident, checkpoint, socket, target, perDiskConnections, options, signal, log));
-        } catch (err) {
-          controller.abort(err);
-          throw err;
-        }
-      });
-      await saveSideFiles(domain, disks, level, ident, checkpoint, vmXml, target, state, cptFile, chain, log);
-      failed = false;
-      return { level, checkpoint, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
+      const vmXml = await domain.getXMLDesc(0);
+      const info = parseDomainXml(vmXml);
+      const ctx: RunContext = {
+        options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt,
+        xmlDir: options.checkpointDir ? path.resolve(options.checkpointDir) : path.join(stateDir, CHECKPOINT_DIR),
+      };
+      const result = await runBackup(ctx, level);
+      succeeded = true;
+      return result;
     } finally {
-      await backupJob.end(failed);
-      if (!failed && toZip) {
-        await log.detachFile();
-        await target.writeFile(logName, await fs.readFile(state.pathOf(logName)));
-        await target.close();
-        targetClosed = true;
-      }
+      await power.finish();
     }
   } finally {
     await conn.close().catch(() => undefined);
+    if (toZip && writesSet) await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log);
     await log.detachFile();
-    if (!targetClosed && toZip) await (target as ZipTarget).abort();
   }
 }
 
-async function backupDisk(
-  disk: DomainDisk, level: Level, ident: string, checkpoint: CheckpointPlan, socket: string, target: OutputTarget,
-  connections: number, options: BackupOptions, signal: AbortSignal, log: Logger,
-): Promise<DiskResult> {
-  const diskLevel: Level = disk.format === 'raw' ? 'copy' : level;
-  const incremental = diskLevel === 'inc' || diskLevel === 'diff';
-  const dirtyContext = dirtyBitmapContext(disk.target);
-  const endpoint = await NbdEndpoint.open(
-    { socket, exportName: disk.target },
-    { metaContexts: incremental ? [CONTEXT_ALLOCATION, dirtyContext] : [CONTEXT_ALLOCATION], connections },
-  );
-  try {
-    const plan = incremental ? await planDirty(endpoint, dirtyContext) : await planFull(endpoint);
-    const file = dataFileName(disk.target, diskLevel, ident);
-    log.info(`disk ${disk.target}: ${plan.dataSize} bytes of data in ${plan.extents.length} extents of ${endpoint.size} bytes, writing ${file}`);
-    const onProgress = options.progress?.(disk.target, plan.dataSize);
-    if (options.type === 'raw' && target.createPositional) {
-      const image = await target.createPositional(file, endpoint.size);
-      try {
-        await writeRawImage(endpoint, plan, image, onProgress, signal);
-        await image.commit();
-      } catch (err) {
-        await image.abort();
-        if (err instanceof UserError) throw err;
-        throw new UserError(`backup of disk ${disk.target} failed writing ${target.pathOf(file)}.partial: ${describeFailure(err)}`);
+/** A zip ends with the run's log; a failed run's archive is left invalid on purpose. */
+async function finishZip(zip: ZipTarget, succeeded: boolean, logFile: string, logName: string, log: Logger): Promise<void> {
+  if (!succeeded) {
+    await zip.abort();
+    return;
+  }
+  await log.detachFile();
+  await zip.writeFile(logName, await fs.readFile(logFile));
+  await zip.close();
+}
+
+/** Picks the disks: -i/-x, raw disks only with -r and never in inc/diff. */
+function chooseDisks(ctx: RunContext, level: Level): void {
+  const { options, log } = ctx;
+  const incremental = level === 'inc' || level === 'diff';
+  if (options.raw && incremental) log.warn('raw disks have no checkpoints: they are left out of inc and diff backups');
+  const { disks, skipped } = selectDisks(ctx.info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental });
+  for (const s of skipped) log.warn(`skipping disk ${s.disk.target}: ${s.reason}`);
+  if (disks.length === 0) throw new UserError(`domain '${options.domain}' has no disk to back up${options.include?.length ? ` matching -i ${options.include.join(',')}` : ''}`);
+  ctx.disks = disks;
+}
+
+function identOf(plan: RunPlan, startedAt: Date): string {
+  if (plan.level === 'copy') return 'copy';
+  return plan.level === 'diff' ? String(Math.floor(startedAt.getTime() / 1000)) : plan.checkpoint.name;
+}
+
+async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResult> {
+  const { options, log, power } = ctx;
+  if (!power.offline) await refuseActiveJob(ctx.domain);
+  if (power.offline && options.startOnly) {
+    throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first`);
+  }
+  chooseDisks(ctx, requested);
+  let level = requested;
+  if (level === 'full' && ctx.disks.every((d) => d.format === 'raw')) {
+    log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');
+    level = 'copy';
+  }
+  const plan = await planRun(ctx, level);
+  const base = { level: plan.level, checkpoint: plan.checkpoint, disks: [], offline: power.offline, archivedChain: plan.archivedChain };
+  if (options.printOnly) return { ...base, estimate: await estimate(ctx, plan) };
+  if (options.threshold !== undefined && plan.checkpoint.parent) {
+    const changed = await thresholdEstimate(ctx, plan);
+    if (changed !== undefined && changed < options.threshold) {
+      log.info(`${changed} bytes changed since ${plan.checkpoint.parent}, below the threshold of ${options.threshold} bytes (-T): no backup this time`);
+      return { ...base, estimate: changed, skipped: true };
+    }
+  }
+  options.signal?.throwIfAborted();
+  return exportAndSave(ctx, plan);
+}
+
+async function estimate(ctx: RunContext, plan: RunPlan): Promise<number> {
+  if (ctx.power.offline) {
+    throw new UserError(`domain '${ctx.options.domain}' is shut off: libvirt estimates sizes only with QEMU running; add -S/--start-domain`);
+  }
+  return changedBytesSince(ctx.domain, plan.checkpoint.parent);
+}
+
+/** The estimate for -T, or undefined when none can be made (shut-off domain, broken checkpoint). */
+async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number | undefined> {
+  if (ctx.power.offline) {
+    ctx.log.info('-T: no size estimate for a shut-off domain (libvirt needs QEMU for it): backing up');
+    return undefined;
+  }
+  return changedBytesSince(ctx.domain, plan.checkpoint.parent).catch((err: unknown) => {
+    ctx.log.info(`-T: no size estimate (${oneLine(err)}): backing up`);
+    return undefined;
+  });
+}
+
+/** Starts the libvirt backup job for `plan`; a full first removes this chain's old checkpoints. */
+async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
+  const { domain, disks, log, options } = ctx;
+  if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, await takeCensus(domain, plan.prefix), log);
+  return ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
+    socket: socketOf(options),
+    scratchDir: options.scratchDir ?? '/var/tmp',
+    targets: disks.map((d) => d.target),
+    checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
+    allTargets: ctx.info.disks.map((d) => d.target),
+    checkpoint: plan.checkpoint,
+    log,
+  }));
+}
+
+function socketOf(options: BackupOptions): string {
+  return options.socketFile ?? `/var/tmp/virtnbdbackup.${process.pid}`;
+}
+
+/**
+ * Exports the disks for `plan`: qemu-nbd for a shut-off domain, else a backup job. A job refused for a lost
+ * bitmap falls back to a full backup; one refused for a bitmap left without its checkpoint clears it and retries.
+ */
+async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports: DiskExports; plan: RunPlan }> {
+  const { options, disks } = ctx;
+  await fs.rm(socketOf(options), { force: true });
+  if (ctx.power.offline) return { exports: await OfflineExports.start(disks, socketOf(options), initial.checkpoint.parent), plan: initial };
+  let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return { exports: await startJob(ctx, plan), plan };
+    } catch (err) {
+      const orphan = existingBitmapName(err);
+      if (attempt < 3 && plan.checkpoint.parent && isLostBitmapError(err)) {
+        plan = await fallBackToFull(ctx, plan.prefix, `the bitmap of checkpoint ${plan.checkpoint.parent} is missing or broken in the disk images (${oneLine(err)})`);
+      } else if (attempt < 3 && orphan) {
+        await clearOrphanBitmap(ctx.domain, orphan, disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
+      } else {
+        throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}`);
       }
-      return { disk: disk.target, file, dataSize: plan.dataSize, virtualSize: endpoint.size, bytesWritten: endpoint.size };
     }
-    const sink = await target.create(file);
-    let result;
-    try {
-      result = await writeStream({
-        source: endpoint,
-        plan,
-        sink,
-        meta: {
-          date: new Date().toISOString(),
-          diskName: disk.target,
-          diskFormat: disk.format,
-          checkpointName: checkpoint.name,
-          parentCheckpoint: checkpoint.parent,
-          incremental,
-        },
-        compress: options.compress ?? false,
-        onProgress,
-        digests: true,
-        signal,
-      });
-      await sink.commit();
-    } catch (err) {
-      await sink.abort();
-      if (err instanceof UserError) throw err; // an interrupt, or another disk's failure
-      throw new UserError(`backup of disk ${disk.target} failed writing ${target.pathOf(file)}.partial: ${describeFailure(err)}`);
-    }
-    await target.writeFile(checksumFileName(file), String(result.checksum));
-    await target.writeFile(digestFileName(file), JSON.stringify({ algorithm: 'sha256', pieces: result.digests ?? [] }));
-    return { disk: disk.target, file, dataSize: plan.dataSize, virtualSize: endpoint.size, bytesWritten: result.bytesWritten };
-  } finally {
-    await endpoint.close();
   }
 }
 
-async function saveSideFiles(
-  domain: LibvirtDomain, disks: DomainDisk[], level: Level, ident: string, checkpoint: CheckpointPlan, vmXml: string,
-  target: OutputTarget, state: OutputTarget, cptFile: string, chain: string[], log: Logger,
-): Promise<void> {
-  for (const disk of disks) {
-    try {
-      const { stdout } = await run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
-      await target.writeFile(qcowInfoName(disk.target, ident), stdout);
-    } catch (err) {
-      log.warn(`could not save image info of ${disk.target}: ${oneLine(err)}`);
-    }
+async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
+  const { options, log, disks } = ctx;
+  const { exports, plan } = await openExports(ctx, initial);
+  const base = { level: plan.level, checkpoint: plan.checkpoint, offline: ctx.power.offline, archivedChain: plan.archivedChain };
+  if (options.startOnly) {
+    log.info(`backup job of '${options.domain}' started and left running: NBD socket ${socketOf(options)}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k`);
+    return { ...base, disks: [], startedJob: { socket: socketOf(options), exports: disks.map((d) => d.target) } };
   }
-  await target.writeFile(vmConfigName(ident), vmXml);
-  if (await domain.getAutostart()) await target.writeFile(`autostart.${ident}`, 'True');
-  if (!checkpoint.create) return;
-  const xml = await domain.checkpointGetXMLDesc(checkpoint.name, 0);
-  const next = level === 'full' ? [checkpoint.name] : [...chain, checkpoint.name];
-  // The chain state lives in the state dir (for a zip, also inside it, so unzipped sets are complete).
-  for (const out of new Set([target, state])) {
-    await out.writeFile(path.join(CHECKPOINT_DIR, `${checkpoint.name}.xml`), xml);
-    await out.writeFile(path.basename(cptFile), JSON.stringify(next));
+  const ident = identOf(plan, ctx.startedAt);
+  log.info(`${plan.level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${ctx.stateDir}, checkpoint ${plan.checkpoint.create ? plan.checkpoint.name : 'none'}${plan.checkpoint.parent ? `, changes since ${plan.checkpoint.parent}` : ''}`);
+  let failed = true;
+  try {
+    const results: DiskResult[] = [];
+    const controller = new AbortController();
+    const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
+    const workers = ctx.toZip ? 1 : options.workers ?? disks.length;
+    const connections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
+    await forEachLimited(disks, workers, async (disk) => {
+      try {
+        results.push(await backupDisk(disk, {
+          plan, ident, exports, target: ctx.target, connections, type: options.type, compress: options.compress ?? false,
+          qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, progress: options.progress, signal, log,
+        }));
+      } catch (err) {
+        controller.abort(err);
+        throw err;
+      }
+    });
+    signal.throwIfAborted();
+    await saveSideFiles(ctx, plan, ident);
+    failed = false;
+    return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
+  } finally {
+    await exports.end(failed);
   }
 }

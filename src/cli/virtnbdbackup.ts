@@ -1,7 +1,9 @@
 // virtnbdbackup: command-line front of the backup engine, flags and defaults as virtnbdbackup 2.x.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { backup } from '../backup/backup.js';
+import { backup, type BackupResult } from '../backup/backup.js';
+import { endBackupJob } from '../backup/jobControl.js';
+import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
 import { VERSION, listOption, makeLogger, makeProgress, runCommand } from './common.js';
 
@@ -12,19 +14,31 @@ const argv = yargs(hideBin(process.argv))
   .option('level', { alias: 'l', choices: ['copy', 'full', 'inc', 'diff', 'auto'] as const, default: 'copy' as const, describe: 'Backup level' })
   .option('type', { alias: 't', choices: ['stream', 'raw'] as const, default: 'stream' as const, describe: 'Output type' })
   .option('raw', { alias: 'r', type: 'boolean', default: false, describe: 'Include raw-format disks (saved as copy; not in inc/diff)' })
-  .option('output', { alias: 'o', type: 'string', demandOption: true, describe: "Output target directory, or '-' for a zip archive on stdout" })
-  .option('scratchdir', { alias: 'S', type: 'string', default: '/var/tmp', describe: 'Directory for temporary scratch files (writable by QEMU)' })
+  .option('output', { alias: 'o', type: 'string', describe: "Output target directory, or '-' for a zip archive on stdout" })
+  .option('checkpointdir', { alias: 'C', type: 'string', describe: 'Persistent checkpoint definitions directory (default: <output>/checkpoints)' })
+  .option('checkpoint-prefix', { type: 'string', describe: 'Checkpoint name prefix of a new chain (default: virtnbdbackup); one prefix per set' })
+  .option('scratchdir', { type: 'string', default: '/var/tmp', describe: 'Directory for temporary scratch files (writable by QEMU)' })
+  .option('start-domain', { alias: 'S', type: 'boolean', default: false, describe: 'Start a shut-off domain paused for the backup, stop it afterwards' })
+  .option('pause', { type: 'boolean', default: false, describe: 'Suspend a running domain while the backup job starts' })
   .option('include', { alias: 'i', type: 'string', describe: 'Back up only these disks (target dev, comma-separated: -i vda,vdb)' })
   .option('exclude', { alias: 'x', type: 'string', describe: 'Exclude these disks (-x vda,vdb)' })
-  .option('socketfile', { alias: 'f', type: 'string', default: `/var/tmp/virtnbdbackup.${process.pid}`, describe: 'NBD server socket of the backup job' })
+  .option('socketfile', { alias: 'f', type: 'string', describe: 'NBD server socket of the backup job (default: /var/tmp/virtnbdbackup.<pid>)' })
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bars' })
   .option('compress', { alias: 'z', type: 'number', describe: 'Compress with lz4 at this level (-z alone: level 2)' })
   .option('worker', { alias: 'w', type: 'number', describe: 'Disks backed up in parallel (default: all)' })
   .option('strict', { alias: 'e', type: 'boolean', default: false, describe: 'Exit with code 2 when warnings occurred' })
+  .option('sparse-detection', { type: 'boolean', default: true, describe: 'inc/diff: save changed ranges that now read as zero as zero frames (--no-sparse-detection: as data)' })
+  .option('threshold', { alias: 'T', type: 'number', describe: 'Back up (inc/diff) only when at least this many bytes changed' })
   .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI' })
+  .option('syslog', { alias: 'L', type: 'boolean', default: false, describe: 'Also send log messages to syslog' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
+  .option('qemu', { alias: 'q', type: 'boolean', default: false, describe: 'Query extents with qemu-img map' })
+  .option('startonly', { alias: 's', type: 'boolean', default: false, describe: 'Only start the backup job and leave it running (prints the NBD socket)' })
+  .option('killonly', { alias: 'k', type: 'boolean', default: false, describe: 'End a running backup job of the domain' })
+  .option('printonly', { alias: 'p', type: 'boolean', default: false, describe: 'Print the estimated size of the next inc/diff and exit' })
   .option('verbose', { alias: 'v', type: 'boolean', default: false, describe: 'Debug output' })
+  .check((a) => a.killonly || a.output !== undefined || 'Missing required argument: output')
   .version('version', 'Show version and exit', VERSION)
   .alias('version', 'V')
   .help('help')
@@ -38,22 +52,42 @@ const argv = yargs(hideBin(process.argv))
   .example('$0 -d webvm -l full -t raw -o /backup/webvm', 'full backup as sparse raw images')
   .example('$0 -d webvm -l full -o - > webvm.full.zip', 'full backup as a zip archive on stdout')
   .example("$0 -d webvm -l inc -o - | ssh host 'cat > webvm.inc.zip'", 'incremental into a zip on another host')
+  .example('$0 -d webvm -l auto -S -o /backup/webvm', 'also when webvm is shut off (started paused for the backup)')
+  .example('$0 -d webvm -l auto --checkpoint-prefix weekly -o /backup/weekly', 'a second, independent chain')
+  .example('$0 -d webvm -l inc -T 104857600 -o /backup/webvm', 'inc only when at least 100 MiB changed')
   .strict()
   .wrap(Math.min(110, process.stdout.columns || 110))
   .parseSync();
 
 await runCommand('virtnbdbackup', argv.verbose, async (signal) => {
-  if (argv.output === '-' && process.stdout.isTTY) throw new UserError('-o - writes a zip archive to standard output: redirect it to a file or a pipe');
+  const log = makeLogger(argv);
+  if (argv.syslog) log.attachSyslog('virtnbdbackup', process.env.VIRTNBD_SYSLOG_SOCKET);
+  try {
+    if (argv.killonly) {
+      await endBackupJob({ domain: argv.domain, uri: argv.uri, socketFile: argv.socketfile, log });
+      return 0;
+    }
+    await runBackup(log, signal);
+  } finally {
+    await log.detachSyslog();
+  }
+  return argv.strict && log.warnings > 0 ? 2 : 0;
+});
+
+async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
+  const output = argv.output as string;
+  if (output === '-' && process.stdout.isTTY && !argv.printonly && !argv.startonly) {
+    throw new UserError('-o - writes a zip archive to standard output: redirect it to a file or a pipe');
+  }
   const compressFlag = process.argv.slice(2).some((a) => a === '-z' || a === '--compress' || a.startsWith('--compress='));
   const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;
-  const log = makeLogger(argv);
   const progress = makeProgress(argv, 'saving');
   try {
     const result = await backup({
       domain: argv.domain,
       uri: argv.uri,
       level: argv.level,
-      output: argv.output,
+      output,
       type: argv.type,
       raw: argv.raw,
       include: listOption(argv.include),
@@ -62,15 +96,37 @@ await runCommand('virtnbdbackup', argv.verbose, async (signal) => {
       scratchDir: argv.scratchdir,
       workers: argv.worker,
       compress,
+      checkpointDir: argv.checkpointdir,
+      checkpointPrefix: argv['checkpoint-prefix'],
+      startDomain: argv['start-domain'],
+      pause: argv.pause,
+      startOnly: argv.startonly,
+      printOnly: argv.printonly,
+      threshold: argv.threshold,
+      qemuExtents: argv.qemu,
+      noSparseDetection: !argv['sparse-detection'],
       log,
       progress: progress.factory,
       signal,
     });
     progress.stop();
-    for (const d of result.disks) log.info(`disk ${d.disk}: ${d.dataSize} bytes of data saved to ${d.file}`);
-    log.info(`finished ${result.level} backup${result.checkpoint.create ? `, checkpoint ${result.checkpoint.name}` : ''}`);
+    report(result, log);
   } finally {
     progress.stop();
   }
-  return argv.strict && log.warnings > 0 ? 2 : 0;
-});
+}
+
+/** What the run did: on stdout the values scripts read (-p estimate, -s socket), the rest as log lines. */
+function report(result: BackupResult, log: Logger): void {
+  if (argv.printonly) {
+    process.stdout.write(`estimated size of the next inc/diff: ${result.estimate ?? 0} bytes\n`);
+    return;
+  }
+  if (result.startedJob) {
+    process.stdout.write(`${result.startedJob.socket}\n`);
+    return;
+  }
+  if (result.skipped) return;
+  for (const d of result.disks) log.info(`disk ${d.disk}: ${d.dataSize} bytes of data saved to ${d.file}`);
+  log.info(`finished ${result.level} backup${result.checkpoint.create ? `, checkpoint ${result.checkpoint.name}` : ''}`);
+}

@@ -5,7 +5,8 @@ import fs from 'node:fs/promises';
 import crypto from 'node:crypto';
 import path from 'node:path';
 import type { LibvirtDomain } from '../native/addon.js';
-import { backupJobXml, checkpointXml, type CheckpointPlan } from './checkpoints.js';
+import type { NbdAddress } from '../endpoint/nbd.js';
+import { backupJobXml, checkpointXml, dirtyBitmapContext, type CheckpointPlan } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
 
 export interface BackupJobOptions {
@@ -38,11 +39,20 @@ export class BackupJob {
     const tag = crypto.randomBytes(3).toString('hex');
     const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`) }));
     const jobXml = backupJobXml(options.socket, checkpoint.parent, disks, options.allTargets);
-    const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets) : null;
+    const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
     options.log.debug(`backup job XML:\n${jobXml}`);
     if (cptXml) options.log.debug(`checkpoint XML:\n${cptXml}`);
     await domain.backupBegin(jobXml, cptXml, 0);
     return new BackupJob(domain, options.socket, disks.map((d) => d.scratchFile), checkpoint.create ? checkpoint.name : undefined, options.log);
+  }
+
+  /** The job's NBD export of disk `target`. */
+  address(target: string): NbdAddress {
+    return { socket: this.socket, exportName: target };
+  }
+
+  dirtyContext(target: string): string {
+    return dirtyBitmapContext(target);
   }
 
   /** Ends the job; with `failed`, also removes the checkpoint it created. */

@@ -1,11 +1,36 @@
 // The checkpoint chain of a backup set: which checkpoint a run creates and which it is based on, and the XML
-// libvirt needs for both. Pure planning; see backupJob.ts for the calls.
+// libvirt needs for both. Pure planning and parsing; see chain.ts and backupJob.ts for the calls.
 //   full: <prefix>.0, no parent, new chain      inc: <prefix>.<n>, parent = last in the set's .cpt
 //   diff: nothing created, changes since the last checkpoint      copy: nothing created, no parent
+// A chain is named by its prefix: checkpoints <prefix>.0, <prefix>.1, ...; one set holds one chain.
 
 export type Level = 'copy' | 'full' | 'inc' | 'diff';
 
+/** The prefix virtnbdbackup always uses; ours is the default and can be changed per chain. */
 export const DEFAULT_PREFIX = 'virtnbdbackup';
+/** Start of the description of every checkpoint we (and virtnbdbackup) create: marks checkpoints of our chains. */
+export const CHECKPOINT_DESCRIPTION = 'Backup checkpoint';
+
+const PREFIX = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/;
+const CHAIN_NAME = /^(.+)\.(\d+)$/;
+
+/** Throws unless `prefix` can name checkpoints and the files named after them. */
+export function checkPrefix(prefix: string): string {
+  if (!PREFIX.test(prefix) || prefix.length > 64) {
+    throw new Error(`checkpoint prefix '${prefix}' is not usable: letters, digits, '_', '-' and '.', starting with a letter or digit, at most 64`);
+  }
+  return prefix;
+}
+
+/** The prefix of a chain checkpoint name (`weekly.3` -> `weekly`), undefined for other names. */
+export function prefixOf(name: string): string | undefined {
+  return CHAIN_NAME.exec(name)?.[1];
+}
+
+/** Whether `name` is a checkpoint of the chain `prefix`. */
+export function inChain(name: string, prefix: string): boolean {
+  return prefixOf(name) === prefix;
+}
 
 export interface CheckpointPlan {
   /** Name written into the stream metadata (and created, when `create`). */
@@ -35,14 +60,23 @@ function escapeXml(value: string): string {
   return value.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
 }
 
-/** Checkpoint over `diskTargets`; the domain's other disks are listed with checkpoint='no'. */
-export function checkpointXml(plan: CheckpointPlan, diskTargets: string[], allTargets: string[]): string {
-  const selected = new Set(diskTargets);
-  const disks = allTargets.filter((t) => !selected.has(t)).map((t) => `    <disk name='${escapeXml(t)}' checkpoint='no'/>`);
-  disks.unshift(...diskTargets.map((t) => `    <disk name='${escapeXml(t)}' checkpoint='bitmap'/>`));
-  const lines = disks.join('\n');
+/** `<disks>` of a checkpoint: a bitmap on each of `targets` (named `bitmap`, default the checkpoint's name), the rest 'no'. */
+function checkpointDisks(targets: string[], allTargets: string[], bitmap?: string): string {
+  const selected = new Set(targets);
+  const bitmapAttribute = bitmap ? ` bitmap='${escapeXml(bitmap)}'` : '';
+  const lines = targets.map((t) => `    <disk name='${escapeXml(t)}' checkpoint='bitmap'${bitmapAttribute}/>`);
+  for (const t of allTargets) if (!selected.has(t)) lines.push(`    <disk name='${escapeXml(t)}' checkpoint='no'/>`);
+  return `  <disks>\n${lines.join('\n')}\n  </disks>\n`;
+}
+
+/**
+ * Checkpoint over `diskTargets`; the domain's other disks are listed with checkpoint='no'. `runId` goes into the
+ * description, so that a later checkpoint of the same name (another chain's) is told apart even within a second.
+ */
+export function checkpointXml(plan: CheckpointPlan, diskTargets: string[], allTargets: string[], runId?: string): string {
   const parent = plan.parent ? `  <parent><name>${escapeXml(plan.parent)}</name></parent>\n` : '';
-  return `<domaincheckpoint>\n  <description>Backup checkpoint</description>\n  <name>${escapeXml(plan.name)}</name>\n${parent}  <disks>\n${lines}\n  </disks>\n</domaincheckpoint>\n`;
+  const description = runId ? `${CHECKPOINT_DESCRIPTION} (run ${escapeXml(runId)})` : CHECKPOINT_DESCRIPTION;
+  return `<domaincheckpoint>\n  <description>${description}</description>\n  <name>${escapeXml(plan.name)}</name>\n${parent}${checkpointDisks(diskTargets, allTargets)}</domaincheckpoint>\n`;
 }
 
 export interface BackupJobDisk {
@@ -63,4 +97,38 @@ export function backupJobXml(socket: string, incrementalFrom: string, disks: Bac
 /** Name of the dirty-bitmap meta context libvirt's pull backup exports for a disk. */
 export function dirtyBitmapContext(target: string): string {
   return `qemu:dirty-bitmap:backup-${target}`;
+}
+
+/** A checkpoint definition without its `<domain>` copy, for redefining on a domain defined anew (other UUID). */
+export function withoutDomain(checkpointXml: string): string {
+  return checkpointXml.replace(/<domain[\s>][\s\S]*<\/domain>\s*/, '');
+}
+
+/** Text of the first `<tag>` element of a checkpoint XML. */
+function element(xml: string, tag: string): string | undefined {
+  return new RegExp(`<${tag}>([^<]*)</${tag}>`).exec(xml)?.[1]?.trim();
+}
+
+export function checkpointDescription(xml: string): string | undefined {
+  return element(xml, 'description');
+}
+
+/** Creation time and description: tell a checkpoint apart from a later one of the same name (another chain's). */
+export function checkpointIdentity(xml: string): string {
+  return `${element(xml, 'creationTime') ?? ''} ${element(xml, 'description') ?? ''}`;
+}
+
+/** Sum of the per-disk `size` attributes (bytes changed since the checkpoint) of an XML got with the size flag. */
+export function checkpointSize(xml: string): number {
+  let total = 0;
+  for (const m of xml.matchAll(/<disk\b[^>]*\bsize=['"](\d+)['"]/g)) total += Number(m[1]);
+  return total;
+}
+
+/**
+ * A definition (for REDEFINE) of checkpoint `name` owning only the bitmap of that name on `target`: deleting it
+ * through libvirt removes a bitmap left in the image without a checkpoint, which would block creating `name`.
+ */
+export function bitmapOwnerXml(name: string, target: string, allTargets: string[]): string {
+  return `<domaincheckpoint>\n  <name>${escapeXml(name)}</name>\n  <creationTime>1</creationTime>\n${checkpointDisks([target], allTargets, name)}</domaincheckpoint>\n`;
 }

@@ -4,7 +4,7 @@
 // sees a complete-looking zip of a failed run.
 import { PassThrough } from 'node:stream';
 import { once } from 'node:events';
-import { ZipArchive } from 'archiver';
+import type { ZipArchive } from 'archiver';
 import type { OutputTarget, Sink } from './target.js';
 
 export class ZipTarget implements OutputTarget {
@@ -12,8 +12,14 @@ export class ZipTarget implements OutputTarget {
   private failure: Error | undefined;
   private readonly finished: Promise<void>;
 
-  constructor(out: NodeJS.WritableStream) {
-    this.archive = new ZipArchive({ store: true, forceZip64: true });
+  /** archiver is loaded only when a zip is written: it costs start-up time every other run would pay. */
+  static async open(out: NodeJS.WritableStream): Promise<ZipTarget> {
+    const { ZipArchive: Archive } = await import('archiver');
+    return new ZipTarget(out, new Archive({ store: true, forceZip64: true }));
+  }
+
+  private constructor(out: NodeJS.WritableStream, archive: ZipArchive) {
+    this.archive = archive;
     this.archive.on('error', (err: Error) => { this.failure ??= err; });
     this.finished = new Promise((resolve, reject) => {
       out.on('error', (err: Error) => { this.failure ??= err; reject(err); });

@@ -1,6 +1,7 @@
 // Logging for the commands: level-filtered lines to stderr (never stdout, which may carry a zip) and
-// optionally to a log file in the backup set; counts warnings for --strict.
+// optionally to a log file in the backup set and to syslog; counts warnings for --strict.
 import fs from 'node:fs';
+import { SyslogSink } from './syslog.js';
 
 export type Level = 'debug' | 'info' | 'warn' | 'error';
 const ORDER: Record<Level, number> = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -16,6 +17,7 @@ export class Logger {
   warnings = 0;
   errors = 0;
   private file: fs.WriteStream | undefined;
+  private syslog: SyslogSink | undefined;
   private readonly threshold: number;
   private readonly color: boolean;
 
@@ -36,6 +38,18 @@ export class Logger {
     if (file) await new Promise<void>((resolve) => file.end(resolve));
   }
 
+  /** Also send every line to syslog (through `logger`); a syslog that cannot be reached is one warning. */
+  attachSyslog(tag: string, socket?: string): void {
+    this.syslog = new SyslogSink(tag, socket, (problem) => this.warn(`syslog: ${problem}`));
+  }
+
+  /** Waits until syslog has taken every line sent so far. */
+  async detachSyslog(): Promise<void> {
+    const syslog = this.syslog;
+    this.syslog = undefined;
+    await syslog?.close();
+  }
+
   debug(msg: string): void { this.log('debug', msg); }
   info(msg: string): void { this.log('info', msg); }
   warn(msg: string): void { this.warnings++; this.log('warn', msg); }
@@ -45,6 +59,7 @@ export class Logger {
     const stamp = new Date().toISOString();
     this.file?.write(`${stamp} ${level.toUpperCase()} ${msg}\n`);
     if (ORDER[level] < this.threshold) return;
+    this.syslog?.send(level, msg);
     const prefix = level === 'info' || level === 'debug' ? '' : `${level === 'warn' ? 'warning' : 'error'}: `;
     const line = `${prefix}${msg}`;
     process.stderr.write(this.color && COLOR[level] ? `${COLOR[level]}${line}\x1b[0m\n` : `${line}\n`);

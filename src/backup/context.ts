@@ -1,0 +1,30 @@
+// What every step of one backup run needs to know, gathered once by backup.ts and passed along.
+import type { LibvirtDomain } from '../native/addon.js';
+import type { DomainDisk, DomainInfo } from '../libvirt/domainXml.js';
+import type { OutputTarget } from '../set/target.js';
+import type { Logger } from '../util/log.js';
+import type { DomainPower } from './domainPower.js';
+import type { BackupOptions } from './backup.js';
+
+export interface RunContext {
+  options: BackupOptions;
+  log: Logger;
+  domain: LibvirtDomain;
+  power: DomainPower;
+  /** Domain XML at backup time (saved as vmconfig.<ident>.xml). */
+  vmXml: string;
+  info: DomainInfo;
+  /** The disks this run backs up. */
+  disks: DomainDisk[];
+  /** The set directory; for zip output, the directory that keeps the chain state (.cpt, checkpoints). */
+  stateDir: string;
+  /** Where the set's files go: the set directory, or the zip on stdout. */
+  target: OutputTarget;
+  toZip: boolean;
+  /** Saved checkpoint definitions (-C), used to redefine checkpoints libvirt lost. */
+  xmlDir: string;
+  /** The run's log file, in the state dir. */
+  logName: string;
+  /** When the run started: names diffs and the log. */
+  startedAt: Date;
+}

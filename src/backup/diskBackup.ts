@@ -1,0 +1,115 @@
+// One disk of a run: open its export, plan the extents (whole disk, or the changes since the parent checkpoint),
+// write the stream (or a raw image) into the set, then its checksum and digest side files.
+// Guarantees: the data file is complete under its name or left as `.partial`; the endpoint is always closed.
+import { NbdEndpoint } from '../endpoint/nbd.js';
+import { CONTEXT_ALLOCATION, type Endpoint } from '../endpoint/endpoint.js';
+import { planDirty, planFull } from '../extents/plan.js';
+import { writeStream } from '../stream/writer.js';
+import type { OutputTarget } from '../set/target.js';
+import { checksumFileName, dataFileName, digestFileName } from '../set/backupSet.js';
+import type { DomainDisk } from '../libvirt/domainXml.js';
+import type { Level } from '../libvirt/checkpoints.js';
+import type { Logger } from '../util/log.js';
+import { UserError, describeFailure } from '../util/errors.js';
+import { writeRawImage } from './rawImage.js';
+import { denseExtents, qemuImgExtents } from './extentSources.js';
+import type { DiskExports } from './offline.js';
+import type { RunPlan } from './runPlan.js';
+
+export interface DiskResult {
+  disk: string;
+  file: string;
+  dataSize: number;
+  virtualSize: number;
+  bytesWritten: number;
+}
+
+export interface DiskRunOptions {
+  plan: RunPlan;
+  /** Names this run's inc/diff files (checkpoint name or diff seconds). */
+  ident: string;
+  exports: DiskExports;
+  target: OutputTarget;
+  /** NBD connections for this disk. */
+  connections: number;
+  type?: 'stream' | 'raw';
+  compress: number | false;
+  /** -q: extents from qemu-img map. */
+  qemuExtents?: boolean;
+  /** --no-sparse-detection: inc/diff store every changed range as data, zeroed ones too. */
+  noSparseDetection?: boolean;
+  progress?: (disk: string, total: number) => (bytes: number) => void;
+  signal: AbortSignal;
+  log: Logger;
+}
+
+/** The export of `disk` with the extent source the options ask for. */
+async function openSource(disk: DomainDisk, incremental: boolean, options: DiskRunOptions): Promise<Endpoint> {
+  const address = options.exports.address(disk.target);
+  const contexts = incremental ? [CONTEXT_ALLOCATION, options.exports.dirtyContext(disk.target)] : [CONTEXT_ALLOCATION];
+  let endpoint: Endpoint = await NbdEndpoint.open(address, { metaContexts: contexts, connections: options.connections });
+  if (options.qemuExtents) endpoint = qemuImgExtents(endpoint, address);
+  if (options.noSparseDetection && incremental) endpoint = denseExtents(endpoint);
+  return endpoint;
+}
+
+function writeFailure(disk: DomainDisk, partial: string, err: unknown): Error {
+  if (err instanceof UserError) return err; // an interrupt, or another disk's failure
+  return new UserError(`backup of disk ${disk.target} failed writing ${partial}: ${describeFailure(err)}`);
+}
+
+export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Promise<DiskResult> {
+  const { plan, target, log, signal } = options;
+  const level: Level = disk.format === 'raw' ? 'copy' : plan.level;
+  const incremental = level === 'inc' || level === 'diff';
+  const endpoint = await openSource(disk, incremental, options);
+  try {
+    const extents = incremental ? await planDirty(endpoint, options.exports.dirtyContext(disk.target)) : await planFull(endpoint);
+    const file = dataFileName(disk.target, level, options.ident);
+    const partial = `${target.pathOf(file)}.partial`;
+    log.info(`disk ${disk.target}: ${extents.dataSize} bytes of data in ${extents.extents.length} extents of ${endpoint.size} bytes, writing ${file}`);
+    const onProgress = options.progress?.(disk.target, extents.dataSize);
+    const result = { disk: disk.target, file, dataSize: extents.dataSize, virtualSize: endpoint.size };
+    if (options.type === 'raw' && target.createPositional) {
+      const image = await target.createPositional(file, endpoint.size);
+      try {
+        await writeRawImage(endpoint, extents, image, onProgress, signal);
+        await image.commit();
+      } catch (err) {
+        await image.abort();
+        throw writeFailure(disk, partial, err);
+      }
+      return { ...result, bytesWritten: endpoint.size };
+    }
+    const sink = await target.create(file);
+    let written;
+    try {
+      written = await writeStream({
+        source: endpoint,
+        plan: extents,
+        sink,
+        meta: {
+          date: new Date().toISOString(),
+          diskName: disk.target,
+          diskFormat: disk.format,
+          checkpointName: plan.checkpoint.name,
+          parentCheckpoint: plan.checkpoint.parent,
+          incremental,
+        },
+        compress: options.compress,
+        onProgress,
+        digests: true,
+        signal,
+      });
+      await sink.commit();
+    } catch (err) {
+      await sink.abort();
+      throw writeFailure(disk, partial, err);
+    }
+    await target.writeFile(checksumFileName(file), String(written.checksum));
+    await target.writeFile(digestFileName(file), JSON.stringify({ algorithm: 'sha256', pieces: written.digests ?? [] }));
+    return { ...result, bytesWritten: written.bytesWritten };
+  } finally {
+    await endpoint.close();
+  }
+}

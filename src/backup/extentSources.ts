@@ -1,0 +1,84 @@
+// Other answers to "which ranges hold what" for the same export, as endpoints that read like the one they wrap
+// but report extents differently, so the planner (extents/plan.ts) stays the one place that decides:
+//   qemuImgExtents: -q/--qemu, extents from `qemu-img map` against the NBD export instead of NBD block status
+//   denseExtents:   --no-sparse-detection, for inc/diff: every changed range is data, even where it now reads as
+//                   zero (trimmed or zeroed), as virtnbdbackup 2.x does with that switch
+// Guarantees: reads, writes and sizes are the wrapped endpoint's; only extents() differs.
+import { CONTEXT_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
+import type { NbdAddress } from '../endpoint/nbd.js';
+import { run } from '../util/process.js';
+
+type ExtentsFn = (context: string, offset: number, length: number) => AsyncIterable<StatusExtent>;
+
+/** An endpoint that is `base` in every respect but its extents. */
+class ExtentsOverride implements Endpoint {
+  constructor(private readonly base: Endpoint, private readonly source: ExtentsFn) {}
+  get size(): number { return this.base.size; }
+  get maxRequestSize(): number { return this.base.maxRequestSize; }
+  get parallelism(): number { return this.base.parallelism; }
+  read(buffer: Buffer, offset: number): Promise<void> { return this.base.read(buffer, offset); }
+  write(buffer: Buffer, offset: number): Promise<void> { return this.base.write(buffer, offset); }
+  zero(offset: number, length: number, allowTrim: boolean): Promise<void> { return this.base.zero(offset, length, allowTrim); }
+  flush(): Promise<void> { return this.base.flush(); }
+  extents(context: string, offset: number, length: number): AsyncIterable<StatusExtent> { return this.source(context, offset, length); }
+  close(): Promise<void> { return this.base.close(); }
+}
+
+/** One entry of `qemu-img map --output=json`. */
+export interface QemuMapEntry {
+  start: number;
+  length: number;
+  data: boolean;
+  zero: boolean;
+}
+
+/**
+ * NBD status flags of a qemu-img map entry. For base:allocation, data=false is a hole. With x-dirty-bitmap, qemu
+ * reports the bitmap in place of allocation: a dirty range shows as data=false.
+ */
+export function qemuMapFlags(entry: QemuMapEntry, context: string): number {
+  if (context !== CONTEXT_ALLOCATION) return entry.data ? 0 : STATE_DIRTY;
+  return (entry.data ? 0 : STATE_HOLE) | (entry.zero ? STATE_ZERO : 0);
+}
+
+/** The parts of `extents` (ascending, contiguous) that fall in [offset, offset+length). */
+export function* clip(extents: StatusExtent[], offset: number, length: number): Generator<StatusExtent> {
+  const end = offset + length;
+  for (const e of extents) {
+    const from = Math.max(e.offset, offset);
+    const to = Math.min(e.offset + e.length, end);
+    if (to > from) yield { offset: from, length: to - from, flags: e.flags };
+  }
+}
+
+async function qemuImgMap(address: NbdAddress, context: string): Promise<StatusExtent[]> {
+  const escape = (value: string): string => value.replace(/,/g, ',,');
+  let opts = `driver=nbd,server.type=unix,server.path=${escape(address.socket ?? '')},export=${escape(address.exportName)}`;
+  if (context !== CONTEXT_ALLOCATION) opts += `,x-dirty-bitmap=${escape(context)}`;
+  const { stdout } = await run('qemu-img', ['map', '--output=json', '--image-opts', opts]);
+  return (JSON.parse(stdout) as QemuMapEntry[]).map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) }));
+}
+
+/** -q/--qemu: `base` with extents from one `qemu-img map` per meta context (run once, then clipped per request). */
+export function qemuImgExtents(base: Endpoint, address: NbdAddress): Endpoint {
+  const maps = new Map<string, Promise<StatusExtent[]>>();
+  return new ExtentsOverride(base, async function* (context, offset, length) {
+    let map = maps.get(context);
+    if (!map) {
+      map = qemuImgMap(address, context);
+      maps.set(context, map);
+    }
+    yield* clip(await map, offset, length);
+  });
+}
+
+/** --no-sparse-detection: base:allocation reports everything as data, so a changed range is never a zero frame. */
+export function denseExtents(base: Endpoint): Endpoint {
+  return new ExtentsOverride(base, async function* (context, offset, length) {
+    if (context !== CONTEXT_ALLOCATION) {
+      yield* base.extents(context, offset, length);
+      return;
+    }
+    if (length > 0) yield { offset, length, flags: 0 };
+  });
+}

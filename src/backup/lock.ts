@@ -1,0 +1,135 @@
+// Run locks: one backup at a time per domain and per output directory. A lock is a file created exclusively
+// holding the owner's pid and process start time; a lock whose owner is gone (crash, kill -9) is stale and
+// taken over. Guarantees: a second run refuses with the owner's pid and the lock's path; locks are removed on
+// release and, as a last resort, when the process exits.
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { UserError } from '../util/errors.js';
+
+/** Name of the lock file inside an output directory (moved aside never, listed as a set file never). */
+export const OUTPUT_LOCK_NAME = '.virtnbdbackup.lock';
+
+interface Owner {
+  pid: number;
+  /** Process start time in clock ticks since boot (/proc/<pid>/stat field 22); tells pid reuse apart. */
+  start: string;
+}
+
+function processStart(pid: number): string | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}
+
+function parseOwner(text: string): Owner | undefined {
+  try {
+    const owner = JSON.parse(text) as Partial<Owner>;
+    return typeof owner.pid === 'number' && typeof owner.start === 'string' ? { pid: owner.pid, start: owner.start } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether the lock's owner still runs; an unreadable or half-written lock counts as alive (never stolen). */
+export function ownerAlive(text: string): boolean {
+  const owner = parseOwner(text);
+  if (!owner) return true;
+  return processStart(owner.pid) === owner.start;
+}
+
+const held = new Set<string>();
+let exitHookInstalled = false;
+
+function removeHeldLocks(): void {
+  for (const file of held) fs.rmSync(file, { force: true });
+}
+
+export class RunLock {
+  private constructor(readonly file: string, private readonly content: string) {}
+
+  /** Takes the lock `file` for `what` ("domain webvm"), or throws a UserError naming the running owner. */
+  static async acquire(file: string, what: string): Promise<RunLock> {
+    const content = JSON.stringify({ pid: process.pid, start: processStart(process.pid) ?? '' });
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        await fsp.writeFile(file, content, { flag: 'wx', mode: 0o644 });
+        if (!exitHookInstalled) {
+          exitHookInstalled = true;
+          process.once('exit', removeHeldLocks);
+        }
+        held.add(file);
+        return new RunLock(file, content);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+          throw new UserError(`cannot create lock file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+        }
+      }
+      const existing = await fsp.readFile(file, 'utf8').catch(() => undefined);
+      if (existing === undefined) continue; // released meanwhile
+      if (ownerAlive(existing)) {
+        const pid = parseOwner(existing)?.pid;
+        throw new UserError(`${what} is in use by another backup${pid ? ` (pid ${pid})` : ''}: lock ${file}; wait for it to finish, or remove the lock if that process is gone`);
+      }
+      await takeOverStale(file, existing);
+    }
+    throw new UserError(`cannot take lock ${file}: it keeps changing; another backup of the same ${what} is starting`);
+  }
+
+  /** Removes the lock if it is still ours. */
+  async release(): Promise<void> {
+    held.delete(this.file);
+    const current = await fsp.readFile(this.file, 'utf8').catch(() => undefined);
+    if (current === this.content) await fsp.rm(this.file, { force: true });
+  }
+}
+
+/**
+ * Moves a stale lock out of the way atomically (rename), so that two runs taking over at once cannot delete
+ * each other's fresh lock; a fresh lock renamed by mistake is put back.
+ */
+async function takeOverStale(file: string, staleContent: string): Promise<void> {
+  const aside = `${file}.stale.${process.pid}`;
+  try {
+    await fsp.rename(file, aside);
+  } catch {
+    return; // someone else moved it
+  }
+  const moved = await fsp.readFile(aside, 'utf8').catch(() => staleContent);
+  if (moved !== staleContent) await fsp.link(aside, file).catch(() => undefined);
+  await fsp.rm(aside, { force: true });
+}
+
+/** Where per-domain locks live: /run/lock when it is writable (root), else /var/tmp. */
+function domainLockDir(): string {
+  try {
+    fs.accessSync('/run/lock', fs.constants.W_OK);
+    return '/run/lock';
+  } catch {
+    return '/var/tmp';
+  }
+}
+
+export function domainLockFile(domain: string): string {
+  return path.join(domainLockDir(), `virtnbdbackup.${encodeURIComponent(domain)}.lock`);
+}
+
+/** Locks the domain and, when given, the output directory; returns the release of both. */
+export async function lockRun(domain: string, outputDir: string | undefined): Promise<() => Promise<void>> {
+  const domainLock = await RunLock.acquire(domainLockFile(domain), `domain '${domain}'`);
+  let outputLock: RunLock | undefined;
+  try {
+    if (outputDir) outputLock = await RunLock.acquire(path.join(outputDir, OUTPUT_LOCK_NAME), `output directory ${outputDir}`);
+  } catch (err) {
+    await domainLock.release();
+    throw err;
+  }
+  return async () => {
+    await outputLock?.release();
+    await domainLock.release();
+  };
+}

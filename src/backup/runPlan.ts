@@ -1,0 +1,100 @@
+// Decides what one run writes and against which checkpoint, from the set's chain and the domain's state:
+//   requested level -> offline? (full becomes copy; inc becomes a diff: no checkpoint can be created)
+//   -> inc/diff: the set's chain (.cpt), its prefix, checkpoints libvirt lost put back from the saved XML
+//   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
+// Guarantees: an inc/diff is only planned on a parent checkpoint that is this set's own; anything else
+// becomes a full backup with a warning (or a clear error where a full is impossible), never a wrong inc.
+import path from 'node:path';
+import fs from 'node:fs/promises';
+import {
+  CHECKPOINT_DIR, archiveChain, checkpointListName, isArchivedChain, readCheckpointList,
+} from '../set/backupSet.js';
+import { DEFAULT_PREFIX, checkPrefix, planCheckpoint, prefixOf, type CheckpointPlan, type Level } from '../libvirt/checkpoints.js';
+import { redefineMissing, takeCensus, unusableParent, warnForeign } from '../libvirt/chain.js';
+import { UserError, oneLine } from '../util/errors.js';
+import { OUTPUT_LOCK_NAME } from './lock.js';
+import { bitmapProblems } from './offline.js';
+import type { RunContext } from './context.js';
+
+export interface RunPlan {
+  level: Level;
+  checkpoint: CheckpointPlan;
+  /** This chain's checkpoint name prefix. */
+  prefix: string;
+  /** The set's checkpoints before this run, oldest first. */
+  chain: string[];
+  /** Where the previous chain went when this run fell back to a full backup. */
+  archivedChain?: string;
+}
+
+/** The chain's prefix: the set's own for inc/diff (a mismatching --checkpoint-prefix is refused), else the option. */
+function resolvePrefix(wanted: string | undefined, chain: string[], cptFile: string): string {
+  const own = chain.length > 0 ? prefixOf(chain[0] as string) : undefined;
+  if (own !== undefined && wanted !== undefined && wanted !== own) {
+    throw new UserError(`the set's chain uses checkpoint prefix '${own}' (${cptFile}), not '${wanted}'; drop --checkpoint-prefix or use the set of that chain`);
+  }
+  try {
+    return checkPrefix(own ?? wanted ?? DEFAULT_PREFIX);
+  } catch (err) {
+    throw new UserError(oneLine(err));
+  }
+}
+
+function planFor(level: Level, chain: string[], prefix: string): RunPlan {
+  return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix) };
+}
+
+/** Plans the run for `requested` (never 'auto'); may fall back to a full backup (see fallBackToFull). */
+export async function planRun(ctx: RunContext, requested: Level): Promise<RunPlan> {
+  const { options, log, domain, power } = ctx;
+  let level = requested;
+  if (power.offline && level === 'full') {
+    log.warn(`domain '${options.domain}' is shut off: libvirt cannot create checkpoints without QEMU, so this full backup is a copy (no chain); use -S/--start-domain to start a chain`);
+    level = 'copy';
+  }
+  const cptFile = path.join(ctx.stateDir, checkpointListName(options.domain));
+  const chain = level === 'inc' || level === 'diff' ? await readCheckpointList(cptFile) : [];
+  const prefix = resolvePrefix(options.checkpointPrefix, chain, cptFile);
+  if (level === 'copy') return planFor(level, [], prefix);
+  warnForeign(await takeCensus(domain, prefix), options.domain, log);
+  if (level === 'full') return planFor(level, [], prefix);
+
+  const parent = chain[chain.length - 1];
+  if (parent === undefined) throw new UserError(`no checkpoints in the backup set (${cptFile} lists none): run a full backup first`);
+  await redefineMissing(domain, chain, ctx.xmlDir, log);
+  const problem = await unusableParent(domain, parent, ctx.xmlDir)
+    ?? (power.offline ? (await bitmapProblems(ctx.disks, parent)).join('; ') || undefined : undefined);
+  if (problem) return fallBackToFull(ctx, prefix, problem);
+  if (power.offline && level === 'inc') {
+    log.info(`domain '${options.domain}' is shut off: libvirt cannot create checkpoint ${prefix}.${chain.length} now, so this inc saves the changes since ${parent} as a differential backup; the chain continues with the next inc while the domain runs`);
+    level = 'diff';
+  }
+  return planFor(level, chain, prefix);
+}
+
+/** The names in the state dir that make up the current chain (never the lock, this run's log or older archives). */
+async function chainFiles(ctx: RunContext): Promise<string[]> {
+  if (ctx.toZip) {
+    const names = [checkpointListName(ctx.options.domain)];
+    if (path.resolve(ctx.xmlDir) === path.join(ctx.stateDir, CHECKPOINT_DIR)) names.push(CHECKPOINT_DIR);
+    return names;
+  }
+  const names = await fs.readdir(ctx.stateDir);
+  return names.filter((n) => n !== OUTPUT_LOCK_NAME && n !== ctx.logName && !isArchivedChain(n));
+}
+
+/**
+ * The set's chain cannot give a correct incremental (`problem`): moves it into chain.<secs>/ (still a complete,
+ * restorable set) and plans a full backup that starts a new chain in the set. Refused where a full backup is
+ * impossible (shut-off domain) or not wanted (-p, -s).
+ */
+export async function fallBackToFull(ctx: RunContext, prefix: string, problem: string): Promise<RunPlan> {
+  const { options, log } = ctx;
+  if (options.printOnly || options.startOnly) throw new UserError(`${problem}; the next backup will be a full one`);
+  if (ctx.power.offline) {
+    throw new UserError(`${problem}: an incremental backup would be wrong, and a shut-off domain cannot start a new chain; run again with -S/--start-domain (it then makes a full backup) or while the domain runs`);
+  }
+  const archive = await archiveChain(ctx.stateDir, await chainFiles(ctx), new Date());
+  log.warn(`${problem}: an incremental backup would be wrong, so this run makes a full backup instead; the set's previous chain was moved to ${archive} and restores from there`);
+  return { ...planFor('full', [], prefix), archivedChain: archive };
+}

@@ -1,0 +1,153 @@
+// Keeps a domain's checkpoints in step with a backup set's chain: tells this chain's checkpoints from other
+// chains' and from foreign ones, puts back checkpoints libvirt lost, finds a chain that can no longer give a
+// correct incremental, and removes a chain (before a full) or a bitmap left without its checkpoint.
+// Guarantees: only checkpoints of the given prefix are ever deleted; other chains' and foreign checkpoints
+// are left alone (libvirt keeps one active bitmap per checkpoint, so they do not disturb this chain).
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import {
+  VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY, VIR_DOMAIN_CHECKPOINT_XML_SIZE,
+  type LibvirtDomain, type NativeError,
+} from '../native/addon.js';
+import {
+  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointDescription, checkpointIdentity, checkpointSize,
+  inChain, prefixOf, withoutDomain,
+} from './checkpoints.js';
+import type { Logger } from '../util/log.js';
+import { UserError, oneLine } from '../util/errors.js';
+
+/** virErrorNumber of "checkpoint inconsistent: missing or broken bitmap" (libvirt >= 6.10). */
+const VIR_ERR_CHECKPOINT_INCONSISTENT = 109;
+
+export interface CheckpointCensus {
+  /** Checkpoints of this chain (this prefix), oldest first. */
+  chain: string[];
+  /** Checkpoints of our other chains (other prefixes, or virtnbdbackup's). */
+  otherChains: string[];
+  /** Checkpoints someone else created. */
+  foreign: string[];
+}
+
+function chainIndex(name: string): number {
+  return Number(/\.(\d+)$/.exec(name)?.[1] ?? -1);
+}
+
+/** Sorts the domain's checkpoints into this chain's, our other chains' and foreign ones. */
+export async function takeCensus(domain: LibvirtDomain, prefix: string): Promise<CheckpointCensus> {
+  const census: CheckpointCensus = { chain: [], otherChains: [], foreign: [] };
+  for (const name of await domain.listCheckpointNames()) {
+    if (inChain(name, prefix)) {
+      census.chain.push(name);
+      continue;
+    }
+    const xml = await domain.checkpointGetXMLDesc(name, 0).catch(() => '');
+    const ours = prefixOf(name) !== undefined && (checkpointDescription(xml)?.startsWith(CHECKPOINT_DESCRIPTION) || name.includes(DEFAULT_PREFIX));
+    (ours ? census.otherChains : census.foreign).push(name);
+  }
+  census.chain.sort((a, b) => chainIndex(a) - chainIndex(b));
+  return census;
+}
+
+export function warnForeign(census: CheckpointCensus, domainName: string, log: Logger): void {
+  for (const name of census.foreign) {
+    log.warn(`domain '${domainName}' has checkpoint '${name}', not created by virtnbdbackup: left alone; it does not affect this chain`);
+  }
+}
+
+/** Deletes a checkpoint with its bitmaps; when the bitmap is already gone, its metadata only. */
+async function deleteCheckpoint(domain: LibvirtDomain, name: string, log: Logger): Promise<void> {
+  try {
+    await domain.checkpointDelete(name, 0);
+  } catch {
+    try {
+      await domain.checkpointDelete(name, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
+      log.info(`checkpoint ${name} had no usable bitmap: removed its metadata only`);
+    } catch (again) {
+      throw new UserError(`cannot remove checkpoint ${name} of domain '${domain.name()}': ${oneLine(again)}; remove it with 'virsh checkpoint-delete --metadata ${domain.name()} ${name}'`);
+    }
+  }
+}
+
+/** Removes this chain's checkpoints, newest first: a full backup starts the chain anew. */
+export async function removeChain(domain: LibvirtDomain, census: CheckpointCensus, log: Logger): Promise<void> {
+  for (const name of [...census.chain].reverse()) {
+    await deleteCheckpoint(domain, name, log);
+    log.info(`removed old checkpoint ${name}: a full backup starts a new chain`);
+  }
+}
+
+async function readSaved(xmlDir: string, name: string): Promise<string | undefined> {
+  return fs.readFile(path.join(xmlDir, `${name}.xml`), 'utf8').catch(() => undefined);
+}
+
+/**
+ * Puts back the set's checkpoints that libvirt lost (domain undefined and defined again, moved to another host)
+ * from the definitions saved in `xmlDir`, oldest first. A domain defined anew has another UUID, so a definition
+ * libvirt refuses is tried again without its copy of the domain.
+ */
+export async function redefineMissing(domain: LibvirtDomain, chain: string[], xmlDir: string, log: Logger): Promise<void> {
+  const present = new Set(await domain.listCheckpointNames());
+  for (const name of chain) {
+    if (present.has(name)) continue;
+    const xml = await readSaved(xmlDir, name);
+    if (xml === undefined) continue;
+    try {
+      await domain.checkpointCreateXML(xml, VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE).catch(() =>
+        domain.checkpointCreateXML(withoutDomain(xml), VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE));
+      log.info(`redefined checkpoint ${name} from ${path.join(xmlDir, `${name}.xml`)}`);
+    } catch (err) {
+      log.info(`could not redefine checkpoint ${name}: ${oneLine(err)}`);
+    }
+  }
+}
+
+/**
+ * Why the set's last checkpoint cannot base an incremental, or undefined when it can (as far as libvirt's
+ * metadata tells; a bitmap missing from the image shows when the job starts, see isLostBitmapError).
+ */
+export async function unusableParent(domain: LibvirtDomain, parent: string, xmlDir: string): Promise<string | undefined> {
+  if (!(await domain.listCheckpointNames()).includes(parent)) {
+    return `checkpoint ${parent} is missing in libvirt and no saved definition (${path.join(xmlDir, `${parent}.xml`)}) brought it back`;
+  }
+  const saved = await readSaved(xmlDir, parent);
+  if (saved === undefined) return undefined;
+  if (checkpointIdentity(await domain.checkpointGetXMLDesc(parent, 0)) !== checkpointIdentity(saved)) {
+    return `checkpoint ${parent} in libvirt is not this set's (${path.join(xmlDir, `${parent}.xml`)}): another chain with the same prefix replaced it`;
+  }
+  return undefined;
+}
+
+/** Whether a failed backup start means the checkpoint's bitmap is missing or broken in the image. */
+export function isLostBitmapError(err: unknown): boolean {
+  return (err as NativeError).code === VIR_ERR_CHECKPOINT_INCONSISTENT || /missing or broken bitmap/i.test(oneLine(err));
+}
+
+/** The bitmap name when a backup start failed because an image already holds a bitmap of that name. */
+export function existingBitmapName(err: unknown): string | undefined {
+  return /Bitmap already exists: (\S+)/.exec(oneLine(err))?.[1];
+}
+
+/**
+ * Removes bitmap `name` left in the images without its checkpoint (checkpoint metadata deleted while the domain
+ * ran), which blocks creating checkpoint `name`: defines a checkpoint owning it on each disk, then deletes that.
+ */
+export async function clearOrphanBitmap(domain: LibvirtDomain, name: string, targets: string[], allTargets: string[], log: Logger): Promise<void> {
+  for (const target of targets) {
+    try {
+      await domain.checkpointCreateXML(bitmapOwnerXml(name, target, allTargets), VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE);
+    } catch {
+      continue;
+    }
+    try {
+      await domain.checkpointDelete(name, 0);
+      log.info(`removed bitmap ${name} of disk ${target}: it was left without its checkpoint`);
+    } catch {
+      await domain.checkpointDelete(name, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY).catch(() => undefined);
+    }
+  }
+}
+
+/** Bytes changed since checkpoint `name` on all its disks, as libvirt estimates them (running domains only). */
+export async function changedBytesSince(domain: LibvirtDomain, name: string): Promise<number> {
+  return checkpointSize(await domain.checkpointGetXMLDesc(name, VIR_DOMAIN_CHECKPOINT_XML_SIZE));
+}

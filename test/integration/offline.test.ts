@@ -1,0 +1,114 @@
+// Backups of shut-off domains on real libvirt/QEMU: qemu-nbd exports of the images (full becomes copy, inc saves
+// the changes since the last checkpoint as a diff), -S/--start-domain (started paused, stopped again), a bitmap
+// removed from the image while the domain was off (refused offline, a full fallback with -S), and the domain's
+// boot files and autostart flag. Every point is restored and compared bit for bit.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { run, withDomain, withTempDir, type TestDomain } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { assertRestoresTo as assertRestores, virsh } from '../support/points.js';
+
+const backup = (...args: string[]): ReturnType<typeof runOk> => runOk(ourBin('virtnbdbackup'), ['-n', ...args]);
+const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
+
+/** Guest-like write into the image of a shut-off domain (persistent bitmaps record it). */
+async function writeOffline(dom: TestDomain, pattern: string, offset: string, length: string): Promise<void> {
+  await run('qemu-io', ['-f', 'qcow2', '-c', `write -P ${pattern} ${offset} ${length}`, dom.diskPath('vda')]);
+}
+
+test('shut-off domain: full becomes copy, inc saves the changes as a diff, every point restores exactly', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'offline-');
+  const set = path.join(work, 'set');
+  const socket = path.join(work, 'nbd.sock');
+  await backup('-d', dom.name, '-l', 'full', '-o', set);
+  await dom.write('vda', 0x33, '1M', '1M');
+  const p1 = await dom.snapshot('vda');
+  await backup('-d', dom.name, '-l', 'inc', '-o', set);
+
+  await dom.stop();
+  await writeOffline(dom, '0x55', '10M', '2M');
+  const p2 = await dom.snapshot('vda');
+  const inc = await backup('-d', dom.name, '-l', 'inc', '-o', set, '-f', socket);
+  assert.match(inc.stderr, /shut off: .*saves the changes since virtnbdbackup\.1 as a differential backup/);
+  assert.ok((await fs.readdir(set)).some((f) => /^vda\.diff\.\d+\.data$/.test(f)), 'offline inc did not write a diff');
+  assert.deepEqual(JSON.parse(await fs.readFile(path.join(set, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  assert.equal(await fs.access(`${socket}.vda`).then(() => true, () => false), false, 'qemu-nbd socket left behind');
+  await assertRestores(work, set, p2);
+
+  const copySet = path.join(work, 'copy');
+  const copy = await backup('-d', dom.name, '-l', 'full', '-o', copySet);
+  assert.match(copy.stderr, /warning: .*shut off.*this full backup is a copy/);
+  assert.ok((await fs.readdir(copySet)).includes('vda.copy.data'));
+  await assertRestores(work, copySet, p2);
+
+  await dom.start();
+  await dom.write('vda', 0x66, '20M', '1M');
+  const p3 = await dom.snapshot('vda');
+  await backup('-d', dom.name, '-l', 'inc', '-o', set);
+  assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.2.data'));
+  await assertRestores(work, set, p3);
+  await assertRestores(work, set, p1, 'virtnbdbackup.1');
+});
+
+test('-S starts a shut-off domain paused and stops it again; a bitmap removed while off makes the next inc a full', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK], start: false });
+  const work = await withTempDir(t, 'startdom-');
+  const set = path.join(work, 'set');
+  const p0 = await dom.snapshot('vda');
+  const full = await backup('-d', dom.name, '-l', 'full', '-S', '-o', set);
+  assert.match(full.stderr, /started shut-off domain .* paused/);
+  assert.match(virsh('domstate', dom.name), /shut off/);
+  assert.match(virsh('checkpoint-list', dom.name, '--name'), /virtnbdbackup\.0/);
+
+  await writeOffline(dom, '0x44', '2M', '1M');
+  const p1 = await dom.snapshot('vda');
+  await backup('-d', dom.name, '-l', 'inc', '-S', '-o', set);
+  assert.match(virsh('domstate', dom.name), /shut off/);
+
+  await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.1']);
+  await writeOffline(dom, '0x77', '30M', '1M');
+  const p2 = await dom.snapshot('vda');
+  const refused = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.equal(refused.code, 1);
+  assert.equal(errorLines(refused).length, 1, refused.stderr);
+  assert.match(refused.stderr, /bitmap virtnbdbackup\.1 is missing from .*run again with -S/);
+
+  const fallback = await backup('-d', dom.name, '-l', 'inc', '-S', '-o', set);
+  const archived = /previous chain was moved to (\S+) and restores from there/.exec(fallback.stderr)?.[1];
+  assert.ok(archived, `no fallback warning: ${fallback.stderr}`);
+  assert.match(virsh('domstate', dom.name), /shut off/);
+  assert.ok((await fs.readdir(set)).includes('vda.full.data'));
+  assert.deepEqual(JSON.parse(await fs.readFile(path.join(set, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0']);
+  await assertRestores(work, set, p2);
+  await assertRestores(work, archived, p1);
+  await assertRestores(work, archived, p0, 'virtnbdbackup.0');
+});
+
+test('boot files (loader, nvram, kernel, initrd) and the autostart flag are saved with the backup', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK], start: false });
+  const work = await withTempDir(t, 'boot-');
+  const files: Record<string, string> = {};
+  for (const [kind, size] of [['kernel', 8192], ['initrd', 4096], ['code.fd', 65536], ['vars.fd', 65536]] as const) {
+    files[kind] = path.join(dom.dir, `boot-${kind}`);
+    await fs.writeFile(files[kind] as string, Buffer.alloc(size, kind.length));
+  }
+  const xml = virsh('dumpxml', dom.name)
+    .replace('</os>', `<loader readonly='yes' type='pflash'>${files['code.fd']}</loader><nvram>${files['vars.fd']}</nvram><kernel>${files.kernel}</kernel><initrd>${files.initrd}</initrd></os>`)
+    .replace('<devices>', '<features><acpi/></features><devices>');
+  await fs.writeFile(path.join(work, 'domain.xml'), xml);
+  virsh('define', path.join(work, 'domain.xml'));
+  virsh('autostart', dom.name);
+
+  const set = path.join(work, 'set');
+  await backup('-d', dom.name, '-l', 'copy', '-o', set);
+  const saved = await fs.readdir(set);
+  for (const file of Object.values(files)) {
+    const name = path.basename(file);
+    assert.ok(saved.includes(name), `${name} not saved: ${saved.join(' ')}`);
+    assert.ok((await fs.readFile(path.join(set, name))).equals(await fs.readFile(file)), `${name} differs`);
+  }
+  assert.equal(await fs.readFile(path.join(set, 'autostart.copy'), 'utf8'), 'True');
+});

@@ -1,0 +1,155 @@
+// The job-control and tuning switches on real libvirt/QEMU: -s/-k (a job left running, refused by other runs,
+// ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
+// exactly), -L (syslog, and -e's exit 2 when it cannot be reached), and the run locks (same domain or same set
+// refused, two domains in parallel fine).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { withDomain, withTempDir, TestDomain } from '../support/testbed.js';
+import { ourBin, pythonBin, runCli, runOk, startCli } from '../support/cli.js';
+import { assertRestoresTo, virsh } from '../support/points.js';
+
+const bin = ourBin('virtnbdbackup');
+const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
+const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
+
+test('-s leaves a job running that other runs refuse; -k ends it', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'startonly-');
+  const socket = path.join(work, 'job.sock');
+  const started = await runOk(bin, ['-n', '-d', dom.name, '-s', '-f', socket, '-o', path.join(work, 'set')]);
+  assert.equal(started.stdout.trim(), socket);
+  assert.match(virsh('domjobinfo', dom.name), /Operation:\s+Backup/);
+  assert.equal(execFileSync('nbdinfo', ['--size', `nbd+unix:///vda?socket=${socket}`], { encoding: 'utf8' }).trim(), String(64 * 1024 * 1024));
+
+  const refused = await runCli(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, 'other')]);
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /already has a backup job; .*-k/);
+
+  await runOk(bin, ['-d', dom.name, '-k', '-f', socket]);
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(await exists(socket), false, 'socket left behind');
+  const again = await runCli(bin, ['-d', dom.name, '-k']);
+  assert.equal(again.code, 1);
+  assert.match(again.stderr, /has no active job to end/);
+});
+
+test('-p prints the estimated size of the next inc; -T skips the backup below it', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const set = path.join(await withTempDir(t, 'estimate-'), 'set');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  await dom.write('vda', 0x33, '8M', '2M');
+  const printed = await runOk(bin, ['-n', '-d', dom.name, '-p', '-o', set]);
+  assert.equal(printed.stdout, 'estimated size of the next inc/diff: 2097152 bytes\n');
+
+  const skipped = await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-T', '3000000', '-o', set]);
+  assert.match(skipped.stderr, /2097152 bytes changed since virtnbdbackup\.0, below the threshold of 3000000 bytes/);
+  assert.ok(!(await fs.readdir(set)).some((f) => f.startsWith('vda.inc.')), 'backed up below the threshold');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-T', '1000000', '-o', set]);
+  assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.1.data'));
+});
+
+test('-q, --no-sparse-detection and --pause back up what restores exactly, with Python too', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'extents-');
+  const set = path.join(work, 'set');
+  const full = await runOk(bin, ['-n', '-d', dom.name, '-l', 'full', '-q', '--pause', '-o', set]);
+  assert.match(full.stderr, /suspended domain .* while the backup job starts\n(.*\n)*resumed domain/);
+  assert.match(virsh('domstate', dom.name), /running/);
+
+  await dom.write('vda', 0x77, '8M', '1M');
+  await dom.writeZeroes('vda', '2M', '1M');
+  const reference = await dom.snapshot('vda');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'diff', '-q', '-o', set]);
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '--no-sparse-detection', '-o', set]);
+  const dumped = (await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout.trim().split('\n').map((l) => JSON.parse(l) as { file: string; dataSize: number });
+  const dataSize = (pattern: RegExp): number | undefined => dumped.find((m) => pattern.test(m.file))?.dataSize;
+  assert.equal(dataSize(/^vda\.diff\./), 1024 * 1024, 'the zeroed range should be a zero frame');
+  assert.equal(dataSize(/^vda\.inc\./), 2 * 1024 * 1024, '--no-sparse-detection should save the zeroed range as data');
+
+  await assertRestoresTo(work, set, reference);
+  // Python's restore skips zero frames, but the inc after the diff holds the zeroed range as data.
+  const python = path.join(work, 'python');
+  await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', python, '-n']);
+  const result = await TestDomain.compare(path.join(python, 'vda.qcow2'), reference);
+  assert.ok(result.identical, `Python's restore: ${result.output}`);
+});
+
+/** A unix datagram socket that collects what syslog clients send (Node has no unix datagrams: python3). */
+async function syslogListener(socket: string): Promise<{ stop(): Promise<string> }> {
+  const script = 'import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\ns.bind(sys.argv[1])\nprint("ready",flush=True)\n'
+    + 'while True: print(s.recv(65536).decode(),flush=True)\n';
+  const child = spawn('python3', ['-c', script, socket], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let output = '';
+  child.stdout.on('data', (d: Buffer) => { output += d.toString(); });
+  while (!output.includes('ready')) {
+    if (child.exitCode !== null) throw new Error('syslog listener did not start');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return {
+    stop: async () => {
+      const closed = once(child, 'close');
+      child.kill();
+      await closed;
+      return output;
+    },
+  };
+}
+
+test('-L sends the log to syslog; an unreachable syslog is a warning, and -e makes it exit 2', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'syslog-');
+  const listener = await syslogListener(path.join(work, 'log.sock'));
+  t.after(() => { delete process.env.VIRTNBD_SYSLOG_SOCKET; });
+  process.env.VIRTNBD_SYSLOG_SOCKET = path.join(work, 'log.sock');
+  await runOk(bin, ['-n', '-L', '-d', dom.name, '-o', path.join(work, 'set1')]);
+  const lines = await listener.stop();
+  assert.match(lines, /^<14>.* virtnbdbackup\[\d+\]: copy backup of .* into /m);
+  assert.match(lines, /^<14>.* virtnbdbackup\[\d+\]: finished copy backup/m);
+
+  process.env.VIRTNBD_SYSLOG_SOCKET = path.join(work, 'nothing-listens-here');
+  const strict = await runCli(bin, ['-n', '-L', '-e', '-d', dom.name, '-o', path.join(work, 'set2')]);
+  assert.equal(strict.code, 2, strict.stderr);
+  assert.match(strict.stderr, /warning: syslog: .*nothing-listens-here/);
+  assert.ok(await exists(path.join(work, 'set2', 'vda.copy.data')));
+});
+
+test('locks: a second run on the same domain or into the same set refuses; two domains back up in parallel', async (t) => {
+  const [first, second] = await Promise.all([
+    withDomain(t, { disks: [{ target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 48 }] }] }),
+    withDomain(t, { disks: [DISK] }),
+  ]);
+  const work = await withTempDir(t, 'locks-');
+  const [setA, setB] = [path.join(work, 'a'), path.join(work, 'b')];
+  const running = startCli(bin, ['-n', '-d', first.name, '-l', 'full', '-o', setA]);
+  const outputLock = path.join(setA, '.virtnbdbackup.lock');
+  while (!(await exists(outputLock))) {
+    assert.equal(running.child.exitCode, null, 'the first run ended before taking its locks');
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  running.child.kill('SIGSTOP');
+  try {
+    const sameDomain = await runCli(bin, ['-n', '-d', first.name, '-l', 'full', '-o', path.join(work, 'c')]);
+    assert.equal(sameDomain.code, 1);
+    assert.match(sameDomain.stderr, new RegExp(`domain '${first.name}' is in use by another backup \\(pid ${running.child.pid}\\)`));
+    const sameSet = await runCli(bin, ['-n', '-d', second.name, '-l', 'inc', '-o', setA]);
+    assert.equal(sameSet.code, 1);
+    assert.match(sameSet.stderr, /output directory .* is in use by another backup/);
+  } finally {
+    running.child.kill('SIGCONT');
+  }
+  const result = await running.done;
+  assert.equal(result.code, 0, result.stderr);
+  assert.equal(await exists(outputLock), false, 'lock left behind');
+
+  await first.write('vda', 0x22, '1M', '1M');
+  await Promise.all([
+    runOk(bin, ['-n', '-d', first.name, '-l', 'inc', '-o', setA]),
+    runOk(bin, ['-n', '-d', second.name, '-l', 'full', '-o', setB]),
+  ]);
+  assert.ok((await fs.readdir(setA)).includes('vda.inc.virtnbdbackup.1.data'));
+  assert.ok((await fs.readdir(setB)).includes('vda.full.data'));
+});

@@ -1,0 +1,20 @@
+// Checks for the chain tests: restore a set (up to a checkpoint) and compare it bit for bit with a snapshot
+// taken at that point; virsh as a synchronous one-liner for state checks.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { LIBVIRT_URI, TestDomain } from './testbed.js';
+import { ourBin, runOk } from './cli.js';
+
+export function virsh(...args: string[]): string {
+  return execFileSync('virsh', ['-c', LIBVIRT_URI, ...args], { encoding: 'utf8' });
+}
+
+/** Restores disk vda of `set` (up to `until`) into a fresh dir under `work`; asserts it equals `reference`. */
+export async function assertRestoresTo(work: string, set: string, reference: string, until?: string): Promise<void> {
+  const out = await fs.mkdtemp(path.join(work, 'restore-'));
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vda', ...(until ? ['--until', until] : [])]);
+  const result = await TestDomain.compare(path.join(out, 'vda.qcow2'), reference);
+  assert.ok(result.identical, `${set}${until ? ` until ${until}` : ''} does not restore to ${path.basename(reference)}: ${result.output}`);
+}

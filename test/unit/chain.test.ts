@@ -1,0 +1,151 @@
+// Chain bookkeeping without libvirt: checkpoint prefixes and names, the checkpoint XML we create, parse and
+// redefine, libvirt's errors, qemu-img map as an extent source (same plans as NBD block status), sparse
+// detection off, run locks (refusal, stale takeover), archived chains and boot file names.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import {
+  bitmapOwnerXml, checkPrefix, checkpointIdentity, checkpointSize, checkpointXml, inChain, planCheckpoint, prefixOf, withoutDomain,
+} from '../../src/libvirt/checkpoints.js';
+import { existingBitmapName, isLostBitmapError } from '../../src/libvirt/chain.js';
+import { clip, denseExtents, qemuMapFlags, type QemuMapEntry } from '../../src/backup/extentSources.js';
+import { planDirty, planFull } from '../../src/extents/plan.js';
+import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../../src/endpoint/endpoint.js';
+import { RunLock } from '../../src/backup/lock.js';
+import { archiveChain, isArchivedChain, listSet } from '../../src/set/backupSet.js';
+import { bootFileName } from '../../src/backup/bootFiles.js';
+
+test('prefixes name chains: prefix.N; a bad prefix is refused', () => {
+  assert.equal(planCheckpoint('full', [], 'weekly').name, 'weekly.0');
+  assert.deepEqual(planCheckpoint('inc', ['weekly.0', 'weekly.1'], 'weekly'), { name: 'weekly.2', parent: 'weekly.1', create: true });
+  assert.equal(prefixOf('virtnbdbackup.12'), 'virtnbdbackup');
+  assert.equal(prefixOf('my.chain.3'), 'my.chain');
+  assert.equal(prefixOf('someone-elses'), undefined);
+  assert.ok(inChain('weekly.3', 'weekly') && !inChain('weekly.3', 'week') && !inChain('weekly-old.3', 'weekly'));
+  for (const bad of ['', '.hidden', 'a/b', 'a b', 'x'.repeat(65)]) assert.throws(() => checkPrefix(bad), /not usable/, bad);
+  assert.equal(checkPrefix('daily_2-a.b'), 'daily_2-a.b');
+});
+
+const LIBVIRT_CHECKPOINT = `<domaincheckpoint>
+  <name>virtnbdbackup.1</name>
+  <description>Backup checkpoint (run 0a1b2c)</description>
+  <parent><name>virtnbdbackup.0</name></parent>
+  <creationTime>1795324215</creationTime>
+  <disks>
+    <disk name='vda' checkpoint='bitmap' bitmap='virtnbdbackup.1' size='2097152'/>
+    <disk name='vdb' checkpoint='bitmap' bitmap='virtnbdbackup.1' size='65536'/>
+    <disk name='sda' checkpoint='no'/>
+  </disks>
+  <domain type='qemu'>
+    <name>web</name>
+    <uuid>a8734c27-595a-45ac-a74c-21305acfcc8d</uuid>
+    <description>the web server</description>
+    <devices><disk type='file' device='disk'><target dev='vda'/></disk></devices>
+  </domain>
+</domaincheckpoint>
+`;
+
+test('checkpoint XML: run id in the description, identity, size, redefinable without the domain', () => {
+  const xml = checkpointXml({ name: 'weekly.1', parent: 'weekly.0', create: true }, ['vda'], ['vda', 'vdb'], 'beef01');
+  assert.match(xml, /<description>Backup checkpoint \(run beef01\)<\/description>/);
+  assert.match(xml, /<disk name='vdb' checkpoint='no'\/>/);
+  assert.equal(checkpointSize(LIBVIRT_CHECKPOINT), 2097152 + 65536);
+  assert.equal(checkpointIdentity(LIBVIRT_CHECKPOINT), '1795324215 Backup checkpoint (run 0a1b2c)');
+  assert.notEqual(checkpointIdentity(LIBVIRT_CHECKPOINT.replace('0a1b2c', 'ffffff')), checkpointIdentity(LIBVIRT_CHECKPOINT));
+  const stripped = withoutDomain(LIBVIRT_CHECKPOINT);
+  assert.doesNotMatch(stripped, /<domain[ >]|uuid|web server/);
+  assert.match(stripped, /<disks>[\s\S]*<\/disks>\s*<\/domaincheckpoint>/);
+  const owner = bitmapOwnerXml('virtnbdbackup.0', 'vdb', ['vda', 'vdb']);
+  assert.match(owner, /<disk name='vdb' checkpoint='bitmap' bitmap='virtnbdbackup\.0'\/>/);
+  assert.match(owner, /<disk name='vda' checkpoint='no'\/>/);
+});
+
+test("libvirt's refusals: a lost bitmap, and a bitmap left without its checkpoint", () => {
+  assert.ok(isLostBitmapError(Object.assign(new Error('checkpoint inconsistent: x'), { code: 109 })));
+  assert.ok(isLostBitmapError(new Error("missing or broken bitmap 'virtnbdbackup.1' for disk 'vda'")));
+  assert.ok(!isLostBitmapError(new Error('Domain not found')));
+  const exists = new Error("internal error: unable to execute QEMU command 'transaction': Bitmap already exists: weekly.0");
+  assert.equal(existingBitmapName(exists), 'weekly.0');
+  assert.equal(existingBitmapName(new Error('other')), undefined);
+});
+
+/** An endpoint whose extents come from fixed tables, per context. */
+function tables(size: number, contexts: Record<string, StatusExtent[]>): Endpoint {
+  return {
+    size, maxRequestSize: 1 << 25, parallelism: 1,
+    read: async () => undefined, write: async () => undefined, zero: async () => undefined, flush: async () => undefined,
+    close: async () => undefined,
+    async *extents(context: string, offset: number, length: number): AsyncIterable<StatusExtent> {
+      yield* clip(contexts[context] ?? [], offset, length);
+    },
+  };
+}
+
+test('qemu-img map entries give the same plans as NBD block status', async () => {
+  const MiB = 1 << 20;
+  const allocation: QemuMapEntry[] = [
+    { start: 0, length: 4 * MiB, data: true, zero: false },
+    { start: 4 * MiB, length: 4 * MiB, data: false, zero: true },
+    { start: 8 * MiB, length: 8 * MiB, data: true, zero: false },
+  ];
+  // x-dirty-bitmap: dirty ranges show as data=false.
+  const dirty: QemuMapEntry[] = [
+    { start: 0, length: 2 * MiB, data: true, zero: false },
+    { start: 2 * MiB, length: 4 * MiB, data: false, zero: false },
+    { start: 6 * MiB, length: 10 * MiB, data: true, zero: false },
+  ];
+  const context = 'qemu:dirty-bitmap:backup-vda';
+  const fromQemu = tables(16 * MiB, {
+    [CONTEXT_ALLOCATION]: allocation.map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, CONTEXT_ALLOCATION) })),
+    [context]: dirty.map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) })),
+  });
+  const fromNbd = tables(16 * MiB, {
+    [CONTEXT_ALLOCATION]: [{ offset: 0, length: 4 * MiB, flags: 0 }, { offset: 4 * MiB, length: 4 * MiB, flags: 3 }, { offset: 8 * MiB, length: 8 * MiB, flags: 0 }],
+    [context]: [{ offset: 0, length: 2 * MiB, flags: 0 }, { offset: 2 * MiB, length: 4 * MiB, flags: 1 }, { offset: 6 * MiB, length: 10 * MiB, flags: 0 }],
+  });
+  assert.deepEqual(await planFull(fromQemu), await planFull(fromNbd));
+  assert.deepEqual(await planDirty(fromQemu, context), await planDirty(fromNbd, context));
+  assert.deepEqual((await planDirty(fromQemu, context)).extents, [
+    { offset: 2 * MiB, length: 2 * MiB, kind: 'data' },
+    { offset: 4 * MiB, length: 2 * MiB, kind: 'zero' },
+  ]);
+  // --no-sparse-detection: the zeroed part of the changed range is data too.
+  assert.deepEqual((await planDirty(denseExtents(fromNbd), context)).extents, [{ offset: 2 * MiB, length: 4 * MiB, kind: 'data' }]);
+});
+
+test('run locks: a live owner is refused by name, a dead owner is taken over, release removes only our own', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-lock-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'x.lock');
+  const lock = await RunLock.acquire(file, 'domain x');
+  await assert.rejects(RunLock.acquire(file, 'domain x'), new RegExp(`domain x is in use by another backup \\(pid ${process.pid}\\): lock ${file}`));
+  await lock.release();
+  assert.equal(await fs.access(file).then(() => true, () => false), false);
+
+  await fs.writeFile(file, JSON.stringify({ pid: 2 ** 22 + 12345, start: '1' })); // no such process
+  const taken = await RunLock.acquire(file, 'domain x');
+  assert.equal(JSON.parse(await fs.readFile(file, 'utf8')).pid, process.pid);
+  await fs.writeFile(file, JSON.stringify({ pid: process.pid, start: 'someone else' }));
+  await taken.release();
+  assert.ok(await fs.access(file).then(() => true, () => false), 'released a lock that was not ours');
+});
+
+test('an unusable chain is moved into chain.<secs>/, which lists as a set of its own', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-archive-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  for (const f of ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'web.cpt', 'backup.inc.now.log']) await fs.writeFile(path.join(dir, f), '');
+  const archive = await archiveChain(dir, ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'web.cpt'], new Date(1_700_000_000_500));
+  assert.equal(path.basename(archive), 'chain.1700000000');
+  assert.ok(isArchivedChain('chain.1700000000') && !isArchivedChain('chain.x'));
+  assert.deepEqual((await fs.readdir(dir)).sort(), ['backup.inc.now.log', 'chain.1700000000']);
+  assert.deepEqual((await listSet(archive)).dataFiles.map((d) => d.file), ['vda.full.data', 'vda.inc.virtnbdbackup.1.data']);
+  assert.deepEqual((await listSet(dir)).dataFiles, []);
+  await assert.rejects(archiveChain(dir, [], new Date(1_700_000_000_000)), /cannot move the set's chain aside/);
+});
+
+test('boot files are named <basename>.<ident>, plain <basename> for a copy', () => {
+  assert.equal(bootFileName('/var/lib/libvirt/qemu/nvram/web_VARS.fd', 'virtnbdbackup.2'), 'web_VARS.fd.virtnbdbackup.2');
+  assert.equal(bootFileName('/boot/vmlinuz', 'copy'), 'vmlinuz');
+});
