@@ -1,7 +1,90 @@
-// virtnbdmap: serve a backup as an NBD export. Not implemented yet; says so clearly.
-import { runCommand } from './common.js';
+// virtnbdmap: command-line front of the map engine, flags as virtnbdbackup 2.x (plus --socket, --overlay-dir, -H, --nocolor):
+// serves a backup at a point in time over NBD until Ctrl-C / SIGTERM, then cleans up and exits 0.
+import os from 'node:os';
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { startMap } from '../map/map.js';
+import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
+import { UserError } from '../util/errors.js';
+import { VERSION, listOption, makeLogger, runCommand } from './common.js';
 
-await runCommand('virtnbdmap', false, async () => {
-  process.stderr.write('virtnbdmap: not implemented yet\n');
-  return 1;
+const argv = yargs(hideBin(process.argv))
+  .scriptName('virtnbdmap')
+  .usage('$0 -f FILE[,FILE...] [options]\n\nServe a backup (full, then incrementals up to the point wanted) as an NBD export:\n'
+    + 'writable through a copy-on-write overlay that is discarded at exit, or read-only with -r.')
+  .option('file', { alias: 'f', type: 'string', demandOption: true, describe: 'Backup files to map: the full (or copy) data file, then incrementals in order, comma-separated' })
+  .option('blocksize', { alias: 'b', type: 'number', default: DEFAULT_MAX_REQUEST_SIZE, describe: 'Largest request clients are told to send, in bytes' })
+  .option('device', { alias: 'd', type: 'string', default: '/dev/nbd0', describe: "Kernel block device to attach (needs the nbd module; '' for none)" })
+  .option('export-name', { alias: 'e', type: 'string', default: 'sda', describe: 'NBD export name' })
+  .option('threads', { alias: 't', type: 'number', default: 8, describe: 'Requests served at the same time' })
+  .option('listen-address', { alias: 'l', type: 'string', default: '127.0.0.1', describe: 'TCP address to listen on' })
+  .option('listen-port', { alias: 'p', type: 'number', default: 10809, describe: 'TCP port to listen on (0: any free port)' })
+  .option('socket', { type: 'string', default: `/var/tmp/virtnbdmap.${process.pid}.sock`, describe: 'Unix socket to listen on' })
+  .option('overlay-dir', { type: 'string', default: '/var/tmp', describe: 'Where the copy-on-write overlay of writes goes (deleted at exit)' })
+  .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bar (mapping reads only frame headers: nothing to show)' })
+  .group(['file', 'blocksize', 'device', 'export-name', 'threads', 'listen-address', 'listen-port', 'socket', 'overlay-dir', 'noprogress'], 'General options:')
+  .option('logfile', { alias: 'L', type: 'string', default: `${os.homedir()}/virtnbdmap.log`, describe: 'Also log to this file' })
+  .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
+  .group(['logfile', 'nocolor'], 'Logging options:')
+  .option('readonly', { alias: 'r', type: 'boolean', default: false, describe: 'Serve read-only (no copy-on-write overlay)' })
+  .option('verbose', { alias: 'v', type: 'boolean', default: false, describe: 'Debug output' })
+  .option('hexdump', { alias: 'H', type: 'boolean', default: false, describe: 'Hex dump of every NBD message head' })
+  .version('version', 'Show version and exit', VERSION)
+  .alias('version', 'V')
+  .group(['readonly', 'verbose', 'hexdump', 'version'], 'Debug options:')
+  .help('help')
+  .alias('help', 'h')
+  .example('$0 -f /backup/sda.full.data', 'serve the full backup; Ctrl-C to stop')
+  .example('$0 -f /backup/sda.full.data,/backup/sda.inc.virtnbdbackup.1.data -d /dev/nbd2', 'the point of the first incremental, as /dev/nbd2')
+  .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket')
+  .strict()
+  .wrap(Math.min(110, process.stdout.columns || 110))
+  .parseSync();
+
+/** `offset  hex bytes  |ascii|` lines of `bytes`. */
+function hexdump(bytes: Buffer): string[] {
+  const lines: string[] = [];
+  for (let at = 0; at < bytes.length; at += 16) {
+    const row = bytes.subarray(at, at + 16);
+    const hex = [...row].map((b) => b.toString(16).padStart(2, '0')).join(' ');
+    const text = [...row].map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '.')).join('');
+    lines.push(`  ${at.toString(16).padStart(4, '0')}  ${hex.padEnd(47)}  |${text}|`);
+  }
+  return lines;
+}
+
+await runCommand('virtnbdmap', argv.verbose, async (signal) => {
+  const log = makeLogger(argv);
+  log.attachFile(argv.logfile);
+  const files = listOption(argv.file) ?? [];
+  if (!Number.isInteger(argv.blocksize) || argv.blocksize < 512 || argv.blocksize > 2 ** 30) {
+    throw new UserError(`-b ${argv.blocksize}: the block size must be a byte count between 512 and 1 GiB`);
+  }
+  if (!Number.isInteger(argv.threads) || argv.threads < 1) throw new UserError(`-t ${argv.threads}: give at least 1 thread`);
+  const session = await startMap({
+    files,
+    exportName: argv['export-name'],
+    readOnly: argv.readonly,
+    socket: argv.socket,
+    listenAddress: argv['listen-address'],
+    port: argv['listen-port'],
+    maxBlockSize: argv.blocksize,
+    threads: argv.threads,
+    device: argv.device || undefined,
+    overlayParent: argv['overlay-dir'],
+    log,
+    trace: argv.hexdump ? (direction, what, bytes) => log.info([`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
+  });
+  try {
+    log.info(`serving ${session.description}, ${argv.readonly ? 'read-only' : `writable (copy-on-write overlay in ${session.overlayDir}, discarded at exit)`}`);
+    for (const uri of session.uris) process.stdout.write(`${uri}\n`);
+    log.info('press Ctrl-C to stop');
+    if (!signal.aborted) await new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+    log.info(`stopping: disconnecting ${session.server.connectionCount} client(s)`);
+  } finally {
+    await session.stop();
+  }
+  log.info(`stopped; removed ${argv.socket}${session.overlayDir ? ` and ${session.overlayDir}` : ''}`);
+  await log.detachFile();
+  return 0;
 });

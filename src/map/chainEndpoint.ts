@@ -1,0 +1,199 @@
+// A read-only Endpoint over a sequence of stream files (full or copy, then incs/diffs in checkpoint order): the
+// disk as it was at the last file's point in time, read straight out of the backup files.
+//   open: check the sequence links up -> index each file (frame headers only) -> lay each index over the last
+//   read: newest covering segment -> file bytes, a cached decompressed lz4 frame, or zeros
+//   extents (base:allocation): data segments -> 0, zero frames and uncovered holes -> HOLE|ZERO
+// Guarantees: the files are opened read-only and never written; memory is the index (one small record per
+// frame, per lz4 frame when compressed) plus a bounded frame cache, whatever the disk's size.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { native } from '../native/addon.js';
+import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
+import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError } from '../stream/format.js';
+import { checkLinks, parseDataFileName, type ChainLink } from '../set/backupSet.js';
+import { UserError, oneLine } from '../util/errors.js';
+import { coalesce } from './coalesce.js';
+import { readInto } from './fileIo.js';
+import { FrameCache } from './frameCache.js';
+import { firstEndingAfter, overlay, segmentEnd, type Segment } from './segments.js';
+import { indexStream, type StreamIndex } from './streamIndex.js';
+
+export interface ChainOpenOptions {
+  /** Bytes of decompressed lz4 frames kept for reuse (default 128 MiB: four readers, each in its own 32 MiB frame). */
+  cacheBytes?: number;
+}
+
+const DEFAULT_CACHE_BYTES = 128 * 1024 * 1024;
+const UNALLOCATED = STATE_HOLE | STATE_ZERO;
+
+export class ChainEndpoint implements Endpoint {
+  readonly maxRequestSize = DEFAULT_MAX_REQUEST_SIZE;
+  readonly parallelism = 8;
+
+  private constructor(
+    /** The files in chain order, with their metadata. */
+    readonly links: readonly ChainLink[],
+    private readonly handles: readonly fs.FileHandle[],
+    private readonly segments: readonly Segment[],
+    private readonly cache: FrameCache,
+  ) {}
+
+  /** Size of the disk (virtualSize of the streams). */
+  get size(): number {
+    return (this.links[0] as ChainLink).meta.virtualSize;
+  }
+
+  /** Checks and indexes `files` (base first); errors are one-line UserErrors naming the file. */
+  static async open(files: readonly string[], options: ChainOpenOptions = {}): Promise<ChainEndpoint> {
+    if (files.length === 0) throw new UserError('no backup files given: -f full.data[,inc1.data,...]');
+    const indexes: StreamIndex[] = [];
+    for (const [i, file] of files.entries()) {
+      const stat = await fs.stat(file).catch((err: NodeJS.ErrnoException) => {
+        throw new UserError(`cannot read ${file}: ${err.code ?? oneLine(err)}`);
+      });
+      if (!stat.isFile()) throw new UserError(`${file} is not a backup data file (not a regular file)`);
+      try {
+        indexes.push(await indexStream(path.resolve(file), i));
+      } catch (err) {
+        if (err instanceof StreamFormatError) throw new UserError(`${file} is not a usable backup stream: ${oneLine(err)}`);
+        throw err;
+      }
+    }
+    const links = indexes.map(toLink);
+    checkSequence(links);
+    let segments: Segment[] = [];
+    for (const index of indexes) segments = overlay(segments, index.segments);
+    const handles: fs.FileHandle[] = [];
+    try {
+      for (const link of links) handles.push(await fs.open(link.path, 'r'));
+    } catch (err) {
+      await Promise.all(handles.map((h) => h.close()));
+      throw new UserError(`cannot open ${links[handles.length]?.path}: ${oneLine(err)}`);
+    }
+    return new ChainEndpoint(links, handles, segments, new FrameCache(options.cacheBytes ?? DEFAULT_CACHE_BYTES));
+  }
+
+  async read(buffer: Buffer, offset: number): Promise<void> {
+    const end = offset + buffer.length;
+    if (end > this.size) throw new RangeError(`read of ${buffer.length} bytes at ${offset} beyond the disk's size ${this.size}`);
+    const pieces: Promise<void>[] = [];
+    let at = offset;
+    for (let i = firstEndingAfter(this.segments, offset); i < this.segments.length && at < end; i++) {
+      const segment = this.segments[i] as Segment;
+      if (segment.start >= end) break;
+      if (segment.start > at) buffer.fill(0, at - offset, segment.start - offset);
+      const from = Math.max(at, segment.start);
+      const to = Math.min(end, segmentEnd(segment));
+      const target = buffer.subarray(from - offset, to - offset);
+      if (segment.kind === 'zero') target.fill(0);
+      else pieces.push(this.readSegment(segment, from - segment.start, target));
+      at = to;
+    }
+    if (at < end) buffer.fill(0, at - offset);
+    await Promise.all(pieces);
+  }
+
+  /** Fills `target` with the segment's bytes from `within` bytes into it. */
+  private async readSegment(segment: Segment, within: number, target: Buffer): Promise<void> {
+    const handle = this.handles[segment.file] as fs.FileHandle;
+    if (segment.packed === 0) {
+      await this.readFully(segment, target, segment.at + within);
+      return;
+    }
+    const frame = await this.cache.get(`${segment.file}:${segment.at}`, () => this.decompress(segment));
+    const from = segment.skip + within;
+    if (from + target.length > frame.length) {
+      throw new StreamFormatError(`${this.links[segment.file]?.path} at byte ${segment.at}: lz4 frame holds ${frame.length} bytes, index expects ${from + target.length}`);
+    }
+    frame.copy(target, 0, from, from + target.length);
+  }
+
+  private async decompress(segment: Segment): Promise<Buffer> {
+    const packed = Buffer.allocUnsafe(segment.packed);
+    await this.readFully(segment, packed, segment.at);
+    return native().lz4DecompressFrame(packed).catch((err: Error) => {
+      throw new StreamFormatError(`${this.links[segment.file]?.path} at byte ${segment.at}: lz4 frame: ${err.message}`);
+    });
+  }
+
+  /** Fills `target` from `position` of the segment's file, which must still hold those bytes. */
+  private async readFully(segment: Segment, target: Buffer, position: number): Promise<void> {
+    const got = await readInto(this.handles[segment.file] as fs.FileHandle, target, position);
+    if (got < target.length) {
+      throw new StreamFormatError(`${this.links[segment.file]?.path}: unexpected end of file at byte ${position + got} (truncated since it was indexed?)`);
+    }
+  }
+
+  write(_buffer: Buffer, _offset: number): Promise<void> {
+    return Promise.reject(readOnly());
+  }
+
+  zero(_offset: number, _length: number): Promise<void> {
+    return Promise.reject(readOnly());
+  }
+
+  async flush(): Promise<void> {
+    // Nothing is ever written.
+  }
+
+  extents(context: string, offset: number, length: number): AsyncIterable<StatusExtent> {
+    if (context !== CONTEXT_ALLOCATION) throw new Error(`meta context ${context} is not available on a mapped backup`);
+    return coalesce(this.allocation(offset, Math.min(offset + length, this.size)));
+  }
+
+  /** Uncoalesced status of [offset, end): data segments 0, zero frames and holes HOLE|ZERO. */
+  private *allocation(offset: number, end: number): Generator<StatusExtent> {
+    let at = offset;
+    for (let i = firstEndingAfter(this.segments, offset); i < this.segments.length && at < end; i++) {
+      const segment = this.segments[i] as Segment;
+      if (segment.start >= end) break;
+      if (segment.start > at) yield { offset: at, length: segment.start - at, flags: UNALLOCATED };
+      const from = Math.max(at, segment.start);
+      at = Math.min(end, segmentEnd(segment));
+      yield { offset: from, length: at - from, flags: segment.kind === 'zero' ? UNALLOCATED : 0 };
+    }
+    if (at < end) yield { offset: at, length: end - at, flags: UNALLOCATED };
+  }
+
+  async close(): Promise<void> {
+    this.cache.clear();
+    await Promise.all(this.handles.map((h) => h.close().catch(() => undefined)));
+  }
+}
+
+/** The ChainLink of an indexed file: level from its name when it is a set's name, else from its metadata. */
+function toLink(index: StreamIndex): ChainLink {
+  const named = parseDataFileName(path.basename(index.path));
+  const level = named?.level ?? (index.meta.incremental ? 'inc' : 'full');
+  return {
+    file: path.basename(index.path),
+    disk: named?.disk ?? index.meta.diskName,
+    level,
+    ident: named?.ident ?? (level === 'inc' ? index.meta.checkpointName : ''),
+    path: index.path,
+    meta: index.meta,
+  };
+}
+
+/** The base first, then incs/diffs of the same disk whose parents are the checkpoints before them. */
+function checkSequence(links: readonly ChainLink[]): void {
+  const base = links[0] as ChainLink;
+  if (base.meta.incremental) {
+    throw new UserError(`${base.path} is an incremental or differential backup: the sequence must start with the full or copy backup (-f full.data,inc1.data,...)`);
+  }
+  for (const link of links.slice(1)) {
+    if (!link.meta.incremental) throw new UserError(`${link.path} is a full or copy backup: only the first file of the sequence may be one`);
+    if (link.meta.diskName !== base.meta.diskName || link.meta.virtualSize !== base.meta.virtualSize) {
+      throw new UserError(`${link.path} is a backup of disk ${link.meta.diskName} (${link.meta.virtualSize} bytes), not of ${base.meta.diskName} (${base.meta.virtualSize} bytes) like ${base.path}`);
+    }
+  }
+  try {
+    checkLinks([...links]);
+  } catch (err) {
+    throw new UserError(`sequence out of order or incomplete: ${oneLine(err)}; give the full backup first, then each incremental in checkpoint order`);
+  }
+}
+
+function readOnly(): Error {
+  return Object.assign(new Error('the backup files are read-only'), { code: 'EPERM' });
+}

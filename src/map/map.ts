@@ -1,0 +1,126 @@
+// virtnbdmap's engine: serves a backup at one point in time as an NBD export, for file restore and instant boot.
+//   files -> ChainEndpoint (read-only, straight from the backup files) -> CopyOnWriteEndpoint unless read-only
+//   -> NbdServer on a unix socket and TCP -> optionally /dev/nbdX through qemu-nbd -c
+// Why a server of our own rather than nbdkit: nbdkit cannot read this format, so it would need a plugin in some
+// language or our server behind its nbd plugin; the copy-on-write here is small and lets block status show the
+// backup's holes and zero ranges through writes. Guarantees: the backup files are never written; stop() (and
+// any failure while starting) detaches the device, closes connections and removes the socket and the overlay;
+// an exit without stop() still removes the socket and the overlay.
+import fs from 'node:fs';
+import { ChainEndpoint } from './chainEndpoint.js';
+import { CopyOnWriteEndpoint } from './copyOnWrite.js';
+import { NbdServer, type NbdTrace } from './nbdServer.js';
+import type { Endpoint } from '../endpoint/endpoint.js';
+import { run } from '../util/process.js';
+import { Logger, silentLogger } from '../util/log.js';
+import { UserError, oneLine } from '../util/errors.js';
+
+export interface MapOptions {
+  /** The full or copy stream, then incs/diffs in checkpoint order. */
+  files: string[];
+  exportName: string;
+  /** Serve read-only instead of through copy-on-write. */
+  readOnly?: boolean;
+  /** Unix socket to create. */
+  socket: string;
+  /** TCP address and port (0: any free port). */
+  listenAddress: string;
+  port: number;
+  /** Largest request a client may send. */
+  maxBlockSize: number;
+  /** Requests served at once. */
+  threads: number;
+  /** Kernel block device to attach (e.g. /dev/nbd0), or undefined for none. */
+  device?: string;
+  /** Where the copy-on-write overlay goes (default /var/tmp). */
+  overlayParent?: string;
+  log?: Logger;
+  trace?: NbdTrace;
+}
+
+export interface MapSession {
+  /** nbd+unix:// and nbd:// URIs of the export. */
+  uris: string[];
+  /** The overlay directory (removed at stop), when writable. */
+  overlayDir?: string;
+  /** Kernel device attached, if any. */
+  device?: string;
+  /** What is served: disk, checkpoint, files. */
+  description: string;
+  server: NbdServer;
+  stop(): Promise<void>;
+}
+
+const NBD_MODULE = '/sys/module/nbd';
+
+export async function startMap(options: MapOptions): Promise<MapSession> {
+  const log = options.log ?? silentLogger;
+  const cleanups: Array<() => Promise<unknown>> = [];
+  // Should the process exit without stop() (a second Ctrl-C, a crash), the files still go.
+  const leftovers: string[] = [options.socket];
+  const removeLeftovers = (): void => {
+    for (const file of leftovers) fs.rmSync(file, { recursive: true, force: true });
+  };
+  process.on('exit', removeLeftovers);
+  const stop = async (): Promise<void> => {
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch((err: unknown) => log.warn(`cleanup: ${oneLine(err)}`));
+    process.off('exit', removeLeftovers);
+  };
+  try {
+    const chain = await ChainEndpoint.open(options.files);
+    let endpoint: Endpoint = chain;
+    let overlayDir: string | undefined;
+    if (options.readOnly) {
+      cleanups.push(() => chain.close());
+    } else {
+      const cow = await CopyOnWriteEndpoint.create(chain, options.overlayParent ?? '/var/tmp').catch(async (err: unknown) => {
+        await chain.close();
+        throw new UserError(`cannot create the copy-on-write overlay in ${options.overlayParent ?? '/var/tmp'}: ${oneLine(err)} (use -r to serve read-only)`);
+      });
+      endpoint = cow;
+      overlayDir = cow.overlayDir;
+      leftovers.push(overlayDir);
+      cleanups.push(() => cow.close());
+    }
+    const last = chain.links[chain.links.length - 1];
+    const description = `disk ${last?.meta.diskName} at ${last?.meta.checkpointName || 'copy'} (${last?.meta.date}) from ${chain.links.map((l) => l.file).join(', ')}`;
+    const server = new NbdServer(endpoint, {
+      exportName: options.exportName, readOnly: Boolean(options.readOnly), maxBlockSize: options.maxBlockSize,
+      threads: options.threads, description, log, trace: options.trace,
+    });
+    cleanups.push(() => server.stop());
+    await server.listenUnix(options.socket).catch((err: Error) => {
+      throw new UserError(`cannot listen on ${options.socket}: ${oneLine(err)}`);
+    });
+    const port = await server.listenTcp(options.listenAddress, options.port).catch((err: NodeJS.ErrnoException) => {
+      const hint = err.code === 'EADDRINUSE' ? '; choose another port with -p (0 picks a free one)' : '';
+      throw new UserError(`cannot listen on ${options.listenAddress}:${options.port}: ${oneLine(err)}${hint}`);
+    });
+    const name = encodeURIComponent(options.exportName);
+    const host = options.listenAddress.includes(':') ? `[${options.listenAddress}]` : options.listenAddress;
+    const uris = [`nbd+unix:///${name}?socket=${options.socket}`, `nbd://${host}:${port}/${name}`];
+    const device = options.device ? await attachDevice(options.device, uris[0] as string, Boolean(options.readOnly), uris, log) : undefined;
+    if (device) cleanups.push(() => run('qemu-nbd', ['-d', device]));
+    return { uris, overlayDir, device, description, server, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+/** Attaches the export as `device` through qemu-nbd; where that cannot work, says why and serves on. */
+async function attachDevice(device: string, uri: string, readOnly: boolean, uris: string[], log: Logger): Promise<string | undefined> {
+  const only = `serving on ${uris.join(' and ')} only`;
+  if (!fs.existsSync(NBD_MODULE)) {
+    log.warn(`nbd kernel module not loaded; ${only} (modprobe nbd, then map again to get ${device})`);
+    return undefined;
+  }
+  try {
+    await run('qemu-nbd', ['-c', device, '-f', 'raw', ...(readOnly ? ['-r'] : []), uri]);
+  } catch (err) {
+    log.warn(`cannot attach ${device}: ${oneLine(err)}; ${only}`);
+    return undefined;
+  }
+  log.info(`attached as ${device}`);
+  return device;
+}

@@ -1,0 +1,541 @@
+// An NBD server for one export over any Endpoint, on unix sockets and TCP, for libnbd, QEMU and the kernel.
+//   per connection: fixed newstyle handshake (EXPORT_NAME, GO/INFO, LIST, ABORT, STRUCTURED_REPLY,
+//   SET/LIST_META_CONTEXT for base:allocation) -> requests read in order, served concurrently, replied as done
+//   (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS; DISC waits for the requests in flight)
+// Guarantees: at most `threads` requests touch the endpoint at once, over all connections; a connection stops
+// reading requests while its unsent replies or requests in flight pile up; MULTI_CONN is advertised because
+// every connection shares the one endpoint in this process, so a flush covers all of them; stop() answers what
+// is in flight, then closes every connection and removes the unix sockets.
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
+import { Logger, silentLogger } from '../util/log.js';
+import { oneLine } from '../util/errors.js';
+import {
+  CMD, CMD_FLAG, CMD_NAMES, OPT_NAMES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, NBD_ERR, OPT, OPTION_HEADER_LENGTH, REP,
+  REPLY_FLAG_DONE, REPLY_TYPE, REQUEST_HEADER_LENGTH, TFLAG, blockStatusChunk, chunkHeader, errorChunk, exportNameReply,
+  greeting, infoBlockSize, infoExport, infoText, numberedString, offsetDataHeader, optionReply, parseRequest, simpleReply,
+  type Request,
+} from './nbdProtocol.js';
+import { SocketClosedError, SocketReader } from './socketReader.js';
+
+/** `in`: from the client; `out`: to the client. `bytes` is the message head (payloads are cut short). */
+export type NbdTrace = (direction: 'in' | 'out', what: string, bytes: Buffer) => void;
+
+export interface NbdServerOptions {
+  exportName: string;
+  readOnly: boolean;
+  /** Largest READ/WRITE payload advertised (the maximum block size); up to 32 MiB is accepted regardless. */
+  maxBlockSize: number;
+  /** Requests worked on at once, over all connections. */
+  threads: number;
+  /** Shown to clients that ask (NBD_INFO_DESCRIPTION, NBD_OPT_LIST). */
+  description?: string;
+  log?: Logger;
+  trace?: NbdTrace;
+}
+
+const PREFERRED_BLOCK_SIZE = 4096;
+/**
+ * Payloads up to this are accepted even above the advertised maximum: some clients (nbdcopy 1.14) ignore it, and
+ * the protocol says requests under 32 MiB are never abusive.
+ */
+const TOLERATED_PAYLOAD = 32 * 1024 * 1024;
+/** Options longer than this are not from a well-meaning client. */
+const MAX_OPTION_LENGTH = 64 * 1024;
+/** Metadata context id of base:allocation on every connection. */
+const ALLOCATION_CONTEXT_ID = 1;
+/** Requests of one connection in flight before it stops reading more. */
+const MAX_IN_FLIGHT = 64;
+/** Unsent reply bytes of one connection before it stops reading more requests. */
+const REPLY_HIGH_WATER = 64 * 1024 * 1024;
+/** Block status descriptors in one reply; clients ask again from where it ends. */
+const MAX_DESCRIPTORS = 64 * 1024;
+/** How long stop() lets requests in flight finish. */
+const STOP_GRACE_MS = 3000;
+/** Bytes of a payload included in a trace. */
+const TRACE_PAYLOAD = 32;
+
+/** An error that becomes this NBD error value in the reply. */
+class CommandError extends Error {
+  constructor(readonly errno: number, message: string) {
+    super(message);
+  }
+}
+
+/** Counting semaphore: a slot per request being worked on. */
+export class Slots {
+  private waiting: Array<() => void> = [];
+  constructor(private free: number) {}
+
+  async acquire(): Promise<() => void> {
+    if (this.free > 0) this.free--;
+    else await new Promise<void>((resolve) => this.waiting.push(resolve));
+    return () => {
+      const next = this.waiting.shift();
+      if (next) next();
+      else this.free++;
+    };
+  }
+}
+
+export class NbdServer {
+  private readonly listeners: Array<{ server: net.Server; socketPath?: string }> = [];
+  private readonly connections = new Set<Connection>();
+  readonly slots: Slots;
+  readonly log: Logger;
+  stopping = false;
+
+  constructor(readonly endpoint: Endpoint, readonly options: NbdServerOptions) {
+    this.slots = new Slots(Math.max(1, options.threads));
+    this.log = options.log ?? silentLogger;
+  }
+
+  /** Listens on a new unix socket at `socketPath` (which must not exist). */
+  async listenUnix(socketPath: string): Promise<void> {
+    if (await fs.lstat(socketPath).then(() => true, () => false)) {
+      throw Object.assign(new Error(`${socketPath} already exists (another virtnbdmap?); remove it or choose another --socket`), { code: 'EEXIST' });
+    }
+    await this.listen({ path: socketPath }, socketPath);
+  }
+
+  /** Listens on TCP; returns the port (useful with port 0, which picks a free one). */
+  async listenTcp(host: string, port: number): Promise<number> {
+    const server = await this.listen({ host, port });
+    return (server.address() as net.AddressInfo).port;
+  }
+
+  private listen(where: net.ListenOptions, socketPath?: string): Promise<net.Server> {
+    const server = net.createServer((socket) => this.accept(socket));
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(where, () => {
+        server.off('error', reject);
+        server.on('error', (err) => this.log.error(`NBD listener: ${oneLine(err)}`));
+        this.listeners.push({ server, socketPath });
+        resolve(server);
+      });
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.stopping) {
+      socket.destroy();
+      return;
+    }
+    socket.setNoDelay(true);
+    const connection = new Connection(this, socket);
+    this.connections.add(connection);
+    this.log.debug(`NBD client connected (${socket.remoteAddress ?? 'unix socket'})`);
+    void connection.run().finally(() => {
+      this.connections.delete(connection);
+      this.log.debug('NBD client disconnected');
+    });
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Stops listening, lets requests in flight finish (briefly), closes all connections, removes the sockets. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    const closed = this.listeners.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve())));
+    await Promise.all([...this.connections].map((c) => c.shutdown()));
+    await Promise.all(closed);
+    for (const { socketPath } of this.listeners) if (socketPath) await fs.rm(socketPath, { force: true });
+  }
+
+  /** Largest READ/WRITE payload served. */
+  get payloadLimit(): number {
+    return Math.max(this.options.maxBlockSize, TOLERATED_PAYLOAD);
+  }
+
+  /** Whether `name` selects our export; the empty name is the default export. */
+  knows(name: string): boolean {
+    return name === this.options.exportName || name === '';
+  }
+
+  transmissionFlags(structured: boolean): number {
+    let flags = TFLAG.HAS_FLAGS | TFLAG.SEND_FLUSH | TFLAG.SEND_FUA | TFLAG.CAN_MULTI_CONN | TFLAG.SEND_CACHE;
+    flags |= this.options.readOnly ? TFLAG.READ_ONLY : TFLAG.SEND_TRIM | TFLAG.SEND_WRITE_ZEROES;
+    // Every read is answered by one data chunk, so "don't fragment" always holds.
+    if (structured) flags |= TFLAG.SEND_DF;
+    return flags;
+  }
+}
+
+class Connection {
+  private readonly reader: SocketReader;
+  private structured = false;
+  private allocationSelected = false;
+  private noZeroes = false;
+  private inTransmission = false;
+  private readonly inFlight = new Set<Promise<void>>();
+
+  constructor(private readonly server: NbdServer, private readonly socket: net.Socket) {
+    this.reader = new SocketReader(socket);
+    socket.on('error', (err) => server.log.debug(`NBD connection: ${oneLine(err)}`));
+  }
+
+  private get endpoint(): Endpoint {
+    return this.server.endpoint;
+  }
+
+  async run(): Promise<void> {
+    try {
+      if (await this.handshake()) {
+        this.inTransmission = true;
+        await this.transmission();
+      }
+    } catch (err) {
+      if (!(err instanceof SocketClosedError)) this.server.log.warn(`NBD connection dropped: ${oneLine(err)}`);
+      this.socket.destroy();
+    }
+    await Promise.allSettled(this.inFlight);
+  }
+
+  /** Ends the connection for stop(): at once during the handshake, after the requests in flight otherwise. */
+  async shutdown(): Promise<void> {
+    if (this.inTransmission) {
+      const grace = new Promise((resolve) => setTimeout(resolve, STOP_GRACE_MS).unref());
+      await Promise.race([Promise.allSettled(this.inFlight), grace]);
+    }
+    this.socket.destroy();
+  }
+
+  private send(what: string, ...buffers: Buffer[]): void {
+    if (this.socket.destroyed || this.socket.writableEnded) return;
+    this.server.options.trace?.('out', what, buffers[0] as Buffer);
+    for (const buffer of buffers) this.socket.write(buffer);
+  }
+
+  private hangUp(reason: string): false {
+    this.server.log.warn(`NBD client dropped: ${reason}`);
+    this.socket.destroy();
+    return false;
+  }
+
+  /** Option haggling; true when the client entered transmission. */
+  private async handshake(): Promise<boolean> {
+    this.send('greeting', greeting());
+    const clientFlags = (await this.reader.read(4)).readUInt32BE(0);
+    if (clientFlags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)) return this.hangUp(`unknown client flags ${clientFlags}`);
+    this.noZeroes = (clientFlags & FLAG_NO_ZEROES) !== 0;
+    for (;;) {
+      const head = await this.reader.read(OPTION_HEADER_LENGTH);
+      if (head.readBigUInt64BE(0) !== IHAVEOPT) return this.hangUp('bad option magic');
+      const option = head.readUInt32BE(8);
+      const length = head.readUInt32BE(12);
+      if (length > MAX_OPTION_LENGTH) return this.hangUp(`option of ${length} bytes`);
+      const data = await this.reader.read(length);
+      const optionName = OPT_NAMES[option] ?? String(option);
+      this.server.options.trace?.('in', `option ${optionName}`, Buffer.concat([head, data.subarray(0, TRACE_PAYLOAD)]));
+      const reply = (type: number, payload?: Buffer): void => this.send(`option ${optionName} reply ${type}`, optionReply(option, type, payload));
+      const fail = (type: number, message: string): void => reply(type, Buffer.from(message, 'utf8'));
+      if (this.server.stopping && option !== OPT.ABORT) {
+        // NBD_OPT_EXPORT_NAME has no error reply: the only refusal is to hang up.
+        if (option === OPT.EXPORT_NAME) return this.hangUp('server is shutting down');
+        fail(REP.ERR_SHUTDOWN, 'server is shutting down');
+        continue;
+      }
+      switch (option) {
+        case OPT.EXPORT_NAME: {
+          const name = data.toString('utf8');
+          if (!this.server.knows(name)) return this.hangUp(`unknown export '${name}'`);
+          this.send('export', exportNameReply(this.endpoint.size, this.server.transmissionFlags(this.structured), this.noZeroes));
+          return true;
+        }
+        case OPT.ABORT:
+          reply(REP.ACK);
+          this.socket.end();
+          return false;
+        case OPT.LIST: {
+          if (length > 0) {
+            fail(REP.ERR_INVALID, 'NBD_OPT_LIST takes no data');
+            break;
+          }
+          const name = Buffer.from(this.server.options.exportName, 'utf8');
+          reply(REP.SERVER, Buffer.concat([numberedString(name.length, this.server.options.exportName), Buffer.from(this.server.options.description ?? '', 'utf8')]));
+          reply(REP.ACK);
+          break;
+        }
+        case OPT.STARTTLS:
+          fail(REP.ERR_POLICY, 'TLS is not supported by this server');
+          break;
+        case OPT.INFO:
+        case OPT.GO:
+          if (this.info(data, reply, fail) && option === OPT.GO) return true;
+          break;
+        case OPT.STRUCTURED_REPLY:
+          if (length > 0) {
+            fail(REP.ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+            break;
+          }
+          this.structured = true;
+          reply(REP.ACK);
+          break;
+        case OPT.LIST_META_CONTEXT:
+        case OPT.SET_META_CONTEXT:
+          this.metaContext(option === OPT.SET_META_CONTEXT, data, reply, fail);
+          break;
+        default:
+          fail(REP.ERR_UNSUP, `option ${option} is not supported`);
+      }
+    }
+  }
+
+  /** NBD_OPT_INFO / NBD_OPT_GO; true when the export was accepted. */
+  private info(data: Buffer, reply: (type: number, payload?: Buffer) => void, fail: (type: number, message: string) => void): boolean {
+    const nameLength = data.length >= 4 ? data.readUInt32BE(0) : Infinity;
+    if (nameLength + 6 > data.length) {
+      fail(REP.ERR_INVALID, 'malformed NBD_OPT_INFO/GO');
+      return false;
+    }
+    const name = data.toString('utf8', 4, 4 + nameLength);
+    const count = data.readUInt16BE(4 + nameLength);
+    if (data.length !== 6 + nameLength + 2 * count) {
+      fail(REP.ERR_INVALID, 'malformed information request list');
+      return false;
+    }
+    if (!this.server.knows(name)) {
+      fail(REP.ERR_UNKNOWN, `no export named '${name}'; this server exports '${this.server.options.exportName}'`);
+      return false;
+    }
+    const requested = new Set(Array.from({ length: count }, (_, i) => data.readUInt16BE(6 + nameLength + 2 * i)));
+    const { maxBlockSize } = this.server.options;
+    reply(REP.INFO, infoExport(this.endpoint.size, this.server.transmissionFlags(this.structured)));
+    // Sent unasked too: the maximum is enforced either way.
+    reply(REP.INFO, infoBlockSize(1, Math.min(PREFERRED_BLOCK_SIZE, maxBlockSize), maxBlockSize));
+    if (requested.has(INFO.NAME)) reply(REP.INFO, infoText(INFO.NAME, this.server.options.exportName));
+    if (requested.has(INFO.DESCRIPTION) && this.server.options.description) reply(REP.INFO, infoText(INFO.DESCRIPTION, this.server.options.description));
+    reply(REP.ACK);
+    return true;
+  }
+
+  /** NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: base:allocation is the one context. */
+  private metaContext(select: boolean, data: Buffer, reply: (type: number, payload?: Buffer) => void, fail: (type: number, message: string) => void): void {
+    if (select) this.allocationSelected = false;
+    if (!this.structured) {
+      fail(REP.ERR_INVALID, 'negotiate structured replies first');
+      return;
+    }
+    const queries = parseContextQueries(data);
+    if (!queries) {
+      fail(REP.ERR_INVALID, 'malformed meta context request');
+      return;
+    }
+    if (!this.server.knows(queries.exportName)) {
+      fail(REP.ERR_UNKNOWN, `no export named '${queries.exportName}'`);
+      return;
+    }
+    const matches = select
+      ? queries.list.includes(CONTEXT_ALLOCATION)
+      : queries.list.length === 0 || queries.list.some((q) => q === CONTEXT_ALLOCATION || q === 'base:');
+    if (matches) {
+      reply(REP.META_CONTEXT, numberedString(select ? ALLOCATION_CONTEXT_ID : 0, CONTEXT_ALLOCATION));
+      if (select) this.allocationSelected = true;
+    }
+    reply(REP.ACK);
+  }
+
+  /** Reads requests until NBD_CMD_DISC or the end of the connection; each is served on its own. */
+  private async transmission(): Promise<void> {
+    const { trace } = this.server.options;
+    const payloadLimit = this.server.payloadLimit;
+    for (;;) {
+      const header = await this.reader.read(REQUEST_HEADER_LENGTH);
+      const request = parseRequest(header);
+      if (!request) {
+        this.hangUp('bad request magic');
+        return;
+      }
+      let payload: Buffer | undefined;
+      if (request.type === CMD.WRITE) {
+        // The payload cannot be skipped safely when it is absurdly large: end the connection instead.
+        if (request.length > payloadLimit) {
+          this.hangUp(`write of ${request.length} bytes exceeds the maximum block size ${payloadLimit}`);
+          return;
+        }
+        payload = await this.reader.read(request.length);
+      }
+      trace?.('in', `${CMD_NAMES[request.type] ?? request.type} offset=${request.offset} length=${request.length} flags=${request.flags}`,
+        Buffer.concat([header, (payload ?? Buffer.alloc(0)).subarray(0, TRACE_PAYLOAD)]));
+      if (request.type === CMD.DISC) {
+        await Promise.allSettled(this.inFlight);
+        this.socket.end();
+        return;
+      }
+      const work = this.serve(request, payload);
+      this.inFlight.add(work);
+      const forget = (): boolean => this.inFlight.delete(work);
+      work.then(forget, forget);
+      for (;;) {
+        if (this.inFlight.size >= MAX_IN_FLIGHT) await Promise.race(this.inFlight);
+        else if (this.socket.writableLength > REPLY_HIGH_WATER) await drained(this.socket);
+        else break;
+        if (this.socket.destroyed) return;
+      }
+    }
+  }
+
+  private async serve(request: Request, payload: Buffer | undefined): Promise<void> {
+    if (this.server.stopping) {
+      this.replyError(request, NBD_ERR.ESHUTDOWN, 'server is shutting down');
+      return;
+    }
+    const release = await this.server.slots.acquire();
+    try {
+      await this.execute(request, payload);
+    } catch (err) {
+      const errno = errnoOf(err);
+      if (!(err instanceof CommandError)) this.server.log.warn(`NBD ${CMD_NAMES[request.type]} at ${request.offset}+${request.length} failed: ${oneLine(err)}`);
+      this.replyError(request, errno, oneLine(err));
+    } finally {
+      release();
+    }
+  }
+
+  private async execute(request: Request, payload: Buffer | undefined): Promise<void> {
+    const { offset, length, flags } = request;
+    const endpoint = this.endpoint;
+    switch (request.type) {
+      case CMD.READ: {
+        this.allowFlags(request, CMD_FLAG.FUA | CMD_FLAG.DF);
+        this.checkRange(request, NBD_ERR.EINVAL);
+        const data = Buffer.allocUnsafe(length);
+        if (length > 0) await endpoint.read(data, offset);
+        this.replyData(request, data);
+        return;
+      }
+      case CMD.WRITE:
+        this.allowFlags(request, CMD_FLAG.FUA);
+        this.checkWritable(request);
+        if (length > 0) await endpoint.write(payload as Buffer, offset);
+        break;
+      case CMD.TRIM:
+      case CMD.WRITE_ZEROES:
+        this.allowFlags(request, request.type === CMD.TRIM ? CMD_FLAG.FUA : CMD_FLAG.FUA | CMD_FLAG.NO_HOLE);
+        this.checkWritable(request);
+        if (length > 0) await endpoint.zero(offset, length, !(flags & CMD_FLAG.NO_HOLE));
+        break;
+      case CMD.FLUSH:
+        this.allowFlags(request, CMD_FLAG.FUA);
+        await endpoint.flush();
+        break;
+      case CMD.CACHE:
+        this.allowFlags(request, 0);
+        this.checkRange(request, NBD_ERR.EINVAL);
+        break;
+      case CMD.BLOCK_STATUS:
+        await this.blockStatus(request);
+        return;
+      default:
+        throw new CommandError(NBD_ERR.EINVAL, `unknown command ${request.type}`);
+    }
+    if (flags & CMD_FLAG.FUA) await endpoint.flush();
+    this.send(`reply ${CMD_NAMES[request.type]}`, simpleReply(request.handle, 0));
+  }
+
+  private async blockStatus(request: Request): Promise<void> {
+    this.allowFlags(request, CMD_FLAG.REQ_ONE);
+    if (!this.structured || !this.allocationSelected) throw new CommandError(NBD_ERR.EINVAL, 'no meta context was negotiated');
+    if (request.length === 0) throw new CommandError(NBD_ERR.EINVAL, 'block status of 0 bytes');
+    this.checkRange(request, NBD_ERR.EINVAL);
+    const extents: StatusExtent[] = [];
+    const max = request.flags & CMD_FLAG.REQ_ONE ? 1 : MAX_DESCRIPTORS;
+    for await (const extent of this.endpoint.extents(CONTEXT_ALLOCATION, request.offset, request.length)) {
+      extents.push(extent);
+      if (extents.length >= max) break;
+    }
+    if (extents.length === 0) throw new Error(`no status for ${request.offset}+${request.length}`);
+    this.send('reply BLOCK_STATUS', blockStatusChunk(request.handle, ALLOCATION_CONTEXT_ID, extents));
+  }
+
+  private allowFlags(request: Request, allowed: number): void {
+    if (request.flags & ~allowed) throw new CommandError(NBD_ERR.EINVAL, `flags ${request.flags} not valid for ${CMD_NAMES[request.type]}`);
+  }
+
+  private checkRange(request: Request, errno: number): void {
+    if (request.type === CMD.READ && request.length > this.server.payloadLimit) {
+      throw new CommandError(NBD_ERR.EINVAL, `read of ${request.length} bytes exceeds the maximum block size`);
+    }
+    if (request.offset + request.length > this.endpoint.size) {
+      throw new CommandError(errno, `${request.offset}+${request.length} is beyond the export's size ${this.endpoint.size}`);
+    }
+  }
+
+  private checkWritable(request: Request): void {
+    if (this.server.options.readOnly) throw new CommandError(NBD_ERR.EPERM, 'the export is read-only');
+    this.checkRange(request, NBD_ERR.ENOSPC);
+  }
+
+  private replyData(request: Request, data: Buffer): void {
+    if (!this.structured) this.send('reply READ', simpleReply(request.handle, 0), data);
+    else if (data.length === 0) this.send('reply READ', chunkHeader(request.handle, REPLY_FLAG_DONE, REPLY_TYPE.NONE, 0));
+    else this.send('reply READ', offsetDataHeader(request.handle, request.offset, data.length), data);
+  }
+
+  private replyError(request: Request, errno: number, message: string): void {
+    if (this.structured) this.send('reply error', errorChunk(request.handle, errno, message));
+    else this.send('reply error', simpleReply(request.handle, errno));
+  }
+}
+
+/** The export name and queries of NBD_OPT_LIST/SET_META_CONTEXT data, or undefined when malformed. */
+function parseContextQueries(data: Buffer): { exportName: string; list: string[] } | undefined {
+  let at = 0;
+  const string = (): string | undefined => {
+    if (at + 4 > data.length) return undefined;
+    const length = data.readUInt32BE(at);
+    if (at + 4 + length > data.length) return undefined;
+    const text = data.toString('utf8', at + 4, at + 4 + length);
+    at += 4 + length;
+    return text;
+  };
+  const exportName = string();
+  if (exportName === undefined || at + 4 > data.length) return undefined;
+  const count = data.readUInt32BE(at);
+  at += 4;
+  const list: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const query = string();
+    if (query === undefined) return undefined;
+    list.push(query);
+  }
+  return at === data.length ? { exportName, list } : undefined;
+}
+
+/** NBD error value for a failure of the endpoint. */
+function errnoOf(err: unknown): number {
+  if (err instanceof CommandError) return err.errno;
+  if (err instanceof RangeError) return NBD_ERR.EINVAL;
+  switch ((err as NodeJS.ErrnoException | undefined)?.code) {
+    case 'EPERM':
+    case 'EROFS':
+    case 'EACCES':
+      return NBD_ERR.EPERM;
+    case 'ENOSPC':
+    case 'EDQUOT':
+    case 'EFBIG':
+      return NBD_ERR.ENOSPC;
+    case 'ENOMEM':
+      return NBD_ERR.ENOMEM;
+    default:
+      return NBD_ERR.EIO;
+  }
+}
+
+/** Resolves when the socket has room for more output again, or is gone. */
+function drained(socket: net.Socket): Promise<void> {
+  if (socket.destroyed || socket.writableLength === 0) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = (): void => {
+      socket.off('drain', done);
+      socket.off('close', done);
+      resolve();
+    };
+    socket.on('drain', done);
+    socket.on('close', done);
+  });
+}

@@ -1,0 +1,190 @@
+// virtnbdmap end to end with real clients: sets made by our virtnbdbackup from a running domain (plain full + 2
+// incs, and lz4 full + inc), each point mapped and compared bit for bit (qemu-img compare) with our restore of the
+// same point; nbdinfo --map; nbdcopy with 4 connections; a second TCG domain booted on a qcow2 overlay whose
+// backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
+// one-line errors for bad input.
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { CONTEXT_ALLOCATION } from '../../src/endpoint/endpoint.js';
+import { NbdEndpoint } from '../../src/endpoint/nbd.js';
+import { TestDomain, assertPattern, run, withDomain, withTempDir } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
+
+const MiB = 1024 * 1024;
+const DISK = { target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 40 }, { pattern: 0x22, offsetMiB: 64, lengthMiB: 4 }] };
+
+interface RunningMap {
+  /** nbd+unix:// URI, then nbd:// URI. */
+  uris: [string, string];
+  socket: string;
+  /** SIGINT, then the exit; throws unless it exits 0. */
+  stop: () => Promise<CliResult>;
+}
+
+/** Starts bin/virtnbdmap on `files` with its socket in `dir`; stopped (SIGINT, else SIGKILL) when the test ends. */
+async function startMap(t: TestContext, dir: string, name: string, files: string[], extra: string[] = []): Promise<RunningMap> {
+  const socket = path.join(dir, `${name}.sock`);
+  const { child, done } = startCli(ourBin('virtnbdmap'), [
+    '-f', files.join(','), '--socket', socket, '-p', '0', '-L', path.join(dir, `${name}.log`), '--overlay-dir', dir, '--nocolor',
+    ...(extra.includes('-d') ? [] : ['-d', '']), ...extra,
+  ]);
+  t.after(async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGINT');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await done;
+    clearTimeout(timer);
+  });
+  // The URIs are the first two lines on stdout once it serves.
+  let printed = '';
+  child.stdout?.on('data', (d: Buffer) => { printed += d.toString(); });
+  const deadline = Date.now() + 15_000;
+  while (printed.split('\n').length < 3) {
+    if (child.exitCode !== null) throw new Error(`virtnbdmap ${name} exited ${child.exitCode}: ${(await done).stderr}`);
+    if (Date.now() > deadline) throw new Error(`virtnbdmap ${name} printed no URIs within 15 s`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  await fs.access(socket);
+  return {
+    uris: printed.trim().split('\n') as [string, string],
+    socket,
+    stop: async () => {
+      child.kill('SIGINT');
+      const result = await done;
+      assert.equal(result.code, 0, `virtnbdmap ${name} did not exit cleanly: ${result.stderr}`);
+      return result;
+    },
+  };
+}
+
+async function assertSameAs(uri: string, image: string, what: string): Promise<void> {
+  const result = await TestDomain.compare(uri, image, { formatA: 'raw' });
+  assert.ok(result.identical, `${what}: export differs from our restore: ${result.output}`);
+}
+
+/** The one image our restore writes into `out`. */
+async function restoreImage(set: string, out: string, until?: string): Promise<string> {
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', ...(until ? ['--until', until] : [])]);
+  const image = (await fs.readdir(out)).find((f) => !f.endsWith('.xml'));
+  assert.ok(image, `no image restored into ${out}`);
+  return path.join(out, image);
+}
+
+/** `nbdinfo --map` as [offset, length, flags] rows. */
+async function allocationMap(uri: string): Promise<number[][]> {
+  const { stdout } = await run('nbdinfo', ['--map', uri]);
+  return stdout.trim().split('\n').map((line) => line.trim().split(/\s+/).slice(0, 3).map(Number));
+}
+
+function flagsAt(map: number[][], offset: number, length: number): number[] {
+  return map.filter(([start, size]) => (start as number) < offset + length && (start as number) + (size as number) > offset).map((row) => row[2] as number);
+}
+
+async function hashFiles(dir: string): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  for (const f of (await fs.readdir(dir)).sort()) {
+    const stat = await fs.stat(path.join(dir, f));
+    if (stat.isFile()) out.set(f, createHash('sha256').update(await fs.readFile(path.join(dir, f))).digest('hex'));
+  }
+  return out;
+}
+
+test('virtnbdmap serves every point of plain and lz4 sets bit-identically to our restore, to real NBD clients and a booted domain', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'vnbd-map-');
+  const plain = path.join(work, 'plain');
+  const packed = path.join(work, 'lz4');
+  const backup = (set: string, level: string, ...extra: string[]): Promise<unknown> =>
+    runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', level, '-o', set, '-n', ...extra]);
+
+  await backup(plain, 'full');
+  await dom.write('vda', 0x33, '2M', '3M');
+  await dom.write('vda', 0x44, '100M', '1M');
+  await backup(plain, 'inc');
+  await dom.writeZeroes('vda', '64M', '1M');
+  await dom.write('vda', 0x55, '120M', '2M');
+  await backup(plain, 'inc');
+  await backup(packed, 'full', '-z');
+  await dom.write('vda', 0x66, '30M', '4M');
+  await backup(packed, 'inc', '-z');
+  const full = path.join(plain, 'vda.full.data');
+  const inc1 = path.join(plain, 'vda.inc.virtnbdbackup.1.data');
+  const inc2 = path.join(plain, 'vda.inc.virtnbdbackup.2.data');
+  const setHashes = await hashFiles(plain);
+
+  // Full alone, against our restore --until its checkpoint. Without the nbd module, -d /dev/nbd0 only warns.
+  const noModule = await fs.access('/sys/module/nbd').then(() => false, () => true);
+  const fullMap = await startMap(t, work, 'full', [full], ['-r', ...(noModule ? ['-d', '/dev/nbd0'] : [])]);
+  await assertSameAs(fullMap.uris[0], await restoreImage(plain, path.join(work, 'r-full'), 'virtnbdbackup.0'), 'full');
+  const info = JSON.parse((await run('nbdinfo', ['--json', fullMap.uris[1]])).stdout) as { exports: Array<{ is_read_only: boolean; 'export-size': number }> };
+  assert.deepEqual([info.exports[0]?.is_read_only, info.exports[0]?.['export-size']], [true, 128 * MiB], 'read-only export over TCP');
+  const refused = await runCli('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 0 4k', fullMap.uris[0]]);
+  assert.match(refused.stdout + refused.stderr, /read-only|not permitted|Permission denied/i, '-r refuses writes');
+  const fullRun = await fullMap.stop();
+  if (noModule) assert.match(fullRun.stderr, /nbd kernel module not loaded; serving on nbd\+unix:\/\/\/sda\?socket=\S+ and nbd:\/\/127\.0\.0\.1:\d+\/sda only/);
+
+  // Compressed full + inc: random access through the trailer; many parallel readers.
+  const packedMap = await startMap(t, work, 'lz4', [path.join(packed, 'vda.full.data'), path.join(packed, 'vda.inc.virtnbdbackup.1.data')]);
+  const packedImage = await restoreImage(packed, path.join(work, 'r-lz4'));
+  await assertSameAs(packedMap.uris[0], packedImage, 'lz4 full + inc');
+  const copied = path.join(work, 'lz4-copy.raw');
+  await run('nbdcopy', ['--connections=4', '--requests=16', packedMap.uris[1], copied]);
+  assert.ok((await TestDomain.compare(copied, packedImage, { formatA: 'raw' })).identical, 'nbdcopy of the lz4 export differs');
+  await packedMap.stop();
+
+  // The chain full + 2 incs: identical to the restore, holes and zeroed ranges shown as such.
+  const chainMap = await startMap(t, work, 'chain', [full, inc1, inc2]);
+  const overlays = async (): Promise<string[]> => (await fs.readdir(work)).filter((f) => f.startsWith('virtnbdmap.'));
+  assert.equal((await overlays()).length, 1, 'one copy-on-write overlay directory');
+  const chainImage = await restoreImage(plain, path.join(work, 'r-chain'));
+  await assertSameAs(chainMap.uris[0], chainImage, 'full + 2 incs');
+  const map = await allocationMap(chainMap.uris[0]);
+  assert.deepEqual(flagsAt(map, 0, 40 * MiB), [0], 'the filled range is data');
+  assert.deepEqual(flagsAt(map, 64 * MiB, MiB), [3], 'the range zeroed before inc 2 is hole,zero');
+  assert.deepEqual(flagsAt(map, 70 * MiB, 30 * MiB), [3], 'a never-written range is hole,zero');
+  const chainCopy = path.join(work, 'chain-copy.raw');
+  await run('nbdcopy', ['--connections=4', chainMap.uris[0], chainCopy]);
+  assert.ok((await TestDomain.compare(chainCopy, chainImage, { formatA: 'raw' })).identical, 'nbdcopy of the chain export differs');
+
+  // Instant boot: a second TCG domain whose disk is a qcow2 overlay over the export, read through its monitor.
+  const booted = await TestDomain.create({ disks: [{ target: 'vda', sizeMiB: 128 }], start: false });
+  t.after(() => booted.destroy());
+  await fs.chmod(chainMap.socket, 0o666); // QEMU connects as its own user
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', chainMap.uris[0], booted.diskPath('vda'), String(128 * MiB)]);
+  await booted.start();
+  for (const [pattern, offset, length] of [[0x11, '10M', '1M'], [0x33, '2M', '3M'], [0x44, '100M', '1M'], [0x00, '64M', '1M'], [0x55, '120M', '2M']] as const) {
+    await booted.qemuIo('vda', `read -P 0x${pattern.toString(16).padStart(2, '0')} ${offset} ${length}`, /^read \d+\/\d+ bytes/m);
+  }
+  await booted.destroy();
+
+  // Writes through NBD go to the overlay: visible to the next client, never to the backup files.
+  await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x99 1M 2M', '-c', 'write -z 120M 1M', chainMap.uris[1]]);
+  await assertPattern(chainMap.uris[0], 'raw', 0x99, '1M', '2M');
+  await assertPattern(chainMap.uris[0], 'raw', 0x00, '120M', '1M');
+  await assertPattern(chainMap.uris[0], 'raw', 0x55, '121M', '1M');
+  assert.deepEqual(await hashFiles(plain), setHashes, 'the backup set changed');
+
+  // Ctrl-C with a client still connected: clean exit, socket and overlay gone.
+  const client = await NbdEndpoint.open({ socket: chainMap.socket, exportName: 'sda' }, { metaContexts: [CONTEXT_ALLOCATION] });
+  t.after(() => client.close());
+  const stopped = await chainMap.stop();
+  assert.match(stopped.stderr, /disconnecting 1 client/);
+  await assert.rejects(fs.access(chainMap.socket), 'socket left behind');
+  assert.deepEqual(await overlays(), [], 'overlay left behind');
+
+  // Bad input: one line, exit 1, nothing left behind.
+  const bad = async (files: string[], message: RegExp): Promise<void> => {
+    const socket = path.join(work, 'bad.sock');
+    const result = await runCli(ourBin('virtnbdmap'), ['-f', files.join(','), '--socket', socket, '-p', '0', '-d', '', '-L', path.join(work, 'bad.log')]);
+    assert.equal(result.code, 1, result.stderr);
+    assert.deepEqual(errorLines(result).length, 1, result.stderr);
+    assert.match(result.stderr, message);
+    await assert.rejects(fs.access(socket));
+  };
+  await bad([path.join(plain, `vmconfig.virtnbdbackup.0.xml`)], /vmconfig\.virtnbdbackup\.0\.xml is not a usable backup stream/);
+  await bad([full, inc2, inc1], /sequence out of order/);
+  await bad([inc1], /must start with the full or copy backup/);
+});

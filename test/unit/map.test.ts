@@ -1,0 +1,275 @@
+// virtnbdmap's engine without libvirt: segment overlay, the chain endpoint over streams written by our own
+// writer (plain and lz4, full + incs with zero frames), copy-on-write, sequence errors, and the NBD server
+// spoken to by libnbd (our NbdEndpoint) over a unix socket.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../../src/endpoint/endpoint.js';
+import { NbdEndpoint } from '../../src/endpoint/nbd.js';
+import type { PlannedExtent } from '../../src/extents/plan.js';
+import { ChainEndpoint } from '../../src/map/chainEndpoint.js';
+import { COW_BLOCK, CopyOnWriteEndpoint } from '../../src/map/copyOnWrite.js';
+import { NbdServer } from '../../src/map/nbdServer.js';
+import { overlay, type Segment } from '../../src/map/segments.js';
+import { writeStream } from '../../src/stream/writer.js';
+import type { Sink } from '../../src/set/target.js';
+import { UserError } from '../../src/util/errors.js';
+
+const MiB = 1024 * 1024;
+const DISK = 48 * MiB;
+
+/** A disk in memory, as the source of writeStream and as the expected content. */
+class MemoryDisk implements Endpoint {
+  readonly maxRequestSize = 32 * MiB;
+  readonly parallelism = 4;
+  constructor(readonly image: Buffer) {}
+  get size(): number { return this.image.length; }
+  async read(buffer: Buffer, offset: number): Promise<void> { this.image.copy(buffer, 0, offset, offset + buffer.length); }
+  async write(buffer: Buffer, offset: number): Promise<void> { buffer.copy(this.image, offset); }
+  async zero(offset: number, length: number): Promise<void> { this.image.fill(0, offset, offset + length); }
+  async flush(): Promise<void> {}
+  async *extents(): AsyncIterable<StatusExtent> { yield { offset: 0, length: this.size, flags: 0 }; }
+  async close(): Promise<void> {}
+}
+
+function fileSink(file: string): Sink {
+  return {
+    write: (buffers) => fs.appendFile(file, Buffer.concat(buffers)),
+    commit: async () => undefined,
+    abort: async () => undefined,
+  };
+}
+
+interface Link { name: string; checkpoint: string; parent: string }
+const FULL: Link = { name: 'vda.full.data', checkpoint: 'virtnbdbackup.0', parent: '' };
+const INC1: Link = { name: 'vda.inc.virtnbdbackup.1.data', checkpoint: 'virtnbdbackup.1', parent: 'virtnbdbackup.0' };
+const INC2: Link = { name: 'vda.inc.virtnbdbackup.2.data', checkpoint: 'virtnbdbackup.2', parent: 'virtnbdbackup.1' };
+
+async function writeLink(dir: string, link: Link, disk: MemoryDisk, extents: PlannedExtent[], compress: number | false): Promise<string> {
+  const file = path.join(dir, link.name);
+  const dataSize = extents.filter((e) => e.kind === 'data').reduce((sum, e) => sum + e.length, 0);
+  await writeStream({
+    source: disk, plan: { extents, dataSize }, sink: fileSink(file), compress,
+    meta: {
+      date: '2026-01-01T00:00:00', diskName: 'vda', diskFormat: 'qcow2', checkpointName: link.checkpoint,
+      parentCheckpoint: link.parent, incremental: link.parent !== '',
+    },
+  });
+  return file;
+}
+
+const data = (offset: number, length: number): PlannedExtent => ({ offset, length, kind: 'data' });
+const zero = (offset: number, length: number): PlannedExtent => ({ offset, length, kind: 'zero' });
+
+/**
+ * full (a 40 MiB extent: several lz4 frames when compressed; a small one; zero frames), inc1 rewriting ranges
+ * across old extents and holes, inc2 zeroing part of both. Returns the files and the disk at each point.
+ */
+async function buildChain(dir: string, compress: number | false): Promise<{ files: string[]; points: Buffer[] }> {
+  const disk = new MemoryDisk(Buffer.alloc(DISK));
+  randomBytes(20 * MiB).copy(disk.image, 0);
+  disk.image.fill(0x11, 20 * MiB, 40 * MiB);
+  disk.image.fill(0x22, 44 * MiB, 45 * MiB);
+  const files = [await writeLink(dir, FULL, disk, [data(0, 40 * MiB), zero(40 * MiB, 4 * MiB), data(44 * MiB, MiB)], compress)];
+  const points = [Buffer.from(disk.image)];
+
+  disk.image.fill(0x33, 10 * MiB + 4097, 12 * MiB);
+  disk.image.fill(0x44, 39 * MiB, 46 * MiB + 512);
+  files.push(await writeLink(dir, INC1, disk, [data(10 * MiB + 4096, 2 * MiB - 4096), data(39 * MiB, 7 * MiB + 512)], compress));
+  points.push(Buffer.from(disk.image));
+
+  disk.image.fill(0, 11 * MiB, 40 * MiB);
+  disk.image.fill(0x55, 47 * MiB, 48 * MiB);
+  files.push(await writeLink(dir, INC2, disk, [zero(11 * MiB, 29 * MiB), data(47 * MiB, MiB)], compress));
+  points.push(Buffer.from(disk.image));
+  return { files, points };
+}
+
+async function withDir(t: { after: (fn: () => Promise<void>) => void }, label: string): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), `vnbdtest-map-${label}-`));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** Reads at assorted offsets and lengths (unaligned, across segment borders, whole disk) and compares. */
+async function assertReadsMatch(endpoint: Endpoint, expected: Buffer, label: string): Promise<void> {
+  const probes: Array<[number, number]> = [[0, DISK], [10 * MiB + 4000, 200], [39 * MiB - 3, 7 * MiB + 10], [40 * MiB - 1, 2], [DISK - 1, 1]];
+  for (let i = 0; i < 40; i++) {
+    const offset = Math.floor(Math.random() * (DISK - 1));
+    probes.push([offset, 1 + Math.floor(Math.random() * Math.min(3 * MiB, DISK - offset - 1))]);
+  }
+  await Promise.all(probes.map(async ([offset, length]) => {
+    const buffer = Buffer.alloc(length, 0xee);
+    await endpoint.read(buffer, offset);
+    assert.ok(buffer.equals(expected.subarray(offset, offset + length)), `${label}: read ${offset}+${length} differs`);
+  }));
+}
+
+async function allExtents(endpoint: Endpoint, offset = 0, length = endpoint.size): Promise<StatusExtent[]> {
+  const out: StatusExtent[] = [];
+  for await (const e of endpoint.extents(CONTEXT_ALLOCATION, offset, length)) out.push(e);
+  return out;
+}
+
+const seg = (start: number, length: number, at: number, extra: Partial<Segment> = {}): Segment =>
+  ({ start, length, kind: 'data', file: 0, at, packed: 0, skip: 0, ...extra });
+
+test('overlay: the later stream wins, earlier segments are cut at both ends and still point at their bytes', () => {
+  const base = [seg(0, 100, 1000), seg(200, 100, 5000, { packed: 77, skip: 0 })];
+  const top = [seg(50, 20, 9000, { file: 1 }), seg(250, 100, 0, { file: 1, kind: 'zero' })];
+  assert.deepEqual(overlay(base, top).map((s) => [s.start, s.length, s.file, s.at, s.skip]), [
+    [0, 50, 0, 1000, 0], [50, 20, 1, 9000, 0], [70, 30, 0, 1070, 0], [200, 50, 0, 5000, 0], [250, 100, 1, 0, 0],
+  ]);
+  // A compressed segment cut at its front keeps its frame position and skips into the frame instead.
+  assert.deepEqual(overlay(base, [seg(150, 60, 1, { file: 1 })]).map((s) => [s.start, s.length, s.at, s.skip]).slice(-1), [[210, 90, 5000, 10]]);
+  assert.deepEqual(overlay([], top), top);
+  assert.deepEqual(overlay(base, []), base);
+});
+
+for (const compress of [false, 2] as const) {
+  const kind = compress === false ? 'plain' : 'lz4';
+  test(`chain endpoint (${kind}): every point in time reads exactly as the disk was, extents show data, zero and holes`, async (t) => {
+    const dir = await withDir(t, kind);
+    const { files, points } = await buildChain(dir, compress);
+    for (const [i, expected] of points.entries()) {
+      const chain = await ChainEndpoint.open(files.slice(0, i + 1), { cacheBytes: 8 * MiB });
+      try {
+        assert.equal(chain.size, DISK);
+        await assertReadsMatch(chain, expected, `${kind} point ${i}`);
+      } finally {
+        await chain.close();
+      }
+    }
+    const chain = await ChainEndpoint.open(files);
+    t.after(() => chain.close());
+    assert.deepEqual((await allExtents(chain)).map((e) => [e.offset / MiB, e.length / MiB, e.flags]), [
+      [0, 11, 0], [11, 29, 3], [40, 6 + 512 / MiB, 0], [46 + 512 / MiB, 1 - 512 / MiB, 3], [47, 1, 0],
+    ]);
+    assert.deepEqual(await allExtents(chain, 12 * MiB, 4096), [{ offset: 12 * MiB, length: 4096, flags: 3 }]);
+    await assert.rejects(chain.write(Buffer.alloc(1), 0), /read-only/);
+  });
+}
+
+test('chain endpoint: files out of order, an inc first, another disk or a non-stream give one-line UserErrors', async (t) => {
+  const dir = await withDir(t, 'errors');
+  const { files } = await buildChain(dir, false);
+  const [full, inc1, inc2] = files as [string, string, string];
+  const notStream = path.join(dir, 'notes.txt');
+  await fs.writeFile(notStream, 'these are not the frames you are looking for\n'.repeat(10));
+  const cases: Array<[string[], RegExp]> = [
+    [[full, inc2, inc1], /sequence out of order.*virtnbdbackup\.1/],
+    [[inc1, inc2], /must start with the full or copy backup/],
+    [[full, full], /only the first file of the sequence/],
+    [[notStream], /notes\.txt is not a usable backup stream/],
+    [[full, path.join(dir, 'missing.data')], /cannot read .*missing\.data: ENOENT/],
+    [[dir], /is not a backup data file/],
+    [[], /no backup files given/],
+  ];
+  for (const [sequence, message] of cases) {
+    await assert.rejects(ChainEndpoint.open(sequence), (err: Error) => {
+      assert.ok(err instanceof UserError, `${sequence.join(',')}: ${err.stack}`);
+      assert.match(err.message, message);
+      assert.doesNotMatch(err.message, /\n/);
+      return true;
+    });
+  }
+  // A stream cut short is refused when it is indexed, not when a client happens to read there.
+  const truncated = path.join(dir, 'vda.inc.virtnbdbackup.1.data.cut');
+  await fs.writeFile(truncated, (await fs.readFile(inc1)).subarray(0, 5000));
+  await assert.rejects(ChainEndpoint.open([full, truncated]), /not a usable backup stream.*(truncated|end of file)/);
+});
+
+test('copy-on-write: reads see every write and zero, the base and its files stay untouched, close removes the overlay', async (t) => {
+  const dir = await withDir(t, 'cow');
+  const { files, points } = await buildChain(dir, 2);
+  const hashes = async (): Promise<string[]> => Promise.all(files.map(async (f) => createHash('sha256').update(await fs.readFile(f)).digest('hex')));
+  const before = await hashes();
+  const chain = await ChainEndpoint.open(files);
+  const chainExtents = await allExtents(chain);
+  const cow = await CopyOnWriteEndpoint.create(chain, dir);
+  const model = new MemoryDisk(Buffer.from(points[2] as Buffer));
+  assert.deepEqual(await allExtents(cow), chainExtents, 'before any write, the overlay reports the extents of the backup');
+  const ops: Array<(e: Endpoint) => Promise<void>> = [
+    (e) => e.write(Buffer.alloc(100, 0xa1), 5),
+    (e) => e.write(Buffer.alloc(3 * COW_BLOCK + 7, 0xa2), 12 * MiB - 3),
+    (e) => e.zero(2 * COW_BLOCK + 1, 5 * COW_BLOCK, true),
+    (e) => e.write(Buffer.alloc(10, 0xa3), 2 * COW_BLOCK + 100),
+    (e) => e.zero(30 * MiB, 2 * MiB, true),
+    (e) => e.write(Buffer.alloc(2 * MiB, 0xa4), DISK - 2 * MiB),
+  ];
+  for (const op of ops) {
+    await op(cow);
+    await op(model);
+  }
+  // Concurrent unaligned writes into the same fresh blocks must all land.
+  const concurrent = Array.from({ length: 16 }, (_, i) => [20 * MiB + 1 + i * 4099, 0xb0 + i] as const);
+  await Promise.all(concurrent.map(([offset, value]) => cow.write(Buffer.alloc(4099, value), offset)));
+  for (const [offset, value] of concurrent) model.image.fill(value, offset, offset + 4099);
+  await assertReadsMatch(cow, model.image, 'cow');
+  const extents = await allExtents(cow, 30 * MiB, 2 * MiB);
+  assert.deepEqual(extents, [{ offset: 30 * MiB, length: 2 * MiB, flags: 3 }]);
+  assert.deepEqual((await allExtents(cow, 0, COW_BLOCK))[0]?.flags, 0);
+  await cow.flush();
+  await cow.close();
+  assert.deepEqual(await hashes(), before);
+  assert.deepEqual((await fs.readdir(dir)).filter((f) => f.startsWith('virtnbdmap.')), [], 'overlay directory left behind');
+});
+
+test('NBD server: libnbd reads, block status, writes through copy-on-write over several connections; read-only refuses writes', async (t) => {
+  const dir = await withDir(t, 'server');
+  const { files, points } = await buildChain(dir, 2);
+  const expected = Buffer.from(points[2] as Buffer);
+  const serve = async (readOnly: boolean): Promise<{ socket: string; server: NbdServer }> => {
+    const chain = await ChainEndpoint.open(files);
+    const endpoint = readOnly ? chain : await CopyOnWriteEndpoint.create(chain, dir);
+    const server = new NbdServer(endpoint, { exportName: 'sda', readOnly, maxBlockSize: 4 * MiB, threads: 4 });
+    const socket = path.join(dir, `nbd-${readOnly ? 'ro' : 'rw'}.sock`);
+    await server.listenUnix(socket);
+    t.after(async () => { await server.stop(); await endpoint.close(); });
+    return { socket, server };
+  };
+
+  const rw = await serve(false);
+  // Client and server share this process and its 4 libuv threads, and each libnbd call holds one until the reply
+  // comes: 2 calls at a time leave the server threads to answer them. (Out-of-process clients in the integration
+  // test use more connections.)
+  const client = await NbdEndpoint.open({ socket: rw.socket, exportName: 'sda' }, { metaContexts: [CONTEXT_ALLOCATION], connections: 2 });
+  t.after(() => client.close());
+  assert.equal(client.size, DISK);
+  assert.equal(client.maxRequestSize, 4 * MiB);
+  for (let at = 0; at < DISK; at += 4 * MiB) {
+    const chunk = Buffer.alloc(4 * MiB);
+    await client.read(chunk, at);
+    assert.ok(chunk.equals(expected.subarray(at, at + 4 * MiB)), `read at ${at} differs`);
+  }
+  assert.deepEqual((await allExtents(client)).map((e) => [e.offset / MiB, e.flags]), [[0, 0], [11, 3], [40, 0], [46 + 512 / MiB, 3], [47, 0]]);
+
+  for (const pair of [[0, 1], [2, 3]]) await Promise.all(pair.map((i) => client.write(Buffer.alloc(MiB, 0xc0 + i), i * 3 * MiB + 17)));
+  for (const i of [0, 1, 2, 3]) expected.fill(0xc0 + i, i * 3 * MiB + 17, i * 3 * MiB + 17 + MiB);
+  await client.zero(44 * MiB, MiB, true);
+  expected.fill(0, 44 * MiB, 45 * MiB);
+  await client.flush();
+  // A second client sees what the first wrote (MULTI_CONN: one shared overlay).
+  const other = await NbdEndpoint.open({ socket: rw.socket, exportName: '' });
+  t.after(() => other.close());
+  const whole = Buffer.alloc(4 * MiB);
+  for (let at = 0; at < DISK; at += 4 * MiB) {
+    await other.read(whole, at);
+    assert.ok(whole.equals(expected.subarray(at, at + 4 * MiB)), `second client: read at ${at} differs`);
+  }
+  await assert.rejects(NbdEndpoint.open({ socket: rw.socket, exportName: 'nosuch' }), /cannot connect/);
+
+  const ro = await serve(true);
+  const reader = await NbdEndpoint.open({ socket: ro.socket, exportName: 'sda' });
+  t.after(() => reader.close());
+  await assert.rejects(reader.write(Buffer.alloc(512), 0));
+  const first = Buffer.alloc(4096);
+  await reader.read(first, 0);
+  assert.ok(first.equals((points[2] as Buffer).subarray(0, 4096)));
+
+  await rw.server.stop();
+  await assert.rejects(fs.access(rw.socket), 'stop() removes the socket');
+});
