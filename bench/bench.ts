@@ -1,0 +1,311 @@
+// Benchmark of issue 6 (`npm run bench`): builds throwaway TCG domains, runs ours, Python virtnbdbackup/virtnbdrestore
+// and nbdcopy side by side in alternating rounds (ours, Python, nbdcopy, ours, ...), and prints the machine, a Markdown
+// table of medians and the targets. Guarantees: no figure comes from a failed run (any non-zero exit stops the bench);
+// ours' set of the last round of every backup case is restored and compared bit for bit with the disk as it was
+// backed up, and so is the first restore of each tool; domains and temp files are removed at the end, on error and on
+// Ctrl-C (the test bed's clean-up). Exits 1 on such a failure, 0 otherwise: missed targets are reported, not failed.
+import fsp from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { ourBin, pythonBin } from '../test/support/cli.js';
+import { LIBVIRT_URI, run, sweepStaleTestDomains, tempDir, TestDomain, type TestDisk } from '../test/support/testbed.js';
+import { countDataExtents, createExtentDomain, createRandomDomain, DiskUnderTest, qemuPidOf, twoRegions, withPullExport } from './fixtures.js';
+import { assertGnuTimeInstalled, measure, type MeasureExtras } from './measure.js';
+import { INC_WRITE_BYTES, INC_WRITES, parseOptions, SMALL_EXTENT_BYTES, USAGE, type BenchOptions, type CaseName } from './options.js';
+import { Results, TOOL, type CaseInfo, type ToolLabel } from './report.js';
+
+const BACKUP_TOOLS = [TOOL.ours, TOOL.python] as const;
+type BackupTool = (typeof BACKUP_TOOLS)[number];
+
+/** Everything a case needs: the options, where to put files, where results go. */
+interface Bench {
+  options: BenchOptions;
+  work: string;
+  results: Results;
+}
+
+/** A backup set kept to be verified (and restored), with a raw copy of the disk as its last backup saw it. */
+interface KeptSet {
+  dir: string;
+  snapshot: string;
+}
+
+function progress(line: string): void {
+  process.stderr.write(`bench: ${line}\n`);
+}
+
+/** Runs a set-up step and reports how long it took (creation time is part of what keeps the bench usable). */
+async function settingUp<T>(what: string, step: () => Promise<T>): Promise<T> {
+  const start = Date.now();
+  progress(`creating ${what}`);
+  const result = await step();
+  progress(`  created in ${((Date.now() - start) / 1000).toFixed(1)} s`);
+  return result;
+}
+
+function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let unit = 0;
+  while (bytes >= 1024 && unit < units.length - 1) {
+    bytes /= 1024;
+    unit++;
+  }
+  return `${Number(bytes.toFixed(2))} ${units[unit]}`;
+}
+
+const slug = (tool: ToolLabel): string => (tool === TOOL.ours ? 'ours' : 'python');
+
+function binaryOf(tool: BackupTool, program: 'virtnbdbackup' | 'virtnbdrestore'): string {
+  return tool === TOOL.ours ? ourBin(program) : pythonBin(program);
+}
+
+/** Runs a command measured and records it under `info`; without `info` it runs unmeasured (a step other cases need). */
+async function runStep(bench: Bench, info: CaseInfo | undefined, tool: ToolLabel, round: number, command: string, args: string[], extras: MeasureExtras = {}): Promise<void> {
+  if (!info) {
+    await run(command, args);
+    await extras.settled?.();
+    return;
+  }
+  const measurement = await measure(path.join(bench.work, 'time.out'), command, args, extras);
+  bench.results.record(info, tool, measurement);
+  progress(`${info.key}, round ${round + 1}: ${tool} ${measurement.wallSeconds.toFixed(2)} s`);
+}
+
+async function backup(bench: Bench, info: CaseInfo | undefined, tool: BackupTool, round: number, domain: TestDomain, level: 'full' | 'inc', set: string, extra: string[] = []): Promise<void> {
+  const args = ['-d', domain.name, '-l', level, '-o', set, '-n', ...extra];
+  await runStep(bench, info, tool, round, binaryOf(tool, 'virtnbdbackup'), args, { serverPid: await qemuPidOf(domain) });
+}
+
+/** nbdcopy from a fresh pull-mode export of the disk to a file (the reference) and, if asked, to null:. */
+async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, toNullToo: boolean): Promise<void> {
+  const serverPid = await qemuPidOf(domain);
+  await withPullExport(domain, target, async (uri) => {
+    const out = path.join(bench.work, `${info.key}-r${round}-nbdcopy.raw`);
+    await runStep(bench, info, TOOL.nbdcopyFile, round, 'nbdcopy', [uri, out], { serverPid });
+    await fsp.rm(out, { force: true });
+    if (toNullToo) await runStep(bench, info, TOOL.nbdcopyNull, round, 'nbdcopy', [uri, 'null:'], { serverPid });
+  });
+}
+
+const RELEASE_TIMEOUT_MS = 60_000;
+
+/**
+ * Resolves once no process holds a write lock on the image. Python's virtnbdrestore exits while the qemu-nbd it forked
+ * still flushes and closes the image; the restore is done only then, and a compare before reads a half-written file.
+ */
+async function imageReleased(image: string): Promise<void> {
+  const deadline = Date.now() + RELEASE_TIMEOUT_MS;
+  for (;;) {
+    // Without -U, qemu-img takes a shared lock, which fails while a writer holds the image.
+    const info = await run('qemu-img', ['info', image], { allowFailure: true });
+    if (info.code === 0) return;
+    if (!/lock/i.test(info.stderr) || Date.now() > deadline) throw new Error(`restored image ${image} stays busy: ${info.stderr.trim()}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+async function assertSameContent(restored: string, snapshot: string, what: string): Promise<void> {
+  const result = await TestDomain.compare(restored, snapshot, { formatA: 'qcow2', formatB: 'raw' });
+  if (!result.identical) throw new Error(`${what}: the restored disk differs from the source: ${result.output}`);
+  progress(`${what}: restored disk identical to the source`);
+}
+
+/** Restores `set` with ours (unmeasured) and compares the disk with its snapshot. */
+async function verifyWithOurRestore(bench: Bench, set: KeptSet, disk: TestDisk, what: string): Promise<void> {
+  const out = path.join(bench.work, 'verify');
+  await run(ourBin('virtnbdrestore'), ['-i', set.dir, '-o', out, '-n']);
+  await assertSameContent(path.join(out, path.basename(disk.image)), set.snapshot, what);
+  await fsp.rm(out, { recursive: true, force: true });
+}
+
+async function discardUnlessKept(bench: Bench, dir: string): Promise<void> {
+  if (!bench.options.keep) await fsp.rm(dir, { recursive: true, force: true });
+}
+
+/** Cases 1-4 on one domain: full and inc alternate per tool (the inc needs the tool's own full), then restore, then -z. */
+async function referenceCases(bench: Bench): Promise<void> {
+  const o = bench.options;
+  const wants = (name: CaseName): boolean => o.cases.has(name);
+  const shape = `${formatSize(o.diskBytes)} disk, ${formatSize(o.dataBytes)} data`;
+  const incBytes = INC_WRITES * INC_WRITE_BYTES;
+  const full: CaseInfo = { key: 'full', title: `1 full stream (${shape})`, dataBytes: o.dataBytes };
+  const inc: CaseInfo = { key: 'inc', title: `3 inc after ${INC_WRITES} × ${formatSize(INC_WRITE_BYTES)} writes`, dataBytes: incBytes };
+  const restore: CaseInfo = { key: 'restore', title: '4 restore full + inc', dataBytes: o.dataBytes + incBytes };
+  const compressed: CaseInfo = { key: 'full-z', title: `2 full -z (${shape})`, dataBytes: o.dataBytes };
+
+  const regions = twoRegions(o.diskBytes, o.dataBytes, 'middle');
+  const domain = await settingUp(`a domain: ${shape} of random data`, () => createRandomDomain([{ target: 'vda', sizeBytes: o.diskBytes, regions }]));
+  try {
+    const disk = new DiskUnderTest(domain, 'vda');
+    const chain = wants('inc') || wants('restore');
+    const kept = new Map<BackupTool, KeptSet>();
+    if (wants('full') || chain) {
+      for (let round = 0; round < o.rounds; round++) {
+        const last = round === o.rounds - 1;
+        for (const [index, tool] of BACKUP_TOOLS.entries()) {
+          const set = path.join(bench.work, `chain-r${round}-${slug(tool)}`);
+          let snapshot = last && !chain ? await disk.snapshot() : undefined;
+          await backup(bench, wants('full') ? full : undefined, tool, round, domain, 'full', set);
+          if (chain) {
+            await disk.writeScattered(INC_WRITES, INC_WRITE_BYTES, round * BACKUP_TOOLS.length + index + 1, regions);
+            if (last) snapshot = await disk.snapshot();
+            await backup(bench, wants('inc') ? inc : undefined, tool, round, domain, 'inc', set);
+          }
+          if (snapshot) kept.set(tool, { dir: set, snapshot });
+          else await fsp.rm(set, { recursive: true, force: true });
+        }
+        if (wants('full')) await nbdcopy(bench, full, round, domain, 'vda', true);
+      }
+      const ours = kept.get(TOOL.ours);
+      if (ours && !wants('restore')) await verifyWithOurRestore(bench, ours, disk.disk, `ours' ${chain ? 'full + inc' : 'full'} set`);
+    }
+
+    if (wants('restore')) {
+      // Each tool restores the set it wrote: both hold the same amount of data, and that is how each is used.
+      for (let round = 0; round < o.rounds; round++) {
+        for (const tool of BACKUP_TOOLS) {
+          const set = kept.get(tool) as KeptSet;
+          const out = path.join(bench.work, `restore-r${round}-${slug(tool)}`);
+          const image = path.join(out, path.basename(disk.disk.image));
+          await runStep(bench, restore, tool, round, binaryOf(tool, 'virtnbdrestore'), ['-i', set.dir, '-o', out, '-n'], { settled: () => imageReleased(image) });
+          if (round === 0) await assertSameContent(image, set.snapshot, `${tool} restore of its own set`);
+          await fsp.rm(out, { recursive: true, force: true });
+        }
+        // The floor: writing the same data into a new qcow2 with no NBD and no stream in between.
+        const floorOut = path.join(bench.work, `restore-r${round}-qemu-img.qcow2`);
+        await runStep(bench, restore, TOOL.qemuImgConvert, round, 'qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', (kept.get(TOOL.ours) as KeptSet).snapshot, floorOut]);
+        await fsp.rm(floorOut, { force: true });
+      }
+    }
+    for (const set of kept.values()) await discardUnlessKept(bench, set.dir);
+
+    if (wants('full-z')) await backupRounds(bench, compressed, domain, disk, ['-z']);
+  } finally {
+    await domain.destroy();
+  }
+}
+
+/** Case 5: peak RSS on a big disk holding many small extents. */
+async function memoryCase(bench: Bench): Promise<void> {
+  const o = bench.options;
+  const info: CaseInfo = {
+    key: 'memory',
+    title: `5 memory (${formatSize(o.extentDiskBytes)} disk, ${o.extentCount} × ${formatSize(SMALL_EXTENT_BYTES)} extents)`,
+    dataBytes: o.extentCount * SMALL_EXTENT_BYTES,
+  };
+  const domain = await settingUp(`a domain: ${formatSize(o.extentDiskBytes)} disk with ${o.extentCount} small extents`, () =>
+    createExtentDomain(o.extentDiskBytes, o.extentCount));
+  try {
+    const disk = new DiskUnderTest(domain, 'vda');
+    const extents = await withPullExport(domain, 'vda', countDataExtents);
+    progress(`the backup export shows ${extents} data extents`);
+    await backupRounds(bench, info, domain, disk, []);
+  } finally {
+    await domain.destroy();
+  }
+}
+
+/** Case 6: the same data on a small and a huge sparse disk of one domain; cost should follow the data. */
+async function sparseCase(bench: Bench): Promise<void> {
+  const o = bench.options;
+  const data = formatSize(o.sparseDataBytes);
+  const disks = [
+    { target: 'vda', sizeBytes: o.sparseSmallDiskBytes, key: 'sparse-small', n: '6a' },
+    { target: 'vdb', sizeBytes: o.sparseLargeDiskBytes, key: 'sparse-large', n: '6b' },
+  ];
+  const domain = await settingUp(`a domain: ${disks.map((d) => formatSize(d.sizeBytes)).join(' and ')} disks, ${data} of random data on each`, () =>
+    createRandomDomain(disks.map((d) => ({ target: d.target, sizeBytes: d.sizeBytes, regions: twoRegions(d.sizeBytes, o.sparseDataBytes, 'end') }))));
+  try {
+    for (const d of disks) {
+      const info: CaseInfo = { key: d.key, title: `${d.n} sparse (${formatSize(d.sizeBytes)} disk, ${data} data)`, dataBytes: o.sparseDataBytes };
+      await backupRounds(bench, info, domain, new DiskUnderTest(domain, d.target), ['-i', d.target]);
+    }
+  } finally {
+    await domain.destroy();
+  }
+}
+
+/** Full backups by each tool and nbdcopy, `rounds` times; ours' last set is verified. The disk does not change. */
+async function backupRounds(bench: Bench, info: CaseInfo, domain: TestDomain, disk: DiskUnderTest, extra: string[]): Promise<void> {
+  let ours: KeptSet | undefined;
+  for (let round = 0; round < bench.options.rounds; round++) {
+    for (const tool of BACKUP_TOOLS) {
+      const set = path.join(bench.work, `${info.key}-r${round}-${slug(tool)}`);
+      const verify = round === bench.options.rounds - 1 && tool === TOOL.ours;
+      if (verify) ours = { dir: set, snapshot: await disk.snapshot() };
+      await backup(bench, info, tool, round, domain, 'full', set, extra);
+      if (!verify) await fsp.rm(set, { recursive: true, force: true });
+    }
+    await nbdcopy(bench, info, round, domain, disk.target, false);
+  }
+  if (ours) {
+    await verifyWithOurRestore(bench, ours, disk.disk, `ours' ${info.key} set`);
+    await discardUnlessKept(bench, ours.dir);
+  }
+}
+
+async function firstLine(command: string, args: string[]): Promise<string> {
+  const result = await run(command, args, { allowFailure: true });
+  return (result.stdout || result.stderr).trim().split('\n')[0] ?? '?';
+}
+
+/** The machine and the tools' versions, as the README's Performance section shows them. */
+async function describeMachine(): Promise<string[]> {
+  const cpuModel = /^model name\s*:\s*(.+)$/m.exec(await fsp.readFile('/proc/cpuinfo', 'utf8'))?.[1] ?? 'unknown CPU';
+  const memory = (await run('free', ['-h'])).stdout.split('\n').find((l) => l.startsWith('Mem:'))?.split(/\s+/)[1];
+  const libvirt = /Using library: (.+)/.exec((await run('virsh', ['-c', LIBVIRT_URI, 'version'])).stdout)?.[1] ?? '?';
+  return [
+    `date: ${new Date().toISOString().replace(/\.\d+Z$/, 'Z')}`,
+    `machine: ${os.availableParallelism()} cores (nproc), ${cpuModel}, ${memory ?? '?'} RAM (free -h), load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`,
+    `software: Node ${process.version}, ${await firstLine('qemu-system-x86_64', ['--version'])}, ${libvirt}, ` +
+      `Python virtnbdbackup ${await firstLine(pythonBin('virtnbdbackup'), ['-V'])}, ${await firstLine('nbdcopy', ['--version'])}`,
+  ];
+}
+
+async function main(): Promise<number> {
+  let options: BenchOptions | undefined;
+  try {
+    options = parseOptions(process.argv.slice(2));
+  } catch (err) {
+    process.stderr.write(`bench: ${(err as Error).message}\n\n${USAGE}\n`);
+    return 2;
+  }
+  if (!options) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  await assertGnuTimeInstalled();
+  for (const removed of await sweepStaleTestDomains()) progress(`removed stale ${removed}`);
+  const machine = await describeMachine();
+  const work = options.keep ? await fsp.mkdtemp('/var/tmp/virtnbd-bench-') : await tempDir('bench-');
+  const bench: Bench = { options, work, results: new Results(os.availableParallelism()) };
+  progress(`work dir ${work}; ${options.rounds} round(s) of: ${[...options.cases].join(', ')}`);
+  try {
+    if (['full', 'full-z', 'inc', 'restore'].some((c) => options.cases.has(c as CaseName))) await referenceCases(bench);
+    if (options.cases.has('memory')) await memoryCase(bench);
+    if (options.cases.has('sparse')) await sparseCase(bench);
+  } finally {
+    if (!options.keep) await fsp.rm(work, { recursive: true, force: true });
+    else progress(`kept ${work}`);
+  }
+  const load = os.loadavg().map((l) => l.toFixed(2)).join(' ');
+  process.stdout.write([
+    ...machine,
+    `load average at the end: ${load}`,
+    `rounds: ${options.rounds} (order per round: ours, Python, nbdcopy); figures are medians; MB = 10^6 bytes`,
+    '',
+    bench.results.table(),
+    '',
+    ...bench.results.targets(),
+    '',
+  ].join('\n'));
+  return 0;
+}
+
+main().then(
+  (code) => { process.exitCode = code; },
+  (err: Error) => {
+    process.stderr.write(`bench: ${err.stack ?? err.message}\n`);
+    process.exitCode = 1;
+  },
+);

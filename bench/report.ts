@@ -1,0 +1,131 @@
+// Collects the benchmark's measurements per case and tool and renders them: a Markdown table of medians with ratios
+// to nbdcopy and to Python, and one line per issue-6 target saying OK or MISSED. Guarantees: a ratio or target whose
+// figures were not measured is shown as '—' or left out, never guessed.
+import { medianMeasurement, type Measurement } from './measure.js';
+
+export const TOOL = {
+  ours: 'ours',
+  python: 'Python',
+  nbdcopyFile: 'nbdcopy → file',
+  nbdcopyNull: 'nbdcopy → null:',
+  qemuImgConvert: 'qemu-img convert',
+} as const;
+export type ToolLabel = (typeof TOOL)[keyof typeof TOOL];
+/** Table order of tools within a case. */
+const TOOL_ORDER: readonly ToolLabel[] = [TOOL.ours, TOOL.python, TOOL.nbdcopyFile, TOOL.nbdcopyNull, TOOL.qemuImgConvert];
+
+export interface CaseInfo {
+  /** Short key the targets refer to, e.g. 'full', 'sparse-large'. */
+  key: string;
+  /** What the table shows and sorts by, e.g. '1 full stream (4 GiB disk, 2.5 GiB data)'. */
+  title: string;
+  /** Bytes of data the case moves (for MB/s). */
+  dataBytes: number;
+}
+
+/** Megabytes of 10^6 bytes, as in the table headers. */
+const MB = 1e6;
+/** Memory targets of issue 6. */
+const PEAK_RSS_LIMIT_BYTES = 200 * MB;
+/** "Does not grow": the memory case may use at most this much more than the reference full backup. */
+const MEMORY_GROWTH_LIMIT = 1.2;
+/** "Both cores busy": ours and the QEMU serving it together use at least this share of the machine's cores. */
+const BUSY_LIMIT = 0.9;
+
+interface Row {
+  info: CaseInfo;
+  tool: ToolLabel;
+  runs: Measurement[];
+}
+
+export class Results {
+  private readonly rows: Row[] = [];
+
+  /** `cores`: the machine's, for the "both cores busy" target. */
+  constructor(private readonly cores: number) {}
+
+  record(info: CaseInfo, tool: ToolLabel, measurement: Measurement): void {
+    let row = this.rows.find((r) => r.info.key === info.key && r.tool === tool);
+    if (!row) this.rows.push((row = { info, tool, runs: [] }));
+    row.runs.push(measurement);
+  }
+
+  get empty(): boolean {
+    return this.rows.length === 0;
+  }
+
+  median(caseKey: string, tool: ToolLabel): Measurement | undefined {
+    const row = this.rows.find((r) => r.info.key === caseKey && r.tool === tool);
+    return row ? medianMeasurement(row.runs) : undefined;
+  }
+
+  /** Wall-time ratio of two tools' medians in one case. */
+  ratio(caseKey: string, tool: ToolLabel, reference: ToolLabel, referenceCase = caseKey): number | undefined {
+    const mine = this.median(caseKey, tool);
+    const theirs = this.median(referenceCase, reference);
+    return mine && theirs ? mine.wallSeconds / theirs.wallSeconds : undefined;
+  }
+
+  table(): string {
+    const lines = [
+      '| case | tool | wall s | CPU s (user+sys) | peak RSS MB | MB/s | × nbdcopy | × Python |',
+      '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ];
+    const ordered = [...this.rows].sort((a, b) =>
+      a.info.title.localeCompare(b.info.title, 'en', { numeric: true }) || TOOL_ORDER.indexOf(a.tool) - TOOL_ORDER.indexOf(b.tool));
+    for (const row of ordered) {
+      const m = medianMeasurement(row.runs);
+      const cells = [
+        row.info.title, row.tool, m.wallSeconds.toFixed(2), m.cpuSeconds.toFixed(2), (m.peakRssBytes / MB).toFixed(0),
+        (row.info.dataBytes / MB / m.wallSeconds).toFixed(0),
+        formatRatio(this.ratio(row.info.key, row.tool, TOOL.nbdcopyFile)), formatRatio(this.ratio(row.info.key, row.tool, TOOL.python)),
+      ];
+      lines.push(`| ${cells.join(' | ')} |`);
+    }
+    return lines.join('\n');
+  }
+
+  /** One line per target of issue 6 whose figures were measured. */
+  targets(): string[] {
+    const lines: string[] = [];
+    const versus = (label: string, value: number | undefined, unit: string, limit: number): void => {
+      if (value !== undefined) lines.push(`${label}: ${value.toFixed(2)} ${unit} (target ≤ ${limit}) ${verdict(value <= limit)}`);
+    };
+    versus('full stream', this.ratio('full', TOOL.ours, TOOL.nbdcopyFile), '× nbdcopy', 1.15);
+    versus('full stream', this.ratio('full', TOOL.ours, TOOL.python), '× Python', 0.4);
+    versus('full -z', this.ratio('full-z', TOOL.ours, TOOL.python), '× Python -z', 0.5);
+    const compressed = this.median('full-z', TOOL.ours);
+    if (compressed) {
+      const ours = compressed.cpuSeconds / compressed.wallSeconds;
+      const server = compressed.serverCpuSeconds / compressed.wallSeconds;
+      const wanted = BUSY_LIMIT * this.cores;
+      lines.push(`full -z: ours ${ours.toFixed(2)} + QEMU ${server.toFixed(2)} = ${(ours + server).toFixed(2)} of ${this.cores} cores busy ` +
+        `(target ≥ ${wanted.toFixed(1)}; whole machine ${(compressed.machineBusy * 100).toFixed(0)} % busy) ${verdict(ours + server >= wanted)}`);
+    }
+    versus('incremental', this.ratio('inc', TOOL.ours, TOOL.python), '× Python', 0.6);
+    versus('restore full + inc', this.ratio('restore', TOOL.ours, TOOL.python), '× Python virtnbdrestore', 0.5);
+    const ours = this.rows.filter((r) => r.tool === TOOL.ours);
+    if (ours.length) {
+      const peak = Math.max(...ours.flatMap((r) => r.runs.map((m) => m.peakRssBytes)));
+      lines.push(`peak RSS: ours at most ${(peak / MB).toFixed(0)} MB over all runs (target ≤ ${PEAK_RSS_LIMIT_BYTES / MB}) ${verdict(peak <= PEAK_RSS_LIMIT_BYTES)}`);
+    }
+    const many = this.median('memory', TOOL.ours);
+    const reference = this.median('full', TOOL.ours);
+    if (many && reference) {
+      const growth = many.peakRssBytes / reference.peakRssBytes;
+      lines.push(`memory vs size and extents: ours ${(many.peakRssBytes / MB).toFixed(0)} MB on the many-extents disk, ` +
+        `${growth.toFixed(2)} × its ${(reference.peakRssBytes / MB).toFixed(0)} MB on case 1 (target ≤ ${MEMORY_GROWTH_LIMIT} ×) ` +
+        verdict(growth <= MEMORY_GROWTH_LIMIT));
+    }
+    versus('cost follows data', this.ratio('sparse-large', TOOL.ours, TOOL.ours, 'sparse-small'), '× the small disk', 1.5);
+    return lines;
+  }
+}
+
+function formatRatio(value: number | undefined): string {
+  return value === undefined ? '—' : value.toFixed(2);
+}
+
+function verdict(ok: boolean): string {
+  return ok ? 'OK' : 'MISSED';
+}
