@@ -82,10 +82,11 @@ async function readPiece(source: Endpoint, offset: number, length: number, buffe
   return buffer;
 }
 
-function digestOf(part: { offset: number; length: number }, sums: Promise<{ sha256?: string }>): Promise<PieceDigest> {
-  const digest = sums.then((s) => ({ offset: part.offset, length: part.length, sha256: s.sha256 ?? '' }));
-  digest.catch(() => undefined); // failures surface through the piece's queue entry
-  return digest;
+/** Records a piece's digest in place once its sums arrive, so no promise per piece outlives its queue entry. */
+function recordDigest(into: PieceDigest[], part: { offset: number; length: number }, sums: Promise<{ sha256?: string }>): void {
+  const slot = into.length;
+  into.push({ offset: part.offset, length: part.length, sha256: '' });
+  sums.then((s) => { into[slot]!.sha256 = s.sha256 ?? ''; }, () => undefined); // failures surface through the queue
 }
 
 export async function writeStream(options: StreamWriteOptions): Promise<StreamWriteResult> {
@@ -108,7 +109,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const queue: Pending[] = [];
   let bytesInFlight = 0;
   const trailer: Promise<TrailerEntry>[] = [];
-  const digests: Promise<PieceDigest>[] = [];
+  const digests: PieceDigest[] = [];
   const pool = new BufferPool(READ_SIZE, WINDOW_BYTES / READ_SIZE + 2);
 
   const flushBatch = async (): Promise<void> => {
@@ -170,7 +171,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
           const frame = raw.then((r) => addon.lz4CompressFrame(r, compress));
           const frameSum = frame.then((f) => addon.checksumPiece(f, false));
           const rawSum = options.digests ? raw.then((r) => addon.checksumPiece(r, true)) : undefined;
-          if (rawSum) digests.push(digestOf(part, rawSum));
+          if (rawSum) recordDigest(digests, part, rawSum);
           sizes.push(frame.then((f) => f.length, () => 0));
           const ready = Promise.all([frame, frameSum, rawSum]).then(([f, sum]) => {
             pool.release(buffer);
@@ -179,7 +180,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
           await enqueue(ready, part.length);
         } else {
           const sums = raw.then((r) => addon.checksumPiece(r, Boolean(options.digests)));
-          if (options.digests) digests.push(digestOf(part, sums));
+          if (options.digests) recordDigest(digests, part, sums);
           const ready = Promise.all([raw, sums]).then(([data, sum]) => [{ data, adler32: sum.adler32 }]);
           await enqueue(ready, part.length, () => pool.release(buffer));
         }
@@ -200,5 +201,5 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     await Promise.allSettled(queue.map((q) => q.output));
     throw err;
   }
-  return { checksum, bytesWritten, dataSize: plan.dataSize, digests: options.digests ? await Promise.all(digests) : undefined };
+  return { checksum, bytesWritten, dataSize: plan.dataSize, digests: options.digests ? digests : undefined };
 }
