@@ -1,5 +1,6 @@
 // Runs the project's commands (bin/*) and the Python peers as a user would, capturing exit code and output.
 import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -44,7 +45,30 @@ export async function runOk(command: string, args: string[]): Promise<CliResult>
   if (result.code !== 0) {
     throw new Error(`${path.basename(command)} ${args.join(' ')} exited ${result.code ?? result.signal}\n${result.stderr}${result.stdout}`);
   }
+  if (command === pythonBin('virtnbdrestore')) await qemuNbdGone(args);
   return result;
+}
+
+/**
+ * Python's virtnbdrestore exits while the qemu-nbd it started still flushes and closes the image; reading the
+ * image before then sees stale data. Waits (up to 30 s) until no qemu-nbd serves a file under its -o directory.
+ */
+async function qemuNbdGone(args: string[]): Promise<void> {
+  const out = args[args.indexOf('-o') + 1];
+  if (!out || out === 'dump' || out === 'verify') return;
+  const dir = path.resolve(out) + path.sep;
+  for (let waited = 0; waited < 30_000; waited += 100) {
+    const pids = await fs.readdir('/proc').catch(() => [] as string[]);
+    let serving = false;
+    for (const pid of pids.filter((p) => /^\d+$/.test(p))) {
+      const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+      const argv = cmdline.split('\0');
+      if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.some((a) => a.startsWith(dir))) serving = true;
+    }
+    if (!serving) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`qemu-nbd started by Python's virtnbdrestore still serves ${dir} after 30 s`);
 }
 
 /** The lines of stderr that report an error (what a user sees as the reason). */
