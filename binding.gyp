@@ -8,6 +8,7 @@
       "target_name": "virtnbd_native",
       "sources": [
         "native/addon.cc",
+        "native/adler32.cc",
         "native/checksum.cc",
         "native/libvirt.cc",
         "native/lz4.cc",

@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "adler32.h"
 #include "args.h"
 #include "libvirt.h"
 #include "lz4.h"
@@ -17,11 +18,11 @@ namespace virtnbd {
 
 namespace {
 
-// CPU only, so synchronous; adler32_z takes a size_t length, so buffers above 4 GiB need no chunking.
+// CPU only, so synchronous; the length is a size_t, so buffers above 4 GiB need no chunking.
 Napi::Value Adler32(const Napi::CallbackInfo& info) {
   Napi::Buffer<uint8_t> buffer = ArgBuffer(info, 0, "buffer");
   uint32_t start = ArgU32(info, 1, "start");
-  return Napi::Number::New(info.Env(), static_cast<double>(adler32_z(start, buffer.Data(), buffer.Length())));
+  return Napi::Number::New(info.Env(), static_cast<double>(FastAdler32(start, buffer.Data(), buffer.Length())));
 }
 
 // nbd_get_version needs a handle; nbd_create/nbd_close are local (no connection is made).

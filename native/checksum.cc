@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "adler32.h"
 #include "args.h"
 #include "async.h"
 
@@ -43,7 +44,7 @@ Napi::Value ChecksumPiece(const Napi::CallbackInfo& info) {
     const uint8_t* data = source.Data();
     size_t length = source.Length();
     auto run = [data, length, withSha](PieceSums& sums) -> std::optional<Failure> {
-      sums.adler = static_cast<uint32_t>(adler32_z(1, data, length));
+      sums.adler = FastAdler32(1, data, length);
       sums.withSha = withSha;
       if (withSha && EVP_Digest(data, length, sums.sha, &sums.shaLength, EVP_sha256(), nullptr) != 1) {
         return Failure{"SHA-256 digest failed", std::nullopt, "openssl"};

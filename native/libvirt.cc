@@ -22,8 +22,16 @@ struct LibvirtClasses {
   Napi::FunctionReference domain;
 };
 
+// A failure saved before a cleanup call (virDomainCheckpointFree) resets libvirt's last error.
+thread_local std::optional<Failure> savedFailure;
+
 // Read on the thread where the call failed: virGetLastError() is thread-local.
 Failure VirFailure() {
+  if (savedFailure) {
+    Failure failure = *savedFailure;
+    savedFailure.reset();
+    return failure;
+  }
   virErrorPtr err = virGetLastError();
   if (!err) return {"unknown libvirt error", std::nullopt, "libvirt"};
   return {err->message ? err->message : "unknown libvirt error", err->code, "libvirt"};
@@ -60,6 +68,7 @@ int WithCheckpoint(virDomainPtr dom, const std::string& name, const std::functio
   virDomainCheckpointPtr checkpoint = virDomainCheckpointLookupByName(dom, name.c_str(), 0);
   if (!checkpoint) return -1;
   int rc = fn(checkpoint);
+  if (rc < 0) savedFailure = VirFailure();
   virDomainCheckpointFree(checkpoint);
   return rc;
 }

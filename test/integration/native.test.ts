@@ -222,6 +222,27 @@ test('adler32 matches python zlib.adler32', async () => {
   const half = addon.adler32(data.subarray(0, MiB), 1);
   assert.equal(addon.adler32(data.subarray(MiB), half), expected, 'continues from a start value');
   assert.equal(addon.adler32(Buffer.alloc(0), 1), 1);
+  assert.equal(addon.adler32(Buffer.alloc(0), expected), expected, 'an empty buffer keeps the running sum');
+});
+
+test('adler32 on vectors agrees with zlib at every length, alignment and worst-case byte value', async () => {
+  const cases: Buffer[] = [];
+  for (const length of [1, 31, 32, 33, 255, 256, 257, 5553, 32 * 1024, 32 * 1024 + 1, 3 * 65536 + 5, MiB + 7]) {
+    cases.push(randomBytes(length), Buffer.alloc(length, 0xff), randomBytes(length + 1).subarray(1));
+  }
+  const expected = JSON.parse(await py(
+    'import sys, zlib, json\nb = sys.stdin.buffer.read()\n' +
+      `sizes = ${JSON.stringify(cases.map((c) => c.length))}\nout = []\nat = 0\n` +
+      'for n in sizes:\n  out.append([zlib.adler32(b[at:at+n]), zlib.adler32(b[at:at+n], 0xfff0fff0 % 65521 + (65520 << 16))])\n  at += n\n' +
+      'print(json.dumps(out))',
+    Buffer.concat(cases),
+  )) as Array<[number, number]>;
+  for (const [i, data] of cases.entries()) {
+    const [fresh, continued] = expected[i] as [number, number];
+    assert.equal(addon.adler32(data, 1), fresh, `length ${data.length}`);
+    assert.equal((await addon.checksumPiece(data, false)).adler32, fresh, `checksumPiece, length ${data.length}`);
+    assert.equal(addon.adler32(data, 0xfff0fff0 % 65521 + 65520 * 65536), continued, `continued, length ${data.length}`);
+  }
 });
 
 test('lz4 frames interoperate with python lz4.frame', async () => {
@@ -363,6 +384,8 @@ test('libvirt: errors, a throwaway domain, pull backup and checkpoints', async (
       assert.deepEqual(await dom.listCheckpointNames(), [checkpoint]);
       const cpXml = await dom.checkpointGetXMLDesc(checkpoint, 0);
       assert.match(cpXml, new RegExp(`<name>${checkpoint}</name>`));
+      // A call that fails on the checkpoint itself keeps libvirt's message past the checkpoint's release.
+      await assert.rejects(dom.checkpointDelete(checkpoint, 0x40000000), (err: Error) => /flags/i.test(err.message) && !/unknown libvirt error/.test(err.message));
       await dom.checkpointDelete(checkpoint, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
       assert.deepEqual(await dom.listCheckpointNames(), []);
       assert.equal(await dom.checkpointCreateXML(cpXml, VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE), checkpoint);
