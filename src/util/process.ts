@@ -19,7 +19,8 @@ export function run(command: string, args: string[]): Promise<RunResult> {
 
 /** Starts a long-running server and resolves once `socketPath` exists; rejects if the process dies first. */
 export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
-  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  // setpriv execs the server with a parent-death signal, so a server never outlives us, even after kill -9.
+  const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
   let exited: string | undefined;

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { run, withDomain, withTempDir, type TestDomain } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { errorLines, ourBin, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo as assertRestores, virsh } from '../support/points.js';
 
 const backup = (...args: string[]): ReturnType<typeof runOk> => runOk(ourBin('virtnbdbackup'), ['-n', ...args]);
@@ -112,3 +112,26 @@ test('boot files (loader, nvram, kernel, initrd) and the autostart flag are save
   }
   assert.equal(await fs.readFile(path.join(set, 'autostart.copy'), 'utf8'), 'True');
 });
+
+test('kill -9 of a shut-off backup leaves no qemu-nbd holding the image: the domain starts', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 512, fill: [{ pattern: 0x21, offsetMiB: 0, lengthMiB: 384 }] }], start: false });
+  const work = await withTempDir(t, 'offkill-');
+  const socket = path.join(work, 'nbd.sock');
+  const running = startCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'set'), '-f', socket]);
+  for (let i = 0; i < 300 && !(await servesSocket(`${socket}.vda`)); i++) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(await servesSocket(`${socket}.vda`), 'qemu-nbd never started');
+  running.child.kill('SIGKILL');
+  await running.done;
+  for (let i = 0; i < 100 && (await servesSocket(`${socket}.vda`)); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.equal(await servesSocket(`${socket}.vda`), false, 'qemu-nbd outlived the killed backup');
+  await dom.start();
+});
+
+/** Whether a live qemu-nbd process names `socket` on its command line. */
+async function servesSocket(socket: string): Promise<boolean> {
+  for (const pid of (await fs.readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
+    const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.includes(socket)) return true;
+  }
+  return false;
+}
