@@ -54,6 +54,9 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   let code: number;
   try {
     code = await body(controller.signal);
+    // A signal that came after the last point where stopping was possible (data complete, side files being
+    // written) does not undo a complete, consistent result: say so, and keep its exit code.
+    if (controller.signal.aborted) process.stderr.write(`${name}: a stop signal arrived after the work was complete; it was finished and kept\n`);
   } catch (err) {
     if (err instanceof UserError) {
       process.stderr.write(`${name}: error: ${oneLine(err)}\n`);

@@ -17,7 +17,7 @@ import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
 import { listSet, type ChainLink } from '../set/backupSet.js';
 import { openLibvirt } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
-import { checksumMismatch, recordedChecksum } from '../verify/verify.js';
+import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage } from './qemu.js';
 import { exists, planRestore, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
@@ -311,12 +311,20 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
 }
 
 /** Metadata of every data file of the set, for `-o dump`. */
-export async function dump(input: string): Promise<Array<{ file: string } & StreamMetadata>> {
+/** One line of `-o dump`: a stream's metadata, or the size of a raw image (`-t raw`), which has none. */
+export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; rawImage: true; size: number };
+
+export async function dump(input: string): Promise<DumpEntry[]> {
   const listing = await listSet(path.resolve(input));
   if (listing.dataFiles.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files`);
-  const out: Array<{ file: string } & StreamMetadata> = [];
+  const out: DumpEntry[] = [];
   for (const f of listing.dataFiles) {
-    const meta = await StreamReader.metadata(path.join(listing.dir, f.file)).catch((err: Error) => {
+    const file = path.join(listing.dir, f.file);
+    if (!(await isStreamFile(file).catch(() => true))) {
+      out.push({ file: f.file, rawImage: true, size: (await fs.stat(file)).size });
+      continue;
+    }
+    const meta = await StreamReader.metadata(file).catch((err: Error) => {
       throw new UserError(err.message);
     });
     out.push({ file: f.file, ...meta });

@@ -100,6 +100,11 @@ test('raw images in the set (-t raw) are copied as they are, or converted into q
   await assertSame(path.join(out, 'a.qcow2'), ref, 'qcow2');
   await assertSame(path.join(out, 'b.raw'), ref, 'raw');
   assert.ok(await allocatedBytes(path.join(out, 'a.qcow2')) <= 2 * MiB, 'converted image is not thin');
+  const dumped = (await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout.trim().split('\n').map((l) => JSON.parse(l));
+  assert.deepEqual(dumped, [
+    { file: 'vda.full.data', rawImage: true, size: 32 * MiB },
+    { file: 'vdb.copy.data', rawImage: true, size: 32 * MiB },
+  ]);
 });
 
 test('a qcow2 image with an external data file is recreated with its data file in the output directory', async (t) => {
