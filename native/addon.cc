@@ -3,6 +3,7 @@
 #include <libvirt/libvirt.h>
 #include <lz4.h>
 #include <napi.h>
+#include <malloc.h>
 #include <zlib.h>
 
 #include <string>
@@ -54,6 +55,9 @@ Napi::Value Versions(const Napi::CallbackInfo& info) {
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  // glibc gives each of the 16 pool threads its own malloc arena, and lz4 frames freed on one thread after being
+  // made on another pile up there: two arenas keep -z within its memory target at no measured cost.
+  mallopt(M_ARENA_MAX, 2);
   exports.Set("NbdHandle", NbdHandle::Define(env));
   InitLibvirt(env, exports);
   InitLz4(env, exports);

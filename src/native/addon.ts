@@ -91,7 +91,7 @@ export interface NativeAddon {
   /** zlib adler32 continuing from `start` (1 for a fresh checksum). Synchronous: CPU only. */
   adler32(buffer: Buffer, start: number): number;
   /** adler32 (from 1) and, with `withSha256`, the SHA-256 (hex) of `buffer`, computed on a worker thread. */
-  checksumPiece(buffer: Buffer, withSha256: boolean): Promise<{ adler32: number; sha256?: string }>;
+  checksumPiece(buffer: Buffer, digest?: 'blake3' | 'sha256'): Promise<{ adler32: number; digest?: string }>;
   /** adler32 of A followed by B, from adler32(A), adler32(B) and B's length (zlib adler32_combine). */
   adler32Combine(a: number, b: number, lengthOfB: number): number;
   /** One LZ4 frame of `source`, block and content checksums on, at `level` (0 = default). Runs on a worker. */

@@ -6,6 +6,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import type { StreamMetadata } from '../stream/format.js';
+import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import { UserError } from '../util/errors.js';
 
@@ -15,8 +16,11 @@ export function dataFileName(disk: string, level: Level, ident: string): string 
 }
 
 export const checksumFileName = (dataFile: string): string => `${dataFile}.chksum`;
-/** Our side file: SHA-256 of every payload piece, so verify can name the extent that rotted. */
-export const digestFileName = (dataFile: string): string => `${dataFile}.sha256.json`;
+/** Our side file: a strong hash of every payload piece, so verify can name the extent that rotted. */
+export const digestFileName = (dataFile: string, algorithm: DigestAlgorithm = PIECE_DIGEST): string => `${dataFile}.${algorithm}.json`;
+
+/** The digest file's content for `pieces` of a new backup. */
+export const digestFileContent = (pieces: PieceDigest[]): string => JSON.stringify({ algorithm: PIECE_DIGEST, pieces });
 export const checkpointListName = (domain: string): string => `${domain}.cpt`;
 export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;

@@ -119,7 +119,7 @@ export class StreamReader {
     }
     const entry: PendingSum = { length: data.length, done: Promise.resolve() };
     if (data.length < THREADED_SUM) entry.sum = addon.adler32(data, 1);
-    else entry.done = addon.checksumPiece(data, false).then((s) => { entry.sum = s.adler32; });
+    else entry.done = addon.checksumPiece(data).then((s) => { entry.sum = s.adler32; });
     this.pending.push(entry);
     this.foldSettled();
     if (this.pending.length > SUMS_AHEAD) {

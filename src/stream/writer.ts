@@ -22,16 +22,20 @@ export interface StreamWriteOptions {
   compress: number | false;
   /** Progress callback with the number of source bytes just stored. */
   onProgress?: (bytes: number) => void;
-  /** Compute a SHA-256 of every data piece (disk bytes, before compression), on worker threads. */
+  /** Compute a PIECE_DIGEST of every data piece (disk bytes, before compression), on worker threads. */
   digests?: boolean;
   signal?: AbortSignal;
 }
 
-/** SHA-256 of the disk bytes [offset, offset+length) as stored in one payload piece. */
+/** Strong hashes of payload pieces: BLAKE3 for new backups (several times faster than SHA-256 here); SHA-256 in earlier ones. */
+export type DigestAlgorithm = 'blake3' | 'sha256';
+export const PIECE_DIGEST: DigestAlgorithm = 'blake3';
+
+/** PIECE_DIGEST (hex) of the disk bytes [offset, offset+length) as stored in one payload piece. */
 export interface PieceDigest {
   offset: number;
   length: number;
-  sha256: string;
+  digest: string;
 }
 
 export interface StreamWriteResult {
@@ -83,10 +87,10 @@ async function readPiece(source: Endpoint, offset: number, length: number, buffe
 }
 
 /** Records a piece's digest in place once its sums arrive, so no promise per piece outlives its queue entry. */
-function recordDigest(into: PieceDigest[], part: { offset: number; length: number }, sums: Promise<{ sha256?: string }>): void {
+function recordDigest(into: PieceDigest[], part: { offset: number; length: number }, sums: Promise<{ digest?: string }>): void {
   const slot = into.length;
-  into.push({ offset: part.offset, length: part.length, sha256: '' });
-  sums.then((s) => { into[slot]!.sha256 = s.sha256 ?? ''; }, () => undefined); // failures surface through the queue
+  into.push({ offset: part.offset, length: part.length, digest: '' });
+  sums.then((s) => { into[slot]!.digest = s.digest ?? ''; }, () => undefined); // failures surface through the queue
 }
 
 export async function writeStream(options: StreamWriteOptions): Promise<StreamWriteResult> {
@@ -166,11 +170,11 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
       for (const part of parts) {
         const buffer = pool.acquire(part.length);
         const raw = readPiece(source, part.offset, part.length, buffer);
-        // adler32 and SHA-256 run on worker threads; the buffer returns to the pool once nothing uses it.
+        // adler32 and digests run on worker threads; the buffer returns to the pool once nothing uses it.
         if (compressed) {
           const frame = raw.then((r) => addon.lz4CompressFrame(r, compress));
-          const frameSum = frame.then((f) => addon.checksumPiece(f, false));
-          const rawSum = options.digests ? raw.then((r) => addon.checksumPiece(r, true)) : undefined;
+          const frameSum = frame.then((f) => addon.checksumPiece(f));
+          const rawSum = options.digests ? raw.then((r) => addon.checksumPiece(r, PIECE_DIGEST)) : undefined;
           if (rawSum) recordDigest(digests, part, rawSum);
           sizes.push(frame.then((f) => f.length, () => 0));
           const ready = Promise.all([frame, frameSum, rawSum]).then(([f, sum]) => {
@@ -179,7 +183,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
           });
           await enqueue(ready, part.length);
         } else {
-          const sums = raw.then((r) => addon.checksumPiece(r, Boolean(options.digests)));
+          const sums = raw.then((r) => addon.checksumPiece(r, options.digests ? PIECE_DIGEST : undefined));
           if (options.digests) recordDigest(digests, part, sums);
           const ready = Promise.all([raw, sums]).then(([data, sum]) => [{ data, adler32: sum.adler32 }]);
           await enqueue(ready, part.length, () => pool.release(buffer));

@@ -1,16 +1,17 @@
 // Verifies a backup set without writing anything and without libvirtd. Per data file, in one read of all of it:
 //   stream structure (headers, payload lengths, terminators, stop, trailer, lz4 frame checksums, dataSize)
 //   -> adler32 of every byte == <file>.chksum (what Python's verify checks)
-//   -> SHA-256 of every payload piece == <file>.sha256.json (ours), which names the extent that rotted.
+//   -> BLAKE3 of every payload piece == <file>.blake3.json (ours; SHA-256 in <file>.sha256.json of earlier
+//      backups), which names the extent that rotted.
 // Raw images (-t raw) get the adler32 check only. `.partial` leftovers fail as incomplete files.
 // Guarantees: every byte of every data file is read; a file passes only when all present checks pass and its
 // checksum file exists; the first failing extent is named by disk offset and length.
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { webcrypto } from 'node:crypto';
 import { StreamReader } from '../stream/reader.js';
 import { looksLikeStream, FRAME_HEADER_LENGTH } from '../stream/format.js';
 import { checksumFileName, digestFileName, listSet } from '../set/backupSet.js';
+import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -32,12 +33,19 @@ export interface FileVerdict {
   reason?: string;
 }
 
-/** A payload piece's recorded SHA-256, as backup wrote it into `<file>.sha256.json`. */
+/** A payload piece's recorded digest (hex), as backup wrote it into the digest file. */
 export interface RecordedPiece {
   offset: number;
   length: number;
-  sha256: string;
+  digest: string;
 }
+
+export interface RecordedDigests {
+  algorithm: DigestAlgorithm;
+  pieces: RecordedPiece[];
+}
+
+const ALGORITHM_NAMES: Record<DigestAlgorithm, string> = { blake3: 'BLAKE3', sha256: 'SHA-256' };
 
 /** Digest work in flight at most, in bytes. */
 const HASH_WINDOW = 64 * 1024 * 1024;
@@ -60,14 +68,19 @@ export async function recordedChecksum(dataFile: string): Promise<number | undef
   return Number(text.trim());
 }
 
-/** The pieces recorded in `<dataFile>.sha256.json`, or undefined when there is none. */
-export async function recordedPieces(dataFile: string): Promise<RecordedPiece[] | undefined> {
-  const file = digestFileName(dataFile);
-  const text = await readIfThere(file);
-  if (text === undefined) return undefined;
-  const doc = JSON.parse(text) as { algorithm?: unknown; pieces?: unknown };
-  if (doc.algorithm !== 'sha256' || !Array.isArray(doc.pieces)) throw new Error(`${path.basename(file)} is not a sha256 piece list`);
-  return doc.pieces as RecordedPiece[];
+/** The pieces recorded in `<dataFile>.blake3.json` (or an earlier backup's `.sha256.json`), or undefined. */
+export async function recordedPieces(dataFile: string): Promise<RecordedDigests | undefined> {
+  for (const algorithm of ['blake3', 'sha256'] as const) {
+    const file = digestFileName(dataFile, algorithm);
+    const text = await readIfThere(file);
+    if (text === undefined) continue;
+    const doc = JSON.parse(text) as { algorithm?: unknown; pieces?: unknown };
+    if (doc.algorithm !== algorithm || !Array.isArray(doc.pieces)) throw new Error(`${path.basename(file)} is not a ${algorithm} piece list`);
+    // Earlier SHA-256 files keyed each piece's hash by the algorithm's name.
+    const pieces = (doc.pieces as Array<RecordedPiece & { sha256?: string }>).map((p) => ({ offset: p.offset, length: p.length, digest: p.digest ?? p.sha256 ?? '' }));
+    return { algorithm, pieces };
+  }
+  return undefined;
 }
 
 /** The one line a checksum mismatch reads as, in verify and restore alike. */
@@ -82,14 +95,12 @@ function withoutPath(err: unknown, file: string): string {
 
 const describeExtent = (p: { offset: number; length: number }): string => `extent at disk offset ${p.offset} (${p.length} bytes)`;
 
-async function sha256(data: Buffer): Promise<string> {
-  return Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');
-}
 
 /** Reads the stream fully; returns the reasons it fails (empty: sound). */
 async function verifyStream(file: string, signal?: AbortSignal): Promise<string[]> {
   const recorded = await recordedChecksum(file);
-  const pieces = await recordedPieces(file);
+  const recordedDigests = await recordedPieces(file);
+  const pieces = recordedDigests?.pieces;
   const reader = await StreamReader.open(file, { checksum: true });
   const window = new WorkWindow(HASH_WINDOW);
   let firstBad: { index: number; offset: number; length: number; why: string } | undefined;
@@ -110,7 +121,9 @@ async function verifyStream(file: string, signal?: AbortSignal): Promise<string[
         noteBad(at, piece, expected ? `recorded as ${describeExtent(expected)}` : 'not in the digest file');
       }
       const check = record.data.then(async (data) => {
-        if (expected && (await sha256(data)) !== expected.sha256) noteBad(at, piece, 'SHA-256 differs from the recorded one');
+        if (!expected || !recordedDigests) return;
+        const { digest } = await native().checksumPiece(data, recordedDigests.algorithm);
+        if (digest !== expected.digest) noteBad(at, piece, `${ALGORITHM_NAMES[recordedDigests.algorithm]} differs from the recorded one`);
       });
       check.catch(() => undefined); // the window reports it
       await window.add(check, record.length);

@@ -240,8 +240,24 @@ test('adler32 on vectors agrees with zlib at every length, alignment and worst-c
   for (const [i, data] of cases.entries()) {
     const [fresh, continued] = expected[i] as [number, number];
     assert.equal(addon.adler32(data, 1), fresh, `length ${data.length}`);
-    assert.equal((await addon.checksumPiece(data, false)).adler32, fresh, `checksumPiece, length ${data.length}`);
+    assert.equal((await addon.checksumPiece(data)).adler32, fresh, `checksumPiece, length ${data.length}`);
     assert.equal(addon.adler32(data, 0xfff0fff0 % 65521 + 65520 * 65536), continued, `continued, length ${data.length}`);
+  }
+});
+
+test('piece digests: BLAKE3 agrees with b3sum, SHA-256 with OpenSSL through node:crypto', async () => {
+  for (const data of [Buffer.alloc(0), randomBytes(1), randomBytes(1025), randomBytes(4 * MiB + 3)]) {
+    const b3sum = await new Promise<string>((resolve, reject) => {
+      const child = spawn('b3sum', ['--no-names'], { stdio: ['pipe', 'pipe', 'inherit'] });
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+      child.on('error', reject);
+      child.on('close', () => resolve(out.trim()));
+      child.stdin.end(data);
+    });
+    assert.equal((await addon.checksumPiece(data, 'blake3')).digest, b3sum, `BLAKE3 of ${data.length} bytes`);
+    assert.equal((await addon.checksumPiece(data, 'sha256')).digest, createHash('sha256').update(data).digest('hex'));
+    assert.equal((await addon.checksumPiece(data)).digest, undefined);
   }
 });
 

@@ -65,7 +65,7 @@ const cases: BadInput[] = [
   { name: 'a flipped byte in an uncompressed payload (restore)', set: 'plain', damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 1000),
     expect: new RegExp(`adler32 of the file is \\d+, ${INC1.replace(/\./g, '\\.')}\\.chksum says \\d+; ${DAMAGED.source}`) },
   { name: 'a flipped byte in an uncompressed payload (verify)', set: 'plain', verify: true, damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 1000),
-    expect: new RegExp(`^FAILED ${INC1.replace(/\./g, '\\.')}: extent at disk offset 33554432 \\(2097152 bytes\\): SHA-256 differs from the recorded one; adler32`) },
+    expect: new RegExp(`^FAILED ${INC1.replace(/\./g, '\\.')}: extent at disk offset 33554432 \\(2097152 bytes\\): BLAKE3 differs from the recorded one; adler32`) },
   { name: 'a flipped byte in a compressed frame (restore)', set: 'lz4', damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 30),
     expect: new RegExp(`${INC1.replace(/\./g, '\\.')}: lz4 frame 0 of the data frame at disk offset 33554432: .*; ${DAMAGED.source}`) },
   { name: 'a flipped byte in a compressed frame (verify)', set: 'lz4', verify: true, damage: async (d) => flipByte(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 40 + 30),

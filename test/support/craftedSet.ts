@@ -1,5 +1,5 @@
 // Backup sets crafted without libvirt, for restore and verify tests: streams written by the engine's own
-// writeStream from an in-memory disk, with the side files a backup writes beside them (.chksum, .sha256.json,
+// writeStream from an in-memory disk, with the side files a backup writes beside them (.chksum, .blake3.json,
 // vmconfig, qcow.json), so a test can build exactly the set it needs (raw disks, data files, chains) in milliseconds.
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -7,7 +7,7 @@ import type { Endpoint, StatusExtent } from '../../src/endpoint/endpoint.js';
 import type { PlannedExtent } from '../../src/extents/plan.js';
 import type { Sink } from '../../src/set/target.js';
 import { writeStream } from '../../src/stream/writer.js';
-import { checksumFileName, digestFileName, vmConfigName } from '../../src/set/backupSet.js';
+import { checksumFileName, digestFileContent, digestFileName, vmConfigName } from '../../src/set/backupSet.js';
 
 /** A disk held in memory: the source a crafted stream is read from, and the reference a restore is compared with. */
 export class MemoryDisk implements Endpoint {
@@ -80,7 +80,7 @@ export interface CraftedStream {
   compress?: number | false;
 }
 
-/** Writes a stream and its .chksum and .sha256.json, as backup does. Returns the data file's path. */
+/** Writes a stream and its .chksum and .blake3.json, as backup does. Returns the data file's path. */
 export async function craftStream(s: CraftedStream): Promise<string> {
   const file = path.join(s.dir, s.file);
   const sink = new FileSink(await fs.open(file, 'wx'));
@@ -98,7 +98,7 @@ export async function craftStream(s: CraftedStream): Promise<string> {
   });
   await sink.commit();
   await fs.writeFile(checksumFileName(file), String(result.checksum));
-  await fs.writeFile(digestFileName(file), JSON.stringify({ algorithm: 'sha256', pieces: result.digests ?? [] }));
+  await fs.writeFile(digestFileName(file), digestFileContent(result.digests ?? []));
   return file;
 }
 

@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { createHash } from 'node:crypto';
 import { verifyDataFile, verifySet } from '../../src/verify/verify.js';
 import { MemoryDisk, craftStream, flipByte } from '../support/craftedSet.js';
 
@@ -53,7 +54,22 @@ test('a flipped byte in an uncompressed payload names the extent that rotted', a
   await flipByte(file, payload + 5 * MiB); // in the second 4 MiB piece: disk offset 12 MiB
   const v = await verifyDataFile(file);
   assert.equal(v.ok, false);
-  assert.match(v.reason ?? '', /^extent at disk offset 12582912 \(4194304 bytes\): SHA-256 differs from the recorded one; adler32 of the file is \d+, vda\.full\.data\.chksum says \d+$/);
+  assert.match(v.reason ?? '', /^extent at disk offset 12582912 \(4194304 bytes\): BLAKE3 differs from the recorded one; adler32 of the file is \d+, vda\.full\.data\.chksum says \d+$/);
+});
+
+test('a set of an earlier backup with SHA-256 piece digests still verifies, and names the rotted extent', async (t) => {
+  const dir = await craftedDir(t);
+  const file = await craft(dir, 'vda.full.data', false);
+  // Rewrite the BLAKE3 file as the SHA-256 file earlier backups wrote (hashes keyed "sha256").
+  const recorded = JSON.parse(await fs.readFile(`${file}.blake3.json`, 'utf8')) as { pieces: Array<{ offset: number; length: number }> };
+  const disk = new MemoryDisk(32 * MiB).fill(0x11, 8 * MiB, 12 * MiB).fill(0x22, 24 * MiB, MiB);
+  disk.bytes.writeUInt32LE(0xdeadbeef, 13 * MiB);
+  const pieces = recorded.pieces.map((p) => ({ offset: p.offset, length: p.length, sha256: createHash('sha256').update(disk.bytes.subarray(p.offset, p.offset + p.length)).digest('hex') }));
+  await fs.rm(`${file}.blake3.json`);
+  await fs.writeFile(`${file}.sha256.json`, JSON.stringify({ algorithm: 'sha256', pieces }));
+  assert.deepEqual(await verifyDataFile(file), { file: 'vda.full.data', ok: true });
+  await flipByte(file, (await positionOf(file, 'data 0000000000800000')) + 40 + 5 * MiB);
+  assert.match((await verifyDataFile(file)).reason ?? '', /^extent at disk offset 12582912 \(4194304 bytes\): SHA-256 differs from the recorded one/);
 });
 
 test('a flipped byte in an lz4 frame fails on its frame checksum', async (t) => {
