@@ -190,6 +190,11 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       };
       const result = await runBackup(ctx, level);
       succeeded = true;
+      // Logged here, before the log file is closed, so the set's log ends with the outcome.
+      if (writesSet && !result.skipped) {
+        for (const d of result.disks) log.info(`disk ${d.disk}: ${d.dataSize} bytes of data saved to ${d.file}`);
+        log.info(`finished ${result.level} backup${result.checkpoint.create ? `, checkpoint ${result.checkpoint.name}` : ''}`);
+      }
       return result;
     } finally {
       await power.finish();

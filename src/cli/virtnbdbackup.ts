@@ -110,14 +110,14 @@ async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
       signal,
     });
     progress.stop();
-    report(result, log);
+    report(result);
   } finally {
     progress.stop();
   }
 }
 
-/** What the run did: on stdout the values scripts read (-p estimate, -s socket), the rest as log lines. */
-function report(result: BackupResult, log: Logger): void {
+/** On stdout the values scripts read (-p estimate, -s socket); the engine logs the rest. */
+function report(result: BackupResult): void {
   if (argv.printonly) {
     process.stdout.write(`estimated size of the next inc/diff: ${result.estimate ?? 0} bytes\n`);
     return;
@@ -126,7 +126,4 @@ function report(result: BackupResult, log: Logger): void {
     process.stdout.write(`${result.startedJob.socket}\n`);
     return;
   }
-  if (result.skipped) return;
-  for (const d of result.disks) log.info(`disk ${d.disk}: ${d.dataSize} bytes of data saved to ${d.file}`);
-  log.info(`finished ${result.level} backup${result.checkpoint.create ? `, checkpoint ${result.checkpoint.name}` : ''}`);
 }

@@ -58,7 +58,9 @@ test('two-disk chain: every point in time restores bit-identically, ours and Pyt
     assert.ok(files.includes(f), `${f} missing from the set: ${files.join(' ')}`);
   }
   assert.ok(files.some((f) => /^vda\.diff\.\d+\.data$/.test(f)), 'diff data file missing');
-  assert.ok(files.some((f) => /^backup\.full\.\d{14}\.log$/.test(f)), 'log file missing');
+  const fullLog = files.find((f) => /^backup\.full\.\d{14}\.log$/.test(f));
+  assert.ok(fullLog, 'log file missing');
+  assert.match(await fs.readFile(path.join(set, fullLog), 'utf8'), /saved to vda\.full\.data\n(.*\n)*.*finished full backup, checkpoint virtnbdbackup\.0\n$/, 'the log ends with the outcome');
   assert.deepEqual(JSON.parse(await fs.readFile(path.join(set, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2']);
 
   const points: Array<[string, string | undefined]> = [['p0', 'virtnbdbackup.0'], ['p1', 'virtnbdbackup.1'], ['p2', 'virtnbdbackup.2'], ['p3', undefined]];
