@@ -51,6 +51,8 @@ export interface StreamWriteResult {
 const READ_SIZE = 4 * 1024 * 1024;
 /** Bytes of source data in flight at most (reads issued but not yet written). */
 const WINDOW_BYTES = 32 * 1024 * 1024;
+/** What a piece costs in the window beyond its bytes (promises, buffers, requests): bounds tiny extents in flight. */
+const PIECE_OVERHEAD = 64 * 1024;
 /** Write accumulated small buffers (zero frames) once they reach this. */
 const BATCH_BYTES = 1024 * 1024;
 
@@ -64,6 +66,8 @@ interface Pending {
   output: Promise<Out[]>;
   /** Source bytes this entry holds in memory (0 for headers). */
   bytes: number;
+  /** Its share of the window: bytes plus PIECE_OVERHEAD for a piece. */
+  cost: number;
   /** Called once the output has been written. */
   written?: () => void;
 }
@@ -139,7 +143,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     const entry = queue.shift();
     if (!entry) return;
     const buffers = await entry.output;
-    bytesInFlight -= entry.bytes;
+    bytesInFlight -= entry.cost;
     await emit(buffers, entry.bytes > 0);
     entry.written?.();
     if (entry.bytes > 0) options.onProgress?.(entry.bytes);
@@ -148,8 +152,9 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const enqueue = async (output: Promise<Out[]> | Buffer[], bytes: number, written?: () => void): Promise<void> => {
     const promise = Array.isArray(output) ? Promise.resolve(output.map((data) => ({ data }))) : output;
     promise.catch(() => undefined); // awaited in order later; avoid an early unhandled rejection
-    queue.push({ output: promise, bytes, written });
-    bytesInFlight += bytes;
+    const cost = bytes > 0 ? bytes + PIECE_OVERHEAD : 0;
+    queue.push({ output: promise, bytes, cost, written });
+    bytesInFlight += cost;
     while (bytesInFlight > WINDOW_BYTES || (queue.length > 0 && bytes === 0 && queue.length > 4096)) {
       if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted');
       await drainOne();

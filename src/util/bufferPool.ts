@@ -5,9 +5,12 @@ export class BufferPool {
 
   constructor(readonly slabSize: number, private readonly keep: number) {}
 
-  /** A buffer of exactly `length` bytes: a pooled slab's view when it fits, else a fresh allocation. */
+  /**
+   * A buffer of exactly `length` bytes: a pooled slab's view when it fits, else a fresh allocation. Small
+   * requests get their own small buffer: thousands of tiny extents in flight must not each pin a slab.
+   */
   acquire(length: number): Buffer {
-    if (length > this.slabSize) return Buffer.allocUnsafe(length);
+    if (length > this.slabSize || length <= this.slabSize / 8) return Buffer.allocUnsafe(length);
     const slab = this.free.pop() ?? Buffer.allocUnsafe(this.slabSize);
     return slab.subarray(0, length);
   }
