@@ -310,7 +310,6 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
   }
 }
 
-/** Metadata of every data file of the set, for `-o dump`. */
 /** One line of `-o dump`: a stream's metadata, or the size of a raw image (`-t raw`), which has none. */
 export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; rawImage: true; size: number };
 
