@@ -177,6 +177,7 @@ Napi::Function LibvirtDomain::Define(Napi::Env env) {
                          InstanceMethod<&LibvirtDomain::IsActive>("isActive"),
                          InstanceMethod<&LibvirtDomain::GetState>("getState"),
                          InstanceMethod<&LibvirtDomain::GetAutostart>("getAutostart"),
+                         InstanceMethod<&LibvirtDomain::SetAutostart>("setAutostart"),
                          InstanceMethod<&LibvirtDomain::Create>("create"),
                          InstanceMethod<&LibvirtDomain::Destroy>("destroy"),
                          InstanceMethod<&LibvirtDomain::Suspend>("suspend"),
@@ -238,6 +239,13 @@ Napi::Value LibvirtDomain::GetState(const Napi::CallbackInfo& info) {
 
 Napi::Value LibvirtDomain::GetAutostart(const Napi::CallbackInfo& info) {
   return Call<int>(info, [](virDomainPtr d, int& out) { return virDomainGetAutostart(d, &out); }, BoolValue);
+}
+
+Napi::Value LibvirtDomain::SetAutostart(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    int autostart = ArgBool(info, 0, "autostart") ? 1 : 0;
+    return Call<Unit>(info, [autostart](virDomainPtr d, Unit&) { return virDomainSetAutostart(d, autostart); });
+  });
 }
 
 Napi::Value LibvirtDomain::Create(const Napi::CallbackInfo& info) {

@@ -44,6 +44,7 @@ class LibvirtDomain : public Napi::ObjectWrap<LibvirtDomain> {
   Napi::Value IsActive(const Napi::CallbackInfo& info);
   Napi::Value GetState(const Napi::CallbackInfo& info);
   Napi::Value GetAutostart(const Napi::CallbackInfo& info);
+  Napi::Value SetAutostart(const Napi::CallbackInfo& info);
   Napi::Value Create(const Napi::CallbackInfo& info);
   Napi::Value Destroy(const Napi::CallbackInfo& info);
   Napi::Value Suspend(const Napi::CallbackInfo& info);

@@ -54,6 +54,7 @@ export interface LibvirtDomain {
   /** virDomainGetState: [state, reason]. */
   getState(): Promise<[number, number]>;
   getAutostart(): Promise<boolean>;
+  setAutostart(autostart: boolean): Promise<void>;
   /** virDomainCreateWithFlags (start); flags e.g. VIR_DOMAIN_START_PAUSED = 1. */
   create(flags: number): Promise<void>;
   destroy(): Promise<void>;

@@ -16,7 +16,7 @@ import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
 import { listSet, type ChainLink } from '../set/backupSet.js';
 import { openLibvirt } from '../libvirt/connection.js';
-import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
+import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage } from './qemu.js';
 import { exists, planRestore, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
@@ -60,6 +60,8 @@ export interface RestoreResult {
   config?: string;
   /** Name of the domain defined with `define`. */
   defined?: string;
+  /** The defined domain was set to start with the host, as the backed-up one did. */
+  autostart?: boolean;
 }
 
 /** Bytes of payload being written at most at once. */
@@ -97,12 +99,19 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
       result.config = config.target;
     }
     if (connection && config?.adjusted) {
+      let domain: LibvirtDomain;
       try {
-        await connection.defineXML(config.adjusted.xml);
+        domain = await connection.defineXML(config.adjusted.xml);
       } catch (err) {
         throw new UserError(`defining domain '${config.adjusted.name}' failed: ${oneLine(err)}; the restored images and ${config.target} are in place: fix the XML and run virsh define`);
       }
       result.defined = config.adjusted.name;
+      // The backup saved autostart.<ident> when the domain started with the host; the restored one does too.
+      if (plan.ident !== undefined && (await exists(path.join(plan.input, `autostart.${plan.ident}`)))) {
+        await domain.setAutostart(true);
+        result.autostart = true;
+        log.info(`domain '${config.adjusted.name}' starts with the host, as the backed-up domain did (autostart)`);
+      }
     }
     return result;
   } finally {

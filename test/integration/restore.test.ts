@@ -35,7 +35,9 @@ describe('restore of a real domain set', () => {
     await dom.write('vda', 0x33, '16M', '4M');
     await dom.write('vdb', 0x55, '8M', '1M');
     await snapshot('p1');
+    await virsh('autostart', dom.name); // saved as autostart.virtnbdbackup.1 with this point only
     await backup('inc');
+    await virsh('autostart', '--disable', dom.name);
     await dom.writeZeroes('vda', '64M', '2M');
     await dom.discard('vda', '68M', '2M');
     await dom.write('vda', 0x66, '100M', '1M');
@@ -71,6 +73,7 @@ describe('restore of a real domain set', () => {
     for (const [disk, image] of Object.entries(images)) assert.match(blocks, new RegExp(`${disk}\\s+${image}`), blocks);
     const state = (await virsh('domstate', name)).stdout.trim();
     assert.equal(state, 'running');
+    assert.match((await virsh('dominfo', name)).stdout, /Autostart:\s+enable/, 'the backed-up domain started with the host at that point');
     for (const disk of ['vda', 'vdb'] as const) await assertSame(images[disk], ref('p1', disk));
     const info = (await run('virsh', ['-c', LIBVIRT_URI, 'qemu-monitor-command', '--hmp', name, 'info block'])).stdout;
     for (const image of Object.values(images)) assert.ok(info.includes(image), `the running domain does not use ${image}:\n${info}`);
