@@ -39,7 +39,7 @@ async function syncDirectory(dir: string): Promise<void> {
 }
 
 /** Written bytes after which a sink starts flushing them to disk in the background. */
-const WRITE_BEHIND_BYTES = 256 * 1024 * 1024;
+const WRITE_BEHIND_BYTES = 64 * 1024 * 1024;
 
 class FileSink implements Sink, PositionalSink {
   private unflushed = 0;
