@@ -50,7 +50,7 @@ export interface StreamWriteResult {
 /** Size of one read request; smaller than the server maximum so that several are in flight. */
 const READ_SIZE = 4 * 1024 * 1024;
 /** Bytes of source data in flight at most (reads issued but not yet written). */
-const WINDOW_BYTES = 32 * 1024 * 1024;
+const WINDOW_BYTES = 16 * 1024 * 1024;
 /** What a piece costs in the window beyond its bytes (promises, buffers, requests): bounds tiny extents in flight. */
 const PIECE_OVERHEAD = 64 * 1024;
 /** Write accumulated small buffers (zero frames) once they reach this. */
