@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { run, withDomain, withTempDir, type TestDomain } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk, startCli } from '../support/cli.js';
+import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo as assertRestores, virsh } from '../support/points.js';
 
 const backup = (...args: string[]): ReturnType<typeof runOk> => runOk(ourBin('virtnbdbackup'), ['-n', ...args]);
@@ -127,11 +127,5 @@ test('kill -9 of a shut-off backup leaves no qemu-nbd holding the image: the dom
   await dom.start();
 });
 
-/** Whether a live qemu-nbd process names `socket` on its command line. */
-async function servesSocket(socket: string): Promise<boolean> {
-  for (const pid of (await fs.readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
-    const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
-    if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.includes(socket)) return true;
-  }
-  return false;
-}
+/** Whether a live qemu-nbd process serves `socket`. */
+const servesSocket = (socket: string): Promise<boolean> => qemuNbdRuns((arg) => arg === socket);

@@ -58,17 +58,19 @@ async function qemuNbdGone(args: string[]): Promise<void> {
   if (!out || out === 'dump' || out === 'verify') return;
   const dir = path.resolve(out) + path.sep;
   for (let waited = 0; waited < 30_000; waited += 100) {
-    const pids = await fs.readdir('/proc').catch(() => [] as string[]);
-    let serving = false;
-    for (const pid of pids.filter((p) => /^\d+$/.test(p))) {
-      const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-      const argv = cmdline.split('\0');
-      if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.some((a) => a.startsWith(dir))) serving = true;
-    }
-    if (!serving) return;
+    if (!(await qemuNbdRuns((arg) => arg.startsWith(dir)))) return;
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error(`qemu-nbd started by Python's virtnbdrestore still serves ${dir} after 30 s`);
+}
+
+/** Whether a live qemu-nbd process has an argument for which `matches` holds (a socket, an image path). */
+export async function qemuNbdRuns(matches: (arg: string) => boolean): Promise<boolean> {
+  for (const pid of (await fs.readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
+    const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.slice(1).some(matches)) return true;
+  }
+  return false;
 }
 
 /** The lines of stderr that report an error (what a user sees as the reason). */
