@@ -3,6 +3,7 @@
 // a thin server detects zero writes and unmaps them, so restored images stay thin; stop() flushes by
 // terminating qemu-nbd cleanly.
 import type { ChildProcess } from 'node:child_process';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 import { run, spawnServer, stopServer } from '../util/process.js';
 
@@ -97,9 +98,12 @@ export class ImageServer {
 
   /** Serves the image writable on its socket. */
   static async start(opts: ServeOptions): Promise<ImageServer> {
+    // Direct I/O: a restore is written once and flushed at the end, so the page cache only adds a copy and a long
+    // final flush (2.5 GiB: 3 s in place of 5.4 s here). File systems without O_DIRECT get writeback.
+    const cache = (await takesDirectIo(opts.file)) ? 'none' : 'writeback';
     const child = await spawnServer('qemu-nbd', [
       '--socket', opts.socket, '--format', opts.format, '--export-name', opts.exportName, '--shared', String(opts.connections),
-      '--cache', 'writeback', '--aio', 'threads', '--persistent',
+      '--cache', cache, '--aio', 'threads', '--persistent',
       '--discard', opts.thin ? 'unmap' : 'ignore', '--detect-zeroes', opts.thin ? 'unmap' : 'off', opts.file,
     ], opts.socket);
     return new ImageServer(child, opts.socket, opts.exportName);
@@ -107,5 +111,15 @@ export class ImageServer {
 
   async stop(): Promise<void> {
     await stopServer(this.child);
+  }
+}
+
+/** Whether `file` opens with O_DIRECT (tmpfs before Linux 6.6 and some FUSE file systems refuse it). */
+async function takesDirectIo(file: string): Promise<boolean> {
+  try {
+    await (await fs.open(file, fs.constants.O_RDWR | fs.constants.O_DIRECT)).close();
+    return true;
+  } catch {
+    return false;
   }
 }

@@ -85,6 +85,22 @@ test('raw-format disks: left out with a warning without -r, restored as raw imag
   assert.match(errorLines(only).join('\n'), /nothing to restore from .*: vdb is a raw-format disk; add -r\/--raw/);
 });
 
+// Direct I/O where the file system takes it, cached writes where not (tmpfs before Linux 6.6; this kernel's takes it).
+test('a restore into tmpfs is exact', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+  const mount = path.join(work, 'tmpfs');
+  await fs.mkdir(mount);
+  await run('mount', ['-t', 'tmpfs', '-o', 'size=256M', 'tmpfs', mount]);
+  try {
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', mount, '-n', '-r']);
+    await assertSame(path.join(mount, 'web.qcow2'), refs.vda as string, 'qcow2');
+    await assertSame(path.join(mount, 'data.img'), refs.vdb as string, 'raw');
+  } finally {
+    await run('umount', [mount]); // before the work dir is removed
+  }
+});
+
 test('raw images in the set (-t raw) are copied as they are, or converted into qcow2 like the source', async (t) => {
   const work = await withTempDir(t, 'vnbd-crafted-');
   const set = path.join(work, 'set');
