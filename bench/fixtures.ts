@@ -39,7 +39,7 @@ export interface RandomDiskSpec {
 /** A running domain whose disks hold random data in the given regions, written before it started. */
 export async function createRandomDomain(disks: RandomDiskSpec[]): Promise<TestDomain> {
   const domain = await TestDomain.create({ disks: disks.map((d) => ({ target: d.target, sizeMiB: d.sizeBytes / MiB })), start: false });
-  try {
+  return fillThenStart(domain, async () => {
     const randomFile = path.join(domain.dir, 'random.bin');
     const randomBytes = Math.min(RANDOM_FILE_BYTES, Math.max(...disks.flatMap((d) => d.regions.map((r) => r.length))));
     await writeRandomFile(randomFile, randomBytes);
@@ -49,6 +49,13 @@ export async function createRandomDomain(disks: RandomDiskSpec[]): Promise<TestD
       assertAllWritten(result.stdout, writes.length / 2, spec.target);
     }
     await fsp.rm(randomFile);
+  });
+}
+
+/** Fills a shut-off domain's images with `fill`, then starts it; a failure removes the domain. */
+async function fillThenStart(domain: TestDomain, fill: () => Promise<void>): Promise<TestDomain> {
+  try {
+    await fill();
     await domain.start();
     return domain;
   } catch (err) {
@@ -63,7 +70,7 @@ export async function createRandomDomain(disks: RandomDiskSpec[]): Promise<TestD
  */
 export async function createExtentDomain(diskBytes: number, count: number): Promise<TestDomain> {
   const domain = await TestDomain.create({ disks: [{ target: 'vda', sizeMiB: diskBytes / MiB }], start: false });
-  try {
+  return fillThenStart(domain, async () => {
     const image = domain.diskPath('vda');
     // Small clusters, so that each write is one small extent and not a 64 KiB one.
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${SMALL_EXTENT_BYTES}`, image, String(diskBytes)]);
@@ -74,12 +81,7 @@ export async function createExtentDomain(diskBytes: number, count: number): Prom
     const written = await qemuIoFromFile(image, commandFile);
     if (written !== count) throw new Error(`qemu-io confirmed ${written} of ${count} extent writes on ${image}`);
     await fsp.rm(commandFile);
-    await domain.start();
-    return domain;
-  } catch (err) {
-    await domain.destroy().catch(() => undefined);
-    throw err;
-  }
+  });
 }
 
 /** Runs the commands of `commandFile` (fed as stdin) on a qcow2 image; returns how many writes it confirmed. */
