@@ -13,6 +13,18 @@ export interface CommonFlags {
   quiet?: boolean;
 }
 
+/**
+ * yargs' handler for wrong flags: one line naming the problem and where help is, exit 2 (argparse's usage error
+ * code, which virtnbdbackup's users script against), in place of the whole help text.
+ */
+export function usageFailure(name: string): (message: string | null, err: Error | undefined) => never {
+  return (message, err) => {
+    const what = (message ?? err?.message ?? 'invalid arguments').replace(/\s*\n\s*/g, ' ').trim();
+    process.stderr.write(`${name}: error: ${what}; see ${name} --help\n`);
+    process.exit(2);
+  };
+}
+
 export function makeLogger(flags: CommonFlags): Logger {
   return new Logger({ verbose: flags.verbose, quiet: flags.quiet, color: flags.nocolor ? false : undefined });
 }

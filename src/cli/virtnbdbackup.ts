@@ -5,7 +5,7 @@ import { backup, type BackupResult } from '../backup/backup.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
-import { VERSION, listOption, makeLogger, makeProgress, runCommand } from './common.js';
+import { listOption, makeLogger, makeProgress, runCommand, usageFailure, VERSION } from './common.js';
 
 const argv = yargs(hideBin(process.argv))
   .scriptName('virtnbdbackup')
@@ -56,6 +56,7 @@ const argv = yargs(hideBin(process.argv))
   .example('$0 -d webvm -l auto --checkpoint-prefix weekly -o /backup/weekly', 'a second, independent chain')
   .example('$0 -d webvm -l inc -T 104857600 -o /backup/webvm', 'inc only when at least 100 MiB changed')
   .strict()
+  .fail(usageFailure('virtnbdbackup'))
   .wrap(Math.min(110, process.stdout.columns || 110))
   .parseSync();
 

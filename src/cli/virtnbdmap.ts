@@ -6,7 +6,7 @@ import { hideBin } from 'yargs/helpers';
 import { startMap } from '../map/map.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { UserError } from '../util/errors.js';
-import { VERSION, listOption, makeLogger, runCommand } from './common.js';
+import { listOption, makeLogger, runCommand, usageFailure, VERSION } from './common.js';
 
 const argv = yargs(hideBin(process.argv))
   .scriptName('virtnbdmap')
@@ -38,6 +38,7 @@ const argv = yargs(hideBin(process.argv))
   .example('$0 -f /backup/sda.full.data,/backup/sda.inc.virtnbdbackup.1.data -d /dev/nbd2', 'the point of the first incremental, as /dev/nbd2')
   .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket')
   .strict()
+  .fail(usageFailure('virtnbdmap'))
   .wrap(Math.min(110, process.stdout.columns || 110))
   .parseSync();
 

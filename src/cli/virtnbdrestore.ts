@@ -3,7 +3,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { dump, restore } from '../restore/restore.js';
 import { verifySet } from '../verify/verify.js';
-import { VERSION, listOption, makeLogger, makeProgress, runCommand } from './common.js';
+import { listOption, makeLogger, makeProgress, runCommand, usageFailure, VERSION } from './common.js';
 
 const argv = yargs(hideBin(process.argv))
   .scriptName('virtnbdrestore')
@@ -42,6 +42,7 @@ const argv = yargs(hideBin(process.argv))
   .example('$0 -i /backup/webvm -o /restore -s vda.full.data,vda.inc.virtnbdbackup.1.data', 'apply exactly these files')
   .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2')
   .strict()
+  .fail(usageFailure('virtnbdrestore'))
   .wrap(Math.min(110, process.stdout.columns || 110))
   .parseSync();
 

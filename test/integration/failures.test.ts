@@ -18,6 +18,22 @@ async function assertCleanDomain(dom: TestDomain, socket: string): Promise<void>
   assert.equal(socketLeft, false, `socket ${socket} left behind`);
 }
 
+test('wrong flags: one line naming the problem, exit 2 as argparse does, for all three commands', async () => {
+  const cases: Array<[ReturnType<typeof ourBin>, string[], RegExp]> = [
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'bogus', '-o', '/nonexistent'], /^virtnbdbackup: error: Invalid values: Argument: level, Given: "bogus".*; see virtnbdbackup --help$/],
+    [ourBin('virtnbdbackup'), ['-l', 'full', '-o', '/nonexistent'], /^virtnbdbackup: error: Missing required argument: domain; see virtnbdbackup --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--bogus'], /^virtnbdrestore: error: Unknown argument: bogus; see virtnbdrestore --help$/],
+    [ourBin('virtnbdmap'), [], /^virtnbdmap: error: Missing required argument: file; see virtnbdmap --help$/],
+  ];
+  for (const [command, args, message] of cases) {
+    const r = await runCli(command, args);
+    assert.equal(r.code, 2, `${command} ${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr.trim(), message);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  }
+  assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false, 'a refused command created its output');
+});
+
 test('unknown domain: one-line error naming it, exit 1', async () => {
   const out = await tempDir('vnbd-err-');
   try {
