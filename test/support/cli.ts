@@ -1,5 +1,6 @@
 // Runs the project's commands (bin/*) and the Python peers as a user would, capturing exit code and output.
 import { spawn } from 'node:child_process';
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -22,15 +23,24 @@ export interface CliRun {
   done: Promise<CliResult>;
 }
 
+/** Python's tools leave qemu-img logs in TMPDIR: each of their runs gets its own, removed when it ends. */
+const PYTHON_TMP_ROOT = '/var/tmp';
+
 export function startCli(command: string, args: string[]): CliRun {
-  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const python = command === pythonBin('virtnbdbackup') || command === pythonBin('virtnbdrestore');
+  const tmp = python ? fsSync.mkdtempSync(path.join(PYTHON_TMP_ROOT, 'vnbdtest-pytmp-')) : undefined;
+  const env = tmp ? { ...process.env, TMPDIR: tmp } : process.env;
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   let stdout = '';
   let stderr = '';
   child.stdout?.on('data', (d: Buffer) => { stdout += d.toString(); });
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
   const done = new Promise<CliResult>((resolve, reject) => {
     child.on('error', reject);
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+    child.on('close', (code, signal) => {
+      if (tmp) fsSync.rmSync(tmp, { recursive: true, force: true });
+      resolve({ code, signal, stdout, stderr });
+    });
   });
   return { child, done };
 }

@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
 import { native, type LibvirtConnection, type LibvirtDomain } from '../../src/native/addon.js';
+import { domainLockFile } from '../../src/backup/lock.js';
 import { runCli, type CliResult } from './cli.js';
 
 export const LIBVIRT_URI = 'qemu:///system';
@@ -496,6 +497,8 @@ async function removeDomain(name: string, dir?: string): Promise<string[]> {
   }
   if (dir) await fsp.rm(dir, { recursive: true, force: true }).catch((err: Error) => problems.push(err.message));
   for (const log of await qemuLogs(name)) await fsp.rm(log, { force: true });
+  // A backup killed with -9 (tests do that on purpose) cannot remove its domain lock; the domain is gone now.
+  await fsp.rm(domainLockFile(name), { force: true });
   return problems;
 }
 
@@ -511,6 +514,7 @@ function removeDomainSync(name: string, dir: string): void {
   for (const file of fs.readdirSync(QEMU_LOG_DIR)) {
     if (isLogOf(name, file)) fs.rmSync(path.join(QEMU_LOG_DIR, file), { force: true });
   }
+  fs.rmSync(domainLockFile(name), { force: true });
 }
 
 function isLogOf(name: string, file: string): boolean {
