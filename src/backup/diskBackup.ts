@@ -6,7 +6,7 @@ import { CONTEXT_ALLOCATION, type Endpoint } from '../endpoint/endpoint.js';
 import { planDirty, planFull } from '../extents/plan.js';
 import { writeStream } from '../stream/writer.js';
 import type { OutputTarget } from '../set/target.js';
-import { checksumFileName, dataFileName, digestFileContent, digestFileName } from '../set/backupSet.js';
+import { checksumFileName, dataFileName, writeDigestFile } from '../set/backupSet.js';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import type { Logger } from '../util/log.js';
@@ -107,7 +107,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
       throw writeFailure(disk, partial, err);
     }
     await target.writeFile(checksumFileName(file), String(written.checksum));
-    await target.writeFile(digestFileName(file), digestFileContent(written.digests ?? []));
+    await writeDigestFile(target, file, written.digests ?? []);
     return { ...result, bytesWritten: written.bytesWritten };
   } finally {
     await endpoint.close();

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import type { StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
+import type { OutputTarget } from './target.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import { UserError } from '../util/errors.js';
 
@@ -19,8 +20,28 @@ export const checksumFileName = (dataFile: string): string => `${dataFile}.chksu
 /** Our side file: a strong hash of every payload piece, so verify can name the extent that rotted. */
 export const digestFileName = (dataFile: string, algorithm: DigestAlgorithm = PIECE_DIGEST): string => `${dataFile}.${algorithm}.json`;
 
-/** The digest file's content for `pieces` of a new backup. */
-export const digestFileContent = (pieces: PieceDigest[]): string => JSON.stringify({ algorithm: PIECE_DIGEST, pieces });
+/** Pieces per chunk of the digest file: a disk of 100 000 extents must not build its whole JSON as one string. */
+const DIGEST_CHUNK = 4096;
+
+/**
+ * Writes the digest file of `dataFile` (`{"algorithm": PIECE_DIGEST, "pieces": [...]}`, byte for byte what
+ * JSON.stringify gives) through `target`, chunk by chunk.
+ */
+export async function writeDigestFile(target: OutputTarget, dataFile: string, pieces: PieceDigest[]): Promise<void> {
+  const sink = await target.create(digestFileName(dataFile));
+  try {
+    await sink.write([Buffer.from(`{"algorithm":${JSON.stringify(PIECE_DIGEST)},"pieces":[`)]);
+    for (let at = 0; at < pieces.length; at += DIGEST_CHUNK) {
+      const chunk = JSON.stringify(pieces.slice(at, at + DIGEST_CHUNK)).slice(1, -1);
+      await sink.write([Buffer.from(at === 0 ? chunk : `,${chunk}`)]);
+    }
+    await sink.write([Buffer.from(']}')]);
+    await sink.commit();
+  } catch (err) {
+    await sink.abort();
+    throw err;
+  }
+}
 export const checkpointListName = (domain: string): string => `${domain}.cpt`;
 export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;

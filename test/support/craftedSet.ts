@@ -7,7 +7,8 @@ import type { Endpoint, StatusExtent } from '../../src/endpoint/endpoint.js';
 import type { PlannedExtent } from '../../src/extents/plan.js';
 import type { Sink } from '../../src/set/target.js';
 import { writeStream } from '../../src/stream/writer.js';
-import { checksumFileName, digestFileContent, digestFileName, vmConfigName } from '../../src/set/backupSet.js';
+import { checksumFileName, vmConfigName, writeDigestFile } from '../../src/set/backupSet.js';
+import { DirectoryTarget } from '../../src/set/target.js';
 
 /** A disk held in memory: the source a crafted stream is read from, and the reference a restore is compared with. */
 export class MemoryDisk implements Endpoint {
@@ -98,7 +99,7 @@ export async function craftStream(s: CraftedStream): Promise<string> {
   });
   await sink.commit();
   await fs.writeFile(checksumFileName(file), String(result.checksum));
-  await fs.writeFile(digestFileName(file), digestFileContent(result.digests ?? []));
+  await writeDigestFile(new DirectoryTarget(s.dir), s.file, result.digests ?? []);
   return file;
 }
 

@@ -1,7 +1,11 @@
 // Backup-set names, checkpoint planning and the XML handed to libvirt.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { dataFileName, parseDataFileName, logFileName, qcowInfoName } from '../../src/set/backupSet.js';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { dataFileName, parseDataFileName, logFileName, qcowInfoName, writeDigestFile } from '../../src/set/backupSet.js';
+import { DirectoryTarget } from '../../src/set/target.js';
 import { backupJobXml, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../../src/libvirt/domainXml.js';
 import { qcow2CreateOptions } from '../../src/restore/qemu.js';
@@ -64,4 +68,14 @@ test('qcow2 create options come from qemu-img info JSON', () => {
   assert.deepEqual(qcow2CreateOptions(info), ['compat=1.1', 'cluster_size=131072', 'lazy_refcounts=on', 'compression_type=zstd']);
   assert.deepEqual(qcow2CreateOptions(undefined), []);
   assert.deepEqual(qcow2CreateOptions('not json'), []);
+});
+
+test('the digest file, written in chunks, is exactly the JSON of all pieces, for every count around a chunk', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-digests-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  for (const count of [0, 1, 4095, 4096, 4097, 10000]) {
+    const pieces = Array.from({ length: count }, (_, i) => ({ offset: i * 4096, length: 4096, digest: i.toString(16).padStart(64, '0') }));
+    await writeDigestFile(new DirectoryTarget(dir), `vda.${count}.data`, pieces);
+    assert.equal(await fs.readFile(path.join(dir, `vda.${count}.data.blake3.json`), 'utf8'), JSON.stringify({ algorithm: 'blake3', pieces }));
+  }
 });
