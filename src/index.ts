@@ -12,7 +12,7 @@ export { writeStream, type StreamWriteOptions, type StreamWriteResult } from './
 export * from './stream/format.js';
 export { NbdEndpoint, type NbdAddress, type NbdOpenOptions } from './endpoint/nbd.js';
 export * from './endpoint/endpoint.js';
-export { planFull, planDirty, type ExtentPlan, type PlannedExtent } from './extents/plan.js';
+export { planFull, planDirty, ExtentList, type ExtentPlan, type ExtentSequence, type PlannedExtent } from './extents/plan.js';
 export { parseDomainXml, selectDisks, type DomainDisk, type DomainInfo } from './libvirt/domainXml.js';
 export { planCheckpoint, type CheckpointPlan, type Level } from './libvirt/checkpoints.js';
 export { listSet, readChains, checkLinks, dataFileName, type ChainLink, type DataFile } from './set/backupSet.js';

@@ -1,7 +1,7 @@
 // Extent planning: full from allocation, inc/diff as dirty ranges split by allocation (zeroed -> zero frames).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { planDirty, planFull, chunks, appendMerged, type PlannedExtent } from '../../src/extents/plan.js';
+import { ExtentList, planDirty, planFull, chunks, type PlannedExtent } from '../../src/extents/plan.js';
 import type { Endpoint, StatusExtent } from '../../src/endpoint/endpoint.js';
 
 /** An endpoint that only answers block status, from fixed extent tables. */
@@ -25,7 +25,7 @@ function statusOnly(size: number, contexts: Record<string, Array<[number, number
 test('full: zero-flagged ranges become zero extents, holes without ZERO stay data, neighbours merge', async () => {
   const ep = statusOnly(100, { 'base:allocation': [[10, 0], [10, 0], [20, 3], [10, 2], [10, 1], [40, 0]] });
   const plan = await planFull(ep);
-  assert.deepEqual(plan.extents, [
+  assert.deepEqual([...plan.extents], [
     { offset: 0, length: 20, kind: 'data' },
     { offset: 20, length: 30, kind: 'zero' },
     { offset: 50, length: 50, kind: 'data' },
@@ -55,7 +55,7 @@ const dirtyCases: Array<{ name: string; dirty: Array<[number, number]>; alloc: A
 for (const c of dirtyCases) {
   test(`inc/diff: ${c.name}`, async () => {
     const plan = await planDirty(statusOnly(100, { dirty: c.dirty, 'base:allocation': c.alloc }), 'dirty');
-    assert.deepEqual(plan.extents, c.want);
+    assert.deepEqual([...plan.extents], c.want);
     assert.equal(plan.dataSize, c.want.filter((e) => e.kind === 'data').reduce((a, e) => a + e.length, 0));
   });
 }
@@ -64,10 +64,19 @@ test('chunks split a range at the maximum and cover it exactly', () => {
   assert.deepEqual([...chunks(5, 25, 10)], [{ offset: 5, length: 10 }, { offset: 15, length: 10 }, { offset: 25, length: 5 }]);
 });
 
-test('appendMerged keeps different kinds apart', () => {
-  const out: PlannedExtent[] = [];
-  appendMerged(out, { offset: 0, length: 1, kind: 'data' });
-  appendMerged(out, { offset: 1, length: 1, kind: 'zero' });
-  appendMerged(out, { offset: 2, length: 1, kind: 'zero' });
-  assert.deepEqual(out, [{ offset: 0, length: 1, kind: 'data' }, { offset: 1, length: 2, kind: 'zero' }]);
+test('ExtentList merges adjacent extents of a kind, keeps kinds and gaps apart, and grows past its first capacity', () => {
+  const out = new ExtentList();
+  out.append(0, 1, 'data');
+  out.append(1, 1, 'zero');
+  out.append(2, 1, 'zero');
+  out.append(5, 1, 'zero');
+  assert.deepEqual([...out], [{ offset: 0, length: 1, kind: 'data' }, { offset: 1, length: 2, kind: 'zero' }, { offset: 5, length: 1, kind: 'zero' }]);
+  assert.equal(out.length, 3);
+  assert.equal(out.dataSize, 1);
+  const many = new ExtentList();
+  for (let i = 0; i < 100_000; i++) many.append(i * 2 * 4096, 4096, i % 3 === 0 ? 'zero' : 'data');
+  assert.equal(many.length, 100_000);
+  const all = [...many];
+  assert.deepEqual(all[99_999], { offset: 99_999 * 2 * 4096, length: 4096, kind: 'zero' });
+  assert.equal(many.dataSize, all.filter((e) => e.kind === 'data').length * 4096);
 });
