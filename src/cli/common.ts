@@ -1,6 +1,7 @@
 // What the three commands share: logging setup, progress bars on stderr, SIGINT/SIGTERM as an abort signal,
 // and the one rule for ending: a UserError prints one line and exits with its code; anything else is a bug.
 import cliProgress from 'cli-progress';
+import type { Argv } from 'yargs';
 import { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 
@@ -14,15 +15,19 @@ export interface CommonFlags {
 }
 
 /**
- * yargs' handler for wrong flags: one line naming the problem and where help is, exit 2 (argparse's usage error
- * code, which virtnbdbackup's users script against), in place of the whole help text.
+ * Parses a command's flags strictly. Wrong flags get one line naming the problem and where help is, and exit 2
+ * (argparse's usage error code, which virtnbdbackup's users script against), in place of the whole help text.
  */
-export function usageFailure(name: string): (message: string | null, err: Error | undefined) => never {
-  return (message, err) => {
-    const what = (message ?? err?.message ?? 'invalid arguments').replace(/\s*\n\s*/g, ' ').trim();
-    process.stderr.write(`${name}: error: ${what}; see ${name} --help\n`);
-    process.exit(2);
-  };
+export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>['parseSync']> {
+  return flags
+    .strict()
+    .fail((message: string | null, err: Error | undefined) => {
+      const what = (message ?? err?.message ?? 'invalid arguments').replace(/\s*\n\s*/g, ' ').trim();
+      process.stderr.write(`${name}: error: ${what}; see ${name} --help\n`);
+      process.exit(2);
+    })
+    .wrap(Math.min(110, process.stdout.columns || 110))
+    .parseSync();
 }
 
 export function makeLogger(flags: CommonFlags): Logger {

@@ -5,9 +5,9 @@ import { backup, type BackupResult } from '../backup/backup.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
-import { listOption, makeLogger, makeProgress, runCommand, usageFailure, VERSION } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, runCommand, VERSION } from './common.js';
 
-const argv = yargs(hideBin(process.argv))
+const argv = parseFlags('virtnbdbackup', yargs(hideBin(process.argv))
   .scriptName('virtnbdbackup')
   .usage('$0 -d DOMAIN -l {copy,full,inc,diff,auto} -o DIR [options]\n\nBack up libvirt/qemu virtual machines over NBD.')
   .option('domain', { alias: 'd', type: 'string', demandOption: true, describe: 'Domain to back up' })
@@ -54,11 +54,7 @@ const argv = yargs(hideBin(process.argv))
   .example("$0 -d webvm -l inc -o - | ssh host 'cat > webvm.inc.zip'", 'incremental into a zip on another host')
   .example('$0 -d webvm -l auto -S -o /backup/webvm', 'also when webvm is shut off (started paused for the backup)')
   .example('$0 -d webvm -l auto --checkpoint-prefix weekly -o /backup/weekly', 'a second, independent chain')
-  .example('$0 -d webvm -l inc -T 104857600 -o /backup/webvm', 'inc only when at least 100 MiB changed')
-  .strict()
-  .fail(usageFailure('virtnbdbackup'))
-  .wrap(Math.min(110, process.stdout.columns || 110))
-  .parseSync();
+  .example('$0 -d webvm -l inc -T 104857600 -o /backup/webvm', 'inc only when at least 100 MiB changed'));
 
 await runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);

@@ -6,9 +6,9 @@ import { hideBin } from 'yargs/helpers';
 import { startMap } from '../map/map.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { UserError } from '../util/errors.js';
-import { listOption, makeLogger, runCommand, usageFailure, VERSION } from './common.js';
+import { listOption, makeLogger, parseFlags, runCommand, VERSION } from './common.js';
 
-const argv = yargs(hideBin(process.argv))
+const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv))
   .scriptName('virtnbdmap')
   .usage('$0 -f FILE[,FILE...] [options]\n\nServe a backup (full, then incrementals up to the point wanted) as an NBD export:\n'
     + 'writable through a copy-on-write overlay that is discarded at exit, or read-only with -r.')
@@ -36,11 +36,7 @@ const argv = yargs(hideBin(process.argv))
   .alias('help', 'h')
   .example('$0 -f /backup/sda.full.data', 'serve the full backup; Ctrl-C to stop')
   .example('$0 -f /backup/sda.full.data,/backup/sda.inc.virtnbdbackup.1.data -d /dev/nbd2', 'the point of the first incremental, as /dev/nbd2')
-  .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket')
-  .strict()
-  .fail(usageFailure('virtnbdmap'))
-  .wrap(Math.min(110, process.stdout.columns || 110))
-  .parseSync();
+  .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket'));
 
 /** `offset  hex bytes  |ascii|` lines of `bytes`. */
 function hexdump(bytes: Buffer): string[] {

@@ -3,9 +3,9 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { dump, restore } from '../restore/restore.js';
 import { verifySet } from '../verify/verify.js';
-import { listOption, makeLogger, makeProgress, runCommand, usageFailure, VERSION } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, runCommand, VERSION } from './common.js';
 
-const argv = yargs(hideBin(process.argv))
+const argv = parseFlags('virtnbdrestore', yargs(hideBin(process.argv))
   .scriptName('virtnbdrestore')
   .usage('$0 -i SETDIR -o OUTDIR [options]\n\nRestore virtual machine disks from a backup set, dump its metadata or verify it.')
   .option('action', { alias: 'a', choices: ['dump', 'restore', 'verify'] as const, default: 'restore' as const, describe: 'Action to perform' })
@@ -40,11 +40,7 @@ const argv = yargs(hideBin(process.argv))
   .example('$0 -i /backup/webvm -o /restore -d vda', 'restore only disk vda')
   .example('$0 -i /backup/webvm -o /dev/vg/webvm -d vda', 'restore disk vda onto an existing block device')
   .example('$0 -i /backup/webvm -o /restore -s vda.full.data,vda.inc.virtnbdbackup.1.data', 'apply exactly these files')
-  .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2')
-  .strict()
-  .fail(usageFailure('virtnbdrestore'))
-  .wrap(Math.min(110, process.stdout.columns || 110))
-  .parseSync();
+  .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2'));
 
 await runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
