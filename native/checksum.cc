@@ -29,14 +29,16 @@ struct PieceSums {
   unsigned int hashLength = 0;
 };
 
+std::string Hex(const PieceSums& sums) {
+  std::string hex(sums.hashLength * 2, '0');
+  for (unsigned int i = 0; i < sums.hashLength; i++) snprintf(&hex[i * 2], 3, "%02x", sums.hash[i]);
+  return hex;
+}
+
 Napi::Value ToObject(Napi::Env env, PieceSums& sums) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("adler32", Napi::Number::New(env, static_cast<double>(sums.adler)));
-  if (sums.digest != Digest::kNone) {
-    std::string hex(sums.hashLength * 2, '0');
-    for (unsigned int i = 0; i < sums.hashLength; i++) snprintf(&hex[i * 2], 3, "%02x", sums.hash[i]);
-    out.Set("digest", Napi::String::New(env, hex));
-  }
+  if (sums.digest != Digest::kNone) out.Set("digest", Napi::String::New(env, Hex(sums)));
   return out;
 }
 
@@ -48,28 +50,39 @@ Digest ArgDigest(const Napi::CallbackInfo& info, size_t index) {
   throw Napi::TypeError::New(info.Env(), "digest must be 'blake3', 'sha256' or undefined");
 }
 
+// Queues the sums of buffer argument 0 on the threadpool: the adler32 when `withAdler`, and `digest`.
+Napi::Value StartPieceSums(const Napi::CallbackInfo& info, Digest digest, bool withAdler, PromiseWorker<PieceSums>::Settle settle) {
+  Napi::Buffer<uint8_t> source = ArgBuffer(info, 0, "buffer");
+  const uint8_t* data = source.Data();
+  size_t length = source.Length();
+  auto run = [data, length, digest, withAdler](PieceSums& sums) -> std::optional<Failure> {
+    if (withAdler) sums.adler = FastAdler32(1, data, length);
+    sums.digest = digest;
+    if (digest == Digest::kBlake3) {
+      blake3_hasher hasher;
+      blake3_hasher_init(&hasher);
+      blake3_hasher_update(&hasher, data, length);
+      blake3_hasher_finalize(&hasher, sums.hash, BLAKE3_OUT_LEN);
+      sums.hashLength = BLAKE3_OUT_LEN;
+    } else if (digest == Digest::kSha256 && EVP_Digest(data, length, sums.hash, &sums.hashLength, EVP_sha256(), nullptr) != 1) {
+      return Failure{"SHA-256 digest failed", std::nullopt, "openssl"};
+    }
+    return std::nullopt;
+  };
+  return PromiseWorker<PieceSums>::Start(info.Env(), run, settle, {source});
+}
+
 // checksumPiece(buffer, digest?): Promise<{ adler32, digest? }>, adler32 starting from 1, digest as hex.
 Napi::Value ChecksumPiece(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] { return StartPieceSums(info, ArgDigest(info, 1), true, ToObject); });
+}
+
+// digestPiece(buffer, digest): Promise<hex>, for callers that need no adler32 of the same bytes.
+Napi::Value DigestPiece(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
-    Napi::Buffer<uint8_t> source = ArgBuffer(info, 0, "buffer");
     Digest digest = ArgDigest(info, 1);
-    const uint8_t* data = source.Data();
-    size_t length = source.Length();
-    auto run = [data, length, digest](PieceSums& sums) -> std::optional<Failure> {
-      sums.adler = FastAdler32(1, data, length);
-      sums.digest = digest;
-      if (digest == Digest::kBlake3) {
-        blake3_hasher hasher;
-        blake3_hasher_init(&hasher);
-        blake3_hasher_update(&hasher, data, length);
-        blake3_hasher_finalize(&hasher, sums.hash, BLAKE3_OUT_LEN);
-        sums.hashLength = BLAKE3_OUT_LEN;
-      } else if (digest == Digest::kSha256 && EVP_Digest(data, length, sums.hash, &sums.hashLength, EVP_sha256(), nullptr) != 1) {
-        return Failure{"SHA-256 digest failed", std::nullopt, "openssl"};
-      }
-      return std::nullopt;
-    };
-    return PromiseWorker<PieceSums>::Start(info.Env(), run, ToObject, {source});
+    if (digest == Digest::kNone) throw Napi::TypeError::New(info.Env(), "digestPiece needs 'blake3' or 'sha256'");
+    return StartPieceSums(info, digest, false, [](Napi::Env env, PieceSums& sums) -> Napi::Value { return Napi::String::New(env, Hex(sums)); });
   });
 }
 
@@ -85,6 +98,7 @@ Napi::Value Adler32Combine(const Napi::CallbackInfo& info) {
 
 void InitChecksum(Napi::Env env, Napi::Object exports) {
   exports.Set("checksumPiece", Napi::Function::New(env, ChecksumPiece, "checksumPiece"));
+  exports.Set("digestPiece", Napi::Function::New(env, DigestPiece, "digestPiece"));
   exports.Set("adler32Combine", Napi::Function::New(env, Adler32Combine, "adler32Combine"));
 }
 

@@ -93,6 +93,8 @@ export interface NativeAddon {
   adler32(buffer: Buffer, start: number): number;
   /** adler32 (from 1) and, with `withSha256`, the SHA-256 (hex) of `buffer`, computed on a worker thread. */
   checksumPiece(buffer: Buffer, digest?: 'blake3' | 'sha256'): Promise<{ adler32: number; digest?: string }>;
+  /** The digest alone (hex), where no adler32 of the same bytes is needed. */
+  digestPiece(buffer: Buffer, digest: 'blake3' | 'sha256'): Promise<string>;
   /** adler32 of A followed by B, from adler32(A), adler32(B) and B's length (zlib adler32_combine). */
   adler32Combine(a: number, b: number, lengthOfB: number): number;
   /** One LZ4 frame of `source`, block and content checksums on, at `level` (0 = default). Runs on a worker. */

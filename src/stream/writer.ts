@@ -179,7 +179,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
         if (compressed) {
           const frame = raw.then((r) => addon.lz4CompressFrame(r, compress));
           const frameSum = frame.then((f) => addon.checksumPiece(f));
-          const rawSum = options.digests ? raw.then((r) => addon.checksumPiece(r, PIECE_DIGEST)) : undefined;
+          const rawSum = options.digests ? raw.then((r) => addon.digestPiece(r, PIECE_DIGEST)).then((digest) => ({ digest })) : undefined;
           if (rawSum) recordDigest(digests, part, rawSum);
           sizes.push(frame.then((f) => f.length, () => 0));
           const ready = Promise.all([frame, frameSum, rawSum]).then(([f, sum]) => {

@@ -122,7 +122,7 @@ async function verifyStream(file: string, signal?: AbortSignal): Promise<string[
       }
       const check = record.data.then(async (data) => {
         if (!expected || !recordedDigests) return;
-        const { digest } = await native().checksumPiece(data, recordedDigests.algorithm);
+        const digest = await native().digestPiece(data, recordedDigests.algorithm);
         if (digest !== expected.digest) noteBad(at, piece, `${ALGORITHM_NAMES[recordedDigests.algorithm]} differs from the recorded one`);
       });
       check.catch(() => undefined); // the window reports it

@@ -245,7 +245,7 @@ test('adler32 on vectors agrees with zlib at every length, alignment and worst-c
   }
 });
 
-test('piece digests: BLAKE3 agrees with b3sum, SHA-256 with OpenSSL through node:crypto', async () => {
+test('piece digests (checksumPiece, digestPiece): BLAKE3 agrees with b3sum, SHA-256 with OpenSSL through node:crypto', async () => {
   for (const data of [Buffer.alloc(0), randomBytes(1), randomBytes(1025), randomBytes(4 * MiB + 3)]) {
     const b3sum = await new Promise<string>((resolve, reject) => {
       const child = spawn('b3sum', ['--no-names'], { stdio: ['pipe', 'pipe', 'inherit'] });
@@ -258,6 +258,8 @@ test('piece digests: BLAKE3 agrees with b3sum, SHA-256 with OpenSSL through node
     assert.equal((await addon.checksumPiece(data, 'blake3')).digest, b3sum, `BLAKE3 of ${data.length} bytes`);
     assert.equal((await addon.checksumPiece(data, 'sha256')).digest, createHash('sha256').update(data).digest('hex'));
     assert.equal((await addon.checksumPiece(data)).digest, undefined);
+    assert.equal(await addon.digestPiece(data, 'blake3'), b3sum, `digestPiece BLAKE3 of ${data.length} bytes`);
+    assert.equal(await addon.digestPiece(data, 'sha256'), createHash('sha256').update(data).digest('hex'));
   }
 });
 
