@@ -1,4 +1,4 @@
-// Module entry: registers NbdHandle, libvirt and lz4 bindings, plus the synchronous adler32 and versions().
+// Module entry: registers NbdHandle, libvirt and lz4 bindings, plus the synchronous adler32, alignedBuffer and versions().
 #include <libnbd.h>
 #include <libvirt/libvirt.h>
 #include <lz4.h>
@@ -6,6 +6,8 @@
 #include <malloc.h>
 #include <zlib.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "adler32.h"
@@ -43,6 +45,23 @@ std::string LibvirtVersion() {
          std::to_string(version % 1000);
 }
 
+// alignedBuffer(size, alignment): zeroed memory on an `alignment` boundary, as O_DIRECT writes need; reported to V8
+// as external memory so that dropped buffers are collected.
+Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
+  uint64_t size = ArgU64(info, 0, "size");
+  uint64_t alignment = ArgU64(info, 1, "alignment");
+  if (alignment < sizeof(void*) || (alignment & (alignment - 1)) != 0) BadArg(info, "alignment", "a power of two of at least 8");
+  void* data = nullptr;
+  if (posix_memalign(&data, alignment, size == 0 ? alignment : size) != 0) throw Napi::Error::New(info.Env(), "out of memory");
+  std::memset(data, 0, size);
+  int64_t reported = static_cast<int64_t>(size);
+  Napi::MemoryManagement::AdjustExternalMemory(info.Env(), reported);
+  return Napi::Buffer<uint8_t>::New(info.Env(), static_cast<uint8_t*>(data), size, [reported](Napi::Env env, uint8_t* p) {
+    free(p);
+    Napi::MemoryManagement::AdjustExternalMemory(env, -reported);
+  });
+}
+
 Napi::Value Versions(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(info.Env());
   out.Set("libnbd", LibnbdVersion());
@@ -63,6 +82,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitLz4(env, exports);
   InitChecksum(env, exports);
   exports.Set("adler32", Napi::Function::New(env, Adler32, "adler32"));
+  exports.Set("alignedBuffer", Napi::Function::New(env, AlignedBuffer, "alignedBuffer"));
   exports.Set("versions", Napi::Function::New(env, Versions, "versions"));
   return exports;
 }

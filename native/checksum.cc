@@ -9,6 +9,7 @@
 #include <zlib.h>
 
 #include <cstdio>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -50,25 +51,28 @@ Digest ArgDigest(const Napi::CallbackInfo& info, size_t index) {
   throw Napi::TypeError::New(info.Env(), "digest must be 'blake3', 'sha256' or undefined");
 }
 
+// The adler32 (when `withAdler`) and `digest` of [data, data+length); runs on any thread.
+std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest digest, bool withAdler, PieceSums& sums) {
+  if (withAdler) sums.adler = FastAdler32(1, data, length);
+  sums.digest = digest;
+  if (digest == Digest::kBlake3) {
+    blake3_hasher hasher;
+    blake3_hasher_init(&hasher);
+    blake3_hasher_update(&hasher, data, length);
+    blake3_hasher_finalize(&hasher, sums.hash, BLAKE3_OUT_LEN);
+    sums.hashLength = BLAKE3_OUT_LEN;
+  } else if (digest == Digest::kSha256 && EVP_Digest(data, length, sums.hash, &sums.hashLength, EVP_sha256(), nullptr) != 1) {
+    return Failure{"SHA-256 digest failed", std::nullopt, "openssl"};
+  }
+  return std::nullopt;
+}
+
 // Queues the sums of buffer argument 0 on the threadpool: the adler32 when `withAdler`, and `digest`.
 Napi::Value StartPieceSums(const Napi::CallbackInfo& info, Digest digest, bool withAdler, PromiseWorker<PieceSums>::Settle settle) {
   Napi::Buffer<uint8_t> source = ArgBuffer(info, 0, "buffer");
   const uint8_t* data = source.Data();
   size_t length = source.Length();
-  auto run = [data, length, digest, withAdler](PieceSums& sums) -> std::optional<Failure> {
-    if (withAdler) sums.adler = FastAdler32(1, data, length);
-    sums.digest = digest;
-    if (digest == Digest::kBlake3) {
-      blake3_hasher hasher;
-      blake3_hasher_init(&hasher);
-      blake3_hasher_update(&hasher, data, length);
-      blake3_hasher_finalize(&hasher, sums.hash, BLAKE3_OUT_LEN);
-      sums.hashLength = BLAKE3_OUT_LEN;
-    } else if (digest == Digest::kSha256 && EVP_Digest(data, length, sums.hash, &sums.hashLength, EVP_sha256(), nullptr) != 1) {
-      return Failure{"SHA-256 digest failed", std::nullopt, "openssl"};
-    }
-    return std::nullopt;
-  };
+  auto run = [data, length, digest, withAdler](PieceSums& sums) { return ComputeSums(data, length, digest, withAdler, sums); };
   return PromiseWorker<PieceSums>::Start(info.Env(), run, settle, {source});
 }
 
@@ -86,6 +90,23 @@ Napi::Value DigestPiece(const Napi::CallbackInfo& info) {
   });
 }
 
+// checksumPieceSync(buffer, digest?, into?, at?): adler32 (from 1), with the raw digest written to into[at..] when
+// `digest` is given. For small pieces, where a threadpool round trip costs more than the sums themselves.
+Napi::Value ChecksumPieceSync(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> source = ArgBuffer(info, 0, "buffer");
+  Digest digest = ArgDigest(info, 1);
+  PieceSums sums;
+  std::optional<Failure> failure = ComputeSums(source.Data(), source.Length(), digest, true, sums);
+  if (failure) throw MakeError(info.Env(), *failure);
+  if (digest != Digest::kNone) {
+    Napi::Buffer<uint8_t> into = ArgBuffer(info, 2, "into");
+    uint64_t at = ArgU64(info, 3, "at");
+    if (at > into.Length() || into.Length() - at < sums.hashLength) BadArg(info, "at", "an offset with room for the digest in `into`");
+    std::memcpy(into.Data() + at, sums.hash, sums.hashLength);
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(sums.adler));
+}
+
 // adler32Combine(a, b, lengthOfB): the adler32 of the concatenation, CPU-trivial, so synchronous.
 Napi::Value Adler32Combine(const Napi::CallbackInfo& info) {
   uint32_t a = ArgU32(info, 0, "a");
@@ -99,6 +120,7 @@ Napi::Value Adler32Combine(const Napi::CallbackInfo& info) {
 void InitChecksum(Napi::Env env, Napi::Object exports) {
   exports.Set("checksumPiece", Napi::Function::New(env, ChecksumPiece, "checksumPiece"));
   exports.Set("digestPiece", Napi::Function::New(env, DigestPiece, "digestPiece"));
+  exports.Set("checksumPieceSync", Napi::Function::New(env, ChecksumPieceSync, "checksumPieceSync"));
   exports.Set("adler32Combine", Napi::Function::New(env, Adler32Combine, "adler32Combine"));
 }
 

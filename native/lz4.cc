@@ -1,4 +1,4 @@
-// One LZ4 frame per call (block+content checksums on); decompression rejects corrupt, truncated or padded input.
+// One LZ4 frame per call (content checksum on, 4 MB blocks); decompression rejects corrupt, truncated or padded input.
 #include "lz4.h"
 
 #include <lz4frame.h>
@@ -53,8 +53,11 @@ Napi::Value ToBuffer(Napi::Env env, Bytes& out) {
 std::optional<Failure> Compress(const uint8_t* src, size_t length, int level, Bytes& out) {
   LZ4F_preferences_t prefs;
   memset(&prefs, 0, sizeof prefs);
+  // The content checksum lets a restore name the frame that rotted; per-block checksums add nothing to it but cost
+  // about as much again, and 4 MB blocks (a piece is one block) save per-block work: -z 4.8 s to 4.2 s for 2.5 GiB.
   prefs.frameInfo.contentChecksumFlag = LZ4F_contentChecksumEnabled;
-  prefs.frameInfo.blockChecksumFlag = LZ4F_blockChecksumEnabled;
+  prefs.frameInfo.blockChecksumFlag = LZ4F_noBlockChecksum;
+  prefs.frameInfo.blockSizeID = LZ4F_max4MB;
   prefs.frameInfo.contentSize = length;
   prefs.compressionLevel = level;
   if (!out.Reserve(LZ4F_compressFrameBound(length, &prefs))) return Lz4Failure("out of memory");

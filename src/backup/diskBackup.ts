@@ -81,7 +81,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
       }
       return { ...result, bytesWritten: endpoint.size };
     }
-    const sink = await target.create(file);
+    const sink = await target.create(file, { bulk: true });
     let written;
     try {
       written = await writeStream({

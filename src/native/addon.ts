@@ -97,6 +97,10 @@ export interface NativeAddon {
   digestPiece(buffer: Buffer, digest: 'blake3' | 'sha256'): Promise<string>;
   /** adler32 of A followed by B, from adler32(A), adler32(B) and B's length (zlib adler32_combine). */
   adler32Combine(a: number, b: number, lengthOfB: number): number;
+  /** `size` zeroed bytes starting on an `alignment` boundary (O_DIRECT buffers). */
+  alignedBuffer(size: number, alignment: number): Buffer;
+  /** checksumPiece on the calling thread, for small pieces: the adler32, with the raw digest written to into[at..at+32). */
+  checksumPieceSync(buffer: Buffer, digest?: 'blake3' | 'sha256', into?: Buffer, at?: number): number;
   /** One LZ4 frame of `source`, block and content checksums on, at `level` (0 = default). Runs on a worker. */
   lz4CompressFrame(source: Buffer, level: number): Promise<Buffer>;
   /** Decompress one LZ4 frame; checksums verified; rejects on corruption. Runs on a worker. */

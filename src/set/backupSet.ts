@@ -20,21 +20,30 @@ export const checksumFileName = (dataFile: string): string => `${dataFile}.chksu
 /** Our side file: a strong hash of every payload piece, so verify can name the extent that rotted. */
 export const digestFileName = (dataFile: string, algorithm: DigestAlgorithm = PIECE_DIGEST): string => `${dataFile}.${algorithm}.json`;
 
-/** Pieces per chunk of the digest file: a disk of 100 000 extents must not build its whole JSON as one string. */
-const DIGEST_CHUNK = 4096;
+/** Pieces per chunk of the digest file: small enough (~28 KB of JSON) that no chunk is a large-object allocation. */
+const DIGEST_CHUNK = 256;
 
 /**
  * Writes the digest file of `dataFile` (`{"algorithm": PIECE_DIGEST, "pieces": [...]}`, byte for byte what
  * JSON.stringify gives) through `target`, chunk by chunk.
  */
-export async function writeDigestFile(target: OutputTarget, dataFile: string, pieces: PieceDigest[]): Promise<void> {
+export async function writeDigestFile(target: OutputTarget, dataFile: string, pieces: Iterable<PieceDigest>): Promise<void> {
   const sink = await target.create(digestFileName(dataFile));
   try {
     await sink.write([Buffer.from(`{"algorithm":${JSON.stringify(PIECE_DIGEST)},"pieces":[`)]);
-    for (let at = 0; at < pieces.length; at += DIGEST_CHUNK) {
-      const chunk = JSON.stringify(pieces.slice(at, at + DIGEST_CHUNK)).slice(1, -1);
-      await sink.write([Buffer.from(at === 0 ? chunk : `,${chunk}`)]);
+    let chunk: PieceDigest[] = [];
+    let first = true;
+    const writeChunk = async (): Promise<void> => {
+      const json = JSON.stringify(chunk).slice(1, -1);
+      await sink.write([Buffer.from(first ? json : `,${json}`)]);
+      first = false;
+      chunk = [];
+    };
+    for (const piece of pieces) {
+      chunk.push(piece);
+      if (chunk.length === DIGEST_CHUNK) await writeChunk();
     }
+    if (chunk.length > 0) await writeChunk();
     await sink.write([Buffer.from(']}')]);
     await sink.commit();
   } catch (err) {

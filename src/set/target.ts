@@ -1,8 +1,12 @@
 // Where a backup set is written. A Sink is one file of the set being written in order; the directory target
 // writes `<name>.partial`, fsyncs and renames it on commit, so a finished name always means a complete file.
-// Guarantees: never overwrites an existing file of the set (exclusive create); abort keeps the .partial as evidence.
+// Bulk files (data files) go through O_DIRECT where the file system takes it: on disk when commit returns, without
+// the page cache's copy and its slow write-back. Guarantees: never overwrites an existing file of the set
+// (exclusive create); abort keeps the .partial as evidence.
+import { constants as fsConstants } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { native } from '../native/addon.js';
 
 export interface Sink {
   /** Appends the buffers, in order. */
@@ -20,9 +24,14 @@ export interface PositionalSink {
   abort(): Promise<void>;
 }
 
+export interface CreateOptions {
+  /** A large file written once (a data file): the target may bypass the page cache. */
+  bulk?: boolean;
+}
+
 export interface OutputTarget {
   /** Opens a new file of the set for writing. */
-  create(name: string): Promise<Sink>;
+  create(name: string, options?: CreateOptions): Promise<Sink>;
   /** Opens a new sparse file of `size` bytes for positional writes; only where the target can seek. */
   createPositional?(name: string, size: number): Promise<PositionalSink>;
   /** Finishes the target (the zip's central directory); nothing for a directory. */
@@ -97,6 +106,106 @@ class FileSink implements Sink, PositionalSink {
   }
 }
 
+/** O_DIRECT needs buffers, offsets and lengths on this boundary (the logical block size of common disks, or more). */
+const DIRECT_ALIGN = 4096;
+/** Staging chunk of a direct sink, and writes in flight: measured here, 4 MiB × 2 writes as fast as any larger mix. */
+const DIRECT_CHUNK = 4 * 1024 * 1024;
+const DIRECT_IN_FLIGHT = 2;
+
+async function writeFully(handle: fs.FileHandle, buffer: Buffer, length: number, position: number): Promise<void> {
+  for (let done = 0; done < length;) {
+    const { bytesWritten } = await handle.write(buffer, done, length - done, position + done);
+    if (bytesWritten === 0) throw new Error('the file system accepted no more bytes');
+    done += bytesWritten;
+  }
+}
+
+/**
+ * A sequential sink over an O_DIRECT descriptor: bytes are gathered into aligned chunks, each written while the
+ * next fills. The last chunk is padded to the boundary and the file cut back to its length at commit.
+ */
+class DirectFileSink implements Sink {
+  private readonly spare: Buffer[] = [];
+  private readonly inFlight: Array<Promise<Buffer>> = [];
+  private stage: Buffer | undefined;
+  private filled = 0;
+  /** File offset of the chunk being filled. */
+  private position = 0;
+
+  private constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {}
+
+  /**
+   * A direct sink on the freshly created `partial`, or undefined where the file system refuses O_DIRECT (open or
+   * a first aligned write fails with EINVAL): the caller then writes through the page cache.
+   */
+  static async open(partial: string, final: string): Promise<DirectFileSink | undefined> {
+    let handle: fs.FileHandle;
+    try {
+      handle = await fs.open(partial, fsConstants.O_WRONLY | fsConstants.O_DIRECT);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EINVAL') return undefined;
+      throw err;
+    }
+    try {
+      await handle.write(native().alignedBuffer(DIRECT_ALIGN, DIRECT_ALIGN), 0, DIRECT_ALIGN, 0);
+      await handle.truncate(0);
+      return new DirectFileSink(handle, partial, final);
+    } catch (err) {
+      await handle.close().catch(() => undefined);
+      if ((err as NodeJS.ErrnoException).code === 'EINVAL') return undefined;
+      throw err;
+    }
+  }
+
+  async write(buffers: Buffer[]): Promise<void> {
+    for (const buffer of buffers) {
+      for (let at = 0; at < buffer.length;) {
+        this.stage ??= await this.freeChunk();
+        const copied = buffer.copy(this.stage, this.filled, at);
+        this.filled += copied;
+        at += copied;
+        if (this.filled === DIRECT_CHUNK) this.submit(DIRECT_CHUNK);
+      }
+    }
+  }
+
+  async commit(): Promise<void> {
+    const length = this.position + this.filled;
+    if (this.filled > 0) {
+      const padded = Math.ceil(this.filled / DIRECT_ALIGN) * DIRECT_ALIGN;
+      this.stage!.fill(0, this.filled, padded);
+      this.submit(padded);
+    }
+    await Promise.all(this.inFlight);
+    await this.handle.truncate(length);
+    await this.handle.sync();
+    await this.handle.close();
+    await fs.rename(this.partial, this.final);
+    await syncDirectory(path.dirname(this.final));
+  }
+
+  async abort(): Promise<void> {
+    await Promise.allSettled(this.inFlight);
+    await this.handle.close().catch(() => undefined);
+  }
+
+  /** A chunk to fill: a spare one, or one given back by the oldest write once DIRECT_IN_FLIGHT are running. */
+  private async freeChunk(): Promise<Buffer> {
+    if (this.inFlight.length >= DIRECT_IN_FLIGHT) return this.inFlight.shift()!;
+    return this.spare.pop() ?? native().alignedBuffer(DIRECT_CHUNK, DIRECT_ALIGN);
+  }
+
+  private submit(length: number): void {
+    const chunk = this.stage!;
+    const written = writeFully(this.handle, chunk, length, this.position).then(() => chunk);
+    written.catch(() => undefined); // awaited in order by freeChunk or commit
+    this.inFlight.push(written);
+    this.stage = undefined;
+    this.filled = 0;
+    this.position += length;
+  }
+}
+
 /** Drops the first `count` bytes of a buffer list (after a short writev). */
 function skipBytes(buffers: Buffer[], count: number): Buffer[] {
   let left = count;
@@ -116,11 +225,21 @@ export class DirectoryTarget implements OutputTarget {
     return path.join(this.dir, name);
   }
 
-  async create(name: string): Promise<Sink> {
+  async create(name: string, options: CreateOptions = {}): Promise<Sink> {
     const final = this.pathOf(name);
     const partial = `${final}.partial`;
     await refuseExisting(final);
     const handle = await fs.open(partial, 'wx');
+    if (options.bulk) {
+      const direct = await DirectFileSink.open(partial, final).catch(async (err: unknown) => {
+        await handle.close();
+        throw err;
+      });
+      if (direct) {
+        await handle.close();
+        return direct;
+      }
+    }
     return new FileSink(handle, partial, final);
   }
 

@@ -8,6 +8,11 @@ export const TERMINATOR = Buffer.from('\r\n');
 export const STREAM_VERSION = 2;
 /** Chunk size for lz4 frames when the server does not announce a maximum request size. */
 export const DEFAULT_MAX_REQUEST_SIZE = 32 * 1024 * 1024;
+/**
+ * Uncompressed payload is digested, and large extents are cut into lz4 frames, in pieces of this size: the writer,
+ * the reader and the digest files of every backup so far agree on it.
+ */
+export const PAYLOAD_PIECE_SIZE = 4 * 1024 * 1024;
 
 export type FrameKind = 'meta' | 'data' | 'zero' | 'stop' | 'comp';
 const KINDS: ReadonlySet<string> = new Set(['meta', 'data', 'zero', 'stop', 'comp']);

@@ -6,7 +6,7 @@
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
 import {
-  FRAME_HEADER_LENGTH, TERMINATOR, StreamFormatError, frameSizes, parseHeader, parseMetadata, parseTrailer,
+  PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, StreamFormatError, frameSizes, parseHeader, parseMetadata, parseTrailer,
   trailerOffset, type FrameHeader, type StreamMetadata, type TrailerEntry,
 } from './format.js';
 
@@ -16,7 +16,7 @@ export type StreamRecord =
   | { kind: 'zero'; offset: number; length: number };
 
 /** Uncompressed payload is handed out in pieces of this size. */
-const PIECE = 4 * 1024 * 1024;
+const PIECE = PAYLOAD_PIECE_SIZE;
 /** Reads at least this long are summed on a worker thread, smaller ones inline. */
 const THREADED_SUM = 256 * 1024;
 /** Most threaded sums outstanding before a read waits for the oldest. */

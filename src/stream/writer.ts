@@ -7,8 +7,9 @@ import type { Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
 import type { Sink } from '../set/target.js';
 import { BufferPool } from '../util/bufferPool.js';
+import { DigestList } from './digestList.js';
 import {
-  DEFAULT_MAX_REQUEST_SIZE, TERMINATOR, encodeEnd, encodeHeader, encodeMetadata,
+  DEFAULT_MAX_REQUEST_SIZE, PAYLOAD_PIECE_SIZE, TERMINATOR, encodeEnd, encodeHeader, encodeMetadata,
   type StreamMetadata, type TrailerEntry,
 } from './format.js';
 
@@ -44,15 +45,20 @@ export interface StreamWriteResult {
   bytesWritten: number;
   dataSize: number;
   /** With `digests`: one per payload piece, in stream order. */
-  digests?: PieceDigest[];
+  digests?: DigestList;
 }
 
-/** Size of one read request; smaller than the server maximum so that several are in flight. */
-const READ_SIZE = 4 * 1024 * 1024;
-/** Bytes of source data in flight at most (reads issued but not yet written). */
-const WINDOW_BYTES = 16 * 1024 * 1024;
+/**
+ * Size of one read request, and bytes of source data in flight at most (reads issued but not yet written).
+ * Measured with direct-I/O data files: 1 MiB reads in a 12 MiB window beat 4 MiB reads in 16 or 32 MiB (2.5 s
+ * against 3.3 s for 2.5 GiB): more requests in flight, fewer bytes waiting.
+ */
+const READ_SIZE = 1024 * 1024;
+const WINDOW_BYTES = 12 * 1024 * 1024;
 /** What a piece costs in the window beyond its bytes (promises, buffers, requests): bounds tiny extents in flight. */
 const PIECE_OVERHEAD = 64 * 1024;
+/** Pieces up to this size are summed on the event loop: a threadpool round trip costs more than their sums. */
+const SYNC_SUM_BYTES = 64 * 1024;
 /** Write accumulated small buffers (zero frames) once they reach this. */
 const BATCH_BYTES = 1024 * 1024;
 
@@ -73,13 +79,13 @@ interface Pending {
 }
 
 /**
- * The payload pieces of one data extent. Uncompressed: READ_SIZE pieces. Compressed: Python's restore reads
- * an extent below 32 MiB as exactly one lz4 frame, so such an extent is one piece; larger extents are cut
- * into READ_SIZE frames and listed in the trailer as {total: [sizes]}.
+ * The payload pieces of one data extent. Uncompressed: PAYLOAD_PIECE_SIZE pieces. Compressed: Python's restore
+ * reads an extent below 32 MiB as exactly one lz4 frame, so such an extent is one piece; larger extents are cut
+ * into PAYLOAD_PIECE_SIZE frames and listed in the trailer as {total: [sizes]}.
  */
 function pieces(offset: number, length: number, compressed: boolean): Array<{ offset: number; length: number }> {
   if (compressed && length < DEFAULT_MAX_REQUEST_SIZE) return [{ offset, length }];
-  return [...chunks(offset, length, READ_SIZE)];
+  return [...chunks(offset, length, PAYLOAD_PIECE_SIZE)];
 }
 
 async function readPiece(source: Endpoint, offset: number, length: number, buffer: Buffer): Promise<Buffer> {
@@ -90,11 +96,18 @@ async function readPiece(source: Endpoint, offset: number, length: number, buffe
   return buffer;
 }
 
-/** Records a piece's digest in place once its sums arrive, so no promise per piece outlives its queue entry. */
-function recordDigest(into: PieceDigest[], part: { offset: number; length: number }, sums: Promise<{ digest?: string }>): void {
-  const slot = into.length;
-  into.push({ offset: part.offset, length: part.length, digest: '' });
-  sums.then((s) => { into[slot]!.digest = s.digest ?? ''; }, () => undefined); // failures surface through the queue
+/** Records a piece's digest once its sums arrive, so no promise per piece outlives its queue entry. */
+function recordDigest(into: DigestList, part: { offset: number; length: number }, sums: Promise<{ digest?: string }>): void {
+  const slot = into.add(part.offset, part.length);
+  sums.then((s) => { if (s.digest) into.set(slot, s.digest); }, () => undefined); // failures surface through the queue
+}
+
+/** Sums a small piece on the event loop: its adler32, and its digest into `slot` of `digests` (slot -1: none). */
+function sumSmallPiece(data: Buffer, digests: DigestList | undefined, slot: number): number {
+  const addon = native();
+  if (!digests || slot < 0) return addon.checksumPieceSync(data);
+  const { into, at } = digests.place(slot);
+  return addon.checksumPieceSync(data, PIECE_DIGEST, into, at);
 }
 
 export async function writeStream(options: StreamWriteOptions): Promise<StreamWriteResult> {
@@ -117,8 +130,9 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const queue: Pending[] = [];
   let bytesInFlight = 0;
   const trailer: Promise<TrailerEntry>[] = [];
-  const digests: PieceDigest[] = [];
-  const pool = new BufferPool(READ_SIZE, WINDOW_BYTES / READ_SIZE + 2);
+  const digests = new DigestList();
+  const digestInto = options.digests ? digests : undefined;
+  const pool = new BufferPool(PAYLOAD_PIECE_SIZE, Math.ceil(WINDOW_BYTES / PAYLOAD_PIECE_SIZE) + 2);
 
   const flushBatch = async (): Promise<void> => {
     if (batch.length === 0) return;
@@ -176,20 +190,33 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
         const buffer = pool.acquire(part.length);
         const raw = readPiece(source, part.offset, part.length, buffer);
         // adler32 and digests run on worker threads; the buffer returns to the pool once nothing uses it.
+        const small = part.length <= SYNC_SUM_BYTES;
         if (compressed) {
           const frame = raw.then((r) => addon.lz4CompressFrame(r, compress));
-          const frameSum = frame.then((f) => addon.checksumPiece(f));
-          const rawSum = options.digests ? raw.then((r) => addon.digestPiece(r, PIECE_DIGEST)).then((digest) => ({ digest })) : undefined;
-          if (rawSum) recordDigest(digests, part, rawSum);
+          const frameSum = frame.then((f) => (small ? { adler32: addon.checksumPieceSync(f) } : addon.checksumPiece(f)));
+          let rawSum: Promise<unknown> | undefined;
+          if (digestInto && small) {
+            // Added now, so the digest keeps its place in stream order.
+            const slot = digestInto.add(part.offset, part.length);
+            rawSum = raw.then((r) => sumSmallPiece(r, digestInto, slot));
+          } else if (digestInto) {
+            const sum = raw.then((r) => addon.digestPiece(r, PIECE_DIGEST)).then((digest) => ({ digest }));
+            recordDigest(digestInto, part, sum);
+            rawSum = sum;
+          }
           sizes.push(frame.then((f) => f.length, () => 0));
           const ready = Promise.all([frame, frameSum, rawSum]).then(([f, sum]) => {
             pool.release(buffer);
             return [{ data: f, adler32: sum.adler32 }];
           });
           await enqueue(ready, part.length);
+        } else if (small) {
+          const slot = digestInto ? digestInto.add(part.offset, part.length) : -1;
+          const ready = raw.then((data) => [{ data, adler32: sumSmallPiece(data, digestInto, slot) }]);
+          await enqueue(ready, part.length, () => pool.release(buffer));
         } else {
-          const sums = raw.then((r) => addon.checksumPiece(r, options.digests ? PIECE_DIGEST : undefined));
-          if (options.digests) recordDigest(digests, part, sums);
+          const sums = raw.then((r) => addon.checksumPiece(r, digestInto ? PIECE_DIGEST : undefined));
+          if (digestInto) recordDigest(digestInto, part, sums);
           const ready = Promise.all([raw, sums]).then(([data, sum]) => [{ data, adler32: sum.adler32 }]);
           await enqueue(ready, part.length, () => pool.release(buffer));
         }
@@ -210,5 +237,5 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     await Promise.allSettled(queue.map((q) => q.output));
     throw err;
   }
-  return { checksum, bytesWritten, dataSize: plan.dataSize, digests: options.digests ? digests : undefined };
+  return { checksum, bytesWritten, dataSize: plan.dataSize, digests: digestInto };
 }

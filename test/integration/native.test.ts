@@ -260,7 +260,19 @@ test('piece digests (checksumPiece, digestPiece): BLAKE3 agrees with b3sum, SHA-
     assert.equal((await addon.checksumPiece(data)).digest, undefined);
     assert.equal(await addon.digestPiece(data, 'blake3'), b3sum, `digestPiece BLAKE3 of ${data.length} bytes`);
     assert.equal(await addon.digestPiece(data, 'sha256'), createHash('sha256').update(data).digest('hex'));
+    const into = Buffer.alloc(40, 0xaa);
+    assert.equal(addon.checksumPieceSync(data, 'blake3', into, 8), (await addon.checksumPiece(data)).adler32, 'checksumPieceSync adler32');
+    assert.equal(into.toString('hex', 8, 40), b3sum, `checksumPieceSync BLAKE3 of ${data.length} bytes, in place`);
+    assert.equal(into.toString('hex', 0, 8), 'aa'.repeat(8), 'checksumPieceSync writes only its 32 bytes');
   }
+  assert.throws(() => addon.checksumPieceSync(Buffer.alloc(1), 'blake3', Buffer.alloc(40), 9), /at must be/);
+});
+
+test('alignedBuffer: zeroed, of the size asked, on the boundary O_DIRECT needs', () => {
+  const buffer = addon.alignedBuffer(3 * 4096, 4096);
+  assert.equal(buffer.length, 3 * 4096);
+  assert.ok(buffer.every((b) => b === 0));
+  assert.throws(() => addon.alignedBuffer(4096, 3000), /alignment must be/);
 });
 
 test('lz4 frames interoperate with python lz4.frame', async () => {
@@ -275,11 +287,13 @@ test('lz4 frames interoperate with python lz4.frame', async () => {
         'import sys, json, hashlib, lz4.frame\n' +
           'b = sys.stdin.buffer.read(); i = lz4.frame.get_frame_info(b)\n' +
           'print(json.dumps({"sha": hashlib.sha256(lz4.frame.decompress(b)).hexdigest(),\n' +
-          '  "block": i["block_checksum"], "content": i["content_checksum"], "size": i["content_size"]}))',
+          '  "block": i["block_checksum"], "content": i["content_checksum"], "size": i["content_size"], "blockSize": i["block_size"]}))',
         frame,
       ),
-    ) as { sha: string; block: boolean; content: boolean; size: number };
-    assert.deepEqual(report, { sha, block: true, content: true, size: source.length });
+    ) as { sha: string; block: boolean; content: boolean; size: number; blockSize: number };
+    const { blockSize, ...rest } = report;
+    assert.deepEqual(rest, { sha, block: false, content: true, size: source.length });
+    assert.ok(blockSize >= source.length, `one block per frame (block size ${blockSize})`);
     assert.deepEqual(await addon.lz4DecompressFrame(frame), source);
 
     const flipped = Buffer.from(frame);

@@ -6,6 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { dataFileName, parseDataFileName, logFileName, qcowInfoName, writeDigestFile } from '../../src/set/backupSet.js';
 import { DirectoryTarget } from '../../src/set/target.js';
+import { DigestList } from '../../src/stream/digestList.js';
+import { randomBytes } from 'node:crypto';
 import { backupJobXml, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../../src/libvirt/domainXml.js';
 import { qcow2CreateOptions } from '../../src/restore/qemu.js';
@@ -73,9 +75,49 @@ test('qcow2 create options come from qemu-img info JSON', () => {
 test('the digest file, written in chunks, is exactly the JSON of all pieces, for every count around a chunk', async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-digests-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
-  for (const count of [0, 1, 4095, 4096, 4097, 10000]) {
+  for (const count of [0, 1, 255, 256, 257, 4095, 4096, 4097, 10000]) {
     const pieces = Array.from({ length: count }, (_, i) => ({ offset: i * 4096, length: 4096, digest: i.toString(16).padStart(64, '0') }));
     await writeDigestFile(new DirectoryTarget(dir), `vda.${count}.data`, pieces);
     assert.equal(await fs.readFile(path.join(dir, `vda.${count}.data.blake3.json`), 'utf8'), JSON.stringify({ algorithm: 'blake3', pieces }));
   }
+});
+
+test('DigestList keeps pieces in order across blocks, digests set as hex or in place, missing ones empty', () => {
+  const list = new DigestList();
+  const expected: Array<{ offset: number; length: number; digest: string }> = [];
+  for (let i = 0; i < 9000; i++) {
+    const slot = list.add(i * 2 ** 33, 4096 + i);
+    const digest = i % 7 === 3 ? '' : randomBytes(32).toString('hex');
+    if (digest && i % 2 === 0) list.set(slot, digest);
+    else if (digest) {
+      const { into, at } = list.place(slot);
+      into.write(digest, at, 'hex');
+    }
+    expected.push({ offset: i * 2 ** 33, length: 4096 + i, digest });
+  }
+  assert.equal(list.length, 9000);
+  assert.deepEqual([...list], expected);
+});
+
+test('bulk files (O_DIRECT where taken): any write sizes give the exact bytes, a .partial till commit, nothing overwritten', async (t) => {
+  const dir = await fs.mkdtemp(path.join('/var/tmp', 'vnbd-direct-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const target = new DirectoryTarget(dir);
+  for (const total of [0, 1, 4095, 4096, 4 * 1024 * 1024, 4 * 1024 * 1024 + 1, 13 * 1024 * 1024 + 40]) {
+    const data = randomBytes(total);
+    const name = `vda.${total}.data`;
+    const sink = await target.create(name, { bulk: true });
+    for (let at = 0, step = 1; at < total; at += step, step = step * 3 + 17) {
+      await sink.write([data.subarray(at, Math.min(total, at + step)), Buffer.alloc(0)]);
+    }
+    assert.ok((await fs.readdir(dir)).includes(`${name}.partial`));
+    await sink.commit();
+    assert.ok((await fs.readFile(path.join(dir, name))).equals(data), `${total} bytes`);
+    await assert.rejects(target.create(name, { bulk: true }), /already exists/);
+  }
+  const aborted = await target.create('vdb.full.data', { bulk: true });
+  await aborted.write([randomBytes(5 * 1024 * 1024)]);
+  await aborted.abort();
+  assert.ok((await fs.readdir(dir)).includes('vdb.full.data.partial'));
+  assert.ok(!(await fs.readdir(dir)).includes('vdb.full.data'));
 });
