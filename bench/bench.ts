@@ -76,14 +76,20 @@ async function backup(bench: Bench, info: CaseInfo | undefined, tool: BackupTool
   await runStep(bench, info, tool, round, binaryOf(tool, 'virtnbdbackup'), args, { serverPid: await qemuPidOf(domain) });
 }
 
-/** nbdcopy from a fresh pull-mode export of the disk to a file (the reference) and, if asked, to null:. */
-async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, toNullToo: boolean): Promise<void> {
+/**
+ * nbdcopy from a fresh pull-mode export of the disk to a file (the reference) and, with `variantsToo`, to a file
+ * flushed to disk before it exits (durable, as ours is) and to null:.
+ */
+async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, variantsToo: boolean): Promise<void> {
   const serverPid = await qemuPidOf(domain);
   await withPullExport(domain, target, async (uri) => {
     const out = path.join(bench.work, `${info.key}-r${round}-nbdcopy.raw`);
     await runStep(bench, info, TOOL.nbdcopyFile, round, 'nbdcopy', [uri, out], { serverPid });
     await fsp.rm(out, { force: true });
-    if (toNullToo) await runStep(bench, info, TOOL.nbdcopyNull, round, 'nbdcopy', [uri, 'null:'], { serverPid });
+    if (!variantsToo) return;
+    await runStep(bench, info, TOOL.nbdcopyFlush, round, 'nbdcopy', ['--flush', uri, out], { serverPid });
+    await fsp.rm(out, { force: true });
+    await runStep(bench, info, TOOL.nbdcopyNull, round, 'nbdcopy', [uri, 'null:'], { serverPid });
   });
 }
 
