@@ -5,6 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { withDomain, tempDir, TestDomain } from '../support/testbed.js';
 import { ourBin, pythonBin, runOk } from '../support/cli.js';
 
@@ -109,4 +110,27 @@ test('compressed set (-z) restores bit-identically with ours and with Python', a
   assert.deepEqual(dumped.map((m) => [m.file, m.compressed]).sort(), [
     ['vda.full.data', 2], ['vda.inc.virtnbdbackup.1.data', 3], ['vdb.full.data', 2], ['vdb.inc.virtnbdbackup.1.data', 3],
   ]);
+});
+
+test('a file system without O_DIRECT (ramfs): backup, verify and restore fall back to the page cache, bit-identical', async (t) => {
+  const dom = await withDomain(t, { disks: DISKS });
+  const work = await tempDir('vnbd-ramfs-');
+  // ramfs refuses O_DIRECT at open (EINVAL), where tmpfs and ext4 take it.
+  execFileSync('mount', ['-t', 'ramfs', 'ramfs', work]);
+  t.after(async () => {
+    execFileSync('umount', [work]);
+    await fs.rm(work, { recursive: true, force: true });
+  });
+  const set = path.join(work, 'set');
+  await snapshotAll(dom, work, 'p0');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  await dom.write('vda', 0x5b, '3M', '5M');
+  await snapshotAll(dom, work, 'p1');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.endsWith('.partial')), []);
+  const verified = (await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify'])).stdout.trim().split('\n');
+  assert.ok(verified.length === 4 && verified.every((l) => l.startsWith('OK ')), verified.join('\n'));
+  const out = path.join(work, 'restored');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  await assertRestored(dom, out, work, 'p1');
 });
