@@ -7,6 +7,7 @@
 import fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { ourBin, pythonBin } from '../test/support/cli.js';
 import { LIBVIRT_URI, run, sweepStaleTestDomains, tempDir, TestDomain, type TestDisk } from '../test/support/testbed.js';
 import { countDataExtents, createExtentDomain, createRandomDomain, DiskUnderTest, qemuPidOf, twoRegions, withPullExport } from './fixtures.js';
@@ -76,9 +77,13 @@ async function backup(bench: Bench, info: CaseInfo | undefined, tool: BackupTool
   await runStep(bench, info, tool, round, binaryOf(tool, 'virtnbdbackup'), args, { serverPid: await qemuPidOf(domain) });
 }
 
+/** bench/copyOnly.ts, compiled next to this file. */
+const COPY_ONLY_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'copyOnly.js');
+
 /**
- * nbdcopy from a fresh pull-mode export of the disk to a file (the reference) and, with `variantsToo`, to a file
- * flushed to disk before it exits (durable, as ours is) and to null:.
+ * nbdcopy from a fresh pull-mode export of the disk to a file (the reference) and, with `variantsToo`, ours' copy
+ * alone (writer and sink, no CLI or job set-up), nbdcopy to a file flushed to disk before it exits (durable, as
+ * ours is) and to null:.
  */
 async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, variantsToo: boolean): Promise<void> {
   const serverPid = await qemuPidOf(domain);
@@ -87,6 +92,13 @@ async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: Test
     await runStep(bench, info, TOOL.nbdcopyFile, round, 'nbdcopy', [uri, out], { serverPid });
     await fsp.rm(out, { force: true });
     if (!variantsToo) return;
+    // Ours' writer and sink alone on the same export, started like the launchers start the commands.
+    const copyDir = path.join(bench.work, `${info.key}-r${round}-copy-only`);
+    await fsp.mkdir(copyDir);
+    await runStep(bench, info, TOOL.oursCopyOnly, round, 'env', [
+      'UV_THREADPOOL_SIZE=16', process.execPath, '--max-semi-space-size=8', COPY_ONLY_SCRIPT, uri, target, copyDir,
+    ], { serverPid });
+    await fsp.rm(copyDir, { recursive: true, force: true });
     await runStep(bench, info, TOOL.nbdcopyFlush, round, 'nbdcopy', ['--flush', uri, out], { serverPid });
     await fsp.rm(out, { force: true });
     await runStep(bench, info, TOOL.nbdcopyNull, round, 'nbdcopy', [uri, 'null:'], { serverPid });

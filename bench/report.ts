@@ -5,6 +5,7 @@ import { medianMeasurement, type Measurement } from './measure.js';
 
 export const TOOL = {
   ours: 'ours',
+  oursCopyOnly: 'ours, copy alone',
   python: 'Python',
   nbdcopyFile: 'nbdcopy → file',
   nbdcopyNull: 'nbdcopy → null:',
@@ -13,7 +14,7 @@ export const TOOL = {
 } as const;
 export type ToolLabel = (typeof TOOL)[keyof typeof TOOL];
 /** Table order of tools within a case. */
-const TOOL_ORDER: readonly ToolLabel[] = [TOOL.ours, TOOL.python, TOOL.nbdcopyFile, TOOL.nbdcopyFlush, TOOL.nbdcopyNull, TOOL.qemuImgConvert];
+const TOOL_ORDER: readonly ToolLabel[] = [TOOL.ours, TOOL.oursCopyOnly, TOOL.python, TOOL.nbdcopyFile, TOOL.nbdcopyFlush, TOOL.nbdcopyNull, TOOL.qemuImgConvert];
 
 export interface CaseInfo {
   /** Short key the targets refer to, e.g. 'full', 'sparse-large'. */
@@ -96,6 +97,8 @@ export class Results {
     const durable = this.ratio('full', TOOL.ours, TOOL.nbdcopyFlush);
     // Not a target of the issue: ours is on disk when it exits, plain nbdcopy's copy may still be in the page cache.
     if (durable !== undefined) lines.push(`full stream: ${durable.toFixed(2)} × nbdcopy --flush (its copy on disk too; for context)`);
+    const copyOnly = this.ratio('full', TOOL.oursCopyOnly, TOOL.nbdcopyFile);
+    if (copyOnly !== undefined) lines.push(`full stream, ours' copy alone (no CLI, libvirt or job set-up): ${copyOnly.toFixed(2)} × nbdcopy (for context)`);
     versus('full stream', this.ratio('full', TOOL.ours, TOOL.python), '× Python', 0.4);
     versus('full -z', this.ratio('full-z', TOOL.ours, TOOL.python), '× Python -z', 0.5);
     const compressed = this.median('full-z', TOOL.ours);
