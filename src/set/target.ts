@@ -125,7 +125,6 @@ async function writeFully(handle: fs.FileHandle, buffer: Buffer, length: number,
  * next fills. The last chunk is padded to the boundary and the file cut back to its length at commit.
  */
 class DirectFileSink implements Sink {
-  private readonly spare: Buffer[] = [];
   private readonly inFlight: Array<Promise<Buffer>> = [];
   private stage: Buffer | undefined;
   private filled = 0;
@@ -189,10 +188,10 @@ class DirectFileSink implements Sink {
     await this.handle.close().catch(() => undefined);
   }
 
-  /** A chunk to fill: a spare one, or one given back by the oldest write once DIRECT_IN_FLIGHT are running. */
+  /** A chunk to fill: the oldest write's once DIRECT_IN_FLIGHT are running, else a new one (DIRECT_IN_FLIGHT + 1 in all). */
   private async freeChunk(): Promise<Buffer> {
     if (this.inFlight.length >= DIRECT_IN_FLIGHT) return this.inFlight.shift()!;
-    return this.spare.pop() ?? native().alignedBuffer(DIRECT_CHUNK, DIRECT_ALIGN);
+    return native().alignedBuffer(DIRECT_CHUNK, DIRECT_ALIGN);
   }
 
   private submit(length: number): void {

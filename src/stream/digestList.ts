@@ -23,7 +23,7 @@ export class DigestList implements Iterable<PieceDigest> {
     return this.count;
   }
 
-  /** Adds a piece whose digest comes later (set or the `into`/`at` of add); returns its slot. */
+  /** Adds a piece whose digest comes later (through set or place); returns its slot. */
   add(offset: number, length: number): number {
     const slot = this.count++;
     const block = this.blockOf(slot, true);

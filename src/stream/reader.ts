@@ -15,8 +15,6 @@ export type StreamRecord =
   | { kind: 'data'; offset: number; length: number; data: Promise<Buffer> }
   | { kind: 'zero'; offset: number; length: number };
 
-/** Uncompressed payload is handed out in pieces of this size. */
-const PIECE = PAYLOAD_PIECE_SIZE;
 /** Reads at least this long are summed on a worker thread, smaller ones inline. */
 const THREADED_SUM = 256 * 1024;
 /** Most threaded sums outstanding before a read waits for the oldest. */
@@ -202,7 +200,7 @@ export class StreamReader {
         if (offset !== frame.start + frame.length) this.fail(`lz4 frames hold ${offset - frame.start} bytes, data frame says ${frame.length}`);
       } else {
         for (let done = 0; done < frame.length;) {
-          const step = Math.min(PIECE, frame.length - done);
+          const step = Math.min(PAYLOAD_PIECE_SIZE, frame.length - done);
           yield { kind: 'data', offset: frame.start + done, length: step, data: Promise.resolve(await this.read(step)) };
           done += step;
         }

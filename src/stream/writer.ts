@@ -96,18 +96,27 @@ async function readPiece(source: Endpoint, offset: number, length: number, buffe
   return buffer;
 }
 
-/** Records a piece's digest once its sums arrive, so no promise per piece outlives its queue entry. */
-function recordDigest(into: DigestList, part: { offset: number; length: number }, sums: Promise<{ digest?: string }>): void {
-  const slot = into.add(part.offset, part.length);
-  sums.then((s) => { if (s.digest) into.set(slot, s.digest); }, () => undefined); // failures surface through the queue
+/**
+ * The adler32 of a piece and, with a slot, its digest stored there in `digests`: pieces up to SYNC_SUM_BYTES on the
+ * event loop, where a threadpool round trip costs more than their sums, larger ones on a worker thread.
+ */
+async function sumPiece(data: Buffer, digests?: DigestList, slot?: number): Promise<number> {
+  const addon = native();
+  const recorded = digests !== undefined && slot !== undefined;
+  if (data.length <= SYNC_SUM_BYTES) {
+    if (!recorded) return addon.checksumPieceSync(data);
+    const { into, at } = digests.place(slot);
+    return addon.checksumPieceSync(data, PIECE_DIGEST, into, at);
+  }
+  const sums = await addon.checksumPiece(data, recorded ? PIECE_DIGEST : undefined);
+  if (recorded && sums.digest) digests.set(slot, sums.digest);
+  return sums.adler32;
 }
 
-/** Sums a small piece on the event loop: its adler32, and its digest into `slot` of `digests` (slot -1: none). */
-function sumSmallPiece(data: Buffer, digests: DigestList | undefined, slot: number): number {
-  const addon = native();
-  if (!digests || slot < 0) return addon.checksumPieceSync(data);
-  const { into, at } = digests.place(slot);
-  return addon.checksumPieceSync(data, PIECE_DIGEST, into, at);
+/** The digest alone of a compressed piece's disk bytes, stored in `slot` of `digests` (no adler32 of them is needed). */
+async function digestPiece(data: Buffer, digests: DigestList, slot: number): Promise<void> {
+  if (data.length <= SYNC_SUM_BYTES) await sumPiece(data, digests, slot);
+  else digests.set(slot, await native().digestPiece(data, PIECE_DIGEST));
 }
 
 export async function writeStream(options: StreamWriteOptions): Promise<StreamWriteResult> {
@@ -130,8 +139,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const queue: Pending[] = [];
   let bytesInFlight = 0;
   const trailer: Promise<TrailerEntry>[] = [];
-  const digests = new DigestList();
-  const digestInto = options.digests ? digests : undefined;
+  const digests = options.digests ? new DigestList() : undefined;
   const pool = new BufferPool(PAYLOAD_PIECE_SIZE, Math.ceil(WINDOW_BYTES / PAYLOAD_PIECE_SIZE) + 2);
 
   const flushBatch = async (): Promise<void> => {
@@ -144,7 +152,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
 
   const emit = async (outs: Out[], force: boolean): Promise<void> => {
     for (const { data, adler32 } of outs) {
-      // Payload sums come from the worker threads; only small headers are summed here.
+      // Payload pieces come with their sums; only headers and terminators are summed here.
       checksum = adler32 === undefined ? addon.adler32(data, checksum) : addon.adler32Combine(checksum, adler32, data.length);
       bytesWritten += data.length;
       batch.push(data);
@@ -189,35 +197,21 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
       for (const part of parts) {
         const buffer = pool.acquire(part.length);
         const raw = readPiece(source, part.offset, part.length, buffer);
-        // adler32 and digests run on worker threads; the buffer returns to the pool once nothing uses it.
-        const small = part.length <= SYNC_SUM_BYTES;
+        // Sums and compression run off the copy loop; the buffer returns to the pool once nothing uses it. The
+        // digest's slot is taken now, so the digests keep stream order.
+        const slot = digests?.add(part.offset, part.length);
         if (compressed) {
           const frame = raw.then((r) => addon.lz4CompressFrame(r, compress));
-          const frameSum = frame.then((f) => (small ? { adler32: addon.checksumPieceSync(f) } : addon.checksumPiece(f)));
-          let rawSum: Promise<unknown> | undefined;
-          if (digestInto && small) {
-            // Added now, so the digest keeps its place in stream order.
-            const slot = digestInto.add(part.offset, part.length);
-            rawSum = raw.then((r) => sumSmallPiece(r, digestInto, slot));
-          } else if (digestInto) {
-            const sum = raw.then((r) => addon.digestPiece(r, PIECE_DIGEST)).then((digest) => ({ digest }));
-            recordDigest(digestInto, part, sum);
-            rawSum = sum;
-          }
+          const frameSum = frame.then((f) => sumPiece(f));
+          const rawDigest = digests ? raw.then((r) => digestPiece(r, digests, slot!)) : undefined;
           sizes.push(frame.then((f) => f.length, () => 0));
-          const ready = Promise.all([frame, frameSum, rawSum]).then(([f, sum]) => {
+          const ready = Promise.all([frame, frameSum, rawDigest]).then(([data, adler32]) => {
             pool.release(buffer);
-            return [{ data: f, adler32: sum.adler32 }];
+            return [{ data, adler32 }];
           });
           await enqueue(ready, part.length);
-        } else if (small) {
-          const slot = digestInto ? digestInto.add(part.offset, part.length) : -1;
-          const ready = raw.then((data) => [{ data, adler32: sumSmallPiece(data, digestInto, slot) }]);
-          await enqueue(ready, part.length, () => pool.release(buffer));
         } else {
-          const sums = raw.then((r) => addon.checksumPiece(r, digestInto ? PIECE_DIGEST : undefined));
-          if (digestInto) recordDigest(digestInto, part, sums);
-          const ready = Promise.all([raw, sums]).then(([data, sum]) => [{ data, adler32: sum.adler32 }]);
+          const ready = raw.then(async (data) => [{ data, adler32: await sumPiece(data, digests, slot) }]);
           await enqueue(ready, part.length, () => pool.release(buffer));
         }
       }
@@ -237,5 +231,5 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     await Promise.allSettled(queue.map((q) => q.output));
     throw err;
   }
-  return { checksum, bytesWritten, dataSize: plan.dataSize, digests: digestInto };
+  return { checksum, bytesWritten, dataSize: plan.dataSize, digests };
 }
