@@ -77,6 +77,13 @@ export const identOf = (link: ChainLink): string => (link.level === 'full' ? lin
 
 export const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
 
+/** Refuses, naming the first, if any of `files` exists: a restore never overwrites. */
+export async function refuseExisting(files: readonly string[]): Promise<void> {
+  for (const file of files) {
+    if (await exists(file)) throw new UserError(`${file} already exists; restore into another directory or move it away (nothing is overwritten)`);
+  }
+}
+
 interface ScannedSet {
   checkpoints: string[];
   chains: Map<string, ChainLink[]>;
@@ -352,9 +359,7 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
   }
   const twice = outputs.find((file, i) => outputs.indexOf(file) !== i);
   if (twice) throw new UserError(`two restored files would be named ${twice}; restore the disks one by one with -d`);
-  for (const file of outputs) {
-    if (await exists(file)) throw new UserError(`${file} already exists; restore into another directory or move it away (nothing is overwritten)`);
-  }
+  await refuseExisting(outputs);
 }
 
 async function readQcowInfo(input: string, disk: DiskPlan): Promise<string | undefined> {

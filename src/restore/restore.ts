@@ -19,7 +19,7 @@ import { openLibvirt } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage } from './qemu.js';
-import { exists, planRestore, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
+import { exists, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
@@ -138,11 +138,7 @@ async function planConfig(plan: RestorePlan, options: RestoreOptions, adjust: bo
   if (!plan.outputDir) throw new UserError('-c/-D adjust the domain XML to images in a directory: restore into a directory, or define the domain yourself with the target as its disk');
   const target = path.join(plan.outputDir, path.basename(source));
   const nvram = await savedNvram(xml, plan, plan.outputDir);
-  for (const file of [target, ...(nvram ? [nvram.target] : [])]) {
-    if (await exists(file)) {
-      throw new UserError(`${file} already exists; restore into another directory or move it away (nothing is overwritten)`);
-    }
-  }
+  await refuseExisting([target, ...(nvram ? [nvram.target] : [])]);
   let adjusted;
   try {
     adjusted = adjustDomainConfig(xml, {
@@ -238,8 +234,8 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
   }
   const socket = options.socketFile ?? `/var/tmp/virtnbdrestore.${process.pid}.${disk.disk}`;
   await fs.rm(socket, { force: true });
-  const preallocated = disk.createOptions.some((o) => o.startsWith('preallocation='));
-  const server = await ImageServer.start({ file: work, format: disk.format, socket, exportName: disk.disk, connections: CONNECTIONS, thin: !preallocated });
+  // -A preallocates new images (plan.ts refuses it for an existing target): zero writes must not unmap them.
+  const server = await ImageServer.start({ file: work, format: disk.format, socket, exportName: disk.disk, connections: CONNECTIONS, thin: !options.preallocate });
   let endpoint: Endpoint | undefined;
   try {
     endpoint = await NbdEndpoint.open({ socket, exportName: disk.disk }, { connections: CONNECTIONS, sharedBackend: true });
@@ -292,11 +288,7 @@ export interface AppliedStream {
 export async function applyStream(link: { path: string }, target: Endpoint, options: ApplyOptions): Promise<AppliedStream> {
   const reader = await StreamReader.open(link.path, { checksum: true });
   const window = new WorkWindow(WRITE_WINDOW);
-  const add = (work: Promise<void>, bytes: number): Promise<void> => {
-    work.catch(() => undefined); // the window reports it
-    return window.add(work, bytes);
-  };
-  const zero = (offset: number, length: number): Promise<void> => add(target.zero(offset, length, true), 0);
+  const zero = (offset: number, length: number): Promise<void> => window.add(target.zero(offset, length, true), 0);
   let covered = 0;
   try {
     for await (const record of reader.records()) {
@@ -307,7 +299,7 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
         if (!options.targetIsZero) await zero(record.offset, record.length);
       } else {
         const { offset, length } = record;
-        await add(record.data.then((data) => target.write(data, offset)).then(() => options.progress?.(length)), length);
+        await window.add(record.data.then((data) => target.write(data, offset)).then(() => options.progress?.(length)), length);
       }
     }
     if (options.zeroUncovered && reader.meta.virtualSize > covered) await zero(covered, reader.meta.virtualSize - covered);

@@ -7,9 +7,11 @@ export class WorkWindow {
 
   constructor(private readonly maxBytes: number, private readonly maxCount = 64) {}
 
-  /** Adds started work holding `bytes` of memory; waits while the window is full. */
+  /**
+   * Adds started work holding `bytes` of memory; waits while the window is full. The work is tracked (its failure
+   * handled, settle() waits for it) before an earlier failure is rethrown, so callers need no guard of their own.
+   */
   async add(work: Promise<void>, bytes: number): Promise<void> {
-    this.throwIfFailed();
     this.bytes += bytes;
     const tracked: Promise<void> = work.then(
       () => undefined,
@@ -19,6 +21,7 @@ export class WorkWindow {
       this.inFlight.delete(tracked);
     });
     this.inFlight.add(tracked);
+    this.throwIfFailed();
     while (this.inFlight.size > 0 && (this.bytes > this.maxBytes || this.inFlight.size > this.maxCount)) {
       await Promise.race(this.inFlight);
     }
