@@ -13,7 +13,7 @@ import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError } from '../stream/format.js
 import { checkLinks, parseDataFileName, type ChainLink } from '../set/backupSet.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { coalesce } from './coalesce.js';
-import { readInto } from './fileIo.js';
+import { readInto } from '../util/fileIo.js';
 import { FrameCache } from './frameCache.js';
 import { firstEndingAfter, overlay, segmentEnd, type Segment } from './segments.js';
 import { indexStream, type StreamIndex } from './streamIndex.js';
@@ -95,7 +95,6 @@ export class ChainEndpoint implements Endpoint {
 
   /** Fills `target` with the segment's bytes from `within` bytes into it. */
   private async readSegment(segment: Segment, within: number, target: Buffer): Promise<void> {
-    const handle = this.handles[segment.file] as fs.FileHandle;
     if (segment.packed === 0) {
       await this.readFully(segment, target, segment.at + within);
       return;

@@ -11,7 +11,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { coalesce } from './coalesce.js';
-import { readInto } from './fileIo.js';
+import { readInto } from '../util/fileIo.js';
 
 /** Copy-on-write granularity: a smaller write costs one read of the base block, once. */
 export const COW_BLOCK = 64 * 1024;

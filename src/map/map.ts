@@ -73,9 +73,10 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     if (options.readOnly) {
       cleanups.push(() => chain.close());
     } else {
-      const cow = await CopyOnWriteEndpoint.create(chain, options.overlayParent ?? '/var/tmp').catch(async (err: unknown) => {
+      const overlayParent = options.overlayParent ?? '/var/tmp';
+      const cow = await CopyOnWriteEndpoint.create(chain, overlayParent).catch(async (err: unknown) => {
         await chain.close();
-        throw new UserError(`cannot create the copy-on-write overlay in ${options.overlayParent ?? '/var/tmp'}: ${oneLine(err)} (use -r to serve read-only)`);
+        throw new UserError(`cannot create the copy-on-write overlay in ${overlayParent}: ${oneLine(err)} (use -r to serve read-only)`);
       });
       endpoint = cow;
       overlayDir = cow.overlayDir;
@@ -99,7 +100,7 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     const name = encodeURIComponent(options.exportName);
     const host = options.listenAddress.includes(':') ? `[${options.listenAddress}]` : options.listenAddress;
     const uris = [`nbd+unix:///${name}?socket=${options.socket}`, `nbd://${host}:${port}/${name}`];
-    const device = options.device ? await attachDevice(options.device, uris[0] as string, Boolean(options.readOnly), uris, log) : undefined;
+    const device = options.device ? await attachDevice(options.device, Boolean(options.readOnly), uris, log) : undefined;
     if (device) cleanups.push(() => run('qemu-nbd', ['-d', device]));
     return { uris, overlayDir, device, description, server, stop };
   } catch (err) {
@@ -108,15 +109,15 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
   }
 }
 
-/** Attaches the export as `device` through qemu-nbd; where that cannot work, says why and serves on. */
-async function attachDevice(device: string, uri: string, readOnly: boolean, uris: string[], log: Logger): Promise<string | undefined> {
+/** Attaches the export (its first URI) as `device` through qemu-nbd; where that cannot work, says why and serves on. */
+async function attachDevice(device: string, readOnly: boolean, uris: string[], log: Logger): Promise<string | undefined> {
   const only = `serving on ${uris.join(' and ')} only`;
   if (!fs.existsSync(NBD_MODULE)) {
     log.warn(`nbd kernel module not loaded; ${only} (modprobe nbd, then map again to get ${device})`);
     return undefined;
   }
   try {
-    await run('qemu-nbd', ['-c', device, '-f', 'raw', ...(readOnly ? ['-r'] : []), uri]);
+    await run('qemu-nbd', ['-c', device, '-f', 'raw', ...(readOnly ? ['-r'] : []), uris[0] as string]);
   } catch (err) {
     log.warn(`cannot attach ${device}: ${oneLine(err)}; ${only}`);
     return undefined;

@@ -5,6 +5,7 @@
 // the adler32 of every byte of the file (the `.chksum` value) in the same single pass.
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
+import { readInto } from '../util/fileIo.js';
 import {
   PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, StreamFormatError, frameSizes, parseHeader, parseMetadata, parseTrailer,
   trailerOffset, type FrameHeader, type StreamMetadata, type TrailerEntry,
@@ -236,11 +237,7 @@ function checkLength(data: Buffer, expected: number, where: string): Buffer {
 
 export async function readExactly(handle: fs.FileHandle, position: number, length: number, file: string): Promise<Buffer> {
   const buffer = Buffer.allocUnsafe(length);
-  let done = 0;
-  while (done < length) {
-    const { bytesRead } = await handle.read(buffer, done, length - done, position + done);
-    if (bytesRead === 0) throw new StreamFormatError(`${file}: unexpected end of file at byte ${position + done} (truncated)`);
-    done += bytesRead;
-  }
+  const got = await readInto(handle, buffer, position);
+  if (got < length) throw new StreamFormatError(`${file}: unexpected end of file at byte ${position + got} (truncated)`);
   return buffer;
 }

@@ -1,5 +1,5 @@
-// Positional reads into a caller's buffer, for the map's endpoints (which read into the NBD reply buffer
-// rather than allocating their own, as the stream reader does).
+// Positional reads into a caller's buffer: the stream reader's exact reads and the map's endpoints (which read
+// into the NBD reply buffer) share this one loop.
 import type fs from 'node:fs/promises';
 
 /** Reads into all of `target` from `position`, stopping early only at end of file; returns the bytes read. */
