@@ -52,10 +52,6 @@ export class Results {
     row.runs.push(measurement);
   }
 
-  get empty(): boolean {
-    return this.rows.length === 0;
-  }
-
   median(caseKey: string, tool: ToolLabel): Measurement | undefined {
     const row = this.rows.find((r) => r.info.key === caseKey && r.tool === tool);
     return row ? medianMeasurement(row.runs) : undefined;

@@ -108,7 +108,7 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
   }
   if (toZip && options.type === 'raw') throw new UserError('-t raw cannot be written to standard output (-o -); give an output directory');
   if (toZip && options.raw) throw new UserError('raw disks (-r) cannot be written to standard output (-o -); give an output directory');
-  if ([options.startOnly, options.printOnly].filter(Boolean).length > 1) throw new UserError('-s and -p exclude each other');
+  if (options.startOnly && options.printOnly) throw new UserError('-s and -p exclude each other');
 }
 
 /** Refuses what would damage the set or produce an unusable run. */

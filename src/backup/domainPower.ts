@@ -3,13 +3,9 @@
 // with AUTODESTROY, so it also goes away if this process dies. --pause: a running domain is suspended while the
 // job starts (checkpoint and export are then taken with the guest stopped) and resumed right after.
 // Guarantees: finish() returns the domain to the state it was found in, also after errors and signals.
-import type { LibvirtDomain } from '../native/addon.js';
+import { VIR_DOMAIN_RUNNING, VIR_DOMAIN_START_AUTODESTROY, VIR_DOMAIN_START_PAUSED, type LibvirtDomain } from '../native/addon.js';
 import type { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
-
-const VIR_DOMAIN_START_PAUSED = 1;
-const VIR_DOMAIN_START_AUTODESTROY = 2;
-const VIR_DOMAIN_RUNNING = 1;
 
 export class DomainPower {
   private constructor(

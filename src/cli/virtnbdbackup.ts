@@ -119,8 +119,5 @@ function report(result: BackupResult): void {
     process.stdout.write(`estimated size of the next inc/diff: ${result.estimate ?? 0} bytes\n`);
     return;
   }
-  if (result.startedJob) {
-    process.stdout.write(`${result.startedJob.socket}\n`);
-    return;
-  }
+  if (result.startedJob) process.stdout.write(`${result.startedJob.socket}\n`);
 }

@@ -7,6 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
   VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY, VIR_DOMAIN_CHECKPOINT_XML_SIZE,
+  VIR_ERR_CHECKPOINT_INCONSISTENT,
   type LibvirtDomain, type NativeError,
 } from '../native/addon.js';
 import {
@@ -15,9 +16,6 @@ import {
 } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
-
-/** virErrorNumber of "checkpoint inconsistent: missing or broken bitmap" (libvirt >= 6.10). */
-const VIR_ERR_CHECKPOINT_INCONSISTENT = 109;
 
 export interface CheckpointCensus {
   /** Checkpoints of this chain (this prefix), oldest first. */

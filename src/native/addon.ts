@@ -118,6 +118,11 @@ export const VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE = 1;
 export const VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY = 2;
 export const VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA = 16;
 export const VIR_DOMAIN_JOB_OPERATION_BACKUP = 9;
+export const VIR_DOMAIN_START_PAUSED = 1;
+export const VIR_DOMAIN_START_AUTODESTROY = 2;
+export const VIR_DOMAIN_RUNNING = 1;
+/** virErrorNumber of "checkpoint inconsistent: missing or broken bitmap" (libvirt >= 6.10). */
+export const VIR_ERR_CHECKPOINT_INCONSISTENT = 109;
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 let loaded: NativeAddon | undefined;
