@@ -15,6 +15,7 @@
 #include "libvirt.h"
 #include "lz4.h"
 #include "checksum.h"
+#include "external.h"
 #include "nbd_handle.h"
 
 namespace virtnbd {
@@ -45,8 +46,7 @@ std::string LibvirtVersion() {
          std::to_string(version % 1000);
 }
 
-// alignedBuffer(size, alignment): zeroed memory on an `alignment` boundary, as O_DIRECT writes need; reported to V8
-// as external memory so that dropped buffers are collected.
+// alignedBuffer(size, alignment): zeroed memory on an `alignment` boundary, as O_DIRECT writes need.
 Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
   uint64_t size = ArgU64(info, 0, "size");
   uint64_t alignment = ArgU64(info, 1, "alignment");
@@ -54,12 +54,7 @@ Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
   void* data = nullptr;
   if (posix_memalign(&data, alignment, size == 0 ? alignment : size) != 0) throw Napi::Error::New(info.Env(), "out of memory");
   std::memset(data, 0, size);
-  int64_t reported = static_cast<int64_t>(size);
-  Napi::MemoryManagement::AdjustExternalMemory(info.Env(), reported);
-  return Napi::Buffer<uint8_t>::New(info.Env(), static_cast<uint8_t*>(data), size, [reported](Napi::Env env, uint8_t* p) {
-    free(p);
-    Napi::MemoryManagement::AdjustExternalMemory(env, -reported);
-  });
+  return ExternalBuffer(info.Env(), static_cast<uint8_t*>(data), size, size);
 }
 
 Napi::Value Versions(const Napi::CallbackInfo& info) {

@@ -11,6 +11,7 @@
 
 #include "args.h"
 #include "async.h"
+#include "external.h"
 
 namespace virtnbd {
 
@@ -39,15 +40,9 @@ Failure Lz4Failure(size_t code) {
 
 Failure Lz4Failure(const char* message) { return {message, std::nullopt, "lz4"}; }
 
-// The bytes are reported to V8 as external memory, so that its GC runs (and frees them) as frames pile up.
 Napi::Value ToBuffer(Napi::Env env, Bytes& out) {
-  uint8_t* data = out.data.release();
-  int64_t size = static_cast<int64_t>(out.capacity);
-  Napi::MemoryManagement::AdjustExternalMemory(env, size);
-  return Napi::Buffer<uint8_t>::NewOrCopy(env, data, out.length, [size](Napi::Env finalizing, uint8_t* p) {
-    free(p);
-    Napi::MemoryManagement::AdjustExternalMemory(finalizing, -size);
-  });
+  size_t capacity = out.capacity;
+  return ExternalBuffer(env, out.data.release(), out.length, capacity);
 }
 
 std::optional<Failure> Compress(const uint8_t* src, size_t length, int level, Bytes& out) {
