@@ -15,7 +15,7 @@ import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpoin
 import type { CheckpointPlan, Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
-import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain, takeCensus } from '../libvirt/chain.js';
+import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, openLibvirt } from '../libvirt/connection.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -281,7 +281,7 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
 /** Starts the libvirt backup job for `plan`; a full first removes this chain's old checkpoints. */
 async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
-  if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, await takeCensus(domain, plan.prefix), log);
+  if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, plan.prefix, log);
   return ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
     socket: socketOf(options),
     scratchDir: options.scratchDir ?? '/var/tmp',

@@ -10,7 +10,7 @@ import {
   CHECKPOINT_DIR, archiveChain, checkpointListName, isArchivedChain, readCheckpointList,
 } from '../set/backupSet.js';
 import { DEFAULT_PREFIX, checkPrefix, planCheckpoint, prefixOf, type CheckpointPlan, type Level } from '../libvirt/checkpoints.js';
-import { redefineMissing, takeCensus, unusableParent, warnForeign } from '../libvirt/chain.js';
+import { foreignCheckpoints, redefineMissing, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems } from './offline.js';
@@ -56,7 +56,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const chain = level === 'inc' || level === 'diff' ? await readCheckpointList(cptFile) : [];
   const prefix = resolvePrefix(options.checkpointPrefix, chain, cptFile);
   if (level === 'copy') return planFor(level, [], prefix);
-  warnForeign(await takeCensus(domain, prefix), options.domain, log);
+  warnForeign(await foreignCheckpoints(domain, prefix), options.domain, log);
   if (level === 'full') return planFor(level, [], prefix);
 
   const parent = chain[chain.length - 1];

@@ -17,37 +17,29 @@ import {
 import type { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 
-export interface CheckpointCensus {
-  /** Checkpoints of this chain (this prefix), oldest first. */
-  chain: string[];
-  /** Checkpoints of our other chains (other prefixes, or virtnbdbackup's). */
-  otherChains: string[];
-  /** Checkpoints someone else created. */
-  foreign: string[];
-}
-
 function chainIndex(name: string): number {
   return Number(/\.(\d+)$/.exec(name)?.[1] ?? -1);
 }
 
-/** Sorts the domain's checkpoints into this chain's, our other chains' and foreign ones. */
-export async function takeCensus(domain: LibvirtDomain, prefix: string): Promise<CheckpointCensus> {
-  const census: CheckpointCensus = { chain: [], otherChains: [], foreign: [] };
-  for (const name of await domain.listCheckpointNames()) {
-    if (inChain(name, prefix)) {
-      census.chain.push(name);
-      continue;
-    }
-    const xml = await domain.checkpointGetXMLDesc(name, 0).catch(() => '');
-    const ours = prefixOf(name) !== undefined && (checkpointDescription(xml)?.startsWith(CHECKPOINT_DESCRIPTION) || name.includes(DEFAULT_PREFIX));
-    (ours ? census.otherChains : census.foreign).push(name);
-  }
-  census.chain.sort((a, b) => chainIndex(a) - chainIndex(b));
-  return census;
+/** This chain's checkpoints (this prefix) among `names`, oldest first: no checkpoint XML needed. */
+function chainCheckpoints(names: string[], prefix: string): string[] {
+  return names.filter((name) => inChain(name, prefix)).sort((a, b) => chainIndex(a) - chainIndex(b));
 }
 
-export function warnForeign(census: CheckpointCensus, domainName: string, log: Logger): void {
-  for (const name of census.foreign) {
+/** Checkpoints someone else created: neither of this chain nor of virtnbdbackup's other chains. */
+export async function foreignCheckpoints(domain: LibvirtDomain, prefix: string): Promise<string[]> {
+  const foreign: string[] = [];
+  for (const name of await domain.listCheckpointNames()) {
+    if (inChain(name, prefix)) continue;
+    const xml = await domain.checkpointGetXMLDesc(name, 0).catch(() => '');
+    const ours = prefixOf(name) !== undefined && (checkpointDescription(xml)?.startsWith(CHECKPOINT_DESCRIPTION) || name.includes(DEFAULT_PREFIX));
+    if (!ours) foreign.push(name);
+  }
+  return foreign;
+}
+
+export function warnForeign(foreign: string[], domainName: string, log: Logger): void {
+  for (const name of foreign) {
     log.warn(`domain '${domainName}' has checkpoint '${name}', not created by virtnbdbackup: left alone; it does not affect this chain`);
   }
 }
@@ -67,8 +59,8 @@ async function deleteCheckpoint(domain: LibvirtDomain, name: string, log: Logger
 }
 
 /** Removes this chain's checkpoints, newest first: a full backup starts the chain anew. */
-export async function removeChain(domain: LibvirtDomain, census: CheckpointCensus, log: Logger): Promise<void> {
-  for (const name of [...census.chain].reverse()) {
+export async function removeChain(domain: LibvirtDomain, prefix: string, log: Logger): Promise<void> {
+  for (const name of chainCheckpoints(await domain.listCheckpointNames(), prefix).reverse()) {
     await deleteCheckpoint(domain, name, log);
     log.info(`removed old checkpoint ${name}: a full backup starts a new chain`);
   }
