@@ -264,7 +264,8 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   const log = options.log ?? silentLogger;
   const input = path.resolve(options.input);
   const output = await resolveOutput(path.resolve(options.output));
-  const { chains, images, checkpoints } = selectSources(await scanSet(input), { ...options, input }, log);
+  const resolved = { ...options, input };
+  const { chains, images, checkpoints } = selectSources(await scanSet(input), resolved, log);
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));
@@ -279,8 +280,8 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   if (kept.length === 0) throw new UserError(`nothing to restore from ${input}: ${disks.map((d) => d.disk).join(', ')} ${disks.length > 1 ? 'are raw-format disks' : 'is a raw-format disk'}; add -r/--raw`);
   kept.sort((a, b) => a.disk.localeCompare(b.disk));
 
-  if (output.file) await placeOnto(kept, output.file, output.block, options);
-  else await placeInDirectory(kept, output.dir as string, options);
+  if (output.file) await placeOnto(kept, output.file, output.block, resolved);
+  else await placeInDirectory(kept, output.dir as string, resolved);
   const point = pickRestorePoint(kept, configs);
   return { input, outputDir: output.dir, disks: kept, vmconfig: configs.pick(point), ident: point };
 }
@@ -365,7 +366,7 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
 async function readQcowInfo(input: string, disk: DiskPlan): Promise<string | undefined> {
   const idents = [disk.ident, ...(disk.source.kind === 'stream' ? [identOf(disk.source.chain[0] as ChainLink)] : [])];
   for (const ident of idents) {
-    const text = await fs.readFile(path.join(path.resolve(input), qcowInfoName(disk.disk, ident)), 'utf8').catch(() => undefined);
+    const text = await fs.readFile(path.join(input, qcowInfoName(disk.disk, ident)), 'utf8').catch(() => undefined);
     if (text !== undefined) return text;
   }
   return undefined;
