@@ -157,3 +157,51 @@ export function frameSizes(entry: TrailerEntry): number[] {
   const sizes = Object.values(entry)[0];
   return sizes ?? [];
 }
+
+/** Reports a structural fault; the caller adds the file and byte position. */
+export type FaultReporter = (message: string) => never;
+
+/**
+ * The structural checks of one walk over a stream's frames, shared by the reader and the map's index: frame kinds,
+ * order and bounds, the trailer entry of each compressed data frame and the lz4 frames' content sizes, and at the
+ * stop frame the bytes left, the trailer's count and dataSize.
+ */
+export class FrameSequence {
+  private lastEnd = 0;
+  private dataSize = 0;
+  private dataFrames = 0;
+
+  constructor(private readonly meta: StreamMetadata, private readonly trailer: TrailerEntry[] | null) {}
+
+  /** Checks the next frame header before the stop frame; returns a compressed data frame's trailer entry. */
+  next(frame: FrameHeader, fail: FaultReporter): TrailerEntry | undefined {
+    if (frame.kind !== 'data' && frame.kind !== 'zero') fail(`unexpected ${frame.kind} frame inside the stream`);
+    if (frame.start < this.lastEnd) fail(`frames out of order (${frame.start} after ${this.lastEnd})`);
+    if (frame.start + frame.length > this.meta.virtualSize) fail(`frame beyond the disk's virtual size ${this.meta.virtualSize}`);
+    this.lastEnd = frame.start + frame.length;
+    if (frame.kind === 'zero') return undefined;
+    this.dataSize += frame.length;
+    const index = this.dataFrames++;
+    if (!this.trailer) return undefined;
+    const entry = this.trailer[index];
+    if (entry === undefined) fail(`data frame ${index} has no entry in the compression trailer`);
+    return entry;
+  }
+
+  /** An lz4 frame of `frame` whose content ends at disk offset `end` must stay inside it. */
+  lz4FrameEnds(frame: FrameHeader, end: number, fail: FaultReporter): void {
+    if (end > frame.start + frame.length) fail(`lz4 frames exceed the data frame's length ${frame.length}`);
+  }
+
+  /** The lz4 frames of `frame`, ending at disk offset `end`, must fill it exactly. */
+  lz4FramesDone(frame: FrameHeader, end: number, fail: FaultReporter): void {
+    if (end !== frame.start + frame.length) fail(`lz4 frames hold ${end - frame.start} bytes, data frame says ${frame.length}`);
+  }
+
+  /** After the stop frame, which ended at `at`; the body must end at `bodyEnd`. */
+  end(at: number, bodyEnd: number, fail: FaultReporter): void {
+    if (at !== bodyEnd) fail(`${bodyEnd - at} unexpected bytes after the stop frame`);
+    if (this.trailer && this.dataFrames !== this.trailer.length) fail(`trailer lists ${this.trailer.length} data frames, stream has ${this.dataFrames}`);
+    if (this.dataSize !== this.meta.dataSize) fail(`data frames hold ${this.dataSize} bytes, metadata says ${this.meta.dataSize}`);
+  }
+}

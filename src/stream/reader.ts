@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
 import { readInto } from '../util/fileIo.js';
 import {
-  PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, StreamFormatError, frameSizes, parseHeader, parseMetadata, parseTrailer,
+  PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, FrameSequence, StreamFormatError, type FaultReporter, frameSizes, parseHeader, parseMetadata, parseTrailer,
   trailerOffset, type FrameHeader, type StreamMetadata, type TrailerEntry,
 } from './format.js';
 
@@ -167,24 +167,17 @@ export class StreamReader {
     this.pending = [];
     this.complete = false;
     const addon = native();
-    let dataSize = 0;
-    let dataFrames = 0;
-    let lastEnd = 0;
+    const frames = new FrameSequence(this.meta, this.trailer);
+    const fail: FaultReporter = (message) => this.fail(message);
     for (;;) {
       const frame = await this.header();
       if (frame.kind === 'stop') break;
-      if (frame.kind !== 'data' && frame.kind !== 'zero') this.fail(`unexpected ${frame.kind} frame inside the stream`);
-      if (frame.start < lastEnd) this.fail(`frames out of order (${frame.start} after ${lastEnd})`);
-      if (frame.start + frame.length > this.meta.virtualSize) this.fail(`frame beyond the disk's virtual size ${this.meta.virtualSize}`);
-      lastEnd = frame.start + frame.length;
+      const entry = frames.next(frame, fail);
       if (frame.kind === 'zero') {
         yield { kind: 'zero', offset: frame.start, length: frame.length };
         continue;
       }
-      dataSize += frame.length;
-      if (this.trailer) {
-        const entry = this.trailer[dataFrames];
-        if (entry === undefined) this.fail(`data frame ${dataFrames} has no entry in the compression trailer`);
+      if (entry !== undefined) {
         let offset = frame.start;
         for (const [i, size] of frameSizes(entry).entries()) {
           const compressed = await this.read(size);
@@ -194,11 +187,11 @@ export class StreamReader {
           });
           data.catch(() => undefined);
           const length = lz4ContentSize(compressed) ?? (await data).length;
-          if (offset + length > frame.start + frame.length) this.fail(`lz4 frames exceed the data frame's length ${frame.length}`);
+          frames.lz4FrameEnds(frame, offset + length, fail);
           yield { kind: 'data', offset, length, data: data.then((d) => checkLength(d, length, where)) };
           offset += length;
         }
-        if (offset !== frame.start + frame.length) this.fail(`lz4 frames hold ${offset - frame.start} bytes, data frame says ${frame.length}`);
+        frames.lz4FramesDone(frame, offset, fail);
       } else {
         for (let done = 0; done < frame.length;) {
           const step = Math.min(PAYLOAD_PIECE_SIZE, frame.length - done);
@@ -207,11 +200,8 @@ export class StreamReader {
         }
       }
       await this.terminator();
-      dataFrames++;
     }
-    if (this.position !== this.bodyEnd) this.fail(`${this.bodyEnd - this.position} unexpected bytes after the stop frame`);
-    if (this.trailer && dataFrames !== this.trailer.length) this.fail(`trailer lists ${this.trailer.length} data frames, stream has ${dataFrames}`);
-    if (dataSize !== this.meta.dataSize) this.fail(`data frames hold ${dataSize} bytes, metadata says ${this.meta.dataSize}`);
+    frames.end(this.position, this.bodyEnd, fail);
     if (this.running !== undefined && this.fileSize > this.bodyEnd) await this.read(this.fileSize - this.bodyEnd);
     await this.settleSums();
     this.complete = true;
@@ -223,8 +213,11 @@ export class StreamReader {
 }
 
 /** The content size an lz4 frame header declares (both writers store it), or undefined. */
+/** Bytes of an lz4 frame header that hold its content size (magic, FLG, BD, 8-byte size, header checksum). */
+export const LZ4_HEADER_BYTES = 15;
+
 export function lz4ContentSize(frame: Buffer): number | undefined {
-  if (frame.length < 15 || frame.readUInt32LE(0) !== 0x184d2204) return undefined;
+  if (frame.length < LZ4_HEADER_BYTES || frame.readUInt32LE(0) !== 0x184d2204) return undefined;
   const flags = frame[4] as number;
   if (!(flags & 0x08)) return undefined;
   return Number(frame.readBigUInt64LE(6));
