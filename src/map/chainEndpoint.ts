@@ -77,19 +77,11 @@ export class ChainEndpoint implements Endpoint {
     const end = offset + buffer.length;
     if (end > this.size) throw new RangeError(`read of ${buffer.length} bytes at ${offset} beyond the disk's size ${this.size}`);
     const pieces: Promise<void>[] = [];
-    let at = offset;
-    for (let i = firstEndingAfter(this.segments, offset); i < this.segments.length && at < end; i++) {
-      const segment = this.segments[i] as Segment;
-      if (segment.start >= end) break;
-      if (segment.start > at) buffer.fill(0, at - offset, segment.start - offset);
-      const from = Math.max(at, segment.start);
-      const to = Math.min(end, segmentEnd(segment));
+    for (const { from, to, segment } of this.cover(offset, end)) {
       const target = buffer.subarray(from - offset, to - offset);
-      if (segment.kind === 'zero') target.fill(0);
-      else pieces.push(this.readSegment(segment, from - segment.start, target));
-      at = to;
+      if (segment?.kind === 'data') pieces.push(this.readSegment(segment, from - segment.start, target));
+      else target.fill(0);
     }
-    if (at < end) buffer.fill(0, at - offset);
     await Promise.all(pieces);
   }
 
@@ -142,16 +134,23 @@ export class ChainEndpoint implements Endpoint {
 
   /** Uncoalesced status of [offset, end): data segments 0, zero frames and holes HOLE|ZERO. */
   private *allocation(offset: number, end: number): Generator<StatusExtent> {
+    for (const { from, to, segment } of this.cover(offset, end)) {
+      yield { offset: from, length: to - from, flags: segment?.kind === 'data' ? 0 : UNALLOCATED };
+    }
+  }
+
+  /** [offset, end) in order as pieces of one segment each, or of none (a hole). */
+  private *cover(offset: number, end: number): Generator<{ from: number; to: number; segment?: Segment }> {
     let at = offset;
     for (let i = firstEndingAfter(this.segments, offset); i < this.segments.length && at < end; i++) {
       const segment = this.segments[i] as Segment;
       if (segment.start >= end) break;
-      if (segment.start > at) yield { offset: at, length: segment.start - at, flags: UNALLOCATED };
+      if (segment.start > at) yield { from: at, to: segment.start };
       const from = Math.max(at, segment.start);
       at = Math.min(end, segmentEnd(segment));
-      yield { offset: from, length: at - from, flags: segment.kind === 'zero' ? UNALLOCATED : 0 };
+      yield { from, to: at, segment };
     }
-    if (at < end) yield { offset: at, length: end - at, flags: UNALLOCATED };
+    if (at < end) yield { from: at, to: end };
   }
 
   async close(): Promise<void> {
