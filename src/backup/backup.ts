@@ -246,7 +246,7 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
     level = 'copy';
   }
   const plan = await planRun(ctx, level);
-  const base = { level: plan.level, checkpoint: plan.checkpoint, disks: [], offline: power.offline, archivedChain: plan.archivedChain };
+  const base = resultOf(ctx, plan);
   if (options.printOnly) return { ...base, estimate: await estimate(ctx, plan) };
   if (options.threshold !== undefined && plan.checkpoint.parent) {
     const changed = await thresholdEstimate(ctx, plan);
@@ -257,6 +257,11 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   }
   options.signal?.throwIfAborted();
   return exportAndSave(ctx, plan);
+}
+
+/** What a result of `plan` says whatever the run did: no disks yet. */
+function resultOf(ctx: RunContext, plan: RunPlan): BackupResult {
+  return { level: plan.level, checkpoint: plan.checkpoint, disks: [], offline: ctx.power.offline, archivedChain: plan.archivedChain };
 }
 
 async function estimate(ctx: RunContext, plan: RunPlan): Promise<number> {
@@ -325,10 +330,10 @@ async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports
 async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
   const { options, log, disks } = ctx;
   const { exports, plan } = await openExports(ctx, initial);
-  const base = { level: plan.level, checkpoint: plan.checkpoint, offline: ctx.power.offline, archivedChain: plan.archivedChain };
+  const base = resultOf(ctx, plan);
   if (options.startOnly) {
     log.info(`backup job of '${options.domain}' started and left running: NBD socket ${socketOf(options)}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k`);
-    return { ...base, disks: [], startedJob: { socket: socketOf(options), exports: disks.map((d) => d.target) } };
+    return { ...base, startedJob: { socket: socketOf(options), exports: disks.map((d) => d.target) } };
   }
   const ident = identOf(plan, ctx.startedAt);
   log.info(`${plan.level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${ctx.stateDir}, checkpoint ${plan.checkpoint.create ? plan.checkpoint.name : 'none'}${plan.checkpoint.parent ? `, changes since ${plan.checkpoint.parent}` : ''}`);
