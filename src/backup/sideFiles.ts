@@ -2,7 +2,7 @@
 // and for a run that created a checkpoint its saved definition and the set's checkpoint list (.cpt).
 // Guarantees: the .cpt is written last, so a run enters the chain only once everything else is in the set.
 import path from 'node:path';
-import { CHECKPOINT_DIR, checkpointListName, qcowInfoName, vmConfigName } from '../set/backupSet.js';
+import { CHECKPOINT_DIR, autostartName, checkpointListName, qcowInfoName, vmConfigName } from '../set/backupSet.js';
 import { DirectoryTarget } from '../set/target.js';
 import { run } from '../util/process.js';
 import { oneLine } from '../util/errors.js';
@@ -40,6 +40,6 @@ export async function saveSideFiles(ctx: RunContext, plan: RunPlan, ident: strin
   await saveImageInfo(ctx, ident);
   await ctx.target.writeFile(vmConfigName(ident), ctx.vmXml);
   await saveBootFiles(ctx.info.bootFiles, ident, ctx.target, ctx.log);
-  if (await ctx.domain.getAutostart()) await ctx.target.writeFile(`autostart.${ident}`, 'True');
+  if (await ctx.domain.getAutostart()) await ctx.target.writeFile(autostartName(ident), 'True');
   if (plan.checkpoint.create) await enterChain(ctx, plan);
 }

@@ -14,7 +14,7 @@ import { NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
-import { listSet, type ChainLink } from '../set/backupSet.js';
+import { autostartName, listSet, type ChainLink } from '../set/backupSet.js';
 import { openLibvirt } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
@@ -107,7 +107,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
       }
       result.defined = config.adjusted.name;
       // The backup saved autostart.<ident> when the domain started with the host; the restored one does too.
-      if (plan.ident !== undefined && (await exists(path.join(plan.input, `autostart.${plan.ident}`)))) {
+      if (plan.ident !== undefined && (await exists(path.join(plan.input, autostartName(plan.ident))))) {
         await domain.setAutostart(true);
         result.autostart = true;
         log.info(`domain '${config.adjusted.name}' starts with the host, as the backed-up domain did (autostart)`);

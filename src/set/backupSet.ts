@@ -53,6 +53,8 @@ export async function writeDigestFile(target: OutputTarget, dataFile: string, pi
 }
 export const checkpointListName = (domain: string): string => `${domain}.cpt`;
 export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;
+/** Present when the domain was set to start with the host at backup `ident`. */
+export const autostartName = (ident: string): string => `autostart.${ident}`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;
 export const CHECKPOINT_DIR = 'checkpoints';
 
