@@ -19,17 +19,6 @@
 
 namespace virtnbd {
 
-namespace {
-
-enum class Digest { kNone, kSha256, kBlake3 };
-
-struct PieceSums {
-  uint32_t adler = 1;
-  Digest digest = Digest::kNone;
-  unsigned char hash[EVP_MAX_MD_SIZE];
-  unsigned int hashLength = 0;
-};
-
 std::string Hex(const PieceSums& sums) {
   std::string hex(sums.hashLength * 2, '0');
   for (unsigned int i = 0; i < sums.hashLength; i++) snprintf(&hex[i * 2], 3, "%02x", sums.hash[i]);
@@ -51,7 +40,6 @@ Digest ArgDigest(const Napi::CallbackInfo& info, size_t index) {
   throw Napi::TypeError::New(info.Env(), "digest must be 'blake3', 'sha256' or undefined");
 }
 
-// The adler32 (when `withAdler`) and `digest` of [data, data+length); runs on any thread.
 std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest digest, bool withAdler, PieceSums& sums) {
   if (withAdler) sums.adler = FastAdler32(1, data, length);
   sums.digest = digest;
@@ -66,6 +54,8 @@ std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest di
   }
   return std::nullopt;
 }
+
+namespace {
 
 // Queues the sums of buffer argument 0 on the threadpool: the adler32 when `withAdler`, and `digest`.
 Napi::Value StartPieceSums(const Napi::CallbackInfo& info, Digest digest, bool withAdler, PromiseWorker<PieceSums>::Settle settle) {

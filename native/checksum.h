@@ -2,8 +2,37 @@
 #pragma once
 
 #include <napi.h>
+#include <openssl/evp.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "async.h"
 
 namespace virtnbd {
+
+enum class Digest { kNone, kSha256, kBlake3 };
+
+// A piece's adler32 (from 1) and strong digest, as computed on a worker thread.
+struct PieceSums {
+  uint32_t adler = 1;
+  Digest digest = Digest::kNone;
+  unsigned char hash[EVP_MAX_MD_SIZE];
+  unsigned int hashLength = 0;
+};
+
+// The digest as lowercase hex.
+std::string Hex(const PieceSums& sums);
+
+// { adler32, digest? } for JS.
+Napi::Value ToObject(Napi::Env env, PieceSums& sums);
+
+// Argument `index` as a Digest: undefined or null for none, else 'blake3' or 'sha256'.
+Digest ArgDigest(const Napi::CallbackInfo& info, size_t index);
+
+// The adler32 (when `withAdler`) and `digest` of [data, data+length); runs on any thread.
+std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest digest, bool withAdler, PieceSums& sums);
 
 // Exports checksumPiece, digestPiece, checksumPieceSync and adler32Combine.
 void InitChecksum(Napi::Env env, Napi::Object exports);

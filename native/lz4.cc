@@ -1,4 +1,5 @@
-// One LZ4 frame per call (content checksum on, 4 MB blocks); decompression rejects corrupt, truncated or padded input.
+// One LZ4 frame per call (content checksum on, 4 MB blocks) into the caller's buffer, summed in the same task;
+// decompression rejects corrupt, truncated or padded input.
 #include "lz4.h"
 
 #include <lz4frame.h>
@@ -9,8 +10,10 @@
 #include <memory>
 #include <optional>
 
+#include "adler32.h"
 #include "args.h"
 #include "async.h"
+#include "checksum.h"
 #include "external.h"
 
 namespace virtnbd {
@@ -45,7 +48,7 @@ Napi::Value ToBuffer(Napi::Env env, Bytes& out) {
   return ExternalBuffer(env, out.data.release(), out.length, capacity);
 }
 
-std::optional<Failure> Compress(const uint8_t* src, size_t length, int level, Bytes& out) {
+LZ4F_preferences_t FramePreferences(size_t length, int level) {
   LZ4F_preferences_t prefs;
   memset(&prefs, 0, sizeof prefs);
   // The content checksum lets a restore name the frame that rotted; per-block checksums add nothing to it but cost
@@ -55,11 +58,7 @@ std::optional<Failure> Compress(const uint8_t* src, size_t length, int level, By
   prefs.frameInfo.blockSizeID = LZ4F_max4MB;
   prefs.frameInfo.contentSize = length;
   prefs.compressionLevel = level;
-  if (!out.Reserve(LZ4F_compressFrameBound(length, &prefs))) return Lz4Failure("out of memory");
-  size_t written = LZ4F_compressFrame(out.data.get(), out.capacity, src, length, &prefs);
-  if (LZ4F_isError(written)) return Lz4Failure(written);
-  out.length = written;
-  return std::nullopt;
+  return prefs;
 }
 
 std::optional<Failure> Decompress(const uint8_t* src, size_t length, Bytes& out) {
@@ -91,32 +90,72 @@ std::optional<Failure> Decompress(const uint8_t* src, size_t length, Bytes& out)
   return std::nullopt;
 }
 
-// Shared by both directions: the source Buffer stays referenced while the worker reads it.
-template <typename Transform>
-Napi::Value Queue(const Napi::CallbackInfo& info, Napi::Buffer<uint8_t> source, Transform transform) {
-  const uint8_t* src = source.Data();
-  size_t length = source.Length();
-  auto run = [src, length, transform](Bytes& out) { return transform(src, length, out); };
-  return PromiseWorker<Bytes>::Start(info.Env(), run, ToBuffer, {source});
-}
-
-Napi::Value CompressFrame(const Napi::CallbackInfo& info) {
+// The source Buffer stays referenced while the worker reads it.
+Napi::Value DecompressFrame(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
     Napi::Buffer<uint8_t> source = ArgBuffer(info, 0, "source");
-    int level = ArgI32(info, 1, "level");
-    auto compress = [level](const uint8_t* src, size_t n, Bytes& out) { return Compress(src, n, level, out); };
-    return Queue(info, source, compress);
+    const uint8_t* src = source.Data();
+    size_t length = source.Length();
+    auto run = [src, length](Bytes& out) { return Decompress(src, length, out); };
+    return PromiseWorker<Bytes>::Start(info.Env(), run, ToBuffer, {source});
   });
 }
 
-Napi::Value DecompressFrame(const Napi::CallbackInfo& info) {
-  return AsPromise(info.Env(), [&] { return Queue(info, ArgBuffer(info, 0, "source"), Decompress); });
+// lz4FrameBound(length): bytes an output buffer needs for the frame of `length` source bytes.
+Napi::Value FrameBound(const Napi::CallbackInfo& info) {
+  uint64_t length = ArgU64(info, 0, "length");
+  LZ4F_preferences_t prefs = FramePreferences(length, 0);
+  return Napi::Number::New(info.Env(), static_cast<double>(LZ4F_compressFrameBound(length, &prefs)));
+}
+
+struct CompressedPiece {
+  size_t length = 0;
+  uint32_t adler = 1;
+  PieceSums source;
+};
+
+// lz4CompressPiece(source, level, output, digest?): Promise<{ length, adler32, digest? }>. One worker task writes
+// the frame into the caller's (reused) `output` and sums it while it is in the cache: the frame's adler32, and the
+// digest of the source bytes when asked. No allocation per piece, so no page faults and no GC pressure from it.
+Napi::Value CompressPiece(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    Napi::Buffer<uint8_t> source = ArgBuffer(info, 0, "source");
+    int level = ArgI32(info, 1, "level");
+    Napi::Buffer<uint8_t> output = ArgBuffer(info, 2, "output");
+    Digest digest = ArgDigest(info, 3);
+    const uint8_t* src = source.Data();
+    size_t length = source.Length();
+    uint8_t* dst = output.Data();
+    size_t capacity = output.Length();
+    LZ4F_preferences_t prefs = FramePreferences(length, level);
+    if (capacity < LZ4F_compressFrameBound(length, &prefs)) BadArg(info, "output", "at least lz4FrameBound(source.length) bytes");
+    auto run = [=](CompressedPiece& piece) -> std::optional<Failure> {
+      if (digest != Digest::kNone) {
+        std::optional<Failure> failure = ComputeSums(src, length, digest, false, piece.source);
+        if (failure) return failure;
+      }
+      size_t written = LZ4F_compressFrame(dst, capacity, src, length, &prefs);
+      if (LZ4F_isError(written)) return Lz4Failure(written);
+      piece.length = written;
+      piece.adler = FastAdler32(1, dst, written);
+      return std::nullopt;
+    };
+    auto settle = [](Napi::Env env, CompressedPiece& piece) -> Napi::Value {
+      Napi::Object out = Napi::Object::New(env);
+      out.Set("length", Napi::Number::New(env, static_cast<double>(piece.length)));
+      out.Set("adler32", Napi::Number::New(env, static_cast<double>(piece.adler)));
+      if (piece.source.digest != Digest::kNone) out.Set("digest", Napi::String::New(env, Hex(piece.source)));
+      return out;
+    };
+    return PromiseWorker<CompressedPiece>::Start(info.Env(), run, settle, {source, output});
+  });
 }
 
 }  // namespace
 
 void InitLz4(Napi::Env env, Napi::Object exports) {
-  exports.Set("lz4CompressFrame", Napi::Function::New(env, CompressFrame, "lz4CompressFrame"));
+  exports.Set("lz4FrameBound", Napi::Function::New(env, FrameBound, "lz4FrameBound"));
+  exports.Set("lz4CompressPiece", Napi::Function::New(env, CompressPiece, "lz4CompressPiece"));
   exports.Set("lz4DecompressFrame", Napi::Function::New(env, DecompressFrame, "lz4DecompressFrame"));
 }
 

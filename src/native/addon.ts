@@ -101,8 +101,14 @@ export interface NativeAddon {
   alignedBuffer(size: number, alignment: number): Buffer;
   /** checksumPiece on the calling thread, for small pieces: the adler32, with the raw digest written to into[at..at+32). */
   checksumPieceSync(buffer: Buffer, digest?: 'blake3' | 'sha256', into?: Buffer, at?: number): number;
-  /** One LZ4 frame of `source`, block and content checksums on, at `level` (0 = default). Runs on a worker. */
-  lz4CompressFrame(source: Buffer, level: number): Promise<Buffer>;
+  /** Bytes an output buffer needs for the LZ4 frame of `length` source bytes. */
+  lz4FrameBound(length: number): number;
+  /**
+   * One LZ4 frame of `source` (content checksum, no block checksums, 4 MB blocks; `level` 0 is lz4's default)
+   * written into `output[0, length)`, with the frame's adler32 and, with `digest`, the digest (hex) of the source
+   * bytes: one worker task, no allocation.
+   */
+  lz4CompressPiece(source: Buffer, level: number, output: Buffer, digest?: 'blake3' | 'sha256'): Promise<{ length: number; adler32: number; digest?: string }>;
   /** Decompress one LZ4 frame; checksums verified; rejects on corruption. Runs on a worker. */
   lz4DecompressFrame(source: Buffer): Promise<Buffer>;
   /** Library versions, for -V and logs. */

@@ -113,12 +113,6 @@ async function sumPiece(data: Buffer, digests?: DigestList, slot?: number): Prom
   return sums.adler32;
 }
 
-/** The digest alone of a compressed piece's disk bytes, stored in `slot` of `digests` (no adler32 of them is needed). */
-async function digestPiece(data: Buffer, digests: DigestList, slot: number): Promise<void> {
-  if (data.length <= SYNC_SUM_BYTES) await sumPiece(data, digests, slot);
-  else digests.set(slot, await native().digestPiece(data, PIECE_DIGEST));
-}
-
 export async function writeStream(options: StreamWriteOptions): Promise<StreamWriteResult> {
   const { source, plan, sink, compress } = options;
   const addon = native();
@@ -141,6 +135,8 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const trailer: Promise<TrailerEntry>[] = [];
   const digests = options.digests ? new DigestList() : undefined;
   const pool = new BufferPool(PAYLOAD_PIECE_SIZE, Math.ceil(WINDOW_BYTES / PAYLOAD_PIECE_SIZE) + 2);
+  // Frames go into reused buffers too: a fresh one per piece cost page faults and major GCs (-z 3.5 s to 2.9 s).
+  const frames = compressed ? new BufferPool(addon.lz4FrameBound(PAYLOAD_PIECE_SIZE), Math.ceil(WINDOW_BYTES / PAYLOAD_PIECE_SIZE) + 2) : undefined;
 
   const flushBatch = async (): Promise<void> => {
     if (batch.length === 0) return;
@@ -201,15 +197,15 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
         // digest's slot is taken now, so the digests keep stream order.
         const slot = digests?.add(part.offset, part.length);
         if (compressed) {
-          const frame = raw.then((r) => addon.lz4CompressFrame(r, compress));
-          const frameSum = frame.then((f) => sumPiece(f));
-          const rawDigest = digests ? raw.then((r) => digestPiece(r, digests, slot!)) : undefined;
-          sizes.push(frame.then((f) => f.length, () => 0));
-          const ready = Promise.all([frame, frameSum, rawDigest]).then(([data, adler32]) => {
+          const output = frames!.acquire(addon.lz4FrameBound(part.length));
+          const piece = raw.then((r) => addon.lz4CompressPiece(r, compress, output, digests ? PIECE_DIGEST : undefined));
+          sizes.push(piece.then((p) => p.length, () => 0));
+          const ready = piece.then(({ length, adler32, digest }) => {
+            if (digest) digests!.set(slot!, digest);
             pool.release(buffer);
-            return [{ data, adler32 }];
+            return [{ data: output.subarray(0, length), adler32 }];
           });
-          await enqueue(ready, part.length);
+          await enqueue(ready, part.length, () => frames!.release(output));
         } else {
           const ready = raw.then(async (data) => [{ data, adler32: await sumPiece(data, digests, slot) }]);
           await enqueue(ready, part.length, () => pool.release(buffer));
