@@ -17,10 +17,25 @@ export function run(command: string, args: string[]): Promise<RunResult> {
   });
 }
 
+/**
+ * glibc settings for the NBD servers we start (qemu-nbd): each request's buffer is a fresh malloc, and by default
+ * glibc hands the freed megabytes back to the kernel at once, so the next request faults them in and zeroes them
+ * again. Keeping them (mmap threshold 32 MiB, trim threshold 512 MiB) took a 2.5 GiB restore from 3.7 s to 2.7 s
+ * here, qemu-nbd's system time from 2.1 to 0.8 s. A GLIBC_TUNABLES of the caller's still wins (the later entry).
+ */
+const SERVER_TUNABLES = 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=536870912';
+
+function serverEnvironment(): NodeJS.ProcessEnv {
+  const own = process.env.GLIBC_TUNABLES;
+  return { ...process.env, GLIBC_TUNABLES: own ? `${SERVER_TUNABLES}:${own}` : SERVER_TUNABLES };
+}
+
 /** Starts a long-running server and resolves once `socketPath` exists; rejects if the process dies first. */
 export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
   // setpriv execs the server with a parent-death signal, so a server never outlives us, even after kill -9.
-  const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args], {
+    stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(),
+  });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
   let exited: string | undefined;
