@@ -76,11 +76,16 @@ async function qemuNbdGone(args: string[]): Promise<void> {
 
 /** Whether a live qemu-nbd process has an argument for which `matches` holds (a socket, an image path). */
 export async function qemuNbdRuns(matches: (arg: string) => boolean): Promise<boolean> {
+  return (await qemuNbdPid(matches)) !== undefined;
+}
+
+/** The pid of a live qemu-nbd with an argument that `matches`, or undefined. */
+export async function qemuNbdPid(matches: (arg: string) => boolean): Promise<string | undefined> {
   for (const pid of (await fs.readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
     const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
-    if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.slice(1).some(matches)) return true;
+    if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.slice(1).some(matches)) return pid;
   }
-  return false;
+  return undefined;
 }
 
 /** The lines of stderr that report an error (what a user sees as the reason). */
