@@ -90,6 +90,44 @@ std::optional<Failure> Decompress(const uint8_t* src, size_t length, Bytes& out)
   return std::nullopt;
 }
 
+// One whole frame into [dst, dst+capacity); `produced` gets its length. Fails when the frame holds more.
+std::optional<Failure> DecompressInto(const uint8_t* src, size_t length, uint8_t* dst, size_t capacity, size_t& produced) {
+  LZ4F_dctx* raw = nullptr;
+  size_t rc = LZ4F_createDecompressionContext(&raw, LZ4F_VERSION);
+  if (LZ4F_isError(rc)) return Lz4Failure(rc);
+  std::unique_ptr<LZ4F_dctx, decltype(&LZ4F_freeDecompressionContext)> dctx(raw, LZ4F_freeDecompressionContext);
+  size_t pos = 0;
+  produced = 0;
+  rc = 1;
+  while (rc != 0) {
+    size_t room = capacity - produced, consumed = length - pos;
+    rc = LZ4F_decompress(dctx.get(), dst + produced, &room, src + pos, &consumed, nullptr);
+    if (LZ4F_isError(rc)) return Lz4Failure(rc);
+    produced += room;
+    pos += consumed;
+    if (rc == 0) break;
+    if (produced == capacity) return Lz4Failure("LZ4 frame larger than its stated content size");
+    if (pos == length && room == 0) return Lz4Failure("truncated LZ4 frame");
+  }
+  if (pos != length) return Lz4Failure("trailing data after LZ4 frame");
+  return std::nullopt;
+}
+
+// lz4DecompressInto(source, output): Promise<bytes>, one frame decompressed into the caller's (reused) buffer.
+Napi::Value DecompressFrameInto(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    Napi::Buffer<uint8_t> source = ArgBuffer(info, 0, "source");
+    Napi::Buffer<uint8_t> output = ArgBuffer(info, 1, "output");
+    const uint8_t* src = source.Data();
+    size_t length = source.Length();
+    uint8_t* dst = output.Data();
+    size_t capacity = output.Length();
+    auto run = [=](size_t& produced) { return DecompressInto(src, length, dst, capacity, produced); };
+    auto settle = [](Napi::Env env, size_t& produced) -> Napi::Value { return Napi::Number::New(env, static_cast<double>(produced)); };
+    return PromiseWorker<size_t>::Start(info.Env(), run, settle, {source, output});
+  });
+}
+
 // The source Buffer stays referenced while the worker reads it.
 Napi::Value DecompressFrame(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
@@ -157,6 +195,7 @@ void InitLz4(Napi::Env env, Napi::Object exports) {
   exports.Set("lz4FrameBound", Napi::Function::New(env, FrameBound, "lz4FrameBound"));
   exports.Set("lz4CompressPiece", Napi::Function::New(env, CompressPiece, "lz4CompressPiece"));
   exports.Set("lz4DecompressFrame", Napi::Function::New(env, DecompressFrame, "lz4DecompressFrame"));
+  exports.Set("lz4DecompressInto", Napi::Function::New(env, DecompressFrameInto, "lz4DecompressInto"));
 }
 
 }  // namespace virtnbd

@@ -5,7 +5,7 @@
 
 namespace virtnbd {
 
-// Exports lz4FrameBound, lz4CompressPiece and lz4DecompressFrame.
+// Exports lz4FrameBound, lz4CompressPiece, lz4DecompressFrame and lz4DecompressInto.
 void InitLz4(Napi::Env env, Napi::Object exports);
 
 }  // namespace virtnbd

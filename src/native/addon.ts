@@ -111,6 +111,11 @@ export interface NativeAddon {
   lz4CompressPiece(source: Buffer, level: number, output: Buffer, digest?: 'blake3' | 'sha256'): Promise<{ length: number; adler32: number; digest?: string }>;
   /** Decompress one LZ4 frame; checksums verified; rejects on corruption. Runs on a worker. */
   lz4DecompressFrame(source: Buffer): Promise<Buffer>;
+  /**
+   * One LZ4 frame decompressed into `output` (checksums verified), resolving to its length; rejects on corruption
+   * and when the frame holds more than `output`. Runs on a worker.
+   */
+  lz4DecompressInto(source: Buffer, output: Buffer): Promise<number>;
   /** Library versions, for -V and logs. */
   versions(): { libnbd: string; libvirt: string; lz4: string; zlib: string };
 }

@@ -299,7 +299,8 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
         if (!options.targetIsZero) await zero(record.offset, record.length);
       } else {
         const { offset, length } = record;
-        await window.add(record.data.then((data) => target.write(data, offset)).then(() => options.progress?.(length)), length);
+        const written = record.data.then((data) => target.write(data, offset)).finally(() => record.release());
+        await window.add(written.then(() => options.progress?.(length)), length);
       }
     }
     if (options.zeroUncovered && reader.meta.virtualSize > covered) await zero(covered, reader.meta.virtualSize - covered);

@@ -5,6 +5,7 @@
 // the adler32 of every byte of the file (the `.chksum` value) in the same single pass.
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
+import { BufferPool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
 import {
   PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, FrameSequence, StreamFormatError, type FaultReporter, frameSizes, parseHeader, parseMetadata, parseTrailer,
@@ -13,8 +14,32 @@ import {
 
 /** What a stream holds, in order: data at an offset, or a range that reads as zero. */
 export type StreamRecord =
-  | { kind: 'data'; offset: number; length: number; data: Promise<Buffer> }
+  | {
+    kind: 'data'; offset: number; length: number; data: Promise<Buffer>;
+    /** The consumer is done with `data`: its buffer may be reused. Optional; call it at most once. */
+    release(): void;
+  }
   | { kind: 'zero'; offset: number; length: number };
+
+/**
+ * A pooled buffer that goes back to its pool once every holder has let go: the consumer of a record, the worker
+ * summing it, the decompression reading it. Reused buffers spare a page fault per page and V8's collections.
+ */
+class Lease {
+  private holders = 1;
+  constructor(private readonly pool: BufferPool, readonly buffer: Buffer) {}
+
+  hold(): void {
+    this.holders++;
+  }
+
+  drop(): void {
+    if (--this.holders === 0) this.pool.release(this.buffer);
+  }
+}
+
+/** Payload buffers kept for reuse: what a restore's window holds in flight, and some. */
+const POOLED_BUFFERS = 24;
 
 /** Reads at least this long are summed on a worker thread, smaller ones inline. */
 const THREADED_SUM = 256 * 1024;
@@ -40,6 +65,8 @@ export class StreamReader {
   /** Sums of reads still on worker threads, oldest first; folded into `running` in order. */
   private pending: PendingSum[] = [];
   private complete = false;
+  /** Slabs fit a payload piece, and the lz4 frame of one. */
+  private readonly pool = new BufferPool(native().lz4FrameBound(PAYLOAD_PIECE_SIZE), POOLED_BUFFERS);
 
   private constructor(
     readonly path: string,
@@ -109,8 +136,21 @@ export class StreamReader {
     return data;
   }
 
-  /** Adds `data` to the running adler32: large reads on a worker thread (restore reads at disk speed). */
-  private async sum(data: Buffer): Promise<void> {
+  /** A payload read into a pooled buffer, held for the caller (and by its sum's worker until that is done). */
+  private async readLease(length: number): Promise<Lease> {
+    const lease = new Lease(this.pool, this.pool.acquire(length));
+    const got = await readInto(this.handle, lease.buffer, this.position);
+    if (got < length) throw new StreamFormatError(`${this.path}: unexpected end of file at byte ${this.position + got} (truncated)`);
+    this.position += length;
+    if (this.running !== undefined) await this.sum(lease.buffer, lease);
+    return lease;
+  }
+
+  /**
+   * Adds `data` to the running adler32: large reads on a worker thread (restore reads at disk speed), which holds
+   * the data's `lease` till it is done.
+   */
+  private async sum(data: Buffer, lease?: Lease): Promise<void> {
     const addon = native();
     if (data.length < THREADED_SUM && this.pending.length === 0) {
       this.running = addon.adler32(data, this.running as number);
@@ -118,7 +158,10 @@ export class StreamReader {
     }
     const entry: PendingSum = { length: data.length, done: Promise.resolve() };
     if (data.length < THREADED_SUM) entry.sum = addon.adler32(data, 1);
-    else entry.done = addon.checksumPiece(data).then((s) => { entry.sum = s.adler32; });
+    else {
+      lease?.hold();
+      entry.done = addon.checksumPiece(data).then((s) => { entry.sum = s.adler32; }).finally(() => lease?.drop());
+    }
     this.pending.push(entry);
     this.foldSettled();
     if (this.pending.length > SUMS_AHEAD) {
@@ -180,22 +223,31 @@ export class StreamReader {
       if (entry !== undefined) {
         let offset = frame.start;
         for (const [i, size] of frameSizes(entry).entries()) {
-          const compressed = await this.read(size);
+          const input = await this.readLease(size);
           const where = `${this.path}: lz4 frame ${i} of the data frame at disk offset ${frame.start}`;
-          const data = addon.lz4DecompressFrame(compressed).catch((err: Error) => {
+          const declared = lz4ContentSize(input.buffer);
+          // Into a pooled buffer when the header's size fits one; a larger (or untrusted huge) size, or none, takes
+          // the path that grows its output as the frame proves its size.
+          const pooled = declared !== undefined && declared <= this.pool.slabSize;
+          const output = pooled ? new Lease(this.pool, this.pool.acquire(declared)) : undefined;
+          const decompressed = output
+            ? addon.lz4DecompressInto(input.buffer, output.buffer).then((n) => output.buffer.subarray(0, n))
+            : addon.lz4DecompressFrame(input.buffer);
+          const data = decompressed.catch((err: Error) => {
             throw new StreamFormatError(`${where}: ${err.message}`);
           });
-          data.catch(() => undefined);
-          const length = lz4ContentSize(compressed) ?? (await data).length;
+          data.then(() => input.drop(), () => input.drop());
+          const length = declared ?? (await data).length;
           frames.lz4FrameEnds(frame, offset + length, fail);
-          yield { kind: 'data', offset, length, data: data.then((d) => checkLength(d, length, where)) };
+          yield { kind: 'data', offset, length, data: data.then((d) => checkLength(d, length, where)), release: () => output?.drop() };
           offset += length;
         }
         frames.lz4FramesDone(frame, offset, fail);
       } else {
         for (let done = 0; done < frame.length;) {
           const step = Math.min(PAYLOAD_PIECE_SIZE, frame.length - done);
-          yield { kind: 'data', offset: frame.start + done, length: step, data: Promise.resolve(await this.read(step)) };
+          const lease = await this.readLease(step);
+          yield { kind: 'data', offset: frame.start + done, length: step, data: Promise.resolve(lease.buffer), release: () => lease.drop() };
           done += step;
         }
       }

@@ -124,7 +124,7 @@ async function verifyStream(file: string, signal?: AbortSignal): Promise<string[
         if (!expected || !recordedDigests) return;
         const digest = await native().digestPiece(data, recordedDigests.algorithm);
         if (digest !== expected.digest) noteBad(at, piece, `${ALGORITHM_NAMES[recordedDigests.algorithm]} differs from the recorded one`);
-      });
+      }).finally(() => record.release());
       await window.add(check, record.length);
     }
     await window.drain();

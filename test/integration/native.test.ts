@@ -305,10 +305,17 @@ test('lz4 frames interoperate with python lz4.frame', async () => {
     assert.deepEqual(rest, { sha, block: false, content: true, size: source.length });
     assert.ok(blockSize >= source.length, `one block per frame (block size ${blockSize})`);
     assert.deepEqual(await addon.lz4DecompressFrame(frame), source);
+    const into = Buffer.alloc(source.length + 10);
+    assert.equal(await addon.lz4DecompressInto(frame, into), source.length);
+    assert.deepEqual(into.subarray(0, source.length), source);
+    await assert.rejects(addon.lz4DecompressInto(frame, Buffer.alloc(source.length - 1)), /larger than its stated content size/);
 
     const flipped = Buffer.from(frame);
     flipped[flipped.length >> 1] ^= 0x40;
     await assert.rejects(addon.lz4DecompressFrame(flipped), isNativeError('lz4'));
+    await assert.rejects(addon.lz4DecompressInto(flipped, into), isNativeError('lz4'));
+    await assert.rejects(addon.lz4DecompressInto(frame.subarray(0, frame.length - 9), into), /truncated/);
+    await assert.rejects(addon.lz4DecompressInto(Buffer.concat([frame, Buffer.from('x')]), into), /trailing/);
     await assert.rejects(addon.lz4DecompressFrame(frame.subarray(0, frame.length - 9)), /truncated/);
     await assert.rejects(addon.lz4DecompressFrame(Buffer.concat([frame, Buffer.from('x')])), /trailing/);
   }
