@@ -16,7 +16,7 @@ import {
 export type StreamRecord =
   | {
     kind: 'data'; offset: number; length: number; data: Promise<Buffer>;
-    /** The consumer is done with `data`: its buffer may be reused. Optional; call it at most once. */
+    /** The consumer is done with `data`: its buffer may be reused. Optional; later calls do nothing. */
     release(): void;
   }
   | { kind: 'zero'; offset: number; length: number };
@@ -35,6 +35,16 @@ class Lease {
 
   drop(): void {
     if (--this.holders === 0) this.pool.release(this.buffer);
+  }
+
+  /** The first holder's drop as a record's release(): a second call does nothing. */
+  releaser(): () => void {
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.drop();
+    };
   }
 }
 
@@ -138,9 +148,7 @@ export class StreamReader {
 
   /** A payload read into a pooled buffer, held for the caller (and by its sum's worker until that is done). */
   private async readLease(length: number): Promise<Lease> {
-    const lease = new Lease(this.pool, this.pool.acquire(length));
-    const got = await readInto(this.handle, lease.buffer, this.position);
-    if (got < length) throw new StreamFormatError(`${this.path}: unexpected end of file at byte ${this.position + got} (truncated)`);
+    const lease = new Lease(this.pool, await fillExactly(this.handle, this.position, this.pool.acquire(length), this.path));
     this.position += length;
     if (this.running !== undefined) await this.sum(lease.buffer, lease);
     return lease;
@@ -239,7 +247,7 @@ export class StreamReader {
           data.then(() => input.drop(), () => input.drop());
           const length = declared ?? (await data).length;
           frames.lz4FrameEnds(frame, offset + length, fail);
-          yield { kind: 'data', offset, length, data: data.then((d) => checkLength(d, length, where)), release: () => output?.drop() };
+          yield { kind: 'data', offset, length, data: data.then((d) => checkLength(d, length, where)), release: output?.releaser() ?? (() => undefined) };
           offset += length;
         }
         frames.lz4FramesDone(frame, offset, fail);
@@ -247,7 +255,7 @@ export class StreamReader {
         for (let done = 0; done < frame.length;) {
           const step = Math.min(PAYLOAD_PIECE_SIZE, frame.length - done);
           const lease = await this.readLease(step);
-          yield { kind: 'data', offset: frame.start + done, length: step, data: Promise.resolve(lease.buffer), release: () => lease.drop() };
+          yield { kind: 'data', offset: frame.start + done, length: step, data: Promise.resolve(lease.buffer), release: lease.releaser() };
           done += step;
         }
       }
@@ -281,8 +289,12 @@ function checkLength(data: Buffer, expected: number, where: string): Buffer {
 }
 
 export async function readExactly(handle: fs.FileHandle, position: number, length: number, file: string): Promise<Buffer> {
-  const buffer = Buffer.allocUnsafe(length);
+  return fillExactly(handle, position, Buffer.allocUnsafe(length), file);
+}
+
+/** Fills all of `buffer` from `position`; a file that ends first is a truncated stream. */
+async function fillExactly(handle: fs.FileHandle, position: number, buffer: Buffer, file: string): Promise<Buffer> {
   const got = await readInto(handle, buffer, position);
-  if (got < length) throw new StreamFormatError(`${file}: unexpected end of file at byte ${position + got} (truncated)`);
+  if (got < buffer.length) throw new StreamFormatError(`${file}: unexpected end of file at byte ${position + got} (truncated)`);
   return buffer;
 }
