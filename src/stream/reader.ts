@@ -1,9 +1,9 @@
-// Reads a stream file frame by frame for restore, dump, verify and map. Compressed payloads are
-// decompressed ahead on worker threads; payload buffers are pooled, and a record's release() lends its buffer out
-// again once the sums and the decompression are done with it too. Guarantees: every header, terminator, payload length, the stop frame,
-// the trailer and dataSize are checked; the first inconsistency throws a StreamFormatError naming the file and
-// byte offset, so a truncated or corrupt stream never restores silently. With `checksum`, records() also computes
-// the adler32 of every byte of the file (the `.chksum` value) in the same single pass.
+// Reads a stream file frame by frame for restore, dump, verify and map. Compressed payloads are decompressed
+// ahead on worker threads; payload buffers are pooled, and a record's release() lends its buffer out again once the
+// sums and the decompression are done with it too. Guarantees: every header, terminator, payload length, the stop
+// frame, the trailer and dataSize are checked; the first inconsistency throws a StreamFormatError naming the file
+// and byte offset, so a truncated or corrupt stream never restores silently. With `checksum`, records() also
+// computes the adler32 of every byte of the file (the `.chksum` value) in the same single pass.
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
 import { BufferPool } from '../util/bufferPool.js';
