@@ -25,13 +25,6 @@ std::string Hex(const PieceSums& sums) {
   return hex;
 }
 
-Napi::Value ToObject(Napi::Env env, PieceSums& sums) {
-  Napi::Object out = Napi::Object::New(env);
-  out.Set("adler32", Napi::Number::New(env, static_cast<double>(sums.adler)));
-  if (sums.digest != Digest::kNone) out.Set("digest", Napi::String::New(env, Hex(sums)));
-  return out;
-}
-
 Digest ArgDigest(const Napi::CallbackInfo& info, size_t index) {
   if (info.Length() <= index || info[index].IsUndefined() || info[index].IsNull()) return Digest::kNone;
   std::string name = ArgString(info, index, "digest");
@@ -56,6 +49,14 @@ std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest di
 }
 
 namespace {
+
+// { adler32, digest? } for JS.
+Napi::Value ToObject(Napi::Env env, PieceSums& sums) {
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("adler32", Napi::Number::New(env, static_cast<double>(sums.adler)));
+  if (sums.digest != Digest::kNone) out.Set("digest", Napi::String::New(env, Hex(sums)));
+  return out;
+}
 
 // Queues the sums of buffer argument 0 on the threadpool: the adler32 when `withAdler`, and `digest`.
 Napi::Value StartPieceSums(const Napi::CallbackInfo& info, Digest digest, bool withAdler, PromiseWorker<PieceSums>::Settle settle) {

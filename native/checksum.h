@@ -25,9 +25,6 @@ struct PieceSums {
 // The digest as lowercase hex.
 std::string Hex(const PieceSums& sums);
 
-// { adler32, digest? } for JS.
-Napi::Value ToObject(Napi::Env env, PieceSums& sums);
-
 // Argument `index` as a Digest: undefined or null for none, else 'blake3' or 'sha256'.
 Digest ArgDigest(const Napi::CallbackInfo& info, size_t index);
 

@@ -91,7 +91,7 @@ export interface NativeAddon {
   libvirtOpen(uri: string): Promise<LibvirtConnection>;
   /** zlib adler32 continuing from `start` (1 for a fresh checksum). Synchronous: CPU only. */
   adler32(buffer: Buffer, start: number): number;
-  /** adler32 (from 1) and, with `withSha256`, the SHA-256 (hex) of `buffer`, computed on a worker thread. */
+  /** adler32 (from 1) and, with `digest`, that digest (hex) of `buffer`, computed on a worker thread. */
   checksumPiece(buffer: Buffer, digest?: 'blake3' | 'sha256'): Promise<{ adler32: number; digest?: string }>;
   /** The digest alone (hex), where no adler32 of the same bytes is needed. */
   digestPiece(buffer: Buffer, digest: 'blake3' | 'sha256'): Promise<string>;

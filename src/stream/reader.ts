@@ -273,10 +273,10 @@ export class StreamReader {
   }
 }
 
-/** The content size an lz4 frame header declares (both writers store it), or undefined. */
 /** Bytes of an lz4 frame header that hold its content size (magic, FLG, BD, 8-byte size, header checksum). */
 export const LZ4_HEADER_BYTES = 15;
 
+/** The content size an lz4 frame header declares (both writers store it), or undefined. */
 export function lz4ContentSize(frame: Buffer): number | undefined {
   if (frame.length < LZ4_HEADER_BYTES || frame.readUInt32LE(0) !== 0x184d2204) return undefined;
   const flags = frame[4] as number;

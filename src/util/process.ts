@@ -20,8 +20,8 @@ export function run(command: string, args: string[]): Promise<RunResult> {
 /**
  * glibc settings for the NBD servers we start (qemu-nbd): each request's buffer is a fresh malloc, and by default
  * glibc hands the freed megabytes back to the kernel at once, so the next request faults them in and zeroes them
- * again. Keeping them (mmap threshold 32 MiB, trim threshold 512 MiB) took a 2.5 GiB restore from 3.7 s to 2.7 s
- * here, qemu-nbd's system time from 2.1 to 0.8 s. A GLIBC_TUNABLES of the caller's still wins (the later entry).
+ * again. Keeping them (mmap threshold 32 MiB, trim threshold 512 MiB) took a 2.5 GiB restore from about 3.7 s
+ * to 3.0 s here, qemu-nbd's system time from 2.1 to 0.8 s. A GLIBC_TUNABLES of the caller's still wins (the later entry).
  */
 const SERVER_TUNABLES = 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=536870912';
 
