@@ -1,6 +1,5 @@
 // What the three commands share: logging setup, progress bars on stderr, SIGINT/SIGTERM as an abort signal,
 // and the one rule for ending: a UserError prints one line and exits with its code; anything else is a bug.
-import cliProgress from 'cli-progress';
 import type { Argv } from 'yargs';
 import { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -34,9 +33,13 @@ export function makeLogger(flags: CommonFlags): Logger {
   return new Logger({ verbose: flags.verbose, quiet: flags.quiet, color: flags.nocolor ? false : undefined });
 }
 
-/** One bar per disk on stderr, or nothing when disabled or stderr is not a terminal. */
-export function makeProgress(flags: CommonFlags, label: string): { factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void } {
+/**
+ * One bar per disk on stderr, or nothing when disabled or stderr is not a terminal. cli-progress is loaded only
+ * when bars are drawn: its modules cost start-up time that runs without a terminal would pay for nothing.
+ */
+export async function makeProgress(flags: CommonFlags, label: string): Promise<{ factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void }> {
   if (flags.noprogress || flags.quiet || !process.stderr.isTTY) return { stop: () => undefined };
+  const { default: cliProgress } = await import('cli-progress');
   const bars = new cliProgress.MultiBar({
     stream: process.stderr,
     format: `${label} {disk} [{bar}] {percentage}% | {value}/{total} MiB`,

@@ -78,7 +78,7 @@ async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
   }
   const compressFlag = process.argv.slice(2).some((a) => a === '-z' || a === '--compress' || a.startsWith('--compress='));
   const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;
-  const progress = makeProgress(argv, 'saving');
+  const progress = await makeProgress(argv, 'saving');
   try {
     const result = await backup({
       domain: argv.domain,

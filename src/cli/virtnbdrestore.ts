@@ -57,7 +57,7 @@ await runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   }
   const log = makeLogger(argv);
   if (argv.logfile) log.attachFile(argv.logfile);
-  const progress = makeProgress(argv, 'restoring');
+  const progress = await makeProgress(argv, 'restoring');
   try {
     const result = await restore({
       input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
