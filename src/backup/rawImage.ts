@@ -1,18 +1,17 @@
 // Output type raw (-t raw): the disk as a full-size sparse image, data extents written at their offsets and
 // zero extents left as holes. Reads and writes overlap within a bounded window.
-import type { Endpoint } from '../endpoint/endpoint.js';
+import { READ_REQUEST_SIZE, type Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
 import type { PositionalSink } from '../set/target.js';
 import { WorkWindow } from '../util/window.js';
 
-const READ_SIZE = 4 * 1024 * 1024;
 const WINDOW_BYTES = 64 * 1024 * 1024;
 
 export async function writeRawImage(
   source: Endpoint, plan: ExtentPlan, sink: PositionalSink, onProgress?: (bytes: number) => void, signal?: AbortSignal,
 ): Promise<void> {
   const window = new WorkWindow(WINDOW_BYTES);
-  const step = Math.min(READ_SIZE, source.maxRequestSize);
+  const step = Math.min(READ_REQUEST_SIZE, source.maxRequestSize);
   try {
     for (const extent of plan.extents) {
       if (extent.kind !== 'data') continue;

@@ -3,7 +3,7 @@
 // exact; headers go out in the same writev as the payload after them. Memory is bounded by the window, not by
 // the disk. Guarantees: the adler32 returned covers every byte handed to the sink, in order.
 import { native } from '../native/addon.js';
-import type { Endpoint } from '../endpoint/endpoint.js';
+import { READ_REQUEST_SIZE, type Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
 import type { Sink } from '../set/target.js';
 import { BufferPool } from '../util/bufferPool.js';
@@ -49,13 +49,10 @@ export interface StreamWriteResult {
 }
 
 /**
- * Size of one read request, and bytes of source data in flight at most (reads issued but not yet written).
- * Measured with direct-I/O data files: 1 MiB reads in a 12 MiB window beat 4 MiB reads in 16 or 32 MiB (2.5 s
- * against 3.3 s for 2.5 GiB): more requests in flight, fewer bytes waiting. 512 KiB beat 1 MiB again: QEMU
- * allocates each request's buffer, and at 1 MiB glibc maps it fresh, so QEMU faulted in every page it served
- * (650 000 faults, 0.8 CPU-s more); at 512 KiB it reuses its heap (2.3 to 2.5 s against 2.8 to 3.2 s).
+ * Bytes of source data in flight at most (reads issued but not yet written). Measured with direct-I/O data files:
+ * 1 MiB reads in a 12 MiB window beat 4 MiB reads in 16 or 32 MiB (2.5 s against 3.3 s for 2.5 GiB): more
+ * requests in flight, fewer bytes waiting; READ_REQUEST_SIZE has since gone down to 512 KiB.
  */
-const READ_SIZE = 512 * 1024;
 const WINDOW_BYTES = 12 * 1024 * 1024;
 /** What a piece costs in the window beyond its bytes (promises, buffers, requests): bounds tiny extents in flight. */
 const PIECE_OVERHEAD = 64 * 1024;
@@ -91,7 +88,7 @@ function pieces(offset: number, length: number, compressed: boolean): Array<{ of
 }
 
 async function readPiece(source: Endpoint, offset: number, length: number, buffer: Buffer): Promise<Buffer> {
-  const step = Math.min(READ_SIZE, source.maxRequestSize);
+  const step = Math.min(READ_REQUEST_SIZE, source.maxRequestSize);
   const reads: Promise<void>[] = [];
   for (const c of chunks(0, length, step)) reads.push(source.read(buffer.subarray(c.offset, c.offset + c.length), offset + c.offset));
   await Promise.all(reads);
