@@ -48,15 +48,14 @@ std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest di
   return std::nullopt;
 }
 
-namespace {
-
-// { adler32, digest? } for JS.
-Napi::Value ToObject(Napi::Env env, PieceSums& sums) {
+Napi::Value SumsToObject(Napi::Env env, PieceSums& sums) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("adler32", Napi::Number::New(env, static_cast<double>(sums.adler)));
   if (sums.digest != Digest::kNone) out.Set("digest", Napi::String::New(env, Hex(sums)));
   return out;
 }
+
+namespace {
 
 // Queues the sums of buffer argument 0 on the threadpool: the adler32 when `withAdler`, and `digest`.
 Napi::Value StartPieceSums(const Napi::CallbackInfo& info, Digest digest, bool withAdler, PromiseWorker<PieceSums>::Settle settle) {
@@ -69,7 +68,7 @@ Napi::Value StartPieceSums(const Napi::CallbackInfo& info, Digest digest, bool w
 
 // checksumPiece(buffer, digest?): Promise<{ adler32, digest? }>, adler32 starting from 1, digest as hex.
 Napi::Value ChecksumPiece(const Napi::CallbackInfo& info) {
-  return AsPromise(info.Env(), [&] { return StartPieceSums(info, ArgDigest(info, 1), true, ToObject); });
+  return AsPromise(info.Env(), [&] { return StartPieceSums(info, ArgDigest(info, 1), true, SumsToObject); });
 }
 
 // digestPiece(buffer, digest): Promise<hex>, for callers that need no adler32 of the same bytes.

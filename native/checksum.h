@@ -31,6 +31,9 @@ Digest ArgDigest(const Napi::CallbackInfo& info, size_t index);
 // The adler32 (when `withAdler`) and `digest` of [data, data+length); runs on any thread.
 std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest digest, bool withAdler, PieceSums& sums);
 
+// { adler32, digest? (hex) } for JS, as checksumPiece resolves.
+Napi::Value SumsToObject(Napi::Env env, PieceSums& sums);
+
 // Exports checksumPiece, digestPiece, checksumPieceSync and adler32Combine.
 void InitChecksum(Napi::Env env, Napi::Object exports);
 

@@ -43,6 +43,7 @@ class NbdHandle : public Napi::ObjectWrap<NbdHandle> {
   Napi::Value CanMetaContext(const Napi::CallbackInfo& info);
   Napi::Value BlockStatus(const Napi::CallbackInfo& info);
   Napi::Value Pread(const Napi::CallbackInfo& info);
+  Napi::Value PreadSummed(const Napi::CallbackInfo& info);
   Napi::Value Pwrite(const Napi::CallbackInfo& info);
   Napi::Value Zero(const Napi::CallbackInfo& info);
   Napi::Value Trim(const Napi::CallbackInfo& info);

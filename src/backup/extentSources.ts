@@ -17,6 +17,7 @@ class ExtentsOverride implements Endpoint {
   get maxRequestSize(): number { return this.base.maxRequestSize; }
   get parallelism(): number { return this.base.parallelism; }
   read(buffer: Buffer, offset: number): Promise<void> { return this.base.read(buffer, offset); }
+  get readSummed(): Endpoint['readSummed'] { return this.base.readSummed?.bind(this.base); }
   write(buffer: Buffer, offset: number): Promise<void> { return this.base.write(buffer, offset); }
   zero(offset: number, length: number, allowTrim: boolean): Promise<void> { return this.base.zero(offset, length, allowTrim); }
   flush(): Promise<void> { return this.base.flush(); }

@@ -31,6 +31,11 @@ export interface Endpoint {
   readonly parallelism: number;
   /** Fills `buffer` from `offset`. */
   read(buffer: Buffer, offset: number): Promise<void>;
+  /**
+   * Where the endpoint can: read() that also sums the bytes as they arrive, while they are in the cache: their
+   * adler32 (from 1) and, with `digest`, their BLAKE3 digest (hex).
+   */
+  readSummed?(buffer: Buffer, offset: number, digest?: 'blake3'): Promise<{ adler32: number; digest?: string }>;
   write(buffer: Buffer, offset: number): Promise<void>;
   /** Makes [offset, offset+length) read as zero; `allowTrim` lets the endpoint deallocate. */
   zero(offset: number, length: number, allowTrim: boolean): Promise<void>;

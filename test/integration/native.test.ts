@@ -185,6 +185,31 @@ test('NbdHandle against qemu-nbd', async () => {
   });
 });
 
+test('NbdHandle.preadSummed reads like pread and sums like checksumPiece', async () => {
+  await withServer('64M', [], async (_image, socket) => {
+    const h = new addon.NbdHandle();
+    await h.connectUnix(socket, 'vda', []);
+    try {
+      await h.pwrite(randomBytes(3 * MiB + 777), 4 * MiB + 123);
+      // Slices that do not divide the buffer, a buffer above the server's 32 MiB limit, and an odd tail.
+      for (const [offset, length, request] of [[0, 8 * MiB, 512 * 1024], [MiB - 5, 3 * MiB + 9, 1000 * 1000], [0, 40 * MiB, 64 * MiB]] as const) {
+        const expected = Buffer.alloc(length);
+        await h.pread(expected, offset);
+        const buffer = Buffer.alloc(length, 0xee);
+        const sums = await h.preadSummed(buffer, offset, request, 'blake3');
+        assert.ok(buffer.equals(expected), `preadSummed(${offset}, ${length}) reads what pread reads`);
+        assert.deepEqual(sums, await addon.checksumPiece(expected, 'blake3'), `sums of ${length} bytes in ${request}-byte requests`);
+        assert.deepEqual(await h.preadSummed(buffer, offset, request), { adler32: sums.adler32 }, 'no digest unless asked');
+      }
+      await assert.rejects(h.preadSummed(Buffer.alloc(4096), 0, 0), TypeError);
+      await assert.rejects(h.preadSummed(Buffer.alloc(4096), 0, 4096, 'sha256' as 'blake3'), TypeError);
+      await assert.rejects(h.preadSummed(Buffer.alloc(4096), h.getSize(), 4096), isNativeError('libnbd'));
+    } finally {
+      await h.close();
+    }
+  });
+});
+
 test('NbdHandle connect failures reject with errno', async () => {
   const h = new addon.NbdHandle();
   await assert.rejects(h.connectUnix('/nonexistent/virtnbd.sock', 'vda', []), isNativeError('libnbd', 2));
