@@ -1,9 +1,9 @@
-# Native addon virtnbd_native: libnbd, libvirt (+ libvirt-qemu), liblz4, zlib and BLAKE3 behind node-addon-api (C++17, exceptions on).
+# Native addon virtnbd_native: libnbd, libvirt (+ libvirt-qemu), liblz4, libxxhash, zlib and BLAKE3 behind node-addon-api (C++17, exceptions on).
 # BLAKE3 is the reference C implementation that Debian ships in librust-blake3-dev (its x86-64 assembly kernels),
 # reached through the link native/blake3 made at configure time (gyp's make rules need sources below this folder).
 {
   "variables": {
-    "native_libs": "libnbd libvirt libvirt-qemu liblz4 zlib",
+    "native_libs": "libnbd libvirt libvirt-qemu liblz4 libxxhash zlib",
     "blake3_dir": "<!(ln -sfn \"$(ls -d /usr/share/cargo/registry/blake3-*/c | sort -V | tail -n 1)\" native/blake3 && echo native/blake3)"
   },
   "targets": [

@@ -1,8 +1,11 @@
 // One LZ4 frame per call (content checksum on, 4 MB blocks) into the caller's buffer, summed in the same task;
-// decompression rejects corrupt, truncated or padded input.
+// decompression rejects corrupt, truncated or padded input. Content checksums are XXH32 from libxxhash.
 #include "lz4.h"
 
+// For the LZ4F_errorCodes enum (a content checksum mismatch found here is reported as liblz4 would).
+#define LZ4F_STATIC_LINKING_ONLY
 #include <lz4frame.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -61,6 +64,43 @@ LZ4F_preferences_t FramePreferences(size_t length, int level) {
   return prefs;
 }
 
+// liblz4 sums a frame's content with its own XXH32 at half the speed of libxxhash's (1.15 s against 0.6 s for
+// 2.5 GiB here, most of -z's lz4 time on data that does not compress), so frames are made without the content
+// checksum and it is added here as the frame format defines it: the C.Checksum bit in FLG, the header checksum
+// byte over the frame descriptor redone, and XXH32 (seed 0) of the content after the end mark. `frame` needs 4
+// bytes of room past `length`; returns the new length.
+size_t AddContentChecksum(uint8_t* frame, size_t length, const uint8_t* content, size_t contentLength) {
+  constexpr size_t kFlg = 4;  // after the magic number
+  constexpr uint8_t kContentSize = 0x08, kDictId = 0x01, kContentChecksum = 0x04;
+  uint8_t flg = frame[kFlg] | kContentChecksum;
+  size_t descriptor = 2 + ((flg & kContentSize) ? 8 : 0) + ((flg & kDictId) ? 4 : 0);
+  frame[kFlg] = flg;
+  frame[kFlg + descriptor] = static_cast<uint8_t>((XXH32(frame + kFlg, descriptor, 0) >> 8) & 0xFF);
+  XXH32_hash_t sum = XXH32(content, contentLength, 0);
+  for (size_t i = 0; i < 4; i++) frame[length + i] = static_cast<uint8_t>(sum >> (8 * i));
+  return length + 4;
+}
+
+// Decompression likewise: where a frame carries a content checksum, liblz4's checksum pass is skipped and
+// CheckContent verifies it with libxxhash. Frames with block checksums alone are left to liblz4.
+LZ4F_decompressOptions_t DecompressOptions(const uint8_t* src, size_t length, bool& checkContent) {
+  constexpr uint32_t kMagic = 0x184D2204;
+  checkContent = length >= 7 && (src[0] | src[1] << 8 | src[2] << 16 | static_cast<uint32_t>(src[3]) << 24) == kMagic &&
+                 (src[4] & 0x04) != 0;
+  LZ4F_decompressOptions_t options;
+  memset(&options, 0, sizeof options);
+  options.skipChecksums = checkContent ? 1 : 0;
+  return options;
+}
+
+// The frame [src, src+length) ends with the XXH32 of its content; fails as liblz4 does when it does not match.
+std::optional<Failure> CheckContent(const uint8_t* src, size_t length, const uint8_t* content, size_t contentLength) {
+  const uint8_t* stored = src + length - 4;
+  uint32_t expected = stored[0] | stored[1] << 8 | stored[2] << 16 | static_cast<uint32_t>(stored[3]) << 24;
+  if (XXH32(content, contentLength, 0) != expected) return Lz4Failure(static_cast<size_t>(0) - LZ4F_ERROR_contentChecksum_invalid);
+  return std::nullopt;
+}
+
 std::optional<Failure> Decompress(const uint8_t* src, size_t length, Bytes& out) {
   LZ4F_dctx* raw = nullptr;
   size_t rc = LZ4F_createDecompressionContext(&raw, LZ4F_VERSION);
@@ -77,16 +117,19 @@ std::optional<Failure> Decompress(const uint8_t* src, size_t length, Bytes& out)
       frame.contentSize ? std::min<uint64_t>(frame.contentSize, bound) : std::max<size_t>(length * 4, 65536);
   if (!out.Reserve(initial)) return Lz4Failure("out of memory");
 
+  bool checkContent = false;
+  LZ4F_decompressOptions_t options = DecompressOptions(src, length, checkContent);
   while (rc != 0) {
     if (out.length == out.capacity && !out.Reserve(out.capacity * 2)) return Lz4Failure("out of memory");
     size_t produced = out.capacity - out.length, consumed = length - pos;
-    rc = LZ4F_decompress(dctx.get(), out.data.get() + out.length, &produced, src + pos, &consumed, nullptr);
+    rc = LZ4F_decompress(dctx.get(), out.data.get() + out.length, &produced, src + pos, &consumed, &options);
     if (LZ4F_isError(rc)) return Lz4Failure(rc);
     out.length += produced;
     pos += consumed;
     if (rc != 0 && pos == length && produced == 0) return Lz4Failure("truncated LZ4 frame");
   }
   if (pos != length) return Lz4Failure("trailing data after LZ4 frame");
+  if (checkContent) return CheckContent(src, length, out.data.get(), out.length);
   return std::nullopt;
 }
 
@@ -99,9 +142,11 @@ std::optional<Failure> DecompressInto(const uint8_t* src, size_t length, uint8_t
   size_t pos = 0;
   produced = 0;
   rc = 1;
+  bool checkContent = false;
+  LZ4F_decompressOptions_t options = DecompressOptions(src, length, checkContent);
   while (rc != 0) {
     size_t room = capacity - produced, consumed = length - pos;
-    rc = LZ4F_decompress(dctx.get(), dst + produced, &room, src + pos, &consumed, nullptr);
+    rc = LZ4F_decompress(dctx.get(), dst + produced, &room, src + pos, &consumed, &options);
     if (LZ4F_isError(rc)) return Lz4Failure(rc);
     produced += room;
     pos += consumed;
@@ -110,6 +155,7 @@ std::optional<Failure> DecompressInto(const uint8_t* src, size_t length, uint8_t
     if (pos == length && room == 0) return Lz4Failure("truncated LZ4 frame");
   }
   if (pos != length) return Lz4Failure("trailing data after LZ4 frame");
+  if (checkContent) return CheckContent(src, length, dst, produced);
   return std::nullopt;
 }
 
@@ -172,8 +218,11 @@ Napi::Value CompressPiece(const Napi::CallbackInfo& info) {
         std::optional<Failure> failure = ComputeSums(src, length, digest, false, piece.source);
         if (failure) return failure;
       }
-      size_t written = LZ4F_compressFrame(dst, capacity, src, length, &prefs);
+      LZ4F_preferences_t body = prefs;
+      body.frameInfo.contentChecksumFlag = LZ4F_noContentChecksum;
+      size_t written = LZ4F_compressFrame(dst, capacity - 4, src, length, &body);
       if (LZ4F_isError(written)) return Lz4Failure(written);
+      written = AddContentChecksum(dst, written, src, length);
       piece.length = written;
       piece.adler = FastAdler32(1, dst, written);
       return std::nullopt;

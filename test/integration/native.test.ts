@@ -343,6 +343,27 @@ test('lz4 frames interoperate with python lz4.frame', async () => {
     await assert.rejects(addon.lz4DecompressInto(Buffer.concat([frame, Buffer.from('x')]), into), /trailing/);
     await assert.rejects(addon.lz4DecompressFrame(frame.subarray(0, frame.length - 9)), /truncated/);
     await assert.rejects(addon.lz4DecompressFrame(Buffer.concat([frame, Buffer.from('x')])), /trailing/);
+    // The content checksum (added by the addon, checked by the addon with libxxhash) is the frame's last 4 bytes.
+    const badSum = Buffer.from(frame);
+    badSum[badSum.length - 2] ^= 0x01;
+    await assert.rejects(addon.lz4DecompressFrame(badSum), /contentChecksum_invalid/);
+    await assert.rejects(addon.lz4DecompressInto(badSum, into), /contentChecksum_invalid/);
+  }
+
+  // Frames as virtnbdbackup writes them (block and content checksums), and with block checksums alone, which
+  // liblz4 still checks: a flipped payload byte or checksum byte is refused either way.
+  for (const [content, block] of [['True', 'True'], ['False', 'True']]) {
+    const checked = Buffer.from(
+      await py(`import sys, lz4.frame; sys.stdout.write(lz4.frame.compress(sys.stdin.buffer.read(), content_checksum=${content}, block_checksum=${block}).hex())`, source),
+      'hex',
+    );
+    assert.deepEqual(await addon.lz4DecompressFrame(checked), source);
+    for (const at of [checked.length >> 1, checked.length - 1]) {
+      const broken = Buffer.from(checked);
+      broken[at] ^= 0x40;
+      await assert.rejects(addon.lz4DecompressFrame(broken), isNativeError('lz4'), `content ${content}, block ${block}, byte ${at}`);
+      await assert.rejects(addon.lz4DecompressInto(broken, Buffer.alloc(source.length)), isNativeError('lz4'));
+    }
   }
 
   // Frames python writes with its defaults (no checksums, content size stored) decompress too.
