@@ -51,9 +51,8 @@ export interface StreamWriteResult {
 /**
  * Bytes of source data in flight at most (reads issued but not yet written). Measured with direct-I/O data files:
  * 1 MiB reads in a 12 MiB window beat 4 MiB reads in 16 or 32 MiB (2.5 s against 3.3 s for 2.5 GiB): more
- * requests in flight, fewer bytes waiting; READ_REQUEST_SIZE has since gone down to 512 KiB. Uncompressed pieces
- * are read whole on one connection each (readSummed), so their window holds one more piece: 16 MiB ran 2.35 to
- * 2.45 s where 12 MiB ran 2.2 to 2.9 s.
+ * requests in flight, fewer bytes waiting; READ_REQUEST_SIZE has since gone down to 512 KiB. Pieces read whole on
+ * one connection each (readSummed) get one piece more: 16 MiB ran 2.35 to 2.45 s where 12 MiB ran 2.2 to 2.9 s.
  */
 const WINDOW_BYTES = 12 * 1024 * 1024;
 const SUMMED_WINDOW_BYTES = 16 * 1024 * 1024;
@@ -136,10 +135,9 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   let bytesInFlight = 0;
   const trailer: Promise<TrailerEntry>[] = [];
   const digests = options.digests ? new DigestList() : undefined;
-  // Uncompressed pieces are read and summed in one worker task where the source can (readSummed): the sums run
-  // while the bytes are in the cache, with one task per piece in place of one per request and one for the sums.
-  // Compressed pieces are summed with their compression (lz4CompressPiece), where -z measured faster.
-  const readSummed = compressed ? undefined : source.readSummed?.bind(source);
+  // Pieces are read and summed in one worker task where the source can (readSummed): the sums run while the bytes
+  // are in the cache, with one task per piece in place of one per request and one for the sums.
+  const readSummed = source.readSummed?.bind(source);
   const windowBytes = readSummed ? SUMMED_WINDOW_BYTES : WINDOW_BYTES;
   const pool = new BufferPool(PAYLOAD_PIECE_SIZE, Math.ceil(windowBytes / PAYLOAD_PIECE_SIZE) + 2);
   // Frames go into reused buffers too: a fresh one per piece cost page faults and major GCs (-z 3.5 s to 2.9 s).
@@ -202,18 +200,17 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
         // Sums and compression run off the copy loop; the buffer returns to the pool once nothing uses it. The
         // digest's slot is taken now, so the digests keep stream order.
         const slot = digests?.add(part.offset, part.length);
-        if (readSummed && part.length > SYNC_SUM_BYTES) {
-          const ready = readSummed(buffer, part.offset, digests ? PIECE_DIGEST : undefined).then(({ adler32, digest }) => {
+        // The digest comes with the read; so does the adler32 of an uncompressed payload (a frame's is the frame's).
+        const summed = readSummed && part.length > SYNC_SUM_BYTES
+          ? readSummed(buffer, part.offset, digests ? PIECE_DIGEST : undefined).then(({ adler32, digest }) => {
             if (digest) digests!.set(slot!, digest);
-            return [{ data: buffer, adler32 }];
-          });
-          await enqueue(ready, part.length, () => pool.release(buffer));
-          continue;
-        }
-        const raw = readPiece(source, part.offset, part.length, buffer);
+            return adler32;
+          })
+          : undefined;
         if (compressed) {
+          const raw = summed ? summed.then(() => buffer) : readPiece(source, part.offset, part.length, buffer);
           const output = frames!.acquire(addon.lz4FrameBound(part.length));
-          const piece = raw.then((r) => addon.lz4CompressPiece(r, compress, output, digests ? PIECE_DIGEST : undefined));
+          const piece = raw.then((r) => addon.lz4CompressPiece(r, compress, output, digests && !summed ? PIECE_DIGEST : undefined));
           sizes.push(piece.then((p) => p.length, () => 0));
           const ready = piece.then(({ length, adler32, digest }) => {
             if (digest) digests!.set(slot!, digest);
@@ -222,7 +219,9 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
           });
           await enqueue(ready, part.length, () => frames!.release(output));
         } else {
-          const ready = raw.then(async (data) => [{ data, adler32: await sumPiece(data, digests, slot) }]);
+          const ready = summed
+            ? summed.then((adler32) => [{ data: buffer, adler32 }])
+            : readPiece(source, part.offset, part.length, buffer).then(async (data) => [{ data, adler32: await sumPiece(data, digests, slot) }]);
           await enqueue(ready, part.length, () => pool.release(buffer));
         }
       }
