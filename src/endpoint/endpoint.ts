@@ -10,8 +10,8 @@ export const CONTEXT_ALLOCATION = 'base:allocation';
 /**
  * Size of the read requests the copy loops send to a source (a QEMU NBD export). QEMU allocates a buffer per
  * request; at 1 MiB or more glibc maps each one fresh and QEMU faults in every page it serves (650 000 faults and
- * about 0.8 CPU-s for 2.5 GiB), while at 512 KiB it reuses its heap. A full stream of 2.5 GiB went from 2.8-3.2 s
- * to 2.3-2.5 s, a raw image (-t raw, 4 MiB reads before) from 5.7-6.0 s to 4.4-4.9 s.
+ * about 0.8 CPU-s for 2.5 GiB), while at 512 KiB it mostly reuses its heap. A full stream of 2.5 GiB went from
+ * 2.8-3.2 s to 2.3-2.5 s, a raw image (-t raw, 4 MiB reads before) from 5.7-6.0 s to 4.4-4.9 s.
  */
 export const READ_REQUEST_SIZE = 512 * 1024;
 
