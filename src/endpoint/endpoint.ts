@@ -15,6 +15,12 @@ export const CONTEXT_ALLOCATION = 'base:allocation';
  */
 export const READ_REQUEST_SIZE = 512 * 1024;
 
+/** What readSummed computes besides reading. */
+export interface ReadSums {
+  adler: boolean;
+  digest?: 'blake3';
+}
+
 /** A run of bytes with the same status flags in one meta context. */
 export interface StatusExtent {
   offset: number;
@@ -33,9 +39,9 @@ export interface Endpoint {
   read(buffer: Buffer, offset: number): Promise<void>;
   /**
    * Where the endpoint can: read() that also sums the bytes as they arrive, while they are in the cache: their
-   * adler32 (from 1) and, with `digest`, their BLAKE3 digest (hex).
+   * adler32 with `adler` (else 1, the adler32 of nothing) and, with `digest`, their BLAKE3 digest (hex).
    */
-  readSummed?(buffer: Buffer, offset: number, digest?: 'blake3'): Promise<{ adler32: number; digest?: string }>;
+  readSummed?(buffer: Buffer, offset: number, sums: ReadSums): Promise<{ adler32: number; digest?: string }>;
   write(buffer: Buffer, offset: number): Promise<void>;
   /** Makes [offset, offset+length) read as zero; `allowTrim` lets the endpoint deallocate. */
   zero(offset: number, length: number, allowTrim: boolean): Promise<void>;

@@ -2,7 +2,7 @@
 // requests are in flight. Guarantees: requests never exceed the server's maximum; close() disconnects all.
 import { native, type NbdHandle } from '../native/addon.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
-import { READ_REQUEST_SIZE, type Endpoint, type StatusExtent } from './endpoint.js';
+import { READ_REQUEST_SIZE, type Endpoint, type ReadSums, type StatusExtent } from './endpoint.js';
 
 export interface NbdAddress {
   /** Unix socket of the server. */
@@ -83,8 +83,8 @@ export class NbdEndpoint implements Endpoint {
   }
 
   /** The whole buffer from one connection, in READ_REQUEST_SIZE requests, each summed as it arrives. */
-  readSummed(buffer: Buffer, offset: number, digest?: 'blake3'): Promise<{ adler32: number; digest?: string }> {
-    return this.handle().preadSummed(buffer, offset, READ_REQUEST_SIZE, digest);
+  readSummed(buffer: Buffer, offset: number, sums: ReadSums): Promise<{ adler32: number; digest?: string }> {
+    return this.handle().preadSummed(buffer, offset, READ_REQUEST_SIZE, sums.adler, sums.digest);
   }
 
   write(buffer: Buffer, offset: number): Promise<void> {

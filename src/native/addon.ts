@@ -39,9 +39,10 @@ export interface NbdHandle {
   pread(buffer: Buffer, offset: number): Promise<void>;
   /**
    * Fills `buffer` from `offset` in requests of `requestSize`, one after the other, summing each slice on the worker
-   * as it arrives: the adler32 (from 1) and, with `digest`, the BLAKE3 digest (hex) of the whole buffer.
+   * as it arrives: the adler32 (from 1; 1 without `withAdler`) and, with `digest`, the BLAKE3 digest (hex) of the
+   * whole buffer.
    */
-  preadSummed(buffer: Buffer, offset: number, requestSize: number, digest?: 'blake3'): Promise<{ adler32: number; digest?: string }>;
+  preadSummed(buffer: Buffer, offset: number, requestSize: number, withAdler: boolean, digest?: 'blake3'): Promise<{ adler32: number; digest?: string }>;
   /** Write all of `buffer` at `offset`. */
   pwrite(buffer: Buffer, offset: number): Promise<void>;
   /** NBD_CMD_WRITE_ZEROES; `allowTrim` false sets NBD_CMD_FLAG_NO_HOLE. */

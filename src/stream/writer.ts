@@ -202,7 +202,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
         const slot = digests?.add(part.offset, part.length);
         // The digest comes with the read; so does the adler32 of an uncompressed payload (a frame's is the frame's).
         const summed = readSummed && part.length > SYNC_SUM_BYTES
-          ? readSummed(buffer, part.offset, digests ? PIECE_DIGEST : undefined).then(({ adler32, digest }) => {
+          ? readSummed(buffer, part.offset, { adler: !compressed, digest: digests ? PIECE_DIGEST : undefined }).then(({ adler32, digest }) => {
             if (digest) digests!.set(slot!, digest);
             return adler32;
           })

@@ -196,14 +196,15 @@ test('NbdHandle.preadSummed reads like pread and sums like checksumPiece', async
         const expected = Buffer.alloc(length);
         await h.pread(expected, offset);
         const buffer = Buffer.alloc(length, 0xee);
-        const sums = await h.preadSummed(buffer, offset, request, 'blake3');
+        const sums = await h.preadSummed(buffer, offset, request, true, 'blake3');
         assert.ok(buffer.equals(expected), `preadSummed(${offset}, ${length}) reads what pread reads`);
         assert.deepEqual(sums, await addon.checksumPiece(expected, 'blake3'), `sums of ${length} bytes in ${request}-byte requests`);
-        assert.deepEqual(await h.preadSummed(buffer, offset, request), { adler32: sums.adler32 }, 'no digest unless asked');
+        assert.deepEqual(await h.preadSummed(buffer, offset, request, true), { adler32: sums.adler32 }, 'no digest unless asked');
+        assert.deepEqual(await h.preadSummed(buffer, offset, request, false, 'blake3'), { adler32: 1, digest: sums.digest }, 'no adler32 unless asked');
       }
-      await assert.rejects(h.preadSummed(Buffer.alloc(4096), 0, 0), TypeError);
-      await assert.rejects(h.preadSummed(Buffer.alloc(4096), 0, 4096, 'sha256' as 'blake3'), TypeError);
-      await assert.rejects(h.preadSummed(Buffer.alloc(4096), h.getSize(), 4096), isNativeError('libnbd'));
+      await assert.rejects(h.preadSummed(Buffer.alloc(4096), 0, 0, true), TypeError);
+      await assert.rejects(h.preadSummed(Buffer.alloc(4096), 0, 4096, true, 'sha256' as 'blake3'), TypeError);
+      await assert.rejects(h.preadSummed(Buffer.alloc(4096), h.getSize(), 4096, true), isNativeError('libnbd'));
     } finally {
       await h.close();
     }
