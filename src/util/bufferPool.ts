@@ -1,23 +1,48 @@
-// Reusable fixed-size buffers for the copy loops: large Buffer.allocUnsafe calls are fresh mmaps that the GC
-// frees late, which costs page faults and lets RSS grow; a small pool keeps both flat.
+// Reusable buffers for the copy loops: large Buffer.allocUnsafe calls are fresh mmaps that the GC frees late, and
+// small ones each carry their own ArrayBuffer, freed only by the GC; pools keep page faults and RSS flat.
+// Guarantees: a buffer handed out is used by nobody else until it is released; memory kept is bounded.
+
+/** Node serves smaller Buffer.allocUnsafe calls from a shared slab, which must never be pooled here. */
+const SMALLEST_CLASS = 4096;
+/** Bytes each small size class keeps for reuse. */
+const SMALL_CLASS_KEEP_BYTES = 2 * 1024 * 1024;
+
 export class BufferPool {
   private readonly free: Buffer[] = [];
+  /** Free small buffers by size class (powers of two from SMALLEST_CLASS up to slabSize / 8). */
+  private readonly smallFree = new Map<number, Buffer[]>();
 
   constructor(readonly slabSize: number, private readonly keep: number) {}
 
   /**
-   * A buffer of exactly `length` bytes: a pooled slab's view when it fits, else a fresh allocation. Small
-   * requests get their own small buffer: thousands of tiny extents in flight must not each pin a slab.
+   * A buffer of exactly `length` bytes: a pooled slab's view when it fits, a view of a pooled buffer of its size
+   * class when it is small (thousands of tiny extents in flight must not each pin a slab), else a fresh allocation.
    */
   acquire(length: number): Buffer {
-    if (length > this.slabSize || length <= this.slabSize / 8) return Buffer.allocUnsafe(length);
+    if (length > this.slabSize) return Buffer.allocUnsafe(length);
+    if (length <= this.slabSize / 8) {
+      const size = sizeClass(length);
+      return (this.smallFree.get(size)?.pop() ?? Buffer.allocUnsafeSlow(size)).subarray(0, length);
+    }
     const slab = this.free.pop() ?? Buffer.allocUnsafe(this.slabSize);
     return slab.subarray(0, length);
   }
 
   /** Gives a buffer from acquire() back once nothing reads or writes it any more. */
   release(buffer: Buffer): void {
-    if (buffer.buffer.byteLength !== this.slabSize || this.free.length >= this.keep) return;
-    this.free.push(Buffer.from(buffer.buffer, buffer.byteOffset, this.slabSize));
+    const size = buffer.buffer.byteLength;
+    if (size === this.slabSize) {
+      if (this.free.length < this.keep) this.free.push(Buffer.from(buffer.buffer, buffer.byteOffset, this.slabSize));
+      return;
+    }
+    if (size > this.slabSize / 8 || size !== sizeClass(size)) return;
+    let list = this.smallFree.get(size);
+    if (!list) this.smallFree.set(size, list = []);
+    if (list.length < Math.max(16, SMALL_CLASS_KEEP_BYTES / size)) list.push(Buffer.from(buffer.buffer, 0, size));
   }
+}
+
+/** The power of two at or above `length`, at least SMALLEST_CLASS. */
+function sizeClass(length: number): number {
+  return Math.max(SMALLEST_CLASS, 2 ** Math.ceil(Math.log2(Math.max(length, 1))));
 }

@@ -1,0 +1,59 @@
+// BufferPool: slabs and small size classes are reused after release and never handed out twice; Node's shared
+// small-allocation slab and oversized buffers are never pooled.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { BufferPool } from '../../src/util/bufferPool.js';
+
+const SLAB = 4 * 1024 * 1024;
+
+test('a released slab is lent out again, and only once', () => {
+  const pool = new BufferPool(SLAB, 2);
+  const first = pool.acquire(SLAB - 100);
+  assert.equal(first.length, SLAB - 100);
+  pool.release(first);
+  const again = pool.acquire(SLAB);
+  assert.equal(again.buffer, first.buffer);
+  assert.notEqual(pool.acquire(SLAB).buffer, first.buffer);
+});
+
+test('small pieces share buffers of their size class, not a slab, and each is handed out once', () => {
+  const pool = new BufferPool(SLAB, 2);
+  const a = pool.acquire(4096);
+  const b = pool.acquire(3000);
+  assert.equal(a.buffer.byteLength, 4096);
+  assert.equal(b.buffer.byteLength, 4096);
+  assert.notEqual(a.buffer, b.buffer);
+  pool.release(a);
+  const c = pool.acquire(2500);
+  assert.equal(c.length, 2500);
+  assert.equal(c.buffer, a.buffer);
+  assert.notEqual(pool.acquire(4096).buffer, a.buffer);
+  const mid = pool.acquire(40_000);
+  assert.equal(mid.buffer.byteLength, 65536);
+  pool.release(mid);
+  assert.equal(pool.acquire(65536).buffer, mid.buffer);
+});
+
+test('buffers the pool did not size are never kept', () => {
+  const pool = new BufferPool(SLAB, 2);
+  const huge = pool.acquire(SLAB + 1);
+  pool.release(huge);
+  assert.notEqual(pool.acquire(SLAB + 1).buffer, huge.buffer);
+  const shared = Buffer.allocUnsafe(100); // from Node's shared slab
+  pool.release(shared);
+  assert.notEqual(pool.acquire(100).buffer, shared.buffer);
+});
+
+test('what the pool keeps is bounded', () => {
+  const pool = new BufferPool(SLAB, 1);
+  const slabs = [pool.acquire(SLAB), pool.acquire(SLAB)];
+  for (const s of slabs) pool.release(s);
+  assert.equal(pool.acquire(SLAB).buffer, slabs[0].buffer);
+  assert.notEqual(pool.acquire(SLAB).buffer, slabs[1].buffer);
+  const small = Array.from({ length: 600 }, () => pool.acquire(4096));
+  for (const s of small) pool.release(s);
+  const reused = new Set(small.map((s) => s.buffer));
+  let kept = 0;
+  for (let i = 0; i < 600; i++) if (reused.has(pool.acquire(4096).buffer)) kept++;
+  assert.equal(kept, 512); // 2 MiB of 4 KiB buffers
+});
