@@ -96,7 +96,7 @@ async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: Test
     const copyDir = path.join(bench.work, `${info.key}-r${round}-copy-only`);
     await fsp.mkdir(copyDir);
     await runStep(bench, info, TOOL.oursCopyOnly, round, 'env', [
-      'UV_THREADPOOL_SIZE=16', process.execPath, '--max-semi-space-size=8', COPY_ONLY_SCRIPT, uri, target, copyDir,
+      'UV_THREADPOOL_SIZE=16', process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4', COPY_ONLY_SCRIPT, uri, target, copyDir,
     ], { serverPid });
     await fsp.rm(copyDir, { recursive: true, force: true });
     await runStep(bench, info, TOOL.nbdcopyFlush, round, 'nbdcopy', ['--flush', uri, out], { serverPid });
