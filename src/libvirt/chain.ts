@@ -44,14 +44,16 @@ export function warnForeign(foreign: string[], domainName: string, log: Logger):
   }
 }
 
-/** Deletes a checkpoint with its bitmaps; when the bitmap is already gone, its metadata only. */
-async function deleteCheckpoint(domain: LibvirtDomain, name: string, log: Logger): Promise<void> {
+/** Deletes a checkpoint with its bitmaps; when the bitmap is already gone, its metadata only. Says which it did. */
+async function deleteCheckpoint(domain: LibvirtDomain, name: string, log: Logger): Promise<'with bitmaps' | 'metadata only'> {
   try {
     await domain.checkpointDelete(name, 0);
+    return 'with bitmaps';
   } catch {
     try {
       await domain.checkpointDelete(name, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
       log.info(`checkpoint ${name} had no usable bitmap: removed its metadata only`);
+      return 'metadata only';
     } catch (again) {
       throw new UserError(`cannot remove checkpoint ${name} of domain '${domain.name()}': ${oneLine(again)}; remove it with 'virsh checkpoint-delete --metadata ${domain.name()} ${name}'`);
     }
@@ -128,12 +130,9 @@ export async function clearOrphanBitmap(domain: LibvirtDomain, name: string, tar
     } catch {
       continue;
     }
-    try {
-      await domain.checkpointDelete(name, 0);
-      log.info(`removed bitmap ${name} of disk ${target}: it was left without its checkpoint`);
-    } catch {
-      await domain.checkpointDelete(name, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY).catch(() => undefined);
-    }
+    // A failure leaves the bitmap where it was; the backup start that follows names it.
+    const removed = await deleteCheckpoint(domain, name, log).catch(() => undefined);
+    if (removed === 'with bitmaps') log.info(`removed bitmap ${name} of disk ${target}: it was left without its checkpoint`);
   }
 }
 

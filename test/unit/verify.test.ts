@@ -127,3 +127,14 @@ test('a missing checksum file fails; a .partial leftover fails; a raw image is c
   await assert.rejects(verifySet({ input: path.join(dir, 'nothing') }), /cannot read backup set directory/);
   await assert.rejects(verifySet({ input: dir, disk: 'vdz' }), /not a backup set: it holds no \*\.data files of disk vdz/);
 });
+
+test('-d takes the files of that disk as restore names them, not every file whose name starts with it', async (t) => {
+  const dir = await craftedDir(t);
+  await craft(dir, 'vda.full.data', false);
+  await craft(dir, 'vda.x.full.data', false);
+  await fs.writeFile(path.join(dir, 'vda.x.inc.virtnbdbackup.1.data.partial'), 'half');
+  const verdicts = await verifySet({ input: dir, disk: 'vda' });
+  assert.deepEqual(verdicts.map((v) => [v.file, v.ok]), [['vda.full.data', true]]);
+  const other = await verifySet({ input: dir, disk: 'vda.x' });
+  assert.deepEqual(other.map((v) => [v.file, v.ok]), [['vda.x.inc.virtnbdbackup.1.data.partial', false], ['vda.x.full.data', true]]);
+});
