@@ -77,13 +77,16 @@ async function backup(bench: Bench, info: CaseInfo | undefined, tool: BackupTool
   await runStep(bench, info, tool, round, binaryOf(tool, 'virtnbdbackup'), args, { serverPid: await qemuPidOf(domain) });
 }
 
+/** Block size of the disk-alone dd: ours' direct writes are 4 MiB too. */
+const DD_BLOCK = 4 * 1024 * 1024;
+
 /** bench/copyOnly.ts, compiled next to this file. */
 const COPY_ONLY_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'copyOnly.js');
 
 /**
  * nbdcopy from a fresh pull-mode export of the disk to a file (the reference) and, with `variantsToo`, ours' copy
  * alone (writer and sink, no CLI or job set-up), nbdcopy to a file flushed to disk before it exits (durable, as
- * ours is) and to null:.
+ * ours is) and to null:, and dd writing as many bytes with direct I/O (the disk alone).
  */
 async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, variantsToo: boolean): Promise<void> {
   const serverPid = await qemuPidOf(domain);
@@ -102,6 +105,11 @@ async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: Test
     await runStep(bench, info, TOOL.nbdcopyFlush, round, 'nbdcopy', ['--flush', uri, out], { serverPid });
     await fsp.rm(out, { force: true });
     await runStep(bench, info, TOOL.nbdcopyNull, round, 'nbdcopy', [uri, 'null:'], { serverPid });
+    // The disk alone: as many bytes written with direct I/O as ours' data file holds, and synced, no source to read.
+    await runStep(bench, info, TOOL.directWrites, round, 'dd', [
+      'if=/dev/zero', `of=${out}`, `bs=${DD_BLOCK}`, `count=${Math.ceil(info.dataBytes / DD_BLOCK)}`, 'oflag=direct', 'conv=fsync', 'status=none',
+    ]);
+    await fsp.rm(out, { force: true });
   });
 }
 
