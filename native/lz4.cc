@@ -38,6 +38,8 @@ struct Bytes {
     capacity = wanted;
     return true;
   }
+
+  uint8_t* Data() const { return data.get(); }
 };
 
 Failure Lz4Failure(size_t code) {
@@ -104,62 +106,79 @@ std::optional<Failure> CheckContent(const uint8_t* src, size_t length, const uin
   return std::nullopt;
 }
 
-std::optional<Failure> Decompress(const uint8_t* src, size_t length, Bytes& out) {
+using Dctx = std::unique_ptr<LZ4F_dctx, decltype(&LZ4F_freeDecompressionContext)>;
+
+std::optional<Failure> NewDctx(Dctx& dctx) {
   LZ4F_dctx* raw = nullptr;
   size_t rc = LZ4F_createDecompressionContext(&raw, LZ4F_VERSION);
   if (LZ4F_isError(rc)) return Lz4Failure(rc);
-  std::unique_ptr<LZ4F_dctx, decltype(&LZ4F_freeDecompressionContext)> dctx(raw, LZ4F_freeDecompressionContext);
+  dctx.reset(raw);
+  return std::nullopt;
+}
+
+// The rest of the frame [src, src+length) from `pos` (`rc`: liblz4's last hint) into `out`, whose length
+// counts what was produced. `makeRoom(out)` runs whenever `out` is full and the frame not done: it grows `out`, or
+// fails. Truncated or padded input fails; so does a content checksum that does not match.
+template <typename Output, typename MakeRoom>
+std::optional<Failure> DecompressRest(LZ4F_dctx* dctx, const uint8_t* src, size_t length, size_t pos, size_t rc,
+                                      Output& out, MakeRoom makeRoom) {
+  bool checkContent = false;
+  LZ4F_decompressOptions_t options = DecompressOptions(src, length, checkContent);
+  while (rc != 0) {
+    size_t made = out.capacity - out.length, consumed = length - pos;
+    rc = LZ4F_decompress(dctx, out.Data() + out.length, &made, src + pos, &consumed, &options);
+    if (LZ4F_isError(rc)) return Lz4Failure(rc);
+    out.length += made;
+    pos += consumed;
+    if (rc == 0) break;
+    if (out.length == out.capacity) {
+      std::optional<Failure> failure = makeRoom(out);
+      if (failure) return failure;
+    }
+    if (pos == length && made == 0) return Lz4Failure("truncated LZ4 frame");
+  }
+  if (pos != length) return Lz4Failure("trailing data after LZ4 frame");
+  if (checkContent) return CheckContent(src, length, out.Data(), out.length);
+  return std::nullopt;
+}
+
+std::optional<Failure> Decompress(const uint8_t* src, size_t length, Bytes& out) {
+  Dctx dctx(nullptr, LZ4F_freeDecompressionContext);
+  if (std::optional<Failure> failure = NewDctx(dctx)) return failure;
 
   LZ4F_frameInfo_t frame;
   size_t pos = length;
-  rc = LZ4F_getFrameInfo(dctx.get(), &frame, src, &pos);
+  size_t rc = LZ4F_getFrameInfo(dctx.get(), &frame, src, &pos);
   if (LZ4F_isError(rc)) return Lz4Failure(rc);
   // A header's contentSize is untrusted: LZ4 cannot expand more than ~255x, so cap the first allocation.
   size_t bound = length * 256 + 65536;
   size_t initial =
       frame.contentSize ? std::min<uint64_t>(frame.contentSize, bound) : std::max<size_t>(length * 4, 65536);
   if (!out.Reserve(initial)) return Lz4Failure("out of memory");
-
-  bool checkContent = false;
-  LZ4F_decompressOptions_t options = DecompressOptions(src, length, checkContent);
-  while (rc != 0) {
-    if (out.length == out.capacity && !out.Reserve(out.capacity * 2)) return Lz4Failure("out of memory");
-    size_t produced = out.capacity - out.length, consumed = length - pos;
-    rc = LZ4F_decompress(dctx.get(), out.data.get() + out.length, &produced, src + pos, &consumed, &options);
-    if (LZ4F_isError(rc)) return Lz4Failure(rc);
-    out.length += produced;
-    pos += consumed;
-    if (rc != 0 && pos == length && produced == 0) return Lz4Failure("truncated LZ4 frame");
-  }
-  if (pos != length) return Lz4Failure("trailing data after LZ4 frame");
-  if (checkContent) return CheckContent(src, length, out.data.get(), out.length);
-  return std::nullopt;
+  return DecompressRest(dctx.get(), src, length, pos, rc, out, [](Bytes& grown) -> std::optional<Failure> {
+    if (!grown.Reserve(grown.capacity * 2)) return Lz4Failure("out of memory");
+    return std::nullopt;
+  });
 }
+
+// The caller's fixed buffer as a DecompressRest output.
+struct FixedOutput {
+  uint8_t* data;
+  size_t capacity;
+  size_t length = 0;
+  uint8_t* Data() const { return data; }
+};
 
 // One whole frame into [dst, dst+capacity); `produced` gets its length. Fails when the frame holds more.
 std::optional<Failure> DecompressInto(const uint8_t* src, size_t length, uint8_t* dst, size_t capacity, size_t& produced) {
-  LZ4F_dctx* raw = nullptr;
-  size_t rc = LZ4F_createDecompressionContext(&raw, LZ4F_VERSION);
-  if (LZ4F_isError(rc)) return Lz4Failure(rc);
-  std::unique_ptr<LZ4F_dctx, decltype(&LZ4F_freeDecompressionContext)> dctx(raw, LZ4F_freeDecompressionContext);
-  size_t pos = 0;
-  produced = 0;
-  rc = 1;
-  bool checkContent = false;
-  LZ4F_decompressOptions_t options = DecompressOptions(src, length, checkContent);
-  while (rc != 0) {
-    size_t room = capacity - produced, consumed = length - pos;
-    rc = LZ4F_decompress(dctx.get(), dst + produced, &room, src + pos, &consumed, &options);
-    if (LZ4F_isError(rc)) return Lz4Failure(rc);
-    produced += room;
-    pos += consumed;
-    if (rc == 0) break;
-    if (produced == capacity) return Lz4Failure("LZ4 frame larger than its stated content size");
-    if (pos == length && room == 0) return Lz4Failure("truncated LZ4 frame");
-  }
-  if (pos != length) return Lz4Failure("trailing data after LZ4 frame");
-  if (checkContent) return CheckContent(src, length, dst, produced);
-  return std::nullopt;
+  Dctx dctx(nullptr, LZ4F_freeDecompressionContext);
+  if (std::optional<Failure> failure = NewDctx(dctx)) return failure;
+  FixedOutput out{dst, capacity};
+  std::optional<Failure> failure = DecompressRest(dctx.get(), src, length, 0, 1, out, [](FixedOutput&) {
+    return std::optional<Failure>(Lz4Failure("LZ4 frame larger than its stated content size"));
+  });
+  produced = out.length;
+  return failure;
 }
 
 // lz4DecompressInto(source, output): Promise<bytes>, one frame decompressed into the caller's (reused) buffer.
