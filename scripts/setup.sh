@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes a Debian 12 machine (as root) ready to build, test and demo: packages, npm modules, addon + TypeScript build, libvirt daemons; idempotent, one line per step that did something.
+# Makes a Debian 12 machine (as root) ready to build, test and demo: packages, npm modules, addon, TypeScript build and command bundles, libvirt daemons; idempotent, one line per step that did something.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -77,6 +77,7 @@ build_native_addon() {
 
 compile_typescript() {
   quietly npx --no-install tsc -p tsconfig.json
+  quietly node dist/scripts/bundle.js
 }
 
 # True when the pid in one of the given pid files belongs to a live process called `name`.

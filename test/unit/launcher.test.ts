@@ -1,0 +1,60 @@
+// The launchers in bin/: they run each command's bundle, which answers as the compiled modules do, and fall back
+// to the compiled modules when the bundle is older than them.
+import { spawnSync } from 'node:child_process';
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { repoRoot, runCli } from '../support/cli.js';
+
+const COMMANDS = ['virtnbdbackup', 'virtnbdrestore', 'virtnbdmap'] as const;
+
+/** virtnbdmap's default socket names its pid. */
+const withoutPids = (text: string): string => text.replace(/\.\d+\.sock/g, '.PID.sock');
+
+test('each launcher runs its bundle, which answers --help, --version and bad flags as the compiled command', async () => {
+  for (const command of COMMANDS) {
+    const compiled = path.join(repoRoot, 'dist', 'src', 'cli', `${command}.js`);
+    const bundle = path.join(repoRoot, 'dist', 'src', 'cli', `${command}.bundle.mjs`);
+    const [bundleStat, compiledStat] = await Promise.all([fs.stat(bundle), fs.stat(compiled)]);
+    assert.ok(bundleStat.mtimeMs >= compiledStat.mtimeMs, `${bundle} is older than ${compiled}: run npm run build`);
+    for (const args of [['--help'], ['--version'], ['--no-such-flag']]) {
+      const viaLauncher = await runCli(path.join(repoRoot, 'bin', command), args);
+      const direct = await runCli(process.execPath, [compiled, ...args]);
+      assert.equal(viaLauncher.code, direct.code, `${command} ${args.join(' ')}`);
+      assert.equal(withoutPids(viaLauncher.stdout), withoutPids(direct.stdout), `${command} ${args.join(' ')}`);
+      assert.equal(withoutPids(viaLauncher.stderr), withoutPids(direct.stderr), `${command} ${args.join(' ')}`);
+    }
+  }
+});
+
+test("the bundle finds yargs' translations", async () => {
+  const german = { ...process.env, LANG: 'de_DE.UTF-8', LC_ALL: 'de_DE.UTF-8' };
+  const run = spawnSync(path.join(repoRoot, 'bin', 'virtnbdbackup'), ['-l', 'full'], { env: german, encoding: 'utf8' });
+  assert.equal(run.status, 2);
+  assert.match(run.stderr, /Fehlendes Argument: domain/);
+});
+
+test('a bundle older than the compiled command is passed over for the compiled modules', async (t) => {
+  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-launch-'));
+  t.after(() => fs.rm(root, { recursive: true, force: true }));
+  await fs.mkdir(path.join(root, 'bin'));
+  await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
+  await fs.copyFile(path.join(repoRoot, 'bin', 'launch.mjs'), path.join(root, 'bin', 'launch.mjs'));
+  const compiled = path.join(root, 'dist', 'src', 'cli', 'probe.js');
+  const bundle = path.join(root, 'dist', 'src', 'cli', 'probe.bundle.mjs');
+  await fs.writeFile(compiled, "process.stdout.write('compiled');\n");
+  await fs.writeFile(bundle, "process.stdout.write('bundle');\n");
+  const launch = ['--input-type=module', '-e', `import(${JSON.stringify(path.join(root, 'bin', 'launch.mjs'))}).then((m) => m.launch('probe'))`];
+
+  const older = new Date(Date.now() - 60_000);
+  await fs.utimes(compiled, older, older);
+  assert.equal((await runCli(process.execPath, launch)).stdout, 'bundle');
+
+  await fs.utimes(bundle, new Date(Date.now() - 120_000), new Date(Date.now() - 120_000));
+  assert.equal((await runCli(process.execPath, launch)).stdout, 'compiled');
+
+  await fs.rm(bundle);
+  assert.equal((await runCli(process.execPath, launch)).stdout, 'compiled');
+});
