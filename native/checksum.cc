@@ -33,19 +33,41 @@ Digest ArgDigest(const Napi::CallbackInfo& info, size_t index) {
   throw Napi::TypeError::New(info.Env(), "digest must be 'blake3', 'sha256' or undefined");
 }
 
-std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest digest, bool withAdler, PieceSums& sums) {
-  if (withAdler) sums.adler = FastAdler32(1, data, length);
-  sums.digest = digest;
-  if (digest == Digest::kBlake3) {
-    blake3_hasher hasher;
-    blake3_hasher_init(&hasher);
-    blake3_hasher_update(&hasher, data, length);
-    blake3_hasher_finalize(&hasher, sums.hash, BLAKE3_OUT_LEN);
+PieceSummer::PieceSummer(Digest digest, bool withAdler) : digest_(digest), withAdler_(withAdler) {
+  if (digest_ == Digest::kBlake3) blake3_hasher_init(&blake3_);
+  if (digest_ == Digest::kSha256) {
+    sha256_ = EVP_MD_CTX_new();
+    sha256Ok_ = sha256_ != nullptr && EVP_DigestInit_ex(sha256_, EVP_sha256(), nullptr) == 1;
+  }
+}
+
+PieceSummer::~PieceSummer() {
+  if (sha256_) EVP_MD_CTX_free(sha256_);
+}
+
+void PieceSummer::Update(const uint8_t* data, size_t length) {
+  if (withAdler_) adler_ = FastAdler32(adler_, data, length);
+  if (digest_ == Digest::kBlake3) blake3_hasher_update(&blake3_, data, length);
+  if (digest_ == Digest::kSha256 && sha256Ok_) sha256Ok_ = EVP_DigestUpdate(sha256_, data, length) == 1;
+}
+
+std::optional<Failure> PieceSummer::Finish(PieceSums& sums) {
+  sums.adler = adler_;
+  sums.digest = digest_;
+  if (digest_ == Digest::kBlake3) {
+    blake3_hasher_finalize(&blake3_, sums.hash, BLAKE3_OUT_LEN);
     sums.hashLength = BLAKE3_OUT_LEN;
-  } else if (digest == Digest::kSha256 && EVP_Digest(data, length, sums.hash, &sums.hashLength, EVP_sha256(), nullptr) != 1) {
+  }
+  if (digest_ == Digest::kSha256 && (!sha256Ok_ || EVP_DigestFinal_ex(sha256_, sums.hash, &sums.hashLength) != 1)) {
     return Failure{"SHA-256 digest failed", std::nullopt, "openssl"};
   }
   return std::nullopt;
+}
+
+std::optional<Failure> ComputeSums(const uint8_t* data, size_t length, Digest digest, bool withAdler, PieceSums& sums) {
+  PieceSummer summer(digest, withAdler);
+  summer.Update(data, length);
+  return summer.Finish(sums);
 }
 
 Napi::Value SumsToObject(Napi::Env env, PieceSums& sums) {

@@ -1,12 +1,9 @@
 // NbdHandle over libnbd: all I/O on workers, errors carry the worker thread's libnbd error; getters use a snapshot.
 #include "nbd_handle.h"
 
-#include <blake3.h>
-
 #include <algorithm>
 #include <type_traits>
 
-#include "adler32.h"
 #include "args.h"
 #include "checksum.h"
 
@@ -223,21 +220,14 @@ Napi::Value NbdHandle::PreadSummed(const Napi::CallbackInfo& info) {
     uint8_t* data = buffer.Data();
     uint64_t length = buffer.Length();
     auto op = [=](nbd_handle* h, PieceSums& sums) {
-      bool digesting = digest == Digest::kBlake3;
-      blake3_hasher hasher;
-      if (digesting) blake3_hasher_init(&hasher);
+      PieceSummer summer(digest, withAdler);
       int rc = Chunked(length, request, [&](uint64_t pos, uint64_t n) {
         if (nbd_pread(h, data + pos, n, offset + pos, 0) == -1) return -1;
-        if (withAdler) sums.adler = FastAdler32(sums.adler, data + pos, n);
-        if (digesting) blake3_hasher_update(&hasher, data + pos, n);
+        summer.Update(data + pos, n);
         return 0;
       });
       if (rc == -1) return -1;
-      sums.digest = digest;
-      if (digesting) {
-        blake3_hasher_finalize(&hasher, sums.hash, BLAKE3_OUT_LEN);
-        sums.hashLength = BLAKE3_OUT_LEN;
-      }
+      summer.Finish(sums);  // BLAKE3 or none: nothing that can fail
       return 0;
     };
     return Submit<PieceSums>(info, op, SumsToObject, buffer);
