@@ -151,16 +151,18 @@ export class StreamReader {
   private async readLease(length: number): Promise<Lease> {
     const lease = new Lease(this.pool, await fillExactly(this.handle, this.position, this.pool.acquire(length), this.path));
     this.position += length;
-    if (this.running !== undefined) await this.sum(lease.buffer, lease);
+    if (this.running !== undefined) await this.sum(lease);
     return lease;
   }
 
   /**
-   * Adds `data` to the running adler32: large reads on a worker thread (restore reads at disk speed), which holds
-   * the data's `lease` till it is done.
+   * Adds the bytes read to the running adler32: large reads on a worker thread (restore reads at disk speed), which
+   * holds a leased buffer till it is done.
    */
-  private async sum(data: Buffer, lease?: Lease): Promise<void> {
+  private async sum(read: Buffer | Lease): Promise<void> {
     const addon = native();
+    const lease = read instanceof Lease ? read : undefined;
+    const data = lease ? lease.buffer : read as Buffer;
     if (data.length < THREADED_SUM && this.pending.length === 0) {
       this.running = addon.adler32(data, this.running as number);
       return;
