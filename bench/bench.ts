@@ -14,6 +14,7 @@ import { countDataExtents, createExtentDomain, createRandomDomain, DiskUnderTest
 import { assertGnuTimeInstalled, measure, type MeasureExtras } from './measure.js';
 import { INC_WRITE_BYTES, INC_WRITES, parseOptions, SMALL_EXTENT_BYTES, USAGE, type BenchOptions, type CaseName } from './options.js';
 import { Results, TOOL, type CaseInfo, type ToolLabel } from './report.js';
+import { STAGE_TRACE_ENV, summarizeStages, type StageEvent } from '../src/util/stageTrace.js';
 
 const BACKUP_TOOLS = [TOOL.ours, TOOL.python] as const;
 type BackupTool = (typeof BACKUP_TOOLS)[number];
@@ -83,25 +84,43 @@ const DD_BLOCK = 4 * 1024 * 1024;
 /** bench/copyOnly.ts, compiled next to this file. */
 const COPY_ONLY_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'copyOnly.js');
 
+/** What runs on the export after nbdcopy: ours' copy alone (lz4 at `lz4Level` for -z) and the other context rows. */
+interface Beside {
+  copyAlone: boolean;
+  lz4Level?: number;
+  contextRows: boolean;
+}
+
+const NOTHING_BESIDE: Beside = { copyAlone: false, contextRows: false };
+/** The level of -z given alone, as the CLI sets it. */
+const DEFAULT_LZ4_LEVEL = 2;
+
 /**
- * nbdcopy from a fresh pull-mode export of the disk to a file (the reference) and, with `variantsToo`, ours' copy
- * alone (writer and sink, no CLI or job set-up), nbdcopy to a file flushed to disk before it exits (durable, as
- * ours is) and to null:, and dd writing as many bytes with direct I/O (the disk alone).
+ * nbdcopy from a fresh pull-mode export of the disk to a file (the reference), then what `beside` asks for: ours'
+ * copy alone (writer and sink, no CLI or job set-up; its stage trace says which stage bounds it), and as context rows
+ * nbdcopy to a file flushed to disk before it exits (durable, as ours is) and to null:, and dd writing as many bytes
+ * with direct I/O (the disk alone).
  */
-async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, variantsToo: boolean): Promise<void> {
+async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, beside: Beside): Promise<void> {
   const serverPid = await qemuPidOf(domain);
   await withPullExport(domain, target, async (uri) => {
     const out = path.join(bench.work, `${info.key}-r${round}-nbdcopy.raw`);
     await runStep(bench, info, TOOL.nbdcopyFile, round, 'nbdcopy', [uri, out], { serverPid });
     await fsp.rm(out, { force: true });
-    if (!variantsToo) return;
-    // Ours' writer and sink alone on the same export, started like the launchers start the commands.
-    const copyDir = path.join(bench.work, `${info.key}-r${round}-copy-only`);
-    await fsp.mkdir(copyDir);
-    await runStep(bench, info, TOOL.oursCopyOnly, round, 'env', [
-      'UV_THREADPOOL_SIZE=16', process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4', COPY_ONLY_SCRIPT, uri, target, copyDir,
-    ], { serverPid });
-    await fsp.rm(copyDir, { recursive: true, force: true });
+    if (beside.copyAlone) {
+      // Ours' writer and sink alone on the same export, started like the launchers start the commands.
+      const copyDir = path.join(bench.work, `${info.key}-r${round}-copy-only`);
+      const trace = path.join(bench.work, `${info.key}-r${round}-stages.json`);
+      await fsp.mkdir(copyDir);
+      await runStep(bench, info, TOOL.oursCopyOnly, round, 'env', [
+        'UV_THREADPOOL_SIZE=16', `${STAGE_TRACE_ENV}=${trace}`, process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4',
+        COPY_ONLY_SCRIPT, uri, target, copyDir, ...(beside.lz4Level === undefined ? [] : [String(beside.lz4Level)]),
+      ], { serverPid });
+      bench.results.recordStages(info, summarizeStages(JSON.parse(await fsp.readFile(trace, 'utf8')) as StageEvent[]));
+      await fsp.rm(copyDir, { recursive: true, force: true });
+      await fsp.rm(trace, { force: true });
+    }
+    if (!beside.contextRows) return;
     await runStep(bench, info, TOOL.nbdcopyFlush, round, 'nbdcopy', ['--flush', uri, out], { serverPid });
     await fsp.rm(out, { force: true });
     await runStep(bench, info, TOOL.nbdcopyNull, round, 'nbdcopy', [uri, 'null:'], { serverPid });
@@ -180,7 +199,7 @@ async function referenceCases(bench: Bench): Promise<void> {
           if (snapshot) kept.set(tool, { dir: set, snapshot });
           else await fsp.rm(set, { recursive: true, force: true });
         }
-        if (wants('full')) await nbdcopy(bench, full, round, domain, 'vda', true);
+        if (wants('full')) await nbdcopy(bench, full, round, domain, 'vda', { copyAlone: true, contextRows: true });
       }
       const ours = kept.get(TOOL.ours);
       if (ours && !wants('restore')) await verifyWithOurRestore(bench, ours, disk.disk, `ours' ${chain ? 'full + inc' : 'full'} set`);
@@ -205,7 +224,7 @@ async function referenceCases(bench: Bench): Promise<void> {
     }
     for (const set of kept.values()) await discardUnlessKept(bench, set.dir);
 
-    if (wants('full-z')) await backupRounds(bench, compressed, domain, disk, ['-z']);
+    if (wants('full-z')) await backupRounds(bench, compressed, domain, disk, ['-z'], { copyAlone: true, lz4Level: DEFAULT_LZ4_LEVEL, contextRows: false });
   } finally {
     await domain.destroy();
   }
@@ -251,8 +270,8 @@ async function sparseCase(bench: Bench): Promise<void> {
   }
 }
 
-/** Full backups by each tool and nbdcopy, `rounds` times; ours' last set is verified. The disk does not change. */
-async function backupRounds(bench: Bench, info: CaseInfo, domain: TestDomain, disk: DiskUnderTest, extra: string[]): Promise<void> {
+/** Full backups by each tool and nbdcopy (and `beside` it), `rounds` times; ours' last set is verified. The disk does not change. */
+async function backupRounds(bench: Bench, info: CaseInfo, domain: TestDomain, disk: DiskUnderTest, extra: string[], beside = NOTHING_BESIDE): Promise<void> {
   let ours: KeptSet | undefined;
   for (let round = 0; round < bench.options.rounds; round++) {
     for (const tool of BACKUP_TOOLS) {
@@ -262,7 +281,7 @@ async function backupRounds(bench: Bench, info: CaseInfo, domain: TestDomain, di
       await backup(bench, info, tool, round, domain, 'full', set, extra);
       if (!verify) await fsp.rm(set, { recursive: true, force: true });
     }
-    await nbdcopy(bench, info, round, domain, disk.target, false);
+    await nbdcopy(bench, info, round, domain, disk.target, beside);
   }
   if (ours) {
     await verifyWithOurRestore(bench, ours, disk.disk, `ours' ${info.key} set`);

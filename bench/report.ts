@@ -1,7 +1,8 @@
 // Collects the benchmark's measurements per case and tool and renders them: a Markdown table of medians with ratios
 // to nbdcopy and to Python, and one line per issue-6 target saying OK or MISSED. Guarantees: a ratio or target whose
 // figures were not measured is shown as '—' or left out, never guessed.
-import { medianMeasurement, type Measurement } from './measure.js';
+import { median, medianMeasurement, type Measurement } from './measure.js';
+import type { Stage, StageSummary } from '../src/util/stageTrace.js';
 
 export const TOOL = {
   ours: 'ours',
@@ -43,6 +44,8 @@ interface Row {
 
 export class Results {
   private readonly rows: Row[] = [];
+  /** Stage summaries of ours' copy alone, per case key, one per round. */
+  private readonly stages = new Map<string, StageSummary[]>();
 
   /** `cores`: the machine's, for the "both cores busy" target. */
   constructor(private readonly cores: number) {}
@@ -51,6 +54,28 @@ export class Results {
     let row = this.rows.find((r) => r.info.key === info.key && r.tool === tool);
     if (!row) this.rows.push((row = { info, tool, runs: [] }));
     row.runs.push(measurement);
+  }
+
+  recordStages(info: CaseInfo, summary: StageSummary): void {
+    const runs = this.stages.get(info.key) ?? [];
+    runs.push(summary);
+    this.stages.set(info.key, runs);
+  }
+
+  /**
+   * Where ours' copy alone spent its time (median of the rounds): the share of the copy with a direct write in flight,
+   * a read, and an lz4 compression running, each with how many ran on average.
+   */
+  private stageLine(caseKey: string, label: string): string | undefined {
+    const runs = this.stages.get(caseKey);
+    if (!runs?.length) return undefined;
+    const part = (stage: Stage, name: string): string => {
+      const busy = median(runs.map((r) => r.busy[stage]));
+      const mean = median(runs.map((r) => r.meanRunning[stage]));
+      return `${name} ${(busy * 100).toFixed(0)} % (${mean.toFixed(1)} on average)`;
+    };
+    const parts = [part('diskWrite', 'a disk write in flight'), part('read', 'a read'), ...(runs.some((r) => r.busy.compress > 0) ? [part('compress', 'lz4')] : [])];
+    return `${label}, ours' copy alone, share of its time with ${parts.join(', ')} (for context)`;
   }
 
   median(caseKey: string, tool: ToolLabel): Measurement | undefined {
@@ -98,6 +123,8 @@ export class Results {
     if (copyOnly !== undefined) lines.push(`full stream, ours' copy alone (no CLI, libvirt or job set-up): ${copyOnly.toFixed(2)} × nbdcopy (for context)`);
     const diskFloor = this.ratio('full', TOOL.oursCopyOnly, TOOL.directWrites);
     if (diskFloor !== undefined) lines.push(`full stream, ours' copy alone: ${diskFloor.toFixed(2)} × dd writing as many bytes with direct I/O (the disk's floor for ours' writes; for context)`);
+    const fullStages = this.stageLine('full', 'full stream');
+    if (fullStages) lines.push(fullStages);
     versus('full stream', this.ratio('full', TOOL.ours, TOOL.python), '× Python', 0.4);
     versus('full -z', this.ratio('full-z', TOOL.ours, TOOL.python), '× Python -z', 0.5);
     const compressed = this.median('full-z', TOOL.ours);
@@ -108,6 +135,10 @@ export class Results {
       lines.push(`full -z: ours ${ours.toFixed(2)} + QEMU ${server.toFixed(2)} = ${(ours + server).toFixed(2)} of ${this.cores} cores busy ` +
         `(target ≥ ${wanted.toFixed(1)}; whole machine ${(compressed.machineBusy * 100).toFixed(0)} % busy) ${verdict(ours + server >= wanted)}`);
     }
+    const compressedCopyOnly = this.ratio('full-z', TOOL.oursCopyOnly, TOOL.nbdcopyFile);
+    if (compressedCopyOnly !== undefined) lines.push(`full -z, ours' copy alone: ${compressedCopyOnly.toFixed(2)} × nbdcopy (for context)`);
+    const compressedStages = this.stageLine('full-z', 'full -z');
+    if (compressedStages) lines.push(compressedStages);
     versus('incremental', this.ratio('inc', TOOL.ours, TOOL.python), '× Python', 0.6);
     versus('restore full + inc', this.ratio('restore', TOOL.ours, TOOL.python), '× Python virtnbdrestore', 0.5);
     const ours = this.rows.filter((r) => r.tool === TOOL.ours);

@@ -7,6 +7,7 @@ import { constants as fsConstants } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { native } from '../native/addon.js';
+import { traced } from '../util/stageTrace.js';
 
 export interface Sink {
   /** Appends the buffers, in order. */
@@ -196,7 +197,7 @@ class DirectFileSink implements Sink {
 
   private submit(length: number): void {
     const chunk = this.stage!;
-    const written = writeFully(this.handle, chunk, length, this.position).then(() => chunk);
+    const written = traced('diskWrite', () => writeFully(this.handle, chunk, length, this.position)).then(() => chunk);
     written.catch(() => undefined); // awaited in order by freeChunk or commit
     this.inFlight.push(written);
     this.stage = undefined;

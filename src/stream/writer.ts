@@ -7,6 +7,7 @@ import { READ_REQUEST_SIZE, type Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
 import type { Sink } from '../set/target.js';
 import { BufferPool } from '../util/bufferPool.js';
+import { traced } from '../util/stageTrace.js';
 import { DigestList } from './digestList.js';
 import {
   DEFAULT_MAX_REQUEST_SIZE, PAYLOAD_PIECE_SIZE, TERMINATOR, encodeEnd, encodeHeader, encodeMetadata,
@@ -93,7 +94,7 @@ async function readPiece(source: Endpoint, offset: number, length: number, buffe
   const step = Math.min(READ_REQUEST_SIZE, source.maxRequestSize);
   const reads: Promise<void>[] = [];
   for (const c of chunks(0, length, step)) reads.push(source.read(buffer.subarray(c.offset, c.offset + c.length), offset + c.offset));
-  await Promise.all(reads);
+  await traced('read', () => Promise.all(reads));
   return buffer;
 }
 
@@ -202,7 +203,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
         const slot = digests?.add(part.offset, part.length);
         // The digest comes with the read; so does the adler32 of an uncompressed payload (a frame's is the frame's).
         const summed = readSummed && part.length > SYNC_SUM_BYTES
-          ? readSummed(buffer, part.offset, { adler: !compressed, digest: digests ? PIECE_DIGEST : undefined }).then(({ adler32, digest }) => {
+          ? traced('read', () => readSummed(buffer, part.offset, { adler: !compressed, digest: digests ? PIECE_DIGEST : undefined })).then(({ adler32, digest }) => {
             if (digest) digests!.set(slot!, digest);
             return adler32;
           })
@@ -210,7 +211,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
         if (compressed) {
           const raw = summed ? summed.then(() => buffer) : readPiece(source, part.offset, part.length, buffer);
           const output = frames!.acquire(addon.lz4FrameBound(part.length));
-          const piece = raw.then((r) => addon.lz4CompressPiece(r, compress, output, digests && !summed ? PIECE_DIGEST : undefined));
+          const piece = raw.then((r) => traced('compress', () => addon.lz4CompressPiece(r, compress, output, digests && !summed ? PIECE_DIGEST : undefined)));
           sizes.push(piece.then((p) => p.length, () => 0));
           const ready = piece.then(({ length, adler32, digest }) => {
             if (digest) digests!.set(slot!, digest);
