@@ -25,7 +25,7 @@ import { OfflineExports, type DiskExports } from './offline.js';
 import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
-import { saveSideFiles } from './sideFiles.js';
+import { readImageInfo, saveSideFiles } from './sideFiles.js';
 import type { RunContext } from './context.js';
 
 export type { DiskResult } from './diskBackup.js';
@@ -336,6 +336,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     return { ...base, startedJob: { socket: socketOf(options), exports: disks.map((d) => d.target) } };
   }
   const ident = identOf(plan, ctx.startedAt);
+  const imageInfo = readImageInfo(ctx);
   log.info(`${plan.level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${ctx.stateDir}, checkpoint ${plan.checkpoint.create ? plan.checkpoint.name : 'none'}${plan.checkpoint.parent ? `, changes since ${plan.checkpoint.parent}` : ''}`);
   let failed = true;
   try {
@@ -356,7 +357,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       }
     });
     signal.throwIfAborted();
-    await saveSideFiles(ctx, plan, ident);
+    await saveSideFiles(ctx, plan, ident, imageInfo);
     failed = false;
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
   } finally {

@@ -1,6 +1,6 @@
-// The files beside the data of a finished run: image info (qcow.json), domain XML, boot files, autostart flag,
-// and for a run that created a checkpoint its saved definition and the set's checkpoint list (.cpt).
-// Guarantees: the .cpt is written last, so a run enters the chain only once everything else is in the set.
+// The files beside the data of a finished run: image info (qcow.json, read while the data is copied), domain XML,
+// boot files, autostart flag, and for a run that created a checkpoint its saved definition and the set's checkpoint
+// list (.cpt). Guarantees: the .cpt is written last, so a run enters the chain only once everything else is in the set.
 import path from 'node:path';
 import { CHECKPOINT_DIR, autostartName, checkpointListName, qcowInfoName, vmConfigName } from '../set/backupSet.js';
 import { DirectoryTarget } from '../set/target.js';
@@ -10,14 +10,32 @@ import { saveBootFiles } from './bootFiles.js';
 import type { RunContext } from './context.js';
 import type { RunPlan } from './runPlan.js';
 
-async function saveImageInfo(ctx: RunContext, ident: string): Promise<void> {
-  for (const disk of ctx.disks) {
+/** `qemu-img info` (JSON) of one disk, or why it could not be read. */
+export interface ImageInfo {
+  target: string;
+  json?: string;
+  failure?: unknown;
+}
+
+/**
+ * Starts `qemu-img info` of every disk. Once the exports are open the images look as they will when the data is in
+ * (the checkpoint's bitmap exists), so this runs during the copy instead of after it. Never rejects.
+ */
+export function readImageInfo(ctx: RunContext): Promise<ImageInfo[]> {
+  return Promise.all(ctx.disks.map(async (disk): Promise<ImageInfo> => {
     try {
       const { stdout } = await run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
-      await ctx.target.writeFile(qcowInfoName(disk.target, ident), stdout);
-    } catch (err) {
-      ctx.log.warn(`could not save image info of ${disk.target}: ${oneLine(err)}`);
+      return { target: disk.target, json: stdout };
+    } catch (failure) {
+      return { target: disk.target, failure };
     }
+  }));
+}
+
+async function saveImageInfo(ctx: RunContext, ident: string, infos: ImageInfo[]): Promise<void> {
+  for (const { target, json, failure } of infos) {
+    if (json !== undefined) await ctx.target.writeFile(qcowInfoName(target, ident), json);
+    else ctx.log.warn(`could not save image info of ${target}: ${oneLine(failure)}`);
   }
 }
 
@@ -36,8 +54,8 @@ async function enterChain(ctx: RunContext, plan: RunPlan): Promise<void> {
   await new DirectoryTarget(ctx.stateDir).writeFile(cpt, next);
 }
 
-export async function saveSideFiles(ctx: RunContext, plan: RunPlan, ident: string): Promise<void> {
-  await saveImageInfo(ctx, ident);
+export async function saveSideFiles(ctx: RunContext, plan: RunPlan, ident: string, imageInfo: Promise<ImageInfo[]>): Promise<void> {
+  await saveImageInfo(ctx, ident, await imageInfo);
   await ctx.target.writeFile(vmConfigName(ident), ctx.vmXml);
   await saveBootFiles(ctx.info.bootFiles, ident, ctx.target, ctx.log);
   if (await ctx.domain.getAutostart()) await ctx.target.writeFile(autostartName(ident), 'True');
