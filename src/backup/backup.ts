@@ -17,6 +17,7 @@ import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, openLibvirt } from '../libvirt/connection.js';
+import type { LibvirtConnection } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { lockRun } from './lock.js';
@@ -177,8 +178,9 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   if (writesSet) log.attachFile(path.join(stateDir, logName));
   const target: OutputTarget = toZip && writesSet ? await ZipTarget.open(options.stdout ?? process.stdout) : new DirectoryTarget(stateDir);
   let succeeded = false;
-  const conn = await openLibvirt(uri);
+  let conn: LibvirtConnection | undefined;
   try {
+    conn = await openLibvirt(uri);
     const domain = await lookupDomain(conn, options.domain, uri);
     const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);
     try {
@@ -199,8 +201,12 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
     } finally {
       await power.finish();
     }
+  } catch (err) {
+    // The set's log ends with why the run failed, as Python's does; the command prints it on the console.
+    log.toFile('error', oneLine(err));
+    throw err;
   } finally {
-    await conn.close().catch(() => undefined);
+    await conn?.close().catch(() => undefined);
     if (toZip && writesSet) await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log);
     await log.detachFile();
   }

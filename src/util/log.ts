@@ -50,14 +50,18 @@ export class Logger {
     await syslog?.close();
   }
 
+  /** A line for the log file alone: what the command itself reports on the console, such as the error it exits with. */
+  toFile(level: Level, msg: string): void {
+    this.file?.write(`${new Date().toISOString()} ${level.toUpperCase()} ${msg}\n`);
+  }
+
   debug(msg: string): void { this.log('debug', msg); }
   info(msg: string): void { this.log('info', msg); }
   warn(msg: string): void { this.warnings++; this.log('warn', msg); }
   error(msg: string): void { this.errors++; this.log('error', msg); }
 
   private log(level: Level, msg: string): void {
-    const stamp = new Date().toISOString();
-    this.file?.write(`${stamp} ${level.toUpperCase()} ${msg}\n`);
+    this.toFile(level, msg);
     if (ORDER[level] < this.threshold) return;
     this.syslog?.send(level, msg);
     const prefix = level === 'info' || level === 'debug' ? '' : `${level === 'warn' ? 'warning' : 'error'}: `;

@@ -42,6 +42,10 @@ test('unknown domain: one-line error naming it, exit 1', async () => {
     const errors = errorLines(r);
     assert.equal(errors.length, 1, r.stderr);
     assert.match(errors[0] as string, /domain 'vnbdtest-no-such-domain' not found/);
+    // The set's log says why, as Python's does.
+    const logs = (await fs.readdir(path.join(out, 'set'))).filter((f) => f.endsWith('.log'));
+    assert.equal(logs.length, 1);
+    assert.match(await fs.readFile(path.join(out, 'set', logs[0] as string), 'utf8'), /ERROR domain 'vnbdtest-no-such-domain' not found/);
   } finally {
     await fs.rm(out, { recursive: true, force: true });
   }
