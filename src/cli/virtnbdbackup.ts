@@ -5,6 +5,7 @@ import { backup, type BackupResult } from '../backup/backup.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
+import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
 import { listOption, makeLogger, makeProgress, parseFlags, runCommand, VERSION } from './common.js';
 
 const argv = parseFlags('virtnbdbackup', yargs(hideBin(process.argv))
@@ -54,7 +55,12 @@ const argv = parseFlags('virtnbdbackup', yargs(hideBin(process.argv))
   .example("$0 -d webvm -l inc -o - | ssh host 'cat > webvm.inc.zip'", 'incremental into a zip on another host')
   .example('$0 -d webvm -l auto -S -o /backup/webvm', 'also when webvm is shut off (started paused for the backup)')
   .example('$0 -d webvm -l auto --checkpoint-prefix weekly -o /backup/weekly', 'a second, independent chain')
-  .example('$0 -d webvm -l inc -T 104857600 -o /backup/webvm', 'inc only when at least 100 MiB changed'));
+  .example('$0 -d webvm -l inc -T 104857600 -o /backup/webvm', 'inc only when at least 100 MiB changed')
+  .epilog([
+    'Environment:',
+    '  VIRTNBD_SYSLOG_SOCKET=PATH  the syslog socket for -L (default /dev/log)',
+    `  ${STAGE_TRACE_ENV}=FILE  write to FILE (JSON) when each read, lz4 compression and disk write of the copy ran`,
+  ].join('\n')));
 
 await runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
