@@ -1,13 +1,14 @@
 // Bundles each compiled command (dist/src/cli/<command>.js) into one file beside it, <command>.bundle.mjs, which the
-// launchers in bin/ run: one file in place of about 160 module and package files starts 0.05 to 0.1 s sooner. Guarantees: a
-// bundle is only replaced once esbuild has written it complete; what yargs reads from its own folder comes along.
+// launchers in bin/ run: one file in place of about 160 module and package files starts 0.05 to 0.1 s sooner.
+// Guarantees: a bundle is only replaced once esbuild has written it complete; what yargs reads from its own folder
+// comes along.
 // Run by `npm run build` and scripts/setup.sh after tsc: `node dist/scripts/bundle.js`.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { build } from 'esbuild';
 import { repoRoot } from '../test/support/cli.js';
 
-export const COMMANDS = ['virtnbdbackup', 'virtnbdrestore', 'virtnbdmap'] as const;
+const COMMANDS = ['virtnbdbackup', 'virtnbdrestore', 'virtnbdmap'] as const;
 const CLI_DIR = path.join(repoRoot, 'dist', 'src', 'cli');
 
 async function bundle(command: string): Promise<void> {
