@@ -4,6 +4,7 @@
 #include <libvirt/libvirt-qemu.h>
 #include <libvirt/virterror.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <functional>
 #include <optional>
@@ -80,8 +81,6 @@ int TakeDomain(virDomainPtr dom, DomPtr& out) {
   return 0;
 }
 
-Napi::Value DomainValue(Napi::Env env, DomPtr& dom) { return LibvirtDomain::New(env, std::move(dom)); }
-
 void IgnoreError(void*, virErrorPtr) {}
 
 Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
@@ -135,7 +134,7 @@ Napi::Value LibvirtConnection::LookupDomainByName(const Napi::CallbackInfo& info
     return VirCall<virConnect, DomPtr>(
         info.Env(), Value(), Open(info),
         [name](virConnectPtr c, DomPtr& out) { return TakeDomain(virDomainLookupByName(c, name.c_str()), out); },
-        DomainValue);
+        [this](Napi::Env env, DomPtr& dom) { return Adopt(env, dom); });
   });
 }
 
@@ -145,7 +144,7 @@ Napi::Value LibvirtConnection::DefineXML(const Napi::CallbackInfo& info) {
     return VirCall<virConnect, DomPtr>(
         info.Env(), Value(), Open(info),
         [xml](virConnectPtr c, DomPtr& out) { return TakeDomain(virDomainDefineXML(c, xml.c_str()), out); },
-        DomainValue);
+        [this](Napi::Env env, DomPtr& dom) { return Adopt(env, dom); });
   });
 }
 
@@ -157,14 +156,34 @@ Napi::Value LibvirtConnection::GetURI(const Napi::CallbackInfo& info) {
   });
 }
 
-// Idempotent. The daemon connection really closes once domains obtained from it are released as well.
+// The connection's JS object is kept alive by the worker that settles here, so `this` is valid.
+Napi::Value LibvirtConnection::Adopt(Napi::Env env, DomPtr& dom) {
+  auto slot = std::make_shared<DomainSlot>(DomainSlot{std::move(dom)});
+  domains_.erase(std::remove_if(domains_.begin(), domains_.end(), [](const auto& known) { return known.expired(); }),
+                 domains_.end());
+  domains_.push_back(slot);
+  return LibvirtDomain::New(env, std::move(slot));
+}
+
+// Idempotent. Takes the handles of this connection's domains as well (their later calls reject), so that the
+// worker owns the last references: virDomainFree and virConnectClose, with its round trip, run on the threadpool.
 Napi::Value LibvirtConnection::Close(const Napi::CallbackInfo& info) {
   if (!conn_) return Resolved(info.Env());
   ConnPtr conn = std::move(conn_);
   conn_.reset();
-  // The worker owns the last reference, so virConnectClose happens on the threadpool when it drops it.
-  return PromiseWorker<Unit>::Start(info.Env(), [conn](Unit&) -> std::optional<Failure> { return std::nullopt; },
-                                    PromiseWorker<Unit>::Undefined, {Value()});
+  std::vector<DomPtr> doms;
+  for (auto& known : domains_) {
+    if (auto slot = known.lock()) doms.push_back(std::move(slot->dom));
+  }
+  domains_.clear();
+  return PromiseWorker<Unit>::Start(
+      info.Env(),
+      [conn, doms](Unit&) mutable -> std::optional<Failure> {
+        doms.clear();
+        conn.reset();
+        return std::nullopt;
+      },
+      PromiseWorker<Unit>::Undefined, {Value()});
 }
 
 // ---- domain ----
@@ -195,14 +214,14 @@ Napi::Function LibvirtDomain::Define(Napi::Env env) {
                      });
 }
 
-Napi::Object LibvirtDomain::New(Napi::Env env, DomPtr dom) {
-  return env.GetInstanceData<LibvirtClasses>()->domain.New({Napi::External<DomPtr>::New(env, &dom)});
+Napi::Object LibvirtDomain::New(Napi::Env env, DomainSlotPtr slot) {
+  return env.GetInstanceData<LibvirtClasses>()->domain.New({Napi::External<DomainSlotPtr>::New(env, &slot)});
 }
 
 LibvirtDomain::LibvirtDomain(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LibvirtDomain>(info) {
   if (!info[0].IsExternal()) throw Napi::TypeError::New(info.Env(), "use lookupDomainByName() or defineXML()");
-  dom_ = *info[0].As<Napi::External<DomPtr>>().Data();
-  const char* name = virDomainGetName(dom_.get());
+  slot_ = *info[0].As<Napi::External<DomainSlotPtr>>().Data();
+  const char* name = virDomainGetName(slot_->dom.get());
   name_ = name ? name : "";
 }
 
@@ -210,7 +229,10 @@ LibvirtDomain::LibvirtDomain(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
 template <typename T>
 Napi::Value LibvirtDomain::Call(const Napi::CallbackInfo& info, std::function<int(virDomainPtr, T&)> op,
                                 typename PromiseWorker<T>::Settle settle) {
-  return VirCall<virDomain, T>(info.Env(), Value(), dom_, std::move(op), std::move(settle));
+  return AsPromise(info.Env(), [&] {
+    if (!slot_->dom) throw Napi::Error::New(info.Env(), "libvirt connection is closed");
+    return VirCall<virDomain, T>(info.Env(), Value(), slot_->dom, std::move(op), std::move(settle));
+  });
 }
 
 Napi::Value LibvirtDomain::Name(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), name_); }

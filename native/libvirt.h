@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "async.h"
 
@@ -15,6 +16,14 @@ namespace virtnbd {
 // virConnectClose / virDomainFree run when the last owner (wrapper or in-flight worker) lets go.
 using ConnPtr = std::shared_ptr<virConnect>;
 using DomPtr = std::shared_ptr<virDomain>;
+
+// A domain handle that both its wrapper and its connection reach: close() empties the slot of every domain the
+// connection handed out, so the daemon connection really closes (a domain holds its connection open, and a client
+// that exits with the connection open makes libvirtd log an I/O error).
+struct DomainSlot {
+  DomPtr dom;
+};
+using DomainSlotPtr = std::shared_ptr<DomainSlot>;
 
 class LibvirtConnection : public Napi::ObjectWrap<LibvirtConnection> {
  public:
@@ -28,14 +37,17 @@ class LibvirtConnection : public Napi::ObjectWrap<LibvirtConnection> {
   Napi::Value GetURI(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   const ConnPtr& Open(const Napi::CallbackInfo& info) const;
+  // Wraps a domain this connection returns and remembers its slot for close().
+  Napi::Value Adopt(Napi::Env env, DomPtr& dom);
 
   ConnPtr conn_;  // null once close() has started
+  std::vector<std::weak_ptr<DomainSlot>> domains_;
 };
 
 class LibvirtDomain : public Napi::ObjectWrap<LibvirtDomain> {
  public:
   static Napi::Function Define(Napi::Env env);
-  static Napi::Object New(Napi::Env env, DomPtr dom);
+  static Napi::Object New(Napi::Env env, DomainSlotPtr slot);
   explicit LibvirtDomain(const Napi::CallbackInfo& info);
 
  private:
@@ -65,7 +77,7 @@ class LibvirtDomain : public Napi::ObjectWrap<LibvirtDomain> {
   Napi::Value Call(const Napi::CallbackInfo& info, std::function<int(virDomainPtr, T&)> op,
                    typename PromiseWorker<T>::Settle settle = PromiseWorker<T>::Undefined);
 
-  DomPtr dom_;
+  DomainSlotPtr slot_;  // its dom is null once the connection is closed
   std::string name_;  // virDomainGetName is local; cached so name() stays synchronous
 };
 

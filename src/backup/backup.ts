@@ -363,6 +363,8 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       }
     });
     signal.throwIfAborted();
+    // The job's teardown overlaps the side files; end() below waits for it and reports a failure of it.
+    exports.release().catch(() => undefined);
     await saveSideFiles(ctx, plan, ident, imageInfo);
     failed = false;
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };

@@ -3,6 +3,7 @@
 import fs from 'node:fs/promises';
 import { VIR_DOMAIN_JOB_OPERATION_BACKUP, type LibvirtDomain } from '../native/addon.js';
 import { lookupDomain, openLibvirt } from '../libvirt/connection.js';
+import { waitForJobTeardown } from '../libvirt/backupJob.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 
@@ -36,6 +37,7 @@ export async function endBackupJob(options: EndJobOptions): Promise<void> {
     await domain.abortJob().catch((err: unknown) => {
       throw new UserError(`cannot end the backup job of '${options.domain}': ${oneLine(err)}`);
     });
+    await waitForJobTeardown(domain);
     if (options.socketFile) await fs.rm(options.socketFile, { force: true });
     log.info(`ended the backup job of '${options.domain}'`);
   } finally {

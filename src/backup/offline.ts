@@ -18,10 +18,15 @@ export interface DiskExports {
   address(target: string): NbdAddress;
   /** Meta context with the changes since the parent checkpoint (inc/diff only). */
   dirtyContext(target: string): string;
+  /** Stops serving once every disk is read, so that the teardown runs while the side files are written. */
+  release(): Promise<void>;
+  /** Stops serving (if release() did not) and cleans up; `failed` undoes what the run created. */
   end(failed: boolean): Promise<void>;
 }
 
 export class OfflineExports implements DiskExports {
+  private stopping: Promise<void> | undefined;
+
   private constructor(private readonly servers: Map<string, { child: ChildProcess; socket: string }>, private readonly bitmap: string) {}
 
   /** Starts one read-only qemu-nbd per disk on `<socketBase>.<target>`, with `bitmap` when given (inc/diff). */
@@ -52,11 +57,16 @@ export class OfflineExports implements DiskExports {
     return `qemu:dirty-bitmap:${this.bitmap}`;
   }
 
-  async end(): Promise<void> {
-    await Promise.all([...this.servers.values()].map(async ({ child, socket }) => {
+  release(): Promise<void> {
+    this.stopping ??= Promise.all([...this.servers.values()].map(async ({ child, socket }) => {
       await stopServer(child);
       await fs.rm(socket, { force: true });
-    }));
+    })).then(() => undefined);
+    return this.stopping;
+  }
+
+  end(): Promise<void> {
+    return this.release();
   }
 }
 

@@ -1,9 +1,12 @@
 // One libvirt pull-mode backup job: started with an optional new checkpoint, ended exactly once.
-// Guarantees: end() aborts the job, removes the NBD socket and scratch files, and, when the run failed,
-// deletes the checkpoint this run created so the chain stays consistent. end() never throws.
+// Guarantees: release() aborts the job and waits until libvirt has torn it down before removing what is left of
+// the NBD socket and scratch files (libvirt removes its own scratch files then; removing them earlier raced it and
+// filled its log with errors); end() also, when the run failed, deletes the checkpoint this run created so the
+// chain stays consistent. Neither ever throws.
 import fs from 'node:fs/promises';
 import crypto from 'node:crypto';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { LibvirtDomain } from '../native/addon.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { backupJobXml, checkpointXml, dirtyBitmapContext, type CheckpointPlan } from './checkpoints.js';
@@ -22,8 +25,29 @@ export interface BackupJobOptions {
   log: Logger;
 }
 
+/** How long a run waits for libvirt to tear an aborted job down before it removes the leftovers itself. */
+const TEARDOWN_WAIT_MS = 30_000;
+
+/**
+ * Waits until the domain has no job: libvirt tears an aborted backup job down after virDomainAbortJob returns,
+ * and a job query waits for that. Returns early when libvirt cannot be asked (the files are removed anyway).
+ */
+export async function waitForJobTeardown(domain: LibvirtDomain, waitMs = TEARDOWN_WAIT_MS): Promise<void> {
+  const deadline = Date.now() + waitMs;
+  for (;;) {
+    try {
+      if ((await domain.getJobType()).type === 0) return;
+    } catch {
+      return;
+    }
+    if (Date.now() >= deadline) return;
+    await sleep(10);
+  }
+}
+
 export class BackupJob {
   private ended = false;
+  private releasing: Promise<void> | undefined;
 
   private constructor(
     private readonly domain: LibvirtDomain,
@@ -55,16 +79,17 @@ export class BackupJob {
     return dirtyBitmapContext(target);
   }
 
-  /** Ends the job; with `failed`, also removes the checkpoint it created. */
+  /** Ends the job once every disk is read; a second call returns the first one's promise. */
+  release(): Promise<void> {
+    this.releasing ??= this.abortAndClean();
+    return this.releasing;
+  }
+
+  /** Ends the job (release()); with `failed`, also removes the checkpoint it created. */
   async end(failed: boolean): Promise<void> {
     if (this.ended) return;
     this.ended = true;
-    try {
-      await this.domain.abortJob();
-    } catch (err) {
-      this.log.warn(`ending the backup job of ${this.domain.name()}: ${(err as Error).message}`);
-    }
-    await Promise.all([this.socket, ...this.scratchFiles].map((f) => fs.rm(f, { force: true }).catch(() => undefined)));
+    await this.release();
     if (failed && this.createdCheckpoint) {
       try {
         await this.domain.checkpointDelete(this.createdCheckpoint, 0);
@@ -73,5 +98,15 @@ export class BackupJob {
         this.log.warn(`could not remove checkpoint ${this.createdCheckpoint} of the failed run: ${(err as Error).message}`);
       }
     }
+  }
+
+  private async abortAndClean(): Promise<void> {
+    try {
+      await this.domain.abortJob();
+    } catch (err) {
+      this.log.warn(`ending the backup job of ${this.domain.name()}: ${(err as Error).message}`);
+    }
+    await waitForJobTeardown(this.domain);
+    await Promise.all([this.socket, ...this.scratchFiles].map((f) => fs.rm(f, { force: true }).catch(() => undefined)));
   }
 }

@@ -88,6 +88,7 @@ export interface LibvirtConnection {
   defineXML(xml: string): Promise<LibvirtDomain>;
   /** virConnectGetURI */
   getURI(): Promise<string>;
+  /** Closes the daemon connection; the domains it handed out are closed with it (their calls then reject). */
   close(): Promise<void>;
 }
 

@@ -15,6 +15,7 @@ import {
   VIR_DOMAIN_JOB_OPERATION_BACKUP,
   VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
   VIR_ERR_NO_DOMAIN,
+  type LibvirtDomain,
   type NativeError,
   type NbdHandle,
 } from '../../src/native/addon.js';
@@ -422,10 +423,12 @@ test('libvirt: errors, a throwaway domain, pull backup and checkpoints', async (
 
   const name = `virtnbd-native-test-${process.pid}-${randomBytes(3).toString('hex')}`;
   const dir = await tempDir();
+  let handedOut: LibvirtDomain | undefined;
   try {
     const image = await makeImage(dir, '16M');
     await chmod(image, 0o666);
     const dom = await conn.defineXML(domainXml(name, image));
+    handedOut = dom;
     try {
       assert.equal(dom.name(), name);
       assert.equal(await dom.isActive(), false);
@@ -504,5 +507,7 @@ test('libvirt: errors, a throwaway domain, pull backup and checkpoints', async (
     await conn.close();
     await rm(dir, { recursive: true, force: true });
   }
+  // close() takes back the handles of the domains it handed out, so the daemon connection really closes.
+  await assert.rejects(handedOut?.getState() ?? Promise.resolve(), /libvirt connection is closed/);
   assert.ok(!virshListAll().split('\n').includes(name), 'the test domain is gone');
 });

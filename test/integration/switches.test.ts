@@ -1,7 +1,7 @@
 // The job-control and tuning switches on real libvirt/QEMU: -s/-k (a job left running, refused by other runs,
 // ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
-// exactly), -L (syslog, and -e's exit 2 when it cannot be reached), and the run locks (same domain or same set
-// refused, two domains in parallel fine).
+// exactly), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
+// refused, two domains in parallel fine), and how runs leave libvirtd (job torn down, connection closed).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -35,6 +35,30 @@ test('-s leaves a job running that other runs refuse; -k ends it', async (t) => 
   const again = await runCli(bin, ['-d', dom.name, '-k']);
   assert.equal(again.code, 1);
   assert.match(again.stderr, /has no active job to end/);
+});
+
+test('runs end the job and the libvirt connection as libvirtd expects: its scratch files left to it, no dropped connection', async (t) => {
+  const daemonLog = '/var/log/libvirt/libvirtd.log';
+  if (!(await exists(daemonLog))) {
+    t.skip(`libvirtd does not log to ${daemonLog} here`);
+    return;
+  }
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'teardown-');
+  const logStart = (await fs.stat(daemonLog)).size;
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'full', '--scratchdir', work, '-o', path.join(work, 'set')]);
+  const socket = path.join(work, 'job.sock');
+  await runOk(bin, ['-n', '-d', dom.name, '-s', '--scratchdir', work, '-f', socket, '-o', path.join(work, 'set')]);
+  await runOk(bin, ['-d', dom.name, '-k', '-f', socket]);
+  const handle = await fs.open(daemonLog);
+  const { size } = await handle.stat();
+  const added = Buffer.alloc(size - logStart);
+  await handle.read(added, 0, added.length, logStart);
+  await handle.close();
+  const lines = added.toString('utf8').split('\n');
+  assert.deepEqual(lines.filter((l) => l.includes('failed to remove scratch file') && l.includes(work)), [], 'scratch file removed before libvirt ended the job');
+  assert.deepEqual(lines.filter((l) => l.includes('End of file while reading data')), [], 'a run exited with its libvirt connection open');
+  assert.deepEqual((await fs.readdir(work)).sort(), ['set'], 'scratch files or socket left behind');
 });
 
 test('-p prints the estimated size of the next inc; -T skips the backup below it', async (t) => {
