@@ -90,6 +90,22 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   process.exit(code);
 }
 
+/**
+ * Runs `body` with `log` also writing to `file` (when given): the file ends with the error a failed run exits
+ * with, as the backup set's log does, and is closed (its lines on disk) however the run ends.
+ */
+export async function withLogFile<T>(log: Logger, file: string | undefined, body: () => Promise<T>): Promise<T> {
+  if (file) log.attachFile(file);
+  try {
+    return await body();
+  } catch (err) {
+    log.toFile('error', oneLine(err));
+    throw err;
+  } finally {
+    await log.detachFile();
+  }
+}
+
 /** Splits comma-separated option values (-i vda,vdb or repeated -i). */
 export function listOption(value: unknown): string[] | undefined {
   if (value === undefined) return undefined;

@@ -6,7 +6,7 @@ import { hideBin } from 'yargs/helpers';
 import { startMap } from '../map/map.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { UserError } from '../util/errors.js';
-import { listOption, makeLogger, parseFlags, runCommand, VERSION } from './common.js';
+import { listOption, makeLogger, parseFlags, runCommand, VERSION, withLogFile } from './common.js';
 
 const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv))
   .scriptName('virtnbdmap')
@@ -52,36 +52,36 @@ function hexdump(bytes: Buffer): string[] {
 
 await runCommand('virtnbdmap', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
-  log.attachFile(argv.logfile);
-  const files = listOption(argv.file) ?? [];
-  if (!Number.isInteger(argv.blocksize) || argv.blocksize < 512 || argv.blocksize > 2 ** 30) {
-    throw new UserError(`-b ${argv.blocksize}: the block size must be a byte count between 512 and 1 GiB`);
-  }
-  if (!Number.isInteger(argv.threads) || argv.threads < 1) throw new UserError(`-t ${argv.threads}: give at least 1 thread`);
-  const session = await startMap({
-    files,
-    exportName: argv['export-name'],
-    readOnly: argv.readonly,
-    socket: argv.socket,
-    listenAddress: argv['listen-address'],
-    port: argv['listen-port'],
-    maxBlockSize: argv.blocksize,
-    threads: argv.threads,
-    device: argv.device || undefined,
-    overlayParent: argv['overlay-dir'],
-    log,
-    trace: argv.hexdump ? (direction, what, bytes) => log.info([`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
+  await withLogFile(log, argv.logfile, async () => {
+    const files = listOption(argv.file) ?? [];
+    if (!Number.isInteger(argv.blocksize) || argv.blocksize < 512 || argv.blocksize > 2 ** 30) {
+      throw new UserError(`-b ${argv.blocksize}: the block size must be a byte count between 512 and 1 GiB`);
+    }
+    if (!Number.isInteger(argv.threads) || argv.threads < 1) throw new UserError(`-t ${argv.threads}: give at least 1 thread`);
+    const session = await startMap({
+      files,
+      exportName: argv['export-name'],
+      readOnly: argv.readonly,
+      socket: argv.socket,
+      listenAddress: argv['listen-address'],
+      port: argv['listen-port'],
+      maxBlockSize: argv.blocksize,
+      threads: argv.threads,
+      device: argv.device || undefined,
+      overlayParent: argv['overlay-dir'],
+      log,
+      trace: argv.hexdump ? (direction, what, bytes) => log.info([`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
+    });
+    try {
+      log.info(`serving ${session.description}, ${argv.readonly ? 'read-only' : `writable (copy-on-write overlay in ${session.overlayDir}, discarded at exit)`}`);
+      for (const uri of session.uris) process.stdout.write(`${uri}\n`);
+      log.info('press Ctrl-C to stop');
+      if (!signal.aborted) await new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+      log.info(`stopping: disconnecting ${session.server.connectionCount} client(s)`);
+    } finally {
+      await session.stop();
+    }
+    log.info(`stopped; removed ${argv.socket}${session.overlayDir ? ` and ${session.overlayDir}` : ''}`);
   });
-  try {
-    log.info(`serving ${session.description}, ${argv.readonly ? 'read-only' : `writable (copy-on-write overlay in ${session.overlayDir}, discarded at exit)`}`);
-    for (const uri of session.uris) process.stdout.write(`${uri}\n`);
-    log.info('press Ctrl-C to stop');
-    if (!signal.aborted) await new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
-    log.info(`stopping: disconnecting ${session.server.connectionCount} client(s)`);
-  } finally {
-    await session.stop();
-  }
-  log.info(`stopped; removed ${argv.socket}${session.overlayDir ? ` and ${session.overlayDir}` : ''}`);
-  await log.detachFile();
   return 0;
 });

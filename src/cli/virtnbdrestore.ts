@@ -3,7 +3,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { dump, restore } from '../restore/restore.js';
 import { verifySet } from '../verify/verify.js';
-import { listOption, makeLogger, makeProgress, parseFlags, runCommand, VERSION } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, runCommand, VERSION, withLogFile } from './common.js';
 
 const argv = parseFlags('virtnbdrestore', yargs(hideBin(process.argv))
   .scriptName('virtnbdrestore')
@@ -56,21 +56,21 @@ await runCommand('virtnbdrestore', argv.verbose, async (signal) => {
     return verdicts.every((v) => v.ok) ? 0 : 1;
   }
   const log = makeLogger(argv);
-  if (argv.logfile) log.attachFile(argv.logfile);
-  const progress = await makeProgress(argv, 'restoring');
-  try {
-    const result = await restore({
-      input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
-      raw: argv.raw, preallocate: argv.preallocate, compress: argv.compress, socketFile: argv.socketfile,
-      adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, configFile: argv['config-file'],
-      log, progress: progress.factory, signal,
-    });
-    progress.stop();
-    for (const d of result.disks) log.info(`disk ${d.disk} restored to ${d.image} (${d.applied.join(', ')})`);
-    if (result.config) log.info(`domain XML written to ${result.config}${result.defined ? `, defined as '${result.defined}'` : ''}`);
-  } finally {
-    progress.stop();
-    await log.detachFile();
-  }
+  await withLogFile(log, argv.logfile, async () => {
+    const progress = await makeProgress(argv, 'restoring');
+    try {
+      const result = await restore({
+        input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
+        raw: argv.raw, preallocate: argv.preallocate, compress: argv.compress, socketFile: argv.socketfile,
+        adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, configFile: argv['config-file'],
+        log, progress: progress.factory, signal,
+      });
+      progress.stop();
+      for (const d of result.disks) log.info(`disk ${d.disk} restored to ${d.image} (${d.applied.join(', ')})`);
+      if (result.config) log.info(`domain XML written to ${result.config}${result.defined ? `, defined as '${result.defined}'` : ''}`);
+    } finally {
+      progress.stop();
+    }
+  });
   return 0;
 });

@@ -122,9 +122,12 @@ test('restore refuses bad input with one line: not a set, unknown --until, exist
   assert.equal(notSet.code, 1);
   assert.match(notSet.stderr, /is not a backup set/);
 
-  const until = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'r2'), '-n', '--until', 'virtnbdbackup.7']);
+  const logFile = path.join(work, 'restore.log');
+  const until = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'r2'), '-n', '--until', 'virtnbdbackup.7', '-L', logFile]);
   assert.equal(until.code, 1);
   assert.match(until.stderr, /checkpoint virtnbdbackup\.7 is not in the chain of disk vda .*it has: virtnbdbackup\.0/);
+  const logged = (await fs.readFile(logFile, 'utf8')).trim().split('\n');
+  assert.match(logged[logged.length - 1], /^\S+Z ERROR checkpoint virtnbdbackup\.7 is not in the chain of disk vda/, 'the -L log ends with the error');
 
   const out = path.join(work, 'r3');
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);

@@ -178,10 +178,13 @@ test('virtnbdmap serves every point of plain and lz4 sets bit-identically to our
   // Bad input: one line, exit 1, nothing left behind.
   const bad = async (files: string[], message: RegExp): Promise<void> => {
     const socket = path.join(work, 'bad.sock');
-    const result = await runCli(ourBin('virtnbdmap'), ['-f', files.join(','), '--socket', socket, '-p', '0', '-d', '', '-L', path.join(work, 'bad.log')]);
+    const logFile = path.join(work, 'bad.log');
+    const result = await runCli(ourBin('virtnbdmap'), ['-f', files.join(','), '--socket', socket, '-p', '0', '-d', '', '-L', logFile]);
     assert.equal(result.code, 1, result.stderr);
     assert.deepEqual(errorLines(result).length, 1, result.stderr);
     assert.match(result.stderr, message);
+    const logged = (await fs.readFile(logFile, 'utf8')).trim().split('\n');
+    assert.match(logged[logged.length - 1], new RegExp(`^\\S+Z ERROR .*${message.source}`), 'the -L log ends with the error');
     await assert.rejects(fs.access(socket));
   };
   await bad([path.join(plain, `vmconfig.virtnbdbackup.0.xml`)], /vmconfig\.virtnbdbackup\.0\.xml is not a usable backup stream/);
