@@ -351,11 +351,17 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
     const workers = ctx.toZip ? 1 : options.workers ?? disks.length;
     const connections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
+    // The job ends as soon as every disk is read: its teardown (10 to 20 ms here) then overlaps the last writes,
+    // their flush and the side files. end() below waits for it and reports a failure of it.
+    let unread = disks.length;
+    const onSourceRead = (): void => {
+      if (--unread === 0) exports.release().catch(() => undefined);
+    };
     await forEachLimited(disks, workers, async (disk) => {
       try {
         results.push(await backupDisk(disk, {
           plan, ident, exports, target: ctx.target, connections, type: options.type, compress: options.compress ?? false,
-          qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, progress: options.progress, signal, log,
+          qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, progress: options.progress, onSourceRead, signal, log,
         }));
       } catch (err) {
         controller.abort(err);
@@ -363,8 +369,6 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       }
     });
     signal.throwIfAborted();
-    // The job's teardown overlaps the side files; end() below waits for it and reports a failure of it.
-    exports.release().catch(() => undefined);
     await saveSideFiles(ctx, plan, ident, imageInfo);
     failed = false;
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };

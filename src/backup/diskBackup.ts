@@ -39,6 +39,8 @@ export interface DiskRunOptions {
   /** --no-sparse-detection: inc/diff store every changed range as data, zeroed ones too. */
   noSparseDetection?: boolean;
   progress?: (disk: string, total: number) => (bytes: number) => void;
+  /** Called once every read of the disk is done and its connections are closed: the export is no longer needed. */
+  onSourceRead?: () => void;
   signal: AbortSignal;
   log: Logger;
 }
@@ -63,6 +65,10 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
   const level: Level = disk.format === 'raw' ? 'copy' : plan.level;
   const incremental = level === 'inc' || level === 'diff';
   const endpoint = await openSource(disk, incremental, options);
+  const sourceRead = async (): Promise<void> => {
+    await endpoint.close();
+    options.onSourceRead?.();
+  };
   try {
     const extents = incremental ? await planDirty(endpoint, options.exports.dirtyContext(disk.target)) : await planFull(endpoint);
     const file = dataFileName(disk.target, level, options.ident);
@@ -74,6 +80,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
       const image = await target.createPositional(file, endpoint.size);
       try {
         await writeRawImage(endpoint, extents, image, onProgress, signal);
+        await sourceRead();
         await image.commit();
       } catch (err) {
         await image.abort();
@@ -101,6 +108,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
         digests: true,
         signal,
       });
+      await sourceRead();
       await sink.commit();
     } catch (err) {
       await sink.abort();
