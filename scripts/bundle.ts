@@ -1,5 +1,6 @@
-// Bundles each compiled command (dist/src/cli/<command>.js) into one file beside it, <command>.bundle.mjs, which the
-// launchers in bin/ run: one file in place of about 160 module and package files starts 0.05 to 0.1 s sooner.
+// Bundles each compiled command (dist/src/cli/<command>.js) into one CommonJS file beside it, <command>.bundle.cjs,
+// which the launchers in bin/ run: one file in place of about 160 module and package files starts 0.05 to 0.1 s
+// sooner, and CommonJS spares Node its ES module loader (10 to 20 ms more).
 // Guarantees: a bundle is only replaced once esbuild has written it complete; what yargs reads from its own folder
 // comes along.
 // Run by `npm run build` and scripts/setup.sh after tsc: `node dist/scripts/bundle.js`.
@@ -24,15 +25,18 @@ function stringWidthOfCliProgress(): string {
 }
 
 async function bundle(command: string, stringWidth: string): Promise<void> {
-  const final = path.join(CLI_DIR, `${command}.bundle.mjs`);
+  const final = path.join(CLI_DIR, `${command}.bundle.cjs`);
   const partial = `${final}.partial`;
   await build({
     entryPoints: [path.join(CLI_DIR, `${command}.js`)],
     outfile: partial,
     bundle: true,
     platform: 'node',
-    format: 'esm',
+    format: 'cjs',
     target: 'node20',
+    // The sources are ES modules: import.meta.url becomes the bundle's own URL (it sits where the compiled command does).
+    banner: { js: "const importMetaUrl = require('node:url').pathToFileURL(__filename).href;" },
+    define: { 'import.meta.url': 'importMetaUrl' },
     logLevel: 'warning',
     // Loaded only for zip output and progress bars, so left out: in the bundle they would be parsed on every run.
     external: ['archiver', 'cli-progress'],

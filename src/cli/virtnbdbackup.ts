@@ -62,7 +62,7 @@ const argv = parseFlags('virtnbdbackup', yargs(hideBin(process.argv))
     `  ${STAGE_TRACE_ENV}=FILE  write to FILE (JSON) when each read, lz4 compression and disk write of the copy ran`,
   ].join('\n')));
 
-await runCommand('virtnbdbackup', argv.verbose, async (signal) => {
+void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
   if (argv.syslog) log.attachSyslog('virtnbdbackup', process.env.VIRTNBD_SYSLOG_SOCKET);
   try {

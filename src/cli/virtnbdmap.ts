@@ -50,7 +50,7 @@ function hexdump(bytes: Buffer): string[] {
   return lines;
 }
 
-await runCommand('virtnbdmap', argv.verbose, async (signal) => {
+void runCommand('virtnbdmap', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
   await withLogFile(log, argv.logfile, async () => {
     const files = listOption(argv.file) ?? [];

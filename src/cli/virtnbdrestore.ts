@@ -42,7 +42,7 @@ const argv = parseFlags('virtnbdrestore', yargs(hideBin(process.argv))
   .example('$0 -i /backup/webvm -o /restore -s vda.full.data,vda.inc.virtnbdbackup.1.data', 'apply exactly these files')
   .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2'));
 
-await runCommand('virtnbdrestore', argv.verbose, async (signal) => {
+void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
   if (action === 'dump') {
     for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);

@@ -16,7 +16,7 @@ const withoutPids = (text: string): string => text.replace(/\.\d+\.sock/g, '.PID
 test('each launcher runs its bundle, which answers --help, --version and bad flags as the compiled command', async () => {
   for (const command of COMMANDS) {
     const compiled = path.join(repoRoot, 'dist', 'src', 'cli', `${command}.js`);
-    const bundle = path.join(repoRoot, 'dist', 'src', 'cli', `${command}.bundle.mjs`);
+    const bundle = path.join(repoRoot, 'dist', 'src', 'cli', `${command}.bundle.cjs`);
     const [bundleStat, compiledStat] = await Promise.all([fs.stat(bundle), fs.stat(compiled)]);
     assert.ok(bundleStat.mtimeMs >= compiledStat.mtimeMs, `${bundle} is older than ${compiled}: run npm run build`);
     for (const args of [['--help'], ['--version'], ['--no-such-flag']]) {
@@ -41,12 +41,12 @@ test('a bundle older than the compiled command is passed over for the compiled m
   t.after(() => fs.rm(root, { recursive: true, force: true }));
   await fs.mkdir(path.join(root, 'bin'));
   await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
-  await fs.copyFile(path.join(repoRoot, 'bin', 'launch.mjs'), path.join(root, 'bin', 'launch.mjs'));
+  await fs.copyFile(path.join(repoRoot, 'bin', 'launch.cjs'), path.join(root, 'bin', 'launch.cjs'));
   const compiled = path.join(root, 'dist', 'src', 'cli', 'probe.js');
-  const bundle = path.join(root, 'dist', 'src', 'cli', 'probe.bundle.mjs');
+  const bundle = path.join(root, 'dist', 'src', 'cli', 'probe.bundle.cjs');
   await fs.writeFile(compiled, "process.stdout.write('compiled');\n");
   await fs.writeFile(bundle, "process.stdout.write('bundle');\n");
-  const launch = ['--input-type=module', '-e', `import(${JSON.stringify(path.join(root, 'bin', 'launch.mjs'))}).then((m) => m.launch('probe'))`];
+  const launch = ['-e', `require(${JSON.stringify(path.join(root, 'bin', 'launch.cjs'))}).launch('probe')`];
 
   const older = new Date(Date.now() - 60_000);
   await fs.utimes(compiled, older, older);
