@@ -26,7 +26,7 @@ import { OfflineExports, type DiskExports } from './offline.js';
 import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
-import { readImageInfo, saveSideFiles } from './sideFiles.js';
+import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
 import type { RunContext } from './context.js';
 
 export type { DiskResult } from './diskBackup.js';
@@ -342,7 +342,12 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     return { ...base, startedJob: { socket: socketOf(options), exports: disks.map((d) => d.target) } };
   }
   const ident = identOf(plan, ctx.startedAt);
-  const imageInfo = readImageInfo(ctx);
+  // qemu-img's spawn holds the event loop for about 5 ms: it starts once the first disk's reads are under way (after
+  // the microtasks that issue them), not before them. The images look then as they will when the data is in.
+  let imageInfo: Promise<ImageInfo[]> | undefined;
+  const onReading = (): void => {
+    if (!imageInfo) imageInfo = new Promise((resolve) => setImmediate(resolve)).then(() => readImageInfo(ctx));
+  };
   log.info(`${plan.level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${ctx.stateDir}, checkpoint ${plan.checkpoint.create ? plan.checkpoint.name : 'none'}${plan.checkpoint.parent ? `, changes since ${plan.checkpoint.parent}` : ''}`);
   let failed = true;
   try {
@@ -361,7 +366,8 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       try {
         results.push(await backupDisk(disk, {
           plan, ident, exports, target: ctx.target, connections, type: options.type, compress: options.compress ?? false,
-          qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, progress: options.progress, onSourceRead, signal, log,
+          qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, progress: options.progress, onReading, onSourceRead,
+          signal, log,
         }));
       } catch (err) {
         controller.abort(err);
@@ -369,7 +375,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       }
     });
     signal.throwIfAborted();
-    await saveSideFiles(ctx, plan, ident, imageInfo);
+    await saveSideFiles(ctx, plan, ident, imageInfo ?? readImageInfo(ctx));
     failed = false;
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
   } finally {

@@ -39,6 +39,8 @@ export interface DiskRunOptions {
   /** --no-sparse-detection: inc/diff store every changed range as data, zeroed ones too. */
   noSparseDetection?: boolean;
   progress?: (disk: string, total: number) => (bytes: number) => void;
+  /** Called once the disk's first reads are under way. */
+  onReading?: () => void;
   /** Called once every read of the disk is done and its connections are closed: the export is no longer needed. */
   onSourceRead?: () => void;
   signal: AbortSignal;
@@ -79,7 +81,9 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
     if (options.type === 'raw' && target.createPositional) {
       const image = await target.createPositional(file, endpoint.size);
       try {
-        await writeRawImage(endpoint, extents, image, onProgress, signal);
+        const copying = writeRawImage(endpoint, extents, image, onProgress, signal);
+        options.onReading?.();
+        await copying;
         await sourceRead();
         await image.commit();
       } catch (err) {
@@ -91,7 +95,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
     const sink = await target.create(file, { bulk: true });
     let written;
     try {
-      written = await writeStream({
+      const writing = writeStream({
         source: endpoint,
         plan: extents,
         sink,
@@ -108,6 +112,8 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
         digests: true,
         signal,
       });
+      options.onReading?.();
+      written = await writing;
       await sourceRead();
       await sink.commit();
     } catch (err) {

@@ -60,12 +60,13 @@ export class NbdEndpoint implements Endpoint {
     }
     const wanted = Math.max(1, options.connections ?? 1);
     const count = first.isReadOnly() || first.canMultiConn() || options.sharedBackend ? wanted : 1;
-    const handles = [first];
-    try {
-      for (let i = 1; i < count; i++) handles.push(await connect());
-    } catch (err) {
+    // The other connections side by side: each handshake is a round trip or two with the server.
+    const others = await Promise.allSettled(Array.from({ length: count - 1 }, () => connect()));
+    const handles = [first, ...others.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []))];
+    const failed = others.find((o): o is PromiseRejectedResult => o.status === 'rejected');
+    if (failed) {
       await Promise.all(handles.map((h) => h.close().catch(() => undefined)));
-      throw err;
+      throw failed.reason;
     }
     const announced = first.getMaxBlockSize();
     const maxRequest = announced > 0 ? Math.min(announced, DEFAULT_MAX_REQUEST_SIZE) : DEFAULT_MAX_REQUEST_SIZE;
