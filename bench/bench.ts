@@ -136,7 +136,7 @@ async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: Test
       const trace = path.join(bench.work, `${info.key}-r${round}-stages.json`);
       await fsp.mkdir(copyDir);
       await runStep(bench, info, TOOL.oursCopyOnly, round, 'env', [
-        'UV_THREADPOOL_SIZE=16', `${STAGE_TRACE_ENV}=${trace}`, process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4',
+        'UV_THREADPOOL_SIZE=8', `${STAGE_TRACE_ENV}=${trace}`, process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4',
         COPY_ONLY_SCRIPT, uri, target, copyDir, ...(beside.lz4Level === undefined ? [] : [String(beside.lz4Level)]),
       ], { serverPid });
       bench.results.recordStages(info, summarizeStages(JSON.parse(await fsp.readFile(trace, 'utf8')) as StageEvent[]));
