@@ -58,3 +58,29 @@ test('a bundle older than the compiled command is passed over for the compiled m
   await fs.rm(bundle);
   assert.equal((await runCli(process.execPath, launch)).stdout, 'compiled');
 });
+
+test('the launchers start the command with 8 libuv threads, or the UV_THREADPOOL_SIZE given', async (t) => {
+  // A probe in place of each command's bundle counts the process's threads once the pool has started (libuv starts
+  // all of its threads at the first request). The ES module launchers had set the count too late, unnoticed.
+  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-launch-'));
+  t.after(() => fs.rm(root, { recursive: true, force: true }));
+  await fs.mkdir(path.join(root, 'bin'));
+  await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
+  for (const file of ['launch.cjs', 'package.json', ...COMMANDS]) {
+    await fs.copyFile(path.join(repoRoot, 'bin', file), path.join(root, 'bin', file));
+  }
+  const probe = "require('node:fs').stat('/', () => process.stdout.write(String(require('node:fs').readdirSync('/proc/self/task').length)));\n";
+  for (const command of COMMANDS) await fs.writeFile(path.join(root, 'dist', 'src', 'cli', `${command}.bundle.cjs`), probe);
+  const threads = async (command: string, size?: string): Promise<number> => {
+    const env: NodeJS.ProcessEnv = { ...process.env };
+    delete env.UV_THREADPOOL_SIZE;
+    if (size) env.UV_THREADPOOL_SIZE = size;
+    const run = spawnSync(path.join(root, 'bin', command), [], { env, encoding: 'utf8' });
+    assert.equal(run.status, 0, run.stderr);
+    return Number(run.stdout);
+  };
+  for (const command of COMMANDS) {
+    assert.equal((await threads(command)) - (await threads(command, '1')), 7, `${command}: 8 threads by default`);
+    assert.equal((await threads(command, '3')) - (await threads(command, '1')), 2, `${command}: the caller's count wins`);
+  }
+});
