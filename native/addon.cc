@@ -4,6 +4,7 @@
 #include <lz4.h>
 #include <napi.h>
 #include <malloc.h>
+#include <sys/mman.h>
 #include <zlib.h>
 
 #include <cstdlib>
@@ -46,13 +47,18 @@ std::string LibvirtVersion() {
          std::to_string(version % 1000);
 }
 
-// alignedBuffer(size, alignment): zeroed memory on an `alignment` boundary, as O_DIRECT writes need.
+// alignedBuffer(size, alignment, hugePages?): zeroed memory on an `alignment` boundary, as O_DIRECT writes need.
+// With hugePages, the memory is asked to be backed by transparent huge pages before it is touched: a direct write
+// from 4 KiB pages reaches the disk as requests of at most max_segments pages (about 0.7 MiB on virtio-blk), from
+// 2 MiB pages as one request of the whole chunk. Only a hint: without THP the buffer works the same.
 Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
   uint64_t size = ArgU64(info, 0, "size");
   uint64_t alignment = ArgU64(info, 1, "alignment");
+  bool hugePages = info.Length() > 2 && !info[2].IsUndefined() && ArgBool(info, 2, "hugePages");
   if (alignment < sizeof(void*) || (alignment & (alignment - 1)) != 0) BadArg(info, "alignment", "a power of two of at least 8");
   void* data = nullptr;
   if (posix_memalign(&data, alignment, size == 0 ? alignment : size) != 0) throw Napi::Error::New(info.Env(), "out of memory");
+  if (hugePages && size > 0) madvise(data, size, MADV_HUGEPAGE);
   std::memset(data, 0, size);
   return ExternalBuffer(info.Env(), static_cast<uint8_t*>(data), size, size);
 }

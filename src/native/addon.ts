@@ -104,8 +104,11 @@ export interface NativeAddon {
   digestPiece(buffer: Buffer, digest: 'blake3' | 'sha256'): Promise<string>;
   /** adler32 of A followed by B, from adler32(A), adler32(B) and B's length (zlib adler32_combine). */
   adler32Combine(a: number, b: number, lengthOfB: number): number;
-  /** `size` zeroed bytes starting on an `alignment` boundary (O_DIRECT buffers). */
-  alignedBuffer(size: number, alignment: number): Buffer;
+  /**
+   * `size` zeroed bytes starting on an `alignment` boundary (O_DIRECT buffers); with `hugePages`, backed by
+   * transparent huge pages where the kernel has them, so a direct write of it reaches the disk as one request.
+   */
+  alignedBuffer(size: number, alignment: number, hugePages?: boolean): Buffer;
   /** checksumPiece on the calling thread, for small pieces: the adler32, with the raw digest written to into[at..at+32). */
   checksumPieceSync(buffer: Buffer, digest?: 'blake3' | 'sha256', into?: Buffer, at?: number): number;
   /** Bytes an output buffer needs for the LZ4 frame of `length` source bytes. */

@@ -19,6 +19,7 @@ import {
   type NativeError,
   type NbdHandle,
 } from '../../src/native/addon.js';
+import { anonHugeKiB, hugePagesOffered } from '../support/cli.js';
 
 const MiB = 1024 * 1024;
 const addon = native();
@@ -300,6 +301,15 @@ test('alignedBuffer: zeroed, of the size asked, on the boundary O_DIRECT needs',
   assert.equal(buffer.length, 3 * 4096);
   assert.ok(buffer.every((b) => b === 0));
   assert.throws(() => addon.alignedBuffer(4096, 3000), /alignment must be/);
+});
+
+test('alignedBuffer with hugePages: on huge pages where the kernel offers them, so a direct write of it is one request', async (t) => {
+  if (!(await hugePagesOffered())) return t.skip('transparent huge pages are off on this kernel');
+  const before = await anonHugeKiB();
+  const buffer = addon.alignedBuffer(4 * MiB, 2 * MiB, true);
+  assert.ok(buffer.every((b) => b === 0));
+  assert.ok((await anonHugeKiB()) - before >= 4096, 'the 4 MiB buffer is not on huge pages');
+  assert.throws(() => addon.alignedBuffer(4096, 4096, 1 as unknown as boolean), /hugePages must be a boolean/);
 });
 
 /** One frame through lz4CompressPiece, checked against its own sums: the frame's adler32 and the source's BLAKE3. */

@@ -6,8 +6,9 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { TestDomain, run, tempDir, LIBVIRT_URI } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { TestDomain, run, tempDir, withTempDir, LIBVIRT_URI } from '../support/testbed.js';
+import { anonHugeKiB, errorLines, hugePagesOffered, ourBin, qemuNbdPid, runCli, runOk } from '../support/cli.js';
+import { ImageServer } from '../../src/restore/qemu.js';
 
 const MiB = 1024 * 1024;
 const virsh = (...args: string[]): ReturnType<typeof run> => run('virsh', ['-c', LIBVIRT_URI, ...args], { allowFailure: true });
@@ -162,4 +163,25 @@ describe('restore of a real domain set', () => {
     const one = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify', '-d', 'vdb']);
     assert.equal(one.stdout.trim().split('\n').length, 3);
   });
+});
+
+test('the qemu-nbd a restore writes through keeps its request buffers on huge pages (whole-chunk direct writes)', async (t) => {
+  if (!(await hugePagesOffered())) return t.skip('transparent huge pages are off on this kernel');
+  const dir = await withTempDir(t, 'thp-');
+  const image = path.join(dir, 'disk.raw');
+  const source = path.join(dir, 'source.raw');
+  const socket = path.join(dir, 'disk.sock');
+  await fs.writeFile(image, '');
+  await fs.truncate(image, 64 * MiB);
+  await fs.writeFile(source, randomBytes(32 * MiB));
+  const server = await ImageServer.start({ file: image, format: 'raw', socket, exportName: 'disk', connections: 1, thin: false });
+  try {
+    await run('nbdcopy', ['--request-size=4194304', '--flush', source, `nbd+unix:///disk?socket=${socket}`]);
+    const pid = await qemuNbdPid((arg) => arg === socket);
+    assert.ok(pid, 'no qemu-nbd serves the image');
+    assert.ok((await anonHugeKiB(pid)) >= 2048, 'qemu-nbd\'s request buffers are not on huge pages');
+  } finally {
+    await server.stop();
+  }
+  assert.ok((await fs.readFile(image)).subarray(0, 32 * MiB).equals(await fs.readFile(source)), 'the image differs from what was written');
 });

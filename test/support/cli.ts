@@ -88,6 +88,18 @@ export async function qemuNbdPid(matches: (arg: string) => boolean): Promise<str
   return undefined;
 }
 
+/** Kilobytes of anonymous memory on transparent huge pages in process `pid`. */
+export async function anonHugeKiB(pid: number | string = 'self'): Promise<number> {
+  const rollup = await fs.readFile(`/proc/${pid}/smaps_rollup`, 'utf8');
+  return Number(/^AnonHugePages:\s+(\d+) kB/m.exec(rollup)?.[1] ?? 0);
+}
+
+/** Whether the kernel hands out transparent huge pages to memory that asks for them (madvise or always). */
+export async function hugePagesOffered(): Promise<boolean> {
+  const mode = await fs.readFile('/sys/kernel/mm/transparent_hugepage/enabled', 'utf8').catch(() => '[never]');
+  return !mode.includes('[never]');
+}
+
 /** The lines of stderr that report an error (what a user sees as the reason). */
 export function errorLines(result: CliResult): string[] {
   return result.stderr.split('\n').filter((l) => /error/i.test(l));
