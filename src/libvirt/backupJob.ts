@@ -11,6 +11,7 @@ import type { LibvirtDomain } from '../native/addon.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { backupJobXml, checkpointXml, dirtyBitmapContext, type CheckpointPlan } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
+import { deleteCheckpoint } from './chain.js';
 
 export interface BackupJobOptions {
   socket: string;
@@ -92,7 +93,8 @@ export class BackupJob {
     await this.release();
     if (failed && this.createdCheckpoint) {
       try {
-        await this.domain.checkpointDelete(this.createdCheckpoint, 0);
+        // With its bitmaps, or its metadata alone where a bitmap is already gone (a disk detached, an image replaced).
+        await deleteCheckpoint(this.domain, this.createdCheckpoint, this.log);
         this.log.info(`removed checkpoint ${this.createdCheckpoint} of the failed run`);
       } catch (err) {
         this.log.warn(`could not remove checkpoint ${this.createdCheckpoint} of the failed run: ${(err as Error).message}`);

@@ -45,7 +45,7 @@ export function warnForeign(foreign: string[], domainName: string, log: Logger):
 }
 
 /** Deletes a checkpoint with its bitmaps; when the bitmap is already gone, its metadata only. Says which it did. */
-async function deleteCheckpoint(domain: LibvirtDomain, name: string, log: Logger): Promise<'with bitmaps' | 'metadata only'> {
+export async function deleteCheckpoint(domain: LibvirtDomain, name: string, log: Logger): Promise<'with bitmaps' | 'metadata only'> {
   try {
     await domain.checkpointDelete(name, 0);
     return 'with bitmaps';
