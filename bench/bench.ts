@@ -81,13 +81,12 @@ async function backup(bench: Bench, info: CaseInfo | undefined, tool: BackupTool
   await runStep(bench, info, tool, round, binaryOf(tool, 'virtnbdbackup'), args, { serverPid: await qemuPidOf(domain) });
 }
 
-/** Block size of the disk-alone dd: ours' direct writes are 4 MiB too. */
-const DD_BLOCK = 4 * 1024 * 1024;
+/** The random source of the disk-alone row is a whole number of these (ours' sink takes 4 MiB pieces). */
+const SOURCE_BLOCK = 4 * 1024 * 1024;
 
 /**
- * A file in /dev/shm of at least `bytes` random bytes for the disk-alone dd: what the backups write is random, and
- * this virtual disk takes zeros (dd from /dev/zero) 15 to 20 % faster than random data. Reading it is a copy from
- * memory per block, as reading /dev/zero is.
+ * A file in /dev/shm of at least `bytes` random bytes for the disk-alone row: what the backups write is random, and
+ * this virtual disk takes zeros 15 to 20 % faster than random data. Reading it is a copy from memory per piece.
  */
 async function randomSource(bench: Bench, bytes: number): Promise<string> {
   if (bench.randomSource && bench.randomSource.bytes >= bytes) return bench.randomSource.file;
@@ -104,8 +103,9 @@ async function randomSource(bench: Bench, bytes: number): Promise<string> {
   return file;
 }
 
-/** bench/copyOnly.ts, compiled next to this file. */
+/** bench/copyOnly.ts and bench/sinkOnly.ts, compiled next to this file. */
 const COPY_ONLY_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'copyOnly.js');
+const SINK_ONLY_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'sinkOnly.js');
 
 /** What runs on the export after nbdcopy: ours' copy alone (lz4 at `lz4Level` for -z) and the other context rows. */
 interface Beside {
@@ -121,8 +121,8 @@ const DEFAULT_LZ4_LEVEL = 2;
 /**
  * nbdcopy from a fresh pull-mode export of the disk to a file (the reference), then what `beside` asks for: ours'
  * copy alone (writer and sink, no CLI or job set-up; its stage trace says which stage bounds it), and as context rows
- * nbdcopy to a file flushed to disk before it exits (durable, as ours is) and to null:, and dd writing as many
- * random bytes with direct I/O (the disk alone).
+ * nbdcopy to a file flushed to disk before it exits (durable, as ours is) and to null:, and ours' sink writing as
+ * many random bytes from memory (the disk alone).
  */
 async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: TestDomain, target: string, beside: Beside): Promise<void> {
   const serverPid = await qemuPidOf(domain);
@@ -147,12 +147,17 @@ async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: Test
     await runStep(bench, info, TOOL.nbdcopyFlush, round, 'nbdcopy', ['--flush', uri, out], { serverPid });
     await fsp.rm(out, { force: true });
     await runStep(bench, info, TOOL.nbdcopyNull, round, 'nbdcopy', [uri, 'null:'], { serverPid });
-    // The disk alone: as many random bytes, from memory, written with direct I/O as ours' data file holds, and synced.
-    const blocks = Math.ceil(info.dataBytes / DD_BLOCK);
-    const source = await randomSource(bench, blocks * DD_BLOCK);
-    await runStep(bench, info, TOOL.directWrites, round, 'dd', [
-      `if=${source}`, `of=${out}`, `bs=${DD_BLOCK}`, `count=${blocks}`, 'oflag=direct', 'conv=fsync', 'status=none',
+    // The disk alone: as many random bytes as ours' data file holds, from memory, through ours' sink (direct I/O from
+    // huge-page chunks, synced), started like the launchers start the commands.
+    const blocks = Math.ceil(info.dataBytes / SOURCE_BLOCK);
+    const source = await randomSource(bench, blocks * SOURCE_BLOCK);
+    const sinkDir = path.join(bench.work, `${info.key}-r${round}-sink-only`);
+    await fsp.mkdir(sinkDir);
+    await runStep(bench, info, TOOL.sinkWrites, round, 'env', [
+      'UV_THREADPOOL_SIZE=8', process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4',
+      SINK_ONLY_SCRIPT, source, String(info.dataBytes), sinkDir,
     ]);
+    await fsp.rm(sinkDir, { recursive: true, force: true });
     await fsp.rm(out, { force: true });
   });
 }
