@@ -47,18 +47,43 @@ std::string LibvirtVersion() {
          std::to_string(version % 1000);
 }
 
+// A fresh anonymous mapping of `size` bytes (rounded up to whole huge pages) on a `boundary` of at least a huge page,
+// asked for transparent huge pages before any page of it is touched, then faulted in (zeroed). Memory that malloc
+// recycles may already be in as 4 KiB pages, which the hint would not change, so this never comes from malloc.
+Napi::Value HugePageBuffer(const Napi::CallbackInfo& info, uint64_t size, uint64_t alignment) {
+  constexpr uint64_t kHugePage = 2 * 1024 * 1024;
+  const uint64_t boundary = alignment > kHugePage ? alignment : kHugePage;
+  const uint64_t body = (size + kHugePage - 1) / kHugePage * kHugePage;
+  const uint64_t mapped = body + boundary;
+  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) throw Napi::Error::New(info.Env(), "out of memory");
+  const uintptr_t start = (reinterpret_cast<uintptr_t>(base) + boundary - 1) / boundary * boundary;
+  const uint64_t head = start - reinterpret_cast<uintptr_t>(base);
+  if (head > 0) munmap(base, head);
+  if (mapped - head - body > 0) munmap(reinterpret_cast<void*>(start + body), mapped - head - body);
+  uint8_t* data = reinterpret_cast<uint8_t*>(start);
+  madvise(data, body, MADV_HUGEPAGE);  // only a hint: without THP the buffer works the same
+  std::memset(data, 0, body);
+  const int64_t bytes = static_cast<int64_t>(body);
+  Napi::MemoryManagement::AdjustExternalMemory(info.Env(), bytes);
+  return Napi::Buffer<uint8_t>::New(info.Env(), data, size, [body, bytes](Napi::Env finalizing, uint8_t* p) {
+    munmap(p, body);
+    Napi::MemoryManagement::AdjustExternalMemory(finalizing, -bytes);
+  });
+}
+
 // alignedBuffer(size, alignment, hugePages?): zeroed memory on an `alignment` boundary, as O_DIRECT writes need.
-// With hugePages, the memory is asked to be backed by transparent huge pages before it is touched: a direct write
-// from 4 KiB pages reaches the disk as requests of at most max_segments pages (about 0.7 MiB on virtio-blk), from
-// 2 MiB pages as one request of the whole chunk. Only a hint: without THP the buffer works the same.
+// With hugePages, on transparent huge pages where the kernel has them: a direct write from 4 KiB pages reaches the
+// disk as requests of at most max_segments pages (about 0.7 MiB on virtio-blk), from 2 MiB pages as one request of
+// the whole chunk.
 Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
   uint64_t size = ArgU64(info, 0, "size");
   uint64_t alignment = ArgU64(info, 1, "alignment");
   bool hugePages = info.Length() > 2 && !info[2].IsUndefined() && ArgBool(info, 2, "hugePages");
   if (alignment < sizeof(void*) || (alignment & (alignment - 1)) != 0) BadArg(info, "alignment", "a power of two of at least 8");
+  if (hugePages && size > 0) return HugePageBuffer(info, size, alignment);
   void* data = nullptr;
   if (posix_memalign(&data, alignment, size == 0 ? alignment : size) != 0) throw Napi::Error::New(info.Env(), "out of memory");
-  if (hugePages && size > 0) madvise(data, size, MADV_HUGEPAGE);
   std::memset(data, 0, size);
   return ExternalBuffer(info.Env(), static_cast<uint8_t*>(data), size, size);
 }

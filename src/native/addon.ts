@@ -105,7 +105,7 @@ export interface NativeAddon {
   /** adler32 of A followed by B, from adler32(A), adler32(B) and B's length (zlib adler32_combine). */
   adler32Combine(a: number, b: number, lengthOfB: number): number;
   /**
-   * `size` zeroed bytes starting on an `alignment` boundary (O_DIRECT buffers); with `hugePages`, backed by
+   * `size` zeroed bytes starting on an `alignment` boundary (O_DIRECT buffers); with `hugePages`, a fresh mapping on
    * transparent huge pages where the kernel has them, so a direct write of it reaches the disk as one request.
    */
   alignedBuffer(size: number, alignment: number, hugePages?: boolean): Buffer;
