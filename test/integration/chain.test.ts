@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { withDomain, withTempDir, type TestDomain } from '../support/testbed.js';
+import { run, withDomain, withTempDir, type TestDomain } from '../support/testbed.js';
 import { ourBin, runCli, runOk } from '../support/cli.js';
 import { assertRestoresTo as assertPoint, virsh } from '../support/points.js';
 
@@ -121,4 +121,20 @@ test('chains of two prefixes interleave, a foreign checkpoint is left alone, a r
   await assertPoint(work, other, o1);
   await assertPoint(work, otherArchive, o0);
   assert.ok(checkpoints(dom).includes('someone-elses'), 'the foreign checkpoint was removed');
+});
+
+test('a full backup removes an old checkpoint whose bitmap is gone by its metadata alone, and says so', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'nobitmap-');
+  await backup(dom, path.join(work, 'set1'), 'full');
+  // The image loses the checkpoint's bitmap while libvirt keeps the checkpoint (an image replaced or repaired).
+  await dom.stop();
+  await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.0']);
+  await dom.start();
+  await dom.write('vda', 0x66, '2M', '1M');
+  const p0 = await dom.snapshot('vda');
+  const log = await backup(dom, path.join(work, 'set2'), 'full');
+  assert.match(log, /checkpoint virtnbdbackup\.0 had no usable bitmap: removed its metadata only/);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0']);
+  await assertPoint(work, path.join(work, 'set2'), p0);
 });
