@@ -1,7 +1,8 @@
 // Chain integrity on real libvirt/QEMU: checkpoints lost with the domain definition come back from -C, lost
 // checkpoint metadata makes the next inc a full (clearing the bitmaps left behind), chains of different prefixes
 // interleave without harm, a foreign checkpoint is left alone with a warning (-e: exit 2), and a chain whose
-// checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc.
+// checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
+// removes an old checkpoint whose bitmap the image lost by its metadata alone.
 // Every point of every set is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
