@@ -64,12 +64,7 @@ Napi::Value HugePageBuffer(const Napi::CallbackInfo& info, uint64_t size, uint64
   uint8_t* data = reinterpret_cast<uint8_t*>(start);
   madvise(data, body, MADV_HUGEPAGE);  // only a hint: without THP the buffer works the same
   std::memset(data, 0, body);
-  const int64_t bytes = static_cast<int64_t>(body);
-  Napi::MemoryManagement::AdjustExternalMemory(info.Env(), bytes);
-  return Napi::Buffer<uint8_t>::New(info.Env(), data, size, [body, bytes](Napi::Env finalizing, uint8_t* p) {
-    munmap(p, body);
-    Napi::MemoryManagement::AdjustExternalMemory(finalizing, -bytes);
-  });
+  return ExternalBuffer(info.Env(), data, size, body, [body](uint8_t* p) { munmap(p, body); });
 }
 
 // alignedBuffer(size, alignment, hugePages?): zeroed memory on an `alignment` boundary, as O_DIRECT writes need.
