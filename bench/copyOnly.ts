@@ -5,7 +5,7 @@
 import { NbdEndpoint } from '../src/endpoint/nbd.js';
 import { CONTEXT_ALLOCATION } from '../src/endpoint/endpoint.js';
 import { planFull } from '../src/extents/plan.js';
-import { DirectoryTarget } from '../src/set/target.js';
+import { DirectoryTarget, fillAndCommit } from '../src/set/target.js';
 import { writeStream } from '../src/stream/writer.js';
 
 async function main(): Promise<void> {
@@ -14,17 +14,12 @@ async function main(): Promise<void> {
   const endpoint = await NbdEndpoint.open({ uri, exportName }, { metaContexts: [CONTEXT_ALLOCATION], connections: 4 });
   try {
     const plan = await planFull(endpoint);
-    const sink = await new DirectoryTarget(outDir).create(`${exportName}.full.data`, { bulk: true });
-    try {
+    await fillAndCommit(await new DirectoryTarget(outDir).create(`${exportName}.full.data`, { bulk: true }), async (sink) => {
       await writeStream({
         source: endpoint, plan, sink, compress: level === undefined ? false : Number(level), digests: true,
         meta: { date: new Date().toISOString(), diskName: exportName, diskFormat: 'qcow2', checkpointName: '', parentCheckpoint: '', incremental: false },
       });
-      await sink.commit();
-    } catch (err) {
-      await sink.abort();
-      throw err;
-    }
+    });
   } finally {
     await endpoint.close();
   }

@@ -4,7 +4,7 @@
 // 0; any failure exits 1 with one line.
 // Usage: node dist/bench/sinkOnly.js SOURCE_FILE BYTES OUTPUT_DIR
 import fs from 'node:fs/promises';
-import { DirectoryTarget } from '../src/set/target.js';
+import { DirectoryTarget, fillAndCommit } from '../src/set/target.js';
 
 /** Bytes handed to the sink per write, as the stream writer hands it a payload piece. */
 const PIECE_BYTES = 4 * 1024 * 1024;
@@ -17,8 +17,7 @@ async function main(): Promise<void> {
   try {
     const sourceBytes = (await input.stat()).size;
     if (sourceBytes < PIECE_BYTES) throw new Error(`${source} holds less than one piece (${PIECE_BYTES} bytes)`);
-    const sink = await new DirectoryTarget(outDir).create('sink-only.data', { bulk: true });
-    try {
+    await fillAndCommit(await new DirectoryTarget(outDir).create('sink-only.data', { bulk: true }), async (sink) => {
       // One buffer for all pieces: the sink has copied a piece into its own chunks when write resolves.
       const piece = Buffer.allocUnsafe(PIECE_BYTES);
       for (let done = 0; done < bytes;) {
@@ -28,11 +27,7 @@ async function main(): Promise<void> {
         await sink.write([piece.subarray(0, length)]);
         done += length;
       }
-      await sink.commit();
-    } catch (err) {
-      await sink.abort();
-      throw err;
-    }
+    });
   } finally {
     await input.close();
   }

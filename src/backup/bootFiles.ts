@@ -3,7 +3,7 @@
 // so zip output carries them too. Guarantees: a file that cannot be read is a warning, not a failed backup.
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import type { OutputTarget } from '../set/target.js';
+import { fillAndCommit, type OutputTarget } from '../set/target.js';
 import type { Logger } from '../util/log.js';
 import { describeFailure } from '../util/errors.js';
 
@@ -18,13 +18,9 @@ async function copyInto(source: string, target: OutputTarget, name: string): Pro
     await handle.close();
     throw err;
   });
-  try {
+  await fillAndCommit(sink, async () => {
     for await (const chunk of handle.createReadStream({ highWaterMark: 1024 * 1024 })) await sink.write([chunk as Buffer]);
-    await sink.commit();
-  } catch (err) {
-    await sink.abort();
-    throw err;
-  }
+  });
 }
 
 export async function saveBootFiles(bootFiles: Record<string, string>, ident: string, target: OutputTarget, log: Logger): Promise<void> {

@@ -5,7 +5,7 @@ import { NbdEndpoint } from '../endpoint/nbd.js';
 import { CONTEXT_ALLOCATION, type Endpoint } from '../endpoint/endpoint.js';
 import { planDirty, planFull } from '../extents/plan.js';
 import { writeStream } from '../stream/writer.js';
-import type { OutputTarget } from '../set/target.js';
+import { fillAndCommit, type OutputTarget } from '../set/target.js';
 import { checksumFileName, dataFileName, writeDigestFile } from '../set/backupSet.js';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { Level } from '../libvirt/checkpoints.js';
@@ -79,22 +79,15 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
     const onProgress = options.progress?.(disk.target, extents.dataSize);
     const result = { disk: disk.target, file, dataSize: extents.dataSize, virtualSize: endpoint.size };
     if (options.type === 'raw' && target.createPositional) {
-      const image = await target.createPositional(file, endpoint.size);
-      try {
+      await fillAndCommit(await target.createPositional(file, endpoint.size), async (image) => {
         const copying = writeRawImage(endpoint, extents, image, onProgress, signal);
         options.onReading?.();
         await copying;
         await sourceRead();
-        await image.commit();
-      } catch (err) {
-        await image.abort();
-        throw writeFailure(disk, partial, err);
-      }
+      }).catch((err: unknown) => { throw writeFailure(disk, partial, err); });
       return { ...result, bytesWritten: endpoint.size };
     }
-    const sink = await target.create(file, { bulk: true });
-    let written;
-    try {
+    const written = await fillAndCommit(await target.create(file, { bulk: true }), async (sink) => {
       const writing = writeStream({
         source: endpoint,
         plan: extents,
@@ -113,13 +106,10 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
         signal,
       });
       options.onReading?.();
-      written = await writing;
+      const streamed = await writing;
       await sourceRead();
-      await sink.commit();
-    } catch (err) {
-      await sink.abort();
-      throw writeFailure(disk, partial, err);
-    }
+      return streamed;
+    }).catch((err: unknown) => { throw writeFailure(disk, partial, err); });
     await target.writeFile(checksumFileName(file), String(written.checksum));
     await writeDigestFile(target, file, written.digests ?? []);
     return { ...result, bytesWritten: written.bytesWritten };

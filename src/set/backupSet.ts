@@ -7,7 +7,7 @@ import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import type { StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
-import type { OutputTarget } from './target.js';
+import { fillAndCommit, type OutputTarget } from './target.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import { UserError } from '../util/errors.js';
 
@@ -28,8 +28,7 @@ const DIGEST_CHUNK = 256;
  * JSON.stringify gives) through `target`, chunk by chunk.
  */
 export async function writeDigestFile(target: OutputTarget, dataFile: string, pieces: Iterable<PieceDigest>): Promise<void> {
-  const sink = await target.create(digestFileName(dataFile));
-  try {
+  await fillAndCommit(await target.create(digestFileName(dataFile)), async (sink) => {
     await sink.write([Buffer.from(`{"algorithm":${JSON.stringify(PIECE_DIGEST)},"pieces":[`)]);
     let chunk: PieceDigest[] = [];
     let first = true;
@@ -45,11 +44,7 @@ export async function writeDigestFile(target: OutputTarget, dataFile: string, pi
     }
     if (chunk.length > 0) await writeChunk();
     await sink.write([Buffer.from(']}')]);
-    await sink.commit();
-  } catch (err) {
-    await sink.abort();
-    throw err;
-  }
+  });
 }
 export const checkpointListName = (domain: string): string => `${domain}.cpt`;
 export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;

@@ -25,6 +25,21 @@ export interface PositionalSink {
   abort(): Promise<void>;
 }
 
+/**
+ * Runs `fill` on a newly created file of the set, then commits it; on any failure aborts it (its `.partial` stays as
+ * evidence) and rethrows. Resolves to what `fill` returned.
+ */
+export async function fillAndCommit<F extends Pick<Sink, 'commit' | 'abort'>, T>(file: F, fill: (file: F) => Promise<T>): Promise<T> {
+  try {
+    const result = await fill(file);
+    await file.commit();
+    return result;
+  } catch (err) {
+    await file.abort();
+    throw err;
+  }
+}
+
 export interface CreateOptions {
   /** A large file written once (a data file): the target may bypass the page cache. */
   bulk?: boolean;
