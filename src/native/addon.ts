@@ -92,6 +92,22 @@ export interface LibvirtConnection {
   close(): Promise<void>;
 }
 
+/** A run of an LZ4 frame: bytes [start, end) of the output buffer, or of the source for a block that does not compress. */
+export interface FrameSegment {
+  inSource: boolean;
+  start: number;
+  end: number;
+  adler32: number;
+}
+
+/** What lz4CompressPiece made: the frame's runs, its length and adler32, and the source's digest when asked. */
+export interface CompressedPiece {
+  length: number;
+  adler32: number;
+  segments: FrameSegment[];
+  digest?: string;
+}
+
 export interface NativeAddon {
   NbdHandle: new () => NbdHandle;
   /** virConnectOpen(uri) (read-write). */
@@ -114,11 +130,13 @@ export interface NativeAddon {
   /** Bytes an output buffer needs for the LZ4 frame of `length` source bytes. */
   lz4FrameBound(length: number): number;
   /**
-   * One LZ4 frame of `source` (content checksum, no block checksums, 4 MB blocks; `level` 0 is lz4's default)
-   * written into `output[0, length)`, with the frame's adler32 and, with `digest`, the digest (hex) of the source
-   * bytes: one worker task, no allocation.
+   * One LZ4 frame of `source` (content checksum, no block checksums, independent 4 MB blocks; `level` 0 is lz4's
+   * default). Its bytes go into `output`, but for the blocks that do not compress, which stay in `source`:
+   * `segments` are the frame's runs in order, each in `output` or (`inSource`) in `source`, with its adler32.
+   * Also the frame's length and adler32 and, with `digest`, the digest (hex) of the source bytes: one worker task,
+   * no allocation.
    */
-  lz4CompressPiece(source: Buffer, level: number, output: Buffer, digest?: 'blake3' | 'sha256'): Promise<{ length: number; adler32: number; digest?: string }>;
+  lz4CompressPiece(source: Buffer, level: number, output: Buffer, digest?: 'blake3' | 'sha256'): Promise<CompressedPiece>;
   /** Decompress one LZ4 frame; checksums verified; rejects on corruption. Runs on a worker. */
   lz4DecompressFrame(source: Buffer): Promise<Buffer>;
   /**

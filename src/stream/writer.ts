@@ -213,12 +213,18 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
           const output = frames!.acquire(addon.lz4FrameBound(part.length));
           const piece = raw.then((r) => traced('compress', () => addon.lz4CompressPiece(r, compress, output, digests && !summed ? PIECE_DIGEST : undefined)));
           sizes.push(piece.then((p) => p.length, () => 0));
-          const ready = piece.then(({ length, adler32, digest }) => {
+          // A block that does not compress stays in the read buffer, which is then freed once written.
+          let keepsSource = false;
+          const ready = piece.then(({ segments, digest }) => {
             if (digest) digests!.set(slot!, digest);
-            pool.release(buffer);
-            return [{ data: output.subarray(0, length), adler32 }];
+            keepsSource = segments.some((s) => s.inSource);
+            if (!keepsSource) pool.release(buffer);
+            return segments.map((s) => ({ data: (s.inSource ? buffer : output).subarray(s.start, s.end), adler32: s.adler32 }));
           });
-          await enqueue(ready, part.length, () => frames!.release(output));
+          await enqueue(ready, part.length, () => {
+            frames!.release(output);
+            if (keepsSource) pool.release(buffer);
+          });
         } else {
           const ready = summed
             ? summed.then((adler32) => [{ data: buffer, adler32 }])

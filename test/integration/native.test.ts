@@ -312,14 +312,41 @@ test('alignedBuffer with hugePages: on huge pages where the kernel offers them, 
   assert.throws(() => addon.alignedBuffer(4096, 4096, 1 as unknown as boolean), /hugePages must be a boolean/);
 });
 
-/** One frame through lz4CompressPiece, checked against its own sums: the frame's adler32 and the source's BLAKE3. */
-async function compressFrame(source: Buffer, level: number): Promise<Buffer> {
+/**
+ * One frame through lz4CompressPiece, put together from its segments and checked against its own sums: each
+ * segment's adler32, the frame's, and the source's BLAKE3. Returns the frame and how many source bytes it stores.
+ */
+async function compressFrameStoring(source: Buffer, level: number): Promise<{ frame: Buffer; storedBytes: number }> {
   const output = Buffer.alloc(addon.lz4FrameBound(source.length));
   const piece = await addon.lz4CompressPiece(source, level, output, 'blake3');
-  const frame = output.subarray(0, piece.length);
+  let storedBytes = 0;
+  const frame = Buffer.concat(piece.segments.map((segment) => {
+    const run = (segment.inSource ? source : output).subarray(segment.start, segment.end);
+    assert.equal(segment.adler32, addon.adler32(run, 1));
+    if (segment.inSource) storedBytes += run.length;
+    return run;
+  }));
+  assert.equal(frame.length, piece.length);
   assert.equal(piece.adler32, addon.adler32(frame, 1));
   assert.equal(piece.digest, await addon.digestPiece(source, 'blake3'));
-  return frame;
+  return { frame, storedBytes };
+}
+
+async function compressFrame(source: Buffer, level: number): Promise<Buffer> {
+  return (await compressFrameStoring(source, level)).frame;
+}
+
+/** What python's lz4.frame makes of a frame: the SHA-256 of its content, and its checksums and sizes. */
+async function pythonFrameReport(frame: Buffer): Promise<{ sha: string; block: boolean; content: boolean; size: number; blockSize: number }> {
+  return JSON.parse(
+    await py(
+      'import sys, json, hashlib, lz4.frame\n' +
+        'b = sys.stdin.buffer.read(); i = lz4.frame.get_frame_info(b)\n' +
+        'print(json.dumps({"sha": hashlib.sha256(lz4.frame.decompress(b)).hexdigest(),\n' +
+        '  "block": i["block_checksum"], "content": i["content_checksum"], "size": i["content_size"], "blockSize": i["block_size"]}))',
+      frame,
+    ),
+  ) as { sha: string; block: boolean; content: boolean; size: number; blockSize: number };
 }
 
 test('lz4 frames interoperate with python lz4.frame', async () => {
@@ -329,16 +356,7 @@ test('lz4 frames interoperate with python lz4.frame', async () => {
   for (const level of [0, 9]) {
     const frame = await compressFrame(source, level);
     assert.ok(frame.length < source.length);
-    const report = JSON.parse(
-      await py(
-        'import sys, json, hashlib, lz4.frame\n' +
-          'b = sys.stdin.buffer.read(); i = lz4.frame.get_frame_info(b)\n' +
-          'print(json.dumps({"sha": hashlib.sha256(lz4.frame.decompress(b)).hexdigest(),\n' +
-          '  "block": i["block_checksum"], "content": i["content_checksum"], "size": i["content_size"], "blockSize": i["block_size"]}))',
-        frame,
-      ),
-    ) as { sha: string; block: boolean; content: boolean; size: number; blockSize: number };
-    const { blockSize, ...rest } = report;
+    const { blockSize, ...rest } = await pythonFrameReport(frame);
     assert.deepEqual(rest, { sha, block: false, content: true, size: source.length });
     assert.ok(blockSize >= source.length, `one block per frame (block size ${blockSize})`);
     assert.deepEqual(await addon.lz4DecompressFrame(frame), source);
@@ -389,6 +407,25 @@ test('lz4 frames interoperate with python lz4.frame', async () => {
   assert.equal((await addon.lz4DecompressFrame(empty)).length, 0);
   await assert.rejects(addon.lz4DecompressFrame(Buffer.from('not a frame')), isNativeError('lz4'));
   await assert.rejects(addon.lz4CompressPiece(source, 0, Buffer.alloc(1000)), /output must be/);
+});
+
+test('lz4 blocks that do not compress stay in the source, and python lz4.frame reads such frames', async () => {
+  // Three 4 MB blocks: random (stored), repeated text (compressed), random again (stored, shorter).
+  const block = 4 * MiB;
+  const source = Buffer.concat([randomBytes(block), Buffer.alloc(block, 'virtnbd '), randomBytes(MiB + 7)]);
+  const sha = createHash('sha256').update(source).digest('hex');
+  for (const level of [1, 9]) {
+    const { frame, storedBytes } = await compressFrameStoring(source, level);
+    assert.equal(storedBytes, block + MiB + 7, 'the random blocks are not copied into the output');
+    const { blockSize, ...rest } = await pythonFrameReport(frame);
+    assert.deepEqual(rest, { sha, block: false, content: true, size: source.length });
+    assert.equal(blockSize, block);
+    assert.deepEqual(await addon.lz4DecompressFrame(frame), source);
+  }
+  const random = randomBytes(1000);
+  const { frame, storedBytes } = await compressFrameStoring(random, 0);
+  assert.equal(storedBytes, random.length);
+  assert.deepEqual(await addon.lz4DecompressFrame(frame), random);
 });
 
 async function ensureLibvirtd(): Promise<void> {
