@@ -207,12 +207,12 @@ Napi::Value FrameBound(const Napi::CallbackInfo& info) {
 }
 
 // Frames are written here rather than by LZ4F_compressFrame, which copies a block that does not compress into the
-// frame: such a block stays in the source and the frame lists it as a segment (-z copy of 2.5 GiB of random data:
-// 3.6-3.8 s to 3.0-3.2 s, 4.6 to 3.6 CPU-s). The frame is what liblz4 would write but for the B.Indep bit: version 01, independent blocks, content
-// size, content checksum (libxxhash's XXH32 runs at twice the speed of liblz4's own), 4 MB blocks, so a piece
-// of up to 4 MiB is one block (fewer blocks, less work: -z 4.8 s to 4.2 s for 2.5 GiB); a block is stored when it
-// would not shrink, as liblz4 decides. No block checksums: the content checksum lets a restore name the frame
-// that rotted, and per-block ones would cost about as much again for nothing more.
+// frame: such a block stays in the source and the frame lists it as a segment (-z copy of 2.5 GiB of random
+// data: 3.6-3.8 s to 3.0-3.2 s, 4.6 to 3.6 CPU-s). The frame is what liblz4 would write but for the B.Indep bit:
+// version 01, independent blocks, content size, content checksum (libxxhash's XXH32 runs at twice the speed of
+// liblz4's own), 4 MB blocks, so a piece of up to 4 MiB is one block (fewer blocks, less work: -z 4.8 s to 4.2 s
+// for 2.5 GiB); a block is stored when it would not shrink, as liblz4 decides. No block checksums: the content
+// checksum lets a restore name the frame that rotted, and per-block ones would cost about as much again.
 constexpr uint8_t kFlgVersion = 0x40, kFlgBlockIndependent = 0x20;
 constexpr uint8_t kBd4MB = 7 << 4;
 constexpr size_t kMaxBlock = 4 * 1024 * 1024;
