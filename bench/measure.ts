@@ -16,6 +16,8 @@ export interface Measurement {
   machineBusy: number;
   /** CPU time the serving process (the domain's QEMU, NBD server side) used during the run; 0 when none was named. */
   serverCpuSeconds: number;
+  /** Share of the cores' time the hypervisor gave to others during the run (steal, 0..1): a noisy host shows here. */
+  stealShare: number;
 }
 
 export interface MeasureExtras {
@@ -53,12 +55,14 @@ export async function measure(statFile: string, command: string, args: readonly 
     throw new Error(`cannot read GNU time's report '${last}' for ${command}`);
   }
   const total = after.total - before.total;
+  const stolen = after.steal - before.steal;
   return {
     wallSeconds,
     cpuSeconds: user + sys,
     peakRssBytes: maxRssKiB * 1024,
     machineBusy: total > 0 ? (after.busy - before.busy) / total : 0,
     serverCpuSeconds: (serverAfter - serverBefore) / USER_HZ,
+    stealShare: total + stolen > 0 ? stolen / (total + stolen) : 0,
   };
 }
 
@@ -70,13 +74,13 @@ async function readProcessTicks(pid: number): Promise<number> {
   return Number(fields[11]) + Number(fields[12]);
 }
 
-/** Jiffies of all cores from /proc/stat; idle and iowait count as not busy. */
-async function readCpuJiffies(): Promise<{ busy: number; total: number }> {
+/** Jiffies of all cores from /proc/stat; idle and iowait count as not busy, steal is apart. */
+async function readCpuJiffies(): Promise<{ busy: number; total: number; steal: number }> {
   const line = (await fs.readFile('/proc/stat', 'utf8')).split('\n')[0] ?? '';
-  // cpu user nice system idle iowait irq softirq steal: steal (the hypervisor's) is left out, guest is inside user.
-  const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0] = line.trim().split(/\s+/).slice(1).map(Number);
+  // cpu user nice system idle iowait irq softirq steal: steal (the hypervisor's) is kept apart, guest is inside user.
+  const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = line.trim().split(/\s+/).slice(1).map(Number);
   const busy = user + nice + system + irq + softirq;
-  return { busy, total: busy + idle + iowait };
+  return { busy, total: busy + idle + iowait, steal };
 }
 
 export function median(values: readonly number[]): number {
@@ -94,5 +98,6 @@ export function medianMeasurement(runs: readonly Measurement[]): Measurement {
     peakRssBytes: median(runs.map((r) => r.peakRssBytes)),
     machineBusy: median(runs.map((r) => r.machineBusy)),
     serverCpuSeconds: median(runs.map((r) => r.serverCpuSeconds)),
+    stealShare: median(runs.map((r) => r.stealShare)),
   };
 }

@@ -155,6 +155,11 @@ export class Results {
         verdict(growth <= MEMORY_GROWTH_LIMIT));
     }
     versus('cost follows data', this.ratio('sparse-large', TOOL.ours, TOOL.ours, 'sparse-small'), '× the small disk', 1.5);
+    const steal = this.rows.flatMap((r) => r.runs.map((m) => m.stealShare));
+    if (steal.length) {
+      lines.push(`steal: the hypervisor took ${(median(steal) * 100).toFixed(0)} % of the cores' time in the median run, ` +
+        `${(Math.max(...steal) * 100).toFixed(0)} % at most (figures of a run with much steal are not this machine's own; for context)`);
+    }
     return lines;
   }
 }
