@@ -144,6 +144,8 @@ export interface NativeAddon {
    * and when the frame holds more than `output`. Runs on a worker.
    */
   lz4DecompressInto(source: Buffer, output: Buffer): Promise<number>;
+  /** Copies `sources`, one after another, into `target` from `at`, on a worker thread. */
+  copyInto(target: Buffer, at: number, sources: Buffer[]): Promise<void>;
   /** Library versions, for -V and logs. */
   versions(): { libnbd: string; libvirt: string; lz4: string; zlib: string };
 }

@@ -303,6 +303,16 @@ test('alignedBuffer: zeroed, of the size asked, on the boundary O_DIRECT needs',
   assert.throws(() => addon.alignedBuffer(4096, 3000), /alignment must be/);
 });
 
+test('copyInto: the sources one after another from the offset, on a worker; bytes that do not fit are refused', async () => {
+  const target = Buffer.alloc(16, 0xff);
+  const sources = [Buffer.from('abc'), Buffer.alloc(0), randomBytes(5)];
+  await addon.copyInto(target, 4, sources);
+  assert.deepEqual(target, Buffer.concat([Buffer.alloc(4, 0xff), ...sources, Buffer.alloc(4, 0xff)]));
+  await assert.rejects(addon.copyInto(target, 10, sources), /sources must be/);
+  await assert.rejects(addon.copyInto(target, 17, []), /sources must be/);
+  await assert.rejects(addon.copyInto(target, 0, ['x' as unknown as Buffer]), /sources must be/);
+});
+
 test('alignedBuffer with hugePages: on huge pages where the kernel offers them, so a direct write of it is one request', async (t) => {
   if (!(await hugePagesOffered())) return t.skip('transparent huge pages are off on this kernel');
   const before = await anonHugeKiB();
