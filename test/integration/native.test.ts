@@ -37,6 +37,8 @@ function run(cmd: string, args: string[], input?: Buffer): Promise<Buffer> {
       if (code === 0) resolve(Buffer.concat(out));
       else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${Buffer.concat(err).toString()}`));
     });
+    // A command that does not read its input may exit before it is written (EPIPE): its exit code decides.
+    child.stdin.on('error', () => undefined);
     child.stdin.end(input ?? Buffer.alloc(0));
   });
 }
