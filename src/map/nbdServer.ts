@@ -11,6 +11,7 @@ import net from 'node:net';
 import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { oneLine } from '../util/errors.js';
+import { WorkWindow } from '../util/window.js';
 import {
   CMD, CMD_FLAG, CMD_NAMES, OPT_NAMES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, NBD_ERR, OPT, OPTION_HEADER_LENGTH, REP,
   REPLY_FLAG_DONE, REPLY_TYPE, REQUEST_HEADER_LENGTH, TFLAG, blockStatusChunk, chunkHeader, errorChunk, exportNameReply,
@@ -171,7 +172,8 @@ class Connection {
   private allocationSelected = false;
   private noZeroes = false;
   private inTransmission = false;
-  private readonly inFlight = new Set<Promise<void>>();
+  /** Requests being served: at most MAX_IN_FLIGHT; memory is bounded by the server's slots. */
+  private readonly requests = new WorkWindow(Number.POSITIVE_INFINITY, MAX_IN_FLIGHT - 1);
 
   constructor(private readonly server: NbdServer, private readonly socket: net.Socket) {
     this.reader = new SocketReader(socket);
@@ -192,14 +194,14 @@ class Connection {
       if (!(err instanceof SocketClosedError)) this.server.log.warn(`NBD connection dropped: ${oneLine(err)}`);
       this.socket.destroy();
     }
-    await Promise.allSettled(this.inFlight);
+    await this.requests.settle();
   }
 
   /** Ends the connection for stop(): at once during the handshake, after the requests in flight otherwise. */
   async shutdown(): Promise<void> {
     if (this.inTransmission) {
       const grace = new Promise((resolve) => setTimeout(resolve, STOP_GRACE_MS).unref());
-      await Promise.race([Promise.allSettled(this.inFlight), grace]);
+      await Promise.race([this.requests.settle(), grace]);
     }
     this.socket.destroy();
   }
@@ -362,20 +364,13 @@ class Connection {
       trace?.('in', `${CMD_NAMES[request.type] ?? request.type} offset=${request.offset} length=${request.length} flags=${request.flags}`,
         Buffer.concat([header, (payload ?? Buffer.alloc(0)).subarray(0, TRACE_PAYLOAD)]));
       if (request.type === CMD.DISC) {
-        await Promise.allSettled(this.inFlight);
+        await this.requests.settle();
         this.socket.end();
         return;
       }
-      const work = this.serve(request, payload);
-      this.inFlight.add(work);
-      const forget = (): boolean => this.inFlight.delete(work);
-      work.then(forget, forget);
-      for (;;) {
-        if (this.inFlight.size >= MAX_IN_FLIGHT) await Promise.race(this.inFlight);
-        else if (this.socket.writableLength > REPLY_HIGH_WATER) await drained(this.socket);
-        else break;
-        if (this.socket.destroyed) return;
-      }
+      await this.requests.add(this.serve(request, payload), 0);
+      while (!this.socket.destroyed && this.socket.writableLength > REPLY_HIGH_WATER) await drained(this.socket);
+      if (this.socket.destroyed) return;
     }
   }
 
