@@ -10,7 +10,7 @@ import { native } from '../native/addon.js';
 import { traced } from '../util/stageTrace.js';
 
 export interface Sink {
-  /** Appends the buffers, in order. */
+  /** Appends the buffers, in order; resolves once the caller may reuse them (the sink keeps no reference). */
   write(buffers: Buffer[]): Promise<void>;
   /** Makes the file final under its name. */
   commit(): Promise<void>;

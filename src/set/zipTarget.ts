@@ -56,7 +56,9 @@ export class ZipTarget implements OutputTarget {
       write: async (buffers: Buffer[]) => {
         for (const b of buffers) {
           if (this.failure) throw this.failure;
-          if (!pass.write(b)) await once(pass, 'drain');
+          // The stream keeps what it is given until the archive and stdout are done with it, long after this
+          // resolves, while the writer reuses its buffers as soon as it does: the stream gets a copy.
+          if (!pass.write(Buffer.from(b))) await once(pass, 'drain');
         }
       },
       commit: async () => {

@@ -1,5 +1,5 @@
 // Output forms on a real domain: the zip stream on stdout through a pipe (full + inc unzipped into one set,
-// restored by ours and by Python), -t raw images, -r raw-format disks, lz4 over compressible and
+// restored by ours and by Python; random data, plain and -z, kept intact), -t raw images, -r raw-format disks, lz4 over compressible and
 // incompressible data, and offsets/files beyond 4 GiB (reduced by default; VNBD_LARGE=1 for > 4 GiB of data).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -71,6 +71,35 @@ test('zip on stdout through a pipe: full + inc unzipped into one set restore wit
   const tty = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', '-', '-t', 'raw', '-n']);
   assert.equal(tty.code, 1);
   assert.match(tty.stderr, /-t raw (writes full images only|cannot be written to standard output)/);
+});
+
+test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
+  // Patterned data would hide a reused buffer (every piece the same bytes); random data in many pieces does not.
+  const dom = await withDomain(t, { start: false, disks: [{ target: 'vda', sizeMiB: 96, fill: [{ pattern: 0x5a, offsetMiB: 0, lengthMiB: 8 }] }] });
+  const work = await tempDir('vnbd-ziprandom-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const random = path.join(work, 'random.bin');
+  await run('dd', ['if=/dev/urandom', `of=${random}`, 'bs=1M', 'count=48', 'status=none']);
+  await run('qemu-io', ['-f', 'qcow2', '-c', `write -s ${random} ${16 * MiB} ${48 * MiB}`, dom.diskPath('vda')]);
+  await dom.start();
+  const ref = await dom.snapshot('vda', path.join(work, 'vda.ref'));
+  for (const [form, flags] of [['plain', []], ['lz4', ['-z']]] as const) {
+    const state = path.join(work, `state-${form}`);
+    await fs.mkdir(state);
+    const zip = path.join(work, `${form}.zip`);
+    const r = await backupToZip(state, ['-d', dom.name, '-l', 'copy', '-n', ...flags], zip);
+    assert.equal(r.code, 0, r.stderr);
+    await run('unzip', ['-tq', zip]);
+    const set = path.join(work, `set-${form}`);
+    await fs.mkdir(set);
+    await run('unzip', ['-oq', zip, '-d', set]);
+    const tools = form === 'lz4' ? [[ourBin('virtnbdrestore'), 'ours'], [pythonBin('virtnbdrestore'), 'python']] as const : [[ourBin('virtnbdrestore'), 'ours']] as const;
+    for (const [tool, name] of tools) {
+      const out = path.join(work, `out-${form}-${name}`);
+      await runOk(tool, ['-i', set, '-o', out, '-n']);
+      await assertSame(path.join(out, 'vda.qcow2'), ref);
+    }
+  }
 });
 
 test('-t raw writes full-size sparse images; inc with -t raw is refused', async (t) => {
