@@ -6,13 +6,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { withDomain, tempDir, TestDomain } from '../support/testbed.js';
+import { withDomain, tempDir, TestDomain, type DiskSpec } from '../support/testbed.js';
 import { ourBin, pythonBin, runOk } from '../support/cli.js';
 
 const DISKS = [
-  { target: 'vda', sizeMiB: 256, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 32 }, { pattern: 0x22, offsetMiB: 100, lengthMiB: 8 }] },
+  { target: 'vda', sizeMiB: 256, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 24 }, { pattern: 0x11, offsetMiB: 24, lengthMiB: 8 }, { pattern: 0x22, offsetMiB: 100, lengthMiB: 8 }] },
   { target: 'vdb', sizeMiB: 128, fill: [{ pattern: 0x44, offsetMiB: 1, lengthMiB: 4 }] },
-];
+] satisfies DiskSpec[];
 
 /** Snapshots every disk of `dom` as `<dir>/<point>.<disk>.raw`. */
 async function snapshotAll(dom: TestDomain, dir: string, point: string): Promise<void> {

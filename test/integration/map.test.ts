@@ -10,11 +10,17 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION } from '../../src/endpoint/endpoint.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
-import { TestDomain, assertPattern, run, withDomain, withTempDir } from '../support/testbed.js';
+import { TestDomain, assertPattern, run, withDomain, withTempDir, type DiskSpec } from '../support/testbed.js';
 import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
 
 const MiB = 1024 * 1024;
-const DISK = { target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 40 }, { pattern: 0x22, offsetMiB: 64, lengthMiB: 4 }] };
+const DISK = {
+  target: 'vda', sizeMiB: 128,
+  fill: [
+    { pattern: 'random', offsetMiB: 0, lengthMiB: 8 }, { pattern: 0x11, offsetMiB: 8, lengthMiB: 8 },
+    { pattern: 'random', offsetMiB: 16, lengthMiB: 24 }, { pattern: 0x22, offsetMiB: 64, lengthMiB: 4 },
+  ],
+} as const satisfies DiskSpec;
 
 interface RunningMap {
   /** nbd+unix:// URI, then nbd:// URI. */

@@ -30,7 +30,7 @@ async function assertSame(image: string, reference: string, formatA: 'qcow2' | '
 
 test('zip on stdout through a pipe: full + inc unzipped into one set restore with ours and Python', async (t) => {
   const dom = await withDomain(t, { disks: [
-    { target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 16 }] },
+    { target: 'vda', sizeMiB: 128, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 12 }, { pattern: 0x11, offsetMiB: 12, lengthMiB: 4 }] },
     { target: 'vdb', sizeMiB: 64, fill: [{ pattern: 0x22, offsetMiB: 8, lengthMiB: 8 }] },
   ] });
   const work = await tempDir('vnbd-zip-');

@@ -142,7 +142,8 @@ function hexByte(pattern: number): string {
 // Domains
 
 export interface FillSpec {
-  pattern: number;
+  /** A byte repeated, or random bytes: buffer mix-ups hide in repeated bytes (every piece looks the same). */
+  pattern: number | 'random';
   offsetMiB: number;
   lengthMiB: number;
 }
@@ -213,8 +214,7 @@ export class TestDomain {
     try {
       for (const [i, disk] of disks.entries()) {
         await run('qemu-img', ['create', '-q', '-f', disk.format, disk.image, String(disk.sizeBytes)]);
-        const writes = (opts.disks[i]?.fill ?? []).flatMap((f) => ['-c', `write -P ${hexByte(f.pattern)} ${f.offsetMiB * MiB} ${f.lengthMiB * MiB}`]);
-        if (writes.length) await run('qemu-io', ['-f', disk.format, ...writes, disk.image]);
+        await fillImage(disk, opts.disks[i]?.fill ?? [], dir);
       }
       const xmlFile = path.join(dir, 'domain.xml');
       await fsp.writeFile(xmlFile, domain.domainXml());
@@ -395,6 +395,22 @@ export class TestDomain {
   </devices>
 </domain>
 `;
+  }
+}
+
+/** Writes the fills into a new image with qemu-io; random ones from a file of random bytes in `dir`, removed after. */
+async function fillImage(disk: TestDisk, fills: FillSpec[], dir: string): Promise<void> {
+  if (fills.length === 0) return;
+  const randomMiB = Math.max(0, ...fills.filter((f) => f.pattern === 'random').map((f) => f.lengthMiB));
+  const randomFile = path.join(dir, `${disk.target}.random`);
+  if (randomMiB > 0) await fsp.writeFile(randomFile, randomBytes(randomMiB * MiB));
+  try {
+    const writes = fills.flatMap((f) => ['-c', f.pattern === 'random'
+      ? `write -s ${randomFile} ${f.offsetMiB * MiB} ${f.lengthMiB * MiB}`
+      : `write -P ${hexByte(f.pattern)} ${f.offsetMiB * MiB} ${f.lengthMiB * MiB}`]);
+    await run('qemu-io', ['-f', disk.format, ...writes, disk.image]);
+  } finally {
+    await fsp.rm(randomFile, { force: true });
   }
 }
 
