@@ -3,8 +3,10 @@
 // other with backpressure, never buffered whole. Guarantees: a failure aborts the archive, so a consumer never
 // sees a complete-looking zip of a failed run; the archive holds the bytes as they were when written, whatever the
 // writer does with its buffers afterwards.
+import { createRequire } from 'node:module';
 import { PassThrough, Writable } from 'node:stream';
 import { once } from 'node:events';
+import zlib from 'node:zlib';
 import type { ZipArchive } from 'archiver';
 import type { OutputTarget, Sink } from './target.js';
 
@@ -45,6 +47,22 @@ class CopySlabs {
   }
 }
 
+/**
+ * archiver sums each entry with the crc-32 package, in JavaScript: about 0.7 GB/s here, 3.6 CPU-s of a 2.5 GiB
+ * zip. Node's zlib.crc32 gives the same sums at about 3.4 GB/s, so crc-32's buf() is pointed at it (archiver's
+ * modules look it up on every call). Where Node lacks zlib.crc32 or crc-32 is not found, nothing changes.
+ */
+function sumWithNodeCrc32(): void {
+  if (typeof zlib.crc32 !== 'function') return;
+  try {
+    const crc32 = createRequire(import.meta.url)('crc-32') as { buf: (data: Uint8Array, seed?: number) => number };
+    // crc-32 returns the sum as a signed 32-bit integer; its callers take `>>> 0` of it.
+    crc32.buf = (data, seed = 0) => zlib.crc32(data, seed >>> 0) | 0;
+  } catch {
+    // archiver without crc-32: its own sums stay.
+  }
+}
+
 export class ZipTarget implements OutputTarget {
   private readonly archive: ZipArchive;
   private readonly copies = new CopySlabs();
@@ -53,6 +71,7 @@ export class ZipTarget implements OutputTarget {
 
   /** archiver is loaded only when a zip is written: it costs start-up time every other run would pay. */
   static async open(out: NodeJS.WritableStream): Promise<ZipTarget> {
+    sumWithNodeCrc32();
     const { ZipArchive: Archive } = await import('archiver');
     return new ZipTarget(out, new Archive({ store: true, forceZip64: true }));
   }
