@@ -75,13 +75,9 @@ test('zip on stdout through a pipe: full + inc unzipped into one set restore wit
 
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
   // Patterned data would hide a reused buffer (every piece the same bytes); random data in many pieces does not.
-  const dom = await withDomain(t, { start: false, disks: [{ target: 'vda', sizeMiB: 96, fill: [{ pattern: 0x5a, offsetMiB: 0, lengthMiB: 8 }] }] });
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 96, fill: [{ pattern: 0x5a, offsetMiB: 0, lengthMiB: 8 }, { pattern: 'random', offsetMiB: 16, lengthMiB: 48 }] }] });
   const work = await tempDir('vnbd-ziprandom-');
   t.after(() => fs.rm(work, { recursive: true, force: true }));
-  const random = path.join(work, 'random.bin');
-  await run('dd', ['if=/dev/urandom', `of=${random}`, 'bs=1M', 'count=48', 'status=none']);
-  await run('qemu-io', ['-f', 'qcow2', '-c', `write -s ${random} ${16 * MiB} ${48 * MiB}`, dom.diskPath('vda')]);
-  await dom.start();
   const ref = await dom.snapshot('vda', path.join(work, 'vda.ref'));
   for (const [form, flags] of [['plain', []], ['lz4', ['-z']]] as const) {
     const state = path.join(work, `state-${form}`);
@@ -146,13 +142,9 @@ test('-r includes raw-format disks as copy; without it they are skipped with a w
 });
 
 test('lz4 over compressible and incompressible data: smaller where it can be, exact everywhere', async (t) => {
-  const dom = await withDomain(t, { start: false, disks: [{ target: 'vda', sizeMiB: 256, fill: [{ pattern: 0x61, offsetMiB: 0, lengthMiB: 48 }] }] });
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [{ pattern: 0x61, offsetMiB: 0, lengthMiB: 48 }, { pattern: 'random', offsetMiB: 100, lengthMiB: 40 }] }] });
   const work = await tempDir('vnbd-lz4mix-');
   t.after(() => fs.rm(work, { recursive: true, force: true }));
-  const random = path.join(work, 'random.bin');
-  await run('dd', ['if=/dev/urandom', `of=${random}`, 'bs=1M', 'count=40', 'status=none']);
-  await run('qemu-io', ['-f', 'qcow2', '-c', `write -s ${random} ${100 * MiB} ${40 * MiB}`, dom.diskPath('vda')]);
-  await dom.start();
   const ref = await dom.snapshot('vda', path.join(work, 'vda.ref'));
   const plain = path.join(work, 'plain');
   const packed = path.join(work, 'lz4');
