@@ -6,12 +6,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { run, withDomain, withTempDir, type TestDomain } from '../support/testbed.js';
+import { run, withDomain, withTempDir, type DiskSpec, type TestDomain } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo as assertRestores, virsh } from '../support/points.js';
 
 const backup = (...args: string[]): ReturnType<typeof runOk> => runOk(ourBin('virtnbdbackup'), ['-n', ...args]);
-const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
+const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }, { pattern: 'random', offsetMiB: 8, lengthMiB: 24 }] } satisfies DiskSpec;
 
 /** Guest-like write into the image of a shut-off domain (persistent bitmaps record it). */
 async function writeOffline(dom: TestDomain, pattern: string, offset: string, length: string): Promise<void> {

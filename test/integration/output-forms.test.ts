@@ -99,7 +99,7 @@ test('zip of random data, plain and -z: the archive holds the bytes read, not bu
 });
 
 test('-t raw writes full-size sparse images; inc with -t raw is refused', async (t) => {
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [{ pattern: 0x5c, offsetMiB: 100, lengthMiB: 12 }] }] });
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [{ pattern: 'random', offsetMiB: 100, lengthMiB: 12 }] }] });
   const work = await tempDir('vnbd-raw-');
   t.after(() => fs.rm(work, { recursive: true, force: true }));
   const set = path.join(work, 'set');

@@ -22,7 +22,7 @@ describe('restore of a real domain set', () => {
 
   before(async () => {
     dom = await TestDomain.create({ disks: [
-      { target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 8 }, { pattern: 0x22, offsetMiB: 64, lengthMiB: 8 }] },
+      { target: 'vda', sizeMiB: 128, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 8 }, { pattern: 0x22, offsetMiB: 64, lengthMiB: 8 }] },
       { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x44, offsetMiB: 1, lengthMiB: 2 }] },
     ] });
     work = await tempDir('vnbd-restore-');
