@@ -255,10 +255,9 @@ struct FrameSegment {
   uint32_t adler = 1;
 };
 
-// The frame (its segments, its length and adler32) and the source's sums.
+// The frame (its segments and length) and the sums: the frame's adler32, the source's digest.
 struct CompressedPiece {
   size_t length = 0;
-  uint32_t adler = 1;
   std::vector<FrameSegment> segments;
   PieceSums sums;
 };
@@ -268,8 +267,9 @@ void CompressFrame(const uint8_t* src, size_t length, int level, uint8_t* dst, C
   XXH32_state_t content;
   XXH32_reset(&content, 0);
   size_t pos = WriteFrameHeader(dst, length), outputStart = 0;
+  piece.sums.adler = 1;
   auto add = [&piece](FrameSegment segment) {
-    piece.adler = adler32_combine(piece.adler, segment.adler, static_cast<z_off_t>(segment.end - segment.start));
+    piece.sums.adler = adler32_combine(piece.sums.adler, segment.adler, static_cast<z_off_t>(segment.end - segment.start));
     piece.length += segment.end - segment.start;
     piece.segments.push_back(segment);
   };
@@ -327,7 +327,6 @@ Napi::Value CompressPiece(const Napi::CallbackInfo& info) {
       return std::nullopt;
     };
     auto settle = [](Napi::Env env, CompressedPiece& piece) -> Napi::Value {
-      piece.sums.adler = piece.adler;
       Napi::Object out = SumsToObject(env, piece.sums).As<Napi::Object>();
       out.Set("length", Napi::Number::New(env, static_cast<double>(piece.length)));
       Napi::Array segments = Napi::Array::New(env, piece.segments.size());
