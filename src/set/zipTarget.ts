@@ -107,16 +107,23 @@ export class ZipTarget implements OutputTarget {
     return `zip:${name}`;
   }
 
-  /** Resolves once the archive has consumed the entry `name`. */
+  /**
+   * Resolves once the archive has consumed the entry `name`. Both listeners go when it settles: a set has an entry
+   * per side file, and listeners left behind pile up on the archive (Node warns of a leak from 11 on).
+   */
   private entryDone(name: string): Promise<void> {
     return new Promise((resolve, reject) => {
-      const onEntry = (entry: { name: string }): void => {
-        if (entry.name !== name) return;
+      const settle = (err?: Error): void => {
         this.archive.off('entry', onEntry);
-        resolve();
+        this.archive.off('error', settle);
+        if (err) reject(err);
+        else resolve();
+      };
+      const onEntry = (entry: { name: string }): void => {
+        if (entry.name === name) settle();
       };
       this.archive.on('entry', onEntry);
-      this.archive.once('error', reject);
+      this.archive.on('error', settle);
     });
   }
 

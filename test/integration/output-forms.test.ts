@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { withDomain, tempDir, run, type TestDomain } from '../support/testbed.js';
-import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
+import { assertNoNodeWarning, ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
 import { TestDomain as Domain } from '../support/testbed.js';
 
 const MiB = 1024 * 1024;
@@ -19,7 +19,14 @@ function backupToZip(cwd: string, args: string[], zipFile: string): Promise<{ co
     let stderr = '';
     shell.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
     shell.on('error', reject);
-    shell.on('close', (code) => resolve({ code, stderr }));
+    shell.on('close', (code) => {
+      try {
+        assertNoNodeWarning('virtnbdbackup', stderr);
+        resolve({ code, stderr });
+      } catch (err) {
+        reject(err);
+      }
+    });
   });
 }
 

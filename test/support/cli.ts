@@ -26,6 +26,15 @@ export interface CliRun {
 /** Python's tools leave qemu-img logs in TMPDIR: each of their runs gets its own, removed when it ends. */
 const PYTHON_TMP_ROOT = '/var/tmp';
 
+/** A warning Node printed (a listener leak, a deprecation): our commands print none, whatever the outcome. */
+const NODE_WARNING = /^\(node:\d+\) (\[\w+\] )?\w*Warning:.*$/m;
+
+/** Throws when `stderr` of one of our commands holds a warning of Node's. */
+export function assertNoNodeWarning(command: string, stderr: string): void {
+  const warning = NODE_WARNING.exec(stderr);
+  if (warning) throw new Error(`${path.basename(command)} printed a warning of Node's: ${warning[0]}`);
+}
+
 export function startCli(command: string, args: string[]): CliRun {
   const python = command === pythonBin('virtnbdbackup') || command === pythonBin('virtnbdrestore');
   const tmp = python ? fsSync.mkdtempSync(path.join(PYTHON_TMP_ROOT, 'vnbdtest-pytmp-')) : undefined;
@@ -39,6 +48,14 @@ export function startCli(command: string, args: string[]): CliRun {
     child.on('error', reject);
     child.on('close', (code, signal) => {
       if (tmp) fsSync.rmSync(tmp, { recursive: true, force: true });
+      if (!python) {
+        try {
+          assertNoNodeWarning(command, stderr);
+        } catch (err) {
+          reject(err);
+          return;
+        }
+      }
       resolve({ code, signal, stdout, stderr });
     });
   });
