@@ -197,7 +197,7 @@ async function discardUnlessKept(bench: Bench, dir: string): Promise<void> {
   if (!bench.options.keep) await fsp.rm(dir, { recursive: true, force: true });
 }
 
-/** Cases 1-4 on one domain: full and inc alternate per tool (the inc needs the tool's own full), then restore, then -z. */
+/** Cases 1-4 and 7 on one domain: full and inc alternate per tool (the inc needs the tool's own full), then restore, then -z, then zip. */
 async function referenceCases(bench: Bench): Promise<void> {
   const o = bench.options;
   const wants = (name: CaseName): boolean => o.cases.has(name);
@@ -255,6 +255,7 @@ async function referenceCases(bench: Bench): Promise<void> {
     for (const set of kept.values()) await discardUnlessKept(bench, set.dir);
 
     if (wants('full-z')) await backupRounds(bench, compressed, domain, disk, ['-z'], { copyAlone: true, lz4Level: DEFAULT_LZ4_LEVEL, contextRows: false });
+    if (wants('zip')) await zipRounds(bench, { key: 'zip', title: `7 full as a zip into a file, -o - (${shape})`, dataBytes: o.dataBytes }, domain, disk);
   } finally {
     await domain.destroy();
   }
@@ -319,6 +320,37 @@ async function backupRounds(bench: Bench, info: CaseInfo, domain: TestDomain, di
   }
 }
 
+/**
+ * Case 7: full backups written as a zip on standard output into a file, each run in a directory of its own (both
+ * tools keep their state and log in the current one). Ours' last zip is read back with Python's zipfile, which checks
+ * every entry's CRC, and restored: a zip that holds other bytes than the disk fails the bench.
+ */
+async function zipRounds(bench: Bench, info: CaseInfo, domain: TestDomain, disk: DiskUnderTest): Promise<void> {
+  let ours: { zip: string; snapshot: string } | undefined;
+  for (let round = 0; round < bench.options.rounds; round++) {
+    for (const tool of BACKUP_TOOLS) {
+      const cwd = path.join(bench.work, `${info.key}-r${round}-${slug(tool)}`);
+      const zip = `${cwd}.zip`;
+      const kept = round === bench.options.rounds - 1 && tool === TOOL.ours;
+      if (kept) ours = { zip, snapshot: await disk.snapshot() };
+      await fsp.mkdir(cwd);
+      // sh execs the tool, so GNU time measures the tool itself.
+      await runStep(bench, info, tool, round, 'sh', [
+        '-c', 'cd "$0" && out=$1 && shift && exec "$@" > "$out"', cwd, zip,
+        binaryOf(tool, 'virtnbdbackup'), '-d', domain.name, '-l', 'full', '-o', '-', '-n',
+      ], { serverPid: await qemuPidOf(domain) });
+      await fsp.rm(cwd, { recursive: true, force: true });
+      if (!kept) await fsp.rm(zip, { force: true });
+    }
+  }
+  if (!ours) return;
+  const set = path.join(bench.work, `${info.key}-set`);
+  await run('/usr/bin/python3', ['-c', 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])', ours.zip, set]);
+  await fsp.rm(ours.zip, { force: true });
+  await verifyWithOurRestore(bench, { dir: set, snapshot: ours.snapshot }, disk.disk, `ours' ${info.key} set (entries' CRCs checked)`);
+  await discardUnlessKept(bench, set);
+}
+
 async function firstLine(command: string, args: string[]): Promise<string> {
   const result = await run(command, args, { allowFailure: true });
   return (result.stdout || result.stderr).trim().split('\n')[0] ?? '?';
@@ -356,7 +388,7 @@ async function main(): Promise<number> {
   const bench: Bench = { options, work, results: new Results(os.availableParallelism()) };
   progress(`work dir ${work}; ${options.rounds} round(s) of: ${[...options.cases].join(', ')}`);
   try {
-    if (['full', 'full-z', 'inc', 'restore'].some((c) => options.cases.has(c as CaseName))) await referenceCases(bench);
+    if (['full', 'full-z', 'inc', 'restore', 'zip'].some((c) => options.cases.has(c as CaseName))) await referenceCases(bench);
     if (options.cases.has('memory')) await memoryCase(bench);
     if (options.cases.has('sparse')) await sparseCase(bench);
   } finally {

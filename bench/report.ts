@@ -139,6 +139,8 @@ export class Results {
     if (compressedCopyOnly !== undefined) lines.push(`full -z, ours' copy alone: ${compressedCopyOnly.toFixed(2)} × nbdcopy (for context)`);
     const compressedStages = this.stageLine('full-z', 'full -z');
     if (compressedStages) lines.push(compressedStages);
+    const zip = this.ratio('zip', TOOL.ours, TOOL.python);
+    if (zip !== undefined) lines.push(`full as a zip into a file (-o -): ${zip.toFixed(2)} × Python (no target; for context)`);
     versus('incremental', this.ratio('inc', TOOL.ours, TOOL.python), '× Python', 0.6);
     versus('restore full + inc', this.ratio('restore', TOOL.ours, TOOL.python), '× Python virtnbdrestore', 0.5);
     const ours = this.rows.filter((r) => r.tool === TOOL.ours);
