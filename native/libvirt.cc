@@ -109,6 +109,7 @@ Napi::Function LibvirtConnection::Define(Napi::Env env) {
                          InstanceMethod<&LibvirtConnection::LookupDomainByName>("lookupDomainByName"),
                          InstanceMethod<&LibvirtConnection::DefineXML>("defineXML"),
                          InstanceMethod<&LibvirtConnection::GetURI>("getURI"),
+                         InstanceMethod<&LibvirtConnection::IsAlive>("isAlive"),
                          InstanceMethod<&LibvirtConnection::Close>("close"),
                      });
 }
@@ -153,6 +154,15 @@ Napi::Value LibvirtConnection::GetURI(const Napi::CallbackInfo& info) {
     return VirCall<virConnect, std::string>(
         info.Env(), Value(), Open(info),
         [](virConnectPtr c, std::string& out) { return TakeString(virConnectGetURI(c), out); }, StringValue);
+  });
+}
+
+// False once the daemon connection is gone (libvirtd stopped or crashed); a closed connection rejects.
+Napi::Value LibvirtConnection::IsAlive(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    return VirCall<virConnect, int>(
+        info.Env(), Value(), Open(info), [](virConnectPtr c, int& out) { return out = virConnectIsAlive(c); },
+        BoolValue);
   });
 }
 

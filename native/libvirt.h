@@ -35,6 +35,7 @@ class LibvirtConnection : public Napi::ObjectWrap<LibvirtConnection> {
   Napi::Value LookupDomainByName(const Napi::CallbackInfo& info);
   Napi::Value DefineXML(const Napi::CallbackInfo& info);
   Napi::Value GetURI(const Napi::CallbackInfo& info);
+  Napi::Value IsAlive(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   const ConnPtr& Open(const Napi::CallbackInfo& info) const;
   // Wraps a domain this connection returns and remembers its slot for close().

@@ -16,7 +16,7 @@ import type { CheckpointPlan, Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
-import { lookupDomain, openLibvirt } from '../libvirt/connection.js';
+import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
 import type { LibvirtConnection } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -202,9 +202,11 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       await power.finish();
     }
   } catch (err) {
+    const failure = (conn && (await lostConnectionError(conn, uri, err,
+      `end the backup job it may have left with 'virtnbdbackup -d ${options.domain} -k' and run a full backup into a new directory`))) ?? err;
     // The set's log ends with why the run failed, as Python's does; the command prints it on the console.
-    log.toFile('error', oneLine(err));
-    throw err;
+    log.toFile('error', oneLine(failure));
+    throw failure;
   } finally {
     await conn?.close().catch(() => undefined);
     if (toZip && writesSet) await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log);

@@ -1,6 +1,6 @@
 // Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do.
 import { native, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
-import { UserError } from '../util/errors.js';
+import { UserError, oneLine } from '../util/errors.js';
 
 export async function openLibvirt(uri: string): Promise<LibvirtConnection> {
   try {
@@ -19,4 +19,14 @@ export async function lookupDomain(conn: LibvirtConnection, name: string, uri: s
     }
     throw new UserError(`cannot look up domain '${name}' at ${uri}: ${(err as Error).message}`);
   }
+}
+
+/**
+ * `err` restated when the daemon connection is gone (libvirtd stopped or crashed in mid-run): libvirt's own words
+ * ("client socket is closed", "Broken pipe") name neither the daemon nor what to do. Undefined while it is alive.
+ */
+export async function lostConnectionError(conn: LibvirtConnection, uri: string, err: unknown, then: string): Promise<UserError | undefined> {
+  const alive = await conn.isAlive().catch(() => true);
+  if (alive) return undefined;
+  return new UserError(`lost the connection to libvirtd at ${uri} (${oneLine(err)}): start libvirtd again, then ${then}`);
 }

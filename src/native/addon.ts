@@ -88,6 +88,8 @@ export interface LibvirtConnection {
   defineXML(xml: string): Promise<LibvirtDomain>;
   /** virConnectGetURI */
   getURI(): Promise<string>;
+  /** virConnectIsAlive: false once the daemon connection is lost (libvirtd stopped or crashed). */
+  isAlive(): Promise<boolean>;
   /** Closes the daemon connection; the domains it handed out are closed with it (their calls then reject). */
   close(): Promise<void>;
 }

@@ -1,5 +1,6 @@
 // Bad input and failures on a real domain: one-line errors, non-zero exits, and nothing left behind — no
-// running job, no checkpoint of the failed run, no socket — while the evidence (.partial) stays.
+// running job, no checkpoint of the failed run, no socket — while the evidence (.partial) stays; libvirtd killed
+// in mid-run is named as the cause, with the way back.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -109,6 +110,57 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
   assert.match(r.stderr, /interrupted by SIGTERM/);
   await assertCleanDomain(dom, socket);
   assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
+});
+
+const libvirtdAnswers = (): boolean => {
+  try {
+    execFileSync('virsh', ['-c', 'qemu:///system', 'version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+/** Starts libvirtd again as scripts/setup.sh does (a killed one leaves its pid file) and waits until it answers. */
+async function restartLibvirtd(): Promise<void> {
+  if (libvirtdAnswers()) return;
+  await fs.rm('/run/libvirtd.pid', { force: true });
+  execFileSync('libvirtd', ['-d']);
+  for (let i = 0; i < 200 && !libvirtdAnswers(); i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.ok(libvirtdAnswers(), 'libvirtd does not answer after its restart');
+}
+
+test('libvirtd killed in mid-backup: one line naming it and what to do; after its restart -k ends the job and a new full works', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
+  const out = await tempDir('vnbd-daemon-');
+  t.after(() => fs.rm(out, { recursive: true, force: true }));
+  const socket = `/var/tmp/vnbdtest-${process.pid}-daemon.sock`;
+  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
+  const partial = path.join(out, 'vda.full.data.partial');
+  for (let i = 0; i < 2000; i++) {
+    if (await fs.access(partial).then(() => true, () => false)) break;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  let r;
+  try {
+    execFileSync('pkill', ['-9', '-x', 'libvirtd']);
+    r = await run.done;
+  } finally {
+    await restartLibvirtd();
+  }
+  assert.equal(r.code, 1, r.stderr);
+  const last = r.stderr.trim().split('\n').at(-1) ?? '';
+  assert.match(last, new RegExp(`^virtnbdbackup: error: lost the connection to libvirtd at qemu:///system \\(.+\\): start libvirtd again, then end the backup job it may have left with 'virtnbdbackup -d ${dom.name} -k' and run a full backup into a new directory$`));
+  // QEMU outlives libvirtd: the job it runs is found again after the restart, and -k ends it.
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-k']);
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(await fs.access(socket).then(() => true, () => false), false, `socket ${socket} left behind`);
+  const before = new Map(await Promise.all((await fs.readdir(out)).map(async (f) => [f, (await fs.stat(path.join(out, f))).mtimeMs] as const)));
+  const fresh = path.join(out, 'fresh');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', fresh, '-n']);
+  // The new chain replaced the failed run's checkpoint; the failed run's files are as it left them.
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), 'virtnbdbackup.0');
+  for (const [f, mtime] of before) if (f !== 'fresh') assert.equal((await fs.stat(path.join(out, f))).mtimeMs, mtime, `${f} was touched`);
 });
 
 test('restore refuses bad input with one line: not a set, unknown --until, existing image', async (t) => {
