@@ -17,7 +17,7 @@ import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
-import type { LibvirtConnection } from '../native/addon.js';
+import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { lockRun } from './lock.js';
@@ -198,6 +198,8 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
         log.info(`finished ${result.level} backup${result.checkpoint.create ? `, checkpoint ${result.checkpoint.name}` : ''}`);
       }
       return result;
+    } catch (err) {
+      throw (await stoppedDomainError(domain, power, options.domain, err)) ?? err;
     } finally {
       await power.finish();
     }
@@ -212,6 +214,15 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
     if (toZip && writesSet) await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log);
     await log.detachFile();
   }
+}
+
+/**
+ * `err` restated when the domain that ran at the start is no longer running: its QEMU, which served the export,
+ * is gone, and libnbd's words ("server disconnected unexpectedly") do not say why. Undefined otherwise.
+ */
+async function stoppedDomainError(domain: LibvirtDomain, power: DomainPower, name: string, err: unknown): Promise<UserError | undefined> {
+  if (power.offline || (await domain.isActive().catch(() => true))) return undefined;
+  return new UserError(`domain '${name}' stopped during the backup (${oneLine(err)}); back it up again (a full or copy into an empty directory)`);
 }
 
 /** A zip ends with the run's log; a failed run's archive is left invalid on purpose. */

@@ -11,6 +11,7 @@ import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import type { Logger } from '../util/log.js';
 import { UserError, describeFailure } from '../util/errors.js';
+import type { NativeError } from '../native/addon.js';
 import { writeRawImage } from './rawImage.js';
 import { denseExtents, qemuImgExtents } from './extentSources.js';
 import type { DiskExports } from './offline.js';
@@ -59,6 +60,9 @@ async function openSource(disk: DomainDisk, incremental: boolean, options: DiskR
 
 function writeFailure(disk: DomainDisk, partial: string, err: unknown): Error {
   if (err instanceof UserError) return err; // an interrupt, or another disk's failure
+  if ((err as NativeError).library === 'libnbd') {
+    return new UserError(`backup of disk ${disk.target} failed reading its NBD export: ${describeFailure(err)}`);
+  }
   return new UserError(`backup of disk ${disk.target} failed writing ${partial}: ${describeFailure(err)}`);
 }
 

@@ -112,6 +112,28 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
   assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
 });
 
+test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
+  const out = await tempDir('vnbd-stopped-');
+  t.after(() => fs.rm(out, { recursive: true, force: true }));
+  const socket = `/var/tmp/vnbdtest-${process.pid}-stopped.sock`;
+  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
+  const partial = path.join(out, 'vda.full.data.partial');
+  for (let i = 0; i < 2000; i++) {
+    if (await fs.access(partial).then(() => true, () => false)) break;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  virsh('destroy', dom.name);
+  const r = await run.done;
+  assert.equal(r.code, 1, r.stderr);
+  const last = r.stderr.trim().split('\n').at(-1) ?? '';
+  assert.match(last, new RegExp(`^virtnbdbackup: error: domain '${dom.name}' stopped during the backup \\(backup of disk vda failed reading its NBD export: nbd_\\w+: .+\\); back it up again \\(a full or copy into an empty directory\\)$`));
+  // No job can outlive the domain's QEMU; the checkpoint and the socket are what could be left.
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
+  assert.equal(await fs.access(socket).then(() => true, () => false), false, `socket ${socket} left behind`);
+  assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('.data')), ['vda.full.data.partial']);
+});
+
 const libvirtdAnswers = (): boolean => {
   try {
     execFileSync('virsh', ['-c', 'qemu:///system', 'version'], { stdio: 'ignore' });
