@@ -1,13 +1,13 @@
 // Bad input and failures on a real domain: one-line errors, non-zero exits, and nothing left behind — no
 // running job, no checkpoint of the failed run, no socket — while the evidence (.partial) stays; libvirtd killed
 // in mid-run is named as the cause, with the way back.
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { withDomain, tempDir, type TestDomain } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk, startCli } from '../support/cli.js';
+import { errorLines, ourBin, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
 
 const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
 
@@ -92,18 +92,26 @@ test('disk full in mid-backup: clear error, job ended, checkpoint removed, .part
   assert.match(inc.stderr, /no full backup/);
 });
 
-test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit non-zero', async (t) => {
+/**
+ * A full backup of a fresh 1 GiB domain (768 MiB of data) into a temp dir, returned once its data is flowing (the
+ * .partial exists), for a test to interrupt in mid-copy.
+ */
+async function backupInFlight(t: TestContext, name: string): Promise<{ dom: TestDomain; out: string; socket: string; run: CliRun }> {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
-  const out = await tempDir('vnbd-term-');
+  const out = await tempDir(`vnbd-${name}-`);
   t.after(() => fs.rm(out, { recursive: true, force: true }));
-  const socket = `/var/tmp/vnbdtest-${process.pid}-term.sock`;
+  const socket = `/var/tmp/vnbdtest-${process.pid}-${name}.sock`;
   const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
-  // Wait until data is flowing: the .partial exists.
   const partial = path.join(out, 'vda.full.data.partial');
   for (let i = 0; i < 2000; i++) {
     if (await fs.access(partial).then(() => true, () => false)) break;
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
+  return { dom, out, socket, run };
+}
+
+test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit non-zero', async (t) => {
+  const { dom, out, socket, run } = await backupInFlight(t, 'term');
   run.child.kill('SIGTERM');
   const r = await run.done;
   assert.notEqual(r.code, 0, `backup finished before the signal: ${r.stderr}`);
@@ -113,16 +121,7 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
 });
 
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
-  const out = await tempDir('vnbd-stopped-');
-  t.after(() => fs.rm(out, { recursive: true, force: true }));
-  const socket = `/var/tmp/vnbdtest-${process.pid}-stopped.sock`;
-  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
-  const partial = path.join(out, 'vda.full.data.partial');
-  for (let i = 0; i < 2000; i++) {
-    if (await fs.access(partial).then(() => true, () => false)) break;
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
+  const { dom, out, socket, run } = await backupInFlight(t, 'stopped');
   virsh('destroy', dom.name);
   const r = await run.done;
   assert.equal(r.code, 1, r.stderr);
@@ -153,16 +152,7 @@ async function restartLibvirtd(): Promise<void> {
 }
 
 test('libvirtd killed in mid-backup: one line naming it and what to do; after its restart -k ends the job and a new full works', async (t) => {
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
-  const out = await tempDir('vnbd-daemon-');
-  t.after(() => fs.rm(out, { recursive: true, force: true }));
-  const socket = `/var/tmp/vnbdtest-${process.pid}-daemon.sock`;
-  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
-  const partial = path.join(out, 'vda.full.data.partial');
-  for (let i = 0; i < 2000; i++) {
-    if (await fs.access(partial).then(() => true, () => false)) break;
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
+  const { dom, out, socket, run } = await backupInFlight(t, 'daemon');
   let r;
   try {
     execFileSync('pkill', ['-9', '-x', 'libvirtd']);
