@@ -3,6 +3,7 @@
 // a thin server detects zero writes and unmaps them, so restored images stay thin; stop() flushes by
 // terminating qemu-nbd cleanly.
 import type { ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { run, spawnServer, stopServer } from '../util/process.js';
@@ -107,6 +108,19 @@ export class ImageServer {
       '--discard', opts.thin ? 'unmap' : 'ignore', '--detect-zeroes', opts.thin ? 'unmap' : 'off', opts.file,
     ], opts.socket);
     return new ImageServer(child, opts.socket, opts.exportName);
+  }
+
+  /**
+   * How qemu-nbd ended when it has exited on its own (killed, crashed), else undefined. A client's failed request
+   * can arrive before the exit does: waits up to `graceMs` for it.
+   */
+  async exitedEarly(graceMs = 500): Promise<string | undefined> {
+    const ended = (): boolean => this.child.exitCode !== null || this.child.signalCode !== null;
+    if (!ended()) {
+      await Promise.race([once(this.child, 'exit'), new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
+    }
+    if (!ended()) return undefined;
+    return `exited with ${this.child.signalCode ?? this.child.exitCode}`;
   }
 
   async stop(): Promise<void> {

@@ -249,6 +249,10 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
       options.log?.debug(`applied ${link.file}`);
     }
     await endpoint.flush();
+  } catch (err) {
+    // libnbd only sees a closed socket; the cause is the server gone.
+    const exited = (err as NativeError).library === 'libnbd' ? await server.exitedEarly() : undefined;
+    throw exited ? new Error(`qemu-nbd, which writes the image, ${exited} (${oneLine(err)})`) : err;
   } finally {
     await endpoint?.close();
     await server.stop();

@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { withDomain, tempDir, type TestDomain } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
+import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
 
 const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
 
@@ -173,6 +173,28 @@ test('libvirtd killed in mid-backup: one line naming it and what to do; after it
   // The new chain replaced the failed run's checkpoint; the failed run's files are as it left them.
   assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), 'virtnbdbackup.0');
   for (const [f, mtime] of before) if (f !== 'fresh') assert.equal((await fs.stat(path.join(out, f))).mtimeMs, mtime, `${f} was touched`);
+});
+
+test('qemu-nbd killed in mid-restore: one line naming it, the partial image removed', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
+  const work = await tempDir('vnbd-qnbd-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  const out = path.join(work, 'out');
+  const run = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  let pid: string | undefined;
+  for (let i = 0; i < 2000 && !pid; i++) {
+    pid = await qemuNbdPid((arg) => arg.startsWith(out));
+    if (!pid) await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  assert.ok(pid, 'the restore started no qemu-nbd');
+  process.kill(Number(pid), 'SIGKILL');
+  const r = await run.done;
+  assert.equal(r.code, 1, r.stderr);
+  const last = r.stderr.trim().split('\n').at(-1) ?? '';
+  assert.match(last, /^virtnbdrestore: error: restore of disk vda failed: qemu-nbd, which writes the image, exited with SIGKILL \(nbd_\w+: .+\); nothing of it was kept$/);
+  assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('qcow2')), []);
 });
 
 test('restore refuses bad input with one line: not a set, unknown --until, existing image', async (t) => {
