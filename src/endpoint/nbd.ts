@@ -47,7 +47,7 @@ export class NbdEndpoint implements Endpoint {
         else await handle.connectUnix(address.socket ?? '', address.exportName, contexts);
       } catch (err) {
         await handle.close().catch(() => undefined);
-        throw new Error(`cannot connect to NBD export ${where}: ${(err as Error).message}`);
+        throw new Error(`cannot connect to NBD export ${where}: ${(err as Error).message}`, { cause: err });
       }
       return handle;
     };

@@ -251,7 +251,8 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
     await endpoint.flush();
   } catch (err) {
     // libnbd only sees a closed socket; the cause is the server gone.
-    const exited = (err as NativeError).library === 'libnbd' ? await server.exitedEarly() : undefined;
+    const fromLibnbd = [err, (err as Error).cause].some((e) => (e as NativeError | undefined)?.library === 'libnbd');
+    const exited = fromLibnbd ? await server.exitedEarly() : undefined;
     throw exited ? new Error(`qemu-nbd, which writes the image, ${exited} (${oneLine(err)})`) : err;
   } finally {
     await endpoint?.close();

@@ -48,7 +48,10 @@ export async function spawnServer(command: string, args: string[], socketPath: s
   child.on('error', (err) => { exited = err.message; });
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    if (exited) throw new Error(`${command} ${exited}: ${stderr.trim().split('\n').pop() ?? ''}`);
+    if (exited) {
+      const said = stderr.trim().split('\n').pop();
+      throw new Error(`${command} ${exited} before it served ${socketPath}${said ? `: ${said}` : ''}`);
+    }
     try {
       await fs.access(socketPath);
       return child;
