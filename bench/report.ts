@@ -127,16 +127,23 @@ export class Results {
     if (fullStages) lines.push(fullStages);
     versus('full stream', this.ratio('full', TOOL.ours, TOOL.python), '× Python', 0.4);
     versus('full -z', this.ratio('full-z', TOOL.ours, TOOL.python), '× Python -z', 0.5);
+    const coresBusy = (m: Measurement): { text: string; total: number } => {
+      const ours = m.cpuSeconds / m.wallSeconds;
+      const server = m.serverCpuSeconds / m.wallSeconds;
+      return { text: `ours ${ours.toFixed(2)} + QEMU ${server.toFixed(2)} = ${(ours + server).toFixed(2)} of ${this.cores} cores busy`, total: ours + server };
+    };
     const compressed = this.median('full-z', TOOL.ours);
     if (compressed) {
-      const ours = compressed.cpuSeconds / compressed.wallSeconds;
-      const server = compressed.serverCpuSeconds / compressed.wallSeconds;
+      const busy = coresBusy(compressed);
       const wanted = BUSY_LIMIT * this.cores;
-      lines.push(`full -z: ours ${ours.toFixed(2)} + QEMU ${server.toFixed(2)} = ${(ours + server).toFixed(2)} of ${this.cores} cores busy ` +
-        `(target ≥ ${wanted.toFixed(1)}; whole machine ${(compressed.machineBusy * 100).toFixed(0)} % busy) ${verdict(ours + server >= wanted)}`);
+      lines.push(`full -z: ${busy.text} (target ≥ ${wanted.toFixed(1)}; whole machine ${(compressed.machineBusy * 100).toFixed(0)} % busy) ${verdict(busy.total >= wanted)}`);
     }
     const compressedCopyOnly = this.ratio('full-z', TOOL.oursCopyOnly, TOOL.nbdcopyFile);
-    if (compressedCopyOnly !== undefined) lines.push(`full -z, ours' copy alone: ${compressedCopyOnly.toFixed(2)} × nbdcopy (for context)`);
+    const compressedAlone = this.median('full-z', TOOL.oursCopyOnly);
+    if (compressedCopyOnly !== undefined && compressedAlone) {
+      lines.push(`full -z, ours' copy alone: ${compressedCopyOnly.toFixed(2)} × nbdcopy, ${coresBusy(compressedAlone).text} ` +
+        `(no CLI start-up, libvirt or job: for context)`);
+    }
     const compressedStages = this.stageLine('full-z', 'full -z');
     if (compressedStages) lines.push(compressedStages);
     const zip = this.ratio('zip', TOOL.ours, TOOL.python);
