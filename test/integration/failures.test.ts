@@ -93,11 +93,11 @@ test('disk full in mid-backup: clear error, job ended, checkpoint removed, .part
 });
 
 /**
- * A full backup of a fresh 1 GiB domain (768 MiB of data) into a temp dir, returned once its data is flowing (the
- * .partial exists), for a test to interrupt in mid-copy.
+ * A full backup of a fresh domain (`dataMiB` of data on a disk 256 MiB larger) into a temp dir, returned once its
+ * data is flowing (the .partial exists), for a test to interrupt in mid-copy.
  */
-async function backupInFlight(t: TestContext, name: string): Promise<{ dom: TestDomain; out: string; socket: string; run: CliRun }> {
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
+async function backupInFlight(t: TestContext, name: string, dataMiB = 768): Promise<{ dom: TestDomain; out: string; socket: string; run: CliRun }> {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: dataMiB + 256, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: dataMiB }] }] });
   const out = await tempDir(`vnbd-${name}-`);
   t.after(() => fs.rm(out, { recursive: true, force: true }));
   const socket = `/var/tmp/vnbdtest-${process.pid}-${name}.sock`;
@@ -121,7 +121,8 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
 });
 
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
-  const { dom, out, socket, run } = await backupInFlight(t, 'stopped');
+  // More data than the other tests: the copy must still run when the domain is gone, a second or so after the start.
+  const { dom, out, socket, run } = await backupInFlight(t, 'stopped', 1536);
   virsh('destroy', dom.name);
   const r = await run.done;
   assert.equal(r.code, 1, r.stderr);
@@ -186,17 +187,19 @@ async function fullSet(t: TestContext, name: string, sizeMiB: number, dataMiB: n
 }
 
 test('qemu-nbd killed in mid-restore: one line naming it, the partial image removed', async (t) => {
-  const { work, set } = await fullSet(t, 'qnbd', 1024, 768);
+  const { dom, work, set } = await fullSet(t, 'qnbd', 1024, 768);
   const out = path.join(work, 'out');
   const socket = `/var/tmp/vnbdtest-${process.pid}-qnbd.sock`;
   const run = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-f', socket]);
-  // Once it serves: killed before, it is a failed start, reported as such.
+  // Once data is going in (the image has grown past its empty size): killed before, it is a failed start.
+  const partial = path.join(out, `${path.basename(dom.diskPath('vda'))}.partial`);
   let pid: string | undefined;
-  for (let i = 0; i < 2000 && !pid; i++) {
-    if (await fs.access(socket).then(() => true, () => false)) pid = await qemuNbdPid((arg) => arg === socket);
+  for (let i = 0; i < 4000 && !pid; i++) {
+    const size = await fs.stat(partial).then((st) => st.size, () => 0);
+    if (size > 16 * 1024 * 1024) pid = await qemuNbdPid((arg) => arg === socket);
     if (!pid) await new Promise((resolve) => setTimeout(resolve, 5));
   }
-  assert.ok(pid, 'the restore started no qemu-nbd');
+  assert.ok(pid, 'no qemu-nbd was seen writing the image');
   process.kill(Number(pid), 'SIGKILL');
   const r = await run.done;
   assert.equal(r.code, 1, r.stderr);
