@@ -49,6 +49,8 @@ export async function spawnServer(command: string, args: string[], socketPath: s
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (exited) {
+      // It may have bound the socket before it died; nobody else will remove it.
+      await fs.rm(socketPath, { force: true });
       const said = stderr.trim().split('\n').pop();
       throw new Error(`${command} ${exited} before it served ${socketPath}${said ? `: ${said}` : ''}`);
     }
@@ -57,7 +59,8 @@ export async function spawnServer(command: string, args: string[], socketPath: s
       return child;
     } catch { /* not yet */ }
     if (Date.now() > deadline) {
-      child.kill('SIGTERM');
+      await stopServer(child);
+      await fs.rm(socketPath, { force: true });
       throw new Error(`${command} did not create ${socketPath} within ${timeoutMs / 1000} s`);
     }
     await new Promise((r) => setTimeout(r, 20));

@@ -1,0 +1,40 @@
+// spawnServer's failure paths: a server that dies before it serves, or never serves, is reported in one line
+// naming how it ended, and leaves neither a process nor a socket path behind.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { spawnServer } from '../../src/util/process.js';
+
+async function scratchSocket(t: { after: (fn: () => Promise<void>) => void }): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-spawn-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  return path.join(dir, 'server.sock');
+}
+
+const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
+
+test('a server that exits before it serves: rejected with its exit and last stderr line', async (t) => {
+  const socket = await scratchSocket(t);
+  await assert.rejects(spawnServer('sh', ['-c', 'echo "first line" >&2; echo "cannot bind the socket" >&2; exit 3'], socket),
+    new RegExp(`^Error: sh exited with 3 before it served ${socket}: cannot bind the socket$`));
+  assert.equal(await exists(socket), false);
+});
+
+test('a server that says nothing before it dies: no empty ": " in the message', async (t) => {
+  const socket = await scratchSocket(t);
+  await assert.rejects(spawnServer('sh', ['-c', 'kill -9 $$'], socket), new RegExp(`^Error: sh exited with SIGKILL before it served ${socket}$`));
+});
+
+test('a server that never creates its socket is stopped at the timeout', async (t) => {
+  const socket = await scratchSocket(t);
+  // A sleep no other process runs: its argv tells whether the server outlived the timeout.
+  const argv = `sleep\u0000${30 + (process.pid % 1000) / 1000}\u0000`;
+  await assert.rejects(spawnServer('sleep', [argv.split('\u0000')[1] as string], socket, 300), /did not create .* within 0\.3 s/);
+  for (const pid of (await fs.readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
+    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    assert.notEqual(cmdline, argv, `the server (pid ${pid}) outlived its timeout`);
+  }
+  assert.equal(await exists(socket), false);
+});
