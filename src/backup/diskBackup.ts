@@ -10,8 +10,7 @@ import { checksumFileName, dataFileName, writeDigestFile } from '../set/backupSe
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import type { Logger } from '../util/log.js';
-import { UserError, describeFailure } from '../util/errors.js';
-import type { NativeError } from '../native/addon.js';
+import { UserError, describeFailure, raisedBy } from '../util/errors.js';
 import { writeRawImage } from './rawImage.js';
 import { denseExtents, qemuImgExtents } from './extentSources.js';
 import type { DiskExports } from './offline.js';
@@ -60,7 +59,7 @@ async function openSource(disk: DomainDisk, incremental: boolean, options: DiskR
 
 function writeFailure(disk: DomainDisk, partial: string, err: unknown): Error {
   if (err instanceof UserError) return err; // an interrupt, or another disk's failure
-  if ((err as NativeError).library === 'libnbd') {
+  if (raisedBy(err, 'libnbd')) {
     return new UserError(`backup of disk ${disk.target} failed reading its NBD export: ${describeFailure(err)}`);
   }
   return new UserError(`backup of disk ${disk.target} failed writing ${partial}: ${describeFailure(err)}`);

@@ -3,10 +3,9 @@
 // a thin server detects zero writes and unmaps them, so restored images stay thin; stop() flushes by
 // terminating qemu-nbd cleanly.
 import type { ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { run, spawnServer, stopServer } from '../util/process.js';
+import { run, serverExit, spawnServer, stopServer } from '../util/process.js';
 
 export type ImageFormat = 'qcow2' | 'raw';
 
@@ -110,17 +109,9 @@ export class ImageServer {
     return new ImageServer(child, opts.socket, opts.exportName);
   }
 
-  /**
-   * How qemu-nbd ended when it has exited on its own (killed, crashed), else undefined. A client's failed request
-   * can arrive before the exit does: waits up to `graceMs` for it.
-   */
-  async exitedEarly(graceMs = 500): Promise<string | undefined> {
-    const ended = (): boolean => this.child.exitCode !== null || this.child.signalCode !== null;
-    if (!ended()) {
-      await Promise.race([once(this.child, 'exit'), new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
-    }
-    if (!ended()) return undefined;
-    return `exited with ${this.child.signalCode ?? this.child.exitCode}`;
+  /** How qemu-nbd ended when it exited on its own (killed, crashed), else undefined (see serverExit). */
+  exitedEarly(): Promise<string | undefined> {
+    return serverExit(this.child);
   }
 
   async stop(): Promise<void> {

@@ -24,7 +24,7 @@ import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { UserError, oneLine, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
 
 export { loadChains } from './plan.js';
@@ -251,8 +251,7 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
     await endpoint.flush();
   } catch (err) {
     // libnbd only sees a closed socket; the cause is the server gone.
-    const fromLibnbd = [err, (err as Error).cause].some((e) => (e as NativeError | undefined)?.library === 'libnbd');
-    const exited = fromLibnbd ? await server.exitedEarly() : undefined;
+    const exited = raisedBy(err, 'libnbd') ? await server.exitedEarly() : undefined;
     throw exited ? new Error(`qemu-nbd, which writes the image, ${exited} (${oneLine(err)})`) : err;
   } finally {
     await endpoint?.close();

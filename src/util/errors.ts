@@ -10,6 +10,14 @@ export class UserError extends Error {
   }
 }
 
+/** Whether `err`, or an error it wraps (`cause`), was raised by the native `library` ('libnbd', 'libvirt', 'lz4'). */
+export function raisedBy(err: unknown, library: string): boolean {
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    if ((e as { library?: string }).library === library) return true;
+  }
+  return false;
+}
+
 /** Message of any thrown value, first line only, for one-line reports. */
 export function oneLine(err: unknown): string {
   const text = err instanceof Error ? err.message : String(err);

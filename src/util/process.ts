@@ -1,5 +1,6 @@
 // Runs helper programs (qemu-img, qemu-nbd) without a shell; failures become errors carrying their stderr.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
 
 export interface RunResult { stdout: string; stderr: string }
@@ -44,7 +45,7 @@ export async function spawnServer(command: string, args: string[], socketPath: s
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
   let exited: string | undefined;
-  child.on('exit', (code, signal) => { exited = `exited with ${signal ?? code}`; });
+  child.on('exit', () => { exited = howItEnded(child); });
   child.on('error', (err) => { exited = err.message; });
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -67,9 +68,26 @@ export async function spawnServer(command: string, args: string[], socketPath: s
   }
 }
 
+function hasExited(child: ChildProcess): boolean {
+  return child.exitCode !== null || child.signalCode !== null;
+}
+
+function howItEnded(child: ChildProcess): string {
+  return `exited with ${child.signalCode ?? child.exitCode}`;
+}
+
+/**
+ * How a server started by spawnServer ended when it exited on its own (killed, crashed), else undefined. A client's
+ * failed request can arrive before the exit does: waits up to `graceMs` for it.
+ */
+export async function serverExit(child: ChildProcess, graceMs = 500): Promise<string | undefined> {
+  if (!hasExited(child)) await Promise.race([once(child, 'exit'), new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
+  return hasExited(child) ? howItEnded(child) : undefined;
+}
+
 /** Terminates a server started by spawnServer and waits for it to be gone. */
 export async function stopServer(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
+  if (hasExited(child)) return;
   const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   child.kill('SIGTERM');
   const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
