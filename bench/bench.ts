@@ -106,6 +106,8 @@ async function randomSource(bench: Bench, bytes: number): Promise<string> {
 /** bench/copyOnly.ts and bench/sinkOnly.ts, compiled next to this file. */
 const COPY_ONLY_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'copyOnly.js');
 const SINK_ONLY_SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'sinkOnly.js');
+/** `env` arguments that start a script as the launchers in bin/ start the commands: 8 libuv threads, their heap flags. */
+const AS_LAUNCHED = ['UV_THREADPOOL_SIZE=8', process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4'];
 
 /** What runs on the export after nbdcopy: ours' copy alone (lz4 at `lz4Level` for -z) and the other context rows. */
 interface Beside {
@@ -136,8 +138,8 @@ async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: Test
       const trace = path.join(bench.work, `${info.key}-r${round}-stages.json`);
       await fsp.mkdir(copyDir);
       await runStep(bench, info, TOOL.oursCopyOnly, round, 'env', [
-        'UV_THREADPOOL_SIZE=8', `${STAGE_TRACE_ENV}=${trace}`, process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4',
-        COPY_ONLY_SCRIPT, uri, target, copyDir, ...(beside.lz4Level === undefined ? [] : [String(beside.lz4Level)]),
+        `${STAGE_TRACE_ENV}=${trace}`, ...AS_LAUNCHED, COPY_ONLY_SCRIPT, uri, target, copyDir,
+        ...(beside.lz4Level === undefined ? [] : [String(beside.lz4Level)]),
       ], { serverPid });
       bench.results.recordStages(info, summarizeStages(JSON.parse(await fsp.readFile(trace, 'utf8')) as StageEvent[]));
       await fsp.rm(copyDir, { recursive: true, force: true });
@@ -153,10 +155,7 @@ async function nbdcopy(bench: Bench, info: CaseInfo, round: number, domain: Test
     const source = await randomSource(bench, blocks * SOURCE_BLOCK);
     const sinkDir = path.join(bench.work, `${info.key}-r${round}-sink-only`);
     await fsp.mkdir(sinkDir);
-    await runStep(bench, info, TOOL.sinkWrites, round, 'env', [
-      'UV_THREADPOOL_SIZE=8', process.execPath, '--max-semi-space-size=8', '--min-semi-space-size=4',
-      SINK_ONLY_SCRIPT, source, String(info.dataBytes), sinkDir,
-    ]);
+    await runStep(bench, info, TOOL.sinkWrites, round, 'env', [...AS_LAUNCHED, SINK_ONLY_SCRIPT, source, String(info.dataBytes), sinkDir]);
     await fsp.rm(sinkDir, { recursive: true, force: true });
     await fsp.rm(out, { force: true });
   });
