@@ -2,7 +2,8 @@
 // checkpoint metadata makes the next inc a full (clearing the bitmaps left behind), chains of different prefixes
 // interleave without harm, a foreign checkpoint is left alone with a warning (-e: exit 2), and a chain whose
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
-// removes an old checkpoint whose bitmap the image lost by its metadata alone.
+// removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
+// lost becomes a full, the old chain archived.
 // Every point of every set is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -138,4 +139,32 @@ test('a full backup removes an old checkpoint whose bitmap is gone by its metada
   assert.match(log, /checkpoint virtnbdbackup\.0 had no usable bitmap: removed its metadata only/);
   assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0']);
   await assertPoint(work, path.join(work, 'set2'), p0);
+});
+
+test('an inc whose parent checkpoint lost its bitmap in the image falls back to a full and keeps the old chain restorable', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'lostbitmap-');
+  const set = path.join(work, 'set');
+  const p0 = await dom.snapshot('vda');
+  await backup(dom, set, 'full');
+  await dom.stop();
+  await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.0']);
+  await dom.start();
+  await dom.write('vda', 0x77, '1M', '2M');
+  const p1 = await dom.snapshot('vda');
+  // libvirt still lists the checkpoint, so the plan is an inc; QEMU refuses the job for the missing bitmap.
+  const log = await backup(dom, set, 'inc');
+  assert.match(log, /the bitmap of checkpoint virtnbdbackup\.0 is missing or broken in the disk images/);
+  const archive = archivedChain(log);
+  const files = await fs.readdir(set);
+  assert.ok(files.includes('vda.full.data') && !files.some((f) => f.startsWith('vda.inc')), `a full and no inc in ${files.join(' ')}`);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0']);
+  await assertPoint(work, set, p1);
+  await assertPoint(work, archive, p0);
+  // The new chain goes on: the next inc holds only what changed since the fallback full.
+  await dom.write('vda', 0x78, '8M', '1M');
+  const p2 = await dom.snapshot('vda');
+  await backup(dom, set, 'inc');
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  await assertPoint(work, set, p2);
 });
