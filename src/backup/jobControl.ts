@@ -2,7 +2,7 @@
 // backup job left running (-k/--killonly, e.g. after -s/--startonly). Guarantees: only a backup job is ever ended.
 import fs from 'node:fs/promises';
 import { VIR_DOMAIN_JOB_OPERATION_BACKUP, type LibvirtDomain } from '../native/addon.js';
-import { lookupDomain, openLibvirt } from '../libvirt/connection.js';
+import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
 import { waitForJobTeardown } from '../libvirt/backupJob.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -40,6 +40,8 @@ export async function endBackupJob(options: EndJobOptions): Promise<void> {
     await waitForJobTeardown(domain);
     if (options.socketFile) await fs.rm(options.socketFile, { force: true });
     log.info(`ended the backup job of '${options.domain}'`);
+  } catch (err) {
+    throw (await lostConnectionError(conn, uri, err, `run 'virtnbdbackup -d ${options.domain} -k' again`)) ?? err;
   } finally {
     await conn.close().catch(() => undefined);
   }

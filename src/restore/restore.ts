@@ -15,8 +15,8 @@ import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
 import { autostartName, listSet, type ChainLink } from '../set/backupSet.js';
-import { openLibvirt } from '../libvirt/connection.js';
-import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
+import { lostConnectionError, openLibvirt } from '../libvirt/connection.js';
+import { VIR_ERR_NO_DOMAIN, native, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage } from './qemu.js';
 import { exists, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
@@ -86,37 +86,30 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const adjust = Boolean(options.adjustConfig || options.define);
   const plan = await planRestore({ ...options, log });
   const config = await planConfig(plan, options, adjust, log);
-  const connection = options.define ? await openForDefine(options.uri ?? 'qemu:///system', config?.adjusted?.name as string) : undefined;
-  try {
-    if (plan.outputDir) await fs.mkdir(plan.outputDir, { recursive: true });
-    const disks: RestoredDisk[] = [];
-    for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
-    const result: RestoreResult = { disks };
-    if (config?.nvram) await fs.copyFile(config.nvram.saved, config.nvram.target, fs.constants.COPYFILE_EXCL);
-    if (config?.target) {
-      if (config.adjusted) await fs.writeFile(config.target, config.adjusted.xml, { flag: 'wx' });
-      else await fs.copyFile(config.source, config.target, fs.constants.COPYFILE_EXCL).catch(ignoreExisting);
-      result.config = config.target;
-    }
-    if (connection && config?.adjusted) {
-      let domain: LibvirtDomain;
-      try {
-        domain = await connection.defineXML(config.adjusted.xml);
-      } catch (err) {
-        throw new UserError(`defining domain '${config.adjusted.name}' failed: ${oneLine(err)}; the restored images and ${config.target} are in place: fix the XML and run virsh define`);
-      }
-      result.defined = config.adjusted.name;
-      // The backup saved autostart.<ident> when the domain started with the host; the restored one does too.
-      if (plan.ident !== undefined && (await exists(path.join(plan.input, autostartName(plan.ident))))) {
-        await domain.setAutostart(true);
-        result.autostart = true;
-        log.info(`domain '${config.adjusted.name}' starts with the host, as the backed-up domain did (autostart)`);
-      }
-    }
-    return result;
-  } finally {
-    await connection?.close().catch(() => undefined);
+  const uri = options.uri ?? 'qemu:///system';
+  // The name is checked now, before anything is written; the define connects at the end, so a libvirtd restarted
+  // while the images are written does not fail the run.
+  if (options.define) await checkNameFree(uri, config?.adjusted?.name as string);
+  if (plan.outputDir) await fs.mkdir(plan.outputDir, { recursive: true });
+  const disks: RestoredDisk[] = [];
+  for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
+  const result: RestoreResult = { disks };
+  if (config?.nvram) await fs.copyFile(config.nvram.saved, config.nvram.target, fs.constants.COPYFILE_EXCL);
+  if (config?.target) {
+    if (config.adjusted) await fs.writeFile(config.target, config.adjusted.xml, { flag: 'wx' });
+    else await fs.copyFile(config.source, config.target, fs.constants.COPYFILE_EXCL).catch(ignoreExisting);
+    result.config = config.target;
   }
+  if (options.define && config?.adjusted) {
+    const autostart = plan.ident !== undefined && (await exists(path.join(plan.input, autostartName(plan.ident))));
+    await defineRestored(uri, config.adjusted, config.target ?? '', autostart);
+    result.defined = config.adjusted.name;
+    if (autostart) {
+      result.autostart = true;
+      log.info(`domain '${config.adjusted.name}' starts with the host, as the backed-up domain did (autostart)`);
+    }
+  }
+  return result;
 }
 
 function ignoreExisting(err: NodeJS.ErrnoException): void {
@@ -168,19 +161,51 @@ async function savedNvram(xml: string, plan: RestorePlan, outputDir: string): Pr
   return { saved, target: path.join(outputDir, path.basename(nvram)) };
 }
 
-/** Connects for -D and makes sure the name is free, so that a define never replaces an existing domain. */
-async function openForDefine(uri: string, name: string): Promise<LibvirtConnection> {
+/** -D never replaces an existing domain: refuses a name that is taken. */
+async function checkNameFree(uri: string, name: string): Promise<void> {
   const connection = await openLibvirt(uri);
   try {
-    const taken = await connection.lookupDomainByName(name).then(() => true, (err: NativeError) => {
-      if (err.code === VIR_ERR_NO_DOMAIN) return false;
-      throw new UserError(`cannot look up domain '${name}' at ${uri}: ${oneLine(err)}`);
-    });
-    if (taken) throw new UserError(`domain '${name}' already exists at ${uri}; name the restored domain with -N`);
-    return connection;
-  } catch (err) {
+    await refuseTakenName(connection, uri, name);
+  } finally {
     await connection.close().catch(() => undefined);
-    throw err;
+  }
+}
+
+async function refuseTakenName(connection: LibvirtConnection, uri: string, name: string): Promise<void> {
+  const taken = await connection.lookupDomainByName(name).then(() => true, (err: NativeError) => {
+    if (err.code === VIR_ERR_NO_DOMAIN) return false;
+    throw new UserError(`cannot look up domain '${name}' at ${uri}: ${oneLine(err)}`);
+  });
+  if (taken) throw new UserError(`domain '${name}' already exists at ${uri}; name the restored domain with -N`);
+}
+
+/**
+ * Defines the restored domain (-D) on a connection of its own, checking again that its name is free; with
+ * `autostart`, it starts with the host. Every failure says that the images and the XML at `xmlFile` are in place.
+ */
+async function defineRestored(uri: string, adjusted: { xml: string; name: string }, xmlFile: string, autostart: boolean): Promise<void> {
+  const inPlace = `the restored images and ${xmlFile} are in place`;
+  const defineByHand = `'virsh define ${xmlFile}'${autostart ? ` and 'virsh autostart ${adjusted.name}'` : ''}`;
+  let connection: LibvirtConnection;
+  try {
+    connection = await native().libvirtOpen(uri);
+  } catch (err) {
+    throw new UserError(`cannot connect to libvirt at ${uri} to define domain '${adjusted.name}' (${oneLine(err)}); ${inPlace}: once libvirtd runs, run ${defineByHand}`);
+  }
+  let step = 'defining';
+  try {
+    await refuseTakenName(connection, uri, adjusted.name);
+    const domain = await connection.defineXML(adjusted.xml);
+    step = 'setting autostart of';
+    if (autostart) await domain.setAutostart(true);
+  } catch (err) {
+    const lost = await lostConnectionError(connection, uri, err, `run ${defineByHand}; ${inPlace}`);
+    if (lost) throw lost;
+    if (err instanceof UserError) throw new UserError(`${err.message}; ${inPlace}`);
+    const next = step === 'defining' ? 'fix the XML and run virsh define' : `run 'virsh autostart ${adjusted.name}'`;
+    throw new UserError(`${step} domain '${adjusted.name}' failed: ${oneLine(err)}; ${inPlace}: ${next}`);
+  } finally {
+    await connection.close().catch(() => undefined);
   }
 }
 

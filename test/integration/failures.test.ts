@@ -1,6 +1,6 @@
 // Bad input and failures on a real domain: one-line errors, non-zero exits, and nothing left behind — no
 // running job, no checkpoint of the failed run, no socket — while the evidence (.partial) stays; libvirtd killed
-// in mid-run is named as the cause, with the way back.
+// in mid-run is named as the cause, with the way back (a restore with -D defines on a connection of its own at the end).
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -207,6 +207,58 @@ test('qemu-nbd killed in mid-restore: one line naming it, the partial image remo
   assert.match(last, /^virtnbdrestore: error: restore of disk vda failed: qemu-nbd, which writes the image, exited with SIGKILL \((cannot connect to NBD export .+: )?nbd_\w+: .+\); nothing of it was kept$/);
   assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('qcow2')), []);
   assert.equal(await fs.access(socket).then(() => true, () => false), false, `socket ${socket} left behind`);
+});
+
+/** Starts our restore of `set` with -D as `name` into `out`; resolves once the image holds more than 16 MiB. */
+async function restoreInFlight(t: TestContext, dom: TestDomain, set: string, out: string, name: string): Promise<CliRun> {
+  t.after(() => { try { virsh('undefine', name); } catch { /* not defined */ } });
+  const run = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-D', '-N', name]);
+  let ended = false;
+  void run.done.finally(() => { ended = true; });
+  const partial = path.join(out, `${path.basename(dom.diskPath('vda'))}.partial`);
+  for (let i = 0; i < 4000; i++) {
+    if ((await fs.stat(partial).then((st) => st.size, () => 0)) > 16 * 1024 * 1024) break;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  assert.equal(ended, false, 'the restore ended before libvirtd could be stopped under it');
+  return run;
+}
+
+test('libvirtd gone during a restore with -D: restarted, the define still works; still down, one line says the images are in place and how to define', async (t) => {
+  const { dom, work, set } = await fullSet(t, 'define', 1024, 768);
+  const suffix = path.basename(work).replace(/[^a-z0-9]/gi, '');
+
+  // Restarted while the images are written: the define connects at the end and succeeds.
+  const back = `vnbdtest-back-${suffix}`;
+  const first = await restoreInFlight(t, dom, set, path.join(work, 'back'), back);
+  try {
+    execFileSync('pkill', ['-9', '-x', 'libvirtd']);
+  } finally {
+    await restartLibvirtd();
+  }
+  const r1 = await first.done;
+  assert.equal(r1.code, 0, r1.stderr);
+  assert.match(virsh('domstate', back), /shut off/);
+
+  // Down until the restore ends: one line, exit 1, the images and the XML kept; its advice then works.
+  const down = `vnbdtest-down-${suffix}`;
+  const out = path.join(work, 'down');
+  const second = await restoreInFlight(t, dom, set, out, down);
+  let r2;
+  try {
+    execFileSync('pkill', ['-9', '-x', 'libvirtd']);
+    r2 = await second.done;
+  } finally {
+    await restartLibvirtd();
+  }
+  assert.equal(r2.code, 1, r2.stderr);
+  assert.equal(errorLines(r2).length, 1, r2.stderr);
+  const last = r2.stderr.trim().split('\n').at(-1) ?? '';
+  const xml = /run 'virsh define (\S+)'$/.exec(last)?.[1];
+  assert.match(last, new RegExp(`^virtnbdrestore: error: cannot connect to libvirt at qemu:///system to define domain '${down}' \\(.+\\); the restored images and ${out}/\\S+\\.xml are in place: once libvirtd runs, run 'virsh define ${out}/\\S+\\.xml'$`));
+  await fs.access(path.join(out, path.basename(dom.diskPath('vda'))));
+  virsh('define', xml ?? '');
+  assert.match(virsh('domstate', down), /shut off/);
 });
 
 test('restore refuses bad input with one line: not a set, unknown --until, existing image', async (t) => {
