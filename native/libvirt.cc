@@ -63,6 +63,7 @@ using IntPair = std::pair<int, int>;
 Napi::Value StringValue(Napi::Env env, std::string& s) { return Napi::String::New(env, s); }
 
 Napi::Value BoolValue(Napi::Env env, int& value) { return Napi::Boolean::New(env, value != 0); }
+Napi::Value IntValue(Napi::Env env, int& value) { return Napi::Number::New(env, value); }
 
 // Runs fn on a checkpoint looked up by name and frees it whatever fn returns.
 int WithCheckpoint(virDomainPtr dom, const std::string& name, const std::function<int(virDomainCheckpointPtr)>& fn) {
@@ -211,6 +212,8 @@ Napi::Function LibvirtDomain::Define(Napi::Env env) {
                          InstanceMethod<&LibvirtDomain::Destroy>("destroy"),
                          InstanceMethod<&LibvirtDomain::Suspend>("suspend"),
                          InstanceMethod<&LibvirtDomain::Resume>("resume"),
+                         InstanceMethod<&LibvirtDomain::FSFreeze>("fsFreeze"),
+                         InstanceMethod<&LibvirtDomain::FSThaw>("fsThaw"),
                          InstanceMethod<&LibvirtDomain::Undefine>("undefine"),
                          InstanceMethod<&LibvirtDomain::BackupBegin>("backupBegin"),
                          InstanceMethod<&LibvirtDomain::BackupGetXMLDesc>("backupGetXMLDesc"),
@@ -297,6 +300,24 @@ Napi::Value LibvirtDomain::Suspend(const Napi::CallbackInfo& info) {
 
 Napi::Value LibvirtDomain::Resume(const Napi::CallbackInfo& info) {
   return Call<Unit>(info, [](virDomainPtr d, Unit&) { return virDomainResume(d); });
+}
+
+// fsFreeze(mountpoints: string[]): through the guest agent; an empty list freezes every filesystem. Resolves to the
+// number frozen.
+Napi::Value LibvirtDomain::FSFreeze(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::vector<std::string> mountpoints = ArgStrings(info, 0, "mountpoints");
+    return Call<int>(info, [mountpoints](virDomainPtr d, int& out) {
+      std::vector<const char*> names;
+      for (const std::string& m : mountpoints) names.push_back(m.c_str());
+      return out = virDomainFSFreeze(d, names.empty() ? nullptr : names.data(), names.size(), 0);
+    }, IntValue);
+  });
+}
+
+// fsThaw(): every filesystem the agent froze; resolves to the number thawed.
+Napi::Value LibvirtDomain::FSThaw(const Napi::CallbackInfo& info) {
+  return Call<int>(info, [](virDomainPtr d, int& out) { return out = virDomainFSThaw(d, nullptr, 0, 0); }, IntValue);
 }
 
 Napi::Value LibvirtDomain::Undefine(const Napi::CallbackInfo& info) {

@@ -62,6 +62,8 @@ class LibvirtDomain : public Napi::ObjectWrap<LibvirtDomain> {
   Napi::Value Destroy(const Napi::CallbackInfo& info);
   Napi::Value Suspend(const Napi::CallbackInfo& info);
   Napi::Value Resume(const Napi::CallbackInfo& info);
+  Napi::Value FSFreeze(const Napi::CallbackInfo& info);
+  Napi::Value FSThaw(const Napi::CallbackInfo& info);
   Napi::Value Undefine(const Napi::CallbackInfo& info);
   Napi::Value BackupBegin(const Napi::CallbackInfo& info);
   Napi::Value BackupGetXMLDesc(const Napi::CallbackInfo& info);

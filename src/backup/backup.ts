@@ -62,6 +62,8 @@ export interface BackupOptions {
   startDomain?: boolean;
   /** --pause: suspend a running domain while the backup job starts. */
   pause?: boolean;
+  /** -F: freeze only these guest mount points through the guest agent while the job starts (default: all). */
+  freezeMountpoints?: string[];
   /** -s: start the backup job and leave it and its NBD export running; creates no checkpoint, writes nothing. */
   startOnly?: boolean;
   /** -p: only estimate the size of the next inc/diff (bytes changed since the set's last checkpoint). */
@@ -306,7 +308,7 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
 async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
   if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, plan.prefix, log);
-  return ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
+  return ctx.power.whileFrozen(ctx.info.guestAgent, options.freezeMountpoints, () => ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
     socket: socketOf(options),
     scratchDir: options.scratchDir ?? '/var/tmp',
     targets: disks.map((d) => d.target),
@@ -314,7 +316,7 @@ async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
     allTargets: ctx.info.disks.map((d) => d.target),
     checkpoint: plan.checkpoint,
     log,
-  }));
+  })));
 }
 
 function socketOf(options: BackupOptions): string {

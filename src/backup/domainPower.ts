@@ -1,8 +1,11 @@
 // The domain's run state around a backup. -S/--start-domain: a shut-off domain is started paused (its CPUs never
 // run, but QEMU is there to create checkpoints and serve the backup job) and destroyed afterwards; it is started
 // with AUTODESTROY, so it also goes away if this process dies. --pause: a running domain is suspended while the
-// job starts (checkpoint and export are then taken with the guest stopped) and resumed right after.
-// Guarantees: finish() returns the domain to the state it was found in, also after errors and signals.
+// job starts (checkpoint and export are then taken with the guest stopped) and resumed right after. With a QEMU
+// guest agent, the guest's filesystems are frozen while the job starts (-F: only those mount points), as
+// virtnbdbackup does, so the backup holds them in a consistent state; without one it is crash-consistent.
+// Guarantees: finish() returns the domain to the state it was found in, also after errors and signals; what was
+// frozen is thawed once the job has started or failed to.
 import { VIR_DOMAIN_RUNNING, VIR_DOMAIN_START_AUTODESTROY, VIR_DOMAIN_START_PAUSED, type LibvirtDomain } from '../native/addon.js';
 import type { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -40,6 +43,40 @@ export class DomainPower {
       await this.domain.resume().then(
         () => this.log.info(`resumed domain '${this.domain.name()}'`),
         (err: unknown) => this.log.warn(`could not resume domain '${this.domain.name()}': ${oneLine(err)}; resume it with 'virsh resume ${this.domain.name()}'`),
+      );
+    }
+  }
+
+  /**
+   * Runs `step` with the guest's filesystems frozen through its agent (`mountpoints`, or all). A domain without an
+   * agent channel, or whose CPUs do not run, is not frozen; an agent that does not answer is a warning.
+   */
+  async whileFrozen<T>(agent: boolean, mountpoints: string[] | undefined, step: () => Promise<T>): Promise<T> {
+    const name = this.domain.name();
+    const crashConsistent = 'the backup holds the disks as a power cut would leave them (crash-consistent)';
+    if (this.offline || this.started) return step();
+    if (!agent) {
+      const say = mountpoints ? this.log.warn.bind(this.log) : this.log.debug.bind(this.log);
+      say(`domain '${name}' has no QEMU guest agent channel: filesystems not frozen; ${crashConsistent}`);
+      return step();
+    }
+    if ((await this.domain.getState())[0] !== VIR_DOMAIN_RUNNING) {
+      this.log.info(`domain '${name}' is not running: filesystems not frozen; ${crashConsistent}`);
+      return step();
+    }
+    try {
+      const frozen = await this.domain.fsFreeze(mountpoints ?? []);
+      this.log.info(`froze ${frozen} filesystem(s) of domain '${name}' through its guest agent while the backup job starts`);
+    } catch (err) {
+      this.log.warn(`could not freeze the filesystems of domain '${name}' through its guest agent (${oneLine(err)}); ${crashConsistent}`);
+      return step();
+    }
+    try {
+      return await step();
+    } finally {
+      await this.domain.fsThaw().then(
+        (thawed) => this.log.info(`thawed ${thawed} filesystem(s) of domain '${name}'`),
+        (err: unknown) => this.log.warn(`could not thaw the filesystems of domain '${name}' (${oneLine(err)}); its writes wait until 'virsh domfsthaw ${name}' succeeds`),
       );
     }
   }

@@ -21,6 +21,7 @@ const argv = parseFlags('virtnbdbackup', yargs(hideBin(process.argv))
   .option('scratchdir', { type: 'string', default: '/var/tmp', describe: 'Directory for temporary scratch files (writable by QEMU)' })
   .option('start-domain', { alias: 'S', type: 'boolean', default: false, describe: 'Start a shut-off domain paused for the backup, stop it afterwards' })
   .option('pause', { type: 'boolean', default: false, describe: 'Suspend a running domain while the backup job starts' })
+  .option('freeze-mountpoint', { alias: 'F', type: 'string', describe: 'With a QEMU guest agent, freeze only these guest mount points while the job starts (comma-separated; default: all)' })
   .option('include', { alias: 'i', type: 'string', describe: 'Back up only these disks (target dev, comma-separated: -i vda,vdb)' })
   .option('exclude', { alias: 'x', type: 'string', describe: 'Exclude these disks (-x vda,vdb)' })
   .option('socketfile', { alias: 'f', type: 'string', describe: 'NBD server socket of the backup job (default: /var/tmp/virtnbdbackup.<pid>)' })
@@ -103,6 +104,7 @@ async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
       checkpointPrefix: argv['checkpoint-prefix'],
       startDomain: argv['start-domain'],
       pause: argv.pause,
+      freezeMountpoints: listOption(argv['freeze-mountpoint']),
       startOnly: argv.startonly,
       printOnly: argv.printonly,
       threshold: argv.threshold,

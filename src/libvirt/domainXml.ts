@@ -20,12 +20,17 @@ export interface DomainInfo {
   disks: DomainDisk[];
   /** loader, nvram, kernel, initrd paths when set. */
   bootFiles: Record<string, string>;
+  /** A QEMU guest agent channel is configured (whether an agent answers in the guest is another matter). */
+  guestAgent: boolean;
 }
+
+/** The virtio channel name of the QEMU guest agent. */
+export const GUEST_AGENT_CHANNEL = 'org.qemu.guest_agent.0';
 
 const parser = new XMLParser({
   ignoreAttributes: false,
   attributeNamePrefix: '@_',
-  isArray: (name) => name === 'disk',
+  isArray: (name) => name === 'disk' || name === 'channel',
   textNodeName: '#text',
 });
 
@@ -61,7 +66,8 @@ export function parseDomainXml(xml: string): DomainInfo {
     const value = text(os[key]);
     if (value) bootFiles[key] = value;
   }
-  return { name: String(text(domain.name) ?? ''), disks, bootFiles };
+  const guestAgent = ((devices.channel ?? []) as Node[]).some((c) => ((c.target ?? {}) as Node)['@_name'] === GUEST_AGENT_CHANNEL);
+  return { name: String(text(domain.name) ?? ''), disks, bootFiles, guestAgent };
 }
 
 export interface DiskSelection {

@@ -66,6 +66,10 @@ export interface LibvirtDomain {
   destroy(): Promise<void>;
   suspend(): Promise<void>;
   resume(): Promise<void>;
+  /** virDomainFSFreeze through the guest agent; [] freezes every filesystem. Resolves to the number frozen. */
+  fsFreeze(mountpoints: string[]): Promise<number>;
+  /** virDomainFSThaw of everything the agent froze; resolves to the number thawed. */
+  fsThaw(): Promise<number>;
   undefine(flags: number): Promise<void>;
   backupBegin(backupXml: string, checkpointXml: string | null, flags: number): Promise<void>;
   backupGetXMLDesc(): Promise<string>;

@@ -1,7 +1,8 @@
 // The job-control and tuning switches on real libvirt/QEMU: -s/-k (a job left running, refused by other runs,
 // ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
 // exactly), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
-// refused, two domains in parallel fine), and how runs leave libvirtd (job torn down, connection closed).
+// refused, two domains in parallel fine), how runs leave libvirtd (job torn down, connection closed), and the
+// guest agent freeze (-F) where no agent answers.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -176,4 +177,23 @@ test('locks: a second run on the same domain or into the same set refuses; two d
   ]);
   assert.ok((await fs.readdir(setA)).includes('vda.inc.virtnbdbackup.1.data'));
   assert.ok((await fs.readdir(setB)).includes('vda.full.data'));
+});
+
+test('guest agent: a configured agent that does not answer is a warning (-e: exit 2) and the backup is kept; no agent channel is no warning, unless -F asks to freeze', async (t) => {
+  const withAgent = await withDomain(t, { disks: [DISK], guestAgent: true });
+  const work = await withTempDir(t, 'freeze-');
+  // No guest OS runs the agent here: libvirt reports it not connected, as for a guest whose agent is not installed.
+  const warned = await runCli(bin, ['-n', '-e', '-d', withAgent.name, '-l', 'full', '-F', '/,/var', '-o', path.join(work, 'agent')]);
+  assert.equal(warned.code, 2, warned.stderr);
+  assert.match(warned.stderr, new RegExp(`could not freeze the filesystems of domain '${withAgent.name}' through its guest agent \\(.*guest agent.*\\); the backup holds the disks as a power cut would leave them \\(crash-consistent\\)`));
+  assert.doesNotMatch(warned.stderr, /thaw/);
+  assert.ok(await exists(path.join(work, 'agent', 'vda.full.data')));
+  assert.match(virsh('domstate', withAgent.name), /running/);
+
+  const plain = await withDomain(t, { disks: [DISK] });
+  const quiet = await runOk(bin, ['-n', '-e', '-d', plain.name, '-l', 'full', '-o', path.join(work, 'plain')]);
+  assert.doesNotMatch(quiet.stderr, /warn|could not freeze|froze |not frozen/i);
+  const asked = await runCli(bin, ['-n', '-e', '-d', plain.name, '-l', 'copy', '-F', '/', '-o', path.join(work, 'asked')]);
+  assert.equal(asked.code, 2, asked.stderr);
+  assert.match(asked.stderr, new RegExp(`domain '${plain.name}' has no QEMU guest agent channel: filesystems not frozen`));
 });

@@ -164,6 +164,8 @@ export interface DomainOptions {
   start?: boolean;
   /** Domain and dir name prefix (default TEST_PREFIX). */
   namePrefix?: OwnerPrefix;
+  /** Configure a QEMU guest agent channel (no guest OS answers on it: the agent stays "not connected"). */
+  guestAgent?: boolean;
 }
 
 export interface TestDisk {
@@ -196,6 +198,7 @@ export class TestDomain {
     /** Work dir (mode 0777) holding the images, domain.xml and default snapshots. */
     readonly dir: string,
     readonly disks: readonly TestDisk[],
+    private readonly guestAgent = false,
   ) {
     this.forgetExitCleanup = oweAtExit(() => removeDomainSync(name, dir));
   }
@@ -210,7 +213,7 @@ export class TestDomain {
       const format = spec.format ?? 'qcow2';
       return { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
     });
-    const domain = new TestDomain(`${prefix}-${id}`, dir, disks);
+    const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent);
     try {
       for (const [i, disk] of disks.entries()) {
         await run('qemu-img', ['create', '-q', '-f', disk.format, disk.image, String(disk.sizeBytes)]);
@@ -379,6 +382,8 @@ export class TestDomain {
       <source file='${d.image}'/>
       <target dev='${d.target}' bus='virtio'/>
     </disk>`).join('');
+    const agent = this.guestAgent ? `
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>` : '';
     // The owner element lets sweepStaleTestDomains() spare domains of live processes (parallel runs).
     return `<domain type='qemu'>
   <name>${this.name}</name>
@@ -389,7 +394,7 @@ export class TestDomain {
   <vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type></os>
   <on_poweroff>destroy</on_poweroff>
-  <devices>${disks}
+  <devices>${disks}${agent}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>

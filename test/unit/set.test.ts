@@ -48,9 +48,11 @@ const domainXml = `<domain type='qemu'><name>web</name><os><type>hvm</type><load
   <disk type='block' device='disk'><driver name='qemu' type='qcow2'/><source dev='/dev/vg/web'/><target dev='vdb' bus='virtio'/></disk>
   <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/images/data.img'/><target dev='vdc' bus='virtio'/></disk>
   <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sda' bus='sata'/></disk>
+  <channel type='unix'><source mode='bind' path='/run/libvirt/qemu/channel/1-web/org.qemu.guest_agent.0'/><target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel>
+  <channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>
 </devices></domain>`;
 
-test('domain XML: disks and boot files; selection skips raw and cdrom with reasons, honours -i/-x', () => {
+test('domain XML: disks, boot files and the guest agent channel; selection skips raw and cdrom with reasons, honours -i/-x', () => {
   const info = parseDomainXml(domainXml);
   assert.equal(info.name, 'web');
   assert.deepEqual(info.disks.map((d) => [d.target, d.type, d.format, d.path]), [
@@ -58,6 +60,8 @@ test('domain XML: disks and boot files; selection skips raw and cdrom with reaso
     ['vdc', 'file', 'raw', '/images/data.img'], ['sda', 'file', 'raw', undefined],
   ]);
   assert.equal(info.bootFiles.loader, '/usr/share/OVMF/OVMF_CODE.fd');
+  assert.equal(info.guestAgent, true);
+  assert.equal(parseDomainXml(domainXml.replace(/<channel type='unix'>.*<\/channel>\n/, '')).guestAgent, false);
   const all = selectDisks(info.disks, {});
   assert.deepEqual(all.disks.map((d) => d.target), ['vda', 'vdb']);
   assert.deepEqual(all.skipped.map((s) => s.disk.target), ['vdc', 'sda']);
