@@ -197,7 +197,7 @@ export async function withPullExport<T>(domain: TestDomain, target: string, use:
   const scratch = path.join(domain.dir, `export.${target}.scratch`);
   const jobFile = path.join(domain.dir, `export.${target}.xml`);
   const others = domain.disks.map((d) => d.target);
-  await fsp.writeFile(jobFile, backupJobXml(socket, '', [{ target, scratchFile: scratch }], others));
+  await fsp.writeFile(jobFile, backupJobXml({ socket }, '', [{ target, scratchFile: scratch }], others));
   await run('virsh', ['-c', LIBVIRT_URI, 'backup-begin', domain.name, jobFile]);
   try {
     return await use(`nbd+unix:///${target}?socket=${socket}`);

@@ -12,11 +12,12 @@ import path from 'node:path';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
 import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
-import type { CheckpointPlan, Level } from '../libvirt/checkpoints.js';
+import type { CheckpointPlan, JobServer, Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
-import { BackupJob } from '../libvirt/backupJob.js';
+import { BackupJob, nbdUri } from '../libvirt/backupJob.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
+import { domainHostOf } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -48,6 +49,12 @@ export interface BackupOptions {
   exclude?: string[];
   /** NBD socket of the job; default /var/tmp/virtnbdbackup.<pid> (shut-off domains: one per disk, `.<disk>` appended). */
   socketFile?: string;
+  /** -I: for a domain on another host (remote URI), the address its job's NBD server binds; default the URI's host. */
+  nbdHost?: string;
+  /** -P: for a domain on another host, the NBD server's TCP port; default 10809. */
+  nbdPort?: number;
+  /** --ssh-user: who runs qemu-img and reads the boot files on a remote host; default the URI's user, else root. */
+  sshUser?: string;
   /** Where QEMU puts scratch files; must be writable by QEMU's user. */
   scratchDir?: string;
   /** Disks backed up at the same time; default all. */
@@ -92,8 +99,8 @@ export interface BackupResult {
   estimate?: number;
   /** -T: nothing was backed up, the estimate was below the threshold. */
   skipped?: boolean;
-  /** -s: the job left running. */
-  startedJob?: { socket: string; exports: string[] };
+  /** -s: the job left running, served at `server`: its socket, or nbd://host:port for a domain on another host. */
+  startedJob?: { server: string; exports: string[] };
 }
 
 /** Level `auto`: full when the set has no full backup yet (for a zip: no chain in the state dir), else inc. */
@@ -183,13 +190,14 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   let conn: LibvirtConnection | undefined;
   try {
     conn = await openLibvirt(uri);
+    const host = domainHostOf(uri, options.sshUser);
     const domain = await lookupDomain(conn, options.domain, uri);
     const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);
     try {
       const vmXml = await domain.getXMLDesc(0);
       const info = parseDomainXml(vmXml);
       const ctx: RunContext = {
-        options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt,
+        options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt, host,
         xmlDir: options.checkpointDir ? path.resolve(options.checkpointDir) : path.join(stateDir, CHECKPOINT_DIR),
       };
       const result = await runBackup(ctx, level);
@@ -257,6 +265,9 @@ function identOf(plan: RunPlan, startedAt: Date): string {
 async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResult> {
   const { options, log, power } = ctx;
   if (!power.offline) await refuseActiveJob(ctx.domain);
+  if (power.offline && ctx.host.remote) {
+    throw new UserError(`domain '${options.domain}' is shut off on ${ctx.host.label}: a domain of another host is backed up through a backup job; run again with -S/--start-domain (it is started paused and stopped afterwards)`);
+  }
   if (power.offline && options.startOnly) {
     throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first`);
   }
@@ -309,7 +320,7 @@ async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
   if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, plan.prefix, log);
   return ctx.power.whileFrozen(ctx.info.guestAgent, options.freezeMountpoints, () => ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
-    socket: socketOf(options),
+    server: serverOf(ctx),
     scratchDir: options.scratchDir ?? '/var/tmp',
     targets: disks.map((d) => d.target),
     checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
@@ -323,13 +334,27 @@ function socketOf(options: BackupOptions): string {
   return options.socketFile ?? `/var/tmp/virtnbdbackup.${process.pid}`;
 }
 
+/** virtnbdbackup's default TCP port of a remote domain's job (-P). */
+export const DEFAULT_NBD_PORT = 10809;
+
+/** Where the job serves: the socket here, or a TCP address on a domain's remote host (-I, -P). */
+function serverOf(ctx: RunContext): JobServer {
+  const { options, host } = ctx;
+  if (!host.remote) return { socket: socketOf(options) };
+  return { host: options.nbdHost ?? host.hostname, port: options.nbdPort ?? DEFAULT_NBD_PORT };
+}
+
+function describeServer(server: JobServer): string {
+  return 'socket' in server ? server.socket : nbdUri(server, '').replace(/\/$/, '');
+}
+
 /**
  * Exports the disks for `plan`: qemu-nbd for a shut-off domain, else a backup job. A job refused for a lost
  * bitmap falls back to a full backup; one refused for a bitmap left without its checkpoint clears it and retries.
  */
 async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports: DiskExports; plan: RunPlan }> {
   const { options, disks } = ctx;
-  await fs.rm(socketOf(options), { force: true });
+  if (!ctx.host.remote) await fs.rm(socketOf(options), { force: true });
   if (ctx.power.offline) return { exports: await OfflineExports.start(disks, socketOf(options), initial.checkpoint.parent), plan: initial };
   let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
   for (let attempt = 1; ; attempt++) {
@@ -353,8 +378,9 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   const { exports, plan } = await openExports(ctx, initial);
   const base = resultOf(ctx, plan);
   if (options.startOnly) {
-    log.info(`backup job of '${options.domain}' started and left running: NBD socket ${socketOf(options)}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k`);
-    return { ...base, startedJob: { socket: socketOf(options), exports: disks.map((d) => d.target) } };
+    const server = describeServer(serverOf(ctx));
+    log.info(`backup job of '${options.domain}' started and left running: NBD server ${server}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k`);
+    return { ...base, startedJob: { server, exports: disks.map((d) => d.target) } };
   }
   const ident = identOf(plan, ctx.startedAt);
   // qemu-img's spawn holds the event loop for about 5 ms: it starts once the first disk's reads are under way (after

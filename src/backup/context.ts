@@ -3,6 +3,7 @@ import type { LibvirtDomain } from '../native/addon.js';
 import type { DomainDisk, DomainInfo } from '../libvirt/domainXml.js';
 import type { OutputTarget } from '../set/target.js';
 import type { Logger } from '../util/log.js';
+import type { DomainHost } from '../libvirt/domainHost.js';
 import type { DomainPower } from './domainPower.js';
 import type { BackupOptions } from './backup.js';
 
@@ -27,4 +28,6 @@ export interface RunContext {
   logName: string;
   /** When the run started: names diffs and the log. */
   startedAt: Date;
+  /** Where the domain runs: this machine or a remote libvirt URI's host (qemu-img info and boot files go there). */
+  host: DomainHost;
 }

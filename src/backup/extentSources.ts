@@ -54,7 +54,11 @@ export function* clip(extents: StatusExtent[], offset: number, length: number): 
 
 async function qemuImgMap(address: NbdAddress, context: string): Promise<StatusExtent[]> {
   const escape = (value: string): string => value.replace(/,/g, ',,');
-  let opts = `driver=nbd,server.type=unix,server.path=${escape(address.socket ?? '')},export=${escape(address.exportName)}`;
+  const tcp = address.uri ? new URL(address.uri) : undefined;
+  const server = tcp
+    ? `server.type=inet,server.host=${escape(tcp.hostname.replace(/^\[(.*)\]$/, '$1'))},server.port=${tcp.port || '10809'}`
+    : `server.type=unix,server.path=${escape(address.socket ?? '')}`;
+  let opts = `driver=nbd,${server},export=${escape(address.exportName)}`;
   if (context !== CONTEXT_ALLOCATION) opts += `,x-dirty-bitmap=${escape(context)}`;
   const { stdout } = await run('qemu-img', ['map', '--output=json', '--image-opts', opts]);
   return (JSON.parse(stdout) as QemuMapEntry[]).map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) }));

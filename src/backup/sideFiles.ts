@@ -4,7 +4,6 @@
 import path from 'node:path';
 import { CHECKPOINT_DIR, autostartName, checkpointListName, qcowInfoName, vmConfigName } from '../set/backupSet.js';
 import { DirectoryTarget } from '../set/target.js';
-import { run } from '../util/process.js';
 import { oneLine } from '../util/errors.js';
 import { saveBootFiles } from './bootFiles.js';
 import type { RunContext } from './context.js';
@@ -24,7 +23,7 @@ export interface ImageInfo {
 export function readImageInfo(ctx: RunContext): Promise<ImageInfo[]> {
   return Promise.all(ctx.disks.map(async (disk): Promise<ImageInfo> => {
     try {
-      const { stdout } = await run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
+      const { stdout } = await ctx.host.run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
       return { target: disk.target, json: stdout };
     } catch (failure) {
       return { target: disk.target, failure };
@@ -57,7 +56,7 @@ async function enterChain(ctx: RunContext, plan: RunPlan): Promise<void> {
 export async function saveSideFiles(ctx: RunContext, plan: RunPlan, ident: string, imageInfo: Promise<ImageInfo[]>): Promise<void> {
   await saveImageInfo(ctx, ident, await imageInfo);
   await ctx.target.writeFile(vmConfigName(ident), ctx.vmXml);
-  await saveBootFiles(ctx.info.bootFiles, ident, ctx.target, ctx.log);
+  await saveBootFiles(ctx.host, ctx.info.bootFiles, ident, ctx.target, ctx.log);
   if (await ctx.domain.getAutostart()) await ctx.target.writeFile(autostartName(ident), 'True');
   if (plan.checkpoint.create) await enterChain(ctx, plan);
 }

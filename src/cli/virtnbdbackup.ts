@@ -1,14 +1,14 @@
 // virtnbdbackup: command-line front of the backup engine, flags and defaults as virtnbdbackup 2.x.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { backup, type BackupResult } from '../backup/backup.js';
+import { DEFAULT_NBD_PORT, backup, type BackupResult } from '../backup/backup.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
-import { listOption, makeLogger, makeProgress, parseFlags, runCommand, VERSION } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, refuseUnsupported, runCommand, withUnsupportedRemoteFlags, VERSION } from './common.js';
 
-const argv = parseFlags('virtnbdbackup', yargs(hideBin(process.argv))
+const argv = parseFlags('virtnbdbackup', withUnsupportedRemoteFlags(yargs(hideBin(process.argv)))
   .scriptName('virtnbdbackup')
   .usage('$0 -d DOMAIN -l {copy,full,inc,diff,auto} -o DIR [options]\n\nBack up libvirt/qemu virtual machines over NBD.')
   .option('domain', { alias: 'd', type: 'string', demandOption: true, describe: 'Domain to back up' })
@@ -31,7 +31,10 @@ const argv = parseFlags('virtnbdbackup', yargs(hideBin(process.argv))
   .option('strict', { alias: 'e', type: 'boolean', default: false, describe: 'Exit with code 2 when warnings occurred' })
   .option('sparse-detection', { type: 'boolean', default: true, describe: 'inc/diff: save changed ranges that now read as zero as zero frames (--no-sparse-detection: as data)' })
   .option('threshold', { alias: 'T', type: 'number', describe: 'Back up (inc/diff) only when at least this many bytes changed' })
-  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI' })
+  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI; a remote one (qemu+ssh://user@host/system) backs up a domain of that host over TCP' })
+  .option('nbd-port', { alias: 'P', type: 'number', default: DEFAULT_NBD_PORT, describe: 'Remote domains: TCP port of the backup job\'s NBD server' })
+  .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Remote domains: address the NBD server binds and is reached at (default: the URI\'s host)' })
+  .option('ssh-user', { type: 'string', describe: 'Remote domains: ssh user for qemu-img info and the boot files (default: the URI\'s user, else root)' })
   .option('syslog', { alias: 'L', type: 'boolean', default: false, describe: 'Also send log messages to syslog' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
@@ -67,6 +70,7 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
   if (argv.syslog) log.attachSyslog('virtnbdbackup', process.env.VIRTNBD_SYSLOG_SOCKET);
   try {
+    refuseUnsupported(argv);
     if (argv.killonly) {
       await endBackupJob({ domain: argv.domain, uri: argv.uri, socketFile: argv.socketfile, log });
       return 0;
@@ -104,6 +108,9 @@ async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
       checkpointPrefix: argv['checkpoint-prefix'],
       startDomain: argv['start-domain'],
       pause: argv.pause,
+      nbdPort: argv['nbd-port'],
+      nbdHost: argv['nbd-ip'],
+      sshUser: argv['ssh-user'],
       freezeMountpoints: listOption(argv['freeze-mountpoint']),
       startOnly: argv.startonly,
       printOnly: argv.printonly,
@@ -127,5 +134,5 @@ function report(result: BackupResult): void {
     process.stdout.write(`estimated size of the next inc/diff: ${result.estimate ?? 0} bytes\n`);
     return;
   }
-  if (result.startedJob) process.stdout.write(`${result.startedJob.socket}\n`);
+  if (result.startedJob) process.stdout.write(`${result.startedJob.server}\n`);
 }

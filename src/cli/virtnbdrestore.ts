@@ -3,9 +3,11 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { dump, restore } from '../restore/restore.js';
 import { verifySet } from '../verify/verify.js';
-import { listOption, makeLogger, makeProgress, parseFlags, runCommand, VERSION, withLogFile } from './common.js';
+import { domainHostOf } from '../libvirt/domainHost.js';
+import { UserError } from '../util/errors.js';
+import { listOption, makeLogger, makeProgress, parseFlags, refuseUnsupported, runCommand, withUnsupportedRemoteFlags, VERSION, withLogFile } from './common.js';
 
-const argv = parseFlags('virtnbdrestore', yargs(hideBin(process.argv))
+const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideBin(process.argv)))
   .scriptName('virtnbdrestore')
   .usage('$0 -i SETDIR -o OUTDIR [options]\n\nRestore virtual machine disks from a backup set, dump its metadata or verify it.')
   .option('action', { alias: 'a', choices: ['dump', 'restore', 'verify'] as const, default: 'restore' as const, describe: 'Action to perform' })
@@ -24,7 +26,10 @@ const argv = parseFlags('virtnbdrestore', yargs(hideBin(process.argv))
   .option('buffsize', { alias: 'B', type: 'number', describe: 'Accepted for compatibility; verify reads 4 MiB at a time' })
   .option('preallocate', { alias: 'A', type: 'boolean', default: false, describe: 'Preallocate restored images (metadata for qcow2, falloc for raw)' })
   .option('compress', { type: 'boolean', default: false, describe: 'Write restored qcow2 images with compressed clusters' })
-  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI (used by -D only)' })
+  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI (used by -D only; this host\'s only)' })
+  .option('nbd-port', { alias: 'P', type: 'number', describe: 'Restores onto another host: not supported yet (refused)' })
+  .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
+  .option('ssh-user', { type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
   .option('logfile', { alias: 'L', type: 'string', describe: 'Also write the log to this file' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
@@ -43,6 +48,10 @@ const argv = parseFlags('virtnbdrestore', yargs(hideBin(process.argv))
   .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2'));
 
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
+  refuseUnsupported(argv);
+  if (argv['nbd-port'] !== undefined || argv['nbd-ip'] !== undefined || argv['ssh-user'] !== undefined || (argv.define && domainHostOf(argv.uri).remote)) {
+    throw new UserError(`restoring onto another host (-P/-I/--ssh-user, or -D with a remote -U) is not supported yet: restore on this host, copy the images and the domain XML over, and define it there with 'virsh define'`);
+  }
   const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
   if (action === 'dump') {
     for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);

@@ -9,12 +9,12 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { LibvirtDomain } from '../native/addon.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
-import { backupJobXml, checkpointXml, dirtyBitmapContext, type CheckpointPlan } from './checkpoints.js';
+import { backupJobXml, checkpointXml, dirtyBitmapContext, type CheckpointPlan, type JobServer } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
 import { deleteCheckpoint } from './chain.js';
 
 export interface BackupJobOptions {
-  socket: string;
+  server: JobServer;
   scratchDir: string;
   /** Disk targets to export. */
   targets: string[];
@@ -46,14 +46,21 @@ export async function waitForJobTeardown(domain: LibvirtDomain, waitMs = TEARDOW
   }
 }
 
+/** nbd://host:port/export of a job served over TCP (IPv6 addresses in brackets). */
+export function nbdUri(server: { host: string; port: number }, exportName: string): string {
+  const host = server.host.includes(':') ? `[${server.host}]` : server.host;
+  return `nbd://${host}:${server.port}/${encodeURIComponent(exportName)}`;
+}
+
 export class BackupJob {
   private ended = false;
   private releasing: Promise<void> | undefined;
 
   private constructor(
     private readonly domain: LibvirtDomain,
-    readonly socket: string,
-    private readonly scratchFiles: string[],
+    readonly server: JobServer,
+    /** The socket and scratch files to remove after the teardown: none for a domain on another host. */
+    private readonly leftovers: string[],
     /** The checkpoint this job created, if any. */
     readonly createdCheckpoint: string | undefined,
     private readonly log: Logger,
@@ -63,17 +70,19 @@ export class BackupJob {
     const { checkpoint } = options;
     const tag = crypto.randomBytes(3).toString('hex');
     const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`) }));
-    const jobXml = backupJobXml(options.socket, checkpoint.parent, disks, options.allTargets);
+    const jobXml = backupJobXml(options.server, checkpoint.parent, disks, options.allTargets);
     const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
     options.log.debug(`backup job XML:\n${jobXml}`);
     if (cptXml) options.log.debug(`checkpoint XML:\n${cptXml}`);
     await domain.backupBegin(jobXml, cptXml, 0);
-    return new BackupJob(domain, options.socket, disks.map((d) => d.scratchFile), checkpoint.create ? checkpoint.name : undefined, options.log);
+    const leftovers = 'socket' in options.server ? [options.server.socket, ...disks.map((d) => d.scratchFile)] : [];
+    return new BackupJob(domain, options.server, leftovers, checkpoint.create ? checkpoint.name : undefined, options.log);
   }
 
   /** The job's NBD export of disk `target`. */
   address(target: string): NbdAddress {
-    return { socket: this.socket, exportName: target };
+    if ('socket' in this.server) return { socket: this.server.socket, exportName: target };
+    return { uri: nbdUri(this.server, target), exportName: target };
   }
 
   dirtyContext(target: string): string {
@@ -109,6 +118,6 @@ export class BackupJob {
       this.log.warn(`ending the backup job of ${this.domain.name()}: ${(err as Error).message}`);
     }
     await waitForJobTeardown(this.domain);
-    await Promise.all([this.socket, ...this.scratchFiles].map((f) => fs.rm(f, { force: true }).catch(() => undefined)));
+    await Promise.all(this.leftovers.map((f) => fs.rm(f, { force: true }).catch(() => undefined)));
   }
 }

@@ -85,13 +85,22 @@ export interface BackupJobDisk {
 }
 
 /** Pull-mode backup over a unix socket; `<incremental>` makes libvirt export the dirty bitmap as backup-<disk>. */
-export function backupJobXml(socket: string, incrementalFrom: string, disks: BackupJobDisk[], allTargets: string[]): string {
+/** Where a backup job's NBD server listens: a unix socket, or a TCP address for a domain on another host. */
+export type JobServer = { socket: string } | { host: string; port: number };
+
+/** The `<server>` element of a job served at `server`. */
+function serverXml(server: JobServer): string {
+  if ('socket' in server) return `<server transport='unix' socket='${escapeXml(server.socket)}'/>`;
+  return `<server transport='tcp' name='${escapeXml(server.host)}' port='${server.port}'/>`;
+}
+
+export function backupJobXml(server: JobServer, incrementalFrom: string, disks: BackupJobDisk[], allTargets: string[]): string {
   const selected = new Set(disks.map((d) => d.target));
   const lines = disks.map((d) =>
     `    <disk name='${escapeXml(d.target)}' backup='yes' type='file'>\n      <scratch file='${escapeXml(d.scratchFile)}'/>\n    </disk>`);
   for (const t of allTargets) if (!selected.has(t)) lines.push(`    <disk name='${escapeXml(t)}' backup='no'/>`);
   const incremental = incrementalFrom ? `  <incremental>${escapeXml(incrementalFrom)}</incremental>\n` : '';
-  return `<domainbackup mode='pull'>\n${incremental}  <server transport='unix' socket='${escapeXml(socket)}'/>\n  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`;
+  return `<domainbackup mode='pull'>\n${incremental}  ${serverXml(server)}\n  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`;
 }
 
 /** Name of the dirty-bitmap meta context libvirt's pull backup exports for a disk. */

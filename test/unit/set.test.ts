@@ -33,10 +33,11 @@ test('checkpoint chain: full starts at .0, inc continues, diff creates nothing, 
 });
 
 test('job and checkpoint XML list unselected disks as not participating', () => {
-  const job = backupJobXml('/var/tmp/s', 'virtnbdbackup.0', [{ target: 'vda', scratchFile: '/var/tmp/x' }], ['vda', 'vdb']);
+  const job = backupJobXml({ socket: '/var/tmp/s' }, 'virtnbdbackup.0', [{ target: 'vda', scratchFile: '/var/tmp/x' }], ['vda', 'vdb']);
   assert.match(job, /<incremental>virtnbdbackup\.0<\/incremental>/);
   assert.match(job, /<disk name='vdb' backup='no'\/>/);
-  assert.match(job, /socket='\/var\/tmp\/s'/);
+  assert.match(job, /<server transport='unix' socket='\/var\/tmp\/s'\/>/);
+  assert.match(backupJobXml({ host: 'kvm1.example', port: 10809 }, '', [{ target: 'vda', scratchFile: '/var/tmp/x' }], ['vda']), /<server transport='tcp' name='kvm1\.example' port='10809'\/>/);
   const cpt = checkpointXml({ name: 'virtnbdbackup.1', parent: 'virtnbdbackup.0', create: true }, ['vda'], ['vda', 'vdb']);
   assert.match(cpt, /<disk name='vda' checkpoint='bitmap'\/>/);
   assert.match(cpt, /<disk name='vdb' checkpoint='no'\/>/);

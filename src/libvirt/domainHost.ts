@@ -1,0 +1,139 @@
+// Where the domain runs: this machine, or the host a remote libvirt URI names (qemu+ssh://user@host/system), reached
+// through the system's ssh client for what libvirt does not carry (qemu-img info of the images, the boot files).
+// Guarantees: commands run without a local shell and are quoted for the remote one; a failure names the host.
+import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
+import { run, type RunResult } from '../util/process.js';
+
+export interface DomainHost {
+  /** Whether the domain runs on another machine: its NBD exports are then served over TCP. */
+  readonly remote: boolean;
+  /** The host name NBD clients connect to (remote only). */
+  readonly hostname: string;
+  /** For messages: 'this host' or 'user@host'. */
+  readonly label: string;
+  /** Runs `command` there; rejects with its stderr's last line. */
+  run(command: string, args: string[]): Promise<RunResult>;
+  /**
+   * Opens the file at `file` there for reading: rejects when it cannot be opened, before any byte is taken; the
+   * chunks then throw if it cannot be read to its end.
+   */
+  openRead(file: string): Promise<AsyncIterable<Buffer>>;
+}
+
+export const LOCAL_HOST: DomainHost = {
+  remote: false,
+  hostname: 'localhost',
+  label: 'this host',
+  run,
+  async openRead(file) {
+    const handle = await fs.open(file, 'r');
+    return handle.createReadStream({ highWaterMark: 1024 * 1024 });
+  },
+};
+
+/** One word for a POSIX shell: single-quoted, with embedded quotes closed and escaped. */
+export function shellQuote(word: string): string {
+  return `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+export interface SshTarget {
+  host: string;
+  user: string;
+  port?: number;
+  /** Private key file (the URI's `keyfile`). */
+  keyfile?: string;
+  /** Do not check the host key (the URI's `no_verify=1`). */
+  noVerify?: boolean;
+  /** Known-hosts file (the URI's `known_hosts`). */
+  knownHosts?: string;
+}
+
+export class SshHost implements DomainHost {
+  readonly remote = true;
+
+  constructor(private readonly target: SshTarget) {}
+
+  get hostname(): string {
+    return this.target.host;
+  }
+
+  get label(): string {
+    return `${this.target.user}@${this.target.host}`;
+  }
+
+  /** ssh's arguments up to the remote command: never prompts (BatchMode), so a missing key fails at once. */
+  sshArgs(): string[] {
+    const { host, user, port, keyfile, noVerify, knownHosts } = this.target;
+    const args = ['-o', 'BatchMode=yes', '-l', user];
+    if (port) args.push('-p', String(port));
+    if (keyfile) args.push('-i', keyfile);
+    if (noVerify) args.push('-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR');
+    else if (knownHosts) args.push('-o', `UserKnownHostsFile=${knownHosts}`);
+    return [...args, host, '--'];
+  }
+
+  async run(command: string, args: string[]): Promise<RunResult> {
+    try {
+      return await run('ssh', [...this.sshArgs(), [command, ...args].map(shellQuote).join(' ')]);
+    } catch (err) {
+      throw new Error(`on ${this.label}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /** `cat` through ssh; resolves at its first bytes or its successful end, so that a missing file rejects here. */
+  async openRead(file: string): Promise<AsyncIterable<Buffer>> {
+    const child = spawn('ssh', [...this.sshArgs(), `cat -- ${shellQuote(file)}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+    const exited = new Promise<void>((resolve, reject) => {
+      child.once('error', reject);
+      child.once('close', (code) => {
+        if (code === 0) resolve();
+        else reject(new Error(`on ${this.label}: ${stderr.trim().split('\n').pop() || `ssh exited with ${code}`}`));
+      });
+    });
+    const chunks = child.stdout[Symbol.asyncIterator]();
+    const firstChunk = chunks.next();
+    // An empty output is either an empty file or a failure: then the exit status tells which.
+    const first = await Promise.race([firstChunk, exited.then(() => firstChunk)])
+      .then(async (next) => (next.done ? exited.then(() => next) : next))
+      .catch((err: unknown) => {
+        child.kill();
+        throw err;
+      });
+    return (async function* rest(): AsyncGenerator<Buffer> {
+      try {
+        for (let next = first; !next.done; next = await chunks.next()) yield next.value as Buffer;
+        await exited;
+      } finally {
+        if (child.exitCode === null) child.kill();
+      }
+    })();
+  }
+}
+
+/**
+ * The host of libvirt URI `uri`: this machine when it names none (qemu:///system), else that host through ssh as
+ * `sshUser` (default: the URI's user, else root), with the URI's port, `keyfile`, `no_verify` and `known_hosts`
+ * when it is an ssh URI, as libvirt's own ssh transport uses them.
+ */
+export function domainHostOf(uri: string, sshUser?: string): DomainHost {
+  let parsed: URL;
+  try {
+    parsed = new URL(uri);
+  } catch {
+    return LOCAL_HOST; // libvirt itself reports a URI it cannot use
+  }
+  if (!parsed.hostname) return LOCAL_HOST;
+  const viaSsh = parsed.protocol.endsWith('+ssh:') || parsed.protocol.endsWith('+libssh:') || parsed.protocol.endsWith('+libssh2:');
+  const params = parsed.searchParams;
+  return new SshHost({
+    host: parsed.hostname.replace(/^\[(.*)\]$/, '$1'),
+    user: sshUser ?? (decodeURIComponent(parsed.username) || 'root'),
+    port: viaSsh && parsed.port ? Number(parsed.port) : undefined,
+    keyfile: viaSsh ? params.get('keyfile') ?? undefined : undefined,
+    noVerify: viaSsh && params.get('no_verify') === '1',
+    knownHosts: viaSsh ? params.get('known_hosts') ?? undefined : undefined,
+  });
+}

@@ -1,0 +1,84 @@
+// A domain of another host, reached with a remote libvirt URI (qemu+ssh://), as virtnbdbackup's users back up:
+// here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P), image info
+// and boot files come through ssh, -s/-k work remotely, a shut-off remote domain is refused with the way out, and
+// the flags not supported yet (--tls, --user/--password, restores onto another host) are refused with one line.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { withDomain, withTempDir } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { assertRestoresTo, virsh } from '../support/points.js';
+import { freePort, withPrivateSshd } from '../support/sshd.js';
+import { domainHostOf } from '../../src/libvirt/domainHost.js';
+
+const bin = ourBin('virtnbdbackup');
+const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
+
+test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -s serves at nbd://host:port and -k ends it; shut off is refused, -S works', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'remote-');
+  const set = path.join(work, 'set');
+  const port = await freePort();
+  const remote = ['-U', sshd.libvirtUri, '-P', String(port)];
+
+  const full = await runOk(bin, ['-n', '-v', '-d', dom.name, '-l', 'full', '-o', set, ...remote]);
+  assert.match(full.stderr, new RegExp(`<server transport='tcp' name='127\\.0\\.0\\.1' port='${port}'/>`));
+  await dom.write('vda', 0x22, '8M', '2M');
+  const p1 = await dom.snapshot('vda');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set, ...remote]);
+  // qemu-img info ran on the "remote" host through ssh: the image's bitmaps are in the set's qcow.json.
+  const info = JSON.parse(await fs.readFile(path.join(set, 'vda.virtnbdbackup.1.qcow.json'), 'utf8')) as { format: string };
+  assert.equal(info.format, 'qcow2');
+  assert.deepEqual(virsh('checkpoint-list', dom.name, '--name').split('\n').map((l) => l.trim()).filter(Boolean).sort(), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  await assertRestoresTo(work, set, p1);
+
+  const started = await runOk(bin, ['-n', '-d', dom.name, '-s', '-o', path.join(work, 'started'), ...remote]);
+  assert.equal(started.stdout.trim(), `nbd://127.0.0.1:${port}`);
+  assert.equal(execFileSync('nbdinfo', ['--size', `nbd://127.0.0.1:${port}/vda`], { encoding: 'utf8' }).trim(), String(64 * 1024 * 1024));
+  await runOk(bin, ['-d', dom.name, '-k', '-U', sshd.libvirtUri]);
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+
+  await dom.stop();
+  // An inc too: refused before its plan would look at the images, which are not on this side.
+  const off = await runCli(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set, ...remote]);
+  assert.equal(off.code, 1, off.stderr);
+  assert.match(errorLines(off).join('\n'), new RegExp(`domain '${dom.name}' is shut off on root@127\\.0\\.0\\.1: .*run again with -S/--start-domain`));
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-S', '-o', set, ...remote]);
+  assert.match(virsh('domstate', dom.name), /shut off/);
+  await assertRestoresTo(work, set, p1);
+});
+
+test('files of the remote host come through ssh: read whole, and a missing one fails before any byte', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const work = await withTempDir(t, 'remotefile-');
+  const file = path.join(work, "it's here.bin");
+  const content = Buffer.alloc(3 * 1024 * 1024 + 17, 0x5a);
+  await fs.writeFile(file, content);
+  const host = domainHostOf(sshd.libvirtUri);
+  assert.equal(host.remote, true);
+  assert.equal(host.label, 'root@127.0.0.1');
+  const chunks: Buffer[] = [];
+  for await (const chunk of await host.openRead(file)) chunks.push(chunk);
+  assert.ok(Buffer.concat(chunks).equals(content));
+  await assert.rejects(host.openRead(path.join(work, 'missing')), /on root@127\.0\.0\.1: .*No such file/);
+  assert.match((await host.run('echo', ["a 'quoted' word"])).stdout, /^a 'quoted' word\n$/);
+});
+
+test('not supported yet, refused with one line: --tls, --user/--password, restores onto another host', async () => {
+  const cases: Array<[string, string[], RegExp]> = [
+    [bin, ['-d', 'x', '-l', 'full', '-o', '/nonexistent', '--tls'], /--tls\/--tls-cert \(NBD over TLS\) are not supported yet/],
+    [bin, ['-d', 'x', '-l', 'full', '-o', '/nonexistent', '--password', 'secret'], /--user\/--password \(libvirt login\) are not supported/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--ssh-user', 'root'], /restoring onto another host .* is not supported yet/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-D', '-U', 'qemu+ssh://root@kvm1/system'], /restoring onto another host .* is not supported yet/],
+  ];
+  for (const [command, args, message] of cases) {
+    const r = await runCli(command, args);
+    assert.equal(r.code, 1, r.stderr);
+    assert.equal(errorLines(r).length, 1, r.stderr);
+    assert.match(r.stderr, message);
+  }
+  assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false);
+});

@@ -1,0 +1,68 @@
+// A private OpenSSH server on 127.0.0.1 for the remote-domain tests: its own host key, client key and authorized
+// keys in a scratch dir, a free port, and nothing of the machine's ssh set-up touched. This machine then plays the
+// "remote" KVM host of a qemu+ssh:// URI. Guarantees: the server is stopped and its dir removed when the test ends.
+import type { TestContext } from 'node:test';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { run, withTempDir } from './testbed.js';
+
+export interface PrivateSshd {
+  port: number;
+  /** The client's private key. */
+  keyfile: string;
+  /** libvirt URI of this machine's libvirtd through the server, as root. */
+  libvirtUri: string;
+}
+
+/** A TCP port nobody listens on right now. */
+export async function freePort(): Promise<number> {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as net.AddressInfo;
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}
+
+async function accepts(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1');
+    socket.once('connect', () => { socket.destroy(); resolve(true); });
+    socket.once('error', () => resolve(false));
+  });
+}
+
+export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
+  const dir = await withTempDir(t, 'sshd-');
+  await fs.chmod(dir, 0o700);
+  const keyfile = path.join(dir, 'id');
+  await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'host_key')]);
+  await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', keyfile]);
+  await fs.copyFile(`${keyfile}.pub`, path.join(dir, 'authorized_keys'));
+  const port = await freePort();
+  const config = path.join(dir, 'sshd_config');
+  await fs.writeFile(config, [
+    `Port ${port}`, 'ListenAddress 127.0.0.1', `HostKey ${path.join(dir, 'host_key')}`,
+    `AuthorizedKeysFile ${path.join(dir, 'authorized_keys')}`, 'PermitRootLogin prohibit-password',
+    'PasswordAuthentication no', 'KbdInteractiveAuthentication no', 'UsePAM no', 'StrictModes no',
+    `PidFile ${path.join(dir, 'sshd.pid')}`, '',
+  ].join('\n'));
+  await fs.mkdir('/run/sshd', { recursive: true, mode: 0o755 }); // sshd's privilege separation directory
+  const sshd = spawn('/usr/sbin/sshd', ['-D', '-f', config, '-E', path.join(dir, 'sshd.log')], { stdio: 'ignore' });
+  const exited = new Promise<void>((resolve) => sshd.once('exit', () => resolve()));
+  t.after(async () => {
+    sshd.kill();
+    await exited;
+  });
+  for (let i = 0; i < 100 && !(await accepts(port)); i++) {
+    if (sshd.exitCode !== null) break;
+    await sleep(50);
+  }
+  if (!(await accepts(port))) {
+    const log = await fs.readFile(path.join(dir, 'sshd.log'), 'utf8').catch(() => '');
+    throw new Error(`the private sshd did not start on port ${port}: ${log.trim()}`);
+  }
+  return { port, keyfile, libvirtUri: `qemu+ssh://root@127.0.0.1:${port}/system?keyfile=${keyfile}&no_verify=1` };
+}
