@@ -367,7 +367,9 @@ async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports
       } else if (attempt < 3 && orphan) {
         await clearOrphanBitmap(ctx.domain, orphan, disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
       } else {
-        throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}`);
+        const server = serverOf(ctx);
+        const portTaken = 'port' in server && /address already in use/i.test(oneLine(err));
+        throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${portTaken ? `; port ${server.port} on ${server.host} is taken (another backup?): choose another with -P` : ''}`);
       }
     }
   }

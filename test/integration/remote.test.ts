@@ -5,6 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { withDomain, withTempDir } from '../support/testbed.js';
@@ -34,6 +35,14 @@ test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -
   assert.equal(info.format, 'qcow2');
   assert.deepEqual(virsh('checkpoint-list', dom.name, '--name').split('\n').map((l) => l.trim()).filter(Boolean).sort(), ['virtnbdbackup.0', 'virtnbdbackup.1']);
   await assertRestoresTo(work, set, p1);
+
+  // A port already taken on that host (another backup's): one line naming it and -P; nothing is left running.
+  const taken = net.createServer();
+  await new Promise<void>((resolve) => taken.listen(port, '127.0.0.1', resolve));
+  const busy = await runCli(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'busy'), ...remote]).finally(() => taken.close());
+  assert.equal(busy.code, 1, busy.stderr);
+  assert.match(errorLines(busy).join('\n'), new RegExp(`port ${port} on 127\\.0\\.0\\.1 is taken \\(another backup\\?\\): choose another with -P$`));
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
 
   const started = await runOk(bin, ['-n', '-d', dom.name, '-s', '-o', path.join(work, 'started'), ...remote]);
   assert.equal(started.stdout.trim(), `nbd://127.0.0.1:${port}`);
