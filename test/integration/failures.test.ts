@@ -152,15 +152,19 @@ async function restartLibvirtd(): Promise<void> {
   assert.ok(libvirtdAnswers(), 'libvirtd does not answer after its restart');
 }
 
-test('libvirtd killed in mid-backup: one line naming it and what to do; after its restart -k ends the job and a new full works', async (t) => {
-  const { dom, out, socket, run } = await backupInFlight(t, 'daemon');
-  let r;
+/** Kills libvirtd (-9), waits for `until`, and starts libvirtd again whatever happened. */
+async function withLibvirtdKilled<T>(until: () => Promise<T>): Promise<T> {
   try {
     execFileSync('pkill', ['-9', '-x', 'libvirtd']);
-    r = await run.done;
+    return await until();
   } finally {
     await restartLibvirtd();
   }
+}
+
+test('libvirtd killed in mid-backup: one line naming it and what to do; after its restart -k ends the job and a new full works', async (t) => {
+  const { dom, out, socket, run } = await backupInFlight(t, 'daemon');
+  const r = await withLibvirtdKilled(() => run.done);
   assert.equal(r.code, 1, r.stderr);
   const last = r.stderr.trim().split('\n').at(-1) ?? '';
   assert.match(last, new RegExp(`^virtnbdbackup: error: lost the connection to libvirtd at qemu:///system \\(.+\\): start libvirtd again, then end the backup job it may have left with 'virtnbdbackup -d ${dom.name} -k' and run a full backup into a new directory$`));
@@ -231,11 +235,7 @@ test('libvirtd gone during a restore with -D: restarted, the define still works;
   // Restarted while the images are written: the define connects at the end and succeeds.
   const back = `vnbdtest-back-${suffix}`;
   const first = await restoreInFlight(t, dom, set, path.join(work, 'back'), back);
-  try {
-    execFileSync('pkill', ['-9', '-x', 'libvirtd']);
-  } finally {
-    await restartLibvirtd();
-  }
+  await withLibvirtdKilled(async () => undefined);
   const r1 = await first.done;
   assert.equal(r1.code, 0, r1.stderr);
   assert.match(virsh('domstate', back), /shut off/);
@@ -244,13 +244,7 @@ test('libvirtd gone during a restore with -D: restarted, the define still works;
   const down = `vnbdtest-down-${suffix}`;
   const out = path.join(work, 'down');
   const second = await restoreInFlight(t, dom, set, out, down);
-  let r2;
-  try {
-    execFileSync('pkill', ['-9', '-x', 'libvirtd']);
-    r2 = await second.done;
-  } finally {
-    await restartLibvirtd();
-  }
+  const r2 = await withLibvirtdKilled(() => second.done);
   assert.equal(r2.code, 1, r2.stderr);
   assert.equal(errorLines(r2).length, 1, r2.stderr);
   const last = r2.stderr.trim().split('\n').at(-1) ?? '';
