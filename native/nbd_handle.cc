@@ -133,11 +133,16 @@ Napi::Value NbdHandle::ConnectUnix(const Napi::CallbackInfo& info) {
   });
 }
 
+// connectUri(uri, metaContexts, tlsCertificates?): with a certificates directory (ca-cert.pem, client-cert.pem,
+// client-key.pem), TLS is required and the server's certificate checked against that CA.
 Napi::Value NbdHandle::ConnectUri(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
     std::string uri = ArgString(info, 0, "uri");
-    return Connect(info, ArgStrings(info, 1, "metaContexts"),
-                   [uri](nbd_handle* h) { return nbd_connect_uri(h, uri.c_str()); });
+    std::optional<std::string> certificates = ArgOptString(info, 2, "tlsCertificates");
+    return Connect(info, ArgStrings(info, 1, "metaContexts"), [uri, certificates](nbd_handle* h) {
+      if (certificates && (nbd_set_tls(h, LIBNBD_TLS_REQUIRE) == -1 || nbd_set_tls_certificates(h, certificates->c_str()) == -1)) return -1;
+      return nbd_connect_uri(h, uri.c_str());
+    });
   });
 }
 

@@ -55,6 +55,10 @@ export interface BackupOptions {
   nbdPort?: number;
   /** --ssh-user: who runs qemu-img and reads the boot files on a remote host; default the URI's user, else root. */
   sshUser?: string;
+  /** --tls: a remote domain's job serves NBD over TLS, with the host libvirt's server certificates. */
+  tls?: boolean;
+  /** --tls-cert: this side's certificates for --tls (ca-cert.pem, client-cert.pem, client-key.pem); default /etc/pki/qemu. */
+  tlsCertificates?: string;
   /** Where QEMU puts scratch files; must be writable by QEMU's user. */
   scratchDir?: string;
   /** Disks backed up at the same time; default all. */
@@ -265,6 +269,10 @@ function identOf(plan: RunPlan, startedAt: Date): string {
 async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResult> {
   const { options, log, power } = ctx;
   if (!power.offline) await refuseActiveJob(ctx.domain);
+  if (options.tls && !ctx.host.remote) {
+    log.warn(`--tls: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket: no TLS needed, none used`);
+  }
+  if (options.tls && ctx.host.remote) await checkClientCertificates(tlsDirOf(options));
   if (power.offline && ctx.host.remote) {
     throw new UserError(`domain '${options.domain}' is shut off on ${ctx.host.label}: a domain of another host is backed up through a backup job; run again with -S/--start-domain (it is started paused and stopped afterwards)`);
   }
@@ -337,11 +345,39 @@ function socketOf(options: BackupOptions): string {
 /** virtnbdbackup's default TCP port of a remote domain's job (-P). */
 export const DEFAULT_NBD_PORT = 10809;
 
-/** Where the job serves: the socket here, or a TCP address on a domain's remote host (-I, -P). */
+/** Where --tls looks for this side's certificates by default, as virtnbdbackup does. */
+export const DEFAULT_TLS_CERT_DIR = '/etc/pki/qemu';
+
+function tlsDirOf(options: BackupOptions): string {
+  return path.resolve(options.tlsCertificates ?? DEFAULT_TLS_CERT_DIR);
+}
+
+/** --tls refuses to start without the files libnbd needs for a TLS client, naming the first one missing. */
+async function checkClientCertificates(dir: string): Promise<void> {
+  for (const file of ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']) {
+    const readable = await fs.access(path.join(dir, file), fs.constants.R_OK).then(() => true, () => false);
+    if (!readable) {
+      throw new UserError(`--tls: ${path.join(dir, file)} is missing or unreadable; give the directory holding ca-cert.pem (the CA of the host's certificates), client-cert.pem and client-key.pem with --tls-cert`);
+    }
+  }
+}
+
+/** Where the job serves: the socket here, or a TCP address on a domain's remote host (-I, -P), with --tls TLS. */
 function serverOf(ctx: RunContext): JobServer {
   const { options, host } = ctx;
   if (!host.remote) return { socket: socketOf(options) };
-  return { host: options.nbdHost ?? host.hostname, port: options.nbdPort ?? DEFAULT_NBD_PORT };
+  const tlsCertificates = options.tls ? tlsDirOf(options) : undefined;
+  return { host: options.nbdHost ?? host.hostname, port: options.nbdPort ?? DEFAULT_NBD_PORT, tlsCertificates };
+}
+
+/** What to do about a job refused on a domain's remote host: a port in use, or TLS the host is not set up for. */
+function jobStartHint(server: JobServer, err: unknown): string {
+  if ('socket' in server) return '';
+  if (/address already in use/i.test(oneLine(err))) return `; port ${server.port} on ${server.host} is taken (another backup?): choose another with -P`;
+  if (server.tlsCertificates && /tls|x509|certificate|pki/i.test(oneLine(err))) {
+    return `; --tls needs the host's libvirt to serve TLS: ca-cert.pem, server-cert.pem and server-key.pem in its backup_tls_x509_cert_dir (qemu.conf; default ${DEFAULT_TLS_CERT_DIR})`;
+  }
+  return '';
 }
 
 function describeServer(server: JobServer): string {
@@ -368,8 +404,7 @@ async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports
         await clearOrphanBitmap(ctx.domain, orphan, disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
       } else {
         const server = serverOf(ctx);
-        const portTaken = 'port' in server && /address already in use/i.test(oneLine(err));
-        throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${portTaken ? `; port ${server.port} on ${server.host} is taken (another backup?): choose another with -P` : ''}`);
+        throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${jobStartHint(server, err)}`);
       }
     }
   }

@@ -60,7 +60,9 @@ async function qemuImgMap(address: NbdAddress, context: string): Promise<StatusE
     : `server.type=unix,server.path=${escape(address.socket ?? '')}`;
   let opts = `driver=nbd,${server},export=${escape(address.exportName)}`;
   if (context !== CONTEXT_ALLOCATION) opts += `,x-dirty-bitmap=${escape(context)}`;
-  const { stdout } = await run('qemu-img', ['map', '--output=json', '--image-opts', opts]);
+  const tls = address.tlsCertificates ? ['--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${escape(address.tlsCertificates)}`] : [];
+  if (tls.length > 0) opts += ',tls-creds=tls0';
+  const { stdout } = await run('qemu-img', ['map', ...tls, '--output=json', '--image-opts', opts]);
   return (JSON.parse(stdout) as QemuMapEntry[]).map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) }));
 }
 

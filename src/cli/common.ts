@@ -29,10 +29,8 @@ export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>[
     .parseSync();
 }
 
-/** virtnbdbackup's flags for a libvirt login and NBD over TLS, which these commands take but do not support yet. */
+/** virtnbdbackup's flags for a libvirt login, which these commands take but do not support. */
 export interface UnsupportedRemoteFlags {
-  tls?: boolean;
-  'tls-cert'?: string;
   user?: string;
   password?: string;
 }
@@ -40,17 +38,12 @@ export interface UnsupportedRemoteFlags {
 /** Adds the flags of UnsupportedRemoteFlags, so that they are refused by refuseUnsupported with a reason. */
 export function withUnsupportedRemoteFlags<T>(flags: Argv<T>): Argv<T & UnsupportedRemoteFlags> {
   return flags
-    .option('tls', { type: 'boolean', describe: 'NBD over TLS: not supported yet (refused)' })
-    .option('tls-cert', { type: 'string', describe: 'TLS certificates: not supported yet (refused)' })
     .option('user', { type: 'string', describe: 'libvirt login user: not supported (refused; use an ssh URI with a key)' })
     .option('password', { type: 'string', describe: 'libvirt login password: not supported (refused; use an ssh URI with a key)' }) as Argv<T & UnsupportedRemoteFlags>;
 }
 
 /** One line for a flag of virtnbdbackup this command does not support yet, saying what to do instead. */
 export function refuseUnsupported(flags: UnsupportedRemoteFlags): void {
-  if (flags.tls || flags['tls-cert'] !== undefined) {
-    throw new UserError('--tls/--tls-cert (NBD over TLS) are not supported yet: run without them on a network you trust, or run the command on the KVM host itself');
-  }
   if (flags.user !== undefined || flags.password !== undefined) {
     throw new UserError("--user/--password (libvirt login) are not supported: reach the host through ssh with a key instead, e.g. -U 'qemu+ssh://root@host/system?keyfile=/root/.ssh/id_ed25519'");
   }

@@ -1,7 +1,7 @@
 // virtnbdbackup: command-line front of the backup engine, flags and defaults as virtnbdbackup 2.x.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { DEFAULT_NBD_PORT, backup, type BackupResult } from '../backup/backup.js';
+import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, backup, type BackupResult } from '../backup/backup.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
@@ -34,6 +34,8 @@ const argv = parseFlags('virtnbdbackup', withUnsupportedRemoteFlags(yargs(hideBi
   .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI; a remote one (qemu+ssh://user@host/system) backs up a domain of that host over TCP' })
   .option('nbd-port', { alias: 'P', type: 'number', default: DEFAULT_NBD_PORT, describe: 'Remote domains: TCP port of the backup job\'s NBD server' })
   .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Remote domains: address the NBD server binds and is reached at (default: the URI\'s host)' })
+  .option('tls', { type: 'boolean', default: false, describe: 'Remote domains: NBD over TLS (the host\'s libvirt must serve TLS)' })
+  .option('tls-cert', { type: 'string', default: DEFAULT_TLS_CERT_DIR, describe: 'Remote domains, --tls: directory of ca-cert.pem, client-cert.pem and client-key.pem' })
   .option('ssh-user', { type: 'string', describe: 'Remote domains: ssh user for qemu-img info and the boot files (default: the URI\'s user, else root)' })
   .option('syslog', { alias: 'L', type: 'boolean', default: false, describe: 'Also send log messages to syslog' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
@@ -111,6 +113,8 @@ async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
       nbdPort: argv['nbd-port'],
       nbdHost: argv['nbd-ip'],
       sshUser: argv['ssh-user'],
+      tls: argv.tls,
+      tlsCertificates: argv['tls-cert'],
       freezeMountpoints: listOption(argv['freeze-mountpoint']),
       startOnly: argv.startonly,
       printOnly: argv.printonly,

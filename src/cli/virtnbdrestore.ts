@@ -30,6 +30,8 @@ const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideB
   .option('nbd-port', { alias: 'P', type: 'number', describe: 'Restores onto another host: not supported yet (refused)' })
   .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
   .option('ssh-user', { type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
+  .option('tls', { type: 'boolean', describe: 'Restores onto another host: not supported yet (refused)' })
+  .option('tls-cert', { type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
   .option('logfile', { alias: 'L', type: 'string', describe: 'Also write the log to this file' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
@@ -49,8 +51,9 @@ const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideB
 
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   refuseUnsupported(argv);
-  if (argv['nbd-port'] !== undefined || argv['nbd-ip'] !== undefined || argv['ssh-user'] !== undefined || (argv.define && domainHostOf(argv.uri).remote)) {
-    throw new UserError(`restoring onto another host (-P/-I/--ssh-user, or -D with a remote -U) is not supported yet: restore on this host, copy the images and the domain XML over, and define it there with 'virsh define'`);
+  const remoteFlags = [argv['nbd-port'], argv['nbd-ip'], argv['ssh-user'], argv.tls, argv['tls-cert']].some((v) => v !== undefined);
+  if (remoteFlags || (argv.define && domainHostOf(argv.uri).remote)) {
+    throw new UserError(`restoring onto another host (-P/-I/--ssh-user/--tls, or -D with a remote -U) is not supported yet: restore on this host, copy the images and the domain XML over, and define it there with 'virsh define'`);
   }
   const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
   if (action === 'dump') {

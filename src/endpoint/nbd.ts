@@ -9,6 +9,8 @@ export interface NbdAddress {
   socket?: string;
   /** Or a full NBD URI (nbd://host:port/name). */
   uri?: string;
+  /** With `uri`: require TLS, with the client certificates (ca-cert.pem, client-cert.pem, client-key.pem) here. */
+  tlsCertificates?: string;
   exportName: string;
 }
 
@@ -39,11 +41,11 @@ export class NbdEndpoint implements Endpoint {
 
   static async open(address: NbdAddress, options: NbdOpenOptions = {}): Promise<NbdEndpoint> {
     const contexts = options.metaContexts ?? [];
-    const where = address.uri ?? `${address.socket} (export ${address.exportName})`;
+    const where = address.uri ? `${address.uri}${address.tlsCertificates ? ' (TLS)' : ''}` : `${address.socket} (export ${address.exportName})`;
     const connect = async (): Promise<NbdHandle> => {
       const handle = new (native().NbdHandle)();
       try {
-        if (address.uri) await handle.connectUri(address.uri, contexts);
+        if (address.uri) await handle.connectUri(address.uri, contexts, address.tlsCertificates);
         else await handle.connectUnix(address.socket ?? '', address.exportName, contexts);
       } catch (err) {
         await handle.close().catch(() => undefined);

@@ -46,10 +46,10 @@ export async function waitForJobTeardown(domain: LibvirtDomain, waitMs = TEARDOW
   }
 }
 
-/** nbd://host:port/export of a job served over TCP (IPv6 addresses in brackets). */
-export function nbdUri(server: { host: string; port: number }, exportName: string): string {
+/** nbd://host:port/export (nbds:// with TLS) of a job served over TCP; IPv6 addresses in brackets. */
+export function nbdUri(server: { host: string; port: number; tlsCertificates?: string }, exportName: string): string {
   const host = server.host.includes(':') ? `[${server.host}]` : server.host;
-  return `nbd://${host}:${server.port}/${encodeURIComponent(exportName)}`;
+  return `${server.tlsCertificates ? 'nbds' : 'nbd'}://${host}:${server.port}/${encodeURIComponent(exportName)}`;
 }
 
 export class BackupJob {
@@ -82,7 +82,7 @@ export class BackupJob {
   /** The job's NBD export of disk `target`. */
   address(target: string): NbdAddress {
     if ('socket' in this.server) return { socket: this.server.socket, exportName: target };
-    return { uri: nbdUri(this.server, target), exportName: target };
+    return { uri: nbdUri(this.server, target), exportName: target, tlsCertificates: this.server.tlsCertificates };
   }
 
   dirtyContext(target: string): string {

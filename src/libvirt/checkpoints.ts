@@ -85,13 +85,17 @@ export interface BackupJobDisk {
 }
 
 /** Pull-mode backup over a unix socket; `<incremental>` makes libvirt export the dirty bitmap as backup-<disk>. */
-/** Where a backup job's NBD server listens: a unix socket, or a TCP address for a domain on another host. */
-export type JobServer = { socket: string } | { host: string; port: number };
+/**
+ * Where a backup job's NBD server listens: a unix socket, or a TCP address for a domain on another host, with TLS
+ * when `tlsCertificates` names the client's certificates (the server's are the host libvirt's).
+ */
+export type JobServer = { socket: string } | { host: string; port: number; tlsCertificates?: string };
 
 /** The `<server>` element of a job served at `server`. */
 function serverXml(server: JobServer): string {
   if ('socket' in server) return `<server transport='unix' socket='${escapeXml(server.socket)}'/>`;
-  return `<server transport='tcp' name='${escapeXml(server.host)}' port='${server.port}'/>`;
+  const tls = server.tlsCertificates ? ` tls='yes'` : '';
+  return `<server transport='tcp'${tls} name='${escapeXml(server.host)}' port='${server.port}'/>`;
 }
 
 export function backupJobXml(server: JobServer, incrementalFrom: string, disks: BackupJobDisk[], allTargets: string[]): string {

@@ -16,8 +16,11 @@ export interface NativeError extends Error {
 export interface NbdHandle {
   /** Connect to a unix socket export; request the given meta contexts (e.g. 'base:allocation'). */
   connectUnix(socketPath: string, exportName: string, metaContexts: string[]): Promise<void>;
-  /** Connect to an NBD URI (nbd://host:port/export, nbd+unix:///export?socket=...). */
-  connectUri(uri: string, metaContexts: string[]): Promise<void>;
+  /**
+   * Connect to an NBD URI (nbd://host:port/export, nbd+unix:///export?socket=...); with `tlsCertificates`, a
+   * directory holding ca-cert.pem, client-cert.pem and client-key.pem, TLS is required.
+   */
+  connectUri(uri: string, metaContexts: string[], tlsCertificates?: string): Promise<void>;
   /** Export size in bytes (valid after connect). */
   getSize(): number;
   /** Largest request the server accepts (LIBNBD_SIZE_MAXIMUM), 0 when the server does not say. */

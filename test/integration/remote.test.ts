@@ -1,7 +1,8 @@
 // A domain of another host, reached with a remote libvirt URI (qemu+ssh://), as virtnbdbackup's users back up:
 // here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P), image info
-// and boot files come through ssh, -s/-k work remotely, a shut-off remote domain is refused with the way out, and
-// the flags not supported yet (--tls, --user/--password, restores onto another host) are refused with one line.
+// and boot files come through ssh, -s/-k work remotely, a shut-off remote domain is refused with the way out,
+// --tls serves NBD over TLS with the host's certificates; the flags not supported yet (--user/--password, restores
+// onto another host) are refused with one line.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -12,6 +13,7 @@ import { withDomain, withTempDir } from '../support/testbed.js';
 import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
 import { assertRestoresTo, virsh } from '../support/points.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
+import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
 import { domainHostOf } from '../../src/libvirt/domainHost.js';
 
 const bin = ourBin('virtnbdbackup');
@@ -60,6 +62,40 @@ test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -
   await assertRestoresTo(work, set, p1);
 });
 
+test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cert (qemu-img map too); plain NBD is refused by it; missing client files are one line', async (t) => {
+  const client = await withHostTlsCertificates(t);
+  if (!client) {
+    t.skip(`${HOST_TLS_DIR} exists: this machine's own TLS set-up is left alone`);
+    return;
+  }
+  const sshd = await withPrivateSshd(t);
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'tlsbackup-');
+  const set = path.join(work, 'set');
+  const port = await freePort();
+  const remote = ['-U', sshd.libvirtUri, '-P', String(port), '--tls', '--tls-cert', client];
+
+  const full = await runOk(bin, ['-n', '-v', '-d', dom.name, '-l', 'full', '-q', '-o', set, ...remote]);
+  assert.match(full.stderr, new RegExp(`<server transport='tcp' tls='yes' name='127\\.0\\.0\\.1' port='${port}'/>`));
+  await dom.write('vda', 0x33, '16M', '1M');
+  const p1 = await dom.snapshot('vda');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set, ...remote]);
+  await assertRestoresTo(work, set, p1);
+
+  const started = await runOk(bin, ['-n', '-d', dom.name, '-s', '-o', path.join(work, 'started'), ...remote]);
+  assert.equal(started.stdout.trim(), `nbds://127.0.0.1:${port}`);
+  assert.throws(() => execFileSync('nbdinfo', ['--size', `nbd://127.0.0.1:${port}/vda`], { stdio: 'pipe' }), /TLS/);
+  await runOk(bin, ['-d', dom.name, '-k', '-U', sshd.libvirtUri]);
+
+  const missing = await runCli(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'missing'), ...remote.slice(0, -1), path.join(work, 'nowhere')]);
+  assert.equal(missing.code, 1, missing.stderr);
+  assert.match(errorLines(missing).join('\n'), /--tls: .*nowhere\/ca-cert\.pem is missing or unreadable; give the directory holding ca-cert\.pem .* with --tls-cert$/);
+  // A domain of this host needs no TLS: a warning (-e: exit 2), and the backup is made.
+  const local = await runCli(bin, ['-n', '-e', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'local'), '--tls']);
+  assert.equal(local.code, 2, local.stderr);
+  assert.match(local.stderr, /--tls: domain .* runs on this host, .* no TLS needed, none used/);
+});
+
 test('files of the remote host come through ssh: read whole, and a missing one fails before any byte', async (t) => {
   const sshd = await withPrivateSshd(t);
   const work = await withTempDir(t, 'remotefile-');
@@ -76,9 +112,9 @@ test('files of the remote host come through ssh: read whole, and a missing one f
   assert.match((await host.run('echo', ["a 'quoted' word"])).stdout, /^a 'quoted' word\n$/);
 });
 
-test('not supported yet, refused with one line: --tls, --user/--password, restores onto another host', async () => {
+test('not supported yet, refused with one line: --user/--password, restores onto another host', async () => {
   const cases: Array<[string, string[], RegExp]> = [
-    [bin, ['-d', 'x', '-l', 'full', '-o', '/nonexistent', '--tls'], /--tls\/--tls-cert \(NBD over TLS\) are not supported yet/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--tls'], /restoring onto another host .* is not supported yet/],
     [bin, ['-d', 'x', '-l', 'full', '-o', '/nonexistent', '--password', 'secret'], /--user\/--password \(libvirt login\) are not supported/],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--ssh-user', 'root'], /restoring onto another host .* is not supported yet/],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-D', '-U', 'qemu+ssh://root@kvm1/system'], /restoring onto another host .* is not supported yet/],

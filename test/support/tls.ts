@@ -1,0 +1,48 @@
+// TLS certificates for the remote-domain tests: a throwaway CA, a server certificate for 127.0.0.1 installed where
+// libvirt's QEMU looks by default (/etc/pki/qemu), and a client certificate in a scratch dir. Guarantees: an
+// /etc/pki/qemu that existed before is never touched (the caller skips), and what this creates is removed at the end.
+import type { TestContext } from 'node:test';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { run, withTempDir } from './testbed.js';
+
+export const HOST_TLS_DIR = '/etc/pki/qemu';
+
+const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
+
+async function issue(dir: string, name: string, subject: string, usage: 'serverAuth' | 'clientAuth'): Promise<void> {
+  const key = path.join(dir, `${name}-key.pem`);
+  const csr = path.join(dir, `${name}.csr`);
+  const ext = path.join(dir, `${name}.ext`);
+  await run('openssl', ['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${subject}`]);
+  await fs.writeFile(ext, `subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=${usage}\nkeyUsage=digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n`);
+  await run('openssl', ['x509', '-req', '-in', csr, '-CA', path.join(dir, 'ca-cert.pem'), '-CAkey', path.join(dir, 'ca-key.pem'),
+    '-CAcreateserial', '-out', path.join(dir, `${name}-cert.pem`), '-days', '2', '-extfile', ext]);
+}
+
+/**
+ * Sets up TLS for this host's libvirt backup jobs and returns the client's certificate dir; undefined when
+ * /etc/pki/qemu already exists (someone's real set-up: the test is then skipped).
+ */
+export async function withHostTlsCertificates(t: TestContext): Promise<string | undefined> {
+  if (await exists(HOST_TLS_DIR)) return undefined;
+  const work = await withTempDir(t, 'tls-');
+  await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', path.join(work, 'ca-key.pem'), '-out', path.join(work, 'ca-cert.pem'), '-days', '2', '-subj', '/CN=vnbdtest CA']);
+  await issue(work, 'server', 'localhost', 'serverAuth');
+  await issue(work, 'client', 'vnbdtest client', 'clientAuth');
+  const client = path.join(work, 'client');
+  await fs.mkdir(client);
+  for (const file of ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']) await fs.copyFile(path.join(work, file), path.join(client, file));
+
+  const pkiCreated = !(await exists(path.dirname(HOST_TLS_DIR)));
+  t.after(() => fs.rm(pkiCreated ? path.dirname(HOST_TLS_DIR) : HOST_TLS_DIR, { recursive: true, force: true }));
+  await fs.mkdir(HOST_TLS_DIR, { recursive: true, mode: 0o755 });
+  for (const file of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) {
+    await fs.copyFile(path.join(work, file), path.join(HOST_TLS_DIR, file));
+  }
+  // QEMU runs as libvirt-qemu and reads the key itself.
+  await run('chgrp', ['libvirt-qemu', path.join(HOST_TLS_DIR, 'server-key.pem')]);
+  await fs.chmod(path.join(HOST_TLS_DIR, 'server-key.pem'), 0o640);
+  return client;
+}
