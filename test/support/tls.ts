@@ -1,12 +1,15 @@
 // TLS certificates for the remote-domain tests: a throwaway CA, a server certificate for 127.0.0.1 installed where
 // libvirt's QEMU looks by default (/etc/pki/qemu), and a client certificate in a scratch dir. Guarantees: an
-// /etc/pki/qemu that existed before is never touched (the caller skips), and what this creates is removed at the end.
+// /etc/pki/qemu these tests did not write is never touched (the caller skips), and what this creates is removed at
+// the end, or by the next run when a killed one left it (marked as ours).
 import type { TestContext } from 'node:test';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { run, withTempDir } from './testbed.js';
 
 export const HOST_TLS_DIR = '/etc/pki/qemu';
+/** Marks an /etc/pki/qemu these tests wrote. */
+const OURS = '.vnbdtest-certificates';
 
 const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
 
@@ -25,6 +28,8 @@ async function issue(dir: string, name: string, subject: string, usage: 'serverA
  * /etc/pki/qemu already exists (someone's real set-up: the test is then skipped).
  */
 export async function withHostTlsCertificates(t: TestContext): Promise<string | undefined> {
+  // A leftover of an earlier run that was killed is ours to replace; anything else is left alone.
+  if (await exists(path.join(HOST_TLS_DIR, OURS))) await fs.rm(HOST_TLS_DIR, { recursive: true, force: true });
   if (await exists(HOST_TLS_DIR)) return undefined;
   const work = await withTempDir(t, 'tls-');
   await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
@@ -38,6 +43,7 @@ export async function withHostTlsCertificates(t: TestContext): Promise<string | 
   const pkiCreated = !(await exists(path.dirname(HOST_TLS_DIR)));
   t.after(() => fs.rm(pkiCreated ? path.dirname(HOST_TLS_DIR) : HOST_TLS_DIR, { recursive: true, force: true }));
   await fs.mkdir(HOST_TLS_DIR, { recursive: true, mode: 0o755 });
+  await fs.writeFile(path.join(HOST_TLS_DIR, OURS), 'throwaway certificates of the virtnbd tests\n');
   for (const file of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) {
     await fs.copyFile(path.join(work, file), path.join(HOST_TLS_DIR, file));
   }
