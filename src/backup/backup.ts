@@ -17,7 +17,7 @@ import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, nbdUri } from '../libvirt/backupJob.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
-import { domainHostOf } from '../libvirt/domainHost.js';
+import { domainHostOf, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -175,16 +175,17 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       throw new UserError(`cannot create output directory ${stateDir}: ${err.code ?? err.message}`);
     });
   }
-  const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir);
+  const host = domainHostOf(options.uri ?? 'qemu:///system', options.sshUser);
+  const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir, host.remote ? host.hostname : undefined);
   try {
     if (!toZip && writesSet) await checkSet(stateDir, level);
-    return await backupLocked(options, log, level, stateDir, toZip, writesSet);
+    return await backupLocked(options, log, level, stateDir, toZip, writesSet, host);
   } finally {
     await unlock();
   }
 }
 
-async function backupLocked(options: BackupOptions, log: Logger, level: Level, stateDir: string, toZip: boolean, writesSet: boolean): Promise<BackupResult> {
+async function backupLocked(options: BackupOptions, log: Logger, level: Level, stateDir: string, toZip: boolean, writesSet: boolean, host: DomainHost): Promise<BackupResult> {
   const uri = options.uri ?? 'qemu:///system';
   const startedAt = new Date();
   const logName = logFileName(level, startedAt);
@@ -194,7 +195,6 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   let conn: LibvirtConnection | undefined;
   try {
     conn = await openLibvirt(uri);
-    const host = domainHostOf(uri, options.sshUser);
     const domain = await lookupDomain(conn, options.domain, uri);
     const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);
     try {

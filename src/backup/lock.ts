@@ -114,13 +114,15 @@ function domainLockDir(): string {
   }
 }
 
-export function domainLockFile(domain: string): string {
-  return path.join(domainLockDir(), `virtnbdbackup.${encodeURIComponent(domain)}.lock`);
+/** The lock of `domain` of this host, or of another host's (`host`, from a remote URI: names repeat across hosts). */
+export function domainLockFile(domain: string, host?: string): string {
+  const where = host ? `${encodeURIComponent(host)}.` : '';
+  return path.join(domainLockDir(), `virtnbdbackup.${where}${encodeURIComponent(domain)}.lock`);
 }
 
-/** Locks the domain and, when given, the output directory; returns the release of both. */
-export async function lockRun(domain: string, outputDir: string | undefined): Promise<() => Promise<void>> {
-  const domainLock = await RunLock.acquire(domainLockFile(domain), `domain '${domain}'`);
+/** Locks the domain (of `host` when remote) and, when given, the output directory; returns the release of both. */
+export async function lockRun(domain: string, outputDir: string | undefined, host?: string): Promise<() => Promise<void>> {
+  const domainLock = await RunLock.acquire(domainLockFile(domain, host), host ? `domain '${domain}' of ${host}` : `domain '${domain}'`);
   let outputLock: RunLock | undefined;
   try {
     if (outputDir) outputLock = await RunLock.acquire(path.join(outputDir, OUTPUT_LOCK_NAME), `output directory ${outputDir}`);

@@ -1,0 +1,36 @@
+// Which host a libvirt URI names and how ssh reaches it; remote domains' locks apart from this host's.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { LOCAL_HOST, SshHost, domainHostOf, shellQuote } from '../../src/libvirt/domainHost.js';
+import { domainLockFile } from '../../src/backup/lock.js';
+
+test('local URIs name this host; remote ones the host, with ssh options only from ssh URIs', () => {
+  for (const uri of ['qemu:///system', 'qemu+unix:///system', 'qemu:///session', 'not a uri']) assert.equal(domainHostOf(uri), LOCAL_HOST, uri);
+
+  const ssh = domainHostOf('qemu+ssh://backup@kvm1.example:2222/system?keyfile=/root/.ssh/k&no_verify=1');
+  assert.ok(ssh instanceof SshHost);
+  assert.equal(ssh.remote, true);
+  assert.equal(ssh.hostname, 'kvm1.example');
+  assert.equal(ssh.label, 'backup@kvm1.example');
+  assert.deepEqual(ssh.sshArgs(), ['-o', 'BatchMode=yes', '-l', 'backup', '-p', '2222', '-i', '/root/.ssh/k',
+    '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR', 'kvm1.example', '--']);
+
+  const known = domainHostOf('qemu+ssh://kvm1/system?known_hosts=/etc/backup/known_hosts', 'operator') as SshHost;
+  assert.deepEqual(known.sshArgs(), ['-o', 'BatchMode=yes', '-l', 'operator', '-o', 'UserKnownHostsFile=/etc/backup/known_hosts', 'kvm1', '--']);
+
+  // Another transport's port and parameters are libvirt's, not ssh's: ssh gets its defaults and root.
+  const tcp = domainHostOf('qemu+tcp://[fd00::5]:16509/system?keyfile=/x') as SshHost;
+  assert.equal(tcp.hostname, 'fd00::5');
+  assert.deepEqual(tcp.sshArgs(), ['-o', 'BatchMode=yes', '-l', 'root', 'fd00::5', '--']);
+});
+
+test('remote commands are quoted word by word for the remote shell', () => {
+  assert.equal(shellQuote('plain'), "'plain'");
+  assert.equal(shellQuote("it's $HOME; rm -rf /"), `'it'\\''s $HOME; rm -rf /'`);
+});
+
+test('a domain of another host has a lock of its own: names repeat across hosts', () => {
+  assert.notEqual(domainLockFile('webvm', 'kvm1'), domainLockFile('webvm'));
+  assert.notEqual(domainLockFile('webvm', 'kvm1'), domainLockFile('webvm', 'kvm2'));
+  assert.match(domainLockFile('web/vm', 'kvm1'), /virtnbdbackup\.kvm1\.web%2Fvm\.lock$/);
+});
