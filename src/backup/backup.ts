@@ -17,13 +17,13 @@ import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, nbdUri } from '../libvirt/backupJob.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
-import { domainHostOf, type DomainHost } from '../libvirt/domainHost.js';
+import { SshHost, domainHostOf, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { lockRun } from './lock.js';
 import { DomainPower } from './domainPower.js';
-import { OfflineExports, type DiskExports } from './offline.js';
+import { OfflineExports, type DiskExports, type OfflineServing } from './offline.js';
 import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
@@ -273,9 +273,6 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
     log.warn(`--tls: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket: no TLS needed, none used`);
   }
   if (options.tls && ctx.host.remote) await checkClientCertificates(tlsDirOf(options));
-  if (power.offline && ctx.host.remote) {
-    throw new UserError(`domain '${options.domain}' is shut off on ${ctx.host.label}: a domain of another host is backed up through a backup job; run again with -S/--start-domain (it is started paused and stopped afterwards)`);
-  }
   if (power.offline && options.startOnly) {
     throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first`);
   }
@@ -370,6 +367,14 @@ function serverOf(ctx: RunContext): JobServer {
   return { host: options.nbdHost ?? host.hostname, port: options.nbdPort ?? DEFAULT_NBD_PORT, tlsCertificates };
 }
 
+/** Where a shut-off domain's images are served: sockets here, or qemu-nbd on its remote host at -I/-P (through ssh). */
+function offlineServing(ctx: RunContext): OfflineServing {
+  const server = serverOf(ctx);
+  if ('socket' in server) return { socketBase: server.socket };
+  if (!(ctx.host instanceof SshHost)) throw new Error('a remote domain host without ssh');
+  return { ssh: ctx.host, host: server.host, firstPort: server.port, tlsCertificates: server.tlsCertificates };
+}
+
 /** What to do about a job refused on a domain's remote host: a port in use, or TLS the host is not set up for. */
 function jobStartHint(server: JobServer, err: unknown): string {
   if ('socket' in server) return '';
@@ -391,7 +396,7 @@ function describeServer(server: JobServer): string {
 async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports: DiskExports; plan: RunPlan }> {
   const { options, disks } = ctx;
   if (!ctx.host.remote) await fs.rm(socketOf(options), { force: true });
-  if (ctx.power.offline) return { exports: await OfflineExports.start(disks, socketOf(options), initial.checkpoint.parent), plan: initial };
+  if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
   let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
   for (let attempt = 1; ; attempt++) {
     try {

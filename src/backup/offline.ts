@@ -1,13 +1,15 @@
 // Backups of a shut-off domain: every image is exported read-only by its own qemu-nbd, with the checkpoint's
-// persistent bitmap for inc/diff (qcow2 bitmaps carry the checkpoint names). libvirt cannot create a checkpoint
-// while the domain is off, so an offline inc saves the changes since the last checkpoint as a differential.
+// persistent bitmap for inc/diff (qcow2 bitmaps carry the checkpoint names); for a domain of another host, qemu-nbd
+// runs there through ssh and serves over TCP. libvirt cannot create a checkpoint while the domain is off, so an
+// offline inc saves the changes since the last checkpoint as a differential.
 // Guarantees: images are opened read-only (QEMU's image locking then also keeps the domain from starting
 // meanwhile); end() stops every qemu-nbd and removes its socket.
-import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
-import { run, spawnServer, stopServer } from '../util/process.js';
+import { spawnServer, stopServer } from '../util/process.js';
+import { nbdUri } from '../libvirt/backupJob.js';
+import { serveRemotely, type DomainHost, type SshHost } from '../libvirt/domainHost.js';
 import { oneLine } from '../util/errors.js';
 
 /** Room for the endpoint's connections plus a `qemu-img map` (-q). */
@@ -24,23 +26,39 @@ export interface DiskExports {
   end(failed: boolean): Promise<void>;
 }
 
+/** Where a shut-off domain's images are served: sockets here, or TCP ports on its remote host (through ssh). */
+export type OfflineServing =
+  | { socketBase: string }
+  | { ssh: SshHost; host: string; firstPort: number; tlsCertificates?: string };
+
+/** One running qemu-nbd and how to reach it. */
+interface ImageServer {
+  address: NbdAddress;
+  stop(): Promise<void>;
+}
+
+/** The host's own certificates for a remote qemu-nbd with --tls (libvirt's default place for them). */
+const REMOTE_SERVER_TLS_DIR = '/etc/pki/qemu';
+
 export class OfflineExports implements DiskExports {
   private stopping: Promise<void> | undefined;
 
-  private constructor(private readonly servers: Map<string, { child: ChildProcess; socket: string }>, private readonly bitmap: string) {}
+  private constructor(private readonly servers: Map<string, ImageServer>, private readonly bitmap: string) {}
 
-  /** Starts one read-only qemu-nbd per disk on `<socketBase>.<target>`, with `bitmap` when given (inc/diff). */
-  static async start(disks: DomainDisk[], socketBase: string, bitmap: string): Promise<OfflineExports> {
-    const servers = new Map<string, { child: ChildProcess; socket: string }>();
+  /**
+   * Starts one read-only qemu-nbd per disk, with `bitmap` when given (inc/diff): here on `<socketBase>.<target>`,
+   * or on the remote host on ports firstPort, firstPort+1, ... in disk order.
+   */
+  static async start(disks: DomainDisk[], serving: OfflineServing, bitmap: string): Promise<OfflineExports> {
+    const servers = new Map<string, ImageServer>();
     const exports = new OfflineExports(servers, bitmap);
     try {
-      for (const disk of disks) {
-        const socket = `${socketBase}.${disk.target}`;
-        await fs.rm(socket, { force: true });
-        const args = ['--read-only', '--persistent', `--shared=${CLIENTS_PER_EXPORT}`, '--socket', socket, '--export-name', disk.target,
-          '--format', disk.format];
+      for (const [index, disk] of disks.entries()) {
+        const args = ['--read-only', '--persistent', `--shared=${CLIENTS_PER_EXPORT}`, '--export-name', disk.target, '--format', disk.format];
         if (bitmap && disk.format !== 'raw') args.push('--bitmap', bitmap);
-        servers.set(disk.target, { child: await spawnServer('qemu-nbd', [...args, disk.path as string], socket), socket });
+        servers.set(disk.target, 'socketBase' in serving
+          ? await serveHere(args, disk, `${serving.socketBase}.${disk.target}`)
+          : await serveRemotelyOver(serving, args, disk, serving.firstPort + index));
       }
     } catch (err) {
       await exports.end();
@@ -50,7 +68,7 @@ export class OfflineExports implements DiskExports {
   }
 
   address(target: string): NbdAddress {
-    return { socket: this.servers.get(target)?.socket, exportName: target };
+    return this.servers.get(target)?.address ?? { exportName: target };
   }
 
   dirtyContext(): string {
@@ -58,10 +76,7 @@ export class OfflineExports implements DiskExports {
   }
 
   release(): Promise<void> {
-    this.stopping ??= Promise.all([...this.servers.values()].map(async ({ child, socket }) => {
-      await stopServer(child);
-      await fs.rm(socket, { force: true });
-    })).then(() => undefined);
+    this.stopping ??= Promise.all([...this.servers.values()].map((server) => server.stop())).then(() => undefined);
     return this.stopping;
   }
 
@@ -70,16 +85,37 @@ export class OfflineExports implements DiskExports {
   }
 }
 
+async function serveHere(args: string[], disk: DomainDisk, socket: string): Promise<ImageServer> {
+  await fs.rm(socket, { force: true });
+  const child = await spawnServer('qemu-nbd', [...args, '--socket', socket, disk.path as string], socket);
+  return {
+    address: { socket, exportName: disk.target },
+    async stop() {
+      await stopServer(child);
+      await fs.rm(socket, { force: true });
+    },
+  };
+}
+
+async function serveRemotelyOver(serving: Extract<OfflineServing, { ssh: SshHost }>, args: string[], disk: DomainDisk, port: number): Promise<ImageServer> {
+  const { ssh, host, tlsCertificates } = serving;
+  const tls = tlsCertificates
+    ? ['--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${REMOTE_SERVER_TLS_DIR}`, '--tls-creds', 'tls0']
+    : [];
+  const server = await serveRemotely(ssh, 'qemu-nbd', [...args, ...tls, '--bind', host, '--port', String(port), disk.path as string], host, port);
+  return { address: { uri: nbdUri({ host, port, tlsCertificates }, disk.target), exportName: disk.target, tlsCertificates }, stop: () => server.stop() };
+}
+
 interface ImageBitmap {
   name: string;
   flags?: string[];
 }
 
 /** What is wrong with the persistent bitmap `name` in each qcow2 image, or [] when every image has it intact. */
-export async function bitmapProblems(disks: DomainDisk[], name: string): Promise<string[]> {
+export async function bitmapProblems(host: DomainHost, disks: DomainDisk[], name: string): Promise<string[]> {
   const problems: string[] = [];
   for (const disk of disks.filter((d) => d.format === 'qcow2')) {
-    const { stdout } = await run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
+    const { stdout } = await host.run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
     const info = JSON.parse(stdout) as { 'format-specific'?: { data?: { bitmaps?: ImageBitmap[] } } };
     const bitmap = info['format-specific']?.data?.bitmaps?.find((b) => b.name === name);
     if (!bitmap) problems.push(`bitmap ${name} is missing from ${disk.path}`);

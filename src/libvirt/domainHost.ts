@@ -3,6 +3,7 @@
 // Guarantees: commands run without a local shell and are quoted for the remote one; a failure names the host.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import { run, type RunResult } from '../util/process.js';
 
 export interface DomainHost {
@@ -111,6 +112,54 @@ export class SshHost implements DomainHost {
       }
     })();
   }
+}
+
+/** A server started on a remote host through ssh (serve()). */
+export interface RemoteServer {
+  /** Ends it: the remote shell kills it once ssh's input closes; resolves when the ssh session is gone. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Runs `command` on `ssh` (SshHost) as a server and resolves once its TCP `port` on `host` accepts connections.
+ * The remote shell kills the server when the session's input ends, which is also what happens when this process
+ * or its ssh dies; a server that exits on its own ends the session, and rejects with its last words.
+ */
+export async function serveRemotely(ssh: SshHost, command: string, args: string[], host: string, port: number, timeoutMs = 15000): Promise<RemoteServer> {
+  const line = [command, ...args].map(shellQuote).join(' ');
+  // Background jobs of a non-interactive shell read /dev/null: the watcher gets the session's input through fd 3.
+  const script = `exec 3<&0; ${line} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-; wait $p; echo "${command} exited with $?" >&2`;
+  const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', 'ssh', ...ssh.sshArgs(), script], { stdio: ['pipe', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+  child.stdin.on('error', () => undefined); // a session that already ended
+  const ended = new Promise<void>((resolve) => child.once('close', () => resolve()));
+  let gone = false;
+  void ended.then(() => { gone = true; });
+  const stop = async (): Promise<void> => {
+    child.stdin.end();
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await ended;
+    clearTimeout(timer);
+  };
+  const deadline = Date.now() + timeoutMs;
+  while (!(await accepts(host, port))) {
+    if (gone || Date.now() > deadline) {
+      await stop();
+      const said = stderr.trim().split('\n').pop();
+      throw new Error(`on ${ssh.label}: ${command} ${gone ? 'ended' : `did not listen within ${timeoutMs / 1000} s`} before it served ${host}:${port}${said ? `: ${said}` : ''}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return { stop };
+}
+
+function accepts(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host, port });
+    socket.once('connect', () => { socket.destroy(); resolve(true); });
+    socket.once('error', () => resolve(false));
+  });
 }
 
 /**
