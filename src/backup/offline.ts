@@ -8,8 +8,7 @@ import fs from 'node:fs/promises';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { spawnServer, stopServer } from '../util/process.js';
-import { nbdUri } from '../libvirt/backupJob.js';
-import { serveRemotely, type DomainHost, type SshHost } from '../libvirt/domainHost.js';
+import { qemuNbdOverSsh, type DomainHost, type SshHost } from '../libvirt/domainHost.js';
 import { oneLine } from '../util/errors.js';
 
 /** Room for the endpoint's connections plus a `qemu-img map` (-q). */
@@ -36,9 +35,6 @@ interface ImageServer {
   address: NbdAddress;
   stop(): Promise<void>;
 }
-
-/** The host's own certificates for a remote qemu-nbd with --tls (libvirt's default place for them). */
-const REMOTE_SERVER_TLS_DIR = '/etc/pki/qemu';
 
 export class OfflineExports implements DiskExports {
   private stopping: Promise<void> | undefined;
@@ -98,12 +94,7 @@ async function serveHere(args: string[], disk: DomainDisk, socket: string): Prom
 }
 
 async function serveRemotelyOver(serving: Extract<OfflineServing, { ssh: SshHost }>, args: string[], disk: DomainDisk, port: number): Promise<ImageServer> {
-  const { ssh, host, tlsCertificates } = serving;
-  const tls = tlsCertificates
-    ? ['--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${REMOTE_SERVER_TLS_DIR}`, '--tls-creds', 'tls0']
-    : [];
-  const server = await serveRemotely(ssh, 'qemu-nbd', [...args, ...tls, '--bind', host, '--port', String(port), disk.path as string], host, port);
-  return { address: { uri: nbdUri({ host, port, tlsCertificates }, disk.target), exportName: disk.target, tlsCertificates }, stop: () => server.stop() };
+  return qemuNbdOverSsh(serving.ssh, args, disk.path as string, disk.target, { host: serving.host, port, tlsCertificates: serving.tlsCertificates });
 }
 
 interface ImageBitmap {

@@ -22,6 +22,12 @@ export interface NbdOpenOptions {
   sharedBackend?: boolean;
 }
 
+/** nbd://host:port/export (nbds:// with TLS) of a server on TCP; IPv6 addresses in brackets. */
+export function nbdUri(server: { host: string; port: number; tlsCertificates?: string }, exportName: string): string {
+  const host = server.host.includes(':') ? `[${server.host}]` : server.host;
+  return `${server.tlsCertificates ? 'nbds' : 'nbd'}://${host}:${server.port}/${encodeURIComponent(exportName)}`;
+}
+
 /** Largest block-status request: below 4 GiB and aligned. */
 const MAX_STATUS_REQUEST = 2 ** 32 - 2 ** 20;
 

@@ -8,7 +8,7 @@ import crypto from 'node:crypto';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { LibvirtDomain } from '../native/addon.js';
-import type { NbdAddress } from '../endpoint/nbd.js';
+import { nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { backupJobXml, checkpointXml, dirtyBitmapContext, type CheckpointPlan, type JobServer } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
 import { deleteCheckpoint } from './chain.js';
@@ -44,12 +44,6 @@ export async function waitForJobTeardown(domain: LibvirtDomain, waitMs = TEARDOW
     if (Date.now() >= deadline) return;
     await sleep(10);
   }
-}
-
-/** nbd://host:port/export (nbds:// with TLS) of a job served over TCP; IPv6 addresses in brackets. */
-export function nbdUri(server: { host: string; port: number; tlsCertificates?: string }, exportName: string): string {
-  const host = server.host.includes(':') ? `[${server.host}]` : server.host;
-  return `${server.tlsCertificates ? 'nbds' : 'nbd'}://${host}:${server.port}/${encodeURIComponent(exportName)}`;
 }
 
 export class BackupJob {

@@ -1,10 +1,13 @@
 // Where the domain runs: this machine, or the host a remote libvirt URI names (qemu+ssh://user@host/system), reached
-// through the system's ssh client for what libvirt does not carry (qemu-img info of the images, the boot files).
-// Guarantees: commands run without a local shell and are quoted for the remote one; a failure names the host.
+// through the system's ssh client for what libvirt does not carry: qemu-img and qemu-nbd on the images, the boot
+// files, and a restore's output files there.
+// Guarantees: commands run without a local shell and are quoted for the remote one; a failure names the host;
+// createNew never replaces an existing file.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import { run, type RunResult } from '../util/process.js';
+import { nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 
 export interface DomainHost {
   /** Whether the domain runs on another machine: its NBD exports are then served over TCP. */
@@ -20,6 +23,14 @@ export interface DomainHost {
    * chunks then throw if it cannot be read to its end.
    */
   openRead(file: string): Promise<AsyncIterable<Buffer>>;
+  exists(file: string): Promise<boolean>;
+  /** Creates `dir` and its parents as needed. */
+  makeDir(dir: string): Promise<void>;
+  rename(from: string, to: string): Promise<void>;
+  /** Removes `file` if it is there. */
+  remove(file: string): Promise<void>;
+  /** Creates `file` with `content` (bytes, or a local file's bytes); fails if it exists. */
+  createNew(file: string, content: Buffer | { localFile: string }): Promise<void>;
 }
 
 export const LOCAL_HOST: DomainHost = {
@@ -30,6 +41,14 @@ export const LOCAL_HOST: DomainHost = {
   async openRead(file) {
     const handle = await fs.open(file, 'r');
     return handle.createReadStream({ highWaterMark: 1024 * 1024 });
+  },
+  exists: (file) => fs.access(file).then(() => true, () => false),
+  makeDir: async (dir) => { await fs.mkdir(dir, { recursive: true }); },
+  rename: (from, to) => fs.rename(from, to),
+  remove: (file) => fs.rm(file, { force: true }),
+  async createNew(file, content) {
+    if (Buffer.isBuffer(content)) await fs.writeFile(file, content, { flag: 'wx' });
+    else await fs.copyFile(content.localFile, file, fs.constants.COPYFILE_EXCL);
   },
 };
 
@@ -83,6 +102,38 @@ export class SshHost implements DomainHost {
   }
 
   /** `cat` through ssh; resolves at its first bytes or its successful end, so that a missing file rejects here. */
+  async exists(file: string): Promise<boolean> {
+    const { stdout } = await this.run('sh', ['-c', 'if [ -e "$1" ] || [ -L "$1" ]; then echo yes; else echo no; fi', 'sh', file]);
+    return stdout.trim() === 'yes';
+  }
+
+  async makeDir(dir: string): Promise<void> {
+    await this.run('mkdir', ['-p', '--', dir]);
+  }
+
+  async rename(from: string, to: string): Promise<void> {
+    await this.run('mv', ['-f', '--', from, to]);
+  }
+
+  async remove(file: string): Promise<void> {
+    await this.run('rm', ['-f', '--', file]);
+  }
+
+  /** `cat` into the file with the shell's noclobber set: an existing file makes it fail. */
+  async createNew(file: string, content: Buffer | { localFile: string }): Promise<void> {
+    const input = Buffer.isBuffer(content) ? content : await fs.readFile(content.localFile);
+    const child = spawn('ssh', [...this.sshArgs(), `set -C; cat > ${shellQuote(file)}`], { stdio: ['pipe', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+    child.stdin.on('error', () => undefined); // the remote side refused early: its exit says why
+    const code = await new Promise<number | null>((resolve, reject) => {
+      child.once('error', reject);
+      child.once('close', resolve);
+      child.stdin.end(input);
+    });
+    if (code !== 0) throw new Error(`on ${this.label}: cannot create ${file}: ${stderr.trim().split('\n').pop() || `ssh exited with ${code}`}`);
+  }
+
   async openRead(file: string): Promise<AsyncIterable<Buffer>> {
     const child = spawn('ssh', [...this.sshArgs(), `cat -- ${shellQuote(file)}`], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stderr = '';
@@ -152,6 +203,19 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   return { stop };
+}
+
+/** The host's own certificates for a remote qemu-nbd with TLS: where libvirt keeps them by default. */
+const REMOTE_SERVER_TLS_DIR = '/etc/pki/qemu';
+
+/**
+ * qemu-nbd on the remote host with `args`, serving `file` as `exportName` on `at` (TLS with the host's certificates
+ * in /etc/pki/qemu when `at.tlsCertificates` names this side's). Resolves once it listens.
+ */
+export async function qemuNbdOverSsh(ssh: SshHost, args: string[], file: string, exportName: string, at: { host: string; port: number; tlsCertificates?: string }): Promise<{ address: NbdAddress; stop(): Promise<void> }> {
+  const tls = at.tlsCertificates ? ['--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${REMOTE_SERVER_TLS_DIR}`, '--tls-creds', 'tls0'] : [];
+  const server = await serveRemotely(ssh, 'qemu-nbd', [...args, ...tls, '--bind', at.host, '--port', String(at.port), file], at.host, at.port);
+  return { address: { uri: nbdUri(at, exportName), exportName, tlsCertificates: at.tlsCertificates }, stop: () => server.stop() };
 }
 
 function accepts(host: string, port: number): Promise<boolean> {
