@@ -15,7 +15,7 @@ import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpoin
 import type { CheckpointPlan, JobServer, Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
-import { nbdUri } from '../endpoint/nbd.js';
+import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
 import { SshHost, domainHostOf, type DomainHost } from '../libvirt/domainHost.js';
@@ -273,7 +273,7 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   if (options.tls && !ctx.host.remote) {
     log.warn(`--tls: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket: no TLS needed, none used`);
   }
-  if (options.tls && ctx.host.remote) await checkClientCertificates(tlsDirOf(options));
+  if (options.tls && ctx.host.remote) await checkTlsClientFiles(tlsDirOf(options));
   if (power.offline && options.startOnly) {
     throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first`);
   }
@@ -340,24 +340,9 @@ function socketOf(options: BackupOptions): string {
   return options.socketFile ?? `/var/tmp/virtnbdbackup.${process.pid}`;
 }
 
-/** virtnbdbackup's default TCP port of a remote domain's job (-P). */
-export const DEFAULT_NBD_PORT = 10809;
-
-/** Where --tls looks for this side's certificates by default, as virtnbdbackup does. */
-export const DEFAULT_TLS_CERT_DIR = '/etc/pki/qemu';
 
 function tlsDirOf(options: BackupOptions): string {
   return path.resolve(options.tlsCertificates ?? DEFAULT_TLS_CERT_DIR);
-}
-
-/** --tls refuses to start without the files libnbd needs for a TLS client, naming the first one missing. */
-async function checkClientCertificates(dir: string): Promise<void> {
-  for (const file of ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']) {
-    const readable = await fs.access(path.join(dir, file), fs.constants.R_OK).then(() => true, () => false);
-    if (!readable) {
-      throw new UserError(`--tls: ${path.join(dir, file)} is missing or unreadable; give the directory holding ca-cert.pem (the CA of the host's certificates), client-cert.pem and client-key.pem with --tls-cert`);
-    }
-  }
 }
 
 /** Where the job serves: the socket here, or a TCP address on a domain's remote host (-I, -P), with --tls TLS. */

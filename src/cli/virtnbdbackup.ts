@@ -1,7 +1,8 @@
 // virtnbdbackup: command-line front of the backup engine, flags and defaults as virtnbdbackup 2.x.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, backup, type BackupResult } from '../backup/backup.js';
+import { backup, type BackupResult } from '../backup/backup.js';
+import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR } from '../endpoint/nbd.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';

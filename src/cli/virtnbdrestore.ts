@@ -1,9 +1,11 @@
 // virtnbdrestore: command-line front of restore, dump and verify, flags and defaults as virtnbdbackup 2.x.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { dump, restore } from '../restore/restore.js';
+import path from 'node:path';
+import { dump, restore, type RestoreOptions } from '../restore/restore.js';
 import { verifySet } from '../verify/verify.js';
 import { domainHostOf } from '../libvirt/domainHost.js';
+import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
 import { listOption, makeLogger, makeProgress, parseFlags, refuseUnsupported, runCommand, withUnsupportedRemoteFlags, VERSION, withLogFile } from './common.js';
 
@@ -26,12 +28,12 @@ const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideB
   .option('buffsize', { alias: 'B', type: 'number', describe: 'Accepted for compatibility; verify reads 4 MiB at a time' })
   .option('preallocate', { alias: 'A', type: 'boolean', default: false, describe: 'Preallocate restored images (metadata for qcow2, falloc for raw)' })
   .option('compress', { type: 'boolean', default: false, describe: 'Write restored qcow2 images with compressed clusters' })
-  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI (used by -D only; this host\'s only)' })
-  .option('nbd-port', { alias: 'P', type: 'number', describe: 'Restores onto another host: not supported yet (refused)' })
-  .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
-  .option('ssh-user', { type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
-  .option('tls', { type: 'boolean', describe: 'Restores onto another host: not supported yet (refused)' })
-  .option('tls-cert', { type: 'string', describe: 'Restores onto another host: not supported yet (refused)' })
+  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI for -D; a remote one (qemu+ssh://user@host/system) restores onto that host: -o is a directory there' })
+  .option('nbd-port', { alias: 'P', type: 'number', describe: `Onto another host: TCP port of its qemu-nbd (default ${DEFAULT_NBD_PORT})` })
+  .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Onto another host: address its qemu-nbd binds and is reached at (default: the URI\'s host)' })
+  .option('ssh-user', { type: 'string', describe: 'Onto another host: ssh user (default: the URI\'s user, else root)' })
+  .option('tls', { type: 'boolean', describe: 'Onto another host: NBD over TLS (its certificates in /etc/pki/qemu there)' })
+  .option('tls-cert', { type: 'string', describe: `Onto another host, --tls: directory of ca-cert.pem, client-cert.pem and client-key.pem (default ${DEFAULT_TLS_CERT_DIR})` })
   .option('logfile', { alias: 'L', type: 'string', describe: 'Also write the log to this file' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
@@ -51,10 +53,6 @@ const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideB
 
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   refuseUnsupported(argv);
-  const remoteFlags = [argv['nbd-port'], argv['nbd-ip'], argv['ssh-user'], argv.tls, argv['tls-cert']].some((v) => v !== undefined);
-  if (remoteFlags || (argv.define && domainHostOf(argv.uri).remote)) {
-    throw new UserError(`restoring onto another host (-P/-I/--ssh-user/--tls, or -D with a remote -U) is not supported yet: restore on this host, copy the images and the domain XML over, and define it there with 'virsh define'`);
-  }
   const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
   if (action === 'dump') {
     for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);
@@ -68,6 +66,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
     return verdicts.every((v) => v.ok) ? 0 : 1;
   }
   const log = makeLogger(argv);
+  const onto = await outputHost();
   await withLogFile(log, argv.logfile, async () => {
     const progress = await makeProgress(argv, 'restoring');
     try {
@@ -75,7 +74,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
         input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
         raw: argv.raw, preallocate: argv.preallocate, compress: argv.compress, socketFile: argv.socketfile,
         adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, configFile: argv['config-file'],
-        log, progress: progress.factory, signal,
+        ...onto, log, progress: progress.factory, signal,
       });
       progress.stop();
       for (const d of result.disks) log.info(`disk ${d.disk} restored to ${d.image} (${d.applied.join(', ')})`);
@@ -86,3 +85,18 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   });
   return 0;
 });
+
+/** With a remote -U, the restore goes onto that host; the flags for it mean nothing without one. */
+async function outputHost(): Promise<Pick<RestoreOptions, 'host' | 'remoteServer'>> {
+  const host = domainHostOf(argv.uri, argv['ssh-user']);
+  if (!host.remote) {
+    const given = (['nbd-port', 'nbd-ip', 'ssh-user', 'tls', 'tls-cert'] as const).filter((flag) => argv[flag] !== undefined);
+    if (given.length > 0) {
+      throw new UserError(`--${given[0]} applies to a restore onto another host: give that host's libvirt URI with -U (qemu+ssh://user@host/system), or leave it out`);
+    }
+    return {};
+  }
+  const tlsCertificates = argv.tls ? path.resolve(argv['tls-cert'] ?? DEFAULT_TLS_CERT_DIR) : undefined;
+  if (tlsCertificates) await checkTlsClientFiles(tlsCertificates);
+  return { host, remoteServer: { host: argv['nbd-ip'] ?? host.hostname, port: argv['nbd-port'] ?? DEFAULT_NBD_PORT, tlsCertificates } };
+}

@@ -1,6 +1,9 @@
 // Endpoint over an NBD export through libnbd (native addon), with a pool of connections so that several
 // requests are in flight. Guarantees: requests never exceed the server's maximum; close() disconnects all.
+import fs from 'node:fs/promises';
+import path from 'node:path';
 import { native, type NbdHandle } from '../native/addon.js';
+import { UserError } from '../util/errors.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { READ_REQUEST_SIZE, type Endpoint, type ReadSums, type StatusExtent } from './endpoint.js';
 
@@ -20,6 +23,22 @@ export interface NbdOpenOptions {
   connections?: number;
   /** The server is one of ours (qemu-nbd --shared) whose connections share one block backend. */
   sharedBackend?: boolean;
+}
+
+/** virtnbdbackup's default TCP port of a remote host's NBD server (-P). */
+export const DEFAULT_NBD_PORT = 10809;
+
+/** Where --tls looks for this side's certificates by default, as virtnbdbackup does. */
+export const DEFAULT_TLS_CERT_DIR = '/etc/pki/qemu';
+
+/** --tls refuses to start without the files libnbd needs for a TLS client, naming the first one missing. */
+export async function checkTlsClientFiles(dir: string): Promise<void> {
+  for (const file of ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']) {
+    const readable = await fs.access(path.join(dir, file), fs.constants.R_OK).then(() => true, () => false);
+    if (!readable) {
+      throw new UserError(`--tls: ${path.join(dir, file)} is missing or unreadable; give the directory holding ca-cert.pem (the CA of the host's certificates), client-cert.pem and client-key.pem with --tls-cert`);
+    }
+  }
 }
 
 /** nbd://host:port/export (nbds:// with TLS) of a server on TCP; IPv6 addresses in brackets. */

@@ -16,6 +16,7 @@ import { isStreamFile } from '../verify/verify.js';
 import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
 import { UserError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
+import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
 
 export interface PlanOptions {
   input: string;
@@ -33,6 +34,8 @@ export interface PlanOptions {
   preallocate?: boolean;
   /** Write new qcow2 images with compressed clusters. */
   compress?: boolean;
+  /** The host the output is on: this one (default), or a remote libvirt URI's (then `output` is a directory there). */
+  host?: DomainHost;
   log?: Logger;
 }
 
@@ -77,10 +80,12 @@ export const identOf = (link: ChainLink): string => (link.level === 'full' ? lin
 
 export const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
 
-/** Refuses, naming the first, if any of `files` exists: a restore never overwrites. */
-export async function refuseExisting(files: readonly string[]): Promise<void> {
+/** Refuses, naming the first, if any of `files` exists on `host`: a restore never overwrites. */
+export async function refuseExisting(files: readonly string[], host: DomainHost = LOCAL_HOST): Promise<void> {
   for (const file of files) {
-    if (await exists(file)) throw new UserError(`${file} already exists; restore into another directory or move it away (nothing is overwritten)`);
+    if (await host.exists(file)) {
+      throw new UserError(`${file}${host.remote ? ` on ${host.label}` : ''} already exists; restore into another directory or move it away (nothing is overwritten)`);
+    }
   }
 }
 
@@ -225,6 +230,15 @@ interface OutputTarget {
   block: boolean;
 }
 
+/** A remote output is a directory there (made if missing): files and devices of another host are not written onto. */
+async function resolveRemoteOutput(output: string, host: DomainHost): Promise<OutputTarget> {
+  if (!path.isAbsolute(output)) throw new UserError(`-o ${output} is on ${host.label}: give it as an absolute path`);
+  if ((await host.exists(output)) && (await host.run('sh', ['-c', '[ -d "$1" ] && echo dir || echo other', 'sh', output])).stdout.trim() !== 'dir') {
+    throw new UserError(`-o ${output} on ${host.label} is not a directory; a restore onto another host writes new images into a directory`);
+  }
+  return { dir: output, block: false };
+}
+
 async function resolveOutput(output: string): Promise<OutputTarget> {
   const stat = await fs.stat(output).catch(() => undefined);
   if (!stat || stat.isDirectory()) return { dir: output, block: false };
@@ -263,9 +277,13 @@ function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): 
 export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   const log = options.log ?? silentLogger;
   const input = path.resolve(options.input);
-  const output = await resolveOutput(path.resolve(options.output));
+  const host = options.host ?? LOCAL_HOST;
+  const output = host.remote ? await resolveRemoteOutput(options.output, host) : await resolveOutput(path.resolve(options.output));
   const resolved = { ...options, input };
   const { chains, images, checkpoints } = selectSources(await scanSet(input), resolved, log);
+  if (host.remote && images.size > 0) {
+    throw new UserError(`${[...images.values()].map((f) => f.file).join(', ')} ${images.size > 1 ? 'are raw images' : 'is a raw image'} (-t raw), which restore onto this host only: restore here and copy the image over, or leave the disk out with -d`);
+  }
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));
@@ -360,7 +378,7 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
   }
   const twice = outputs.find((file, i) => outputs.indexOf(file) !== i);
   if (twice) throw new UserError(`two restored files would be named ${twice}; restore the disks one by one with -d`);
-  await refuseExisting(outputs);
+  await refuseExisting(outputs, options.host);
 }
 
 async function readQcowInfo(input: string, disk: DiskPlan): Promise<string | undefined> {

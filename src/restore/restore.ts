@@ -4,7 +4,8 @@
 //   -> each stream's records in order (zero frames of later links written; onto an existing target, the base
 //      also zeroes every range it does not cover) -> adler32 of each file == its .chksum -> flush, stop qemu-nbd
 //   -> (--compress: qemu-img convert -c) -> rename; raw images: qemu-img convert -> vmconfig copied, or adjusted
-//   with the saved NVRAM copied beside it -> -D: defined through libvirt
+//   with the saved NVRAM copied beside it -> -D: defined through libvirt. With a remote URI, every step on the
+//   output's side (files, qemu-img, qemu-nbd) runs on that host through ssh, and NBD goes over TCP.
 // Guarantees: never overwrites an existing file; each link is fully written before the next starts, so later
 // changes win; a damaged file (bad frame, bad lz4 checksum, checksum mismatch) fails the restore naming it, and a
 // failed restore into a directory leaves nothing of that disk behind. Only -D needs libvirtd.
@@ -18,7 +19,8 @@ import { autostartName, listSet, type ChainLink } from '../set/backupSet.js';
 import { lostConnectionError, openLibvirt } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, native, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
-import { ImageServer, convertImage, createImage } from './qemu.js';
+import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
+import { LOCAL_HOST, SshHost } from '../libvirt/domainHost.js';
 import { exists, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
@@ -32,6 +34,8 @@ export { loadChains } from './plan.js';
 export interface RestoreOptions extends PlanOptions {
   /** Socket for qemu-nbd; default /var/tmp/virtnbdrestore.<pid>.<disk>. */
   socketFile?: string;
+  /** Onto another host (`host` an SshHost): where its qemu-nbd listens (-I, -P) and, for TLS, this side's certificates. */
+  remoteServer?: { host: string; port: number; tlsCertificates?: string };
   /** -c: write the domain XML adjusted to the restored disks (implied by `define`). */
   adjustConfig?: boolean;
   /** -D: define the adjusted domain in libvirt. */
@@ -90,14 +94,15 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   // The name is checked now, before anything is written; the define connects at the end, so a libvirtd restarted
   // while the images are written does not fail the run.
   if (options.define) await checkNameFree(uri, config?.adjusted?.name as string);
-  if (plan.outputDir) await fs.mkdir(plan.outputDir, { recursive: true });
+  const host = options.host ?? LOCAL_HOST;
+  if (plan.outputDir) await host.makeDir(plan.outputDir);
   const disks: RestoredDisk[] = [];
   for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
   const result: RestoreResult = { disks };
-  if (config?.nvram) await fs.copyFile(config.nvram.saved, config.nvram.target, fs.constants.COPYFILE_EXCL);
+  if (config?.nvram) await host.createNew(config.nvram.target, { localFile: config.nvram.saved });
   if (config?.target) {
-    if (config.adjusted) await fs.writeFile(config.target, config.adjusted.xml, { flag: 'wx' });
-    else await fs.copyFile(config.source, config.target, fs.constants.COPYFILE_EXCL).catch(ignoreExisting);
+    if (config.adjusted) await host.createNew(config.target, Buffer.from(config.adjusted.xml));
+    else if (!(await host.exists(config.target))) await host.createNew(config.target, { localFile: config.source });
     result.config = config.target;
   }
   if (options.define && config?.adjusted) {
@@ -110,10 +115,6 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     }
   }
   return result;
-}
-
-function ignoreExisting(err: NodeJS.ErrnoException): void {
-  if (err.code !== 'EEXIST') throw err;
 }
 
 /** Which domain XML goes into the output, adjusted or as saved; refuses before anything is written. */
@@ -221,7 +222,7 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
       await writeChain(disk, disk.source.chain, options, created);
     }
   } catch (err) {
-    await Promise.all(created.map((file) => fs.rm(file, { force: true })));
+    await Promise.all(created.map((file) => (options.host ?? LOCAL_HOST).remove(file).catch(() => undefined)));
     if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
     const hint = err instanceof StreamFormatError ? `; ${DAMAGED_HINT}` : '';
     const left = disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
@@ -249,21 +250,30 @@ async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions
   await fs.rename(partial, disk.image);
 }
 
+/** Where the image's qemu-nbd serves: a socket here, or TCP on the output's remote host. */
+function serveAt(disk: DiskPlan, options: RestoreOptions): ServeOptions['at'] {
+  const host = options.host ?? LOCAL_HOST;
+  if (!host.remote) return { socket: options.socketFile ?? `/var/tmp/virtnbdrestore.${process.pid}.${disk.disk}` };
+  if (!(host instanceof SshHost) || !options.remoteServer) throw new Error('a restore onto another host needs its ssh and server address');
+  return { ssh: host, ...options.remoteServer };
+}
+
 async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOptions, created: string[]): Promise<void> {
+  const host = options.host ?? LOCAL_HOST;
   const compress = Boolean(options.compress) && disk.format === 'qcow2' && !disk.existing;
   const partial = `${disk.image}.partial`;
   const work = disk.existing ? disk.image : compress ? `${disk.image}.uncompressed.partial` : partial;
   if (!disk.existing) {
     created.push(work, ...(disk.dataFile ? [disk.dataFile] : []));
-    await createImage(work, disk.format, disk.virtualSize, disk.createOptions);
+    await createImage(work, disk.format, disk.virtualSize, disk.createOptions, host);
   }
-  const socket = options.socketFile ?? `/var/tmp/virtnbdrestore.${process.pid}.${disk.disk}`;
-  await fs.rm(socket, { force: true });
   // -A preallocates new images (plan.ts refuses it for an existing target): zero writes must not unmap them.
-  const server = await ImageServer.start({ file: work, format: disk.format, socket, exportName: disk.disk, connections: CONNECTIONS, thin: !options.preallocate });
+  const server = await ImageServer.start({
+    file: work, format: disk.format, exportName: disk.disk, connections: CONNECTIONS, thin: !options.preallocate, at: serveAt(disk, options),
+  });
   let endpoint: Endpoint | undefined;
   try {
-    endpoint = await NbdEndpoint.open({ socket, exportName: disk.disk }, { connections: CONNECTIONS, sharedBackend: true });
+    endpoint = await NbdEndpoint.open(server.address, { connections: CONNECTIONS, sharedBackend: true });
     const progress = options.progress?.(disk.disk, disk.dataSize);
     for (const [i, link] of chain.entries()) {
       const base = i === 0;
@@ -281,15 +291,14 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
   } finally {
     await endpoint?.close();
     await server.stop();
-    await fs.rm(socket, { force: true });
   }
   if (disk.existing) return;
   if (compress) {
     created.push(partial);
-    await convertImage(work, 'qcow2', partial, 'qcow2', { options: disk.createOptions, compress: true });
-    await fs.rm(work);
+    await convertImage(work, 'qcow2', partial, 'qcow2', { options: disk.createOptions, compress: true, host });
+    await host.remove(work);
   }
-  await fs.rename(partial, disk.image);
+  await host.rename(partial, disk.image);
 }
 
 /** A data file whose adler32 differs from its `.chksum` is damaged, even where its frames parse. */

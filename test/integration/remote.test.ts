@@ -1,15 +1,15 @@
 // A domain of another host, reached with a remote libvirt URI (qemu+ssh://), as virtnbdbackup's users back up:
 // here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P), image info
 // and boot files come through ssh, -s/-k work remotely, a shut-off remote domain is served by qemu-nbd on that host,
-// --tls serves NBD over TLS with the host's certificates; the flags not supported yet (--user/--password, restores
-// onto another host) are refused with one line.
+// --tls serves NBD over TLS with the host's certificates, a restore goes onto that host through its qemu-nbd; what is
+// not supported (--user/--password) and restore flags for another host without its URI are refused with one line.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { withDomain, withTempDir } from '../support/testbed.js';
+import { TestDomain, withDomain, withTempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdRuns, runCli, runOk } from '../support/cli.js';
 import { assertRestoresTo, virsh } from '../support/points.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
@@ -66,7 +66,7 @@ test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -
   await assertRestoresTo(work, set, p2);
 });
 
-test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cert (qemu-img map too); plain NBD is refused by it; missing client files are one line', async (t) => {
+test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cert (qemu-img map too), a restore onto that host too; plain NBD is refused by it; missing client files are one line', async (t) => {
   const client = await withHostTlsCertificates(t);
   if (!client) {
     t.skip(`${HOST_TLS_DIR} exists: this machine's own TLS set-up is left alone`);
@@ -85,6 +85,11 @@ test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cer
   const p1 = await dom.snapshot('vda');
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set, ...remote]);
   await assertRestoresTo(work, set, p1);
+  // And back onto that host: its qemu-nbd serves the new image over TLS.
+  const there = path.join(work, 'there');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', there, '-n', ...remote]);
+  const same = await TestDomain.compare(path.join(there, 'vda.qcow2'), p1);
+  assert.ok(same.identical, same.output);
 
   const started = await runOk(bin, ['-n', '-d', dom.name, '-s', '-o', path.join(work, 'started'), ...remote]);
   assert.equal(started.stdout.trim(), `nbds://127.0.0.1:${port}`);
@@ -98,6 +103,41 @@ test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cer
   const local = await runCli(bin, ['-n', '-e', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'local'), '--tls']);
   assert.equal(local.code, 2, local.stderr);
   assert.match(local.stderr, /--tls: domain .* runs on this host, .* no TLS needed, none used/);
+});
+
+test('restore onto another host (remote -U): images written there through its qemu-nbd, -D defines them there; nothing overwritten; raw-image sets refused', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'remoterestore-');
+  const set = path.join(work, 'set');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  await dom.write('vda', 0x55, '4M', '3M');
+  const p1 = await dom.snapshot('vda');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+
+  const name = `vnbdtest-remote-${path.basename(work).replace(/[^a-z0-9]/gi, '')}`;
+  t.after(() => { try { virsh('undefine', name); } catch { /* not defined */ } });
+  const out = path.join(work, 'there');
+  const port = await freePort();
+  const remote = ['-U', sshd.libvirtUri, '-P', String(port)];
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-D', '-N', name, ...remote]);
+  const image = path.join(out, 'vda.qcow2');
+  const same = await TestDomain.compare(image, p1);
+  assert.ok(same.identical, same.output);
+  assert.match(virsh('domblklist', name), new RegExp(`vda\\s+${image}`));
+  assert.equal(await qemuNbdRuns((arg) => arg === String(port)), false, 'the remote qemu-nbd outlived the restore');
+
+  const again = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', ...remote]);
+  assert.equal(again.code, 1, again.stderr);
+  assert.match(errorLines(again).join('\n'), new RegExp(`${image} on root@127\\.0\\.0\\.1 already exists; restore into another directory`));
+  const relative = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'there', '-n', ...remote]);
+  assert.match(errorLines(relative).join('\n'), /-o there is on root@127\.0\.0\.1: give it as an absolute path/);
+
+  const rawSet = path.join(work, 'raw');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'copy', '-t', 'raw', '-o', rawSet]);
+  const raw = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', path.join(work, 'rawthere'), '-n', ...remote]);
+  assert.equal(raw.code, 1, raw.stderr);
+  assert.match(errorLines(raw).join('\n'), /vda\.copy\.data is a raw image \(-t raw\), which restore onto this host only/);
 });
 
 test('files of the remote host come through ssh: read whole, and a missing one fails before any byte', async (t) => {
@@ -116,12 +156,12 @@ test('files of the remote host come through ssh: read whole, and a missing one f
   assert.match((await host.run('echo', ["a 'quoted' word"])).stdout, /^a 'quoted' word\n$/);
 });
 
-test('not supported yet, refused with one line: --user/--password, restores onto another host', async () => {
+test('refused with one line: --user/--password (not supported), restore flags for another host without its URI', async () => {
   const cases: Array<[string, string[], RegExp]> = [
-    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--tls'], /restoring onto another host .* is not supported yet/],
     [bin, ['-d', 'x', '-l', 'full', '-o', '/nonexistent', '--password', 'secret'], /--user\/--password \(libvirt login\) are not supported/],
-    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--ssh-user', 'root'], /restoring onto another host .* is not supported yet/],
-    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-D', '-U', 'qemu+ssh://root@kvm1/system'], /restoring onto another host .* is not supported yet/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--user', 'root'], /--user\/--password \(libvirt login\) are not supported/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--tls'], /--tls applies to a restore onto another host: give that host's libvirt URI with -U/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-P', '10810'], /--nbd-port applies to a restore onto another host/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(command, args);

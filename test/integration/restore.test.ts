@@ -174,7 +174,7 @@ test('the qemu-nbd a restore writes through keeps its request buffers on huge pa
   await fs.writeFile(image, '');
   await fs.truncate(image, 64 * MiB);
   await fs.writeFile(source, randomBytes(32 * MiB));
-  const server = await ImageServer.start({ file: image, format: 'raw', socket, exportName: 'disk', connections: 1, thin: false });
+  const server = await ImageServer.start({ file: image, format: 'raw', at: { socket }, exportName: 'disk', connections: 1, thin: false });
   try {
     await run('nbdcopy', ['--request-size=4194304', '--flush', source, `nbd+unix:///disk?socket=${socket}`]);
     const pid = await qemuNbdPid((arg) => arg === socket);
