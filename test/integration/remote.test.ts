@@ -1,6 +1,6 @@
 // A domain of another host, reached with a remote libvirt URI (qemu+ssh://), as virtnbdbackup's users back up:
 // here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P), image info
-// and boot files come through ssh, -s/-k work remotely, a shut-off remote domain is served by qemu-nbd on that host,
+// and boot files come through ssh (boot files tested on their own), -s/-k work remotely, a shut-off remote domain is served by qemu-nbd on that host,
 // --tls serves NBD over TLS with the host's certificates, a restore goes onto that host through its qemu-nbd; what is
 // not supported (--user/--password) and restore flags for another host without its URI are refused with one line.
 import { test } from 'node:test';
@@ -138,6 +138,30 @@ test('restore onto another host (remote -U): images written there through its qe
   const raw = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', path.join(work, 'rawthere'), '-n', ...remote]);
   assert.equal(raw.code, 1, raw.stderr);
   assert.match(errorLines(raw).join('\n'), /vda\.copy\.data is a raw image \(-t raw\), which restore onto this host only/);
+});
+
+test('remote boot files (loader, nvram, kernel, initrd) come through ssh into the set', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const dom = await withDomain(t, { disks: [DISK], start: false });
+  const work = await withTempDir(t, 'remoteboot-');
+  const files: Record<string, string> = {};
+  for (const [kind, size] of [['kernel', 8192], ['initrd', 4096], ['code.fd', 65536], ['vars.fd', 65536]] as const) {
+    files[kind] = path.join(dom.dir, `boot-${kind}`);
+    await fs.writeFile(files[kind] as string, Buffer.alloc(size, kind.length));
+  }
+  const xml = virsh('dumpxml', dom.name)
+    .replace('</os>', `<loader readonly='yes' type='pflash'>${files['code.fd']}</loader><nvram>${files['vars.fd']}</nvram><kernel>${files.kernel}</kernel><initrd>${files.initrd}</initrd></os>`)
+    .replace('<devices>', '<features><acpi/></features><devices>');
+  await fs.writeFile(path.join(work, 'domain.xml'), xml);
+  virsh('define', path.join(work, 'domain.xml'));
+
+  const set = path.join(work, 'set');
+  const r = await runOk(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', set, '-U', sshd.libvirtUri, '-P', String(await freePort())]);
+  for (const file of Object.values(files)) {
+    const name = path.basename(file);
+    assert.match(r.stderr, new RegExp(`saved \\w+ ${file} of root@127\\.0\\.0\\.1 as ${name.replace('.', '\\.')}`));
+    assert.ok((await fs.readFile(path.join(set, name))).equals(await fs.readFile(file)), `${name} differs`);
+  }
 });
 
 test('files of the remote host come through ssh: read whole, and a missing one fails before any byte', async (t) => {
