@@ -1,8 +1,8 @@
 // A domain of another host, reached with a remote libvirt URI (qemu+ssh://), as virtnbdbackup's users back up:
-// here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P), image info
-// and boot files come through ssh (boot files tested on their own), -s/-k work remotely, a shut-off remote domain is served by qemu-nbd on that host,
-// --tls serves NBD over TLS with the host's certificates, a restore goes onto that host through its qemu-nbd; what is
-// not supported (--user/--password) and restore flags for another host without its URI are refused with one line.
+// here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P); image info
+// and boot files come through ssh; -s/-k work remotely; a shut-off remote domain is served by qemu-nbd on that
+// host; --tls serves NBD over TLS with the host's certificates; a restore goes onto that host through its qemu-nbd;
+// --user/--password (not supported) and restore flags for another host without its URI are refused with one line.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
