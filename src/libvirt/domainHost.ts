@@ -101,7 +101,6 @@ export class SshHost implements DomainHost {
     }
   }
 
-  /** `cat` through ssh; resolves at its first bytes or its successful end, so that a missing file rejects here. */
   async exists(file: string): Promise<boolean> {
     const { stdout } = await this.run('sh', ['-c', 'if [ -e "$1" ] || [ -L "$1" ]; then echo yes; else echo no; fi', 'sh', file]);
     return stdout.trim() === 'yes';
@@ -134,6 +133,7 @@ export class SshHost implements DomainHost {
     if (code !== 0) throw new Error(`on ${this.label}: cannot create ${file}: ${stderr.trim().split('\n').pop() || `ssh exited with ${code}`}`);
   }
 
+  /** `cat` through ssh; resolves at its first bytes or its successful end, so that a missing file rejects here. */
   async openRead(file: string): Promise<AsyncIterable<Buffer>> {
     const child = spawn('ssh', [...this.sshArgs(), `cat -- ${shellQuote(file)}`], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stderr = '';
@@ -165,7 +165,7 @@ export class SshHost implements DomainHost {
   }
 }
 
-/** A server started on a remote host through ssh (serve()). */
+/** A server started on a remote host through ssh (serveRemotely). */
 export interface RemoteServer {
   /** Ends it: the remote shell kills it once ssh's input closes; resolves when the ssh session is gone. */
   stop(): Promise<void>;
@@ -177,6 +177,8 @@ export interface RemoteServer {
  * or its ssh dies; a server that exits on its own ends the session, and rejects with its last words.
  */
 export async function serveRemotely(ssh: SshHost, command: string, args: string[], host: string, port: number, timeoutMs = 15000): Promise<RemoteServer> {
+  // Readiness is the port accepting: one that already does belongs to someone else.
+  if (await accepts(host, port)) throw new Error(`port ${port} on ${host} is taken (another backup or restore?): choose another with -P`);
   const line = [command, ...args].map(shellQuote).join(' ');
   // Background jobs of a non-interactive shell read /dev/null: the watcher gets the session's input through fd 3.
   const script = `exec 3<&0; ${line} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-; wait $p; echo "${command} exited with $?" >&2`;

@@ -130,6 +130,14 @@ test('restore onto another host (remote -U): images written there through its qe
   const again = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', ...remote]);
   assert.equal(again.code, 1, again.stderr);
   assert.match(errorLines(again).join('\n'), new RegExp(`${image} on root@127\\.0\\.0\\.1 already exists; restore into another directory`));
+  // Its qemu-nbd's port already taken there: one line naming it and -P, and nothing of the disk kept.
+  const taken = net.createServer();
+  await new Promise<void>((resolve) => taken.listen(port, '127.0.0.1', resolve));
+  const busyOut = path.join(work, 'busy');
+  const busy = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', busyOut, '-n', ...remote]).finally(() => taken.close());
+  assert.equal(busy.code, 1, busy.stderr);
+  assert.match(errorLines(busy).join('\n'), new RegExp(`port ${port} on 127\\.0\\.0\\.1 is taken \\(another backup or restore\\?\\): choose another with -P; nothing of it was kept$`));
+  assert.deepEqual(await fs.readdir(busyOut), []);
   const relative = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'there', '-n', ...remote]);
   assert.match(errorLines(relative).join('\n'), /-o there is on root@127\.0\.0\.1: give it as an absolute path/);
 
