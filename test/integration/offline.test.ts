@@ -8,7 +8,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { run, withDomain, withTempDir, type DiskSpec, type TestDomain } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
-import { assertRestoresTo as assertRestores, virsh } from '../support/points.js';
+import { assertRestoresTo as assertRestores, defineWithBootFiles, virsh } from '../support/points.js';
 
 const backup = (...args: string[]): ReturnType<typeof runOk> => runOk(ourBin('virtnbdbackup'), ['-n', ...args]);
 const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }, { pattern: 'random', offsetMiB: 8, lengthMiB: 24 }] } satisfies DiskSpec;
@@ -90,16 +90,7 @@ test('-S starts a shut-off domain paused and stops it again; a bitmap removed wh
 test('boot files (loader, nvram, kernel, initrd) and the autostart flag are saved with the backup', async (t) => {
   const dom = await withDomain(t, { disks: [DISK], start: false });
   const work = await withTempDir(t, 'boot-');
-  const files: Record<string, string> = {};
-  for (const [kind, size] of [['kernel', 8192], ['initrd', 4096], ['code.fd', 65536], ['vars.fd', 65536]] as const) {
-    files[kind] = path.join(dom.dir, `boot-${kind}`);
-    await fs.writeFile(files[kind] as string, Buffer.alloc(size, kind.length));
-  }
-  const xml = virsh('dumpxml', dom.name)
-    .replace('</os>', `<loader readonly='yes' type='pflash'>${files['code.fd']}</loader><nvram>${files['vars.fd']}</nvram><kernel>${files.kernel}</kernel><initrd>${files.initrd}</initrd></os>`)
-    .replace('<devices>', '<features><acpi/></features><devices>');
-  await fs.writeFile(path.join(work, 'domain.xml'), xml);
-  virsh('define', path.join(work, 'domain.xml'));
+  const files = await defineWithBootFiles(dom, work);
   virsh('autostart', dom.name);
 
   const set = path.join(work, 'set');

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { TestDomain, withDomain, withTempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdRuns, runCli, runOk } from '../support/cli.js';
-import { assertRestoresTo, virsh } from '../support/points.js';
+import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
 import { domainHostOf } from '../../src/libvirt/domainHost.js';
@@ -152,16 +152,7 @@ test('remote boot files (loader, nvram, kernel, initrd) come through ssh into th
   const sshd = await withPrivateSshd(t);
   const dom = await withDomain(t, { disks: [DISK], start: false });
   const work = await withTempDir(t, 'remoteboot-');
-  const files: Record<string, string> = {};
-  for (const [kind, size] of [['kernel', 8192], ['initrd', 4096], ['code.fd', 65536], ['vars.fd', 65536]] as const) {
-    files[kind] = path.join(dom.dir, `boot-${kind}`);
-    await fs.writeFile(files[kind] as string, Buffer.alloc(size, kind.length));
-  }
-  const xml = virsh('dumpxml', dom.name)
-    .replace('</os>', `<loader readonly='yes' type='pflash'>${files['code.fd']}</loader><nvram>${files['vars.fd']}</nvram><kernel>${files.kernel}</kernel><initrd>${files.initrd}</initrd></os>`)
-    .replace('<devices>', '<features><acpi/></features><devices>');
-  await fs.writeFile(path.join(work, 'domain.xml'), xml);
-  virsh('define', path.join(work, 'domain.xml'));
+  const files = await defineWithBootFiles(dom, work);
 
   const set = path.join(work, 'set');
   const r = await runOk(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', set, '-U', sshd.libvirtUri, '-P', String(await freePort())]);
