@@ -61,6 +61,7 @@ const argv = parseFlags('virtnbdbackup', withUnsupportedRemoteFlags(yargs(hideBi
   .example('$0 -d webvm -l full -o - > webvm.full.zip', 'full backup as a zip archive on stdout')
   .example("$0 -d webvm -l inc -o - | ssh host 'cat > webvm.inc.zip'", 'incremental into a zip on another host')
   .example('$0 -d webvm -l auto -S -o /backup/webvm', 'also when webvm is shut off (started paused for the backup)')
+  .example('$0 -U qemu+ssh://root@kvm1/system -d webvm -l auto -o /backup/webvm', 'webvm of host kvm1 (NBD over TCP, port 10809)')
   .example('$0 -d webvm -l auto --checkpoint-prefix weekly -o /backup/weekly', 'a second, independent chain')
   .example('$0 -d webvm -l inc -T 104857600 -o /backup/webvm', 'inc only when at least 100 MiB changed')
   .epilog([

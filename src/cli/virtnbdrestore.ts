@@ -49,7 +49,8 @@ const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideB
   .example('$0 -i /backup/webvm -o /restore -d vda', 'restore only disk vda')
   .example('$0 -i /backup/webvm -o /dev/vg/webvm -d vda', 'restore disk vda onto an existing block device')
   .example('$0 -i /backup/webvm -o /restore -s vda.full.data,vda.inc.virtnbdbackup.1.data', 'apply exactly these files')
-  .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2'));
+  .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2')
+  .example('$0 -U qemu+ssh://root@kvm2/system -D -i /backup/webvm -o /var/lib/libvirt/images/webvm', 'restore onto host kvm2 and define it there'));
 
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   refuseUnsupported(argv);
