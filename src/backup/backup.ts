@@ -202,7 +202,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       const vmXml = await domain.getXMLDesc(0);
       const info = parseDomainXml(vmXml);
       const ctx: RunContext = {
-        options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt, host,
+        options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt, host, offlineImageInfo: new Map(),
         xmlDir: options.checkpointDir ? path.resolve(options.checkpointDir) : path.join(stateDir, CHECKPOINT_DIR),
       };
       const result = await runBackup(ctx, level);

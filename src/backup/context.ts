@@ -30,4 +30,6 @@ export interface RunContext {
   startedAt: Date;
   /** Where the domain runs: this machine or a remote libvirt URI's host (qemu-img info and boot files go there). */
   host: DomainHost;
+  /** `qemu-img info` JSON by disk, read once in a run of a shut-off domain (its images do not change meanwhile). */
+  offlineImageInfo: Map<string, Promise<string>>;
 }

@@ -8,7 +8,7 @@ import fs from 'node:fs/promises';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { spawnServer, stopServer } from '../util/process.js';
-import { qemuNbdOverSsh, type DomainHost, type SshHost } from '../libvirt/domainHost.js';
+import { qemuNbdOverSsh, type SshHost } from '../libvirt/domainHost.js';
 import { oneLine } from '../util/errors.js';
 
 /** Room for the endpoint's connections plus a `qemu-img map` (-q). */
@@ -103,11 +103,10 @@ interface ImageBitmap {
 }
 
 /** What is wrong with the persistent bitmap `name` in each qcow2 image, or [] when every image has it intact. */
-export async function bitmapProblems(host: DomainHost, disks: DomainDisk[], name: string): Promise<string[]> {
+export async function bitmapProblems(infoOf: (disk: DomainDisk) => Promise<string>, disks: DomainDisk[], name: string): Promise<string[]> {
   const problems: string[] = [];
   for (const disk of disks.filter((d) => d.format === 'qcow2')) {
-    const { stdout } = await host.run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
-    const info = JSON.parse(stdout) as { 'format-specific'?: { data?: { bitmaps?: ImageBitmap[] } } };
+    const info = JSON.parse(await infoOf(disk)) as { 'format-specific'?: { data?: { bitmaps?: ImageBitmap[] } } };
     const bitmap = info['format-specific']?.data?.bitmaps?.find((b) => b.name === name);
     if (!bitmap) problems.push(`bitmap ${name} is missing from ${disk.path}`);
     else if (bitmap.flags?.includes('in-use')) problems.push(`bitmap ${name} in ${disk.path} is inconsistent (the image was not closed cleanly)`);

@@ -14,6 +14,7 @@ import { foreignCheckpoints, redefineMissing, unusableParent, warnForeign } from
 import { UserError, oneLine } from '../util/errors.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems } from './offline.js';
+import { imageInfoJson } from './sideFiles.js';
 import type { RunContext } from './context.js';
 
 export interface RunPlan {
@@ -63,7 +64,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (parent === undefined) throw new UserError(`no checkpoints in the backup set (${cptFile} lists none): run a full backup first`);
   await redefineMissing(domain, chain, ctx.xmlDir, log);
   const problem = await unusableParent(domain, parent, ctx.xmlDir)
-    ?? (power.offline ? (await bitmapProblems(ctx.host, ctx.disks, parent)).join('; ') || undefined : undefined);
+    ?? (power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent)).join('; ') || undefined : undefined);
   if (problem) return fallBackToFull(ctx, prefix, problem);
   if (power.offline && level === 'inc') {
     log.info(`domain '${options.domain}' is shut off: libvirt cannot create checkpoint ${prefix}.${chain.length} now, so this inc saves the changes since ${parent} as a differential backup; the chain continues with the next inc while the domain runs`);

@@ -7,6 +7,7 @@ import { DirectoryTarget } from '../set/target.js';
 import { oneLine } from '../util/errors.js';
 import { saveBootFiles } from './bootFiles.js';
 import type { RunContext } from './context.js';
+import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { RunPlan } from './runPlan.js';
 
 /** `qemu-img info` (JSON) of one disk, or why it could not be read. */
@@ -23,12 +24,23 @@ export interface ImageInfo {
 export function readImageInfo(ctx: RunContext): Promise<ImageInfo[]> {
   return Promise.all(ctx.disks.map(async (disk): Promise<ImageInfo> => {
     try {
-      const { stdout } = await ctx.host.run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string]);
-      return { target: disk.target, json: stdout };
+      return { target: disk.target, json: await imageInfoJson(ctx, disk) };
     } catch (failure) {
       return { target: disk.target, failure };
     }
   }));
+}
+
+/** `qemu-img info` JSON of `disk` on the domain's host; for a shut-off domain read once per run (the plan's bitmap check and qcow.json share it). */
+export function imageInfoJson(ctx: RunContext, disk: DomainDisk): Promise<string> {
+  const read = async (): Promise<string> => (await ctx.host.run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string])).stdout;
+  if (!ctx.power.offline) return read();
+  let info = ctx.offlineImageInfo.get(disk.target);
+  if (!info) {
+    info = read();
+    ctx.offlineImageInfo.set(disk.target, info);
+  }
+  return info;
 }
 
 async function saveImageInfo(ctx: RunContext, ident: string, infos: ImageInfo[]): Promise<void> {
