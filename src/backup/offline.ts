@@ -4,7 +4,6 @@
 // offline inc saves the changes since the last checkpoint as a differential.
 // Guarantees: images are opened read-only (QEMU's image locking then also keeps the domain from starting
 // meanwhile); end() stops every qemu-nbd and removes its socket.
-import fs from 'node:fs/promises';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { spawnServer, stopServer } from '../util/process.js';
@@ -82,15 +81,8 @@ export class OfflineExports implements DiskExports {
 }
 
 async function serveHere(args: string[], disk: DomainDisk, socket: string): Promise<ImageServer> {
-  await fs.rm(socket, { force: true });
   const child = await spawnServer('qemu-nbd', [...args, '--socket', socket, disk.path as string], socket);
-  return {
-    address: { socket, exportName: disk.target },
-    async stop() {
-      await stopServer(child);
-      await fs.rm(socket, { force: true });
-    },
-  };
+  return { address: { socket, exportName: disk.target }, stop: () => stopServer(child, socket) };
 }
 
 async function serveRemotelyOver(serving: Extract<OfflineServing, { ssh: SshHost }>, args: string[], disk: DomainDisk, port: number): Promise<ImageServer> {

@@ -36,8 +36,12 @@ function serverEnvironment(): NodeJS.ProcessEnv {
   return { ...process.env, GLIBC_TUNABLES: own ? `${SERVER_TUNABLES}:${own}` : SERVER_TUNABLES };
 }
 
-/** Starts a long-running server and resolves once `socketPath` exists; rejects if the process dies first. */
+/**
+ * Starts a long-running server and resolves once `socketPath` exists; rejects if the process dies first. A socket
+ * left at `socketPath` is removed first: its presence is what tells that the server is ready.
+ */
 export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
+  await fs.rm(socketPath, { force: true });
   // setpriv execs the server with a parent-death signal, so a server never outlives us, even after kill -9.
   const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args], {
     stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(),
@@ -60,8 +64,7 @@ export async function spawnServer(command: string, args: string[], socketPath: s
       return child;
     } catch { /* not yet */ }
     if (Date.now() > deadline) {
-      await stopServer(child);
-      await fs.rm(socketPath, { force: true });
+      await stopServer(child, socketPath);
       throw new Error(`${command} did not create ${socketPath} within ${timeoutMs / 1000} s`);
     }
     await new Promise((r) => setTimeout(r, 20));
@@ -85,12 +88,14 @@ export async function serverExit(child: ChildProcess, graceMs = 500): Promise<st
   return hasExited(child) ? howItEnded(child) : undefined;
 }
 
-/** Terminates a server started by spawnServer and waits for it to be gone. */
-export async function stopServer(child: ChildProcess): Promise<void> {
-  if (hasExited(child)) return;
-  const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-  await gone;
-  clearTimeout(timer);
+/** Terminates a server started by spawnServer, waits for it to be gone, and removes its socket when given. */
+export async function stopServer(child: ChildProcess, socketPath?: string): Promise<void> {
+  if (!hasExited(child)) {
+    const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    child.kill('SIGTERM');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await gone;
+    clearTimeout(timer);
+  }
+  if (socketPath) await fs.rm(socketPath, { force: true });
 }
