@@ -15,10 +15,10 @@ import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpoin
 import type { CheckpointPlan, JobServer, Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
-import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
+import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
-import { SshHost, domainHostOf, type DomainHost } from '../libvirt/domainHost.js';
+import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -273,7 +273,8 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   if (options.tls && !ctx.host.remote) {
     log.warn(`--tls: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket: no TLS needed, none used`);
   }
-  if (options.tls && ctx.host.remote) await checkTlsClientFiles(tlsDirOf(options));
+  const tls = ctx.host.remote ? tcpServerOn(ctx.host, options).tlsCertificates : undefined;
+  if (tls) await checkTlsClientFiles(tls);
   if (power.offline && options.startOnly) {
     throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first`);
   }
@@ -341,24 +342,16 @@ function socketOf(options: BackupOptions): string {
 }
 
 
-function tlsDirOf(options: BackupOptions): string {
-  return path.resolve(options.tlsCertificates ?? DEFAULT_TLS_CERT_DIR);
-}
-
 /** Where the job serves: the socket here, or a TCP address on a domain's remote host (-I, -P), with --tls TLS. */
 function serverOf(ctx: RunContext): JobServer {
-  const { options, host } = ctx;
-  if (!host.remote) return { socket: socketOf(options) };
-  const tlsCertificates = options.tls ? tlsDirOf(options) : undefined;
-  return { host: options.nbdHost ?? host.hostname, port: options.nbdPort ?? DEFAULT_NBD_PORT, tlsCertificates };
+  return ctx.host.remote ? tcpServerOn(ctx.host, ctx.options) : { socket: socketOf(ctx.options) };
 }
 
 /** Where a shut-off domain's images are served: sockets here, or qemu-nbd on its remote host at -I/-P (through ssh). */
 function offlineServing(ctx: RunContext): OfflineServing {
-  const server = serverOf(ctx);
-  if ('socket' in server) return { socketBase: server.socket };
-  if (!(ctx.host instanceof SshHost)) throw new Error('a remote domain host without ssh');
-  return { ssh: ctx.host, host: server.host, firstPort: server.port, tlsCertificates: server.tlsCertificates };
+  if (!ctx.host.remote) return { socketBase: socketOf(ctx.options) };
+  const { host, port, tlsCertificates } = tcpServerOn(ctx.host, ctx.options);
+  return { ssh: ctx.host, host, firstPort: port, tlsCertificates };
 }
 
 /** What to do about a job refused on a domain's remote host: a port in use, or TLS the host is not set up for. */

@@ -1,10 +1,9 @@
 // virtnbdrestore: command-line front of restore, dump and verify, flags and defaults as virtnbdbackup 2.x.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import path from 'node:path';
 import { dump, restore, type RestoreOptions } from '../restore/restore.js';
 import { verifySet } from '../verify/verify.js';
-import { domainHostOf } from '../libvirt/domainHost.js';
+import { domainHostOf, tcpServerOn } from '../libvirt/domainHost.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
 import { listOption, makeLogger, makeProgress, parseFlags, refuseUnsupported, runCommand, withUnsupportedRemoteFlags, VERSION, withLogFile } from './common.js';
@@ -97,7 +96,7 @@ async function outputHost(): Promise<Pick<RestoreOptions, 'host' | 'remoteServer
     }
     return {};
   }
-  const tlsCertificates = argv.tls ? path.resolve(argv['tls-cert'] ?? DEFAULT_TLS_CERT_DIR) : undefined;
-  if (tlsCertificates) await checkTlsClientFiles(tlsCertificates);
-  return { host, remoteServer: { host: argv['nbd-ip'] ?? host.hostname, port: argv['nbd-port'] ?? DEFAULT_NBD_PORT, tlsCertificates } };
+  const remoteServer = tcpServerOn(host, { nbdHost: argv['nbd-ip'], nbdPort: argv['nbd-port'], tls: argv.tls, tlsCertificates: argv['tls-cert'] });
+  if (remoteServer.tlsCertificates) await checkTlsClientFiles(remoteServer.tlsCertificates);
+  return { host, remoteServer };
 }

@@ -6,10 +6,12 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import net from 'node:net';
+import path from 'node:path';
 import { run, type RunResult } from '../util/process.js';
-import { nbdUri, type NbdAddress } from '../endpoint/nbd.js';
+import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 
-export interface DomainHost {
+/** What every host offers; `remote` tells this machine (LOCAL_HOST) from another one (SshHost) and narrows the type. */
+interface HostAccess {
   /** Whether the domain runs on another machine: its NBD exports are then served over TCP. */
   readonly remote: boolean;
   /** The host name NBD clients connect to (remote only). */
@@ -33,7 +35,10 @@ export interface DomainHost {
   createNew(file: string, content: Buffer | { localFile: string }): Promise<void>;
 }
 
-export const LOCAL_HOST: DomainHost = {
+/** This machine, or another one reached through ssh. */
+export type DomainHost = (HostAccess & { readonly remote: false }) | SshHost;
+
+export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
   remote: false,
   hostname: 'localhost',
   label: 'this host',
@@ -69,8 +74,8 @@ export interface SshTarget {
   knownHosts?: string;
 }
 
-export class SshHost implements DomainHost {
-  readonly remote = true;
+export class SshHost implements HostAccess {
+  readonly remote = true as const;
 
   constructor(private readonly target: SshTarget) {}
 
@@ -207,6 +212,20 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
   return { stop };
 }
 
+/** How a server on another host is reached (-I, -P, --tls, --tls-cert), as backup and restore take them. */
+export interface RemoteServing {
+  nbdHost?: string;
+  nbdPort?: number;
+  tls?: boolean;
+  tlsCertificates?: string;
+}
+
+/** A TCP NBD server on `ssh`'s host: -I (default its name), -P (default 10809), and with --tls this side's certificates. */
+export function tcpServerOn(ssh: SshHost, serving: RemoteServing): { host: string; port: number; tlsCertificates?: string } {
+  const tlsCertificates = serving.tls ? path.resolve(serving.tlsCertificates ?? DEFAULT_TLS_CERT_DIR) : undefined;
+  return { host: serving.nbdHost ?? ssh.hostname, port: serving.nbdPort ?? DEFAULT_NBD_PORT, tlsCertificates };
+}
+
 /** The host's own certificates for a remote qemu-nbd with TLS: where libvirt keeps them by default. */
 const REMOTE_SERVER_TLS_DIR = '/etc/pki/qemu';
 
@@ -220,7 +239,8 @@ export async function qemuNbdOverSsh(ssh: SshHost, args: string[], file: string,
   return { address: { uri: nbdUri(at, exportName), exportName, tlsCertificates: at.tlsCertificates }, stop: () => server.stop() };
 }
 
-function accepts(host: string, port: number): Promise<boolean> {
+/** Whether something listens on `host`:`port`. */
+export function accepts(host: string, port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = net.connect({ host, port });
     socket.once('connect', () => { socket.destroy(); resolve(true); });

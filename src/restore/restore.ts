@@ -20,7 +20,7 @@ import { lostConnectionError, openLibvirt } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, native, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
-import { LOCAL_HOST, SshHost } from '../libvirt/domainHost.js';
+import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
 import { exists, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
@@ -34,7 +34,7 @@ export { loadChains } from './plan.js';
 export interface RestoreOptions extends PlanOptions {
   /** Socket for qemu-nbd; default /var/tmp/virtnbdrestore.<pid>.<disk>. */
   socketFile?: string;
-  /** Onto another host (`host` an SshHost): where its qemu-nbd listens (-I, -P) and, for TLS, this side's certificates. */
+  /** Onto another host (`host` remote): where its qemu-nbd listens (-I, -P) and, for TLS, this side's certificates. */
   remoteServer?: { host: string; port: number; tlsCertificates?: string };
   /** -c: write the domain XML adjusted to the restored disks (implied by `define`). */
   adjustConfig?: boolean;
@@ -94,7 +94,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   // The name is checked now, before anything is written; the define connects at the end, so a libvirtd restarted
   // while the images are written does not fail the run.
   if (options.define) await checkNameFree(uri, config?.adjusted?.name as string);
-  const host = options.host ?? LOCAL_HOST;
+  const host = outputHost(options);
   if (plan.outputDir) await host.makeDir(plan.outputDir);
   const disks: RestoredDisk[] = [];
   for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
@@ -222,7 +222,7 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
       await writeChain(disk, disk.source.chain, options, created);
     }
   } catch (err) {
-    await Promise.all(created.map((file) => (options.host ?? LOCAL_HOST).remove(file).catch(() => undefined)));
+    await Promise.all(created.map((file) => outputHost(options).remove(file).catch(() => undefined)));
     if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
     const hint = err instanceof StreamFormatError ? `; ${DAMAGED_HINT}` : '';
     const left = disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
@@ -252,14 +252,18 @@ async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions
 
 /** Where the image's qemu-nbd serves: a socket here, or TCP on the output's remote host. */
 function serveAt(disk: DiskPlan, options: RestoreOptions): ServeOptions['at'] {
-  const host = options.host ?? LOCAL_HOST;
+  const host = outputHost(options);
   if (!host.remote) return { socket: options.socketFile ?? `/var/tmp/virtnbdrestore.${process.pid}.${disk.disk}` };
-  if (!(host instanceof SshHost) || !options.remoteServer) throw new Error('a restore onto another host needs its ssh and server address');
+  if (!options.remoteServer) throw new Error('a restore onto another host needs its server address');
   return { ssh: host, ...options.remoteServer };
 }
 
+function outputHost(options: RestoreOptions): DomainHost {
+  return options.host ?? LOCAL_HOST;
+}
+
 async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOptions, created: string[]): Promise<void> {
-  const host = options.host ?? LOCAL_HOST;
+  const host = outputHost(options);
   const compress = Boolean(options.compress) && disk.format === 'qcow2' && !disk.existing;
   const partial = `${disk.image}.partial`;
   const work = disk.existing ? disk.image : compress ? `${disk.image}.uncompressed.partial` : partial;

@@ -8,6 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { run, withTempDir } from './testbed.js';
+import { accepts } from '../../src/libvirt/domainHost.js';
 
 export interface PrivateSshd {
   port: number;
@@ -24,14 +25,6 @@ export async function freePort(): Promise<number> {
   const { port } = server.address() as net.AddressInfo;
   await new Promise<void>((resolve) => server.close(() => resolve()));
   return port;
-}
-
-async function accepts(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = net.connect(port, '127.0.0.1');
-    socket.once('connect', () => { socket.destroy(); resolve(true); });
-    socket.once('error', () => resolve(false));
-  });
 }
 
 export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
@@ -56,11 +49,11 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
     sshd.kill();
     await exited;
   });
-  for (let i = 0; i < 100 && !(await accepts(port)); i++) {
+  for (let i = 0; i < 100 && !(await accepts('127.0.0.1', port)); i++) {
     if (sshd.exitCode !== null) break;
     await sleep(50);
   }
-  if (!(await accepts(port))) {
+  if (!(await accepts('127.0.0.1', port))) {
     const log = await fs.readFile(path.join(dir, 'sshd.log'), 'utf8').catch(() => '');
     throw new Error(`the private sshd did not start on port ${port}: ${log.trim()}`);
   }
