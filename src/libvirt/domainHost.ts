@@ -3,7 +3,8 @@
 // files, and a restore's output files there.
 // Guarantees: commands run without a local shell and are quoted for the remote one; a failure names the host;
 // createNew never replaces an existing file.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
+import type { Readable, Writable } from 'node:stream';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -98,6 +99,19 @@ export class SshHost implements HostAccess {
     return [...args, host, '--'];
   }
 
+  /**
+   * Starts `script` in the remote shell with its stderr kept; `lastWords` is that stderr's last line, for errors.
+   * `bound` ties ssh to this process (a parent-death signal), for sessions that outlive a call.
+   */
+  spawn(script: string, stdin: 'pipe' | 'ignore', stdout: 'pipe' | 'ignore', bound = false): { child: ChildProcess; lastWords: () => string | undefined } {
+    const ssh = ['ssh', ...this.sshArgs(), script];
+    const [command, ...args] = bound ? ['setpriv', '--pdeathsig', 'SIGTERM', '--', ...ssh] : ssh;
+    const child = spawn(command as string, args, { stdio: [stdin, stdout, 'pipe'] });
+    let stderr = '';
+    child.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+    return { child, lastWords: () => stderr.trim().split('\n').pop() || undefined };
+  }
+
   async run(command: string, args: string[]): Promise<RunResult> {
     try {
       return await run('ssh', [...this.sshArgs(), [command, ...args].map(shellQuote).join(' ')]);
@@ -126,31 +140,28 @@ export class SshHost implements HostAccess {
   /** `cat` into the file with the shell's noclobber set: an existing file makes it fail. */
   async createNew(file: string, content: Buffer | { localFile: string }): Promise<void> {
     const input = Buffer.isBuffer(content) ? content : await fs.readFile(content.localFile);
-    const child = spawn('ssh', [...this.sshArgs(), `set -C; cat > ${shellQuote(file)}`], { stdio: ['pipe', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
-    child.stdin.on('error', () => undefined); // the remote side refused early: its exit says why
+    const { child, lastWords } = this.spawn(`set -C; cat > ${shellQuote(file)}`, 'pipe', 'ignore');
+    const stdin = child.stdin as Writable;
+    stdin.on('error', () => undefined); // the remote side refused early: its exit says why
     const code = await new Promise<number | null>((resolve, reject) => {
       child.once('error', reject);
       child.once('close', resolve);
-      child.stdin.end(input);
+      stdin.end(input);
     });
-    if (code !== 0) throw new Error(`on ${this.label}: cannot create ${file}: ${stderr.trim().split('\n').pop() || `ssh exited with ${code}`}`);
+    if (code !== 0) throw new Error(`on ${this.label}: cannot create ${file}: ${lastWords() ?? `ssh exited with ${code}`}`);
   }
 
   /** `cat` through ssh; resolves at its first bytes or its successful end, so that a missing file rejects here. */
   async openRead(file: string): Promise<AsyncIterable<Buffer>> {
-    const child = spawn('ssh', [...this.sshArgs(), `cat -- ${shellQuote(file)}`], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+    const { child, lastWords } = this.spawn(`cat -- ${shellQuote(file)}`, 'ignore', 'pipe');
     const exited = new Promise<void>((resolve, reject) => {
       child.once('error', reject);
       child.once('close', (code) => {
         if (code === 0) resolve();
-        else reject(new Error(`on ${this.label}: ${stderr.trim().split('\n').pop() || `ssh exited with ${code}`}`));
+        else reject(new Error(`on ${this.label}: ${lastWords() ?? `ssh exited with ${code}`}`));
       });
     });
-    const chunks = child.stdout[Symbol.asyncIterator]();
+    const chunks = (child.stdout as Readable)[Symbol.asyncIterator]();
     const firstChunk = chunks.next();
     // An empty output is either an empty file or a failure: then the exit status tells which.
     const first = await Promise.race([firstChunk, exited.then(() => firstChunk)])
@@ -187,15 +198,14 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
   const line = [command, ...args].map(shellQuote).join(' ');
   // Background jobs of a non-interactive shell read /dev/null: the watcher gets the session's input through fd 3.
   const script = `exec 3<&0; ${line} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-; wait $p; echo "${command} exited with $?" >&2`;
-  const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', 'ssh', ...ssh.sshArgs(), script], { stdio: ['pipe', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
-  child.stdin.on('error', () => undefined); // a session that already ended
+  const { child, lastWords } = ssh.spawn(script, 'pipe', 'ignore', true);
+  const stdin = child.stdin as Writable;
+  stdin.on('error', () => undefined); // a session that already ended
   const ended = new Promise<void>((resolve) => child.once('close', () => resolve()));
   let gone = false;
   void ended.then(() => { gone = true; });
   const stop = async (): Promise<void> => {
-    child.stdin.end();
+    stdin.end();
     const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
     await ended;
     clearTimeout(timer);
@@ -204,7 +214,7 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
   while (!(await accepts(host, port))) {
     if (gone || Date.now() > deadline) {
       await stop();
-      const said = stderr.trim().split('\n').pop();
+      const said = lastWords();
       throw new Error(`on ${ssh.label}: ${command} ${gone ? 'ended' : `did not listen within ${timeoutMs / 1000} s`} before it served ${host}:${port}${said ? `: ${said}` : ''}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 50));
