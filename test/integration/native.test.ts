@@ -19,6 +19,8 @@ import {
   type NativeError,
   type NbdHandle,
 } from '../../src/native/addon.js';
+import { DomainPower } from '../../src/backup/domainPower.js';
+import { Logger } from '../../src/util/log.js';
 import { anonHugeKiB, hugePagesOffered } from '../support/cli.js';
 
 const MiB = 1024 * 1024;
@@ -569,4 +571,27 @@ test('libvirt: errors, a throwaway domain, pull backup and checkpoints', async (
   // close() takes back the handles of the domains it handed out, so the daemon connection really closes.
   await assert.rejects(handedOut?.getState() ?? Promise.resolve(), /libvirt connection is closed/);
   assert.ok(!virshListAll().split('\n').includes(name), 'the test domain is gone');
+});
+
+test('libvirt: a guest agent freeze that succeeds, through the test driver (no test domain of ours runs an agent)', async () => {
+  // libvirt's test driver answers virDomainFSFreeze/Thaw as an agent would, so the binding's success path (the
+  // mount point array, the counts) and DomainPower's log lines run against the real library.
+  const conn = await addon.libvirtOpen('test:///default');
+  try {
+    const dom = await conn.lookupDomainByName('test');
+    assert.equal(await dom.fsFreeze(['/boot']), 1);
+    assert.equal(typeof (await dom.fsThaw()), 'number');
+    assert.equal(await dom.fsFreeze([]), 2, 'every filesystem');
+    await dom.fsThaw();
+
+    const lines: string[] = [];
+    const log = new Logger();
+    log.info = (msg: string) => void lines.push(msg);
+    const power = await DomainPower.prepare(dom, false, log);
+    assert.equal(await power.whileFrozen(true, ['/', '/boot'], async () => 'job started'), 'job started');
+    assert.match(lines[0] ?? '', /^froze 2 filesystem\(s\) of domain 'test' through its guest agent/);
+    assert.match(lines[1] ?? '', /^thawed \d+ filesystem\(s\) of domain 'test'$/);
+  } finally {
+    await conn.close();
+  }
 });

@@ -1,6 +1,7 @@
 // The guest agent freeze around the job's start, with a recording stand-in for the libvirt domain: what runs in
 // which order (freeze, suspend, job, resume, thaw), thawed also when the job fails, and what is only a warning.
-// The real libvirt path (an agent channel nobody answers on) is tested in integration/switches.test.ts.
+// The real libvirt paths: an agent channel nobody answers on in integration/switches.test.ts, a freeze that
+// succeeds (libvirt's test driver) in integration/native.test.ts.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { DomainPower } from '../../src/backup/domainPower.js';
