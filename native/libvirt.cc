@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <utility>
@@ -84,11 +85,55 @@ int TakeDomain(virDomainPtr dom, DomPtr& out) {
 
 void IgnoreError(void*, virErrorPtr) {}
 
+// A libvirt login (--user/--password) given up front: libvirt asks for it during the open, on the worker thread,
+// and frees each answer itself.
+struct Login {
+  std::string user;
+  std::string password;
+};
+
+// Without a login (data null), libvirt has asked its auth.conf first and only what it lacks comes here: a login
+// name or password is then refused, since a backup must fail rather than prompt.
+int AnswerFromLogin(virConnectCredentialPtr creds, unsigned int count, void* data) {
+  const Login* login = static_cast<const Login*>(data);
+  for (unsigned int i = 0; i < count; i++) {
+    const char* answer;
+    switch (creds[i].type) {
+      case VIR_CRED_AUTHNAME:
+        if (!login) return -1;
+        answer = login->user.c_str();
+        break;
+      case VIR_CRED_USERNAME:  // SASL's authorization id: the login's user, else none
+        answer = login ? login->user.c_str() : (creds[i].defresult ? creds[i].defresult : "");
+        break;
+      case VIR_CRED_PASSPHRASE:
+        if (!login) return -1;
+        answer = login->password.c_str();
+        break;
+      default:  // a realm or other question: libvirt's own default, else empty
+        answer = creds[i].defresult ? creds[i].defresult : "";
+    }
+    creds[i].result = strdup(answer);
+    if (!creds[i].result) return -1;
+    creds[i].resultlen = strlen(answer);
+  }
+  return 0;
+}
+
+// libvirtOpen(uri, user?, password?): virConnectOpenAuth, so that a daemon asking for a login (SASL) gets the one
+// given, or the one in libvirt's auth.conf.
 Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
     std::string uri = ArgString(info, 0, "uri");
-    auto run = [uri](ConnPtr& out) -> std::optional<Failure> {
-      virConnectPtr conn = virConnectOpen(uri.c_str());
+    std::optional<Login> login;
+    if (info.Length() > 1 && !info[1].IsUndefined()) {
+      login = Login{ArgString(info, 1, "user"), ArgString(info, 2, "password")};
+    }
+    auto run = [uri, login](ConnPtr& out) -> std::optional<Failure> {
+      int types[] = {VIR_CRED_AUTHNAME, VIR_CRED_USERNAME, VIR_CRED_PASSPHRASE, VIR_CRED_REALM};
+      void* answers = login ? const_cast<Login*>(&*login) : nullptr;
+      virConnectAuth auth = {types, sizeof(types) / sizeof(types[0]), AnswerFromLogin, answers};
+      virConnectPtr conn = virConnectOpenAuth(uri.c_str(), &auth, 0);
       if (!conn) return VirFailure();
       out = ConnPtr(conn, virConnectClose);
       return std::nullopt;

@@ -7,7 +7,7 @@ DEBIAN_PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev libnbd-dev libnbd-bin nbdkit virtnbdbackup
   pkg-config liblz4-dev libxxhash-dev zlib1g-dev librust-blake3-dev b3sum python3-lz4 unzip g++ make python3 time
-  openssh-client openssh-server
+  openssh-client openssh-server sasl2-bin libsasl2-modules
 )
 LIBVIRT_URI=qemu:///system
 ADDON=build/Release/virtnbd_native.node

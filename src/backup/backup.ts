@@ -17,7 +17,7 @@ import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
-import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
+import { lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
@@ -37,6 +37,8 @@ export interface BackupOptions {
   domain: string;
   /** libvirt URI, default qemu:///system. */
   uri?: string;
+  /** --user/--password: a login for a libvirtd that asks for one. */
+  login?: LibvirtLogin;
   level: Level | 'auto';
   /** Backup set directory (created when missing), or '-' for a zip archive on `stdout`. */
   output: string;
@@ -195,7 +197,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   let succeeded = false;
   let conn: LibvirtConnection | undefined;
   try {
-    conn = await openLibvirt(uri);
+    conn = await openLibvirt(uri, options.login);
     const domain = await lookupDomain(conn, options.domain, uri);
     const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);
     try {

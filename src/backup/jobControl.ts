@@ -2,7 +2,7 @@
 // backup job left running (-k/--killonly, e.g. after -s/--startonly). Guarantees: only a backup job is ever ended.
 import fs from 'node:fs/promises';
 import { VIR_DOMAIN_JOB_OPERATION_BACKUP, type LibvirtDomain } from '../native/addon.js';
-import { lookupDomain, lostConnectionError, openLibvirt } from '../libvirt/connection.js';
+import { lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { waitForJobTeardown } from '../libvirt/backupJob.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -17,6 +17,7 @@ export async function refuseActiveJob(domain: LibvirtDomain): Promise<void> {
 export interface EndJobOptions {
   domain: string;
   uri?: string;
+  login?: LibvirtLogin;
   /** The job's NBD socket, removed once the job is ended (when known). */
   socketFile?: string;
   log?: Logger;
@@ -26,7 +27,7 @@ export interface EndJobOptions {
 export async function endBackupJob(options: EndJobOptions): Promise<void> {
   const log = options.log ?? silentLogger;
   const uri = options.uri ?? 'qemu:///system';
-  const conn = await openLibvirt(uri);
+  const conn = await openLibvirt(uri, options.login);
   try {
     const domain = await lookupDomain(conn, options.domain, uri);
     const job = await domain.getJobType();

@@ -3,6 +3,7 @@
 import type { Argv } from 'yargs';
 import { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
+import type { LibvirtLogin } from '../libvirt/connection.js';
 
 export const VERSION = '2.0.0-ts';
 
@@ -29,24 +30,26 @@ export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>[
     .parseSync();
 }
 
-/** virtnbdbackup's flags for a libvirt login, which these commands take but do not support. */
-export interface UnsupportedRemoteFlags {
+/** virtnbdbackup's flags for a libvirt login. */
+export interface LoginFlags {
   user?: string;
   password?: string;
 }
 
-/** Adds the flags of UnsupportedRemoteFlags, so that they are refused by refuseUnsupported with a reason. */
-export function withUnsupportedRemoteFlags<T>(flags: Argv<T>): Argv<T & UnsupportedRemoteFlags> {
+/** Adds --user and --password, read by loginOf. */
+export function withLoginFlags<T>(flags: Argv<T>): Argv<T & LoginFlags> {
   return flags
-    .option('user', { type: 'string', describe: 'libvirt login user: not supported (refused; use an ssh URI with a key)' })
-    .option('password', { type: 'string', describe: 'libvirt login password: not supported (refused; use an ssh URI with a key)' }) as Argv<T & UnsupportedRemoteFlags>;
+    .option('user', { type: 'string', describe: 'libvirt login user, for a libvirtd that asks for one (SASL, e.g. on qemu+tcp://)' })
+    .option('password', { type: 'string', describe: 'Password of --user' }) as Argv<T & LoginFlags>;
 }
 
-/** One line for a flag of virtnbdbackup this command does not support yet, saying what to do instead. */
-export function refuseUnsupported(flags: UnsupportedRemoteFlags): void {
-  if (flags.user !== undefined || flags.password !== undefined) {
-    throw new UserError("--user/--password (libvirt login) are not supported: reach the host through ssh with a key instead, e.g. -U 'qemu+ssh://root@host/system?keyfile=/root/.ssh/id_ed25519'");
+/** The libvirt login the flags give; the two go together. */
+export function loginOf(flags: LoginFlags): LibvirtLogin | undefined {
+  if (flags.user === undefined && flags.password === undefined) return undefined;
+  if (flags.user === undefined || flags.password === undefined) {
+    throw new UserError(`--${flags.user === undefined ? 'password' : 'user'} without --${flags.user === undefined ? 'user' : 'password'}: a libvirt login takes both`);
   }
+  return { user: flags.user, password: flags.password };
 }
 
 export function makeLogger(flags: CommonFlags): Logger {

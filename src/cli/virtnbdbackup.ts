@@ -5,11 +5,12 @@ import { backup, type BackupResult } from '../backup/backup.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR } from '../endpoint/nbd.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
+import type { LibvirtLogin } from '../libvirt/connection.js';
 import { UserError } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
-import { listOption, makeLogger, makeProgress, parseFlags, refuseUnsupported, runCommand, withUnsupportedRemoteFlags, VERSION } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, VERSION } from './common.js';
 
-const argv = parseFlags('virtnbdbackup', withUnsupportedRemoteFlags(yargs(hideBin(process.argv)))
+const argv = parseFlags('virtnbdbackup', withLoginFlags(yargs(hideBin(process.argv)))
   .scriptName('virtnbdbackup')
   .usage('$0 -d DOMAIN -l {copy,full,inc,diff,auto} -o DIR [options]\n\nBack up libvirt/qemu virtual machines over NBD.')
   .option('domain', { alias: 'd', type: 'string', demandOption: true, describe: 'Domain to back up' })
@@ -74,19 +75,19 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
   if (argv.syslog) log.attachSyslog('virtnbdbackup', process.env.VIRTNBD_SYSLOG_SOCKET);
   try {
-    refuseUnsupported(argv);
+    const login = loginOf(argv);
     if (argv.killonly) {
-      await endBackupJob({ domain: argv.domain, uri: argv.uri, socketFile: argv.socketfile, log });
+      await endBackupJob({ domain: argv.domain, uri: argv.uri, login, socketFile: argv.socketfile, log });
       return 0;
     }
-    await runBackup(log, signal);
+    await runBackup(log, login, signal);
   } finally {
     await log.detachSyslog();
   }
   return argv.strict && log.warnings > 0 ? 2 : 0;
 });
 
-async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
+async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: AbortSignal): Promise<void> {
   const output = argv.output as string;
   if (output === '-' && process.stdout.isTTY && !argv.printonly && !argv.startonly) {
     throw new UserError('-o - writes a zip archive to standard output: redirect it to a file or a pipe');
@@ -98,6 +99,7 @@ async function runBackup(log: Logger, signal: AbortSignal): Promise<void> {
     const result = await backup({
       domain: argv.domain,
       uri: argv.uri,
+      login,
       level: argv.level,
       output,
       type: argv.type,

@@ -6,9 +6,9 @@ import { verifySet } from '../verify/verify.js';
 import { domainHostOf, tcpServerOn } from '../libvirt/domainHost.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
-import { listOption, makeLogger, makeProgress, parseFlags, refuseUnsupported, runCommand, withUnsupportedRemoteFlags, VERSION, withLogFile } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, VERSION, withLogFile } from './common.js';
 
-const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideBin(process.argv)))
+const argv = parseFlags('virtnbdrestore', withLoginFlags(yargs(hideBin(process.argv)))
   .scriptName('virtnbdrestore')
   .usage('$0 -i SETDIR -o OUTDIR [options]\n\nRestore virtual machine disks from a backup set, dump its metadata or verify it.')
   .option('action', { alias: 'a', choices: ['dump', 'restore', 'verify'] as const, default: 'restore' as const, describe: 'Action to perform' })
@@ -52,7 +52,7 @@ const argv = parseFlags('virtnbdrestore', withUnsupportedRemoteFlags(yargs(hideB
   .example('$0 -U qemu+ssh://root@kvm2/system -D -i /backup/webvm -o /var/lib/libvirt/images/webvm', 'restore onto host kvm2 and define it there'));
 
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
-  refuseUnsupported(argv);
+  const login = loginOf(argv);
   const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
   if (action === 'dump') {
     for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);
@@ -73,7 +73,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
       const result = await restore({
         input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
         raw: argv.raw, preallocate: argv.preallocate, compress: argv.compress, socketFile: argv.socketfile,
-        adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, configFile: argv['config-file'],
+        adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, login, configFile: argv['config-file'],
         ...onto, log, progress: progress.factory, signal,
       });
       progress.stop();

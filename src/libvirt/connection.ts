@@ -1,13 +1,35 @@
 // Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do.
-import { native, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
+import { native, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_UNAVAILABLE, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { UserError, oneLine } from '../util/errors.js';
 
-export async function openLibvirt(uri: string): Promise<LibvirtConnection> {
+/** A libvirt login (--user/--password), for a daemon that asks for one (SASL on qemu+tcp://). */
+export interface LibvirtLogin {
+  user: string;
+  password: string;
+}
+
+/** libvirt's answers when a daemon refused or wanted a login. */
+const AUTH_ERRORS = new Set([VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_UNAVAILABLE]);
+
+/** Opens libvirt at `uri`, logging in with `login` when given; one line saying what to do when it cannot. */
+export async function openLibvirt(uri: string, login?: LibvirtLogin): Promise<LibvirtConnection> {
   try {
-    return await native().libvirtOpen(uri);
+    return await native().libvirtOpen(uri, login?.user, login?.password);
   } catch (err) {
-    throw new UserError(`cannot connect to libvirt at ${uri}: ${(err as Error).message}; is libvirtd running?`);
+    throw new UserError(`cannot connect to libvirt at ${uri}: ${oneLine(err)}; ${connectAdvice(err, login)}`);
   }
+}
+
+/** The open failed on the login: libvirtd wanted one, or refused the one given. */
+export function loginRefused(err: unknown): boolean {
+  return AUTH_ERRORS.has((err as NativeError).code ?? -1);
+}
+
+/** What to do about a failed open: a login to give or check, else the daemon to start. */
+export function connectAdvice(err: unknown, login?: LibvirtLogin): string {
+  if (!loginRefused(err)) return 'is libvirtd running?';
+  if (login) return `check the login --user ${login.user} and its --password`;
+  return 'libvirtd asks for a login: give --user and --password (or a libvirt auth.conf)';
 }
 
 export async function lookupDomain(conn: LibvirtConnection, name: string, uri: string): Promise<LibvirtDomain> {

@@ -119,8 +119,8 @@ export interface CompressedPiece {
 
 export interface NativeAddon {
   NbdHandle: new () => NbdHandle;
-  /** virConnectOpen(uri) (read-write). */
-  libvirtOpen(uri: string): Promise<LibvirtConnection>;
+  /** virConnectOpenAuth(uri) (read-write): a daemon's login gets `user` and `password`, else libvirt's auth.conf. */
+  libvirtOpen(uri: string, user?: string, password?: string): Promise<LibvirtConnection>;
   /** zlib adler32 continuing from `start` (1 for a fresh checksum). Synchronous: CPU only. */
   adler32(buffer: Buffer, start: number): number;
   /** adler32 (from 1) and, with `digest`, that digest (hex) of `buffer`, computed on a worker thread. */
@@ -160,6 +160,9 @@ export interface NativeAddon {
 }
 
 export const VIR_ERR_NO_DOMAIN = 42;
+export const VIR_ERR_AUTH_FAILED = 45;
+export const VIR_ERR_AUTH_CANCELLED = 79;
+export const VIR_ERR_AUTH_UNAVAILABLE = 94;
 export const VIR_ERR_NO_DOMAIN_CHECKPOINT = 102;
 export const VIR_DOMAIN_XML_SECURE = 1;
 export const VIR_DOMAIN_XML_INACTIVE = 2;

@@ -16,7 +16,7 @@ import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
 import { autostartName, listSet, type ChainLink } from '../set/backupSet.js';
-import { lostConnectionError, openLibvirt } from '../libvirt/connection.js';
+import { connectAdvice, loginRefused, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, native, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
@@ -44,6 +44,8 @@ export interface RestoreOptions extends PlanOptions {
   name?: string;
   /** libvirt URI for `define`; default qemu:///system. */
   uri?: string;
+  /** --user/--password: a login for a libvirtd that asks for one. */
+  login?: LibvirtLogin;
   /** -C: the domain XML to copy or adjust instead of the set's vmconfig of the restore point. */
   configFile?: string;
   log?: Logger;
@@ -93,7 +95,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const uri = options.uri ?? 'qemu:///system';
   // The name is checked now, before anything is written; the define connects at the end, so a libvirtd restarted
   // while the images are written does not fail the run.
-  if (options.define) await checkNameFree(uri, config?.adjusted?.name as string);
+  if (options.define) await checkNameFree(uri, options.login, config?.adjusted?.name as string);
   const host = outputHost(options);
   if (plan.outputDir) await host.makeDir(plan.outputDir);
   const disks: RestoredDisk[] = [];
@@ -107,7 +109,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   }
   if (options.define && config?.adjusted) {
     const autostart = plan.ident !== undefined && (await exists(path.join(plan.input, autostartName(plan.ident))));
-    await defineRestored(uri, config.adjusted, config.target ?? '', autostart);
+    await defineRestored(uri, options.login, config.adjusted, config.target ?? '', autostart);
     result.defined = config.adjusted.name;
     if (autostart) {
       result.autostart = true;
@@ -163,8 +165,8 @@ async function savedNvram(xml: string, plan: RestorePlan, outputDir: string): Pr
 }
 
 /** -D never replaces an existing domain: refuses a name that is taken. */
-async function checkNameFree(uri: string, name: string): Promise<void> {
-  const connection = await openLibvirt(uri);
+async function checkNameFree(uri: string, login: LibvirtLogin | undefined, name: string): Promise<void> {
+  const connection = await openLibvirt(uri, login);
   try {
     await refuseTakenName(connection, uri, name);
   } finally {
@@ -184,14 +186,14 @@ async function refuseTakenName(connection: LibvirtConnection, uri: string, name:
  * Defines the restored domain (-D) on a connection of its own, checking again that its name is free; with
  * `autostart`, it starts with the host. Every failure says that the images and the XML at `xmlFile` are in place.
  */
-async function defineRestored(uri: string, adjusted: { xml: string; name: string }, xmlFile: string, autostart: boolean): Promise<void> {
+async function defineRestored(uri: string, login: LibvirtLogin | undefined, adjusted: { xml: string; name: string }, xmlFile: string, autostart: boolean): Promise<void> {
   const inPlace = `the restored images and ${xmlFile} are in place`;
   const defineByHand = `'virsh define ${xmlFile}'${autostart ? ` and 'virsh autostart ${adjusted.name}'` : ''}`;
   let connection: LibvirtConnection;
   try {
-    connection = await native().libvirtOpen(uri);
+    connection = await native().libvirtOpen(uri, login?.user, login?.password);
   } catch (err) {
-    throw new UserError(`cannot connect to libvirt at ${uri} to define domain '${adjusted.name}' (${oneLine(err)}); ${inPlace}: once libvirtd runs, run ${defineByHand}`);
+    throw new UserError(`cannot connect to libvirt at ${uri} to define domain '${adjusted.name}' (${oneLine(err)}); ${inPlace}: ${loginRefused(err) ? `${connectAdvice(err, login)}, or` : 'once libvirtd runs,'} run ${defineByHand}`);
   }
   let step = 'defining';
   try {

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { withDomain, tempDir, type TestDomain } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
+import { withLibvirtdKilled } from '../support/libvirtd.js';
 
 const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
 
@@ -133,34 +134,6 @@ test('the domain stopped in mid-backup: one line saying so, checkpoint removed, 
   assert.equal(await fs.access(socket).then(() => true, () => false), false, `socket ${socket} left behind`);
   assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('.data')), ['vda.full.data.partial']);
 });
-
-const libvirtdAnswers = (): boolean => {
-  try {
-    execFileSync('virsh', ['-c', 'qemu:///system', 'version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-};
-
-/** Starts libvirtd again as scripts/setup.sh does (a killed one leaves its pid file) and waits until it answers. */
-async function restartLibvirtd(): Promise<void> {
-  if (libvirtdAnswers()) return;
-  await fs.rm('/run/libvirtd.pid', { force: true });
-  execFileSync('libvirtd', ['-d']);
-  for (let i = 0; i < 200 && !libvirtdAnswers(); i++) await new Promise((resolve) => setTimeout(resolve, 100));
-  assert.ok(libvirtdAnswers(), 'libvirtd does not answer after its restart');
-}
-
-/** Kills libvirtd (-9), waits for `until`, and starts libvirtd again whatever happened. */
-async function withLibvirtdKilled<T>(until: () => Promise<T>): Promise<T> {
-  try {
-    execFileSync('pkill', ['-9', '-x', 'libvirtd']);
-    return await until();
-  } finally {
-    await restartLibvirtd();
-  }
-}
 
 test('libvirtd killed in mid-backup: one line naming it and what to do; after its restart -k ends the job and a new full works', async (t) => {
   const { dom, out, socket, run } = await backupInFlight(t, 'daemon');

@@ -1,8 +1,8 @@
 // The job-control and tuning switches on real libvirt/QEMU: -s/-k (a job left running, refused by other runs,
 // ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
 // exactly), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
-// refused, two domains in parallel fine), how runs leave libvirtd (job torn down, connection closed), and the
-// guest agent freeze (-F) where no agent answers.
+// refused, two domains in parallel fine), how runs leave libvirtd (job torn down, connection closed), the
+// guest agent freeze (-F) where no agent answers, and --user/--password for a libvirtd that asks for a login.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -12,6 +12,7 @@ import { once } from 'node:events';
 import { withDomain, withTempDir, TestDomain } from '../support/testbed.js';
 import { ourBin, pythonBin, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo, virsh } from '../support/points.js';
+import { withSaslLibvirtd } from '../support/libvirtd.js';
 
 const bin = ourBin('virtnbdbackup');
 const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
@@ -196,4 +197,43 @@ test('guest agent: a configured agent that does not answer is a warning (-e: exi
   const asked = await runCli(bin, ['-n', '-e', '-d', plain.name, '-l', 'copy', '-F', '/', '-o', path.join(work, 'asked')]);
   assert.equal(asked.code, 2, asked.stderr);
   assert.match(asked.stderr, new RegExp(`domain '${plain.name}' has no QEMU guest agent channel: filesystems not frozen`));
+});
+
+test('--user/--password log in to a libvirtd that asks for a login (SASL): backup, -s/-k and restore -D (or an auth.conf); a wrong, missing or half login is one line', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'login-');
+  const reference = await dom.snapshot('vda', path.join(work, 'vda.raw'));
+  const restored = `${dom.name}-restored`;
+  t.after(() => execFileSync('virsh', ['-c', 'qemu:///system', 'undefine', restored], { stdio: 'ignore' }));
+  await withSaslLibvirtd(t, async ({ uri, user, password }) => {
+    const refusals: Array<[string[], RegExp]> = [
+      [['--user', user, '--password', 'wrong'], new RegExp(`^virtnbdbackup: error: cannot connect to libvirt at .*: authentication failed.*; check the login --user ${user} and its --password$`)],
+      [[], /^virtnbdbackup: error: cannot connect to libvirt at .*: authentication failed.*; libvirtd asks for a login: give --user and --password \(or a libvirt auth\.conf\)$/],
+      [['--user', user], /^virtnbdbackup: error: --user without --password: a libvirt login takes both$/],
+    ];
+    for (const [login, message] of refusals) {
+      const r = await runCli(bin, ['-n', '-U', uri, ...login, '-d', dom.name, '-l', 'full', '-o', path.join(work, 'refused')]);
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(r.stderr.trim(), message);
+    }
+    const login = ['-U', uri, '--user', user, '--password', password];
+    await runOk(bin, ['-n', ...login, '-d', dom.name, '-l', 'full', '-o', path.join(work, 'set')]);
+    const socket = path.join(work, 'job.sock');
+    await runOk(bin, ['-n', ...login, '-d', dom.name, '-s', '-f', socket, '-o', path.join(work, 'started')]);
+    // Without the flags, libvirt's auth.conf gives the login.
+    const authFile = path.join(work, 'auth.conf');
+    await fs.writeFile(authFile, `[credentials-backup]\nauthname=${user}\npassword=${password}\n[auth-libvirt-default]\ncredentials=backup\n`);
+    process.env.LIBVIRT_AUTH_FILE = authFile;
+    try {
+      await runOk(bin, ['-U', uri, '-d', dom.name, '-k', '-f', socket]);
+    } finally {
+      delete process.env.LIBVIRT_AUTH_FILE;
+    }
+    assert.equal(await exists(socket), false, 'socket left behind');
+    await runOk(ourBin('virtnbdrestore'), ['-n', ...login, '-D', '-N', restored, '-i', path.join(work, 'set'), '-o', path.join(work, 'restored')]);
+  });
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.match(virsh('dominfo', restored), /State:\s+shut off/);
+  const compared = await TestDomain.compare(path.join(work, 'restored', 'vda.qcow2'), reference);
+  assert.ok(compared.identical, compared.output);
 });
