@@ -205,7 +205,7 @@ test('--user/--password log in to a libvirtd that asks for a login (SASL): backu
   const reference = await dom.snapshot('vda', path.join(work, 'vda.raw'));
   const restored = `${dom.name}-restored`;
   t.after(() => execFileSync('virsh', ['-c', 'qemu:///system', 'undefine', restored], { stdio: 'ignore' }));
-  await withSaslLibvirtd(t, async ({ uri, user, password }) => {
+  await withSaslLibvirtd(t, async ({ uri, tcpUri, user, password }) => {
     const refusals: Array<[string[], RegExp]> = [
       [['--user', user, '--password', 'wrong'], new RegExp(`^virtnbdbackup: error: cannot connect to libvirt at .*: authentication failed.*; check the login --user ${user} and its --password$`)],
       [[], /^virtnbdbackup: error: cannot connect to libvirt at .*: authentication failed.*; libvirtd asks for a login: give --user and --password \(or a libvirt auth\.conf\)$/],
@@ -230,6 +230,10 @@ test('--user/--password log in to a libvirtd that asks for a login (SASL): backu
       delete process.env.LIBVIRT_AUTH_FILE;
     }
     assert.equal(await exists(socket), false, 'socket left behind');
+    // Over qemu+tcp:// the same login gets in (the domain has no job left to end).
+    const overTcp = await runCli(bin, ['-U', tcpUri, '--user', user, '--password', password, '-d', dom.name, '-k']);
+    assert.equal(overTcp.code, 1, overTcp.stderr);
+    assert.match(overTcp.stderr.trim(), new RegExp(`^virtnbdbackup: error: domain '${dom.name}' has no active job to end$`));
     await runOk(ourBin('virtnbdrestore'), ['-n', ...login, '-D', '-N', restored, '-i', path.join(work, 'set'), '-o', path.join(work, 'restored')]);
   });
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);

@@ -1,6 +1,6 @@
 // The machine's libvirtd for tests that take it away: killed in mid-run, or run for a while with a login (SASL
-// DIGEST-MD5 on a private socket, its user database and SASL config in a scratch dir, nothing of the machine's
-// config touched). Guarantees: libvirtd is started again as scripts/setup.sh starts it, whatever the test did.
+// DIGEST-MD5 on a private socket and on TCP at 127.0.0.1, its user database and SASL config in a scratch dir,
+// nothing of the machine's config touched). Guarantees: libvirtd is started again as scripts/setup.sh starts it, whatever the test did.
 import assert from 'node:assert/strict';
 import type { TestContext } from 'node:test';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -8,6 +8,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { withTempDir } from './testbed.js';
+import { freePort } from './sshd.js';
 
 const PID_FILE = '/run/libvirtd.pid';
 
@@ -49,6 +50,8 @@ export async function withLibvirtdKilled<T>(until: () => Promise<T>): Promise<T>
 export interface SaslLibvirtd {
   /** libvirt URI of the private socket, where only `user` with `password` gets in. */
   uri: string;
+  /** The same daemon through qemu+tcp://127.0.0.1 (a remote URI to the commands: ssh is not set up for it). */
+  tcpUri: string;
   user: string;
   password: string;
 }
@@ -61,13 +64,22 @@ export async function withSaslLibvirtd<T>(t: TestContext, body: (daemon: SaslLib
   const dir = await withTempDir(t, 'sasl-');
   const socketDir = path.join(dir, 'run');
   await fs.mkdir(socketDir);
-  const daemon: SaslLibvirtd = { uri: `qemu+unix:///system?socket=${socketDir}/libvirt-sock`, user: 'backup', password: 'pw-' + path.basename(dir) };
+  const tcpPort = await freePort();
+  const daemon: SaslLibvirtd = {
+    uri: `qemu+unix:///system?socket=${socketDir}/libvirt-sock`,
+    tcpUri: `qemu+tcp://127.0.0.1:${tcpPort}/system`,
+    user: 'backup',
+    password: 'pw-' + path.basename(dir),
+  };
   // libvirt reads its SASL settings from <SASL_CONF_PATH>/libvirt.conf; DIGEST-MD5 against a private user database.
   const userDb = path.join(dir, 'passwd.db');
   await fs.writeFile(path.join(dir, 'libvirt.conf'), `mech_list: digest-md5\nsasldb_path: ${userDb}\n`);
   execFileSync('saslpasswd2', ['-p', '-c', '-a', 'libvirt', '-f', userDb, daemon.user], { input: daemon.password });
   const config = path.join(dir, 'libvirtd.conf');
-  await fs.writeFile(config, `unix_sock_dir = "${socketDir}"\nauth_unix_rw = "sasl"\nauth_unix_ro = "sasl"\n`);
+  await fs.writeFile(config, [
+    `unix_sock_dir = "${socketDir}"`, 'auth_unix_rw = "sasl"', 'auth_unix_ro = "sasl"',
+    'listen_tls = 0', 'listen_tcp = 1', 'listen_addr = "127.0.0.1"', `tcp_port = "${tcpPort}"`, 'auth_tcp = "sasl"', '',
+  ].join('\n'));
   // virsh logs in from an auth file, to see the daemon is up.
   const authFile = path.join(dir, 'auth.conf');
   await fs.writeFile(authFile, `[credentials-test]\nauthname=${daemon.user}\npassword=${daemon.password}\n[auth-libvirt-default]\ncredentials=test\n`);
@@ -75,7 +87,7 @@ export async function withSaslLibvirtd<T>(t: TestContext, body: (daemon: SaslLib
   await stopLibvirtd();
   try {
     await fs.rm(PID_FILE, { force: true });
-    execFileSync('libvirtd', ['-d', '-f', config], { env: { ...process.env, SASL_CONF_PATH: dir } });
+    execFileSync('libvirtd', ['-d', '--listen', '-f', config], { env: { ...process.env, SASL_CONF_PATH: dir } });
     await waitUntil(() => libvirtdAnswers(daemon.uri, { ...process.env, LIBVIRT_AUTH_FILE: authFile }), 'libvirtd with a login');
     return await body(daemon);
   } finally {
