@@ -26,7 +26,7 @@ import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, oneLine, raisedBy } from '../util/errors.js';
+import { UserError, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
 
 export { loadChains } from './plan.js';
@@ -228,7 +228,10 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
     if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
     const hint = err instanceof StreamFormatError ? `; ${DAMAGED_HINT}` : '';
     const left = disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
-    throw new UserError(`restore of disk ${disk.disk} failed: ${oneLine(err)}${hint}; ${left}`);
+    // A full output is named as such: libnbd only says that qemu-nbd's write failed.
+    const full = outOfSpace(err);
+    const failure = full ? `failed writing ${disk.image}: ${full}` : `failed: ${oneLine(err)}`;
+    throw new UserError(`restore of disk ${disk.disk} ${failure}${hint}; ${left}`);
   }
   return { disk: disk.disk, image: disk.image, applied };
 }

@@ -1,5 +1,6 @@
 // Errors a user can act on: one line naming the thing and what to do, and the exit code to leave with.
 // Guarantees: the CLI prints `message` alone for a UserError; anything else is a bug and gets its stack with -v.
+import os from 'node:os';
 
 export class UserError extends Error {
   readonly exitCode: number;
@@ -32,7 +33,31 @@ const ERRNO_HINTS: Record<string, string> = {
   EIO: 'I/O error on the output device',
 };
 
-/** A one-line description of a file-system failure, with what to do when the errno says it. */
+/**
+ * The errno name of `err` or an error it wraps: Node's own (`code: 'ENOSPC'`), or libnbd's errno number, which
+ * also carries what an NBD server (qemu-nbd) answered to a request.
+ */
+export function errnoOf(err: unknown): string | undefined {
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && code.startsWith('E')) return code;
+    if (typeof code === 'number' && (e as { library?: string }).library === 'libnbd') {
+      return Object.entries(os.constants.errno).find(([, n]) => n === code)?.[0];
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Out of space or quota, whichever call met it (a file write, or qemu-nbd's answer to an NBD write): what to do,
+ * else undefined. Only writes fail so, so the output is at fault.
+ */
+export function outOfSpace(err: unknown): string | undefined {
+  const code = errnoOf(err);
+  return code === 'ENOSPC' || code === 'EDQUOT' ? `${ERRNO_HINTS[code]} (${code})` : undefined;
+}
+
+/** A one-line description of a file-system failure, with what to do when its Node errno code says it. */
 export function describeFailure(err: unknown): string {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code && ERRNO_HINTS[code] ? `${ERRNO_HINTS[code]} (${code})` : oneLine(err);

@@ -228,6 +228,22 @@ test('libvirtd gone during a restore with -D: restarted, the define still works;
   assert.match(virsh('domstate', down), /shut off/);
 });
 
+test('disk full in mid-restore: one line naming the image and what to do, nothing of it kept', async (t) => {
+  const { set } = await fullSet(t, 'restore-enospc', 64, 24);
+  const mount = await tempDir('vnbd-restore-full-');
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8M', 'tmpfs', mount]);
+  t.after(async () => {
+    execFileSync('umount', [mount]);
+    await fs.rm(mount, { recursive: true, force: true });
+  });
+  const out = path.join(mount, 'out');
+  const r = await runCli(ourBin('virtnbdrestore'), ['-n', '-i', set, '-o', out]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.equal(errorLines(r).length, 1, r.stderr);
+  assert.match(r.stderr.trim().split('\n').at(-1) ?? '', new RegExp(`^virtnbdrestore: error: restore of disk vda failed writing ${out}/vda\\.qcow2: no space left on device; free space or choose another output directory \\(ENOSPC\\); nothing of it was kept$`));
+  assert.deepEqual(await fs.readdir(out), []);
+});
+
 test('restore refuses bad input with one line: not a set, unknown --until, existing image', async (t) => {
   const { dom, work, set } = await fullSet(t, 'rerr', 64, 4);
 
