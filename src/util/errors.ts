@@ -31,6 +31,7 @@ const ERRNO_HINTS: Record<string, string> = {
   EACCES: 'permission denied; check the directory permissions',
   EROFS: 'read-only file system; choose another output directory',
   EIO: 'I/O error on the output device',
+  EPIPE: 'the reader of the output went away (broken pipe); check the command the output is piped into',
 };
 
 /**

@@ -1,5 +1,5 @@
 // Output forms on a real domain: the zip stream on stdout through a pipe (full + inc unzipped into one set,
-// restored by ours and by Python; random data, plain and -z, kept intact), -t raw images, -r raw-format disks, lz4 over compressible and
+// restored by ours and by Python; random data, plain and -z, kept intact; a reader that goes away), -t raw images, -r raw-format disks, lz4 over compressible and
 // incompressible data, and offsets/files beyond 4 GiB (reduced by default; VNBD_LARGE=1 for > 4 GiB of data).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,8 +14,13 @@ const MiB = 1024 * 1024;
 
 /** Runs `virtnbdbackup ... -o -` in `cwd` piped through `cat` into `zipFile`, as `| ssh host 'cat > f'` would. */
 function backupToZip(cwd: string, args: string[], zipFile: string): Promise<{ code: number | null; stderr: string }> {
+  return backupPiped(cwd, args, `cat > '${zipFile}'`);
+}
+
+/** Runs `virtnbdbackup ... -o -` in `cwd` piped into the shell command `reader` (the exit code is pipefail's). */
+function backupPiped(cwd: string, args: string[], reader: string): Promise<{ code: number | null; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const shell = spawn('bash', ['-o', 'pipefail', '-c', `"$0" "$@" -o - | cat > '${zipFile}'`, ourBin('virtnbdbackup'), ...args], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+    const shell = spawn('bash', ['-o', 'pipefail', '-c', `"$0" "$@" -o - | ${reader}`, ourBin('virtnbdbackup'), ...args], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     shell.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
     shell.on('error', reject);
@@ -78,6 +83,22 @@ test('zip on stdout through a pipe: full + inc unzipped into one set restore wit
   const tty = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', '-', '-t', 'raw', '-n']);
   assert.equal(tty.code, 1);
   assert.match(tty.stderr, /-t raw (writes full images only|cannot be written to standard output)/);
+});
+
+test('a reader of the zip that goes away: one line saying so, the job ended, no checkpoint left, the next full works', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 32 }] }] });
+  const state = await tempDir('vnbd-epipe-');
+  t.after(() => fs.rm(state, { recursive: true, force: true }));
+  const cut = await backupPiped(state, ['-d', dom.name, '-l', 'full', '-n'], 'head -c 1000 > /dev/null');
+  assert.equal(cut.code, 1, cut.stderr);
+  const errors = cut.stderr.split('\n').filter((l) => /error/i.test(l));
+  assert.equal(errors.length, 1, cut.stderr);
+  assert.match(errors[0] ?? '', /^virtnbdbackup: error: backup of disk vda failed writing zip:vda\.full\.data\.partial: the reader of the output went away \(broken pipe\); check the command the output is piped into \(EPIPE\)$/);
+  assert.match((await run('virsh', ['-c', 'qemu:///system', 'domjobinfo', dom.name])).stdout, /Job type:\s+None/);
+  assert.equal((await run('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'])).stdout.trim(), '');
+  const again = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
+  assert.equal(again.code, 0, again.stderr);
+  await run('unzip', ['-tq', path.join(state, 'full.zip')]);
 });
 
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
