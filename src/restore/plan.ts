@@ -281,9 +281,6 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   const output = host.remote ? await resolveRemoteOutput(options.output, host) : await resolveOutput(path.resolve(options.output));
   const resolved = { ...options, input };
   const { chains, images, checkpoints } = selectSources(await scanSet(input), resolved, log);
-  if (host.remote && images.size > 0) {
-    throw new UserError(`${[...images.values()].map((f) => f.file).join(', ')} ${images.size > 1 ? 'are raw images' : 'is a raw image'} (-t raw), which restore onto this host only: restore here and copy the image over, or leave the disk out with -d`);
-  }
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));

@@ -3,7 +3,8 @@
 //   -> per disk: new image (.partial, qcow.json layout) or the existing raw file/device -> qemu-nbd
 //   -> each stream's records in order (zero frames of later links written; onto an existing target, the base
 //      also zeroes every range it does not cover) -> adler32 of each file == its .chksum -> flush, stop qemu-nbd
-//   -> (--compress: qemu-img convert -c) -> rename; raw images: qemu-img convert -> vmconfig copied, or adjusted
+//   -> (--compress: qemu-img convert -c) -> rename; raw images: qemu-img convert (onto another host: their data
+//   through its qemu-nbd, as for streams) -> vmconfig copied, or adjusted
 //   with the saved NVRAM copied beside it -> -D: defined through libvirt. With a remote URI, every step on the
 //   output's side (files, qemu-img, qemu-nbd) runs on that host through ssh, and NBD goes over TCP.
 // Guarantees: never overwrites an existing file; each link is fully written before the next starts, so later
@@ -28,6 +29,9 @@ import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
+import { readInto } from '../util/fileIo.js';
+import { run } from '../util/process.js';
+import type { QemuMapEntry } from '../backup/extentSources.js';
 
 export { loadChains } from './plan.js';
 
@@ -73,6 +77,8 @@ export interface RestoreResult {
 /** Bytes of payload being written at most at once. */
 const WRITE_WINDOW = 64 * 1024 * 1024;
 const CONNECTIONS = 4;
+/** Pieces of a raw image sent onto another host. */
+const RAW_PIECE = 4 * 1024 * 1024;
 
 /** What the error line adds when a file of the set is damaged. */
 const DAMAGED_HINT = "the set's file is damaged: check the set with -a verify, or restore an earlier point with --until";
@@ -218,10 +224,12 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
   log.info(`restoring disk ${disk.disk} onto ${disk.image} (${disk.format}${disk.createOptions.length ? ` ${disk.createOptions.join(',')}` : ''}) from ${applied.join(', ')}`);
   try {
     if (disk.existing) await growRegularFile(disk);
-    if (disk.source.kind === 'image') {
-      await copyImage(disk, disk.source.path, options, created);
-    } else {
+    if (disk.source.kind === 'stream') {
       await writeChain(disk, disk.source.chain, options, created);
+    } else if (outputHost(options).remote) {
+      await sendImage(disk, disk.source.path, options, created);
+    } else {
+      await copyImage(disk, disk.source.path, options, created);
     }
   } catch (err) {
     await Promise.all(created.map((file) => outputHost(options).remove(file).catch(() => undefined)));
@@ -267,7 +275,33 @@ function outputHost(options: RestoreOptions): DomainHost {
   return options.host ?? LOCAL_HOST;
 }
 
+/** Applies the chain's streams in order to the disk's image, through qemu-nbd. */
 async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOptions, created: string[]): Promise<void> {
+  await writeThroughServer(disk, options, created, async (endpoint, progress) => {
+    for (const [i, link] of chain.entries()) {
+      const base = i === 0;
+      const { checksum } = await applyStream(link, endpoint, {
+        targetIsZero: base && !disk.existing, zeroUncovered: base && disk.existing, progress, signal: options.signal,
+      });
+      await checkRecordedChecksum(link.path, checksum);
+      options.log?.debug(`applied ${link.file}`);
+    }
+  });
+}
+
+/** A raw image of the set onto another host: its data written through the qemu-nbd there (holes stay holes). */
+async function sendImage(disk: DiskPlan, source: string, options: RestoreOptions, created: string[]): Promise<void> {
+  await writeThroughServer(disk, options, created, (endpoint, progress) => sendRawImage(source, endpoint, progress, options.signal));
+}
+
+/**
+ * Creates the disk's image (unless it exists), serves it with qemu-nbd, lets `fill` write it, flushes, and gives the
+ * new image its name (--compress: through a compressing qemu-img convert).
+ */
+async function writeThroughServer(
+  disk: DiskPlan, options: RestoreOptions, created: string[],
+  fill: (endpoint: Endpoint, progress?: (bytes: number) => void) => Promise<void>,
+): Promise<void> {
   const host = outputHost(options);
   const compress = Boolean(options.compress) && disk.format === 'qcow2' && !disk.existing;
   const partial = `${disk.image}.partial`;
@@ -283,15 +317,7 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
   let endpoint: Endpoint | undefined;
   try {
     endpoint = await NbdEndpoint.open(server.address, { connections: CONNECTIONS, sharedBackend: true });
-    const progress = options.progress?.(disk.disk, disk.dataSize);
-    for (const [i, link] of chain.entries()) {
-      const base = i === 0;
-      const { checksum } = await applyStream(link, endpoint, {
-        targetIsZero: base && !disk.existing, zeroUncovered: base && disk.existing, progress, signal: options.signal,
-      });
-      await checkRecordedChecksum(link.path, checksum);
-      options.log?.debug(`applied ${link.file}`);
-    }
+    await fill(endpoint, options.progress?.(disk.disk, disk.dataSize));
     await endpoint.flush();
   } catch (err) {
     // libnbd only sees a closed socket; the cause is the server gone.
@@ -308,6 +334,36 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
     await host.remove(work);
   }
   await host.rename(partial, disk.image);
+}
+
+/**
+ * Writes the data of the local raw image `file` into `target`, a new image that reads as zero: what `qemu-img map`
+ * finds unallocated or zero is skipped (and counted as done).
+ */
+async function sendRawImage(file: string, target: Endpoint, progress: ((bytes: number) => void) | undefined, signal: AbortSignal | undefined): Promise<void> {
+  const { stdout } = await run('qemu-img', ['map', '--output=json', '-f', 'raw', file]);
+  const handle = await fs.open(file, 'r');
+  const window = new WorkWindow(WRITE_WINDOW);
+  try {
+    for (const extent of JSON.parse(stdout) as QemuMapEntry[]) {
+      if (!extent.data || extent.zero) {
+        progress?.(extent.length);
+        continue;
+      }
+      const end = extent.start + extent.length;
+      for (let at = extent.start; at < end; at += RAW_PIECE) {
+        if (signal?.aborted) throw signal.reason ?? new Error('aborted');
+        const piece = Buffer.allocUnsafe(Math.min(RAW_PIECE, end - at));
+        if ((await readInto(handle, piece, at)) !== piece.length) throw new Error(`${file} ended at ${at} while qemu-img map reported data up to ${end}`);
+        const offset = at;
+        await window.add(target.write(piece, offset).then(() => progress?.(piece.length)), piece.length);
+      }
+    }
+    await window.drain();
+  } finally {
+    await window.settle();
+    await handle.close();
+  }
 }
 
 /** A data file whose adler32 differs from its `.chksum` is damaged, even where its frames parse. */

@@ -9,7 +9,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { TestDomain, withDomain, withTempDir } from '../support/testbed.js';
+import { TestDomain, run, withDomain, withTempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdRuns, runCli, runOk } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
@@ -105,7 +105,7 @@ test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cer
   assert.match(local.stderr, /--tls: domain .* runs on this host, .* no TLS needed, none used/);
 });
 
-test('restore onto another host (remote -U): images written there through its qemu-nbd, -D defines them there; nothing overwritten; raw-image sets refused', async (t) => {
+test('restore onto another host (remote -U): images written there through its qemu-nbd, -D defines them there; nothing overwritten; raw-image sets too', async (t) => {
   const sshd = await withPrivateSshd(t);
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'remoterestore-');
@@ -143,9 +143,15 @@ test('restore onto another host (remote -U): images written there through its qe
 
   const rawSet = path.join(work, 'raw');
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'copy', '-t', 'raw', '-o', rawSet]);
-  const raw = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', path.join(work, 'rawthere'), '-n', ...remote]);
-  assert.equal(raw.code, 1, raw.stderr);
-  assert.match(errorLines(raw).join('\n'), /vda\.copy\.data is a raw image \(-t raw\), which restore onto this host only/);
+  // A set of raw images (-t raw): their data goes through the qemu-nbd there too, into a qcow2 like the disk's.
+  const rawOut = path.join(work, 'rawthere');
+  await runOk(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', rawOut, '-n', ...remote]);
+  const fromRaw = await TestDomain.compare(path.join(rawOut, 'vda.qcow2'), p1);
+  assert.ok(fromRaw.identical, fromRaw.output);
+  const info = JSON.parse((await run('qemu-img', ['info', '--output=json', path.join(rawOut, 'vda.qcow2')])).stdout) as { format: string; 'actual-size': number };
+  assert.equal(info.format, 'qcow2');
+  assert.ok(info['actual-size'] < 32 * 1024 * 1024, `holes were written: ${info['actual-size']} bytes allocated`);
+  assert.deepEqual((await fs.readdir(rawOut)).filter((f) => f.endsWith('.partial')), []);
 });
 
 test('remote boot files (loader, nvram, kernel, initrd) come through ssh into the set', async (t) => {
