@@ -228,28 +228,46 @@ interface OutputTarget {
   /** An existing raw file or block device. */
   file?: string;
   block: boolean;
+  /** The existing target's size in bytes. */
+  size?: number;
 }
 
-/** A remote output is a directory there (made if missing): files and devices of another host are not written onto. */
+const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
+
+/** An existing target, once its kind and first bytes are known: a raw file or block device, never a qcow2 image. */
+function existingTarget(output: string, kind: 'file' | 'block' | 'other', head: Buffer, size: number, where: string): OutputTarget {
+  if (kind === 'other') throw new UserError(`-o ${output}${where} is neither a directory, a regular file nor a block device`);
+  if (head.equals(QCOW2_MAGIC)) {
+    throw new UserError(`-o ${output}${where} is a qcow2 image; restore writes raw data onto existing files: give a raw file, a block device or a directory`);
+  }
+  return { file: output, block: kind === 'block', size };
+}
+
+/** On another host: a directory there (made if missing), or an existing raw file or block device there. */
 async function resolveRemoteOutput(output: string, host: DomainHost): Promise<OutputTarget> {
   if (!path.isAbsolute(output)) throw new UserError(`-o ${output} is on ${host.label}: give it as an absolute path`);
-  if ((await host.exists(output)) && (await host.run('sh', ['-c', '[ -d "$1" ] && echo dir || echo other', 'sh', output])).stdout.trim() !== 'dir') {
-    throw new UserError(`-o ${output} on ${host.label} is not a directory; a restore onto another host writes new images into a directory`);
-  }
-  return { dir: output, block: false };
+  // One round trip: the kind, the size and the first 4 bytes (hex) of whatever is there.
+  const probe = [
+    'p=$1',
+    'if [ -d "$p" ] || [ ! -e "$p" ]; then echo dir; exit 0; fi',
+    'if [ -b "$p" ]; then k=block; s=$(blockdev --getsize64 "$p"); elif [ -f "$p" ]; then k=file; s=$(stat -c %s "$p"); else echo other; exit 0; fi',
+    'echo "$k $s $(head -c 4 "$p" | od -An -tx1 | tr -d \' \\n\')"',
+  ].join('\n');
+  const [kind = '', size = '0', head = ''] = (await host.run('sh', ['-c', probe, 'sh', output])).stdout.trim().split(' ');
+  if (kind === 'dir') return { dir: output, block: false };
+  return existingTarget(output, kind === 'block' || kind === 'file' ? kind : 'other', Buffer.from(head, 'hex'), Number(size), ` on ${host.label}`);
 }
 
 async function resolveOutput(output: string): Promise<OutputTarget> {
   const stat = await fs.stat(output).catch(() => undefined);
   if (!stat || stat.isDirectory()) return { dir: output, block: false };
-  if (!stat.isFile() && !stat.isBlockDevice()) throw new UserError(`-o ${output} is neither a directory, a regular file nor a block device`);
+  const kind = stat.isBlockDevice() ? 'block' : stat.isFile() ? 'file' : 'other';
   const head = Buffer.alloc(4);
-  const handle = await fs.open(output, 'r');
-  await handle.read(head, 0, 4, 0).finally(() => handle.close());
-  if (head.equals(Buffer.from('QFI\xfb', 'latin1'))) {
-    throw new UserError(`-o ${output} is a qcow2 image; restore writes raw data onto existing files: give a raw file, a block device or a directory`);
+  if (kind !== 'other') {
+    const handle = await fs.open(output, 'r');
+    await handle.read(head, 0, 4, 0).finally(() => handle.close());
   }
-  return { file: output, block: stat.isBlockDevice() };
+  return existingTarget(output, kind, head, kind === 'other' ? 0 : await rawSize(output), '');
 }
 
 /** What gets applied per disk: the --sequence, or the chains selected by -d and cut at --until, and raw images. */
@@ -295,7 +313,7 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   if (kept.length === 0) throw new UserError(`nothing to restore from ${input}: ${disks.map((d) => d.disk).join(', ')} ${disks.length > 1 ? 'are raw-format disks' : 'is a raw-format disk'}; add -r/--raw`);
   kept.sort((a, b) => a.disk.localeCompare(b.disk));
 
-  if (output.file) await placeOnto(kept, output.file, output.block, resolved);
+  if (output.file) await placeOnto(kept, output.file, output.block, output.size ?? 0, resolved);
   else await placeInDirectory(kept, output.dir as string, resolved);
   const point = pickRestorePoint(kept, configs);
   return { input, outputDir: output.dir, disks: kept, vmconfig: configs.pick(point), ident: point };
@@ -338,13 +356,12 @@ function imageBaseName(saved: DomainDisk | undefined, disk: string): string {
 }
 
 /** One disk onto an existing raw file or device: no layout, and it must be large enough. */
-async function placeOnto(disks: DiskPlan[], target: string, block: boolean, options: PlanOptions): Promise<void> {
+async function placeOnto(disks: DiskPlan[], target: string, block: boolean, size: number, options: PlanOptions): Promise<void> {
   if (disks.length !== 1) {
     throw new UserError(`-o ${target} is a ${block ? 'block device' : 'file'}: a restore onto it takes one disk, the set has ${disks.map((d) => d.disk).join(', ')}; choose one with -d`);
   }
   if (options.compress || options.preallocate) throw new UserError(`--compress and -A/--preallocate shape new images; -o ${target} exists: leave them out, or restore into a directory`);
   const disk = disks[0] as DiskPlan;
-  const size = await rawSize(target);
   if (block && size < disk.virtualSize) {
     throw new UserError(`block device ${target} holds ${size} bytes, disk ${disk.disk} needs ${disk.virtualSize}; give a device at least that large`);
   }

@@ -223,7 +223,7 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
   const applied = disk.source.kind === 'stream' ? disk.source.chain.map((l) => l.file) : [disk.source.file];
   log.info(`restoring disk ${disk.disk} onto ${disk.image} (${disk.format}${disk.createOptions.length ? ` ${disk.createOptions.join(',')}` : ''}) from ${applied.join(', ')}`);
   try {
-    if (disk.existing) await growRegularFile(disk);
+    if (disk.existing) await growRegularFile(disk, outputHost(options));
     if (disk.source.kind === 'stream') {
       await writeChain(disk, disk.source.chain, options, created);
     } else if (outputHost(options).remote) {
@@ -245,8 +245,12 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
 }
 
 /** An existing regular file smaller than the disk grows to its size (devices were checked in the plan). */
-async function growRegularFile(disk: DiskPlan): Promise<void> {
+async function growRegularFile(disk: DiskPlan, host: DomainHost): Promise<void> {
   if (disk.block) return;
+  if (host.remote) {
+    await host.run('truncate', ['-s', `>${disk.virtualSize}`, disk.image]); // GNU truncate: to at least that size
+    return;
+  }
   const { size } = await fs.stat(disk.image);
   if (size < disk.virtualSize) await fs.truncate(disk.image, disk.virtualSize);
 }
@@ -291,7 +295,7 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
 
 /** A raw image of the set onto another host: its data written through the qemu-nbd there (holes stay holes). */
 async function sendImage(disk: DiskPlan, source: string, options: RestoreOptions, created: string[]): Promise<void> {
-  await writeThroughServer(disk, options, created, (endpoint, progress) => sendRawImage(source, endpoint, progress, options.signal));
+  await writeThroughServer(disk, options, created, (endpoint, progress) => sendRawImage(source, endpoint, { targetIsZero: !disk.existing, progress, signal: options.signal }));
 }
 
 /**
@@ -337,16 +341,18 @@ async function writeThroughServer(
 }
 
 /**
- * Writes the data of the local raw image `file` into `target`, a new image that reads as zero: what `qemu-img map`
- * finds unallocated or zero is skipped (and counted as done).
+ * Writes the local raw image `file` into `target`: its data where `qemu-img map` finds some, and zeroes elsewhere
+ * unless the target already reads as zero (a new image).
  */
-async function sendRawImage(file: string, target: Endpoint, progress: ((bytes: number) => void) | undefined, signal: AbortSignal | undefined): Promise<void> {
+async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyOptions, 'zeroUncovered'>): Promise<void> {
+  const { targetIsZero, progress, signal } = options;
   const { stdout } = await run('qemu-img', ['map', '--output=json', '-f', 'raw', file]);
   const handle = await fs.open(file, 'r');
   const window = new WorkWindow(WRITE_WINDOW);
   try {
     for (const extent of JSON.parse(stdout) as QemuMapEntry[]) {
       if (!extent.data || extent.zero) {
+        if (!targetIsZero) await window.add(target.zero(extent.start, extent.length, true), 0);
         progress?.(extent.length);
         continue;
       }

@@ -105,7 +105,7 @@ test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cer
   assert.match(local.stderr, /--tls: domain .* runs on this host, .* no TLS needed, none used/);
 });
 
-test('restore onto another host (remote -U): images written there through its qemu-nbd, -D defines them there; nothing overwritten; raw-image sets too', async (t) => {
+test('restore onto another host (remote -U): images written there through its qemu-nbd, -D defines them there; nothing overwritten; raw-image sets, and onto a file or device there', async (t) => {
   const sshd = await withPrivateSshd(t);
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'remoterestore-');
@@ -152,6 +152,29 @@ test('restore onto another host (remote -U): images written there through its qe
   assert.equal(info.format, 'qcow2');
   assert.ok(info['actual-size'] < 32 * 1024 * 1024, `holes were written: ${info['actual-size']} bytes allocated`);
   assert.deepEqual((await fs.readdir(rawOut)).filter((f) => f.endsWith('.partial')), []);
+
+  // Onto an existing raw file and a block device there, both filled with 0xee first: every byte the disk reads
+  // as zero is written as zero. A qcow2 file there is refused.
+  const file = path.join(work, 'target.raw');
+  await fs.writeFile(file, Buffer.alloc(32 * 1024 * 1024, 0xee)); // smaller than the disk: it grows
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', file, '-d', 'vda', '-n', ...remote]);
+  const ontoFile = await TestDomain.compare(file, p1, { formatA: 'raw' });
+  assert.ok(ontoFile.identical, ontoFile.output);
+  const backing = path.join(work, 'loop.img');
+  await fs.writeFile(backing, Buffer.alloc(64 * 1024 * 1024, 0xee));
+  const device = (await run('losetup', ['-f', '--show', backing])).stdout.trim();
+  try {
+    await runOk(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', device, '-n', ...remote]);
+    const ontoDevice = await TestDomain.compare(device, p1, { formatA: 'raw' });
+    assert.ok(ontoDevice.identical, ontoDevice.output);
+  } finally {
+    await run('losetup', ['-d', device]);
+  }
+  const qcow = path.join(work, 'target.qcow2');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '64M']);
+  const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', qcow, '-d', 'vda', '-n', ...remote]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(errorLines(refused).join('\n'), new RegExp(`-o ${qcow} on root@127\\.0\\.0\\.1 is a qcow2 image; restore writes raw data onto existing files`));
 });
 
 test('remote boot files (loader, nvram, kernel, initrd) come through ssh into the set', async (t) => {
