@@ -29,6 +29,7 @@ import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
+import { BufferPool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
 import { run } from '../util/process.js';
 import type { QemuMapEntry } from '../backup/extentSources.js';
@@ -349,6 +350,7 @@ async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyO
   const { stdout } = await run('qemu-img', ['map', '--output=json', '-f', 'raw', file]);
   const handle = await fs.open(file, 'r');
   const window = new WorkWindow(WRITE_WINDOW);
+  const pieces = new BufferPool(RAW_PIECE, WRITE_WINDOW / RAW_PIECE + 1);
   try {
     for (const extent of JSON.parse(stdout) as QemuMapEntry[]) {
       if (!extent.data || extent.zero) {
@@ -359,10 +361,10 @@ async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyO
       const end = extent.start + extent.length;
       for (let at = extent.start; at < end; at += RAW_PIECE) {
         if (signal?.aborted) throw signal.reason ?? new Error('aborted');
-        const piece = Buffer.allocUnsafe(Math.min(RAW_PIECE, end - at));
+        const piece = pieces.acquire(Math.min(RAW_PIECE, end - at));
         if ((await readInto(handle, piece, at)) !== piece.length) throw new Error(`${file} ended at ${at} while qemu-img map reported data up to ${end}`);
-        const offset = at;
-        await window.add(target.write(piece, offset).then(() => progress?.(piece.length)), piece.length);
+        const written = target.write(piece, at).then(() => progress?.(piece.length)).finally(() => pieces.release(piece));
+        await window.add(written, piece.length);
       }
     }
     await window.drain();
