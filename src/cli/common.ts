@@ -83,8 +83,11 @@ export async function makeProgress(flags: CommonFlags, label: string): Promise<{
   };
 }
 
-/** Runs a command body with an abort signal wired to SIGINT/SIGTERM; exits the process with its result. */
-export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>): Promise<never> {
+/**
+ * Runs a command body with an abort signal wired to SIGINT/SIGTERM; exits the process with its result. `stalled`: what
+ * to do should the run stop with work pending (a bug), e.g. a job to end.
+ */
+export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>, stalled?: string): Promise<never> {
   const controller = new AbortController();
   let interrupts = 0;
   const onSignal = (sig: NodeJS.Signals): void => {
@@ -94,6 +97,12 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  // The event loop ran dry with the run unsettled: it awaits an event that can no longer come. Node would exit 0,
+  // as if the run had succeeded; this says what happened and fails.
+  process.once('beforeExit', () => {
+    process.stderr.write(`${name}: error: internal: the run stopped waiting for an event that never came, its work incomplete (a bug: please report it with the output of -v)${stalled ? `; ${stalled}` : ''}\n`);
+    process.exit(1);
+  });
   let code: number;
   try {
     code = await body(controller.signal);

@@ -68,6 +68,11 @@ export class ZipTarget implements OutputTarget {
   private readonly copies = new CopySlabs();
   private failure: Error | undefined;
   private readonly finished: Promise<void>;
+  /**
+   * Rejects with the first failure of the archive or the output, and never resolves. Every wait races it: a broken
+   * output stops the archive's flow, after which the drain or entry being waited for never comes.
+   */
+  private readonly broken: Promise<never>;
 
   /** archiver is loaded only when a zip is written: it costs start-up time every other run would pay. */
   static async open(out: NodeJS.WritableStream): Promise<ZipTarget> {
@@ -78,7 +83,14 @@ export class ZipTarget implements OutputTarget {
 
   private constructor(out: NodeJS.WritableStream, archive: ZipArchive) {
     this.archive = archive;
-    this.archive.on('error', (err: Error) => { this.failure ??= err; });
+    let breakWith: (err: Error) => void = () => undefined;
+    this.broken = new Promise<never>((_, reject) => { breakWith = reject; });
+    this.broken.catch(() => undefined);
+    const fail = (err: Error): void => {
+      this.failure ??= err;
+      breakWith(this.failure);
+    };
+    this.archive.on('error', fail);
     // Between the archive and `out`: tells the copies when `out` has written a chunk.
     const forward = new Writable({
       write: (chunk: Buffer, _encoding, done) => {
@@ -93,13 +105,9 @@ export class ZipTarget implements OutputTarget {
         else out.end(() => done());
       },
     });
-    this.finished = new Promise((resolve, reject) => {
-      out.on('error', (err: Error) => { this.failure ??= err; reject(err); });
-      forward.on('error', (err: Error) => { this.failure ??= err; reject(err); });
-      forward.on('finish', () => resolve());
-      this.archive.on('error', reject);
-    });
-    this.finished.catch(() => undefined);
+    out.on('error', fail);
+    forward.on('error', fail);
+    this.finished = new Promise((resolve) => forward.on('finish', () => resolve()));
     this.archive.pipe(forward);
   }
 
@@ -137,12 +145,12 @@ export class ZipTarget implements OutputTarget {
         for (const b of buffers) {
           if (this.failure) throw this.failure;
           // The writer reuses its buffers once this resolves: the stream gets a copy (see CopySlabs).
-          if (!pass.write(this.copies.copy(b))) await once(pass, 'drain');
+          if (!pass.write(this.copies.copy(b))) await Promise.race([once(pass, 'drain'), this.broken]);
         }
       },
       commit: async () => {
         pass.end();
-        await done;
+        await Promise.race([done, this.broken]);
       },
       abort: async () => {
         this.failure ??= new Error(`zip entry ${name} aborted`);
@@ -156,7 +164,7 @@ export class ZipTarget implements OutputTarget {
     if (this.failure) throw this.failure;
     const done = this.entryDone(name);
     this.archive.append(Buffer.isBuffer(content) ? content : Buffer.from(content), { name, store: true, date: new Date() });
-    await done;
+    await Promise.race([done, this.broken]);
   }
 
   /** Ends the archive unfinished (a failed run): the consumer gets an invalid zip and our non-zero exit. */
@@ -167,7 +175,7 @@ export class ZipTarget implements OutputTarget {
 
   async close(): Promise<void> {
     if (this.failure) throw this.failure;
-    await this.archive.finalize();
-    await this.finished;
+    await Promise.race([this.archive.finalize(), this.broken]);
+    await Promise.race([this.finished, this.broken]);
   }
 }

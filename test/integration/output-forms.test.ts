@@ -89,13 +89,17 @@ test('a reader of the zip that goes away: one line saying so, the job ended, no 
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 32 }] }] });
   const state = await tempDir('vnbd-epipe-');
   t.after(() => fs.rm(state, { recursive: true, force: true }));
-  const cut = await backupPiped(state, ['-d', dom.name, '-l', 'full', '-n'], 'head -c 1000 > /dev/null');
-  assert.equal(cut.code, 1, cut.stderr);
-  const errors = cut.stderr.split('\n').filter((l) => /error/i.test(l));
-  assert.equal(errors.length, 1, cut.stderr);
-  assert.match(errors[0] ?? '', /^virtnbdbackup: error: backup of disk vda failed writing zip:vda\.full\.data\.partial: the reader of the output went away \(broken pipe\); check the command the output is piped into \(EPIPE\)$/);
-  assert.match((await run('virsh', ['-c', 'qemu:///system', 'domjobinfo', dom.name])).stdout, /Job type:\s+None/);
-  assert.equal((await run('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'])).stdout.trim(), '');
+  // Readers that go at once, after the zip's first bytes, and in mid-entry (the archive's flow then stops, which
+  // once left the run waiting for nothing: it exited 0 with its job still running).
+  for (const bytes of [0, 1000, 100_000, 5_000_000]) {
+    const cut = await backupPiped(state, ['-d', dom.name, '-l', 'full', '-n'], `head -c ${bytes} > /dev/null`);
+    assert.equal(cut.code, 1, `${bytes}: ${cut.stderr}`);
+    const errors = cut.stderr.split('\n').filter((l) => /error/i.test(l));
+    assert.equal(errors.length, 1, cut.stderr);
+    assert.match(errors[0] ?? '', /^virtnbdbackup: error: backup of disk vda failed writing zip:vda\.full\.data\.partial: the reader of the output went away \(broken pipe\); check the command the output is piped into \(EPIPE\)$/);
+    assert.match((await run('virsh', ['-c', 'qemu:///system', 'domjobinfo', dom.name])).stdout, /Job type:\s+None/);
+    assert.equal((await run('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'])).stdout.trim(), '');
+  }
   const again = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
   assert.equal(again.code, 0, again.stderr);
   await run('unzip', ['-tq', path.join(state, 'full.zip')]);

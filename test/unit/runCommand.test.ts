@@ -1,0 +1,29 @@
+// runCommand, which every command runs in: its exit code and one error line, also when the run stalls (the event
+// loop empties while the run still waits, where Node would exit 0 as if it had succeeded).
+import { spawnSync } from 'node:child_process';
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { repoRoot } from '../support/cli.js';
+
+const common = path.join(repoRoot, 'dist', 'src', 'cli', 'common.js');
+
+/** Runs `body` (JavaScript: an async function of the abort signal) under runCommand in a child process. */
+function runBody(body: string, stalled?: string): { status: number | null; stderr: string } {
+  const script = `import { runCommand } from ${JSON.stringify(common)}; import { UserError } from ${JSON.stringify(path.join(repoRoot, 'dist', 'src', 'util', 'errors.js'))};
+void UserError; void runCommand('demo', false, ${body}, ${JSON.stringify(stalled)});`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
+  return { status: r.status, stderr: r.stderr };
+}
+
+test('the body\'s exit code; a UserError is one line with its own code', () => {
+  assert.deepEqual(runBody('async () => 2'), { status: 2, stderr: '' });
+  const failed = runBody("async () => { throw new UserError('disk vda is gone; do this', 1); }");
+  assert.deepEqual(failed, { status: 1, stderr: 'demo: error: disk vda is gone; do this\n' });
+});
+
+test('a run that stalls (waits for an event that can no longer come) fails with one line, not a silent exit 0', () => {
+  const stalled = runBody('() => new Promise(() => {})', "end its job with 'demo -k'");
+  assert.equal(stalled.status, 1);
+  assert.match(stalled.stderr, /^demo: error: internal: the run stopped waiting for an event that never came, its work incomplete \(a bug: please report it with the output of -v\); end its job with 'demo -k'\n$/);
+});
