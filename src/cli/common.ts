@@ -2,7 +2,7 @@
 // and the one rule for ending: a UserError prints one line and exits with its code; anything else is a bug.
 import type { Argv } from 'yargs';
 import { Logger } from '../util/log.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { LibvirtLogin } from '../libvirt/connection.js';
 
 export const VERSION = '2.0.0-ts';
@@ -97,6 +97,13 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  // A reader of standard output that goes away (`-o verify | head -1`) chose to stop reading: no stack trace, the
+  // run goes on. Whoever needs the output whole (the zip of -o -) fails on its own writes.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') return;
+    process.stderr.write(`${name}: error: cannot write to standard output: ${describeFailure(err)}\n`);
+    process.exit(1);
+  });
   // The event loop ran dry with the run unsettled: it awaits an event that can no longer come. Node would exit 0,
   // as if the run had succeeded; this says what happened and fails.
   process.once('beforeExit', () => {
