@@ -21,7 +21,8 @@ import { lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } fro
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { UserError, describeFailure, oneLine } from '../util/errors.js';
+import { makeDirectory } from '../util/fileIo.js';
 import { lockRun } from './lock.js';
 import { DomainPower } from './domainPower.js';
 import { OfflineExports, type DiskExports, type OfflineServing } from './offline.js';
@@ -126,6 +127,9 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
   if (toZip && options.type === 'raw') throw new UserError('-t raw cannot be written to standard output (-o -); give an output directory');
   if (toZip && options.raw) throw new UserError('raw disks (-r) cannot be written to standard output (-o -); give an output directory');
   if (options.startOnly && options.printOnly) throw new UserError('-s and -p exclude each other');
+  if (options.workers !== undefined && !(Number.isInteger(options.workers) && options.workers >= 1)) {
+    throw new UserError(`-w ${options.workers}: give the number of disks to back up at the same time, 1 or more`);
+  }
 }
 
 /** Refuses what would damage the set or produce an unusable run. */
@@ -174,8 +178,10 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   const level = options.printOnly ? 'inc' : await resolveLevel(options.level, stateDir, toZip, options.domain);
   checkOptions(options, level, toZip);
   if (!toZip) {
-    await fs.mkdir(stateDir, { recursive: true }).catch((err: NodeJS.ErrnoException) => {
-      throw new UserError(`cannot create output directory ${stateDir}: ${err.code ?? err.message}`);
+    const existing = await fs.stat(stateDir).catch(() => undefined);
+    if (existing && !existing.isDirectory()) throw new UserError(`-o ${stateDir} is not a directory: give a directory for the set, or - for a zip on standard output`);
+    await makeDirectory(stateDir).catch((err: unknown) => {
+      throw new UserError(`cannot create output directory ${stateDir}: ${describeFailure(err)}`);
     });
   }
   const host = domainHostOf(options.uri ?? 'qemu:///system', options.sshUser);

@@ -9,6 +9,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { run, type RunResult } from '../util/process.js';
+import { makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 
 /** What every host offers; `remote` tells this machine (LOCAL_HOST) from another one (SshHost) and narrows the type. */
@@ -49,7 +50,7 @@ export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
     return handle.createReadStream({ highWaterMark: 1024 * 1024 });
   },
   exists: (file) => fs.access(file).then(() => true, () => false),
-  makeDir: async (dir) => { await fs.mkdir(dir, { recursive: true }); },
+  makeDir: (dir) => makeDirectory(dir),
   rename: (from, to) => fs.rename(from, to),
   remove: (file) => fs.rm(file, { force: true }),
   async createNew(file, content) {

@@ -27,7 +27,7 @@ import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
+import { UserError, describeFailure, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
 import { BufferPool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
@@ -104,7 +104,12 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   // while the images are written does not fail the run.
   if (options.define) await checkNameFree(uri, options.login, config?.adjusted?.name as string);
   const host = outputHost(options);
-  if (plan.outputDir) await host.makeDir(plan.outputDir);
+  if (plan.outputDir) {
+    const dir = plan.outputDir;
+    await host.makeDir(dir).catch((err: unknown) => {
+      throw new UserError(`cannot create output directory ${dir}${host.remote ? ` on ${host.label}` : ''}: ${describeFailure(err)}`);
+    });
+  }
   const disks: RestoredDisk[] = [];
   for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
   const result: RestoreResult = { disks };

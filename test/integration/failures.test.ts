@@ -71,6 +71,38 @@ test('inc or diff without a full backup, and full into a used set, are refused',
   assert.ok(before.equals(await fs.readFile(path.join(out, 'vda.full.data'))), 'existing backup was touched');
 });
 
+test('an output that cannot hold a set: a file, a read-only file system; -w 0: one line each, before any job', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const work = await tempDir('vnbd-badout-');
+  const readOnly = path.join(work, 'ro');
+  await fs.mkdir(readOnly);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1M', 'tmpfs', readOnly]);
+  t.after(async () => {
+    execFileSync('umount', [readOnly]);
+    await fs.rm(work, { recursive: true, force: true });
+  });
+  await fs.writeFile(path.join(work, 'afile'), 'x');
+  const cases: Array<[string, string[], RegExp]> = [
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-o', path.join(work, 'afile')], /-o \S+\/afile is not a directory: give a directory for the set, or - for a zip on standard output$/],
+    // Node's own mkdir says ENOENT here; the line gives the real cause.
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-o', path.join(readOnly, 'set')], /cannot create output directory \S+\/ro\/set: read-only file system; choose another output directory \(EROFS\)$/],
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-w', '0', '-o', path.join(work, 'w0')], /-w 0: give the number of disks to back up at the same time, 1 or more$/],
+  ];
+  for (const [command, args, message] of cases) {
+    const r = await runCli(ourBin(command as 'virtnbdbackup'), ['-n', ...args]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.equal(errorLines(r).length, 1, r.stderr);
+    assert.match(r.stderr.trim(), message);
+  }
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  const restore = await runCli(ourBin('virtnbdrestore'), ['-n', '-i', set, '-o', path.join(readOnly, 'out')]);
+  assert.equal(restore.code, 1, restore.stderr);
+  assert.match(restore.stderr.trim(), /^virtnbdrestore: error: cannot create output directory \S+\/ro\/out: read-only file system; choose another output directory \(EROFS\)$/);
+});
+
 test('disk full in mid-backup: clear error, job ended, checkpoint removed, .partial kept, inc refuses', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 24 }] }] });
   const mount = await tempDir('vnbd-full-');
