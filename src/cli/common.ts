@@ -93,7 +93,7 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   const onSignal = (sig: NodeJS.Signals): void => {
     interrupts++;
     if (interrupts > 1) process.exit(130);
-    controller.abort(new UserError(`${name}: interrupted by ${sig}; cleaned up`, 130));
+    controller.abort(new UserError(`interrupted by ${sig}; cleaned up`, 130));
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);

@@ -148,7 +148,7 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
   run.child.kill('SIGTERM');
   const r = await run.done;
   assert.notEqual(r.code, 0, `backup finished before the signal: ${r.stderr}`);
-  assert.match(r.stderr, /interrupted by SIGTERM/);
+  assert.match(r.stderr, /^virtnbdbackup: error: interrupted by SIGTERM; cleaned up$/m);
   await assertCleanDomain(dom, socket);
   assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
 });
@@ -195,7 +195,7 @@ async function fullSet(t: TestContext, name: string, sizeMiB: number, dataMiB: n
   return { dom, work, set };
 }
 
-test('qemu-nbd killed in mid-restore: one line naming it, the partial image removed', async (t) => {
+test('qemu-nbd killed in mid-restore: one line naming it, the partial image removed; SIGTERM in mid-restore: exit 130, nothing left', async (t) => {
   const { dom, work, set } = await fullSet(t, 'qnbd', 1024, 768);
   const out = path.join(work, 'out');
   const socket = `/var/tmp/vnbdtest-${process.pid}-qnbd.sock`;
@@ -216,6 +216,20 @@ test('qemu-nbd killed in mid-restore: one line naming it, the partial image remo
   assert.match(last, /^virtnbdrestore: error: restore of disk vda failed: qemu-nbd, which writes the image, exited with SIGKILL \((cannot connect to NBD export .+: )?nbd_\w+: .+\); nothing of it was kept$/);
   assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('qcow2')), []);
   assert.equal(await fs.access(socket).then(() => true, () => false), false, `socket ${socket} left behind`);
+
+  // SIGTERM in mid-restore: exit 130 with one line, and the partial image, qemu-nbd and its socket are gone.
+  const termOut = path.join(work, 'term');
+  const termSocket = `/var/tmp/vnbdtest-${process.pid}-term.sock`;
+  const term = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', termOut, '-n', '-f', termSocket]);
+  const termPartial = path.join(termOut, path.basename(partial));
+  for (let i = 0; i < 4000 && (await fs.stat(termPartial).then((st) => st.size, () => 0)) <= 16 * 1024 * 1024; i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  term.child.kill('SIGTERM');
+  const rt = await term.done;
+  assert.equal(rt.code, 130, rt.stderr);
+  assert.match(rt.stderr.trim().split('\n').at(-1) ?? '', /^virtnbdrestore: error: interrupted by SIGTERM; cleaned up$/);
+  assert.deepEqual(await fs.readdir(termOut), []);
+  assert.equal(await qemuNbdPid((arg) => arg === termSocket), undefined, 'qemu-nbd left running');
+  assert.equal(await fs.access(termSocket).then(() => true, () => false), false, `socket ${termSocket} left behind`);
 });
 
 /** Starts our restore of `set` with -D as `name` into `out`; resolves once the image holds more than 16 MiB. */
