@@ -11,7 +11,7 @@ import { native } from '../native/addon.js';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError } from '../stream/format.js';
 import { checkLinks, parseDataFileName, type ChainLink } from '../set/backupSet.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { UserError, describeReadFailure, oneLine } from '../util/errors.js';
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
 import { FrameCache } from './frameCache.js';
@@ -49,7 +49,7 @@ export class ChainEndpoint implements Endpoint {
     const indexes: StreamIndex[] = [];
     for (const [i, file] of files.entries()) {
       const stat = await fs.stat(file).catch((err: NodeJS.ErrnoException) => {
-        throw new UserError(`cannot read ${file}: ${err.code ?? oneLine(err)}`);
+        throw new UserError(`cannot read ${file}: ${describeReadFailure(err)}`);
       });
       if (!stat.isFile()) throw new UserError(`${file} is not a backup data file (not a regular file)`);
       try {

@@ -27,7 +27,7 @@ import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, describeFailure, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
+import { UserError, describeFailure, describeReadFailure, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
 import { BufferPool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
@@ -140,7 +140,7 @@ async function planConfig(plan: RestorePlan, options: RestoreOptions, adjust: bo
     return undefined;
   }
   const xml = await fs.readFile(source, 'utf8').catch((err: NodeJS.ErrnoException) => {
-    throw new UserError(`cannot read the domain XML ${source}: ${err.code ?? err.message}`);
+    throw new UserError(`cannot read the domain XML ${source}: ${describeReadFailure(err)}`);
   });
   if (!adjust) return { source, target: plan.outputDir && path.join(plan.outputDir, path.basename(source)) };
   if (!plan.outputDir) throw new UserError('-c/-D adjust the domain XML to images in a directory: restore into a directory, or define the domain yourself with the target as its disk');

@@ -9,7 +9,7 @@ import type { StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
 import type { Level } from '../libvirt/checkpoints.js';
-import { UserError } from '../util/errors.js';
+import { UserError, describeReadFailure } from '../util/errors.js';
 
 export function dataFileName(disk: string, level: Level, ident: string): string {
   if (level === 'full' || level === 'copy') return `${disk}.${level}.data`;
@@ -105,7 +105,7 @@ export async function listSet(dir: string): Promise<SetListing> {
   try {
     names = await fs.readdir(dir);
   } catch (err) {
-    throw new UserError(`cannot read backup set directory ${dir}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    throw new UserError(`cannot read backup set directory ${dir}: ${describeReadFailure(err)}`);
   }
   names.sort();
   return {

@@ -58,6 +58,20 @@ export function outOfSpace(err: unknown): string | undefined {
   return code === 'ENOSPC' || code === 'EDQUOT' ? `${ERRNO_HINTS[code]} (${code})` : undefined;
 }
 
+const READ_ERRNO_WORDS: Record<string, string> = {
+  ENOENT: 'no such file or directory',
+  EACCES: 'permission denied',
+  ENOTDIR: 'a part of the path is not a directory',
+  EISDIR: 'it is a directory',
+  EIO: 'I/O error',
+};
+
+/** A failed read or open in words, with its errno code: "no such file or directory (ENOENT)". */
+export function describeReadFailure(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code && READ_ERRNO_WORDS[code] ? `${READ_ERRNO_WORDS[code]} (${code})` : oneLine(err);
+}
+
 /** A one-line description of a file-system failure, with what to do when its Node errno code says it. */
 export function describeFailure(err: unknown): string {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;

@@ -164,7 +164,7 @@ test('chain endpoint: files out of order, an inc first, another disk or a non-st
     [[inc1, inc2], /must start with the full or copy backup/],
     [[full, full], /only the first file of the sequence/],
     [[notStream], /notes\.txt is not a usable backup stream/],
-    [[full, path.join(dir, 'missing.data')], /cannot read .*missing\.data: ENOENT/],
+    [[full, path.join(dir, 'missing.data')], /cannot read .*missing\.data: no such file or directory \(ENOENT\)$/],
     [[dir], /is not a backup data file/],
     [[], /no backup files given/],
   ];
