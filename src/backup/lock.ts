@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { UserError } from '../util/errors.js';
+import { UserError, describeFailure } from '../util/errors.js';
 
 /** Name of the lock file inside an output directory (moved aside never, listed as a set file never). */
 export const OUTPUT_LOCK_NAME = '.virtnbdbackup.lock';
@@ -66,7 +66,7 @@ export class RunLock {
         return new RunLock(file, content);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
-          throw new UserError(`cannot create lock file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+          throw new UserError(`cannot create lock file ${file}: ${describeFailure(err)}`);
         }
       }
       const existing = await fsp.readFile(file, 'utf8').catch(() => undefined);

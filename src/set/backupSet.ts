@@ -9,7 +9,7 @@ import type { StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
 import type { Level } from '../libvirt/checkpoints.js';
-import { UserError, describeReadFailure } from '../util/errors.js';
+import { UserError, describeFailure, describeReadFailure } from '../util/errors.js';
 
 export function dataFileName(disk: string, level: Level, ident: string): string {
   if (level === 'full' || level === 'copy') return `${disk}.${level}.data`;
@@ -183,11 +183,11 @@ export const isArchivedChain = (name: string): boolean => /^chain\.\d+$/.test(na
 export async function archiveChain(dir: string, names: string[], when: Date): Promise<string> {
   const archive = path.join(dir, archivedChainName(when));
   await fs.mkdir(archive).catch((err: NodeJS.ErrnoException) => {
-    throw new UserError(`cannot move the set's chain aside into ${archive}: ${err.code ?? err.message}`);
+    throw new UserError(`cannot move the set's chain aside into ${archive}: ${describeFailure(err)}`);
   });
   for (const name of names) {
     await fs.rename(path.join(dir, name), path.join(archive, name)).catch((err: NodeJS.ErrnoException) => {
-      if (err.code !== 'ENOENT') throw new UserError(`cannot move ${path.join(dir, name)} into ${archive}: ${err.code ?? err.message}`);
+      if (err.code !== 'ENOENT') throw new UserError(`cannot move ${path.join(dir, name)} into ${archive}: ${describeFailure(err)}`);
     });
   }
   return archive;

@@ -8,6 +8,7 @@ import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
 import { BufferPool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
+import { describeReadFailure } from '../util/errors.js';
 import {
   PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, FrameSequence, StreamFormatError, type FaultReporter, frameSizes, parseHeader, parseMetadata, parseTrailer,
   trailerOffset, type FrameHeader, type StreamMetadata, type TrailerEntry,
@@ -99,7 +100,7 @@ export class StreamReader {
     try {
       handle = await fs.open(file, 'r');
     } catch (err) {
-      throw new StreamFormatError(`${file}: cannot open (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+      throw new StreamFormatError(`${file}: cannot open (${describeReadFailure(err)})`);
     }
     try {
       const { size } = await handle.stat();
