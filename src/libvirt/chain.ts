@@ -103,6 +103,9 @@ export async function unusableParent(domain: LibvirtDomain, parent: string, xmlD
   }
   const saved = await readSaved(xmlDir, parent);
   if (saved === undefined) return undefined;
+  if (!/<creationTime>\s*\d+\s*<\/creationTime>/.test(saved)) {
+    return `the set's definition of checkpoint ${parent} (${path.join(xmlDir, `${parent}.xml`)}) is damaged: it holds no creation time to tell whether libvirt's checkpoint of that name is this set's`;
+  }
   if (checkpointIdentity(await domain.checkpointGetXMLDesc(parent, 0)) !== checkpointIdentity(saved)) {
     return `checkpoint ${parent} in libvirt is not this set's (${path.join(xmlDir, `${parent}.xml`)}): another chain with the same prefix replaced it`;
   }

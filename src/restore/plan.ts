@@ -14,7 +14,7 @@ import {
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
 import { isStreamFile } from '../verify/verify.js';
 import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
-import { UserError } from '../util/errors.js';
+import { UserError, oneLine } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
 
@@ -378,7 +378,7 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
     if (taken.has(name)) name = `${disk.disk}.${name}`; // two source images of the same file name
     taken.add(name);
     disk.image = path.join(dir, name);
-    const qcowJson = await readQcowInfo(options.input, disk);
+    const qcowJson = await readQcowInfo(options.input, disk, options.log ?? silentLogger);
     if (disk.format === 'qcow2') disk.createOptions = qcow2CreateOptions(qcowJson);
     const dataFile = disk.format === 'qcow2' ? qcow2DataFile(qcowJson) : undefined;
     if (dataFile) {
@@ -395,11 +395,19 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
   await refuseExisting(outputs, options.host);
 }
 
-async function readQcowInfo(input: string, disk: DiskPlan): Promise<string | undefined> {
+async function readQcowInfo(input: string, disk: DiskPlan, log: Logger): Promise<string | undefined> {
   const idents = [disk.ident, ...(disk.source.kind === 'stream' ? [identOf(disk.source.chain[0] as ChainLink)] : [])];
   for (const ident of idents) {
-    const text = await fs.readFile(path.join(input, qcowInfoName(disk.disk, ident)), 'utf8').catch(() => undefined);
-    if (text !== undefined) return text;
+    const file = path.join(input, qcowInfoName(disk.disk, ident));
+    const text = await fs.readFile(file, 'utf8').catch(() => undefined);
+    if (text === undefined) continue;
+    try {
+      JSON.parse(text);
+      return text;
+    } catch (err) {
+      log.warn(`${file} is damaged (${oneLine(err)}): disk ${disk.disk}'s image gets qemu-img's default qcow2 layout`);
+      return undefined;
+    }
   }
   return undefined;
 }

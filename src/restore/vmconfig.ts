@@ -4,7 +4,7 @@
 // out, cdrom/floppy/lun devices unless raw devices are kept), and the NVRAM pointed at its restored copy, or
 // dropped so that libvirt creates one for the new machine instead of sharing the original's. Guarantees: the XML is edited as a tree in document
 // order, so everything not named here (comments, namespaces, unknown elements) comes out as it went in.
-import { XMLBuilder, XMLParser } from 'fast-xml-parser';
+import { XMLBuilder, XMLParser, XMLValidator } from 'fast-xml-parser';
 
 /** Where a restored disk now lives. */
 export interface RestoredDiskImage {
@@ -90,6 +90,19 @@ function textOf(node: XmlNode | undefined): string {
 
 const REMOVABLE_MEDIA = new Set(['cdrom', 'floppy', 'lun']);
 
+/** fast-xml-parser's complaint in words: for elements left open it prints their names as a JSON array. */
+function validatorMessage(msg: string): string {
+  const open = /^Invalid '(\[[\s\S]*\])' found\.$/.exec(msg);
+  if (open) {
+    try {
+      return `elements left open: ${(JSON.parse(open[1] as string) as string[]).join(', ')}`;
+    } catch {
+      // not the array it looked like
+    }
+  }
+  return msg.replace(/\s+/g, ' ');
+}
+
 /** Points one disk element at its restored image. */
 function pointDiskAt(disk: XmlNode, image: RestoredDiskImage): void {
   attributesOf(disk)['@_type'] = image.block ? 'block' : 'file';
@@ -106,6 +119,9 @@ function pointDiskAt(disk: XmlNode, image: RestoredDiskImage): void {
 }
 
 export function adjustDomainConfig(xml: string, options: AdjustOptions): AdjustedConfig {
+  // The parser takes damaged XML as it comes (an unclosed element simply ends); a define needs it whole.
+  const wellFormed = XMLValidator.validate(xml);
+  if (wellFormed !== true) throw new Error(`not well-formed XML (line ${wellFormed.err.line}: ${validatorMessage(wellFormed.err.msg)})`);
   const tree = new XMLParser(XML_OPTIONS).parse(xml) as XmlNode[];
   const domain = tree.find((n) => tagOf(n) === 'domain');
   if (!domain) throw new Error('not a libvirt domain XML (no <domain> element)');

@@ -123,7 +123,7 @@ test('raw images in the set (-t raw) are copied as they are, or converted into q
   ]);
 });
 
-test('a qcow2 image with an external data file is recreated with its data file in the output directory', async (t) => {
+test('a qcow2 image with an external data file is recreated with its data file in the output directory; a damaged qcow.json is a warning', async (t) => {
   const work = await withTempDir(t, 'vnbd-crafted-');
   const { set, refs } = await craftTwoDiskSet(work);
   const info = { 'virtual-size': 64 * MiB, format: 'qcow2', 'cluster-size': 65536, 'format-specific': { type: 'qcow2', data: { compat: '1.1', 'data-file': '/vm/web.data', 'data-file-raw': true } } };
@@ -139,6 +139,13 @@ test('a qcow2 image with an external data file is recreated with its data file i
   const again = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'again'), '-n', '-d', 'vda', '--compress']);
   assert.equal(again.code, 1);
   assert.match(errorLines(again).join('\n'), /--compress cannot be used for disk vda: its image keeps its data in an external data file/);
+
+  // A damaged qcow.json: a warning naming it, and the image in qemu-img's default layout, still exact.
+  await fs.writeFile(path.join(set, qcowInfoName('vda', 'virtnbdbackup.1')), '{"virtual-size": 671');
+  const damaged = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'damaged'), '-n', '-d', 'vda']);
+  assert.match(damaged.stderr, /warning: \S+vda\.virtnbdbackup\.1\.qcow\.json is damaged \(.*\): disk vda's image gets qemu-img's default qcow2 layout/);
+  assert.equal((await imageInfo(path.join(work, 'damaged', 'web.qcow2')))['format-specific']?.data?.['data-file'], undefined);
+  await assertSame(path.join(work, 'damaged', 'web.qcow2'), refs.vda as string, 'qcow2');
 });
 
 test('--compress writes compressed clusters and -A preallocates; both restore the same content', async (t) => {

@@ -9,7 +9,8 @@ import path from 'node:path';
 import {
   bitmapOwnerXml, checkPrefix, checkpointIdentity, checkpointSize, checkpointXml, inChain, planCheckpoint, prefixOf, withoutDomain,
 } from '../../src/libvirt/checkpoints.js';
-import { existingBitmapName, isLostBitmapError } from '../../src/libvirt/chain.js';
+import { existingBitmapName, isLostBitmapError, unusableParent } from '../../src/libvirt/chain.js';
+import type { LibvirtDomain } from '../../src/native/addon.js';
 import { clip, denseExtents, qemuMapFlags, type QemuMapEntry } from '../../src/backup/extentSources.js';
 import { planDirty, planFull, type ExtentPlan } from '../../src/extents/plan.js';
 import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../../src/endpoint/endpoint.js';
@@ -149,4 +150,17 @@ test('an unusable chain is moved into chain.<secs>/, which lists as a set of its
 test('boot files are named <basename>.<ident>, plain <basename> for a copy', () => {
   assert.equal(bootFileName('/var/lib/libvirt/qemu/nvram/web_VARS.fd', 'virtnbdbackup.2'), 'web_VARS.fd.virtnbdbackup.2');
   assert.equal(bootFileName('/boot/vmlinuz', 'copy'), 'vmlinuz');
+});
+
+test("the set's saved checkpoint decides whether libvirt's checkpoint of that name is the set's; a damaged one says so", async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-parent-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const ours = checkpointXml({ name: 'virtnbdbackup.0', parent: '', create: true } as Parameters<typeof checkpointXml>[0], ['vda'], ['vda'], 'run-1').replace('</domaincheckpoint>', '<creationTime>1700000000</creationTime></domaincheckpoint>');
+  const libvirt = (xml: string): LibvirtDomain => ({ listCheckpointNames: async () => ['virtnbdbackup.0'], checkpointGetXMLDesc: async () => xml }) as Partial<LibvirtDomain> as LibvirtDomain;
+  const saved = path.join(dir, 'virtnbdbackup.0.xml');
+  await fs.writeFile(saved, ours);
+  assert.equal(await unusableParent(libvirt(ours), 'virtnbdbackup.0', dir), undefined);
+  assert.match(await unusableParent(libvirt(ours.replace('1700000000', '1700000999')), 'virtnbdbackup.0', dir) ?? '', /is not this set's .*another chain with the same prefix replaced it$/);
+  await fs.writeFile(saved, '<domaincheckpoint><name>');
+  assert.match(await unusableParent(libvirt(ours), 'virtnbdbackup.0', dir) ?? '', /^the set's definition of checkpoint virtnbdbackup\.0 \(.*virtnbdbackup\.0\.xml\) is damaged: it holds no creation time/);
 });

@@ -71,6 +71,9 @@ test('-N names the domain; -r keeps cdroms; raw disks and block targets; the NVR
   assert.doesNotMatch(xml, /index=/, 'source attributes of the old location are dropped');
 });
 
-test('not a domain XML is refused', () => {
-  assert.throws(() => adjustDomainConfig('<network><name>x</name></network>', { disks: new Map(), keepRawDevices: false }), /no <domain> element/);
+test('not a domain XML is refused, and so is damaged XML (which the parser would take as it comes)', () => {
+  const adjust = (xml: string): unknown => adjustDomainConfig(xml, { disks: new Map(), keepRawDevices: false });
+  assert.throws(() => adjust('<network><name>x</name></network>'), /no <domain> element/);
+  assert.throws(() => adjust('<domain><name>x'), /^Error: not well-formed XML \(line 1: elements left open: domain, name\)$/);
+  assert.throws(() => adjust('<domain>\n<name>x</nam></domain>'), /^Error: not well-formed XML \(line 2: Expected closing tag 'name' .*\)$/);
 });
