@@ -5,13 +5,15 @@
 //   zero:   whole blocks are just marked zero; partial blocks are written as zeros
 //   read / extents: runs of blocks in the same state, from base, overlay or zeros
 // Guarantees: the base is never written; a block is marked copied only once its full content is in the overlay,
-// so concurrent readers never see a half-copied block; close() deletes the overlay. The block map (1 byte per
+// so concurrent readers never see a half-copied block; close() deletes the overlay, and the overlay of a server
+// that was killed is deleted when the next one starts (its directory names its pid). The block map (1 byte per
 // 64 KiB of disk) is allocated on the first write only.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
+import { silentLogger, type Logger } from '../util/log.js';
 
 /** Copy-on-write granularity: a smaller write costs one read of the base block, once. */
 export const COW_BLOCK = 64 * 1024;
@@ -40,8 +42,9 @@ export class CopyOnWriteEndpoint implements Endpoint {
   ) {}
 
   /** A copy-on-write view of `base` with its overlay in a new directory under `parentDir`. */
-  static async create(base: Endpoint, parentDir: string): Promise<CopyOnWriteEndpoint> {
-    const dir = await fs.mkdtemp(path.join(parentDir, 'virtnbdmap.'));
+  static async create(base: Endpoint, parentDir: string, log: Logger = silentLogger): Promise<CopyOnWriteEndpoint> {
+    await removeOrphanOverlays(parentDir, log);
+    const dir = await fs.mkdtemp(path.join(parentDir, `virtnbdmap.${process.pid}.`));
     try {
       const overlay = await fs.open(path.join(dir, 'overlay.img'), 'w+', 0o600);
       return new CopyOnWriteEndpoint(base, dir, overlay);
@@ -178,4 +181,29 @@ export class CopyOnWriteEndpoint implements Endpoint {
 
 function checkBounds(offset: number, length: number, size: number): void {
   if (offset < 0 || offset + length > size) throw new RangeError(`request of ${length} bytes at ${offset} beyond the disk's size ${size}`);
+}
+
+/** Overlay directories are named virtnbdmap.<pid>.<random>: the pid tells whether their server still runs. */
+const OVERLAY_DIR = /^virtnbdmap\.(\d+)\.[A-Za-z0-9]{6}$/;
+
+/**
+ * Removes the overlays in `parentDir` of servers that are gone: one killed (SIGKILL, a crash) could not remove its
+ * own, and what a client wrote there was never meant to outlive the server.
+ */
+async function removeOrphanOverlays(parentDir: string, log: Logger): Promise<void> {
+  for (const name of await fs.readdir(parentDir).catch(() => [] as string[])) {
+    const pid = Number(OVERLAY_DIR.exec(name)?.[1]);
+    if (!pid || pid === process.pid || processRuns(pid)) continue;
+    await fs.rm(path.join(parentDir, name), { recursive: true, force: true });
+    log.info(`removed ${path.join(parentDir, name)}, the overlay of a virtnbdmap that is gone (pid ${pid})`);
+  }
+}
+
+function processRuns(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }

@@ -74,7 +74,7 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
       cleanups.push(() => chain.close());
     } else {
       const overlayParent = options.overlayParent ?? '/var/tmp';
-      const cow = await CopyOnWriteEndpoint.create(chain, overlayParent).catch(async (err: unknown) => {
+      const cow = await CopyOnWriteEndpoint.create(chain, overlayParent, log).catch(async (err: unknown) => {
         await chain.close();
         throw new UserError(`cannot create the copy-on-write overlay in ${overlayParent}: ${oneLine(err)} (use -r to serve read-only)`);
       });

@@ -92,10 +92,18 @@ export class NbdServer {
     this.log = options.log ?? silentLogger;
   }
 
-  /** Listens on a new unix socket at `socketPath` (which must not exist). */
+  /**
+   * Listens on a new unix socket at `socketPath`. A socket left there by a server that is gone (killed, so it could
+   * not remove it) is replaced; anything else there, or a socket something still answers on, is refused.
+   */
   async listenUnix(socketPath: string): Promise<void> {
-    if (await fs.lstat(socketPath).then(() => true, () => false)) {
-      throw Object.assign(new Error(`${socketPath} already exists (another virtnbdmap?); remove it or choose another --socket`), { code: 'EEXIST' });
+    const there = await fs.lstat(socketPath).catch(() => undefined);
+    if (there) {
+      if (!there.isSocket() || (await answers(socketPath))) {
+        throw Object.assign(new Error(`${socketPath} already exists${there.isSocket() ? ' and a server answers on it (another virtnbdmap?)' : ''}; remove it or choose another --socket`), { code: 'EEXIST' });
+      }
+      await fs.rm(socketPath);
+      this.log.info(`removed ${socketPath}, a socket left by a server that is gone`);
     }
     await this.listen({ path: socketPath }, socketPath);
   }
@@ -532,5 +540,14 @@ function drained(socket: net.Socket): Promise<void> {
     };
     socket.on('drain', done);
     socket.on('close', done);
+  });
+}
+
+/** Whether a server accepts connections on the unix socket `socketPath`. */
+function answers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = net.connect({ path: socketPath });
+    probe.once('connect', () => { probe.destroy(); resolve(true); });
+    probe.once('error', () => resolve(false));
   });
 }

@@ -2,7 +2,7 @@
 // incs, and lz4 full + inc), each point mapped and compared bit for bit (qemu-img compare) with our restore of the
 // same point; nbdinfo --map; nbdcopy with 4 connections; a second TCG domain booted on a qcow2 overlay whose
 // backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
-// one-line errors for bad input.
+// one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
@@ -12,6 +12,7 @@ import { CONTEXT_ALLOCATION } from '../../src/endpoint/endpoint.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
 import { TestDomain, assertPattern, run, withDomain, withTempDir, type DiskSpec } from '../support/testbed.js';
 import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
+import { MemoryDisk, craftStream } from '../support/craftedSet.js';
 
 const MiB = 1024 * 1024;
 const DISK = {
@@ -28,6 +29,8 @@ interface RunningMap {
   socket: string;
   /** SIGINT, then the exit; throws unless it exits 0. */
   stop: () => Promise<CliResult>;
+  /** SIGKILL, as a crash would end it: nothing of it cleans up. */
+  kill: () => Promise<void>;
 }
 
 /** Starts bin/virtnbdmap on `files` with its socket in `dir`; stopped (SIGINT, else SIGKILL) when the test ends. */
@@ -62,6 +65,10 @@ async function startMap(t: TestContext, dir: string, name: string, files: string
       const result = await done;
       assert.equal(result.code, 0, `virtnbdmap ${name} did not exit cleanly: ${result.stderr}`);
       return result;
+    },
+    kill: async () => {
+      child.kill('SIGKILL');
+      await done;
     },
   };
 }
@@ -196,4 +203,31 @@ test('virtnbdmap serves every point of plain and lz4 sets bit-identically to our
   await bad([path.join(plain, `vmconfig.virtnbdbackup.0.xml`)], /vmconfig\.virtnbdbackup\.0\.xml is not a usable backup stream/);
   await bad([full, inc2, inc1], /sequence out of order/);
   await bad([inc1], /must start with the full or copy backup/);
+});
+
+test('a virtnbdmap killed (SIGKILL) leaves its socket and overlay: the next one on that socket replaces both; a socket a server answers on is refused', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-mapkill-');
+  await craftStream({ dir, file: 'vda.full.data', disk: new MemoryDisk(16 * MiB).fill(0x11, 0, 4 * MiB), diskName: 'vda', extents: [{ offset: 0, length: 4 * MiB, kind: 'data' }] });
+  const file = path.join(dir, 'vda.full.data');
+  const overlays = async (): Promise<string[]> => (await fs.readdir(dir)).filter((f) => /^virtnbdmap\.\d+\./.test(f));
+
+  const first = await startMap(t, dir, 'm', [file]);
+  const second = await runCli(ourBin('virtnbdmap'), ['-f', file, '--socket', first.socket, '-p', '0', '-d', '', '--overlay-dir', dir]);
+  assert.equal(second.code, 1, second.stderr);
+  assert.match(errorLines(second).join('\n'), /m\.sock already exists and a server answers on it \(another virtnbdmap\?\); remove it or choose another --socket$/);
+  assert.equal((await run('nbdinfo', ['--size', first.uris[0]])).stdout.trim(), String(16 * MiB), 'the first one still serves');
+
+  await first.kill();
+  const orphan = await overlays();
+  assert.equal(orphan.length, 1, 'the killed server left its overlay');
+  const next = await startMap(t, dir, 'm', [file]);
+  assert.equal((await run('nbdinfo', ['--size', next.uris[0]])).stdout.trim(), String(16 * MiB));
+  const now = await overlays();
+  assert.equal(now.length, 1);
+  assert.notEqual(now[0], orphan[0], 'the orphan overlay was removed');
+  const log = await fs.readFile(path.join(dir, 'm.log'), 'utf8');
+  assert.match(log, /removed \S+, the overlay of a virtnbdmap that is gone \(pid \d+\)/);
+  assert.match(log, /removed \S+m\.sock, a socket left by a server that is gone/);
+  await next.stop();
+  assert.deepEqual(await overlays(), []);
 });
