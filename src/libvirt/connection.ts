@@ -1,6 +1,7 @@
 // Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do.
 import { native, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_UNAVAILABLE, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { UserError, oneLine } from '../util/errors.js';
+import { LOCAL_HOST, domainHostOf } from './domainHost.js';
 
 /** A libvirt login (--user/--password), for a daemon that asks for one (SASL on qemu+tcp://). */
 export interface LibvirtLogin {
@@ -16,7 +17,7 @@ export async function openLibvirt(uri: string, login?: LibvirtLogin): Promise<Li
   try {
     return await native().libvirtOpen(uri, login?.user, login?.password);
   } catch (err) {
-    throw new UserError(`cannot connect to libvirt at ${uri}: ${oneLine(err)}; ${connectAdvice(err, login)}`);
+    throw new UserError(`cannot connect to libvirt at ${uri}: ${oneLine(err)}; ${connectAdvice(err, login, uri)}`);
   }
 }
 
@@ -25,9 +26,12 @@ export function loginRefused(err: unknown): boolean {
   return AUTH_ERRORS.has((err as NativeError).code ?? -1);
 }
 
-/** What to do about a failed open: a login to give or check, else the daemon to start. */
-export function connectAdvice(err: unknown, login?: LibvirtLogin): string {
-  if (!loginRefused(err)) return 'is libvirtd running?';
+/** What to do about a failed open: a login to give or check, else the host to reach or the daemon to start. */
+export function connectAdvice(err: unknown, login?: LibvirtLogin, uri?: string): string {
+  if (!loginRefused(err)) {
+    const host = uri ? domainHostOf(uri) : LOCAL_HOST;
+    return host.remote ? `is ${host.hostname} reachable, and libvirtd running there?` : 'is libvirtd running?';
+  }
   if (login) return `check the login --user ${login.user} and its --password`;
   return 'libvirtd asks for a login: give --user and --password (or a libvirt auth.conf)';
 }
@@ -52,3 +56,4 @@ export async function lostConnectionError(conn: LibvirtConnection, uri: string, 
   if (alive) return undefined;
   return new UserError(`lost the connection to libvirtd at ${uri} (${oneLine(err)}): start libvirtd again, then ${then}`);
 }
+
