@@ -208,8 +208,10 @@ test('files of the remote host come through ssh: read whole, and a missing one f
   assert.match((await host.run('echo', ["a 'quoted' word"])).stdout, /^a 'quoted' word\n$/);
 });
 
-test('refused with one line: restore flags for another host without its URI', async () => {
+test('refused with one line: restore flags for another host without its URI; a host nobody answers on', async () => {
+  const closed = await freePort();
   const cases: Array<[string, string[], RegExp]> = [
+    [bin, ['-U', `qemu+tcp://127.0.0.1:${closed}/system`, '-d', 'x', '-k'], new RegExp(`cannot connect to libvirt at qemu\\+tcp://127\\.0\\.0\\.1:${closed}/system: .*; is 127\\.0\\.0\\.1 reachable, and libvirtd running there\\?`)],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--tls'], /--tls applies to a restore onto another host: give that host's libvirt URI with -U/],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-P', '10810'], /--nbd-port applies to a restore onto another host/],
   ];
