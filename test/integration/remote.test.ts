@@ -153,6 +153,15 @@ test('restore onto another host (remote -U): images written there through its qe
   assert.ok(info['actual-size'] < 32 * 1024 * 1024, `holes were written: ${info['actual-size']} bytes allocated`);
   assert.deepEqual((await fs.readdir(rawOut)).filter((f) => f.endsWith('.partial')), []);
 
+  // --compress there: the image is converted with compressed clusters on that host, and holds the same.
+  const packedOut = path.join(work, 'packed');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', packedOut, '-n', '--compress', ...remote]);
+  const packed = await TestDomain.compare(path.join(packedOut, 'vda.qcow2'), p1);
+  assert.ok(packed.identical, packed.output);
+  const size = async (file: string): Promise<number> => (JSON.parse((await run('qemu-img', ['info', '--output=json', file])).stdout) as { 'actual-size': number })['actual-size'];
+  assert.ok(await size(path.join(packedOut, 'vda.qcow2')) < await size(image), 'compressed clusters take less room than the plain image');
+  assert.deepEqual((await fs.readdir(packedOut)).filter((f) => f.includes('partial')), []);
+
   // Onto an existing raw file and a block device there, both filled with 0xee first: every byte the disk reads
   // as zero is written as zero. A qcow2 file there is refused.
   const file = path.join(work, 'target.raw');
