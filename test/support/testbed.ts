@@ -156,6 +156,8 @@ export interface DiskSpec {
   format?: ImageFormat;
   /** Written with qemu-io into the image before the domain starts. */
   fill?: FillSpec[];
+  /** The domain sees the image through a loop device, as a block disk (type='block'), as on LVM. */
+  block?: boolean;
 }
 
 export interface DomainOptions {
@@ -174,6 +176,8 @@ export interface TestDisk {
   readonly image: string;
   readonly format: ImageFormat;
   readonly sizeBytes: number;
+  /** The loop device the domain sees the image through (DiskSpec.block); detached when the domain is removed. */
+  device?: string;
 }
 
 /** What qemu-io prints that means a command did not do its work (it never fails the monitor command itself). */
@@ -218,6 +222,12 @@ export class TestDomain {
       for (const [i, disk] of disks.entries()) {
         await run('qemu-img', ['create', '-q', '-f', disk.format, disk.image, String(disk.sizeBytes)]);
         await fillImage(disk, opts.disks[i]?.fill ?? [], dir);
+        if (opts.disks[i]?.block) {
+          // A block device does not grow: room for every cluster of the disk and qcow2's metadata (sparse).
+          await fsp.truncate(disk.image, disk.sizeBytes + 16 * MiB);
+          disk.device = (await run('losetup', ['-f', '--show', disk.image])).stdout.trim();
+          await fsp.chmod(disk.device, 0o666); // QEMU runs as libvirt-qemu
+        }
       }
       const xmlFile = path.join(dir, 'domain.xml');
       await fsp.writeFile(xmlFile, domain.domainXml());
@@ -306,7 +316,7 @@ export class TestDomain {
     const disk = this.disk(target);
     const out = file ?? path.join(this.dir, `${target}.snapshot${++this.snapshotCount}.raw`);
     if (this.running) await this.flush(target);
-    await run('qemu-img', ['convert', '-U', '-f', disk.format, '-O', 'raw', disk.image, out]);
+    await run('qemu-img', ['convert', '-U', '-f', disk.format, '-O', 'raw', disk.device ?? disk.image, out]);
     return out;
   }
 
@@ -368,7 +378,8 @@ export class TestDomain {
 
   /** The disk's qdev path (/machine/peripheral/virtio-diskN/virtio-backend), as `info block` shows it. */
   private async qdevPath(target: string): Promise<string> {
-    const image = this.disk(target).image;
+    const disk = this.disk(target);
+    const image = disk.device ?? disk.image;
     this.qdevByImage ??= parseInfoBlock(await this.monitorCommand('info block'));
     const qdev = this.qdevByImage.get(image);
     if (!qdev) throw new Error(`${this.name}: 'info block' lists no device for ${image} (only ${[...this.qdevByImage.keys()].join(', ') || 'none'})`);
@@ -377,9 +388,9 @@ export class TestDomain {
 
   private domainXml(): string {
     const disks = this.disks.map((d) => `
-    <disk type='file' device='disk'>
+    <disk type='${d.device ? 'block' : 'file'}' device='disk'>
       <driver name='qemu' type='${d.format}' discard='unmap'/>
-      <source file='${d.image}'/>
+      <source ${d.device ? `dev='${d.device}'` : `file='${d.image}'`}/>
       <target dev='${d.target}' bus='virtio'/>
     </disk>`).join('');
     const agent = this.guestAgent ? `
@@ -516,7 +527,10 @@ async function removeDomain(name: string, dir?: string): Promise<string[]> {
     const result = await run('virsh', args, { allowFailure: true });
     if (result.code !== 0 && !DOMAIN_ALREADY_GONE.test(result.stderr)) problems.push(result.stderr.trim());
   }
-  if (dir) await fsp.rm(dir, { recursive: true, force: true }).catch((err: Error) => problems.push(err.message));
+  if (dir) {
+    detachLoopDevices(dir);
+    await fsp.rm(dir, { recursive: true, force: true }).catch((err: Error) => problems.push(err.message));
+  }
   for (const log of await qemuLogs(name)) await fsp.rm(log, { force: true });
   // A backup killed with -9 (tests do that on purpose) cannot remove its domain lock; the domain is gone now.
   await fsp.rm(domainLockFile(name), { force: true });
@@ -531,11 +545,26 @@ function removeDomainSync(name: string, dir: string): void {
       // Already gone or not running.
     }
   }
+  detachLoopDevices(dir);
   fs.rmSync(dir, { recursive: true, force: true });
   for (const file of fs.readdirSync(QEMU_LOG_DIR)) {
     if (isLogOf(name, file)) fs.rmSync(path.join(QEMU_LOG_DIR, file), { force: true });
   }
   fs.rmSync(domainLockFile(name), { force: true });
+}
+
+/** Detaches the loop devices whose backing files are in `dir` (block disks of a domain being removed). */
+function detachLoopDevices(dir: string): void {
+  let listing = '';
+  try {
+    listing = execFileSync('losetup', ['-l', '-n', '-O', 'NAME,BACK-FILE'], { encoding: 'utf8' });
+  } catch {
+    return; // no loop devices, or no losetup
+  }
+  for (const line of listing.split('\n')) {
+    const [device, backing] = line.trim().split(/\s+/, 2);
+    if (device && backing?.startsWith(`${dir}/`)) execFileSync('losetup', ['-d', device], { stdio: 'ignore' });
+  }
 }
 
 function isLogOf(name: string, file: string): boolean {
