@@ -33,6 +33,12 @@ export interface QemuMapEntry {
   zero: boolean;
 }
 
+/** `qemu-img map --output=json` with `args` (the image and how to open it), its entries in order. */
+export async function qemuImgMapEntries(args: string[]): Promise<QemuMapEntry[]> {
+  const { stdout } = await run('qemu-img', ['map', '--output=json', ...args]);
+  return JSON.parse(stdout) as QemuMapEntry[];
+}
+
 /**
  * NBD status flags of a qemu-img map entry. For base:allocation, data=false is a hole. With x-dirty-bitmap, qemu
  * reports the bitmap in place of allocation: a dirty range shows as data=false.
@@ -62,8 +68,7 @@ async function qemuImgMap(address: NbdAddress, context: string): Promise<StatusE
   if (context !== CONTEXT_ALLOCATION) opts += `,x-dirty-bitmap=${escape(context)}`;
   const tls = address.tlsCertificates ? ['--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${escape(address.tlsCertificates)}`] : [];
   if (tls.length > 0) opts += ',tls-creds=tls0';
-  const { stdout } = await run('qemu-img', ['map', ...tls, '--output=json', '--image-opts', opts]);
-  return (JSON.parse(stdout) as QemuMapEntry[]).map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) }));
+  return (await qemuImgMapEntries([...tls, '--image-opts', opts])).map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) }));
 }
 
 /** -q/--qemu: `base` with extents from one `qemu-img map` per meta context (run once, then clipped per request). */

@@ -11,7 +11,7 @@ import {
   type LibvirtDomain, type NativeError,
 } from '../native/addon.js';
 import {
-  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointDescription, checkpointIdentity, checkpointSize,
+  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointCreationTime, checkpointDescription, checkpointIdentity, checkpointSize,
   inChain, prefixOf, withoutDomain,
 } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
@@ -103,7 +103,7 @@ export async function unusableParent(domain: LibvirtDomain, parent: string, xmlD
   }
   const saved = await readSaved(xmlDir, parent);
   if (saved === undefined) return undefined;
-  if (!/<creationTime>\s*\d+\s*<\/creationTime>/.test(saved)) {
+  if (checkpointCreationTime(saved) === undefined) {
     return `the set's definition of checkpoint ${parent} (${path.join(xmlDir, `${parent}.xml`)}) is damaged: it holds no creation time to tell whether libvirt's checkpoint of that name is this set's`;
   }
   if (checkpointIdentity(await domain.checkpointGetXMLDesc(parent, 0)) !== checkpointIdentity(saved)) {

@@ -126,6 +126,12 @@ export function checkpointDescription(xml: string): string | undefined {
   return element(xml, 'description');
 }
 
+/** The `<creationTime>` (seconds since the epoch) of a checkpoint XML, if it holds one. */
+export function checkpointCreationTime(xml: string): string | undefined {
+  const time = element(xml, 'creationTime');
+  return time !== undefined && /^\d+$/.test(time) ? time : undefined;
+}
+
 /** Creation time and description: tell a checkpoint apart from a later one of the same name (another chain's). */
 export function checkpointIdentity(xml: string): string {
   return `${element(xml, 'creationTime') ?? ''} ${element(xml, 'description') ?? ''}`;

@@ -56,4 +56,3 @@ export async function lostConnectionError(conn: LibvirtConnection, uri: string, 
   if (alive) return undefined;
   return new UserError(`lost the connection to libvirtd at ${uri} (${oneLine(err)}): start libvirtd again, then ${then}`);
 }
-

@@ -6,9 +6,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
-import { run, type RunResult } from '../util/process.js';
+import { accepts, run, type RunResult } from '../util/process.js';
 import { makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 
@@ -195,7 +194,7 @@ export interface RemoteServer {
  */
 export async function serveRemotely(ssh: SshHost, command: string, args: string[], host: string, port: number, timeoutMs = 15000): Promise<RemoteServer> {
   // Readiness is the port accepting: one that already does belongs to someone else.
-  if (await accepts(host, port)) throw new Error(`port ${port} on ${host} is taken (another backup or restore?): choose another with -P`);
+  if (await accepts({ host, port })) throw new Error(`port ${port} on ${host} is taken (another backup or restore?): choose another with -P`);
   const line = [command, ...args].map(shellQuote).join(' ');
   // Background jobs of a non-interactive shell read /dev/null: the watcher gets the session's input through fd 3.
   const script = `exec 3<&0; ${line} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-; wait $p; echo "${command} exited with $?" >&2`;
@@ -212,7 +211,7 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
     clearTimeout(timer);
   };
   const deadline = Date.now() + timeoutMs;
-  while (!(await accepts(host, port))) {
+  while (!(await accepts({ host, port }))) {
     if (gone || Date.now() > deadline) {
       await stop();
       const said = lastWords();
@@ -248,15 +247,6 @@ export async function qemuNbdOverSsh(ssh: SshHost, args: string[], file: string,
   const tls = at.tlsCertificates ? ['--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${REMOTE_SERVER_TLS_DIR}`, '--tls-creds', 'tls0'] : [];
   const server = await serveRemotely(ssh, 'qemu-nbd', [...args, ...tls, '--bind', at.host, '--port', String(at.port), file], at.host, at.port);
   return { address: { uri: nbdUri(at, exportName), exportName, tlsCertificates: at.tlsCertificates }, stop: () => server.stop() };
-}
-
-/** Whether something listens on `host`:`port`. */
-export function accepts(host: string, port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = net.connect({ host, port });
-    socket.once('connect', () => { socket.destroy(); resolve(true); });
-    socket.once('error', () => resolve(false));
-  });
 }
 
 /**

@@ -12,6 +12,7 @@ import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../endpoin
 import { Logger, silentLogger } from '../util/log.js';
 import { oneLine } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
+import { accepts } from '../util/process.js';
 import {
   CMD, CMD_FLAG, CMD_NAMES, OPT_NAMES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, NBD_ERR, OPT, OPTION_HEADER_LENGTH, REP,
   REPLY_FLAG_DONE, REPLY_TYPE, REQUEST_HEADER_LENGTH, TFLAG, blockStatusChunk, chunkHeader, errorChunk, exportNameReply,
@@ -99,7 +100,7 @@ export class NbdServer {
   async listenUnix(socketPath: string): Promise<void> {
     const there = await fs.lstat(socketPath).catch(() => undefined);
     if (there) {
-      if (!there.isSocket() || (await answers(socketPath))) {
+      if (!there.isSocket() || (await accepts({ path: socketPath }))) {
         throw Object.assign(new Error(`${socketPath} already exists${there.isSocket() ? ' and a server answers on it (another virtnbdmap?)' : ''}; remove it or choose another --socket`), { code: 'EEXIST' });
       }
       await fs.rm(socketPath);
@@ -540,14 +541,5 @@ function drained(socket: net.Socket): Promise<void> {
     };
     socket.on('drain', done);
     socket.on('close', done);
-  });
-}
-
-/** Whether a server accepts connections on the unix socket `socketPath`. */
-function answers(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const probe = net.connect({ path: socketPath });
-    probe.once('connect', () => { probe.destroy(); resolve(true); });
-    probe.once('error', () => resolve(false));
   });
 }

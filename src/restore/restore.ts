@@ -31,8 +31,7 @@ import { UserError, describeFailure, describeReadFailure, oneLine, outOfSpace, r
 import { WorkWindow } from '../util/window.js';
 import { BufferPool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
-import { run } from '../util/process.js';
-import type { QemuMapEntry } from '../backup/extentSources.js';
+import { qemuImgMapEntries } from '../backup/extentSources.js';
 
 export { loadChains } from './plan.js';
 
@@ -253,12 +252,7 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
 /** An existing regular file smaller than the disk grows to its size (devices were checked in the plan). */
 async function growRegularFile(disk: DiskPlan, host: DomainHost): Promise<void> {
   if (disk.block) return;
-  if (host.remote) {
-    await host.run('truncate', ['-s', `>${disk.virtualSize}`, disk.image]); // GNU truncate: to at least that size
-    return;
-  }
-  const { size } = await fs.stat(disk.image);
-  if (size < disk.virtualSize) await fs.truncate(disk.image, disk.virtualSize);
+  await host.run('truncate', ['-s', `>${disk.virtualSize}`, disk.image]); // GNU truncate: to at least that size
 }
 
 /** A raw image of the set (-t raw, or Python's raw disks): copied as it is, or converted to the disk's format. */
@@ -352,12 +346,11 @@ async function writeThroughServer(
  */
 async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyOptions, 'zeroUncovered'>): Promise<void> {
   const { targetIsZero, progress, signal } = options;
-  const { stdout } = await run('qemu-img', ['map', '--output=json', '-f', 'raw', file]);
   const handle = await fs.open(file, 'r');
   const window = new WorkWindow(WRITE_WINDOW);
   const pieces = new BufferPool(RAW_PIECE, WRITE_WINDOW / RAW_PIECE + 1);
   try {
-    for (const extent of JSON.parse(stdout) as QemuMapEntry[]) {
+    for (const extent of await qemuImgMapEntries(['-f', 'raw', file])) {
       if (!extent.data || extent.zero) {
         if (!targetIsZero) await window.add(target.zero(extent.start, extent.length, true), 0);
         progress?.(extent.length);

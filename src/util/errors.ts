@@ -55,7 +55,7 @@ export function errnoOf(err: unknown): string | undefined {
  */
 export function outOfSpace(err: unknown): string | undefined {
   const code = errnoOf(err);
-  return code === 'ENOSPC' || code === 'EDQUOT' ? `${ERRNO_HINTS[code]} (${code})` : undefined;
+  return code === 'ENOSPC' || code === 'EDQUOT' ? inWords(ERRNO_HINTS, code, err) : undefined;
 }
 
 const READ_ERRNO_WORDS: Record<string, string> = {
@@ -66,14 +66,17 @@ const READ_ERRNO_WORDS: Record<string, string> = {
   EIO: 'I/O error',
 };
 
+/** `words` for errno `code` followed by the code, "no such file or directory (ENOENT)"; else `err`'s own line. */
+function inWords(words: Record<string, string>, code: string | undefined, err: unknown): string {
+  return code && words[code] ? `${words[code]} (${code})` : oneLine(err);
+}
+
 /** A failed read or open in words, with its errno code: "no such file or directory (ENOENT)". */
 export function describeReadFailure(err: unknown): string {
-  const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  return code && READ_ERRNO_WORDS[code] ? `${READ_ERRNO_WORDS[code]} (${code})` : oneLine(err);
+  return inWords(READ_ERRNO_WORDS, (err as NodeJS.ErrnoException | undefined)?.code, err);
 }
 
 /** A one-line description of a file-system failure, with what to do when its Node errno code says it. */
 export function describeFailure(err: unknown): string {
-  const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  return code && ERRNO_HINTS[code] ? `${ERRNO_HINTS[code]} (${code})` : oneLine(err);
+  return inWords(ERRNO_HINTS, (err as NodeJS.ErrnoException | undefined)?.code, err);
 }

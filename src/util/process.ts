@@ -2,8 +2,18 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 
 export interface RunResult { stdout: string; stderr: string }
+
+/** Whether a server accepts connections at `where`: a TCP host and port, or a unix socket's path. */
+export function accepts(where: net.NetConnectOpts): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect(where);
+    socket.once('connect', () => { socket.destroy(); resolve(true); });
+    socket.once('error', () => resolve(false));
+  });
+}
 
 export function run(command: string, args: string[]): Promise<RunResult> {
   return new Promise((resolve, reject) => {

@@ -105,6 +105,11 @@ test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cer
   assert.match(local.stderr, /--tls: domain .* runs on this host, .* no TLS needed, none used/);
 });
 
+/** qemu-img info of an image: its format and the bytes it takes on disk. */
+async function imageInfo(file: string): Promise<{ format: string; 'actual-size': number }> {
+  return JSON.parse((await run('qemu-img', ['info', '--output=json', file])).stdout) as { format: string; 'actual-size': number };
+}
+
 test('restore onto another host (remote -U): images written there through its qemu-nbd, -D defines them there; nothing overwritten; raw-image sets, and onto a file or device there', async (t) => {
   const sshd = await withPrivateSshd(t);
   const dom = await withDomain(t, { disks: [DISK] });
@@ -148,7 +153,7 @@ test('restore onto another host (remote -U): images written there through its qe
   await runOk(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', rawOut, '-n', ...remote]);
   const fromRaw = await TestDomain.compare(path.join(rawOut, 'vda.qcow2'), p1);
   assert.ok(fromRaw.identical, fromRaw.output);
-  const info = JSON.parse((await run('qemu-img', ['info', '--output=json', path.join(rawOut, 'vda.qcow2')])).stdout) as { format: string; 'actual-size': number };
+  const info = await imageInfo(path.join(rawOut, 'vda.qcow2'));
   assert.equal(info.format, 'qcow2');
   assert.ok(info['actual-size'] < 32 * 1024 * 1024, `holes were written: ${info['actual-size']} bytes allocated`);
   assert.deepEqual((await fs.readdir(rawOut)).filter((f) => f.endsWith('.partial')), []);
@@ -158,8 +163,7 @@ test('restore onto another host (remote -U): images written there through its qe
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', packedOut, '-n', '--compress', ...remote]);
   const packed = await TestDomain.compare(path.join(packedOut, 'vda.qcow2'), p1);
   assert.ok(packed.identical, packed.output);
-  const size = async (file: string): Promise<number> => (JSON.parse((await run('qemu-img', ['info', '--output=json', file])).stdout) as { 'actual-size': number })['actual-size'];
-  assert.ok(await size(path.join(packedOut, 'vda.qcow2')) < await size(image), 'compressed clusters take less room than the plain image');
+  assert.ok((await imageInfo(path.join(packedOut, 'vda.qcow2')))['actual-size'] < (await imageInfo(image))['actual-size'], 'compressed clusters take less room than the plain image');
   assert.deepEqual((await fs.readdir(packedOut)).filter((f) => f.includes('partial')), []);
 
   // Onto an existing raw file and a block device there, both filled with 0xee first: every byte the disk reads

@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { run, withTempDir } from './testbed.js';
-import { accepts } from '../../src/libvirt/domainHost.js';
+import { accepts } from '../../src/util/process.js';
 
 export interface PrivateSshd {
   port: number;
@@ -49,11 +49,11 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
     sshd.kill();
     await exited;
   });
-  for (let i = 0; i < 100 && !(await accepts('127.0.0.1', port)); i++) {
+  for (let i = 0; i < 100 && !(await accepts({ host: '127.0.0.1', port })); i++) {
     if (sshd.exitCode !== null) break;
     await sleep(50);
   }
-  if (!(await accepts('127.0.0.1', port))) {
+  if (!(await accepts({ host: '127.0.0.1', port }))) {
     const log = await fs.readFile(path.join(dir, 'sshd.log'), 'utf8').catch(() => '');
     throw new Error(`the private sshd did not start on port ${port}: ${log.trim()}`);
   }
