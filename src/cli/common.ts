@@ -1,9 +1,10 @@
-// What the three commands share: logging setup, progress bars on stderr, SIGINT/SIGTERM as an abort signal,
-// and the one rule for ending: a UserError prints one line and exits with its code; anything else is a bug.
+// What the three commands share: logging setup, progress bars on stderr, SIGINT/SIGTERM/SIGHUP as an abort signal
+// (SIGHUP not under nohup), and the one rule for ending: a UserError prints one line and exits with its code; anything else is a bug.
 import type { Argv } from 'yargs';
 import { Logger } from '../util/log.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { LibvirtLogin } from '../libvirt/connection.js';
+import { OUTLIVES_TERMINAL } from '../util/process.js';
 
 export const VERSION = '2.0.0-ts';
 
@@ -97,6 +98,12 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  // A terminal that hangs up stops a run as Ctrl-C does, cleaning up (Node's default would kill it with the job
+  // left); a run started to outlive its terminal (nohup) keeps ignoring it.
+  process.on('SIGHUP', OUTLIVES_TERMINAL ? () => undefined : onSignal);
+  // A reader of standard error that goes away (`2>&1 | head`, a dropped ssh) takes only the messages: the run goes
+  // on, and a backup's log file in its set still has them.
+  process.stderr.on('error', () => undefined);
   // A reader of standard output that goes away (`-o verify | head -1`) chose to stop reading: no stack trace, the
   // run goes on. Whoever needs the output whole (the zip of -o -) fails on its own writes.
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {

@@ -7,7 +7,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { accepts, run, type RunResult } from '../util/process.js';
+import { OUTLIVES_TERMINAL, accepts, run, type RunResult } from '../util/process.js';
 import { makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 
@@ -106,7 +106,7 @@ export class SshHost implements HostAccess {
   spawn(script: string, stdin: 'pipe' | 'ignore', stdout: 'pipe' | 'ignore', bound = false): { child: ChildProcess; lastWords: () => string | undefined } {
     const ssh = ['ssh', ...this.sshArgs(), script];
     const [command, ...args] = bound ? ['setpriv', '--pdeathsig', 'SIGTERM', '--', ...ssh] : ssh;
-    const child = spawn(command as string, args, { stdio: [stdin, stdout, 'pipe'] });
+    const child = spawn(command as string, args, { stdio: [stdin, stdout, 'pipe'], detached: OUTLIVES_TERMINAL });
     let stderr = '';
     child.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
     return { child, lastWords: () => stderr.trim().split('\n').pop() || undefined };

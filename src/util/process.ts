@@ -1,10 +1,17 @@
 // Runs helper programs (qemu-img, qemu-nbd) without a shell; failures become errors carrying their stderr.
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 
 export interface RunResult { stdout: string; stderr: string }
+
+/**
+ * Started under nohup, as the launcher (bin/) says: Node resets every signal's handling as it starts, so the
+ * launcher's shell reads it. Such a run outlives its terminal, and so do the helpers it starts: they run in
+ * sessions of their own, where the hangup sent to the run's process group does not reach them.
+ */
+export const OUTLIVES_TERMINAL = process.env.VIRTNBD_SIGHUP_IGNORED === '1';
 
 /** Whether a server accepts connections at `where`: a TCP host and port, or a unix socket's path. */
 export function accepts(where: net.NetConnectOpts): Promise<boolean> {
@@ -15,15 +22,22 @@ export function accepts(where: net.NetConnectOpts): Promise<boolean> {
   });
 }
 
+/** Runs `command` to its end; rejects with its last line of stderr when it fails. */
 export function run(command: string, args: string[]): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    execFile(command, args, { maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
-      if (err) {
-        const detail = (stderr || err.message).trim().split('\n').pop();
-        reject(new Error(`${command} failed: ${detail}`));
-      } else {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (text: string) => { stdout += text; });
+    child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+    child.once('error', (err) => reject(new Error(`${command} failed: ${err.message}`)));
+    child.once('close', (code, signal) => {
+      if (code === 0) {
         resolve({ stdout, stderr });
+        return;
       }
+      const detail = stderr.trim().split('\n').pop() || (signal ? `killed by ${signal}` : `exited with code ${code}`);
+      reject(new Error(`${command} failed: ${detail}`));
     });
   });
 }
@@ -54,7 +68,7 @@ export async function spawnServer(command: string, args: string[], socketPath: s
   await fs.rm(socketPath, { force: true });
   // setpriv execs the server with a parent-death signal, so a server never outlives us, even after kill -9.
   const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args], {
-    stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(),
+    stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(), detached: OUTLIVES_TERMINAL,
   });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { withDomain, tempDir, type TestDomain } from '../support/testbed.js';
+import { TestDomain, withDomain, tempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
 
@@ -151,6 +151,38 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
   assert.match(r.stderr, /^virtnbdbackup: error: interrupted by SIGTERM; cleaned up$/m);
   await assertCleanDomain(dom, socket);
   assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
+});
+
+test('SIGHUP (a terminal hanging up) in mid-backup stops it as SIGTERM does; under nohup a backup and a restore go on to the end, the reader of their stderr gone too', async (t) => {
+  const { dom, out, socket, run } = await backupInFlight(t, 'hup', 1024);
+  run.child.kill('SIGHUP');
+  const r = await run.done;
+  assert.equal(r.code, 130, r.stderr);
+  assert.match(r.stderr, /^virtnbdbackup: error: interrupted by SIGHUP; cleaned up$/m);
+  await assertCleanDomain(dom, socket);
+
+  // Under nohup, the hangup sent to the job's whole process group as a shell sends it (helpers such as qemu-nbd
+  // included), and stderr's reader gone with the terminal: both commands finish, with exit 0.
+  const hangUp = async (job: CliRun, partial: string, grown: number): Promise<void> => {
+    for (let i = 0; i < 4000 && (await fs.stat(partial).then((st) => st.size, () => 0)) <= grown; i++) await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.ok(await fs.access(partial).then(() => true, () => false), `${partial} was done or never begun before the hangup`);
+    process.kill(-(job.child.pid ?? 0), 'SIGHUP');
+    job.child.stderr?.destroy();
+  };
+  const set = path.join(out, 'nohup');
+  const backup = startCli('nohup', [ourBin('virtnbdbackup'), '-d', dom.name, '-l', 'full', '-o', set, '-n', '-v'], { detached: true });
+  await hangUp(backup, path.join(set, 'vda.full.data.partial'), 0);
+  assert.equal((await backup.done).code, 0);
+  const log = (await fs.readdir(set)).find((f) => f.endsWith('.log')) ?? '';
+  assert.match(await fs.readFile(path.join(set, log), 'utf8'), /finished full backup, checkpoint virtnbdbackup\.0/);
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+
+  const restored = path.join(out, 'restored');
+  const restore = startCli('nohup', [ourBin('virtnbdrestore'), '-i', set, '-o', restored, '-n'], { detached: true });
+  const image = path.join(restored, path.basename(dom.diskPath('vda')));
+  await hangUp(restore, `${image}.partial`, 16 * 1024 * 1024);
+  assert.equal((await restore.done).code, 0);
+  assert.equal((await TestDomain.compare(dom.diskPath('vda'), image)).identical, true);
 });
 
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {

@@ -35,11 +35,12 @@ export function assertNoNodeWarning(command: string, stderr: string): void {
   if (warning) throw new Error(`${path.basename(command)} printed a warning of Node's: ${warning[0]}`);
 }
 
-export function startCli(command: string, args: string[]): CliRun {
+/** Starts a command; `detached` gives it a process group of its own, as a shell gives a job (for a hangup sent to it). */
+export function startCli(command: string, args: string[], { detached = false } = {}): CliRun {
   const python = command === pythonBin('virtnbdbackup') || command === pythonBin('virtnbdrestore');
   const tmp = python ? fsSync.mkdtempSync(path.join(PYTHON_TMP_ROOT, 'vnbdtest-pytmp-')) : undefined;
   const env = tmp ? { ...process.env, TMPDIR: tmp } : process.env;
-  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env, detached });
   let stdout = '';
   let stderr = '';
   child.stdout?.on('data', (d: Buffer) => { stdout += d.toString(); });
