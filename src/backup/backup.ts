@@ -418,7 +418,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   const onReading = (): void => {
     if (!imageInfo) imageInfo = new Promise((resolve) => setImmediate(resolve)).then(() => readImageInfo(ctx));
   };
-  log.info(`${plan.level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${ctx.stateDir}, checkpoint ${plan.checkpoint.create ? plan.checkpoint.name : 'none'}${plan.checkpoint.parent ? `, changes since ${plan.checkpoint.parent}` : ''}`);
+  log.info(`${plan.level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${ctx.toZip ? `a zip on standard output (checkpoints in ${ctx.stateDir})` : ctx.stateDir}, checkpoint ${plan.checkpoint.create ? plan.checkpoint.name : 'none'}${plan.checkpoint.parent ? `, changes since ${plan.checkpoint.parent}` : ''}`);
   let failed = true;
   try {
     const results: DiskResult[] = [];

@@ -105,11 +105,13 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   // on, and a backup's log file in its set still has them.
   process.stderr.on('error', () => undefined);
   // A reader of standard output that goes away (`-o verify | head -1`) chose to stop reading: no stack trace, the
-  // run goes on. Whoever needs the output whole (the zip of -o -) fails on its own writes.
+  // run goes on. Whoever needs the output whole (the zip of -o -) fails on its own writes. Any other failure
+  // (`> file` on a full disk) stops the run as a signal does, cleaning up, and fails it even if its work was done.
+  let outputFailure: UserError | undefined;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code === 'EPIPE') return;
-    process.stderr.write(`${name}: error: cannot write to standard output: ${describeFailure(err)}\n`);
-    process.exit(1);
+    if (err.code === 'EPIPE' || outputFailure) return;
+    outputFailure = new UserError(`cannot write to standard output: ${describeFailure(err)}`);
+    controller.abort(outputFailure);
   });
   // The event loop ran dry with the run unsettled: it awaits an event that can no longer come. Node would exit 0,
   // as if the run had succeeded; this says what happened and fails.
@@ -120,6 +122,9 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   let code: number;
   try {
     code = await body(controller.signal);
+    // Node reports a failed write to standard output a tick later: the run's last lines have failed or not by then.
+    await new Promise<void>((resolve) => process.stdout.write('', () => resolve()));
+    if (outputFailure) throw outputFailure;
     // A signal that came after the last point where stopping was possible (data complete, side files being
     // written) does not undo a complete, consistent result: say so, and keep its exit code.
     if (controller.signal.aborted) process.stderr.write(`${name}: a stop signal arrived after the work was complete; it was finished and kept\n`);

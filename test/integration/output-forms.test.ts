@@ -19,8 +19,13 @@ function backupToZip(cwd: string, args: string[], zipFile: string): Promise<{ co
 
 /** Runs `virtnbdbackup ... -o -` in `cwd` piped into the shell command `reader` (the exit code is pipefail's). */
 function backupPiped(cwd: string, args: string[], reader: string): Promise<{ code: number | null; stderr: string }> {
+  return backupInShell(cwd, args, `| ${reader}`);
+}
+
+/** Runs `virtnbdbackup ... -o - <where>` in `cwd`, `where` a pipe or a redirection of the shell's. */
+function backupInShell(cwd: string, args: string[], where: string): Promise<{ code: number | null; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const shell = spawn('bash', ['-o', 'pipefail', '-c', `"$0" "$@" -o - | ${reader}`, ourBin('virtnbdbackup'), ...args], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+    const shell = spawn('bash', ['-o', 'pipefail', '-c', `"$0" "$@" -o - ${where}`, ourBin('virtnbdbackup'), ...args], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     shell.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
     shell.on('error', reject);
@@ -85,7 +90,7 @@ test('zip on stdout through a pipe: full + inc unzipped into one set restore wit
   assert.match(tty.stderr, /-t raw (writes full images only|cannot be written to standard output)/);
 });
 
-test('a reader of the zip that goes away: one line saying so, the job ended, no checkpoint left, the next full works', async (t) => {
+test('a reader of the zip that goes away, or a full output: one line saying so, the job ended, no checkpoint left, the next full works', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 32 }] }] });
   const state = await tempDir('vnbd-epipe-');
   t.after(() => fs.rm(state, { recursive: true, force: true }));
@@ -100,6 +105,14 @@ test('a reader of the zip that goes away: one line saying so, the job ended, no 
     assert.match((await run('virsh', ['-c', 'qemu:///system', 'domjobinfo', dom.name])).stdout, /Job type:\s+None/);
     assert.equal((await run('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'])).stdout.trim(), '');
   }
+  // Standard output on a full file system from its first byte: one line, and the job is ended too (it was left).
+  const full = await backupInShell(state, ['-d', dom.name, '-l', 'full', '-n'], '> /dev/full');
+  assert.equal(full.code, 1, full.stderr);
+  const errors = full.stderr.split('\n').filter((l) => /error/i.test(l));
+  assert.equal(errors.length, 1, full.stderr);
+  assert.match(errors[0] ?? '', /^virtnbdbackup: error: .*no space left on device; .+ \(ENOSPC\)$/);
+  assert.match((await run('virsh', ['-c', 'qemu:///system', 'domjobinfo', dom.name])).stdout, /Job type:\s+None/);
+  assert.equal((await run('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'])).stdout.trim(), '');
   const again = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
   assert.equal(again.code, 0, again.stderr);
   await run('unzip', ['-tq', path.join(state, 'full.zip')]);

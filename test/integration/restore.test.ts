@@ -152,7 +152,7 @@ describe('restore of a real domain set', () => {
     assert.equal(await fs.access(path.join(work, 'bad-sequence')).then(() => true, () => false), false);
   });
 
-  test('-a verify and -o verify: one OK line per data file, exit 0; a reader that stops early is no error', async () => {
+  test('-a verify and -o verify: one OK line per data file, exit 0; a reader that stops early is no error, a full output is', async () => {
     for (const args of [['-a', 'verify', '-o', work], ['-o', 'verify']]) {
       const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, ...args]);
       assert.deepEqual(r.stdout.trim().split('\n'), [
@@ -166,6 +166,10 @@ describe('restore of a real domain set', () => {
     for (const action of ['verify', 'dump']) {
       const piped = await run('bash', ['-o', 'pipefail', '-c', `"$0" -i "$1" -o ${action} | head -c 1 > /dev/null`, ourBin('virtnbdrestore'), set]);
       assert.equal(piped.stderr, '', action);
+      // Standard output on a full file system: the verdict could not be told, so the run fails (it exited 0).
+      const full = await run('bash', ['-c', `"$0" -i "$1" -o ${action} > /dev/full`, ourBin('virtnbdrestore'), set], { allowFailure: true });
+      assert.equal(full.code, 1, action);
+      assert.match(full.stderr, /^virtnbdrestore: error: cannot write to standard output: no space left on device; .+ \(ENOSPC\)\n$/, action);
     }
   });
 });
