@@ -85,15 +85,21 @@ export async function makeProgress(flags: CommonFlags, label: string): Promise<{
 }
 
 /**
- * Runs a command body with an abort signal wired to SIGINT/SIGTERM; exits the process with its result. `stalled`: what
- * to do should the run stop with work pending (a bug), e.g. a job to end.
+ * Runs a command body with an abort signal wired to SIGINT/SIGTERM/SIGHUP; exits the process with its result.
+ * `leftover`: what a run cut short (a stall, which is a bug, or a second stop signal) may leave, and how to end it.
  */
-export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>, stalled?: string): Promise<never> {
+export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>, leftover?: string): Promise<never> {
   const controller = new AbortController();
-  let interrupts = 0;
+  const cutShort = leftover ? `; ${leftover}` : '';
+  let signalled = false;
   const onSignal = (sig: NodeJS.Signals): void => {
-    interrupts++;
-    if (interrupts > 1) process.exit(130);
+    // A second signal (an impatient Ctrl-C) stops at once, clean-up or not; a person at a terminal is told so.
+    if (signalled) {
+      process.stderr.write(`${name}: error: stopped by a second ${sig} before its clean-up ended${cutShort}\n`);
+      process.exit(130);
+    }
+    if (process.stderr.isTTY) process.stderr.write(`${name}: cleaning up; ${sig === 'SIGINT' ? 'Ctrl-C' : sig} again stops at once\n`);
+    signalled = true;
     controller.abort(new UserError(`interrupted by ${sig}; cleaned up`, 130));
   };
   process.on('SIGINT', onSignal);
@@ -116,7 +122,7 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   // The event loop ran dry with the run unsettled: it awaits an event that can no longer come. Node would exit 0,
   // as if the run had succeeded; this says what happened and fails.
   process.once('beforeExit', () => {
-    process.stderr.write(`${name}: error: internal: the run stopped waiting for an event that never came, its work incomplete (a bug: please report it with the output of -v)${stalled ? `; ${stalled}` : ''}\n`);
+    process.stderr.write(`${name}: error: internal: the run stopped waiting for an event that never came, its work incomplete (a bug: please report it with the output of -v)${cutShort}\n`);
     process.exit(1);
   });
   let code: number;

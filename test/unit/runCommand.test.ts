@@ -1,5 +1,6 @@
 // runCommand, which every command runs in: its exit code and one error line, also when the run stalls (the event
-// loop empties while the run still waits, where Node would exit 0 as if it had succeeded).
+// loop empties while the run still waits, where Node would exit 0 as if it had succeeded) or a second stop signal
+// cuts its clean-up short.
 import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,9 +10,9 @@ import { repoRoot } from '../support/cli.js';
 const common = path.join(repoRoot, 'dist', 'src', 'cli', 'common.js');
 
 /** Runs `body` (JavaScript: an async function of the abort signal) under runCommand in a child process. */
-function runBody(body: string, stalled?: string): { status: number | null; stderr: string } {
+function runBody(body: string, leftover?: string): { status: number | null; stderr: string } {
   const script = `import { runCommand } from ${JSON.stringify(common)}; import { UserError } from ${JSON.stringify(path.join(repoRoot, 'dist', 'src', 'util', 'errors.js'))};
-void UserError; void runCommand('demo', false, ${body}, ${JSON.stringify(stalled)});`;
+void UserError; void runCommand('demo', false, ${body}, ${JSON.stringify(leftover)});`;
   const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
   return { status: r.status, stderr: r.stderr };
 }
@@ -26,4 +27,21 @@ test('a run that stalls (waits for an event that can no longer come) fails with 
   const stalled = runBody('() => new Promise(() => {})', "end its job with 'demo -k'");
   assert.equal(stalled.status, 1);
   assert.match(stalled.stderr, /^demo: error: internal: the run stopped waiting for an event that never came, its work incomplete \(a bug: please report it with the output of -v\); end its job with 'demo -k'\n$/);
+});
+
+test('a second stop signal during the clean-up stops at once, with one line saying what may be left', () => {
+  // The timer stands for the work in flight that keeps a real run's event loop busy.
+  const body = `async (signal) => {
+    setTimeout(() => undefined, 20000);
+    process.kill(process.pid, 'SIGTERM');
+    await new Promise((resolve) => signal.addEventListener('abort', resolve));
+    process.kill(process.pid, 'SIGTERM');
+    await new Promise((resolve) => setTimeout(resolve, 20000));
+    return 0;
+  }`;
+  const cut = runBody(body, "end its job with 'demo -k'");
+  assert.deepEqual(cut, { status: 130, stderr: "demo: error: stopped by a second SIGTERM before its clean-up ended; end its job with 'demo -k'\n" });
+  // One signal: the clean-up runs to its end.
+  const once = runBody("async (signal) => { const work = setTimeout(() => undefined, 20000); process.kill(process.pid, 'SIGINT'); await new Promise((resolve) => signal.addEventListener('abort', resolve)); clearTimeout(work); throw signal.reason; }");
+  assert.deepEqual(once, { status: 130, stderr: 'demo: error: interrupted by SIGINT; cleaned up\n' });
 });
