@@ -2,6 +2,7 @@
 //   requested level -> offline? (full becomes copy; inc becomes a diff: no checkpoint can be created)
 //   -> inc/diff: the set's chain (.cpt), its prefix, checkpoints libvirt lost put back from the saved XML
 //   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
+//   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
 // Guarantees: an inc/diff is only planned on a parent checkpoint that is this set's own; anything else
 // becomes a full backup with a warning (or a clear error where a full is impossible), never a wrong inc.
 import path from 'node:path';
@@ -10,7 +11,7 @@ import {
   CHECKPOINT_DIR, archiveChain, checkpointListName, isArchivedChain, readCheckpointList,
 } from '../set/backupSet.js';
 import { DEFAULT_PREFIX, checkPrefix, planCheckpoint, prefixOf, type CheckpointPlan, type Level } from '../libvirt/checkpoints.js';
-import { foreignCheckpoints, redefineMissing, unusableParent, warnForeign } from '../libvirt/chain.js';
+import { foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems } from './offline.js';
@@ -66,6 +67,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const problem = await unusableParent(domain, parent, ctx.xmlDir)
     ?? (power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent)).join('; ') || undefined : undefined);
   if (problem) return fallBackToFull(ctx, prefix, problem);
+  if (!power.offline && level === 'inc' && !options.printOnly) await removeUnlisted(domain, chain, prefix, log);
   if (power.offline && level === 'inc') {
     log.info(`domain '${options.domain}' is shut off: libvirt cannot create checkpoint ${prefix}.${chain.length} now, so this inc saves the changes since ${parent} as a differential backup; the chain continues with the next inc while the domain runs`);
     level = 'diff';

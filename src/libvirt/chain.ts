@@ -1,6 +1,7 @@
 // Keeps a domain's checkpoints in step with a backup set's chain: tells this chain's checkpoints from other
 // chains' and from foreign ones, puts back checkpoints libvirt lost, finds a chain that can no longer give a
-// correct incremental, and removes a chain (before a full) or a bitmap left without its checkpoint.
+// correct incremental, and removes a chain (before a full), checkpoints a run that did not finish left, or a
+// bitmap left without its checkpoint.
 // Guarantees: only checkpoints of the given prefix are ever deleted; other chains' and foreign checkpoints
 // are left alone (libvirt keeps one active bitmap per checkpoint, so they do not disturb this chain).
 import fs from 'node:fs/promises';
@@ -11,7 +12,7 @@ import {
   type LibvirtDomain, type NativeError,
 } from '../native/addon.js';
 import {
-  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointCreationTime, checkpointDescription, checkpointIdentity, checkpointSize,
+  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointCreationTime, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
   inChain, prefixOf, withoutDomain,
 } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
@@ -65,6 +66,22 @@ export async function removeChain(domain: LibvirtDomain, prefix: string, log: Lo
   for (const name of chainCheckpoints(await domain.listCheckpointNames(), prefix).reverse()) {
     await deleteCheckpoint(domain, name, log);
     log.info(`removed old checkpoint ${name}: a full backup starts a new chain`);
+  }
+}
+
+/**
+ * Removes this chain's checkpoints after the set's last (`chain`), newest first: a run that did not finish (killed,
+ * a second Ctrl-C, libvirtd lost) created them and could not list them in the set, and the next inc needs the name.
+ * libvirt merges a deleted checkpoint's bitmap into its parent's, so the changes since the set's last checkpoint
+ * stay tracked. Only checkpoints virtnbdbackup describes as its own are touched.
+ */
+export async function removeUnlisted(domain: LibvirtDomain, chain: string[], prefix: string, log: Logger): Promise<void> {
+  const unlisted = chainCheckpoints(await domain.listCheckpointNames(), prefix).filter((name) => chainIndex(name) >= chain.length);
+  for (const name of unlisted.reverse()) {
+    const xml = await domain.checkpointGetXMLDesc(name, 0).catch(() => '');
+    if (!checkpointDescription(xml)?.startsWith(CHECKPOINT_DESCRIPTION)) continue;
+    await deleteCheckpoint(domain, name, log);
+    log.warn(`removed checkpoint ${name}: a run that did not finish created it (its parent ${checkpointParent(xml) ?? 'none'}), and the set does not list it; the changes it tracked stay with ${chain.at(-1) ?? 'the chain'}`);
   }
 }
 

@@ -126,6 +126,11 @@ export function checkpointDescription(xml: string): string | undefined {
   return element(xml, 'description');
 }
 
+/** The name of a checkpoint XML's `<parent>`, if it has one. */
+export function checkpointParent(xml: string): string | undefined {
+  return /<parent>\s*<name>([^<]*)<\/name>/.exec(xml)?.[1]?.trim();
+}
+
 /** The `<creationTime>` (seconds since the epoch) of a checkpoint XML, if it holds one. */
 export function checkpointCreationTime(xml: string): string | undefined {
   const time = element(xml, 'creationTime');

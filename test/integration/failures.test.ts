@@ -9,6 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { TestDomain, withDomain, tempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
+import { assertRestoresTo } from '../support/points.js';
 
 const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
 
@@ -183,6 +184,32 @@ test('SIGHUP (a terminal hanging up) in mid-backup stops it as SIGTERM does; und
   await hangUp(restore, `${image}.partial`, 16 * 1024 * 1024);
   assert.equal((await restore.done).code, 0);
   assert.equal((await TestDomain.compare(dom.diskPath('vda'), image)).identical, true);
+});
+
+test('an inc killed in mid-copy (SIGKILL): after -k and its .partial moved aside, the next inc continues the chain; the checkpoint it left is removed, the changes since kept', async (t) => {
+  const { dom, work, set } = await fullSet(t, 'killed', 1024, 64);
+  await dom.write('vda', 0x22, '64M', '768M');
+  const before = await dom.snapshot('vda');
+  const inc = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  const partial = path.join(set, 'vda.inc.virtnbdbackup.1.data.partial');
+  for (let i = 0; i < 4000 && !(await fs.access(partial).then(() => true, () => false)); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  inc.child.kill('SIGKILL');
+  assert.equal((await inc.done).signal, 'SIGKILL');
+  assert.match(virsh('checkpoint-list', dom.name, '--name'), /virtnbdbackup\.1/, 'the killed run created no checkpoint');
+  // Written while the left checkpoint tracks the changes: they must reach the next inc.
+  await dom.write('vda', 0x33, '900M', '4M');
+  const after = await dom.snapshot('vda');
+
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-k']);
+  const refused = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  assert.equal(refused.code, 1);
+  assert.match(errorLines(refused).join('\n'), /is left from a failed run, .* move the \.partial away to continue the chain/);
+  await fs.rename(partial, path.join(work, 'evidence.partial'));
+  const next = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  assert.match(next.stderr, /removed checkpoint virtnbdbackup\.1: a run that did not finish created it \(its parent virtnbdbackup\.0\)/);
+  assert.deepEqual(JSON.parse(await fs.readFile(path.join(set, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  await assertRestoresTo(work, set, after);
+  assert.notEqual((await TestDomain.compare(before, after)).identical, true);
 });
 
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
