@@ -51,9 +51,10 @@ const argv = parseFlags('virtnbdrestore', withLoginFlags(yargs(hideBin(process.a
   .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2')
   .example('$0 -U qemu+ssh://root@kvm2/system -D -i /backup/webvm -o /var/lib/libvirt/images/webvm', 'restore onto host kvm2 and define it there'));
 
+const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
+
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   const login = loginOf(argv);
-  const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
   if (action === 'dump') {
     for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);
     return 0;
@@ -84,7 +85,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
     }
   });
   return 0;
-});
+}, action === 'restore' ? `an image it was writing (<disk image>.partial) may be left in ${argv.output}: remove it` : undefined);
 
 /** With a remote -U, the restore goes onto that host; the flags for it mean nothing without one. */
 async function outputHost(): Promise<Pick<RestoreOptions, 'host' | 'remoteServer'>> {
