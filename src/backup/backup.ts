@@ -30,6 +30,7 @@ import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
 import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
+import { watchScratch, type ScratchWatch } from './scratchWatch.js';
 import type { RunContext } from './context.js';
 
 export type { DiskResult } from './diskBackup.js';
@@ -336,13 +337,17 @@ async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
   if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, plan.prefix, log);
   return ctx.power.whileFrozen(ctx.info.guestAgent, options.freezeMountpoints, () => ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
     server: serverOf(ctx),
-    scratchDir: options.scratchDir ?? '/var/tmp',
+    scratchDir: scratchDirOf(options),
     targets: disks.map((d) => d.target),
     checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
     allTargets: ctx.info.disks.map((d) => d.target),
     checkpoint: plan.checkpoint,
     log,
   })));
+}
+
+function scratchDirOf(options: BackupOptions): string {
+  return options.scratchDir ?? '/var/tmp';
 }
 
 function socketOf(options: BackupOptions): string {
@@ -420,9 +425,11 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   };
   log.info(`${plan.level} backup of ${options.domain} (${disks.map((d) => d.target).join(', ')}) into ${ctx.toZip ? `a zip on standard output (checkpoints in ${ctx.stateDir})` : ctx.stateDir}, checkpoint ${plan.checkpoint.create ? plan.checkpoint.name : 'none'}${plan.checkpoint.parent ? `, changes since ${plan.checkpoint.parent}` : ''}`);
   let failed = true;
+  const controller = new AbortController();
+  let scratch: ScratchWatch | undefined;
   try {
+    if (!ctx.power.offline && !ctx.host.remote) scratch = await watchScratch(scratchDirOf(options), options.domain, log, (err) => controller.abort(err));
     const results: DiskResult[] = [];
-    const controller = new AbortController();
     const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
     const workers = ctx.toZip ? 1 : options.workers ?? disks.length;
     const connections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
@@ -449,6 +456,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     failed = false;
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
   } finally {
+    scratch?.stop();
     await exports.end(failed);
   }
 }

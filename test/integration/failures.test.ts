@@ -212,6 +212,33 @@ test('an inc killed in mid-copy (SIGKILL): after -k and its .partial moved aside
   assert.notEqual((await TestDomain.compare(before, after)).identical, true);
 });
 
+test('a scratch directory filling up with guest writes in mid-backup: the run stops before the guest\'s writes would fail, with one line saying so', async (t) => {
+  const scratch = await tempDir('vnbd-scratch-');
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256M,mode=1777', 'tmpfs', scratch]);
+  t.after(async () => {
+    execFileSync('umount', [scratch]);
+    await fs.rm(scratch, { recursive: true, force: true });
+  });
+  // Mounted before the domain starts: QEMU sees the host's mounts of its start only.
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1792, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1536 }] }] });
+  const out = await tempDir('vnbd-scratchout-');
+  t.after(() => fs.rm(out, { recursive: true, force: true }));
+  const socket = `/var/tmp/vnbdtest-${process.pid}-scratch.sock`;
+  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket, '--scratchdir', scratch]);
+  let ended = false;
+  void run.done.then(() => { ended = true; });
+  const partial = path.join(out, 'vda.full.data.partial');
+  for (let i = 0; i < 2000 && !(await fs.access(partial).then(() => true, () => false)); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  // The guest rewrites its disk while the job runs; a write QEMU failed (scratch full) throws here.
+  for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+  const r = await run.done;
+  assert.equal(r.code, 1, r.stderr);
+  assert.deepEqual(errorLines(r).length, 1, r.stderr);
+  assert.match(r.stderr, new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} is nearly full \\(\\d+ MiB of \\d+ MiB left\\): .+ give --scratchdir a directory with more free space`, 'm'));
+  await assertCleanDomain(dom, socket);
+  await dom.write('vda', 0x33, '1024M', '64M');
+});
+
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
   // More data than the other tests: the copy must still run when the domain is gone, a second or so after the start.
   const { dom, out, socket, run } = await backupInFlight(t, 'stopped', 1536);
