@@ -20,8 +20,17 @@ function mib(bytes: number): string {
   return `${Math.round(bytes / MiB)} MiB`;
 }
 
-/** Starts watching `dir`; `onNearlyFull` gets the error to stop the run with, once. */
-export async function watchScratch(dir: string, domain: string, log: Logger, onNearlyFull: (err: UserError) => void): Promise<ScratchWatch> {
+/** Whether `a` and `b` are on one file system (either missing: no). */
+async function sameFileSystem(a: string, b: string): Promise<boolean> {
+  const [sa, sb] = await Promise.all([fs.stat(a), fs.stat(b)]).catch(() => [undefined, undefined]);
+  return sa !== undefined && sa.dev === sb?.dev;
+}
+
+/**
+ * Starts watching `dir`; `onNearlyFull` gets the error to stop the run with, once. `output`: the set's directory,
+ * whose growth is named as a cause when it shares the file system.
+ */
+export async function watchScratch(dir: string, domain: string, output: string | undefined, log: Logger, onNearlyFull: (err: UserError) => void): Promise<ScratchWatch> {
   const freeBytes = async (): Promise<number> => {
     const st = await fs.statfs(dir);
     return st.bavail * st.bsize;
@@ -34,6 +43,11 @@ export async function watchScratch(dir: string, domain: string, log: Logger, onN
     return { stop: () => undefined };
   }
   const margin = Math.min(MAX_MARGIN, Math.floor(atStart / 4));
+  const shared = output !== undefined && (await sameFileSystem(dir, output));
+  const why = shared
+    ? `it keeps the old data of guest writes during the backup, and the backup set ${output} grows on the same file system`
+    : 'guest writes during the backup keep the old data there';
+  const remedy = shared ? 'give --scratchdir a directory on another file system, or free space' : 'give --scratchdir a directory with more free space (up to the data the backup copies)';
   log.debug(`scratch directory ${dir}: ${mib(atStart)} free; the run stops should less than ${mib(margin)} be left`);
   let looking = false;
   const timer = setInterval(() => {
@@ -42,7 +56,7 @@ export async function watchScratch(dir: string, domain: string, log: Logger, onN
     freeBytes().then((free) => {
       if (free >= margin) return;
       clearInterval(timer);
-      onNearlyFull(new UserError(`the scratch directory ${dir} is nearly full (${mib(free)} of ${mib(atStart)} left): guest writes during the backup keep the old data there, and QEMU would fail the guest's writes once it is full, so the backup of '${domain}' was stopped; give --scratchdir a directory with more free space (up to the data the backup copies)`));
+      onNearlyFull(new UserError(`the scratch directory ${dir} is nearly full (${mib(free)} of ${mib(atStart)} left): ${why}, and QEMU would fail the guest's writes once it is full, so the backup of '${domain}' was stopped; ${remedy}`));
     }, () => undefined).finally(() => { looking = false; });
   }, LOOK_EVERY_MS);
   timer.unref();

@@ -10,6 +10,8 @@ import { TestDomain, withDomain, tempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
 import { assertRestoresTo } from '../support/points.js';
+import { watchScratch } from '../../src/backup/scratchWatch.js';
+import { Logger } from '../../src/util/log.js';
 
 const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
 
@@ -237,6 +239,14 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
   assert.match(r.stderr, new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} is nearly full \\(\\d+ MiB of \\d+ MiB left\\): .+ give --scratchdir a directory with more free space`, 'm'));
   await assertCleanDomain(dom, socket);
   await dom.write('vda', 0x33, '1024M', '64M');
+
+  // A backup set on the scratch directory's file system: its growth is named as a cause too.
+  const stopped = new Promise<Error>((resolve) => {
+    void watchScratch(scratch, dom.name, scratch, new Logger({ quiet: true }), resolve).then((watch) => t.after(() => watch.stop()));
+  });
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  await fs.writeFile(path.join(scratch, 'vda.full.data'), Buffer.alloc(230 * 1024 * 1024));
+  assert.match((await stopped).message, /: it keeps the old data of guest writes during the backup, and the backup set \S+ grows on the same file system, .+; give --scratchdir a directory on another file system, or free space$/);
 });
 
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
