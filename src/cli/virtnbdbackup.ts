@@ -29,7 +29,7 @@ const argv = parseFlags('virtnbdbackup', withLoginFlags(yargs(hideBin(process.ar
   .option('socketfile', { alias: 'f', type: 'string', describe: 'NBD server socket of the backup job (default: /var/tmp/virtnbdbackup.<pid>)' })
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bars' })
   .option('compress', { alias: 'z', type: 'number', describe: 'Compress with lz4 at this level (-z alone: level 2)' })
-  .option('worker', { alias: 'w', type: 'number', describe: 'Disks backed up in parallel (default: all)' })
+  .option('worker', { alias: 'w', type: 'number', describe: 'Disks backed up in parallel (default: all, at most 4)' })
   .option('strict', { alias: 'e', type: 'boolean', default: false, describe: 'Exit with code 2 when warnings occurred' })
   .option('sparse-detection', { type: 'boolean', default: true, describe: 'inc/diff: save changed ranges that now read as zero as zero frames (--no-sparse-detection: as data)' })
   .option('threshold', { alias: 'T', type: 'number', describe: 'Back up (inc/diff) only when at least this many bytes changed' })
