@@ -1,5 +1,6 @@
 // What the three commands share: logging setup, progress bars on stderr, SIGINT/SIGTERM/SIGHUP as an abort signal
-// (SIGHUP not under nohup), and the one rule for ending: a UserError prints one line and exits with its code; anything else is a bug.
+// (SIGHUP not under nohup), and the one rule for ending: a UserError prints one line and exits with its code;
+// anything else is a bug.
 import type { Argv } from 'yargs';
 import { Logger } from '../util/log.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
