@@ -439,6 +439,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
     const workers = ctx.toZip ? 1 : options.workers ?? Math.min(disks.length, DEFAULT_MAX_WORKERS);
     const connections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
+    log.debug(`copying ${disks.length} disk(s), ${Math.min(disks.length, workers)} at a time, ${connections} NBD connection(s) each`);
     // The job ends as soon as every disk is read: its teardown (10 to 20 ms here) then overlaps the last writes,
     // their flush and the side files. end() below waits for it and reports a failure of it.
     let unread = disks.length;

@@ -143,6 +143,18 @@ test('-L sends the log to syslog; an unreachable syslog is a warning, and -e mak
   assert.ok(await exists(path.join(work, 'set2', 'vda.copy.data')));
 });
 
+test('-w: five disks are copied at most four at a time by default, all five with -w 5', async (t) => {
+  const disks = ['vda', 'vdb', 'vdc', 'vdd', 'vde'].map((target, i) => ({ target, sizeMiB: 16, fill: [{ pattern: 0x11 + i, offsetMiB: 0, lengthMiB: 4 }] }));
+  const dom = await withDomain(t, { disks });
+  const work = await withTempDir(t, 'workers-');
+  for (const [flags, atOnce] of [[[], 4], [['-w', '5'], 5]] as const) {
+    const set = path.join(work, `w${atOnce}`);
+    const r = await runOk(ourBin('virtnbdbackup'), ['-n', '-v', '-d', dom.name, '-l', 'copy', ...flags, '-o', set]);
+    assert.match(r.stderr, new RegExp(`copying 5 disk\\(s\\), ${atOnce} at a time`));
+    assert.deepEqual((await fs.readdir(set)).filter((f) => f.endsWith('.copy.data')).sort(), disks.map((d) => `${d.target}.copy.data`));
+  }
+});
+
 test('locks: a second run on the same domain or into the same set refuses; two domains back up in parallel', async (t) => {
   const [first, second] = await Promise.all([
     withDomain(t, { disks: [{ target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 48 }] }] }),
