@@ -1,6 +1,6 @@
 // The job-control and tuning switches on real libvirt/QEMU: -s/-k (a job left running, refused by other runs,
 // ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
-// exactly), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
+// exactly), -w (disks at once), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
 // refused, two domains in parallel fine), how runs leave libvirtd (job torn down, connection closed), the
 // guest agent freeze (-F) where no agent answers, and --user/--password for a libvirtd that asks for a login.
 import { test } from 'node:test';
