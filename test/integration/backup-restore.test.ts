@@ -1,7 +1,7 @@
 // End to end on a real domain: a two-disk chain full -> inc -> inc (with write-zeroes and discard) -> diff,
 // every point restored and compared bit for bit with a copy of the disk taken at that point, by our restore
 // and (where the format allows) by Debian's Python virtnbdrestore; and Python's backups restored by ours; a
-// block-backed disk (loop device).
+// block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -153,4 +153,24 @@ test('a block-backed qcow2 disk (through a loop device, as on LVM): full and inc
   // The restored image is a qcow2 file named after the device (its basename), as virtnbdbackup names images.
   const result = await TestDomain.compare(path.join(out, path.basename(device)), p1);
   assert.ok(result.identical, result.output);
+});
+
+test('a linked clone (a qcow2 overlay on a backing image): full and inc restore to a standalone image, bit for bit, with ours and Python', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, backing: true, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 8 }] }] });
+  const work = await tempDir('vnbd-clone-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  await dom.write('vda', 0x5a, '16M', '2M');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  await dom.write('vda', 0x6b, '4M', '1M');
+  const p1 = await dom.snapshot('vda', path.join(work, 'p1.raw'));
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  for (const [tool, out] of [[ourBin('virtnbdrestore'), path.join(work, 'ours')], [pythonBin('virtnbdrestore'), path.join(work, 'python')]] as const) {
+    await runOk(tool, ['-i', set, '-o', out, ...(tool === pythonBin('virtnbdrestore') ? [] : ['-n'])]);
+    const image = path.join(out, 'vda.qcow2');
+    const result = await TestDomain.compare(image, p1);
+    assert.ok(result.identical, `${tool}: ${result.output}`);
+    const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', image], { encoding: 'utf8' })) as Record<string, unknown>;
+    assert.equal(info['backing-filename'], undefined, `${tool}: the restored image still names a backing file`);
+  }
 });

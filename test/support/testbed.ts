@@ -158,6 +158,8 @@ export interface DiskSpec {
   fill?: FillSpec[];
   /** The domain sees the image through a loop device, as a block disk (type='block'), as on LVM. */
   block?: boolean;
+  /** The image is an empty qcow2 overlay (a linked clone) on a backing image that holds the fill. */
+  backing?: boolean;
 }
 
 export interface DomainOptions {
@@ -222,6 +224,11 @@ export class TestDomain {
       for (const [i, disk] of disks.entries()) {
         await run('qemu-img', ['create', '-q', '-f', disk.format, disk.image, String(disk.sizeBytes)]);
         await fillImage(disk, opts.disks[i]?.fill ?? [], dir);
+        if (opts.disks[i]?.backing) {
+          const base = path.join(dir, `${disk.target}.base.${disk.format}`);
+          await fsp.rename(disk.image, base);
+          await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', disk.format, disk.image]);
+        }
         if (opts.disks[i]?.block) {
           // A block device does not grow: room for every cluster of the disk and qcow2's metadata (sparse).
           await fsp.truncate(disk.image, disk.sizeBytes + 16 * MiB);
