@@ -434,7 +434,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   const controller = new AbortController();
   let scratch: ScratchWatch | undefined;
   try {
-    if (!ctx.power.offline && !ctx.host.remote) scratch = await watchScratch(scratchDirOf(options), options.domain, ctx.toZip ? undefined : ctx.stateDir, log, (err) => controller.abort(err));
+    if (!ctx.power.offline) scratch = watchScratch(ctx.host, scratchDirOf(options), options.domain, ctx.toZip ? undefined : ctx.stateDir, log, (err) => controller.abort(err));
     const results: DiskResult[] = [];
     const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
     const workers = ctx.toZip ? 1 : options.workers ?? Math.min(disks.length, DEFAULT_MAX_WORKERS);

@@ -1,23 +1,69 @@
-// Watches the file system of a running backup job's scratch files (--scratchdir). Guest writes during the job keep
-// the old data there, and when it is full QEMU fails the guest's writes (QEMU 7's copy-before-write breaks the guest,
-// not the backup: seen here as "write failed: No space left on device" inside the domain). Guarantees: once the
-// free space falls below the margin, the run is stopped (so the job ends and the guest writes as before) with one
-// line saying why and what to do; the looks are a statfs every 100 ms, off the copy's path, and end with stop().
+// Watches the file system of a running backup job's scratch files (--scratchdir), on the domain's host: this one
+// (statfs) or another one (`stat -f` through one ssh session). Guest writes during the job keep the old data there,
+// and when it is full QEMU fails the guest's writes (QEMU 7's copy-before-write breaks the guest, not the backup:
+// seen here as "write failed: No space left on device" inside the domain). Guarantees: once the free space falls
+// below the margin, the run is stopped (so the job ends and the guest writes as before) with one line saying why
+// and what to do; the looks come every 100 ms, off the copy's path, and end with stop().
 import fs from 'node:fs/promises';
-import { UserError, describeFailure } from '../util/errors.js';
+import readline from 'node:readline';
+import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { Logger } from '../util/log.js';
+import { shellQuote, type DomainHost, type SshHost } from '../libvirt/domainHost.js';
 
 const MiB = 1024 * 1024;
 const LOOK_EVERY_MS = 100;
 /** The free space kept: a quarter of what was free at the start, at most this. */
 const MAX_MARGIN = 256 * MiB;
+/** How long another host may take to give the first figure. */
+const REMOTE_START_MS = 15_000;
 
 export interface ScratchWatch {
   stop(): void;
 }
 
-function mib(bytes: number): string {
-  return `${Math.round(bytes / MiB)} MiB`;
+/** The free bytes of the scratch file system as last seen; close() ends what looks. */
+interface FreeSpace {
+  read(): Promise<number>;
+  close(): void;
+}
+
+function localFreeSpace(dir: string): FreeSpace {
+  return {
+    read: async () => {
+      const st = await fs.statfs(dir);
+      return st.bavail * st.bsize;
+    },
+    close: () => undefined,
+  };
+}
+
+/** One ssh session prints the free bytes every 100 ms; read() gives the latest. Resolves at the first figure. */
+async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
+  const script = `cd ${shellQuote(dir)} && while stat -f -c '%a %S' .; do sleep ${LOOK_EVERY_MS / 1000}; done`;
+  const { child, lastWords } = ssh.spawn(script, 'ignore', 'pipe', true);
+  let latest: number | undefined;
+  const first = new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no answer from ${ssh.label} within ${REMOTE_START_MS / 1000} s`)), REMOTE_START_MS);
+    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+      const [blocks, size] = line.trim().split(/\s+/).map(Number);
+      if (blocks === undefined || size === undefined || Number.isNaN(blocks * size)) return;
+      latest = blocks * size;
+      clearTimeout(timer);
+      resolve();
+    });
+    child.once('close', () => {
+      clearTimeout(timer);
+      reject(new Error(lastWords() ?? `ssh to ${ssh.label} ended`));
+    });
+    child.once('error', (err) => reject(err));
+  });
+  try {
+    await first;
+  } catch (err) {
+    child.kill();
+    throw err;
+  }
+  return { read: async () => latest as number, close: () => child.kill() };
 }
 
 /** Whether `a` and `b` are on one file system (either missing: no). */
@@ -26,39 +72,52 @@ async function sameFileSystem(a: string, b: string): Promise<boolean> {
   return sa !== undefined && sa.dev === sb?.dev;
 }
 
+function mib(bytes: number): string {
+  return `${Math.round(bytes / MiB)} MiB`;
+}
+
 /**
- * Starts watching `dir`; `onNearlyFull` gets the error to stop the run with, once. `output`: the set's directory,
+ * Starts watching `dir` on `host`, without holding up the caller (another host's first figure takes an ssh
+ * handshake); `onNearlyFull` gets the error to stop the run with, once. `output`: the set's directory (this host),
  * whose growth is named as a cause when it shares the file system.
  */
-export async function watchScratch(dir: string, domain: string, output: string | undefined, log: Logger, onNearlyFull: (err: UserError) => void): Promise<ScratchWatch> {
-  const freeBytes = async (): Promise<number> => {
-    const st = await fs.statfs(dir);
-    return st.bavail * st.bsize;
+export function watchScratch(host: DomainHost, dir: string, domain: string, output: string | undefined, log: Logger, onNearlyFull: (err: UserError) => void): ScratchWatch {
+  let stopped = false;
+  let space: FreeSpace | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  const stop = (): void => {
+    stopped = true;
+    clearInterval(timer);
+    space?.close();
   };
-  let atStart: number;
-  try {
-    atStart = await freeBytes();
-  } catch (err) {
-    log.warn(`cannot watch the free space of the scratch directory ${dir}: ${describeFailure(err)}`);
-    return { stop: () => undefined };
-  }
-  const margin = Math.min(MAX_MARGIN, Math.floor(atStart / 4));
-  const shared = output !== undefined && (await sameFileSystem(dir, output));
-  const why = shared
-    ? `it keeps the old data of guest writes during the backup, and the backup set ${output} grows on the same file system`
-    : 'guest writes during the backup keep the old data there';
-  const remedy = shared ? 'give --scratchdir a directory on another file system, or free space' : 'give --scratchdir a directory with more free space (up to the data the backup copies)';
-  log.debug(`scratch directory ${dir}: ${mib(atStart)} free; the run stops should less than ${mib(margin)} be left`);
-  let looking = false;
-  const timer = setInterval(() => {
-    if (looking) return;
-    looking = true;
-    freeBytes().then((free) => {
-      if (free >= margin) return;
-      clearInterval(timer);
-      onNearlyFull(new UserError(`the scratch directory ${dir} is nearly full (${mib(free)} of ${mib(atStart)} left): ${why}, and QEMU would fail the guest's writes once it is full, so the backup of '${domain}' was stopped; ${remedy}`));
-    }, () => undefined).finally(() => { looking = false; });
-  }, LOOK_EVERY_MS);
-  timer.unref();
-  return { stop: () => clearInterval(timer) };
+  const begin = async (): Promise<void> => {
+    space = host.remote ? await remoteFreeSpace(host, dir) : localFreeSpace(dir);
+    if (stopped) return stop();
+    const atStart = await space.read();
+    const margin = Math.min(MAX_MARGIN, Math.floor(atStart / 4));
+    const shared = !host.remote && output !== undefined && (await sameFileSystem(dir, output));
+    const why = shared
+      ? `it keeps the old data of guest writes during the backup, and the backup set ${output} grows on the same file system`
+      : 'guest writes during the backup keep the old data there';
+    const remedy = shared ? 'give --scratchdir a directory on another file system, or free space' : 'give --scratchdir a directory with more free space (up to the data the backup copies)';
+    const where = host.remote ? `${dir} on ${host.label}` : dir;
+    log.debug(`scratch directory ${where}: ${mib(atStart)} free; the run stops should less than ${mib(margin)} be left`);
+    if (stopped) return stop();
+    let looking = false;
+    timer = setInterval(() => {
+      if (looking || !space) return;
+      looking = true;
+      space.read().then((free) => {
+        if (free >= margin || stopped) return;
+        stop();
+        onNearlyFull(new UserError(`the scratch directory ${where} is nearly full (${mib(free)} of ${mib(atStart)} left): ${why}, and QEMU would fail the guest's writes once it is full, so the backup of '${domain}' was stopped; ${remedy}`));
+      }, () => undefined).finally(() => { looking = false; });
+    }, LOOK_EVERY_MS);
+    timer.unref();
+  };
+  begin().catch((err: unknown) => {
+    if (!stopped) log.warn(`cannot watch the free space of the scratch directory ${dir} on ${host.label}: ${host.remote ? oneLine(err) : describeFailure(err)}`);
+    stop();
+  });
+  return { stop };
 }

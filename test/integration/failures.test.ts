@@ -12,6 +12,7 @@ import { withLibvirtdKilled } from '../support/libvirtd.js';
 import { assertRestoresTo } from '../support/points.js';
 import { watchScratch } from '../../src/backup/scratchWatch.js';
 import { Logger } from '../../src/util/log.js';
+import { LOCAL_HOST } from '../../src/libvirt/domainHost.js';
 
 const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
 
@@ -242,7 +243,8 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
 
   // A backup set on the scratch directory's file system: its growth is named as a cause too.
   const stopped = new Promise<Error>((resolve) => {
-    void watchScratch(scratch, dom.name, scratch, new Logger({ quiet: true }), resolve).then((watch) => t.after(() => watch.stop()));
+    const watch = watchScratch(LOCAL_HOST, scratch, dom.name, scratch, new Logger({ quiet: true }), resolve);
+    t.after(() => watch.stop());
   });
   await new Promise((resolve) => setTimeout(resolve, 50));
   await fs.writeFile(path.join(scratch, 'vda.full.data'), Buffer.alloc(230 * 1024 * 1024));

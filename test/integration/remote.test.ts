@@ -2,15 +2,16 @@
 // here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P); image info
 // and boot files come through ssh; -s/-k work remotely; a shut-off remote domain is served by qemu-nbd on that
 // host; --tls serves NBD over TLS with the host's certificates; a restore goes onto that host through its qemu-nbd;
-// --user/--password (not supported) and restore flags for another host without its URI are refused with one line.
+// the scratch directory there is watched for space; restore flags for another host without its URI are refused
+// with one line.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { TestDomain, run, withDomain, withTempDir } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdRuns, runCli, runOk } from '../support/cli.js';
+import { TestDomain, run, tempDir, withDomain, withTempDir } from '../support/testbed.js';
+import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
@@ -188,6 +189,33 @@ test('restore onto another host (remote -U): images written there through its qe
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', qcow, '-d', 'vda', '-n', ...remote]);
   assert.equal(refused.code, 1, refused.stderr);
   assert.match(errorLines(refused).join('\n'), new RegExp(`-o ${qcow} on root@127\\.0\\.0\\.1 is a qcow2 image; restore writes raw data onto existing files`));
+});
+
+test('the scratch directory on the remote host filling up with guest writes stops the run before the guest\'s writes would fail', async (t) => {
+  // Mounted before the domain starts: QEMU sees the host's mounts of its start only.
+  const scratch = await tempDir('vnbd-rscratch-');
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256M,mode=1777', 'tmpfs', scratch]);
+  t.after(async () => {
+    execFileSync('umount', [scratch]);
+    await fs.rm(scratch, { recursive: true, force: true });
+  });
+  const sshd = await withPrivateSshd(t);
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1792, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1536 }] }] });
+  const set = path.join(await withTempDir(t, 'rscratch-'), 'set');
+  const port = await freePort();
+  const backup = startCli(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', set, '-U', sshd.libvirtUri, '-P', String(port), '--scratchdir', scratch]);
+  let ended = false;
+  void backup.done.then(() => { ended = true; });
+  const partial = path.join(set, 'vda.full.data.partial');
+  for (let i = 0; i < 4000 && !ended && !(await fs.access(partial).then(() => true, () => false)); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  // A write QEMU failed (scratch full) throws here.
+  for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+  const r = await backup.done;
+  assert.equal(r.code, 1, r.stderr);
+  assert.deepEqual(errorLines(r).length, 1, r.stderr);
+  assert.match(r.stderr, new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} on root@127\\.0\\.0\\.1 is nearly full \\(\\d+ MiB of \\d+ MiB left\\): guest writes during the backup keep the old data there, .+; give --scratchdir a directory with more free space`, 'm'));
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
 });
 
 test('remote boot files (loader, nvram, kernel, initrd) come through ssh into the set', async (t) => {
