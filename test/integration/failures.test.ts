@@ -348,7 +348,7 @@ async function restoreInFlight(t: TestContext, dom: TestDomain, set: string, out
   return run;
 }
 
-test('libvirtd gone during a restore with -D: restarted, the define still works; still down, one line says the images are in place and how to define', async (t) => {
+test('libvirtd gone during a restore with -D: restarted, the define still works; still down, one line says the images are in place and how to define; without -D no libvirtd is needed', async (t) => {
   const { dom, work, set } = await fullSet(t, 'define', 1024, 768);
   const suffix = path.basename(work).replace(/[^a-z0-9]/gi, '');
 
@@ -373,6 +373,17 @@ test('libvirtd gone during a restore with -D: restarted, the define still works;
   await fs.access(path.join(out, path.basename(dom.diskPath('vda'))));
   virsh('define', xml ?? '');
   assert.match(virsh('domstate', down), /shut off/);
+
+  // Without -D a restore needs no libvirtd at all, as on a backup server without KVM: images, -c's XML, verify.
+  const plain = path.join(work, 'plain');
+  const [restored, verified] = await withLibvirtdKilled(async () => [
+    await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', plain, '-n', '-c']),
+    await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']),
+  ]);
+  assert.equal(restored?.code, 0, restored?.stderr);
+  assert.equal(verified?.code, 0, verified?.stderr);
+  assert.ok((await fs.readdir(plain)).some((f) => f.endsWith('.xml')), 'no adjusted domain XML');
+  assert.ok((await TestDomain.compare(path.join(plain, path.basename(dom.diskPath('vda'))), dom.diskPath('vda'))).identical);
 });
 
 test('disk full in mid-restore: one line naming the image and what to do, nothing of it kept', async (t) => {
