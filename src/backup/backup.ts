@@ -419,7 +419,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   const base = resultOf(ctx, plan);
   if (options.startOnly) {
     const server = describeServer(serverOf(ctx));
-    log.info(`backup job of '${options.domain}' started and left running: NBD server ${server}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k (until then, guest writes keep their old data in ${scratchDirOf(options)}${ctx.host.remote ? ` on ${ctx.host.label}` : ''}, which nothing watches for space)`);
+    log.info(`backup job of '${options.domain}' started and left running: NBD server ${server}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k${ctx.power.offline ? '' : ` (until then, guest writes keep their old data in ${scratchDirOf(options)}${ctx.host.remote ? ` on ${ctx.host.label}` : ''}, which nothing watches for space)`}`);
     return { ...base, startedJob: { server, exports: disks.map((d) => d.target) } };
   }
   const ident = identOf(plan, ctx.startedAt);
