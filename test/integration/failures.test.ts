@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { TestDomain, withDomain, tempDir } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliRun } from '../support/cli.js';
+import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliResult, type CliRun } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
 import { assertRestoresTo } from '../support/points.js';
 import { watchScratch } from '../../src/backup/scratchWatch.js';
@@ -268,9 +268,14 @@ test('the domain stopped in mid-backup: one line saying so, checkpoint removed, 
   assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('.data')), ['vda.full.data.partial']);
 });
 
-test('libvirtd killed in mid-backup: one line naming it and what to do; after its restart -k ends the job and a new full works', async (t) => {
+test('libvirtd killed in mid-backup: one line naming it and what to do, and so does -k while it is down; after its restart -k ends the job and a new full works', async (t) => {
   const { dom, out, socket, run } = await backupInFlight(t, 'daemon');
-  const r = await withLibvirtdKilled(() => run.done);
+  // -k while libvirtd is still down: one line saying so, nothing else tried.
+  const [r, early] = await withLibvirtdKilled(async () => [await run.done, await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-k'])]);
+  assert.equal(early?.code, 1, early?.stderr);
+  assert.deepEqual(errorLines(early as CliResult), [early?.stderr.trim()]);
+  assert.match(early?.stderr ?? '', /^virtnbdbackup: error: cannot connect to libvirt at qemu:\/\/\/system: .+; is libvirtd running\?\n$/);
+  assert.ok(r);
   assert.equal(r.code, 1, r.stderr);
   const last = r.stderr.trim().split('\n').at(-1) ?? '';
   assert.match(last, new RegExp(`^virtnbdbackup: error: lost the connection to libvirtd at qemu:///system \\(.+\\): start libvirtd again, then end the backup job it may have left with 'virtnbdbackup -d ${dom.name} -k' and run a full backup into a new directory$`));
