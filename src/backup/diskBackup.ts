@@ -10,7 +10,7 @@ import { checksumFileName, dataFileName, writeDigestFile } from '../set/backupSe
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import type { Logger } from '../util/log.js';
-import { UserError, describeFailure, raisedBy } from '../util/errors.js';
+import { UserError, describeFailure, errnoOf, raisedBy } from '../util/errors.js';
 import { writeRawImage } from './rawImage.js';
 import { denseExtents, qemuImgExtents } from './extentSources.js';
 import type { DiskExports } from './offline.js';
@@ -62,7 +62,9 @@ function writeFailure(disk: DomainDisk, partial: string, err: unknown): Error {
   if (raisedBy(err, 'libnbd')) {
     return new UserError(`backup of disk ${disk.target} failed reading its NBD export: ${describeFailure(err)}`);
   }
-  return new UserError(`backup of disk ${disk.target} failed writing ${partial}: ${describeFailure(err)}`);
+  // A file the run made, gone from under it: something removed the set directory (a clean-up script, say).
+  const gone = errnoOf(err) === 'ENOENT' ? `it or its directory is gone (ENOENT): was the set directory removed during the backup?` : undefined;
+  return new UserError(`backup of disk ${disk.target} failed writing ${partial}: ${gone ?? describeFailure(err)}`);
 }
 
 export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Promise<DiskResult> {

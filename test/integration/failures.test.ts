@@ -157,6 +157,16 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
   assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
 });
 
+test('the set directory removed in mid-backup (a clean-up script): one line asking whether it was, job ended, checkpoint removed', async (t) => {
+  const { dom, out, socket, run } = await backupInFlight(t, 'removed', 1024);
+  await fs.rm(out, { recursive: true, force: true });
+  const r = await run.done;
+  assert.equal(r.code, 1, r.stderr);
+  assert.equal(errorLines(r).length, 1, r.stderr);
+  assert.match(r.stderr, /^virtnbdbackup: error: backup of disk vda failed writing \S+\/vda\.full\.data\.partial: it or its directory is gone \(ENOENT\): was the set directory removed during the backup\?$/m);
+  await assertCleanDomain(dom, socket);
+});
+
 test('SIGHUP (a terminal hanging up) in mid-backup stops it as SIGTERM does; under nohup a backup and a restore go on to the end, the reader of their stderr gone too', async (t) => {
   const { dom, out, socket, run } = await backupInFlight(t, 'hup', 1024);
   run.child.kill('SIGHUP');
