@@ -31,6 +31,7 @@ import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
 import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
 import { watchScratch, type ScratchWatch } from './scratchWatch.js';
+import { guardJob } from './jobGuard.js';
 import type { RunContext } from './context.js';
 
 export type { DiskResult } from './diskBackup.js';
@@ -433,6 +434,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   let failed = true;
   const controller = new AbortController();
   let scratch: ScratchWatch | undefined;
+  const guard = ctx.power.offline ? undefined : guardJob(options.uri ?? 'qemu:///system', options.domain, ctx.host.remote ? undefined : socketOf(options));
   try {
     if (!ctx.power.offline) scratch = watchScratch(ctx.host, scratchDirOf(options), options.domain, ctx.toZip ? undefined : ctx.stateDir, log, (err) => controller.abort(err));
     const results: DiskResult[] = [];
@@ -464,6 +466,10 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
   } finally {
     scratch?.stop();
-    await exports.end(failed);
+    try {
+      await exports.end(failed);
+    } finally {
+      await guard?.release();
+    }
   }
 }

@@ -5,7 +5,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { TestDomain, withDomain, tempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliResult, type CliRun } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
@@ -199,7 +199,7 @@ test('SIGHUP (a terminal hanging up) in mid-backup stops it as SIGTERM does; und
   assert.equal((await TestDomain.compare(dom.diskPath('vda'), image)).identical, true);
 });
 
-test('an inc killed in mid-copy (SIGKILL): after -k and its .partial moved aside, the next inc continues the chain; the checkpoint it left is removed, the changes since kept', async (t) => {
+test('an inc killed in mid-copy (SIGKILL): its guard ends the job; with its .partial moved aside, the next inc continues the chain; the checkpoint it left is removed, the changes since kept', async (t) => {
   const { dom, work, set } = await fullSet(t, 'killed', 1024, 64);
   await dom.write('vda', 0x22, '64M', '768M');
   const before = await dom.snapshot('vda');
@@ -209,11 +209,14 @@ test('an inc killed in mid-copy (SIGKILL): after -k and its .partial moved aside
   inc.child.kill('SIGKILL');
   assert.equal((await inc.done).signal, 'SIGKILL');
   assert.match(virsh('checkpoint-list', dom.name, '--name'), /virtnbdbackup\.1/, 'the killed run created no checkpoint');
+  // The run's guard ends its job: no -k needed, the socket gone too.
+  for (let i = 0; i < 200 && !/Job type:\s+None/.test(virsh('domjobinfo', dom.name)); i++) await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/, 'the killed run\'s job still runs');
+  assert.deepEqual((await fs.readdir('/var/tmp')).filter((f) => f === `virtnbdbackup.${inc.child.pid}`), []);
   // Written while the left checkpoint tracks the changes: they must reach the next inc.
   await dom.write('vda', 0x33, '900M', '4M');
   const after = await dom.snapshot('vda');
 
-  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-k']);
   const refused = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.equal(refused.code, 1);
   assert.match(errorLines(refused).join('\n'), /is left from a failed run, .* move the \.partial away to continue the chain/);
@@ -223,6 +226,8 @@ test('an inc killed in mid-copy (SIGKILL): after -k and its .partial moved aside
   assert.deepEqual(JSON.parse(await fs.readFile(path.join(set, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1']);
   await assertRestoresTo(work, set, after);
   assert.notEqual((await TestDomain.compare(before, after)).identical, true);
+  // A run that ended its job itself leaves no guard behind.
+  assert.equal(spawnSync('pgrep', ['-f', `domjobabort '${dom.name}'`]).status, 1, 'a guard outlived its run');
 });
 
 test('a scratch directory filling up with guest writes in mid-backup: the run stops before the guest\'s writes would fail, with one line saying so', async (t) => {
