@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { TestDomain, withDomain, tempDir } from '../support/testbed.js';
+import { TestDomain, withDomain, withTmpfs, tempDir } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliResult, type CliRun } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
 import { assertRestoresTo } from '../support/points.js';
@@ -109,12 +109,7 @@ test('an output that cannot hold a set: a file, a read-only file system; -w 0: o
 
 test('disk full in mid-backup: clear error, job ended, checkpoint removed, .partial kept, inc refuses', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 128, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 24 }] }] });
-  const mount = await tempDir('vnbd-full-');
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4M', 'tmpfs', mount]);
-  t.after(async () => {
-    execFileSync('umount', [mount]);
-    await fs.rm(mount, { recursive: true, force: true });
-  });
+  const mount = await withTmpfs(t, 'vnbd-full-', 'size=4M');
   const socket = `/var/tmp/vnbdtest-${process.pid}-enospc.sock`;
   const r = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', mount, '-n', '-f', socket]);
   assert.equal(r.code, 1);
@@ -231,13 +226,7 @@ test('an inc killed in mid-copy (SIGKILL): its guard ends the job; with its .par
 });
 
 test('a scratch directory filling up with guest writes in mid-backup: the run stops before the guest\'s writes would fail, with one line saying so', async (t) => {
-  const scratch = await tempDir('vnbd-scratch-');
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256M,mode=1777', 'tmpfs', scratch]);
-  t.after(async () => {
-    execFileSync('umount', [scratch]);
-    await fs.rm(scratch, { recursive: true, force: true });
-  });
-  // Mounted before the domain starts: QEMU sees the host's mounts of its start only.
+  const scratch = await withTmpfs(t, 'vnbd-scratch-', 'size=256M,mode=1777');
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1792, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1536 }] }] });
   const out = await tempDir('vnbd-scratchout-');
   t.after(() => fs.rm(out, { recursive: true, force: true }));
@@ -408,12 +397,7 @@ test('libvirtd gone during a restore with -D: restarted, the define still works;
 
 test('disk full in mid-restore: one line naming the image and what to do, nothing of it kept', async (t) => {
   const { set } = await fullSet(t, 'restore-enospc', 64, 24);
-  const mount = await tempDir('vnbd-restore-full-');
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8M', 'tmpfs', mount]);
-  t.after(async () => {
-    execFileSync('umount', [mount]);
-    await fs.rm(mount, { recursive: true, force: true });
-  });
+  const mount = await withTmpfs(t, 'vnbd-restore-full-', 'size=8M');
   const out = path.join(mount, 'out');
   const r = await runCli(ourBin('virtnbdrestore'), ['-n', '-i', set, '-o', out]);
   assert.equal(r.code, 1, r.stderr);

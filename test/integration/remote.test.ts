@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { TestDomain, run, tempDir, withDomain, withTempDir } from '../support/testbed.js';
+import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
@@ -192,13 +192,7 @@ test('restore onto another host (remote -U): images written there through its qe
 });
 
 test('the scratch directory on the remote host filling up with guest writes stops the run before the guest\'s writes would fail', async (t) => {
-  // Mounted before the domain starts: QEMU sees the host's mounts of its start only.
-  const scratch = await tempDir('vnbd-rscratch-');
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256M,mode=1777', 'tmpfs', scratch]);
-  t.after(async () => {
-    execFileSync('umount', [scratch]);
-    await fs.rm(scratch, { recursive: true, force: true });
-  });
+  const scratch = await withTmpfs(t, 'vnbd-rscratch-', 'size=256M,mode=1777');
   const sshd = await withPrivateSshd(t);
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1792, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1536 }] }] });
   const set = path.join(await withTempDir(t, 'rscratch-'), 'set');

@@ -109,6 +109,20 @@ export async function withTempDir(t: TestContext, prefix: string): Promise<strin
   return dir;
 }
 
+/**
+ * A tmpfs mounted with `options` (size=4M, ro, mode=1777, ...) on a new scratch dir, unmounted and removed when the
+ * test ends. QEMU sees only the mounts of its start: mount one before the domain that is to use it.
+ */
+export async function withTmpfs(t: TestContext, prefix: string, options: string): Promise<string> {
+  const dir = await tempDir(prefix);
+  await run('mount', ['-t', 'tmpfs', '-o', options, 'tmpfs', dir]);
+  t.after(async () => {
+    await run('umount', [dir]);
+    await fsp.rm(dir, { recursive: true, force: true });
+  });
+  return dir;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Image helpers
 
