@@ -30,7 +30,7 @@ import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
 import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
-import { watchScratch, type ScratchWatch } from './scratchWatch.js';
+import { scratchLocation, watchScratch, type ScratchWatch } from './scratchWatch.js';
 import { guardJob } from './jobGuard.js';
 import type { RunContext } from './context.js';
 
@@ -420,7 +420,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   const base = resultOf(ctx, plan);
   if (options.startOnly) {
     const server = describeServer(serverOf(ctx));
-    log.info(`backup job of '${options.domain}' started and left running: NBD server ${server}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k${ctx.power.offline ? '' : ` (until then, guest writes keep their old data in ${scratchDirOf(options)}${ctx.host.remote ? ` on ${ctx.host.label}` : ''}, which nothing watches for space)`}`);
+    log.info(`backup job of '${options.domain}' started and left running: NBD server ${server}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k${ctx.power.offline ? '' : ` (until then, guest writes keep their old data in ${scratchLocation(ctx.host, scratchDirOf(options))}, which nothing watches for space)`}`);
     return { ...base, startedJob: { server, exports: disks.map((d) => d.target) } };
   }
   const ident = identOf(plan, ctx.startedAt);

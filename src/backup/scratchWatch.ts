@@ -72,6 +72,11 @@ async function sameFileSystem(a: string, b: string): Promise<boolean> {
   return sa !== undefined && sa.dev === sb?.dev;
 }
 
+/** The scratch directory for messages: its path, with the host when that is another one. */
+export function scratchLocation(host: DomainHost, dir: string): string {
+  return host.remote ? `${dir} on ${host.label}` : dir;
+}
+
 function mib(bytes: number): string {
   return `${Math.round(bytes / MiB)} MiB`;
 }
@@ -100,7 +105,7 @@ export function watchScratch(host: DomainHost, dir: string, domain: string, outp
       ? `it keeps the old data of guest writes during the backup, and the backup set ${output} grows on the same file system`
       : 'guest writes during the backup keep the old data there';
     const remedy = shared ? 'give --scratchdir a directory on another file system, or free space' : 'give --scratchdir a directory with more free space (up to the data the backup copies)';
-    const where = host.remote ? `${dir} on ${host.label}` : dir;
+    const where = scratchLocation(host, dir);
     log.debug(`scratch directory ${where}: ${mib(atStart)} free; the run stops should less than ${mib(margin)} be left`);
     if (stopped) return stop();
     let looking = false;
