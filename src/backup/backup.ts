@@ -297,7 +297,9 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   const plan = await planRun(ctx, level);
   const base = resultOf(ctx, plan);
   if (options.printOnly) return { ...base, estimate: await estimate(ctx, plan) };
-  if (options.threshold !== undefined && plan.checkpoint.parent) {
+  if (options.threshold !== undefined && plan.checkpoint.parent && plan.addedDisks.length > 0) {
+    log.info(`-T: disk ${plan.addedDisks.join(', ')} has no backup in this chain yet: backing up whatever changed`);
+  } else if (options.threshold !== undefined && plan.checkpoint.parent) {
     const changed = await thresholdEstimate(ctx, plan);
     if (changed !== undefined && changed < options.threshold) {
       log.info(`${changed} bytes changed since ${plan.checkpoint.parent}, below the threshold of ${options.threshold} bytes (-T): no backup this time`);
@@ -317,6 +319,8 @@ async function estimate(ctx: RunContext, plan: RunPlan): Promise<number> {
   if (ctx.power.offline) {
     throw new UserError(`domain '${ctx.options.domain}' is shut off: libvirt estimates sizes only with QEMU running; add -S/--start-domain`);
   }
+  // libvirt counts changes on the disks the checkpoint has bitmaps on; an added disk goes whole into the next inc.
+  for (const target of plan.addedDisks) ctx.log.info(`disk ${target} was added since ${plan.checkpoint.parent}: the next inc saves it whole, which this estimate leaves out`);
   return changedBytesSince(ctx.domain, plan.checkpoint.parent);
 }
 
@@ -340,6 +344,7 @@ async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
     server: serverOf(ctx),
     scratchDir: scratchDirOf(options),
     targets: disks.map((d) => d.target),
+    wholeTargets: plan.addedDisks,
     checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
     allTargets: ctx.info.disks.map((d) => d.target),
     checkpoint: plan.checkpoint,

@@ -69,7 +69,7 @@ function writeFailure(disk: DomainDisk, partial: string, err: unknown): Error {
 
 export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Promise<DiskResult> {
   const { plan, target, log, signal } = options;
-  const level: Level = disk.format === 'raw' ? 'copy' : plan.level;
+  const level: Level = disk.format === 'raw' ? 'copy' : plan.addedDisks.includes(disk.target) ? 'full' : plan.level;
   const incremental = level === 'inc' || level === 'diff';
   const endpoint = await openSource(disk, incremental, options);
   const sourceRead = async (): Promise<void> => {
@@ -102,7 +102,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
           diskName: disk.target,
           diskFormat: disk.format,
           checkpointName: plan.checkpoint.name,
-          parentCheckpoint: plan.checkpoint.parent,
+          parentCheckpoint: level === 'full' ? '' : plan.checkpoint.parent,
           incremental,
         },
         compress: options.compress,

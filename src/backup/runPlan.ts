@@ -3,14 +3,17 @@
 //   -> inc/diff: the set's chain (.cpt), its prefix, checkpoints libvirt lost put back from the saved XML
 //   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
 //   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
+//   -> inc: disks added to the domain since the parent (no bitmap of it) are saved whole, as their chain's base
 // Guarantees: an inc/diff is only planned on a parent checkpoint that is this set's own; anything else
 // becomes a full backup with a warning (or a clear error where a full is impossible), never a wrong inc.
 import path from 'node:path';
 import fs from 'node:fs/promises';
 import {
-  CHECKPOINT_DIR, archiveChain, checkpointListName, isArchivedChain, readCheckpointList,
+  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, readCheckpointList,
 } from '../set/backupSet.js';
-import { DEFAULT_PREFIX, checkPrefix, planCheckpoint, prefixOf, type CheckpointPlan, type Level } from '../libvirt/checkpoints.js';
+import {
+  DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
+} from '../libvirt/checkpoints.js';
 import { foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
@@ -27,6 +30,8 @@ export interface RunPlan {
   chain: string[];
   /** Where the previous chain went when this run fell back to a full backup. */
   archivedChain?: string;
+  /** Disks added to the domain since the parent checkpoint: an inc saves them whole, as the base of their chain. */
+  addedDisks: string[];
 }
 
 /** The chain's prefix: the set's own for inc/diff (a mismatching --checkpoint-prefix is refused), else the option. */
@@ -43,7 +48,30 @@ function resolvePrefix(wanted: string | undefined, chain: string[], cptFile: str
 }
 
 function planFor(level: Level, chain: string[], prefix: string): RunPlan {
-  return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix) };
+  return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix), addedDisks: [] };
+}
+
+/**
+ * The disks of this run that checkpoint `parent` gave no bitmap: added to the domain since. An inc saves each whole
+ * (a full stream, `<disk>.full.data`) and the new checkpoint gives it a bitmap, so its own chain goes on from
+ * there. Where that cannot be, the problem to fall back to a full backup for: a diff creates no checkpoint, and a
+ * set that already holds a base of that disk (detached, then another attached under its name) cannot take another.
+ */
+async function disksAddedSince(ctx: RunContext, parent: string, level: Level): Promise<{ added: string[]; problem?: string }> {
+  const bitmaps = new Set(checkpointBitmapDisks(await ctx.domain.checkpointGetXMLDesc(parent, 0)));
+  const added = ctx.disks.filter((d) => d.format !== 'raw' && !bitmaps.has(d.target)).map((d) => d.target);
+  if (added.length === 0) return { added };
+  const named = `disk${added.length > 1 ? 's' : ''} ${added.join(', ')}`;
+  if (level === 'diff') return { added, problem: `${named} of '${ctx.options.domain}' ${added.length > 1 ? 'have' : 'has'} no bitmap of checkpoint ${parent} (added to the domain since), and a differential backup cannot start ${added.length > 1 ? 'their chains' : 'its chain'}` };
+  if (!ctx.toZip) {
+    for (const target of added) {
+      const base = dataFileName(target, 'full', '');
+      if (await fs.access(path.join(ctx.stateDir, base)).then(() => true, () => false)) {
+        return { added, problem: `disk ${target} of '${ctx.options.domain}' has no bitmap of checkpoint ${parent} (attached anew since), and the set already holds a chain of a disk ${target} (${base})` };
+      }
+    }
+  }
+  return { added };
 }
 
 /** Plans the run for `requested` (never 'auto'); may fall back to a full backup (see fallBackToFull). */
@@ -64,15 +92,25 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const parent = chain[chain.length - 1];
   if (parent === undefined) throw new UserError(`no checkpoints in the backup set (${cptFile} lists none): run a full backup first`);
   await redefineMissing(domain, chain, ctx.xmlDir, log);
-  const problem = await unusableParent(domain, parent, ctx.xmlDir)
-    ?? (power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent)).join('; ') || undefined : undefined);
+  const problem = await unusableParent(domain, parent, ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);
+  const added = await disksAddedSince(ctx, parent, level);
+  if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
+  if (power.offline && added.added.length > 0) {
+    throw new UserError(`disk ${added.added.join(', ')} of '${options.domain}' was added since checkpoint ${parent}: its chain starts with a checkpoint, which libvirt cannot create while the domain is shut off; run again with -S/--start-domain or while the domain runs (that inc saves it whole)`);
+  }
+  const bitmaps = power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent)).join('; ') : '';
+  if (bitmaps) return fallBackToFull(ctx, prefix, bitmaps);
   if (!power.offline && level === 'inc' && !options.printOnly) await removeUnlisted(domain, chain, prefix, log);
   if (power.offline && level === 'inc') {
     log.info(`domain '${options.domain}' is shut off: libvirt cannot create checkpoint ${prefix}.${chain.length} now, so this inc saves the changes since ${parent} as a differential backup; the chain continues with the next inc while the domain runs`);
     level = 'diff';
   }
-  return planFor(level, chain, prefix);
+  const plan = { ...planFor(level, chain, prefix), addedDisks: added.added };
+  for (const target of options.printOnly ? [] : plan.addedDisks) {
+    log.info(`disk ${target} has no bitmap of checkpoint ${parent} (added to the domain since): this inc saves it whole as ${dataFileName(target, 'full', '')}, and checkpoint ${plan.checkpoint.name} starts its changes`);
+  }
+  return plan;
 }
 
 /** The names in the state dir that make up the current chain (never the lock, this run's log or older archives). */

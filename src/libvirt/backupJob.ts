@@ -18,6 +18,8 @@ export interface BackupJobOptions {
   scratchDir: string;
   /** Disk targets to export. */
   targets: string[];
+  /** Of those, the ones an incremental job exports whole (added to the domain since its parent checkpoint). */
+  wholeTargets?: string[];
   /** Disk targets that get a bitmap in the new checkpoint (raw-format disks cannot). */
   checkpointTargets: string[];
   /** All disk targets of the domain (the others are listed as not participating). */
@@ -63,7 +65,8 @@ export class BackupJob {
   static async start(domain: LibvirtDomain, options: BackupJobOptions): Promise<BackupJob> {
     const { checkpoint } = options;
     const tag = crypto.randomBytes(3).toString('hex');
-    const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`) }));
+    const whole = new Set(options.wholeTargets);
+    const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`), full: whole.has(target) }));
     const jobXml = backupJobXml(options.server, checkpoint.parent, disks, options.allTargets);
     const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
     options.log.debug(`backup job XML:\n${jobXml}`);

@@ -3,6 +3,7 @@
 //   full: <prefix>.0, no parent, new chain      inc: <prefix>.<n>, parent = last in the set's .cpt
 //   diff: nothing created, changes since the last checkpoint      copy: nothing created, no parent
 // A chain is named by its prefix: checkpoints <prefix>.0, <prefix>.1, ...; one set holds one chain.
+import { XMLParser } from 'fast-xml-parser';
 
 export type Level = 'copy' | 'full' | 'inc' | 'diff';
 
@@ -82,6 +83,8 @@ export function checkpointXml(plan: CheckpointPlan, diskTargets: string[], allTa
 export interface BackupJobDisk {
   target: string;
   scratchFile: string;
+  /** Exported whole in an incremental job: the disk has no bitmap of the parent checkpoint (added since). */
+  full?: boolean;
 }
 
 /** Pull-mode backup over a unix socket; `<incremental>` makes libvirt export the dirty bitmap as backup-<disk>. */
@@ -100,8 +103,9 @@ function serverXml(server: JobServer): string {
 
 export function backupJobXml(server: JobServer, incrementalFrom: string, disks: BackupJobDisk[], allTargets: string[]): string {
   const selected = new Set(disks.map((d) => d.target));
+  // backupmode='full' (libvirt >= 7.6): this disk whole, the others' changes since `incrementalFrom`.
   const lines = disks.map((d) =>
-    `    <disk name='${escapeXml(d.target)}' backup='yes' type='file'>\n      <scratch file='${escapeXml(d.scratchFile)}'/>\n    </disk>`);
+    `    <disk name='${escapeXml(d.target)}' backup='yes' type='file'${incrementalFrom && d.full ? ` backupmode='full'` : ''}>\n      <scratch file='${escapeXml(d.scratchFile)}'/>\n    </disk>`);
   for (const t of allTargets) if (!selected.has(t)) lines.push(`    <disk name='${escapeXml(t)}' backup='no'/>`);
   const incremental = incrementalFrom ? `  <incremental>${escapeXml(incrementalFrom)}</incremental>\n` : '';
   return `<domainbackup mode='pull'>\n${incremental}  ${serverXml(server)}\n  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`;
@@ -115,6 +119,14 @@ export function dirtyBitmapContext(target: string): string {
 /** A checkpoint definition without its `<domain>` copy, for redefining on a domain defined anew (other UUID). */
 export function withoutDomain(checkpointXml: string): string {
   return checkpointXml.replace(/<domain[\s>][\s\S]*<\/domain>\s*/, '');
+}
+
+const checkpointParser = new XMLParser({ ignoreAttributes: false, attributeNamePrefix: '@_', isArray: (name) => name === 'disk' });
+
+/** The disks a checkpoint XML gives a bitmap (checkpoint='bitmap'): the only ones an incremental from it can read. */
+export function checkpointBitmapDisks(xml: string): string[] {
+  const root = (checkpointParser.parse(xml) as { domaincheckpoint?: { disks?: { disk?: Array<Record<string, string>> } } }).domaincheckpoint;
+  return (root?.disks?.disk ?? []).filter((d) => d['@_checkpoint'] === 'bitmap').map((d) => d['@_name'] ?? '');
 }
 
 /** Text of the first `<tag>` element of a checkpoint XML. */

@@ -159,18 +159,38 @@ export function chainFromSequence(sequence: string[], chains: ReadonlyMap<string
 }
 
 /** The set's chains, checked, selected by disk and cut at `until`: what a restore of every disk would apply. */
-export async function loadChains(input: string, until: string | undefined, onlyDisk: string | undefined): Promise<Map<string, ChainLink[]>> {
-  const { chains } = await scanSet(input);
-  const selected = selectChains(chains, { input, until, disk: onlyDisk });
+export async function loadChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<Map<string, ChainLink[]>> {
+  const { chains, checkpoints } = await scanSet(input);
+  const selected = selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log);
   if (selected.size === 0) throw new UserError(`no backup of disk ${onlyDisk} in ${input}`);
   return selected;
 }
 
-function selectChains(chains: Map<string, ChainLink[]>, options: { input: string; until?: string; disk?: string }): Map<string, ChainLink[]> {
+/**
+ * Why a disk has no state at checkpoint `until` (by the set's checkpoint order), if it has none: its chain starts
+ * after it (the disk was added later) or ends before it (removed, or left out of the backups since).
+ */
+function absentAt(chain: ChainLink[], until: string, checkpoints: string[]): string | undefined {
+  const point = checkpoints.indexOf(until);
+  const base = chain[0] as ChainLink;
+  const last = chain.filter((l) => l.level !== 'diff').at(-1) as ChainLink;
+  const [first, end] = [checkpoints.indexOf(base.meta.checkpointName), checkpoints.indexOf(last.meta.checkpointName)];
+  if (point < 0 || first < 0 || end < 0) return undefined;
+  if (first > point) return `its backups start at checkpoint ${base.meta.checkpointName} (${base.file}), after ${until}: it was added to the domain later`;
+  if (end < point) return `its backups end at checkpoint ${last.meta.checkpointName} (${last.file}), before ${until}: it was removed from the domain or left out of the backups since`;
+  return undefined;
+}
+
+function selectChains(chains: Map<string, ChainLink[]>, checkpoints: string[], options: { input: string; until?: string; disk?: string }, log: Logger): Map<string, ChainLink[]> {
   const selected = new Map<string, ChainLink[]>();
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
     checkLinks(chain);
+    const absent = options.until !== undefined && options.disk === undefined ? absentAt(chain, options.until, checkpoints) : undefined;
+    if (absent) {
+      log.info(`disk ${disk} is left out of the restore at ${options.until}: ${absent}`);
+      continue;
+    }
     selected.set(disk, options.until === undefined ? chain : cutAt(chain, options.until, disk, options.input));
   }
   return selected;
@@ -283,7 +303,7 @@ function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): 
     if (options.disk !== undefined && options.disk !== disk) throw new UserError(`-d ${options.disk} and --sequence of disk ${disk} contradict each other: give one of them`);
     return { ...scanned, chains: new Map([[disk, chain]]), images: new Map() };
   }
-  const chains = selectChains(scanned.chains, { input, until: options.until, disk: options.disk });
+  const chains = selectChains(scanned.chains, scanned.checkpoints, { input, until: options.until, disk: options.disk }, log);
   const images = new Map([...scanned.images].filter(([disk]) => options.disk === undefined || disk === options.disk));
   for (const [disk, file] of images) {
     if (chains.has(disk)) throw new UserError(`${input} holds a raw image (${file.file}) and streams of disk ${disk}, which form no chain; restore the image alone with -s ${file.file}`);

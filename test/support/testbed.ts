@@ -217,7 +217,7 @@ export class TestDomain {
     readonly name: string,
     /** Work dir (mode 0777) holding the images, domain.xml and default snapshots. */
     readonly dir: string,
-    readonly disks: readonly TestDisk[],
+    private diskList: TestDisk[],
     private readonly guestAgent = false,
   ) {
     this.forgetExitCleanup = oweAtExit(() => removeDomainSync(name, dir));
@@ -235,21 +235,7 @@ export class TestDomain {
     });
     const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent);
     try {
-      for (const [i, disk] of disks.entries()) {
-        await run('qemu-img', ['create', '-q', '-f', disk.format, disk.image, String(disk.sizeBytes)]);
-        await fillImage(disk, opts.disks[i]?.fill ?? [], dir);
-        if (opts.disks[i]?.backing) {
-          const base = path.join(dir, `${disk.target}.base.${disk.format}`);
-          await fsp.rename(disk.image, base);
-          await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', disk.format, disk.image]);
-        }
-        if (opts.disks[i]?.block) {
-          // A block device does not grow: room for every cluster of the disk and qcow2's metadata (sparse).
-          await fsp.truncate(disk.image, disk.sizeBytes + 16 * MiB);
-          disk.device = (await run('losetup', ['-f', '--show', disk.image])).stdout.trim();
-          await fsp.chmod(disk.device, 0o666); // QEMU runs as libvirt-qemu
-        }
-      }
+      for (const [i, disk] of disks.entries()) await makeImage(disk, opts.disks[i] as DiskSpec, dir);
       const xmlFile = path.join(dir, 'domain.xml');
       await fsp.writeFile(xmlFile, domain.domainXml());
       await virsh('define', xmlFile);
@@ -259,6 +245,39 @@ export class TestDomain {
       throw err;
     }
     return domain;
+  }
+
+  get disks(): readonly TestDisk[] {
+    return this.diskList;
+  }
+
+  /** Adds a disk to the shut-off domain's definition (virsh attach-disk --config), its image made as create() makes them. */
+  async attachDisk(spec: DiskSpec): Promise<TestDisk> {
+    if (this.running) throw new Error(`${this.name} is running: attachDisk changes the definition of a shut-off domain`);
+    if (spec.block) throw new Error('attachDisk: block disks are not supported');
+    validateDisks([...this.diskList.map((d) => ({ target: d.target, sizeMiB: 1 })), spec]);
+    const format = spec.format ?? 'qcow2';
+    const disk: TestDisk = { target: spec.target, image: path.join(this.dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
+    await makeImage(disk, spec, this.dir);
+    await virsh('attach-disk', this.name, disk.image, disk.target, '--driver', 'qemu', '--subdriver', format, '--targetbus', 'virtio', '--config');
+    this.diskList.push(disk);
+    return disk;
+  }
+
+  /** Removes a disk from the shut-off domain's definition (virsh detach-disk --config); its image stays in the work dir. */
+  async detachDisk(target: string): Promise<void> {
+    if (this.running) throw new Error(`${this.name} is running: detachDisk changes the definition of a shut-off domain`);
+    const disk = this.disk(target);
+    await virsh('detach-disk', this.name, target, '--config');
+    this.diskList = this.diskList.filter((d) => d !== disk);
+  }
+
+  /** Grows a disk of the running domain (virsh blockresize), as an administrator does before growing a guest's file system. */
+  async resizeDisk(target: string, sizeMiB: number): Promise<void> {
+    const disk = this.disk(target);
+    if (!this.running) throw new Error(`${this.name} is not running: resizeDisk goes through virsh blockresize`);
+    await virsh('blockresize', this.name, target, `${sizeMiB}M`);
+    this.diskList = this.diskList.map((d) => (d === disk ? { ...d, sizeBytes: sizeMiB * MiB } : d));
   }
 
   diskPath(target: string): string {
@@ -432,6 +451,23 @@ export class TestDomain {
   </devices>
 </domain>
 `;
+  }
+}
+
+/** Creates a disk's image (its loop device too, for a block disk) and writes its fill. */
+async function makeImage(disk: TestDisk, spec: DiskSpec, dir: string): Promise<void> {
+  await run('qemu-img', ['create', '-q', '-f', disk.format, disk.image, String(disk.sizeBytes)]);
+  await fillImage(disk, spec.fill ?? [], dir);
+  if (spec.backing) {
+    const base = path.join(dir, `${disk.target}.base.${disk.format}`);
+    await fsp.rename(disk.image, base);
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', disk.format, disk.image]);
+  }
+  if (spec.block) {
+    // A block device does not grow: room for every cluster of the disk and qcow2's metadata (sparse).
+    await fsp.truncate(disk.image, disk.sizeBytes + 16 * MiB);
+    disk.device = (await run('losetup', ['-f', '--show', disk.image])).stdout.trim();
+    await fsp.chmod(disk.device, 0o666); // QEMU runs as libvirt-qemu
   }
 }
 

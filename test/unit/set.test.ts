@@ -11,7 +11,7 @@ import { createRequire } from 'node:module';
 import { PassThrough } from 'node:stream';
 import { DigestList } from '../../src/stream/digestList.js';
 import { randomBytes } from 'node:crypto';
-import { backupJobXml, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
+import { backupJobXml, checkpointBitmapDisks, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
 import { parseDomainXml, selectDisks } from '../../src/libvirt/domainXml.js';
 import { qcow2CreateOptions } from '../../src/restore/qemu.js';
 
@@ -45,6 +45,20 @@ test('job and checkpoint XML list unselected disks as not participating', () => 
   assert.match(cpt, /<disk name='vda' checkpoint='bitmap'\/>/);
   assert.match(cpt, /<disk name='vdb' checkpoint='no'\/>/);
   assert.match(cpt, /<parent><name>virtnbdbackup\.0<\/name><\/parent>/);
+});
+
+test('a disk added since the parent checkpoint: found by the checkpoint\'s bitmaps, exported whole in the incremental job', () => {
+  // As libvirt returns a checkpoint: its disks, then a copy of the domain whose <disk> elements must not count.
+  const libvirtXml = `<domaincheckpoint><name>virtnbdbackup.0</name><creationTime>1700000000</creationTime><disks>
+    <disk name='vda' checkpoint='bitmap' bitmap='virtnbdbackup.0'/><disk name='vdc' checkpoint='no'/></disks>
+    <domain type='qemu'><devices><disk type='file' device='disk'><target dev='vdb' bus='virtio'/></disk></devices></domain></domaincheckpoint>`;
+  assert.deepEqual(checkpointBitmapDisks(libvirtXml), ['vda']);
+  assert.deepEqual(checkpointBitmapDisks('<domaincheckpoint><name>x.0</name></domaincheckpoint>'), []);
+  const job = backupJobXml({ socket: '/var/tmp/s' }, 'virtnbdbackup.0', [{ target: 'vda', scratchFile: '/var/tmp/a' }, { target: 'vdb', scratchFile: '/var/tmp/b', full: true }], ['vda', 'vdb']);
+  assert.match(job, /<disk name='vda' backup='yes' type='file'>/);
+  assert.match(job, /<disk name='vdb' backup='yes' type='file' backupmode='full'>/);
+  // A full job exports every disk whole anyway: no per-disk mode.
+  assert.doesNotMatch(backupJobXml({ socket: '/var/tmp/s' }, '', [{ target: 'vdb', scratchFile: '/var/tmp/b', full: true }], ['vdb']), /backupmode/);
 });
 
 const domainXml = `<domain type='qemu'><name>web</name><os><type>hvm</type><loader>/usr/share/OVMF/OVMF_CODE.fd</loader><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os><devices>
