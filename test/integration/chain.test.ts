@@ -234,4 +234,13 @@ test('disks change within a chain: one grown, one attached (saved whole by the n
   assert.equal(refused.code, 1);
   assert.match(refused.stderr, /checkpoint virtnbdbackup\.0 is not in the chain of disk vdb .* \(it has: virtnbdbackup\.1, virtnbdbackup\.2\)/);
 
+  // Another disk attached under vdb's name: the set holds vdb's chain already, so this run is a full of a new chain.
+  await dom.stop();
+  await dom.attachDisk({ target: 'vdb', sizeMiB: 16, fill: [{ pattern: 0x88, offsetMiB: 0, lengthMiB: 1 }] });
+  await dom.start();
+  const c4 = await dom.snapshot('vdb');
+  const again = await backup(dom, set, 'inc');
+  assert.match(again, /disk vdb of '\S+' has no bitmap of checkpoint virtnbdbackup\.3 \(attached anew since\), and the set already holds a chain of a disk vdb \(vdb\.full\.data\): an incremental backup would be wrong, so this run makes a full backup instead/);
+  await assertPoint(work, archivedChain(again), a3);
+  await restoreAll(undefined, { vda: [a3, 128], vdb: [c4, 16] });
 });
