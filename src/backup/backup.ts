@@ -17,7 +17,7 @@ import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
-import { lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
+import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
@@ -38,7 +38,7 @@ export type { DiskResult } from './diskBackup.js';
 
 export interface BackupOptions {
   domain: string;
-  /** libvirt URI, default qemu:///system. */
+  /** libvirt URI, default DEFAULT_LIBVIRT_URI. */
   uri?: string;
   /** --user/--password: a login for a libvirtd that asks for one. */
   login?: LibvirtLogin;
@@ -186,7 +186,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       throw new UserError(`cannot create output directory ${stateDir}: ${describeFailure(err)}`);
     });
   }
-  const host = domainHostOf(options.uri ?? 'qemu:///system', options.sshUser);
+  const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser);
   const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir, host.remote ? host.hostname : undefined);
   try {
     if (!toZip && writesSet) await checkSet(stateDir, level);
@@ -197,7 +197,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
 }
 
 async function backupLocked(options: BackupOptions, log: Logger, level: Level, stateDir: string, toZip: boolean, writesSet: boolean, host: DomainHost): Promise<BackupResult> {
-  const uri = options.uri ?? 'qemu:///system';
+  const uri = options.uri ?? DEFAULT_LIBVIRT_URI;
   const startedAt = new Date();
   const logName = logFileName(level, startedAt);
   if (writesSet) log.attachFile(path.join(stateDir, logName));
@@ -439,7 +439,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   let failed = true;
   const controller = new AbortController();
   let scratch: ScratchWatch | undefined;
-  const guard = ctx.power.offline ? undefined : guardJob(options.uri ?? 'qemu:///system', options.domain, ctx.host.remote ? undefined : socketOf(options));
+  const guard = ctx.power.offline ? undefined : guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options));
   try {
     if (!ctx.power.offline) scratch = watchScratch(ctx.host, scratchDirOf(options), options.domain, ctx.toZip ? undefined : ctx.stateDir, log, (err) => controller.abort(err));
     const results: DiskResult[] = [];

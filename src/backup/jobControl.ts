@@ -2,7 +2,7 @@
 // backup job left running (-k/--killonly, e.g. after -s/--startonly). Guarantees: only a backup job is ever ended.
 import fs from 'node:fs/promises';
 import { VIR_DOMAIN_JOB_OPERATION_BACKUP, type LibvirtDomain } from '../native/addon.js';
-import { lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
+import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { waitForJobTeardown } from '../libvirt/backupJob.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -26,7 +26,7 @@ export interface EndJobOptions {
 /** Ends the domain's running backup job; refuses when there is none, or when the job is not a backup. */
 export async function endBackupJob(options: EndJobOptions): Promise<void> {
   const log = options.log ?? silentLogger;
-  const uri = options.uri ?? 'qemu:///system';
+  const uri = options.uri ?? DEFAULT_LIBVIRT_URI;
   const conn = await openLibvirt(uri, options.login);
   try {
     const domain = await lookupDomain(conn, options.domain, uri);

@@ -5,7 +5,7 @@ import { backup, type BackupResult } from '../backup/backup.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR } from '../endpoint/nbd.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
-import type { LibvirtLogin } from '../libvirt/connection.js';
+import { DEFAULT_LIBVIRT_URI, type LibvirtLogin } from '../libvirt/connection.js';
 import { UserError } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
 import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, VERSION } from './common.js';
@@ -33,7 +33,7 @@ const argv = parseFlags('virtnbdbackup', withLoginFlags(yargs(hideBin(process.ar
   .option('strict', { alias: 'e', type: 'boolean', default: false, describe: 'Exit with code 2 when warnings occurred' })
   .option('sparse-detection', { type: 'boolean', default: true, describe: 'inc/diff: save changed ranges that now read as zero as zero frames (--no-sparse-detection: as data)' })
   .option('threshold', { alias: 'T', type: 'number', describe: 'Back up (inc/diff) only when at least this many bytes changed' })
-  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI; a remote one (qemu+ssh://user@host/system) backs up a domain of that host over TCP' })
+  .option('uri', { alias: 'U', type: 'string', default: DEFAULT_LIBVIRT_URI, describe: 'libvirt connection URI; a remote one (qemu+ssh://user@host/system) backs up a domain of that host over TCP' })
   .option('nbd-port', { alias: 'P', type: 'number', default: DEFAULT_NBD_PORT, describe: 'Remote domains: TCP port of the backup job\'s NBD server' })
   .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Remote domains: address the NBD server binds and is reached at (default: the URI\'s host)' })
   .option('tls', { type: 'boolean', default: false, describe: 'Remote domains: NBD over TLS (the host\'s libvirt must serve TLS)' })

@@ -6,6 +6,7 @@ import { verifySet } from '../verify/verify.js';
 import { domainHostOf, tcpServerOn } from '../libvirt/domainHost.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
+import { DEFAULT_LIBVIRT_URI } from '../libvirt/connection.js';
 import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, VERSION, withLogFile } from './common.js';
 
 const argv = parseFlags('virtnbdrestore', withLoginFlags(yargs(hideBin(process.argv)))
@@ -27,7 +28,7 @@ const argv = parseFlags('virtnbdrestore', withLoginFlags(yargs(hideBin(process.a
   .option('buffsize', { alias: 'B', type: 'number', describe: 'Accepted for compatibility; verify reads 4 MiB at a time' })
   .option('preallocate', { alias: 'A', type: 'boolean', default: false, describe: 'Preallocate restored images (metadata for qcow2, falloc for raw)' })
   .option('compress', { type: 'boolean', default: false, describe: 'Write restored qcow2 images with compressed clusters' })
-  .option('uri', { alias: 'U', type: 'string', default: 'qemu:///system', describe: 'libvirt connection URI for -D; a remote one (qemu+ssh://user@host/system) restores onto that host: -o is a directory, raw file or block device there' })
+  .option('uri', { alias: 'U', type: 'string', default: DEFAULT_LIBVIRT_URI, describe: 'libvirt connection URI for -D; a remote one (qemu+ssh://user@host/system) restores onto that host: -o is a directory, raw file or block device there' })
   .option('nbd-port', { alias: 'P', type: 'number', describe: `Onto another host: TCP port of its qemu-nbd (default ${DEFAULT_NBD_PORT})` })
   .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Onto another host: address its qemu-nbd binds and is reached at (default: the URI\'s host)' })
   .option('ssh-user', { type: 'string', describe: 'Onto another host: ssh user (default: the URI\'s user, else root)' })

@@ -3,6 +3,9 @@ import { native, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_UNAVA
 import { UserError, oneLine } from '../util/errors.js';
 import { LOCAL_HOST, domainHostOf } from './domainHost.js';
 
+/** The libvirt URI every command uses without -U, as virtnbdbackup does: this host's system daemon. */
+export const DEFAULT_LIBVIRT_URI = 'qemu:///system';
+
 /** A libvirt login (--user/--password), for a daemon that asks for one (SASL on qemu+tcp://). */
 export interface LibvirtLogin {
   user: string;

@@ -17,7 +17,7 @@ import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
 import { autostartName, listSet, type ChainLink } from '../set/backupSet.js';
-import { connectAdvice, loginRefused, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
+import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, native, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
@@ -46,7 +46,7 @@ export interface RestoreOptions extends PlanOptions {
   define?: boolean;
   /** -N: name of the restored domain; default restore_<name>. */
   name?: string;
-  /** libvirt URI for `define`; default qemu:///system. */
+  /** libvirt URI for `define`; default DEFAULT_LIBVIRT_URI. */
   uri?: string;
   /** --user/--password: a login for a libvirtd that asks for one. */
   login?: LibvirtLogin;
@@ -98,7 +98,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const adjust = Boolean(options.adjustConfig || options.define);
   const plan = await planRestore({ ...options, log });
   const config = await planConfig(plan, options, adjust, log);
-  const uri = options.uri ?? 'qemu:///system';
+  const uri = options.uri ?? DEFAULT_LIBVIRT_URI;
   // The name is checked now, before anything is written; the define connects at the end, so a libvirtd restarted
   // while the images are written does not fail the run.
   if (options.define) await checkNameFree(uri, options.login, config?.adjusted?.name as string);
