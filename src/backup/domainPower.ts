@@ -26,7 +26,9 @@ export class DomainPower {
     try {
       await domain.create(VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_AUTODESTROY);
     } catch (err) {
-      throw new UserError(`cannot start domain '${domain.name()}' paused for the backup (-S): ${oneLine(err)}`);
+      // libvirt cannot start QEMU without virtlogd, which takes its output; its message names only a socket.
+      const hint = /virtlogd/.test(oneLine(err)) ? '; virtlogd, which keeps QEMU\'s log, is not running: start it (systemctl start virtlogd)' : '';
+      throw new UserError(`cannot start domain '${domain.name()}' paused for the backup (-S): ${oneLine(err)}${hint}`);
     }
     log.info(`started shut-off domain '${domain.name()}' paused for the backup; it is stopped again afterwards`);
     return new DomainPower(domain, false, true, log);

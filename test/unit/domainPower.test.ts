@@ -83,3 +83,13 @@ test('no agent channel: nothing frozen, a debug line, or a warning when -F asked
   assert.match(log.lines[0] ?? '', /^debug domain 'guest' has no QEMU guest agent channel/);
   assert.match(log.lines[1] ?? '', /^warn domain 'guest' has no QEMU guest agent channel/);
 });
+
+test('-S on a host whose virtlogd is not running: one line saying to start it', async () => {
+  const stopped: Partial<LibvirtDomain> = {
+    name: () => 'guest',
+    isActive: async () => false,
+    create: async () => { throw new Error("Failed to connect socket to '/run/libvirt/virtlogd-sock': No such file or directory"); },
+  };
+  await assert.rejects(DomainPower.prepare(stopped as LibvirtDomain, true, new RecordingLog()),
+    /^UserError: cannot start domain 'guest' paused for the backup \(-S\): Failed to connect socket to '\/run\/libvirt\/virtlogd-sock': No such file or directory; virtlogd, which keeps QEMU's log, is not running: start it \(systemctl start virtlogd\)$/);
+});
