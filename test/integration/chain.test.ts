@@ -3,7 +3,8 @@
 // interleave without harm, a foreign checkpoint is left alone with a warning (-e: exit 2), and a chain whose
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
-// lost becomes a full, the old chain archived; disks grown, attached and detached within a chain.
+// lost becomes a full, the old chain archived; disks grown, attached and detached within a chain; an external
+// snapshot taken and committed back within a chain.
 // Every point of every set is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -243,4 +244,36 @@ test('disks change within a chain: one grown, one attached (saved whole by the n
   assert.match(again, /disk vdb of '\S+' has no bitmap of checkpoint virtnbdbackup\.3 \(attached anew since\), and the set already holds a chain of a disk vdb \(vdb\.full\.data\): an incremental backup would be wrong, so this run makes a full backup instead/);
   await assertPoint(work, archivedChain(again), a3);
   await restoreAll(undefined, { vda: [a3, 128], vdb: [c4, 16] });
+});
+
+test('an external snapshot taken within a chain and committed back: the incs go on across both, every point restores bit for bit, ours and Python', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'external-snapshot-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x22, '1M', '1M');
+  // libvirt copies the checkpoints' bitmaps into the overlay, which the domain writes to from now on.
+  const overlay = path.join(dom.dir, 'vda.overlay.qcow2');
+  virsh('snapshot-create-as', dom.name, 'before-update', '--disk-only', '--atomic', '--no-metadata', '--diskspec', `vda,file=${overlay}`);
+  await dom.write('vda', 0x33, '3M', '1M');
+  // The fixture's snapshot() reads the disk's own image, which is the overlay's backing file now.
+  await dom.flush('vda');
+  const p1 = path.join(work, 'p1.raw');
+  await run('qemu-img', ['convert', '-U', '-O', 'raw', overlay, p1]);
+  await backup(dom, set, 'inc');
+  virsh('blockcommit', dom.name, 'vda', '--active', '--pivot', '--wait');
+  await dom.write('vda', 0x44, '5M', '1M');
+  const p2 = await dom.snapshot('vda');
+  await backup(dom, set, 'inc');
+  // A restored image is named after the disk's image at that point: the overlay's name at checkpoint 1.
+  for (const [until, reference, image] of [['virtnbdbackup.1', p1, 'vda.overlay.qcow2'], ['virtnbdbackup.2', p2, 'vda.qcow2']] as const) {
+    const out = path.join(work, `ours-${until}`);
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '--until', until]);
+    const result = await TestDomain.compare(path.join(out, image), reference);
+    assert.ok(result.identical, `${until}: ${result.output}`);
+  }
+  const py = path.join(work, 'python');
+  await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py]);
+  const result = await TestDomain.compare(path.join(py, 'vda.qcow2'), p2);
+  assert.ok(result.identical, result.output);
 });
