@@ -30,7 +30,7 @@ import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
 import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
-import { scratchLocation, watchScratch, type ScratchWatch } from './scratchWatch.js';
+import { checkScratchSpace, scratchLocation, watchScratch, type ScratchWatch } from './scratchWatch.js';
 import { guardJob } from './jobGuard.js';
 import type { RunContext } from './context.js';
 
@@ -401,6 +401,7 @@ async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports
   const { options, disks } = ctx;
   if (!ctx.host.remote) await fs.rm(socketOf(options), { force: true });
   if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
+  if (!ctx.host.remote) await checkScratchSpace(scratchDirOf(options), options.domain);
   let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
   for (let attempt = 1; ; attempt++) {
     try {

@@ -3,7 +3,8 @@
 // and when it is full QEMU fails the guest's writes (QEMU 7's copy-before-write breaks the guest, not the backup:
 // seen here as "write failed: No space left on device" inside the domain). Guarantees: once the free space falls
 // below the margin, the run is stopped (so the job ends and the guest writes as before) with one line saying why
-// and what to do; the looks come every 100 ms, off the copy's path, and end with stop().
+// and what to do; the looks come every 100 ms, off the copy's path, and end with stop(). A job is not started with
+// less than MIN_SCRATCH_FREE free there (checkScratchSpace; another host's is stopped at the watch's first look).
 import fs from 'node:fs/promises';
 import readline from 'node:readline';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
@@ -14,6 +15,11 @@ const MiB = 1024 * 1024;
 const LOOK_EVERY_MS = 100;
 /** The free space kept: a quarter of what was free at the start, at most this. */
 const MAX_MARGIN = 256 * MiB;
+/**
+ * Less free space than this at the start, and a job is not started (another host's: stopped at the first look).
+ * Guest writes would fill it between two looks: with 1 MiB free, a guest write failed before the first look.
+ */
+export const MIN_SCRATCH_FREE = 64 * MiB;
 /** How long another host may take to give the first figure. */
 const REMOTE_START_MS = 15_000;
 
@@ -81,6 +87,19 @@ function mib(bytes: number): string {
   return `${Math.round(bytes / MiB)} MiB`;
 }
 
+function tooLittleSpace(where: string, free: number, domain: string): UserError {
+  return new UserError(`the scratch directory ${where} has only ${mib(free)} free, less than the ${mib(MIN_SCRATCH_FREE)} a backup job of '${domain}' starts with: guest writes during the backup keep the old data there, and QEMU fails the guest's writes once it is full; give --scratchdir a directory with more free space, or free space there`);
+}
+
+/**
+ * Refuses to start a job whose scratch directory (on this host) has less than MIN_SCRATCH_FREE free. A directory
+ * that cannot be looked at is left to the job's start, which names the problem.
+ */
+export async function checkScratchSpace(dir: string, domain: string): Promise<void> {
+  const free = await localFreeSpace(dir).read().catch(() => undefined);
+  if (free !== undefined && free < MIN_SCRATCH_FREE) throw tooLittleSpace(dir, free, domain);
+}
+
 /**
  * Starts watching `dir` on `host`, without holding up the caller (another host's first figure takes an ssh
  * handshake); `onNearlyFull` gets the error to stop the run with, once. `output`: the set's directory (this host),
@@ -99,6 +118,11 @@ export function watchScratch(host: DomainHost, dir: string, domain: string, outp
     space = host.remote ? await remoteFreeSpace(host, dir) : localFreeSpace(dir);
     if (stopped) return stop();
     const atStart = await space.read();
+    // Another host's first figure comes after its job started (this host's was checked before).
+    if (atStart < MIN_SCRATCH_FREE && !stopped) {
+      stop();
+      return onNearlyFull(tooLittleSpace(scratchLocation(host, dir), atStart, domain));
+    }
     const margin = Math.min(MAX_MARGIN, Math.floor(atStart / 4));
     const shared = !host.remote && output !== undefined && (await sameFileSystem(dir, output));
     const why = shared

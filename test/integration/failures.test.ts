@@ -256,6 +256,13 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
   const holding = setTimeout(() => undefined, 10_000);
   const message = (await stopped.finally(() => clearTimeout(holding))).message;
   assert.match(message, /: it keeps the old data of guest writes during the backup, and the backup set \S+ grows on the same file system, .+; give --scratchdir a directory on another file system, or free space$/);
+
+  // With less than 64 MiB free from the start, guest writes would fill it between two looks: no job is started.
+  const refused = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', path.join(out, 'again'), '-n', '-f', socket, '--scratchdir', scratch]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(refused.stderr, new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} has only \\d+ MiB free, less than the 64 MiB a backup job of '${dom.name}' starts with: .+; give --scratchdir a directory with more free space, or free space there$`, 'm'));
+  await assertCleanDomain(dom, socket);
+  assert.deepEqual((await fs.readdir(path.join(out, 'again')).catch(() => [])).filter((f) => f.includes('.data')), []);
 });
 
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {

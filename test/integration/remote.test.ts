@@ -210,6 +210,14 @@ test('the scratch directory on the remote host filling up with guest writes stop
   assert.match(r.stderr, new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} on root@127\\.0\\.0\\.1 is nearly full \\(\\d+ MiB of \\d+ MiB left\\): guest writes during the backup keep the old data there, .+; give --scratchdir a directory with more free space`, 'm'));
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
   assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
+
+  // Less than 64 MiB free from the start: the first look, right after the job's start, stops it.
+  await fs.writeFile(path.join(scratch, 'filler'), Buffer.alloc(220 * 1024 * 1024));
+  const early = await runCli(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', `${set}-again`, '-U', sshd.libvirtUri, '-P', String(await freePort()), '--scratchdir', scratch]);
+  assert.equal(early.code, 1, early.stderr);
+  assert.match(early.stderr, new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} on root@127\\.0\\.0\\.1 has only \\d+ MiB free, less than the 64 MiB a backup job of '${dom.name}' starts with: .+; give --scratchdir a directory with more free space, or free space there$`, 'm'));
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
 });
 
 test('remote boot files (loader, nvram, kernel, initrd) come through ssh into the set', async (t) => {
