@@ -250,6 +250,7 @@ Napi::Function LibvirtDomain::Define(Napi::Env env) {
                          InstanceMethod<&LibvirtDomain::Name>("name"),
                          InstanceMethod<&LibvirtDomain::GetXMLDesc>("getXMLDesc"),
                          InstanceMethod<&LibvirtDomain::IsActive>("isActive"),
+                         InstanceMethod<&LibvirtDomain::HasManagedSaveImage>("hasManagedSaveImage"),
                          InstanceMethod<&LibvirtDomain::GetState>("getState"),
                          InstanceMethod<&LibvirtDomain::GetAutostart>("getAutostart"),
                          InstanceMethod<&LibvirtDomain::SetAutostart>("setAutostart"),
@@ -305,6 +306,10 @@ Napi::Value LibvirtDomain::GetXMLDesc(const Napi::CallbackInfo& info) {
 
 Napi::Value LibvirtDomain::IsActive(const Napi::CallbackInfo& info) {
   return Call<int>(info, [](virDomainPtr d, int& out) { return out = virDomainIsActive(d); }, BoolValue);
+}
+
+Napi::Value LibvirtDomain::HasManagedSaveImage(const Napi::CallbackInfo& info) {
+  return Call<int>(info, [](virDomainPtr d, int& out) { return out = virDomainHasManagedSaveImage(d, 0); }, BoolValue);
 }
 
 Napi::Value LibvirtDomain::GetState(const Napi::CallbackInfo& info) {

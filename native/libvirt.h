@@ -55,6 +55,7 @@ class LibvirtDomain : public Napi::ObjectWrap<LibvirtDomain> {
   Napi::Value Name(const Napi::CallbackInfo& info);
   Napi::Value GetXMLDesc(const Napi::CallbackInfo& info);
   Napi::Value IsActive(const Napi::CallbackInfo& info);
+  Napi::Value HasManagedSaveImage(const Napi::CallbackInfo& info);
   Napi::Value GetState(const Napi::CallbackInfo& info);
   Napi::Value GetAutostart(const Napi::CallbackInfo& info);
   Napi::Value SetAutostart(const Napi::CallbackInfo& info);

@@ -317,7 +317,7 @@ function resultOf(ctx: RunContext, plan: RunPlan): BackupResult {
 
 async function estimate(ctx: RunContext, plan: RunPlan): Promise<number> {
   if (ctx.power.offline) {
-    throw new UserError(`domain '${ctx.options.domain}' is shut off: libvirt estimates sizes only with QEMU running; add -S/--start-domain`);
+    throw new UserError(`domain '${ctx.options.domain}' is shut off: libvirt estimates sizes only with QEMU running; run ${ctx.power.runningAdvice}`);
   }
   // libvirt counts changes on the disks the checkpoint has bitmaps on; an added disk goes whole into the next inc.
   for (const target of plan.addedDisks) ctx.log.info(`disk ${target} was added since ${plan.checkpoint.parent}: the next inc saves it whole, which this estimate leaves out`);

@@ -4,6 +4,9 @@
 // job starts (checkpoint and export are then taken with the guest stopped) and resumed right after. With a QEMU
 // guest agent, the guest's filesystems are frozen while the job starts (-F: only those mount points), as
 // virtnbdbackup does, so the backup holds them in a consistent state; without one it is crash-consistent.
+// A domain whose RAM libvirt saved (virsh managedsave, libvirt-guests at host shutdown) is not started by -S: a
+// start would resume the saved guest, and the stop after the backup would lose what it held in memory; it is
+// backed up shut off, from its images, which stay untouched for its resume.
 // Guarantees: finish() returns the domain to the state it was found in, also after errors and signals; what was
 // frozen is thawed once the job has started or failed to.
 import { VIR_DOMAIN_RUNNING, VIR_DOMAIN_START_AUTODESTROY, VIR_DOMAIN_START_PAUSED, type LibvirtDomain } from '../native/addon.js';
@@ -18,11 +21,24 @@ export class DomainPower {
     /** We started it (-S) and stop it in finish(). */
     readonly started: boolean,
     private readonly log: Logger,
+    /** Shut off with its RAM saved (managed save image): -S leaves it so. */
+    readonly saved = false,
   ) {}
+
+  /** Where a run that creates checkpoints can be had, for messages: -S, or for a saved guest its resume. */
+  get runningAdvice(): string {
+    return this.saved
+      ? 'while the domain runs (virsh start resumes its saved state; -S does not start a saved domain)'
+      : 'with -S/--start-domain or while the domain runs';
+  }
 
   static async prepare(domain: LibvirtDomain, startDomain: boolean, log: Logger): Promise<DomainPower> {
     if (await domain.isActive()) return new DomainPower(domain, false, false, log);
-    if (!startDomain) return new DomainPower(domain, true, false, log);
+    if (!startDomain) return new DomainPower(domain, true, false, log, await domain.hasManagedSaveImage());
+    if (await domain.hasManagedSaveImage()) {
+      log.warn(`domain '${domain.name()}' is shut off with its memory saved (virsh managedsave, or libvirt-guests at host shutdown): -S would resume the saved guest and stop it after the backup, losing what it held in memory, so it is backed up shut off, from its images, which stay as they are`);
+      return new DomainPower(domain, true, false, log, true);
+    }
     try {
       await domain.create(VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_AUTODESTROY);
     } catch (err) {

@@ -79,7 +79,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const { options, log, domain, power } = ctx;
   let level = requested;
   if (power.offline && level === 'full') {
-    log.warn(`domain '${options.domain}' is shut off: libvirt cannot create checkpoints without QEMU, so this full backup is a copy (no chain); use -S/--start-domain to start a chain`);
+    log.warn(`domain '${options.domain}' is shut off: libvirt cannot create checkpoints without QEMU, so this full backup is a copy (no chain); back it up ${power.runningAdvice} to start a chain`);
     level = 'copy';
   }
   const cptFile = path.join(ctx.stateDir, checkpointListName(options.domain));
@@ -97,7 +97,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const added = await disksAddedSince(ctx, parent, level);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
   if (power.offline && added.added.length > 0) {
-    throw new UserError(`disk ${added.added.join(', ')} of '${options.domain}' was added since checkpoint ${parent}: its chain starts with a checkpoint, which libvirt cannot create while the domain is shut off; run again with -S/--start-domain or while the domain runs (that inc saves it whole)`);
+    throw new UserError(`disk ${added.added.join(', ')} of '${options.domain}' was added since checkpoint ${parent}: its chain starts with a checkpoint, which libvirt cannot create while the domain is shut off; run again ${power.runningAdvice} (that inc saves it whole)`);
   }
   const bitmaps = power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent)).join('; ') : '';
   if (bitmaps) return fallBackToFull(ctx, prefix, bitmaps);
@@ -133,7 +133,7 @@ export async function fallBackToFull(ctx: RunContext, prefix: string, problem: s
   const { options, log } = ctx;
   if (options.printOnly || options.startOnly) throw new UserError(`${problem}; the next backup will be a full one`);
   if (ctx.power.offline) {
-    throw new UserError(`${problem}: an incremental backup would be wrong, and a shut-off domain cannot start a new chain; run again with -S/--start-domain (it then makes a full backup) or while the domain runs`);
+    throw new UserError(`${problem}: an incremental backup would be wrong, and a shut-off domain cannot start a new chain; run again ${ctx.power.runningAdvice} (it then makes a full backup)`);
   }
   const archive = await archiveChain(ctx.stateDir, await chainFiles(ctx), new Date());
   log.warn(`${problem}: an incremental backup would be wrong, so this run makes a full backup instead; the set's previous chain was moved to ${archive} and restores from there`);

@@ -60,6 +60,8 @@ export interface LibvirtDomain {
   name(): string;
   getXMLDesc(flags: number): Promise<string>;
   isActive(): Promise<boolean>;
+  /** virDomainHasManagedSaveImage: the shut-off domain's RAM is saved (virsh managedsave), and a start resumes it. */
+  hasManagedSaveImage(): Promise<boolean>;
   /** virDomainGetState: [state, reason]. */
   getState(): Promise<[number, number]>;
   getAutostart(): Promise<boolean>;

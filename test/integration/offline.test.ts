@@ -1,7 +1,8 @@
 // Backups of shut-off domains on real libvirt/QEMU: qemu-nbd exports of the images (full becomes copy, inc saves
 // the changes since the last checkpoint as a diff), -S/--start-domain (started paused, stopped again), a bitmap
-// removed from the image while the domain was off (refused offline, a full fallback with -S), and the domain's
-// boot files and autostart flag. Every point is restored and compared bit for bit.
+// removed from the image while the domain was off (refused offline, a full fallback with -S), a domain with its
+// memory saved (managedsave), which -S does not start, and the domain's boot files and autostart flag. Every point
+// is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -85,6 +86,34 @@ test('-S starts a shut-off domain paused and stops it again; a bitmap removed wh
   await assertRestores(work, set, p2);
   await assertRestores(work, archived, p1);
   await assertRestores(work, archived, p0, 'virtnbdbackup.0');
+});
+
+test('a domain shut off with its memory saved (managedsave): -S backs it up from its images without starting it, and it resumes afterwards', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'saved-');
+  const set = path.join(work, 'set');
+  await backup('-d', dom.name, '-l', 'full', '-o', set);
+  await dom.write('vda', 0x66, '2M', '1M');
+  const p1 = await dom.snapshot('vda');
+  // As libvirt-guests does at host shutdown with ON_SHUTDOWN=suspend.
+  virsh('managedsave', dom.name);
+  const saved = (): void => {
+    assert.match(virsh('domstate', dom.name, '--reason'), /shut off \(saved\)/);
+    assert.match(virsh('dominfo', dom.name), /Managed save:\s+yes/);
+  };
+  saved();
+  // Started, the saved guest would resume, and the stop after the backup would lose its memory.
+  const inc = await backup('-d', dom.name, '-l', 'inc', '-S', '-o', set);
+  assert.match(inc.stderr, /warning: domain '\S+' is shut off with its memory saved \(virsh managedsave, or libvirt-guests at host shutdown\): -S would resume the saved guest .+, so it is backed up shut off, from its images, which stay as they are/);
+  assert.match(inc.stderr, /saves the changes since virtnbdbackup\.0 as a differential backup/);
+  saved();
+  await assertRestores(work, set, p1);
+  const copy = await backup('-d', dom.name, '-l', 'full', '-S', '-o', path.join(work, 'copy'));
+  assert.match(copy.stderr, /this full backup is a copy \(no chain\); back it up while the domain runs \(virsh start resumes its saved state; -S does not start a saved domain\) to start a chain/);
+  assert.ok((await fs.readdir(path.join(work, 'copy'))).includes('vda.copy.data'));
+  saved();
+  virsh('start', dom.name);
+  assert.match(virsh('domstate', dom.name, '--reason'), /running \(restored\)/);
 });
 
 test('boot files (loader, nvram, kernel, initrd) and the autostart flag are saved with the backup', async (t) => {

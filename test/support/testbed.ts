@@ -572,7 +572,7 @@ function virsh(...args: string[]): Promise<CliResult> {
 function removalCommands(name: string): string[][] {
   return [
     ['-c', LIBVIRT_URI, 'destroy', name],
-    ['-c', LIBVIRT_URI, 'undefine', '--checkpoints-metadata', '--nvram', name],
+    ['-c', LIBVIRT_URI, 'undefine', '--checkpoints-metadata', '--nvram', '--managed-save', name],
   ];
 }
 const DOMAIN_ALREADY_GONE = /not running|failed to get domain|domain not found|no domain with matching/i;
