@@ -58,7 +58,10 @@ function planFor(level: Level, chain: string[], prefix: string): RunPlan {
  * set that already holds a base of that disk (detached, then another attached under its name) cannot take another.
  */
 async function disksAddedSince(ctx: RunContext, parent: string, level: Level): Promise<{ added: string[]; problem?: string }> {
-  const bitmaps = new Set(checkpointBitmapDisks(await ctx.domain.checkpointGetXMLDesc(parent, 0)));
+  // Unreadable, it tells nothing: the job's start then names a missing bitmap, which falls back to a full.
+  const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
+  if (xml === undefined) return { added: [] };
+  const bitmaps = new Set(checkpointBitmapDisks(xml));
   const added = ctx.disks.filter((d) => d.format !== 'raw' && !bitmaps.has(d.target)).map((d) => d.target);
   if (added.length === 0) return { added };
   const named = `disk${added.length > 1 ? 's' : ''} ${added.join(', ')}`;
