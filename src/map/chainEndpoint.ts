@@ -38,9 +38,9 @@ export class ChainEndpoint implements Endpoint {
     private readonly cache: FrameCache,
   ) {}
 
-  /** Size of the disk (virtualSize of the streams). */
+  /** Size of the disk at the last file's point in time (a disk grown within the chain has the newest size). */
   get size(): number {
-    return (this.links[0] as ChainLink).meta.virtualSize;
+    return (this.links[this.links.length - 1] as ChainLink).meta.virtualSize;
   }
 
   /** Checks and indexes `files` (base first); errors are one-line UserErrors naming the file. */
@@ -181,8 +181,9 @@ function checkSequence(links: readonly ChainLink[]): void {
   }
   for (const link of links.slice(1)) {
     if (!link.meta.incremental) throw new UserError(`${link.path} is a full or copy backup: only the first file of the sequence may be one`);
-    if (link.meta.diskName !== base.meta.diskName || link.meta.virtualSize !== base.meta.virtualSize) {
-      throw new UserError(`${link.path} is a backup of disk ${link.meta.diskName} (${link.meta.virtualSize} bytes), not of ${base.meta.diskName} (${base.meta.virtualSize} bytes) like ${base.path}`);
+    // The size may differ: a disk grown (virsh blockresize) within the chain.
+    if (link.meta.diskName !== base.meta.diskName) {
+      throw new UserError(`${link.path} is a backup of disk ${link.meta.diskName}, not of ${base.meta.diskName} like ${base.path}`);
     }
   }
   try {

@@ -13,6 +13,7 @@ import path from 'node:path';
 import { TestDomain, run, withDomain, withTempDir } from '../support/testbed.js';
 import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
 import { assertRestoresTo as assertPoint, virsh } from '../support/points.js';
+import { startMap } from '../support/map.js';
 
 const checkpoints = (dom: TestDomain): string[] => virsh('checkpoint-list', dom.name, '--name').split('\n').map((l) => l.trim()).filter(Boolean).sort();
 const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
@@ -170,7 +171,7 @@ test('an inc whose parent checkpoint lost its bitmap in the image falls back to 
   await assertPoint(work, set, p2);
 });
 
-test('disks change within a chain: one grown, one attached (saved whole by the next inc, then by incs), one detached; every point restores with the disks and sizes it had, ours and Python', async (t) => {
+test('disks change within a chain: one grown, one attached (saved whole by the next inc, then by incs), one detached; every point restores (and maps) with the disks and sizes it had, ours and Python', async (t) => {
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'disks-change-');
   const set = path.join(work, 'set');
@@ -231,6 +232,16 @@ test('disks change within a chain: one grown, one attached (saved whole by the n
   assert.match(await restoreAll('virtnbdbackup.3', { vda: [a3, 128] }), /disk vdb is left out of the restore at virtnbdbackup\.3: its backups end at checkpoint virtnbdbackup\.2 \(vdb\.inc\.virtnbdbackup\.2\.data\), before virtnbdbackup\.3: it was removed/);
   // Without --until, every disk the set holds, each at its newest.
   await restoreAll(undefined, { vda: [a3, 128], vdb: [b2, 32] });
+  // virtnbdmap serves the grown disk at its size then, and the attached one from its whole first backup.
+  for (const [name, files, reference, sizeMiB] of [['grown', ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], a1, 128], ['attached', ['vdb.full.data'], b1, 32]] as const) {
+    const map = await startMap(t, work, name, files.map((f) => path.join(set, f)), ['-r']);
+    const copy = path.join(work, `${name}.raw`);
+    await run('nbdcopy', [map.uris[0], copy]);
+    assert.equal((await fs.stat(copy)).size, sizeMiB * 1024 * 1024, name);
+    const result = await TestDomain.compare(copy, reference);
+    assert.ok(result.identical, `${name}: ${result.output}`);
+    await map.stop();
+  }
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'refused'), '-d', 'vdb', '--until', 'virtnbdbackup.0']);
   assert.equal(refused.code, 1);
   assert.match(refused.stderr, /checkpoint virtnbdbackup\.0 is not in the chain of disk vdb .* \(it has: virtnbdbackup\.1, virtnbdbackup\.2\)/);

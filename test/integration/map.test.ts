@@ -3,7 +3,7 @@
 // same point; nbdinfo --map; nbdcopy with 4 connections; a second TCG domain booted on a qcow2 overlay whose
 // backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
 // one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next.
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -11,7 +11,8 @@ import path from 'node:path';
 import { CONTEXT_ALLOCATION } from '../../src/endpoint/endpoint.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
 import { TestDomain, assertPattern, run, withDomain, withTempDir, type DiskSpec } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
+import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { startMap } from '../support/map.js';
 import { MemoryDisk, craftStream } from '../support/craftedSet.js';
 
 const MiB = 1024 * 1024;
@@ -23,55 +24,6 @@ const DISK = {
   ],
 } as const satisfies DiskSpec;
 
-interface RunningMap {
-  /** nbd+unix:// URI, then nbd:// URI. */
-  uris: [string, string];
-  socket: string;
-  /** SIGINT, then the exit; throws unless it exits 0. */
-  stop: () => Promise<CliResult>;
-  /** SIGKILL, as a crash would end it: nothing of it cleans up. */
-  kill: () => Promise<void>;
-}
-
-/** Starts bin/virtnbdmap on `files` with its socket in `dir`; stopped (SIGINT, else SIGKILL) when the test ends. */
-async function startMap(t: TestContext, dir: string, name: string, files: string[], extra: string[] = []): Promise<RunningMap> {
-  const socket = path.join(dir, `${name}.sock`);
-  const { child, done } = startCli(ourBin('virtnbdmap'), [
-    '-f', files.join(','), '--socket', socket, '-p', '0', '-L', path.join(dir, `${name}.log`), '--overlay-dir', dir, '--nocolor',
-    ...(extra.includes('-d') ? [] : ['-d', '']), ...extra,
-  ]);
-  t.after(async () => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    child.kill('SIGINT');
-    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-    await done;
-    clearTimeout(timer);
-  });
-  // The URIs are the first two lines on stdout once it serves.
-  let printed = '';
-  child.stdout?.on('data', (d: Buffer) => { printed += d.toString(); });
-  const deadline = Date.now() + 15_000;
-  while (printed.split('\n').length < 3) {
-    if (child.exitCode !== null) throw new Error(`virtnbdmap ${name} exited ${child.exitCode}: ${(await done).stderr}`);
-    if (Date.now() > deadline) throw new Error(`virtnbdmap ${name} printed no URIs within 15 s`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  await fs.access(socket);
-  return {
-    uris: printed.trim().split('\n') as [string, string],
-    socket,
-    stop: async () => {
-      child.kill('SIGINT');
-      const result = await done;
-      assert.equal(result.code, 0, `virtnbdmap ${name} did not exit cleanly: ${result.stderr}`);
-      return result;
-    },
-    kill: async () => {
-      child.kill('SIGKILL');
-      await done;
-    },
-  };
-}
 
 async function assertSameAs(uri: string, image: string, what: string): Promise<void> {
   const result = await TestDomain.compare(uri, image, { formatA: 'raw' });
