@@ -154,6 +154,7 @@ Napi::Function LibvirtConnection::Define(Napi::Env env) {
                      {
                          InstanceMethod<&LibvirtConnection::LookupDomainByName>("lookupDomainByName"),
                          InstanceMethod<&LibvirtConnection::DefineXML>("defineXML"),
+                         InstanceMethod<&LibvirtConnection::StorageVolumePath>("storageVolumePath"),
                          InstanceMethod<&LibvirtConnection::GetURI>("getURI"),
                          InstanceMethod<&LibvirtConnection::IsAlive>("isAlive"),
                          InstanceMethod<&LibvirtConnection::Close>("close"),
@@ -192,6 +193,27 @@ Napi::Value LibvirtConnection::DefineXML(const Napi::CallbackInfo& info) {
         info.Env(), Value(), Open(info),
         [xml](virConnectPtr c, DomPtr& out) { return TakeDomain(virDomainDefineXML(c, xml.c_str()), out); },
         [this](Napi::Env env, DomPtr& dom) { return Adopt(env, dom); });
+  });
+}
+
+// The path of volume `volume` in storage pool `pool` (a disk of type='volume'); pool and volume are freed here.
+Napi::Value LibvirtConnection::StorageVolumePath(const Napi::CallbackInfo& info) {
+  return AsPromise(info.Env(), [&] {
+    std::string pool = ArgString(info, 0, "pool");
+    std::string volume = ArgString(info, 1, "volume");
+    return VirCall<virConnect, std::string>(
+        info.Env(), Value(), Open(info),
+        [pool, volume](virConnectPtr c, std::string& out) {
+          virStoragePoolPtr p = virStoragePoolLookupByName(c, pool.c_str());
+          if (!p) return -1;
+          virStorageVolPtr v = virStorageVolLookupByName(p, volume.c_str());
+          int rc = v ? TakeString(virStorageVolGetPath(v), out) : -1;
+          if (rc < 0) savedFailure = VirFailure();  // the frees below reset libvirt's last error
+          if (v) virStorageVolFree(v);
+          virStoragePoolFree(p);
+          return rc;
+        },
+        StringValue);
   });
 }
 

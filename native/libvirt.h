@@ -34,6 +34,7 @@ class LibvirtConnection : public Napi::ObjectWrap<LibvirtConnection> {
  private:
   Napi::Value LookupDomainByName(const Napi::CallbackInfo& info);
   Napi::Value DefineXML(const Napi::CallbackInfo& info);
+  Napi::Value StorageVolumePath(const Napi::CallbackInfo& info);
   Napi::Value GetURI(const Napi::CallbackInfo& info);
   Napi::Value IsAlive(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);

@@ -13,7 +13,7 @@ import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
 import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import type { CheckpointPlan, JobServer, Level } from '../libvirt/checkpoints.js';
-import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
+import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
@@ -205,12 +205,14 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   let succeeded = false;
   let conn: LibvirtConnection | undefined;
   try {
-    conn = await openLibvirt(uri, options.login);
-    const domain = await lookupDomain(conn, options.domain, uri);
+    const connection = await openLibvirt(uri, options.login);
+    conn = connection;
+    const domain = await lookupDomain(connection, options.domain, uri);
     const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);
     try {
       const vmXml = await domain.getXMLDesc(0);
       const info = parseDomainXml(vmXml);
+      await resolveVolumes(info.disks, (pool, volume) => connection.storageVolumePath(pool, volume));
       const ctx: RunContext = {
         options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt, host, offlineImageInfo: new Map(),
         xmlDir: options.checkpointDir ? path.resolve(options.checkpointDir) : path.join(stateDir, CHECKPOINT_DIR),

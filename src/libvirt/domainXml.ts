@@ -9,8 +9,10 @@ export interface DomainDisk {
   device: string;
   /** 'file' | 'block' | 'network' | 'volume' */
   type: string;
-  /** Image file or block device; undefined for network/volume disks and empty drives. */
+  /** Image file or block device; undefined for network disks and empty drives, and for volume disks until resolved. */
   path: string | undefined;
+  /** type='volume': the storage pool and volume libvirt names the image by (resolveVolumes gives the path). */
+  volume?: { pool: string; name: string; unresolved?: string };
   /** Driver type: qcow2, raw, ... */
   format: string;
 }
@@ -52,12 +54,17 @@ export function parseDomainXml(xml: string): DomainInfo {
     const source = (d.source ?? {}) as Node;
     const driver = (d.driver ?? {}) as Node;
     const target = (d.target ?? {}) as Node;
+    const type = String(d['@_type'] ?? 'file');
+    const volume = type === 'volume' && source['@_pool'] !== undefined && source['@_volume'] !== undefined
+      ? { pool: String(source['@_pool']), name: String(source['@_volume']) }
+      : undefined;
     return {
       target: String(target['@_dev'] ?? ''),
       device: String(d['@_device'] ?? 'disk'),
-      type: String(d['@_type'] ?? 'file'),
+      type,
       path: (source['@_file'] ?? source['@_dev']) as string | undefined,
       format: String(driver['@_type'] ?? 'raw'),
+      ...(volume ? { volume } : {}),
     };
   });
   const os = (domain.os ?? {}) as Node;
@@ -83,6 +90,21 @@ export interface SelectedDisks {
   skipped: Array<{ disk: DomainDisk; reason: string }>;
 }
 
+/**
+ * Gives each volume disk (type='volume') the path of its volume, as libvirt resolves it (a file of a directory
+ * pool, a logical volume, ...). One libvirt cannot resolve keeps no path, and its `unresolved` says why.
+ */
+export async function resolveVolumes(disks: DomainDisk[], volumePath: (pool: string, volume: string) => Promise<string>): Promise<void> {
+  for (const disk of disks) {
+    if (!disk.volume || disk.path) continue;
+    try {
+      disk.path = await volumePath(disk.volume.pool, disk.volume.name);
+    } catch (err) {
+      disk.volume.unresolved = (err as Error).message;
+    }
+  }
+}
+
 /** Which disks a backup covers: -i/-x filters, no cdrom/floppy, raw only with `raw`, only file/block images. */
 export function selectDisks(all: DomainDisk[], selection: DiskSelection): SelectedDisks {
   const disks: DomainDisk[] = [];
@@ -92,7 +114,9 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
     if (selection.exclude?.includes(disk.target)) continue;
     if (disk.device === 'cdrom' || disk.device === 'floppy') {
       skipped.push({ disk, reason: `${disk.device} device` });
-    } else if (!disk.path || (disk.type !== 'file' && disk.type !== 'block')) {
+    } else if (disk.volume?.unresolved !== undefined) {
+      skipped.push({ disk, reason: `libvirt gives no path of its volume ${disk.volume.name} in storage pool ${disk.volume.pool} (${disk.volume.unresolved})` });
+    } else if (!disk.path || (disk.type !== 'file' && disk.type !== 'block' && disk.type !== 'volume')) {
       skipped.push({ disk, reason: `${disk.type} disk without a local image path is not supported` });
     } else if (disk.format === 'raw' && !selection.raw) {
       skipped.push({ disk, reason: 'raw-format disk (no checkpoints possible); include it with -r/--raw' });

@@ -95,6 +95,8 @@ export interface LibvirtDomain {
 export interface LibvirtConnection {
   lookupDomainByName(name: string): Promise<LibvirtDomain>;
   defineXML(xml: string): Promise<LibvirtDomain>;
+  /** The path of a storage volume (virStorageVolGetPath), for disks of type='volume'. */
+  storageVolumePath(pool: string, volume: string): Promise<string>;
   /** virConnectGetURI */
   getURI(): Promise<string>;
   /** virConnectIsAlive: false once the daemon connection is lost (libvirtd stopped or crashed). */

@@ -371,8 +371,10 @@ async function planImageDisk(disk: string, file: DataFile, input: string, checkp
   };
 }
 
+/** The restored image's name: the source image's, or for a volume disk (type='volume') the volume's. */
 function imageBaseName(saved: DomainDisk | undefined, disk: string): string {
-  return saved?.path ? path.basename(saved.path) : disk;
+  const source = saved?.path ?? saved?.volume?.name;
+  return source ? path.basename(source) : disk;
 }
 
 /** One disk onto an existing raw file or device: no layout, and it must be large enough. */

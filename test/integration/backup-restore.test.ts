@@ -1,7 +1,7 @@
 // End to end on a real domain: a two-disk chain full -> inc -> inc (with write-zeroes and discard) -> diff,
 // every point restored and compared bit for bit with a copy of the disk taken at that point, by our restore
 // and (where the format allows) by Debian's Python virtnbdrestore; and Python's backups restored by ours; a
-// block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image).
+// block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image); a volume of a storage pool.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -173,4 +173,30 @@ test('a linked clone (a qcow2 overlay on a backing image): full and inc restore 
     const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', image], { encoding: 'utf8' })) as Record<string, unknown>;
     assert.equal(info['backing-filename'], undefined, `${tool}: the restored image still names a backing file`);
   }
+});
+
+test('a volume disk (type=\'volume\' in a storage pool): full and inc restore bit for bit, with ours and Python; -c makes it a file disk', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, volume: true, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 8 }] }] });
+  const work = await tempDir('vnbd-volume-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  const full = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  assert.doesNotMatch(full.stderr, /skipping|warning/);
+  await dom.write('vda', 0x6b, '4M', '1M');
+  const reference = await dom.snapshot('vda');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  // The image's layout was read from the volume's path: qcow.json is that of the qcow2 image.
+  assert.match(await fs.readFile(path.join(set, 'vda.virtnbdbackup.0.qcow.json'), 'utf8'), /"format":\s*"qcow2"/);
+  const ours = path.join(work, 'ours');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', ours, '-c', '-n']);
+  // Named after the volume, and the adjusted XML points at it as a file disk.
+  const result = await TestDomain.compare(path.join(ours, 'vda.qcow2'), reference);
+  assert.ok(result.identical, result.output);
+  const xml = await fs.readFile(path.join(ours, 'vmconfig.virtnbdbackup.1.xml'), 'utf8');
+  assert.match(xml, new RegExp(`<disk type="file" device="disk">[\\s\\S]*<source file="${path.join(ours, 'vda.qcow2')}"`));
+  assert.doesNotMatch(xml, /pool=/);
+  const py = path.join(work, 'python');
+  await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py]);
+  const pyResult = await TestDomain.compare(path.join(py, 'vda.qcow2'), reference);
+  assert.ok(pyResult.identical, pyResult.output);
 });

@@ -174,6 +174,8 @@ export interface DiskSpec {
   block?: boolean;
   /** The image is an empty qcow2 overlay (a linked clone) on a backing image that holds the fill. */
   backing?: boolean;
+  /** The domain names the image as a volume of a storage pool (type='volume'): a transient dir pool over the work dir. */
+  volume?: boolean;
 }
 
 export interface DomainOptions {
@@ -194,6 +196,8 @@ export interface TestDisk {
   readonly sizeBytes: number;
   /** The loop device the domain sees the image through (DiskSpec.block); detached when the domain is removed. */
   device?: string;
+  /** The storage pool the domain names the image in (DiskSpec.volume). */
+  pool?: string;
 }
 
 /** What qemu-io prints that means a command did not do its work (it never fails the monitor command itself). */
@@ -229,13 +233,16 @@ export class TestDomain {
     const prefix = opts.namePrefix ?? TEST_PREFIX;
     const id = randomBytes(4).toString('hex');
     const dir = await makeScratchDir(prefix, `${id}-`);
+    const pool = poolName(`${prefix}-${id}`);
     const disks = opts.disks.map((spec): TestDisk => {
       const format = spec.format ?? 'qcow2';
-      return { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
+      const disk: TestDisk = { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
+      return spec.volume ? { ...disk, pool } : disk;
     });
     const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent);
     try {
       for (const [i, disk] of disks.entries()) await makeImage(disk, opts.disks[i] as DiskSpec, dir);
+      if (disks.some((d) => d.pool)) await virsh('pool-create-as', pool, 'dir', '--target', dir);
       const xmlFile = path.join(dir, 'domain.xml');
       await fsp.writeFile(xmlFile, domain.domainXml());
       await virsh('define', xmlFile);
@@ -427,10 +434,14 @@ export class TestDomain {
   }
 
   private domainXml(): string {
+    const source = (d: TestDisk): string => {
+      if (d.pool) return `pool='${d.pool}' volume='${path.basename(d.image)}'`;
+      return d.device ? `dev='${d.device}'` : `file='${d.image}'`;
+    };
     const disks = this.disks.map((d) => `
-    <disk type='${d.device ? 'block' : 'file'}' device='disk'>
+    <disk type='${d.pool ? 'volume' : d.device ? 'block' : 'file'}' device='disk'>
       <driver name='qemu' type='${d.format}' discard='unmap'/>
-      <source ${d.device ? `dev='${d.device}'` : `file='${d.image}'`}/>
+      <source ${source(d)}/>
       <target dev='${d.target}' bus='virtio'/>
     </disk>`).join('');
     const agent = this.guestAgent ? `
@@ -569,13 +580,17 @@ function virsh(...args: string[]): Promise<CliResult> {
 }
 
 /** virsh calls that remove a domain, running or not; --nvram is harmless where there is none. */
+/** The transient storage pool of a domain's volume disks (DiskSpec.volume). */
+const poolName = (domain: string): string => `${domain}-pool`;
+
 function removalCommands(name: string): string[][] {
   return [
     ['-c', LIBVIRT_URI, 'destroy', name],
     ['-c', LIBVIRT_URI, 'undefine', '--checkpoints-metadata', '--nvram', '--managed-save', name],
+    ['-c', LIBVIRT_URI, 'pool-destroy', poolName(name)],
   ];
 }
-const DOMAIN_ALREADY_GONE = /not running|failed to get domain|domain not found|no domain with matching/i;
+const DOMAIN_ALREADY_GONE = /not running|failed to get domain|domain not found|no domain with matching|failed to get pool|storage pool not found/i;
 
 /** Removes a domain, its log files and its dir; returns the problems met (an absent domain is none). */
 async function removeDomain(name: string, dir?: string): Promise<string[]> {
