@@ -88,6 +88,7 @@ test('-S on a host whose virtlogd is not running: one line saying to start it', 
   const stopped: Partial<LibvirtDomain> = {
     name: () => 'guest',
     isActive: async () => false,
+    hasManagedSaveImage: async () => false,
     create: async () => { throw new Error("Failed to connect socket to '/run/libvirt/virtlogd-sock': No such file or directory"); },
   };
   await assert.rejects(DomainPower.prepare(stopped as LibvirtDomain, true, new RecordingLog()),
