@@ -223,9 +223,23 @@ async function defineRestored(uri: string, login: LibvirtLogin | undefined, adju
   }
 }
 
+/**
+ * Refuses an existing target that another process holds open for writing, such as a running domain's disk: QEMU's
+ * image lock tells, and qemu-nbd would fail on it only after the file was grown, with a message that data was
+ * left incomplete. Other failures are left to the steps that follow, which name them.
+ */
+async function refuseInUse(disk: DiskPlan, host: DomainHost): Promise<void> {
+  // Opened for writing, nothing written: a shared read (qemu-img info) passes where qemu-nbd's write lock fails.
+  const locked = await host.run('qemu-io', ['-f', 'raw', '-c', 'quit', disk.image]).then(() => false, (err: unknown) => /lock\b|another process using the image/i.test(oneLine(err)));
+  if (locked) {
+    throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use: another process (a running domain?) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory`);
+  }
+}
+
 async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger): Promise<RestoredDisk> {
   const created: string[] = [];
   const applied = disk.source.kind === 'stream' ? disk.source.chain.map((l) => l.file) : [disk.source.file];
+  if (disk.existing) await refuseInUse(disk, outputHost(options));
   log.info(`restoring disk ${disk.disk} onto ${disk.image} (${disk.format}${disk.createOptions.length ? ` ${disk.createOptions.join(',')}` : ''}) from ${applied.join(', ')}`);
   try {
     if (disk.existing) await growRegularFile(disk, outputHost(options));

@@ -413,7 +413,7 @@ test('disk full in mid-restore: one line naming the image and what to do, nothin
   assert.deepEqual(await fs.readdir(out), []);
 });
 
-test('restore refuses bad input with one line: not a set, unknown --until, existing image', async (t) => {
+test('restore refuses bad input with one line: not a set, unknown --until, existing image, a running domain\'s disk', async (t) => {
   const { dom, work, set } = await fullSet(t, 'rerr', 64, 4);
 
   const notSet = await runCli(ourBin('virtnbdrestore'), ['-i', work, '-o', path.join(work, 'r1'), '-n']);
@@ -435,5 +435,14 @@ test('restore refuses bad input with one line: not a set, unknown --until, exist
   assert.equal(again.code, 1);
   assert.match(again.stderr, /already exists; restore into another directory/);
   assert.equal((await fs.stat(image)).mtimeMs, before.mtimeMs);
-  for (const r of [notSet, until, again]) assert.equal(errorLines(r).length, 1, r.stderr);
+
+  // A running domain's raw disk, smaller than the backup's disk: neither grown nor written.
+  const victim = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 16, format: 'raw', fill: [{ pattern: 0x77, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const inUse = victim.diskPath('vda');
+  const content = await fs.readFile(inUse);
+  const busy = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', inUse, '-n']);
+  assert.equal(busy.code, 1);
+  assert.match(busy.stderr, new RegExp(`^virtnbdrestore: error: ${inUse} is in use: another process \\(a running domain\\?\\) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory$`, 'm'));
+  assert.ok((await fs.readFile(inUse)).equals(content), 'the running domain\'s disk changed');
+  for (const r of [notSet, until, again, busy]) assert.equal(errorLines(r).length, 1, r.stderr);
 });
