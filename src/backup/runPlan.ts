@@ -1,5 +1,6 @@
 // Decides what one run writes and against which checkpoint, from the set's chain and the domain's state:
 //   requested level -> offline? (full becomes copy; inc becomes a diff: no checkpoint can be created)
+//   -> inc/diff: the set's checkpoint list under the domain's former name taken over after a rename (same UUID)
 //   -> inc/diff: the set's chain (.cpt), its prefix, checkpoints libvirt lost put back from the saved XML
 //   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
 //   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
@@ -16,6 +17,7 @@ import {
 } from '../libvirt/checkpoints.js';
 import { foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError, oneLine } from '../util/errors.js';
+import { parseDomainXml } from '../libvirt/domainXml.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems } from './offline.js';
 import { imageInfoJson } from './sideFiles.js';
@@ -77,6 +79,34 @@ async function disksAddedSince(ctx: RunContext, parent: string, level: Level): P
   return { added };
 }
 
+/**
+ * A set whose checkpoint list bears another name than the domain's: the domain was renamed (virsh domrename keeps
+ * its UUID and checkpoints) when the set's newest saved XML has the domain's UUID, and the list is then renamed
+ * too (not by -p, which writes nothing), with a line saying so. Another domain's set is refused; without a saved
+ * XML, the line says what to check. Returns the list to read.
+ */
+async function adoptRenamedChain(ctx: RunContext, cptFile: string): Promise<string> {
+  if (ctx.toZip || (await fs.access(cptFile).then(() => true, () => false))) return cptFile;
+  const names = await fs.readdir(ctx.stateDir);
+  const lists = names.filter((n) => n.endsWith('.cpt'));
+  if (lists.length !== 1) return cptFile;
+  const former = lists[0] as string;
+  const configs = await Promise.all(names.filter((n) => /^vmconfig\..+\.xml$/.test(n)).map(async (n) => ({ n, at: (await fs.stat(path.join(ctx.stateDir, n))).mtimeMs })));
+  const newest = configs.sort((a, b) => b.at - a.at)[0];
+  const uuid = newest ? await fs.readFile(path.join(ctx.stateDir, newest.n), 'utf8').then((xml) => parseDomainXml(xml).uuid, () => '') : '';
+  const formerName = former.slice(0, -'.cpt'.length);
+  if (!uuid || !ctx.info.uuid) {
+    throw new UserError(`the set ${ctx.stateDir} holds the chain of '${formerName}' (${former}), not of '${ctx.options.domain}'; if the domain was renamed, rename ${former} to ${path.basename(cptFile)} to continue its chain, else back up into another directory`);
+  }
+  if (uuid !== ctx.info.uuid) {
+    throw new UserError(`the set ${ctx.stateDir} holds the chain of another domain, '${formerName}' (${former}, UUID ${uuid}), not of '${ctx.options.domain}' (UUID ${ctx.info.uuid}); back up into another directory`);
+  }
+  if (ctx.options.printOnly) return path.join(ctx.stateDir, former);
+  await fs.rename(path.join(ctx.stateDir, former), cptFile);
+  ctx.log.info(`domain '${ctx.options.domain}' was '${formerName}' when the set's chain began (same UUID): its checkpoint list ${former} is now ${path.basename(cptFile)}`);
+  return cptFile;
+}
+
 /** Plans the run for `requested` (never 'auto'); may fall back to a full backup (see fallBackToFull). */
 export async function planRun(ctx: RunContext, requested: Level): Promise<RunPlan> {
   const { options, log, domain, power } = ctx;
@@ -85,8 +115,9 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
     log.warn(`domain '${options.domain}' is shut off: libvirt cannot create checkpoints without QEMU, so this full backup is a copy (no chain); back it up ${power.runningAdvice} to start a chain`);
     level = 'copy';
   }
-  const cptFile = path.join(ctx.stateDir, checkpointListName(options.domain));
-  const chain = level === 'inc' || level === 'diff' ? await readCheckpointList(cptFile) : [];
+  const incremental = level === 'inc' || level === 'diff';
+  const cptFile = incremental ? await adoptRenamedChain(ctx, path.join(ctx.stateDir, checkpointListName(options.domain))) : path.join(ctx.stateDir, checkpointListName(options.domain));
+  const chain = incremental ? await readCheckpointList(cptFile) : [];
   const prefix = resolvePrefix(options.checkpointPrefix, chain, cptFile);
   if (level === 'copy') return planFor(level, [], prefix);
   warnForeign(await foreignCheckpoints(domain, prefix), options.domain, log);

@@ -19,6 +19,8 @@ export interface DomainDisk {
 
 export interface DomainInfo {
   name: string;
+  /** The domain's UUID; '' when the XML has none. */
+  uuid: string;
   disks: DomainDisk[];
   /** loader, nvram, kernel, initrd paths when set. */
   bootFiles: Record<string, string>;
@@ -74,7 +76,7 @@ export function parseDomainXml(xml: string): DomainInfo {
     if (value) bootFiles[key] = value;
   }
   const guestAgent = ((devices.channel ?? []) as Node[]).some((c) => ((c.target ?? {}) as Node)['@_name'] === GUEST_AGENT_CHANNEL);
-  return { name: String(text(domain.name) ?? ''), disks, bootFiles, guestAgent };
+  return { name: String(text(domain.name) ?? ''), uuid: String(text(domain.uuid) ?? ''), disks, bootFiles, guestAgent };
 }
 
 export interface DiskSelection {

@@ -4,7 +4,7 @@
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
 // lost becomes a full, the old chain archived; disks grown, attached and detached within a chain; an external
-// snapshot taken and committed back within a chain.
+// snapshot taken and committed back within a chain; a domain renamed within a chain.
 // Every point of every set is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -287,4 +287,30 @@ test('an external snapshot taken within a chain and committed back: the incs go 
   await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py]);
   const result = await TestDomain.compare(path.join(py, 'vda.qcow2'), p2);
   assert.ok(result.identical, result.output);
+});
+
+test('a domain renamed within a chain (virsh domrename keeps its UUID and checkpoints): the next inc takes the set\'s checkpoint list over; another domain\'s inc into the set is refused', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const other = await withDomain(t, { disks: [DISK], start: false });
+  const work = await withTempDir(t, 'rename-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x5c, '3M', '1M');
+  const p1 = await dom.snapshot('vda');
+  await dom.stop();
+  const renamed = `${dom.name}-renamed`;
+  virsh('domrename', dom.name, renamed);
+  try {
+    virsh('start', renamed);
+    const inc = (await runOk(ourBin('virtnbdbackup'), ['-n', '-d', renamed, '-l', 'inc', '-o', set])).stderr;
+    assert.match(inc, new RegExp(`domain '${renamed}' was '${dom.name}' when the set's chain began \\(same UUID\\): its checkpoint list ${dom.name}\\.cpt is now ${renamed}\\.cpt`));
+    assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.1.data'));
+    await assertPoint(work, set, p1);
+    const refused = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', other.name, '-l', 'inc', '-o', set]);
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.match(refused.stderr, new RegExp(`holds the chain of another domain, '${renamed}' \\(${renamed}\\.cpt, UUID [0-9a-f-]+\\), not of '${other.name}' \\(UUID [0-9a-f-]+\\); back up into another directory`));
+  } finally {
+    virsh('destroy', renamed);
+    virsh('domrename', renamed, dom.name); // the fixture removes it by its name
+  }
 });
