@@ -45,7 +45,8 @@ function localFreeSpace(dir: string): FreeSpace {
 
 /** One ssh session prints the free bytes every 100 ms; read() gives the latest. Resolves at the first figure. */
 async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
-  const script = `cd ${shellQuote(dir)} && while stat -f -c '%a %S' .; do sleep ${LOOK_EVERY_MS / 1000}; done`;
+  // No cd: a loop whose working directory is the scratch directory would keep its file system busy (umount).
+  const script = `while stat -f -c '%a %S' -- ${shellQuote(dir)}; do sleep ${LOOK_EVERY_MS / 1000}; done`;
   const { child, lastWords } = ssh.spawn(script, 'ignore', 'pipe', true);
   let latest: number | undefined;
   const first = new Promise<void>((resolve, reject) => {

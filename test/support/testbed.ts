@@ -117,7 +117,13 @@ export async function withTmpfs(t: TestContext, prefix: string, options: string)
   const dir = await tempDir(prefix);
   await run('mount', ['-t', 'tmpfs', '-o', options, 'tmpfs', dir]);
   t.after(async () => {
-    await run('umount', [dir]);
+    // A process leaving it (a remote shell its ssh's end stops a moment later) may still hold it: up to 3 s.
+    for (let attempt = 1; ; attempt++) {
+      const result = await run('umount', [dir], { allowFailure: true });
+      if (result.code === 0) break;
+      if (attempt >= 30 || !/busy/.test(result.stderr)) throw new Error(`umount ${dir} failed: ${result.stderr.trim()}`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
     await fsp.rm(dir, { recursive: true, force: true });
   });
   return dir;
