@@ -11,6 +11,8 @@ export interface DomainDisk {
   type: string;
   /** Image file or block device; undefined for network disks and empty drives, and for volume disks until resolved. */
   path: string | undefined;
+  /** `<readonly/>`: libvirt's backup jobs refuse such a disk ("empty or readonly"). */
+  readOnly?: boolean;
   /** type='volume': the storage pool and volume libvirt names the image by (resolveVolumes gives the path). */
   volume?: { pool: string; name: string; unresolved?: string };
   /** Driver type: qcow2, raw, ... */
@@ -66,6 +68,7 @@ export function parseDomainXml(xml: string): DomainInfo {
       type,
       path: (source['@_file'] ?? source['@_dev']) as string | undefined,
       format: String(driver['@_type'] ?? 'raw'),
+      ...(d.readonly !== undefined ? { readOnly: true } : {}),
       ...(volume ? { volume } : {}),
     };
   });
@@ -116,6 +119,8 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
     if (selection.exclude?.includes(disk.target)) continue;
     if (disk.device === 'cdrom' || disk.device === 'floppy') {
       skipped.push({ disk, reason: `${disk.device} device` });
+    } else if (disk.readOnly) {
+      skipped.push({ disk, reason: 'read-only disk (<readonly/>): libvirt backs up only writable disks, and nothing this domain does changes it; copy its image once, or leave it out with -x' });
     } else if (disk.volume?.unresolved !== undefined) {
       skipped.push({ disk, reason: `libvirt gives no path of its volume ${disk.volume.name} in storage pool ${disk.volume.pool} (${disk.volume.unresolved})` });
     } else if (!disk.path || (disk.type !== 'file' && disk.type !== 'block' && disk.type !== 'volume')) {

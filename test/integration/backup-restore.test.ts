@@ -1,7 +1,8 @@
 // End to end on a real domain: a two-disk chain full -> inc -> inc (with write-zeroes and discard) -> diff,
 // every point restored and compared bit for bit with a copy of the disk taken at that point, by our restore
 // and (where the format allows) by Debian's Python virtnbdrestore; and Python's backups restored by ours; a
-// block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image); a volume of a storage pool.
+// block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image); a volume of a storage pool;
+// a read-only disk beside a writable one.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -199,4 +200,24 @@ test('a volume disk (type=\'volume\' in a storage pool): full and inc restore bi
   await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py]);
   const pyResult = await TestDomain.compare(path.join(py, 'vda.qcow2'), reference);
   assert.ok(pyResult.identical, pyResult.output);
+});
+
+test('a read-only disk (<readonly/>), which libvirt\'s jobs refuse, is left out with a warning: the other disks back up and restore', async (t) => {
+  const dom = await withDomain(t, { disks: [
+    { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 8 }] },
+    { target: 'vdb', sizeMiB: 16, readOnly: true, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 2 }] },
+  ] });
+  const work = await tempDir('vnbd-readonly-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  for (const level of ['full', 'inc']) {
+    const r = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', level, '-o', set, '-n']);
+    assert.match(r.stderr, /warning: skipping disk vdb: read-only disk \(<readonly\/>\): libvirt backs up only writable disks/);
+    if (level === 'full') await dom.write('vda', 0x33, '2M', '1M');
+  }
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.endsWith('.data')).sort(), ['vda.full.data', 'vda.inc.virtnbdbackup.1.data']);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  const result = await TestDomain.compare(path.join(out, 'vda.qcow2'), await dom.snapshot('vda'));
+  assert.ok(result.identical, result.output);
 });

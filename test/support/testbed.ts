@@ -182,6 +182,8 @@ export interface DiskSpec {
   backing?: boolean;
   /** The domain names the image as a volume of a storage pool (type='volume'): a transient dir pool over the work dir. */
   volume?: boolean;
+  /** The domain sees the disk read-only (`<readonly/>`). */
+  readOnly?: boolean;
 }
 
 export interface DomainOptions {
@@ -204,6 +206,7 @@ export interface TestDisk {
   device?: string;
   /** The storage pool the domain names the image in (DiskSpec.volume). */
   pool?: string;
+  readOnly?: boolean;
 }
 
 /** What qemu-io prints that means a command did not do its work (it never fails the monitor command itself). */
@@ -243,7 +246,7 @@ export class TestDomain {
     const disks = opts.disks.map((spec): TestDisk => {
       const format = spec.format ?? 'qcow2';
       const disk: TestDisk = { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
-      return spec.volume ? { ...disk, pool } : disk;
+      return { ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}) };
     });
     const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent);
     try {
@@ -448,7 +451,7 @@ export class TestDomain {
     <disk type='${d.pool ? 'volume' : d.device ? 'block' : 'file'}' device='disk'>
       <driver name='qemu' type='${d.format}' discard='unmap'/>
       <source ${source(d)}/>
-      <target dev='${d.target}' bus='virtio'/>
+      <target dev='${d.target}' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}
     </disk>`).join('');
     const agent = this.guestAgent ? `
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>` : '';
