@@ -119,6 +119,8 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
     if (selection.exclude?.includes(disk.target)) continue;
     if (disk.device === 'cdrom' || disk.device === 'floppy') {
       skipped.push({ disk, reason: `${disk.device} device` });
+    } else if (disk.device === 'lun') {
+      skipped.push({ disk, reason: 'lun device (SCSI passthrough): QEMU passes its commands through to the device, whose changes no bitmap tracks' });
     } else if (disk.readOnly) {
       skipped.push({ disk, reason: 'read-only disk (<readonly/>): libvirt backs up only writable disks, and nothing this domain does changes it; copy its image once, or leave it out with -x' });
     } else if (disk.volume?.unresolved !== undefined) {

@@ -12,7 +12,7 @@ import { PassThrough } from 'node:stream';
 import { DigestList } from '../../src/stream/digestList.js';
 import { randomBytes } from 'node:crypto';
 import { backupJobXml, checkpointBitmapDisks, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
-import { parseDomainXml, selectDisks } from '../../src/libvirt/domainXml.js';
+import { parseDomainXml, resolveVolumes, selectDisks } from '../../src/libvirt/domainXml.js';
 import { qcow2CreateOptions } from '../../src/restore/qemu.js';
 
 test('data file names follow virtnbdbackup', () => {
@@ -85,6 +85,26 @@ test('domain XML: disks, boot files and the guest agent channel; selection skips
   assert.deepEqual(all.skipped.map((s) => s.disk.target), ['vdc', 'sda']);
   assert.deepEqual(selectDisks(info.disks, { include: ['vdb'] }).disks.map((d) => d.target), ['vdb']);
   assert.deepEqual(selectDisks(info.disks, { exclude: ['vda'] }).disks.map((d) => d.target), ['vdb']);
+});
+
+test('domain XML: a read-only disk and a lun device are skipped with reasons; a volume disk is selected once its path is known', async () => {
+  const xml = domainXml.replace('</devices>', `
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/images/shared.qcow2'/><target dev='vdd' bus='virtio'/><readonly/></disk>
+  <disk type='block' device='lun'><driver name='qemu' type='raw'/><source dev='/dev/sdz'/><target dev='sdb' bus='scsi'/></disk>
+  <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='default' volume='web-data.qcow2'/><target dev='vde' bus='virtio'/></disk>
+  <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='gone' volume='x.qcow2'/><target dev='vdf' bus='virtio'/></disk>
+</devices>`);
+  const { disks } = parseDomainXml(xml);
+  await resolveVolumes(disks, async (pool, volume) => {
+    if (pool === 'gone') throw new Error(`Storage pool not found: no storage pool with matching name '${pool}'`);
+    return `/var/lib/libvirt/images/${volume}`;
+  });
+  const { disks: selected, skipped } = selectDisks(disks, {});
+  assert.deepEqual(selected.map((d) => [d.target, d.path]), [['vda', '/images/web.qcow2'], ['vdb', '/dev/vg/web'], ['vde', '/var/lib/libvirt/images/web-data.qcow2']]);
+  const reasons = Object.fromEntries(skipped.map((s) => [s.disk.target, s.reason]));
+  assert.match(reasons.vdd ?? '', /^read-only disk \(<readonly\/>\)/);
+  assert.match(reasons.sdb ?? '', /^lun device/);
+  assert.match(reasons.vdf ?? '', /^libvirt gives no path of its volume x\.qcow2 in storage pool gone \(Storage pool not found/);
 });
 
 test('qcow2 create options come from qemu-img info JSON', () => {
