@@ -11,6 +11,8 @@ export interface DomainDisk {
   type: string;
   /** Image file or block device; undefined for network disks and empty drives, and for volume disks until resolved. */
   path: string | undefined;
+  /** `<encryption>` (of the disk or its source): QEMU decrypts, so the export and the backup hold plain data. */
+  encrypted?: boolean;
   /** `<readonly/>`: libvirt's backup jobs refuse such a disk ("empty or readonly"). */
   readOnly?: boolean;
   /** type='volume': the storage pool and volume libvirt names the image by (resolveVolumes gives the path). */
@@ -69,6 +71,7 @@ export function parseDomainXml(xml: string): DomainInfo {
       path: (source['@_file'] ?? source['@_dev']) as string | undefined,
       format: String(driver['@_type'] ?? 'raw'),
       ...(d.readonly !== undefined ? { readOnly: true } : {}),
+      ...(d.encryption !== undefined || source.encryption !== undefined ? { encrypted: true } : {}),
       ...(volume ? { volume } : {}),
     };
   });

@@ -103,8 +103,12 @@ function validatorMessage(msg: string): string {
   return msg.replace(/\s+/g, ' ');
 }
 
-/** Points one disk element at its restored image. */
-function pointDiskAt(disk: XmlNode, image: RestoredDiskImage): void {
+/**
+ * Points one disk element at its restored image. Returns whether it dropped an `<encryption>` (of the disk or its
+ * source): the backup holds the disk as the guest reads it, decrypted, and the restored image is not encrypted,
+ * which QEMU refuses to open as encrypted ("No encryption in image header").
+ */
+function pointDiskAt(disk: XmlNode, image: RestoredDiskImage): boolean {
   attributesOf(disk)['@_type'] = image.block ? 'block' : 'file';
   let source = child(disk, 'source');
   if (!source) {
@@ -116,6 +120,9 @@ function pointDiskAt(disk: XmlNode, image: RestoredDiskImage): void {
   const driver = child(disk, 'driver');
   if (driver) attributesOf(driver)['@_type'] = image.format;
   for (const backing of children(disk, 'backingStore')) removeChild(disk, backing);
+  const encryptions = [disk, source].flatMap((parent) => children(parent, 'encryption').map((e) => ({ parent, e })));
+  for (const { parent, e } of encryptions) removeChild(parent, e);
+  return encryptions.length > 0;
 }
 
 export function adjustDomainConfig(xml: string, options: AdjustOptions): AdjustedConfig {
@@ -155,8 +162,8 @@ export function adjustDomainConfig(xml: string, options: AdjustOptions): Adjuste
     const target = attributesOf(child(disk, 'target') ?? {})['@_dev'] ?? '?';
     const image = options.disks.get(target);
     if (image) {
-      pointDiskAt(disk, image);
-      changes.push(`disk ${target} -> ${image.path} (${image.format})`);
+      const decrypted = pointDiskAt(disk, image);
+      changes.push(`disk ${target} -> ${image.path} (${image.format})${decrypted ? ', its encryption removed: the backup holds the disk as the guest read it, and the restored image is not encrypted' : ''}`);
     } else if (REMOVABLE_MEDIA.has(device) && options.keepRawDevices) {
       changes.push(`${device} ${target} kept as it is`);
     } else {

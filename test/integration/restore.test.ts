@@ -194,3 +194,44 @@ test('the qemu-nbd a restore writes through keeps its request buffers on huge pa
   }
   assert.ok((await fs.readFile(image)).subarray(0, 32 * MiB).equals(await fs.readFile(source)), 'the image differs from what was written');
 });
+
+test('an encrypted disk (LUKS, libvirt secret): the set holds it decrypted, and -c -D defines a domain without the encryption that starts on it', async (t) => {
+  const dom = await TestDomain.create({ disks: [{ target: 'vda', sizeMiB: 32 }], start: false });
+  t.after(() => dom.destroy());
+  const work = await withTempDir(t, 'luks-');
+  const image = dom.diskPath('vda');
+  await fs.writeFile(path.join(work, 'secret.xml'), `<secret ephemeral='no' private='yes'><usage type='volume'><volume>${image}</volume></usage></secret>`);
+  const uuid = /[0-9a-f-]{36}/.exec((await run('virsh', ['-c', LIBVIRT_URI, 'secret-define', path.join(work, 'secret.xml')])).stdout)?.[0] as string;
+  t.after(async () => { await virsh('secret-undefine', uuid); });
+  await fs.writeFile(path.join(work, 'key'), 'correct horse');
+  await run('virsh', ['-c', LIBVIRT_URI, 'secret-set-value', uuid, '--file', path.join(work, 'key'), '--plain']);
+  // The image encrypted with that key, holding data; the domain given the key through the secret.
+  await fs.rm(image);
+  const key = `secret,id=key,file=${path.join(work, 'key')}`;
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', '--object', key, '-o', 'encrypt.format=luks,encrypt.key-secret=key', image, '32M']);
+  await run('qemu-io', ['--object', key, '--image-opts', `driver=qcow2,file.filename=${image},encrypt.key-secret=key`, '-c', 'write -P 0x5a 1M 2M']);
+  await fs.chmod(image, 0o666);
+  const xml = (await run('virsh', ['-c', LIBVIRT_URI, 'dumpxml', dom.name])).stdout
+    .replace(/<source file='([^']*)'\/>/, `<source file='$1'><encryption format='luks'><secret type='passphrase' uuid='${uuid}'/></encryption></source>`);
+  await fs.writeFile(path.join(work, 'domain.xml'), xml);
+  await run('virsh', ['-c', LIBVIRT_URI, 'define', path.join(work, 'domain.xml')]);
+  await dom.start();
+
+  const set = path.join(work, 'set');
+  const backup = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  assert.match(backup.stderr, /disk vda is encrypted in its image: the backup holds its data as the guest reads it, not encrypted; keep the set as safe as the key/);
+  const name = `${dom.name}-restored`;
+  t.after(async () => {
+    await virsh('destroy', name);
+    await virsh('undefine', name);
+  });
+  const out = path.join(work, 'out');
+  const restore = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-c', '-D', '-N', name]);
+  assert.match(restore.stderr, /disk vda -> \S+ \(qcow2\), its encryption removed/);
+  const restored = path.join(out, 'vda.qcow2');
+  await run('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x5a 1M 2M', restored]);
+  assert.doesNotMatch((await run('virsh', ['-c', LIBVIRT_URI, 'dumpxml', '--inactive', name])).stdout, /encryption/);
+  await fs.chmod(out, 0o755);
+  await run('virsh', ['-c', LIBVIRT_URI, 'start', name]);
+  assert.equal((await virsh('domstate', name)).stdout.trim(), 'running');
+});

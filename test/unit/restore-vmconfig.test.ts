@@ -71,6 +71,22 @@ test('-N names the domain; -r keeps cdroms; raw disks and block targets; the NVR
   assert.doesNotMatch(xml, /index=/, 'source attributes of the old location are dropped');
 });
 
+test('an encrypted disk (LUKS, in its source or beside it) loses its <encryption>: the restored image holds the data decrypted', () => {
+  const secret = "<encryption format='luks'><secret type='passphrase' uuid='0b6d4c2e-5c4a-4d0e-9d55-0f2b7c1e9a11'/></encryption>";
+  const saved = `<domain type='kvm'><name>vault</name><devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/vm/vault.qcow2'>${secret}</source><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/vm/keys.qcow2'/>${secret}<target dev='vdb' bus='virtio'/></disk>
+  </devices></domain>`;
+  assert.deepEqual(parseDomainXml(saved).disks.map((d) => d.encrypted), [true, true]);
+  const { xml, changes } = adjustDomainConfig(saved, {
+    disks: new Map([['vda', { path: '/restore/vault.qcow2', format: 'qcow2' }], ['vdb', { path: '/restore/keys.qcow2', format: 'qcow2' }]]),
+    keepRawDevices: false,
+  });
+  assert.doesNotMatch(xml, /encryption|secret/);
+  assert.deepEqual(parseDomainXml(xml).disks.map((d) => [d.target, d.path, d.encrypted]), [['vda', '/restore/vault.qcow2', undefined], ['vdb', '/restore/keys.qcow2', undefined]]);
+  assert.equal(changes.filter((c) => /its encryption removed: the backup holds the disk as the guest read it, and the restored image is not encrypted$/.test(c)).length, 2, changes.join('\n'));
+});
+
 test('not a domain XML is refused, and so is damaged XML (which the parser would take as it comes)', () => {
   const adjust = (xml: string): unknown => adjustDomainConfig(xml, { disks: new Map(), keepRawDevices: false });
   assert.throws(() => adjust('<network><name>x</name></network>'), /no <domain> element/);
