@@ -25,6 +25,8 @@ export interface DomainInfo {
   name: string;
   /** The domain's UUID; '' when the XML has none. */
   uuid: string;
+  /** The MAC addresses of its network interfaces, lower case. */
+  macs: string[];
   disks: DomainDisk[];
   /** loader, nvram, kernel, initrd paths when set. */
   bootFiles: Record<string, string>;
@@ -38,7 +40,7 @@ export const GUEST_AGENT_CHANNEL = 'org.qemu.guest_agent.0';
 const parser = new XMLParser({
   ignoreAttributes: false,
   attributeNamePrefix: '@_',
-  isArray: (name) => name === 'disk' || name === 'channel',
+  isArray: (name) => name === 'disk' || name === 'channel' || name === 'interface',
   textNodeName: '#text',
 });
 
@@ -82,7 +84,11 @@ export function parseDomainXml(xml: string): DomainInfo {
     if (value) bootFiles[key] = value;
   }
   const guestAgent = ((devices.channel ?? []) as Node[]).some((c) => ((c.target ?? {}) as Node)['@_name'] === GUEST_AGENT_CHANNEL);
-  return { name: String(text(domain.name) ?? ''), uuid: String(text(domain.uuid) ?? ''), disks, bootFiles, guestAgent };
+  const macs = ((devices.interface ?? []) as Node[]).flatMap((i) => {
+    const mac = ((i.mac ?? {}) as Node)['@_address'];
+    return mac === undefined ? [] : [String(mac).toLowerCase()];
+  });
+  return { name: String(text(domain.name) ?? ''), uuid: String(text(domain.uuid) ?? ''), macs, disks, bootFiles, guestAgent };
 }
 
 export interface DiskSelection {

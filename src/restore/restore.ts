@@ -87,8 +87,8 @@ interface ConfigPlan {
   source: string;
   /** Where it goes in the output directory. */
   target?: string;
-  /** The adjusted XML and the domain name in it, with -c/-D. */
-  adjusted?: { xml: string; name: string };
+  /** The adjusted XML and the domain name in it, with -c/-D; the name it had, and its MAC addresses (kept). */
+  adjusted?: { xml: string; name: string; formerName: string; macs: string[] };
   /** The domain's NVRAM as saved in the set, and where its copy goes. */
   nvram?: { saved: string; target: string };
 }
@@ -120,7 +120,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   }
   if (options.define && config?.adjusted) {
     const autostart = plan.ident !== undefined && (await exists(path.join(plan.input, autostartName(plan.ident))));
-    await defineRestored(uri, options.login, config.adjusted, config.target ?? '', autostart);
+    await defineRestored(uri, options.login, config.adjusted, config.target ?? '', autostart, log);
     result.defined = config.adjusted.name;
     if (autostart) {
       result.autostart = true;
@@ -158,7 +158,8 @@ async function planConfig(plan: RestorePlan, options: RestoreOptions, adjust: bo
     throw new UserError(`cannot adjust the domain XML ${source}: ${oneLine(err)}; give another with -C`);
   }
   for (const change of adjusted.changes) log.info(`config: ${change}`);
-  return { source, target, adjusted, nvram };
+  const { name: formerName, macs } = parseDomainXml(xml);
+  return { source, target, adjusted: { xml: adjusted.xml, name: adjusted.name, formerName, macs }, nvram };
 }
 
 /** The NVRAM the domain XML names, if the backup saved it (`<basename>.<ident>`), and its place in the output. */
@@ -197,7 +198,7 @@ async function refuseTakenName(connection: LibvirtConnection, uri: string, name:
  * Defines the restored domain (-D) on a connection of its own, checking again that its name is free; with
  * `autostart`, it starts with the host. Every failure says that the images and the XML at `xmlFile` are in place.
  */
-async function defineRestored(uri: string, login: LibvirtLogin | undefined, adjusted: { xml: string; name: string }, xmlFile: string, autostart: boolean): Promise<void> {
+async function defineRestored(uri: string, login: LibvirtLogin | undefined, adjusted: NonNullable<ConfigPlan['adjusted']>, xmlFile: string, autostart: boolean, log: Logger): Promise<void> {
   const inPlace = `the restored images and ${xmlFile} are in place`;
   const defineByHand = `'virsh define ${xmlFile}'${autostart ? ` and 'virsh autostart ${adjusted.name}'` : ''}`;
   let connection: LibvirtConnection;
@@ -212,6 +213,7 @@ async function defineRestored(uri: string, login: LibvirtLogin | undefined, adju
     const domain = await connection.defineXML(adjusted.xml);
     step = 'setting autostart of';
     if (autostart) await domain.setAutostart(true);
+    await warnSharedMacs(connection, uri, adjusted, log).catch(() => undefined);
   } catch (err) {
     const lost = await lostConnectionError(connection, uri, err, `run ${defineByHand}; ${inPlace}`);
     if (lost) throw lost;
@@ -234,6 +236,20 @@ async function refuseInUse(disk: DiskPlan, host: DomainHost): Promise<void> {
   if (locked) {
     throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use: another process (a running domain?) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory`);
   }
+}
+
+/**
+ * The restored domain keeps the backed-up one's MAC addresses, as a machine brought back in its place must (DHCP
+ * reservations, licences). Where the backed-up domain is still defined there, the two would clash on one network:
+ * says so. Never fails the restore.
+ */
+async function warnSharedMacs(connection: LibvirtConnection, uri: string, adjusted: NonNullable<ConfigPlan['adjusted']>, log: Logger): Promise<void> {
+  if (adjusted.macs.length === 0 || adjusted.formerName === adjusted.name) return;
+  const original = await connection.lookupDomainByName(adjusted.formerName).then((d) => d.getXMLDesc(0), () => undefined);
+  if (original === undefined) return;
+  const shared = parseDomainXml(original).macs.filter((mac) => adjusted.macs.includes(mac));
+  if (shared.length === 0) return;
+  log.warn(`domain '${adjusted.name}' has the MAC address${shared.length > 1 ? 'es' : ''} ${shared.join(', ')} of '${adjusted.formerName}', which is defined at ${uri} too: do not run both on one network, or give '${adjusted.name}' new ones (virsh edit ${adjusted.name}: remove its <mac> lines, and libvirt makes new ones)`);
 }
 
 async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger): Promise<RestoredDisk> {

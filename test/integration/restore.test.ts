@@ -11,6 +11,8 @@ import { anonHugeKiB, errorLines, hugePagesOffered, ourBin, qemuNbdPid, runCli, 
 import { ImageServer } from '../../src/restore/qemu.js';
 
 const MiB = 1024 * 1024;
+/** The NIC of the restore tests' domain: the restored domain keeps it, and -D warns while both are defined. */
+const MAC = '52:54:00:7e:57:01';
 const virsh = (...args: string[]): ReturnType<typeof run> => run('virsh', ['-c', LIBVIRT_URI, ...args], { allowFailure: true });
 
 describe('restore of a real domain set', () => {
@@ -24,7 +26,7 @@ describe('restore of a real domain set', () => {
     dom = await TestDomain.create({ disks: [
       { target: 'vda', sizeMiB: 128, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 8 }, { pattern: 0x22, offsetMiB: 64, lengthMiB: 8 }] },
       { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x44, offsetMiB: 1, lengthMiB: 2 }] },
-    ] });
+    ], mac: MAC });
     work = await tempDir('vnbd-restore-');
     set = path.join(work, 'set');
     const backup = (level: string): Promise<unknown> => runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', level, '-o', set, '-n']);
@@ -65,6 +67,7 @@ describe('restore of a real domain set', () => {
     const out = path.join(work, 'defined');
     const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-c', '-D', '-N', name, '--until', 'virtnbdbackup.1']);
     assert.match(r.stderr, new RegExp(`defined as '${name}'`));
+    assert.match(r.stderr, new RegExp(`warning: domain '${name}' has the MAC address ${MAC} of '${dom.name}', which is defined at ${LIBVIRT_URI} too: do not run both on one network`));
     const images = { vda: path.join(out, path.basename(dom.diskPath('vda'))), vdb: path.join(out, path.basename(dom.diskPath('vdb'))) };
     const xml = (await virsh('dumpxml', '--inactive', name)).stdout;
     assert.doesNotMatch(xml, new RegExp((await virsh('domuuid', dom.name)).stdout.trim()), 'the restored domain kept the source uuid');

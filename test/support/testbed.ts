@@ -194,6 +194,8 @@ export interface DomainOptions {
   namePrefix?: OwnerPrefix;
   /** Configure a QEMU guest agent channel (no guest OS answers on it: the agent stays "not connected"). */
   guestAgent?: boolean;
+  /** A network interface (user-mode, needing no host network) with this MAC address. */
+  mac?: string;
 }
 
 export interface TestDisk {
@@ -232,6 +234,7 @@ export class TestDomain {
     readonly dir: string,
     private diskList: TestDisk[],
     private readonly guestAgent = false,
+    private readonly mac?: string,
   ) {
     this.forgetExitCleanup = oweAtExit(() => removeDomainSync(name, dir));
   }
@@ -248,7 +251,7 @@ export class TestDomain {
       const disk: TestDisk = { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
       return { ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}) };
     });
-    const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent);
+    const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent, opts.mac);
     try {
       for (const [i, disk] of disks.entries()) await makeImage(disk, opts.disks[i] as DiskSpec, dir);
       if (disks.some((d) => d.pool)) await virsh('pool-create-as', pool, 'dir', '--target', dir);
@@ -455,6 +458,8 @@ export class TestDomain {
     </disk>`).join('');
     const agent = this.guestAgent ? `
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>` : '';
+    const nic = this.mac ? `
+    <interface type='user'><mac address='${this.mac}'/><model type='virtio'/></interface>` : '';
     // The owner element lets sweepStaleTestDomains() spare domains of live processes (parallel runs).
     return `<domain type='qemu'>
   <name>${this.name}</name>
@@ -465,7 +470,7 @@ export class TestDomain {
   <vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type></os>
   <on_poweroff>destroy</on_poweroff>
-  <devices>${disks}${agent}
+  <devices>${disks}${agent}${nic}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
