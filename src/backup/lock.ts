@@ -42,6 +42,16 @@ export function ownerAlive(text: string): boolean {
   return processStart(owner.pid) === owner.start;
 }
 
+/**
+ * The backup writing into the set `dir` right now, by its lock: its pid (0 when the lock does not say), or
+ * undefined when none is. Tells a `.partial` being written from one left by a run that died.
+ */
+export async function runningWriter(dir: string): Promise<number | undefined> {
+  const text = await fsp.readFile(path.join(dir, OUTPUT_LOCK_NAME), 'utf8').catch(() => undefined);
+  if (text === undefined || !ownerAlive(text)) return undefined;
+  return parseOwner(text)?.pid ?? 0;
+}
+
 const held = new Set<string>();
 let exitHookInstalled = false;
 

@@ -17,6 +17,7 @@ import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type Image
 import { UserError, oneLine } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
+import { runningWriter } from '../backup/lock.js';
 
 export interface PlanOptions {
   input: string;
@@ -99,7 +100,11 @@ interface ScannedSet {
 async function scanSet(input: string): Promise<ScannedSet> {
   const listing = await listSet(input);
   if (listing.partials.length > 0) {
-    throw new UserError(`${path.join(input, listing.partials[0] as string)} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
+    const partial = path.join(input, listing.partials[0] as string);
+    const writer = await runningWriter(input);
+    // Moving the file away, as said for a dead run's, would break a backup that is writing it.
+    if (writer !== undefined) throw new UserError(`a backup${writer ? ` (pid ${writer})` : ''} is writing into ${input} right now (${partial}); restore once it has ended`);
+    throw new UserError(`${partial} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
   }
   if (listing.dataFiles.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files`);
   const cpt = listing.checkpointLists[0];

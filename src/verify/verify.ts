@@ -15,6 +15,7 @@ import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
 import { UserError, oneLine } from '../util/errors.js';
+import { runningWriter } from '../backup/lock.js';
 
 export interface VerifyOptions {
   input: string;
@@ -207,7 +208,9 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
     verdicts.push(verdict);
     options.onVerdict?.(verdict);
   };
-  for (const partial of partials) report({ file: partial, ok: false, reason: 'left from a failed backup run: the file is incomplete' });
+  const writer = partials.length > 0 ? await runningWriter(listing.dir) : undefined;
+  const why = writer === undefined ? 'left from a failed backup run: the file is incomplete' : `being written by a running backup${writer ? ` (pid ${writer})` : ''}: verify once it has ended`;
+  for (const partial of partials) report({ file: partial, ok: false, reason: why });
   for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));
   return verdicts;
 }

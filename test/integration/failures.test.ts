@@ -152,6 +152,24 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
   assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
 });
 
+test('a restore or verify of a set a backup is writing into says so, and does not say to move its .partial away', async (t) => {
+  const { out, run } = await backupInFlight(t, 'writing', 256);
+  // Held still while the others look, so that it is surely in mid-write.
+  run.child.kill('SIGSTOP');
+  try {
+    const restore = await runCli(ourBin('virtnbdrestore'), ['-i', out, '-o', path.join(out, '..', `${path.basename(out)}-restored`), '-n']);
+    assert.equal(restore.code, 1, restore.stderr);
+    assert.match(restore.stderr, new RegExp(`^virtnbdrestore: error: a backup \\(pid ${run.child.pid}\\) is writing into ${out} right now \\(${out}/vda\\.full\\.data\\.partial\\); restore once it has ended$`, 'm'));
+    const verify = await runCli(ourBin('virtnbdrestore'), ['-i', out, '-o', 'verify', '-n']);
+    assert.equal(verify.code, 1, verify.stderr);
+    assert.match(verify.stdout + verify.stderr, new RegExp(`vda\\.full\\.data\\.partial: .*being written by a running backup \\(pid ${run.child.pid}\\): verify once it has ended`));
+  } finally {
+    run.child.kill('SIGCONT');
+  }
+  const r = await run.done;
+  assert.equal(r.code, 0, r.stderr);
+});
+
 test('the set directory removed in mid-backup (a clean-up script): one line asking whether it was, job ended, checkpoint removed', async (t) => {
   const { dom, out, socket, run } = await backupInFlight(t, 'removed', 1024);
   await fs.rm(out, { recursive: true, force: true });
