@@ -1,7 +1,8 @@
 // Run locks: one backup at a time per domain and per output directory. A lock is a file created exclusively
 // holding the owner's pid and process start time; a lock whose owner is gone (crash, kill -9) is stale and
-// taken over. Guarantees: a second run refuses with the owner's pid and the lock's path; locks are removed on
-// release and, as a last resort, when the process exits.
+// taken over; runningWriter tells readers of a set whether a backup is writing into it. Guarantees: a second
+// run refuses with the owner's pid and the lock's path; locks are removed on release and, as a last resort,
+// when the process exits.
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
