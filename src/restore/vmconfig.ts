@@ -3,8 +3,8 @@
 // restored image with that image's format, without backing stores or encryption, every other disk removed (raw
 // disks left out, cdrom/floppy/lun devices unless raw devices are kept), and the NVRAM pointed at its restored
 // copy, or dropped so that libvirt creates one for the new machine instead of sharing the original's.
-// Guarantees: the XML is edited as a tree in document
-// order, so everything not named here (comments, namespaces, unknown elements) comes out as it went in.
+// Guarantees: the XML is edited as a tree in document order, so everything not named here (comments, namespaces,
+// unknown elements) comes out as it went in.
 import { XMLBuilder, XMLParser, XMLValidator } from 'fast-xml-parser';
 
 /** Where a restored disk now lives. */
