@@ -302,8 +302,9 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   const plan = await planRun(ctx, level);
   const base = resultOf(ctx, plan);
   if (options.printOnly) return { ...base, estimate: await estimate(ctx, plan) };
-  if (options.threshold !== undefined && plan.checkpoint.parent && plan.addedDisks.length > 0) {
-    log.info(`-T: disk ${plan.addedDisks.join(', ')} has no backup in this chain yet: backing up whatever changed`);
+  const unestimated = [...plan.addedDisks, ...plan.resumedDisks.map((r) => r.target)];
+  if (options.threshold !== undefined && plan.checkpoint.parent && unestimated.length > 0) {
+    log.info(`-T: the changes of disk ${unestimated.join(', ')} are not in libvirt's estimate (added, or left out of the backups since ${plan.checkpoint.parent}): backing up whatever changed`);
   } else if (options.threshold !== undefined && plan.checkpoint.parent) {
     const changed = await thresholdEstimate(ctx, plan);
     if (changed !== undefined && changed < options.threshold) {
@@ -326,6 +327,7 @@ async function estimate(ctx: RunContext, plan: RunPlan): Promise<number> {
   }
   // libvirt counts changes on the disks the checkpoint has bitmaps on; an added disk goes whole into the next inc.
   for (const target of plan.addedDisks) ctx.log.info(`disk ${target} was added since ${plan.checkpoint.parent}: the next inc saves it whole, which this estimate leaves out`);
+  for (const { target, from } of plan.resumedDisks) ctx.log.info(`disk ${target} was left out of the backups after ${from}: the next inc saves its changes since then, which this estimate leaves out`);
   return changedBytesSince(ctx.domain, plan.checkpoint.parent);
 }
 
@@ -350,6 +352,7 @@ async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
     scratchDir: scratchDirOf(options),
     targets: disks.map((d) => d.target),
     wholeTargets: plan.addedDisks,
+    resumedTargets: plan.resumedDisks,
     checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
     allTargets: ctx.info.disks.map((d) => d.target),
     checkpoint: plan.checkpoint,

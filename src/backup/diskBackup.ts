@@ -102,7 +102,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
           diskName: disk.target,
           diskFormat: disk.format,
           checkpointName: plan.checkpoint.name,
-          parentCheckpoint: level === 'full' ? '' : plan.checkpoint.parent,
+          parentCheckpoint: level === 'full' ? '' : plan.resumedDisks.find((r) => r.target === disk.target)?.from ?? plan.checkpoint.parent,
           incremental,
         },
         compress: options.compress,

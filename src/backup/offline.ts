@@ -94,12 +94,17 @@ interface ImageBitmap {
   flags?: string[];
 }
 
+/** The persistent bitmaps `qemu-img info --output=json` lists for a qcow2 image. */
+export function imageBitmaps(infoJson: string): ImageBitmap[] {
+  const info = JSON.parse(infoJson) as { 'format-specific'?: { data?: { bitmaps?: ImageBitmap[] } } };
+  return info['format-specific']?.data?.bitmaps ?? [];
+}
+
 /** What is wrong with the persistent bitmap `name` in each qcow2 image, or [] when every image has it intact. */
 export async function bitmapProblems(infoOf: (disk: DomainDisk) => Promise<string>, disks: DomainDisk[], name: string): Promise<string[]> {
   const problems: string[] = [];
   for (const disk of disks.filter((d) => d.format === 'qcow2')) {
-    const info = JSON.parse(await infoOf(disk)) as { 'format-specific'?: { data?: { bitmaps?: ImageBitmap[] } } };
-    const bitmap = info['format-specific']?.data?.bitmaps?.find((b) => b.name === name);
+    const bitmap = imageBitmaps(await infoOf(disk)).find((b) => b.name === name);
     if (!bitmap) problems.push(`bitmap ${name} is missing from ${disk.path}`);
     else if (bitmap.flags?.includes('in-use')) problems.push(`bitmap ${name} in ${disk.path} is inconsistent (the image was not closed cleanly)`);
   }

@@ -4,22 +4,24 @@
 //   -> inc/diff: the set's chain (.cpt), its prefix, checkpoints libvirt lost put back from the saved XML
 //   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
 //   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
-//   -> inc: disks added to the domain since the parent (no bitmap of it) are saved whole, as their chain's base
+//   -> inc: disks added to the domain since the parent (no bitmap of it) are saved whole, as their chain's base;
+//      disks left out of the backups since (-x) resume from their last checkpoint, whose bitmap still runs
 // Guarantees: an inc/diff is only planned on a parent checkpoint that is this set's own; anything else
 // becomes a full backup with a warning (or a clear error where a full is impossible), never a wrong inc.
 import path from 'node:path';
 import fs from 'node:fs/promises';
 import {
-  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, readCheckpointList,
+  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, listSet, readChains, readCheckpointList,
 } from '../set/backupSet.js';
 import {
-  DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
+  DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, checkpointDiskSize, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
 } from '../libvirt/checkpoints.js';
 import { foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
-import { bitmapProblems } from './offline.js';
+import { bitmapProblems, imageBitmaps } from './offline.js';
+import { VIR_DOMAIN_CHECKPOINT_XML_SIZE } from '../native/addon.js';
 import { imageInfoJson } from './sideFiles.js';
 import type { RunContext } from './context.js';
 
@@ -34,6 +36,8 @@ export interface RunPlan {
   archivedChain?: string;
   /** Disks added to the domain since the parent checkpoint: an inc saves them whole, as the base of their chain. */
   addedDisks: string[];
+  /** Disks left out of the backups since an earlier checkpoint of the chain (-x): an inc saves their changes since it. */
+  resumedDisks: Array<{ target: string; from: string }>;
 }
 
 /** The chain's prefix: the set's own for inc/diff (a mismatching --checkpoint-prefix is refused), else the option. */
@@ -50,7 +54,7 @@ function resolvePrefix(wanted: string | undefined, chain: string[], cptFile: str
 }
 
 function planFor(level: Level, chain: string[], prefix: string): RunPlan {
-  return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix), addedDisks: [] };
+  return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix), addedDisks: [], resumedDisks: [] };
 }
 
 /**
@@ -59,24 +63,61 @@ function planFor(level: Level, chain: string[], prefix: string): RunPlan {
  * there. Where that cannot be, the problem to fall back to a full backup for: a diff creates no checkpoint, and a
  * set that already holds a base of that disk (detached, then another attached under its name) cannot take another.
  */
-async function disksAddedSince(ctx: RunContext, parent: string, level: Level): Promise<{ added: string[]; problem?: string }> {
+interface DiskChanges {
+  added: string[];
+  resumed: RunPlan['resumedDisks'];
+  problem?: string;
+}
+
+/**
+ * The last checkpoint of `target`'s chain in the set when that disk was left out of the backups since (-x): its
+ * bitmap there has tracked every change since, as no later checkpoint gave the disk a new one. Undefined where the
+ * set holds no chain of it, or the disk lacks that bitmap (a disk attached anew under its name): libvirt's size
+ * of the changes since that checkpoint names the disk only where QEMU has the bitmap (a running QEMU writes new
+ * bitmaps into the image only when it closes it); a shut-off domain's image lists its bitmaps.
+ */
+async function resumePoint(ctx: RunContext, target: string, chain: string[]): Promise<string | undefined> {
+  const listing = await listSet(ctx.stateDir);
+  const links = (await readChains({ ...listing, dataFiles: listing.dataFiles.filter((f) => f.disk === target) }, chain).catch(() => undefined))?.get(target);
+  const last = links?.filter((l) => l.level !== 'diff').at(-1)?.meta.checkpointName;
+  if (last === undefined || !chain.includes(last)) return undefined;
+  const xml = await ctx.domain.checkpointGetXMLDesc(last, 0).catch(() => '');
+  if (!checkpointBitmapDisks(xml).includes(target)) return undefined;
+  if (!ctx.power.offline) {
+    const sized = await ctx.domain.checkpointGetXMLDesc(last, VIR_DOMAIN_CHECKPOINT_XML_SIZE).catch(() => '');
+    return sized && checkpointDiskSize(sized, target) !== undefined ? last : undefined;
+  }
+  const disk = ctx.disks.find((d) => d.target === target);
+  const info = disk ? await imageInfoJson(ctx, disk).catch(() => undefined) : undefined;
+  return info !== undefined && imageBitmaps(info).some((b) => b.name === last) ? last : undefined;
+}
+
+/** Disks of this run without a bitmap of `parent`: added since, or left out of the backups since. */
+async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level, chain: string[]): Promise<DiskChanges> {
   // Unreadable, it tells nothing: the job's start then names a missing bitmap, which falls back to a full.
   const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
-  if (xml === undefined) return { added: [] };
+  if (xml === undefined) return { added: [], resumed: [] };
   const bitmaps = new Set(checkpointBitmapDisks(xml));
-  const added = ctx.disks.filter((d) => d.format !== 'raw' && !bitmaps.has(d.target)).map((d) => d.target);
-  if (added.length === 0) return { added };
-  const named = `disk${added.length > 1 ? 's' : ''} ${added.join(', ')}`;
-  if (level === 'diff') return { added, problem: `${named} of '${ctx.options.domain}' ${added.length > 1 ? 'have' : 'has'} no bitmap of checkpoint ${parent} (added to the domain since), and a differential backup cannot start ${added.length > 1 ? 'their chains' : 'its chain'}` };
-  if (!ctx.toZip) {
-    for (const target of added) {
-      const base = dataFileName(target, 'full', '');
-      if (await fs.access(path.join(ctx.stateDir, base)).then(() => true, () => false)) {
-        return { added, problem: `disk ${target} of '${ctx.options.domain}' has no bitmap of checkpoint ${parent} (attached anew since), and the set already holds a chain of a disk ${target} (${base})` };
-      }
+  const missing = ctx.disks.filter((d) => d.format !== 'raw' && !bitmaps.has(d.target)).map((d) => d.target);
+  const changes: DiskChanges = { added: [], resumed: [] };
+  for (const target of missing) {
+    const base = dataFileName(target, 'full', '');
+    const inSet = !ctx.toZip && (await fs.access(path.join(ctx.stateDir, base)).then(() => true, () => false));
+    if (!inSet) {
+      changes.added.push(target);
+      continue;
     }
+    const from = await resumePoint(ctx, target, chain);
+    if (from === undefined) {
+      return { ...changes, problem: `disk ${target} of '${ctx.options.domain}' has no bitmap of checkpoint ${parent} (attached anew since), and the set already holds a chain of a disk ${target} (${base})` };
+    }
+    changes.resumed.push({ target, from });
   }
-  return { added };
+  if (level === 'diff' && changes.added.length > 0) {
+    const named = `disk${changes.added.length > 1 ? 's' : ''} ${changes.added.join(', ')}`;
+    return { ...changes, problem: `${named} of '${ctx.options.domain}' ${changes.added.length > 1 ? 'have' : 'has'} no bitmap of checkpoint ${parent} (added to the domain since), and a differential backup cannot start ${changes.added.length > 1 ? 'their chains' : 'its chain'}` };
+  }
+  return changes;
 }
 
 /**
@@ -128,10 +169,14 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   await redefineMissing(domain, chain, ctx.xmlDir, log);
   const problem = await unusableParent(domain, parent, ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);
-  const added = await disksAddedSince(ctx, parent, level);
+  const added = await disksWithoutBitmap(ctx, parent, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
   if (power.offline && added.added.length > 0) {
     throw new UserError(`disk ${added.added.join(', ')} of '${options.domain}' was added since checkpoint ${parent}: its chain starts with a checkpoint, which libvirt cannot create while the domain is shut off; run again ${power.runningAdvice} (that inc saves it whole)`);
+  }
+  const resumed = added.resumed[0];
+  if (power.offline && resumed) {
+    throw new UserError(`disk ${resumed.target} of '${options.domain}' was left out of the backups after checkpoint ${resumed.from}: a shut-off domain's disks are read against one checkpoint, ${parent}; run again ${power.runningAdvice} (that inc saves its changes since ${resumed.from})`);
   }
   const bitmaps = power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent)).join('; ') : '';
   if (bitmaps) return fallBackToFull(ctx, prefix, bitmaps);
@@ -140,9 +185,12 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
     log.info(`domain '${options.domain}' is shut off: libvirt cannot create checkpoint ${prefix}.${chain.length} now, so this inc saves the changes since ${parent} as a differential backup; the chain continues with the next inc while the domain runs`);
     level = 'diff';
   }
-  const plan = { ...planFor(level, chain, prefix), addedDisks: added.added };
+  const plan = { ...planFor(level, chain, prefix), addedDisks: added.added, resumedDisks: added.resumed };
   for (const target of options.printOnly ? [] : plan.addedDisks) {
     log.info(`disk ${target} has no bitmap of checkpoint ${parent} (added to the domain since): this inc saves it whole as ${dataFileName(target, 'full', '')}, and checkpoint ${plan.checkpoint.name} starts its changes`);
+  }
+  for (const { target, from } of options.printOnly ? [] : plan.resumedDisks) {
+    log.info(`disk ${target} was left out of the backups after checkpoint ${from}: this ${level} saves its changes since ${from}, which its bitmap there has kept`);
   }
   return plan;
 }

@@ -20,6 +20,8 @@ export interface BackupJobOptions {
   targets: string[];
   /** Of those, the ones an incremental job exports whole (added to the domain since its parent checkpoint). */
   wholeTargets?: string[];
+  /** Of those, the ones an incremental job exports from an earlier checkpoint (left out of the backups since). */
+  resumedTargets?: Array<{ target: string; from: string }>;
   /** Disk targets that get a bitmap in the new checkpoint (raw-format disks cannot). */
   checkpointTargets: string[];
   /** All disk targets of the domain (the others are listed as not participating). */
@@ -66,7 +68,8 @@ export class BackupJob {
     const { checkpoint } = options;
     const tag = crypto.randomBytes(3).toString('hex');
     const whole = new Set(options.wholeTargets);
-    const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`), full: whole.has(target) }));
+    const since = new Map((options.resumedTargets ?? []).map((r) => [r.target, r.from]));
+    const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`), full: whole.has(target), since: since.get(target) }));
     const jobXml = backupJobXml(options.server, checkpoint.parent, disks, options.allTargets);
     const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
     options.log.debug(`backup job XML:\n${jobXml}`);

@@ -85,6 +85,8 @@ export interface BackupJobDisk {
   scratchFile: string;
   /** Exported whole in an incremental job: the disk has no bitmap of the parent checkpoint (added since). */
   full?: boolean;
+  /** In an incremental job, this disk's changes since this checkpoint instead of the job's (left out since, -x). */
+  since?: string;
 }
 
 /** Pull-mode backup over a unix socket; `<incremental>` makes libvirt export the dirty bitmap as backup-<disk>. */
@@ -103,9 +105,14 @@ function serverXml(server: JobServer): string {
 
 export function backupJobXml(server: JobServer, incrementalFrom: string, disks: BackupJobDisk[], allTargets: string[]): string {
   const selected = new Set(disks.map((d) => d.target));
-  // backupmode='full' (libvirt >= 7.6): this disk whole, the others' changes since `incrementalFrom`.
+  // Per-disk modes (libvirt >= 7.6): this disk whole, or its changes since another checkpoint than the job's.
+  const mode = (d: BackupJobDisk): string => {
+    if (!incrementalFrom) return '';
+    if (d.full) return ` backupmode='full'`;
+    return d.since ? ` backupmode='incremental' incremental='${escapeXml(d.since)}'` : '';
+  };
   const lines = disks.map((d) =>
-    `    <disk name='${escapeXml(d.target)}' backup='yes' type='file'${incrementalFrom && d.full ? ` backupmode='full'` : ''}>\n      <scratch file='${escapeXml(d.scratchFile)}'/>\n    </disk>`);
+    `    <disk name='${escapeXml(d.target)}' backup='yes' type='file'${mode(d)}>\n      <scratch file='${escapeXml(d.scratchFile)}'/>\n    </disk>`);
   for (const t of allTargets) if (!selected.has(t)) lines.push(`    <disk name='${escapeXml(t)}' backup='no'/>`);
   const incremental = incrementalFrom ? `  <incremental>${escapeXml(incrementalFrom)}</incremental>\n` : '';
   return `<domainbackup mode='pull'>\n${incremental}  ${serverXml(server)}\n  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`;
@@ -127,6 +134,13 @@ const checkpointParser = new XMLParser({ ignoreAttributes: false, attributeNameP
 export function checkpointBitmapDisks(xml: string): string[] {
   const root = (checkpointParser.parse(xml) as { domaincheckpoint?: { disks?: { disk?: Array<Record<string, string>> } } }).domaincheckpoint;
   return (root?.disks?.disk ?? []).filter((d) => d['@_checkpoint'] === 'bitmap').map((d) => d['@_name'] ?? '');
+}
+
+/** The `size` (bytes changed since the checkpoint) an XML got with the size flag gives `target`: none without its bitmap. */
+export function checkpointDiskSize(xml: string, target: string): number | undefined {
+  const root = (checkpointParser.parse(xml) as { domaincheckpoint?: { disks?: { disk?: Array<Record<string, string>> } } }).domaincheckpoint;
+  const size = (root?.disks?.disk ?? []).find((d) => d['@_name'] === target)?.['@_size'];
+  return size === undefined ? undefined : Number(size);
 }
 
 /** Text of the first `<tag>` element of a checkpoint XML. */

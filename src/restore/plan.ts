@@ -173,7 +173,8 @@ export async function loadChains(input: string, until: string | undefined, onlyD
 
 /**
  * Why a disk has no state at checkpoint `until` (by the set's checkpoint order), if it has none: its chain starts
- * after it (the disk was added later) or ends before it (removed, or left out of the backups since).
+ * after it (the disk was added later), ends before it (removed, or left out of the backups since), or skips it
+ * (left out of that backup, then resumed).
  */
 function absentAt(chain: ChainLink[], until: string, checkpoints: string[]): string | undefined {
   const point = checkpoints.indexOf(until);
@@ -183,6 +184,9 @@ function absentAt(chain: ChainLink[], until: string, checkpoints: string[]): str
   if (point < 0 || first < 0 || end < 0) return undefined;
   if (first > point) return `its backups start at checkpoint ${base.meta.checkpointName} (${base.file}), after ${until}: it was added to the domain later`;
   if (end < point) return `its backups end at checkpoint ${last.meta.checkpointName} (${last.file}), before ${until}: it was removed from the domain or left out of the backups since`;
+  if (!chain.some((l) => l.level !== 'diff' && l.meta.checkpointName === until)) {
+    return `the backup at checkpoint ${until} left it out (-x); restore it alone with -d ${base.disk} and --until one of its own points`;
+  }
   return undefined;
 }
 

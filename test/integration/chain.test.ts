@@ -4,7 +4,7 @@
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
 // lost becomes a full, the old chain archived; disks grown, attached and detached within a chain; an external
-// snapshot taken and committed back within a chain; a domain renamed within a chain.
+// snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc.
 // Every point of every set is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -313,4 +313,45 @@ test('a domain renamed within a chain (virsh domrename keeps its UUID and checkp
     virsh('destroy', renamed);
     virsh('domrename', renamed, dom.name); // the fixture removes it by its name
   }
+});
+
+test('a disk left out of an inc (-x) and included again resumes from its last checkpoint, whose bitmap kept its changes; every point restores', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 2 }] }] });
+  const work = await withTempDir(t, 'exclude-');
+  const set = path.join(work, 'set');
+  const [a0, b0] = [await dom.snapshot('vda'), await dom.snapshot('vdb')];
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x31, '1M', '1M');
+  await dom.write('vdb', 0x32, '4M', '1M');
+  const a1 = await dom.snapshot('vda');
+  await backup(dom, set, 'inc', '-x', 'vdb');
+  await dom.write('vdb', 0x33, '6M', '1M');
+  const [a2, b2] = [await dom.snapshot('vda'), await dom.snapshot('vdb')];
+  const resumed = await backup(dom, set, 'inc');
+  assert.match(resumed, /disk vdb was left out of the backups after checkpoint virtnbdbackup\.0: this inc saves its changes since virtnbdbackup\.0/);
+  assert.doesNotMatch(resumed, /previous chain was moved|warning/);
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.endsWith('.data')).sort(),
+    ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vda.inc.virtnbdbackup.2.data', 'vdb.full.data', 'vdb.inc.virtnbdbackup.2.data']);
+  const all = async (until: string | undefined): Promise<{ out: string; stderr: string }> => {
+    const out = await fs.mkdtemp(path.join(work, 'all-'));
+    return { out, stderr: (await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, ...(until ? ['--until', until] : [])])).stderr };
+  };
+  const same = async (image: string, reference: string): Promise<void> => {
+    const result = await TestDomain.compare(image, reference);
+    assert.ok(result.identical, `${image}: ${result.output}`);
+  };
+  const latest = await all(undefined);
+  await same(path.join(latest.out, 'vda.qcow2'), a2);
+  await same(path.join(latest.out, 'vdb.qcow2'), b2);
+  // At checkpoint 1 the backup left vdb out: it is left out of that point's restore, and says so.
+  const point1 = await all('virtnbdbackup.1');
+  assert.match(point1.stderr, /disk vdb is left out of the restore at virtnbdbackup\.1: the backup at checkpoint virtnbdbackup\.1 left it out \(-x\)/);
+  await same(path.join(point1.out, 'vda.qcow2'), a1);
+  assert.equal(await fs.access(path.join(point1.out, 'vdb.qcow2')).then(() => true, () => false), false);
+  const point0 = await all('virtnbdbackup.0');
+  await same(path.join(point0.out, 'vda.qcow2'), a0);
+  await same(path.join(point0.out, 'vdb.qcow2'), b0);
+  const py = path.join(work, 'python');
+  await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py, '-d', 'vdb']);
+  await same(path.join(py, 'vdb.qcow2'), b2);
 });

@@ -11,7 +11,7 @@ import { createRequire } from 'node:module';
 import { PassThrough } from 'node:stream';
 import { DigestList } from '../../src/stream/digestList.js';
 import { randomBytes } from 'node:crypto';
-import { backupJobXml, checkpointBitmapDisks, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
+import { backupJobXml, checkpointBitmapDisks, checkpointDiskSize, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../../src/libvirt/domainXml.js';
 import { qcow2CreateOptions } from '../../src/restore/qemu.js';
 
@@ -57,6 +57,13 @@ test('a disk added since the parent checkpoint: found by the checkpoint\'s bitma
   const job = backupJobXml({ socket: '/var/tmp/s' }, 'virtnbdbackup.0', [{ target: 'vda', scratchFile: '/var/tmp/a' }, { target: 'vdb', scratchFile: '/var/tmp/b', full: true }], ['vda', 'vdb']);
   assert.match(job, /<disk name='vda' backup='yes' type='file'>/);
   assert.match(job, /<disk name='vdb' backup='yes' type='file' backupmode='full'>/);
+  // A disk left out of the backups since an earlier checkpoint: its changes since that one.
+  const resumed = backupJobXml({ socket: '/var/tmp/s' }, 'virtnbdbackup.2', [{ target: 'vdb', scratchFile: '/var/tmp/b', since: 'virtnbdbackup.0' }], ['vdb']);
+  assert.match(resumed, /<disk name='vdb' backup='yes' type='file' backupmode='incremental' incremental='virtnbdbackup\.0'>/);
+  // The size flag's XML names a disk's size only where QEMU has its bitmap.
+  const sized = "<domaincheckpoint><name>virtnbdbackup.2</name><disks><disk name='vda' checkpoint='bitmap' bitmap='virtnbdbackup.2' size='1048576'/><disk name='vdb' checkpoint='bitmap' bitmap='virtnbdbackup.2'/></disks></domaincheckpoint>";
+  assert.equal(checkpointDiskSize(sized, 'vda'), 1048576);
+  assert.equal(checkpointDiskSize(sized, 'vdb'), undefined);
   // A full job exports every disk whole anyway: no per-disk mode.
   assert.doesNotMatch(backupJobXml({ socket: '/var/tmp/s' }, '', [{ target: 'vdb', scratchFile: '/var/tmp/b', full: true }], ['vdb']), /backupmode/);
 });
