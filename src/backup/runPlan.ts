@@ -57,12 +57,7 @@ function planFor(level: Level, chain: string[], prefix: string): RunPlan {
   return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix), addedDisks: [], resumedDisks: [] };
 }
 
-/**
- * The disks of this run that checkpoint `parent` gave no bitmap: added to the domain since. An inc saves each whole
- * (a full stream, `<disk>.full.data`) and the new checkpoint gives it a bitmap, so its own chain goes on from
- * there. Where that cannot be, the problem to fall back to a full backup for: a diff creates no checkpoint, and a
- * set that already holds a base of that disk (detached, then another attached under its name) cannot take another.
- */
+/** What disksWithoutBitmap found: disks to save whole, disks to resume, or why this run must be a full one. */
 interface DiskChanges {
   added: string[];
   resumed: RunPlan['resumedDisks'];
@@ -92,7 +87,14 @@ async function resumePoint(ctx: RunContext, target: string, chain: string[]): Pr
   return info !== undefined && imageBitmaps(info).some((b) => b.name === last) ? last : undefined;
 }
 
-/** Disks of this run without a bitmap of `parent`: added since, or left out of the backups since. */
+/**
+ * The disks of this run that checkpoint `parent` gave no bitmap. One the set holds no chain of was added to the
+ * domain since: an inc saves it whole (a full stream, `<disk>.full.data`) and the new checkpoint gives it a
+ * bitmap, so its own chain goes on from there. One the set holds a chain of was left out of the backups since
+ * (-x): it resumes from its last checkpoint (resumePoint). Where neither can be, the problem to fall back to a
+ * full backup for: a diff creates no checkpoint to start a chain, and a disk attached anew under the name of one
+ * the set holds a chain of cannot take another base.
+ */
 async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level, chain: string[]): Promise<DiskChanges> {
   // Unreadable, it tells nothing: the job's start then names a missing bitmap, which falls back to a full.
   const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
