@@ -11,7 +11,7 @@
 import path from 'node:path';
 import fs from 'node:fs/promises';
 import {
-  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, listSet, readChains, readCheckpointList,
+  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, readCheckpointList,
 } from '../set/backupSet.js';
 import {
   DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, checkpointDiskSize, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
@@ -64,36 +64,40 @@ interface DiskChanges {
   problem?: string;
 }
 
-/**
- * The last checkpoint of `target`'s chain in the set when that disk was left out of the backups since (-x): its
- * bitmap there has tracked every change since, as no later checkpoint gave the disk a new one. Undefined where the
- * set holds no chain of it, or the disk lacks that bitmap (a disk attached anew under its name): libvirt's size
- * of the changes since that checkpoint names the disk only where QEMU has the bitmap (a running QEMU writes new
- * bitmaps into the image only when it closes it); a shut-off domain's image lists its bitmaps.
- */
-async function resumePoint(ctx: RunContext, target: string, chain: string[]): Promise<string | undefined> {
-  const listing = await listSet(ctx.stateDir);
-  const links = (await readChains({ ...listing, dataFiles: listing.dataFiles.filter((f) => f.disk === target) }, chain).catch(() => undefined))?.get(target);
-  const last = links?.filter((l) => l.level !== 'diff').at(-1)?.meta.checkpointName;
-  if (last === undefined || !chain.includes(last)) return undefined;
-  const xml = await ctx.domain.checkpointGetXMLDesc(last, 0).catch(() => '');
-  if (!checkpointBitmapDisks(xml).includes(target)) return undefined;
-  if (!ctx.power.offline) {
-    const sized = await ctx.domain.checkpointGetXMLDesc(last, VIR_DOMAIN_CHECKPOINT_XML_SIZE).catch(() => '');
-    return sized && checkpointDiskSize(sized, target) !== undefined ? last : undefined;
+/** The newest checkpoint of the chain that gave `target` a bitmap: undefined for a disk new to the chain. */
+async function lastBitmapOf(ctx: RunContext, target: string, chain: string[]): Promise<string | undefined> {
+  for (const name of [...chain].reverse()) {
+    const xml = await ctx.domain.checkpointGetXMLDesc(name, 0).catch(() => '');
+    if (checkpointBitmapDisks(xml).includes(target)) return name;
   }
-  const disk = ctx.disks.find((d) => d.target === target);
-  const info = disk ? await imageInfoJson(ctx, disk).catch(() => undefined) : undefined;
-  return info !== undefined && imageBitmaps(info).some((b) => b.name === last) ? last : undefined;
+  return undefined;
 }
 
 /**
- * The disks of this run that checkpoint `parent` gave no bitmap. One the set holds no chain of was added to the
- * domain since: an inc saves it whole (a full stream, `<disk>.full.data`) and the new checkpoint gives it a
- * bitmap, so its own chain goes on from there. One the set holds a chain of was left out of the backups since
- * (-x): it resumes from its last checkpoint (resumePoint). Where neither can be, the problem to fall back to a
- * full backup for: a diff creates no checkpoint to start a chain, and a disk attached anew under the name of one
- * the set holds a chain of cannot take another base.
+ * Whether `target` still has the bitmap of checkpoint `last`, which has tracked every change since when the disk
+ * was left out of the backups after it (-x): no later checkpoint gave the disk a new one. A disk attached anew
+ * under that name has not. libvirt's size of the changes since that checkpoint names the disk only where QEMU has
+ * the bitmap (a running QEMU writes new bitmaps into the image only when it closes it); a shut-off domain's image
+ * lists its bitmaps.
+ */
+async function stillTracked(ctx: RunContext, target: string, last: string): Promise<boolean> {
+  if (!ctx.power.offline) {
+    const sized = await ctx.domain.checkpointGetXMLDesc(last, VIR_DOMAIN_CHECKPOINT_XML_SIZE).catch(() => '');
+    return sized !== '' && checkpointDiskSize(sized, target) !== undefined;
+  }
+  const disk = ctx.disks.find((d) => d.target === target);
+  const info = disk ? await imageInfoJson(ctx, disk).catch(() => undefined) : undefined;
+  return info !== undefined && imageBitmaps(info).some((b) => b.name === last);
+}
+
+/**
+ * The disks of this run that checkpoint `parent` gave no bitmap. One no checkpoint of the chain gave a bitmap was
+ * added to the domain since: an inc saves it whole (a full stream, `<disk>.full.data`) and the new checkpoint
+ * gives it a bitmap, so its own chain goes on from there. One an earlier checkpoint did was left out of the
+ * backups since (-x): it resumes from that checkpoint while it still has its bitmap (stillTracked). Where neither
+ * can be, the problem to fall back to a full backup for: a diff creates no checkpoint to start a chain, and a disk
+ * attached anew under the name of one the chain holds cannot take another base. Judged by the checkpoints, not
+ * the files, so that a zip on standard output (whose set is elsewhere) is judged alike.
  */
 async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level, chain: string[]): Promise<DiskChanges> {
   // Unreadable, it tells nothing: the job's start then names a missing bitmap, which falls back to a full.
@@ -103,17 +107,14 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
   const missing = ctx.disks.filter((d) => d.format !== 'raw' && !bitmaps.has(d.target)).map((d) => d.target);
   const changes: DiskChanges = { added: [], resumed: [] };
   for (const target of missing) {
-    const base = dataFileName(target, 'full', '');
-    const inSet = !ctx.toZip && (await fs.access(path.join(ctx.stateDir, base)).then(() => true, () => false));
-    if (!inSet) {
-      changes.added.push(target);
-      continue;
-    }
-    const from = await resumePoint(ctx, target, chain);
+    const from = await lastBitmapOf(ctx, target, chain);
     if (from === undefined) {
-      return { ...changes, problem: `disk ${target} of '${ctx.options.domain}' has no bitmap of checkpoint ${parent} (attached anew since), and the set already holds a chain of a disk ${target} (${base})` };
+      changes.added.push(target);
+    } else if (await stillTracked(ctx, target, from)) {
+      changes.resumed.push({ target, from });
+    } else {
+      return { ...changes, problem: `disk ${target} of '${ctx.options.domain}' has no bitmap of checkpoint ${parent} (attached anew since), and the chain already holds a disk ${target} (up to checkpoint ${from})` };
     }
-    changes.resumed.push({ target, from });
   }
   if (level === 'diff' && changes.added.length > 0) {
     const named = `disk${changes.added.length > 1 ? 's' : ''} ${changes.added.join(', ')}`;

@@ -252,7 +252,7 @@ test('disks change within a chain: one grown, one attached (saved whole by the n
   await dom.start();
   const c4 = await dom.snapshot('vdb');
   const again = await backup(dom, set, 'inc');
-  assert.match(again, /disk vdb of '\S+' has no bitmap of checkpoint virtnbdbackup\.3 \(attached anew since\), and the set already holds a chain of a disk vdb \(vdb\.full\.data\): an incremental backup would be wrong, so this run makes a full backup instead/);
+  assert.match(again, /disk vdb of '\S+' has no bitmap of checkpoint virtnbdbackup\.3 \(attached anew since\), and the chain already holds a disk vdb \(up to checkpoint virtnbdbackup\.2\): an incremental backup would be wrong, so this run makes a full backup instead/);
   await assertPoint(work, archivedChain(again), a3);
   await restoreAll(undefined, { vda: [a3, 128], vdb: [c4, 16] });
 });

@@ -235,3 +235,30 @@ test('beyond 4 GiB: offsets (and, with VNBD_LARGE=1, file sizes) in a directory 
     await assertSame(path.join(out, 'vda.qcow2'), ref);
   }
 });
+
+test('zip on stdout: a disk left out of one inc (-x) resumes in the next zip as an inc, whose files unzip beside the earlier ones into a set that restores', async (t) => {
+  const dom = await withDomain(t, { disks: [
+    { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] },
+    { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 2 }] },
+  ] });
+  const work = await tempDir('vnbd-zipx-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const state = path.join(work, 'state');
+  await fs.mkdir(state);
+  const zips = ['full', 'inc1', 'inc2'].map((n) => path.join(work, `${n}.zip`));
+  assert.equal((await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], zips[0] as string)).code, 0);
+  await dom.write('vdb', 0x33, '4M', '1M');
+  assert.equal((await backupToZip(state, ['-d', dom.name, '-l', 'inc', '-n', '-x', 'vdb'], zips[1] as string)).code, 0);
+  await dom.write('vdb', 0x44, '6M', '1M');
+  const reference = await dom.snapshot('vdb', path.join(work, 'vdb.ref'));
+  const resumed = await backupToZip(state, ['-d', dom.name, '-l', 'inc', '-n'], zips[2] as string);
+  assert.equal(resumed.code, 0, resumed.stderr);
+  assert.match(resumed.stderr, /disk vdb was left out of the backups after checkpoint virtnbdbackup\.0/);
+  const names = (await run('unzip', ['-Z1', zips[2] as string])).stdout.split('\n');
+  assert.ok(names.includes('vdb.inc.virtnbdbackup.2.data') && !names.includes('vdb.full.data'), names.join(' '));
+  const set = path.join(work, 'set');
+  for (const zip of zips) await run('unzip', ['-n', '-q', zip, '-d', set]);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vdb']);
+  await assertSame(path.join(out, 'vdb.qcow2'), reference);
+});
