@@ -11,7 +11,7 @@
 import path from 'node:path';
 import fs from 'node:fs/promises';
 import {
-  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, readCheckpointList,
+  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, readCheckpointList, savedConfigNames,
 } from '../set/backupSet.js';
 import {
   DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, checkpointDiskSize, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
@@ -66,7 +66,8 @@ interface DiskChanges {
 
 /** The newest checkpoint of the chain that gave `target` a bitmap: undefined for a disk new to the chain. */
 async function lastBitmapOf(ctx: RunContext, target: string, chain: string[]): Promise<string | undefined> {
-  for (const name of [...chain].reverse()) {
+  // The parent is the chain's last, which gave the disk none.
+  for (const name of chain.slice(0, -1).reverse()) {
     const xml = await ctx.domain.checkpointGetXMLDesc(name, 0).catch(() => '');
     if (checkpointBitmapDisks(xml).includes(target)) return name;
   }
@@ -131,13 +132,11 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
  */
 async function adoptRenamedChain(ctx: RunContext, cptFile: string): Promise<string> {
   if (ctx.toZip || (await fs.access(cptFile).then(() => true, () => false))) return cptFile;
-  const names = await fs.readdir(ctx.stateDir);
-  const lists = names.filter((n) => n.endsWith('.cpt'));
+  const lists = (await fs.readdir(ctx.stateDir)).filter((n) => n.endsWith('.cpt'));
   if (lists.length !== 1) return cptFile;
   const former = lists[0] as string;
-  const configs = await Promise.all(names.filter((n) => /^vmconfig\..+\.xml$/.test(n)).map(async (n) => ({ n, at: (await fs.stat(path.join(ctx.stateDir, n))).mtimeMs })));
-  const newest = configs.sort((a, b) => b.at - a.at)[0];
-  const uuid = newest ? await fs.readFile(path.join(ctx.stateDir, newest.n), 'utf8').then((xml) => parseDomainXml(xml).uuid, () => '') : '';
+  const newest = (await savedConfigNames(ctx.stateDir))[0];
+  const uuid = newest ? await fs.readFile(path.join(ctx.stateDir, newest), 'utf8').then((xml) => parseDomainXml(xml).uuid, () => '') : '';
   const formerName = former.slice(0, -'.cpt'.length);
   if (!uuid || !ctx.info.uuid) {
     throw new UserError(`the set ${ctx.stateDir} holds the chain of '${formerName}' (${former}), not of '${ctx.options.domain}'; if the domain was renamed, rename ${former} to ${path.basename(cptFile)} to continue its chain, else back up into another directory`);

@@ -130,16 +130,20 @@ export function withoutDomain(checkpointXml: string): string {
 
 const checkpointParser = new XMLParser({ ignoreAttributes: false, attributeNamePrefix: '@_', isArray: (name) => name === 'disk' });
 
+/** The attributes of each `<disk>` of a checkpoint XML's `<disks>` (not of its copy of the domain). */
+function checkpointDiskEntries(xml: string): Array<Record<string, string>> {
+  const root = (checkpointParser.parse(xml) as { domaincheckpoint?: { disks?: { disk?: Array<Record<string, string>> } } }).domaincheckpoint;
+  return root?.disks?.disk ?? [];
+}
+
 /** The disks a checkpoint XML gives a bitmap (checkpoint='bitmap'): the only ones an incremental from it can read. */
 export function checkpointBitmapDisks(xml: string): string[] {
-  const root = (checkpointParser.parse(xml) as { domaincheckpoint?: { disks?: { disk?: Array<Record<string, string>> } } }).domaincheckpoint;
-  return (root?.disks?.disk ?? []).filter((d) => d['@_checkpoint'] === 'bitmap').map((d) => d['@_name'] ?? '');
+  return checkpointDiskEntries(xml).filter((d) => d['@_checkpoint'] === 'bitmap').map((d) => d['@_name'] ?? '');
 }
 
 /** The `size` (bytes changed since the checkpoint) an XML got with the size flag gives `target`: none without its bitmap. */
 export function checkpointDiskSize(xml: string, target: string): number | undefined {
-  const root = (checkpointParser.parse(xml) as { domaincheckpoint?: { disks?: { disk?: Array<Record<string, string>> } } }).domaincheckpoint;
-  const size = (root?.disks?.disk ?? []).find((d) => d['@_name'] === target)?.['@_size'];
+  const size = checkpointDiskEntries(xml).find((d) => d['@_name'] === target)?.['@_size'];
   return size === undefined ? undefined : Number(size);
 }
 
@@ -170,9 +174,7 @@ export function checkpointIdentity(xml: string): string {
 
 /** Sum of the per-disk `size` attributes (bytes changed since the checkpoint) of an XML got with the size flag. */
 export function checkpointSize(xml: string): number {
-  let total = 0;
-  for (const m of xml.matchAll(/<disk\b[^>]*\bsize=['"](\d+)['"]/g)) total += Number(m[1]);
-  return total;
+  return checkpointDiskEntries(xml).reduce((total, d) => total + Number(d['@_size'] ?? 0), 0);
 }
 
 /**

@@ -8,7 +8,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  checkLinks, listSet, parseDataFileName, qcowInfoName, readChains, readCheckpointList, vmConfigName,
+  checkLinks, listSet, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -216,9 +216,7 @@ class SavedConfigs {
   private constructor(private readonly input: string, readonly files: string[]) {}
 
   static async read(input: string): Promise<SavedConfigs> {
-    const names = (await fs.readdir(input)).filter((n) => /^vmconfig\..+\.xml$/.test(n));
-    const dated = await Promise.all(names.map(async (n) => ({ n, at: (await fs.stat(path.join(input, n))).mtimeMs })));
-    return new SavedConfigs(input, dated.sort((a, b) => b.at - a.at).map((d) => d.n));
+    return new SavedConfigs(input, await savedConfigNames(input));
   }
 
   private disks(file: string): Promise<DomainDisk[]> {

@@ -5,10 +5,10 @@
 //   -> each stream's records in order (zero frames of later links written; onto an existing target, the base
 //      also zeroes every range it does not cover) -> adler32 of each file == its .chksum -> flush, stop qemu-nbd
 //   -> (--compress: qemu-img convert -c) -> rename; raw images: qemu-img convert (onto another host: their data
-//   through its qemu-nbd, as for streams) -> vmconfig copied, or adjusted
-//   with the saved NVRAM copied beside it -> -D: defined through libvirt (a warning when the backed-up domain is
-//   defined there too with the same MAC addresses). With a remote URI, every step on the
-//   output's side (files, qemu-img, qemu-nbd) runs on that host through ssh, and NBD goes over TCP.
+//   through its qemu-nbd, as for streams) -> vmconfig copied, or adjusted with the saved NVRAM copied beside it
+//   -> -D: defined through libvirt (a warning when the backed-up domain is defined there too with the same MAC
+//   addresses). With a remote URI, every step on the output's side (files, qemu-img, qemu-nbd) runs on that host
+//   through ssh, and NBD goes over TCP.
 // Guarantees: never overwrites an existing file; each link is fully written before the next starts, so later
 // changes win; a damaged file (bad frame, bad lz4 checksum, checksum mismatch) fails the restore naming it, and a
 // failed restore into a directory leaves nothing of that disk behind. Only -D needs libvirtd.

@@ -48,6 +48,13 @@ export async function writeDigestFile(target: OutputTarget, dataFile: string, pi
 }
 export const checkpointListName = (domain: string): string => `${domain}.cpt`;
 export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;
+
+/** The domain XMLs saved in the set `dir` (vmconfig.<ident>.xml), newest first by modification time. */
+export async function savedConfigNames(dir: string): Promise<string[]> {
+  const names = (await fs.readdir(dir)).filter((n) => /^vmconfig\..+\.xml$/.test(n));
+  const dated = await Promise.all(names.map(async (n) => ({ n, at: (await fs.stat(path.join(dir, n))).mtimeMs })));
+  return dated.sort((a, b) => b.at - a.at).map((d) => d.n);
+}
 /** Present when the domain was set to start with the host at backup `ident`. */
 export const autostartName = (ident: string): string => `autostart.${ident}`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;
