@@ -4,14 +4,15 @@
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
 // lost becomes a full, the old chain archived; disks grown, attached and detached within a chain; an external
-// snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc.
+// snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc;
+// guest writes while a full and an inc copy: each holds the disk of its start, the next inc the writes.
 // Every point of every set is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { TestDomain, run, withDomain, withTempDir } from '../support/testbed.js';
-import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
+import { ourBin, pythonBin, runCli, runOk, startCli, whenExists } from '../support/cli.js';
 import { assertRestoresTo as assertPoint, virsh } from '../support/points.js';
 import { startMap } from '../support/map.js';
 
@@ -354,4 +355,38 @@ test('a disk left out of an inc (-x) and included again resumes from its last ch
   const py = path.join(work, 'python');
   await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py, '-d', 'vdb']);
   await same(path.join(py, 'vdb.qcow2'), b2);
+});
+
+test('guest writes during a backup: the set holds the disk as it was when the job started, and the next inc holds those writes', async (t) => {
+  // 768 MiB of data, so that the copy is surely under way when the run is held (SIGSTOP) for the guest's writes.
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
+  const work = await withTempDir(t, 'inflight-');
+  const set = path.join(work, 'set');
+  /** Runs `level` and, once its data flows, holds it while the guest writes `writes` (pattern, offset MiB). */
+  const backupDuringWrites = async (level: string, partial: string, writes: Array<[number, number]>): Promise<void> => {
+    const running = startCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', level, '-o', set]);
+    await whenExists(path.join(set, partial));
+    running.child.kill('SIGSTOP');
+    try {
+      for (const [pattern, offsetMiB] of writes) await dom.write('vda', pattern, `${offsetMiB}M`, '2M');
+    } finally {
+      running.child.kill('SIGCONT');
+    }
+    const r = await running.done;
+    assert.equal(r.code, 0, r.stderr);
+  };
+  const p0 = await dom.snapshot('vda');
+  // Before the copy's position (at its start), where it may be, and past it; one into the unallocated end too.
+  await backupDuringWrites('full', 'vda.full.data.partial', [[0xa1, 0], [0xa2, 300], [0xa3, 700], [0xa4, 900]]);
+  const p1 = await dom.snapshot('vda');
+  await dom.write('vda', 0xb1, '100M', '400M');
+  const p2 = await dom.snapshot('vda');
+  await backupDuringWrites('inc', 'vda.inc.virtnbdbackup.1.data.partial', [[0xc1, 150], [0xc2, 400], [0xc3, 950]]);
+  const p3 = await dom.snapshot('vda');
+  await backup(dom, set, 'inc');
+  await assertPoint(work, set, p0, 'virtnbdbackup.0');
+  await assertPoint(work, set, p2, 'virtnbdbackup.1');
+  await assertPoint(work, set, p3);
+  // The point between (p1, the full's in-flight writes alone) is no backup's; p2 holds them, so check they are there.
+  assert.equal((await TestDomain.compare(p1, p2)).identical, false);
 });

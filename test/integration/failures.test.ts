@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { TestDomain, withDomain, withTmpfs, tempDir } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliResult, type CliRun } from '../support/cli.js';
+import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliResult, type CliRun, whenExists } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
 import { assertRestoresTo } from '../support/points.js';
 import { watchScratch } from '../../src/backup/scratchWatch.js';
@@ -134,11 +134,7 @@ async function backupInFlight(t: TestContext, name: string, dataMiB = 768): Prom
   t.after(() => fs.rm(out, { recursive: true, force: true }));
   const socket = `/var/tmp/vnbdtest-${process.pid}-${name}.sock`;
   const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
-  const partial = path.join(out, 'vda.full.data.partial');
-  for (let i = 0; i < 2000; i++) {
-    if (await fs.access(partial).then(() => true, () => false)) break;
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
+  await whenExists(path.join(out, 'vda.full.data.partial'));
   return { dom, out, socket, run };
 }
 

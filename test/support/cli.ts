@@ -63,6 +63,14 @@ export function startCli(command: string, args: string[], { detached = false } =
   return { child, done };
 }
 
+/** Resolves once `file` exists (a run's data flowing into its .partial, say), or after about 10 s. */
+export async function whenExists(file: string): Promise<void> {
+  for (let i = 0; i < 2000; i++) {
+    if (await fs.access(file).then(() => true, () => false)) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
 export function runCli(command: string, args: string[]): Promise<CliResult> {
   return startCli(command, args).done;
 }
