@@ -2,7 +2,7 @@
 // every point restored and compared bit for bit with a copy of the disk taken at that point, by our restore
 // and (where the format allows) by Debian's Python virtnbdrestore; and Python's backups restored by ours; a
 // block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image); a volume of a storage pool;
-// a read-only disk beside a writable one.
+// a read-only disk beside a writable one; a chain whose backups switch between Python and ours.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -220,4 +220,27 @@ test('a read-only disk (<readonly/>), which libvirt\'s jobs refuse, is left out 
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
   const result = await TestDomain.compare(path.join(out, 'vda.qcow2'), await dom.snapshot('vda'));
   assert.ok(result.identical, result.output);
+});
+
+test('a chain that switches tools: Python full, ours inc, Python inc, ours inc; every point restores with ours and Python', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const work = await tempDir('vnbd-switch-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  const tools = [pythonBin('virtnbdbackup'), ourBin('virtnbdbackup'), pythonBin('virtnbdbackup'), ourBin('virtnbdbackup')];
+  const points: string[] = [];
+  for (const [i, tool] of tools.entries()) {
+    if (i > 0) await dom.write('vda', 0x20 + i, `${i}M`, '1M');
+    points.push(await dom.snapshot('vda'));
+    await runOk(tool, ['-d', dom.name, '-l', i === 0 ? 'full' : 'inc', '-o', set, '-n']);
+  }
+  assert.deepEqual(JSON.parse(await fs.readFile(path.join(set, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2', 'virtnbdbackup.3']);
+  for (const [i, reference] of points.entries()) {
+    for (const [tool, name] of [[ourBin('virtnbdrestore'), 'ours'], [pythonBin('virtnbdrestore'), 'python']] as const) {
+      const out = path.join(work, `${name}-${i}`);
+      await runOk(tool, ['-i', set, '-o', out, '-n', '--until', `virtnbdbackup.${i}`]);
+      const result = await TestDomain.compare(path.join(out, 'vda.qcow2'), reference);
+      assert.ok(result.identical, `${name} at virtnbdbackup.${i}: ${result.output}`);
+    }
+  }
 });
