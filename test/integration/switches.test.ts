@@ -2,17 +2,19 @@
 // ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
 // exactly), -w (disks at once), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
 // refused, two domains in parallel fine), how runs leave libvirtd (job torn down, connection closed), the
-// guest agent freeze (-F) where no agent answers, and --user/--password for a libvirtd that asks for a login.
+// guest agent freeze (-F) where no agent answers, and --user/--password for a libvirtd that asks for a login, also
+// over qemu+tcp:// for a whole full and inc.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { withDomain, withTempDir, TestDomain } from '../support/testbed.js';
 import { ourBin, pythonBin, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo, virsh } from '../support/points.js';
 import { withSaslLibvirtd } from '../support/libvirtd.js';
+import { freePort, sshConfiguredFor, withPrivateSshd } from '../support/sshd.js';
 
 const bin = ourBin('virtnbdbackup');
 const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
@@ -211,12 +213,14 @@ test('guest agent: a configured agent that does not answer is a warning (-e: exi
   assert.match(asked.stderr, new RegExp(`domain '${plain.name}' has no QEMU guest agent channel: filesystems not frozen`));
 });
 
-test('--user/--password log in to a libvirtd that asks for a login (SASL): backup, -s/-k and restore -D (or an auth.conf); a wrong, missing or half login is one line', async (t) => {
+test('--user/--password log in to a libvirtd that asks for a login (SASL): backup, -s/-k and restore -D (or an auth.conf), full and inc over qemu+tcp://; a wrong, missing or half login is one line', async (t) => {
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'login-');
   const reference = await dom.snapshot('vda', path.join(work, 'vda.raw'));
   const restored = `${dom.name}-restored`;
-  t.after(() => execFileSync('virsh', ['-c', 'qemu:///system', 'undefine', restored], { stdio: 'ignore' }));
+  // Not there when the test failed before its restore: a hook that threw would keep the later ones (the sshd's) from running.
+  t.after(() => spawnSync('virsh', ['-c', 'qemu:///system', 'undefine', restored], { stdio: 'ignore' }));
+  const sshPath = await sshConfiguredFor(t, await withPrivateSshd(t));
   await withSaslLibvirtd(t, async ({ uri, tcpUri, user, password }) => {
     const refusals: Array<[string[], RegExp]> = [
       [['--user', user, '--password', 'wrong'], new RegExp(`^virtnbdbackup: error: cannot connect to libvirt at .*: authentication failed.*; check the login --user ${user} and its --password$`)],
@@ -246,10 +250,27 @@ test('--user/--password log in to a libvirtd that asks for a login (SASL): backu
     const overTcp = await runCli(bin, ['-U', tcpUri, '--user', user, '--password', password, '-d', dom.name, '-k']);
     assert.equal(overTcp.code, 1, overTcp.stderr);
     assert.match(overTcp.stderr.trim(), new RegExp(`^virtnbdbackup: error: domain '${dom.name}' has no active job to end$`));
+    // A whole full and inc over qemu+tcp://, as from a backup server: NBD over TCP, qemu-img info through ssh (the
+    // private sshd, reached as a ~/.ssh/config would give it).
+    const tcpSet = path.join(work, 'tcp-set');
+    const tcp = ['-n', '-U', tcpUri, '--user', user, '--password', password, '-P', String(await freePort()), '-d', dom.name, '-o', tcpSet];
+    const pathBefore = process.env.PATH;
+    process.env.PATH = `${sshPath}:${pathBefore ?? ''}`;
+    try {
+      const full = await runOk(bin, [...tcp, '-l', 'full', '-v']);
+      assert.match(full.stderr, /<server transport='tcp' name='127\.0\.0\.1' port='\d+'\/>/);
+      assert.doesNotMatch(full.stderr, /could not save image info/);
+      await runOk(bin, [...tcp, '-l', 'inc']);
+    } finally {
+      process.env.PATH = pathBefore;
+    }
+    const info = JSON.parse(await fs.readFile(path.join(tcpSet, 'vda.virtnbdbackup.1.qcow.json'), 'utf8')) as { format: string };
+    assert.equal(info.format, 'qcow2');
     await runOk(ourBin('virtnbdrestore'), ['-n', ...login, '-D', '-N', restored, '-i', path.join(work, 'set'), '-o', path.join(work, 'restored')]);
   });
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
   assert.match(virsh('dominfo', restored), /State:\s+shut off/);
   const compared = await TestDomain.compare(path.join(work, 'restored', 'vda.qcow2'), reference);
   assert.ok(compared.identical, compared.output);
+  await assertRestoresTo(work, path.join(work, 'tcp-set'), reference);
 });

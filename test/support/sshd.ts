@@ -59,3 +59,17 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
   }
   return { port, keyfile, libvirtUri: `qemu+ssh://root@127.0.0.1:${port}/system?keyfile=${keyfile}&no_verify=1` };
 }
+
+/**
+ * A directory with an `ssh` that runs the system's with a config for `sshd` (its port, the client key, no host key
+ * check), as a user's ~/.ssh/config would give: put first on PATH, commands reach the private sshd with a URI that
+ * carries no ssh settings (qemu+tcp://127.0.0.1/...), while the machine's ssh set-up stays untouched.
+ */
+export async function sshConfiguredFor(t: TestContext, sshd: PrivateSshd): Promise<string> {
+  const dir = await withTempDir(t, 'sshconf-');
+  const config = path.join(dir, 'config');
+  await fs.writeFile(config, ['Host 127.0.0.1', `  Port ${sshd.port}`, `  IdentityFile ${sshd.keyfile}`, '  StrictHostKeyChecking no',
+    '  UserKnownHostsFile /dev/null', '  LogLevel ERROR', ''].join('\n'));
+  await fs.writeFile(path.join(dir, 'ssh'), `#!/bin/sh\nexec /usr/bin/ssh -F ${config} "$@"\n`, { mode: 0o755 });
+  return dir;
+}
