@@ -45,7 +45,13 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
   await fs.mkdir('/run/sshd', { recursive: true, mode: 0o755 }); // sshd's privilege separation directory
   const sshd = spawn('/usr/sbin/sshd', ['-D', '-f', config, '-E', path.join(dir, 'sshd.log')], { stdio: 'ignore' });
   const exited = new Promise<void>((resolve) => sshd.once('exit', () => resolve()));
+  // Should an earlier hook of the test throw (and keep this one from running), the server neither holds the test
+  // process open nor outlives it.
+  const stopAtExit = (): void => { sshd.kill(); };
+  process.once('exit', stopAtExit);
+  sshd.unref();
   t.after(async () => {
+    process.off('exit', stopAtExit);
     sshd.kill();
     await exited;
   });
