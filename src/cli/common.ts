@@ -85,13 +85,17 @@ export async function makeProgress(flags: CommonFlags, label: string): Promise<{
   };
 }
 
-/**
- * Runs a command body with an abort signal wired to SIGINT/SIGTERM/SIGHUP; exits the process with its result.
- * `leftover`: what a run cut short (a stall, which is a bug, or a second stop signal) may leave, and how to end it.
- */
-export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>, leftover?: string): Promise<never> {
+export interface RunCommandOptions {
+  /** What a run cut short (a stall, which is a bug, or a second stop signal) may leave, and how to end it. */
+  leftover?: string;
+  /** The command serves until a stop signal (virtnbdmap): that signal is its ordinary end, not news. */
+  servesUntilStopped?: boolean;
+}
+
+/** Runs a command body with an abort signal wired to SIGINT/SIGTERM/SIGHUP; exits the process with its result. */
+export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>, options: RunCommandOptions = {}): Promise<never> {
   const controller = new AbortController();
-  const cutShort = leftover ? `; ${leftover}` : '';
+  const cutShort = options.leftover ? `; ${options.leftover}` : '';
   let signalled = false;
   const onSignal = (sig: NodeJS.Signals): void => {
     // A second signal (an impatient Ctrl-C) stops at once, clean-up or not; a person at a terminal is told so.
@@ -134,7 +138,7 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
     if (outputFailure) throw outputFailure;
     // A signal that came after the last point where stopping was possible (data complete, side files being
     // written) does not undo a complete, consistent result: say so, and keep its exit code.
-    if (controller.signal.aborted) process.stderr.write(`${name}: a stop signal arrived after the work was complete; it was finished and kept\n`);
+    if (controller.signal.aborted && !options.servesUntilStopped) process.stderr.write(`${name}: a stop signal arrived after the work was complete; it was finished and kept\n`);
   } catch (err) {
     if (err instanceof UserError) {
       process.stderr.write(`${name}: error: ${oneLine(err)}\n`);

@@ -85,7 +85,7 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
     await log.detachSyslog();
   }
   return argv.strict && log.warnings > 0 ? 2 : 0;
-}, `a backup job it started, if any, is ended in the background (virsh domjobabort); should one still run, end it with 'virtnbdbackup -d ${argv.domain} -k'`);
+}, { leftover: `a backup job it started, if any, is ended in the background (virsh domjobabort); should one still run, end it with 'virtnbdbackup -d ${argv.domain} -k'` });
 
 async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: AbortSignal): Promise<void> {
   const output = argv.output as string;

@@ -84,4 +84,4 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
     log.info(`stopped; removed ${argv.socket}${session.overlayDir ? ` and ${session.overlayDir}` : ''}`);
   });
   return 0;
-});
+}, { servesUntilStopped: true });

@@ -2,7 +2,8 @@
 // incs, and lz4 full + inc), each point mapped and compared bit for bit (qemu-img compare) with our restore of the
 // same point; nbdinfo --map; nbdcopy with 4 connections; a second TCG domain booted on a qcow2 overlay whose
 // backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
-// one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next.
+// one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next;
+// an overlay directory that fills up (ENOSPC to the client, the server serving on).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
@@ -10,8 +11,8 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION } from '../../src/endpoint/endpoint.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
-import { TestDomain, assertPattern, run, withDomain, withTempDir, type DiskSpec } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { TestDomain, assertPattern, run, withDomain, withTempDir, withTmpfs, type DiskSpec } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk, type CliResult } from '../support/cli.js';
 import { startMap } from '../support/map.js';
 import { MemoryDisk, craftStream } from '../support/craftedSet.js';
 
@@ -182,4 +183,22 @@ test('a virtnbdmap killed (SIGKILL) leaves its socket and overlay: the next one 
   assert.match(log, /removed \S+m\.sock, a socket left by a server that is gone/);
   await next.stop();
   assert.deepEqual(await overlays(), []);
+});
+
+test('an overlay directory that fills up: the write that does not fit fails with ENOSPC to the client, the server serves on, earlier writes and the backup read right', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-mapfull-');
+  await craftStream({ dir, file: 'vda.full.data', disk: new MemoryDisk(32 * MiB).fill(0x11, 0, 16 * MiB), diskName: 'vda', extents: [{ offset: 0, length: 16 * MiB, kind: 'data' }] });
+  const overlayDir = await withTmpfs(t, 'vnbd-mapovl-', 'size=4m');
+  const map = await startMap(t, dir, 'full', [path.join(dir, 'vda.full.data')], ['--overlay-dir', overlayDir]);
+  const qemuIo = (...commands: string[]): Promise<CliResult> => runCli('qemu-io', ['-f', 'raw', ...commands.flatMap((c) => ['-c', c]), map.uris[0]]);
+  assert.equal((await qemuIo('write -P 0x22 0 1M')).code, 0);
+  const tooBig = await qemuIo('write -P 0x33 8M 8M');
+  assert.notEqual(tooBig.code, 0);
+  assert.match(tooBig.stdout + tooBig.stderr, /No space left on device/);
+  const read = await qemuIo('read -P 0x22 0 1M', 'read -P 0x11 1M 7M', 'read -P 0 16M 16M');
+  assert.equal(read.code, 0, read.stdout + read.stderr);
+  assert.doesNotMatch(read.stdout, /Pattern verification failed/);
+  const stopped = await map.stop();
+  assert.match(stopped.stderr, /warning: NBD WRITE at 8388608\+8388608 failed: ENOSPC/);
+  assert.deepEqual(await fs.readdir(overlayDir), []);
 });

@@ -10,7 +10,7 @@ export interface RunningMap {
   /** nbd+unix:// URI, then nbd:// URI. */
   uris: [string, string];
   socket: string;
-  /** SIGINT, then the exit; throws unless it exits 0. */
+  /** SIGINT, then the exit; throws unless it exits 0 with its last line saying it stopped. */
   stop: () => Promise<CliResult>;
   /** SIGKILL, as a crash would end it: nothing of it cleans up. */
   kill: () => Promise<void>;
@@ -20,8 +20,8 @@ export interface RunningMap {
 export async function startMap(t: TestContext, dir: string, name: string, files: string[], extra: string[] = []): Promise<RunningMap> {
   const socket = path.join(dir, `${name}.sock`);
   const { child, done } = startCli(ourBin('virtnbdmap'), [
-    '-f', files.join(','), '--socket', socket, '-p', '0', '-L', path.join(dir, `${name}.log`), '--overlay-dir', dir, '--nocolor',
-    ...(extra.includes('-d') ? [] : ['-d', '']), ...extra,
+    '-f', files.join(','), '--socket', socket, '-p', '0', '-L', path.join(dir, `${name}.log`), '--nocolor',
+    ...(extra.includes('-d') ? [] : ['-d', '']), ...(extra.includes('--overlay-dir') ? [] : ['--overlay-dir', dir]), ...extra,
   ]);
   t.after(async () => {
     if (child.exitCode !== null || child.signalCode !== null) return;
@@ -47,6 +47,8 @@ export async function startMap(t: TestContext, dir: string, name: string, files:
       child.kill('SIGINT');
       const result = await done;
       assert.equal(result.code, 0, `virtnbdmap ${name} did not exit cleanly: ${result.stderr}`);
+      // The signal is its ordinary end: the last line says it stopped, nothing after it.
+      assert.match(result.stderr, /stopped; removed \S+( and \S+)?\n$/, `virtnbdmap ${name} ended otherwise: ${result.stderr}`);
       return result;
     },
     kill: async () => {

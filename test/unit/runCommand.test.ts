@@ -12,7 +12,7 @@ const common = path.join(repoRoot, 'dist', 'src', 'cli', 'common.js');
 /** Runs `body` (JavaScript: an async function of the abort signal) under runCommand in a child process. */
 function runBody(body: string, leftover?: string): { status: number | null; stderr: string } {
   const script = `import { runCommand } from ${JSON.stringify(common)}; import { UserError } from ${JSON.stringify(path.join(repoRoot, 'dist', 'src', 'util', 'errors.js'))};
-void UserError; void runCommand('demo', false, ${body}, ${JSON.stringify(leftover)});`;
+void UserError; void runCommand('demo', false, ${body}, { leftover: ${JSON.stringify(leftover)} });`;
   const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
   return { status: r.status, stderr: r.stderr };
 }
