@@ -21,15 +21,24 @@ export interface CommonFlags {
  * (argparse's usage error code, which virtnbdbackup's users script against), in place of the whole help text.
  */
 export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>['parseSync']> {
-  return flags
+  const usageError = (what: string): never => {
+    process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
+    process.exit(2);
+  };
+  const argv = flags
     .strict()
-    .fail((message: string | null, err: Error | undefined) => {
-      const what = (message ?? err?.message ?? 'invalid arguments').replace(/\s*\n\s*/g, ' ').trim();
-      process.stderr.write(`${name}: error: ${what}; see ${name} --help\n`);
-      process.exit(2);
-    })
+    .fail((message: string | null, err: Error | undefined) => usageError(message ?? err?.message ?? 'invalid arguments'))
     .wrap(Math.min(110, process.stdout.columns || 110))
     .parseSync();
+  // yargs turns a number flag's non-numeric value (-T abc) into NaN, under the flag's every name (and camelCase twin).
+  const notNumbers = Object.entries(argv)
+    .filter(([key, value]) => key !== '_' && !(key.length > 1 && /[A-Z]/.test(key)) && typeof value === 'number' && Number.isNaN(value))
+    .map(([key]) => key);
+  if (notNumbers.length > 0) {
+    const names = notNumbers.sort((a, b) => a.length - b.length).map((key) => (key.length === 1 ? `-${key}` : `--${key}`)).join('/');
+    usageError(`${names} takes a number`);
+  }
+  return argv;
 }
 
 /** virtnbdbackup's flags for a libvirt login. */

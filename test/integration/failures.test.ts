@@ -30,6 +30,10 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     [ourBin('virtnbdbackup'), ['-l', 'full', '-o', '/nonexistent'], /^virtnbdbackup: error: Missing required argument: domain; see virtnbdbackup --help$/],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--bogus'], /^virtnbdrestore: error: Unknown argument: bogus; see virtnbdrestore --help$/],
     [ourBin('virtnbdmap'), [], /^virtnbdmap: error: Missing required argument: file; see virtnbdmap --help$/],
+    // A number flag given a word (yargs would read it as NaN, which went on as no threshold at all).
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '-T', '10MB'], /^virtnbdbackup: error: -T\/--threshold takes a number; see virtnbdbackup --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-P', 'ten'], /^virtnbdrestore: error: -P\/--nbd-port takes a number; see virtnbdrestore --help$/],
+    [ourBin('virtnbdmap'), ['-f', '/nonexistent', '-b', '64k'], /^virtnbdmap: error: -b\/--blocksize takes a number; see virtnbdmap --help$/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(command, args);
