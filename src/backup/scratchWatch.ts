@@ -4,7 +4,8 @@
 // seen here as "write failed: No space left on device" inside the domain). Guarantees: once the free space falls
 // below the margin, the run is stopped (so the job ends and the guest writes as before) with one line saying why
 // and what to do; the looks come every 100 ms, off the copy's path, and end with stop(). A job is not started with
-// less than MIN_SCRATCH_FREE free there (checkScratchSpace; another host's is stopped at the watch's first look).
+// less than MIN_SCRATCH_FREE free there, or a directory that is not there (checkScratchSpace; another host's is
+// stopped at the watch's first look).
 import fs from 'node:fs/promises';
 import readline from 'node:readline';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
@@ -97,6 +98,9 @@ function tooLittleSpace(where: string, free: number, domain: string): UserError 
  * that cannot be looked at is left to the job's start, which names the problem.
  */
 export async function checkScratchSpace(dir: string, domain: string): Promise<void> {
+  // libvirt's own words for a missing one name a scratch file it could not create, not the option.
+  const isDir = await fs.stat(dir).then((st) => st.isDirectory(), () => false);
+  if (!isDir) throw new UserError(`the scratch directory ${dir} does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`);
   const free = await localFreeSpace(dir).read().catch(() => undefined);
   if (free !== undefined && free < MIN_SCRATCH_FREE) throw tooLittleSpace(dir, free, domain);
 }
