@@ -273,7 +273,12 @@ function chooseDisks(ctx: RunContext, level: Level): void {
   for (const d of disks.filter((disk) => disk.encrypted)) {
     log.info(`disk ${d.target} is encrypted in its image: the backup holds its data as the guest reads it, not encrypted; keep the set as safe as the key`);
   }
-  if (disks.length === 0) throw new UserError(`domain '${options.domain}' has no disk to back up${options.include?.length ? ` matching -i ${options.include.join(',')}` : ''}`);
+  if (disks.length === 0) {
+    const why = options.include?.length ? ` matching -i ${options.include.join(',')}`
+      : options.exclude?.length ? ` but those left out with -x ${options.exclude.join(',')}`
+        : skipped.length ? ' that can be backed up (see the warnings above)' : '';
+    throw new UserError(`domain '${options.domain}' has no disk to back up${why}`);
+  }
   ctx.disks = disks;
 }
 

@@ -79,7 +79,7 @@ test('inc or diff without a full backup, and full into a used set, are refused',
   assert.ok(before.equals(await fs.readFile(path.join(out, 'vda.full.data'))), 'existing backup was touched');
 });
 
-test('an output that cannot hold a set: a file, a read-only file system; -w 0; a missing --scratchdir: one line each, before any job', async (t) => {
+test('an output that cannot hold a set: a file, a read-only file system; -w 0; a missing --scratchdir; every disk left out: one line each, before any job', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
   const work = await tempDir('vnbd-badout-');
   const readOnly = path.join(work, 'ro');
@@ -95,6 +95,8 @@ test('an output that cannot hold a set: a file, a read-only file system; -w 0; a
     // Node's own mkdir says ENOENT here; the line gives the real cause.
     ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-o', path.join(readOnly, 'set')], /cannot create output directory \S+\/ro\/set: read-only file system; choose another output directory \(EROFS\)$/],
     ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-w', '0', '-o', path.join(work, 'w0')], /-w 0: give the number of disks to back up at the same time, 1 or more$/],
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-x', 'vda', '-o', path.join(work, 'x')], new RegExp(`domain '${dom.name}' has no disk to back up but those left out with -x vda$`)],
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-i', 'vdz', '-o', path.join(work, 'i')], new RegExp(`domain '${dom.name}' has no disk to back up matching -i vdz$`)],
     // libvirt's words name a scratch file it could not create, not the option.
     ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '--scratchdir', path.join(work, 'nodir'), '-o', path.join(work, 'noscratch')], /the scratch directory \S+\/nodir does not exist or is no directory: create it, or give --scratchdir an existing directory/],
   ];
