@@ -260,12 +260,29 @@ interface OutputTarget {
 }
 
 const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
+/** How many first bytes of an existing target tell what it is. */
+const HEAD_LENGTH = 8;
+/**
+ * Files that are no raw disk, told by their first bytes: a restore onto one would overwrite it, and a backup
+ * (a zip of -o -, a data file, an archive) is what a mistyped -o most likely names.
+ */
+const NOT_RAW: Array<[string, string]> = [
+  ['PK\x03\x04', 'a zip archive (a backup made with -o -?)'], ['PK\x05\x06', 'a zip archive'],
+  ['meta 000', 'a backup data file'], ['\x04\x22\x4d\x18', 'an lz4 file'], ['\x1f\x8b', 'a gzip file'],
+  ['\xfd7zXZ\x00', 'an xz file'], ['\x28\xb5\x2f\xfd', 'a zstd file'], ['BZh', 'a bzip2 file'],
+  ['KDMV', 'a VMDK image'], ['vhdxfile', 'a VHDX image'], ['conectix', 'a VHD image'], ['QED\x00', 'a QED image'],
+  ['<<< ', 'a VDI image'],
+];
 
-/** An existing target, once its kind and first bytes are known: a raw file or block device, never a qcow2 image. */
+/** An existing target, once its kind and first bytes are known: a raw file or block device, never an image of another format or an archive. */
 function existingTarget(output: string, kind: 'file' | 'block' | 'other', head: Buffer, size: number, where: string): OutputTarget {
   if (kind === 'other') throw new UserError(`-o ${output}${where} is neither a directory, a regular file nor a block device`);
-  if (head.equals(QCOW2_MAGIC)) {
+  if (head.subarray(0, 4).equals(QCOW2_MAGIC)) {
     throw new UserError(`-o ${output}${where} is a qcow2 image; restore writes raw data onto existing files: give a raw file, a block device or a directory`);
+  }
+  const known = NOT_RAW.find(([magic]) => head.subarray(0, magic.length).equals(Buffer.from(magic, 'latin1')));
+  if (known) {
+    throw new UserError(`-o ${output}${where} is ${known[1]}, not a raw disk: a restore would overwrite it; give a raw file, a block device or a directory`);
   }
   return { file: output, block: kind === 'block', size };
 }
@@ -273,12 +290,12 @@ function existingTarget(output: string, kind: 'file' | 'block' | 'other', head: 
 /** On another host: a directory there (made if missing), or an existing raw file or block device there. */
 async function resolveRemoteOutput(output: string, host: DomainHost): Promise<OutputTarget> {
   if (!path.isAbsolute(output)) throw new UserError(`-o ${output} is on ${host.label}: give it as an absolute path`);
-  // One round trip: the kind, the size and the first 4 bytes (hex) of whatever is there.
+  // One round trip: the kind, the size and the first bytes (hex) of whatever is there.
   const probe = [
     'p=$1',
     'if [ -d "$p" ] || [ ! -e "$p" ]; then echo dir; exit 0; fi',
     'if [ -b "$p" ]; then k=block; s=$(blockdev --getsize64 "$p"); elif [ -f "$p" ]; then k=file; s=$(stat -c %s "$p"); else echo other; exit 0; fi',
-    'echo "$k $s $(head -c 4 "$p" | od -An -tx1 | tr -d \' \\n\')"',
+    `echo "$k $s $(head -c ${HEAD_LENGTH} "$p" | od -An -tx1 | tr -d ' \\n')"`,
   ].join('\n');
   const [kind = '', size = '0', head = ''] = (await host.run('sh', ['-c', probe, 'sh', output])).stdout.trim().split(' ');
   if (kind === 'dir') return { dir: output, block: false };
@@ -289,10 +306,11 @@ async function resolveOutput(output: string): Promise<OutputTarget> {
   const stat = await fs.stat(output).catch(() => undefined);
   if (!stat || stat.isDirectory()) return { dir: output, block: false };
   const kind = stat.isBlockDevice() ? 'block' : stat.isFile() ? 'file' : 'other';
-  const head = Buffer.alloc(4);
+  let head = Buffer.alloc(0);
   if (kind !== 'other') {
     const handle = await fs.open(output, 'r');
-    await handle.read(head, 0, 4, 0).finally(() => handle.close());
+    const { bytesRead, buffer } = await handle.read(Buffer.alloc(HEAD_LENGTH), 0, HEAD_LENGTH, 0).finally(() => handle.close());
+    head = buffer.subarray(0, bytesRead);
   }
   return existingTarget(output, kind, head, kind === 'other' ? 0 : await rawSize(output), '');
 }
@@ -324,6 +342,9 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   const input = path.resolve(options.input);
   const host = options.host ?? LOCAL_HOST;
   const output = host.remote ? await resolveRemoteOutput(options.output, host) : await resolveOutput(path.resolve(options.output));
+  if (!host.remote && output.file && path.dirname(output.file) === input) {
+    throw new UserError(`-o ${output.file} is a file of the backup set ${input}: a restore would overwrite it; give a raw file, a block device or a directory outside the set`);
+  }
   const resolved = { ...options, input };
   const { chains, images, checkpoints } = selectSources(await scanSet(input), resolved, log);
   const configs = await SavedConfigs.read(input);

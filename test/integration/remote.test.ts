@@ -11,7 +11,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
+import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
@@ -189,21 +189,32 @@ test('restore onto another host (remote -U): images written there through its qe
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', qcow, '-d', 'vda', '-n', ...remote]);
   assert.equal(refused.code, 1, refused.stderr);
   assert.match(errorLines(refused).join('\n'), new RegExp(`-o ${qcow} on root@127\\.0\\.0\\.1 is a qcow2 image; restore writes raw data onto existing files`));
+  const archive = path.join(work, 'backup.tar.gz');
+  await run('tar', ['-czf', archive, '-C', set, '.']);
+  const onArchive = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', archive, '-d', 'vda', '-n', ...remote]);
+  assert.equal(onArchive.code, 1, onArchive.stderr);
+  assert.match(errorLines(onArchive).join('\n'), new RegExp(`-o ${archive} on root@127\\.0\\.0\\.1 is a gzip file, not a raw disk: a restore would overwrite it`));
 });
 
 test('the scratch directory on the remote host filling up with guest writes stops the run before the guest\'s writes would fail', async (t) => {
   const scratch = await withTmpfs(t, 'vnbd-rscratch-', 'size=256M,mode=1777');
   const sshd = await withPrivateSshd(t);
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1792, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1536 }] }] });
-  const set = path.join(await withTempDir(t, 'rscratch-'), 'set');
+  const work = await withTempDir(t, 'rscratch-');
+  const set = path.join(work, 'set');
   const port = await freePort();
-  const backup = startCli(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', set, '-U', sshd.libvirtUri, '-P', String(port), '--scratchdir', scratch]);
+  // A zip on standard output, unread for now: its copy waits (so that it cannot end first) while the job and the
+  // scratch watch go on. The run must end the job at once, not once its reader reads on.
+  const backup = startHeldOnOutput(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', '-', '-U', sshd.libvirtUri, '-P', String(port), '--scratchdir', scratch], work);
   let ended = false;
   void backup.done.then(() => { ended = true; });
-  const partial = path.join(set, 'vda.full.data.partial');
-  for (let i = 0; i < 4000 && !ended && !(await fs.access(partial).then(() => true, () => false)); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  for (let i = 0; i < 4000 && !ended && !/writing vda\.full\.data/.test(backup.stderr()); i++) await new Promise((resolve) => setTimeout(resolve, 5));
   // A write QEMU failed (scratch full) throws here.
-  for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+  try {
+    for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+  } finally {
+    backup.release();
+  }
   const r = await backup.done;
   assert.equal(r.code, 1, r.stderr);
   assert.deepEqual(errorLines(r).length, 1, r.stderr);

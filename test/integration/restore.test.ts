@@ -101,7 +101,7 @@ describe('restore of a real domain set', () => {
     for (const e of data) assert.ok(e.start + e.length <= 64 * MiB || e.start >= 70 * MiB || e.start + e.length <= 68 * MiB && e.start >= 66 * MiB, `zeroed range allocated: ${JSON.stringify(e)}`);
   });
 
-  test('onto a pre-filled raw file or block device: every byte the disk must read as zero is written as zero', async () => {
+  test('onto a pre-filled raw file or block device: every byte the disk must read as zero is written as zero; a qcow2 image, a zip or a file of the set is refused', async () => {
     const target = path.join(work, 'prefilled.raw');
     await fs.writeFile(target, Buffer.alloc(128 * MiB, 0xee));
     await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', target, '-n', '-d', 'vda', '--until', 'virtnbdbackup.1']);
@@ -134,6 +134,17 @@ describe('restore of a real domain set', () => {
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '128M']);
     const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', qcow, '-n', '-d', 'vda']);
     assert.match(errorLines(refused).join('\n'), /is a qcow2 image; restore writes raw data onto existing files/);
+    // A mistyped -o naming a backup: a zip of the set, or one of the set's own files. Refused, and left as it was.
+    const zip = path.join(work, 'backup.zip');
+    await run('/usr/bin/python3', ['-m', 'zipfile', '-c', zip, path.join(set, 'vda.full.data')]);
+    const inSet = path.join(set, 'vda.full.data.chksum');
+    const before = await Promise.all([zip, inSet].map((f) => fs.readFile(f)));
+    for (const [file, message] of [[zip, /is a zip archive \(a backup made with -o -\?\), not a raw disk: a restore would overwrite it/], [inSet, /is a file of the backup set \S+: a restore would overwrite it/]] as const) {
+      const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', file, '-n', '-d', 'vda']);
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(errorLines(r).join('\n'), message);
+    }
+    assert.deepEqual(await Promise.all([zip, inSet].map((f) => fs.readFile(f))), before);
   });
 
   test('--sequence applies exactly the listed files and refuses lists out of order, with gaps or of two disks', async () => {
