@@ -458,6 +458,12 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     if (!ctx.power.offline) scratch = watchScratch(ctx.host, scratchDirOf(options), options.domain, ctx.toZip ? undefined : ctx.stateDir, log, (err) => controller.abort(err));
     const results: DiskResult[] = [];
     const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
+    // A stopped run ends its job at once, not once the copy has unwound: a zip's reader that stalls would keep the
+    // job (and the scratch file system's growth) going until it read on, a scratch directory filling up to the end.
+    signal.addEventListener('abort', () => {
+      exports.release().catch(() => undefined);
+      ctx.target.interrupt?.(signal.reason);
+    }, { once: true });
     const workers = ctx.toZip ? 1 : options.workers ?? Math.min(disks.length, DEFAULT_MAX_WORKERS);
     const connections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
     log.debug(`copying ${disks.length} disk(s), ${Math.min(disks.length, workers)} at a time, ${connections} NBD connection(s) each`);
@@ -475,6 +481,8 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
           signal, log,
         }));
       } catch (err) {
+        // Once stopped, reads fail as the job ends under them: the reason to tell is the stop's.
+        if (signal.aborted) throw signal.reason;
         controller.abort(err);
         throw err;
       }

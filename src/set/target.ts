@@ -52,6 +52,11 @@ export interface OutputTarget {
   createPositional?(name: string, size: number): Promise<PositionalSink>;
   /** Finishes the target (the zip's central directory); nothing for a directory. */
   close(): Promise<void>;
+  /**
+   * Fails every write that waits on the output, and every later one, with `reason`: a stopped run must not wait
+   * for a reader that no longer reads (a zip on a stalled pipe). A directory's disk writes end by themselves.
+   */
+  interrupt?(reason: unknown): void;
   /** Writes a small file of the set completely (json, xml, checksum). */
   writeFile(name: string, content: string | Buffer): Promise<void>;
   /** Absolute path of a file in the set, for callers that must read it back. */

@@ -73,6 +73,7 @@ export class ZipTarget implements OutputTarget {
    * output stops the archive's flow, after which the drain or entry being waited for never comes.
    */
   private readonly broken: Promise<never>;
+  private readonly fail: (err: Error) => void;
 
   /** archiver is loaded only when a zip is written: it costs start-up time every other run would pay. */
   static async open(out: NodeJS.WritableStream): Promise<ZipTarget> {
@@ -90,6 +91,7 @@ export class ZipTarget implements OutputTarget {
       this.failure ??= err;
       breakWith(this.failure);
     };
+    this.fail = fail;
     this.archive.on('error', fail);
     // Between the archive and `out`: tells the copies when `out` has written a chunk.
     const forward = new Writable({
@@ -165,6 +167,10 @@ export class ZipTarget implements OutputTarget {
     const done = this.entryDone(name);
     this.archive.append(Buffer.isBuffer(content) ? content : Buffer.from(content), { name, store: true, date: new Date() });
     await Promise.race([done, this.broken]);
+  }
+
+  interrupt(reason: unknown): void {
+    this.fail(reason instanceof Error ? reason : new Error(String(reason)));
   }
 
   /** Ends the archive unfinished (a failed run): the consumer gets an invalid zip and our non-zero exit. */

@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { TestDomain, withDomain, withTmpfs, tempDir } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, type CliResult, type CliRun, whenExists } from '../support/cli.js';
+import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, startHeldOnOutput, type CliResult, type CliRun, whenExists } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
 import { assertRestoresTo } from '../support/points.js';
 import { watchScratch } from '../../src/backup/scratchWatch.js';
@@ -156,6 +156,24 @@ test('SIGTERM in mid-backup: job ended, checkpoint removed, socket gone, exit no
   assert.ok((await fs.readdir(out)).includes('vda.full.data.partial'));
 });
 
+test('SIGTERM while the reader of a zip on standard output stalls: the run ends at once, its job ended and checkpoint removed', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 512, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 256 }] }] });
+  const work = await tempDir('vnbd-stalled-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const socket = `/var/tmp/vnbdtest-${process.pid}-stalled.sock`;
+  const run = startHeldOnOutput(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', '-', '-n', '-f', socket], work);
+  for (let i = 0; i < 2000 && !/writing vda\.full\.data/.test(run.stderr()); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  await new Promise((resolve) => setTimeout(resolve, 500)); // the pipe fills, the copy waits on it
+  run.child.kill('SIGTERM');
+  // Never read: the run must not wait for its reader (it did, job and all, until the reader read on).
+  const r = await Promise.race([run.done, new Promise<undefined>((resolve) => setTimeout(resolve, 20_000))]);
+  run.release();
+  assert.ok(r, 'the run did not end while its reader stalled');
+  assert.notEqual(r.code, 0, r.stderr);
+  assert.match(r.stderr, /^virtnbdbackup: error: interrupted by SIGTERM; cleaned up$/m);
+  await assertCleanDomain(dom, socket);
+});
+
 test('a restore or verify of a set a backup is writing into says so, and does not say to move its .partial away', async (t) => {
   const { out, run } = await backupInFlight(t, 'writing', 256);
   // Held still while the others look, so that it is surely in mid-write.
@@ -253,13 +271,18 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
   const out = await tempDir('vnbd-scratchout-');
   t.after(() => fs.rm(out, { recursive: true, force: true }));
   const socket = `/var/tmp/vnbdtest-${process.pid}-scratch.sock`;
-  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket, '--scratchdir', scratch]);
+  // A zip on standard output, unread for now: its copy waits (so that it cannot end first) while the job and the
+  // scratch watch go on. The run must end the job at once, not once its reader reads on.
+  const run = startHeldOnOutput(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', '-', '-n', '-f', socket, '--scratchdir', scratch], out);
   let ended = false;
   void run.done.then(() => { ended = true; });
-  const partial = path.join(out, 'vda.full.data.partial');
-  for (let i = 0; i < 2000 && !(await fs.access(partial).then(() => true, () => false)); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  for (let i = 0; i < 2000 && !ended && !/writing vda\.full\.data/.test(run.stderr()); i++) await new Promise((resolve) => setTimeout(resolve, 5));
   // The guest rewrites its disk while the job runs; a write QEMU failed (scratch full) throws here.
-  for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+  try {
+    for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+  } finally {
+    run.release();
+  }
   const r = await run.done;
   assert.equal(r.code, 1, r.stderr);
   assert.deepEqual(errorLines(r).length, 1, r.stderr);

@@ -63,6 +63,23 @@ export function startCli(command: string, args: string[], { detached = false } =
   return { child, done };
 }
 
+/**
+ * Starts a backup to standard output (`-o -` among `args`; its state and log in `cwd`) whose output nobody reads yet: once the pipe is full,
+ * its copy waits while the rest of the run (the job, its timers) goes on. `release()` then drains the output
+ * into /dev/null. Its stdout is not kept; `stderr()` is what it has printed so far.
+ */
+export function startHeldOnOutput(command: string, args: string[], cwd: string): CliRun & { release: () => void; stderr: () => string } {
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], cwd });
+  child.stdout.pause();
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const done = new Promise<CliResult>((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', (code, signal) => resolve({ code, signal, stdout: '', stderr }));
+  });
+  return { child, done, stderr: () => stderr, release: () => { child.stdout.pipe(fsSync.createWriteStream('/dev/null')); } };
+}
+
 /** Resolves once `file` exists (a run's data flowing into its .partial, say), or after about 10 s. */
 export async function whenExists(file: string): Promise<void> {
   for (let i = 0; i < 2000; i++) {

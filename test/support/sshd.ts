@@ -52,6 +52,7 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
   sshd.unref();
   t.after(async () => {
     process.off('exit', stopAtExit);
+    sshd.ref(); // so that its exit, awaited here, keeps the event loop going
     sshd.kill();
     await exited;
   });
