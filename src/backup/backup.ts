@@ -30,7 +30,7 @@ import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
 import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
-import { checkScratchSpace, scratchLocation, watchScratch, type ScratchWatch } from './scratchWatch.js';
+import { openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
 import { guardJob } from './jobGuard.js';
 import type { RunContext } from './context.js';
 
@@ -410,32 +410,39 @@ function describeServer(server: JobServer): string {
  * Exports the disks for `plan`: qemu-nbd for a shut-off domain, else a backup job. A job refused for a lost
  * bitmap falls back to a full backup; one refused for a bitmap left without its checkpoint clears it and retries.
  */
-async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports: DiskExports; plan: RunPlan }> {
+async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
   const { options, disks } = ctx;
   if (!ctx.host.remote) await fs.rm(socketOf(options), { force: true });
   if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
-  if (!ctx.host.remote) await checkScratchSpace(scratchDirOf(options), options.domain);
-  let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return { exports: await startJob(ctx, plan), plan };
-    } catch (err) {
-      const orphan = existingBitmapName(err);
-      if (attempt < 3 && plan.checkpoint.parent && isLostBitmapError(err)) {
-        plan = await fallBackToFull(ctx, plan.prefix, `the bitmap of checkpoint ${plan.checkpoint.parent} is missing or broken in the disk images (${oneLine(err)})`);
-      } else if (attempt < 3 && orphan) {
-        await clearOrphanBitmap(ctx.domain, orphan, disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
-      } else {
-        const server = serverOf(ctx);
-        throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${jobStartHint(server, err)}`);
+  // A job left running (-s) is not watched: its scratch space is looked at once, here.
+  const scratch = await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, ctx.log);
+  if (options.startOnly) scratch?.close();
+  try {
+    let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return { exports: await startJob(ctx, plan), plan, scratch: options.startOnly ? undefined : scratch };
+      } catch (err) {
+        const orphan = existingBitmapName(err);
+        if (attempt < 3 && plan.checkpoint.parent && isLostBitmapError(err)) {
+          plan = await fallBackToFull(ctx, plan.prefix, `the bitmap of checkpoint ${plan.checkpoint.parent} is missing or broken in the disk images (${oneLine(err)})`);
+        } else if (attempt < 3 && orphan) {
+          await clearOrphanBitmap(ctx.domain, orphan, disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
+        } else {
+          const server = serverOf(ctx);
+          throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${jobStartHint(server, err)}`);
+        }
       }
     }
+  } catch (err) {
+    scratch?.close();
+    throw err;
   }
 }
 
 async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
   const { options, log, disks } = ctx;
-  const { exports, plan } = await openExports(ctx, initial);
+  const { exports, plan, scratch: scratchSpace } = await openExports(ctx, initial);
   const base = resultOf(ctx, plan);
   if (options.startOnly) {
     const server = describeServer(serverOf(ctx));
@@ -455,7 +462,10 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   let scratch: ScratchWatch | undefined;
   const guard = ctx.power.offline ? undefined : guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options));
   try {
-    if (!ctx.power.offline) scratch = watchScratch(ctx.host, scratchDirOf(options), options.domain, ctx.toZip ? undefined : ctx.stateDir, log, (err) => controller.abort(err));
+    if (scratchSpace) {
+      const output = ctx.toZip || ctx.host.remote ? undefined : ctx.stateDir;
+      scratch = watchScratch(scratchSpace, scratchDirOf(options), options.domain, output, log, (err) => controller.abort(err));
+    }
     const results: DiskResult[] = [];
     const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
     // A stopped run ends its job at once, not once the copy has unwound: a zip's reader that stalls would keep the

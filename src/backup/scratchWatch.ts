@@ -3,9 +3,9 @@
 // and when it is full QEMU fails the guest's writes (QEMU 7's copy-before-write breaks the guest, not the backup:
 // seen here as "write failed: No space left on device" inside the domain). Guarantees: once the free space falls
 // below the margin, the run is stopped (so the job ends and the guest writes as before) with one line saying why
-// and what to do; the looks come every 100 ms, off the copy's path, and end with stop(). A job is not started with
-// less than MIN_SCRATCH_FREE free there, or a directory that is not there (checkScratchSpace; another host's is
-// stopped at the watch's first look).
+// and what to do; the looks come every 100 ms, off the copy's path, and end with stop(). The first look comes
+// before the job starts (openScratchSpace), which is not started with less than MIN_SCRATCH_FREE free there, or
+// with a directory of this host that is not there.
 import fs from 'node:fs/promises';
 import readline from 'node:readline';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
@@ -93,53 +93,79 @@ function tooLittleSpace(where: string, free: number, domain: string): UserError 
   return new UserError(`the scratch directory ${where} has only ${mib(free)} free, less than the ${mib(MIN_SCRATCH_FREE)} a backup job of '${domain}' starts with: guest writes during the backup keep the old data there, and QEMU fails the guest's writes once it is full; give --scratchdir a directory with more free space, or free space there`);
 }
 
-/**
- * Refuses to start a job whose scratch directory (on this host) has less than MIN_SCRATCH_FREE free. A directory
- * that cannot be looked at is left to the job's start, which names the problem.
- */
-export async function checkScratchSpace(dir: string, domain: string): Promise<void> {
-  // libvirt's own words for a missing one name a scratch file it could not create, not the option.
-  const isDir = await fs.stat(dir).then((st) => st.isDirectory(), () => false);
-  if (!isDir) throw new UserError(`the scratch directory ${dir} does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`);
-  const free = await localFreeSpace(dir).read().catch(() => undefined);
-  if (free !== undefined && free < MIN_SCRATCH_FREE) throw tooLittleSpace(dir, free, domain);
+/** The free space of a job's scratch file system, first looked at before the job starts. */
+export interface ScratchSpace {
+  /** For messages: the directory, with its host when that is another one. */
+  where: string;
+  /** Free bytes before the job started. */
+  atStart: number;
+  read(): Promise<number>;
+  /** Ends the looks (another host's ssh session). */
+  close(): void;
 }
 
 /**
- * Starts watching `dir` on `host`, without holding up the caller (another host's first figure takes an ssh
- * handshake); `onNearlyFull` gets the error to stop the run with, once. `output`: the set's directory (this host),
- * whose growth is named as a cause when it shares the file system.
+ * Looks at the scratch directory `dir` on `host` before a job starts, and refuses the job when it is not there (this
+ * host: libvirt's own words name a scratch file, not the option) or has less than MIN_SCRATCH_FREE free. Another
+ * host's looks come through one ssh session, kept for the watch. Undefined where nobody can look (the job's start
+ * then names a problem with the directory); another host's with a warning, as its run then goes unwatched.
  */
-export function watchScratch(host: DomainHost, dir: string, domain: string, output: string | undefined, log: Logger, onNearlyFull: (err: UserError) => void): ScratchWatch {
+export async function openScratchSpace(host: DomainHost, dir: string, domain: string, log: Logger): Promise<ScratchSpace | undefined> {
+  const where = scratchLocation(host, dir);
+  let space: FreeSpace;
+  if (host.remote) {
+    try {
+      space = await remoteFreeSpace(host, dir);
+    } catch (err) {
+      log.warn(`cannot watch the free space of the scratch directory ${where}: ${oneLine(err)}`);
+      return undefined;
+    }
+  } else {
+    const isDir = await fs.stat(dir).then((st) => st.isDirectory(), () => false);
+    if (!isDir) throw new UserError(`the scratch directory ${dir} does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`);
+    space = localFreeSpace(dir);
+  }
+  const atStart = await space.read().catch((err: unknown) => {
+    log.warn(`cannot watch the free space of the scratch directory ${where}: ${describeFailure(err)}`);
+    return undefined;
+  });
+  if (atStart === undefined) {
+    space.close();
+    return undefined;
+  }
+  if (atStart < MIN_SCRATCH_FREE) {
+    space.close();
+    throw tooLittleSpace(where, atStart, domain);
+  }
+  return { where, atStart, read: () => space.read(), close: () => space.close() };
+}
+
+/**
+ * Watches `space` every 100 ms while the job runs; `onNearlyFull` gets the error to stop the run with, once.
+ * `output`: the set's directory when the scratch directory is on this host too, whose growth is named as a cause
+ * when it shares the file system. stop() ends the looks and closes `space`.
+ */
+export function watchScratch(space: ScratchSpace, dir: string, domain: string, output: string | undefined, log: Logger, onNearlyFull: (err: UserError) => void): ScratchWatch {
   let stopped = false;
-  let space: FreeSpace | undefined;
   let timer: NodeJS.Timeout | undefined;
   const stop = (): void => {
     stopped = true;
     clearInterval(timer);
-    space?.close();
+    space.close();
   };
+  const { atStart, where } = space;
+  const margin = Math.min(MAX_MARGIN, Math.floor(atStart / 4));
   const begin = async (): Promise<void> => {
-    space = host.remote ? await remoteFreeSpace(host, dir) : localFreeSpace(dir);
-    if (stopped) return stop();
-    const atStart = await space.read();
-    // Another host's first figure comes after its job started (this host's was checked before).
-    if (atStart < MIN_SCRATCH_FREE && !stopped) {
-      stop();
-      return onNearlyFull(tooLittleSpace(scratchLocation(host, dir), atStart, domain));
-    }
-    const margin = Math.min(MAX_MARGIN, Math.floor(atStart / 4));
-    const shared = !host.remote && output !== undefined && (await sameFileSystem(dir, output));
+    const shared = output !== undefined && (await sameFileSystem(dir, output));
     const why = shared
       ? `it keeps the old data of guest writes during the backup, and the backup set ${output} grows on the same file system`
       : 'guest writes during the backup keep the old data there';
     const remedy = shared ? 'give --scratchdir a directory on another file system, or free space' : 'give --scratchdir a directory with more free space (up to the data the backup copies)';
-    const where = scratchLocation(host, dir);
     log.debug(`scratch directory ${where}: ${mib(atStart)} free; the run stops should less than ${mib(margin)} be left`);
-    if (stopped) return stop();
+    if (stopped) return;
     let looking = false;
     timer = setInterval(() => {
-      if (looking || !space) return;
+      if (looking) return;
       looking = true;
       space.read().then((free) => {
         if (free >= margin || stopped) return;
@@ -150,7 +176,7 @@ export function watchScratch(host: DomainHost, dir: string, domain: string, outp
     timer.unref();
   };
   begin().catch((err: unknown) => {
-    if (!stopped) log.warn(`cannot watch the free space of the scratch directory ${dir} on ${host.label}: ${host.remote ? oneLine(err) : describeFailure(err)}`);
+    if (!stopped) log.warn(`cannot watch the free space of the scratch directory ${where}: ${describeFailure(err)}`);
     stop();
   });
   return { stop };

@@ -358,8 +358,8 @@ test('a disk left out of an inc (-x) and included again resumes from its last ch
 });
 
 test('guest writes during a backup: the set holds the disk as it was when the job started, and the next inc holds those writes', async (t) => {
-  // 768 MiB of data, so that the copy is surely under way when the run is held (SIGSTOP) for the guest's writes.
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1024, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 768 }] }] });
+  // 384 MiB of data, so that the copy is surely under way when the run is held (SIGSTOP) for the guest's writes.
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 512, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 384 }] }] });
   const work = await withTempDir(t, 'inflight-');
   const set = path.join(work, 'set');
   /** Runs `level` and, once its data flows, holds it while the guest writes `writes` (pattern, offset MiB). */
@@ -377,11 +377,11 @@ test('guest writes during a backup: the set holds the disk as it was when the jo
   };
   const p0 = await dom.snapshot('vda');
   // Before the copy's position (at its start), where it may be, and past it; one into the unallocated end too.
-  await backupDuringWrites('full', 'vda.full.data.partial', [[0xa1, 0], [0xa2, 300], [0xa3, 700], [0xa4, 900]]);
+  await backupDuringWrites('full', 'vda.full.data.partial', [[0xa1, 0], [0xa2, 150], [0xa3, 350], [0xa4, 450]]);
   const p1 = await dom.snapshot('vda');
-  await dom.write('vda', 0xb1, '100M', '400M');
+  await dom.write('vda', 0xb1, '50M', '200M');
   const p2 = await dom.snapshot('vda');
-  await backupDuringWrites('inc', 'vda.inc.virtnbdbackup.1.data.partial', [[0xc1, 150], [0xc2, 400], [0xc3, 950]]);
+  await backupDuringWrites('inc', 'vda.inc.virtnbdbackup.1.data.partial', [[0xc1, 60], [0xc2, 200], [0xc3, 480]]);
   const p3 = await dom.snapshot('vda');
   await backup(dom, set, 'inc');
   await assertPoint(work, set, p0, 'virtnbdbackup.0');

@@ -10,7 +10,7 @@ import { TestDomain, withDomain, withTmpfs, tempDir } from '../support/testbed.j
 import { errorLines, ourBin, qemuNbdPid, runCli, runOk, startCli, startHeldOnOutput, type CliResult, type CliRun, whenExists } from '../support/cli.js';
 import { withLibvirtdKilled } from '../support/libvirtd.js';
 import { assertRestoresTo } from '../support/points.js';
-import { watchScratch } from '../../src/backup/scratchWatch.js';
+import { openScratchSpace, watchScratch } from '../../src/backup/scratchWatch.js';
 import { Logger } from '../../src/util/log.js';
 import { LOCAL_HOST } from '../../src/libvirt/domainHost.js';
 
@@ -291,8 +291,11 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
   await dom.write('vda', 0x33, '1024M', '64M');
 
   // A backup set on the scratch directory's file system: its growth is named as a cause too.
+  const quiet = new Logger({ quiet: true });
+  const space = await openScratchSpace(LOCAL_HOST, scratch, dom.name, quiet);
+  assert.ok(space);
   const stopped = new Promise<Error>((resolve) => {
-    const watch = watchScratch(LOCAL_HOST, scratch, dom.name, scratch, new Logger({ quiet: true }), resolve);
+    const watch = watchScratch(space, scratch, dom.name, scratch, quiet, resolve);
     t.after(() => watch.stop());
   });
   await new Promise((resolve) => setTimeout(resolve, 50));

@@ -222,7 +222,7 @@ test('the scratch directory on the remote host filling up with guest writes stop
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
   assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
 
-  // Less than 64 MiB free from the start: the first look, right after the job's start, stops it.
+  // Less than 64 MiB free from the start: the first look, through ssh before the job starts, refuses it.
   await fs.writeFile(path.join(scratch, 'filler'), Buffer.alloc(220 * 1024 * 1024));
   const early = await runCli(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', `${set}-again`, '-U', sshd.libvirtUri, '-P', String(await freePort()), '--scratchdir', scratch]);
   assert.equal(early.code, 1, early.stderr);
