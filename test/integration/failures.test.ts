@@ -267,7 +267,7 @@ test('an inc killed in mid-copy (SIGKILL): its guard ends the job; with its .par
 
 test('a scratch directory filling up with guest writes in mid-backup: the run stops before the guest\'s writes would fail, with one line saying so', async (t) => {
   const scratch = await withTmpfs(t, 'vnbd-scratch-', 'size=256M,mode=1777');
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1792, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1536 }] }] });
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 768, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 640 }] }] });
   const out = await tempDir('vnbd-scratchout-');
   t.after(() => fs.rm(out, { recursive: true, force: true }));
   const socket = `/var/tmp/vnbdtest-${process.pid}-scratch.sock`;
@@ -279,7 +279,7 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
   for (let i = 0; i < 2000 && !ended && !/writing vda\.full\.data/.test(run.stderr()); i++) await new Promise((resolve) => setTimeout(resolve, 5));
   // The guest rewrites its disk while the job runs; a write QEMU failed (scratch full) throws here.
   try {
-    for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+    for (let offsetMiB = 0; !ended && offsetMiB < 640; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
   } finally {
     run.release();
   }
@@ -288,7 +288,7 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
   assert.deepEqual(errorLines(r).length, 1, r.stderr);
   assert.match(r.stderr, new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} is nearly full \\(\\d+ MiB of \\d+ MiB left\\): .+ give --scratchdir a directory with more free space`, 'm'));
   await assertCleanDomain(dom, socket);
-  await dom.write('vda', 0x33, '1024M', '64M');
+  await dom.write('vda', 0x33, '640M', '64M');
 
   // A backup set on the scratch directory's file system: its growth is named as a cause too.
   const quiet = new Logger({ quiet: true });

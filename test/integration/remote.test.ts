@@ -199,7 +199,7 @@ test('restore onto another host (remote -U): images written there through its qe
 test('the scratch directory on the remote host filling up with guest writes stops the run before the guest\'s writes would fail', async (t) => {
   const scratch = await withTmpfs(t, 'vnbd-rscratch-', 'size=256M,mode=1777');
   const sshd = await withPrivateSshd(t);
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 1792, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1536 }] }] });
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 768, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 640 }] }] });
   const work = await withTempDir(t, 'rscratch-');
   const set = path.join(work, 'set');
   const port = await freePort();
@@ -211,7 +211,7 @@ test('the scratch directory on the remote host filling up with guest writes stop
   for (let i = 0; i < 4000 && !ended && !/writing vda\.full\.data/.test(backup.stderr()); i++) await new Promise((resolve) => setTimeout(resolve, 5));
   // A write QEMU failed (scratch full) throws here.
   try {
-    for (let offsetMiB = 0; !ended && offsetMiB < 1024; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+    for (let offsetMiB = 0; !ended && offsetMiB < 640; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
   } finally {
     backup.release();
   }
