@@ -3,9 +3,11 @@
 // files, and a restore's output files there.
 // Guarantees: commands run without a local shell and are quoted for the remote one; a failure names the host;
 // createNew never replaces an existing file.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { OUTLIVES_TERMINAL, accepts, run, type RunResult } from '../util/process.js';
 import { makeDirectory } from '../util/fileIo.js';
@@ -78,7 +80,28 @@ export interface SshTarget {
 export class SshHost implements HostAccess {
   readonly remote = true as const;
 
+  /** The directory of this host's shared connection's socket, made at the first command. */
+  private controlDir: string | undefined;
+
   constructor(private readonly target: SshTarget) {}
+
+  /**
+   * Options that make every command of this run share one connection to the host (OpenSSH multiplexing): a run
+   * issues tens of commands, and each handshake took about 0.8 s here. The connection's master is ended, and its
+   * socket's private directory removed, when this process exits; should that not happen (SIGKILL), it ends itself
+   * after a minute without sessions.
+   */
+  private sharedConnection(): string[] {
+    if (!this.controlDir) {
+      const dir = fsSync.mkdtempSync(path.join(os.tmpdir(), 'virtnbd-ssh-'));
+      this.controlDir = dir;
+      process.once('exit', () => {
+        spawnSync('ssh', [...this.options(), '-o', `ControlPath=${path.join(dir, '%C')}`, '-O', 'exit', this.target.host], { stdio: 'ignore', timeout: 5000 });
+        fsSync.rmSync(dir, { recursive: true, force: true });
+      });
+    }
+    return ['-o', 'ControlMaster=auto', '-o', `ControlPath=${path.join(this.controlDir, '%C')}`, '-o', 'ControlPersist=60'];
+  }
 
   get hostname(): string {
     return this.target.host;
@@ -90,13 +113,18 @@ export class SshHost implements HostAccess {
 
   /** ssh's arguments up to the remote command: never prompts (BatchMode), so a missing key fails at once. */
   sshArgs(): string[] {
-    const { host, user, port, keyfile, noVerify, knownHosts } = this.target;
-    const args = ['-o', 'BatchMode=yes', '-l', user];
+    return [...this.options(), '-o', 'BatchMode=yes', ...this.sharedConnection(), this.target.host, '--'];
+  }
+
+  /** How to reach the host: user, port, key and host key checking. */
+  private options(): string[] {
+    const { user, port, keyfile, noVerify, knownHosts } = this.target;
+    const args = ['-l', user];
     if (port) args.push('-p', String(port));
     if (keyfile) args.push('-i', keyfile);
     if (noVerify) args.push('-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR');
     else if (knownHosts) args.push('-o', `UserKnownHostsFile=${knownHosts}`);
-    return [...args, host, '--'];
+    return args;
   }
 
   /**

@@ -4,6 +4,16 @@ import assert from 'node:assert/strict';
 import { LOCAL_HOST, SshHost, domainHostOf, shellQuote } from '../../src/libvirt/domainHost.js';
 import { domainLockFile } from '../../src/backup/lock.js';
 
+/** ssh's arguments without those of the shared connection, which are checked on their own. */
+function withoutSharing(args: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === '-o' && /^Control(Master|Path|Persist)=/.test(args[i + 1] ?? '')) i++;
+    else out.push(args[i] as string);
+  }
+  return out;
+}
+
 test('local URIs name this host; remote ones the host, with ssh options only from ssh URIs', () => {
   for (const uri of ['qemu:///system', 'qemu+unix:///system', 'qemu:///session', 'not a uri']) assert.equal(domainHostOf(uri), LOCAL_HOST, uri);
 
@@ -12,16 +22,16 @@ test('local URIs name this host; remote ones the host, with ssh options only fro
   assert.equal(ssh.remote, true);
   assert.equal(ssh.hostname, 'kvm1.example');
   assert.equal(ssh.label, 'backup@kvm1.example');
-  assert.deepEqual(ssh.sshArgs(), ['-o', 'BatchMode=yes', '-l', 'backup', '-p', '2222', '-i', '/root/.ssh/k',
-    '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR', 'kvm1.example', '--']);
+  assert.deepEqual(withoutSharing(ssh.sshArgs()), ['-l', 'backup', '-p', '2222', '-i', '/root/.ssh/k',
+    '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR', '-o', 'BatchMode=yes', 'kvm1.example', '--']);
 
   const known = domainHostOf('qemu+ssh://kvm1/system?known_hosts=/etc/backup/known_hosts', 'operator') as SshHost;
-  assert.deepEqual(known.sshArgs(), ['-o', 'BatchMode=yes', '-l', 'operator', '-o', 'UserKnownHostsFile=/etc/backup/known_hosts', 'kvm1', '--']);
+  assert.deepEqual(withoutSharing(known.sshArgs()), ['-l', 'operator', '-o', 'UserKnownHostsFile=/etc/backup/known_hosts', '-o', 'BatchMode=yes', 'kvm1', '--']);
 
   // Another transport's port and parameters are libvirt's, not ssh's: ssh gets its defaults and root.
   const tcp = domainHostOf('qemu+tcp://[fd00::5]:16509/system?keyfile=/x') as SshHost;
   assert.equal(tcp.hostname, 'fd00::5');
-  assert.deepEqual(tcp.sshArgs(), ['-o', 'BatchMode=yes', '-l', 'root', 'fd00::5', '--']);
+  assert.deepEqual(withoutSharing(tcp.sshArgs()), ['-l', 'root', '-o', 'BatchMode=yes', 'fd00::5', '--']);
 });
 
 test('remote commands are quoted word by word for the remote shell', () => {
@@ -33,4 +43,14 @@ test('a domain of another host has a lock of its own: names repeat across hosts'
   assert.notEqual(domainLockFile('webvm', 'kvm1'), domainLockFile('webvm'));
   assert.notEqual(domainLockFile('webvm', 'kvm1'), domainLockFile('webvm', 'kvm2'));
   assert.match(domainLockFile('web/vm', 'kvm1'), /virtnbdbackup\.kvm1\.web%2Fvm\.lock$/);
+});
+
+test('the commands of a run share one ssh connection per host, through a socket in a private directory', () => {
+  const host = domainHostOf('qemu+ssh://root@kvm1/system') as SshHost;
+  const args = host.sshArgs();
+  const path = args.find((a) => a.startsWith('ControlPath='))?.slice('ControlPath='.length) ?? '';
+  assert.match(path, /\/virtnbd-ssh-\w+\/%C$/);
+  assert.ok(args.includes('ControlMaster=auto') && args.includes('ControlPersist=60'), args.join(' '));
+  assert.deepEqual(host.sshArgs(), args, 'the same socket for every command of the host');
+  assert.notEqual((domainHostOf('qemu+ssh://root@kvm2/system') as SshHost).sshArgs().find((a) => a.startsWith('ControlPath=')), `ControlPath=${path}`);
 });
