@@ -414,14 +414,17 @@ async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports
   const { options, disks } = ctx;
   if (!ctx.host.remote) await fs.rm(socketOf(options), { force: true });
   if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
-  // A job left running (-s) is not watched: its scratch space is looked at once, here.
-  const scratch = await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, ctx.log);
-  if (options.startOnly) scratch?.close();
+  let scratch = await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, ctx.log);
+  if (options.startOnly) {
+    // A job left running (-s) is not watched: its scratch space is looked at once, here.
+    scratch?.close();
+    scratch = undefined;
+  }
   try {
     let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
     for (let attempt = 1; ; attempt++) {
       try {
-        return { exports: await startJob(ctx, plan), plan, scratch: options.startOnly ? undefined : scratch };
+        return { exports: await startJob(ctx, plan), plan, scratch };
       } catch (err) {
         const orphan = existingBitmapName(err);
         if (attempt < 3 && plan.checkpoint.parent && isLostBitmapError(err)) {

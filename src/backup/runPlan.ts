@@ -159,7 +159,8 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
     level = 'copy';
   }
   const incremental = level === 'inc' || level === 'diff';
-  const cptFile = incremental ? await adoptRenamedChain(ctx, path.join(ctx.stateDir, checkpointListName(options.domain))) : path.join(ctx.stateDir, checkpointListName(options.domain));
+  const listFile = path.join(ctx.stateDir, checkpointListName(options.domain));
+  const cptFile = incremental ? await adoptRenamedChain(ctx, listFile) : listFile;
   const chain = incremental ? await readCheckpointList(cptFile) : [];
   const prefix = resolvePrefix(options.checkpointPrefix, chain, cptFile);
   if (level === 'copy') return planFor(level, [], prefix);

@@ -89,6 +89,11 @@ function mib(bytes: number): string {
   return `${Math.round(bytes / MiB)} MiB`;
 }
 
+/** The warning of a run whose scratch directory nobody can watch. */
+function warnUnwatched(log: Logger, where: string, reason: string): void {
+  log.warn(`cannot watch the free space of the scratch directory ${where}: ${reason}`);
+}
+
 function tooLittleSpace(where: string, free: number, domain: string): UserError {
   return new UserError(`the scratch directory ${where} has only ${mib(free)} free, less than the ${mib(MIN_SCRATCH_FREE)} a backup job of '${domain}' starts with: guest writes during the backup keep the old data there, and QEMU fails the guest's writes once it is full; give --scratchdir a directory with more free space, or free space there`);
 }
@@ -117,7 +122,7 @@ export async function openScratchSpace(host: DomainHost, dir: string, domain: st
     try {
       space = await remoteFreeSpace(host, dir);
     } catch (err) {
-      log.warn(`cannot watch the free space of the scratch directory ${where}: ${oneLine(err)}`);
+      warnUnwatched(log, where, oneLine(err));
       return undefined;
     }
   } else {
@@ -126,7 +131,7 @@ export async function openScratchSpace(host: DomainHost, dir: string, domain: st
     space = localFreeSpace(dir);
   }
   const atStart = await space.read().catch((err: unknown) => {
-    log.warn(`cannot watch the free space of the scratch directory ${where}: ${describeFailure(err)}`);
+    warnUnwatched(log, where, describeFailure(err));
     return undefined;
   });
   if (atStart === undefined) {
@@ -176,7 +181,7 @@ export function watchScratch(space: ScratchSpace, dir: string, domain: string, o
     timer.unref();
   };
   begin().catch((err: unknown) => {
-    if (!stopped) log.warn(`cannot watch the free space of the scratch directory ${where}: ${describeFailure(err)}`);
+    if (!stopped) warnUnwatched(log, where, describeFailure(err));
     stop();
   });
   return { stop };

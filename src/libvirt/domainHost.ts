@@ -80,8 +80,8 @@ export interface SshTarget {
 export class SshHost implements HostAccess {
   readonly remote = true as const;
 
-  /** The directory of this host's shared connection's socket, made at the first command. */
-  private controlDir: string | undefined;
+  /** The socket of this host's shared connection (`%C`: one per host, port and user), in a private directory made at the first command. */
+  private controlPath: string | undefined;
 
   constructor(private readonly target: SshTarget) {}
 
@@ -92,15 +92,16 @@ export class SshHost implements HostAccess {
    * after a minute without sessions.
    */
   private sharedConnection(): string[] {
-    if (!this.controlDir) {
+    if (!this.controlPath) {
       const dir = fsSync.mkdtempSync(path.join(os.tmpdir(), 'virtnbd-ssh-'));
-      this.controlDir = dir;
+      const controlPath = path.join(dir, '%C');
+      this.controlPath = controlPath;
       process.once('exit', () => {
-        spawnSync('ssh', [...this.options(), '-o', `ControlPath=${path.join(dir, '%C')}`, '-O', 'exit', this.target.host], { stdio: 'ignore', timeout: 5000 });
+        spawnSync('ssh', [...this.options(), '-o', `ControlPath=${controlPath}`, '-O', 'exit', this.target.host], { stdio: 'ignore', timeout: 5000 });
         fsSync.rmSync(dir, { recursive: true, force: true });
       });
     }
-    return ['-o', 'ControlMaster=auto', '-o', `ControlPath=${path.join(this.controlDir, '%C')}`, '-o', 'ControlPersist=60'];
+    return ['-o', 'ControlMaster=auto', '-o', `ControlPath=${this.controlPath}`, '-o', 'ControlPersist=60'];
   }
 
   get hostname(): string {
