@@ -1,6 +1,10 @@
 // NbdHandle over libnbd: all I/O on workers, errors carry the worker thread's libnbd error; getters use a snapshot.
 #include "nbd_handle.h"
 
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <type_traits>
 
@@ -45,6 +49,28 @@ int CollectExtents(void* user, const char* metacontext, uint64_t, uint32_t* entr
 
 }  // namespace
 
+void SocketCutter::Adopt(int socket) {
+  if (socket < 0) return;
+  int dup = fcntl(socket, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) return;
+  int old = fd_.exchange(dup);
+  if (old >= 0) ::close(old);
+  if (cut_) ::shutdown(dup, SHUT_RDWR);
+}
+
+bool SocketCutter::Cut() {
+  cut_ = true;
+  int fd = fd_.load();
+  if (fd < 0) return false;
+  ::shutdown(fd, SHUT_RDWR);
+  return true;
+}
+
+void SocketCutter::Release() {
+  int fd = fd_.exchange(-1);
+  if (fd >= 0) ::close(fd);
+}
+
 Napi::Function NbdHandle::Define(Napi::Env env) {
   return DefineClass(env, "NbdHandle",
                      {
@@ -66,6 +92,7 @@ Napi::Function NbdHandle::Define(Napi::Env env) {
                          InstanceMethod<&NbdHandle::Trim>("trim"),
                          InstanceMethod<&NbdHandle::Flush>("flush"),
                          InstanceMethod<&NbdHandle::Close>("close"),
+                         InstanceMethod<&NbdHandle::Cut>("cut"),
                      });
 }
 
@@ -75,7 +102,10 @@ NbdHandle::NbdHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NbdHandl
   if (!h) throw MakeError(info.Env(), NbdFailure());
   // Every pread buffer is either filled by the server or discarded on error, so libnbd's memset is wasted work.
   nbd_set_pread_initialize(h, false);
-  handle_ = Handle(h, nbd_close);
+  handle_ = Handle(h, [cutter = cutter_](nbd_handle* closing) {
+    nbd_close(closing);
+    cutter->Release();
+  });
 }
 
 template <typename T>
@@ -96,12 +126,23 @@ Napi::Value NbdHandle::Submit(const Napi::CallbackInfo& info, Op op, std::option
   return Submit<Unit>(info, [op](nbd_handle* h, Unit&) { return op(h); }, PromiseWorker<Unit>::Undefined, buffer);
 }
 
+// `connect` starts an nbd_aio_connect_*; the socket is handed to the cutter before the handshake is awaited, so
+// that a server that accepts but never answers can be cut too.
 Napi::Value NbdHandle::Connect(const Napi::CallbackInfo& info, std::vector<std::string> contexts, Op connect) {
-  auto op = [contexts, connect](nbd_handle* h, NbdInfo& out) {
+  auto op = [contexts, connect, cutter = cutter_](nbd_handle* h, NbdInfo& out) {
     for (const std::string& context : contexts) {
       if (nbd_add_meta_context(h, context.c_str()) == -1) return -1;
     }
     if (connect(h) == -1) return -1;
+    cutter->Adopt(nbd_aio_get_fd(h));
+    while (nbd_aio_is_connecting(h) == 1) {
+      if (nbd_poll(h, -1) == -1) return -1;
+    }
+    if (nbd_aio_is_ready(h) != 1) {
+      // Dead or closed without an error of its own (the server hung up): a pread tells the state's error.
+      char probe;
+      if (nbd_pread(h, &probe, 1, 0, 0) == -1) return -1;
+    }
     out.size = nbd_get_size(h);
     out.maxBlock = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
     if (out.size < 0 || out.maxBlock < 0) return -1;
@@ -128,7 +169,7 @@ Napi::Value NbdHandle::ConnectUnix(const Napi::CallbackInfo& info) {
     std::string exportName = ArgString(info, 1, "exportName");
     return Connect(info, ArgStrings(info, 2, "metaContexts"), [socket, exportName](nbd_handle* h) {
       if (nbd_set_export_name(h, exportName.c_str()) == -1) return -1;
-      return nbd_connect_unix(h, socket.c_str());
+      return nbd_aio_connect_unix(h, socket.c_str());
     });
   });
 }
@@ -141,7 +182,7 @@ Napi::Value NbdHandle::ConnectUri(const Napi::CallbackInfo& info) {
     std::optional<std::string> certificates = ArgOptString(info, 2, "tlsCertificates");
     return Connect(info, ArgStrings(info, 1, "metaContexts"), [uri, certificates](nbd_handle* h) {
       if (certificates && (nbd_set_tls(h, LIBNBD_TLS_REQUIRE) == -1 || nbd_set_tls_certificates(h, certificates->c_str()) == -1)) return -1;
-      return nbd_connect_uri(h, uri.c_str());
+      return nbd_aio_connect_uri(h, uri.c_str());
     });
   });
 }
@@ -280,6 +321,12 @@ Napi::Value NbdHandle::Close(const Napi::CallbackInfo& info) {
     return std::nullopt;
   };
   return PromiseWorker<Unit>::Start(info.Env(), run, PromiseWorker<Unit>::Undefined, {Value()});
+}
+
+// cut(): shuts the connection's socket down from the event loop: every request in flight, and a connect still
+// waiting for the server, fails at once with end of file. Returns whether a socket was there to cut.
+Napi::Value NbdHandle::Cut(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), cutter_->Cut());
 }
 
 }  // namespace virtnbd

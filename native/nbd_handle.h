@@ -4,6 +4,7 @@
 #include <libnbd.h>
 #include <napi.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -23,6 +24,23 @@ struct NbdInfo {
   int64_t maxBlock = 0;
   bool multiConn = false, readOnly = false, canZero = false, canFlush = false, canTrim = false;
   std::vector<std::pair<std::string, bool>> metaContexts;
+};
+
+// A duplicate of a connection's socket, so that the event loop can cut a connection whose requests hang:
+// shutdown(2) wakes libnbd's poll with end of file while a worker holds the handle lock. The duplicate is closed
+// with the handle (nbd_close), so its number is never another file's.
+class SocketCutter {
+ public:
+  ~SocketCutter() { Release(); }
+  // Called on the connecting worker once the socket exists; a cut asked for before is applied now.
+  void Adopt(int socket);
+  // Returns whether there was a socket to cut.
+  bool Cut();
+  void Release();
+
+ private:
+  std::atomic<int> fd_{-1};
+  std::atomic<bool> cut_{false};
 };
 
 class NbdHandle : public Napi::ObjectWrap<NbdHandle> {
@@ -49,6 +67,7 @@ class NbdHandle : public Napi::ObjectWrap<NbdHandle> {
   Napi::Value Trim(const Napi::CallbackInfo& info);
   Napi::Value Flush(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value Cut(const Napi::CallbackInfo& info);
 
   // Queues op(handle) -> out on the threadpool; -1 rejects with that thread's libnbd error.
   template <typename T>
@@ -66,6 +85,7 @@ class NbdHandle : public Napi::ObjectWrap<NbdHandle> {
   const NbdInfo& Connected(const Napi::CallbackInfo& info) const;
   uint64_t PayloadChunk() const;
 
+  std::shared_ptr<SocketCutter> cutter_ = std::make_shared<SocketCutter>();
   Handle handle_;  // null once close() has started
   std::optional<NbdInfo> info_;
 };

@@ -91,6 +91,8 @@ export interface BackupOptions {
   qemuExtents?: boolean;
   /** --no-sparse-detection: inc/diff save every changed range as data, also where it now reads as zero. */
   noSparseDetection?: boolean;
+  /** --nbd-timeout: seconds an NBD request may go unanswered before the run fails (0: forever); default DEFAULT_NBD_TIMEOUT. */
+  nbdTimeout?: number;
   log?: Logger;
   /** Called once per disk with its total data bytes; returns the per-chunk progress callback. */
   progress?: (disk: string, total: number) => (bytes: number) => void;
@@ -490,7 +492,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       try {
         results.push(await backupDisk(disk, {
           plan, ident, exports, target: ctx.target, connections, type: options.type, compress: options.compress ?? false,
-          qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, progress: options.progress, onReading, onSourceRead,
+          qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, nbdTimeout: options.nbdTimeout, progress: options.progress, onReading, onSourceRead,
           signal, log,
         }));
       } catch (err) {

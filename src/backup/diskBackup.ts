@@ -32,6 +32,8 @@ export interface DiskRunOptions {
   target: OutputTarget;
   /** NBD connections for this disk. */
   connections: number;
+  /** --nbd-timeout: seconds without an answer before the disk fails (0: forever); default DEFAULT_NBD_TIMEOUT. */
+  nbdTimeout?: number;
   type?: 'stream' | 'raw';
   compress: number | false;
   /** -q: extents from qemu-img map. */
@@ -51,7 +53,7 @@ export interface DiskRunOptions {
 async function openSource(disk: DomainDisk, incremental: boolean, options: DiskRunOptions): Promise<Endpoint> {
   const address = options.exports.address(disk.target);
   const contexts = incremental ? [CONTEXT_ALLOCATION, options.exports.dirtyContext(disk.target)] : [CONTEXT_ALLOCATION];
-  let endpoint: Endpoint = await NbdEndpoint.open(address, { metaContexts: contexts, connections: options.connections });
+  let endpoint: Endpoint = await NbdEndpoint.open(address, { metaContexts: contexts, connections: options.connections, stallTimeout: options.nbdTimeout });
   if (options.qemuExtents) endpoint = qemuImgExtents(endpoint, address);
   if (options.noSparseDetection && incremental) endpoint = denseExtents(endpoint);
   return endpoint;

@@ -6,6 +6,7 @@ import { Logger } from '../util/log.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { LibvirtLogin } from '../libvirt/connection.js';
 import { OUTLIVES_TERMINAL } from '../util/process.js';
+import { DEFAULT_NBD_TIMEOUT } from '../endpoint/nbd.js';
 
 export const VERSION = '2.0.0-ts';
 
@@ -39,6 +40,18 @@ export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>[
     usageError(`${names} takes a number`);
   }
   return argv;
+}
+
+/** --nbd-timeout, for the commands that talk NBD. */
+export interface NbdTimeoutFlags {
+  'nbd-timeout': number;
+}
+
+/** Adds --nbd-timeout: how long NBD requests may wait for an answer before the run fails. */
+export function withNbdTimeoutFlag<T>(flags: Argv<T>): Argv<T & NbdTimeoutFlags> {
+  return flags
+    .option('nbd-timeout', { type: 'number', default: DEFAULT_NBD_TIMEOUT, describe: 'Seconds NBD requests may wait with no answer (a hung host, network or storage) before the run fails; 0 waits forever' })
+    .check((a) => !((a as { 'nbd-timeout'?: number })['nbd-timeout']! < 0) || '--nbd-timeout takes a number of seconds, 0 or more') as Argv<T & NbdTimeoutFlags>;
 }
 
 /** virtnbdbackup's flags for a libvirt login. */

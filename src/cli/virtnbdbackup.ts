@@ -8,9 +8,9 @@ import type { Logger } from '../util/log.js';
 import { DEFAULT_LIBVIRT_URI, type LibvirtLogin } from '../libvirt/connection.js';
 import { UserError } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
-import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, VERSION } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
 
-const argv = parseFlags('virtnbdbackup', withLoginFlags(yargs(hideBin(process.argv)))
+const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv))))
   .scriptName('virtnbdbackup')
   .usage('$0 -d DOMAIN -l {copy,full,inc,diff,auto} -o DIR [options]\n\nBack up libvirt/qemu virtual machines over NBD.')
   .option('domain', { alias: 'd', type: 'string', demandOption: true, describe: 'Domain to back up' })
@@ -125,6 +125,7 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
       threshold: argv.threshold,
       qemuExtents: argv.qemu,
       noSparseDetection: !argv['sparse-detection'],
+      nbdTimeout: argv['nbd-timeout'],
       log,
       progress: progress.factory,
       signal,

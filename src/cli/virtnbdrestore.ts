@@ -7,9 +7,9 @@ import { domainHostOf, tcpServerOn } from '../libvirt/domainHost.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
 import { DEFAULT_LIBVIRT_URI } from '../libvirt/connection.js';
-import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, VERSION, withLogFile } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION, withLogFile } from './common.js';
 
-const argv = parseFlags('virtnbdrestore', withLoginFlags(yargs(hideBin(process.argv)))
+const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv))))
   .scriptName('virtnbdrestore')
   .usage('$0 -i SETDIR -o OUTDIR [options]\n\nRestore virtual machine disks from a backup set, dump its metadata or verify it.')
   .option('action', { alias: 'a', choices: ['dump', 'restore', 'verify'] as const, default: 'restore' as const, describe: 'Action to perform' })
@@ -76,7 +76,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
         input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
         raw: argv.raw, preallocate: argv.preallocate, compress: argv.compress, socketFile: argv.socketfile,
         adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, login, configFile: argv['config-file'],
-        ...onto, log, progress: progress.factory, signal,
+        nbdTimeout: argv['nbd-timeout'], ...onto, log, progress: progress.factory, signal,
       });
       progress.stop();
       for (const d of result.disks) log.info(`disk ${d.disk} restored to ${d.image} (${d.applied.join(', ')})`);

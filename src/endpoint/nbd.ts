@@ -1,5 +1,7 @@
 // Endpoint over an NBD export through libnbd (native addon), with a pool of connections so that several
-// requests are in flight. Guarantees: requests never exceed the server's maximum; close() disconnects all.
+// requests are in flight. Guarantees: requests never exceed the server's maximum; close() disconnects all; a
+// server that answers nothing for the stall timeout (a hung host, network or storage) has its connections cut,
+// and every request, and a connect, fails with one error that names the export and the timeout.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { native, type NbdHandle } from '../native/addon.js';
@@ -23,6 +25,89 @@ export interface NbdOpenOptions {
   connections?: number;
   /** The server is one of ours (qemu-nbd --shared) whose connections share one block backend. */
   sharedBackend?: boolean;
+  /**
+   * Seconds that requests may wait with no answer from the server before the connections are cut (--nbd-timeout);
+   * 0 waits forever. Default DEFAULT_NBD_TIMEOUT. Flushes are not watched: writing back a large cache may take long.
+   */
+  stallTimeout?: number;
+}
+
+/** --nbd-timeout's default: far beyond any answer of a working server, short of a night's backup window. */
+export const DEFAULT_NBD_TIMEOUT = 300;
+
+/** The failure of every request of an endpoint whose server stopped answering. */
+function stallError(where: string, seconds: number): UserError {
+  return new UserError(`NBD export ${where} answered nothing for ${seconds} s (a hung host, network or storage?); its connections were cut: check the host, or raise --nbd-timeout (0 waits forever)`);
+}
+
+/**
+ * Watches an endpoint's requests: once some have waited `seconds` with none answered, cuts every connection and
+ * fails them all (and every later one) with the stall error, in place of the end-of-file errors the cut causes.
+ */
+class StallWatch {
+  private waiting = 0;
+  /** When the last request was answered, or the first of a busy spell was sent. */
+  private since = 0;
+  private readonly timer: NodeJS.Timeout;
+  private readonly period: number;
+  private lastCheck = Date.now();
+  private stalled: UserError | undefined;
+
+  constructor(private readonly seconds: number, private readonly where: string, private readonly handles: NbdHandle[]) {
+    this.period = Math.min(5000, Math.max(100, (seconds * 1000) / 4));
+    this.timer = setInterval(() => this.check(), this.period);
+    this.timer.unref();
+  }
+
+  track<T>(request: () => Promise<T>): Promise<T> {
+    if (this.stalled) return Promise.reject(this.stalled);
+    if (this.waiting++ === 0) this.since = Date.now();
+    let pending: Promise<T>;
+    try {
+      pending = request();
+    } catch (err) {
+      this.answered();
+      return Promise.reject(err);
+    }
+    return pending.then(
+      (value) => { this.answered(); return value; },
+      (err: unknown) => { this.answered(); throw this.stalled ?? err; },
+    );
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+  }
+
+  private answered(): void {
+    this.waiting -= 1;
+    this.since = Date.now();
+  }
+
+  private check(): void {
+    const now = Date.now();
+    // A check long overdue means this process did not run (stopped, its host suspended): answers may be waiting
+    // unread, so the server gets a whole timeout afresh.
+    if (now - this.lastCheck > 2 * this.period + 1000) this.since = now;
+    this.lastCheck = now;
+    if (this.waiting === 0 || now - this.since < this.seconds * 1000) return;
+    this.stalled = stallError(this.where, this.seconds);
+    this.stop();
+    for (const handle of this.handles) handle.cut();
+  }
+}
+
+/** Connects `handle`, cutting it once `seconds` pass without the server's handshake (0: waits forever). */
+async function connectWithin(handle: NbdHandle, connect: () => Promise<void>, seconds: number, where: string): Promise<void> {
+  let cut = false;
+  const timer = seconds > 0 ? setTimeout(() => { cut = true; handle.cut(); }, seconds * 1000) : undefined;
+  try {
+    await connect();
+  } catch (err) {
+    throw cut ? stallError(where, seconds) : err;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** virtnbdbackup's default TCP port of a remote host's NBD server (-P). */
@@ -52,13 +137,17 @@ const MAX_STATUS_REQUEST = 2 ** 32 - 2 ** 20;
 
 export class NbdEndpoint implements Endpoint {
   private next = 0;
+  private readonly watch: StallWatch | undefined;
 
   private constructor(
     private readonly handles: NbdHandle[],
     readonly size: number,
     readonly maxRequestSize: number,
     private readonly address: string,
-  ) {}
+    stallTimeout: number,
+  ) {
+    this.watch = stallTimeout > 0 ? new StallWatch(stallTimeout, address, handles) : undefined;
+  }
 
   get parallelism(): number {
     return this.handles.length * 4;
@@ -66,14 +155,17 @@ export class NbdEndpoint implements Endpoint {
 
   static async open(address: NbdAddress, options: NbdOpenOptions = {}): Promise<NbdEndpoint> {
     const contexts = options.metaContexts ?? [];
+    const stallTimeout = options.stallTimeout ?? DEFAULT_NBD_TIMEOUT;
     const where = address.uri ? `${address.uri}${address.tlsCertificates ? ' (TLS)' : ''}` : `${address.socket} (export ${address.exportName})`;
     const connect = async (): Promise<NbdHandle> => {
       const handle = new (native().NbdHandle)();
       try {
-        if (address.uri) await handle.connectUri(address.uri, contexts, address.tlsCertificates);
-        else await handle.connectUnix(address.socket ?? '', address.exportName, contexts);
+        await connectWithin(handle, () => (address.uri
+          ? handle.connectUri(address.uri, contexts, address.tlsCertificates)
+          : handle.connectUnix(address.socket ?? '', address.exportName, contexts)), stallTimeout, where);
       } catch (err) {
         await handle.close().catch(() => undefined);
+        if (err instanceof UserError) throw err;
         throw new Error(`cannot connect to NBD export ${where}: ${(err as Error).message}`, { cause: err });
       }
       return handle;
@@ -97,7 +189,7 @@ export class NbdEndpoint implements Endpoint {
     }
     const announced = first.getMaxBlockSize();
     const maxRequest = announced > 0 ? Math.min(announced, DEFAULT_MAX_REQUEST_SIZE) : DEFAULT_MAX_REQUEST_SIZE;
-    return new NbdEndpoint(handles, first.getSize(), maxRequest, where);
+    return new NbdEndpoint(handles, first.getSize(), maxRequest, where, stallTimeout);
   }
 
   private handle(): NbdHandle {
@@ -106,24 +198,29 @@ export class NbdEndpoint implements Endpoint {
     return h as NbdHandle;
   }
 
+  /** `request` on the next connection, under the stall watch. */
+  private send<T>(request: (handle: NbdHandle) => Promise<T>, handle = this.handle()): Promise<T> {
+    return this.watch ? this.watch.track(() => request(handle)) : request(handle);
+  }
+
   read(buffer: Buffer, offset: number): Promise<void> {
-    return this.handle().pread(buffer, offset);
+    return this.send((h) => h.pread(buffer, offset));
   }
 
   /** The whole buffer from one connection, in READ_REQUEST_SIZE requests, each summed as it arrives. */
   readSummed(buffer: Buffer, offset: number, sums: ReadSums): Promise<{ adler32: number; digest?: string }> {
-    return this.handle().preadSummed(buffer, offset, READ_REQUEST_SIZE, sums.adler, sums.digest);
+    return this.send((h) => h.preadSummed(buffer, offset, READ_REQUEST_SIZE, sums.adler, sums.digest));
   }
 
   write(buffer: Buffer, offset: number): Promise<void> {
-    return this.handle().pwrite(buffer, offset);
+    return this.send((h) => h.pwrite(buffer, offset));
   }
 
   async zero(offset: number, length: number, allowTrim: boolean): Promise<void> {
     // NBD lengths are 32-bit: split large ranges.
     for (let at = offset; at < offset + length;) {
       const step = Math.min(offset + length - at, MAX_STATUS_REQUEST);
-      await this.handle().zero(at, step, allowTrim);
+      await this.send((h) => h.zero(at, step, allowTrim));
       at += step;
     }
   }
@@ -137,7 +234,7 @@ export class NbdEndpoint implements Endpoint {
     let at = offset;
     const handle = this.handles[0] as NbdHandle;
     while (at < end) {
-      const flat = await handle.blockStatus(at, Math.min(end - at, MAX_STATUS_REQUEST), context);
+      const flat = await this.send((h) => h.blockStatus(at, Math.min(end - at, MAX_STATUS_REQUEST), context), handle);
       if (flat.length < 2) throw new Error(`NBD export ${this.address}: empty block status reply at ${at}`);
       for (let i = 0; i + 1 < flat.length && at < end; i += 2) {
         const extentLength = Math.min(flat[i] as number, end - at);
@@ -149,6 +246,7 @@ export class NbdEndpoint implements Endpoint {
   }
 
   async close(): Promise<void> {
+    this.watch?.stop();
     await Promise.all(this.handles.map((h) => h.close().catch(() => undefined)));
   }
 }

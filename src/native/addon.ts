@@ -54,6 +54,11 @@ export interface NbdHandle {
   flush(): Promise<void>;
   /** Graceful NBD_CMD_DISC then close; safe to call twice. */
   close(): Promise<void>;
+  /**
+   * Shuts the socket down at once, from the event loop: requests in flight, and a connect waiting for the server's
+   * greeting, fail with end of file. False when there is no socket (yet, or any more). close() is still needed.
+   */
+  cut(): boolean;
 }
 
 export interface LibvirtDomain {

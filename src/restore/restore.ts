@@ -42,6 +42,8 @@ export interface RestoreOptions extends PlanOptions {
   socketFile?: string;
   /** Onto another host (`host` remote): where its qemu-nbd listens (-I, -P) and, for TLS, this side's certificates. */
   remoteServer?: { host: string; port: number; tlsCertificates?: string };
+  /** --nbd-timeout: seconds qemu-nbd may leave a write unanswered before the restore fails (0: forever); default DEFAULT_NBD_TIMEOUT. */
+  nbdTimeout?: number;
   /** -c: write the domain XML adjusted to the restored disks (implied by `define`). */
   adjustConfig?: boolean;
   /** -D: define the adjusted domain in libvirt. */
@@ -352,7 +354,7 @@ async function writeThroughServer(
   });
   let endpoint: Endpoint | undefined;
   try {
-    endpoint = await NbdEndpoint.open(server.address, { connections: CONNECTIONS, sharedBackend: true });
+    endpoint = await NbdEndpoint.open(server.address, { connections: CONNECTIONS, sharedBackend: true, stallTimeout: options.nbdTimeout });
     await fill(endpoint, options.progress?.(disk.disk, disk.dataSize));
     await endpoint.flush();
   } catch (err) {

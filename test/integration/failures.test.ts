@@ -136,12 +136,12 @@ test('disk full in mid-backup: clear error, job ended, checkpoint removed, .part
  * A full backup of a fresh domain (`dataMiB` of data on a disk 256 MiB larger) into a temp dir, returned once its
  * data is flowing (the .partial exists), for a test to interrupt in mid-copy.
  */
-async function backupInFlight(t: TestContext, name: string, dataMiB = 768): Promise<{ dom: TestDomain; out: string; socket: string; run: CliRun }> {
+async function backupInFlight(t: TestContext, name: string, dataMiB = 768, extra: string[] = []): Promise<{ dom: TestDomain; out: string; socket: string; run: CliRun }> {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: dataMiB + 256, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: dataMiB }] }] });
   const out = await tempDir(`vnbd-${name}-`);
   t.after(() => fs.rm(out, { recursive: true, force: true }));
   const socket = `/var/tmp/vnbdtest-${process.pid}-${name}.sock`;
-  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket]);
+  const run = startCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n', '-f', socket, ...extra]);
   await whenExists(path.join(out, 'vda.full.data.partial'));
   return { dom, out, socket, run };
 }
@@ -313,6 +313,22 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
   assert.deepEqual((await fs.readdir(path.join(out, 'again')).catch(() => [])).filter((f) => f.includes('.data')), []);
 });
 
+test('the domain\'s QEMU hung (SIGSTOP) in mid-backup: after --nbd-timeout one line naming the export and the timeout; once QEMU answers again, job ended, checkpoint removed, socket gone', async (t) => {
+  const { dom, socket, run } = await backupInFlight(t, 'hung', 256, ['--nbd-timeout', '2']);
+  const qemu = Number((await fs.readFile(`/run/libvirt/qemu/${dom.name}.pid`, 'utf8')).trim());
+  process.kill(qemu, 'SIGSTOP');
+  t.after(() => { try { process.kill(qemu, 'SIGCONT'); } catch { /* gone with its domain */ } });
+  // Ending the job needs QEMU's monitor: the run waits for it after the stall, as it would for a host that recovers.
+  // The stall is seen within 2.5 s (2 s, checked every 0.5 s), well before QEMU goes on.
+  await new Promise((resolve) => setTimeout(resolve, 4500));
+  process.kill(qemu, 'SIGCONT');
+  const r = await run.done;
+  assert.equal(r.code, 1, r.stderr);
+  const last = r.stderr.trim().split('\n').at(-1) ?? '';
+  assert.equal(last, `virtnbdbackup: error: NBD export ${socket} (export vda) answered nothing for 2 s (a hung host, network or storage?); its connections were cut: check the host, or raise --nbd-timeout (0 waits forever)`);
+  await assertCleanDomain(dom, socket);
+});
+
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
   // More data than the other tests: the copy must still run when the domain is gone, a second or so after the start.
   const { dom, out, socket, run } = await backupInFlight(t, 'stopped', 1536);
@@ -360,21 +376,24 @@ async function fullSet(t: TestContext, name: string, sizeMiB: number, dataMiB: n
   return { dom, work, set };
 }
 
+/** The pid of the restore's qemu-nbd on `socket`, once data is going into `partial` (past 16 MiB): before, it is a failed start. */
+async function qemuNbdWriting(partial: string, socket: string): Promise<number> {
+  for (let i = 0; i < 4000; i++) {
+    const size = await fs.stat(partial).then((st) => st.size, () => 0);
+    const pid = size > 16 * 1024 * 1024 ? await qemuNbdPid((arg) => arg === socket) : undefined;
+    if (pid) return Number(pid);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  throw new Error(`no qemu-nbd was seen writing ${partial}`);
+}
+
 test('qemu-nbd killed in mid-restore: one line naming it, the partial image removed; SIGTERM in mid-restore: exit 130, nothing left', async (t) => {
   const { dom, work, set } = await fullSet(t, 'qnbd', 1024, 768);
   const out = path.join(work, 'out');
   const socket = `/var/tmp/vnbdtest-${process.pid}-qnbd.sock`;
   const run = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-f', socket]);
-  // Once data is going in (the image has grown past its empty size): killed before, it is a failed start.
   const partial = path.join(out, `${path.basename(dom.diskPath('vda'))}.partial`);
-  let pid: string | undefined;
-  for (let i = 0; i < 4000 && !pid; i++) {
-    const size = await fs.stat(partial).then((st) => st.size, () => 0);
-    if (size > 16 * 1024 * 1024) pid = await qemuNbdPid((arg) => arg === socket);
-    if (!pid) await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-  assert.ok(pid, 'no qemu-nbd was seen writing the image');
-  process.kill(Number(pid), 'SIGKILL');
+  process.kill(await qemuNbdWriting(partial, socket), 'SIGKILL');
   const r = await run.done;
   assert.equal(r.code, 1, r.stderr);
   const last = r.stderr.trim().split('\n').at(-1) ?? '';
@@ -395,6 +414,20 @@ test('qemu-nbd killed in mid-restore: one line naming it, the partial image remo
   assert.deepEqual(await fs.readdir(termOut), []);
   assert.equal(await qemuNbdPid((arg) => arg === termSocket), undefined, 'qemu-nbd left running');
   assert.equal(await fs.access(termSocket).then(() => true, () => false), false, `socket ${termSocket} left behind`);
+
+  // qemu-nbd hung (SIGSTOP) in mid-restore: after --nbd-timeout one line naming it, and nothing of the image kept.
+  const hungOut = path.join(work, 'hung');
+  const hungSocket = `/var/tmp/vnbdtest-${process.pid}-hung.sock`;
+  const hung = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', hungOut, '-n', '-f', hungSocket, '--nbd-timeout', '1']);
+  const hungPartial = path.join(hungOut, path.basename(partial));
+  const hungPid = await qemuNbdWriting(hungPartial, hungSocket);
+  process.kill(hungPid, 'SIGSTOP');
+  t.after(() => { try { process.kill(hungPid, 'SIGCONT'); } catch { /* gone */ } });
+  const rh = await hung.done;
+  assert.equal(rh.code, 1, rh.stderr);
+  assert.match(rh.stderr.trim().split('\n').at(-1) ?? '', new RegExp(`^virtnbdrestore: error: restore of disk vda failed: NBD export ${hungSocket} \\(export vda\\) answered nothing for 1 s .+; nothing of it was kept$`));
+  assert.deepEqual((await fs.readdir(hungOut)).filter((f) => f.includes('qcow2')), []);
+  assert.equal(await qemuNbdPid((arg) => arg === hungSocket), undefined, 'qemu-nbd left running');
 });
 
 /** Starts our restore of `set` with -D as `name` into `out`; resolves once the image holds more than 16 MiB. */

@@ -20,6 +20,8 @@ import {
   type NbdHandle,
 } from '../../src/native/addon.js';
 import { DomainPower } from '../../src/backup/domainPower.js';
+import { NbdEndpoint } from '../../src/endpoint/nbd.js';
+import { UserError } from '../../src/util/errors.js';
 import { Logger } from '../../src/util/log.js';
 import { anonHugeKiB, hugePagesOffered } from '../support/cli.js';
 
@@ -115,14 +117,14 @@ function isNativeError(library: string, code?: number) {
   };
 }
 
-async function withServer(size: string, extra: string[], body: (image: string, socket: string) => Promise<void>) {
+async function withServer(size: string, extra: string[], body: (image: string, socket: string, server: ChildProcess) => Promise<void>) {
   const dir = await tempDir();
   let server: ChildProcess | undefined;
   try {
     const image = await makeImage(dir, size);
     const socket = path.join(dir, 'nbd.sock');
     server = await serve(image, socket, extra);
-    await body(image, socket);
+    await body(image, socket, server);
   } finally {
     if (server) await stop(server);
     await rm(dir, { recursive: true, force: true });
@@ -222,6 +224,45 @@ test('NbdHandle connect failures reject with errno', async () => {
   await assert.rejects(h.connectUnix('/nonexistent/virtnbd.sock', 'vda', []), isNativeError('libnbd', 2));
   assert.throws(() => h.getSize(), /not connected/);
   await h.close();
+});
+
+test('NbdEndpoint with a stall timeout: a server that stops answering (SIGSTOP) fails reads, writes and connects with one error naming it; cut() ends a connection', async () => {
+  await withServer('64M', ['-e', '4', '-t'], async (_image, socket, child) => {
+    const server = child.pid as number;
+    const stalled = (err: unknown): boolean => {
+      assert.ok(err instanceof UserError, `a UserError: ${String(err)}`);
+      assert.equal(err.message, `NBD export ${socket} (export vda) answered nothing for 1 s (a hung host, network or storage?); its connections were cut: check the host, or raise --nbd-timeout (0 waits forever)`);
+      return true;
+    };
+    const endpoint = await NbdEndpoint.open({ socket, exportName: 'vda' }, { connections: 2, stallTimeout: 1 });
+    const buffer = Buffer.alloc(MiB);
+    try {
+      await endpoint.read(buffer, 0);
+      process.kill(server, 'SIGSTOP');
+      await Promise.all([
+        assert.rejects(endpoint.read(buffer, 0), stalled),
+        assert.rejects(endpoint.write(buffer, MiB), stalled),
+      ]);
+      await assert.rejects(endpoint.read(buffer, 0), stalled, 'every later request fails the same way');
+      await assert.rejects(NbdEndpoint.open({ socket, exportName: 'vda' }, { stallTimeout: 1 }), stalled, 'a connect that gets no greeting');
+    } finally {
+      process.kill(server, 'SIGCONT');
+      await endpoint.close();
+    }
+    const again = await NbdEndpoint.open({ socket, exportName: 'vda' }, { stallTimeout: 1 });
+    await again.read(buffer, 0);
+    await again.close();
+
+    const early = new addon.NbdHandle();
+    assert.equal(early.cut(), false, 'nothing to cut before a connect');
+    await assert.rejects(early.connectUnix(socket, 'vda', []), isNativeError('libnbd'), 'a cut asked for before the connect has its socket applies to it');
+    await early.close();
+    const handle = new addon.NbdHandle();
+    await handle.connectUnix(socket, 'vda', []);
+    assert.equal(handle.cut(), true);
+    await assert.rejects(handle.pread(buffer, 0), isNativeError('libnbd'));
+    await handle.close();
+  });
 });
 
 test('8 concurrent preads on 2 handles leave the event loop free', async () => {
