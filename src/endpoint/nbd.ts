@@ -3,9 +3,10 @@
 // server that answers nothing for the stall timeout (a hung host, network or storage) has its connections cut,
 // and every request, and a connect, fails with one error that names the export and the timeout.
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { native, type NbdHandle } from '../native/addon.js';
-import { UserError } from '../util/errors.js';
+import { UserError, errnoOf } from '../util/errors.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { READ_REQUEST_SIZE, type Endpoint, type ReadSums, type StatusExtent } from './endpoint.js';
 
@@ -110,6 +111,26 @@ async function connectWithin(handle: NbdHandle, connect: () => Promise<void>, se
   }
 }
 
+/** The name of user or group `id` in /etc/passwd or /etc/group, else the number. */
+async function nameOf(table: '/etc/passwd' | '/etc/group', id: number): Promise<string> {
+  const lines = (await fs.readFile(table, 'utf8').catch(() => '')).split('\n');
+  return lines.map((line) => line.split(':')).find((fields) => fields[2] === String(id))?.[0] ?? String(id);
+}
+
+/**
+ * Why a socket refused this user, in words, with the way out: a backup job's socket is QEMU's (libvirt-qemu, mode
+ * 0775 here), whatever libvirt lets a member of the libvirt group do; its group, where it may write, is one.
+ */
+async function socketRefusal(socket: string, where: string): Promise<string> {
+  const me = os.userInfo().username;
+  const refusal = `cannot connect to NBD export ${where}: permission denied (EACCES) to ${me}`;
+  const st = await fs.stat(socket).catch(() => undefined);
+  if (!st) return `${refusal}; run as root`;
+  const owner = `${await nameOf('/etc/passwd', st.uid)}:${await nameOf('/etc/group', st.gid)}`;
+  const groupWrites = (st.mode & 0o020) !== 0;
+  return `${refusal}: the socket is ${owner}'s (mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}); run as root${groupWrites ? `, or add ${me} to group ${owner.split(':')[1]}` : ''}`;
+}
+
 /** virtnbdbackup's default TCP port of a remote host's NBD server (-P). */
 export const DEFAULT_NBD_PORT = 10809;
 
@@ -166,6 +187,7 @@ export class NbdEndpoint implements Endpoint {
       } catch (err) {
         await handle.close().catch(() => undefined);
         if (err instanceof UserError) throw err;
+        if (address.socket && errnoOf(err) === 'EACCES') throw new UserError(await socketRefusal(address.socket, where));
         throw new Error(`cannot connect to NBD export ${where}: ${(err as Error).message}`, { cause: err });
       }
       return handle;

@@ -265,6 +265,26 @@ test('NbdEndpoint with a stall timeout: a server that stops answering (SIGSTOP) 
   });
 });
 
+test('a socket this user may not connect to (a backup job\'s, QEMU\'s, to a member of the libvirt group): one line naming its owner, its mode and the way out', async () => {
+  await withServer('64M', ['-t'], async (_image, socket) => {
+    const endpoint = path.resolve('dist/src/endpoint/nbd.js');
+    // As user nobody, in a process of its own: the error's class and message.
+    const attempt = (): string => spawnSync('runuser', ['-u', 'nobody', '--', process.execPath, '--input-type=module', '-e',
+      `import { NbdEndpoint } from '${endpoint}';
+       await NbdEndpoint.open({ socket: '${socket}', exportName: 'vda' }).then(() => console.log('connected'), (e) => console.log(e.constructor.name + ': ' + e.message));`,
+    ], { encoding: 'utf8' }).stdout.trim();
+    const refusal = `UserError: cannot connect to NBD export ${socket} (export vda): permission denied (EACCES) to nobody: the socket is root:`;
+    await chmod(socket, 0o755);
+    assert.equal(attempt(), `${refusal}root's (mode 0755); run as root`);
+    // Group-writable, as libvirt-qemu's sockets are: joining the group is the other way.
+    spawnSync('chgrp', ['daemon', socket]);
+    await chmod(socket, 0o775);
+    assert.equal(attempt(), `${refusal}daemon's (mode 0775); run as root, or add nobody to group daemon`);
+    await chmod(socket, 0o777);
+    assert.equal(attempt(), 'connected');
+  });
+});
+
 test('8 concurrent preads on 2 handles leave the event loop free', async () => {
   await withServer('64M', ['-e', '4'], async (_image, socket) => {
     const handles: NbdHandle[] = [new addon.NbdHandle(), new addon.NbdHandle()];
