@@ -155,6 +155,11 @@ export function nbdUri(server: { host: string; port: number; tlsCertificates?: s
 
 /** Largest block-status request: below 4 GiB and aligned. */
 const MAX_STATUS_REQUEST = 2 ** 32 - 2 ** 20;
+/**
+ * Zeroes go in calls of this size: writing zeros onto a raw file or device takes as long as writing data, so that
+ * even a disk of 2 MB/s answers each within the stall timeout's default.
+ */
+const ZERO_STEP = 256 * 1024 * 1024;
 
 export class NbdEndpoint implements Endpoint {
   private next = 0;
@@ -239,9 +244,8 @@ export class NbdEndpoint implements Endpoint {
   }
 
   async zero(offset: number, length: number, allowTrim: boolean): Promise<void> {
-    // NBD lengths are 32-bit: split large ranges.
     for (let at = offset; at < offset + length;) {
-      const step = Math.min(offset + length - at, MAX_STATUS_REQUEST);
+      const step = Math.min(offset + length - at, ZERO_STEP);
       await this.send((h) => h.zero(at, step, allowTrim));
       at += step;
     }
