@@ -101,7 +101,8 @@ class StallWatch {
 /** Connects `handle`, cutting it once `seconds` pass without the server's handshake (0: waits forever). */
 async function connectWithin(handle: NbdHandle, connect: () => Promise<void>, seconds: number, where: string): Promise<void> {
   let cut = false;
-  const timer = seconds > 0 ? setTimeout(() => { cut = true; handle.cut(); }, seconds * 1000) : undefined;
+  // Node's timers take at most 2^31-1 ms (24.8 days) and fire at once beyond it.
+  const timer = seconds > 0 ? setTimeout(() => { cut = true; handle.cut(); }, Math.min(seconds * 1000, 2 ** 31 - 1)) : undefined;
   try {
     await connect();
   } catch (err) {

@@ -252,6 +252,10 @@ test('NbdEndpoint with a stall timeout: a server that stops answering (SIGSTOP) 
     const again = await NbdEndpoint.open({ socket, exportName: 'vda' }, { stallTimeout: 1 });
     await again.read(buffer, 0);
     await again.close();
+    // A timeout beyond what Node's timers hold (--nbd-timeout 1e10) waits, where such a timer would fire at once.
+    const patient = await NbdEndpoint.open({ socket, exportName: 'vda' }, { stallTimeout: 1e10 });
+    await patient.read(buffer, 0);
+    await patient.close();
 
     const early = new addon.NbdHandle();
     assert.equal(early.cut(), false, 'nothing to cut before a connect');
