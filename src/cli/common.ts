@@ -2,6 +2,7 @@
 // (SIGHUP not under nohup), and the one rule for ending: a UserError prints one line and exits with its code;
 // anything else is a bug.
 import type { Argv } from 'yargs';
+import { hideBin } from 'yargs/helpers';
 import { Logger } from '../util/log.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { LibvirtLogin } from '../libvirt/connection.js';
@@ -39,7 +40,23 @@ export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>[
     const names = notNumbers.sort((a, b) => a.length - b.length).map((key) => (key.length === 1 ? `-${key}` : `--${key}`)).join('/');
     usageError(`${names} takes a number`);
   }
+  // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever".
+  // getOptions() is yargs' own, missing from its types; `number` lists every name of each number flag.
+  const numberFlags = (flags as unknown as { getOptions(): { number: string[] } }).getOptions().number;
+  const blank = blankNumberFlag(hideBin(process.argv), new Set(numberFlags));
+  if (blank) usageError(`${blank} takes a number, not an empty value`);
   return argv;
+}
+
+/** The first number flag in `args` given an empty or blank value (`-T ''`, `--nbd-timeout=`), as written. */
+export function blankNumberFlag(args: readonly string[], numberFlags: ReadonlySet<string>): string | undefined {
+  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
+    const match = /^--?([^=]+)(=(.*))?$/s.exec(args[i] as string);
+    if (!match || !numberFlags.has(match[1] as string)) continue;
+    const value = match[2] !== undefined ? match[3] : args[i + 1];
+    if (value !== undefined && value.trim() === '') return (args[i] as string).split('=')[0];
+  }
+  return undefined;
 }
 
 /** --nbd-timeout, for the commands that talk NBD. */

@@ -34,6 +34,10 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '-T', '10MB'], /^virtnbdbackup: error: -T\/--threshold takes a number; see virtnbdbackup --help$/],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-P', 'ten'], /^virtnbdrestore: error: -P\/--nbd-port takes a number; see virtnbdrestore --help$/],
     [ourBin('virtnbdmap'), ['-f', '/nonexistent', '-b', '64k'], /^virtnbdmap: error: -b\/--blocksize takes a number; see virtnbdmap --help$/],
+    // ... or an empty value (an unset shell variable), which yargs reads as 0: always back up, wait forever.
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '-T', ''], /^virtnbdbackup: error: -T takes a number, not an empty value; see virtnbdbackup --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--nbd-timeout='], /^virtnbdrestore: error: --nbd-timeout takes a number, not an empty value; see virtnbdrestore --help$/],
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-o', '/nonexistent', '--nbd-timeout', '-1'], /^virtnbdbackup: error: --nbd-timeout takes a number of seconds, 0 or more; see virtnbdbackup --help$/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(command, args);
