@@ -22,7 +22,7 @@ export interface CommonFlags {
  * Parses a command's flags strictly. Wrong flags get one line naming the problem and where help is, and exit 2
  * (argparse's usage error code, which virtnbdbackup's users script against), in place of the whole help text.
  */
-export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>['parseSync']> {
+export function parseFlags<T>(name: string, flags: Argv<T>, options: { emptyAllowed?: string[] } = {}): ReturnType<Argv<T>['parseSync']> {
   const usageError = (what: string): never => {
     process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
     process.exit(2);
@@ -40,21 +40,26 @@ export function parseFlags<T>(name: string, flags: Argv<T>): ReturnType<Argv<T>[
     const names = notNumbers.sort((a, b) => a.length - b.length).map((key) => (key.length === 1 ? `-${key}` : `--${key}`)).join('/');
     usageError(`${names} takes a number`);
   }
-  // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever".
-  // getOptions() is yargs' own, missing from its types; `number` lists every name of each number flag.
-  const numberFlags = (flags as unknown as { getOptions(): { number: string[] } }).getOptions().number;
-  const blank = blankNumberFlag(hideBin(process.argv), new Set(numberFlags));
-  if (blank) usageError(`${blank} takes a number, not an empty value`);
+  // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever";
+  // an empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI.
+  // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag.
+  const kinds = (flags as unknown as { getOptions(): { number: string[]; string: string[] } }).getOptions();
+  const blank = blankFlag(hideBin(process.argv), new Set(kinds.number), new Set(kinds.string.filter((flag) => !options.emptyAllowed?.includes(flag))));
+  if (blank) usageError(`${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
   return argv;
 }
 
-/** The first number flag in `args` given an empty or blank value (`-T ''`, `--nbd-timeout=`), as written. */
-export function blankNumberFlag(args: readonly string[], numberFlags: ReadonlySet<string>): string | undefined {
+/**
+ * The first number or string flag in `args` given an empty or blank value (`-T ''`, `--nbd-timeout=`, `-o ' '`),
+ * named as written; nothing after `--`.
+ */
+export function blankFlag(args: readonly string[], numberFlags: ReadonlySet<string>, stringFlags: ReadonlySet<string>): { flag: string; number: boolean } | undefined {
   for (let i = 0; i < args.length && args[i] !== '--'; i++) {
     const match = /^--?([^=]+)(=(.*))?$/s.exec(args[i] as string);
-    if (!match || !numberFlags.has(match[1] as string)) continue;
+    const name = match?.[1] as string;
+    if (!match || !(numberFlags.has(name) || stringFlags.has(name))) continue;
     const value = match[2] !== undefined ? match[3] : args[i + 1];
-    if (value !== undefined && value.trim() === '') return (args[i] as string).split('=')[0];
+    if (value !== undefined && value.trim() === '') return { flag: (args[i] as string).split('=')[0] as string, number: numberFlags.has(name) };
   }
   return undefined;
 }

@@ -36,7 +36,9 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv))
   .alias('help', 'h')
   .example('$0 -f /backup/sda.full.data', 'serve the full backup; Ctrl-C to stop')
   .example('$0 -f /backup/sda.full.data,/backup/sda.inc.virtnbdbackup.1.data -d /dev/nbd2', 'the point of the first incremental, as /dev/nbd2')
-  .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket'));
+  .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket'),
+// -d '' attaches no device; -e '' is NBD's default export name.
+{ emptyAllowed: ['device', 'd', 'export-name', 'e'] });
 
 /** `offset  hex bytes  |ascii|` lines of `bytes`. */
 function hexdump(bytes: Buffer): string[] {

@@ -35,8 +35,12 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-P', 'ten'], /^virtnbdrestore: error: -P\/--nbd-port takes a number; see virtnbdrestore --help$/],
     [ourBin('virtnbdmap'), ['-f', '/nonexistent', '-b', '64k'], /^virtnbdmap: error: -b\/--blocksize takes a number; see virtnbdmap --help$/],
     // ... or an empty value (an unset shell variable), which yargs reads as 0: always back up, wait forever.
-    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '-T', ''], /^virtnbdbackup: error: -T takes a number, not an empty value; see virtnbdbackup --help$/],
-    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--nbd-timeout='], /^virtnbdrestore: error: --nbd-timeout takes a number, not an empty value; see virtnbdrestore --help$/],
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '-T', ''], /^virtnbdbackup: error: -T takes a number, not an empty one; see virtnbdbackup --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--nbd-timeout='], /^virtnbdrestore: error: --nbd-timeout takes a number, not an empty one; see virtnbdrestore --help$/],
+    // An empty string: -o '' wrote the set into the working directory (Python's virtnbdbackup writes it into /).
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'full', '-o', ''], /^virtnbdbackup: error: -o takes a value, not an empty one; see virtnbdbackup --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '', '-o', '/nonexistent'], /^virtnbdrestore: error: -i takes a value, not an empty one; see virtnbdrestore --help$/],
+    [ourBin('virtnbdmap'), ['-f', '/nonexistent', '--socket='], /^virtnbdmap: error: --socket takes a value, not an empty one; see virtnbdmap --help$/],
     [ourBin('virtnbdbackup'), ['-d', 'x', '-o', '/nonexistent', '--nbd-timeout', '-1'], /^virtnbdbackup: error: --nbd-timeout takes a number of seconds, 0 or more; see virtnbdbackup --help$/],
   ];
   for (const [command, args, message] of cases) {
