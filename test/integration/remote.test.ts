@@ -209,9 +209,13 @@ test('the scratch directory on the remote host filling up with guest writes stop
   let ended = false;
   void backup.done.then(() => { ended = true; });
   for (let i = 0; i < 4000 && !ended && !/writing vda\.full\.data/.test(backup.stderr()); i++) await new Promise((resolve) => setTimeout(resolve, 5));
-  // A write QEMU failed (scratch full) throws here.
+  // A write QEMU failed (scratch full) throws here. The writes are paced (8 MiB, then 50 ms): unpaced, a loaded CI
+  // machine once wrote the last 64 MiB before the run, looking through ssh, had ended the job.
   try {
-    for (let offsetMiB = 0; !ended && offsetMiB < 640; offsetMiB += 8) await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+    for (let offsetMiB = 0; !ended && offsetMiB < 640; offsetMiB += 8) {
+      await dom.write('vda', 0x22, `${offsetMiB}M`, '8M');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
   } finally {
     backup.release();
   }
