@@ -22,7 +22,7 @@ export interface CommonFlags {
  * Parses a command's flags strictly. Wrong flags get one line naming the problem and where help is, and exit 2
  * (argparse's usage error code, which virtnbdbackup's users script against), in place of the whole help text.
  */
-export function parseFlags<T>(name: string, flags: Argv<T>, options: { emptyAllowed?: string[] } = {}): ReturnType<Argv<T>['parseSync']> {
+export function parseFlags<T>(name: string, flags: Argv<T>, options: { /** Flags (any one of each flag's names) whose empty value means something. */ emptyAllowed?: string[] } = {}): ReturnType<Argv<T>['parseSync']> {
   const usageError = (what: string): never => {
     process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
     process.exit(2);
@@ -42,9 +42,10 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: { emptyAllo
   }
   // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever";
   // an empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI.
-  // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag.
-  const kinds = (flags as unknown as { getOptions(): { number: string[]; string: string[] } }).getOptions();
-  const blank = blankFlag(hideBin(process.argv), new Set(kinds.number), new Set(kinds.string.filter((flag) => !options.emptyAllowed?.includes(flag))));
+  // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag, its alias map the rest.
+  const kinds = (flags as unknown as { getOptions(): { number: string[]; string: string[]; alias: Record<string, string[]> } }).getOptions();
+  const allowed = new Set((options.emptyAllowed ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
+  const blank = blankFlag(hideBin(process.argv), new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
   if (blank) usageError(`${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
   return argv;
 }

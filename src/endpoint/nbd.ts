@@ -127,9 +127,9 @@ async function socketRefusal(socket: string, where: string): Promise<string> {
   const refusal = `cannot connect to NBD export ${where}: permission denied (EACCES) to ${me}`;
   const st = await fs.stat(socket).catch(() => undefined);
   if (!st) return `${refusal}; run as root`;
-  const owner = `${await nameOf('/etc/passwd', st.uid)}:${await nameOf('/etc/group', st.gid)}`;
+  const [user, group] = [await nameOf('/etc/passwd', st.uid), await nameOf('/etc/group', st.gid)];
   const groupWrites = (st.mode & 0o020) !== 0;
-  return `${refusal}: the socket is ${owner}'s (mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}); run as root${groupWrites ? `, or add ${me} to group ${owner.split(':')[1]}` : ''}`;
+  return `${refusal}: the socket is ${user}:${group}'s (mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}); run as root${groupWrites ? `, or add ${me} to group ${group}` : ''}`;
 }
 
 /** virtnbdbackup's default TCP port of a remote host's NBD server (-P). */
