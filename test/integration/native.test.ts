@@ -131,6 +131,30 @@ async function withServer(size: string, extra: string[], body: (image: string, s
   }
 }
 
+/**
+ * A TCP port on 127.0.0.1 whose connects get no answer: its listener never accepts, and its queue (backlog 0) is
+ * already full, so the kernel drops new SYNs, as a host that is down or filtered would.
+ */
+async function withSilentHost(body: (port: number) => Promise<void>): Promise<void> {
+  const script = [
+    'import socket, sys',
+    'listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(0)',
+    'filler = socket.create_connection(listener.getsockname())',
+    'print(listener.getsockname()[1], flush=True)',
+    'sys.stdin.read()',
+  ].join('\n');
+  const host = spawn('/usr/bin/python3', ['-c', script], { stdio: ['pipe', 'pipe', 'inherit'] });
+  try {
+    const port = await new Promise<number>((resolve, reject) => {
+      host.stdout?.once('data', (line: Buffer) => resolve(Number(line.toString().trim())));
+      host.once('exit', (code) => reject(new Error(`the silent host exited (${code})`)));
+    });
+    await body(port);
+  } finally {
+    host.kill();
+  }
+}
+
 test('versions() names every library', () => {
   const v = addon.versions();
   assert.match(v.libnbd, /^\d+\.\d+\.\d+/);
@@ -226,7 +250,7 @@ test('NbdHandle connect failures reject with errno', async () => {
   await h.close();
 });
 
-test('NbdEndpoint with a stall timeout: a server that stops answering (SIGSTOP) fails reads, writes and connects with one error naming it; cut() ends a connection', async () => {
+test('NbdEndpoint with a stall timeout: a server that stops answering (SIGSTOP) fails reads, writes and connects with one error naming it, and so does a TCP connect with no answer; cut() ends a connection', async () => {
   await withServer('64M', ['-e', '4', '-t'], async (_image, socket, child) => {
     const server = child.pid as number;
     const stalled = (err: unknown): boolean => {
@@ -256,6 +280,18 @@ test('NbdEndpoint with a stall timeout: a server that stops answering (SIGSTOP) 
     const patient = await NbdEndpoint.open({ socket, exportName: 'vda' }, { stallTimeout: 1e10 });
     await patient.read(buffer, 0);
     await patient.close();
+
+    // A TCP connect the host never answers (its listen queue full: SYNs dropped) is cut too: on Linux shutdown(2)
+    // of a socket in SYN_SENT ends its connect.
+    await withSilentHost(async (port) => {
+      const started = Date.now();
+      await assert.rejects(NbdEndpoint.open({ uri: `nbd://127.0.0.1:${port}/vda`, exportName: 'vda' }, { stallTimeout: 1 }), (err: unknown) => {
+        assert.ok(err instanceof UserError, `a UserError: ${String(err)}`);
+        assert.match(err.message, new RegExp(`^NBD export nbd://127\\.0\\.0\\.1:${port}/vda .*answered nothing for 1 s`));
+        return true;
+      });
+      assert.ok(Date.now() - started < 10_000, `the connect was not cut: it took ${Date.now() - started} ms`);
+    });
 
     const early = new addon.NbdHandle();
     assert.equal(early.cut(), false, 'nothing to cut before a connect');
