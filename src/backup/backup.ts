@@ -91,7 +91,10 @@ export interface BackupOptions {
   qemuExtents?: boolean;
   /** --no-sparse-detection: inc/diff save every changed range as data, also where it now reads as zero. */
   noSparseDetection?: boolean;
-  /** --nbd-timeout: seconds an NBD request may go unanswered before the run fails (0: forever); default DEFAULT_NBD_TIMEOUT. */
+  /**
+   * --nbd-timeout: seconds an NBD request, or a remote host's ssh, may go unanswered before the run fails (0: forever);
+   * default DEFAULT_NBD_TIMEOUT.
+   */
   nbdTimeout?: number;
   log?: Logger;
   /** Called once per disk with its total data bytes; returns the per-chunk progress callback. */
@@ -188,7 +191,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       throw new UserError(`cannot create output directory ${stateDir}: ${describeFailure(err)}`);
     });
   }
-  const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser);
+  const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser, options.nbdTimeout);
   const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir, host.remote ? host.hostname : undefined);
   try {
     if (!toZip && writesSet) await checkSet(stateDir, level);

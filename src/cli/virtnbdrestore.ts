@@ -90,7 +90,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
 
 /** With a remote -U, the restore goes onto that host; the flags for it mean nothing without one. */
 async function outputHost(): Promise<Pick<RestoreOptions, 'host' | 'remoteServer'>> {
-  const host = domainHostOf(argv.uri, argv['ssh-user']);
+  const host = domainHostOf(argv.uri, argv['ssh-user'], argv['nbd-timeout']);
   if (!host.remote) {
     const given = (['nbd-port', 'nbd-ip', 'ssh-user', 'tls', 'tls-cert'] as const).filter((flag) => argv[flag] !== undefined);
     if (given.length > 0) {

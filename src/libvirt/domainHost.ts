@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { OUTLIVES_TERMINAL, accepts, run, type RunResult } from '../util/process.js';
 import { makeDirectory } from '../util/fileIo.js';
-import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
+import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 
 /** What every host offers; `remote` tells this machine (LOCAL_HOST) from another one (SshHost) and narrows the type. */
 interface HostAccess {
@@ -75,6 +75,21 @@ export interface SshTarget {
   noVerify?: boolean;
   /** Known-hosts file (the URI's `known_hosts`). */
   knownHosts?: string;
+  /**
+   * Seconds the host may leave ssh unanswered, in a connect or on a connection gone silent (a hung host or
+   * network), before ssh gives up; 0 or beyond ssh's range waits as ssh does (with TCP, often for ever).
+   */
+  silentSeconds?: number;
+}
+
+/** ssh keeps timeouts in milliseconds in an int: longer ones are left to ssh's own defaults. */
+const SSH_MAX_TIMEOUT = 2_000_000;
+
+/** ssh options that give up on a host silent for `seconds`: keepalives every quarter of it, at most every 15 s. */
+export function silenceLimit(seconds: number | undefined): string[] {
+  if (!seconds || !(seconds > 0) || seconds > SSH_MAX_TIMEOUT) return [];
+  const interval = Math.min(15, Math.max(1, Math.floor(seconds / 4)));
+  return ['-o', `ConnectTimeout=${Math.ceil(seconds)}`, '-o', `ServerAliveInterval=${interval}`, '-o', `ServerAliveCountMax=${Math.max(1, Math.ceil(seconds / interval))}`];
 }
 
 export class SshHost implements HostAccess {
@@ -119,8 +134,8 @@ export class SshHost implements HostAccess {
 
   /** How to reach the host: user, port, key and host key checking. */
   private options(): string[] {
-    const { user, port, keyfile, noVerify, knownHosts } = this.target;
-    const args = ['-l', user];
+    const { user, port, keyfile, noVerify, knownHosts, silentSeconds } = this.target;
+    const args = ['-l', user, ...silenceLimit(silentSeconds)];
     if (port) args.push('-p', String(port));
     if (keyfile) args.push('-i', keyfile);
     if (noVerify) args.push('-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR');
@@ -281,9 +296,10 @@ export async function qemuNbdOverSsh(ssh: SshHost, args: string[], file: string,
 /**
  * The host of libvirt URI `uri`: this machine when it names none (qemu:///system), else that host through ssh as
  * `sshUser` (default: the URI's user, else root), with the URI's port, `keyfile`, `no_verify` and `known_hosts`
- * when it is an ssh URI, as libvirt's own ssh transport uses them.
+ * when it is an ssh URI, as libvirt's own ssh transport uses them; ssh gives up on it after `silentSeconds` of
+ * silence (--nbd-timeout).
  */
-export function domainHostOf(uri: string, sshUser?: string): DomainHost {
+export function domainHostOf(uri: string, sshUser?: string, silentSeconds = DEFAULT_NBD_TIMEOUT): DomainHost {
   let parsed: URL;
   try {
     parsed = new URL(uri);
@@ -300,5 +316,6 @@ export function domainHostOf(uri: string, sshUser?: string): DomainHost {
     keyfile: viaSsh ? params.get('keyfile') ?? undefined : undefined,
     noVerify: viaSsh && params.get('no_verify') === '1',
     knownHosts: viaSsh ? params.get('known_hosts') ?? undefined : undefined,
+    silentSeconds,
   });
 }

@@ -271,10 +271,13 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
       await copyImage(disk, disk.source.path, options, created);
     }
   } catch (err) {
-    await Promise.all(created.map((file) => outputHost(options).remove(file).catch(() => undefined)));
+    const host = outputHost(options);
+    // A host that went away keeps what it holds: then the line names it, not "nothing kept".
+    const kept = (await Promise.all(created.map((file) => host.remove(file).then(() => undefined, () => file)))).filter((file) => file !== undefined);
     if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
     const hint = err instanceof StreamFormatError ? `; ${DAMAGED_HINT}` : '';
-    const left = disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
+    const left = kept.length > 0 ? `${kept.join(', ')}${host.remote ? ` on ${host.label}` : ''} could not be removed: remove ${kept.length > 1 ? 'them' : 'it'}`
+      : disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
     // A full output is named as such: libnbd only says that qemu-nbd's write failed.
     const full = outOfSpace(err);
     const failure = full ? `failed writing ${disk.image}: ${full}` : `failed: ${oneLine(err)}`;

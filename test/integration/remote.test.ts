@@ -2,8 +2,8 @@
 // here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P); image info
 // and boot files come through ssh; -s/-k work remotely; a shut-off remote domain is served by qemu-nbd on that
 // host; --tls serves NBD over TLS with the host's certificates; a restore goes onto that host through its qemu-nbd;
-// the scratch directory there is watched for space; restore flags for another host without its URI are refused
-// with one line.
+// the scratch directory there is watched for space; a host whose ssh goes silent fails a run after --nbd-timeout;
+// restore flags for another host without its URI are refused with one line.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -11,9 +11,9 @@ import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput } from '../support/cli.js';
+import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput, type CliResult } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
-import { freePort, withPrivateSshd } from '../support/sshd.js';
+import { freePort, sshdProcesses, withPrivateSshd } from '../support/sshd.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
 import { domainHostOf } from '../../src/libvirt/domainHost.js';
 
@@ -264,6 +264,52 @@ test('files of the remote host come through ssh: read whole, and a missing one f
   assert.ok(Buffer.concat(chunks).equals(content));
   await assert.rejects(host.openRead(path.join(work, 'missing')), /on root@127\.0\.0\.1: .*No such file/);
   assert.match((await host.run('echo', ["a 'quoted' word"])).stdout, /^a 'quoted' word\n$/);
+});
+
+test('a remote host whose ssh goes silent (its sshd stopped): a restore onto it fails after --nbd-timeout with one line, at the connect and on a connection already up', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const dom = await withDomain(t, { disks: [DISK] });
+  await dom.write('vda', 0x66, '8M', '48M');
+  const work = await withTempDir(t, 'silentssh-');
+  const set = path.join(work, 'set');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  const port = await freePort();
+  const remote = ['-n', '-U', sshd.libvirtUri, '-P', String(port), '--nbd-timeout', '2'];
+  const signal = async (name: NodeJS.Signals): Promise<void> => {
+    for (const pid of await sshdProcesses(sshd)) process.kill(pid, name);
+  };
+  t.after(() => signal('SIGCONT'));
+  const lastLine = (r: CliResult): string => r.stderr.trim().split('\n').at(-1) ?? '';
+
+  // The connect: the host takes the TCP connection and never says hello.
+  await signal('SIGSTOP');
+  let started = Date.now();
+  const atConnect = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'first'), ...remote]);
+  const connectTook = Date.now() - started;
+  await signal('SIGCONT');
+  assert.equal(atConnect.code, 1, atConnect.stderr);
+  assert.match(lastLine(atConnect), /^virtnbdrestore: error: .*on root@127\.0\.0\.1: .*timed out/i);
+  assert.ok(connectTook < 20_000, `ssh waited ${connectTook} ms for the silent host`);
+
+  // A connection already up: stopped once the host's qemu-nbd serves the restore, whose next ssh command waits.
+  started = Date.now();
+  const run = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'second'), ...remote]);
+  let ended = false;
+  void run.done.finally(() => { ended = true; });
+  while (!ended && !(await qemuNbdRuns((arg) => arg === String(port)))) await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.equal(ended, false, 'the restore ended before its host was stopped');
+  await signal('SIGSTOP');
+  const midway = await run.done;
+  await signal('SIGCONT');
+  assert.equal(midway.code, 1, midway.stderr);
+  // Its partial image could not be removed from the silent host: the line says so, and where.
+  const partial = path.join(work, 'second', 'vda.qcow2.partial');
+  assert.equal(lastLine(midway), `virtnbdrestore: error: restore of disk vda failed: on root@127.0.0.1: ssh failed: Connection timed out during banner exchange; ${partial} on root@127.0.0.1 could not be removed: remove it`);
+  assert.ok(Date.now() - started < 30_000, `the restore waited ${Date.now() - started} ms on the silent host`);
+  assert.deepEqual(await fs.readdir(path.join(work, 'second')), ['vda.qcow2.partial']);
+  // Going on, the server sees the session gone, and its shell ends qemu-nbd.
+  for (let i = 0; i < 200 && (await qemuNbdRuns((arg) => arg === String(port))); i++) await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(await qemuNbdRuns((arg) => arg === String(port)), false, 'the remote qemu-nbd outlived its session');
 });
 
 test('refused with one line: restore flags for another host without its URI; a host nobody answers on', async () => {

@@ -14,6 +14,8 @@ import { run, withTempDir } from './testbed.js';
 import { accepts } from '../../src/util/process.js';
 
 export interface PrivateSshd {
+  /** The listening server's pid. */
+  pid: number;
   port: number;
   /** The client's private key. */
   keyfile: string;
@@ -68,7 +70,33 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
     const log = await fs.readFile(path.join(dir, 'sshd.log'), 'utf8').catch(() => '');
     throw new Error(`the private sshd did not start on port ${port}: ${log.trim()}`);
   }
-  return { port, keyfile, libvirtUri: `qemu+ssh://root@127.0.0.1:${port}/system?keyfile=${keyfile}&no_verify=1` };
+  return { pid: sshd.pid as number, port, keyfile, libvirtUri: `qemu+ssh://root@127.0.0.1:${port}/system?keyfile=${keyfile}&no_verify=1` };
+}
+
+/**
+ * The server's own processes: the listener and the sshd of every connection and session, not the commands they
+ * run. Stopped (SIGSTOP), they leave the host up, and every ssh connection to it silent, as a hung sshd or
+ * network would.
+ */
+export async function sshdProcesses(sshd: PrivateSshd): Promise<number[]> {
+  const parents = new Map<number, number[]>();
+  for (const entry of await fs.readdir('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = await fs.readFile(`/proc/${entry}/stat`, 'utf8').catch(() => '');
+    // pid (comm) state ppid ...: comm may hold spaces and parentheses, so the fields count from the last ')'.
+    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+    if (!parents.has(ppid)) parents.set(ppid, []);
+    parents.get(ppid)?.push(Number(entry));
+  }
+  const found: number[] = [];
+  const visit = async (pid: number): Promise<void> => {
+    const comm = (await fs.readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '')).trim();
+    if (comm !== 'sshd') return;
+    found.push(pid);
+    for (const child of parents.get(pid) ?? []) await visit(child);
+  };
+  await visit(sshd.pid);
+  return found;
 }
 
 /**

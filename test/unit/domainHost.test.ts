@@ -1,14 +1,14 @@
 // Which host a libvirt URI names and how ssh reaches it; remote domains' locks apart from this host's.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { LOCAL_HOST, SshHost, domainHostOf, shellQuote } from '../../src/libvirt/domainHost.js';
+import { LOCAL_HOST, SshHost, domainHostOf, shellQuote, silenceLimit } from '../../src/libvirt/domainHost.js';
 import { domainLockFile } from '../../src/backup/lock.js';
 
-/** ssh's arguments without those of the shared connection, which are checked on their own. */
+/** ssh's arguments without those of the shared connection and the silence limit, which are checked on their own. */
 function withoutSharing(args: string[]): string[] {
   const out: string[] = [];
   for (let i = 0; i < args.length; i++) {
-    if (args[i] === '-o' && /^Control(Master|Path|Persist)=/.test(args[i + 1] ?? '')) i++;
+    if (args[i] === '-o' && /^(Control(Master|Path|Persist)|ConnectTimeout|ServerAlive(Interval|CountMax))=/.test(args[i + 1] ?? '')) i++;
     else out.push(args[i] as string);
   }
   return out;
@@ -32,6 +32,20 @@ test('local URIs name this host; remote ones the host, with ssh options only fro
   const tcp = domainHostOf('qemu+tcp://[fd00::5]:16509/system?keyfile=/x') as SshHost;
   assert.equal(tcp.hostname, 'fd00::5');
   assert.deepEqual(withoutSharing(tcp.sshArgs()), ['-l', 'root', '-o', 'BatchMode=yes', 'fd00::5', '--']);
+});
+
+test('ssh gives up on a host silent for --nbd-timeout: connect timeout, keepalives every quarter of it (1 to 15 s)', () => {
+  const limit = (seconds: number): string[] => silenceLimit(seconds).filter((arg) => arg !== '-o');
+  assert.deepEqual(limit(300), ['ConnectTimeout=300', 'ServerAliveInterval=15', 'ServerAliveCountMax=20']);
+  assert.deepEqual(limit(2), ['ConnectTimeout=2', 'ServerAliveInterval=1', 'ServerAliveCountMax=2']);
+  assert.deepEqual(limit(0.5), ['ConnectTimeout=1', 'ServerAliveInterval=1', 'ServerAliveCountMax=1']);
+  assert.deepEqual(limit(40), ['ConnectTimeout=40', 'ServerAliveInterval=10', 'ServerAliveCountMax=4']);
+  // 0 waits for ever; so do timeouts beyond what ssh holds (it counts milliseconds in an int).
+  for (const forever of [0, 1e10, Infinity, NaN]) assert.deepEqual(silenceLimit(forever), [], String(forever));
+  const args = (seconds?: number): string[] => (domainHostOf('qemu+ssh://kvm1/system', undefined, seconds) as SshHost).sshArgs();
+  assert.ok(args().includes('ServerAliveCountMax=20'), 'the default is --nbd-timeout\'s, 300 s');
+  assert.ok(args(2).includes('ConnectTimeout=2'));
+  assert.ok(!args(0).some((arg) => /^(ConnectTimeout|ServerAlive)/.test(arg)));
 });
 
 test('remote commands are quoted word by word for the remote shell', () => {
