@@ -3,7 +3,8 @@
 //   qemuImgExtents: -q/--qemu, extents from `qemu-img map` against the NBD export instead of NBD block status
 //   denseExtents:   --no-sparse-detection, for inc/diff: every changed range is data, even where it now reads as
 //                   zero (trimmed or zeroed), as virtnbdbackup 2.x does with that switch
-// Guarantees: reads, writes and sizes are the wrapped endpoint's; only extents() differs.
+// Guarantees: reads, writes and sizes are the wrapped endpoint's; only extents() differs (-q's map also reads a
+// few bytes through it, to see the export answer while qemu-img waits on it).
 import { CONTEXT_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { run } from '../util/process.js';
@@ -34,9 +35,34 @@ export interface QemuMapEntry {
 }
 
 /** `qemu-img map --output=json` with `args` (the image and how to open it), its entries in order. */
-export async function qemuImgMapEntries(args: string[]): Promise<QemuMapEntry[]> {
-  const { stdout } = await run('qemu-img', ['map', '--output=json', ...args]);
+export async function qemuImgMapEntries(args: string[], signal?: AbortSignal): Promise<QemuMapEntry[]> {
+  const { stdout } = await run('qemu-img', ['map', '--output=json', ...args], { signal });
   return JSON.parse(stdout) as QemuMapEntry[];
+}
+
+/** Pause between two probes of the export while a `qemu-img map` of it runs. */
+const PROBE_PAUSE_MS = 1000;
+
+/**
+ * `map` (a qemu-img map of the export `base` reads), with `base` probed all along: QEMU's NBD client waits for ever
+ * on a server that hangs, while a small read of ours fails after --nbd-timeout (base's stall watch) and ends it.
+ */
+async function watchedByProbes<T>(base: Endpoint, map: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const control = new AbortController();
+  const mapped = map(control.signal);
+  if (base.size === 0) return mapped;
+  let done = false;
+  const settled = mapped.then(() => { done = true; }, () => { done = true; });
+  const probe = Buffer.alloc(Math.min(4096, base.size));
+  try {
+    while (!done) {
+      await base.read(probe, 0);
+      await Promise.race([settled, new Promise((resolve) => setTimeout(resolve, PROBE_PAUSE_MS))]);
+    }
+  } catch (err) {
+    control.abort(err);
+  }
+  return mapped;
 }
 
 /**
@@ -58,7 +84,7 @@ export function* clip(extents: StatusExtent[], offset: number, length: number): 
   }
 }
 
-async function qemuImgMap(address: NbdAddress, context: string): Promise<StatusExtent[]> {
+async function qemuImgMap(address: NbdAddress, context: string, signal: AbortSignal): Promise<StatusExtent[]> {
   const escape = (value: string): string => value.replace(/,/g, ',,');
   const tcp = address.uri ? new URL(address.uri) : undefined;
   const server = tcp
@@ -68,16 +94,19 @@ async function qemuImgMap(address: NbdAddress, context: string): Promise<StatusE
   if (context !== CONTEXT_ALLOCATION) opts += `,x-dirty-bitmap=${escape(context)}`;
   const tls = address.tlsCertificates ? ['--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${escape(address.tlsCertificates)}`] : [];
   if (tls.length > 0) opts += ',tls-creds=tls0';
-  return (await qemuImgMapEntries([...tls, '--image-opts', opts])).map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) }));
+  return (await qemuImgMapEntries([...tls, '--image-opts', opts], signal)).map((e) => ({ offset: e.start, length: e.length, flags: qemuMapFlags(e, context) }));
 }
 
-/** -q/--qemu: `base` with extents from one `qemu-img map` per meta context (run once, then clipped per request). */
+/**
+ * -q/--qemu: `base` with extents from one `qemu-img map` per meta context (run once, then clipped per request);
+ * a map of an export that stops answering fails as base's own requests do.
+ */
 export function qemuImgExtents(base: Endpoint, address: NbdAddress): Endpoint {
   const maps = new Map<string, Promise<StatusExtent[]>>();
   return new ExtentsOverride(base, async function* (context, offset, length) {
     let map = maps.get(context);
     if (!map) {
-      map = qemuImgMap(address, context);
+      map = watchedByProbes(base, (signal) => qemuImgMap(address, context, signal));
       maps.set(context, map);
     }
     yield* clip(await map, offset, length);

@@ -21,6 +21,7 @@ import {
 } from '../../src/native/addon.js';
 import { DomainPower } from '../../src/backup/domainPower.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
+import { qemuImgExtents } from '../../src/backup/extentSources.js';
 import { UserError } from '../../src/util/errors.js';
 import { Logger } from '../../src/util/log.js';
 import { anonHugeKiB, hugePagesOffered } from '../support/cli.js';
@@ -302,6 +303,34 @@ test('NbdEndpoint with a stall timeout: a server that stops answering (SIGSTOP) 
     assert.equal(handle.cut(), true);
     await assert.rejects(handle.pread(buffer, 0), isNativeError('libnbd'));
     await handle.close();
+  });
+});
+
+test('-q\'s qemu-img map: extents of a sound export; of one that stops answering (SIGSTOP), the stall error after the timeout, qemu-img ended', async () => {
+  await withServer('64M', ['-e', '4', '-t'], async (_image, socket, server) => {
+    const address = { socket, exportName: 'vda' };
+    const endpoint = await NbdEndpoint.open(address, { connections: 1, stallTimeout: 1 });
+    const extentsOf = async (mapped: ReturnType<typeof qemuImgExtents>): Promise<number> => {
+      let covered = 0;
+      for await (const extent of mapped.extents('base:allocation', 0, 64 * MiB)) covered += extent.length;
+      return covered;
+    };
+    const qemuImgRuns = (): boolean => spawnSync('pgrep', ['-f', `qemu-img map .*${socket}`]).status === 0;
+    try {
+      assert.equal(await extentsOf(qemuImgExtents(endpoint, address)), 64 * MiB);
+      process.kill(server.pid as number, 'SIGSTOP');
+      const started = Date.now();
+      await assert.rejects(extentsOf(qemuImgExtents(endpoint, address)), (err: unknown) => {
+        assert.ok(err instanceof UserError, `a UserError: ${String(err)}`);
+        assert.match(err.message, new RegExp(`^NBD export ${socket} \\(export vda\\) answered nothing for 1 s`));
+        return true;
+      });
+      assert.ok(Date.now() - started < 10_000, `the map waited ${Date.now() - started} ms`);
+      assert.equal(qemuImgRuns(), false, 'qemu-img map outlived the failure');
+    } finally {
+      process.kill(server.pid as number, 'SIGCONT');
+      await endpoint.close();
+    }
   });
 });
 
