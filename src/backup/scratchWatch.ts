@@ -3,7 +3,8 @@
 // and when it is full QEMU fails the guest's writes (QEMU 7's copy-before-write breaks the guest, not the backup:
 // seen here as "write failed: No space left on device" inside the domain). Guarantees: once the free space falls
 // below the margin, the run is stopped (so the job ends and the guest writes as before) with one line saying why
-// and what to do; the looks come every 100 ms, off the copy's path, and end with stop(). The first look comes
+// and what to do; looks that fail (another host's ssh gone) are one warning, and the run goes on unwatched; the
+// looks come every 100 ms, off the copy's path, and end with stop(). The first look comes
 // before the job starts (openScratchSpace), which is not started with less than MIN_SCRATCH_FREE free there, or
 // with a directory of this host that is not there.
 import fs from 'node:fs/promises';
@@ -50,6 +51,9 @@ async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
   const script = `while stat -f -c '%a %S' -- ${shellQuote(dir)}; do sleep ${LOOK_EVERY_MS / 1000}; done`;
   const { child, lastWords } = ssh.spawn(script, 'ignore', 'pipe', true);
   let latest: number | undefined;
+  /** Why the session ended (a host gone silent: ssh's keepalives), once it has. */
+  let ended: string | undefined;
+  child.once('close', () => { ended = lastWords() ?? `ssh to ${ssh.label} ended`; });
   const first = new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`no answer from ${ssh.label} within ${REMOTE_START_MS / 1000} s`)), REMOTE_START_MS);
     readline.createInterface({ input: child.stdout! }).on('line', (line) => {
@@ -71,7 +75,13 @@ async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
     child.kill();
     throw err;
   }
-  return { read: async () => latest as number, close: () => child.kill() };
+  return {
+    read: async () => {
+      if (ended !== undefined) throw new Error(ended);
+      return latest as number;
+    },
+    close: () => child.kill(),
+  };
 }
 
 /** Whether `a` and `b` are on one file system (either missing: no). */
@@ -176,7 +186,12 @@ export function watchScratch(space: ScratchSpace, dir: string, domain: string, o
         if (free >= margin || stopped) return;
         stop();
         onNearlyFull(new UserError(`the scratch directory ${where} is nearly full (${mib(free)} of ${mib(atStart)} left): ${why}, and QEMU would fail the guest's writes once it is full, so the backup of '${domain}' was stopped; ${remedy}`));
-      }, () => undefined).finally(() => { looking = false; });
+      }, (err: unknown) => {
+        // The looks failed (another host's ssh gone, the directory removed): the backup goes on, said once.
+        if (stopped) return;
+        stop();
+        log.warn(`the free space of the scratch directory ${where} can no longer be read (${oneLine(err)}): the backup of '${domain}' goes on unwatched, and guest writes that fill it would fail in the guest; watch it yourself`);
+      }).finally(() => { looking = false; });
     }, LOOK_EVERY_MS);
     timer.unref();
   };

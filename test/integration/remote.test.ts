@@ -2,7 +2,8 @@
 // here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P); image info
 // and boot files come through ssh; -s/-k work remotely; a shut-off remote domain is served by qemu-nbd on that
 // host; --tls serves NBD over TLS with the host's certificates; a restore goes onto that host through its qemu-nbd;
-// the scratch directory there is watched for space; a host whose ssh goes silent fails a run after --nbd-timeout;
+// the scratch directory there is watched for space; a host whose ssh goes silent fails a run after --nbd-timeout,
+// and leaves the watch with one warning;
 // restore flags for another host without its URI are refused with one line.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,6 +17,8 @@ import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.
 import { freePort, sshdProcesses, withPrivateSshd } from '../support/sshd.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
 import { domainHostOf } from '../../src/libvirt/domainHost.js';
+import { openScratchSpace, watchScratch } from '../../src/backup/scratchWatch.js';
+import { Logger } from '../../src/util/log.js';
 
 const bin = ourBin('virtnbdbackup');
 const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
@@ -310,6 +313,31 @@ test('a remote host whose ssh goes silent (its sshd stopped): a restore onto it 
   // Going on, the server sees the session gone, and its shell ends qemu-nbd.
   for (let i = 0; i < 200 && (await qemuNbdRuns((arg) => arg === String(port))); i++) await new Promise((resolve) => setTimeout(resolve, 50));
   assert.equal(await qemuNbdRuns((arg) => arg === String(port)), false, 'the remote qemu-nbd outlived its session');
+});
+
+test('the scratch watch through an ssh that goes silent (the sshd stopped): one warning that the run goes on unwatched, after --nbd-timeout', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const dir = await withTempDir(t, 'silentwatch-');
+  const warnings: string[] = [];
+  const log = new (class extends Logger { override warn(msg: string): void { warnings.push(msg); } })({ quiet: true });
+  const host = domainHostOf(sshd.libvirtUri, undefined, 2);
+  const space = await openScratchSpace(host, dir, 'vnbdtest-x', log);
+  assert.ok(space, `no scratch space: ${warnings.join('; ')}`);
+  const watch = watchScratch(space, dir, 'vnbdtest-x', undefined, log, (err) => assert.fail(err.message));
+  t.after(() => watch.stop());
+  const signal = async (name: NodeJS.Signals): Promise<void> => {
+    for (const pid of await sshdProcesses(sshd)) process.kill(pid, name);
+  };
+  t.after(() => signal('SIGCONT'));
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.deepEqual(warnings, []);
+  await signal('SIGSTOP');
+  const started = Date.now();
+  while (warnings.length === 0 && Date.now() - started < 20_000) await new Promise((resolve) => setTimeout(resolve, 50));
+  await signal('SIGCONT');
+  assert.equal(warnings.length, 1, warnings.join('\n'));
+  assert.match(warnings[0] ?? '', new RegExp(`^the free space of the scratch directory ${dir} on root@127\\.0\\.0\\.1 can no longer be read \\(.+\\): the backup of 'vnbdtest-x' goes on unwatched`));
+  assert.ok(Date.now() - started < 15_000, `the watch waited ${Date.now() - started} ms`);
 });
 
 test('refused with one line: restore flags for another host without its URI; a host nobody answers on', async () => {
