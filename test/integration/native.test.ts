@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { inspect } from 'node:util';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, mkdtemp, rm, stat } from 'node:fs/promises';
+import { chmod, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
@@ -25,6 +25,7 @@ import { qemuImgExtents } from '../../src/backup/extentSources.js';
 import { UserError } from '../../src/util/errors.js';
 import { Logger } from '../../src/util/log.js';
 import { anonHugeKiB, hugePagesOffered } from '../support/cli.js';
+import { tempDir as scratchDir } from '../support/testbed.js';
 
 const MiB = 1024 * 1024;
 const addon = native();
@@ -58,10 +59,9 @@ function py(script: string, input: Buffer): Promise<string> {
   return run(python, ['-c', script], input).then((b) => b.toString().trim());
 }
 
-async function tempDir(): Promise<string> {
-  const dir = await mkdtemp('/var/tmp/virtnbd-native-');
-  await chmod(dir, 0o777); // QEMU run by libvirt may use another user
-  return dir;
+/** A scratch dir QEMU run by libvirt may use too, named for this process so that a later sweep removes it should this run die. */
+function tempDir(): Promise<string> {
+  return scratchDir('native-');
 }
 
 /** qemu-io writes: the first MiB is 0x11 data, [2M, 3M) an explicit zero cluster, the rest unallocated. */
