@@ -53,7 +53,7 @@ async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
   let latest: number | undefined;
   /** Why the session ended (a host gone silent: ssh's keepalives), once it has. */
   let ended: string | undefined;
-  child.once('close', () => { ended = lastWords() ?? `ssh to ${ssh.label} ended`; });
+  const sessionEnded = new Promise<string>((resolve) => child.once('close', () => resolve(ended = lastWords() ?? `ssh to ${ssh.label} ended`)));
   const first = new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`no answer from ${ssh.label} within ${REMOTE_START_MS / 1000} s`)), REMOTE_START_MS);
     readline.createInterface({ input: child.stdout! }).on('line', (line) => {
@@ -63,9 +63,9 @@ async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
       clearTimeout(timer);
       resolve();
     });
-    child.once('close', () => {
+    void sessionEnded.then((why) => {
       clearTimeout(timer);
-      reject(new Error(lastWords() ?? `ssh to ${ssh.label} ended`));
+      reject(new Error(why));
     });
     child.once('error', (err) => reject(err));
   });

@@ -87,7 +87,7 @@ const SSH_MAX_TIMEOUT = 2_000_000;
 
 /** ssh options that give up on a host silent for `seconds`: keepalives every quarter of it, at most every 15 s. */
 export function silenceLimit(seconds: number | undefined): string[] {
-  if (!seconds || !(seconds > 0) || seconds > SSH_MAX_TIMEOUT) return [];
+  if (seconds === undefined || !(seconds > 0) || seconds > SSH_MAX_TIMEOUT) return [];
   const interval = Math.min(15, Math.max(1, Math.floor(seconds / 4)));
   return ['-o', `ConnectTimeout=${Math.ceil(seconds)}`, '-o', `ServerAliveInterval=${interval}`, '-o', `ServerAliveCountMax=${Math.max(1, Math.ceil(seconds / interval))}`];
 }

@@ -28,26 +28,20 @@ export function accepts(where: net.NetConnectOpts): Promise<boolean> {
  */
 export function run(command: string, args: string[], options: { signal?: AbortSignal } = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL });
-    const { signal } = options;
-    const abort = (): void => { child.kill(); };
-    signal?.addEventListener('abort', abort, { once: true });
-    child.once('close', () => signal?.removeEventListener('abort', abort));
+    // With `signal`, Node kills the child on abort and reports it as an 'error' (an AbortError).
+    const { signal: abort } = options;
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL, signal: abort });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => { stdout += text; });
     child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
-    child.once('error', (err) => reject(new Error(`${command} failed: ${err.message}`)));
-    child.once('close', (code, killedBy) => {
-      if (signal?.aborted) {
-        reject(signal.reason);
-        return;
-      }
+    child.once('error', (err) => reject(abort?.aborted ? abort.reason : new Error(`${command} failed: ${err.message}`)));
+    child.once('close', (code, signal) => {
       if (code === 0) {
         resolve({ stdout, stderr });
         return;
       }
-      const detail = stderr.trim().split('\n').pop() || (killedBy ? `killed by ${killedBy}` : `exited with code ${code}`);
+      const detail = stderr.trim().split('\n').pop() || (signal ? `killed by ${signal}` : `exited with code ${code}`);
       reject(new Error(`${command} failed: ${detail}`));
     });
   });

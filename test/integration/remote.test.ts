@@ -14,7 +14,7 @@ import { execFileSync } from 'node:child_process';
 import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput, type CliResult } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
-import { freePort, sshdProcesses, withPrivateSshd } from '../support/sshd.js';
+import { freePort, signalSshd, withPrivateSshd } from '../support/sshd.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
 import { domainHostOf } from '../../src/libvirt/domainHost.js';
 import { openScratchSpace, watchScratch } from '../../src/backup/scratchWatch.js';
@@ -278,18 +278,15 @@ test('a remote host whose ssh goes silent (its sshd stopped): a restore onto it 
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
   const port = await freePort();
   const remote = ['-n', '-U', sshd.libvirtUri, '-P', String(port), '--nbd-timeout', '2'];
-  const signal = async (name: NodeJS.Signals): Promise<void> => {
-    for (const pid of await sshdProcesses(sshd)) process.kill(pid, name);
-  };
-  t.after(() => signal('SIGCONT'));
+  t.after(() => signalSshd(sshd, 'SIGCONT'));
   const lastLine = (r: CliResult): string => r.stderr.trim().split('\n').at(-1) ?? '';
 
   // The connect: the host takes the TCP connection and never says hello.
-  await signal('SIGSTOP');
+  await signalSshd(sshd, 'SIGSTOP');
   let started = Date.now();
   const atConnect = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'first'), ...remote]);
   const connectTook = Date.now() - started;
-  await signal('SIGCONT');
+  await signalSshd(sshd, 'SIGCONT');
   assert.equal(atConnect.code, 1, atConnect.stderr);
   assert.match(lastLine(atConnect), /^virtnbdrestore: error: .*on root@127\.0\.0\.1: .*timed out/i);
   assert.ok(connectTook < 20_000, `ssh waited ${connectTook} ms for the silent host`);
@@ -301,9 +298,9 @@ test('a remote host whose ssh goes silent (its sshd stopped): a restore onto it 
   void run.done.finally(() => { ended = true; });
   while (!ended && !(await qemuNbdRuns((arg) => arg === String(port)))) await new Promise((resolve) => setTimeout(resolve, 5));
   assert.equal(ended, false, 'the restore ended before its host was stopped');
-  await signal('SIGSTOP');
+  await signalSshd(sshd, 'SIGSTOP');
   const midway = await run.done;
-  await signal('SIGCONT');
+  await signalSshd(sshd, 'SIGCONT');
   assert.equal(midway.code, 1, midway.stderr);
   // Its partial image could not be removed from the silent host: the line says so, and where.
   const partial = path.join(work, 'second', 'vda.qcow2.partial');
@@ -325,16 +322,13 @@ test('the scratch watch through an ssh that goes silent (the sshd stopped): one 
   assert.ok(space, `no scratch space: ${warnings.join('; ')}`);
   const watch = watchScratch(space, dir, 'vnbdtest-x', undefined, log, (err) => assert.fail(err.message));
   t.after(() => watch.stop());
-  const signal = async (name: NodeJS.Signals): Promise<void> => {
-    for (const pid of await sshdProcesses(sshd)) process.kill(pid, name);
-  };
-  t.after(() => signal('SIGCONT'));
+  t.after(() => signalSshd(sshd, 'SIGCONT'));
   await new Promise((resolve) => setTimeout(resolve, 300));
   assert.deepEqual(warnings, []);
-  await signal('SIGSTOP');
+  await signalSshd(sshd, 'SIGSTOP');
   const started = Date.now();
   while (warnings.length === 0 && Date.now() - started < 20_000) await new Promise((resolve) => setTimeout(resolve, 50));
-  await signal('SIGCONT');
+  await signalSshd(sshd, 'SIGCONT');
   assert.equal(warnings.length, 1, warnings.join('\n'));
   assert.match(warnings[0] ?? '', new RegExp(`^the free space of the scratch directory ${dir} on root@127\\.0\\.0\\.1 can no longer be read \\(.+\\): the backup of 'vnbdtest-x' goes on unwatched`));
   assert.ok(Date.now() - started < 15_000, `the watch waited ${Date.now() - started} ms`);

@@ -78,7 +78,7 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
  * run. Stopped (SIGSTOP), they leave the host up, and every ssh connection to it silent, as a hung sshd or
  * network would.
  */
-export async function sshdProcesses(sshd: PrivateSshd): Promise<number[]> {
+async function sshdProcesses(sshd: PrivateSshd): Promise<number[]> {
   const parents = new Map<number, number[]>();
   for (const entry of await fs.readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
@@ -97,6 +97,11 @@ export async function sshdProcesses(sshd: PrivateSshd): Promise<number[]> {
   };
   await visit(sshd.pid);
   return found;
+}
+
+/** Sends `signal` to the server's own processes (sshdProcesses): SIGSTOP silences the host's ssh, SIGCONT ends that. */
+export async function signalSshd(sshd: PrivateSshd, signal: NodeJS.Signals): Promise<void> {
+  for (const pid of await sshdProcesses(sshd)) process.kill(pid, signal);
 }
 
 /**
