@@ -111,7 +111,7 @@ class FileSink implements Sink, PositionalSink {
   async commit(): Promise<void> {
     await this.flushing;
     if (this.flushFailure) throw this.flushFailure;
-    await this.handle.sync();
+    await traced('sync', () => this.handle.sync());
     await this.handle.close();
     await fs.rename(this.partial, this.final);
     await syncDirectory(path.dirname(this.final));
@@ -229,7 +229,7 @@ class DirectFileSink implements Sink {
     }
     await Promise.all(this.inFlight);
     await this.handle.truncate(length);
-    await this.handle.sync();
+    await traced('sync', () => this.handle.sync());
     await this.handle.close();
     await fs.rename(this.partial, this.final);
     await syncDirectory(path.dirname(this.final));

@@ -1,10 +1,10 @@
-// Records when a copy's stages run (source reads, lz4 compression, direct disk writes) for the file named by
+// Records when a copy's stages run (source reads, lz4 compression, direct disk writes, the final sync) for the file named by
 // VIRTNBD_STAGE_TRACE, written once when the process exits, and sums such a record up: the bench shows with it
 // which stage bounds a copy. Guarantees: unset (the default), a traced call costs one comparison and nothing is kept.
 // The global `performance` (not node:perf_hooks) so that an untraced run never loads the perf_hooks modules.
 import fs from 'node:fs';
 
-export const STAGES = ['read', 'compress', 'diskWrite'] as const;
+export const STAGES = ['read', 'compress', 'diskWrite', 'sync'] as const;
 export type Stage = (typeof STAGES)[number];
 
 /** Environment variable naming the file the trace goes to. */

@@ -18,6 +18,7 @@ test('a summary gives each stage its share of the span and how many of its calls
   assert.equal(summary.meanRunning.diskWrite, 1.5);
   assert.equal(summary.busy.read, 0.25);
   assert.equal(summary.busy.compress, 0);
+  assert.equal(summary.busy.sync, 0);
   assert.equal(summarizeStages([]).spanMs, 0);
 });
 
