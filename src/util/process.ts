@@ -65,9 +65,27 @@ function serverEnvironment(): NodeJS.ProcessEnv {
   return { ...process.env, GLIBC_TUNABLES: own ? `${SERVER_TUNABLES}:${own}` : SERVER_TUNABLES };
 }
 
+/** Listening sockets in /proc/net/unix carry __SO_ACCEPTCON in their flags column. */
+const ACCEPTS_CONNECTIONS = 0x10000;
+
 /**
- * Starts a long-running server and resolves once `socketPath` exists; rejects if the process dies first. A socket
- * left at `socketPath` is removed first: its presence is what tells that the server is ready.
+ * Whether a unix socket bound at `socketPath` listens. A server binds its socket before it listens, and a connect in
+ * between is refused (seen under load: qemu-nbd's socket there, "Connection refused"). A probe connection would
+ * count as qemu-nbd's one client, so the kernel's table tells instead; where it cannot be read, the path alone does.
+ */
+async function listensAt(socketPath: string): Promise<boolean> {
+  let table: string;
+  try {
+    table = await fs.readFile('/proc/net/unix', 'utf8');
+  } catch {
+    return true;
+  }
+  return table.split('\n').some((line) => line.endsWith(` ${socketPath}`) && (Number.parseInt(line.trim().split(/\s+/)[3] ?? '', 16) & ACCEPTS_CONNECTIONS) !== 0);
+}
+
+/**
+ * Starts a long-running server and resolves once it listens at `socketPath`; rejects if the process dies first. A
+ * socket left at `socketPath` is removed first: its presence is what tells that the server is ready.
  */
 export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
   await fs.rm(socketPath, { force: true });
@@ -88,10 +106,7 @@ export async function spawnServer(command: string, args: string[], socketPath: s
       const said = stderr.trim().split('\n').pop();
       throw new Error(`${command} ${exited} before it served ${socketPath}${said ? `: ${said}` : ''}`);
     }
-    try {
-      await fs.access(socketPath);
-      return child;
-    } catch { /* not yet */ }
+    if (await fs.access(socketPath).then(() => listensAt(socketPath), () => false)) return child;
     if (Date.now() > deadline) {
       await stopServer(child, socketPath);
       throw new Error(`${command} did not create ${socketPath} within ${timeoutMs / 1000} s`);

@@ -1,11 +1,11 @@
-// spawnServer's failure paths: a server that dies before it serves, or never serves, is reported in one line
-// naming how it ended, and leaves neither a process nor a socket path behind.
+// spawnServer: it resolves once the server listens, not when its socket is bound; a server that dies before it
+// serves, or never serves, is reported in one line naming how it ended, and leaves neither a process nor a socket.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { spawnServer } from '../../src/util/process.js';
+import { accepts, spawnServer, stopServer } from '../../src/util/process.js';
 
 async function scratchSocket(t: { after: (fn: () => Promise<void>) => void }): Promise<string> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-spawn-'));
@@ -37,4 +37,15 @@ test('a server that never creates its socket is stopped at the timeout', async (
     assert.notEqual(cmdline, argv, `the server (pid ${pid}) outlived its timeout`);
   }
   assert.equal(await exists(socket), false);
+});
+
+test('a server whose socket is bound before it listens is ready once it listens', async (t) => {
+  const socket = await scratchSocket(t);
+  // Bound at once, listening 0.5 s later: a connect in between is refused.
+  const script = 'import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ntime.sleep(0.5)\ns.listen()\ntime.sleep(30)';
+  const started = Date.now();
+  const child = await spawnServer('/usr/bin/python3', ['-c', script, socket], socket);
+  t.after(() => stopServer(child, socket));
+  assert.ok(Date.now() - started >= 450, `ready after ${Date.now() - started} ms, before it listened`);
+  assert.equal(await accepts({ path: socket }), true);
 });
