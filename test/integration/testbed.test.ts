@@ -76,11 +76,13 @@ test('testbed: a domain defined without starting refuses guest writes and is sti
 });
 
 test('testbed: bad disk specs are refused before anything is created', async () => {
-  const before = await fs.readdir('/var/tmp');
+  // Only this process's entries: test files run side by side (scripts/test.sh), each making its own.
+  const ours = async (): Promise<string[]> => (await fs.readdir('/var/tmp')).filter((name) => name.startsWith(`vnbdtest-p${process.pid}-`));
+  const before = await ours();
   await assert.rejects(TestDomain.create({ disks: [] }), /at least one disk/);
   await assert.rejects(TestDomain.create({ disks: [{ target: 'sda', sizeMiB: 8 }] }), /virtio target/);
   await assert.rejects(TestDomain.create({ disks: [{ target: 'vda', sizeMiB: 8, fill: [{ pattern: 1, offsetMiB: 4, lengthMiB: 8 }] }] }), /does not fit/);
-  assert.deepEqual(await fs.readdir('/var/tmp'), before);
+  assert.deepEqual(await ours(), before);
   const dir = await tempDir('probe-');
   assert.match(path.basename(dir), new RegExp(`^vnbdtest-p${process.pid}-probe-`));
   await fs.rm(dir, { recursive: true });
