@@ -8,7 +8,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -39,12 +41,22 @@ Failure VirFailure() {
   return {err->message ? err->message : "unknown libvirt error", err->code, "libvirt"};
 }
 
+// One daemon call at a time in this process. When keepalives close a connection, libvirt's client fails the call
+// that was reading the socket, but a second call waiting beside it waited for ever (libvirt 9.0: a hung libvirtd,
+// the job's end and a getAutostart in flight together). Queued here instead, the next call finds the connection
+// closed and fails at once. The calls are short; nothing here needs two at once.
+std::mutex& DaemonCalls() {
+  static std::mutex calls;
+  return calls;
+}
+
 // Queues op(resource) -> out on the threadpool, holding the resource and the JS wrapper; < 0 rejects.
 template <typename Resource, typename T>
 Napi::Value VirCall(Napi::Env env, Napi::Object self, std::shared_ptr<Resource> resource,
                     std::function<int(Resource*, T&)> op,
                     typename PromiseWorker<T>::Settle settle = PromiseWorker<T>::Undefined) {
   auto run = [resource, op](T& out) -> std::optional<Failure> {
+    std::lock_guard<std::mutex> one(DaemonCalls());
     if (op(resource.get(), out) < 0) return VirFailure();
     return std::nullopt;
   };
@@ -120,8 +132,22 @@ int AnswerFromLogin(virConnectCredentialPtr creds, unsigned int count, void* dat
   return 0;
 }
 
-// libvirtOpen(uri, user?, password?): virConnectOpenAuth, so that a daemon asking for a login (SASL) gets the one
-// given, or the one in libvirt's auth.conf.
+// libvirt's keepalive needs an event loop: its default one, run on a thread of its own for the process's life
+// (registered before the first open, as libvirt requires).
+void StartEventLoop() {
+  static std::once_flag started;
+  std::call_once(started, [] {
+    if (virEventRegisterDefaultImpl() < 0) return;
+    std::thread([] {
+      for (;;) virEventRunDefaultImpl();
+    }).detach();
+  });
+}
+
+// libvirtOpen(uri, user?, password?, silentSeconds?): virConnectOpenAuth, so that a daemon asking for a login (SASL)
+// gets the one given, or the one in libvirt's auth.conf. With silentSeconds, keepalives (every quarter of it, 1 to
+// 15 s) close the connection once the daemon or its host has answered none for that long: calls waiting on it fail
+// in place of waiting for ever (a hung libvirtd, a host gone silent under qemu+ssh).
 Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
     std::string uri = ArgString(info, 0, "uri");
@@ -129,13 +155,22 @@ Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
     if (info.Length() > 1 && !info[1].IsUndefined()) {
       login = Login{ArgString(info, 1, "user"), ArgString(info, 2, "password")};
     }
-    auto run = [uri, login](ConnPtr& out) -> std::optional<Failure> {
+    double silent = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().DoubleValue() : 0;
+    int interval = 0, count = 0;
+    if (silent >= 1 && silent <= 1e6) {
+      interval = std::min(15, std::max(1, static_cast<int>(silent / 4)));
+      count = std::max(1, static_cast<int>((silent + interval - 1) / interval));
+    }
+    auto run = [uri, login, interval, count](ConnPtr& out) -> std::optional<Failure> {
+      if (interval > 0) StartEventLoop();
       int types[] = {VIR_CRED_AUTHNAME, VIR_CRED_USERNAME, VIR_CRED_PASSPHRASE, VIR_CRED_REALM};
       void* answers = login ? const_cast<Login*>(&*login) : nullptr;
       virConnectAuth auth = {types, sizeof(types) / sizeof(types[0]), AnswerFromLogin, answers};
       virConnectPtr conn = virConnectOpenAuth(uri.c_str(), &auth, 0);
       if (!conn) return VirFailure();
       out = ConnPtr(conn, virConnectClose);
+      // Best effort: a driver without keepalive (a local test:///) still works, as before.
+      if (interval > 0 && virConnectSetKeepAlive(conn, interval, count) < 0) virResetLastError();
       return std::nullopt;
     };
     auto settle = [](Napi::Env env, ConnPtr& conn) -> Napi::Value {
@@ -257,6 +292,7 @@ Napi::Value LibvirtConnection::Close(const Napi::CallbackInfo& info) {
   return PromiseWorker<Unit>::Start(
       info.Env(),
       [conn, doms](Unit&) mutable -> std::optional<Failure> {
+        std::lock_guard<std::mutex> one(DaemonCalls());
         doms.clear();
         conn.reset();
         return std::nullopt;

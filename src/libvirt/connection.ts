@@ -15,10 +15,14 @@ export interface LibvirtLogin {
 /** libvirt's answers when a daemon refused or wanted a login. */
 const AUTH_ERRORS = new Set([VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_UNAVAILABLE]);
 
-/** Opens libvirt at `uri`, logging in with `login` when given; one line saying what to do when it cannot. */
-export async function openLibvirt(uri: string, login?: LibvirtLogin): Promise<LibvirtConnection> {
+/**
+ * Opens libvirt at `uri`, logging in with `login` when given; one line saying what to do when it cannot. With
+ * `silentSeconds`, libvirt's keepalives close the connection once the daemon (or its host) answered nothing for that
+ * long, and the calls waiting on it fail (lostConnectionError) in place of waiting for ever.
+ */
+export async function openLibvirt(uri: string, login?: LibvirtLogin, silentSeconds?: number): Promise<LibvirtConnection> {
   try {
-    return await native().libvirtOpen(uri, login?.user, login?.password);
+    return await native().libvirtOpen(uri, login?.user, login?.password, silentSeconds);
   } catch (err) {
     throw new UserError(`cannot connect to libvirt at ${uri}: ${oneLine(err)}; ${connectAdvice(err, login, uri)}`);
   }

@@ -374,6 +374,32 @@ test('libvirtd killed in mid-backup: one line naming it and what to do, and so d
   for (const [f, mtime] of before) if (f !== 'fresh') assert.equal((await fs.stat(path.join(out, f))).mtimeMs, mtime, `${f} was touched`);
 });
 
+test('libvirtd hung (SIGSTOP) in mid-backup: the run fails after --nbd-timeout with one line, where it waited for ever; once libvirtd answers again, the job is ended', async (t) => {
+  const { dom, socket, run } = await backupInFlight(t, 'hung', 768, ['--nbd-timeout', '3']);
+  const daemon = Number(execFileSync('pgrep', ['-x', 'libvirtd']).toString().trim().split('\n')[0]);
+  process.kill(daemon, 'SIGSTOP');
+  const started = Date.now();
+  let r: CliResult | undefined;
+  try {
+    r = await Promise.race([run.done, new Promise<undefined>((resolve) => setTimeout(resolve, 60_000))]);
+  } finally {
+    process.kill(daemon, 'SIGCONT');
+  }
+  // libvirt's keepalives (a quarter of --nbd-timeout apart) close the silent connection; every call on it then fails.
+  assert.ok(r, 'the run waited on the hung libvirtd for a minute');
+  assert.ok(Date.now() - started < 30_000, `the run took ${Date.now() - started} ms to give up`);
+  assert.equal(r.code, 1, r.stderr);
+  assert.deepEqual(r.stderr.split('\n').filter((l) => l.startsWith('virtnbdbackup: error:')), [r.stderr.trim().split('\n').at(-1)]);
+  assert.match(r.stderr, /^warning: ending the backup job of .*: internal error: connection closed due to keepalive timeout$/m);
+  assert.match(r.stderr.trim().split('\n').at(-1) ?? '', new RegExp(`^virtnbdbackup: error: lost the connection to libvirtd at qemu:///system \\(.+\\): start libvirtd again, then end the backup job it may have left with 'virtnbdbackup -d ${dom.name} -k'`));
+  // Answering again, libvirtd reads the job's end the run sent before it gave up, or else -k ends it, as the line says.
+  const jobEnded = (): boolean => /Job type:\s+None/.test(virsh('domjobinfo', dom.name));
+  for (let i = 0; i < 100 && !jobEnded(); i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  if (!jobEnded()) await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-k']);
+  assert.ok(jobEnded(), 'the job outlived the run and -k');
+  assert.equal(await fs.access(socket).then(() => true, () => false), false, `socket ${socket} left behind`);
+});
+
 /** A domain with one disk of `sizeMiB` holding `dataMiB` of data, and its full backup in `<work>/set`. */
 async function fullSet(t: TestContext, name: string, sizeMiB: number, dataMiB: number): Promise<{ dom: TestDomain; work: string; set: string }> {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: dataMiB }] }] });
