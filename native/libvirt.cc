@@ -144,10 +144,10 @@ void StartEventLoop() {
   });
 }
 
-// libvirtOpen(uri, user?, password?, silentSeconds?): virConnectOpenAuth, so that a daemon asking for a login (SASL)
-// gets the one given, or the one in libvirt's auth.conf. With silentSeconds, keepalives (every quarter of it, 1 to
-// 15 s) close the connection once the daemon or its host has answered none for that long: calls waiting on it fail
-// in place of waiting for ever (a hung libvirtd, a host gone silent under qemu+ssh).
+// libvirtOpen(uri, user?, password?, keepaliveInterval?, keepaliveCount?): virConnectOpenAuth, so that a daemon
+// asking for a login (SASL) gets the one given, or the one in libvirt's auth.conf. With keepalives, libvirt closes
+// the connection once the daemon or its host has answered none of them: calls waiting on it fail in place of
+// waiting for ever (a hung libvirtd, a host gone silent under qemu+ssh).
 Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
     std::string uri = ArgString(info, 0, "uri");
@@ -155,14 +155,14 @@ Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
     if (info.Length() > 1 && !info[1].IsUndefined()) {
       login = Login{ArgString(info, 1, "user"), ArgString(info, 2, "password")};
     }
-    double silent = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().DoubleValue() : 0;
-    int interval = 0, count = 0;
-    if (silent >= 1 && silent <= 1e6) {
-      interval = std::min(15, std::max(1, static_cast<int>(silent / 4)));
-      count = std::max(1, static_cast<int>((silent + interval - 1) / interval));
+    int interval = 0;
+    unsigned int count = 0;
+    if (info.Length() > 4 && info[3].IsNumber() && info[4].IsNumber()) {
+      interval = info[3].As<Napi::Number>().Int32Value();
+      count = info[4].As<Napi::Number>().Uint32Value();
     }
     auto run = [uri, login, interval, count](ConnPtr& out) -> std::optional<Failure> {
-      if (interval > 0) StartEventLoop();
+      if (interval > 0 && count > 0) StartEventLoop();
       int types[] = {VIR_CRED_AUTHNAME, VIR_CRED_USERNAME, VIR_CRED_PASSPHRASE, VIR_CRED_REALM};
       void* answers = login ? const_cast<Login*>(&*login) : nullptr;
       virConnectAuth auth = {types, sizeof(types) / sizeof(types[0]), AnswerFromLogin, answers};
@@ -170,7 +170,7 @@ Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
       if (!conn) return VirFailure();
       out = ConnPtr(conn, virConnectClose);
       // Best effort: a driver without keepalive (a local test:///) still works, as before.
-      if (interval > 0 && virConnectSetKeepAlive(conn, interval, count) < 0) virResetLastError();
+      if (interval > 0 && count > 0 && virConnectSetKeepAlive(conn, interval, count) < 0) virResetLastError();
       return std::nullopt;
     };
     auto settle = [](Napi::Env env, ConnPtr& conn) -> Napi::Value {

@@ -1,7 +1,7 @@
 // Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do.
 import { native, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_UNAVAILABLE, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { UserError, oneLine } from '../util/errors.js';
-import { LOCAL_HOST, domainHostOf } from './domainHost.js';
+import { LOCAL_HOST, domainHostOf, keepalivesFor } from './domainHost.js';
 
 /** The libvirt URI every command uses without -U, as virtnbdbackup does: this host's system daemon. */
 export const DEFAULT_LIBVIRT_URI = 'qemu:///system';
@@ -22,7 +22,8 @@ const AUTH_ERRORS = new Set([VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_CANCELLED, VIR_ER
  */
 export async function openLibvirt(uri: string, login?: LibvirtLogin, silentSeconds?: number): Promise<LibvirtConnection> {
   try {
-    return await native().libvirtOpen(uri, login?.user, login?.password, silentSeconds);
+    const keepalives = keepalivesFor(silentSeconds);
+    return await native().libvirtOpen(uri, login?.user, login?.password, keepalives?.interval, keepalives?.count);
   } catch (err) {
     throw new UserError(`cannot connect to libvirt at ${uri}: ${oneLine(err)}; ${connectAdvice(err, login, uri)}`);
   }

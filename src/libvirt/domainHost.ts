@@ -85,11 +85,24 @@ export interface SshTarget {
 /** ssh keeps timeouts in milliseconds in an int: longer ones are left to ssh's own defaults. */
 const SSH_MAX_TIMEOUT = 2_000_000;
 
-/** ssh options that give up on a host silent for `seconds`: keepalives every quarter of it, at most every 15 s. */
-export function silenceLimit(seconds: number | undefined): string[] {
-  if (seconds === undefined || !(seconds > 0) || seconds > SSH_MAX_TIMEOUT) return [];
+/** Keepalives that give up on a peer silent for about `seconds`: one every quarter of it (1 to 15 s), as many as fill it. */
+export interface Keepalives {
+  interval: number;
+  count: number;
+}
+
+/** Keepalives for a silence of `seconds`; undefined (wait forever) for 0, NaN, or more than ssh's timeouts hold. */
+export function keepalivesFor(seconds: number | undefined): Keepalives | undefined {
+  if (seconds === undefined || !(seconds > 0) || seconds > SSH_MAX_TIMEOUT) return undefined;
   const interval = Math.min(15, Math.max(1, Math.floor(seconds / 4)));
-  return ['-o', `ConnectTimeout=${Math.ceil(seconds)}`, '-o', `ServerAliveInterval=${interval}`, '-o', `ServerAliveCountMax=${Math.max(1, Math.ceil(seconds / interval))}`];
+  return { interval, count: Math.max(1, Math.ceil(seconds / interval)) };
+}
+
+/** ssh options that give up on a host silent for `seconds` (keepalivesFor), its connect included. */
+export function silenceLimit(seconds: number | undefined): string[] {
+  const keepalives = keepalivesFor(seconds);
+  if (!keepalives || seconds === undefined) return [];
+  return ['-o', `ConnectTimeout=${Math.ceil(seconds)}`, '-o', `ServerAliveInterval=${keepalives.interval}`, '-o', `ServerAliveCountMax=${keepalives.count}`];
 }
 
 export class SshHost implements HostAccess {

@@ -129,8 +129,8 @@ export interface CompressedPiece {
 export interface NativeAddon {
   NbdHandle: new () => NbdHandle;
   /** virConnectOpenAuth(uri) (read-write): a daemon's login gets `user` and `password`, else libvirt's auth.conf. */
-  /** With `silentSeconds` (>= 1), keepalives close the connection once libvirtd has answered nothing for that long. */
-  libvirtOpen(uri: string, user?: string, password?: string, silentSeconds?: number): Promise<LibvirtConnection>;
+  /** With a keepalive interval (s) and count, libvirt closes the connection once libvirtd has answered none of them. */
+  libvirtOpen(uri: string, user?: string, password?: string, keepaliveInterval?: number, keepaliveCount?: number): Promise<LibvirtConnection>;
   /** zlib adler32 continuing from `start` (1 for a fresh checksum). Synchronous: CPU only. */
   adler32(buffer: Buffer, start: number): number;
   /** adler32 (from 1) and, with `digest`, that digest (hex) of `buffer`, computed on a worker thread. */

@@ -1,7 +1,7 @@
 // Which host a libvirt URI names and how ssh reaches it; remote domains' locks apart from this host's.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { LOCAL_HOST, SshHost, domainHostOf, shellQuote, silenceLimit } from '../../src/libvirt/domainHost.js';
+import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, shellQuote, silenceLimit } from '../../src/libvirt/domainHost.js';
 import { domainLockFile } from '../../src/backup/lock.js';
 
 /** ssh's arguments without those of the shared connection and the silence limit, which are checked on their own. */
@@ -42,6 +42,11 @@ test('ssh gives up on a host silent for --nbd-timeout: connect timeout, keepaliv
   assert.deepEqual(limit(40), ['ConnectTimeout=40', 'ServerAliveInterval=10', 'ServerAliveCountMax=4']);
   // 0 waits for ever; so do timeouts beyond what ssh holds (it counts milliseconds in an int).
   for (const forever of [0, 1e10, Infinity, NaN]) assert.deepEqual(silenceLimit(forever), [], String(forever));
+  // The same keepalives go to a backup's libvirt connection.
+  assert.deepEqual(keepalivesFor(3), { interval: 1, count: 3 });
+  assert.deepEqual(keepalivesFor(300), { interval: 15, count: 20 });
+  assert.equal(keepalivesFor(undefined), undefined);
+  assert.equal(keepalivesFor(0), undefined);
   const args = (seconds?: number): string[] => (domainHostOf('qemu+ssh://kvm1/system', undefined, seconds) as SshHost).sshArgs();
   assert.ok(args().includes('ServerAliveCountMax=20'), 'the default is --nbd-timeout\'s, 300 s');
   assert.ok(args(2).includes('ConnectTimeout=2'));
