@@ -161,8 +161,9 @@ Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
       interval = info[3].As<Napi::Number>().Int32Value();
       count = info[4].As<Napi::Number>().Uint32Value();
     }
-    auto run = [uri, login, interval, count](ConnPtr& out) -> std::optional<Failure> {
-      if (interval > 0 && count > 0) StartEventLoop();
+    bool keepalive = interval > 0 && count > 0;
+    auto run = [uri, login, keepalive, interval, count](ConnPtr& out) -> std::optional<Failure> {
+      if (keepalive) StartEventLoop();
       int types[] = {VIR_CRED_AUTHNAME, VIR_CRED_USERNAME, VIR_CRED_PASSPHRASE, VIR_CRED_REALM};
       void* answers = login ? const_cast<Login*>(&*login) : nullptr;
       virConnectAuth auth = {types, sizeof(types) / sizeof(types[0]), AnswerFromLogin, answers};
@@ -170,7 +171,7 @@ Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
       if (!conn) return VirFailure();
       out = ConnPtr(conn, virConnectClose);
       // Best effort: a driver without keepalive (a local test:///) still works, as before.
-      if (interval > 0 && count > 0 && virConnectSetKeepAlive(conn, interval, count) < 0) virResetLastError();
+      if (keepalive && virConnectSetKeepAlive(conn, interval, count) < 0) virResetLastError();
       return std::nullopt;
     };
     auto settle = [](Napi::Env env, ConnPtr& conn) -> Napi::Value {
