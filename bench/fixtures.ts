@@ -5,7 +5,7 @@
 import { spawn } from 'node:child_process';
 import { randomFill } from 'node:crypto';
 import fs from 'node:fs';
-import fsp from 'node:fs/promises';
+import fsp, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { backupJobXml } from '../src/libvirt/checkpoints.js';
@@ -50,6 +50,59 @@ export async function createRandomDomain(disks: RandomDiskSpec[]): Promise<TestD
     }
     await fsp.rm(randomFile);
   });
+}
+
+/** Where case 8's compressible data comes from: the system's own files, as a guest's system disk holds them. */
+const SYSTEM_FILES_DIR = '/usr';
+
+/**
+ * A running domain with one disk holding the system's files (a tar stream of SYSTEM_FILES_DIR, started again if it
+ * runs short) in the given regions, written before it started: data that lz4 shrinks, as a real disk's does, where
+ * the other cases hold random data. Runs of zeros in it (tar's padding) stay holes, as qemu-img convert leaves them.
+ */
+export async function createSystemFilesDomain(spec: RandomDiskSpec): Promise<TestDomain> {
+  const domain = await TestDomain.create({ disks: [{ target: spec.target, sizeMiB: spec.sizeBytes / MiB }], start: false });
+  return fillThenStart(domain, async () => {
+    const raw = path.join(domain.dir, 'system-files.raw');
+    const handle = await fsp.open(raw, 'w');
+    try {
+      await handle.truncate(spec.sizeBytes);
+      await writeSystemFiles(handle, spec.regions);
+    } finally {
+      await handle.close();
+    }
+    // The new image reads as zeros, so the holes of the raw file need no writes.
+    await run('qemu-img', ['convert', '-n', '--target-is-zero', '-f', 'raw', '-O', 'qcow2', raw, domain.diskPath(spec.target)]);
+    await fsp.rm(raw);
+  });
+}
+
+/** Fills `regions` of the open file with tar streams of SYSTEM_FILES_DIR, one after another until all are full. */
+async function writeSystemFiles(handle: FileHandle, regions: readonly Region[]): Promise<void> {
+  let index = 0;
+  let filled = 0;
+  while (index < regions.length) {
+    const tar = spawn('tar', ['-cf', '-', '--one-file-system', SYSTEM_FILES_DIR], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let streamed = 0;
+    try {
+      for await (const chunk of tar.stdout as AsyncIterable<Buffer>) {
+        streamed += chunk.length;
+        for (let at = 0; at < chunk.length && index < regions.length;) {
+          const region = regions[index] as Region;
+          const length = Math.min(chunk.length - at, region.length - filled);
+          const { bytesWritten } = await handle.write(chunk, at, length, region.offset + filled);
+          if (bytesWritten !== length) throw new Error(`short write of the system files at ${region.offset + filled}`);
+          at += length;
+          filled += length;
+          if (filled === region.length) [index, filled] = [index + 1, 0];
+        }
+        if (index === regions.length) break;
+      }
+    } finally {
+      tar.kill();
+    }
+    if (streamed === 0) throw new Error(`tar of ${SYSTEM_FILES_DIR} gave no bytes`);
+  }
 }
 
 /** Fills a shut-off domain's images with `fill`, then starts it; a failure removes the domain. */
@@ -212,6 +265,12 @@ export async function qemuPidOf(domain: TestDomain): Promise<number> {
   const pid = Number((await fsp.readFile(`/run/libvirt/qemu/${domain.name}.pid`, 'utf8')).trim());
   if (!Number.isSafeInteger(pid) || pid <= 0) throw new Error(`no QEMU pid for ${domain.name}`);
   return pid;
+}
+
+/** Bytes the export reports as holding data (nbdinfo --map, types 0 and 2: allocated). */
+export async function countDataBytes(uri: string): Promise<number> {
+  const map = await run('nbdinfo', ['--map', uri]);
+  return map.stdout.split('\n').map((line) => line.trim().split(/\s+/)).filter((f) => f[2] === '0' || f[2] === '2').reduce((sum, f) => sum + Number(f[1]), 0);
 }
 
 /** Number of extents the export reports as holding data (nbdinfo --map, types 0 and 2: allocated). */

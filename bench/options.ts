@@ -3,7 +3,7 @@
 import { parseArgs } from 'node:util';
 import { toBytes } from '../test/support/testbed.js';
 
-export const CASES = ['full', 'full-z', 'inc', 'restore', 'memory', 'sparse', 'zip'] as const;
+export const CASES = ['full', 'full-z', 'inc', 'restore', 'memory', 'sparse', 'zip', 'files-z'] as const;
 export type CaseName = (typeof CASES)[number];
 
 const MiB = 1024 ** 2;
@@ -20,7 +20,7 @@ export interface BenchOptions {
   rounds: number;
   /** Keep the work dir (sets, restores, logs); domains are removed regardless. */
   keep: boolean;
-  /** Cases full, full-z, inc, restore, zip: one disk with random data in two equal regions. */
+  /** Cases full, full-z, inc, restore, zip: one disk with random data in two equal regions; files-z: the same shape. */
   diskBytes: number;
   dataBytes: number;
   /** Case memory: a disk holding `extentCount` separate 4 KiB extents. */
@@ -38,7 +38,7 @@ const FULL_DEFAULTS = {
 };
 const QUICK_DEFAULTS = {
   rounds: 1, disk: 512 * MiB, data: 256 * MiB, extentDisk: 4 * GiB, extents: 5_000,
-  sparseSmall: 512 * MiB, sparseLarge: 64 * GiB, sparseData: 128 * MiB, cases: ['full', 'full-z', 'inc', 'restore', 'zip'] as readonly CaseName[],
+  sparseSmall: 512 * MiB, sparseLarge: 64 * GiB, sparseData: 128 * MiB, cases: ['full', 'full-z', 'inc', 'restore', 'zip', 'files-z'] as readonly CaseName[],
 };
 
 export const USAGE = `Usage: npm run bench -- [options]     (or: node dist/bench/bench.js [options])
@@ -54,10 +54,12 @@ TCG domains and prints a Markdown table (medians) and the issue-6 targets.
                         5 memory   full backup of a disk holding many small extents (peak RSS)
                         6 sparse   the same data on a small and a huge sparse disk
                         7 zip      full backup as a zip on standard output (-o -) into a file (no target)
+                        8 files-z  full backup with -z of a disk holding the system's files (a tar of /usr),
+                                   which lz4 shrinks: both cores busy where compression is the work
   --rounds N          measured runs per tool and case (default 3; the median is shown)
-  --quick             small sizes, 1 round, cases 1-4 and 7 (a fast check that everything works)
-  --disk SIZE         cases 1-4, 7: disk size (default 4G; quick 512M)
-  --data SIZE         cases 1-4, 7: random data, in two equal regions (default 2560M; quick 256M)
+  --quick             small sizes, 1 round, cases 1-4, 7 and 8 (a fast check that everything works)
+  --disk SIZE         cases 1-4, 7, 8: disk size (default 4G; quick 512M)
+  --data SIZE         cases 1-4, 7, 8: data, in two equal regions (default 2560M; quick 256M)
   --extent-disk SIZE  case 5: disk size (default 64G; quick 4G)
   --extents N         case 5: number of 4 KiB extents (default 100000; quick 5000)
   --sparse-small SIZE case 6: the small disk (default 4G; quick 512M)
@@ -104,7 +106,7 @@ function parseCases(list: string): Set<CaseName> {
   for (const item of list.split(',').map((s) => s.trim()).filter(Boolean)) {
     const byNumber = /^\d+$/.test(item) ? CASES[Number(item) - 1] : undefined;
     const name = byNumber ?? CASES.find((c) => c === item);
-    if (!name) throw new Error(`unknown case '${item}' (use 1-7 or ${CASES.join(', ')})`);
+    if (!name) throw new Error(`unknown case '${item}' (use 1-8 or ${CASES.join(', ')})`);
     cases.add(name);
   }
   if (cases.size === 0) throw new Error('--cases names no case');

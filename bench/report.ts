@@ -46,6 +46,8 @@ export class Results {
   private readonly rows: Row[] = [];
   /** Stage summaries of ours' copy alone, per case key, one per round. */
   private readonly stages = new Map<string, StageSummary[]>();
+  /** Bytes of ours' data files in the set of a case's last round, with the bytes the case moves. */
+  private readonly stored = new Map<string, { storedBytes: number; dataBytes: number }>();
 
   /** `cores`: the machine's, for the "both cores busy" target. */
   constructor(private readonly cores: number) {}
@@ -54,6 +56,10 @@ export class Results {
     let row = this.rows.find((r) => r.info.key === info.key && r.tool === tool);
     if (!row) this.rows.push((row = { info, tool, runs: [] }));
     row.runs.push(measurement);
+  }
+
+  recordStoredBytes(info: CaseInfo, storedBytes: number): void {
+    this.stored.set(info.key, { storedBytes, dataBytes: info.dataBytes });
   }
 
   recordStages(info: CaseInfo, summary: StageSummary): void {
@@ -93,6 +99,38 @@ export class Results {
     return mine && theirs ? mine.wallSeconds / theirs.wallSeconds : undefined;
   }
 
+  /**
+   * The -z targets of one case: the ratio to Python -z and both cores busy (ours' CPU and the serving QEMU's), then for
+   * context the same count for ours' copy alone, where its time went, and how much lz4 kept of the data.
+   */
+  private compressedLines(caseKey: string, label: string): string[] {
+    const lines: string[] = [];
+    const toPython = this.ratio(caseKey, TOOL.ours, TOOL.python);
+    if (toPython !== undefined) lines.push(`${label}: ${toPython.toFixed(2)} × Python -z (target ≤ 0.5) ${verdict(toPython <= 0.5)}`);
+    const coresBusy = (m: Measurement): { text: string; total: number } => {
+      const ours = m.cpuSeconds / m.wallSeconds;
+      const server = m.serverCpuSeconds / m.wallSeconds;
+      return { text: `ours ${ours.toFixed(2)} + QEMU ${server.toFixed(2)} = ${(ours + server).toFixed(2)} of ${this.cores} cores busy`, total: ours + server };
+    };
+    const command = this.median(caseKey, TOOL.ours);
+    if (command) {
+      const busy = coresBusy(command);
+      const wanted = BUSY_LIMIT * this.cores;
+      lines.push(`${label}: ${busy.text} (target ≥ ${wanted.toFixed(1)}; whole machine ${(command.machineBusy * 100).toFixed(0)} % busy) ${verdict(busy.total >= wanted)}`);
+    }
+    const copyOnly = this.ratio(caseKey, TOOL.oursCopyOnly, TOOL.nbdcopyFile);
+    const alone = this.median(caseKey, TOOL.oursCopyOnly);
+    if (copyOnly !== undefined && alone) {
+      lines.push(`${label}, ours' copy alone: ${copyOnly.toFixed(2)} × nbdcopy, ${coresBusy(alone).text}, whole machine ${(alone.machineBusy * 100).toFixed(0)} % busy ` +
+        '(no CLI start-up, libvirt or job: for context)');
+    }
+    const stages = this.stageLine(caseKey, label);
+    if (stages) lines.push(stages);
+    const stored = this.stored.get(caseKey);
+    if (stored) lines.push(`${label}: ours' data file holds ${(stored.storedBytes / MB).toFixed(0)} MB for ${(stored.dataBytes / MB).toFixed(0)} MB of data (${(100 * stored.storedBytes / stored.dataBytes).toFixed(0)} %; for context)`);
+    return lines;
+  }
+
   table(): string {
     const lines = [
       '| case | tool | wall s | CPU s (user+sys) | peak RSS MB | MB/s | × nbdcopy | × Python |',
@@ -129,26 +167,8 @@ export class Results {
     const fullStages = this.stageLine('full', 'full stream');
     if (fullStages) lines.push(fullStages);
     versus('full stream', this.ratio('full', TOOL.ours, TOOL.python), '× Python', 0.4);
-    versus('full -z', this.ratio('full-z', TOOL.ours, TOOL.python), '× Python -z', 0.5);
-    const coresBusy = (m: Measurement): { text: string; total: number } => {
-      const ours = m.cpuSeconds / m.wallSeconds;
-      const server = m.serverCpuSeconds / m.wallSeconds;
-      return { text: `ours ${ours.toFixed(2)} + QEMU ${server.toFixed(2)} = ${(ours + server).toFixed(2)} of ${this.cores} cores busy`, total: ours + server };
-    };
-    const compressed = this.median('full-z', TOOL.ours);
-    if (compressed) {
-      const busy = coresBusy(compressed);
-      const wanted = BUSY_LIMIT * this.cores;
-      lines.push(`full -z: ${busy.text} (target ≥ ${wanted.toFixed(1)}; whole machine ${(compressed.machineBusy * 100).toFixed(0)} % busy) ${verdict(busy.total >= wanted)}`);
-    }
-    const compressedCopyOnly = this.ratio('full-z', TOOL.oursCopyOnly, TOOL.nbdcopyFile);
-    const compressedAlone = this.median('full-z', TOOL.oursCopyOnly);
-    if (compressedCopyOnly !== undefined && compressedAlone) {
-      lines.push(`full -z, ours' copy alone: ${compressedCopyOnly.toFixed(2)} × nbdcopy, ${coresBusy(compressedAlone).text} ` +
-        `(no CLI start-up, libvirt or job: for context)`);
-    }
-    const compressedStages = this.stageLine('full-z', 'full -z');
-    if (compressedStages) lines.push(compressedStages);
+    lines.push(...this.compressedLines('full-z', 'full -z'));
+    lines.push(...this.compressedLines('files-z', 'full -z, system files'));
     const zip = this.ratio('zip', TOOL.ours, TOOL.python);
     if (zip !== undefined) lines.push(`full as a zip into a file (-o -): ${zip.toFixed(2)} × Python (no target; for context)`);
     versus('incremental', this.ratio('inc', TOOL.ours, TOOL.python), '× Python', 0.6);
