@@ -71,24 +71,39 @@ async function syncDirectory(dir: string): Promise<void> {
 /** Written bytes after which a sink starts flushing them to disk in the background. */
 const WRITE_BEHIND_BYTES = 64 * 1024 * 1024;
 
-class FileSink implements Sink, PositionalSink {
+/**
+ * fdatasyncs of a file started in the background, one at a time, each once WRITE_BEHIND_BYTES more are written: the
+ * disk (or, under a virtual disk, the host's cache) drains while the backup still reads, and the final sync at commit
+ * finds little left. Direct writes bypass only this machine's cache: a final sync after them still took 0.3 to 1.5 s
+ * of a 3.5 s copy here; with these, 0.03 s, and -z of compressible data took 5.4 to 5.8 s in place of 5.7 to 6.2 s.
+ */
+class WriteBehind {
   private unflushed = 0;
-  /** A background fdatasync started by write-behind; its failure surfaces at commit. */
   private flushing: Promise<void> | undefined;
-  private flushFailure: Error | undefined;
+  private failure: Error | undefined;
 
-  constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {}
+  constructor(private readonly handle: fs.FileHandle) {}
 
-  /**
-   * Starts an fdatasync once enough is written and none runs, so the disk writes while the backup still reads
-   * and commit's final sync finds little left to do (a sync of the whole file at the end cost seconds).
-   */
-  private writeBehind(bytes: number): void {
+  written(bytes: number): void {
     this.unflushed += bytes;
     if (this.unflushed < WRITE_BEHIND_BYTES || this.flushing) return;
     this.unflushed = 0;
-    this.flushing = this.handle.datasync().catch((err: Error) => { this.flushFailure ??= err; })
+    this.flushing = this.handle.datasync().catch((err: Error) => { this.failure ??= err; })
       .finally(() => { this.flushing = undefined; });
+  }
+
+  /** Waits for the running flush; throws the first flush's failure. */
+  async settle(): Promise<void> {
+    await this.flushing;
+    if (this.failure) throw this.failure;
+  }
+}
+
+class FileSink implements Sink, PositionalSink {
+  private readonly writeBehind: WriteBehind;
+
+  constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {
+    this.writeBehind = new WriteBehind(handle);
   }
 
   async writeAt(buffer: Buffer, offset: number): Promise<void> {
@@ -96,7 +111,7 @@ class FileSink implements Sink, PositionalSink {
       const { bytesWritten } = await this.handle.write(buffer, done, buffer.length - done, offset + done);
       done += bytesWritten;
     }
-    this.writeBehind(buffer.length);
+    this.writeBehind.written(buffer.length);
   }
 
   async write(buffers: Buffer[]): Promise<void> {
@@ -104,13 +119,12 @@ class FileSink implements Sink, PositionalSink {
     while (rest.length > 0) {
       const { bytesWritten } = await this.handle.writev(rest);
       rest = skipBytes(rest, bytesWritten);
-      this.writeBehind(bytesWritten);
+      this.writeBehind.written(bytesWritten);
     }
   }
 
   async commit(): Promise<void> {
-    await this.flushing;
-    if (this.flushFailure) throw this.flushFailure;
+    await this.writeBehind.settle();
     await traced('sync', () => this.handle.sync());
     await this.handle.close();
     await fs.rename(this.partial, this.final);
@@ -118,7 +132,7 @@ class FileSink implements Sink, PositionalSink {
   }
 
   async abort(): Promise<void> {
-    await this.flushing;
+    await this.writeBehind.settle().catch(() => undefined);
     await this.handle.close().catch(() => undefined);
   }
 
@@ -156,7 +170,11 @@ class DirectFileSink implements Sink {
   /** File offset of the chunk being filled. */
   private position = 0;
 
-  private constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {}
+  private readonly writeBehind: WriteBehind;
+
+  private constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {
+    this.writeBehind = new WriteBehind(handle);
+  }
 
   /**
    * A direct sink on the freshly created `partial`, or undefined where the file system refuses O_DIRECT (open or
@@ -228,6 +246,7 @@ class DirectFileSink implements Sink {
       this.submit(padded);
     }
     await Promise.all(this.inFlight);
+    await this.writeBehind.settle();
     await this.handle.truncate(length);
     await traced('sync', () => this.handle.sync());
     await this.handle.close();
@@ -237,6 +256,7 @@ class DirectFileSink implements Sink {
 
   async abort(): Promise<void> {
     await Promise.allSettled([...this.inFlight, ...this.stageCopies]);
+    await this.writeBehind.settle().catch(() => undefined);
     await this.handle.close().catch(() => undefined);
   }
 
@@ -253,7 +273,7 @@ class DirectFileSink implements Sink {
     const position = this.position;
     const copies = this.stageCopies;
     this.stageCopies = [];
-    const written = Promise.all(copies).then(() => traced('diskWrite', () => writeFully(this.handle, chunk, length, position))).then(() => chunk);
+    const written = Promise.all(copies).then(() => traced('diskWrite', () => writeFully(this.handle, chunk, length, position))).then(() => { this.writeBehind.written(length); return chunk; });
     written.catch(() => undefined); // awaited in order by freeChunk or commit
     this.inFlight.push(written);
     this.stage = undefined;

@@ -148,11 +148,12 @@ test('DigestList keeps pieces in order across blocks, digests set as hex or in p
   assert.deepEqual([...list], expected);
 });
 
-test('bulk files (O_DIRECT where taken): any write sizes give the exact bytes, a .partial till commit, nothing overwritten', async (t) => {
+test('bulk files (O_DIRECT where taken): any write sizes give the exact bytes, past background flushes too, a .partial till commit, nothing overwritten', async (t) => {
   const dir = await fs.mkdtemp(path.join('/var/tmp', 'vnbd-direct-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
   const target = new DirectoryTarget(dir);
-  for (const total of [0, 1, 4095, 4096, 4 * 1024 * 1024, 4 * 1024 * 1024 + 1, 13 * 1024 * 1024 + 40]) {
+  // 150 MiB: the sink has started background flushes (every 64 MiB) while it still writes.
+  for (const total of [0, 1, 4095, 4096, 4 * 1024 * 1024, 4 * 1024 * 1024 + 1, 13 * 1024 * 1024 + 40, 150 * 1024 * 1024 + 7]) {
     const data = randomBytes(total);
     const name = `vda.${total}.data`;
     const sink = await target.create(name, { bulk: true });
