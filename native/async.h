@@ -6,6 +6,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -78,6 +79,53 @@ class PromiseWorker final : public Napi::AsyncWorker {
   Run run_;
   Settle settle_;
   std::vector<Napi::ObjectReference> keep_;
+  T result_{};
+  std::optional<Failure> failure_;
+};
+
+// A promise whose blocking call runs on a detached thread of its own, not on the threadpool: for a call that may
+// never return (libvirt's open on a daemon that accepts and never answers). Node joins the threadpool's threads when
+// the process exits, so such a call there would hold the exit for ever; a detached thread does not. The result comes
+// back through a thread-safe function, which keeps the event loop alive until then.
+template <typename T>
+class DetachedCall {
+ public:
+  static Napi::Value Start(Napi::Env env, typename PromiseWorker<T>::Run run, typename PromiseWorker<T>::Settle settle) {
+    auto* call = new DetachedCall(env, std::move(run), std::move(settle));
+    Napi::Promise promise = call->deferred_.Promise();
+    call->done_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "virtnbd_detached", 0, 1);
+    std::thread([call] {
+      call->failure_ = call->run_(call->result_);
+      call->run_ = nullptr;
+      // At the process's exit the function is gone (napi_closing): the call is then left as it is.
+      call->done_.BlockingCall(call, [](Napi::Env env, Napi::Function, DetachedCall* c) { c->Settle(env); });
+    }).detach();
+    return promise;
+  }
+
+ private:
+  DetachedCall(Napi::Env env, typename PromiseWorker<T>::Run run, typename PromiseWorker<T>::Settle settle)
+      : deferred_(Napi::Promise::Deferred::New(env)), run_(std::move(run)), settle_(std::move(settle)) {}
+
+  // On the event loop: settles the promise, then frees the call.
+  void Settle(Napi::Env env) {
+    if (failure_) {
+      deferred_.Reject(MakeError(env, *failure_).Value());
+    } else {
+      try {
+        deferred_.Resolve(settle_(env, result_));
+      } catch (const Napi::Error& e) {
+        deferred_.Reject(e.Value());
+      }
+    }
+    done_.Release();
+    delete this;
+  }
+
+  Napi::Promise::Deferred deferred_;
+  typename PromiseWorker<T>::Run run_;
+  typename PromiseWorker<T>::Settle settle_;
+  Napi::ThreadSafeFunction done_;
   T result_{};
   std::optional<Failure> failure_;
 };

@@ -177,7 +177,8 @@ Napi::Value LibvirtOpen(const Napi::CallbackInfo& info) {
     auto settle = [](Napi::Env env, ConnPtr& conn) -> Napi::Value {
       return LibvirtConnection::New(env, std::move(conn));
     };
-    return PromiseWorker<ConnPtr>::Start(info.Env(), run, settle);
+    // On a thread of its own: the open may never return (see DetachedCall), and the caller may give up on it.
+    return DetachedCall<ConnPtr>::Start(info.Env(), run, settle);
   });
 }
 

@@ -73,7 +73,7 @@ export interface NbdTimeoutFlags {
 /** Adds --nbd-timeout: how long NBD requests may wait for an answer before the run fails. */
 export function withNbdTimeoutFlag<T>(flags: Argv<T>): Argv<T & NbdTimeoutFlags> {
   return flags
-    .option('nbd-timeout', { type: 'number', default: DEFAULT_NBD_TIMEOUT, describe: 'Seconds NBD requests, the ssh of a remote host, or (backup) libvirtd may wait with no answer (a hung host, network or storage) before the run fails; 0 waits forever' })
+    .option('nbd-timeout', { type: 'number', default: DEFAULT_NBD_TIMEOUT, describe: 'Seconds NBD requests, the ssh of a remote host, or libvirtd may wait with no answer (a hung host, daemon, network or storage) before the run fails; 0 waits forever' })
     .check((a) => !((a as { 'nbd-timeout'?: number })['nbd-timeout']! < 0) || '--nbd-timeout takes a number of seconds, 0 or more') as Argv<T & NbdTimeoutFlags>;
 }
 

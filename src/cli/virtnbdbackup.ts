@@ -77,7 +77,7 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   try {
     const login = loginOf(argv);
     if (argv.killonly) {
-      await endBackupJob({ domain: argv.domain, uri: argv.uri, login, socketFile: argv.socketfile, log });
+      await endBackupJob({ domain: argv.domain, uri: argv.uri, login, socketFile: argv.socketfile, nbdTimeout: argv['nbd-timeout'], log });
       return 0;
     }
     await runBackup(log, login, signal);

@@ -17,15 +17,42 @@ const AUTH_ERRORS = new Set([VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_CANCELLED, VIR_ER
 
 /**
  * Opens libvirt at `uri`, logging in with `login` when given; one line saying what to do when it cannot. With
- * `silentSeconds`, libvirt's keepalives close the connection once the daemon (or its host) answered nothing for that
- * long, and the calls waiting on it fail (lostConnectionError) in place of waiting for ever.
+ * `silentSeconds`, the open gives up once the daemon (or its host) answered nothing for that long, and libvirt's
+ * keepalives then close the connection after as long a silence, so that the calls waiting on it fail
+ * (lostConnectionError) in place of waiting for ever.
  */
 export async function openLibvirt(uri: string, login?: LibvirtLogin, silentSeconds?: number): Promise<LibvirtConnection> {
   try {
-    const keepalives = keepalivesFor(silentSeconds);
-    return await native().libvirtOpen(uri, login?.user, login?.password, keepalives?.interval, keepalives?.count);
+    return await openConnection(uri, login, silentSeconds);
   } catch (err) {
+    if (err instanceof NoAnswerError) throw new UserError(`${err.message}: check it with 'virsh -c ${uri} version', or raise --nbd-timeout (0 waits forever)`);
     throw new UserError(`cannot connect to libvirt at ${uri}: ${oneLine(err)}; ${connectAdvice(err, login, uri)}`);
+  }
+}
+
+/** The open of a daemon that accepted the connection but did not answer within the time given. */
+export class NoAnswerError extends Error {}
+
+/**
+ * libvirt's open at `uri`, with keepalives for `silentSeconds` (keepalivesFor) and bounded by it: libvirt's own open
+ * waits for ever on a daemon that accepts and never answers (a hung libvirtd). Its thread stays blocked then; a
+ * connection that opens after all is closed.
+ */
+export async function openConnection(uri: string, login: LibvirtLogin | undefined, silentSeconds: number | undefined): Promise<LibvirtConnection> {
+  const keepalives = keepalivesFor(silentSeconds);
+  const opening = native().libvirtOpen(uri, login?.user, login?.password, keepalives?.interval, keepalives?.count);
+  if (!keepalives || silentSeconds === undefined) return opening;
+  let timer: NodeJS.Timeout | undefined;
+  const silence = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new NoAnswerError(`libvirtd at ${uri} answered nothing for ${silentSeconds} s (hung, or its host unreachable?)`)), silentSeconds * 1000);
+  });
+  try {
+    return await Promise.race([opening, silence]);
+  } catch (err) {
+    if (err instanceof NoAnswerError) opening.then((late) => late.close(), () => undefined).catch(() => undefined);
+    throw err;
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -62,5 +89,5 @@ export async function lookupDomain(conn: LibvirtConnection, name: string, uri: s
 export async function lostConnectionError(conn: LibvirtConnection, uri: string, err: unknown, then: string): Promise<UserError | undefined> {
   const alive = await conn.isAlive().catch(() => true);
   if (alive) return undefined;
-  return new UserError(`lost the connection to libvirtd at ${uri} (${oneLine(err)}): start libvirtd again, then ${then}`);
+  return new UserError(`lost the connection to libvirtd at ${uri} (${oneLine(err)}): once libvirtd runs and answers ('virsh -c ${uri} version'), ${then}`);
 }

@@ -14,13 +14,13 @@
 // failed restore into a directory leaves nothing of that disk behind. Only -D needs libvirtd.
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { NbdEndpoint } from '../endpoint/nbd.js';
+import { DEFAULT_NBD_TIMEOUT, NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
 import { autostartName, listSet, type ChainLink } from '../set/backupSet.js';
-import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
-import { VIR_ERR_NO_DOMAIN, native, type LibvirtConnection, type NativeError } from '../native/addon.js';
+import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openConnection, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
+import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
@@ -42,7 +42,7 @@ export interface RestoreOptions extends PlanOptions {
   socketFile?: string;
   /** Onto another host (`host` remote): where its qemu-nbd listens (-I, -P) and, for TLS, this side's certificates. */
   remoteServer?: { host: string; port: number; tlsCertificates?: string };
-  /** --nbd-timeout: seconds qemu-nbd may leave a write unanswered before the restore fails (0: forever); default DEFAULT_NBD_TIMEOUT. */
+  /** --nbd-timeout: seconds qemu-nbd may leave a write, or libvirtd a call, unanswered before the restore fails (0: forever); default DEFAULT_NBD_TIMEOUT. */
   nbdTimeout?: number;
   /** -c: write the domain XML adjusted to the restored disks (implied by `define`). */
   adjustConfig?: boolean;
@@ -105,7 +105,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const uri = options.uri ?? DEFAULT_LIBVIRT_URI;
   // The name is checked now, before anything is written; the define connects at the end, so a libvirtd restarted
   // while the images are written does not fail the run.
-  if (options.define) await checkNameFree(uri, options.login, config?.adjusted?.name as string);
+  if (options.define) await checkNameFree(uri, options.login, config?.adjusted?.name as string, options.nbdTimeout);
   const host = outputHost(options);
   if (plan.outputDir) {
     const dir = plan.outputDir;
@@ -124,7 +124,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   }
   if (options.define && config?.adjusted) {
     const autostart = plan.ident !== undefined && (await exists(path.join(plan.input, autostartName(plan.ident))));
-    await defineRestored(uri, options.login, config.adjusted, config.target ?? '', autostart, log);
+    await defineRestored(uri, options.login, config.adjusted, config.target ?? '', autostart, log, options.nbdTimeout);
     result.defined = config.adjusted.name;
     if (autostart) {
       result.autostart = true;
@@ -181,8 +181,8 @@ async function savedNvram(xml: string, plan: RestorePlan, outputDir: string): Pr
 }
 
 /** -D never replaces an existing domain: refuses a name that is taken. */
-async function checkNameFree(uri: string, login: LibvirtLogin | undefined, name: string): Promise<void> {
-  const connection = await openLibvirt(uri, login);
+async function checkNameFree(uri: string, login: LibvirtLogin | undefined, name: string, silentSeconds = DEFAULT_NBD_TIMEOUT): Promise<void> {
+  const connection = await openLibvirt(uri, login, silentSeconds);
   try {
     await refuseTakenName(connection, uri, name);
   } finally {
@@ -202,12 +202,12 @@ async function refuseTakenName(connection: LibvirtConnection, uri: string, name:
  * Defines the restored domain (-D) on a connection of its own, checking again that its name is free; with
  * `autostart`, it starts with the host. Every failure says that the images and the XML at `xmlFile` are in place.
  */
-async function defineRestored(uri: string, login: LibvirtLogin | undefined, adjusted: NonNullable<ConfigPlan['adjusted']>, xmlFile: string, autostart: boolean, log: Logger): Promise<void> {
+async function defineRestored(uri: string, login: LibvirtLogin | undefined, adjusted: NonNullable<ConfigPlan['adjusted']>, xmlFile: string, autostart: boolean, log: Logger, silentSeconds = DEFAULT_NBD_TIMEOUT): Promise<void> {
   const inPlace = `the restored images and ${xmlFile} are in place`;
   const defineByHand = `'virsh define ${xmlFile}'${autostart ? ` and 'virsh autostart ${adjusted.name}'` : ''}`;
   let connection: LibvirtConnection;
   try {
-    connection = await native().libvirtOpen(uri, login?.user, login?.password);
+    connection = await openConnection(uri, login, silentSeconds);
   } catch (err) {
     throw new UserError(`cannot connect to libvirt at ${uri} to define domain '${adjusted.name}' (${oneLine(err)}); ${inPlace}: ${loginRefused(err) ? `${connectAdvice(err, login)}, or` : 'once libvirtd runs,'} run ${defineByHand}`);
   }

@@ -1,0 +1,49 @@
+// Opening libvirt against fake daemons on a unix socket: one that accepts and never answers, one that hangs up.
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { openLibvirt } from '../../src/libvirt/connection.js';
+
+/** A unix socket server that does `onClient` with each connection; closed, with its clients, after the test. */
+async function fakeDaemon(t: TestContext, onClient: (socket: net.Socket) => void): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-fake-libvirtd-'));
+  const socketPath = path.join(dir, 'libvirt-sock');
+  const clients = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    clients.add(socket);
+    socket.on('error', () => undefined);
+    onClient(socket);
+  });
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  t.after(async () => {
+    // Hanging up ends libvirt's open still waiting on its thread, so that nothing keeps this process alive.
+    for (const client of clients) client.destroy();
+    await new Promise((resolve) => server.close(resolve));
+    await fs.rm(dir, { recursive: true, force: true });
+  });
+  return `qemu+unix:///system?socket=${socketPath}`;
+}
+
+test('an open that a daemon accepts and never answers gives up after the silence allowed, with one line saying what to do', async (t) => {
+  const uri = await fakeDaemon(t, () => undefined);
+  const started = Date.now();
+  await assert.rejects(openLibvirt(uri, undefined, 1), (err: Error) => {
+    assert.equal(err.message, `libvirtd at ${uri} answered nothing for 1 s (hung, or its host unreachable?): check it with 'virsh -c ${uri} version', or raise --nbd-timeout (0 waits forever)`);
+    return true;
+  });
+  const seconds = (Date.now() - started) / 1000;
+  assert.ok(seconds >= 0.9 && seconds < 10, `gave up after ${seconds} s`);
+});
+
+test('a daemon that hangs up at once fails the open with libvirt\'s words and the advice, whatever the silence allowed', async (t) => {
+  const uri = await fakeDaemon(t, (socket) => socket.destroy());
+  for (const silence of [undefined, 0, 30]) {
+    await assert.rejects(openLibvirt(uri, undefined, silence), (err: Error) => {
+      assert.match(err.message, /^cannot connect to libvirt at qemu\+unix:\/\/\/system\?socket=\S+: .+; is libvirtd running\?$/);
+      return true;
+    });
+  }
+});
