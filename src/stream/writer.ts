@@ -6,7 +6,7 @@ import { native } from '../native/addon.js';
 import { READ_REQUEST_SIZE, type Endpoint } from '../endpoint/endpoint.js';
 import { chunks, type ExtentPlan } from '../extents/plan.js';
 import type { Sink } from '../set/target.js';
-import { BufferPool } from '../util/bufferPool.js';
+import { leasePool } from '../util/bufferPool.js';
 import { traced } from '../util/stageTrace.js';
 import { DigestList } from './digestList.js';
 import {
@@ -140,9 +140,12 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   // are in the cache, with one task per piece in place of one per request and one for the sums.
   const readSummed = source.readSummed?.bind(source);
   const windowBytes = readSummed ? SUMMED_WINDOW_BYTES : WINDOW_BYTES;
-  const pool = new BufferPool(PAYLOAD_PIECE_SIZE, Math.ceil(windowBytes / PAYLOAD_PIECE_SIZE) + 2);
+  const slabs = Math.ceil(windowBytes / PAYLOAD_PIECE_SIZE) + 2;
+  const pieceLease = leasePool(PAYLOAD_PIECE_SIZE, slabs);
+  const pool = pieceLease.pool;
   // Frames go into reused buffers too: a fresh one per piece cost page faults and major GCs (-z 3.5 s to 2.9 s).
-  const frames = compressed ? new BufferPool(addon.lz4FrameBound(PAYLOAD_PIECE_SIZE), Math.ceil(windowBytes / PAYLOAD_PIECE_SIZE) + 2) : undefined;
+  const frameLease = compressed ? leasePool(addon.lz4FrameBound(PAYLOAD_PIECE_SIZE), slabs) : undefined;
+  const frames = frameLease?.pool;
 
   const flushBatch = async (): Promise<void> => {
     if (batch.length === 0) return;
@@ -247,6 +250,9 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     // Let in-flight reads settle before the caller closes the endpoint under them.
     await Promise.allSettled(queue.map((q) => q.output));
     throw err;
+  } finally {
+    pieceLease.end();
+    frameLease?.end();
   }
   return { checksum, bytesWritten, dataSize: plan.dataSize, digests };
 }

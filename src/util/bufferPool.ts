@@ -12,7 +12,13 @@ export class BufferPool {
   /** Free small buffers by size class (powers of two from SMALLEST_CLASS up to slabSize / 8). */
   private readonly smallFree = new Map<number, Buffer[]>();
 
-  constructor(readonly slabSize: number, private readonly keep: number) {}
+  constructor(readonly slabSize: number, private keep: number) {}
+
+  /** Keeps at most `keep` free slabs from now on, dropping any beyond that. */
+  setKeep(keep: number): void {
+    this.keep = keep;
+    this.free.length = Math.min(this.free.length, keep);
+  }
 
   /**
    * A buffer of exactly `length` bytes: a pooled slab's view when it fits, a view of a pooled buffer of its size
@@ -45,4 +51,31 @@ export class BufferPool {
 /** The power of two at or above `length`, at least SMALLEST_CLASS. */
 function sizeClass(length: number): number {
   return Math.max(SMALLEST_CLASS, 2 ** Math.ceil(Math.log2(Math.max(length, 1))));
+}
+
+/** Process-wide pools by slab size, with the slabs their leases ask to keep: the sum over running leases. */
+const sharedPools = new Map<number, { pool: BufferPool; leased: number; largest: number }>();
+
+/**
+ * A pool of `slabSize` slabs shared by the process's users, which keeps `keep` more free slabs while the lease runs:
+ * users one after another (the disks of a run) reuse the same slabs, where pools of their own were freed by the
+ * GC only late (four disks in turn peaked 50 MB above one). Once no lease runs, it keeps the largest lease's number.
+ */
+export function leasePool(slabSize: number, keep: number): { pool: BufferPool; end(): void } {
+  let shared = sharedPools.get(slabSize);
+  if (!shared) sharedPools.set(slabSize, (shared = { pool: new BufferPool(slabSize, 0), leased: 0, largest: 0 }));
+  const entry = shared;
+  entry.leased += keep;
+  entry.largest = Math.max(entry.largest, keep);
+  entry.pool.setKeep(Math.max(entry.leased, entry.largest));
+  let ended = false;
+  return {
+    pool: entry.pool,
+    end: () => {
+      if (ended) return;
+      ended = true;
+      entry.leased -= keep;
+      entry.pool.setKeep(Math.max(entry.leased, entry.largest));
+    },
+  };
 }

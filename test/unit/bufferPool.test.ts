@@ -1,8 +1,8 @@
 // BufferPool: slabs and small size classes are reused after release and never handed out twice; Node's shared
-// small-allocation slab and oversized buffers are never pooled.
+// small-allocation slab and oversized buffers are never pooled; leases of one shared pool reuse each other's slabs.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { BufferPool } from '../../src/util/bufferPool.js';
+import { BufferPool, leasePool } from '../../src/util/bufferPool.js';
 
 const SLAB = 4 * 1024 * 1024;
 
@@ -56,4 +56,31 @@ test('what the pool keeps is bounded', () => {
   let kept = 0;
   for (let i = 0; i < 600; i++) if (reused.has(pool.acquire(4096).buffer)) kept++;
   assert.equal(kept, 512); // 2 MiB of 4 KiB buffers
+});
+
+test('leases of a shared pool: the next user gets the slabs the last one released; it keeps the sum of running leases, then the largest', () => {
+  const size = 3 * 1024 * 1024 + 4096; // a slab size no other test or module leases
+  const first = leasePool(size, 2);
+  const slabs = [first.pool.acquire(size), first.pool.acquire(size), first.pool.acquire(size)];
+  for (const slab of slabs) first.pool.release(slab);
+  first.end();
+  const next = leasePool(size, 2);
+  assert.equal(next.pool, first.pool);
+  const again = [next.pool.acquire(size), next.pool.acquire(size)];
+  // The first lease kept two of its three; the last one kept comes back first.
+  assert.ok(again[0]!.buffer === slabs[1]!.buffer && again[1]!.buffer === slabs[0]!.buffer, 'the next lease got new slabs');
+  const beside = leasePool(size, 3);
+  const more = [...again, ...[0, 1, 2].map(() => beside.pool.acquire(size))];
+  for (const slab of more) beside.pool.release(slab);
+  // Both leases run: 2 + 3 kept.
+  assert.equal(new Set([0, 1, 2, 3, 4, 5].map(() => beside.pool.acquire(size).buffer)).size, 6);
+  next.end();
+  beside.end();
+  beside.end(); // ending twice changes nothing
+  const alone = leasePool(size, 1);
+  for (const slab of more) alone.pool.release(slab);
+  alone.end();
+  // No lease runs: the largest lease's 3 are kept.
+  const kept = new Set(more.map((b) => b.buffer));
+  assert.deepEqual([0, 1, 2, 3].map(() => kept.has(alone.pool.acquire(size).buffer)), [true, true, true, false]);
 });
