@@ -267,17 +267,20 @@ export async function qemuPidOf(domain: TestDomain): Promise<number> {
   return pid;
 }
 
-/** Bytes the export reports as holding data (nbdinfo --map, types 0 and 2: allocated). */
-export async function countDataBytes(uri: string): Promise<number> {
+/** The extents the export reports as holding data (nbdinfo --map, types 0 and 2: allocated), with their lengths. */
+async function dataExtents(uri: string): Promise<Array<{ length: number }>> {
   const map = await run('nbdinfo', ['--map', uri]);
-  return map.stdout.split('\n').map((line) => line.trim().split(/\s+/)).filter((f) => f[2] === '0' || f[2] === '2').reduce((sum, f) => sum + Number(f[1]), 0);
+  return map.stdout.split('\n').map((line) => line.trim().split(/\s+/))
+    .filter((fields) => fields[2] === '0' || fields[2] === '2')
+    .map((fields) => ({ length: Number(fields[1]) }));
 }
 
-/** Number of extents the export reports as holding data (nbdinfo --map, types 0 and 2: allocated). */
+/** Bytes the export reports as holding data. */
+export async function countDataBytes(uri: string): Promise<number> {
+  return (await dataExtents(uri)).reduce((sum, extent) => sum + extent.length, 0);
+}
+
+/** Number of extents the export reports as holding data. */
 export async function countDataExtents(uri: string): Promise<number> {
-  const map = await run('nbdinfo', ['--map', uri]);
-  return map.stdout.split('\n').filter((line) => {
-    const type = line.trim().split(/\s+/)[2];
-    return type === '0' || type === '2';
-  }).length;
+  return (await dataExtents(uri)).length;
 }
