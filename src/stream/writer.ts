@@ -57,6 +57,14 @@ export interface StreamWriteResult {
  */
 const WINDOW_BYTES = 12 * 1024 * 1024;
 const SUMMED_WINDOW_BYTES = 16 * 1024 * 1024;
+/**
+ * Source bytes in flight across the streams written at once: each gets an equal share of it (within its own
+ * window, at least one piece), so that disks copied together cost little more memory than one. Four disks with a
+ * window each peaked at 276 MB with -z and 198 MB without.
+ */
+const SHARED_WINDOW_BYTES = SUMMED_WINDOW_BYTES;
+/** Streams being written in this process now. */
+let streamsWriting = 0;
 /** What a piece costs in the window beyond its bytes (promises, buffers, requests): bounds tiny extents in flight. */
 const PIECE_OVERHEAD = 64 * 1024;
 /** Pieces up to this size are summed on the event loop: a threadpool round trip costs more than their sums. */
@@ -182,12 +190,14 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     const cost = bytes > 0 ? bytes + PIECE_OVERHEAD : 0;
     queue.push({ output: promise, bytes, cost, written });
     bytesInFlight += cost;
-    while (bytesInFlight > windowBytes || (queue.length > 0 && bytes === 0 && queue.length > 4096)) {
+    const share = Math.min(windowBytes, Math.max(PAYLOAD_PIECE_SIZE, SHARED_WINDOW_BYTES / streamsWriting));
+    while (bytesInFlight > share || (queue.length > 0 && bytes === 0 && queue.length > 4096)) {
       if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted');
       await drainOne();
     }
   };
 
+  streamsWriting += 1;
   try {
     await enqueue([encodeMetadata(meta)], 0);
     for (const extent of plan.extents) {
@@ -251,6 +261,7 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
     await Promise.allSettled(queue.map((q) => q.output));
     throw err;
   } finally {
+    streamsWriting -= 1;
     pieceLease.end();
     frameLease?.end();
   }
