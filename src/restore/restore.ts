@@ -31,7 +31,7 @@ import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, describeReadFailure, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
-import { BufferPool } from '../util/bufferPool.js';
+import { leasePool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
 import { qemuImgMapEntries } from '../backup/extentSources.js';
 
@@ -385,7 +385,8 @@ async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyO
   const { targetIsZero, progress, signal } = options;
   const handle = await fs.open(file, 'r');
   const window = new WorkWindow(WRITE_WINDOW);
-  const pieces = new BufferPool(RAW_PIECE, WRITE_WINDOW / RAW_PIECE + 1);
+  const lease = leasePool(RAW_PIECE, WRITE_WINDOW / RAW_PIECE + 1);
+  const pieces = lease.pool;
   try {
     for (const extent of await qemuImgMapEntries(['-f', 'raw', file])) {
       if (!extent.data || extent.zero) {
@@ -405,6 +406,7 @@ async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyO
     await window.drain();
   } finally {
     await window.settle();
+    lease.end();
     await handle.close();
   }
 }

@@ -6,7 +6,7 @@
 // computes the adler32 of every byte of the file (the `.chksum` value) in the same single pass.
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
-import { BufferPool } from '../util/bufferPool.js';
+import { leasePool, type BufferPool } from '../util/bufferPool.js';
 import { readInto } from '../util/fileIo.js';
 import { describeReadFailure } from '../util/errors.js';
 import {
@@ -77,8 +77,9 @@ export class StreamReader {
   /** Sums of reads still on worker threads, oldest first; folded into `running` in order. */
   private pending: PendingSum[] = [];
   private complete = false;
-  /** Slabs fit a payload piece, and the lz4 frame of one. */
-  private readonly pool = new BufferPool(native().lz4FrameBound(PAYLOAD_PIECE_SIZE), POOLED_BUFFERS);
+  /** Slabs fit a payload piece, and the lz4 frame of one; shared with the process's other readers (leasePool). */
+  private readonly lease = leasePool(native().lz4FrameBound(PAYLOAD_PIECE_SIZE), POOLED_BUFFERS);
+  private readonly pool = this.lease.pool;
 
   private constructor(
     readonly path: string,
@@ -272,6 +273,7 @@ export class StreamReader {
   }
 
   async close(): Promise<void> {
+    this.lease.end();
     await this.handle.close().catch(() => undefined);
   }
 }
