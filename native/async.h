@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -86,7 +87,7 @@ class PromiseWorker final : public Napi::AsyncWorker {
 // A promise whose blocking call runs on a detached thread of its own, not on the threadpool: for a call that may
 // never return (libvirt's open on a daemon that accepts and never answers). Node joins the threadpool's threads when
 // the process exits, so such a call there would hold the exit for ever; a detached thread does not. The result comes
-// back through a thread-safe function, which keeps the event loop alive until then.
+// back through a thread-safe function, which keeps the event loop alive until then, or until the caller abandons it.
 template <typename T>
 class DetachedCall {
  public:
@@ -94,6 +95,13 @@ class DetachedCall {
     auto* call = new DetachedCall(env, std::move(run), std::move(settle));
     Napi::Promise promise = call->deferred_.Promise();
     call->done_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "virtnbd_detached", 0, 1);
+    // promise.abandon(): the caller gave up on the call, which then no longer keeps the event loop alive. Both it
+    // and Settle run on the event loop, so the flag needs no lock.
+    auto settled = call->settled_;
+    Napi::ThreadSafeFunction done = call->done_;
+    promise.Set("abandon", Napi::Function::New(env, [settled, done](const Napi::CallbackInfo& info) mutable {
+      if (!*settled) done.Unref(info.Env());
+    }));
     std::thread([call] {
       call->failure_ = call->run_(call->result_);
       call->run_ = nullptr;
@@ -118,6 +126,7 @@ class DetachedCall {
         deferred_.Reject(e.Value());
       }
     }
+    *settled_ = true;
     done_.Release();
     delete this;
   }
@@ -126,6 +135,7 @@ class DetachedCall {
   typename PromiseWorker<T>::Run run_;
   typename PromiseWorker<T>::Settle settle_;
   Napi::ThreadSafeFunction done_;
+  std::shared_ptr<bool> settled_ = std::make_shared<bool>(false);
   T result_{};
   std::optional<Failure> failure_;
 };

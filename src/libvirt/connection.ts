@@ -35,8 +35,8 @@ export class NoAnswerError extends Error {}
 
 /**
  * libvirt's open at `uri`, with keepalives for `silentSeconds` (keepalivesFor) and bounded by it: libvirt's own open
- * waits for ever on a daemon that accepts and never answers (a hung libvirtd). Its thread stays blocked then; a
- * connection that opens after all is closed.
+ * waits for ever on a daemon that accepts and never answers (a hung libvirtd). Its thread stays blocked then, but
+ * keeps the process alive no longer; a connection that opens after all is closed.
  */
 export async function openConnection(uri: string, login: LibvirtLogin | undefined, silentSeconds: number | undefined): Promise<LibvirtConnection> {
   const keepalives = keepalivesFor(silentSeconds);
@@ -49,7 +49,11 @@ export async function openConnection(uri: string, login: LibvirtLogin | undefine
   try {
     return await Promise.race([opening, silence]);
   } catch (err) {
-    if (err instanceof NoAnswerError) opening.then((late) => late.close(), () => undefined).catch(() => undefined);
+    if (err instanceof NoAnswerError) {
+      // A program that goes on closes a late connection; one that is done exits without waiting for it.
+      opening.then((late) => late.close(), () => undefined).catch(() => undefined);
+      opening.abandon();
+    }
     throw err;
   } finally {
     clearTimeout(timer);

@@ -130,7 +130,8 @@ export interface NativeAddon {
   NbdHandle: new () => NbdHandle;
   /** virConnectOpenAuth(uri) (read-write): a daemon's login gets `user` and `password`, else libvirt's auth.conf. */
   /** With a keepalive interval (s) and count, libvirt closes the connection once libvirtd has answered none of them. */
-  libvirtOpen(uri: string, user?: string, password?: string, keepaliveInterval?: number, keepaliveCount?: number): Promise<LibvirtConnection>;
+  /** The open runs on a thread of its own; `abandon()` once given up on it, so that it keeps the event loop alive no longer. */
+  libvirtOpen(uri: string, user?: string, password?: string, keepaliveInterval?: number, keepaliveCount?: number): Promise<LibvirtConnection> & { abandon(): void };
   /** zlib adler32 continuing from `start` (1 for a fresh checksum). Synchronous: CPU only. */
   adler32(buffer: Buffer, start: number): number;
   /** adler32 (from 1) and, with `digest`, that digest (hex) of `buffer`, computed on a worker thread. */

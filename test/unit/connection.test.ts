@@ -5,6 +5,8 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { openLibvirt } from '../../src/libvirt/connection.js';
 
 /** A unix socket server that does `onClient` with each connection; closed, with its clients, after the test. */
@@ -36,6 +38,22 @@ test('an open that a daemon accepts and never answers gives up after the silence
   });
   const seconds = (Date.now() - started) / 1000;
   assert.ok(seconds >= 0.9 && seconds < 10, `gave up after ${seconds} s`);
+});
+
+test('a program that gave up on a hung daemon exits on its own: the open left waiting keeps nothing alive', async (t) => {
+  const uri = await fakeDaemon(t, () => undefined);
+  const connection = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../src/libvirt/connection.js');
+  const script = `import { openLibvirt } from ${JSON.stringify(connection)};
+    await openLibvirt(${JSON.stringify(uri)}, undefined, 1).catch((err) => console.log(err.message));`;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let output = '';
+  child.stdout.on('data', (chunk: Buffer) => { output += chunk.toString(); });
+  const timer = setTimeout(() => child.kill('SIGKILL'), 15000);
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  clearTimeout(timer);
+  // The daemon still holds the connection open: only the abandoned open could have kept the child waiting.
+  assert.equal(code, 0, 'the child was killed after 15 s: the abandoned open kept it alive');
+  assert.match(output, /answered nothing for 1 s/);
 });
 
 test('a daemon that hangs up at once fails the open with libvirt\'s words and the advice, whatever the silence allowed', async (t) => {
