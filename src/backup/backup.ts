@@ -14,7 +14,7 @@ import { ZipTarget } from '../set/zipTarget.js';
 import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import type { CheckpointPlan, JobServer, Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
-import { BackupJob } from '../libvirt/backupJob.js';
+import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
 import { DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
@@ -31,7 +31,7 @@ import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, type DiskResult } from './diskBackup.js';
 import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
 import { openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
-import { guardJob } from './jobGuard.js';
+import { guardJob, type JobGuard } from './jobGuard.js';
 import type { RunContext } from './context.js';
 
 export type { DiskResult } from './diskBackup.js';
@@ -354,7 +354,7 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
 }
 
 /** Starts the libvirt backup job for `plan`; a full first removes this chain's old checkpoints. */
-async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
+async function startJob(ctx: RunContext, plan: RunPlan, hooks?: BackupJobOptions['hooks']): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
   if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, plan.prefix, log);
   return ctx.power.whileFrozen(ctx.info.guestAgent, options.freezeMountpoints, () => ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
@@ -367,6 +367,7 @@ async function startJob(ctx: RunContext, plan: RunPlan): Promise<BackupJob> {
     allTargets: ctx.info.disks.map((d) => d.target),
     checkpoint: plan.checkpoint,
     log,
+    hooks,
   })));
 }
 
@@ -416,7 +417,7 @@ function describeServer(server: JobServer): string {
  * Exports the disks for `plan`: qemu-nbd for a shut-off domain, else a backup job. A job refused for a lost
  * bitmap falls back to a full backup; one refused for a bitmap left without its checkpoint clears it and retries.
  */
-async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
+async function openExports(ctx: RunContext, initial: RunPlan, hooks?: BackupJobOptions['hooks']): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
   const { options, disks } = ctx;
   if (!ctx.host.remote) await fs.rm(socketOf(options), { force: true });
   if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
@@ -430,7 +431,7 @@ async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports
     let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
     for (let attempt = 1; ; attempt++) {
       try {
-        return { exports: await startJob(ctx, plan), plan, scratch };
+        return { exports: await startJob(ctx, plan, hooks), plan, scratch };
       } catch (err) {
         const orphan = existingBitmapName(err);
         if (attempt < 3 && plan.checkpoint.parent && isLostBitmapError(err)) {
@@ -451,7 +452,21 @@ async function openExports(ctx: RunContext, initial: RunPlan): Promise<{ exports
 
 async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
   const { options, log, disks } = ctx;
-  const { exports, plan, scratch: scratchSpace } = await openExports(ctx, initial);
+  // The job's guard is spawned while libvirt begins the job (its spawn then holds up nothing) and armed once the job
+  // runs; a job left running (-s) has none.
+  let guard: JobGuard | undefined;
+  const hooks = ctx.power.offline || options.startOnly ? undefined : {
+    beginning: () => { guard ??= guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options)); },
+    begun: () => guard?.arm(),
+  };
+  let opened: Awaited<ReturnType<typeof openExports>>;
+  try {
+    opened = await openExports(ctx, initial, hooks);
+  } catch (err) {
+    await guard?.release();
+    throw err;
+  }
+  const { exports, plan, scratch: scratchSpace } = opened;
   const base = resultOf(ctx, plan);
   if (options.startOnly) {
     const server = describeServer(serverOf(ctx));
@@ -469,7 +484,6 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   let failed = true;
   const controller = new AbortController();
   let scratch: ScratchWatch | undefined;
-  const guard = ctx.power.offline ? undefined : guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options));
   try {
     if (scratchSpace) {
       const output = ctx.toZip || ctx.host.remote ? undefined : ctx.stateDir;

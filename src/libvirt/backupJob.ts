@@ -28,6 +28,8 @@ export interface BackupJobOptions {
   allTargets: string[];
   checkpoint: CheckpointPlan;
   log: Logger;
+  /** Called once the job's begin is asked of libvirt, to do work while libvirt begins it; then when it has begun. */
+  hooks?: { beginning(): void; begun(): void };
 }
 
 /** How long a run waits for libvirt to tear an aborted job down before it removes the leftovers itself. */
@@ -74,7 +76,10 @@ export class BackupJob {
     const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
     options.log.debug(`backup job XML:\n${jobXml}`);
     if (cptXml) options.log.debug(`checkpoint XML:\n${cptXml}`);
-    await domain.backupBegin(jobXml, cptXml, 0);
+    const beginning = domain.backupBegin(jobXml, cptXml, 0);
+    options.hooks?.beginning();
+    await beginning;
+    options.hooks?.begun();
     const leftovers = 'socket' in options.server ? [options.server.socket, ...disks.map((d) => d.scratchFile)] : [];
     return new BackupJob(domain, options.server, leftovers, checkpoint.create ? checkpoint.name : undefined, options.log);
   }
