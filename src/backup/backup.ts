@@ -456,7 +456,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   // runs; a job left running (-s) has none.
   let guard: JobGuard | undefined;
   const hooks = ctx.power.offline || options.startOnly ? undefined : {
-    beginning: () => { guard ??= guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options)); },
+    beginning: () => { guard ??= guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login); },
     begun: () => guard?.arm(),
   };
   let opened: Awaited<ReturnType<typeof openExports>>;

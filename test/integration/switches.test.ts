@@ -11,7 +11,7 @@ import path from 'node:path';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { withDomain, withTempDir, TestDomain } from '../support/testbed.js';
-import { ourBin, pythonBin, runCli, runOk, startCli } from '../support/cli.js';
+import { ourBin, pythonBin, repoRoot, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo, virsh } from '../support/points.js';
 import { withSaslLibvirtd } from '../support/libvirtd.js';
 import { freePort, sshConfiguredFor, withPrivateSshd } from '../support/sshd.js';
@@ -213,7 +213,7 @@ test('guest agent: a configured agent that does not answer is a warning (-e: exi
   assert.match(asked.stderr, new RegExp(`domain '${plain.name}' has no QEMU guest agent channel: filesystems not frozen`));
 });
 
-test('--user/--password log in to a libvirtd that asks for a login (SASL): backup, -s/-k and restore -D (or an auth.conf), full and inc over qemu+tcp://; a wrong, missing or half login is one line', async (t) => {
+test('--user/--password log in to a libvirtd that asks for a login (SASL): backup, -s/-k and restore -D (or an auth.conf), a run\'s guard, full and inc over qemu+tcp://; a wrong, missing or half login is one line', async (t) => {
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'login-');
   const reference = await dom.snapshot('vda', path.join(work, 'vda.raw'));
@@ -246,6 +246,19 @@ test('--user/--password log in to a libvirtd that asks for a login (SASL): backu
       delete process.env.LIBVIRT_AUTH_FILE;
     }
     assert.equal(await exists(socket), false, 'socket left behind');
+    // A run's guard logs in as the run did: a job begun, then its run gone (a program that armed a guard with the
+    // login and exited), and the guard's virsh ends the job on this daemon, which refuses virsh without a login.
+    await runOk(bin, ['-n', ...login, '-d', dom.name, '-s', '-f', socket, '-o', path.join(work, 'guarded')]);
+    const guardModule = path.join(repoRoot, 'dist', 'src', 'backup', 'jobGuard.js');
+    const dies = `import { guardJob } from ${JSON.stringify(guardModule)};
+      guardJob(${JSON.stringify(uri)}, ${JSON.stringify(dom.name)}, ${JSON.stringify(socket)}, ${JSON.stringify({ user, password })}).arm();
+      process.exit(0);`;
+    const run = spawn(process.execPath, ['--input-type=module', '-e', dies], { stdio: 'inherit' });
+    assert.equal((await once(run, 'exit'))[0], 0);
+    const jobType = (): string => execFileSync('virsh', ['-c', uri, 'domjobinfo', dom.name], { encoding: 'utf8', env: { ...process.env, LIBVIRT_AUTH_FILE: authFile } });
+    for (let i = 0; i < 100 && !/Job type:\s+None/.test(jobType()); i++) await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.match(jobType(), /Job type:\s+None/, 'the guard did not end the job');
+    assert.equal(await exists(socket), false, 'the guard left the socket');
     // Over qemu+tcp:// the same login gets in (the domain has no job left to end).
     const overTcp = await runCli(bin, ['-U', tcpUri, '--user', user, '--password', password, '-d', dom.name, '-k']);
     assert.equal(overTcp.code, 1, overTcp.stderr);

@@ -1,6 +1,7 @@
 // The job guard's word on a run's death, with a fake virsh on PATH that records what it was asked: a run that dies
 // after its job began has the job ended; one that dies before the job began, or ended its job itself, leaves the
-// domain's jobs alone (another tool's job there must survive).
+// domain's jobs alone (another tool's job there must survive). A run's login reaches the guard's virsh, and its
+// auth.conf is gone once the guard is.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -10,44 +11,82 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const jobGuard = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../src/backup/jobGuard.js');
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Runs a program that guards a job on domain 'dom', does `steps`, then exits; returns what the fake virsh was asked. */
-async function runGuarded(steps: string): Promise<string> {
+interface Guarded {
+  /** The fake virsh's arguments, and " (socket removed)" when the socket went too; '' when it was not run. */
+  asked: string;
+  /** The auth.conf the fake virsh was given, lines joined by spaces. */
+  auth: string;
+  /** Files the guard left in its temporary directory, once it is gone. */
+  left: string[];
+}
+
+/** Runs a program that guards a job on domain 'dom' (`login` as a guardJob argument), does `steps`, then exits. */
+async function runGuarded(steps: string, login = 'undefined'): Promise<Guarded> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-guard-'));
   try {
     const record = path.join(dir, 'asked');
+    const authCopy = path.join(dir, 'auth');
     const socket = path.join(dir, 'socket');
+    const tmp = path.join(dir, 'tmp');
+    await fs.mkdir(tmp);
     await fs.writeFile(socket, '');
-    await fs.writeFile(path.join(dir, 'virsh'), `#!/bin/sh\necho "$@" >> ${JSON.stringify(record)}\n`, { mode: 0o755 });
+    await fs.writeFile(path.join(dir, 'virsh'), [
+      '#!/bin/sh',
+      `[ -z "$LIBVIRT_AUTH_FILE" ] || tr '\\n' ' ' < "$LIBVIRT_AUTH_FILE" > ${JSON.stringify(authCopy)}`,
+      `echo "$@" >> ${JSON.stringify(record)}`, '',
+    ].join('\n'), { mode: 0o755 });
     const script = `import { guardJob } from ${JSON.stringify(jobGuard)};
-      const guard = guardJob('qemu:///system', 'dom', ${JSON.stringify(socket)});
+      const guard = guardJob('qemu:///system', 'dom', ${JSON.stringify(socket)}, ${login});
       ${steps}
       process.exit(0);`;
     const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
-      stdio: 'inherit', env: { ...process.env, PATH: `${dir}:${process.env.PATH}` },
+      stdio: 'inherit', env: { ...process.env, PATH: `${dir}:${process.env.PATH}`, TMPDIR: tmp },
     });
     assert.equal(await new Promise((resolve) => child.once('exit', resolve)), 0);
-    // The guard acts once the pipe closes, in a session of its own: give it a moment.
-    for (let waited = 0; waited < 1500; waited += 100) {
-      const asked = await fs.readFile(record, 'utf8').catch(() => '');
-      if (asked) return `${asked.trim()}${await fs.access(socket).then(() => '', () => ' (socket removed)')}`;
-      await new Promise((resolve) => setTimeout(resolve, 100));
+    // The guard acts once the pipe closes, in a session of its own: give it a moment, then as long to clean up.
+    let asked = '';
+    for (let waited = 0; waited < 1500 && !asked; waited += 100) {
+      await sleep(100);
+      asked = await fs.readFile(record, 'utf8').catch(() => '');
     }
-    return '';
+    let left = await fs.readdir(tmp);
+    for (let waited = 0; waited < 1500 && left.length > 0; waited += 100) {
+      await sleep(100);
+      left = await fs.readdir(tmp);
+    }
+    const socketGone = await fs.access(socket).then(() => '', () => ' (socket removed)');
+    return { asked: asked ? `${asked.trim()}${socketGone}` : '', auth: (await fs.readFile(authCopy, 'utf8').catch(() => '')).trim(), left };
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
   }
 }
 
 test('a run that dies once its job has begun has the job ended, and its socket removed', async () => {
-  assert.equal(await runGuarded('guard.arm();'), '-q -c qemu:///system domjobabort dom (socket removed)');
+  const { asked, auth } = await runGuarded('guard.arm();');
+  assert.equal(asked, '-q -c qemu:///system domjobabort dom (socket removed)');
+  assert.equal(auth, '');
 });
 
 test('a run that dies before its job began leaves the domain\'s jobs alone', async () => {
-  assert.equal(await runGuarded(''), '');
+  assert.equal((await runGuarded('')).asked, '');
 });
 
 test('a run that ended its job itself leaves the domain\'s jobs alone, armed or not', async () => {
-  assert.equal(await runGuarded('guard.arm(); await guard.release();'), '');
-  assert.equal(await runGuarded('await guard.release();'), '');
+  assert.equal((await runGuarded('guard.arm(); await guard.release();')).asked, '');
+  assert.equal((await runGuarded('await guard.release();')).asked, '');
+});
+
+test('the run\'s login reaches the guard\'s virsh in an auth.conf, removed once the guard is done, whichever way', async () => {
+  const login = `{ user: 'backup', password: 'secret pw' }`;
+  const died = await runGuarded('guard.arm();', login);
+  assert.equal(died.asked, '-q -c qemu:///system domjobabort dom (socket removed)');
+  assert.equal(died.auth, '[credentials-virtnbd] authname=backup password=secret pw  [auth-libvirt-default] credentials=virtnbd');
+  assert.deepEqual(died.left, []);
+  for (const steps of ['guard.arm(); await guard.release();', '', 'await guard.release();']) {
+    const ended = await runGuarded(steps, login);
+    assert.equal(ended.asked, '');
+    assert.deepEqual(ended.left, [], steps);
+  }
 });
