@@ -4,9 +4,9 @@
 // once the job has begun, then "done" when the run has ended the job itself; the pipe's end after "armed" without
 // "done" means the run died, and the shell then ends the job with `virsh domjobabort` and removes its socket. It is
 // spawned while libvirt begins the job (a spawn holds the event loop 8 to 15 ms, which then delays nothing), and
-// armed the moment the job runs. Guarantees: a run that ends its job itself (whether it succeeded or failed), or dies before its job
-// began, leaves the domain's jobs alone; one sh process per run, no cost on the copy's path; a login given to the
-// run is the guard's too, and on disk only while the guard runs.
+// armed the moment the job runs. Guarantees: a run that ends its job itself (whether it succeeded or failed), or
+// dies before its job began, leaves the domain's jobs alone; one sh process per run, no cost on the copy's path; a
+// login given to the run is the guard's too, and on disk only while the guard runs.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';

@@ -54,17 +54,25 @@ function sizeClass(length: number): number {
 }
 
 /** Process-wide pools by slab size, with the slabs their leases ask to keep: the sum over running leases. */
-const sharedPools = new Map<number, { pool: BufferPool; leased: number; largest: number }>();
+const sharedPools = new Map<number, { pool: BufferPool; leased: number; largest: number; idle?: NodeJS.Timeout }>();
+
+/**
+ * How long a shared pool keeps its free slabs once no lease runs: long enough for the next disk of a run, whose
+ * extents may take seconds to plan; then a program using the engine as a library lets the GC have them.
+ */
+const IDLE_KEEP_MS = 10_000;
 
 /**
  * A pool of `slabSize` slabs shared by the process's users, which keeps `keep` more free slabs while the lease runs:
  * users one after another (the disks of a run) reuse the same slabs, where pools of their own were freed by the
- * GC only late (four disks in turn peaked 50 MB above one). Once no lease runs, it keeps the largest lease's number.
+ * GC only late (four disks in turn peaked 50 MB above one). Once no lease runs, it keeps the largest lease's number
+ * for `idleKeepMs`, then none.
  */
-export function leasePool(slabSize: number, keep: number): { pool: BufferPool; end(): void } {
+export function leasePool(slabSize: number, keep: number, idleKeepMs = IDLE_KEEP_MS): { pool: BufferPool; end(): void } {
   let shared = sharedPools.get(slabSize);
   if (!shared) sharedPools.set(slabSize, (shared = { pool: new BufferPool(slabSize, 0), leased: 0, largest: 0 }));
   const entry = shared;
+  clearTimeout(entry.idle);
   entry.leased += keep;
   entry.largest = Math.max(entry.largest, keep);
   entry.pool.setKeep(Math.max(entry.leased, entry.largest));
@@ -76,6 +84,9 @@ export function leasePool(slabSize: number, keep: number): { pool: BufferPool; e
       ended = true;
       entry.leased -= keep;
       entry.pool.setKeep(Math.max(entry.leased, entry.largest));
+      if (entry.leased > 0) return;
+      entry.idle = setTimeout(() => entry.pool.setKeep(0), idleKeepMs);
+      entry.idle.unref();
     },
   };
 }

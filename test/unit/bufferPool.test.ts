@@ -84,3 +84,22 @@ test('leases of a shared pool: the next user gets the slabs the last one release
   const kept = new Set(more.map((b) => b.buffer));
   assert.deepEqual([0, 1, 2, 3].map(() => kept.has(alone.pool.acquire(size).buffer)), [true, true, true, false]);
 });
+
+test('a shared pool with no lease running gives its free slabs back after a while', async () => {
+  const size = 3 * 1024 * 1024 + 8192; // a slab size no other test or module leases
+  const lease = leasePool(size, 2, 200);
+  const slabs = [lease.pool.acquire(size), lease.pool.acquire(size)];
+  for (const slab of slabs) lease.pool.release(slab);
+  lease.end();
+  // At once, the next lease still finds them...
+  const soon = leasePool(size, 2, 200);
+  const again = soon.pool.acquire(size);
+  assert.ok(slabs.some((slab) => slab.buffer === again.buffer), 'the slabs were dropped at once');
+  soon.pool.release(again);
+  soon.end();
+  // ...once the idle time has passed, nothing is kept.
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  const later = leasePool(size, 2, 200);
+  assert.ok(slabs.every((slab) => slab.buffer !== later.pool.acquire(size).buffer), 'slabs kept while no lease ran');
+  later.end();
+});
