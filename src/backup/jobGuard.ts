@@ -14,6 +14,9 @@ import path from 'node:path';
 import type { LibvirtLogin } from '../libvirt/connection.js';
 import { shellQuote } from '../libvirt/domainHost.js';
 
+/** A tmpfs every Linux system mounts, where the guard's auth.conf stays off the disks. */
+const SHARED_MEMORY = '/dev/shm';
+
 export interface JobGuard {
   /** The job has begun: from now on, the run's death ends it. */
   arm(): void;
@@ -56,10 +59,14 @@ export function guardJob(uri: string, domain: string, socket: string | undefined
   };
 }
 
-/** A libvirt auth.conf with `login` for any host, in a new directory of mode 0700; undefined where a line break would garble it. */
+/**
+ * A libvirt auth.conf with `login` for any host, in a new directory of mode 0700; undefined where a line break would
+ * garble it. In memory (/dev/shm) unless TMPDIR says where: a password should not reach a disk.
+ */
 function writeAuthFile(login: LibvirtLogin): string | undefined {
   if (/[\r\n]/.test(login.user + login.password)) return undefined;
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'virtnbd-guard-'));
+  const base = process.env.TMPDIR || !fs.existsSync(SHARED_MEMORY) ? os.tmpdir() : SHARED_MEMORY;
+  const dir = fs.mkdtempSync(path.join(base, 'virtnbd-guard-'));
   const conf = `[credentials-virtnbd]\nauthname=${login.user}\npassword=${login.password}\n\n[auth-libvirt-default]\ncredentials=virtnbd\n`;
   fs.writeFileSync(path.join(dir, 'auth.conf'), conf, { mode: 0o600 });
   return dir;
