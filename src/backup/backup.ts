@@ -15,7 +15,7 @@ import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpoin
 import type { CheckpointPlan, JobServer, Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
-import { DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
+import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
@@ -210,7 +210,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   let succeeded = false;
   let conn: LibvirtConnection | undefined;
   try {
-    const connection = await openLibvirt(uri, options.login, options.nbdTimeout ?? DEFAULT_NBD_TIMEOUT);
+    const connection = await openLibvirt(uri, options.login, options.nbdTimeout);
     conn = connection;
     const domain = await lookupDomain(connection, options.domain, uri);
     const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);

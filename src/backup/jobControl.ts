@@ -4,7 +4,6 @@ import fs from 'node:fs/promises';
 import { VIR_DOMAIN_JOB_OPERATION_BACKUP, type LibvirtDomain } from '../native/addon.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { waitForJobTeardown } from '../libvirt/backupJob.js';
-import { DEFAULT_NBD_TIMEOUT } from '../endpoint/nbd.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 
@@ -30,7 +29,7 @@ export interface EndJobOptions {
 export async function endBackupJob(options: EndJobOptions): Promise<void> {
   const log = options.log ?? silentLogger;
   const uri = options.uri ?? DEFAULT_LIBVIRT_URI;
-  const conn = await openLibvirt(uri, options.login, options.nbdTimeout ?? DEFAULT_NBD_TIMEOUT);
+  const conn = await openLibvirt(uri, options.login, options.nbdTimeout);
   try {
     const domain = await lookupDomain(conn, options.domain, uri);
     const job = await domain.getJobType();

@@ -1,6 +1,7 @@
 // Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do.
 import { native, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_UNAVAILABLE, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { UserError, oneLine } from '../util/errors.js';
+import { DEFAULT_NBD_TIMEOUT } from '../endpoint/nbd.js';
 import { LOCAL_HOST, domainHostOf, keepalivesFor } from './domainHost.js';
 
 /** The libvirt URI every command uses without -U, as virtnbdbackup does: this host's system daemon. */
@@ -16,12 +17,12 @@ export interface LibvirtLogin {
 const AUTH_ERRORS = new Set([VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_UNAVAILABLE]);
 
 /**
- * Opens libvirt at `uri`, logging in with `login` when given; one line saying what to do when it cannot. With
- * `silentSeconds`, the open gives up once the daemon (or its host) answered nothing for that long, and libvirt's
- * keepalives then close the connection after as long a silence, so that the calls waiting on it fail
+ * Opens libvirt at `uri`, logging in with `login` when given; one line saying what to do when it cannot. The open
+ * gives up once the daemon (or its host) answered nothing for `silentSeconds` (--nbd-timeout; 0 waits for ever),
+ * and libvirt's keepalives then close the connection after as long a silence, so that the calls waiting on it fail
  * (lostConnectionError) in place of waiting for ever.
  */
-export async function openLibvirt(uri: string, login?: LibvirtLogin, silentSeconds?: number): Promise<LibvirtConnection> {
+export async function openLibvirt(uri: string, login?: LibvirtLogin, silentSeconds = DEFAULT_NBD_TIMEOUT): Promise<LibvirtConnection> {
   try {
     return await openConnection(uri, login, silentSeconds);
   } catch (err) {
@@ -38,10 +39,10 @@ export class NoAnswerError extends Error {}
  * waits for ever on a daemon that accepts and never answers (a hung libvirtd). Its thread stays blocked then, but
  * keeps the process alive no longer; a connection that opens after all is closed.
  */
-export async function openConnection(uri: string, login: LibvirtLogin | undefined, silentSeconds: number | undefined): Promise<LibvirtConnection> {
+export async function openConnection(uri: string, login?: LibvirtLogin, silentSeconds = DEFAULT_NBD_TIMEOUT): Promise<LibvirtConnection> {
   const keepalives = keepalivesFor(silentSeconds);
   const opening = native().libvirtOpen(uri, login?.user, login?.password, keepalives?.interval, keepalives?.count);
-  if (!keepalives || silentSeconds === undefined) return opening;
+  if (!keepalives) return opening;
   let timer: NodeJS.Timeout | undefined;
   const silence = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new NoAnswerError(`libvirtd at ${uri} answered nothing for ${silentSeconds} s (hung, or its host unreachable?)`)), silentSeconds * 1000);

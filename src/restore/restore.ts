@@ -14,7 +14,7 @@
 // failed restore into a directory leaves nothing of that disk behind. Only -D needs libvirtd.
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { DEFAULT_NBD_TIMEOUT, NbdEndpoint } from '../endpoint/nbd.js';
+import { NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
@@ -181,7 +181,7 @@ async function savedNvram(xml: string, plan: RestorePlan, outputDir: string): Pr
 }
 
 /** -D never replaces an existing domain: refuses a name that is taken. */
-async function checkNameFree(uri: string, login: LibvirtLogin | undefined, name: string, silentSeconds = DEFAULT_NBD_TIMEOUT): Promise<void> {
+async function checkNameFree(uri: string, login: LibvirtLogin | undefined, name: string, silentSeconds?: number): Promise<void> {
   const connection = await openLibvirt(uri, login, silentSeconds);
   try {
     await refuseTakenName(connection, uri, name);
@@ -202,7 +202,7 @@ async function refuseTakenName(connection: LibvirtConnection, uri: string, name:
  * Defines the restored domain (-D) on a connection of its own, checking again that its name is free; with
  * `autostart`, it starts with the host. Every failure says that the images and the XML at `xmlFile` are in place.
  */
-async function defineRestored(uri: string, login: LibvirtLogin | undefined, adjusted: NonNullable<ConfigPlan['adjusted']>, xmlFile: string, autostart: boolean, log: Logger, silentSeconds = DEFAULT_NBD_TIMEOUT): Promise<void> {
+async function defineRestored(uri: string, login: LibvirtLogin | undefined, adjusted: NonNullable<ConfigPlan['adjusted']>, xmlFile: string, autostart: boolean, log: Logger, silentSeconds?: number): Promise<void> {
   const inPlace = `the restored images and ${xmlFile} are in place`;
   const defineByHand = `'virsh define ${xmlFile}'${autostart ? ` and 'virsh autostart ${adjusted.name}'` : ''}`;
   let connection: LibvirtConnection;
