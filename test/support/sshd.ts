@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { run, withTempDir } from './testbed.js';
+import { run, tempDir, withTempDir } from './testbed.js';
 import { accepts } from '../../src/util/process.js';
 
 export interface PrivateSshd {
@@ -33,7 +33,9 @@ export async function freePort(): Promise<number> {
 }
 
 export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
-  const dir = await withTempDir(t, 'sshd-');
+  // Removed once the server has exited, not before: it writes its log there until then (an rm racing it failed on
+  // the directory, not empty).
+  const dir = await tempDir('sshd-');
   await fs.chmod(dir, 0o700);
   const keyfile = path.join(dir, 'id');
   await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'host_key')]);
@@ -61,6 +63,7 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
     sshd.ref(); // so that its exit, awaited here, keeps the event loop going
     sshd.kill();
     await exited;
+    await fs.rm(dir, { recursive: true, force: true });
   });
   for (let i = 0; i < 100 && !(await accepts({ host: '127.0.0.1', port })); i++) {
     if (sshd.exitCode !== null) break;
