@@ -9,11 +9,14 @@ export const CONTEXT_ALLOCATION = 'base:allocation';
 
 /**
  * Size of the read requests the copy loops send to a source (a QEMU NBD export). QEMU allocates a buffer per
- * request; at 1 MiB or more glibc maps each one fresh and QEMU faults in every page it serves (650 000 faults and
- * about 0.8 CPU-s for 2.5 GiB), while at 512 KiB it mostly reuses its heap. A full stream of 2.5 GiB went from
- * 2.8-3.2 s to 2.3-2.5 s, a raw image (-t raw, 4 MiB reads before) from 5.7-6.0 s to 4.4-4.9 s.
+ * request from glibc's heap, which it gives back to the kernel (brk) once about 2 MiB lie free at its top, and
+ * then faults the pages in again. Up to four pieces are read at once: four 512 KiB buffers passed that line, so
+ * once a first job had left QEMU's heap bare, every later run cost QEMU 110 000 to 125 000 faults and 2 CPU-s
+ * more, and a full stream of 2.5 GiB took 4.9 to 5.8 s in place of 3.3 to 3.4 s; four of 256 KiB stay below it
+ * (measured alternately on one domain, 2026-11-28). At 1 MiB or more glibc maps each buffer fresh. 128 KiB
+ * costs QEMU more per byte.
  */
-export const READ_REQUEST_SIZE = 512 * 1024;
+export const READ_REQUEST_SIZE = 256 * 1024;
 
 /** What readSummed computes besides reading. */
 export interface ReadSums {

@@ -52,7 +52,7 @@ export interface StreamWriteResult {
 /**
  * Bytes of source data in flight at most (reads issued but not yet written). Measured with direct-I/O data files:
  * 1 MiB reads in a 12 MiB window beat 4 MiB reads in 16 or 32 MiB (2.5 s against 3.3 s for 2.5 GiB): more
- * requests in flight, fewer bytes waiting; READ_REQUEST_SIZE has since gone down to 512 KiB. Pieces read whole on
+ * requests in flight, fewer bytes waiting; READ_REQUEST_SIZE has since gone down to 256 KiB. Pieces read whole on
  * one connection each (readSummed) get one piece more: 16 MiB ran 2.35 to 2.45 s where 12 MiB ran 2.2 to 2.9 s.
  */
 const WINDOW_BYTES = 12 * 1024 * 1024;
