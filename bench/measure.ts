@@ -16,6 +16,8 @@ export interface Measurement {
   machineBusy: number;
   /** CPU time the serving process (the domain's QEMU, NBD server side) used during the run; 0 when none was named. */
   serverCpuSeconds: number;
+  /** Page faults the serving process took during the run (minor ones: QEMU's heap given back and touched again). */
+  serverFaults: number;
   /** Share of the cores' time the hypervisor gave to others during the run (steal, 0..1): a noisy host shows here. */
   stealShare: number;
 }
@@ -41,12 +43,12 @@ export async function measure(statFile: string, command: string, args: readonly 
   // Otherwise the write-back of the previous tool's output would be charged to this one.
   await run('sync', []);
   const before = await readCpuJiffies();
-  const serverBefore = extras.serverPid ? await readProcessTicks(extras.serverPid) : 0;
+  const serverBefore = extras.serverPid ? await readProcessCounts(extras.serverPid) : NO_COUNTS;
   const start = process.hrtime.bigint();
   await run(GNU_TIME, ['-f', '%U %S %M', '-o', statFile, command, ...args]);
   await extras.settled?.();
   const wallSeconds = Number(process.hrtime.bigint() - start) / 1e9;
-  const serverAfter = extras.serverPid ? await readProcessTicks(extras.serverPid) : 0;
+  const serverAfter = extras.serverPid ? await readProcessCounts(extras.serverPid) : NO_COUNTS;
   const after = await readCpuJiffies();
   // GNU time may put a "Command exited with ..." line first; the figures are on the last line.
   const last = (await fs.readFile(statFile, 'utf8')).trim().split('\n').at(-1) ?? '';
@@ -61,17 +63,20 @@ export async function measure(statFile: string, command: string, args: readonly 
     cpuSeconds: user + sys,
     peakRssBytes: maxRssKiB * 1024,
     machineBusy: total > 0 ? (after.busy - before.busy) / total : 0,
-    serverCpuSeconds: (serverAfter - serverBefore) / USER_HZ,
+    serverCpuSeconds: (serverAfter.ticks - serverBefore.ticks) / USER_HZ,
+    serverFaults: serverAfter.minorFaults - serverBefore.minorFaults,
     stealShare: total + stolen > 0 ? stolen / (total + stolen) : 0,
   };
 }
 
-/** utime + stime of a process, in ticks. */
-async function readProcessTicks(pid: number): Promise<number> {
+const NO_COUNTS = { ticks: 0, minorFaults: 0 };
+
+/** utime + stime of a process, in ticks, and its minor page faults. */
+async function readProcessCounts(pid: number): Promise<{ ticks: number; minorFaults: number }> {
   const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-  // Fields after "pid (comm) ": state is the 3rd field of the line, utime the 14th, stime the 15th.
+  // Fields after "pid (comm) ": state is the 3rd field of the line, minflt the 10th, utime the 14th, stime the 15th.
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return Number(fields[11]) + Number(fields[12]);
+  return { ticks: Number(fields[11]) + Number(fields[12]), minorFaults: Number(fields[7]) };
 }
 
 /** Jiffies of all cores from /proc/stat; idle and iowait count as not busy, steal is apart. */
@@ -98,6 +103,7 @@ export function medianMeasurement(runs: readonly Measurement[]): Measurement {
     peakRssBytes: median(runs.map((r) => r.peakRssBytes)),
     machineBusy: median(runs.map((r) => r.machineBusy)),
     serverCpuSeconds: median(runs.map((r) => r.serverCpuSeconds)),
+    serverFaults: median(runs.map((r) => r.serverFaults)),
     stealShare: median(runs.map((r) => r.stealShare)),
   };
 }

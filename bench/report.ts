@@ -87,6 +87,18 @@ export class Results {
     return `${label}, ours' copy alone, share of its time with ${parts.join(', ')}; its final fsync took ${syncSeconds.toFixed(2)} s of ${spanSeconds.toFixed(2)} s (for context)`;
   }
 
+  /**
+   * The serving QEMU's page faults per run (median), for each tool that read its export: many mean QEMU's heap gave
+   * its request buffers back to the kernel and touched them again, a cost that shows as QEMU's CPU and the copy's time.
+   */
+  private faultLine(caseKey: string, label: string): string | undefined {
+    const tools = [TOOL.ours, TOOL.oursCopyOnly, TOOL.nbdcopyFile].flatMap((tool) => {
+      const m = this.median(caseKey, tool);
+      return m ? [`${tool} ${Math.round(m.serverFaults)}`] : [];
+    });
+    return tools.length ? `${label}: QEMU's page faults while serving, median per run: ${tools.join(', ')} (for context)` : undefined;
+  }
+
   median(caseKey: string, tool: ToolLabel): Measurement | undefined {
     const row = this.rows.find((r) => r.info.key === caseKey && r.tool === tool);
     return row ? medianMeasurement(row.runs) : undefined;
@@ -126,6 +138,8 @@ export class Results {
     }
     const stages = this.stageLine(caseKey, label);
     if (stages) lines.push(stages);
+    const faults = this.faultLine(caseKey, label);
+    if (faults) lines.push(faults);
     const stored = this.stored.get(caseKey);
     if (stored) lines.push(`${label}: ours' data file holds ${(stored.storedBytes / MB).toFixed(0)} MB for ${(stored.dataBytes / MB).toFixed(0)} MB of data (${(100 * stored.storedBytes / stored.dataBytes).toFixed(0)} %; for context)`);
     return lines;
@@ -166,6 +180,8 @@ export class Results {
     if (diskFloor !== undefined) lines.push(`full stream, ours' copy alone: ${diskFloor.toFixed(2)} × ours' sink alone writing as many random bytes from memory (the disk's floor for ours' writes; for context)`);
     const fullStages = this.stageLine('full', 'full stream');
     if (fullStages) lines.push(fullStages);
+    const fullFaults = this.faultLine('full', 'full stream');
+    if (fullFaults) lines.push(fullFaults);
     versus('full stream', this.ratio('full', TOOL.ours, TOOL.python), '× Python', 0.4);
     lines.push(...this.compressedLines('full-z', 'full -z'));
     lines.push(...this.compressedLines('files-z', 'full -z, system files'));
