@@ -6,7 +6,8 @@
 // spawned while libvirt begins the job (a spawn holds the event loop 8 to 15 ms, which then delays nothing), and
 // armed the moment the job runs. Guarantees: a run that ends its job itself (whether it succeeded or failed), or
 // dies before its job began, leaves the domain's jobs alone; one sh process per run, no cost on the copy's path; a
-// login given to the run is the guard's too, and on disk only while the guard runs.
+// login given to the run is the guard's too, held in an unlinked file only the guard has open: no name on any file
+// system once the guard has started, and nothing left behind however the guard ends (kill -9 included).
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -24,50 +25,66 @@ export interface JobGuard {
   release(): Promise<void>;
 }
 
+/** The guard's descriptor for its auth.conf: virsh opens it again as /dev/fd/3 (libvirt reads no pipe there). */
+const AUTH_FD = 3;
+
 /**
  * The job's guard. With the run's `login` (--user/--password), which virsh takes on no command line, the guard's
- * virsh reads it from an auth.conf of its own in a directory only this user can enter, removed as the guard exits.
+ * virsh reads it from an auth.conf the guard holds open as descriptor 3, whose name is removed once the guard has it.
  */
 export function guardJob(uri: string, domain: string, socket: string | undefined, login?: LibvirtLogin): JobGuard {
-  const authDir = login ? writeAuthFile(login) : undefined;
-  const auth = authDir ? `LIBVIRT_AUTH_FILE=${shellQuote(path.join(authDir, 'auth.conf'))} ` : '';
+  const authFd = login ? openAuthFile(login) : undefined;
+  const auth = authFd === undefined ? '' : `LIBVIRT_AUTH_FILE=/dev/fd/${AUTH_FD} `;
   const end = `${auth}virsh -q -c ${shellQuote(uri)} domjobabort ${shellQuote(domain)}${socket ? `; rm -f ${shellQuote(socket)}` : ''}`;
-  const forget = authDir ? `; rm -rf ${shellQuote(authDir)}` : '';
-  const script = `trap '' INT HUP TERM QUIT; read -r word; if [ "$word" = armed ]; then read -r word; [ "$word" = done ] || { ${end}; } >/dev/null 2>&1; fi${forget}`;
-  const child = spawn('sh', ['-c', script], { detached: true, stdio: ['pipe', 'ignore', 'ignore'] });
+  const script = `trap '' INT HUP TERM QUIT; read -r word; if [ "$word" = armed ]; then read -r word; [ "$word" = done ] || { ${end}; } >/dev/null 2>&1; fi`;
+  const stdio: Array<'pipe' | 'ignore' | number> = ['pipe', 'ignore', 'ignore'];
+  if (authFd !== undefined) stdio[AUTH_FD] = authFd;
+  let child: ReturnType<typeof spawn>;
+  try {
+    child = spawn('sh', ['-c', script], { detached: true, stdio });
+  } finally {
+    // The guard has its own copy now (or none: no sh); the run keeps no handle on the login.
+    if (authFd !== undefined) fs.closeSync(authFd);
+  }
   const exited = new Promise<void>((resolve) => {
     child.once('exit', () => resolve());
     child.once('error', () => resolve()); // no sh: nothing to guard with
   });
-  child.stdin.on('error', () => undefined);
+  const input = child.stdin!;
+  input.on('error', () => undefined);
   // Neither the guard nor its pipe keeps the run's event loop alive while the run works...
-  const pipe = child.stdin as unknown as { ref(): void; unref(): void };
+  const pipe = input as unknown as { ref(): void; unref(): void };
   child.unref();
   pipe.unref();
   return {
     arm: () => {
-      child.stdin.write('armed\n');
+      input.write('armed\n');
     },
     release: () => {
       // ...but its exit does once the run waits for it.
       child.ref();
       pipe.ref();
-      child.stdin.end('done\n');
-      // The guard removes its auth.conf; so does the run, where the guard never started.
-      return exited.then(() => { if (authDir) fs.rmSync(authDir, { recursive: true, force: true }); });
+      input.end('done\n');
+      return exited;
     },
   };
 }
 
 /**
- * A libvirt auth.conf with `login` for any host, in a new directory of mode 0700; undefined where a line break would
- * garble it. In memory (/dev/shm) unless TMPDIR says where: a password should not reach a disk.
+ * A libvirt auth.conf with `login` for any host, open for reading, its name already removed; undefined where a
+ * line break would garble it. Written in a new directory of mode 0700, in memory (/dev/shm) unless TMPDIR says
+ * where: a password should not reach a disk.
  */
-function writeAuthFile(login: LibvirtLogin): string | undefined {
+function openAuthFile(login: LibvirtLogin): number | undefined {
   if (/[\r\n]/.test(login.user + login.password)) return undefined;
   const base = process.env.TMPDIR || !fs.existsSync(SHARED_MEMORY) ? os.tmpdir() : SHARED_MEMORY;
   const dir = fs.mkdtempSync(path.join(base, 'virtnbd-guard-'));
-  const conf = `[credentials-virtnbd]\nauthname=${login.user}\npassword=${login.password}\n\n[auth-libvirt-default]\ncredentials=virtnbd\n`;
-  fs.writeFileSync(path.join(dir, 'auth.conf'), conf, { mode: 0o600 });
-  return dir;
+  try {
+    const file = path.join(dir, 'auth.conf');
+    const conf = `[credentials-virtnbd]\nauthname=${login.user}\npassword=${login.password}\n\n[auth-libvirt-default]\ncredentials=virtnbd\n`;
+    fs.writeFileSync(file, conf, { mode: 0o600 });
+    return fs.openSync(file, 'r');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 }

@@ -1,7 +1,7 @@
 // The job guard's word on a run's death, with a fake virsh on PATH that records what it was asked: a run that dies
 // after its job began has the job ended; one that dies before the job began, or ended its job itself, leaves the
-// domain's jobs alone (another tool's job there must survive). A run's login reaches the guard's virsh, and its
-// auth.conf is gone once the guard is.
+// domain's jobs alone (another tool's job there must survive). A run's login reaches the guard's virsh from a file
+// whose name is gone as soon as the guard has started, so that nothing is left however the guard ends.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -18,6 +18,8 @@ interface Guarded {
   asked: string;
   /** The auth.conf the fake virsh was given, lines joined by spaces. */
   auth: string;
+  /** Files in the temporary directory just after the guard started, while it runs. */
+  whileGuarding: string[];
   /** Files the guard left in its temporary directory, once it is gone. */
   left: string[];
 }
@@ -37,8 +39,11 @@ async function runGuarded(steps: string, login = 'undefined'): Promise<Guarded> 
       `[ -z "$LIBVIRT_AUTH_FILE" ] || tr '\\n' ' ' < "$LIBVIRT_AUTH_FILE" > ${JSON.stringify(authCopy)}`,
       `echo "$@" >> ${JSON.stringify(record)}`, '',
     ].join('\n'), { mode: 0o755 });
+    const whileGuarding = path.join(dir, 'while-guarding');
     const script = `import { guardJob } from ${JSON.stringify(jobGuard)};
+      import fs from 'node:fs';
       const guard = guardJob('qemu:///system', 'dom', ${JSON.stringify(socket)}, ${login});
+      fs.writeFileSync(${JSON.stringify(whileGuarding)}, JSON.stringify(fs.readdirSync(${JSON.stringify(tmp)})));
       ${steps}
       process.exit(0);`;
     const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
@@ -57,7 +62,10 @@ async function runGuarded(steps: string, login = 'undefined'): Promise<Guarded> 
       left = await fs.readdir(tmp);
     }
     const socketGone = await fs.access(socket).then(() => '', () => ' (socket removed)');
-    return { asked: asked ? `${asked.trim()}${socketGone}` : '', auth: (await fs.readFile(authCopy, 'utf8').catch(() => '')).trim(), left };
+    return {
+      asked: asked ? `${asked.trim()}${socketGone}` : '', auth: (await fs.readFile(authCopy, 'utf8').catch(() => '')).trim(),
+      whileGuarding: JSON.parse(await fs.readFile(whileGuarding, 'utf8')) as string[], left,
+    };
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
   }
@@ -78,15 +86,18 @@ test('a run that ended its job itself leaves the domain\'s jobs alone, armed or 
   assert.equal((await runGuarded('await guard.release();')).asked, '');
 });
 
-test('the run\'s login reaches the guard\'s virsh in an auth.conf, removed once the guard is done, whichever way', async () => {
+test('the run\'s login reaches the guard\'s virsh in an auth.conf whose name is gone while the guard runs, whichever way it ends', async () => {
   const login = `{ user: 'backup', password: 'secret pw' }`;
   const died = await runGuarded('guard.arm();', login);
   assert.equal(died.asked, '-q -c qemu:///system domjobabort dom (socket removed)');
   assert.equal(died.auth, '[credentials-virtnbd] authname=backup password=secret pw  [auth-libvirt-default] credentials=virtnbd');
+  // Nothing to leave behind even should the guard be killed: the file has no name from its start.
+  assert.deepEqual(died.whileGuarding, []);
   assert.deepEqual(died.left, []);
   for (const steps of ['guard.arm(); await guard.release();', '', 'await guard.release();']) {
     const ended = await runGuarded(steps, login);
     assert.equal(ended.asked, '');
+    assert.deepEqual(ended.whileGuarding, [], steps);
     assert.deepEqual(ended.left, [], steps);
   }
 });
