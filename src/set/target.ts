@@ -7,6 +7,7 @@ import { constants as fsConstants } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { native } from '../native/addon.js';
+import { makeDirectory } from '../util/fileIo.js';
 import { traced } from '../util/stageTrace.js';
 
 export interface Sink {
@@ -348,7 +349,7 @@ export class DirectoryTarget implements OutputTarget {
 
   async writeFile(name: string, content: string | Buffer): Promise<void> {
     const final = this.pathOf(name);
-    await fs.mkdir(path.dirname(final), { recursive: true });
+    await makeDirectory(path.dirname(final));
     const partial = `${final}.partial`;
     await fs.writeFile(partial, content);
     await fs.rename(partial, final);

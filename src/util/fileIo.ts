@@ -4,19 +4,35 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 
+/** Whether `file` is a directory, following symbolic links. */
+async function isDirectory(file: string): Promise<boolean> {
+  return fs.stat(file).then((st) => st.isDirectory(), () => false);
+}
+
 /**
- * mkdir -p that rejects with the real cause: Node's recursive mkdir reports ENOENT where the file system is
- * read-only, so the first missing directory is made once more on its own, which fails with EROFS (or EACCES).
+ * mkdir -p, one directory at a time from the nearest one there, rejecting with the real cause. Not Node's recursive
+ * mkdir: it turns over forever at 100 % CPU where a directory is there but takes no new entry with ENOENT (a
+ * dangling symlink, such as a mount point's link with the disk gone, or a path in /proc), and it reports ENOENT
+ * where the file system is read-only (EROFS) or closed to this user (EACCES).
  */
 export async function makeDirectory(dir: string): Promise<void> {
-  try {
-    await fs.mkdir(dir, { recursive: true });
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-    let missing = path.resolve(dir);
-    while (!(await fs.stat(path.dirname(missing)).then(() => true, () => false))) missing = path.dirname(missing);
-    await fs.mkdir(missing);
-    throw err;
+  const missing: string[] = [];
+  for (let at = path.resolve(dir); !(await isDirectory(at)); at = path.dirname(at)) {
+    missing.unshift(at);
+    if (path.dirname(at) === at) break;
+  }
+  for (const one of missing) {
+    try {
+      await fs.mkdir(one);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST' && (await isDirectory(one))) continue; // made meanwhile by another run
+      const link = await fs.readlink(one).catch(() => undefined);
+      if (link !== undefined) throw new Error(`${one} is a symbolic link to ${link}, which is not there; mount or create its target, or choose another directory`);
+      if (code === 'ENOENT') throw new Error(`${path.dirname(one)} takes no new directories; choose another directory`);
+      if (code === 'EEXIST') throw new Error(`${one} is there but is not a directory; choose another directory`);
+      throw err;
+    }
   }
 }
 

@@ -94,7 +94,7 @@ test('inc or diff without a full backup, and full into a used set, are refused',
   assert.ok(before.equals(await fs.readFile(path.join(out, 'vda.full.data'))), 'existing backup was touched');
 });
 
-test('an output that cannot hold a set: a file, a read-only file system; -w 0; a missing --scratchdir; every disk left out: one line each, before any job', async (t) => {
+test('an output that cannot hold a set: a file, a read-only file system, under a dangling symlink; -w 0; a missing --scratchdir; every disk left out: one line each, before any job', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
   const work = await tempDir('vnbd-badout-');
   const readOnly = path.join(work, 'ro');
@@ -105,7 +105,11 @@ test('an output that cannot hold a set: a file, a read-only file system; -w 0; a
     await fs.rm(work, { recursive: true, force: true });
   });
   await fs.writeFile(path.join(work, 'afile'), 'x');
+  // A mount point's link with its disk gone: Node's recursive mkdir turns over for ever there.
+  await fs.symlink(path.join(work, 'unmounted', 'nas'), path.join(work, 'dangling'));
+  const dangling = /cannot create output directory \S+\/dangling\/\w+: \S+\/dangling is a symbolic link to \S+\/unmounted\/nas, which is not there; mount or create its target, or choose another directory$/;
   const cases: Array<[string, string[], RegExp]> = [
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-o', path.join(work, 'dangling', 'set')], dangling],
     ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-o', path.join(work, 'afile')], /-o \S+\/afile is not a directory: give a directory for the set, or - for a zip on standard output$/],
     // Node's own mkdir says ENOENT here; the line gives the real cause.
     ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-o', path.join(readOnly, 'set')], /cannot create output directory \S+\/ro\/set: read-only file system; choose another output directory \(EROFS\)$/],
@@ -128,6 +132,9 @@ test('an output that cannot hold a set: a file, a read-only file system; -w 0; a
   const restore = await runCli(ourBin('virtnbdrestore'), ['-n', '-i', set, '-o', path.join(readOnly, 'out')]);
   assert.equal(restore.code, 1, restore.stderr);
   assert.match(restore.stderr.trim(), /^virtnbdrestore: error: cannot create output directory \S+\/ro\/out: read-only file system; choose another output directory \(EROFS\)$/);
+  const underLink = await runCli(ourBin('virtnbdrestore'), ['-n', '-i', set, '-o', path.join(work, 'dangling', 'out')]);
+  assert.equal(underLink.code, 1, underLink.stderr);
+  assert.match(underLink.stderr.trim(), new RegExp(`^virtnbdrestore: error: ${dangling.source.slice(0, -1)}$`));
 });
 
 test('disk full in mid-backup: clear error, job ended, checkpoint removed, .partial kept, inc refuses', async (t) => {
