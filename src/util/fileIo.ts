@@ -26,11 +26,15 @@ export async function makeDirectory(dir: string): Promise<void> {
       await fs.mkdir(one);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'EEXIST' && (await isDirectory(one))) continue; // made meanwhile by another run
-      const link = await fs.readlink(one).catch(() => undefined);
-      if (link !== undefined) throw new Error(`${one} is a symbolic link to ${link}, which is not there; mount or create its target, or choose another directory`);
+      if (code === 'EEXIST') {
+        if (await isDirectory(one)) continue; // made meanwhile by another run
+        // The name is there (mkdir saw it); where stat finds nothing behind it, it is a link to nothing.
+        const dangling = await fs.stat(one).then(() => false, () => true);
+        const link = dangling ? await fs.readlink(one).catch(() => undefined) : undefined;
+        if (link !== undefined) throw new Error(`${one} is a symbolic link to ${link}, which is not there; mount or create its target, or choose another directory`);
+        throw new Error(`${one} is there but is not a directory; choose another directory`);
+      }
       if (code === 'ENOENT') throw new Error(`${path.dirname(one)} takes no new directories; choose another directory`);
-      if (code === 'EEXIST') throw new Error(`${one} is there but is not a directory; choose another directory`);
       throw err;
     }
   }

@@ -32,4 +32,7 @@ test('makeDirectory makes nested directories, takes existing ones, and says why 
   await fs.writeFile(path.join(dir, 'afile'), '');
   await assert.rejects(makeDirectory(path.join(dir, 'afile', 'set')),
     { message: `${path.join(dir, 'afile')} is there but is not a directory; choose another directory` });
+  await fs.symlink(path.join(dir, 'afile'), path.join(dir, 'tofile'));
+  await assert.rejects(makeDirectory(path.join(dir, 'tofile', 'set')),
+    { message: `${path.join(dir, 'tofile')} is there but is not a directory; choose another directory` });
 });
