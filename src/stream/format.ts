@@ -70,7 +70,8 @@ export function parseHeader(header: Buffer, where: string): FrameHeader {
   const length = text.slice(22, 38);
   if (!KINDS.has(kind) || text[4] !== ' ' || text[21] !== ' ' || text.slice(38) !== '\r\n' ||
       !HEX16.test(start) || !HEX16.test(length)) {
-    throw new StreamFormatError(`${where}: invalid frame header ${JSON.stringify(text)}`);
+    // Bytes that are no text (a damaged header) show as dots: the line stays readable.
+    throw new StreamFormatError(`${where}: invalid frame header ${JSON.stringify(text.replace(/[^\x20-\x7e\r\n]/g, '.'))}`);
   }
   return { kind: kind as FrameKind, start: parseInt(start, 16), length: parseInt(length, 16) };
 }
@@ -90,6 +91,11 @@ export function looksLikeStream(head: Buffer): boolean {
     if (fits) matching++;
   }
   return matching >= FRAME_HEADER_LENGTH - 4;
+}
+
+/** Whether the last FRAME_HEADER_LENGTH bytes of a data file are a stream's end: its `stop` frame, or a compressed one's `comp`. */
+export function looksLikeStreamEnd(tail: Buffer): boolean {
+  return /^(stop 0{16} 0{16}|comp 0{16} [0-9a-f]{16})\r\n$/.test(tail.toString('latin1'));
 }
 
 export function encodeMetadata(meta: StreamMetadata): Buffer {

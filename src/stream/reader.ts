@@ -106,7 +106,7 @@ export class StreamReader {
     try {
       const { size } = await handle.stat();
       const headerBytes = await readExactly(handle, 0, FRAME_HEADER_LENGTH, file);
-      const header = parseHeader(headerBytes, `${file} at 0`);
+      const header = parseHeader(headerBytes, `${file} at byte 0`);
       if (header.kind !== 'meta') throw new StreamFormatError(`${file}: not a backup stream (first frame is ${header.kind}, not meta)`);
       const json = await readExactly(handle, FRAME_HEADER_LENGTH, header.length, file);
       const meta = parseMetadata(json, file);

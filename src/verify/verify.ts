@@ -9,7 +9,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
-import { looksLikeStream, FRAME_HEADER_LENGTH } from '../stream/format.js';
+import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH } from '../stream/format.js';
 import { checksumFileName, digestFileName, listSet, parseDataFileName, type DataFile } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
@@ -167,13 +167,25 @@ async function fileChecksum(file: string, signal?: AbortSignal): Promise<number>
   }
 }
 
-/** Whether a data file is a stream (as opposed to a raw image), from its first bytes. */
+/** A raw image holds a whole disk, whose size QEMU keeps to a multiple of this. */
+const SECTOR = 512;
+
+/**
+ * Whether a data file is a stream, as opposed to a raw image (-t raw), which has no frames: its first bytes are a
+ * meta header (a few damaged bytes allowed), or else it ends as a stream does or has no whole disk's size. So a
+ * stream with a damaged start is read as a stream and fails naming the damage, never restored as an image of garbage.
+ */
 export async function isStreamFile(file: string): Promise<boolean> {
   const handle = await fs.open(file, 'r');
   try {
     const head = Buffer.alloc(FRAME_HEADER_LENGTH);
     const { bytesRead } = await handle.read(head, 0, FRAME_HEADER_LENGTH, 0);
-    return looksLikeStream(head.subarray(0, bytesRead));
+    if (looksLikeStream(head.subarray(0, bytesRead))) return true;
+    const { size } = await handle.stat();
+    if (size % SECTOR !== 0) return true;
+    const tail = Buffer.alloc(FRAME_HEADER_LENGTH);
+    await handle.read(tail, 0, FRAME_HEADER_LENGTH, size - FRAME_HEADER_LENGTH);
+    return looksLikeStreamEnd(tail);
   } finally {
     await handle.close();
   }

@@ -48,6 +48,11 @@ const cases: BadInput[] = [
     expect: /broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set: put it back, or restore an earlier point with --until/ },
   { name: 'a .partial left in the set', set: 'plain', damage: (d) => fs.writeFile(path.join(d, 'vda.inc.virtnbdbackup.3.data.partial'), 'x'),
     expect: /vda\.inc\.virtnbdbackup\.3\.data\.partial is left from a failed backup run; .*restore with --until an earlier checkpoint after moving the \.partial file away/ },
+  // Its head no longer says "stream", but it is no raw image (-t raw) either: it ends with a stop frame.
+  { name: 'a full whose first bytes are overwritten (restore)', set: 'plain', damage: (d) => writeAt(path.join(d, 'vda.full.data'), 0, 'garbage, not a meta frame header'),
+    expect: /vda\.full\.data at byte 0: invalid frame header "garbage, not a meta frame header.*"; the set's file vda\.full\.data is damaged or not a stream/ },
+  { name: 'an lz4 full whose first bytes are overwritten (verify)', set: 'lz4', verify: true, damage: (d) => writeAt(path.join(d, 'vda.full.data'), 0, 'garbage, not a meta frame header'),
+    expect: /^FAILED vda\.full\.data: .*invalid frame header/ },
   { name: 'a stream truncated inside its metadata', set: 'plain', damage: (d) => fs.truncate(path.join(d, INC2), 100),
     expect: /vda\.inc\.virtnbdbackup\.2\.data: unexpected end of file at byte \d+ \(truncated\); the set's file vda\.inc\.virtnbdbackup\.2\.data is damaged or not a stream/ },
   { name: 'a stream truncated inside a payload', set: 'plain', damage: async (d) => fs.truncate(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 4096),

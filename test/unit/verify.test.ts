@@ -6,7 +6,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
-import { verifyDataFile, verifySet } from '../../src/verify/verify.js';
+import { isStreamFile, verifyDataFile, verifySet } from '../../src/verify/verify.js';
 import { MemoryDisk, craftStream, flipByte } from '../support/craftedSet.js';
 
 const MiB = 1024 * 1024;
@@ -126,6 +126,30 @@ test('a missing checksum file fails; a .partial leftover fails; a raw image is c
   assert.match(verdicts[2]?.reason ?? '', /^adler32 of the file is \d+, vdc\.copy\.data\.chksum says 1$/);
   await assert.rejects(verifySet({ input: path.join(dir, 'nothing') }), /cannot read backup set directory/);
   await assert.rejects(verifySet({ input: dir, disk: 'vdz' }), /not a backup set: it holds no \*\.data files of disk vdz/);
+});
+
+test('a stream whose first bytes are damaged is still a stream (its end, or a size no disk has), never a raw image', async (t) => {
+  const dir = await craftedDir(t);
+  const plain = await craft(dir, 'vda.full.data', false);
+  const lz4 = await craft(dir, 'vdb.full.data', 2);
+  const raw = path.join(dir, 'vdc.copy.data');
+  await fs.writeFile(raw, Buffer.alloc(MiB, 0x5a));
+  assert.deepEqual(await Promise.all([plain, lz4, raw].map(isStreamFile)), [true, true, false]);
+  for (const file of [plain, lz4]) {
+    await fs.writeFile(file, 'garbage where the meta frame was', { flag: 'r+' });
+    // Cut to a whole number of sectors, ending as a stream does: only its end tells it from a raw image.
+    const { size } = await fs.stat(file);
+    const tail = (await fs.readFile(file)).subarray(size - 40);
+    const sectors = size - (size % 512);
+    await fs.truncate(file, sectors);
+    const handle = await fs.open(file, 'r+');
+    await handle.write(tail, 0, 40, sectors - 40).finally(() => handle.close());
+    assert.equal(await isStreamFile(file), true, file);
+    assert.match((await verifyDataFile(file)).reason ?? '', /invalid frame header "garbage where the meta frame wa/);
+  }
+  // A raw image whose size is no whole number of sectors cannot be one.
+  await fs.appendFile(raw, 'x');
+  assert.equal(await isStreamFile(raw), true);
 });
 
 test('-d takes the files of that disk as restore names them, not every file whose name starts with it', async (t) => {
