@@ -80,7 +80,8 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
       });
       progress.stop();
       for (const d of result.disks) log.info(`disk ${d.disk} restored to ${d.image} (${d.applied.join(', ')})`);
-      if (result.config) log.info(`domain XML written to ${result.config}${result.defined ? `, defined as '${result.defined}'` : ''}`);
+      if (result.configKept) log.info(`domain XML ${result.config} was there already: left as it was`);
+      else if (result.config) log.info(`domain XML written to ${result.config}${result.defined ? `, defined as '${result.defined}'` : ''}`);
     } finally {
       progress.stop();
     }

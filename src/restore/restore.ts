@@ -70,8 +70,10 @@ export interface RestoredDisk {
 
 export interface RestoreResult {
   disks: RestoredDisk[];
-  /** The domain XML written into the output directory (copied or adjusted). */
+  /** The domain XML written into the output directory (copied or adjusted), or found there already (configKept). */
   config?: string;
+  /** An XML of that name was in the output directory already (an earlier restore, or the set itself): left as it was. */
+  configKept?: boolean;
   /** Name of the domain defined with `define`. */
   defined?: string;
   /** The defined domain was set to start with the host, as the backed-up one did. */
@@ -119,7 +121,8 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   if (config?.nvram) await host.createNew(config.nvram.target, { localFile: config.nvram.saved });
   if (config?.target) {
     if (config.adjusted) await host.createNew(config.target, Buffer.from(config.adjusted.xml));
-    else if (!(await host.exists(config.target))) await host.createNew(config.target, { localFile: config.source });
+    else if (await host.exists(config.target)) result.configKept = true;
+    else await host.createNew(config.target, { localFile: config.source });
     result.config = config.target;
   }
   if (options.define && config?.adjusted) {

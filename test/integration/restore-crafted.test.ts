@@ -123,7 +123,7 @@ test('raw images in the set (-t raw) are copied as they are, or converted into q
   ]);
 });
 
-test('a qcow2 image with an external data file is recreated with its data file in the output directory; a damaged qcow.json is a warning', async (t) => {
+test('a qcow2 image with an external data file is recreated with its data file in the output directory; a damaged qcow.json is a warning; restored into the set itself, the set\'s domain XML is left as it is', async (t) => {
   const work = await withTempDir(t, 'vnbd-crafted-');
   const { set, refs } = await craftTwoDiskSet(work);
   const info = { 'virtual-size': 64 * MiB, format: 'qcow2', 'cluster-size': 65536, 'format-specific': { type: 'qcow2', data: { compat: '1.1', 'data-file': '/vm/web.data', 'data-file-raw': true } } };
@@ -146,6 +146,14 @@ test('a qcow2 image with an external data file is recreated with its data file i
   assert.match(damaged.stderr, /warning: \S+vda\.virtnbdbackup\.1\.qcow\.json is damaged \(.*\): disk vda's image gets qemu-img's default qcow2 layout/);
   assert.equal((await imageInfo(path.join(work, 'damaged', 'web.qcow2')))['format-specific']?.data?.['data-file'], undefined);
   await assertSame(path.join(work, 'damaged', 'web.qcow2'), refs.vda as string, 'qcow2');
+
+  // Restored into the set's own directory: the domain XML there is the set's, left as it was, and said so.
+  const own = path.join(set, 'vmconfig.virtnbdbackup.1.xml');
+  const saved = await fs.stat(own);
+  const intoSet = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', set, '-n', '-d', 'vda']);
+  assert.ok(intoSet.stderr.includes(`domain XML ${own} was there already: left as it was`), intoSet.stderr);
+  assert.equal((await fs.stat(own)).mtimeMs, saved.mtimeMs);
+  await assertSame(path.join(set, 'web.qcow2'), refs.vda as string, 'qcow2');
 });
 
 test('--compress writes compressed clusters and -A preallocates; both restore the same content', async (t) => {
