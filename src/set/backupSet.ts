@@ -115,9 +115,15 @@ export async function listSet(dir: string): Promise<SetListing> {
     throw new UserError(`cannot read backup set directory ${dir}: ${describeReadFailure(err)}`);
   }
   names.sort();
+  const dataFiles = names.map(parseDataFileName).filter((d): d is DataFile => d !== undefined);
+  // A FIFO or device would block the first read for ever (a FIFO waits for a writer) or read as anything.
+  for (const { file } of dataFiles) {
+    const stat = await fs.stat(path.join(dir, file)).catch(() => undefined);
+    if (stat && !stat.isFile()) throw new UserError(`${path.join(dir, file)} is not a regular file; a backup set's data files are files: move it out of the set`);
+  }
   return {
     dir,
-    dataFiles: names.map(parseDataFileName).filter((d): d is DataFile => d !== undefined),
+    dataFiles,
     partials: names.filter((n) => n.endsWith('.partial')),
     checkpointLists: names.filter((n) => n.endsWith('.cpt')),
   };

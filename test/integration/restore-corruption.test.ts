@@ -53,6 +53,9 @@ const cases: BadInput[] = [
     expect: /vda\.full\.data at byte 0: invalid frame header "garbage, not a meta frame header.*"; the set's file vda\.full\.data is damaged or not a stream/ },
   { name: 'an lz4 full whose first bytes are overwritten (verify)', set: 'lz4', verify: true, damage: (d) => writeAt(path.join(d, 'vda.full.data'), 0, 'garbage, not a meta frame header'),
     expect: /^FAILED vda\.full\.data: .*invalid frame header/ },
+  // A FIFO would hold the first read until a writer came, for ever.
+  { name: 'a data file that is a FIFO', set: 'plain', damage: async (d) => { await fs.rm(path.join(d, INC2)); await run('mkfifo', [path.join(d, INC2)]); },
+    expect: new RegExp(`${INC2.replace(/\./g, '\\.')} is not a regular file; a backup set's data files are files: move it out of the set$`) },
   { name: 'a stream truncated inside its metadata', set: 'plain', damage: (d) => fs.truncate(path.join(d, INC2), 100),
     expect: /vda\.inc\.virtnbdbackup\.2\.data: unexpected end of file at byte \d+ \(truncated\); the set's file vda\.inc\.virtnbdbackup\.2\.data is damaged or not a stream/ },
   { name: 'a stream truncated inside a payload', set: 'plain', damage: async (d) => fs.truncate(path.join(d, INC1), (await firstDataHeader(path.join(d, INC1))) + 4096),
