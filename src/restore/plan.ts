@@ -8,7 +8,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  checkLinks, listSet, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, checkLinks, listSet, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -97,7 +97,7 @@ interface ScannedSet {
 }
 
 /** Lists the set, refuses leftovers and non-sets, and reads the chains; raw images stand alone. */
-async function scanSet(input: string): Promise<ScannedSet> {
+async function scanSet(input: string, log: Logger): Promise<ScannedSet> {
   const listing = await listSet(input);
   if (listing.partials.length > 0) {
     const partial = path.join(input, listing.partials[0] as string);
@@ -108,7 +108,12 @@ async function scanSet(input: string): Promise<ScannedSet> {
   }
   if (listing.dataFiles.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files`);
   const cpt = listing.checkpointLists[0];
-  const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)) : [];
+  // The list only orders the incrementals, which their names (.N) order too: a damaged one need not stop a restore.
+  const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)).catch((err: unknown) => {
+    if (!(err instanceof DamagedCheckpointList)) throw err;
+    log.warn(`${err.file} is damaged (no JSON array of checkpoint names): the chain is ordered by the data files' names`);
+    return [];
+  }) : [];
   const streams: DataFile[] = [];
   const images = new Map<string, DataFile>();
   for (const f of listing.dataFiles) {
@@ -165,7 +170,7 @@ export function chainFromSequence(sequence: string[], chains: ReadonlyMap<string
 
 /** The set's chains, checked, selected by disk and cut at `until`: what a restore of every disk would apply. */
 export async function loadChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<Map<string, ChainLink[]>> {
-  const { chains, checkpoints } = await scanSet(input);
+  const { chains, checkpoints } = await scanSet(input, log);
   const selected = selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log);
   if (selected.size === 0) throw new UserError(`no backup of disk ${onlyDisk} in ${input}`);
   return selected;
@@ -346,7 +351,7 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
     throw new UserError(`-o ${output.file} is a file of the backup set ${input}: a restore would overwrite it; give a raw file, a block device or a directory outside the set`);
   }
   const resolved = { ...options, input };
-  const { chains, images, checkpoints } = selectSources(await scanSet(input), resolved, log);
+  const { chains, images, checkpoints } = selectSources(await scanSet(input, log), resolved, log);
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));

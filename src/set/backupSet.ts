@@ -96,7 +96,14 @@ export async function readCheckpointList(file: string): Promise<string[]> {
     const list: unknown = JSON.parse(text);
     if (Array.isArray(list) && list.every((x) => typeof x === 'string')) return list as string[];
   } catch { /* fall through */ }
-  throw new UserError(`${file} is not a checkpoint list (JSON array of names); restore it from a copy or start a new set with a full backup`);
+  throw new DamagedCheckpointList(file);
+}
+
+/** A `.cpt` that is no JSON array of names: a backup cannot go on from it; a restore orders by file names instead. */
+export class DamagedCheckpointList extends UserError {
+  constructor(readonly file: string) {
+    super(`${file} is not a checkpoint list (JSON array of names); restore it from a copy or start a new set with a full backup`);
+  }
 }
 
 export interface SetListing {

@@ -170,4 +170,16 @@ describe('bad input: one line, non-zero exit, nothing touched outside the output
     }
     assert.equal(await fs.access(path.join(work, 'out-not-set')).then(() => true, () => false), false);
   });
+
+  test('restore: a damaged checkpoint list (.cpt) is a warning, the chain ordered by the files\' names, and the image is exact', async () => {
+    const set = path.join(work, 'bad-cpt');
+    await run('cp', ['-a', sets.plain, set]);
+    const cpt = (await fs.readdir(set)).find((n) => n.endsWith('.cpt')) as string;
+    await fs.writeFile(path.join(set, cpt), '["virtnbdbackup.0", ');
+    const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out-bad-cpt'), '-n']);
+    assert.ok(r.stderr.includes(`warning: ${path.join(set, cpt)} is damaged (no JSON array of checkpoint names): the chain is ordered by the data files' names`), r.stderr);
+    assert.match(r.stderr, /from vda\.full\.data, vda\.inc\.virtnbdbackup\.1\.data, vda\.inc\.virtnbdbackup\.2\.data/);
+    await runOk(ourBin('virtnbdrestore'), ['-i', sets.plain, '-o', path.join(work, 'out-good-cpt'), '-n']);
+    await run('qemu-img', ['compare', '-q', path.join(work, 'out-bad-cpt', 'vda.qcow2'), path.join(work, 'out-good-cpt', 'vda.qcow2')]);
+  });
 });
