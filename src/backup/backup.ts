@@ -150,7 +150,7 @@ async function checkSet(output: string, level: Level): Promise<void> {
     return;
   }
   if (!listing.dataFiles.some((d) => d.level === 'full')) {
-    throw new UserError(`no full backup in ${output}: an ${level} backup needs one; run with -l full (or -l auto) first`);
+    throw new UserError(`no full backup in ${output}: ${level === 'inc' ? 'an' : 'a'} ${level} backup needs one; run with -l full (or -l auto) first`);
   }
   if (listing.partials.length > 0) {
     throw new UserError(`${path.join(output, listing.partials[0] as string)} is left from a failed run, so the chain in ${output} is incomplete; start a new set with -l full in an empty directory (or move the .partial away to continue the chain from its last complete backup)`);
