@@ -213,10 +213,14 @@ export async function withLogFile<T>(log: Logger, file: string | undefined, body
   }
 }
 
-/** Splits comma-separated option values (-i vda,vdb or repeated -i). */
-export function listOption(value: unknown): string[] | undefined {
+/**
+ * Splits comma-separated option values (-i vda,vdb or repeated -i). A value that names nothing (`--sequence ,`) is a
+ * wrong flag (exit 2), as an empty one is: taken as not given, it meant every disk or every file.
+ */
+export function listOption(value: unknown, flag: string): string[] | undefined {
   if (value === undefined) return undefined;
   const values = Array.isArray(value) ? value : [value];
   const out = values.flatMap((v) => String(v).split(',')).map((v) => v.trim()).filter(Boolean);
-  return out.length > 0 ? out : undefined;
+  if (out.length === 0) throw new UserError(`${flag} ${JSON.stringify(values.join(','))} names nothing: give comma-separated names`, 2);
+  return out;
 }

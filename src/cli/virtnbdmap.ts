@@ -55,7 +55,7 @@ function hexdump(bytes: Buffer): string[] {
 void runCommand('virtnbdmap', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
   await withLogFile(log, argv.logfile, async () => {
-    const files = listOption(argv.file) ?? [];
+    const files = listOption(argv.file, '-f/--file') ?? [];
     if (!Number.isInteger(argv.blocksize) || argv.blocksize < 512 || argv.blocksize > 2 ** 30) {
       throw new UserError(`-b ${argv.blocksize}: the block size must be a byte count between 512 and 1 GiB`);
     }

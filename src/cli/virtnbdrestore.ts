@@ -73,7 +73,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
     const progress = await makeProgress(argv, 'restoring');
     try {
       const result = await restore({
-        input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence), disk: argv.disk,
+        input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence, '-s/--sequence'), disk: argv.disk,
         raw: argv.raw, preallocate: argv.preallocate, compress: argv.compress, socketFile: argv.socketfile,
         adjustConfig: argv['adjust-config'], define: argv.define, name: argv.name, uri: argv.uri, login, configFile: argv['config-file'],
         nbdTimeout: argv['nbd-timeout'], ...onto, log, progress: progress.factory, signal,

@@ -49,6 +49,10 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     [ourBin('virtnbdrestore'), ['-i', '', '-o', '/nonexistent'], /^virtnbdrestore: error: -i takes a value, not an empty one; see virtnbdrestore --help$/],
     [ourBin('virtnbdmap'), ['-f', '/nonexistent', '--socket='], /^virtnbdmap: error: --socket takes a value, not an empty one; see virtnbdmap --help$/],
     [ourBin('virtnbdbackup'), ['-d', 'x', '-o', '/nonexistent', '--nbd-timeout', '-1'], /^virtnbdbackup: error: --nbd-timeout takes a number of seconds, 0 or more; see virtnbdbackup --help$/],
+    // A list that names nothing (-i "$DISKS" with DISKS=","), which went on as not given: every disk, every file.
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'full', '-o', '/nonexistent', '-i', ','], /^virtnbdbackup: error: -i\/--include "," names nothing: give comma-separated names$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--sequence', ' , '], /^virtnbdrestore: error: -s\/--sequence " , " names nothing: give comma-separated names$/],
+    [ourBin('virtnbdmap'), ['-f', ','], /^virtnbdmap: error: -f\/--file "," names nothing: give comma-separated names$/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(command, args);
