@@ -12,7 +12,7 @@ import path from 'node:path';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
 import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
-import type { CheckpointPlan, JobServer, Level } from '../libvirt/checkpoints.js';
+import { checkPrefix, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
@@ -137,6 +137,14 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
   if (options.workers !== undefined && !(Number.isInteger(options.workers) && options.workers >= 1)) {
     throw new UserError(`-w ${options.workers}: give the number of disks to back up at the same time, 1 or more`);
   }
+  // Before the output directory is made: a refused run leaves no empty set behind.
+  if (options.checkpointPrefix !== undefined) {
+    try {
+      checkPrefix(options.checkpointPrefix);
+    } catch (err) {
+      throw new UserError(oneLine(err));
+    }
+  }
 }
 
 /** Refuses what would damage the set or produce an unusable run. */
@@ -184,6 +192,9 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   // -p and -s look at the next inc: the level only picks the export (-s) and is never written.
   const level = options.printOnly ? 'inc' : await resolveLevel(options.level, stateDir, toZip, options.domain);
   checkOptions(options, level, toZip);
+  if (options.type === 'raw' && options.compress !== undefined && options.compress !== false) {
+    log.warn('-z does not apply to -t raw: the images are written uncompressed');
+  }
   if (!toZip) {
     const existing = await fs.stat(stateDir).catch(() => undefined);
     if (existing && !existing.isDirectory()) throw new UserError(`-o ${stateDir} is not a directory: give a directory for the set, or - for a zip on standard output`);

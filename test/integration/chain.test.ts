@@ -104,6 +104,11 @@ test('chains of two prefixes interleave, a foreign checkpoint is left alone, a r
   const mismatch = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', weekly, '--checkpoint-prefix', 'daily']);
   assert.equal(mismatch.code, 1);
   assert.match(mismatch.stderr, /uses checkpoint prefix 'weekly'/);
+  // A prefix that cannot name checkpoints is refused before the output directory is made.
+  const badPrefix = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, 'bad-prefix'), '--checkpoint-prefix', 'a b']);
+  assert.equal(badPrefix.code, 1);
+  assert.match(badPrefix.stderr, /checkpoint prefix 'a b' is not usable/);
+  assert.equal(await fs.access(path.join(work, 'bad-prefix')).then(() => true, () => false), false, 'a refused run made its set directory');
 
   await assertPoint(work, daily, d0, 'virtnbdbackup.0');
   await assertPoint(work, daily, d1, 'virtnbdbackup.1');
