@@ -102,6 +102,8 @@ interface ConfigPlan {
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const log = options.log ?? silentLogger;
   const adjust = Boolean(options.adjustConfig || options.define);
+  // libvirt refuses such a name only when defining, after every image is written.
+  if (options.name?.includes('/')) throw new UserError(`-N ${options.name}: a domain name cannot contain '/'; choose another name`);
   const plan = await planRestore({ ...options, log });
   const config = await planConfig(plan, options, adjust, log);
   const uri = options.uri ?? DEFAULT_LIBVIRT_URI;

@@ -86,6 +86,11 @@ describe('restore of a real domain set', () => {
     assert.equal(again.code, 1);
     assert.match(errorLines(again).join('\n'), new RegExp(`domain '${name}' already exists at ${LIBVIRT_URI}; name the restored domain with -N`));
     assert.equal(await fs.access(path.join(work, 'defined-again')).then(() => true, () => false), false);
+    // A name libvirt would refuse only when defining, after every image was written, is refused first.
+    const slash = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'bad-name'), '-n', '-D', '-N', 'bad/name']);
+    assert.equal(slash.code, 1);
+    assert.match(errorLines(slash).join('\n'), /-N bad\/name: a domain name cannot contain '\/'; choose another name/);
+    assert.equal(await fs.access(path.join(work, 'bad-name')).then(() => true, () => false), false);
   });
 
   test('restored images are thin: only written data is allocated, zeroed and trimmed ranges are not', async () => {
