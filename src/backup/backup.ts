@@ -138,13 +138,7 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
     throw new UserError(`-w ${options.workers}: give the number of disks to back up at the same time, 1 or more`);
   }
   // Before the output directory is made: a refused run leaves no empty set behind.
-  if (options.checkpointPrefix !== undefined) {
-    try {
-      checkPrefix(options.checkpointPrefix);
-    } catch (err) {
-      throw new UserError(oneLine(err));
-    }
-  }
+  if (options.checkpointPrefix !== undefined) checkPrefix(options.checkpointPrefix);
 }
 
 /** Refuses what would damage the set or produce an unusable run. */

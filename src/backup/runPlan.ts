@@ -17,7 +17,7 @@ import {
   DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, checkpointDiskSize, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
 } from '../libvirt/checkpoints.js';
 import { foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { UserError } from '../util/errors.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems, imageBitmaps } from './offline.js';
@@ -46,11 +46,7 @@ function resolvePrefix(wanted: string | undefined, chain: string[], cptFile: str
   if (own !== undefined && wanted !== undefined && wanted !== own) {
     throw new UserError(`the set's chain uses checkpoint prefix '${own}' (${cptFile}), not '${wanted}'; drop --checkpoint-prefix or use the set of that chain`);
   }
-  try {
-    return checkPrefix(own ?? wanted ?? DEFAULT_PREFIX);
-  } catch (err) {
-    throw new UserError(oneLine(err));
-  }
+  return checkPrefix(own ?? wanted ?? DEFAULT_PREFIX);
 }
 
 function planFor(level: Level, chain: string[], prefix: string): RunPlan {

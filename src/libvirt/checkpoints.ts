@@ -4,6 +4,7 @@
 //   diff: nothing created, changes since the last checkpoint      copy: nothing created, no parent
 // A chain is named by its prefix: checkpoints <prefix>.0, <prefix>.1, ...; one set holds one chain.
 import { XMLParser } from 'fast-xml-parser';
+import { UserError } from '../util/errors.js';
 
 export type Level = 'copy' | 'full' | 'inc' | 'diff';
 
@@ -18,7 +19,7 @@ const CHAIN_NAME = /^(.+)\.(\d+)$/;
 /** Throws unless `prefix` can name checkpoints and the files named after them. */
 export function checkPrefix(prefix: string): string {
   if (!PREFIX.test(prefix) || prefix.length > 64) {
-    throw new Error(`checkpoint prefix '${prefix}' is not usable: letters, digits, '_', '-' and '.', starting with a letter or digit, at most 64`);
+    throw new UserError(`checkpoint prefix '${prefix}' is not usable: letters, digits, '_', '-' and '.', starting with a letter or digit, at most 64`);
   }
   return prefix;
 }
