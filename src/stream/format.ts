@@ -95,7 +95,13 @@ export function looksLikeStream(head: Buffer): boolean {
 
 /** Whether the last FRAME_HEADER_LENGTH bytes of a data file are a stream's end: its `stop` frame, or a compressed one's `comp`. */
 export function looksLikeStreamEnd(tail: Buffer): boolean {
-  return /^(stop 0{16} 0{16}|comp 0{16} [0-9a-f]{16})\r\n$/.test(tail.toString('latin1'));
+  if (tail.equals(encodeHeader('stop', 0, 0))) return true;
+  try {
+    const last = parseHeader(tail, 'the end');
+    return last.kind === 'comp' && last.start === 0;
+  } catch {
+    return false; // no frame header at all: a raw image's last bytes
+  }
 }
 
 export function encodeMetadata(meta: StreamMetadata): Buffer {

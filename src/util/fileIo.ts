@@ -27,10 +27,10 @@ export async function makeDirectory(dir: string): Promise<void> {
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'EEXIST') {
-        if (await isDirectory(one)) continue; // made meanwhile by another run
+        const found = await fs.stat(one).catch(() => undefined);
+        if (found?.isDirectory()) continue; // made meanwhile by another run
         // The name is there (mkdir saw it); where stat finds nothing behind it, it is a link to nothing.
-        const dangling = await fs.stat(one).then(() => false, () => true);
-        const link = dangling ? await fs.readlink(one).catch(() => undefined) : undefined;
+        const link = found ? undefined : await fs.readlink(one).catch(() => undefined);
         if (link !== undefined) throw new Error(`${one} is a symbolic link to ${link}, which is not there; mount or create its target, or choose another directory`);
         throw new Error(`${one} is there but is not a directory; choose another directory`);
       }
