@@ -57,7 +57,8 @@ const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output 
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   const login = loginOf(argv);
   if (action === 'dump') {
-    for (const meta of await dump(argv.input)) process.stdout.write(`${JSON.stringify(meta)}\n`);
+    // One JSON array, indented as Python's virtnbdrestore prints it, so scripts that parse its output read ours.
+    process.stdout.write(`${JSON.stringify(await dump(argv.input, argv.disk), null, 4)}\n`);
     return 0;
   }
   if (action === 'verify') {

@@ -465,14 +465,16 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
   }
 }
 
-/** One line of `-o dump`: a stream's metadata, or the size of a raw image (`-t raw`), which has none. */
+/** One entry of `-o dump`: a stream's metadata, or the size of a raw image (`-t raw`), which has none. */
 export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; rawImage: true; size: number };
 
-export async function dump(input: string): Promise<DumpEntry[]> {
+/** The metadata of the set's data files in name order, of `disk` alone where given (by the file name's disk, as restore reads it). */
+export async function dump(input: string, disk?: string): Promise<DumpEntry[]> {
   const listing = await listSet(path.resolve(input));
-  if (listing.dataFiles.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files`);
+  const files = listing.dataFiles.filter((f) => disk === undefined || f.disk === disk);
+  if (files.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files${disk === undefined ? '' : ` of disk ${disk}`}`);
   const out: DumpEntry[] = [];
-  for (const f of listing.dataFiles) {
+  for (const f of files) {
     const file = path.join(listing.dir, f.file);
     if (!(await isStreamFile(file).catch(() => true))) {
       out.push({ file: f.file, rawImage: true, size: (await fs.stat(file)).size });

@@ -93,7 +93,7 @@ test('two-disk chain: every point in time restores bit-identically, ours and Pyt
   }
 });
 
-test('compressed set (-z) restores bit-identically with ours and with Python', async (t) => {
+test('compressed set (-z) restores bit-identically with ours and with Python; -o dump prints the JSON array Python prints, -d picks a disk', async (t) => {
   const dom = await withDomain(t, { disks: DISKS });
   const work = await tempDir('vnbd-lz4-');
   t.after(() => fs.rm(work, { recursive: true, force: true }));
@@ -108,10 +108,16 @@ test('compressed set (-z) restores bit-identically with ours and with Python', a
     await runOk(tool, ['-i', set, '-o', out, '-n']);
     await assertRestored(dom, out, work, 'p1');
   }
-  const dumped = (await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout.trim().split('\n').map((l) => JSON.parse(l));
-  assert.deepEqual(dumped.map((m) => [m.file, m.compressed]).sort(), [
+  const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<Record<string, unknown>>;
+  assert.deepEqual(dumped.map((m) => [m.file, m.compressed]), [
     ['vda.full.data', 2], ['vda.inc.virtnbdbackup.1.data', 3], ['vdb.full.data', 2], ['vdb.inc.virtnbdbackup.1.data', 3],
   ]);
+  // One JSON array as Python's dump prints it, with the same entries (ours names each one's file too); -d picks a disk.
+  const byPoint = (m: Record<string, unknown>): string => `${m.diskName} ${m.checkpointName}`;
+  const python = JSON.parse((await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<Record<string, unknown>>;
+  assert.deepEqual(dumped.map(({ file: _, ...meta }) => meta), python.sort((a, b) => byPoint(a).localeCompare(byPoint(b))));
+  const vdb = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump', '-d', 'vdb'])).stdout) as Array<Record<string, unknown>>;
+  assert.deepEqual(vdb.map((m) => m.file), ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data']);
 });
 
 test('a file system without O_DIRECT (ramfs): backup, verify and restore fall back to the page cache, bit-identical', async (t) => {

@@ -116,7 +116,7 @@ test('raw images in the set (-t raw) are copied as they are, or converted into q
   await assertSame(path.join(out, 'a.qcow2'), ref, 'qcow2');
   await assertSame(path.join(out, 'b.raw'), ref, 'raw');
   assert.ok(await allocatedBytes(path.join(out, 'a.qcow2')) <= 2 * MiB, 'converted image is not thin');
-  const dumped = (await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout.trim().split('\n').map((l) => JSON.parse(l));
+  const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout);
   assert.deepEqual(dumped, [
     { file: 'vda.full.data', rawImage: true, size: 32 * MiB },
     { file: 'vdb.copy.data', rawImage: true, size: 32 * MiB },
