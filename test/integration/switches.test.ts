@@ -93,7 +93,7 @@ test('-q, --no-sparse-detection and --pause back up what restores exactly, with 
   const reference = await dom.snapshot('vda');
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'diff', '-q', '-o', set]);
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '--no-sparse-detection', '-o', set]);
-  const dumped = (await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout.trim().split('\n').map((l) => JSON.parse(l) as { file: string; dataSize: number });
+  const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<{ file: string; dataSize: number }>;
   const dataSize = (pattern: RegExp): number | undefined => dumped.find((m) => pattern.test(m.file))?.dataSize;
   assert.equal(dataSize(/^vda\.diff\./), 1024 * 1024, 'the zeroed range should be a zero frame');
   assert.equal(dataSize(/^vda\.inc\./), 2 * 1024 * 1024, '--no-sparse-detection should save the zeroed range as data');
