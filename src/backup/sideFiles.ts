@@ -10,7 +10,7 @@ import type { RunContext } from './context.js';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { RunPlan } from './runPlan.js';
 
-/** `qemu-img info` (JSON) of one disk, or why it could not be read. */
+/** `qemu-img info` (JSON) of one disk, or why it could not be read; neither for a network disk, which has no image file here. */
 export interface ImageInfo {
   target: string;
   json?: string;
@@ -23,6 +23,7 @@ export interface ImageInfo {
  */
 export function readImageInfo(ctx: RunContext): Promise<ImageInfo[]> {
   return Promise.all(ctx.disks.map(async (disk): Promise<ImageInfo> => {
+    if (disk.type === 'network') return { target: disk.target };
     try {
       return { target: disk.target, json: await imageInfoJson(ctx, disk) };
     } catch (failure) {
@@ -46,7 +47,7 @@ export function imageInfoJson(ctx: RunContext, disk: DomainDisk): Promise<string
 async function saveImageInfo(ctx: RunContext, ident: string, infos: ImageInfo[]): Promise<void> {
   for (const { target, json, failure } of infos) {
     if (json !== undefined) await ctx.target.writeFile(qcowInfoName(target, ident), json);
-    else ctx.log.warn(`could not save image info of ${target}: ${oneLine(failure)}`);
+    else if (failure !== undefined) ctx.log.warn(`could not save image info of ${target}: ${oneLine(failure)}`);
   }
 }
 

@@ -18,6 +18,8 @@ export interface DomainDisk {
   readOnly?: boolean;
   /** type='volume': the storage pool and volume libvirt names the image by (resolveVolumes gives the path). */
   volume?: { pool: string; name: string; unresolved?: string };
+  /** type='network': QEMU reaches the image itself (rbd, nbd, iscsi, ...); `name` is the image's name there, if any. */
+  network?: { protocol: string; name?: string };
   /** Driver type: qcow2, raw, ... */
   format: string;
 }
@@ -67,6 +69,7 @@ export function parseDomainXml(xml: string): DomainInfo {
     const volume = type === 'volume' && source['@_pool'] !== undefined && source['@_volume'] !== undefined
       ? { pool: String(source['@_pool']), name: String(source['@_volume']) }
       : undefined;
+    const network = type === 'network' ? { protocol: String(source['@_protocol'] ?? ''), ...(source['@_name'] !== undefined ? { name: String(source['@_name']) } : {}) } : undefined;
     return {
       target: String(target['@_dev'] ?? ''),
       device: String(d['@_device'] ?? 'disk'),
@@ -76,6 +79,7 @@ export function parseDomainXml(xml: string): DomainInfo {
       ...(d.readonly !== undefined ? { readOnly: true } : {}),
       ...(d.encryption !== undefined || source.encryption !== undefined ? { encrypted: true } : {}),
       ...(volume ? { volume } : {}),
+      ...(network ? { network } : {}),
     };
   });
   const os = (domain.os ?? {}) as Node;
@@ -97,6 +101,8 @@ export interface DiskSelection {
   exclude?: string[];
   /** Back up raw-format disks too (always as copy). */
   raw?: boolean;
+  /** The domain is shut off: its disks are read from their images by a qemu-nbd of ours, which needs a path. */
+  offline?: boolean;
 }
 
 export interface SelectedDisks {
@@ -135,7 +141,9 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
       skipped.push({ disk, reason: 'read-only disk (<readonly/>): libvirt backs up only writable disks, and nothing this domain does changes it; copy its image once, or leave it out with -x' });
     } else if (disk.volume?.unresolved !== undefined) {
       skipped.push({ disk, reason: `libvirt gives no path of its volume ${disk.volume.name} in storage pool ${disk.volume.pool} (${disk.volume.unresolved})` });
-    } else if (!disk.path || (disk.type !== 'file' && disk.type !== 'block' && disk.type !== 'volume')) {
+    } else if (disk.type === 'network' && selection.offline) {
+      skipped.push({ disk, reason: `network disk (${disk.network?.protocol || 'no protocol'}) of a shut-off domain: only a running domain's backup job reads it; back it up with -S (the domain started paused), or while the domain runs` });
+    } else if (disk.type !== 'network' && (!disk.path || (disk.type !== 'file' && disk.type !== 'block' && disk.type !== 'volume'))) {
       skipped.push({ disk, reason: `${disk.type} disk without a local image path is not supported` });
     } else if (disk.format === 'raw' && !selection.raw) {
       skipped.push({ disk, reason: 'raw-format disk (no checkpoints possible); include it with -r/--raw' });

@@ -387,7 +387,7 @@ async function planStreamDisk(disk: string, chain: ChainLink[], configs: SavedCo
   const format: ImageFormat = (saved?.format ?? base.meta.diskFormat) === 'raw' ? 'raw' : 'qcow2';
   return {
     disk, source: { kind: 'stream', chain }, ident, virtualSize: last.meta.virtualSize, format, createOptions: [],
-    image: imageBaseName(saved, disk), existing: false, block: false,
+    image: imageBaseName(saved, disk, format), existing: false, block: false,
     dataSize: chain.reduce((sum, l) => sum + l.meta.dataSize, 0),
   };
 }
@@ -397,15 +397,19 @@ async function planImageDisk(disk: string, file: DataFile, input: string, checkp
   const saved = await configs.disk(disk, [ident]);
   const filePath = path.join(input, file.file);
   const size = (await fs.stat(filePath)).size;
+  const format: ImageFormat = (saved?.format ?? 'raw') === 'raw' ? 'raw' : 'qcow2';
   return {
-    disk, source: { kind: 'image', file: file.file, path: filePath }, ident, virtualSize: size,
-    format: (saved?.format ?? 'raw') === 'raw' ? 'raw' : 'qcow2', createOptions: [],
-    image: imageBaseName(saved, disk), existing: false, block: false, dataSize: size,
+    disk, source: { kind: 'image', file: file.file, path: filePath }, ident, virtualSize: size, format, createOptions: [],
+    image: imageBaseName(saved, disk, format), existing: false, block: false, dataSize: size,
   };
 }
 
-/** The restored image's name: the source image's, or for a volume disk (type='volume') the volume's. */
-function imageBaseName(saved: DomainDisk | undefined, disk: string): string {
+/**
+ * The restored image's name: the source image's, or for a volume disk (type='volume') the volume's. A network
+ * disk's image has no file name: its name there (an rbd image, an iSCSI target, ...) or the disk's, with the format.
+ */
+function imageBaseName(saved: DomainDisk | undefined, disk: string, format: ImageFormat): string {
+  if (saved?.network) return `${path.basename(saved.network.name ?? '') || disk}.${format}`;
   const source = saved?.path ?? saved?.volume?.name;
   return source ? path.basename(source) : disk;
 }

@@ -110,11 +110,17 @@ function validatorMessage(msg: string): string {
  * which QEMU refuses to open as encrypted ("No encryption in image header").
  */
 function pointDiskAt(disk: XmlNode, image: RestoredDiskImage): boolean {
+  const wasNetwork = attributesOf(disk)['@_type'] === 'network';
   attributesOf(disk)['@_type'] = image.block ? 'block' : 'file';
   let source = child(disk, 'source');
   if (!source) {
     source = { source: [] };
     childrenOf(disk).push(source);
+  }
+  if (wasNetwork) {
+    // What reached the image over the network (hosts, login, TLS, cookies, ...) has no meaning for a file.
+    for (const element of [...childrenOf(source)]) if (tagOf(element) !== 'encryption') removeChild(source, element);
+    for (const auth of children(disk, 'auth')) removeChild(disk, auth);
   }
   // Only the location changes: dev/file/pool/volume/protocol attributes go, child elements stay.
   source[':@'] = image.block ? { '@_dev': image.path } : { '@_file': image.path };

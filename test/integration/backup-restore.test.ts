@@ -2,7 +2,7 @@
 // every point restored and compared bit for bit with a copy of the disk taken at that point, by our restore
 // and (where the format allows) by Debian's Python virtnbdrestore; and Python's backups restored by ours; a
 // block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image); a volume of a storage pool;
-// a read-only disk beside a writable one; a chain whose backups switch between Python and ours.
+// network disks (NBD); a read-only disk beside a writable one; a chain whose backups switch between Python and ours.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -206,6 +206,49 @@ test('a volume disk (type=\'volume\' in a storage pool): full and inc restore bi
   await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py]);
   const pyResult = await TestDomain.compare(path.join(py, 'vda.qcow2'), reference);
   assert.ok(pyResult.identical, pyResult.output);
+});
+
+test('network disks (NBD, as Ceph RBD or iSCSI images are reached): a qcow2 one backs up full and inc, a raw one with -r as a copy; both restore bit for bit, -c makes them file disks libvirt defines; a shut-off domain\'s are left out with a line', async (t) => {
+  const dom = await withDomain(t, { disks: [
+    { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] },
+    { target: 'vdb', sizeMiB: 64, network: true, fill: [{ pattern: 'random', offsetMiB: 2, lengthMiB: 6 }] },
+    { target: 'vdc', sizeMiB: 32, network: true, format: 'raw', fill: [{ pattern: 0x5c, offsetMiB: 1, lengthMiB: 3 }] },
+  ] });
+  const work = await tempDir('vnbd-network-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  const full = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-r', '-o', set, '-n']);
+  assert.doesNotMatch(full.stderr, /skipping|warning/);
+  const rawRef = await dom.snapshot('vdc');
+  await dom.write('vdb', 0x6b, '20M', '2M');
+  await dom.write('vdc', 0x6c, '8M', '1M'); // after its copy: no restore holds it
+  const inc = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  assert.match(inc.stderr, /disk vdb: 2097152 bytes of data/);
+  const refs = { vda: await dom.snapshot('vda'), vdb: await dom.snapshot('vdb') };
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.endsWith('.data')).sort(),
+    ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vdb.full.data', 'vdb.inc.virtnbdbackup.1.data', 'vdc.copy.data']);
+  // No image file here to take qemu-img info of: no qcow.json, and no warning for its absence.
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.endsWith('.qcow.json')).sort(), ['vda.virtnbdbackup.0.qcow.json', 'vda.virtnbdbackup.1.qcow.json']);
+  const out = path.join(work, 'out');
+  const restored = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-r', '-c', '-n']);
+  assert.doesNotMatch(restored.stderr, /warning/);
+  // Named after the disk and the format, as a network image has no file name.
+  for (const [image, ref] of [['vda.qcow2', refs.vda], ['vdb.qcow2', refs.vdb], ['vdc.raw', rawRef]] as const) {
+    const result = await TestDomain.compare(path.join(out, image), ref);
+    assert.ok(result.identical, `${image}: ${result.output}`);
+  }
+  const xml = await fs.readFile(path.join(out, 'vmconfig.virtnbdbackup.1.xml'), 'utf8');
+  assert.doesNotMatch(xml, /type="network"|protocol=|<host /);
+  assert.match(xml, new RegExp(`<source file="${path.join(out, 'vdc.raw')}"`));
+  const copy = `${dom.name}-copy`;
+  t.after(() => execFileSync('virsh', ['-q', 'undefine', copy], { stdio: 'ignore' }));
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'defined'), '-r', '-c', '-D', '-N', copy, '-n']);
+  // A shut-off domain's network disks are read by no backup job: each left out with one line.
+  await dom.stop();
+  const offline = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-r', '-o', path.join(work, 'offline'), '-n']);
+  for (const target of ['vdb', 'vdc']) {
+    assert.match(offline.stderr, new RegExp(`warning: skipping disk ${target}: network disk \\(nbd\\) of a shut-off domain: only a running domain's backup job reads it; back it up with -S`));
+  }
 });
 
 test('a read-only disk (<readonly/>), which libvirt\'s jobs refuse, is left out with a warning: the other disks back up and restore', async (t) => {

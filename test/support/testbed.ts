@@ -184,6 +184,11 @@ export interface DiskSpec {
   volume?: boolean;
   /** The domain sees the disk read-only (`<readonly/>`). */
   readOnly?: boolean;
+  /**
+   * The domain reaches the image over the network (type='network', NBD, as it reaches Ceph RBD or iSCSI images):
+   * a qemu-nbd of the test's serves the image file's bytes, which the domain reads in the disk's format.
+   */
+  network?: boolean;
 }
 
 export interface DomainOptions {
@@ -208,6 +213,8 @@ export interface TestDisk {
   device?: string;
   /** The storage pool the domain names the image in (DiskSpec.volume). */
   pool?: string;
+  /** The unix socket of the qemu-nbd serving the image (DiskSpec.network); stopped when the domain is removed. */
+  socket?: string;
   readOnly?: boolean;
 }
 
@@ -249,7 +256,10 @@ export class TestDomain {
     const disks = opts.disks.map((spec): TestDisk => {
       const format = spec.format ?? 'qcow2';
       const disk: TestDisk = { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
-      return { ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}) };
+      return {
+        ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}),
+        ...(spec.network ? { socket: path.join(dir, `${spec.target}.nbd.sock`) } : {}),
+      };
     });
     const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent, opts.mac);
     try {
@@ -440,20 +450,22 @@ export class TestDomain {
     const disk = this.disk(target);
     const image = disk.device ?? disk.image;
     this.qdevByImage ??= parseInfoBlock(await this.monitorCommand('info block'));
-    const qdev = this.qdevByImage.get(image);
+    // A network disk is listed by its NBD address (a URI or json: description naming the socket).
+    const qdev = disk.socket ? [...this.qdevByImage].find(([name]) => name.includes(disk.socket as string))?.[1] : this.qdevByImage.get(image);
     if (!qdev) throw new Error(`${this.name}: 'info block' lists no device for ${image} (only ${[...this.qdevByImage.keys()].join(', ') || 'none'})`);
     return qdev;
   }
 
   private domainXml(): string {
     const source = (d: TestDisk): string => {
-      if (d.pool) return `pool='${d.pool}' volume='${path.basename(d.image)}'`;
-      return d.device ? `dev='${d.device}'` : `file='${d.image}'`;
+      if (d.socket) return `<source protocol='nbd'><host transport='unix' socket='${d.socket}'/></source>`;
+      if (d.pool) return `<source pool='${d.pool}' volume='${path.basename(d.image)}'/>`;
+      return d.device ? `<source dev='${d.device}'/>` : `<source file='${d.image}'/>`;
     };
     const disks = this.disks.map((d) => `
-    <disk type='${d.pool ? 'volume' : d.device ? 'block' : 'file'}' device='disk'>
+    <disk type='${d.socket ? 'network' : d.pool ? 'volume' : d.device ? 'block' : 'file'}' device='disk'>
       <driver name='qemu' type='${d.format}' discard='unmap'/>
-      <source ${source(d)}/>
+      ${source(d)}
       <target dev='${d.target}' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}
     </disk>`).join('');
     const agent = this.guestAgent ? `
@@ -487,6 +499,13 @@ async function makeImage(disk: TestDisk, spec: DiskSpec, dir: string): Promise<v
     const base = path.join(dir, `${disk.target}.base.${disk.format}`);
     await fsp.rename(disk.image, base);
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', disk.format, disk.image]);
+  }
+  if (disk.socket) {
+    // An NBD export does not grow either: room for qcow2's clusters, as for a block device (sparse).
+    if (disk.format === 'qcow2') await fsp.truncate(disk.image, disk.sizeBytes + 16 * MiB);
+    // --fork returns once the socket listens; QEMU (user libvirt-qemu) must be able to connect.
+    await run('qemu-nbd', ['--fork', '--persistent', '--shared=0', '-f', 'raw', '-k', disk.socket, '--pid-file', `${disk.socket}.pid`, disk.image]);
+    await fsp.chmod(disk.socket, 0o777);
   }
   if (spec.block) {
     // A block device does not grow: room for every cluster of the disk and qcow2's metadata (sparse).
@@ -615,6 +634,7 @@ async function removeDomain(name: string, dir?: string): Promise<string[]> {
   }
   if (dir) {
     detachLoopDevices(dir);
+    stopNbdServers(dir);
     await fsp.rm(dir, { recursive: true, force: true }).catch((err: Error) => problems.push(err.message));
   }
   for (const log of await qemuLogs(name)) await fsp.rm(log, { force: true });
@@ -632,11 +652,30 @@ function removeDomainSync(name: string, dir: string): void {
     }
   }
   detachLoopDevices(dir);
+  stopNbdServers(dir);
   fs.rmSync(dir, { recursive: true, force: true });
   for (const file of fs.readdirSync(QEMU_LOG_DIR)) {
     if (isLogOf(name, file)) fs.rmSync(path.join(QEMU_LOG_DIR, file), { force: true });
   }
   fs.rmSync(domainLockFile(name), { force: true });
+}
+
+/** Stops the qemu-nbd servers of the network disks in `dir` (their pid files: <socket>.pid). */
+function stopNbdServers(dir: string): void {
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(dir).filter((n) => n.endsWith('.nbd.sock.pid'));
+  } catch {
+    return; // no dir
+  }
+  for (const name of names) {
+    const pid = Number(fs.readFileSync(path.join(dir, name), 'utf8').trim());
+    try {
+      if (pid > 0) process.kill(pid, 'SIGTERM');
+    } catch {
+      // already gone
+    }
+  }
 }
 
 /** Detaches the loop devices whose backing files are in `dir` (block disks of a domain being removed). */

@@ -93,3 +93,19 @@ test('not a domain XML is refused, and so is damaged XML (which the parser would
   assert.throws(() => adjust('<domain><name>x'), /^Error: not well-formed XML \(line 1: elements left open: domain, name\)$/);
   assert.throws(() => adjust('<domain>\n<name>x</nam></domain>'), /^Error: not well-formed XML \(line 2: Expected closing tag 'name' .*\)$/);
 });
+
+test('a network disk (rbd with a login) becomes a file disk: its hosts, login and network settings go, its target and driver stay', () => {
+  const saved = `<domain type='kvm'><name>web</name><devices>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <auth username='admin'><secret type='ceph' uuid='2d26efa8-890b-3aa3-8d4c-2496d2d86b6a'/></auth>
+      <source protocol='rbd' name='vms/web-disk1' index='2'><host name='10.0.0.1' port='6789'/><host name='10.0.0.2'/><snapshot name='s'/></source>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+  </devices></domain>`;
+  const { xml, changes } = adjustDomainConfig(saved, { disks: new Map([['vdb', { path: '/restore/web-disk1.raw', format: 'raw' }]]), keepRawDevices: true });
+  assert.doesNotMatch(xml, /network|protocol|<host|<auth|<secret|<snapshot|index=/);
+  assert.match(xml, /<disk type="file" device="disk">\s*<driver name="qemu" type="raw" cache="none"\/>\s*<source file="\/restore\/web-disk1.raw"\/>\s*<target dev="vdb" bus="virtio"\/>/);
+  assert.deepEqual(parseDomainXml(xml).disks.map((d) => [d.target, d.type, d.path]), [['vdb', 'file', '/restore/web-disk1.raw']]);
+  assert.ok(changes.some((c) => c.startsWith('disk vdb -> /restore/web-disk1.raw (raw)')), changes.join('\n'));
+});

@@ -94,6 +94,25 @@ test('domain XML: disks, boot files and the guest agent channel; selection skips
   assert.deepEqual(selectDisks(info.disks, { exclude: ['vda'] }).disks.map((d) => d.target), ['vdb']);
 });
 
+test('domain XML: network disks (rbd, nbd) are selected by format as other disks, and left out of a shut-off domain\'s backup', () => {
+  const xml = domainXml.replace('</devices>', `
+  <disk type='network' device='disk'><driver name='qemu' type='raw'/><auth username='admin'><secret type='ceph' uuid='2d26efa8-890b-3aa3-8d4c-2496d2d86b6a'/></auth>
+    <source protocol='rbd' name='vms/web-disk1'><host name='10.0.0.1' port='6789'/></source><target dev='vdd' bus='virtio'/></disk>
+  <disk type='network' device='disk'><driver name='qemu' type='qcow2'/><source protocol='nbd'><host transport='unix' socket='/run/n.sock'/></source><target dev='vde' bus='virtio'/></disk>
+</devices>`);
+  const { disks } = parseDomainXml(xml);
+  assert.deepEqual(disks.filter((d) => d.type === 'network').map((d) => [d.target, d.path, d.network]), [
+    ['vdd', undefined, { protocol: 'rbd', name: 'vms/web-disk1' }], ['vde', undefined, { protocol: 'nbd' }],
+  ]);
+  const running = selectDisks(disks, {});
+  assert.ok(running.disks.some((d) => d.target === 'vde'));
+  assert.match(running.skipped.find((s) => s.disk.target === 'vdd')?.reason ?? '', /^raw-format disk/);
+  assert.ok(selectDisks(disks, { raw: true }).disks.some((d) => d.target === 'vdd'));
+  const offline = selectDisks(disks, { raw: true, offline: true });
+  assert.deepEqual(offline.disks.map((d) => d.target), ['vda', 'vdb', 'vdc']);
+  assert.match(offline.skipped.find((s) => s.disk.target === 'vdd')?.reason ?? '', /^network disk \(rbd\) of a shut-off domain/);
+});
+
 test('domain XML: a read-only disk and a lun device are skipped with reasons; a volume disk is selected once its path is known', async () => {
   const xml = domainXml.replace('</devices>', `
   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/images/shared.qcow2'/><target dev='vdd' bus='virtio'/><readonly/></disk>
