@@ -5,7 +5,8 @@
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
 // lost becomes a full, the old chain archived; disks grown, attached and detached within a chain; an external
 // snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc;
-// guest writes while a full and an inc copy: each holds the disk of its start, the next inc the writes.
+// guest writes while a full and an inc copy: each holds the disk of its start, the next inc the writes; an inc that
+// saved no data is a point of its own for --until.
 // Every point of every set is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -394,4 +395,24 @@ test('guest writes during a backup: the set holds the disk as it was when the jo
   await assertPoint(work, set, p3);
   // The point between (p1, the full's in-flight writes alone) is no backup's; p2 holds them, so check they are there.
   assert.equal((await TestDomain.compare(p1, p2)).identical, false);
+});
+
+test('an inc that saved no data is a point of its own: --until it restores that point and its domain XML, not the next inc\'s (virtnbdbackup\'s issue #270)', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'vnbd-empty-inc-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  // Between the full and inc 1 only the domain's definition changes.
+  virsh('desc', dom.name, '--live', '--config', 'at point one');
+  assert.match(await backup(dom, set, 'inc'), /disk vda: 0 bytes of data saved to vda\.inc\.virtnbdbackup\.1\.data/);
+  const p1 = await dom.snapshot('vda');
+  await dom.write('vda', 0x42, '1M', '1M');
+  virsh('desc', dom.name, '--live', '--config', 'at point two');
+  await backup(dom, set, 'inc');
+  await assertPoint(work, set, p1, 'virtnbdbackup.1');
+  const out = path.join(work, 'out');
+  const { stderr } = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '--until', 'virtnbdbackup.1']);
+  assert.match(stderr, /restored to .*\(vda\.full\.data, vda\.inc\.virtnbdbackup\.1\.data\)\n/);
+  assert.deepEqual((await fs.readdir(out)).sort(), ['vda.qcow2', 'vmconfig.virtnbdbackup.1.xml']);
+  assert.match(await fs.readFile(path.join(out, 'vmconfig.virtnbdbackup.1.xml'), 'utf8'), /<description>at point one<\/description>/);
 });
