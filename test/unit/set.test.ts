@@ -4,7 +4,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { dataFileName, parseDataFileName, logFileName, qcowInfoName, writeDigestFile } from '../../src/set/backupSet.js';
+import { dataFileName, listSet, parseDataFileName, logFileName, qcowInfoName, readChains, writeDigestFile } from '../../src/set/backupSet.js';
+import { MemoryDisk, craftStream } from '../support/craftedSet.js';
 import { DirectoryTarget } from '../../src/set/target.js';
 import { ZipTarget } from '../../src/set/zipTarget.js';
 import { createRequire } from 'node:module';
@@ -205,5 +206,23 @@ test('zip entries are summed by zlib.crc32: the crc-32 module that archiver\'s c
     assert.equal(crc32.buf(b, crc32.buf(a)) >>> 0, original(data) >>> 0, 'a running sum, as crc32-stream keeps it');
   } finally {
     await target.abort();
+  }
+});
+
+test('a chain of twelve incrementals is ordered by number (.10 after .9), with its checkpoint list and without it', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-long-chain-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const disk = new MemoryDisk(1024 * 1024).fill(0x11, 0, 65536);
+  const names = Array.from({ length: 13 }, (_, i) => `virtnbdbackup.${i}`);
+  await craftStream({ dir, file: 'vda.full.data', disk, extents: [{ kind: 'data', offset: 0, length: 65536 }], diskName: 'vda' });
+  for (let i = 1; i < names.length; i++) {
+    await craftStream({
+      dir, file: `vda.inc.${names[i]}.data`, disk, extents: [{ kind: 'data', offset: 0, length: 4096 }], diskName: 'vda',
+      checkpointName: names[i], parentCheckpoint: names[i - 1], incremental: true,
+    });
+  }
+  for (const list of [names, []]) {
+    const chain = (await readChains(await listSet(dir), list)).get('vda') ?? [];
+    assert.deepEqual(chain.map((l) => l.meta.checkpointName), names, list.length ? 'with the .cpt list' : 'without it');
   }
 });
