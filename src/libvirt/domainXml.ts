@@ -1,6 +1,6 @@
-// Reads what backup and restore need from domain XML: name, UUID, MAC addresses, the disks (target, image path or
-// storage volume, format, device, read-only, encrypted) and the boot files. Parsing only, but for resolveVolumes,
-// which asks libvirt for volume paths; the decision which disks to back up lives in selectDisks.
+// Reads what backup and restore need from domain XML: name, UUID, MAC addresses, the disks (target, image path,
+// storage volume or network source, format, device, read-only, encrypted) and the boot files. Parsing only, but for
+// resolveVolumes, which asks libvirt for volume paths; the decision which disks to back up lives in selectDisks.
 import { XMLParser } from 'fast-xml-parser';
 
 export interface DomainDisk {

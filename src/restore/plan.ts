@@ -406,7 +406,8 @@ async function planImageDisk(disk: string, file: DataFile, input: string, checkp
 
 /**
  * The restored image's name: the source image's, or for a volume disk (type='volume') the volume's. A network
- * disk's image has no file name: its name there (an rbd image, an iSCSI target, ...) or the disk's, with the format.
+ * disk's image has no file name: the last part of its name there (`vms/web` of rbd gives `web`) or the disk's, with
+ * the format.
  */
 function imageBaseName(saved: DomainDisk | undefined, disk: string, format: ImageFormat): string {
   if (saved?.network) return `${path.basename(saved.network.name ?? '') || disk}.${format}`;
