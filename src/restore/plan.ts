@@ -8,7 +8,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, checkLinks, listSet, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, checkLinks, listSet, noDataFiles, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -106,7 +106,7 @@ async function scanSet(input: string, log: Logger): Promise<ScannedSet> {
     if (writer !== undefined) throw new UserError(`a backup${writer ? ` (pid ${writer})` : ''} is writing into ${input} right now (${partial}); restore once it has ended`);
     throw new UserError(`${partial} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
   }
-  if (listing.dataFiles.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files`);
+  if (listing.dataFiles.length === 0) throw noDataFiles(input);
   const cpt = listing.checkpointLists[0];
   // The list only orders the incrementals, which their names (.N) order too: a damaged one need not stop a restore.
   const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)).catch((err: unknown) => {

@@ -18,7 +18,7 @@ import { NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
-import { autostartName, listSet, type ChainLink } from '../set/backupSet.js';
+import { autostartName, listSet, noDataFiles, ofDisk, type ChainLink } from '../set/backupSet.js';
 import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openConnection, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
@@ -471,8 +471,8 @@ export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; ra
 /** The metadata of the set's data files in name order, of `disk` alone where given (by the file name's disk, as restore reads it). */
 export async function dump(input: string, disk?: string): Promise<DumpEntry[]> {
   const listing = await listSet(path.resolve(input));
-  const files = listing.dataFiles.filter((f) => disk === undefined || f.disk === disk);
-  if (files.length === 0) throw new UserError(`${input} is not a backup set: it holds no *.data files${disk === undefined ? '' : ` of disk ${disk}`}`);
+  const files = listing.dataFiles.filter(ofDisk(disk));
+  if (files.length === 0) throw noDataFiles(input, disk);
   const out: DumpEntry[] = [];
   for (const f of files) {
     const file = path.join(listing.dir, f.file);

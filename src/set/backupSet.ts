@@ -84,6 +84,14 @@ export function parseDataFileName(name: string): DataFile | undefined {
   return { file: name, disk: disk as string, level: level as Level, ident: ident ?? '' };
 }
 
+/** A data file of `disk` (of any disk without one), by the disk its name gives: a prefix would let -d vd match vd.x. */
+export const ofDisk = (disk: string | undefined) => (data: DataFile | undefined): data is DataFile =>
+  data !== undefined && (disk === undefined || data.disk === disk);
+
+/** The refusal of a directory that holds no data files (of `disk`, where one was asked for). */
+export const noDataFiles = (input: string, disk?: string): UserError =>
+  new UserError(`${input} is not a backup set: it holds no *.data files${disk ? ` of disk ${disk}` : ''}`);
+
 export async function readCheckpointList(file: string): Promise<string[]> {
   let text: string;
   try {

@@ -10,11 +10,11 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH } from '../stream/format.js';
-import { checksumFileName, digestFileName, listSet, parseDataFileName, type DataFile } from '../set/backupSet.js';
+import { checksumFileName, digestFileName, listSet, noDataFiles, ofDisk, parseDataFileName } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { oneLine } from '../util/errors.js';
 import { runningWriter } from '../backup/lock.js';
 
 export interface VerifyOptions {
@@ -208,13 +208,10 @@ export async function verifyDataFile(file: string, signal?: AbortSignal): Promis
 /** Verifies every data file of the set (and fails every `.partial` leftover), in name order. */
 export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> {
   const listing = await listSet(path.resolve(options.input));
-  // By the disk the file name gives, as restore reads it: a prefix would let -d vd match a disk named vd.x.
-  const ofDisk = (data: DataFile | undefined): data is DataFile => data !== undefined && (options.disk === undefined || data.disk === options.disk);
-  const files = listing.dataFiles.filter(ofDisk).map((d) => d.file);
-  const partials = listing.partials.filter((p) => ofDisk(parseDataFileName(p.slice(0, -'.partial'.length))));
-  if (files.length === 0 && partials.length === 0) {
-    throw new UserError(`${options.input} is not a backup set: it holds no *.data files${options.disk ? ` of disk ${options.disk}` : ''}`);
-  }
+  const ofThisDisk = ofDisk(options.disk);
+  const files = listing.dataFiles.filter(ofThisDisk).map((d) => d.file);
+  const partials = listing.partials.filter((p) => ofThisDisk(parseDataFileName(p.slice(0, -'.partial'.length))));
+  if (files.length === 0 && partials.length === 0) throw noDataFiles(options.input, options.disk);
   const verdicts: FileVerdict[] = [];
   const report = (verdict: FileVerdict): void => {
     verdicts.push(verdict);
