@@ -90,3 +90,44 @@ export function leasePool(slabSize: number, keep: number, idleKeepMs = IDLE_KEEP
     },
   };
 }
+
+/**
+ * Buffers of many sizes, each used by one holder at a time (the map's lz4 frames and the packed bytes they come
+ * from), in power-of-two classes from `smallest`: a buffer given back is lent out again for any length of its
+ * class, and at most `keepBytes` of free ones are kept, the rest left to the GC.
+ */
+export class SizeClassPool {
+  private readonly free = new Map<number, Buffer[]>();
+  private freeBytes = 0;
+
+  constructor(private readonly keepBytes: number, private readonly smallest = 64 * 1024) {}
+
+  /** Bytes the buffer for `length` takes: its class. */
+  capacityFor(length: number): number {
+    return Math.max(this.smallest, sizeClass(length));
+  }
+
+  /** A buffer of exactly `length` bytes, a view of a free one of its class when there is one. */
+  acquire(length: number): Buffer {
+    const size = this.capacityFor(length);
+    const reused = this.free.get(size)?.pop();
+    if (reused) this.freeBytes -= size;
+    return (reused ?? Buffer.allocUnsafeSlow(size)).subarray(0, length);
+  }
+
+  /** Gives a buffer from acquire() back once nothing reads or writes it any more. */
+  release(buffer: Buffer): void {
+    const size = buffer.buffer.byteLength;
+    if (size !== this.capacityFor(size) || this.freeBytes + size > this.keepBytes) return;
+    let list = this.free.get(size);
+    if (!list) this.free.set(size, list = []);
+    list.push(Buffer.from(buffer.buffer, 0, size));
+    this.freeBytes += size;
+  }
+
+  /** Drops every free buffer. */
+  clear(): void {
+    this.free.clear();
+    this.freeBytes = 0;
+  }
+}

@@ -1,8 +1,9 @@
 // BufferPool: slabs and small size classes are reused after release and never handed out twice; Node's shared
 // small-allocation slab and oversized buffers are never pooled; leases of one shared pool reuse each other's slabs.
+// SizeClassPool: any length of a class reuses a released buffer of it, within the bytes it may keep.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { BufferPool, leasePool } from '../../src/util/bufferPool.js';
+import { BufferPool, SizeClassPool, leasePool } from '../../src/util/bufferPool.js';
 
 const SLAB = 4 * 1024 * 1024;
 
@@ -102,4 +103,26 @@ test('a shared pool with no lease running gives its free slabs back after a whil
   const later = leasePool(size, 2, 200);
   assert.ok(slabs.every((slab) => slab.buffer !== later.pool.acquire(size).buffer), 'slabs kept while no lease ran');
   later.end();
+});
+
+test('size-class pool: a released buffer serves any length of its class, once, and no more than keepBytes are kept', () => {
+  const pool = new SizeClassPool(3 * 1024 * 1024);
+  const a = pool.acquire(1_500_000);
+  assert.equal(a.length, 1_500_000);
+  assert.equal(a.buffer.byteLength, 2 * 1024 * 1024);
+  assert.equal(pool.acquire(10).buffer.byteLength, 64 * 1024);
+  pool.release(a);
+  const b = pool.acquire(2 * 1024 * 1024);
+  assert.equal(b.buffer, a.buffer);
+  assert.notEqual(pool.acquire(1_100_000).buffer, a.buffer);
+  // Two 2 MiB buffers pass the 3 MiB kept: the second is left to the GC.
+  const c = pool.acquire(2 * 1024 * 1024);
+  pool.release(b);
+  pool.release(c);
+  assert.equal(pool.acquire(2 * 1024 * 1024).buffer, b.buffer);
+  assert.notEqual(pool.acquire(2 * 1024 * 1024).buffer, c.buffer);
+  // Node's shared slab (small allocUnsafe) is never taken in.
+  const shared = Buffer.allocUnsafe(100);
+  pool.release(shared);
+  assert.notEqual(pool.acquire(100).buffer, shared.buffer);
 });

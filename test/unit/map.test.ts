@@ -1,6 +1,6 @@
-// virtnbdmap's engine without libvirt: segment overlay, the chain endpoint over streams written by our own
-// writer (plain and lz4, full + incs with zero frames), copy-on-write, sequence errors, and the NBD server
-// spoken to by libnbd (our NbdEndpoint) over a unix socket.
+// virtnbdmap's engine without libvirt: segment overlay, the frame cache, the chain endpoint over streams written
+// by our own writer (plain and lz4, full + incs with zero frames), copy-on-write, sequence errors, and the NBD
+// server spoken to by libnbd (our NbdEndpoint) over a unix socket.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -12,6 +12,7 @@ import { NbdEndpoint } from '../../src/endpoint/nbd.js';
 import type { PlannedExtent } from '../../src/extents/plan.js';
 import { ChainEndpoint } from '../../src/map/chainEndpoint.js';
 import { COW_BLOCK, CopyOnWriteEndpoint } from '../../src/map/copyOnWrite.js';
+import { FrameCache } from '../../src/map/frameCache.js';
 import { NbdServer } from '../../src/map/nbdServer.js';
 import { overlay, type Segment } from '../../src/map/segments.js';
 import { writeStream } from '../../src/stream/writer.js';
@@ -129,6 +130,37 @@ test('overlay: the later stream wins, earlier segments are cut at both ends and 
   assert.deepEqual(overlay(base, []), base);
 });
 
+test('frame cache: one load per frame, a dropped frame is handed back once and only after its readers return', async () => {
+  const dropped: Buffer[] = [];
+  const cache = new FrameCache(2 * 65536, (frame) => dropped.push(frame));
+  let loads = 0;
+  const load = (fill: number) => async (): Promise<Buffer> => {
+    loads += 1;
+    await new Promise((resolve) => setImmediate(resolve));
+    return Buffer.alloc(65536, fill);
+  };
+  const first = (frame: Buffer): number => frame[0] as number;
+  assert.deepEqual(await Promise.all([cache.read('a', load(1), first), cache.read('a', load(9), first)]), [1, 1]);
+  assert.equal(loads, 1);
+  // A reader of 'a' is still inside read() when 'b' and 'c' push it out: it reaches `dropped` only afterwards.
+  let inside!: () => void;
+  const held = cache.read('a', load(9), async (frame) => {
+    await new Promise<void>((resolve) => { inside = resolve; });
+    return frame[0];
+  });
+  await cache.read('b', load(2), first);
+  await cache.read('c', load(3), first);
+  assert.deepEqual(dropped, []);
+  inside();
+  assert.equal(await held, 1);
+  assert.deepEqual(dropped.map((f) => f[0]), [1]);
+  // A failed load is not cached, and the next read loads again.
+  await assert.rejects(cache.read('d', () => Promise.reject(new Error('bad frame')), first), /bad frame/);
+  assert.equal(await cache.read('d', load(4), first), 4);
+  cache.clear();
+  assert.deepEqual(dropped.map((f) => f[0]).sort(), [1, 2, 3, 4]);
+});
+
 for (const compress of [false, 2] as const) {
   const kind = compress === false ? 'plain' : 'lz4';
   test(`chain endpoint (${kind}): every point in time reads exactly as the disk was, extents show data, zero and holes`, async (t) => {
@@ -136,11 +168,15 @@ for (const compress of [false, 2] as const) {
     const { files, points } = await buildChain(dir, compress);
     for (const [i, expected] of points.entries()) {
       const chain = await ChainEndpoint.open(files.slice(0, i + 1), { cacheBytes: 8 * MiB });
+      // With room for one frame, concurrent reads keep dropping frames whose buffers the next loads reuse.
+      const tight = await ChainEndpoint.open(files.slice(0, i + 1), { cacheBytes: 1 });
       try {
         assert.equal(chain.size, DISK);
         await assertReadsMatch(chain, expected, `${kind} point ${i}`);
+        await assertReadsMatch(tight, expected, `${kind} point ${i}, one frame cached`);
       } finally {
         await chain.close();
+        await tight.close();
       }
     }
     const chain = await ChainEndpoint.open(files);
