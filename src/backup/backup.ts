@@ -503,8 +503,9 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       ctx.target.interrupt?.(signal.reason);
     }, { once: true });
     const workers = ctx.toZip ? 1 : options.workers ?? Math.min(disks.length, DEFAULT_MAX_WORKERS);
-    const connections = Math.max(1, Math.ceil(4 / Math.min(disks.length, workers)));
-    log.debug(`copying ${disks.length} disk(s), ${Math.min(disks.length, workers)} at a time, ${connections} NBD connection(s) each`);
+    const disksAtOnce = Math.min(disks.length, workers);
+    const connections = Math.max(1, Math.ceil(4 / disksAtOnce));
+    log.debug(`copying ${disks.length} disk(s), ${disksAtOnce} at a time, ${connections} NBD connection(s) each`);
     // The job ends as soon as every disk is read: its teardown (10 to 20 ms here) then overlaps the last writes,
     // their flush and the side files. end() below waits for it and reports a failure of it.
     let unread = disks.length;
@@ -514,7 +515,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     await forEachLimited(disks, workers, async (disk) => {
       try {
         results.push(await backupDisk(disk, {
-          plan, ident, exports, target: ctx.target, connections, type: options.type, compress: options.compress ?? false,
+          plan, ident, exports, target: ctx.target, connections, disksAtOnce, type: options.type, compress: options.compress ?? false,
           qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, nbdTimeout: options.nbdTimeout, progress: options.progress, onReading, onSourceRead,
           signal, log,
         }));

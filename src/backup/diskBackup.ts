@@ -32,6 +32,8 @@ export interface DiskRunOptions {
   target: OutputTarget;
   /** NBD connections for this disk. */
   connections: number;
+  /** Disks the run copies at the same time. */
+  disksAtOnce: number;
   /** --nbd-timeout: seconds without an answer before the disk fails (0: forever); default DEFAULT_NBD_TIMEOUT. */
   nbdTimeout?: number;
   type?: 'stream' | 'raw';
@@ -110,6 +112,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
         compress: options.compress,
         onProgress,
         digests: true,
+        streamsAtOnce: options.disksAtOnce,
         signal,
       });
       options.onReading?.();
