@@ -166,6 +166,8 @@ export interface NativeAddon {
   lz4DecompressInto(source: Buffer, output: Buffer): Promise<number>;
   /** Copies `sources`, one after another, into `target` from `at`, on a worker thread. */
   copyInto(target: Buffer, at: number, sources: Buffer[]): Promise<void>;
+  /** Hints the kernel to read [offset, offset+length) of the open file `fd` into the page cache; never fails. */
+  readAhead(fd: number, offset: number, length: number): Promise<void>;
   /** Library versions, for -V and logs. */
   versions(): { libnbd: string; libvirt: string; lz4: string; zlib: string };
 }

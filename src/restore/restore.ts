@@ -32,7 +32,7 @@ import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, describeReadFailure, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
 import { leasePool } from '../util/bufferPool.js';
-import { readInto } from '../util/fileIo.js';
+import { ReadAhead, readInto } from '../util/fileIo.js';
 import { qemuImgMapEntries } from '../backup/extentSources.js';
 
 export { loadChains } from './plan.js';
@@ -392,6 +392,7 @@ async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyO
   const window = new WorkWindow(WRITE_WINDOW);
   const lease = leasePool(RAW_PIECE, WRITE_WINDOW / RAW_PIECE + 1);
   const pieces = lease.pool;
+  const ahead = new ReadAhead(handle);
   try {
     for (const extent of await qemuImgMapEntries(['-f', 'raw', file])) {
       if (!extent.data || extent.zero) {
@@ -403,6 +404,7 @@ async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyO
       for (let at = extent.start; at < end; at += RAW_PIECE) {
         if (signal?.aborted) throw signal.reason ?? new Error('aborted');
         const piece = pieces.acquire(Math.min(RAW_PIECE, end - at));
+        ahead.at(at, end);
         if ((await readInto(handle, piece, at)) !== piece.length) throw new Error(`${file} ended at ${at} while qemu-img map reported data up to ${end}`);
         const written = target.write(piece, at).then(() => progress?.(piece.length)).finally(() => pieces.release(piece));
         await window.add(written, piece.length);

@@ -7,7 +7,7 @@
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
 import { leasePool, type BufferPool } from '../util/bufferPool.js';
-import { readInto } from '../util/fileIo.js';
+import { ReadAhead, readInto } from '../util/fileIo.js';
 import { describeReadFailure } from '../util/errors.js';
 import {
   PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, FrameSequence, StreamFormatError, type FaultReporter, frameSizes, parseHeader, parseMetadata, parseTrailer,
@@ -80,6 +80,8 @@ export class StreamReader {
   /** Slabs fit a payload piece, and the lz4 frame of one; shared with the process's other readers (leasePool). */
   private readonly lease = leasePool(native().lz4FrameBound(PAYLOAD_PIECE_SIZE), POOLED_BUFFERS);
   private readonly pool = this.lease.pool;
+  /** Cold sets: the kernel reads ahead of the payloads (fileIo.ts). */
+  private readonly ahead: ReadAhead;
 
   private constructor(
     readonly path: string,
@@ -93,7 +95,9 @@ export class StreamReader {
     readonly bodyEnd: number,
     /** adler32 of the bytes before the body (meta frame), or undefined when not checksumming. */
     private readonly headChecksum: number | undefined,
-  ) {}
+  ) {
+    this.ahead = new ReadAhead(handle);
+  }
 
   /** Opens `file` and reads its meta frame (and trailer, if compressed). */
   static async open(file: string, options: StreamReaderOptions = {}): Promise<StreamReader> {
@@ -151,6 +155,7 @@ export class StreamReader {
 
   /** A payload read into a pooled buffer, held for the caller (and by its sum's worker until that is done). */
   private async readLease(length: number): Promise<Lease> {
+    this.ahead.at(this.position, this.bodyEnd);
     const lease = new Lease(this.pool, await fillExactly(this.handle, this.position, this.pool.acquire(length), this.path));
     this.position += length;
     if (this.running !== undefined) await this.sum(lease);

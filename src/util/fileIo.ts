@@ -1,8 +1,36 @@
 // File-system steps shared by the commands: positional reads into a caller's buffer (the stream reader's exact
-// reads and the map's endpoints, which read into the NBD reply buffer, share this one loop), and making an output
-// directory with the error that says why it failed.
+// reads and the map's endpoints, which read into the NBD reply buffer, share this one loop), the kernel asked to
+// read ahead of a sequential reader, and making an output directory with the error that says why it failed.
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { native } from '../native/addon.js';
+
+/**
+ * How far ahead of a sequential reader the kernel is asked to fetch its file (POSIX_FADV_WILLNEED), a step at a
+ * time: a backup set read cold from the disk (a restore's usual case) otherwise waits for each piece in turn, with
+ * only the kernel's own readahead in flight. A cold restore of 2.5 GiB of random data (the page cache dropped before
+ * each), alternately, 7 rounds: 4.7 to 6.3 s and 4.1 to 6.2 CPU-s of system time without; 3.0 to 3.5 s and 1.8 to
+ * 2.0 with 16 or 32 MiB ahead, 3.4 to 3.8 s with 8 MiB, 3.3 to 3.7 s with 64 MiB; from the page cache, 1.6 to 2.1 s.
+ */
+const READ_AHEAD_BYTES = 32 * 1024 * 1024;
+const READ_AHEAD_STEP = 8 * 1024 * 1024;
+
+/** Keeps the kernel reading up to READ_AHEAD_BYTES past a sequential reader's position in one open file. */
+export class ReadAhead {
+  /** Where the kernel has been asked to read to. */
+  private asked = 0;
+
+  constructor(private readonly handle: fs.FileHandle) {}
+
+  /** The reader is at `position` and will read on up to `end` (the file's end, or its extent's). A hint only. */
+  at(position: number, end: number): void {
+    const want = Math.min(end, position + READ_AHEAD_BYTES);
+    if (want - this.asked < READ_AHEAD_STEP && want < end) return;
+    const from = Math.max(this.asked, position);
+    if (want > from) native().readAhead(this.handle.fd, from, want - from).catch(() => undefined);
+    this.asked = Math.max(this.asked, want);
+  }
+}
 
 /** Whether `file` is a directory, following symbolic links. */
 async function isDirectory(file: string): Promise<boolean> {

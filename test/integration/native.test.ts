@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { inspect } from 'node:util';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, rm, stat } from 'node:fs/promises';
+import { chmod, open, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
@@ -23,6 +23,7 @@ import { DomainPower } from '../../src/backup/domainPower.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
 import { qemuImgExtents } from '../../src/backup/extentSources.js';
 import { UserError } from '../../src/util/errors.js';
+import { ReadAhead } from '../../src/util/fileIo.js';
 import { Logger } from '../../src/util/log.js';
 import { anonHugeKiB, hugePagesOffered } from '../support/cli.js';
 import { tempDir as scratchDir } from '../support/testbed.js';
@@ -445,6 +446,27 @@ test('copyInto: the sources one after another from the offset, on a worker; byte
   await assert.rejects(addon.copyInto(target, 10, sources), /sources must be/);
   await assert.rejects(addon.copyInto(target, 17, []), /sources must be/);
   await assert.rejects(addon.copyInto(target, 0, ['x' as unknown as Buffer]), /sources must be/);
+});
+
+test('readAhead (ReadAhead): the kernel reads the range asked into the page cache; a closed file or a bad descriptor is no error', async () => {
+  const dir = await scratchDir('readahead-');
+  const file = path.join(dir, 'cold.data');
+  try {
+    await writeFile(file, randomBytes(48 * 1024 * 1024), { flush: true });
+    const resident = (): number => Number(spawnSync('fincore', ['-b', '-n', '-o', 'RES', file], { encoding: 'utf8' }).stdout.trim());
+    // dd's nocache with no blocks drops the file (written back: flush) from the page cache.
+    spawnSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0'], { stdio: 'ignore' });
+    assert.ok(resident() < 1024 * 1024, `${resident()} bytes resident after dropping`);
+    const handle = await open(file, 'r');
+    new ReadAhead(handle).at(0, 20 * 1024 * 1024);
+    for (let i = 0; i < 50 && resident() < 20 * 1024 * 1024; i++) await sleep(20);
+    assert.equal(resident(), 20 * 1024 * 1024);
+    await handle.close();
+    new ReadAhead(handle).at(0, 1024 * 1024);
+    await addon.readAhead(1 << 20, 0, 4096);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });
 
 test('alignedBuffer with hugePages: on huge pages where the kernel offers them, so a direct write of it is one request', async (t) => {
