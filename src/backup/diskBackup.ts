@@ -113,6 +113,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
         onProgress,
         digests: true,
         streamsAtOnce: options.disksAtOnce,
+        sinkCopies: target.copiesWrites,
         signal,
       });
       options.onReading?.();

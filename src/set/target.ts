@@ -62,6 +62,8 @@ export interface OutputTarget {
   writeFile(name: string, content: string | Buffer): Promise<void>;
   /** Absolute path of a file in the set, for callers that must read it back. */
   pathOf(name: string): string;
+  /** Its sinks keep copies of what they are given until the output takes them (a zip's entries). */
+  readonly copiesWrites?: boolean;
 }
 
 async function syncDirectory(dir: string): Promise<void> {

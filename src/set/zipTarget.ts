@@ -64,6 +64,8 @@ function sumWithNodeCrc32(): void {
 }
 
 export class ZipTarget implements OutputTarget {
+  /** Entries get copies of the writer's buffers (CopySlabs). */
+  readonly copiesWrites = true;
   private readonly archive: ZipArchive;
   private readonly copies = new CopySlabs();
   private failure: Error | undefined;
