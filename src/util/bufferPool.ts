@@ -1,5 +1,6 @@
-// Reusable buffers for the copy loops: large Buffer.allocUnsafe calls are fresh mmaps that the GC frees late, and
-// small ones each carry their own ArrayBuffer, freed only by the GC; pools keep page faults and RSS flat.
+// Reusable buffers for the copy loops and the map's server: large Buffer.allocUnsafe calls are fresh mmaps that the
+// GC frees late, and small ones each carry their own ArrayBuffer, freed only by the GC; pools keep page faults and
+// RSS flat.
 // Guarantees: a buffer handed out is used by nobody else until it is released; memory kept is bounded.
 
 /** Node serves smaller Buffer.allocUnsafe calls from a shared slab, which must never be pooled here. */
@@ -92,8 +93,8 @@ export function leasePool(slabSize: number, keep: number, idleKeepMs = IDLE_KEEP
 }
 
 /**
- * Buffers of many sizes, each used by one holder at a time (the map's lz4 frames and the packed bytes they come
- * from), in power-of-two classes from `smallest`: a buffer given back is lent out again for any length of its
+ * Buffers of many sizes, each used by one holder at a time (the map's lz4 frames, the packed bytes they come from
+ * and its NBD read replies), in power-of-two classes from `smallest`: a buffer given back is lent out again for any length of its
  * class, and at most `keepBytes` of free ones are kept, the rest left to the GC.
  */
 export class SizeClassPool {
