@@ -94,8 +94,8 @@ export function leasePool(slabSize: number, keep: number, idleKeepMs = IDLE_KEEP
 
 /**
  * Buffers of many sizes, each used by one holder at a time (the map's lz4 frames, the packed bytes they come from
- * and its NBD read replies), in power-of-two classes from `smallest`: a buffer given back is lent out again for any length of its
- * class, and at most `keepBytes` of free ones are kept, the rest left to the GC.
+ * and its NBD read replies), in power-of-two classes from `smallest`: a buffer given back is lent out again for any
+ * length of its class, and at most `keepBytes` of free ones are kept, the rest left to the GC.
  */
 export class SizeClassPool {
   private readonly free = new Map<number, Buffer[]>();
