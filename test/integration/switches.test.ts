@@ -2,8 +2,8 @@
 // ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
 // exactly), -w (disks at once), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
 // refused, two domains in parallel fine), how runs leave libvirtd (job torn down, connection closed), the
-// guest agent freeze (-F) where no agent answers, and --user/--password for a libvirtd that asks for a login, also
-// over qemu+tcp:// for a whole full and inc.
+// guest agent freeze (-F) where no agent answers, --user/--password for a libvirtd that asks for a login, also
+// over qemu+tcp:// for a whole full and inc, and a user other than root in libvirt's groups.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -13,7 +13,8 @@ import { once } from 'node:events';
 import { withDomain, withTempDir, TestDomain } from '../support/testbed.js';
 import { ourBin, pythonBin, repoRoot, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo, virsh } from '../support/points.js';
-import { withSaslLibvirtd } from '../support/libvirtd.js';
+import { withGroupLibvirtd, withSaslLibvirtd } from '../support/libvirtd.js';
+import { withSystemUser } from '../support/users.js';
 import { freePort, sshConfiguredFor, withPrivateSshd } from '../support/sshd.js';
 
 const bin = ourBin('virtnbdbackup');
@@ -290,3 +291,49 @@ test('--user/--password log in to a libvirtd that asks for a login (SASL): backu
   assert.ok(compared.identical, compared.output);
   await assertRestoresTo(work, path.join(work, 'tcp-set'), reference);
 });
+
+test('not root: a member of groups libvirt and libvirt-qemu backs up (full, inc) and restores; without libvirt-qemu, one line and no job or checkpoint left', async (t) => {
+  const work = await withTempDir(t, 'nonroot-');
+  await fs.chmod(work, 0o755);
+  const home = path.join(work, 'home');
+  await fs.mkdir(home);
+  const user = withSystemUser(t, home, ['libvirt', 'libvirt-qemu']);
+  await fs.chown(home, Number(execFileSync('id', ['-u', user], { encoding: 'utf8' })), Number(execFileSync('id', ['-g', user], { encoding: 'utf8' })));
+  // As the user with these supplementary groups, its environment reset as a login would (HOME, PATH, USER).
+  const asUser = (command: string, args: string[], groups = ['libvirt', 'libvirt-qemu']) =>
+    runCli('setpriv', ['--reuid', user, '--regid', user, '--groups', groups.join(','), '--reset-env', '--', command, ...args]);
+  const readable = await asUser('test', ['-r', ourBin('virtnbdbackup'), '-a', '-r', path.join(repoRoot, 'build', 'Release')]);
+  if (readable.code !== 0) {
+    t.skip(`the clone at ${repoRoot} is not readable by other users`);
+    return;
+  }
+  await withGroupLibvirtd(t, 'libvirt', async () => {
+    const dom = await withDomain(t, { disks: [DISK] });
+    const set = path.join(home, 'set');
+    const refused = await asUser(bin, ['-d', dom.name, '-l', 'full', '-o', path.join(home, 'refused')], ['libvirt']);
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.match(refused.stderr.trim().split('\n').at(-1) ?? '', new RegExp(`^virtnbdbackup: error: cannot connect to NBD export .*: permission denied \\(EACCES\\) to ${user}: the socket is libvirt-qemu:libvirt-qemu's \\(mode 07\\d\\d\\); run as root, or add ${user} to group libvirt-qemu$`));
+    assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+    assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '', 'the refused run left its checkpoint');
+
+    await ourRunAs(asUser, ['-d', dom.name, '-l', 'full', '-o', set]);
+    await dom.write('vda', 0x5a, '8M', '4M');
+    await ourRunAs(asUser, ['-d', dom.name, '-l', 'inc', '-o', set]);
+    const reference = await dom.snapshot('vda', path.join(work, 'vda.raw'));
+    const restored = path.join(home, 'restored');
+    const restore = await asUser(ourBin('virtnbdrestore'), ['-i', set, '-o', restored]);
+    assert.equal(restore.code, 0, restore.stderr);
+    const compared = await TestDomain.compare(path.join(restored, 'vda.qcow2'), reference);
+    assert.ok(compared.identical, compared.output);
+    const owner = (await fs.stat(path.join(set, 'vda.inc.virtnbdbackup.1.data'))).uid;
+    assert.equal(owner, (await fs.stat(home)).uid, 'the set is not the user\'s own');
+    assert.deepEqual((await fs.readdir('/run/lock')).filter((name) => name.includes(encodeURIComponent(dom.name))), [], 'a lock left behind');
+  });
+});
+
+/** Runs our virtnbdbackup through `asUser` and asserts it succeeded without a warning. */
+async function ourRunAs(asUser: (command: string, args: string[]) => Promise<{ code: number | null; stderr: string }>, args: string[]): Promise<void> {
+  const result = await asUser(bin, args);
+  assert.equal(result.code, 0, result.stderr);
+  assert.doesNotMatch(result.stderr, /warn/i);
+}

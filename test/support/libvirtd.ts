@@ -1,6 +1,6 @@
 // The machine's libvirtd for tests that take it away: killed in mid-run, or run for a while with a login (SASL
-// DIGEST-MD5 on a private socket and on TCP at 127.0.0.1, its user database and SASL config in a scratch dir,
-// nothing of the machine's config touched). Guarantees: libvirtd is started again as scripts/setup.sh starts it, whatever the test did.
+// DIGEST-MD5 on a private socket and on TCP at 127.0.0.1, its user database and SASL config in a scratch dir) or
+// for a group of users on a private socket, nothing of the machine's config touched. Guarantees: libvirtd is started again as scripts/setup.sh starts it, whatever the test did.
 import assert from 'node:assert/strict';
 import type { TestContext } from 'node:test';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -84,14 +84,37 @@ export async function withSaslLibvirtd<T>(t: TestContext, body: (daemon: SaslLib
   const authFile = path.join(dir, 'auth.conf');
   await fs.writeFile(authFile, `[credentials-test]\nauthname=${daemon.user}\npassword=${daemon.password}\n[auth-libvirt-default]\ncredentials=test\n`);
 
+  return withDaemonSwapped(['-d', '--listen', '-f', config], { ...process.env, SASL_CONF_PATH: dir },
+    () => libvirtdAnswers(daemon.uri, { ...process.env, LIBVIRT_AUTH_FILE: authFile }), 'libvirtd with a login', () => body(daemon));
+}
+
+/**
+ * Stops the system libvirtd, starts it with `args` and `env`, runs `body` once `answers`, and whatever happens
+ * stops that daemon and starts the system one again. The domains run on.
+ */
+async function withDaemonSwapped<T>(args: string[], env: NodeJS.ProcessEnv, answers: () => boolean, what: string, body: () => Promise<T>): Promise<T> {
   await stopLibvirtd();
   try {
     await fs.rm(PID_FILE, { force: true });
-    execFileSync('libvirtd', ['-d', '--listen', '-f', config], { env: { ...process.env, SASL_CONF_PATH: dir } });
-    await waitUntil(() => libvirtdAnswers(daemon.uri, { ...process.env, LIBVIRT_AUTH_FILE: authFile }), 'libvirtd with a login');
-    return await body(daemon);
+    execFileSync('libvirtd', args, { env });
+    await waitUntil(answers, what);
+    return await body();
   } finally {
     await stopLibvirtd();
     await restartLibvirtd();
   }
+}
+
+/**
+ * Runs `body` while libvirtd serves its usual socket (qemu:///system) read-write without a login to the members of
+ * `group` (mode 0770), as a host lets a group of users drive libvirt without polkit. Make domains inside `body`: the
+ * testbed's monitor connections of domains made before do not survive the daemon's restart.
+ */
+export async function withGroupLibvirtd<T>(t: TestContext, group: string, body: () => Promise<T>): Promise<T> {
+  const dir = await withTempDir(t, 'groupd-');
+  const config = path.join(dir, 'libvirtd.conf');
+  await fs.writeFile(config, [
+    `unix_sock_group = "${group}"`, 'unix_sock_rw_perms = "0770"', 'auth_unix_rw = "none"', 'auth_unix_ro = "none"', '',
+  ].join('\n'));
+  return withDaemonSwapped(['-d', '-f', config], process.env, () => libvirtdAnswers(), `libvirtd for group ${group}`, body);
 }
