@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the compiled tests (dist/test/unit, dist/test/integration) after sweeping stale test domains: two files at a time,
+# Runs the compiled tests (dist/test/unit, dist/test/integration) after sweeping stale test domains and users: two files at a time,
 # then those that stop the system libvirtd one at a time; exits non-zero if either run failed, 1 if no test file.
 #
 # Usage: scripts/test.sh [FILTER...] [NODE_TEST_OPTION...]
