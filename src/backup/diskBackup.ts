@@ -88,12 +88,14 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
     const onProgress = options.progress?.(disk.target, extents.dataSize);
     const result = { disk: disk.target, file, dataSize: extents.dataSize, virtualSize: endpoint.size };
     if (options.type === 'raw' && target.createPositional) {
-      await fillAndCommit(await target.createPositional(file, endpoint.size), async (image) => {
+      const checksum = await fillAndCommit(await target.createPositional(file, endpoint.size), async (image) => {
         const copying = writeRawImage(endpoint, extents, image, onProgress, signal);
         options.onReading?.();
-        await copying;
+        const sum = await copying;
         await sourceRead();
+        return sum;
       }).catch((err: unknown) => { throw writeFailure(disk, partial, err); });
+      await target.writeFile(checksumFileName(file), String(checksum));
       return { ...result, bytesWritten: endpoint.size };
     }
     const written = await fillAndCommit(await target.create(file, { bulk: true }), async (sink) => {

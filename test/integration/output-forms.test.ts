@@ -143,8 +143,9 @@ test('zip of random data, plain and -z: the archive holds the bytes read, not bu
   }
 });
 
-test('-t raw writes full-size sparse images (-z a warning); inc with -t raw is refused', async (t) => {
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [{ pattern: 'random', offsetMiB: 100, lengthMiB: 12 }] }] });
+test('-t raw writes full-size sparse images (-z a warning) with their .chksum, which verify checks; inc with -t raw is refused', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [
+    { pattern: 0x11, offsetMiB: 3, lengthMiB: 1 }, { pattern: 'random', offsetMiB: 100, lengthMiB: 12 }] }] });
   const work = await tempDir('vnbd-raw-');
   t.after(() => fs.rm(work, { recursive: true, force: true }));
   const set = path.join(work, 'set');
@@ -157,6 +158,16 @@ test('-t raw writes full-size sparse images (-z a warning); inc with -t raw is r
   assert.equal(stat.size, 256 * MiB);
   assert.ok(stat.blocks * 512 < 64 * MiB, `raw image is not sparse: ${stat.blocks * 512} bytes allocated`);
   await assertSame(image, ref, 'raw');
+  // The adler32 of every byte of the image, holes as zeros, as Python's zlib sums the file.
+  const adler = await run('/usr/bin/python3', ['-c', 'import sys,zlib; print(zlib.adler32(open(sys.argv[1], "rb").read()))', image]);
+  assert.equal(await fs.readFile(`${image}.chksum`, 'utf8'), adler.stdout.trim());
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  const handle = await fs.open(image, 'r+');
+  await handle.write(Buffer.from([0xee]), 0, 1, 100 * MiB + 5);
+  await handle.close();
+  const rotted = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  assert.equal(rotted.code, 1, rotted.stderr);
+  assert.match(rotted.stdout, /^FAILED vda\.full\.data: adler32 of the file is \d+, vda\.full\.data\.chksum says \d+$/m);
   const inc = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-t', 'raw', '-o', set, '-n']);
   assert.equal(inc.code, 1);
   assert.match(inc.stderr, /-t raw writes full images only/);
