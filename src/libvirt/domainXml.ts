@@ -107,8 +107,11 @@ export interface DiskSelection {
 
 export interface SelectedDisks {
   disks: DomainDisk[];
-  /** Why each left-out disk is left out, for warnings. */
-  skipped: Array<{ disk: DomainDisk; reason: string }>;
+  /**
+   * Why each left-out disk is left out, for warnings; `expected` marks what no one backs up (cdrom and floppy
+   * devices), which is said without a warning, as virtnbdbackup does, so that -e does not fail every such domain.
+   */
+  skipped: Array<{ disk: DomainDisk; reason: string; expected?: boolean }>;
 }
 
 /**
@@ -134,7 +137,7 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
     if (selection.include?.length && !selection.include.includes(disk.target)) continue;
     if (selection.exclude?.includes(disk.target)) continue;
     if (disk.device === 'cdrom' || disk.device === 'floppy') {
-      skipped.push({ disk, reason: `${disk.device} device` });
+      skipped.push({ disk, reason: `${disk.device} device`, expected: true });
     } else if (disk.device === 'lun') {
       skipped.push({ disk, reason: 'lun device (SCSI passthrough): QEMU passes its commands through to the device, whose changes no bitmap tracks' });
     } else if (disk.readOnly) {

@@ -201,6 +201,8 @@ export interface DomainOptions {
   guestAgent?: boolean;
   /** A network interface (user-mode, needing no host network) with this MAC address. */
   mac?: string;
+  /** An empty cdrom drive (hdc, IDE), as most domains have. */
+  cdrom?: boolean;
 }
 
 export interface TestDisk {
@@ -242,6 +244,7 @@ export class TestDomain {
     private diskList: TestDisk[],
     private readonly guestAgent = false,
     private readonly mac?: string,
+    private readonly cdrom = false,
   ) {
     this.forgetExitCleanup = oweAtExit(() => removeDomainSync(name, dir));
   }
@@ -261,7 +264,7 @@ export class TestDomain {
         ...(spec.network ? { socket: path.join(dir, `${spec.target}.nbd.sock`) } : {}),
       };
     });
-    const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent, opts.mac);
+    const domain = new TestDomain(`${prefix}-${id}`, dir, disks, opts.guestAgent, opts.mac, opts.cdrom);
     try {
       for (const [i, disk] of disks.entries()) await makeImage(disk, opts.disks[i] as DiskSpec, dir);
       if (disks.some((d) => d.pool)) await virsh('pool-create-as', pool, 'dir', '--target', dir);
@@ -468,6 +471,8 @@ export class TestDomain {
       ${source(d)}
       <target dev='${d.target}' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}
     </disk>`).join('');
+    const cdrom = this.cdrom ? `
+    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/></disk>` : '';
     const agent = this.guestAgent ? `
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>` : '';
     const nic = this.mac ? `
@@ -482,7 +487,7 @@ export class TestDomain {
   <vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type></os>
   <on_poweroff>destroy</on_poweroff>
-  <devices>${disks}${agent}${nic}
+  <devices>${disks}${cdrom}${agent}${nic}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
