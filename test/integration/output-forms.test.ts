@@ -143,7 +143,7 @@ test('zip of random data, plain and -z: the archive holds the bytes read, not bu
   }
 });
 
-test('-t raw writes full-size sparse images (-z a warning) with their .chksum, which verify checks; inc with -t raw is refused', async (t) => {
+test('-t raw writes full-size sparse images (-z a warning) with their .chksum, which verify checks, and restores; inc with -t raw is refused', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [
     { pattern: 0x11, offsetMiB: 3, lengthMiB: 1 }, { pattern: 'random', offsetMiB: 100, lengthMiB: 12 }] }] });
   const work = await tempDir('vnbd-raw-');
@@ -162,6 +162,9 @@ test('-t raw writes full-size sparse images (-z a warning) with their .chksum, w
   const adler = await run('/usr/bin/python3', ['-c', 'import sys,zlib; print(zlib.adler32(open(sys.argv[1], "rb").read()))', image]);
   assert.equal(await fs.readFile(`${image}.chksum`, 'utf8'), adler.stdout.trim());
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  const restored = path.join(work, 'restored');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', restored, '-n']);
+  await assertSame(path.join(restored, 'vda.qcow2'), ref, 'qcow2');
   const handle = await fs.open(image, 'r+');
   await handle.write(Buffer.from([0xee]), 0, 1, 100 * MiB + 5);
   await handle.close();
