@@ -278,7 +278,7 @@ function chooseDisks(ctx: RunContext, level: Level): void {
   const { options, log } = ctx;
   const incremental = level === 'inc' || level === 'diff';
   if (options.raw && incremental) log.warn('raw disks have no checkpoints: they are left out of inc and diff backups');
-  const { disks, skipped } = selectDisks(ctx.info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, offline: ctx.power.offline });
+  const { disks, skipped } = selectDisks(ctx.info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, rawNotInThisLevel: options.raw && incremental, offline: ctx.power.offline });
   for (const s of skipped) (s.expected ? log.info : log.warn).call(log, `skipping disk ${s.disk.target}: ${s.reason}`);
   for (const d of disks.filter((disk) => disk.encrypted)) {
     log.info(`disk ${d.target} is encrypted in its image: the backup holds its data as the guest reads it, not encrypted; keep the set as safe as the key`);

@@ -101,6 +101,8 @@ export interface DiskSelection {
   exclude?: string[];
   /** Back up raw-format disks too (always as copy). */
   raw?: boolean;
+  /** -r given for an inc or diff, which raw disks cannot join: they are left out as asked, without a warning each. */
+  rawNotInThisLevel?: boolean;
   /** The domain is shut off: its disks are read from their images by a qemu-nbd of ours, which needs a path. */
   offline?: boolean;
 }
@@ -108,8 +110,8 @@ export interface DiskSelection {
 export interface SelectedDisks {
   disks: DomainDisk[];
   /**
-   * Why each left-out disk is left out, for warnings; `expected` marks what no one backs up (cdrom and floppy
-   * devices), which is said without a warning, as virtnbdbackup does, so that -e does not fail every such domain.
+   * Why each left-out disk is left out, for warnings; `expected` marks what the user asked for or no one backs up
+   * (-x, cdrom and floppy devices), which is said without a warning, so that -e does not fail every such run.
    */
   skipped: Array<{ disk: DomainDisk; reason: string; expected?: boolean }>;
 }
@@ -135,8 +137,9 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
   const skipped: SelectedDisks['skipped'] = [];
   for (const disk of all) {
     if (selection.include?.length && !selection.include.includes(disk.target)) continue;
-    if (selection.exclude?.includes(disk.target)) continue;
-    if (disk.device === 'cdrom' || disk.device === 'floppy') {
+    if (selection.exclude?.includes(disk.target)) {
+      skipped.push({ disk, reason: 'left out with -x', expected: true });
+    } else if (disk.device === 'cdrom' || disk.device === 'floppy') {
       skipped.push({ disk, reason: `${disk.device} device`, expected: true });
     } else if (disk.device === 'lun') {
       skipped.push({ disk, reason: 'lun device (SCSI passthrough): QEMU passes its commands through to the device, whose changes no bitmap tracks' });
@@ -148,6 +151,8 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
       skipped.push({ disk, reason: `network disk (${disk.network?.protocol || 'no protocol'}) of a shut-off domain: only a running domain's backup job reads it; back it up with -S (the domain started paused), or while the domain runs` });
     } else if (disk.type !== 'network' && (!disk.path || (disk.type !== 'file' && disk.type !== 'block' && disk.type !== 'volume'))) {
       skipped.push({ disk, reason: `${disk.type} disk without a local image path is not supported` });
+    } else if (disk.format === 'raw' && selection.rawNotInThisLevel) {
+      skipped.push({ disk, reason: 'raw-format disk (no checkpoints possible): -r takes it into full and copy backups only', expected: true });
     } else if (disk.format === 'raw' && !selection.raw) {
       skipped.push({ disk, reason: 'raw-format disk (no checkpoints possible); include it with -r/--raw' });
     } else {

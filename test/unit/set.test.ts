@@ -92,7 +92,13 @@ test('domain XML: disks, boot files and the guest agent channel; selection skips
   assert.deepEqual(all.disks.map((d) => d.target), ['vda', 'vdb']);
   assert.deepEqual(all.skipped.map((s) => s.disk.target), ['vdc', 'sda']);
   assert.deepEqual(selectDisks(info.disks, { include: ['vdb'] }).disks.map((d) => d.target), ['vdb']);
-  assert.deepEqual(selectDisks(info.disks, { exclude: ['vda'] }).disks.map((d) => d.target), ['vdb']);
+  const excluded = selectDisks(info.disks, { exclude: ['vda'] });
+  assert.deepEqual(excluded.disks.map((d) => d.target), ['vdb']);
+  // What -x leaves out, cdrom drives, and raw disks -r cannot take into an inc are lines, not warnings (-e).
+  assert.deepEqual(excluded.skipped.map((s) => [s.disk.target, s.reason, s.expected ?? false]), [
+    ['vda', 'left out with -x', true], ['vdc', 'raw-format disk (no checkpoints possible); include it with -r/--raw', false], ['sda', 'cdrom device', true]]);
+  const rawInInc = selectDisks(info.disks, { rawNotInThisLevel: true }).skipped.find((s) => s.disk.target === 'vdc');
+  assert.deepEqual([rawInInc?.reason, rawInInc?.expected], ['raw-format disk (no checkpoints possible): -r takes it into full and copy backups only', true]);
 });
 
 test('domain XML: network disks (rbd, nbd) are selected by format as other disks, and left out of a shut-off domain\'s backup', () => {
