@@ -33,6 +33,7 @@ import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
 import { openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
 import { guardJob, type JobGuard } from './jobGuard.js';
 import type { RunContext } from './context.js';
+import { clearSocketPath } from '../util/process.js';
 
 export type { DiskResult } from './diskBackup.js';
 
@@ -424,7 +425,7 @@ function describeServer(server: JobServer): string {
  */
 async function openExports(ctx: RunContext, initial: RunPlan, hooks?: BackupJobOptions['hooks']): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
   const { options, disks } = ctx;
-  if (!ctx.host.remote) await fs.rm(socketOf(options), { force: true });
+  if (!ctx.host.remote) await clearSocketPath(socketOf(options));
   if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
   let scratch = await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, ctx.log);
   if (options.startOnly) {

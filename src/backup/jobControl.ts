@@ -41,7 +41,8 @@ export async function endBackupJob(options: EndJobOptions): Promise<void> {
       throw new UserError(`cannot end the backup job of '${options.domain}': ${oneLine(err)}`);
     });
     await waitForJobTeardown(domain);
-    if (options.socketFile) await fs.rm(options.socketFile, { force: true });
+    // Only a socket: -f naming a file by mistake must not cost the file.
+    if (options.socketFile && (await fs.lstat(options.socketFile).catch(() => undefined))?.isSocket()) await fs.rm(options.socketFile, { force: true });
     log.info(`ended the backup job of '${options.domain}'`);
   } catch (err) {
     throw (await lostConnectionError(conn, uri, err, `run 'virtnbdbackup -d ${options.domain} -k' again`)) ?? err;

@@ -57,7 +57,8 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
   const log = options.log ?? silentLogger;
   const cleanups: Array<() => Promise<unknown>> = [];
   // Should the process exit without stop() (a second Ctrl-C, a crash), the files still go.
-  const leftovers: string[] = [options.socket];
+  // The socket only once ours is there: --socket naming something else must never be removed.
+  const leftovers: string[] = [];
   const removeLeftovers = (): void => {
     for (const file of leftovers) fs.rmSync(file, { recursive: true, force: true });
   };
@@ -93,6 +94,7 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     await server.listenUnix(options.socket).catch((err: Error) => {
       throw new UserError(`cannot listen on ${options.socket}: ${oneLine(err)}`);
     });
+    leftovers.push(options.socket);
     const port = await server.listenTcp(options.listenAddress, options.port).catch((err: NodeJS.ErrnoException) => {
       const hint = err.code === 'EADDRINUSE' ? '; choose another port with -p (0 picks a free one)' : '';
       throw new UserError(`cannot listen on ${options.listenAddress}:${options.port}: ${oneLine(err)}${hint}`);

@@ -34,6 +34,7 @@ import { WorkWindow } from '../util/window.js';
 import { leasePool } from '../util/bufferPool.js';
 import { ReadAhead, readInto } from '../util/fileIo.js';
 import { qemuImgMapEntries } from '../backup/extentSources.js';
+import { checkSocketPath } from '../util/process.js';
 
 export { loadChains } from './plan.js';
 
@@ -111,6 +112,8 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   // while the images are written does not fail the run.
   if (options.define) await checkNameFree(uri, options.login, config?.adjusted?.name as string, options.nbdTimeout);
   const host = outputHost(options);
+  // Before anything is written: qemu-nbd's socket path is cleared for it, so it must not hold a file of the user's.
+  if (options.socketFile && !host.remote) await checkSocketPath(options.socketFile);
   if (plan.outputDir) {
     const dir = plan.outputDir;
     await host.makeDir(dir).catch((err: unknown) => {

@@ -9,7 +9,7 @@ import type { StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
 import type { Level } from '../libvirt/checkpoints.js';
-import { UserError, describeFailure, describeReadFailure } from '../util/errors.js';
+import { UserError, describeFailure, describeReadFailure, errnoOf } from '../util/errors.js';
 
 export function dataFileName(disk: string, level: Level, ident: string): string {
   if (level === 'full' || level === 'copy') return `${disk}.${level}.data`;
@@ -98,7 +98,7 @@ export async function readCheckpointList(file: string): Promise<string[]> {
     text = await fs.readFile(file, 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw err;
+    throw new UserError(`cannot read the checkpoint list ${file}: ${describeFailure(err)}`);
   }
   try {
     const list: unknown = JSON.parse(text);
@@ -165,6 +165,8 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
   for (const f of listing.dataFiles) {
     const p = path.join(listing.dir, f.file);
     const meta = await StreamReader.metadata(p).catch((err: Error) => {
+      // A file that cannot be opened (permissions) is not damaged: say only why.
+      if (errnoOf(err) !== undefined) throw new UserError(`cannot read ${p}: ${describeFailure(err)}`);
       throw new UserError(`${err.message}; the set's file ${f.file} is damaged or not a stream`);
     });
     const list = byDisk.get(f.disk) ?? [];

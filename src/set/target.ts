@@ -7,6 +7,7 @@ import { constants as fsConstants } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { native } from '../native/addon.js';
+import { UserError, describeFailure } from '../util/errors.js';
 import { makeDirectory } from '../util/fileIo.js';
 import { traced } from '../util/stageTrace.js';
 
@@ -355,8 +356,14 @@ export class DirectoryTarget implements OutputTarget {
     const final = this.pathOf(name);
     await makeDirectory(path.dirname(final));
     const partial = `${final}.partial`;
-    await fs.writeFile(partial, content);
-    await fs.rename(partial, final);
+    try {
+      await fs.writeFile(partial, content);
+      await fs.rename(partial, final);
+    } catch (err) {
+      // The .partial stays, as a data file's does: the run failed after its data, so the next inc must not go on
+      // as if the set were whole.
+      throw new UserError(`cannot write ${final}: ${describeFailure(err)}`);
+    }
   }
 }
 

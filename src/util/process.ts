@@ -3,6 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import net from 'node:net';
+import { UserError, describeFailure } from './errors.js';
 
 export interface RunResult { stdout: string; stderr: string }
 
@@ -84,11 +85,34 @@ async function listensAt(socketPath: string): Promise<boolean> {
 }
 
 /**
+ * Refuses a socket path (-f) that holds something a new server must not replace: a file or directory (a path given
+ * by mistake: removing it would lose it) or a socket a server still listens on. Nothing there, or a socket left by
+ * a server that is gone, is fine.
+ */
+export async function checkSocketPath(socketPath: string): Promise<void> {
+  const there = await fs.lstat(socketPath).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return undefined;
+    throw new UserError(`cannot use ${socketPath} for the NBD socket: ${describeFailure(err)}`);
+  });
+  if (!there) return;
+  if (!there.isSocket()) {
+    throw new UserError(`${socketPath} already exists and is not a socket, so it cannot be the NBD socket (-f); give a path where nothing is (${socketPath} was left as it is)`);
+  }
+  if (await listensAt(socketPath)) throw new UserError(`a server listens on the socket ${socketPath}; give another socket path (-f)`);
+}
+
+/** checkSocketPath, then removes a socket left there. */
+export async function clearSocketPath(socketPath: string): Promise<void> {
+  await checkSocketPath(socketPath);
+  await fs.rm(socketPath, { force: true });
+}
+
+/**
  * Starts a long-running server and resolves once it listens at `socketPath`; rejects if the process dies first. A
- * socket left at `socketPath` is removed first: its presence is what tells that the server is ready.
+ * socket left at `socketPath` is removed first (clearSocketPath): its presence is what tells that the server is ready.
  */
 export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
-  await fs.rm(socketPath, { force: true });
+  await clearSocketPath(socketPath);
   // setpriv execs the server with a parent-death signal, so a server never outlives us, even after kill -9.
   const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args], {
     stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(), detached: OUTLIVES_TERMINAL,

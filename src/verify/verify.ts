@@ -14,7 +14,7 @@ import { checksumFileName, digestFileName, listSet, noDataFiles, ofDisk, parseDa
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
-import { oneLine } from '../util/errors.js';
+import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import { runningWriter } from '../backup/lock.js';
 
 export interface VerifyOptions {
@@ -176,7 +176,9 @@ const SECTOR = 512;
  * stream with a damaged start is read as a stream and fails naming the damage, never restored as an image of garbage.
  */
 export async function isStreamFile(file: string): Promise<boolean> {
-  const handle = await fs.open(file, 'r');
+  const handle = await fs.open(file, 'r').catch((err: unknown) => {
+    throw new UserError(`cannot read ${file}: ${describeFailure(err)}`);
+  });
   try {
     const head = Buffer.alloc(FRAME_HEADER_LENGTH);
     const { bytesRead } = await handle.read(head, 0, FRAME_HEADER_LENGTH, 0);

@@ -5,6 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, withTempDir } from '../support/testbed.js';
 import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
@@ -209,4 +210,37 @@ test('-c copies the NVRAM the backup saved beside the images and points the XML 
   const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', bare, '-n', '-c']);
   assert.match(r.stderr, /nvram \/var\/lib\/libvirt\/qemu\/nvram\/web_VARS\.fd dropped \(the set holds no copy\)/);
   assert.doesNotMatch(await fs.readFile(path.join(bare, 'vmconfig.virtnbdbackup.1.xml'), 'utf8'), /nvram/);
+});
+
+test('-f naming a file, or a socket a server listens on, is refused before anything is written; the file is kept', async (t) => {
+  const work = await withTempDir(t, 'vnbd-sockpath-');
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  await new MemoryDisk(8 * MiB).fill(0x5a, MiB, MiB).saveRaw(path.join(set, 'vda.full.data'));
+  await craftVmConfig(set, 'virtnbdbackup.0', 'img', [{ target: 'vda', file: '/vm/a.qcow2', format: 'qcow2' }]);
+  const out = path.join(work, 'out');
+  // A data file of the set given to -f by mistake (virtnbdmap's -f names files): it was removed for qemu-nbd's socket.
+  const dataFile = path.join(set, 'vda.full.data');
+  const before = await fs.readFile(dataFile);
+  const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-f', dataFile]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.deepEqual(errorLines(refused), [`virtnbdrestore: error: ${dataFile} already exists and is not a socket, so it cannot be the NBD socket (-f); give a path where nothing is (${dataFile} was left as it is)`]);
+  assert.ok(before.equals(await fs.readFile(dataFile)), 'the data file changed');
+  await assert.rejects(fs.access(out), 'the output directory was made');
+
+  const socket = path.join(work, 'live.sock');
+  const server = net.createServer((c) => c.destroy());
+  await new Promise<void>((resolve) => server.listen(socket, resolve));
+  t.after(() => new Promise((resolve) => server.close(resolve)));
+  const busy = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-f', socket]);
+  assert.equal(busy.code, 1, busy.stderr);
+  assert.deepEqual(errorLines(busy), [`virtnbdrestore: error: a server listens on the socket ${socket}; give another socket path (-f)`]);
+  assert.ok((await fs.lstat(socket)).isSocket(), 'the live socket was removed');
+  // A socket whose server is gone is replaced, as before.
+  await new Promise((resolve) => server.close(resolve));
+  const stale = path.join(work, 'stale.sock');
+  await fs.writeFile(path.join(work, 'bind.py'), 'import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\n');
+  await run('/usr/bin/python3', [path.join(work, 'bind.py'), stale]);
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-f', stale]);
+  await fs.access(path.join(out, 'a.qcow2'));
 });

@@ -63,7 +63,16 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
     sshd.ref(); // so that its exit, awaited here, keeps the event loop going
     sshd.kill();
     await exited;
-    await fs.rm(dir, { recursive: true, force: true });
+    // The sshd of a connection may outlive the listener by a moment and write its last log line meanwhile.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await fs.rm(dir, { recursive: true, force: true });
+        break;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOTEMPTY' || attempt >= 50) throw err;
+        await sleep(100);
+      }
+    }
   });
   for (let i = 0; i < 100 && !(await accepts({ host: '127.0.0.1', port })); i++) {
     if (sshd.exitCode !== null) break;
