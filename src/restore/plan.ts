@@ -12,7 +12,7 @@ import {
   type ChainLink, type DataFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
-import { isStreamFile } from '../verify/verify.js';
+import { isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
@@ -365,6 +365,15 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   });
   if (kept.length === 0) throw new UserError(`nothing to restore from ${input}: ${disks.map((d) => d.disk).join(', ')} ${disks.length > 1 ? 'are raw-format disks' : 'is a raw-format disk'}; add -r/--raw`);
   kept.sort((a, b) => a.disk.localeCompare(b.disk));
+  // Each stream's .chksum is checked after the stream is written: one that cannot be read must stop the run now.
+  for (const d of kept) {
+    if (d.source.kind !== 'stream') continue;
+    for (const link of d.source.chain) {
+      await recordedChecksum(link.path).catch((err: unknown) => {
+        throw new UserError(`${oneLine(err)} in ${input}; restore its .chksum from a copy, or remove it to restore without that check`);
+      });
+    }
+  }
 
   if (output.file) await placeOnto(kept, output.file, output.block, output.size ?? 0, resolved);
   else await placeInDirectory(kept, output.dir as string, resolved);
@@ -439,7 +448,13 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
     taken.add(name);
     disk.image = path.join(dir, name);
     const qcowJson = await readQcowInfo(options.input, disk, options.log ?? silentLogger);
-    if (disk.format === 'qcow2') disk.createOptions = qcow2CreateOptions(qcowJson);
+    if (disk.format === 'qcow2') {
+      const layout = qcow2CreateOptions(qcowJson);
+      disk.createOptions = layout.options;
+      if (layout.ignored.length > 0) {
+        (options.log ?? silentLogger).warn(`the qcow.json of disk ${disk.disk} in ${options.input} holds values qemu-img info does not write (${layout.ignored.join(', ')}): left out, and QEMU's defaults used for them`);
+      }
+    }
     const dataFile = disk.format === 'qcow2' ? qcow2DataFile(qcowJson) : undefined;
     if (dataFile) {
       if (options.compress) throw new UserError(`--compress cannot be used for disk ${disk.disk}: its image keeps its data in an external data file (${dataFile.file}), which holds no compressed clusters`);

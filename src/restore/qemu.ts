@@ -28,23 +28,45 @@ function formatData(infoJson: string | undefined): Record<string, unknown> & { c
   }
 }
 
-/** `-o` options that recreate the source image's qcow2 layout (without its data file, see qcow2DataFile). */
-export function qcow2CreateOptions(infoJson: string | undefined): string[] {
+/** A word qemu-img's -o takes as one value: a comma or '=' would let a crafted qcow.json add options of its own. */
+const OPTION_WORD = /^[A-Za-z0-9._-]+$/;
+const isCount = (value: unknown): value is number => Number.isSafeInteger(value) && (value as number) > 0;
+
+/**
+ * `-o` options that recreate the source image's qcow2 layout (without its data file, see qcow2DataFile); values
+ * that are not what `qemu-img info` writes are left out and named in `ignored`, so the image gets QEMU's default.
+ */
+export function qcow2CreateOptions(infoJson: string | undefined): { options: string[]; ignored: string[] } {
   const data = formatData(infoJson);
   const options: string[] = [];
-  if (typeof data.compat === 'string') options.push(`compat=${data.compat}`);
-  if (typeof data.clusterSize === 'number') options.push(`cluster_size=${data.clusterSize}`);
+  const ignored: string[] = [];
+  const word = (key: string, option: string): void => {
+    const value = key === 'cluster-size' ? data.clusterSize : data[key];
+    if (value === undefined) return;
+    if (typeof value === 'string' && OPTION_WORD.test(value)) options.push(`${option}=${value}`);
+    else ignored.push(`${key} ${JSON.stringify(value)}`);
+  };
+  const count = (key: string, option: string): void => {
+    const value = key === 'cluster-size' ? data.clusterSize : data[key];
+    if (value === undefined) return;
+    if (isCount(value)) options.push(`${option}=${value}`);
+    else ignored.push(`${key} ${JSON.stringify(value)}`);
+  };
+  word('compat', 'compat');
+  count('cluster-size', 'cluster_size');
   if (data['lazy-refcounts'] === true) options.push('lazy_refcounts=on');
-  if (typeof data['compression-type'] === 'string') options.push(`compression_type=${data['compression-type']}`);
-  if (typeof data['refcount-bits'] === 'number') options.push(`refcount_bits=${data['refcount-bits']}`);
+  word('compression-type', 'compression_type');
+  count('refcount-bits', 'refcount_bits');
   if (data['extended-l2'] === true) options.push('extended_l2=on');
-  return options;
+  return { options, ignored };
 }
 
-/** The source image's external data file (qcow2 `data-file`), if it had one. */
+/** The source image's external data file (qcow2 `data-file`), if it had one with a usable file name. */
 export function qcow2DataFile(infoJson: string | undefined): { file: string; raw: boolean } | undefined {
   const data = formatData(infoJson);
-  return typeof data['data-file'] === 'string' ? { file: data['data-file'], raw: data['data-file-raw'] === true } : undefined;
+  const file = data['data-file'];
+  if (typeof file !== 'string' || ['', '.', '..'].includes(path.basename(file))) return undefined;
+  return { file, raw: data['data-file-raw'] === true };
 }
 
 /** `-o` options that give a new qcow2 image the external data file `file` (created by qemu-img). */

@@ -2,6 +2,7 @@
 // optionally to a log file in the backup set and to syslog; counts warnings for --strict.
 import fs from 'node:fs';
 import { SyslogSink } from './syslog.js';
+import { describeFailure } from './errors.js';
 
 export type Level = 'debug' | 'info' | 'warn' | 'error';
 const ORDER: Record<Level, number> = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -28,8 +29,12 @@ export class Logger {
 
   /** Also write every line (all levels, no colour) to `path`; the file is appended to. */
   attachFile(path: string): void {
-    this.file = fs.createWriteStream(path, { flags: 'a' });
-    this.file.on('error', () => { this.file = undefined; });
+    const file = fs.createWriteStream(path, { flags: 'a' });
+    this.file = file;
+    file.on('error', (err) => {
+      if (this.file === file) this.file = undefined;
+      this.warn(`cannot write the log file ${path}: ${describeFailure(err)}; the log goes on the console only`);
+    });
   }
 
   async detachFile(): Promise<void> {

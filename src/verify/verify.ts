@@ -63,7 +63,9 @@ async function readIfThere(file: string): Promise<string | undefined> {
 /** The adler32 recorded in `<dataFile>.chksum`, or undefined when there is none. */
 export async function recordedChecksum(dataFile: string): Promise<number | undefined> {
   const file = checksumFileName(dataFile);
-  const text = await readIfThere(file);
+  const text = await readIfThere(file).catch((err: unknown) => {
+    throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
+  });
   if (text === undefined) return undefined;
   if (!/^\s*\d+\s*$/.test(text)) throw new Error(`${path.basename(file)} holds no decimal checksum`);
   return Number(text.trim());
@@ -73,15 +75,30 @@ export async function recordedChecksum(dataFile: string): Promise<number | undef
 export async function recordedPieces(dataFile: string): Promise<RecordedDigests | undefined> {
   for (const algorithm of ['blake3', 'sha256'] as const) {
     const file = digestFileName(dataFile, algorithm);
-    const text = await readIfThere(file);
+    const text = await readIfThere(file).catch((err: unknown) => {
+      throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
+    });
     if (text === undefined) continue;
-    const doc = JSON.parse(text) as { algorithm?: unknown; pieces?: unknown };
-    if (doc.algorithm !== algorithm || !Array.isArray(doc.pieces)) throw new Error(`${path.basename(file)} is not a ${algorithm} piece list`);
+    const damaged = new Error(`${path.basename(file)} is damaged (not a ${algorithm} piece list), so the data file was not checked against it`);
+    let doc: { algorithm?: unknown; pieces?: unknown } | null;
+    try {
+      doc = JSON.parse(text) as typeof doc;
+    } catch {
+      throw damaged;
+    }
+    if (doc?.algorithm !== algorithm || !Array.isArray(doc.pieces)) throw damaged;
     // Earlier SHA-256 files keyed each piece's hash by the algorithm's name.
-    const pieces = (doc.pieces as Array<RecordedPiece & { sha256?: string }>).map((p) => ({ offset: p.offset, length: p.length, digest: p.digest ?? p.sha256 ?? '' }));
-    return { algorithm, pieces };
+    const listed = doc.pieces as Array<Partial<RecordedPiece> & { sha256?: unknown } | null>;
+    const pieces = listed.map((p) => ({ offset: p?.offset, length: p?.length, digest: p?.digest ?? p?.sha256 }));
+    if (!pieces.every((p) => isCount(p.offset, true) && isCount(p.length) && typeof p.digest === 'string')) throw damaged;
+    return { algorithm, pieces: pieces as RecordedPiece[] };
   }
   return undefined;
+}
+
+/** A byte count in a digest file: a whole number, above zero (or zero, where `zeroAllowed`). */
+function isCount(value: unknown, zeroAllowed = false): boolean {
+  return Number.isSafeInteger(value) && ((value as number) > 0 || (zeroAllowed && value === 0));
 }
 
 /** The one line a checksum mismatch reads as, in verify and restore alike. */

@@ -80,6 +80,10 @@ const cases: BadInput[] = [
     expect: new RegExp(`^FAILED ${INC1.replace(/\./g, '\\.')}: lz4 frame 0 of the data frame at disk offset 33554432`) },
   { name: 'a missing checksum (verify)', set: 'plain', verify: true, damage: (d) => fs.rm(path.join(d, `${INC2}.chksum`)),
     expect: new RegExp(`^FAILED ${INC2.replace(/\./g, '\\.')}: no checksum file ${INC2.replace(/\./g, '\\.')}\\.chksum$`) },
+  { name: 'a .chksum that holds no checksum is refused before anything is written', set: 'plain', damage: (d) => fs.writeFile(path.join(d, `${INC2}.chksum`), 'not a number'),
+    expect: new RegExp(`${INC2.replace(/\./g, '\\.')}\\.chksum holds no decimal checksum in .*; restore its \\.chksum from a copy, or remove it to restore without that check$`) },
+  { name: 'a damaged digest file (verify)', set: 'plain', verify: true, damage: (d) => fs.writeFile(path.join(d, `${INC1}.blake3.json`), '{"algorithm":"blake3","pieces":[null]}'),
+    expect: new RegExp(`^FAILED ${INC1.replace(/\./g, '\\.')}: ${INC1.replace(/\./g, '\\.')}\\.blake3\\.json is damaged \\(not a blake3 piece list\\), so the data file was not checked against it$`) },
   { name: '--until naming a checkpoint the set does not have', set: 'plain', args: ['--until', 'virtnbdbackup.9'],
     expect: /checkpoint virtnbdbackup\.9 is not in the chain of disk vda in .* \(it has: virtnbdbackup\.0, virtnbdbackup\.1, virtnbdbackup\.2\); pick one of those with --until/ },
 ];

@@ -244,3 +244,15 @@ test('-f naming a file, or a socket a server listens on, is refused before anyth
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-f', stale]);
   await fs.access(path.join(out, 'a.qcow2'));
 });
+
+test('-L naming a log file that cannot be written is a warning; the restore goes on', async (t) => {
+  const work = await withTempDir(t, 'vnbd-logfile-');
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  await new MemoryDisk(8 * MiB).fill(0x5a, MiB, MiB).saveRaw(path.join(set, 'vda.full.data'));
+  await craftVmConfig(set, 'virtnbdbackup.0', 'img', [{ target: 'vda', file: '/vm/a.qcow2', format: 'qcow2' }]);
+  const logFile = path.join(work, 'no-such-dir', 'restore.log');
+  const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out'), '-n', '-L', logFile]);
+  assert.match(r.stderr, new RegExp(`warning: cannot write the log file ${logFile}: .*ENOENT.*; the log goes on the console only`));
+  await fs.access(path.join(work, 'out', 'a.qcow2'));
+});

@@ -142,9 +142,12 @@ test('domain XML: a read-only disk and a lun device are skipped with reasons; a 
 
 test('qcow2 create options come from qemu-img info JSON', () => {
   const info = JSON.stringify({ format: 'qcow2', 'cluster-size': 131072, 'format-specific': { type: 'qcow2', data: { compat: '1.1', 'lazy-refcounts': true, 'compression-type': 'zstd' } } });
-  assert.deepEqual(qcow2CreateOptions(info), ['compat=1.1', 'cluster_size=131072', 'lazy_refcounts=on', 'compression_type=zstd']);
-  assert.deepEqual(qcow2CreateOptions(undefined), []);
-  assert.deepEqual(qcow2CreateOptions('not json'), []);
+  assert.deepEqual(qcow2CreateOptions(info), { options: ['compat=1.1', 'cluster_size=131072', 'lazy_refcounts=on', 'compression_type=zstd'], ignored: [] });
+  assert.deepEqual(qcow2CreateOptions(undefined), { options: [], ignored: [] });
+  assert.deepEqual(qcow2CreateOptions('not json'), { options: [], ignored: [] });
+  // A crafted qcow.json cannot slip options of its own into qemu-img's -o (data_file= would truncate any file).
+  const crafted = JSON.stringify({ 'cluster-size': 'x', 'format-specific': { data: { compat: '1.1,data_file=/etc/passwd', 'compression-type': 'zlib', 'refcount-bits': -1 } } });
+  assert.deepEqual(qcow2CreateOptions(crafted), { options: ['compression_type=zlib'], ignored: ['compat "1.1,data_file=/etc/passwd"', 'cluster-size "x"', 'refcount-bits -1'] });
 });
 
 test('the digest file, written in chunks, is exactly the JSON of all pieces, for every count around a chunk', async (t) => {
