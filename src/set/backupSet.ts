@@ -127,6 +127,9 @@ export async function listSet(dir: string): Promise<SetListing> {
   try {
     names = await fs.readdir(dir);
   } catch (err) {
+    if (errnoOf(err) === 'ENOTDIR' && (await fs.stat(dir).catch(() => undefined))?.isFile()) {
+      throw new UserError(`${dir} is a file, not a backup set directory (a zip written with -o -? unzip it into a directory and give that)`);
+    }
     throw new UserError(`cannot read backup set directory ${dir}: ${describeReadFailure(err)}`);
   }
   names.sort();

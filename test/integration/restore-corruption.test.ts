@@ -172,6 +172,14 @@ describe('bad input: one line, non-zero exit, nothing touched outside the output
       assert.equal(errorLines(r).length, 1, r.stderr);
       assert.match(r.stderr, /not-a-set is not a backup set: it holds no \*\.data files/);
     }
+    // A zip of -o - given as the set: a file, said so, with the way to a set.
+    const zip = path.join(notSet, 'webvm.full.zip');
+    await fs.writeFile(zip, 'PK');
+    for (const args of [['-o', path.join(work, 'out-not-set'), '-n'], ['-o', 'verify']]) {
+      const r = await runCli(ourBin('virtnbdrestore'), ['-i', zip, ...args]);
+      assert.equal(r.code, 1);
+      assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${zip} is a file, not a backup set directory (a zip written with -o -? unzip it into a directory and give that)`]);
+    }
     assert.equal(await fs.access(path.join(work, 'out-not-set')).then(() => true, () => false), false);
   });
 
