@@ -55,8 +55,18 @@ export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
   rename: (from, to) => fs.rename(from, to),
   remove: (file) => fs.rm(file, { force: true }),
   async createNew(file, content) {
-    if (Buffer.isBuffer(content)) await fs.writeFile(file, content, { flag: 'wx' });
-    else await fs.copyFile(content.localFile, file, fs.constants.COPYFILE_EXCL);
+    // Whole or not at all: written beside it, then linked in (which fails on an existing file, never replaces it).
+    const partial = `${file}.partial`;
+    try {
+      if (Buffer.isBuffer(content)) await fs.writeFile(partial, content, { flag: 'wx' });
+      else await fs.copyFile(content.localFile, partial, fs.constants.COPYFILE_EXCL);
+      await fs.link(partial, file).catch(async (err: NodeJS.ErrnoException) => {
+        if (err.code === 'EEXIST') throw err;
+        await fs.copyFile(partial, file, fs.constants.COPYFILE_EXCL); // a file system without hard links
+      });
+    } finally {
+      await fs.rm(partial, { force: true }).catch(() => undefined);
+    }
   },
 };
 

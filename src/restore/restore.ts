@@ -123,11 +123,18 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const disks: RestoredDisk[] = [];
   for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
   const result: RestoreResult = { disks };
-  if (config?.nvram) await host.createNew(config.nvram.target, { localFile: config.nvram.saved });
+  // The images are whole by now: a file that cannot be written after them must say they are kept.
+  const writeAfterImages = (file: string, content: Buffer | { localFile: string }, what: string): Promise<void> =>
+    host.createNew(file, content).catch((err: unknown) => {
+      throw new UserError(`the restored images are in place in ${plan.outputDir ?? 'their targets'}, but ${file} could not be written: ${describeFailure(err)}; ${what}`);
+    });
+  if (config?.nvram) await writeAfterImages(config.nvram.target, { localFile: config.nvram.saved }, `copy ${config.nvram.saved} there yourself`);
   if (config?.target) {
-    if (config.adjusted) await host.createNew(config.target, Buffer.from(config.adjusted.xml));
+    const from = config.adjusted ? Buffer.from(config.adjusted.xml) : { localFile: config.source };
+    const what = config.adjusted ? 'run the restore again with -c into a new directory, or adjust the set\'s domain XML yourself' : `copy ${config.source} there yourself`;
+    if (config.adjusted) await writeAfterImages(config.target, from, what);
     else if (await host.exists(config.target)) result.configKept = true;
-    else await host.createNew(config.target, { localFile: config.source });
+    else await writeAfterImages(config.target, from, what);
     result.config = config.target;
   }
   if (options.define && config?.adjusted) {

@@ -256,3 +256,20 @@ test('-L naming a log file that cannot be written is a warning; the restore goes
   assert.match(r.stderr, new RegExp(`warning: cannot write the log file ${logFile}: .*ENOENT.*; the log goes on the console only`));
   await fs.access(path.join(work, 'out', 'a.qcow2'));
 });
+
+test('a domain XML that cannot be written after the images says that the images are in place, and leaves no part of it', async (t) => {
+  const work = await withTempDir(t, 'vnbd-xmlfail-');
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  await new MemoryDisk(8 * MiB).fill(0x5a, MiB, MiB).saveRaw(path.join(set, 'vda.full.data'));
+  await craftVmConfig(set, 'virtnbdbackup.0', 'img', [{ target: 'vda', file: '/vm/a.qcow2', format: 'qcow2' }]);
+  const out = path.join(work, 'out');
+  const xml = path.join(out, 'vmconfig.virtnbdbackup.0.xml');
+  // Something in the way of the XML's partial file, as a full disk or a lost permission would be.
+  await fs.mkdir(`${xml}.partial`, { recursive: true });
+  const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-c']);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(errorLines(r).join('\n'), new RegExp(`^virtnbdrestore: error: the restored images are in place in ${out}, but ${xml} could not be written: .*; run the restore again with -c into a new directory, or adjust the set's domain XML yourself$`));
+  await fs.access(path.join(out, 'a.qcow2'));
+  await assert.rejects(fs.access(xml), 'a part of the XML was left under its name');
+});
