@@ -347,8 +347,13 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   const input = path.resolve(options.input);
   const host = options.host ?? LOCAL_HOST;
   const output = host.remote ? await resolveRemoteOutput(options.output, host) : await resolveOutput(path.resolve(options.output));
-  if (!host.remote && output.file && path.dirname(output.file) === input) {
-    throw new UserError(`-o ${output.file} is a file of the backup set ${input}: a restore would overwrite it; give a raw file, a block device or a directory outside the set`);
+  if (!host.remote && output.file) {
+    const real = (p: string): Promise<string> => fs.realpath(p).catch(() => p);
+    // Through symbolic links too; and a data file of any set (another one, or a chain.* dir of this one).
+    const inSet = (await real(path.dirname(output.file))) === (await real(input));
+    if (inSet || parseDataFileName(path.basename(output.file)) !== undefined) {
+      throw new UserError(`-o ${output.file} is ${inSet ? `a file of the backup set ${input}` : 'a backup data file'}: a restore would overwrite it; give a raw file, a block device or a directory outside the set`);
+    }
   }
   const resolved = { ...options, input };
   const { chains, images, checkpoints } = selectSources(await scanSet(input, log), resolved, log);

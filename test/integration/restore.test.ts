@@ -143,13 +143,25 @@ describe('restore of a real domain set', () => {
     const zip = path.join(work, 'backup.zip');
     await run('/usr/bin/python3', ['-m', 'zipfile', '-c', zip, path.join(set, 'vda.full.data')]);
     const inSet = path.join(set, 'vda.full.data.chksum');
-    const before = await Promise.all([zip, inSet].map((f) => fs.readFile(f)));
-    for (const [file, message] of [[zip, /is a zip archive \(a backup made with -o -\?\), not a raw disk: a restore would overwrite it/], [inSet, /is a file of the backup set \S+: a restore would overwrite it/]] as const) {
+    // The set through a symbolic link, and a raw image of another set (-t raw: no header to tell it by).
+    const linked = path.join(work, 'set-link');
+    await fs.symlink(set, linked);
+    const otherRaw = path.join(work, 'other-set', 'vda.copy.data');
+    await fs.mkdir(path.dirname(otherRaw));
+    await fs.writeFile(otherRaw, Buffer.alloc(MiB, 0x42));
+    const files = [zip, inSet, otherRaw];
+    const before = await Promise.all(files.map((f) => fs.readFile(f)));
+    for (const [file, message] of [
+      [zip, /is a zip archive \(a backup made with -o -\?\), not a raw disk: a restore would overwrite it/],
+      [inSet, /is a file of the backup set \S+: a restore would overwrite it/],
+      [path.join(linked, 'vda.full.data.chksum'), /is a file of the backup set \S+: a restore would overwrite it/],
+      [otherRaw, /is a backup data file: a restore would overwrite it/],
+    ] as const) {
       const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', file, '-n', '-d', 'vda']);
       assert.equal(r.code, 1, r.stderr);
       assert.match(errorLines(r).join('\n'), message);
     }
-    assert.deepEqual(await Promise.all([zip, inSet].map((f) => fs.readFile(f))), before);
+    assert.deepEqual(await Promise.all(files.map((f) => fs.readFile(f))), before);
   });
 
   test('--sequence applies exactly the listed files and refuses lists out of order, with gaps or of two disks', async () => {
