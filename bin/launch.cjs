@@ -32,7 +32,10 @@ exports.launch = function launch(command) {
     return;
   }
   import(pathToFileURL(compiled).href).catch((err) => {
-    console.error(err);
+    // Neither a bundle nor the compiled command loads: an install without its build. One line, as every error.
+    const missing = err && err.code === 'ERR_MODULE_NOT_FOUND';
+    const why = String((err && err.message) || err).split('\n')[0];
+    console.error(`${command}: error: cannot load ${compiled}: ${why}${missing ? '; build it with npm run build' : ''}`);
     process.exit(1);
   });
 };

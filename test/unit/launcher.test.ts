@@ -57,6 +57,12 @@ test('a bundle older than the compiled command is passed over for the compiled m
 
   await fs.rm(bundle);
   assert.equal((await runCli(process.execPath, launch)).stdout, 'compiled');
+
+  // Neither there (an install without its build): one line saying how to build, no stack.
+  await fs.rm(compiled);
+  const unbuilt = await runCli(process.execPath, launch);
+  assert.equal(unbuilt.code, 1);
+  assert.match(unbuilt.stderr, new RegExp(`^probe: error: cannot load ${compiled.replace(/[.]/g, '\\.')}: .*; build it with npm run build\n$`));
 });
 
 test('the launchers start the command with 8 libuv threads, or the UV_THREADPOOL_SIZE given', async (t) => {
