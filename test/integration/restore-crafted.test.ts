@@ -2,7 +2,7 @@
 // disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
 // --compress and -A layouts, the saved NVRAM with -c, and a restore (with -c) in a mount namespace where libvirtd
 // cannot be reached.
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import net from 'node:net';
@@ -212,12 +212,18 @@ test('-c copies the NVRAM the backup saved beside the images and points the XML 
   assert.doesNotMatch(await fs.readFile(path.join(bare, 'vmconfig.virtnbdbackup.1.xml'), 'utf8'), /nvram/);
 });
 
-test('-f naming a file, or a socket a server listens on, is refused before anything is written; the file is kept', async (t) => {
-  const work = await withTempDir(t, 'vnbd-sockpath-');
+/** A set of one 8 MiB disk saved as a raw image (image a.qcow2 when restored), in a work dir removed after the test. */
+async function smallRawSet(t: TestContext, prefix: string): Promise<{ work: string; set: string }> {
+  const work = await withTempDir(t, prefix);
   const set = path.join(work, 'set');
   await fs.mkdir(set);
   await new MemoryDisk(8 * MiB).fill(0x5a, MiB, MiB).saveRaw(path.join(set, 'vda.full.data'));
   await craftVmConfig(set, 'virtnbdbackup.0', 'img', [{ target: 'vda', file: '/vm/a.qcow2', format: 'qcow2' }]);
+  return { work, set };
+}
+
+test('-f naming a file, or a socket a server listens on, is refused before anything is written; the file is kept', async (t) => {
+  const { work, set } = await smallRawSet(t, 'vnbd-sockpath-');
   const out = path.join(work, 'out');
   // A data file of the set given to -f by mistake (virtnbdmap's -f names files): it was removed for qemu-nbd's socket.
   const dataFile = path.join(set, 'vda.full.data');
@@ -246,11 +252,7 @@ test('-f naming a file, or a socket a server listens on, is refused before anyth
 });
 
 test('-L naming a log file that cannot be written is a warning; the restore goes on', async (t) => {
-  const work = await withTempDir(t, 'vnbd-logfile-');
-  const set = path.join(work, 'set');
-  await fs.mkdir(set);
-  await new MemoryDisk(8 * MiB).fill(0x5a, MiB, MiB).saveRaw(path.join(set, 'vda.full.data'));
-  await craftVmConfig(set, 'virtnbdbackup.0', 'img', [{ target: 'vda', file: '/vm/a.qcow2', format: 'qcow2' }]);
+  const { work, set } = await smallRawSet(t, 'vnbd-logfile-');
   const logFile = path.join(work, 'no-such-dir', 'restore.log');
   const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out'), '-n', '-L', logFile]);
   assert.match(r.stderr, new RegExp(`warning: cannot write the log file ${logFile}: .*ENOENT.*; the log goes on the console only`));
@@ -258,11 +260,7 @@ test('-L naming a log file that cannot be written is a warning; the restore goes
 });
 
 test('a domain XML that cannot be written after the images says that the images are in place, and leaves no part of it', async (t) => {
-  const work = await withTempDir(t, 'vnbd-xmlfail-');
-  const set = path.join(work, 'set');
-  await fs.mkdir(set);
-  await new MemoryDisk(8 * MiB).fill(0x5a, MiB, MiB).saveRaw(path.join(set, 'vda.full.data'));
-  await craftVmConfig(set, 'virtnbdbackup.0', 'img', [{ target: 'vda', file: '/vm/a.qcow2', format: 'qcow2' }]);
+  const { work, set } = await smallRawSet(t, 'vnbd-xmlfail-');
   const out = path.join(work, 'out');
   const xml = path.join(out, 'vmconfig.virtnbdbackup.0.xml');
   // Something in the way of the XML's partial file, as a full disk or a lost permission would be.
