@@ -215,6 +215,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   const target: OutputTarget = toZip && writesSet ? await ZipTarget.open(options.stdout ?? process.stdout) : new DirectoryTarget(stateDir);
   let succeeded = false;
   let conn: LibvirtConnection | undefined;
+  const afterZip: RunContext['afterZip'] = [];
   try {
     const connection = await openLibvirt(uri, options.login, options.nbdTimeout);
     conn = connection;
@@ -225,7 +226,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       const info = parseDomainXml(vmXml);
       await resolveVolumes(info.disks, (pool, volume) => connection.storageVolumePath(pool, volume));
       const ctx: RunContext = {
-        options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt, host, offlineImageInfo: new Map(),
+        options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt, host, offlineImageInfo: new Map(), afterZip,
         xmlDir: options.checkpointDir ? path.resolve(options.checkpointDir) : path.join(stateDir, CHECKPOINT_DIR),
       };
       const result = await runBackup(ctx, level);
@@ -249,7 +250,12 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
     throw failure;
   } finally {
     await conn?.close().catch(() => undefined);
-    if (toZip && writesSet) await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log);
+    if (toZip && writesSet) {
+      await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log);
+      // Only now, the archive whole: a zip that failed leaves the checkpoint unlisted, and the next inc removes it,
+      // its changes merged into its parent's bitmap.
+      if (succeeded) for (const record of afterZip) await record();
+    }
     await log.detachFile();
   }
 }

@@ -32,4 +32,9 @@ export interface RunContext {
   host: DomainHost;
   /** `qemu-img info` JSON by disk, read once in a run of a shut-off domain (its images do not change meanwhile). */
   offlineImageInfo: Map<string, Promise<string>>;
+  /**
+   * Zip output: what the state dir records of the run (its .cpt), done once the archive is whole. Recorded before, a
+   * zip that failed at its end would leave the next inc continuing from changes no valid archive holds.
+   */
+  afterZip: Array<() => Promise<void>>;
 }

@@ -62,6 +62,8 @@ async function enterChain(ctx: RunContext, plan: RunPlan): Promise<void> {
     // An unzipped archive is then a complete set; the state dir keeps the chain for the next run.
     await ctx.target.writeFile(path.join(CHECKPOINT_DIR, `${name}.xml`), xml);
     await ctx.target.writeFile(cpt, next);
+    ctx.afterZip.push(() => new DirectoryTarget(ctx.stateDir).writeFile(cpt, next));
+    return;
   }
   await new DirectoryTarget(ctx.stateDir).writeFile(cpt, next);
 }

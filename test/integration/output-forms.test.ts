@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { withDomain, tempDir, run, type TestDomain } from '../support/testbed.js';
-import { assertNoNodeWarning, ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
+import { assertNoNodeWarning, ourBin, pythonBin, repoRoot, runCli, runOk } from '../support/cli.js';
 import { TestDomain as Domain } from '../support/testbed.js';
 
 const MiB = 1024 * 1024;
@@ -15,6 +15,19 @@ const MiB = 1024 * 1024;
 /** Runs `virtnbdbackup ... -o -` in `cwd` piped through `cat` into `zipFile`, as `| ssh host 'cat > f'` would. */
 function backupToZip(cwd: string, args: string[], zipFile: string): Promise<{ code: number | null; stderr: string }> {
   return backupPiped(cwd, args, `cat > '${zipFile}'`);
+}
+
+/** Runs a program in `cwd`, capturing its output (the zip state dir is the working directory). */
+function runCliIn(cwd: string, command: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
 }
 
 /** Runs `virtnbdbackup ... -o -` in `cwd` piped into the shell command `reader` (the exit code is pipefail's). */
@@ -116,6 +129,43 @@ test('a reader of the zip that goes away, or a full output: one line saying so, 
   const again = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
   assert.equal(again.code, 0, again.stderr);
   await run('unzip', ['-tq', path.join(state, 'full.zip')]);
+});
+
+test('a zip that fails at its very end (its central directory) leaves the chain state as it was: the next inc saves those changes too', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const state = await tempDir('vnbd-zipend-');
+  t.after(() => fs.rm(state, { recursive: true, force: true }));
+  const full = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
+  assert.equal(full.code, 0, full.stderr);
+  const cpt = path.join(state, `${dom.name}.cpt`);
+  const chainBefore = await fs.readFile(cpt, 'utf8');
+  await dom.write('vda', 0x5a, '8M', '2M');
+  // The engine itself, its output failing on the write of the end of central directory: all data and side files
+  // are in, the archive is not whole.
+  const engine = path.join(repoRoot, 'dist', 'src', 'index.js');
+  const script = `import { Writable } from 'node:stream';
+    import { backup } from ${JSON.stringify(engine)};
+    const ends = [Buffer.from('504b0506', 'hex'), Buffer.from('504b0606', 'hex')];
+    const stdout = new Writable({ write(chunk, _enc, done) {
+      done(ends.some((e) => chunk.includes(e)) ? Object.assign(new Error('write EPIPE'), { code: 'EPIPE' }) : undefined);
+    } });
+    await backup({ domain: ${JSON.stringify(dom.name)}, level: 'inc', output: '-', stdout }).then(
+      () => { console.log('finished'); process.exit(0); }, (err) => { console.log('failed: ' + err.message); process.exit(1); });`;
+  const cut = await runCliIn(state, process.execPath, ['--input-type=module', '-e', script]);
+  assert.equal(cut.code, 1, cut.stdout + cut.stderr);
+  assert.match(cut.stdout, /^failed: .*EPIPE/);
+  assert.equal(await fs.readFile(cpt, 'utf8'), chainBefore, 'the .cpt lists the checkpoint of a zip that failed');
+  // The next inc removes that checkpoint (its bitmap merged into the full's) and saves the write.
+  const reference = await dom.snapshot('vda', path.join(state, 'vda.raw'));
+  const inc = await backupToZip(state, ['-d', dom.name, '-l', 'inc', '-n'], path.join(state, 'inc.zip'));
+  assert.equal(inc.code, 0, inc.stderr);
+  const set = path.join(state, 'set');
+  await fs.mkdir(set);
+  for (const zip of ['full.zip', 'inc.zip']) await run('unzip', ['-oq', path.join(state, zip), '-d', set]);
+  const out = path.join(state, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  const compared = await Domain.compare(path.join(out, 'vda.qcow2'), reference);
+  assert.ok(compared.identical, compared.output);
 });
 
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
