@@ -11,7 +11,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
-import { CHECKPOINT_DIR, checkpointListName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
+import { CHECKPOINT_DIR, checkpointListName, checksumFileName, digestFileName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import { checkPrefix, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
@@ -496,12 +496,12 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   let failed = true;
   const controller = new AbortController();
   let scratch: ScratchWatch | undefined;
+  const results: DiskResult[] = [];
   try {
     if (scratchSpace) {
       const output = ctx.toZip || ctx.host.remote ? undefined : ctx.stateDir;
       scratch = watchScratch(scratchSpace, scratchDirOf(options), options.domain, output, log, (err) => controller.abort(err));
     }
-    const results: DiskResult[] = [];
     const signal = options.signal ? AbortSignal.any([options.signal, controller.signal]) : controller.signal;
     // A stopped run ends its job at once, not once the copy has unwound: a zip's reader that stalls would keep the
     // job (and the scratch file system's growth) going until it read on, a scratch directory filling up to the end.
@@ -543,6 +543,31 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       await exports.end(failed);
     } finally {
       await guard?.release();
+      if (failed && !ctx.toZip) await setAsideFinished(ctx, results);
+    }
+  }
+}
+
+/**
+ * A failed run's data files that did finish are renamed back to .partial: its checkpoint is gone, so they belong to
+ * no chain, and the next inc would make the same names. As .partial, the set's checks say what to do with them.
+ */
+async function setAsideFinished(ctx: RunContext, results: DiskResult[]): Promise<void> {
+  const there = (file: string): Promise<boolean> => fs.lstat(file).then(() => true, () => false);
+  for (const { file } of results) {
+    const final = ctx.target.pathOf(file);
+    const partial = `${final}.partial`;
+    if (await there(partial)) continue;
+    try {
+      await fs.rename(final, partial);
+      // Its checksum and digests go with it, named for the .partial: under the data file's name they would stop
+      // the next inc, which writes that name again.
+      for (const side of [checksumFileName, digestFileName]) {
+        if ((await there(side(final))) && !(await there(side(partial)))) await fs.rename(side(final), side(partial));
+      }
+      ctx.log.info(`renamed ${file} to ${path.basename(partial)}: the run failed, so it belongs to no chain`);
+    } catch (err) {
+      ctx.log.warn(`could not set ${final} aside as ${path.basename(partial)} after the run failed: ${describeFailure(err)}; move it and its .chksum and .blake3.json out of the set before the next inc`);
     }
   }
 }

@@ -158,6 +158,41 @@ test('disk full in mid-backup: clear error, job ended, checkpoint removed, .part
   assert.match(inc.stderr, /no full backup/);
 });
 
+test('an inc that fails on its second disk sets the first disk\'s finished file aside as .partial; once both are moved away, the next inc continues the chain', async (t) => {
+  const dom = await withDomain(t, { disks: [
+    { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] },
+    { target: 'vdb', sizeMiB: 64, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 1 }] },
+  ] });
+  const mount = await withTmpfs(t, 'vnbd-secondfull-', 'size=16M');
+  const set = path.join(mount, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  await dom.write('vda', 0x33, '8M', '4M');
+  await dom.write('vdb', 0x44, '8M', '24M');
+  // One disk at a time: vda's inc is written whole, then vdb's fills the file system.
+  const failed = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-w', '1', '-o', set, '-n']);
+  assert.equal(failed.code, 1, failed.stderr);
+  assert.match(failed.stderr, /vdb\.inc\.virtnbdbackup\.1\.data\.partial: no space left on device/);
+  assert.match(failed.stderr, /renamed vda\.inc\.virtnbdbackup\.1\.data to vda\.inc\.virtnbdbackup\.1\.data\.partial: the run failed, so it belongs to no chain/);
+  const files = await fs.readdir(set);
+  assert.ok(files.includes('vda.inc.virtnbdbackup.1.data.partial') && !files.includes('vda.inc.virtnbdbackup.1.data'), files.join(' '));
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), 'virtnbdbackup.0');
+  const refused = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /\.partial is left from a failed run/);
+  // As the line says: the .partial files moved away (here: removed), and room made, the chain goes on from the full.
+  for (const f of files.filter((name) => name.endsWith('.partial'))) await fs.rm(path.join(set, f));
+  execFileSync('mount', ['-o', 'remount,size=96M', mount]);
+  const references = await Promise.all(['vda', 'vdb'].map((d) => dom.snapshot(d, path.join(mount, `${d}.raw`))));
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  const out = path.join(mount, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  for (const [i, d] of ['vda', 'vdb'].entries()) {
+    const compared = await TestDomain.compare(path.join(out, `${d}.qcow2`), references[i] as string);
+    assert.ok(compared.identical, `${d}: ${compared.output}`);
+  }
+});
+
 /**
  * A full backup of a fresh domain (`dataMiB` of data on a disk 256 MiB larger) into a temp dir, returned once its
  * data is flowing (the .partial exists), for a test to interrupt in mid-copy.
