@@ -76,12 +76,19 @@ export class BackupJob {
     const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
     options.log.debug(`backup job XML:\n${jobXml}`);
     if (cptXml) options.log.debug(`checkpoint XML:\n${cptXml}`);
+    const leftovers = 'socket' in options.server ? [options.server.socket, ...disks.map((d) => d.scratchFile)] : [];
+    const job = (): BackupJob => new BackupJob(domain, options.server, leftovers, checkpoint.create ? checkpoint.name : undefined, options.log);
     const beginning = domain.backupBegin(jobXml, cptXml, 0);
-    options.hooks?.beginning();
+    try {
+      options.hooks?.beginning();
+    } catch (err) {
+      // The job begins anyway: it and its checkpoint must not outlive a run that cannot go on.
+      if (await beginning.then(() => true, () => false)) await job().end(true).catch(() => undefined);
+      throw err;
+    }
     await beginning;
     options.hooks?.begun();
-    const leftovers = 'socket' in options.server ? [options.server.socket, ...disks.map((d) => d.scratchFile)] : [];
-    return new BackupJob(domain, options.server, leftovers, checkpoint.create ? checkpoint.name : undefined, options.log);
+    return job();
   }
 
   /** The job's NBD export of disk `target`. */
