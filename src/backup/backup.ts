@@ -160,6 +160,16 @@ async function checkSet(output: string, level: Level): Promise<void> {
   }
 }
 
+/**
+ * Where the checkpoints' definitions are kept: -C, else the set's checkpoints/. A zip's state dir is the working
+ * directory, which a loop over domains shares: there each domain keeps its own (checkpoints/<domain>/), since the
+ * names (virtnbdbackup.N) repeat across domains, and another domain's definition made every inc a full.
+ */
+function checkpointDirOf(options: BackupOptions, stateDir: string, toZip: boolean): string {
+  if (options.checkpointDir) return path.resolve(options.checkpointDir);
+  return toZip ? path.join(stateDir, CHECKPOINT_DIR, options.domain) : path.join(stateDir, CHECKPOINT_DIR);
+}
+
 /** Runs `task` over `items` with at most `limit` at once; the first failure aborts the rest. */
 async function forEachLimited<T>(items: T[], limit: number, task: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
@@ -227,7 +237,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       await resolveVolumes(info.disks, (pool, volume) => connection.storageVolumePath(pool, volume));
       const ctx: RunContext = {
         options, log, domain, power, vmXml, info, disks: [], stateDir, target, toZip, logName, startedAt, host, offlineImageInfo: new Map(), afterZip,
-        xmlDir: options.checkpointDir ? path.resolve(options.checkpointDir) : path.join(stateDir, CHECKPOINT_DIR),
+        xmlDir: checkpointDirOf(options, stateDir, toZip),
       };
       const result = await runBackup(ctx, level);
       succeeded = true;

@@ -198,7 +198,8 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
 async function chainFiles(ctx: RunContext): Promise<string[]> {
   if (ctx.toZip) {
     const names = [checkpointListName(ctx.options.domain)];
-    if (path.resolve(ctx.xmlDir) === path.join(ctx.stateDir, CHECKPOINT_DIR)) names.push(CHECKPOINT_DIR);
+    const own = path.join(CHECKPOINT_DIR, ctx.options.domain);
+    if (path.resolve(ctx.xmlDir) === path.join(ctx.stateDir, own)) names.push(own);
     return names;
   }
   const names = await fs.readdir(ctx.stateDir);

@@ -219,6 +219,7 @@ export async function archiveChain(dir: string, names: string[], when: Date): Pr
     throw new UserError(`cannot move the set's chain aside into ${archive}: ${describeFailure(err)}`);
   });
   for (const name of names) {
+    if (path.dirname(name) !== '.') await fs.mkdir(path.join(archive, path.dirname(name)), { recursive: true });
     await fs.rename(path.join(dir, name), path.join(archive, name)).catch((err: NodeJS.ErrnoException) => {
       if (err.code !== 'ENOENT') throw new UserError(`cannot move ${path.join(dir, name)} into ${archive}: ${describeFailure(err)}`);
     });

@@ -168,6 +168,26 @@ test('a zip that fails at its very end (its central directory) leaves the chain 
   assert.ok(compared.identical, compared.output);
 });
 
+test('zip on stdout: two domains backed up from one working directory keep their chains apart (each inc an inc)', async (t) => {
+  const doms = await Promise.all([0x11, 0x22].map((pattern) => withDomain(t, { disks: [{ target: 'vda', sizeMiB: 32, fill: [{ pattern, offsetMiB: 0, lengthMiB: 2 }] }] })));
+  const state = await tempDir('vnbd-zipdoms-');
+  t.after(() => fs.rm(state, { recursive: true, force: true }));
+  for (const dom of doms) {
+    const r = await backupToZip(state, ['-d', dom.name, '-l', 'auto', '-n'], path.join(state, `${dom.name}.full.zip`));
+    assert.equal(r.code, 0, r.stderr);
+  }
+  for (const dom of doms) {
+    await dom.write('vda', 0x33, '4M', '1M');
+    const r = await backupToZip(state, ['-d', dom.name, '-l', 'auto', '-n'], path.join(state, `${dom.name}.inc.zip`));
+    assert.equal(r.code, 0, r.stderr);
+    assert.doesNotMatch(r.stderr, /warning/, r.stderr);
+    const listed = await run('/usr/bin/python3', ['-c', 'import sys,zipfile; print("\\n".join(zipfile.ZipFile(sys.argv[1]).namelist()))', path.join(state, `${dom.name}.inc.zip`)]);
+    assert.match(listed.stdout, /^vda\.inc\.virtnbdbackup\.1\.data$/m);
+    assert.match(listed.stdout, /^checkpoints\/virtnbdbackup\.1\.xml$/m);
+  }
+  assert.deepEqual((await fs.readdir(path.join(state, 'checkpoints'))).sort(), doms.map((d) => d.name).sort());
+});
+
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
   // Patterned data would hide a reused buffer (every piece the same bytes); random data in many pieces does not.
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 96, fill: [{ pattern: 0x5a, offsetMiB: 0, lengthMiB: 8 }, { pattern: 'random', offsetMiB: 16, lengthMiB: 48 }] }] });
