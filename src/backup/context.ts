@@ -1,4 +1,6 @@
 // What every step of one backup run needs to know, gathered once by backup.ts and passed along.
+import path from 'node:path';
+import { CHECKPOINT_DIR } from '../set/backupSet.js';
 import type { LibvirtDomain } from '../native/addon.js';
 import type { DomainDisk, DomainInfo } from '../libvirt/domainXml.js';
 import type { OutputTarget } from '../set/target.js';
@@ -37,4 +39,9 @@ export interface RunContext {
    * zip that failed at its end would leave the next inc continuing from changes no valid archive holds.
    */
   afterZip: Array<() => Promise<void>>;
+}
+
+/** The set's own copy of its checkpoints' definitions: its checkpoints/ (with -C as well), or a zip's state. */
+export function ownCheckpointDir(ctx: RunContext): string {
+  return ctx.toZip ? ctx.xmlDir : path.join(ctx.stateDir, CHECKPOINT_DIR);
 }

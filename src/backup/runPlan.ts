@@ -23,7 +23,7 @@ import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems, imageBitmaps } from './offline.js';
 import { VIR_DOMAIN_CHECKPOINT_XML_SIZE } from '../native/addon.js';
 import { imageInfoJson } from './sideFiles.js';
-import type { RunContext } from './context.js';
+import { ownCheckpointDir, type RunContext } from './context.js';
 
 export interface RunPlan {
   level: Level;
@@ -166,7 +166,9 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const parent = chain[chain.length - 1];
   if (parent === undefined) throw new UserError(`no checkpoints in the backup set (${cptFile} lists none): run a full backup first`);
   await redefineMissing(domain, chain, ctx.xmlDir, log);
-  const problem = await unusableParent(domain, parent, ctx.xmlDir);
+  // -C may be shared by several sets of the domain: the set's own copy tells whether libvirt's checkpoint is its own.
+  const own = ownCheckpointDir(ctx);
+  const problem = await unusableParent(domain, parent, own !== ctx.xmlDir && (await fs.access(path.join(own, `${parent}.xml`)).then(() => true, () => false)) ? own : ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);
   const added = await disksWithoutBitmap(ctx, parent, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);

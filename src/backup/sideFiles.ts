@@ -6,7 +6,7 @@ import { CHECKPOINT_DIR, autostartName, checkpointListName, qcowInfoName, vmConf
 import { DirectoryTarget } from '../set/target.js';
 import { oneLine } from '../util/errors.js';
 import { saveBootFiles } from './bootFiles.js';
-import type { RunContext } from './context.js';
+import { ownCheckpointDir, type RunContext } from './context.js';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { RunPlan } from './runPlan.js';
 
@@ -56,6 +56,9 @@ async function enterChain(ctx: RunContext, plan: RunPlan): Promise<void> {
   const { name } = plan.checkpoint;
   const xml = await ctx.domain.checkpointGetXMLDesc(name, 0);
   await new DirectoryTarget(ctx.xmlDir).writeFile(`${name}.xml`, xml);
+  // With -C, the set keeps a copy too: -C may serve several sets of the domain, whose names repeat.
+  const own = ownCheckpointDir(ctx);
+  if (own !== ctx.xmlDir) await new DirectoryTarget(own).writeFile(`${name}.xml`, xml);
   const cpt = checkpointListName(ctx.options.domain);
   const next = JSON.stringify([...plan.chain, name]);
   if (ctx.toZip) {

@@ -416,3 +416,20 @@ test('an inc that saved no data is a point of its own: --until it restores that 
   assert.deepEqual((await fs.readdir(out)).sort(), ['vda.qcow2', 'vmconfig.virtnbdbackup.1.xml']);
   assert.match(await fs.readFile(path.join(out, 'vmconfig.virtnbdbackup.1.xml'), 'utf8'), /<description>at point one<\/description>/);
 });
+
+test('two sets of one domain sharing -C: an inc into the older set, whose last checkpoint name the newer set reused, is a full, never an inc on the other set\'s checkpoint', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'shared-c-');
+  const shared = path.join(work, 'checkpoints');
+  const [older, newer] = [path.join(work, 'older'), path.join(work, 'newer')];
+  await backup(dom, older, 'full', '-C', shared);
+  await dom.write('vda', 0x22, '8M', '1M');
+  // The newer set's full replaces the domain's checkpoints, and its virtnbdbackup.0 definition in -C.
+  await backup(dom, newer, 'full', '-C', shared);
+  await dom.write('vda', 0x33, '16M', '1M');
+  const reference = await dom.snapshot('vda', path.join(work, 'now.raw'));
+  const stderr = await backup(dom, older, 'inc', '-C', shared);
+  assert.match(stderr, /checkpoint virtnbdbackup\.0 in libvirt is not this set's .*: an incremental backup would be wrong, so this run makes a full backup instead/);
+  assert.ok((await fs.readdir(older)).includes('vda.full.data'), 'the older set got no new full');
+  await assertPoint(work, older, reference);
+});
