@@ -170,6 +170,24 @@ function checkpointDirOf(options: BackupOptions, stateDir: string, toZip: boolea
   return toZip ? path.join(stateDir, CHECKPOINT_DIR, options.domain) : path.join(stateDir, CHECKPOINT_DIR);
 }
 
+/**
+ * The chain's state is written at the end of a run: a working directory (-o -) or -C that cannot take it would fail
+ * the run after all its data, a full's old checkpoints already removed. Refused now instead.
+ */
+async function checkStateWritable(options: BackupOptions, stateDir: string, toZip: boolean): Promise<void> {
+  const writable = (dir: string): Promise<boolean> => fs.access(dir, fs.constants.W_OK).then(() => true, () => false);
+  if (toZip && !(await writable(stateDir))) {
+    throw new UserError(`the working directory ${stateDir} keeps the chain's state of a zip on standard output (-o -), but cannot be written: run from a directory you can write to`);
+  }
+  if (options.checkpointDir !== undefined) {
+    const dir = path.resolve(options.checkpointDir);
+    await makeDirectory(dir).catch((err: unknown) => {
+      throw new UserError(`cannot create the checkpoint directory (-C) ${dir}: ${describeFailure(err)}`);
+    });
+    if (!(await writable(dir))) throw new UserError(`the checkpoint directory (-C) ${dir} cannot be written: give one you can write to`);
+  }
+}
+
 /** Runs `task` over `items` with at most `limit` at once; the first failure aborts the rest. */
 async function forEachLimited<T>(items: T[], limit: number, task: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
@@ -207,6 +225,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       throw new UserError(`cannot create output directory ${stateDir}: ${describeFailure(err)}`);
     });
   }
+  if (writesSet) await checkStateWritable(options, stateDir, toZip);
   const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser, options.nbdTimeout);
   const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir, host.remote ? host.hostname : undefined);
   try {

@@ -102,7 +102,8 @@ export async function readCheckpointList(file: string): Promise<string[]> {
   }
   try {
     const list: unknown = JSON.parse(text);
-    if (Array.isArray(list) && list.every((x) => typeof x === 'string')) return list as string[];
+    // Checkpoint names, which also name files: nothing that could reach out of the set's directory.
+    if (Array.isArray(list) && list.every((x) => typeof x === 'string' && /^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(x))) return list as string[];
   } catch { /* fall through */ }
   throw new DamagedCheckpointList(file);
 }

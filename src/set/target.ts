@@ -357,8 +357,17 @@ export class DirectoryTarget implements OutputTarget {
     await makeDirectory(path.dirname(final));
     const partial = `${final}.partial`;
     try {
-      await fs.writeFile(partial, content);
+      // Synced before and after its rename: after a power cut the file is there whole (an empty .cpt after one on
+      // XFS would end the chain), or not at all.
+      const handle = await fs.open(partial, 'w');
+      try {
+        await handle.writeFile(content);
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
       await fs.rename(partial, final);
+      await syncDirectory(path.dirname(final));
     } catch (err) {
       // The .partial stays, as a data file's does: the run failed after its data, so the next inc must not go on
       // as if the set were whole.

@@ -122,6 +122,9 @@ test('an output that cannot hold a set: a file, a read-only file system, under a
     ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-i', 'vdz', '-o', path.join(work, 'i')], new RegExp(`domain '${dom.name}' has no disk to back up matching -i vdz$`)],
     // libvirt's words name a scratch file it could not create, not the option.
     ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '--scratchdir', path.join(work, 'nodir'), '-o', path.join(work, 'noscratch')], /the scratch directory \S+\/nodir does not exist or is no directory: create it, or give --scratchdir an existing directory/],
+    // Where the chain's state goes at the end of a run: refused before the job, not after all the data.
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-C', readOnly, '-o', path.join(work, 'roC')], /the checkpoint directory \(-C\) \S+\/ro cannot be written: give one you can write to$/],
+    ['virtnbdbackup', ['-d', dom.name, '-l', 'full', '-C', path.join(readOnly, 'cpts'), '-o', path.join(work, 'roC2')], /cannot create the checkpoint directory \(-C\) \S+\/ro\/cpts: read-only file system; .*\(EROFS\)$/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(ourBin(command as 'virtnbdbackup'), ['-n', ...args]);
@@ -129,6 +132,10 @@ test('an output that cannot hold a set: a file, a read-only file system, under a
     assert.equal(errorLines(r).length, 1, r.stderr);
     assert.match(r.stderr.trim(), message);
   }
+  // A zip's chain state goes into the working directory.
+  const zipFromRo = spawnSync(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', '-'], { cwd: readOnly, encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
+  assert.equal(zipFromRo.status, 1, zipFromRo.stderr);
+  assert.match(zipFromRo.stderr, /^virtnbdbackup: error: the working directory \S+\/ro keeps the chain's state of a zip on standard output \(-o -\), but cannot be written: run from a directory you can write to$/m);
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
   assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
   const set = path.join(work, 'set');
