@@ -132,7 +132,8 @@ async function adoptRenamedChain(ctx: RunContext, cptFile: string): Promise<stri
   if (lists.length !== 1) return cptFile;
   const former = lists[0] as string;
   const newest = (await savedConfigNames(ctx.stateDir))[0];
-  const uuid = newest ? await fs.readFile(path.join(ctx.stateDir, newest), 'utf8').then((xml) => parseDomainXml(xml).uuid, () => '') : '';
+  // A saved XML that cannot be read or parsed tells no UUID: the line below then says what to check.
+  const uuid = newest ? await fs.readFile(path.join(ctx.stateDir, newest), 'utf8').then((xml) => parseDomainXml(xml).uuid).catch(() => '') : '';
   const formerName = former.slice(0, -'.cpt'.length);
   if (!uuid || !ctx.info.uuid) {
     throw new UserError(`the set ${ctx.stateDir} holds the chain of '${formerName}' (${former}), not of '${ctx.options.domain}'; if the domain was renamed, rename ${former} to ${path.basename(cptFile)} to continue its chain, else back up into another directory`);

@@ -9,6 +9,7 @@ import { once } from 'node:events';
 import zlib from 'node:zlib';
 import type { ZipArchive } from 'archiver';
 import type { OutputTarget, Sink } from './target.js';
+import { UserError, describeFailure } from '../util/errors.js';
 
 /** Copies below this come from Node's shared slab and are left to the GC. */
 const SMALL_COPY_BYTES = 64 * 1024;
@@ -168,7 +169,7 @@ export class ZipTarget implements OutputTarget {
     if (this.failure) throw this.failure;
     const done = this.entryDone(name);
     this.archive.append(Buffer.isBuffer(content) ? content : Buffer.from(content), { name, store: true, date: new Date() });
-    await Promise.race([done, this.broken]);
+    await Promise.race([done, this.broken]).catch(outputFailure(`cannot write ${name} into the zip on standard output`));
   }
 
   interrupt(reason: unknown): void {
@@ -183,7 +184,16 @@ export class ZipTarget implements OutputTarget {
 
   async close(): Promise<void> {
     if (this.failure) throw this.failure;
-    await Promise.race([this.archive.finalize(), this.broken]);
-    await Promise.race([this.finished, this.broken]);
+    const failed = outputFailure('cannot finish the zip on standard output');
+    await Promise.race([this.archive.finalize(), this.broken]).catch(failed);
+    await Promise.race([this.finished, this.broken]).catch(failed);
   }
+}
+
+/** A failure of the output as one line saying what could not be written; a stop's own reason stays as it is. */
+function outputFailure(what: string): (err: unknown) => never {
+  return (err) => {
+    if (err instanceof UserError) throw err;
+    throw new UserError(`${what}: ${describeFailure(err)}`);
+  };
 }
