@@ -221,9 +221,12 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   if (!toZip) {
     const existing = await fs.stat(stateDir).catch(() => undefined);
     if (existing && !existing.isDirectory()) throw new UserError(`-o ${stateDir} is not a directory: give a directory for the set, or - for a zip on standard output`);
-    await makeDirectory(stateDir).catch((err: unknown) => {
-      throw new UserError(`cannot create output directory ${stateDir}: ${describeFailure(err)}`);
-    });
+    // -p and -s write nothing there: they leave no empty directory behind.
+    if (writesSet) {
+      await makeDirectory(stateDir).catch((err: unknown) => {
+        throw new UserError(`cannot create output directory ${stateDir}: ${describeFailure(err)}`);
+      });
+    }
   }
   if (writesSet) await checkStateWritable(options, stateDir, toZip);
   const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser, options.nbdTimeout);

@@ -27,6 +27,7 @@ test('-s leaves a job running that other runs refuse; -k ends it', async (t) => 
   const socket = path.join(work, 'job.sock');
   const started = await runOk(bin, ['-n', '-d', dom.name, '-s', '-f', socket, '-o', path.join(work, 'set')]);
   assert.equal(started.stdout.trim(), socket);
+  assert.equal(await exists(path.join(work, 'set')), false, '-s made the output directory, which it does not write');
   assert.match(virsh('domjobinfo', dom.name), /Operation:\s+Backup/);
   assert.equal(execFileSync('nbdinfo', ['--size', `nbd+unix:///vda?socket=${socket}`], { encoding: 'utf8' }).trim(), String(64 * 1024 * 1024));
 
