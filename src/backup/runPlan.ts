@@ -167,9 +167,11 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const parent = chain[chain.length - 1];
   if (parent === undefined) throw new UserError(`no checkpoints in the backup set (${cptFile} lists none): run a full backup first`);
   await redefineMissing(domain, chain, ctx.xmlDir, log);
-  // -C may be shared by several sets of the domain: the set's own copy tells whether libvirt's checkpoint is its own.
+  // -C may be shared by several sets of the domain: the set's own copy tells whether libvirt's checkpoint is its own
+  // (sets made before it kept one have only -C's).
   const own = ownCheckpointDir(ctx);
-  const problem = await unusableParent(domain, parent, own !== ctx.xmlDir && (await fs.access(path.join(own, `${parent}.xml`)).then(() => true, () => false)) ? own : ctx.xmlDir);
+  const ownCopy = own !== ctx.xmlDir && (await fs.access(path.join(own, `${parent}.xml`)).then(() => true, () => false));
+  const problem = await unusableParent(domain, parent, ownCopy ? own : ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);
   const added = await disksWithoutBitmap(ctx, parent, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);

@@ -30,7 +30,8 @@ function formatData(infoJson: string | undefined): Record<string, unknown> & { c
 
 /** A word qemu-img's -o takes as one value: a comma or '=' would let a crafted qcow.json add options of its own. */
 const OPTION_WORD = /^[A-Za-z0-9._-]+$/;
-const isCount = (value: unknown): value is number => Number.isSafeInteger(value) && (value as number) > 0;
+const isWord = (value: unknown): boolean => typeof value === 'string' && OPTION_WORD.test(value);
+const isCount = (value: unknown): boolean => Number.isSafeInteger(value) && (value as number) > 0;
 
 /**
  * `-o` options that recreate the source image's qcow2 layout (without its data file, see qcow2DataFile); values
@@ -40,23 +41,17 @@ export function qcow2CreateOptions(infoJson: string | undefined): { options: str
   const data = formatData(infoJson);
   const options: string[] = [];
   const ignored: string[] = [];
-  const word = (key: string, option: string): void => {
+  const put = (key: string, option: string, valid: (value: unknown) => boolean): void => {
     const value = key === 'cluster-size' ? data.clusterSize : data[key];
     if (value === undefined) return;
-    if (typeof value === 'string' && OPTION_WORD.test(value)) options.push(`${option}=${value}`);
+    if (valid(value)) options.push(`${option}=${String(value)}`);
     else ignored.push(`${key} ${JSON.stringify(value)}`);
   };
-  const count = (key: string, option: string): void => {
-    const value = key === 'cluster-size' ? data.clusterSize : data[key];
-    if (value === undefined) return;
-    if (isCount(value)) options.push(`${option}=${value}`);
-    else ignored.push(`${key} ${JSON.stringify(value)}`);
-  };
-  word('compat', 'compat');
-  count('cluster-size', 'cluster_size');
+  put('compat', 'compat', isWord);
+  put('cluster-size', 'cluster_size', isCount);
   if (data['lazy-refcounts'] === true) options.push('lazy_refcounts=on');
-  word('compression-type', 'compression_type');
-  count('refcount-bits', 'refcount_bits');
+  put('compression-type', 'compression_type', isWord);
+  put('refcount-bits', 'refcount_bits', isCount);
   if (data['extended-l2'] === true) options.push('extended_l2=on');
   return { options, ignored };
 }
