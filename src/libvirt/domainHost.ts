@@ -167,16 +167,17 @@ export class SshHost implements HostAccess {
   }
 
   /**
-   * Starts `script` in the remote shell with its stderr kept; `lastWords` is that stderr's last line, for errors.
+   * Starts `script` in the remote shell with its stderr kept; `lastWords` is that stderr's last line (or `lines`
+   * lines, joined), for errors.
    * `bound` ties ssh to this process (a parent-death signal), for sessions that outlive a call.
    */
-  spawn(script: string, stdin: 'pipe' | 'ignore', stdout: 'pipe' | 'ignore', bound = false): { child: ChildProcess; lastWords: () => string | undefined } {
+  spawn(script: string, stdin: 'pipe' | 'ignore', stdout: 'pipe' | 'ignore', bound = false): { child: ChildProcess; lastWords: (lines?: number) => string | undefined } {
     const ssh = ['ssh', ...this.sshArgs(), script];
     const [command, ...args] = bound ? ['setpriv', '--pdeathsig', 'SIGTERM', '--', ...ssh] : ssh;
     const child = spawn(command as string, args, { stdio: [stdin, stdout, 'pipe'], detached: OUTLIVES_TERMINAL });
     let stderr = '';
     child.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
-    return { child, lastWords: () => stderr.trim().split('\n').pop() || undefined };
+    return { child, lastWords: (lines = 1) => stderr.trim().split('\n').filter(Boolean).slice(-lines).join('; ') || undefined };
   }
 
   async run(command: string, args: string[]): Promise<RunResult> {
@@ -196,18 +197,23 @@ export class SshHost implements HostAccess {
     await this.run('mkdir', ['-p', '--', dir]);
   }
 
+  /** Never over a file that appeared meanwhile, nor into a directory of that name. */
   async rename(from: string, to: string): Promise<void> {
-    await this.run('mv', ['-f', '--', from, to]);
+    await this.run('sh', ['-c', 'if [ -e "$2" ] || [ -L "$2" ]; then echo "$2 already exists" >&2; exit 1; fi; mv -T -- "$1" "$2"', 'sh', from, to]);
   }
 
   async remove(file: string): Promise<void> {
     await this.run('rm', ['-f', '--', file]);
   }
 
-  /** `cat` into the file with the shell's noclobber set: an existing file makes it fail. */
+  /**
+   * `cat` into `<file>.partial` with the shell's noclobber set, then linked in: whole or not at all, and an existing
+   * file makes it fail, as this host's createNew.
+   */
   async createNew(file: string, content: Buffer | { localFile: string }): Promise<void> {
     const input = Buffer.isBuffer(content) ? content : await fs.readFile(content.localFile);
-    const { child, lastWords } = this.spawn(`set -C; cat > ${shellQuote(file)}`, 'pipe', 'ignore');
+    const [final, partial] = [shellQuote(file), shellQuote(`${file}.partial`)];
+    const { child, lastWords } = this.spawn(`set -C; cat > ${partial} && ln -- ${partial} ${final}; s=$?; rm -f -- ${partial}; exit $s`, 'pipe', 'ignore');
     const stdin = child.stdin as Writable;
     stdin.on('error', () => undefined); // the remote side refused early: its exit says why
     const code = await new Promise<number | null>((resolve, reject) => {
@@ -268,7 +274,12 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
   const { child, lastWords } = ssh.spawn(script, 'pipe', 'ignore', true);
   const stdin = child.stdin as Writable;
   stdin.on('error', () => undefined); // a session that already ended
-  const ended = new Promise<void>((resolve) => child.once('close', () => resolve()));
+  let spawnFailure: string | undefined;
+  const ended = new Promise<void>((resolve) => {
+    child.once('close', () => resolve());
+    // ssh or setpriv missing: no session at all, and no 'close' either.
+    child.once('error', (err) => { spawnFailure = err.message; resolve(); });
+  });
   let gone = false;
   void ended.then(() => { gone = true; });
   const stop = async (): Promise<void> => {
@@ -281,7 +292,8 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
   while (!(await accepts({ host, port }))) {
     if (gone || Date.now() > deadline) {
       await stop();
-      const said = lastWords();
+      // The server's own reason comes before the shell's line with its exit status.
+      const said = spawnFailure ?? lastWords(2);
       throw new Error(`on ${ssh.label}: ${command} ${gone ? 'ended' : `did not listen within ${timeoutMs / 1000} s`} before it served ${host}:${port}${said ? `: ${said}` : ''}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 50));

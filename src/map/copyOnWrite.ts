@@ -194,6 +194,9 @@ async function removeOrphanOverlays(parentDir: string, log: Logger): Promise<voi
   for (const name of await fs.readdir(parentDir).catch(() => [] as string[])) {
     const pid = Number(OVERLAY_DIR.exec(name)?.[1]);
     if (!pid || pid === process.pid || processRuns(pid)) continue;
+    // Only a directory as ours make them (our user's, mode 0700): in a shared /var/tmp, another user could plant one.
+    const stat = await fs.lstat(path.join(parentDir, name)).catch(() => undefined);
+    if (!stat?.isDirectory() || stat.uid !== process.getuid?.() || (stat.mode & 0o777) !== 0o700) continue;
     await fs.rm(path.join(parentDir, name), { recursive: true, force: true });
     log.info(`removed ${path.join(parentDir, name)}, the overlay of a virtnbdmap that is gone (pid ${pid})`);
   }

@@ -101,7 +101,9 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     });
     const name = encodeURIComponent(options.exportName);
     const host = options.listenAddress.includes(':') ? `[${options.listenAddress}]` : options.listenAddress;
-    const uris = [`nbd+unix:///${name}?socket=${options.socket}`, `nbd://${host}:${port}/${name}`];
+    // A path's space, '&', '#', '%' or '+' would end or change the query: escaped, as libnbd and qemu-nbd decode them.
+    const socket = options.socket.replace(/[ %&#+?]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+    const uris = [`nbd+unix:///${name}?socket=${socket}`, `nbd://${host}:${port}/${name}`];
     const device = options.device ? await attachDevice(options.device, Boolean(options.readOnly), uris, log) : undefined;
     if (device) cleanups.push(() => run('qemu-nbd', ['-d', device]));
     return { uris, overlayDir, device, description, server, stop };

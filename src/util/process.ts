@@ -14,14 +14,20 @@ export interface RunResult { stdout: string; stderr: string }
  */
 export const OUTLIVES_TERMINAL = process.env.VIRTNBD_SIGHUP_IGNORED === '1';
 
+/** How long a readiness probe waits for a connect: a listening server on any reachable host answers far sooner. */
+const ACCEPT_PROBE_MS = 2000;
+
 /** Whether a server accepts connections at `where`: a TCP host and port, or a unix socket's path. */
-export function accepts(where: net.NetConnectOpts): Promise<boolean> {
+export function accepts(where: net.NetConnectOpts, timeoutMs = ACCEPT_PROBE_MS): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = net.connect(where);
-    socket.once('connect', () => { socket.destroy(); resolve(true); });
-    socket.once('error', () => resolve(false));
+    // A host whose firewall drops the probe would hold it for minutes: no answer in time counts as no.
+    const timer = setTimeout(() => { socket.destroy(); resolve(false); }, timeoutMs);
+    socket.once('connect', () => { clearTimeout(timer); socket.destroy(); resolve(true); });
+    socket.once('error', () => { clearTimeout(timer); resolve(false); });
   });
 }
+
 
 /**
  * Runs `command` to its end; rejects with its last line of stderr when it fails. `signal` aborted kills it

@@ -147,6 +147,10 @@ test('restore onto another host (remote -U): images written there through its qe
   assert.equal(busy.code, 1, busy.stderr);
   assert.match(errorLines(busy).join('\n'), new RegExp(`port ${port} on 127\\.0\\.0\\.1 is taken \\(another backup or restore\\?\\): choose another with -P; nothing of it was kept$`));
   assert.deepEqual(await fs.readdir(busyOut), []);
+  // Its qemu-nbd told to bind an address that host does not have (-I): qemu-nbd's own reason is in the line.
+  const unbound = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'unbound'), '-n', ...remote, '-I', '192.0.2.1']);
+  assert.equal(unbound.code, 1, unbound.stderr);
+  assert.match(errorLines(unbound).join('\n'), /qemu-nbd ended before it served 192\.0\.2\.1:\d+: .*(Cannot assign requested address|Failed to).*; qemu-nbd exited with 1/);
   const relative = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'there', '-n', ...remote]);
   assert.match(errorLines(relative).join('\n'), /-o there is on root@127\.0\.0\.1: give it as an absolute path/);
 
