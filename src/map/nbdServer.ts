@@ -53,6 +53,11 @@ const ALLOCATION_CONTEXT_ID = 1;
 const MAX_IN_FLIGHT = 64;
 /** Free read-reply buffers kept for reuse. */
 const REPLY_SPARE_BYTES = 64 * 1024 * 1024;
+/**
+ * Write payloads of one connection held while they wait for a slot, before it stops reading more: read before
+ * their turn, they would otherwise pile up (64 requests of 32 MiB) for a client that writes fast.
+ */
+const PAYLOAD_HIGH_WATER = 64 * 1024 * 1024;
 /** Unsent reply bytes of one connection before it stops reading more requests. */
 const REPLY_HIGH_WATER = 64 * 1024 * 1024;
 /** Block status descriptors in one reply; clients ask again from where it ends. */
@@ -190,8 +195,11 @@ class Connection {
   private allocationSelected = false;
   private noZeroes = false;
   private inTransmission = false;
-  /** Requests being served: at most MAX_IN_FLIGHT; memory is bounded by the server's slots. */
-  private readonly requests = new WorkWindow(Number.POSITIVE_INFINITY, MAX_IN_FLIGHT - 1);
+  /**
+   * Requests being served: at most MAX_IN_FLIGHT, and their write payloads up to PAYLOAD_HIGH_WATER (plus the one
+   * just read); what they read is bounded by the server's slots, their replies by REPLY_HIGH_WATER.
+   */
+  private readonly requests = new WorkWindow(PAYLOAD_HIGH_WATER, MAX_IN_FLIGHT - 1);
 
   constructor(private readonly server: NbdServer, private readonly socket: net.Socket) {
     this.reader = new SocketReader(socket);
@@ -394,7 +402,7 @@ class Connection {
         this.socket.end();
         return;
       }
-      await this.requests.add(this.serve(request, payload), 0);
+      await this.requests.add(this.serve(request, payload), payload?.length ?? 0);
       while (!this.socket.destroyed && this.socket.writableLength > REPLY_HIGH_WATER) await drained(this.socket);
       if (this.socket.destroyed) return;
     }
