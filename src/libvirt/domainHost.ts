@@ -70,6 +70,20 @@ export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
   },
 };
 
+/** ssh's own failures as it words them, and what to do about each. */
+const SSH_ADVICE: Array<[RegExp, string]> = [
+  [/Host key verification failed/, 'connect once with ssh to accept the host\'s key (or add no_verify=1 to the URI)'],
+  [/Permission denied \((publickey|password)/, 'this user\'s ssh key is not accepted there: give the user with --ssh-user, or the key with keyfile= in the URI'],
+  [/Could not resolve hostname/, 'check the host name in the URI'],
+  [/Connection refused|Connection timed out|No route to host/, 'check that sshd runs on that host and the port in the URI'],
+];
+
+/** `message` with what to do, when it is one of ssh's own failures. */
+function withSshAdvice(message: string): string {
+  const advice = SSH_ADVICE.find(([pattern]) => pattern.test(message))?.[1];
+  return advice ? `${message}; ${advice}` : message;
+}
+
 /** One word for a POSIX shell: single-quoted, with embedded quotes closed and escaped. */
 export function shellQuote(word: string): string {
   return `'${word.replace(/'/g, `'\\''`)}'`;
@@ -184,7 +198,7 @@ export class SshHost implements HostAccess {
     try {
       return await run('ssh', [...this.sshArgs(), [command, ...args].map(shellQuote).join(' ')]);
     } catch (err) {
-      throw new Error(`on ${this.label}: ${(err as Error).message}`, { cause: err });
+      throw new Error(`on ${this.label}: ${withSshAdvice((err as Error).message)}`, { cause: err });
     }
   }
 
@@ -221,7 +235,7 @@ export class SshHost implements HostAccess {
       child.once('close', resolve);
       stdin.end(input);
     });
-    if (code !== 0) throw new Error(`on ${this.label}: cannot create ${file}: ${lastWords() ?? `ssh exited with ${code}`}`);
+    if (code !== 0) throw new Error(`on ${this.label}: cannot create ${file}: ${withSshAdvice(lastWords() ?? `ssh exited with ${code}`)}`);
   }
 
   /** `cat` through ssh; resolves at its first bytes or its successful end, so that a missing file rejects here. */
@@ -231,7 +245,7 @@ export class SshHost implements HostAccess {
       child.once('error', reject);
       child.once('close', (code) => {
         if (code === 0) resolve();
-        else reject(new Error(`on ${this.label}: ${lastWords() ?? `ssh exited with ${code}`}`));
+        else reject(new Error(`on ${this.label}: ${withSshAdvice(lastWords() ?? `ssh exited with ${code}`)}`));
       });
     });
     const chunks = (child.stdout as Readable)[Symbol.asyncIterator]();
@@ -294,7 +308,7 @@ export async function serveRemotely(ssh: SshHost, command: string, args: string[
       await stop();
       // The server's own reason comes before the shell's line with its exit status.
       const said = spawnFailure ?? lastWords(2);
-      throw new Error(`on ${ssh.label}: ${command} ${gone ? 'ended' : `did not listen within ${timeoutMs / 1000} s`} before it served ${host}:${port}${said ? `: ${said}` : ''}`);
+      throw new Error(`on ${ssh.label}: ${command} ${gone ? 'ended' : `did not listen within ${timeoutMs / 1000} s`} before it served ${host}:${port}${said ? `: ${withSshAdvice(said)}` : ''}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 50));
   }

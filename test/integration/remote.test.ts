@@ -353,3 +353,14 @@ test('refused with one line: restore flags for another host without its URI; a h
   }
   assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false);
 });
+
+test('ssh failures say what to do: a port nobody answers on, a key the host does not take', async (t) => {
+  const closed = await freePort();
+  const refused = domainHostOf(`qemu+ssh://root@127.0.0.1:${closed}/system`, undefined, 10);
+  await assert.rejects(refused.run('true', []), /Connection refused; check that sshd runs on that host and the port in the URI$/);
+  const sshd = await withPrivateSshd(t);
+  const keyless = path.join(await withTempDir(t, 'nokey-'), 'id');
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', keyless]);
+  const wrongKey = domainHostOf(`qemu+ssh://root@127.0.0.1:${sshd.port}/system?keyfile=${keyless}&no_verify=1`, undefined, 10);
+  await assert.rejects(wrongKey.run('true', []), /Permission denied \(publickey.*; this user's ssh key is not accepted there: give the user with --ssh-user, or the key with keyfile= in the URI$/);
+});
