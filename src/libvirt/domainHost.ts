@@ -75,7 +75,8 @@ const SSH_ADVICE: Array<[RegExp, string]> = [
   [/Host key verification failed/, 'connect once with ssh to accept the host\'s key (or add no_verify=1 to the URI)'],
   [/Permission denied \((publickey|password)/, 'this user\'s ssh key is not accepted there: give the user with --ssh-user, or the key with keyfile= in the URI'],
   [/Could not resolve hostname/, 'check the host name in the URI'],
-  [/Connection refused|Connection timed out|No route to host/, 'check that sshd runs on that host and the port in the URI'],
+  // Not "timed out during banner exchange": an sshd that stopped answering, which the caller's line names.
+  [/Connection refused|Connection timed out(?! during banner)|No route to host/, 'check that sshd runs on that host and the port in the URI'],
 ];
 
 /** `message` with what to do, when it is one of ssh's own failures. */
