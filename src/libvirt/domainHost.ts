@@ -31,6 +31,7 @@ interface HostAccess {
   exists(file: string): Promise<boolean>;
   /** Creates `dir` and its parents as needed. */
   makeDir(dir: string): Promise<void>;
+  /** Renames `from` to `to`, never over a file there nor into a directory of that name: that fails, `to` kept. */
   rename(from: string, to: string): Promise<void>;
   /** Removes `file` if it is there. */
   remove(file: string): Promise<void>;
@@ -52,7 +53,19 @@ export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
   },
   exists: (file) => fs.access(file).then(() => true, () => false),
   makeDir: (dir) => makeDirectory(dir),
-  rename: (from, to) => fs.rename(from, to),
+  // Never over a file that appeared meanwhile: linked in (which fails on an existing name), then the old name dropped.
+  async rename(from, to) {
+    try {
+      await fs.link(from, to);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new Error(`${to} already exists; it was left as it is`);
+      // A file system without hard links: checked, then renamed.
+      if (await fs.lstat(to).then(() => true, () => false)) throw new Error(`${to} already exists; it was left as it is`);
+      await fs.rename(from, to);
+      return;
+    }
+    await fs.unlink(from);
+  },
   remove: (file) => fs.rm(file, { force: true }),
   async createNew(file, content) {
     // Whole or not at all: written beside it, then linked in (which fails on an existing file, never replaces it).

@@ -316,7 +316,7 @@ async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions
   const partial = `${disk.image}.partial`;
   created.push(partial, ...(disk.dataFile ? [disk.dataFile] : []));
   await convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2' });
-  await fs.rename(partial, disk.image);
+  await LOCAL_HOST.rename(partial, disk.image);
 }
 
 /** Where the image's qemu-nbd serves: a socket here, or TCP on the output's remote host. */

@@ -1,5 +1,8 @@
-// Which host a libvirt URI names and how ssh reaches it; remote domains' locks apart from this host's.
+// Which host a libvirt URI names and how ssh reaches it; remote domains' locks apart from this host's; this host's file moves.
 import { test } from 'node:test';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import assert from 'node:assert/strict';
 import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, shellQuote, silenceLimit } from '../../src/libvirt/domainHost.js';
 import { domainLockFile } from '../../src/backup/lock.js';
@@ -72,4 +75,24 @@ test('the commands of a run share one ssh connection per host, through a socket 
   assert.ok(args.includes('ControlMaster=auto') && args.includes('ControlPersist=60'), args.join(' '));
   assert.deepEqual(host.sshArgs(), args, 'the same socket for every command of the host');
   assert.notEqual((domainHostOf('qemu+ssh://root@kvm2/system') as SshHost).sshArgs().find((a) => a.startsWith('ControlPath=')), `ControlPath=${path}`);
+});
+
+test('this host renames never over a file that appeared, nor into a directory; createNew never replaces one', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-rename-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const [from, to, folder] = ['from', 'to', 'folder'].map((n) => path.join(dir, n)) as [string, string, string];
+  await fs.writeFile(from, 'new image');
+  await fs.writeFile(to, 'a file of the user\'s');
+  await fs.mkdir(folder);
+  await assert.rejects(LOCAL_HOST.rename(from, to), /to already exists; it was left as it is/);
+  await assert.rejects(LOCAL_HOST.rename(from, folder), /folder already exists/);
+  assert.equal(await fs.readFile(to, 'utf8'), 'a file of the user\'s');
+  assert.deepEqual(await fs.readdir(folder), []);
+  await fs.rm(to);
+  await LOCAL_HOST.rename(from, to);
+  assert.equal(await fs.readFile(to, 'utf8'), 'new image');
+  assert.deepEqual((await fs.readdir(dir)).sort(), ['folder', 'to']);
+  await assert.rejects(LOCAL_HOST.createNew(to, Buffer.from('other')), /EEXIST/);
+  assert.equal(await fs.readFile(to, 'utf8'), 'new image');
+  assert.deepEqual((await fs.readdir(dir)).sort(), ['folder', 'to'], 'createNew left its partial');
 });
