@@ -18,6 +18,7 @@ import {
 } from '../libvirt/checkpoints.js';
 import { foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError } from '../util/errors.js';
+import { exists } from '../util/fileIo.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems, imageBitmaps } from './offline.js';
@@ -127,7 +128,7 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
  * XML, the line says what to check. Returns the list to read.
  */
 async function adoptRenamedChain(ctx: RunContext, cptFile: string): Promise<string> {
-  if (ctx.toZip || (await fs.access(cptFile).then(() => true, () => false))) return cptFile;
+  if (ctx.toZip || (await exists(cptFile))) return cptFile;
   const lists = (await fs.readdir(ctx.stateDir)).filter((n) => n.endsWith('.cpt'));
   if (lists.length !== 1) return cptFile;
   const former = lists[0] as string;
@@ -170,7 +171,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   // -C may be shared by several sets of the domain: the set's own copy tells whether libvirt's checkpoint is its own
   // (sets made before it kept one have only -C's).
   const own = ownCheckpointDir(ctx);
-  const ownCopy = own !== ctx.xmlDir && (await fs.access(path.join(own, `${parent}.xml`)).then(() => true, () => false));
+  const ownCopy = own !== ctx.xmlDir && (await exists(path.join(own, `${parent}.xml`)));
   const problem = await unusableParent(domain, parent, ownCopy ? own : ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);
   const added = await disksWithoutBitmap(ctx, parent, level, chain);

@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { OUTLIVES_TERMINAL, accepts, run, type RunResult } from '../util/process.js';
-import { makeDirectory } from '../util/fileIo.js';
+import { exists, makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 
 /** What every host offers; `remote` tells this machine (LOCAL_HOST) from another one (SshHost) and narrows the type. */
@@ -51,7 +51,7 @@ export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
     const handle = await fs.open(file, 'r');
     return handle.createReadStream({ highWaterMark: 1024 * 1024 });
   },
-  exists: (file) => fs.access(file).then(() => true, () => false),
+  exists,
   makeDir: (dir) => makeDirectory(dir),
   // Never over a file that appeared meanwhile: linked in (which fails on an existing name), then the old name dropped.
   async rename(from, to) {

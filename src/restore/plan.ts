@@ -79,8 +79,6 @@ export interface RestorePlan {
 
 export const identOf = (link: ChainLink): string => (link.level === 'full' ? link.meta.checkpointName : link.level === 'copy' ? 'copy' : link.ident);
 
-export const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
-
 /** Refuses, naming the first, if any of `files` exists on `host`: a restore never overwrites. */
 export async function refuseExisting(files: readonly string[], host: DomainHost = LOCAL_HOST): Promise<void> {
   for (const file of files) {

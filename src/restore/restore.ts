@@ -24,7 +24,7 @@ import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../
 import { checksumMismatch, isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
-import { exists, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
+import { planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
@@ -32,7 +32,7 @@ import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, describeReadFailure, oneLine, outOfSpace, raisedBy } from '../util/errors.js';
 import { WorkWindow } from '../util/window.js';
 import { leasePool } from '../util/bufferPool.js';
-import { ReadAhead, readInto } from '../util/fileIo.js';
+import { ReadAhead, exists, readInto } from '../util/fileIo.js';
 import { qemuImgMapEntries } from '../backup/extentSources.js';
 import { checkSocketPath } from '../util/process.js';
 

@@ -37,6 +37,9 @@ async function isDirectory(file: string): Promise<boolean> {
   return fs.stat(file).then((st) => st.isDirectory(), () => false);
 }
 
+/** Whether `file` is there (a dangling symbolic link is not). */
+export const exists = (file: string): Promise<boolean> => fs.access(file).then(() => true, () => false);
+
 /**
  * mkdir -p, one directory at a time from the nearest one there, rejecting with the real cause. Not Node's recursive
  * mkdir: it turns over forever at 100 % CPU where a directory is there but takes no new entry with ENOENT (a

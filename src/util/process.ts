@@ -28,7 +28,6 @@ export function accepts(where: net.NetConnectOpts, timeoutMs = ACCEPT_PROBE_MS):
   });
 }
 
-
 /**
  * Runs `command` to its end; rejects with its last line of stderr when it fails. `signal` aborted kills it
  * (SIGTERM) and rejects with the signal's reason once it is gone.

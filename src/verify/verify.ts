@@ -52,20 +52,18 @@ const ALGORITHM_NAMES: Record<DigestAlgorithm, string> = { blake3: 'BLAKE3', sha
 const HASH_WINDOW = 64 * 1024 * 1024;
 const READ_SIZE = 4 * 1024 * 1024;
 
-/** A side file's text, or undefined when the set has none. */
+/** A side file's text, or undefined when the set has none; one that cannot be read fails naming it. */
 async function readIfThere(file: string): Promise<string | undefined> {
   return fs.readFile(file, 'utf8').catch((err: NodeJS.ErrnoException) => {
     if (err.code === 'ENOENT') return undefined;
-    throw err;
+    throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
   });
 }
 
 /** The adler32 recorded in `<dataFile>.chksum`, or undefined when there is none. */
 export async function recordedChecksum(dataFile: string): Promise<number | undefined> {
   const file = checksumFileName(dataFile);
-  const text = await readIfThere(file).catch((err: unknown) => {
-    throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
-  });
+  const text = await readIfThere(file);
   if (text === undefined) return undefined;
   if (!/^\s*\d+\s*$/.test(text)) throw new Error(`${path.basename(file)} holds no decimal checksum`);
   return Number(text.trim());
@@ -75,9 +73,7 @@ export async function recordedChecksum(dataFile: string): Promise<number | undef
 export async function recordedPieces(dataFile: string): Promise<RecordedDigests | undefined> {
   for (const algorithm of ['blake3', 'sha256'] as const) {
     const file = digestFileName(dataFile, algorithm);
-    const text = await readIfThere(file).catch((err: unknown) => {
-      throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
-    });
+    const text = await readIfThere(file);
     if (text === undefined) continue;
     const damaged = new Error(`${path.basename(file)} is damaged (not a ${algorithm} piece list), so the data file was not checked against it`);
     let doc: { algorithm?: unknown; pieces?: unknown } | null;
