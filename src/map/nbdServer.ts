@@ -2,7 +2,9 @@
 //   per connection: fixed newstyle handshake (EXPORT_NAME, GO/INFO, LIST, ABORT, STRUCTURED_REPLY,
 //   SET/LIST_META_CONTEXT for base:allocation) -> requests read in order, served concurrently, replied as done
 //   (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS; DISC waits for the requests in flight)
-// Guarantees: at most `threads` requests touch the endpoint at once, over all connections; a connection stops
+// Guarantees: at most `threads` requests touch the endpoint at once, over all connections; at most
+// `maxConnections` clients at once, and a client that has not finished its handshake within `handshakeTimeoutMs` is
+// dropped (so idle or stuck peers cannot pin the server's memory); a connection stops
 // reading requests while its unsent replies or requests in flight pile up; MULTI_CONN is advertised because
 // every connection shares the one endpoint in this process, so a flush covers all of them; a read's reply buffer
 // is used again only once the socket has taken it; stop() answers what is in flight, then closes every
@@ -35,6 +37,10 @@ export interface NbdServerOptions {
   threads: number;
   /** Shown to clients that ask (NBD_INFO_DESCRIPTION, NBD_OPT_LIST). */
   description?: string;
+  /** Clients connected at once; more are hung up on at connect (default MAX_CONNECTIONS). */
+  maxConnections?: number;
+  /** How long a client may take from connect to transmission (default HANDSHAKE_TIMEOUT_MS). */
+  handshakeTimeoutMs?: number;
   log?: Logger;
   trace?: NbdTrace;
 }
@@ -62,6 +68,13 @@ const PAYLOAD_HIGH_WATER = 64 * 1024 * 1024;
 const REPLY_HIGH_WATER = 64 * 1024 * 1024;
 /** Block status descriptors in one reply; clients ask again from where it ends. */
 const MAX_DESCRIPTORS = 64 * 1024;
+/**
+ * Clients at once. Each may hold up to REPLY_HIGH_WATER + PAYLOAD_HIGH_WATER bytes; the clients of a mapped backup
+ * (qemu-nbd -c, QEMU, libguestfs, nbdcopy's four) use a few.
+ */
+export const MAX_CONNECTIONS = 16;
+/** From connect to transmission, as qemu-nbd's default --handshake-limit. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** How long stop() lets requests in flight finish. */
 const STOP_GRACE_MS = 3000;
 /** Bytes of a payload included in a trace. */
@@ -147,6 +160,12 @@ export class NbdServer {
       socket.destroy();
       return;
     }
+    const most = this.options.maxConnections ?? MAX_CONNECTIONS;
+    if (this.connections.size >= most) {
+      this.log.warn(`NBD client refused (${socket.remoteAddress ?? 'unix socket'}): ${most} clients are connected, the most served at once`);
+      socket.destroy();
+      return;
+    }
     socket.setNoDelay(true);
     const connection = new Connection(this, socket);
     this.connections.add(connection);
@@ -211,14 +230,20 @@ class Connection {
   }
 
   async run(): Promise<void> {
+    const limit = this.server.options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
+    const timer = setTimeout(() => this.hangUp(`no handshake within ${limit / 1000} s`), limit);
     try {
-      if (await this.handshake()) {
+      const entered = await this.handshake();
+      clearTimeout(timer);
+      if (entered) {
         this.inTransmission = true;
         await this.transmission();
       }
     } catch (err) {
       if (!(err instanceof SocketClosedError)) this.server.log.warn(`NBD connection dropped: ${oneLine(err)}`);
       this.socket.destroy();
+    } finally {
+      clearTimeout(timer);
     }
     await this.requests.settle();
   }

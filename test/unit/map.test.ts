@@ -1,10 +1,11 @@
 // virtnbdmap's engine without libvirt: segment overlay, the frame cache, the chain endpoint over streams written
 // by our own writer (plain and lz4, full + incs with zero frames), copy-on-write, sequence errors, and the NBD
-// server spoken to by libnbd (our NbdEndpoint) over a unix socket.
+// server spoken to by libnbd (our NbdEndpoint) over a unix socket, with its handshake timeout and connection cap.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../../src/endpoint/endpoint.js';
@@ -18,6 +19,7 @@ import { overlay, type Segment } from '../../src/map/segments.js';
 import { writeStream } from '../../src/stream/writer.js';
 import type { Sink } from '../../src/set/target.js';
 import { UserError } from '../../src/util/errors.js';
+import { Logger } from '../../src/util/log.js';
 
 const MiB = 1024 * 1024;
 const DISK = 48 * MiB;
@@ -308,4 +310,45 @@ test('NBD server: libnbd reads, block status, writes through copy-on-write over 
 
   await rw.server.stop();
   await assert.rejects(fs.access(rw.socket), 'stop() removes the socket');
+});
+
+test('NBD server: a client that never finishes its handshake is dropped, and clients beyond the cap are refused', async (t) => {
+  const dir = await withDir(t, 'limits');
+  const { files } = await buildChain(dir, false);
+  const chain = await ChainEndpoint.open(files);
+  const warnings: string[] = [];
+  const log = new (class extends Logger { override warn(msg: string): void { warnings.push(msg); } })({ quiet: true });
+  const server = new NbdServer(chain, { exportName: 'sda', readOnly: true, maxBlockSize: 4 * MiB, threads: 2, maxConnections: 2, handshakeTimeoutMs: 300, log });
+  const socket = path.join(dir, 'limits.sock');
+  await server.listenUnix(socket);
+  t.after(async () => { await server.stop(); await chain.close(); });
+  /** A peer that reads the greeting and then says nothing; resolves with how long the server kept it. */
+  const silentPeer = (): { closed: Promise<number> } => {
+    const started = Date.now();
+    const peer = net.connect(socket);
+    peer.resume();
+    return { closed: new Promise((resolve) => peer.on('close', () => resolve(Date.now() - started))) };
+  };
+
+  const stuck = silentPeer();
+  const kept = await stuck.closed;
+  assert.ok(kept >= 250 && kept < 5000, `dropped after ${kept} ms`);
+  assert.deepEqual(warnings, ['NBD client dropped: no handshake within 0.3 s']);
+
+  // Two clients in transmission fill the cap: a third is refused at connect, and served once one has gone.
+  const first = await NbdEndpoint.open({ socket, exportName: 'sda' });
+  const second = await NbdEndpoint.open({ socket, exportName: 'sda' });
+  await assert.rejects(NbdEndpoint.open({ socket, exportName: 'sda' }));
+  assert.match(warnings[1] ?? '', /^NBD client refused \(unix socket\): 2 clients are connected, the most served at once$/);
+  const byte = Buffer.alloc(512);
+  await first.read(byte, 0);
+  await second.close();
+  for (let waited = 0; server.connectionCount > 1 && waited < 5000; waited += 20) await new Promise((resolve) => setTimeout(resolve, 20));
+  const third = await NbdEndpoint.open({ socket, exportName: 'sda' });
+  await third.read(byte, 0);
+  // Connected clients in transmission are not timed out.
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  await first.read(byte, 512);
+  await Promise.all([first.close(), third.close()]);
+  assert.equal(warnings.length, 2, warnings.join('\n'));
 });
