@@ -5,7 +5,8 @@
 // language or our server behind its nbd plugin; the copy-on-write here is small and lets block status show the
 // backup's holes and zero ranges through writes. Guarantees: the backup files are never written; stop() (and
 // any failure while starting) detaches the device, closes connections and removes the socket and the overlay;
-// an exit without stop() still removes the socket and the overlay.
+// an exit without stop() (a second Ctrl-C) still removes the socket and the overlay, and detaches the device.
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { ChainEndpoint } from './chainEndpoint.js';
 import { CopyOnWriteEndpoint } from './copyOnWrite.js';
@@ -59,8 +60,13 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
   // Should the process exit without stop() (a second Ctrl-C, a crash), the files still go.
   // The socket only once ours is there: --socket naming something else must never be removed.
   const leftovers: string[] = [];
+  let attached: string | undefined;
   const removeLeftovers = (): void => {
     for (const file of leftovers) fs.rmSync(file, { recursive: true, force: true });
+    // A device left attached to a server that is gone fails every read; detach it, or say how.
+    if (attached && spawnSync('qemu-nbd', ['-d', attached], { stdio: 'ignore', timeout: 5000 }).status !== 0) {
+      process.stderr.write(`virtnbdmap: ${attached} may still be attached to the stopped export; detach it with qemu-nbd -d ${attached}\n`);
+    }
   };
   process.on('exit', removeLeftovers);
   const stop = async (): Promise<void> => {
@@ -105,7 +111,13 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     const socket = options.socket.replace(/[ %&#+?]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
     const uris = [`nbd+unix:///${name}?socket=${socket}`, `nbd://${host}:${port}/${name}`];
     const device = options.device ? await attachDevice(options.device, Boolean(options.readOnly), uris, log) : undefined;
-    if (device) cleanups.push(() => run('qemu-nbd', ['-d', device]));
+    if (device) {
+      attached = device;
+      cleanups.push(async () => {
+        await run('qemu-nbd', ['-d', device]);
+        attached = undefined;
+      });
+    }
     return { uris, overlayDir, device, description, server, stop };
   } catch (err) {
     await stop();
