@@ -118,7 +118,7 @@ export class ChainEndpoint implements Endpoint {
     try {
       await this.readFully(segment, packed, segment.at);
       return await this.decompressFrame(packed).catch((err: Error) => {
-        throw new StreamFormatError(`${this.links[segment.file]?.path} at byte ${segment.at}: lz4 frame: ${err.message}`);
+        throw new StreamFormatError(`${this.links[segment.file]?.path} at byte ${segment.at}: lz4 frame: cannot decompress it (${err.message}): damaged`);
       });
     } finally {
       this.buffers.release(packed);

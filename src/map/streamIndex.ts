@@ -67,7 +67,7 @@ export async function indexStream(file: string, fileId: number): Promise<StreamI
           const head = await readExactly(handle, position, Math.min(size, LZ4_HEADER_BYTES), file);
           // Both writers record the content size; without it, the frame must be decompressed once to learn it.
           const length = lz4ContentSize(head) ??
-            (await native().lz4DecompressFrame(await readExactly(handle, position, size, file)).catch((err: Error) => fail(position, `lz4 frame: ${err.message}`))).length;
+            (await native().lz4DecompressFrame(await readExactly(handle, position, size, file)).catch((err: Error) => fail(position, `lz4 frame: cannot decompress it (${err.message}): damaged`))).length;
           frames.lz4FrameEnds(frame, offset + length, failAt(position));
           if (length > 0) segments.push({ start: offset, length, kind: 'data', file: fileId, at: position, packed: size, skip: 0 });
           offset += length;

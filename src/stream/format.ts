@@ -73,7 +73,11 @@ export function parseHeader(header: Buffer, where: string): FrameHeader {
     // Bytes that are no text (a damaged header) show as dots: the line stays readable.
     throw new StreamFormatError(`${where}: invalid frame header ${JSON.stringify(text.replace(/[^\x20-\x7e\r\n]/g, '.'))}`);
   }
-  return { kind: kind as FrameKind, start: parseInt(start, 16), length: parseInt(length, 16) };
+  const frame = { kind: kind as FrameKind, start: parseInt(start, 16), length: parseInt(length, 16) };
+  if (!Number.isSafeInteger(frame.start + frame.length)) {
+    throw new StreamFormatError(`${where}: frame header ${JSON.stringify(text.slice(0, 38))} reaches beyond any disk (damaged)`);
+  }
+  return frame;
 }
 
 /**
@@ -156,9 +160,9 @@ export function parseTrailer(json: Buffer, where: string): TrailerEntry[] {
   } catch (err) {
     throw new StreamFormatError(`${where}: compression trailer is not valid JSON (${(err as Error).message})`);
   }
+  const size = (n: unknown): boolean => Number.isSafeInteger(n) && (n as number) >= 0;
   const valid = Array.isArray(trailer) && trailer.every((e) =>
-    typeof e === 'number' ||
-    (typeof e === 'object' && e !== null && Object.values(e).every((v) => Array.isArray(v) && v.every((n) => typeof n === 'number'))));
+    size(e) || (typeof e === 'object' && e !== null && Object.values(e).every((v) => Array.isArray(v) && v.every(size))));
   if (!valid) throw new StreamFormatError(`${where}: compression trailer has an unexpected shape`);
   return trailer as TrailerEntry[];
 }

@@ -53,6 +53,9 @@ class Lease {
 /** Payload buffers kept for reuse: what a restore's window holds in flight, and some. */
 const POOLED_BUFFERS = 24;
 
+/** A meta frame's JSON is a few hundred bytes; a length above this is damage. */
+const MAX_METADATA_LENGTH = 64 * 1024;
+
 /** Reads at least this long are summed on a worker thread, smaller ones inline. */
 const THREADED_SUM = 256 * 1024;
 /** Most threaded sums outstanding before a read waits for the oldest. */
@@ -112,6 +115,10 @@ export class StreamReader {
       const headerBytes = await readExactly(handle, 0, FRAME_HEADER_LENGTH, file);
       const header = parseHeader(headerBytes, `${file} at byte 0`);
       if (header.kind !== 'meta') throw new StreamFormatError(`${file}: not a backup stream (first frame is ${header.kind}, not meta)`);
+      // Read before anything checks it: a damaged length must not become a read (and a buffer) of gigabytes.
+      if (header.length > Math.min(MAX_METADATA_LENGTH, size - FRAME_HEADER_LENGTH - TERMINATOR.length)) {
+        throw new StreamFormatError(`${file}: metadata frame of ${header.length} bytes ${header.length > MAX_METADATA_LENGTH ? `(at most ${MAX_METADATA_LENGTH} are written)` : 'runs past the end of the file'}: damaged or truncated`);
+      }
       const json = await readExactly(handle, FRAME_HEADER_LENGTH, header.length, file);
       const meta = parseMetadata(json, file);
       const afterMeta = FRAME_HEADER_LENGTH + header.length;
@@ -120,8 +127,15 @@ export class StreamReader {
       let trailer: TrailerEntry[] | null = null;
       let bodyEnd = size;
       if (meta.compressed !== false) {
-        const comp = parseHeader(await readExactly(handle, size - FRAME_HEADER_LENGTH, FRAME_HEADER_LENGTH, file), `${file} trailer`);
-        if (comp.kind !== 'comp') throw new StreamFormatError(`${file}: compressed stream lacks its comp trailer (truncated?)`);
+        const last = await readExactly(handle, size - FRAME_HEADER_LENGTH, FRAME_HEADER_LENGTH, file);
+        const comp = (() => {
+          try {
+            return parseHeader(last, `${file} trailer`);
+          } catch {
+            return undefined;
+          }
+        })();
+        if (comp?.kind !== 'comp') throw new StreamFormatError(`${file}: compressed stream does not end with its comp trailer (truncated or damaged)`);
         const at = trailerOffset(size, comp.length);
         if (at < afterMeta) throw new StreamFormatError(`${file}: trailer length ${comp.length} exceeds the file`);
         trailer = parseTrailer(await readExactly(handle, at, comp.length, file), file);
@@ -241,6 +255,7 @@ export class StreamReader {
       if (entry !== undefined) {
         let offset = frame.start;
         for (const [i, size] of frameSizes(entry).entries()) {
+          if (this.position + size > this.bodyEnd) this.fail(`lz4 frame of ${size} bytes runs past the end of the stream`);
           const input = await this.readLease(size);
           const where = `${this.path}: lz4 frame ${i} of the data frame at disk offset ${frame.start}`;
           const declared = lz4ContentSize(input.buffer);
@@ -252,7 +267,7 @@ export class StreamReader {
             ? addon.lz4DecompressInto(input.buffer, output.buffer).then((n) => output.buffer.subarray(0, n))
             : addon.lz4DecompressFrame(input.buffer);
           const data = decompressed.catch((err: Error) => {
-            throw new StreamFormatError(`${where}: ${err.message}`);
+            throw new StreamFormatError(`${where}: cannot decompress it (${err.message}): damaged`);
           });
           data.then(() => input.drop(), () => input.drop());
           const length = declared ?? (await data).length;
