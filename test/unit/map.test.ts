@@ -1,6 +1,7 @@
 // virtnbdmap's engine without libvirt: segment overlay, the frame cache, the chain endpoint over streams written
 // by our own writer (plain and lz4, full + incs with zero frames), copy-on-write, sequence errors, and the NBD
-// server spoken to by libnbd (our NbdEndpoint) over a unix socket, with its handshake timeout and connection cap.
+// server spoken to by libnbd (our NbdEndpoint) over a unix socket, with its handshake timeout and connection cap,
+// and fed damaged client sessions.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -20,6 +21,7 @@ import { writeStream } from '../../src/stream/writer.js';
 import type { Sink } from '../../src/set/target.js';
 import { UserError } from '../../src/util/errors.js';
 import { Logger } from '../../src/util/log.js';
+import { damageOnce, seeded } from '../support/fuzz.js';
 
 const MiB = 1024 * 1024;
 const DISK = 48 * MiB;
@@ -351,4 +353,65 @@ test('NBD server: a client that never finishes its handshake is dropped, and cli
   await first.read(byte, 512);
   await Promise.all([first.close(), third.close()]);
   assert.equal(warnings.length, 2, warnings.join('\n'));
+});
+
+/** A client's whole session as bytes: handshake with every option we serve, then one request of each command. */
+function clientSession(): Buffer {
+  const u16 = (n: number): Buffer => Buffer.from([n >> 8, n & 0xff]);
+  const u32 = (n: number): Buffer => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
+  const u64 = (n: number): Buffer => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
+  const text = (s: string): Buffer => Buffer.concat([u32(Buffer.byteLength(s)), Buffer.from(s)]);
+  const option = (code: number, data: Buffer = Buffer.alloc(0)): Buffer => Buffer.concat([Buffer.from('IHAVEOPT'), u32(code), u32(data.length), data]);
+  const request = (flags: number, type: number, handle: number, offset: number, length: number, payload = Buffer.alloc(0)): Buffer =>
+    Buffer.concat([u32(0x25609513), u16(flags), u16(type), u64(handle), u64(offset), u32(length), payload]);
+  return Buffer.concat([
+    u32(3),
+    option(8), option(10, Buffer.concat([text('sda'), u32(1), text('base:allocation')])), option(3),
+    option(6, Buffer.concat([text('sda'), u16(1), u16(1)])), option(7, Buffer.concat([text('sda'), u16(0)])),
+    request(0, 0, 1, 0, 65536), request(0, 7, 2, 0, DISK), request(1, 1, 3, 4096, 512, Buffer.alloc(512, 0xab)),
+    request(0, 6, 4, 8192, 4096), request(0, 4, 5, 12288, 4096), request(0, 3, 6, 0, 0), request(0, 5, 7, 0, 65536),
+    request(8, 7, 8, MiB, MiB), request(0, 0, 9, DISK - 512, 512), request(0, 2, 10, 0, 0),
+  ]);
+}
+
+test('NBD server: 1000 damaged client sessions neither crash it nor wedge it; a client after them reads the backup', async (t) => {
+  const dir = await withDir(t, 'fuzz');
+  const { files, points } = await buildChain(dir, 2);
+  const chain = await ChainEndpoint.open(files);
+  const cow = await CopyOnWriteEndpoint.create(chain, dir);
+  const warnings: string[] = [];
+  const log = new (class extends Logger { override warn(msg: string): void { warnings.push(msg); } })({ quiet: true });
+  const server = new NbdServer(cow, { exportName: 'sda', readOnly: false, maxBlockSize: 4 * MiB, threads: 4, handshakeTimeoutMs: 2000, log });
+  const socket = path.join(dir, 'fuzz.sock');
+  await server.listenUnix(socket);
+  t.after(async () => { await server.stop(); await cow.close(); });
+  const pick = seeded(20261128);
+  const session = clientSession();
+  for (let round = 0; round < 1000; round++) {
+    let bytes = session;
+    const what: string[] = [];
+    for (let n = 1 + pick(3); n > 0 && bytes.length > 0; n--) {
+      const [damaged, how] = damageOnce(bytes, pick);
+      bytes = damaged;
+      what.push(how);
+    }
+    const ended = await new Promise<boolean>((resolve) => {
+      const peer = net.connect(socket);
+      const timer = setTimeout(() => { peer.destroy(); resolve(false); }, 5000);
+      peer.on('error', () => undefined);
+      peer.resume();
+      peer.on('close', () => { clearTimeout(timer); resolve(true); });
+      peer.end(bytes);
+    });
+    assert.ok(ended, `round ${round} (${what.join(', ')}): the server neither answered to the end nor hung up`);
+  }
+  for (let waited = 0; server.connectionCount > 0 && waited < 5000; waited += 20) await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(server.connectionCount, 0);
+  assert.ok(warnings.length > 100 && warnings.every((w) => w.startsWith('NBD client dropped: ')), warnings.filter((w) => !w.startsWith('NBD client dropped: ')).join('\n'));
+  // The sessions wrote into the overlay; the last point of the chain shows through where they did not.
+  const client = await NbdEndpoint.open({ socket, exportName: 'sda' });
+  t.after(() => client.close());
+  const untouched = Buffer.alloc(MiB);
+  await client.read(untouched, 20 * MiB);
+  assert.ok(untouched.equals((points[2] as Buffer).subarray(20 * MiB, 21 * MiB)));
 });
