@@ -200,7 +200,11 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   return plan;
 }
 
-/** The names in the state dir that make up the current chain (never the lock, this run's log or older archives). */
+/**
+ * The names in the state dir that make up the current chain: never the lock, this run's log or older archives, nor
+ * what a file system keeps at a mount's root or an NFS client leaves (lost+found, dot names such as .nfs*,
+ * .snapshot), which are not the set's and may not move.
+ */
 async function chainFiles(ctx: RunContext): Promise<string[]> {
   if (ctx.toZip) {
     const names = [checkpointListName(ctx.options.domain)];
@@ -209,7 +213,7 @@ async function chainFiles(ctx: RunContext): Promise<string[]> {
     return names;
   }
   const names = await fs.readdir(ctx.stateDir);
-  return names.filter((n) => n !== OUTPUT_LOCK_NAME && n !== ctx.logName && !isArchivedChain(n));
+  return names.filter((n) => n !== OUTPUT_LOCK_NAME && n !== ctx.logName && !isArchivedChain(n) && n !== 'lost+found' && !n.startsWith('.'));
 }
 
 /**

@@ -213,17 +213,30 @@ export const isArchivedChain = (name: string): boolean => /^chain\.\d+$/.test(na
 /**
  * Moves `names` (files and directories of the set `dir`) into a new subdirectory `chain.<unix-seconds>`, where
  * they still form a set that restores; returns its path. Never overwrites: an existing subdirectory is refused.
+ * All or nothing: should a move fail, those done are moved back and the subdirectory removed, so the set stays whole
+ * where it was.
  */
 export async function archiveChain(dir: string, names: string[], when: Date): Promise<string> {
   const archive = path.join(dir, archivedChainName(when));
   await fs.mkdir(archive).catch((err: NodeJS.ErrnoException) => {
     throw new UserError(`cannot move the set's chain aside into ${archive}: ${describeFailure(err)}`);
   });
+  const moved: string[] = [];
   for (const name of names) {
-    if (path.dirname(name) !== '.') await fs.mkdir(path.join(archive, path.dirname(name)), { recursive: true });
-    await fs.rename(path.join(dir, name), path.join(archive, name)).catch((err: NodeJS.ErrnoException) => {
-      if (err.code !== 'ENOENT') throw new UserError(`cannot move ${path.join(dir, name)} into ${archive}: ${describeFailure(err)}`);
-    });
+    try {
+      if (path.dirname(name) !== '.') await fs.mkdir(path.join(archive, path.dirname(name)), { recursive: true });
+      await fs.rename(path.join(dir, name), path.join(archive, name));
+      moved.push(name);
+    } catch (err) {
+      if (errnoOf(err) === 'ENOENT') continue;
+      const failure = `cannot move ${path.join(dir, name)} into ${archive}: ${describeFailure(err)}`;
+      const stuck: string[] = [];
+      for (const back of moved.reverse()) await fs.rename(path.join(archive, back), path.join(dir, back)).catch(() => stuck.push(back));
+      if (stuck.length > 0) throw new UserError(`${failure}; ${stuck.join(', ')} could not be moved back from ${archive}: move them back by hand`);
+      // Only the empty folders made above are left in it.
+      await fs.rm(archive, { recursive: true }).catch(() => undefined);
+      throw new UserError(`${failure}; the set was left as it was`);
+    }
   }
   return archive;
 }

@@ -64,10 +64,15 @@ test('lost checkpoints: redefined from -C after the domain is defined anew; meta
   await fs.rm(cdir, { recursive: true });
   await dom.write('vda', 0x55, '16M', '1M');
   const p3 = await dom.snapshot('vda');
+  // What a file system or an NFS client keeps in the directory is not the set's: it stays where it is.
+  await fs.mkdir(path.join(set, 'lost+found'));
+  await fs.writeFile(path.join(set, '.nfs000001'), '');
   const fallback = await backup(dom, set, 'inc', '-C', cdir);
   assert.match(fallback, /warning: checkpoint virtnbdbackup\.2 is missing in libvirt .*makes a full backup instead/);
   assert.match(fallback, /removed bitmap virtnbdbackup\.0 of disk vda: it was left without its checkpoint/);
   const archive = archivedChain(fallback);
+  assert.ok((await fs.readdir(set)).includes('lost+found') && (await fs.readdir(set)).includes('.nfs000001'));
+  assert.deepEqual((await fs.readdir(archive)).filter((n) => n === 'lost+found' || n.startsWith('.nfs')), []);
   await dom.write('vda', 0x66, '24M', '1M');
   const p4 = await dom.snapshot('vda');
   await backup(dom, set, 'inc', '-C', cdir);

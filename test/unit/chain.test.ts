@@ -1,11 +1,13 @@
 // Chain bookkeeping without libvirt: checkpoint prefixes and names, the checkpoint XML we create, parse and
 // redefine, libvirt's errors, qemu-img map as an extent source (same plans as NBD block status), sparse
-// detection off, run locks (refusal, stale takeover), archived chains and boot file names.
+// detection off, run locks (refusal, stale takeover), archived chains (all or nothing) and boot file names.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import {
   bitmapOwnerXml, checkPrefix, checkpointIdentity, checkpointSize, checkpointXml, inChain, planCheckpoint, prefixOf, withoutDomain,
 } from '../../src/libvirt/checkpoints.js';
@@ -17,6 +19,8 @@ import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../../src/
 import { RunLock } from '../../src/backup/lock.js';
 import { archiveChain, isArchivedChain, listSet } from '../../src/set/backupSet.js';
 import { bootFileName } from '../../src/backup/bootFiles.js';
+
+const execFileAsync = promisify(execFile);
 
 test('prefixes name chains: prefix.N; a bad prefix is refused', () => {
   assert.equal(planCheckpoint('full', [], 'weekly').name, 'weekly.0');
@@ -145,6 +149,23 @@ test('an unusable chain is moved into chain.<secs>/, which lists as a set of its
   assert.deepEqual((await listSet(archive)).dataFiles.map((d) => d.file), ['vda.full.data', 'vda.inc.virtnbdbackup.1.data']);
   assert.deepEqual((await listSet(dir)).dataFiles, []);
   await assert.rejects(archiveChain(dir, [], new Date(1_700_000_000_000)), /cannot move the set's chain aside/);
+});
+
+test('a chain that cannot be moved aside whole stays where it was', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-archive-'));
+  t.after(async () => {
+    await execFileAsync('umount', [path.join(dir, 'pinned')]).catch(() => undefined);
+    await fs.rm(dir, { recursive: true, force: true });
+  });
+  const files = ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'web.cpt'];
+  for (const f of files) await fs.writeFile(path.join(dir, f), f);
+  // A mount point cannot be renamed (EBUSY): the third of four moves fails.
+  await fs.mkdir(path.join(dir, 'pinned'));
+  await execFileAsync('mount', ['-t', 'tmpfs', '-o', 'size=1M', 'tmpfs', path.join(dir, 'pinned')]);
+  await assert.rejects(archiveChain(dir, ['vda.full.data', 'web.cpt', 'pinned', 'vda.inc.virtnbdbackup.1.data'], new Date(1_700_000_000_000)),
+    /^UserError: cannot move .*\/pinned into .*\/chain\.1700000000: .*; the set was left as it was$/);
+  assert.deepEqual((await fs.readdir(dir)).sort(), [...files, 'pinned'].sort());
+  for (const f of files) assert.equal(await fs.readFile(path.join(dir, f), 'utf8'), f);
 });
 
 test('boot files are named <basename>.<ident>, plain <basename> for a copy', () => {
