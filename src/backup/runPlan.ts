@@ -166,7 +166,11 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (level === 'full') return planFor(level, [], prefix);
 
   const parent = chain[chain.length - 1];
-  if (parent === undefined) throw new UserError(`no checkpoints in the backup set (${cptFile} lists none): run a full backup first`);
+  if (parent === undefined) {
+    const missing = !(await exists(cptFile));
+    const elsewhere = missing && ctx.toZip ? ', or start this run from the directory the chain\'s earlier -o - runs started from (their state is kept there)' : '';
+    throw new UserError(`no checkpoints in the backup set (${cptFile} ${missing ? 'is missing' : 'lists none'}): run a full backup first${elsewhere}`);
+  }
   await redefineMissing(domain, chain, ctx.xmlDir, log);
   // -C may be shared by several sets of the domain: the set's own copy tells whether libvirt's checkpoint is its own
   // (sets made before it kept one have only -C's).

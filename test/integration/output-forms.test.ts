@@ -101,6 +101,12 @@ test('zip on stdout through a pipe: full + inc unzipped into one set restore wit
   const tty = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', '-', '-t', 'raw', '-n']);
   assert.equal(tty.code, 1);
   assert.match(tty.stderr, /-t raw (writes full images only|cannot be written to standard output)/);
+  // An inc started from another directory finds no chain state there, and says where it is kept.
+  const elsewhere = path.join(work, 'elsewhere');
+  await fs.mkdir(elsewhere);
+  const lost = await backupToZip(elsewhere, ['-d', dom.name, '-l', 'inc', '-n'], path.join(work, 'lost.zip'));
+  assert.equal(lost.code, 1);
+  assert.match(lost.stderr, /no checkpoints in the backup set \(.*\/elsewhere\/.*\.cpt is missing\): run a full backup first, or start this run from the directory the chain's earlier -o - runs started from/);
 });
 
 test('a reader of the zip that goes away, or a full output: one line saying so, the job ended, no checkpoint left, the next full works', async (t) => {
