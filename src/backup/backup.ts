@@ -127,6 +127,9 @@ async function resolveLevel(level: Level | 'auto', stateDir: string, toZip: bool
   return names.some((n) => n.endsWith('.full.data')) ? 'inc' : 'full';
 }
 
+/** lz4's levels (python-lz4 takes 0 to 16; 0, liblz4's default, left Python's streams without their trailer). */
+const MAX_LZ4_LEVEL = 16;
+
 /** Refuses combinations of options that cannot work, before anything is touched. */
 function checkOptions(options: BackupOptions, level: Level, toZip: boolean): void {
   if (options.type === 'raw' && (level === 'inc' || level === 'diff')) {
@@ -134,6 +137,10 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
   }
   if (toZip && options.type === 'raw') throw new UserError('-t raw cannot be written to standard output (-o -); give an output directory');
   if (toZip && options.raw) throw new UserError('raw disks (-r) cannot be written to standard output (-o -); give an output directory');
+  const { compress } = options;
+  if (compress !== undefined && compress !== false && !(Number.isInteger(compress) && compress >= 1 && compress <= MAX_LZ4_LEVEL)) {
+    throw new UserError(`-z ${compress}: give an lz4 compression level from 1 to ${MAX_LZ4_LEVEL} (-z alone: 2)`);
+  }
   if (options.startOnly && options.printOnly) throw new UserError('-s and -p exclude each other');
   if (options.workers !== undefined && !(Number.isInteger(options.workers) && options.workers >= 1)) {
     throw new UserError(`-w ${options.workers}: give the number of disks to back up at the same time, 1 or more`);
@@ -221,6 +228,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   if (!toZip) {
     const existing = await fs.stat(stateDir).catch(() => undefined);
     if (existing && !existing.isDirectory()) throw new UserError(`-o ${stateDir} is not a directory: give a directory for the set, or - for a zip on standard output`);
+    if (!existing && options.printOnly) throw new UserError(`-p estimates the next inc of the set in ${stateDir}, which does not exist: give the set's directory`);
     // -p and -s write nothing there: they leave no empty directory behind.
     if (writesSet) {
       await makeDirectory(stateDir).catch((err: unknown) => {

@@ -128,7 +128,7 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
  * XML, the line says what to check. Returns the list to read.
  */
 async function adoptRenamedChain(ctx: RunContext, cptFile: string): Promise<string> {
-  if (ctx.toZip || (await exists(cptFile))) return cptFile;
+  if (ctx.toZip || (await exists(cptFile)) || !(await exists(ctx.stateDir))) return cptFile;
   const lists = (await fs.readdir(ctx.stateDir)).filter((n) => n.endsWith('.cpt'));
   if (lists.length !== 1) return cptFile;
   const former = lists[0] as string;

@@ -27,7 +27,14 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: { /** Flags
     process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
     process.exit(2);
   };
+  const kinds = (flags as unknown as { getOptions(): { number: string[]; string: string[]; alias: Record<string, string[]> } }).getOptions();
+  // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o"); -z alone means level 2.
+  const optional = new Set(['compress', 'z']);
+  const valued = [...kinds.string, ...kinds.number].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
+    // A repeated flag takes its last value, as argparse does, instead of becoming a list.
+    .parserConfiguration({ 'duplicate-arguments-array': false })
+    .requiresArg(valued)
     .strict()
     .fail((message: string | null, err: Error | undefined) => usageError(message ?? err?.message ?? 'invalid arguments'))
     .wrap(Math.min(110, process.stdout.columns || 110))
@@ -43,7 +50,6 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: { /** Flags
   // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever";
   // an empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI.
   // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag, its alias map the rest.
-  const kinds = (flags as unknown as { getOptions(): { number: string[]; string: string[]; alias: Record<string, string[]> } }).getOptions();
   const allowed = new Set((options.emptyAllowed ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
   const blank = blankFlag(hideBin(process.argv), new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
   if (blank) usageError(`${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);

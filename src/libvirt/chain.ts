@@ -119,7 +119,11 @@ export async function unusableParent(domain: LibvirtDomain, parent: string, xmlD
     return `checkpoint ${parent} is missing in libvirt and no saved definition (${path.join(xmlDir, `${parent}.xml`)}) brought it back`;
   }
   const saved = await readSaved(xmlDir, parent);
-  if (saved === undefined) return undefined;
+  // Every set, Python's too, saves each checkpoint's definition: without it, another set's checkpoint of the same
+  // name would pass for this one's, and the inc would hold that set's changes.
+  if (saved === undefined) {
+    return `the set holds no definition of checkpoint ${parent} (${path.join(xmlDir, `${parent}.xml`)} is missing), so it cannot tell whether libvirt's checkpoint of that name is its own`;
+  }
   if (checkpointCreationTime(saved) === undefined) {
     return `the set's definition of checkpoint ${parent} (${path.join(xmlDir, `${parent}.xml`)}) is damaged: it holds no creation time to tell whether libvirt's checkpoint of that name is this set's`;
   }

@@ -53,12 +53,29 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'full', '-o', '/nonexistent', '-i', ','], /^virtnbdbackup: error: -i\/--include "," names nothing: give comma-separated names$/],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--sequence', ' , '], /^virtnbdrestore: error: -s\/--sequence " , " names nothing: give comma-separated names$/],
     [ourBin('virtnbdmap'), ['-f', ','], /^virtnbdmap: error: -f\/--file "," names nothing: give comma-separated names$/],
+    // A flag with no value at all (last, or followed by another flag) went on as not given: -o, the working directory.
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'full', '-o'], /^virtnbdbackup: error: Not enough arguments following: o; see virtnbdbackup --help$/],
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-o', '-l', 'full'], /^virtnbdbackup: error: Not enough arguments following: o; see virtnbdbackup --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o'], /^virtnbdrestore: error: Not enough arguments following: o; see virtnbdrestore --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-D', '-N'], /^virtnbdrestore: error: Not enough arguments following: N; see virtnbdrestore --help$/],
+    [ourBin('virtnbdmap'), ['-f', '/nonexistent', '-p'], /^virtnbdmap: error: Not enough arguments following: p; see virtnbdmap --help$/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(command, args);
     assert.equal(r.code, 2, `${command} ${args.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr.trim(), message);
     assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  }
+  assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false, 'a refused command created its output');
+  // A flag given twice takes its last value, as argparse does (it became a list: "a copy,full backup").
+  const twice = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-d', 'vnbdtest-no-such-domain', '-l', 'copy', '-l', 'full', '-o', '/nonexistent', '-p']);
+  assert.equal(twice.code, 1);
+  assert.match(twice.stderr.trim(), /^virtnbdbackup: error: -p estimates the next inc of the set in \/nonexistent, which does not exist: give the set's directory$/);
+  // An lz4 level out of range is refused before anything is touched (it failed after the old chain was removed).
+  for (const level of ['1.5', '0', '-3', '17', '99999999999']) {
+    const z = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-l', 'full', '-o', '/nonexistent', '-z', level]);
+    assert.equal(z.code, 1, z.stderr);
+    assert.equal(z.stderr.trim(), `virtnbdbackup: error: -z ${level}: give an lz4 compression level from 1 to 16 (-z alone: 2)`);
   }
   assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false, 'a refused command created its output');
 });

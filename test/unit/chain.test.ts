@@ -173,7 +173,7 @@ test('boot files are named <basename>.<ident>, plain <basename> for a copy', () 
   assert.equal(bootFileName('/boot/vmlinuz', 'copy'), 'vmlinuz');
 });
 
-test("the set's saved checkpoint decides whether libvirt's checkpoint of that name is the set's; a damaged one says so", async (t) => {
+test("the set's saved checkpoint decides whether libvirt's checkpoint of that name is the set's; a missing or damaged one says so", async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-parent-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
   const ours = checkpointXml({ name: 'virtnbdbackup.0', parent: '', create: true } as Parameters<typeof checkpointXml>[0], ['vda'], ['vda'], 'run-1').replace('</domaincheckpoint>', '<creationTime>1700000000</creationTime></domaincheckpoint>');
@@ -182,6 +182,8 @@ test("the set's saved checkpoint decides whether libvirt's checkpoint of that na
   await fs.writeFile(saved, ours);
   assert.equal(await unusableParent(libvirt(ours), 'virtnbdbackup.0', dir), undefined);
   assert.match(await unusableParent(libvirt(ours.replace('1700000000', '1700000999')), 'virtnbdbackup.0', dir) ?? '', /is not this set's .*another chain with the same prefix replaced it$/);
+  await fs.rm(saved);
+  assert.match(await unusableParent(libvirt(ours), 'virtnbdbackup.0', dir) ?? '', /^the set holds no definition of checkpoint virtnbdbackup\.0 \(.*virtnbdbackup\.0\.xml is missing\), so it cannot tell/);
   await fs.writeFile(saved, '<domaincheckpoint><name>');
   assert.match(await unusableParent(libvirt(ours), 'virtnbdbackup.0', dir) ?? '', /^the set's definition of checkpoint virtnbdbackup\.0 \(.*virtnbdbackup\.0\.xml\) is damaged: it holds no creation time/);
 });
