@@ -1,4 +1,5 @@
 // virtnbdbackup: command-line front of the backup engine, flags and defaults as virtnbdbackup 2.x.
+import { fstatSync, statSync } from 'node:fs';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { backup, type BackupResult } from '../backup/backup.js';
@@ -87,10 +88,27 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   return argv.strict && log.warnings > 0 ? 2 : 0;
 }, { leftover: `a backup job it started, if any, is ended in the background (virsh domjobabort); should one still run, end it with 'virtnbdbackup -d ${argv.domain} -k'` });
 
+/** Whether `fd` is closed or /dev/null (Node opens /dev/null in place of a closed standard stream, `>&-`). */
+function discardsOutput(fd: number): boolean {
+  try {
+    const out = fstatSync(fd);
+    const devNull = statSync('/dev/null');
+    return out.isCharacterDevice() && out.rdev === devNull.rdev;
+  } catch {
+    return true;
+  }
+}
+
 async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: AbortSignal): Promise<void> {
   const output = argv.output as string;
   if (output === '-' && process.stdout.isTTY && !argv.printonly && !argv.startonly) {
     throw new UserError('-o - writes a zip archive to standard output: redirect it to a file or a pipe');
+  }
+  if (output === '-' && !argv.printonly && !argv.startonly && discardsOutput(1)) {
+    throw new UserError('-o - writes a zip archive to standard output, which is closed or /dev/null: the archive would be lost while the chain counts it saved; redirect it to a file or a pipe');
+  }
+  if (argv.threshold !== undefined && !(Number.isSafeInteger(argv.threshold) && argv.threshold >= 0)) {
+    throw new UserError(`-T ${argv.threshold}: give the number of changed bytes, 0 or more`);
   }
   const compressFlag = process.argv.slice(2).some((a) => a === '-z' || a === '--compress' || a.startsWith('--compress='));
   const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;

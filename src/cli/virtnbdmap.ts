@@ -60,6 +60,8 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       throw new UserError(`-b ${argv.blocksize}: the block size must be a byte count between 512 and 1 GiB`);
     }
     if (!Number.isInteger(argv.threads) || argv.threads < 1) throw new UserError(`-t ${argv.threads}: give at least 1 thread`);
+    const port = argv['listen-port'];
+    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UserError(`-p ${port}: give a TCP port from 1 to 65535, or 0 for any free one`);
     const session = await startMap({
       files,
       exportName: argv['export-name'],

@@ -77,6 +77,12 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     assert.equal(z.code, 1, z.stderr);
     assert.equal(z.stderr.trim(), `virtnbdbackup: error: -z ${level}: give an lz4 compression level from 1 to 16 (-z alone: 2)`);
   }
+  // A zip into a closed standard output or /dev/null would be lost while the chain counted it saved (it exited 0).
+  for (const redirect of ['>&-', '>/dev/null']) {
+    const lost = spawnSync('bash', ['-c', `"$0" -d vnbdtest-no-such-domain -l full -o - ${redirect}`, ourBin('virtnbdbackup')], { encoding: 'utf8' });
+    assert.equal(lost.status, 1, lost.stderr);
+    assert.match(lost.stderr.trim(), /^virtnbdbackup: error: -o - writes a zip archive to standard output, which is closed or \/dev\/null: .*redirect it to a file or a pipe$/);
+  }
   assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false, 'a refused command created its output');
 });
 
