@@ -156,7 +156,7 @@ test('an output that cannot hold a set: a file, a read-only file system, under a
     assert.match(r.stderr.trim(), message);
   }
   // A zip's chain state goes into the working directory.
-  const zipFromRo = spawnSync(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', '-'], { cwd: readOnly, encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
+  const zipFromRo = spawnSync(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', '-'], { cwd: readOnly, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
   assert.equal(zipFromRo.status, 1, zipFromRo.stderr);
   assert.match(zipFromRo.stderr, /^virtnbdbackup: error: the working directory \S+\/ro keeps the chain's state of a zip on standard output \(-o -\), but cannot be written: run from a directory you can write to$/m);
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
