@@ -8,6 +8,7 @@
 // an exit without stop() (a second Ctrl-C) still removes the socket and the overlay, and detaches the device.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { ChainEndpoint } from './chainEndpoint.js';
 import { CopyOnWriteEndpoint } from './copyOnWrite.js';
 import { NbdServer, type NbdTrace } from './nbdServer.js';
@@ -98,6 +99,9 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     });
     cleanups.push(() => server.stop());
     await server.listenUnix(options.socket).catch((err: Error) => {
+      // bind() says EACCES, not ENOENT, for a socket in a directory that does not exist.
+      const folder = path.dirname(path.resolve(options.socket));
+      if (!fs.existsSync(folder)) throw new UserError(`cannot listen on ${options.socket}: its directory ${folder} does not exist; create it or choose another --socket`);
       throw new UserError(`cannot listen on ${options.socket}: ${oneLine(err)}`);
     });
     leftovers.push(options.socket);

@@ -169,6 +169,10 @@ test('a virtnbdmap killed (SIGKILL) leaves its socket and overlay: the next one 
   assert.equal(second.code, 1, second.stderr);
   assert.match(errorLines(second).join('\n'), /m\.sock already exists and a server answers on it \(another virtnbdmap\?\); remove it or choose another --socket$/);
   assert.equal((await run('nbdinfo', ['--size', first.uris[0]])).stdout.trim(), String(16 * MiB), 'the first one still serves');
+  // bind() says EACCES for a socket in a directory that does not exist: the line says what is wrong.
+  const nowhere = await runCli(ourBin('virtnbdmap'), ['-f', file, '--socket', path.join(dir, 'gone', 'm.sock'), '-p', '0', '-d', '', '--overlay-dir', dir]);
+  assert.equal(nowhere.code, 1, nowhere.stderr);
+  assert.match(errorLines(nowhere).join('\n'), /: its directory \S+\/gone does not exist; create it or choose another --socket$/);
 
   await first.kill();
   const orphan = await overlays();
