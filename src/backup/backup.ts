@@ -141,6 +141,9 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
   if (compress !== undefined && compress !== false && !(Number.isInteger(compress) && compress >= 1 && compress <= MAX_LZ4_LEVEL)) {
     throw new UserError(`-z ${compress}: give an lz4 compression level from 1 to ${MAX_LZ4_LEVEL} (-z alone: 2)`);
   }
+  if (options.threshold !== undefined && !(Number.isSafeInteger(options.threshold) && options.threshold >= 0)) {
+    throw new UserError(`-T ${options.threshold}: give the number of changed bytes, 0 or more`);
+  }
   if (options.startOnly && options.printOnly) throw new UserError('-s and -p exclude each other');
   if (options.workers !== undefined && !(Number.isInteger(options.workers) && options.workers >= 1)) {
     throw new UserError(`-w ${options.workers}: give the number of disks to back up at the same time, 1 or more`);

@@ -22,14 +22,23 @@ export interface CommonFlags {
  * Parses a command's flags strictly. Wrong flags get one line naming the problem and where help is, and exit 2
  * (argparse's usage error code, which virtnbdbackup's users script against), in place of the whole help text.
  */
-export function parseFlags<T>(name: string, flags: Argv<T>, options: { /** Flags (any one of each flag's names) whose empty value means something. */ emptyAllowed?: string[] } = {}): ReturnType<Argv<T>['parseSync']> {
+export interface FlagExceptions {
+  /** Flags (any one of each flag's names) whose empty value means something. */
+  emptyAllowed?: string[];
+  /** Flags that may stand without a value (virtnbdbackup's -z alone: level 2). */
+  valueOptional?: string[];
+}
+
+export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExceptions = {}): ReturnType<Argv<T>['parseSync']> {
   const usageError = (what: string): never => {
     process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
     process.exit(2);
   };
+  // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag, its alias map the rest.
   const kinds = (flags as unknown as { getOptions(): { number: string[]; string: string[]; alias: Record<string, string[]> } }).getOptions();
-  // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o"); -z alone means level 2.
-  const optional = new Set(['compress', 'z']);
+  const withAliases = (names: string[] | undefined): Set<string> => new Set((names ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
+  // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o").
+  const optional = withAliases(options.valueOptional);
   const valued = [...kinds.string, ...kinds.number].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
     // A repeated flag takes its last value, as argparse does, instead of becoming a list.
@@ -49,8 +58,7 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: { /** Flags
   }
   // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever";
   // an empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI.
-  // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag, its alias map the rest.
-  const allowed = new Set((options.emptyAllowed ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
+  const allowed = withAliases(options.emptyAllowed);
   const blank = blankFlag(hideBin(process.argv), new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
   if (blank) usageError(`${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
   return argv;

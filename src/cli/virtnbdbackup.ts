@@ -70,7 +70,9 @@ const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs
     'Environment:',
     '  VIRTNBD_SYSLOG_SOCKET=PATH  the syslog socket for -L (default /dev/log)',
     `  ${STAGE_TRACE_ENV}=FILE  write to FILE (JSON) when each read, lz4 compression and disk write of the copy ran`,
-  ].join('\n')));
+  ].join('\n')),
+// -z alone means level 2, as Python's optional -z value.
+{ valueOptional: ['compress'] });
 
 void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
@@ -106,9 +108,6 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
   }
   if (output === '-' && !argv.printonly && !argv.startonly && discardsOutput(1)) {
     throw new UserError('-o - writes a zip archive to standard output, which is closed or /dev/null: the archive would be lost while the chain counts it saved; redirect it to a file or a pipe');
-  }
-  if (argv.threshold !== undefined && !(Number.isSafeInteger(argv.threshold) && argv.threshold >= 0)) {
-    throw new UserError(`-T ${argv.threshold}: give the number of changed bytes, 0 or more`);
   }
   const compressFlag = process.argv.slice(2).some((a) => a === '-z' || a === '--compress' || a.startsWith('--compress='));
   const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;

@@ -115,20 +115,21 @@ export async function redefineMissing(domain: LibvirtDomain, chain: string[], xm
  * metadata tells; a bitmap missing from the image shows when the job starts, see isLostBitmapError).
  */
 export async function unusableParent(domain: LibvirtDomain, parent: string, xmlDir: string): Promise<string | undefined> {
+  const savedFile = path.join(xmlDir, `${parent}.xml`);
   if (!(await domain.listCheckpointNames()).includes(parent)) {
-    return `checkpoint ${parent} is missing in libvirt and no saved definition (${path.join(xmlDir, `${parent}.xml`)}) brought it back`;
+    return `checkpoint ${parent} is missing in libvirt and no saved definition (${savedFile}) brought it back`;
   }
   const saved = await readSaved(xmlDir, parent);
   // Every set, Python's too, saves each checkpoint's definition: without it, another set's checkpoint of the same
   // name would pass for this one's, and the inc would hold that set's changes.
   if (saved === undefined) {
-    return `the set holds no definition of checkpoint ${parent} (${path.join(xmlDir, `${parent}.xml`)} is missing), so it cannot tell whether libvirt's checkpoint of that name is its own`;
+    return `the set holds no definition of checkpoint ${parent} (${savedFile} is missing), so it cannot tell whether libvirt's checkpoint of that name is its own`;
   }
   if (checkpointCreationTime(saved) === undefined) {
-    return `the set's definition of checkpoint ${parent} (${path.join(xmlDir, `${parent}.xml`)}) is damaged: it holds no creation time to tell whether libvirt's checkpoint of that name is this set's`;
+    return `the set's definition of checkpoint ${parent} (${savedFile}) is damaged: it holds no creation time to tell whether libvirt's checkpoint of that name is this set's`;
   }
   if (checkpointIdentity(await domain.checkpointGetXMLDesc(parent, 0)) !== checkpointIdentity(saved)) {
-    return `checkpoint ${parent} in libvirt is not this set's (${path.join(xmlDir, `${parent}.xml`)}): another chain with the same prefix replaced it`;
+    return `checkpoint ${parent} in libvirt is not this set's (${savedFile}): another chain with the same prefix replaced it`;
   }
   return undefined;
 }

@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { native } from '../native/addon.js';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
-import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError } from '../stream/format.js';
+import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError, undecompressable } from '../stream/format.js';
 import { checkLinks, parseDataFileName, type ChainLink } from '../set/backupSet.js';
 import { UserError, describeReadFailure, oneLine } from '../util/errors.js';
 import { coalesce } from './coalesce.js';
@@ -118,7 +118,7 @@ export class ChainEndpoint implements Endpoint {
     try {
       await this.readFully(segment, packed, segment.at);
       return await this.decompressFrame(packed).catch((err: Error) => {
-        throw new StreamFormatError(`${this.links[segment.file]?.path} at byte ${segment.at}: lz4 frame: cannot decompress it (${err.message}): damaged`);
+        throw new StreamFormatError(`${this.links[segment.file]?.path} at byte ${segment.at}: lz4 frame: ${undecompressable(err)}`);
       });
     } finally {
       this.buffers.release(packed);

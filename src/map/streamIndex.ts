@@ -6,7 +6,7 @@
 // later, whenever a compressed frame is decompressed.
 import fs from 'node:fs/promises';
 import { native } from '../native/addon.js';
-import { FRAME_HEADER_LENGTH, TERMINATOR, FrameSequence, StreamFormatError, frameSizes, parseHeader, type FaultReporter, type StreamMetadata } from '../stream/format.js';
+import { FRAME_HEADER_LENGTH, TERMINATOR, FrameSequence, StreamFormatError, frameSizes, parseHeader, undecompressable, type FaultReporter, type StreamMetadata } from '../stream/format.js';
 import { LZ4_HEADER_BYTES, StreamReader, lz4ContentSize, readExactly } from '../stream/reader.js';
 import type { Segment } from './segments.js';
 
@@ -63,11 +63,11 @@ export async function indexStream(file: string, fileId: number): Promise<StreamI
         let offset = frame.start;
         let position = payloadAt;
         for (const size of frameSizes(entry)) {
-          if (position + size > bodyEnd) fail(position, `lz4 frame of ${size} bytes runs past the end of the stream`);
+          frames.lz4FrameFits(position, size, bodyEnd, failAt(position));
           const head = await readExactly(handle, position, Math.min(size, LZ4_HEADER_BYTES), file);
           // Both writers record the content size; without it, the frame must be decompressed once to learn it.
           const length = lz4ContentSize(head) ??
-            (await native().lz4DecompressFrame(await readExactly(handle, position, size, file)).catch((err: Error) => fail(position, `lz4 frame: cannot decompress it (${err.message}): damaged`))).length;
+            (await native().lz4DecompressFrame(await readExactly(handle, position, size, file)).catch((err: Error) => fail(position, `lz4 frame: ${undecompressable(err)}`))).length;
           frames.lz4FrameEnds(frame, offset + length, failAt(position));
           if (length > 0) segments.push({ start: offset, length, kind: 'data', file: fileId, at: position, packed: size, skip: 0 });
           offset += length;

@@ -174,6 +174,9 @@ export function frameSizes(entry: TrailerEntry): number[] {
   return sizes ?? [];
 }
 
+/** What an lz4 frame that does not decompress is called, by every reader. */
+export const undecompressable = (err: Error): string => `cannot decompress it (${err.message}): damaged`;
+
 /** Reports a structural fault; the caller adds the file and byte position. */
 export type FaultReporter = (message: string) => never;
 
@@ -202,6 +205,11 @@ export class FrameSequence {
     const entry = this.trailer[index];
     if (entry === undefined) fail(`data frame ${index} has no entry in the compression trailer`);
     return entry;
+  }
+
+  /** Checks that an lz4 frame of `size` bytes at `at` lies inside the stream body, before it is read. */
+  lz4FrameFits(at: number, size: number, bodyEnd: number, fail: FaultReporter): void {
+    if (at + size > bodyEnd) fail(`lz4 frame of ${size} bytes runs past the end of the stream`);
   }
 
   /** An lz4 frame of `frame` whose content ends at disk offset `end` must stay inside it. */

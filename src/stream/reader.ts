@@ -11,7 +11,7 @@ import { ReadAhead, readInto } from '../util/fileIo.js';
 import { describeReadFailure } from '../util/errors.js';
 import {
   PAYLOAD_PIECE_SIZE, FRAME_HEADER_LENGTH, TERMINATOR, FrameSequence, StreamFormatError, type FaultReporter, frameSizes, parseHeader, parseMetadata, parseTrailer,
-  trailerOffset, type FrameHeader, type StreamMetadata, type TrailerEntry,
+  trailerOffset, undecompressable, type FrameHeader, type StreamMetadata, type TrailerEntry,
 } from './format.js';
 
 /** What a stream holds, in order: data at an offset, or a range that reads as zero. */
@@ -255,7 +255,7 @@ export class StreamReader {
       if (entry !== undefined) {
         let offset = frame.start;
         for (const [i, size] of frameSizes(entry).entries()) {
-          if (this.position + size > this.bodyEnd) this.fail(`lz4 frame of ${size} bytes runs past the end of the stream`);
+          frames.lz4FrameFits(this.position, size, this.bodyEnd, fail);
           const input = await this.readLease(size);
           const where = `${this.path}: lz4 frame ${i} of the data frame at disk offset ${frame.start}`;
           const declared = lz4ContentSize(input.buffer);
@@ -267,7 +267,7 @@ export class StreamReader {
             ? addon.lz4DecompressInto(input.buffer, output.buffer).then((n) => output.buffer.subarray(0, n))
             : addon.lz4DecompressFrame(input.buffer);
           const data = decompressed.catch((err: Error) => {
-            throw new StreamFormatError(`${where}: cannot decompress it (${err.message}): damaged`);
+            throw new StreamFormatError(`${where}: ${undecompressable(err)}`);
           });
           data.then(() => input.drop(), () => input.drop());
           const length = declared ?? (await data).length;

@@ -77,6 +77,13 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     assert.equal(z.code, 1, z.stderr);
     assert.equal(z.stderr.trim(), `virtnbdbackup: error: -z ${level}: give an lz4 compression level from 1 to 16 (-z alone: 2)`);
   }
+  // Numbers out of range: one line each, before anything (-T -5 backed up anyway; -p 70000 was Node's wording).
+  const negative = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-l', 'inc', '-o', '/nonexistent', '-T', '-5']);
+  assert.equal(negative.code, 1, negative.stderr);
+  assert.equal(negative.stderr.trim(), 'virtnbdbackup: error: -T -5: give the number of changed bytes, 0 or more');
+  const port = await runCli(ourBin('virtnbdmap'), ['-f', '/nonexistent', '-p', '70000']);
+  assert.equal(port.code, 1, port.stderr);
+  assert.equal(port.stderr.trim(), 'virtnbdmap: error: -p 70000: give a TCP port from 1 to 65535, or 0 for any free one');
   // A zip into a closed standard output or /dev/null would be lost while the chain counted it saved (it exited 0).
   for (const redirect of ['>&-', '>/dev/null']) {
     const lost = spawnSync('bash', ['-c', `"$0" -d vnbdtest-no-such-domain -l full -o - ${redirect}`, ourBin('virtnbdbackup')], { encoding: 'utf8' });

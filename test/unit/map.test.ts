@@ -15,7 +15,7 @@ import type { PlannedExtent } from '../../src/extents/plan.js';
 import { ChainEndpoint } from '../../src/map/chainEndpoint.js';
 import { COW_BLOCK, CopyOnWriteEndpoint } from '../../src/map/copyOnWrite.js';
 import { FrameCache } from '../../src/map/frameCache.js';
-import { NbdServer } from '../../src/map/nbdServer.js';
+import { NbdServer, type NbdServerOptions } from '../../src/map/nbdServer.js';
 import { overlay, type Segment } from '../../src/map/segments.js';
 import { writeStream } from '../../src/stream/writer.js';
 import type { Sink } from '../../src/set/target.js';
@@ -314,16 +314,21 @@ test('NBD server: libnbd reads, block status, writes through copy-on-write over 
   await assert.rejects(fs.access(rw.socket), 'stop() removes the socket');
 });
 
+/** An NBD server of `endpoint` on a unix socket in `dir`, stopped (and the endpoint closed) when the test ends; its warnings are kept. */
+async function serveRecording(t: { after: (fn: () => Promise<void>) => void }, dir: string, endpoint: Endpoint, options: Partial<NbdServerOptions>): Promise<{ server: NbdServer; socket: string; warnings: string[] }> {
+  const warnings: string[] = [];
+  const log = new (class extends Logger { override warn(msg: string): void { warnings.push(msg); } })({ quiet: true });
+  const server = new NbdServer(endpoint, { exportName: 'sda', readOnly: true, maxBlockSize: 4 * MiB, threads: 2, ...options, log });
+  const socket = path.join(dir, 'recorded.sock');
+  await server.listenUnix(socket);
+  t.after(async () => { await server.stop(); await endpoint.close(); });
+  return { server, socket, warnings };
+}
+
 test('NBD server: a client that never finishes its handshake is dropped, and clients beyond the cap are refused', async (t) => {
   const dir = await withDir(t, 'limits');
   const { files } = await buildChain(dir, false);
-  const chain = await ChainEndpoint.open(files);
-  const warnings: string[] = [];
-  const log = new (class extends Logger { override warn(msg: string): void { warnings.push(msg); } })({ quiet: true });
-  const server = new NbdServer(chain, { exportName: 'sda', readOnly: true, maxBlockSize: 4 * MiB, threads: 2, maxConnections: 2, handshakeTimeoutMs: 300, log });
-  const socket = path.join(dir, 'limits.sock');
-  await server.listenUnix(socket);
-  t.after(async () => { await server.stop(); await chain.close(); });
+  const { server, socket, warnings } = await serveRecording(t, dir, await ChainEndpoint.open(files), { maxConnections: 2, handshakeTimeoutMs: 300 });
   /** A peer that reads the greeting and then says nothing; resolves with how long the server kept it. */
   const silentPeer = (): { closed: Promise<number> } => {
     const started = Date.now();
@@ -377,15 +382,9 @@ function clientSession(): Buffer {
 test('NBD server: 1000 damaged client sessions neither crash it nor wedge it; a client after them reads the backup', async (t) => {
   const dir = await withDir(t, 'fuzz');
   const { files, points } = await buildChain(dir, 2);
-  const chain = await ChainEndpoint.open(files);
-  const cow = await CopyOnWriteEndpoint.create(chain, dir);
-  const warnings: string[] = [];
-  const log = new (class extends Logger { override warn(msg: string): void { warnings.push(msg); } })({ quiet: true });
+  const cow = await CopyOnWriteEndpoint.create(await ChainEndpoint.open(files), dir);
   // No cap on clients here: on a busy machine, sessions that have hung up may still be unwinding when the next come.
-  const server = new NbdServer(cow, { exportName: 'sda', readOnly: false, maxBlockSize: 4 * MiB, threads: 4, handshakeTimeoutMs: 2000, maxConnections: 1_000_000, log });
-  const socket = path.join(dir, 'fuzz.sock');
-  await server.listenUnix(socket);
-  t.after(async () => { await server.stop(); await cow.close(); });
+  const { server, socket, warnings } = await serveRecording(t, dir, cow, { readOnly: false, threads: 4, handshakeTimeoutMs: 2000, maxConnections: 1_000_000 });
   const pick = seeded(20261128);
   const session = clientSession();
   for (let round = 0; round < 1000; round++) {
