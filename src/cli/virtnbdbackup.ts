@@ -80,6 +80,7 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   try {
     const login = loginOf(argv);
     if (argv.killonly) {
+      if (argv.startonly || argv.printonly) throw new UserError(`-k ends a running backup job, so it excludes ${argv.startonly ? '-s' : '-p'}: give one of them`);
       await endBackupJob({ domain: argv.domain, uri: argv.uri, login, socketFile: argv.socketfile, nbdTimeout: argv['nbd-timeout'], log });
       return 0;
     }

@@ -74,7 +74,7 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       device: argv.device || undefined,
       overlayParent: argv['overlay-dir'],
       log,
-      trace: argv.hexdump ? (direction, what, bytes) => log.info([`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
+      trace: argv.hexdump ? (direction, what, bytes) => log.block('info', [`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
     });
     try {
       log.info(`serving ${session.description}, ${argv.readonly ? 'read-only' : `writable (copy-on-write overlay in ${session.overlayDir}, discarded at exit)`}`);

@@ -26,6 +26,7 @@ const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yarg
   .option('config-file', { alias: 'C', type: 'string', describe: 'Domain XML to copy or adjust (default: the vmconfig of the restore point)' })
   .option('name', { alias: 'N', type: 'string', describe: 'Name of the restored domain (default: restore_<name>)' })
   .option('buffsize', { alias: 'B', type: 'number', describe: 'Accepted for compatibility; verify reads 4 MiB at a time' })
+  .check((a) => a.buffsize === undefined || (Number.isSafeInteger(a.buffsize) && a.buffsize > 0) || `-B ${a.buffsize}: give a buffer size in bytes, above 0`)
   .option('preallocate', { alias: 'A', type: 'boolean', default: false, describe: 'Preallocate restored images (metadata for qcow2, falloc for raw)' })
   .option('compress', { type: 'boolean', default: false, describe: 'Write restored qcow2 images with compressed clusters' })
   .option('uri', { alias: 'U', type: 'string', default: DEFAULT_LIBVIRT_URI, describe: 'libvirt connection URI for -D; a remote one (qemu+ssh://user@host/system) restores onto that host: -o is a directory, raw file or block device there' })
@@ -63,7 +64,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   }
   if (action === 'verify') {
     const verdicts = await verifySet({
-      input: argv.input, disk: argv.disk, signal,
+      input: argv.input, disk: argv.disk, until: argv.until, signal,
       onVerdict: (v) => process.stdout.write(v.ok ? `OK ${v.file}\n` : `FAILED ${v.file}: ${v.reason}\n`),
     });
     return verdicts.every((v) => v.ok) ? 0 : 1;

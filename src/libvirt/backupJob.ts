@@ -74,8 +74,8 @@ export class BackupJob {
     const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`), full: whole.has(target), since: since.get(target) }));
     const jobXml = backupJobXml(options.server, checkpoint.parent, disks, options.allTargets);
     const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
-    options.log.debug(`backup job XML:\n${jobXml}`);
-    if (cptXml) options.log.debug(`checkpoint XML:\n${cptXml}`);
+    options.log.block('debug', `backup job XML:\n${jobXml}`);
+    if (cptXml) options.log.block('debug', `checkpoint XML:\n${cptXml}`);
     const leftovers = 'socket' in options.server ? [options.server.socket, ...disks.map((d) => d.scratchFile)] : [];
     const job = (): BackupJob => new BackupJob(domain, options.server, leftovers, checkpoint.create ? checkpoint.name : undefined, options.log);
     const beginning = domain.backupBegin(jobXml, cptXml, 0);

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { native } from '../native/addon.js';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError, undecompressable } from '../stream/format.js';
-import { checkLinks, parseDataFileName, type ChainLink } from '../set/backupSet.js';
+import { checkLinks, isStreamFile, parseDataFileName, type ChainLink } from '../set/backupSet.js';
 import { UserError, describeReadFailure, oneLine } from '../util/errors.js';
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
@@ -65,6 +65,9 @@ export class ChainEndpoint implements Endpoint {
       try {
         indexes.push(await indexStream(path.resolve(file), i));
       } catch (err) {
+        if (err instanceof StreamFormatError && !(await isStreamFile(file))) {
+          throw new UserError(`${file} is a raw disk image (a -t raw backup), not a stream: serve it as it is, read-only, with 'qemu-nbd -r -f raw ${file}' or 'losetup -r'`);
+        }
         if (err instanceof StreamFormatError) throw new UserError(`${file} is not a usable backup stream: ${oneLine(err)}`);
         throw err;
       }

@@ -8,11 +8,10 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, checkLinks, listSet, noDataFiles, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, checkLinks, isStreamFile, listSet, recordedChecksum, noDataFiles, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
-import { isStreamFile, recordedChecksum } from '../verify/verify.js';
 import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
@@ -168,10 +167,15 @@ export function chainFromSequence(sequence: string[], chains: ReadonlyMap<string
 
 /** The set's chains, checked, selected by disk and cut at `until`: what a restore of every disk would apply. */
 export async function loadChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<Map<string, ChainLink[]>> {
-  const { chains, checkpoints } = await scanSet(input, log);
-  const selected = selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log);
+  const selected = await checkedChains(input, until, onlyDisk, log);
   if (selected.size === 0) throw new UserError(`no backup of disk ${onlyDisk} in ${input}`);
   return selected;
+}
+
+/** As loadChains, but a set of raw images (-t raw) alone has no chains, which is no error here. */
+export async function checkedChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<Map<string, ChainLink[]>> {
+  const { chains, checkpoints } = await scanSet(input, log);
+  return selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log);
 }
 
 /**
@@ -197,13 +201,15 @@ function selectChains(chains: Map<string, ChainLink[]>, checkpoints: string[], o
   const selected = new Map<string, ChainLink[]>();
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
-    checkLinks(chain);
     const absent = options.until !== undefined && options.disk === undefined ? absentAt(chain, options.until, checkpoints) : undefined;
     if (absent) {
       log.info(`disk ${disk} is left out of the restore at ${options.until}: ${absent}`);
       continue;
     }
-    selected.set(disk, options.until === undefined ? chain : cutAt(chain, options.until, disk, options.input));
+    // Cut first: a file missing after the restore point does not stop a restore of that point.
+    const applied = options.until === undefined ? chain : cutAt(chain, options.until, disk, options.input);
+    checkLinks(applied);
+    selected.set(disk, applied);
   }
   return selected;
 }

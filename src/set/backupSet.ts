@@ -5,7 +5,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
-import type { StreamMetadata } from '../stream/format.js';
+import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH, type StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
 import type { Level } from '../libvirt/checkpoints.js';
@@ -46,6 +46,54 @@ export async function writeDigestFile(target: OutputTarget, dataFile: string, pi
     await sink.write([Buffer.from(']}')]);
   });
 }
+/** A side file's text, or undefined when the set has none; one that cannot be read fails naming it. */
+export async function readIfThere(file: string): Promise<string | undefined> {
+  return fs.readFile(file, 'utf8').catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return undefined;
+    throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
+  });
+}
+
+/** The adler32 recorded in `<dataFile>.chksum`, or undefined when there is none. */
+export async function recordedChecksum(dataFile: string): Promise<number | undefined> {
+  const file = checksumFileName(dataFile);
+  const text = await readIfThere(file);
+  if (text === undefined) return undefined;
+  if (!/^\s*\d+\s*$/.test(text)) throw new Error(`${path.basename(file)} holds no decimal checksum`);
+  return Number(text.trim());
+}
+
+/** The one line a checksum mismatch reads as, in verify and restore alike. */
+export function checksumMismatch(dataFile: string, actual: number, recorded: number): string {
+  return `adler32 of the file is ${actual}, ${path.basename(checksumFileName(dataFile))} says ${recorded}`;
+}
+
+/** A raw image holds a whole disk, whose size QEMU keeps to a multiple of this. */
+const SECTOR = 512;
+
+/**
+ * Whether a data file is a stream, as opposed to a raw image (-t raw), which has no frames: its first bytes are a
+ * meta header (a few damaged bytes allowed), or else it ends as a stream does or has no whole disk's size. So a
+ * stream with a damaged start is read as a stream and fails naming the damage, never restored as an image of garbage.
+ */
+export async function isStreamFile(file: string): Promise<boolean> {
+  const handle = await fs.open(file, 'r').catch((err: unknown) => {
+    throw new UserError(`cannot read ${file}: ${describeFailure(err)}`);
+  });
+  try {
+    const head = Buffer.alloc(FRAME_HEADER_LENGTH);
+    const { bytesRead } = await handle.read(head, 0, FRAME_HEADER_LENGTH, 0);
+    if (looksLikeStream(head.subarray(0, bytesRead))) return true;
+    const { size } = await handle.stat();
+    if (size % SECTOR !== 0) return true;
+    const tail = Buffer.alloc(FRAME_HEADER_LENGTH);
+    await handle.read(tail, 0, FRAME_HEADER_LENGTH, size - FRAME_HEADER_LENGTH);
+    return looksLikeStreamEnd(tail);
+  } finally {
+    await handle.close();
+  }
+}
+
 export const checkpointListName = (domain: string): string => `${domain}.cpt`;
 export const vmConfigName = (ident: string): string => `vmconfig.${ident}.xml`;
 

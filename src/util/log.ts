@@ -57,7 +57,12 @@ export class Logger {
 
   /** A line for the log file alone: what the command itself reports on the console, such as the error it exits with. */
   toFile(level: Level, msg: string): void {
-    this.file?.write(`${new Date().toISOString()} ${level.toUpperCase()} ${msg}\n`);
+    this.file?.write(`${new Date().toISOString()} ${level.toUpperCase()} ${printable(msg)}\n`);
+  }
+
+  /** A text of several lines (XML, a hexdump), a log line each; single messages have their newlines escaped. */
+  block(level: 'debug' | 'info', text: string): void {
+    for (const line of text.split('\n')) this.log(level, line);
   }
 
   debug(msg: string): void { this.log('debug', msg); }
@@ -65,14 +70,20 @@ export class Logger {
   warn(msg: string): void { this.warnings++; this.log('warn', msg); }
   error(msg: string): void { this.errors++; this.log('error', msg); }
 
-  private log(level: Level, msg: string): void {
-    this.toFile(level, msg);
+  private log(level: Level, raw: string): void {
+    this.toFile(level, raw);
+    const msg = printable(raw);
     if (ORDER[level] < this.threshold) return;
     this.syslog?.send(level, msg);
     const prefix = level === 'info' || level === 'debug' ? '' : `${level === 'warn' ? 'warning' : 'error'}: `;
     const line = `${prefix}${msg}`;
     process.stderr.write(this.color && COLOR[level] ? `${COLOR[level]}${line}\x1b[0m\n` : `${line}\n`);
   }
+}
+
+/** `msg` with control characters escaped (`\\n`, `\\u001b`): a name holding a newline keeps its message on one line. */
+export function printable(msg: string): string {
+  return msg.replace(/[\x00-\x08\x0a-\x1f\x7f]/g, (c) => JSON.stringify(c).slice(1, -1));
 }
 
 /** A logger that drops everything: the default for library callers that pass none. */

@@ -3,24 +3,30 @@
 //   -> adler32 of every byte == <file>.chksum (what Python's verify checks)
 //   -> BLAKE3 of every payload piece == <file>.blake3.json (ours; SHA-256 in <file>.sha256.json of earlier
 //      backups), which names the extent that rotted.
-// Raw images (-t raw) get the adler32 check only. `.partial` leftovers fail as incomplete files.
+// Raw images (-t raw) get the adler32 check only. `.partial` leftovers fail as incomplete files. Then the chains:
+// the files must link up as a restore needs them (a file missing in between fails). --until narrows all of it to
+// what a restore at that checkpoint reads.
 // Guarantees: every byte of every data file is read; a file passes only when all present checks pass and its
 // checksum file exists; the first failing extent is named by disk offset and length.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
-import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH } from '../stream/format.js';
-import { checksumFileName, digestFileName, listSet, noDataFiles, ofDisk, parseDataFileName } from '../set/backupSet.js';
+import {
+  checksumFileName, checksumMismatch, digestFileName, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, readIfThere, recordedChecksum,
+} from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import { runningWriter } from '../backup/lock.js';
+import { checkedChains, loadChains } from '../restore/plan.js';
 
 export interface VerifyOptions {
   input: string;
   /** Only the files of this disk. */
   disk?: string;
+  /** Only the files a restore at this checkpoint reads (an unknown one is refused, as restore refuses it). */
+  until?: string;
   /** Called with each verdict as soon as it is known (files are verified one after the other). */
   onVerdict?: (verdict: FileVerdict) => void;
   signal?: AbortSignal;
@@ -52,23 +58,6 @@ const ALGORITHM_NAMES: Record<DigestAlgorithm, string> = { blake3: 'BLAKE3', sha
 const HASH_WINDOW = 64 * 1024 * 1024;
 const READ_SIZE = 4 * 1024 * 1024;
 
-/** A side file's text, or undefined when the set has none; one that cannot be read fails naming it. */
-async function readIfThere(file: string): Promise<string | undefined> {
-  return fs.readFile(file, 'utf8').catch((err: NodeJS.ErrnoException) => {
-    if (err.code === 'ENOENT') return undefined;
-    throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
-  });
-}
-
-/** The adler32 recorded in `<dataFile>.chksum`, or undefined when there is none. */
-export async function recordedChecksum(dataFile: string): Promise<number | undefined> {
-  const file = checksumFileName(dataFile);
-  const text = await readIfThere(file);
-  if (text === undefined) return undefined;
-  if (!/^\s*\d+\s*$/.test(text)) throw new Error(`${path.basename(file)} holds no decimal checksum`);
-  return Number(text.trim());
-}
-
 /** The pieces recorded in `<dataFile>.blake3.json` (or an earlier backup's `.sha256.json`), or undefined. */
 export async function recordedPieces(dataFile: string): Promise<RecordedDigests | undefined> {
   for (const algorithm of ['blake3', 'sha256'] as const) {
@@ -95,11 +84,6 @@ export async function recordedPieces(dataFile: string): Promise<RecordedDigests 
 /** A byte count in a digest file: a whole number, above zero (or zero, where `zeroAllowed`). */
 function isCount(value: unknown, zeroAllowed = false): boolean {
   return Number.isSafeInteger(value) && ((value as number) > 0 || (zeroAllowed && value === 0));
-}
-
-/** The one line a checksum mismatch reads as, in verify and restore alike. */
-export function checksumMismatch(dataFile: string, actual: number, recorded: number): string {
-  return `adler32 of the file is ${actual}, ${path.basename(checksumFileName(dataFile))} says ${recorded}`;
 }
 
 /** An error's line without the file's path in front: the verdict line names the file already. */
@@ -180,32 +164,6 @@ async function fileChecksum(file: string, signal?: AbortSignal): Promise<number>
   }
 }
 
-/** A raw image holds a whole disk, whose size QEMU keeps to a multiple of this. */
-const SECTOR = 512;
-
-/**
- * Whether a data file is a stream, as opposed to a raw image (-t raw), which has no frames: its first bytes are a
- * meta header (a few damaged bytes allowed), or else it ends as a stream does or has no whole disk's size. So a
- * stream with a damaged start is read as a stream and fails naming the damage, never restored as an image of garbage.
- */
-export async function isStreamFile(file: string): Promise<boolean> {
-  const handle = await fs.open(file, 'r').catch((err: unknown) => {
-    throw new UserError(`cannot read ${file}: ${describeFailure(err)}`);
-  });
-  try {
-    const head = Buffer.alloc(FRAME_HEADER_LENGTH);
-    const { bytesRead } = await handle.read(head, 0, FRAME_HEADER_LENGTH, 0);
-    if (looksLikeStream(head.subarray(0, bytesRead))) return true;
-    const { size } = await handle.stat();
-    if (size % SECTOR !== 0) return true;
-    const tail = Buffer.alloc(FRAME_HEADER_LENGTH);
-    await handle.read(tail, 0, FRAME_HEADER_LENGTH, size - FRAME_HEADER_LENGTH);
-    return looksLikeStreamEnd(tail);
-  } finally {
-    await handle.close();
-  }
-}
-
 export async function verifyDataFile(file: string, signal?: AbortSignal): Promise<FileVerdict> {
   const name = path.basename(file);
   let reasons: string[];
@@ -220,13 +178,21 @@ export async function verifyDataFile(file: string, signal?: AbortSignal): Promis
   return reasons.length === 0 ? { file: name, ok: true } : { file: name, ok: false, reason: reasons.join('; ') };
 }
 
-/** Verifies every data file of the set (and fails every `.partial` leftover), in name order. */
+/**
+ * Verifies every data file of the set (and fails every `.partial` leftover), in name order, then that the files
+ * form chains a restore can apply: a file missing between others fails as `chain`, as restore would refuse it.
+ */
 export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> {
-  const listing = await listSet(path.resolve(options.input));
+  const input = path.resolve(options.input);
+  const listing = await listSet(input);
   const ofThisDisk = ofDisk(options.disk);
-  const files = listing.dataFiles.filter(ofThisDisk).map((d) => d.file);
+  let files = listing.dataFiles.filter(ofThisDisk).map((d) => d.file);
   const partials = listing.partials.filter((p) => ofThisDisk(parseDataFileName(p.slice(0, -'.partial'.length))));
   if (files.length === 0 && partials.length === 0) throw noDataFiles(options.input, options.disk);
+  if (options.until !== undefined) {
+    const applied = new Set([...(await loadChains(input, options.until, options.disk)).values()].flat().map((l) => l.file));
+    files = files.filter((f) => applied.has(f));
+  }
   const verdicts: FileVerdict[] = [];
   const report = (verdict: FileVerdict): void => {
     verdicts.push(verdict);
@@ -236,5 +202,14 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   const why = writer === undefined ? 'left from a failed backup run: the file is incomplete' : `being written by a running backup${writer ? ` (pid ${writer})` : ''}: verify once it has ended`;
   for (const partial of partials) report({ file: partial, ok: false, reason: why });
   for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));
+  // Links are read from the files' metadata: only worth checking when every file read whole (and with no
+  // .partial, whose run left the chain unfinished, in the set).
+  if (options.until === undefined && listing.partials.length === 0 && verdicts.every((v) => v.ok)) {
+    const broken = await checkedChains(input, undefined, options.disk).then(() => undefined, (err: unknown) => {
+      if (err instanceof UserError) return oneLine(err);
+      throw err;
+    });
+    if (broken) report({ file: 'chain', ok: false, reason: broken });
+  }
   return verdicts;
 }

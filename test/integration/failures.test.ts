@@ -84,6 +84,18 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
   const port = await runCli(ourBin('virtnbdmap'), ['-f', '/nonexistent', '-p', '70000']);
   assert.equal(port.code, 1, port.stderr);
   assert.equal(port.stderr.trim(), 'virtnbdmap: error: -p 70000: give a TCP port from 1 to 65535, or 0 for any free one');
+  const remotePort = await runCli(ourBin('virtnbdrestore'), ['-U', 'qemu+ssh://root@vnbdtest-no-such-host/system', '-P', '70000', '-i', '/nonexistent', '-o', '/nonexistent']);
+  assert.equal(remotePort.code, 1, remotePort.stderr);
+  assert.equal(remotePort.stderr.trim(), 'virtnbdrestore: error: -P 70000: give a TCP port from 1 to 65535');
+  const buffer = await runCli(ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', 'verify', '-B', '-5']);
+  assert.equal(buffer.code, 2, buffer.stderr);
+  assert.equal(buffer.stderr.trim(), 'virtnbdrestore: error: -B -5: give a buffer size in bytes, above 0; see virtnbdrestore --help');
+  // -k ends a job: with -s (start one) or -p (estimate) it did only that, the other flag silently dropped.
+  for (const other of ['-s', '-p']) {
+    const both = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-k', other, '-o', '/nonexistent']);
+    assert.equal(both.code, 1, both.stderr);
+    assert.equal(both.stderr.trim(), `virtnbdbackup: error: -k ends a running backup job, so it excludes ${other}: give one of them`);
+  }
   // A zip into a closed standard output or /dev/null would be lost while the chain counted it saved (it exited 0).
   for (const redirect of ['>&-', '>/dev/null']) {
     const lost = spawnSync('bash', ['-c', `"$0" -d vnbdtest-no-such-domain -l full -o - ${redirect}`, ourBin('virtnbdbackup')], { encoding: 'utf8' });

@@ -46,6 +46,8 @@ const DAMAGED = /the set's file is damaged: check the set with -a verify, or res
 const cases: BadInput[] = [
   { name: 'a data file missing from the chain', set: 'plain', damage: (d) => fs.rm(path.join(d, INC1)),
     expect: /broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set: put it back, or restore an earlier point with --until/ },
+  { name: 'a data file missing from the chain (verify)', set: 'plain', verify: true, damage: (d) => fs.rm(path.join(d, INC1)),
+    expect: /^FAILED chain: broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set/ },
   { name: 'a .partial left in the set', set: 'plain', damage: (d) => fs.writeFile(path.join(d, 'vda.inc.virtnbdbackup.3.data.partial'), 'x'),
     expect: /vda\.inc\.virtnbdbackup\.3\.data\.partial is left from a failed backup run; .*restore with --until an earlier checkpoint after moving the \.partial file away/ },
   // Its head no longer says "stream", but it is no raw image (-t raw) either: it ends with a stop frame.
@@ -150,6 +152,23 @@ describe('bad input: one line, non-zero exit, nothing touched outside the output
       await fs.rm(set, { recursive: true, force: true });
     });
   }
+
+  test('a file missing after the restore point: restore and verify --until that point work; verify --until an unknown checkpoint is refused', async () => {
+    const set = path.join(work, 'missing-later');
+    await run('cp', ['-a', sets.plain, set]);
+    await fs.rm(path.join(set, INC1));
+    const out = path.join(work, 'out-missing-later');
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '--until', 'virtnbdbackup.0']);
+    await runOk(ourBin('virtnbdrestore'), ['-i', sets.plain, '-o', path.join(work, 'out-point-0'), '-n', '--until', 'virtnbdbackup.0']);
+    await run('qemu-img', ['compare', '-q', path.join(out, 'vda.qcow2'), path.join(work, 'out-point-0', 'vda.qcow2')]);
+    const upTo = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify', '--until', 'virtnbdbackup.0']);
+    assert.deepEqual(upTo.stdout.trim().split('\n'), ['OK vda.full.data']);
+    const unknown = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify', '--until', 'virtnbdbackup.9']);
+    assert.equal(unknown.code, 1, unknown.stderr);
+    assert.equal(unknown.stdout, '');
+    assert.match(errorLines(unknown).join('\n'), /^virtnbdrestore: error: checkpoint virtnbdbackup\.9 is not in the chain of disk vda in .*; pick one of those with --until$/);
+    await fs.rm(set, { recursive: true, force: true });
+  });
 
   test('restore: an output directory that already holds an image of that name is refused, the image untouched', async () => {
     const out = path.join(work, 'existing');

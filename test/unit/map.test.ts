@@ -220,6 +220,10 @@ test('chain endpoint: files out of order, an inc first, another disk or a non-st
   const truncated = path.join(dir, 'vda.inc.virtnbdbackup.1.data.cut');
   await fs.writeFile(truncated, (await fs.readFile(inc1)).subarray(0, 5000));
   await assert.rejects(ChainEndpoint.open([full, truncated]), /not a usable backup stream.*(truncated|end of file)/);
+  // A -t raw backup is an image already: said so, with what serves it ("invalid frame header" said nothing).
+  const image = path.join(dir, 'vda.full.img');
+  await fs.writeFile(image, Buffer.alloc(1024 * 1024, 0x5a));
+  await assert.rejects(ChainEndpoint.open([image]), new RegExp(`${image} is a raw disk image \\(a -t raw backup\\), not a stream: serve it as it is, read-only, with 'qemu-nbd -r -f raw ${image}' or 'losetup -r'$`));
 });
 
 test('copy-on-write: reads see every write and zero, the base and its files stay untouched, close removes the overlay', async (t) => {

@@ -6,7 +6,8 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
-import { isStreamFile, verifyDataFile, verifySet } from '../../src/verify/verify.js';
+import { verifyDataFile, verifySet } from '../../src/verify/verify.js';
+import { isStreamFile } from '../../src/set/backupSet.js';
 import { MemoryDisk, craftStream, flipByte } from '../support/craftedSet.js';
 
 const MiB = 1024 * 1024;
