@@ -330,6 +330,13 @@ function chooseDisks(ctx: RunContext, level: Level): void {
   if (options.raw && incremental) log.warn('raw disks have no checkpoints: they are left out of inc and diff backups');
   const { disks, skipped } = selectDisks(ctx.info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, rawNotInThisLevel: options.raw && incremental, offline: ctx.power.offline });
   for (const s of skipped) (s.expected ? log.info : log.warn).call(log, `skipping disk ${s.disk.target}: ${s.reason}`);
+  // A mistyped name (-i vdz) would else go unnoticed: the run backs up, or leaves out, other disks than meant.
+  const targets = ctx.info.disks.map((d) => d.target);
+  for (const [flag, names] of [['-i', options.include], ['-x', options.exclude]] as const) {
+    for (const name of (names ?? []).filter((n) => !targets.includes(n))) {
+      log.warn(`${flag} ${name}: domain '${options.domain}' has no disk ${name} (its disks: ${targets.join(', ') || 'none'})`);
+    }
+  }
   for (const d of disks.filter((disk) => disk.encrypted)) {
     log.info(`disk ${d.target} is encrypted in its image: the backup holds its data as the guest reads it, not encrypted; keep the set as safe as the key`);
   }
@@ -438,7 +445,7 @@ function scratchDirOf(options: BackupOptions): string {
 }
 
 function socketOf(options: BackupOptions): string {
-  return options.socketFile ?? `/var/tmp/virtnbdbackup.${process.pid}`;
+  return options.socketFile ? path.resolve(options.socketFile) : `/var/tmp/virtnbdbackup.${process.pid}`;
 }
 
 

@@ -232,6 +232,9 @@ export async function fallBackToFull(ctx: RunContext, prefix: string, problem: s
     throw new UserError(`${problem}: an incremental backup would be wrong, and a shut-off domain cannot start a new chain; run again ${ctx.power.runningAdvice} (it then makes a full backup)`);
   }
   const archive = await archiveChain(ctx.stateDir, await chainFiles(ctx), new Date());
-  log.warn(`${problem}: an incremental backup would be wrong, so this run makes a full backup instead; the set's previous chain was moved to ${archive} and restores from there`);
+  const moved = ctx.toZip
+    ? `the previous chain's state was moved to ${archive}; its zips still restore, unzipped into a directory of their own (not with this run's zip, which holds a new full)`
+    : `the set's previous chain was moved to ${archive} and restores from there`;
+  log.warn(`${problem}: an incremental backup would be wrong, so this run makes a full backup instead; ${moved}`);
   return { ...planFor('full', [], prefix), archivedChain: archive };
 }

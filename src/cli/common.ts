@@ -35,8 +35,9 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
     process.exit(2);
   };
   // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag, its alias map the rest.
-  const kinds = (flags as unknown as { getOptions(): { number: string[]; string: string[]; alias: Record<string, string[]> } }).getOptions();
+  const kinds = (flags as unknown as { getOptions(): YargsOptions }).getOptions();
   const withAliases = (names: string[] | undefined): Set<string> => new Set((names ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
+  givenArgs = splitShortValues(hideBin(process.argv), { ...shortFlags(kinds), optional: withAliases(options.valueOptional) });
   // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o").
   const optional = withAliases(options.valueOptional);
   const valued = [...kinds.string, ...kinds.number].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
@@ -47,7 +48,7 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
     .strict()
     .fail((message: string | null, err: Error | undefined) => usageError(message ?? err?.message ?? 'invalid arguments'))
     .wrap(Math.min(110, process.stdout.columns || 110))
-    .parseSync();
+    .parseSync(givenArgs);
   // yargs turns a number flag's non-numeric value (-T abc) into NaN, under the flag's every name (and camelCase twin).
   const notNumbers = Object.entries(argv)
     .filter(([key, value]) => key !== '_' && !(key.length > 1 && /[A-Z]/.test(key)) && typeof value === 'number' && Number.isNaN(value))
@@ -59,9 +60,79 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever";
   // an empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI.
   const allowed = withAliases(options.emptyAllowed);
-  const blank = blankFlag(hideBin(process.argv), new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
+  const blank = blankFlag(givenArgs, new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
   if (blank) usageError(`${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
   return argv;
+}
+
+/** What yargs' getOptions() tells of the flags (it is missing from its types). */
+interface YargsOptions {
+  number: string[];
+  string: string[];
+  boolean: string[];
+  alias: Record<string, string[]>;
+  key: Record<string, boolean>;
+}
+
+/** The command line as parseFlags read it, short flags split as argparse splits them. */
+let givenArgs: string[] = [];
+
+/** Whether any of `names` (-z, --compress) was given, with or without a value. */
+export function flagGiven(...names: string[]): boolean {
+  return givenArgs.some((arg) => names.some((name) => arg === name || arg.startsWith(`${name}=`)));
+}
+
+/** The one-letter flags: those that take a value, and the switches. */
+function shortFlags(kinds: YargsOptions): { valued: Set<string>; switches: Set<string> } {
+  const valued = new Set<string>();
+  const switches = new Set<string>();
+  for (const key of Object.keys(kinds.key)) {
+    const names = [key, ...(kinds.alias[key] ?? [])];
+    const isSwitch = names.some((n) => kinds.boolean.includes(n));
+    for (const n of names.filter((n) => n.length === 1)) (isSwitch ? switches : valued).add(n);
+  }
+  return { valued, switches };
+}
+
+/**
+ * `args` with short flags written as argparse reads them split apart for yargs: `-lfull` is `-l full`, `-cD` is
+ * `-c -D`, `-nz5` is `-n -z 5`. An argument that is a flag's value, or holds an unknown letter, stays as it is;
+ * after a flag whose value is `optional` (-z), the next argument is one of its own.
+ */
+export function splitShortValues(args: readonly string[], flags: { valued: ReadonlySet<string>; switches: ReadonlySet<string>; optional?: ReadonlySet<string> }): string[] {
+  const out: string[] = [];
+  let valueNext = false;
+  for (const [i, arg] of args.entries()) {
+    if (arg === '--') return [...out, ...args.slice(i)];
+    const isValue = valueNext;
+    valueNext = false;
+    if (isValue || !/^-[A-Za-z]/.test(arg)) {
+      out.push(arg);
+      continue;
+    }
+    const split: string[] = [];
+    let known = true;
+    for (let at = 1; at < arg.length; at++) {
+      const letter = arg[at] as string;
+      if (flags.switches.has(letter)) {
+        split.push(`-${letter}`);
+      } else if (flags.valued.has(letter)) {
+        const rest = arg.slice(at + 1).replace(/^=/, '');
+        split.push(`-${letter}`, ...(rest ? [rest] : []));
+        valueNext = !rest && !flags.optional?.has(letter);
+        break;
+      } else {
+        known = false;
+        break;
+      }
+    }
+    if (known) out.push(...split);
+    else {
+      out.push(arg);
+      valueNext = false;
+    }
+  }
+  return out;
 }
 
 /**

@@ -9,7 +9,7 @@ import type { Logger } from '../util/log.js';
 import { DEFAULT_LIBVIRT_URI, type LibvirtLogin } from '../libvirt/connection.js';
 import { UserError } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
-import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
+import { flagGiven, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
 
 const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv))))
   .scriptName('virtnbdbackup')
@@ -110,7 +110,7 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
   if (output === '-' && !argv.printonly && !argv.startonly && discardsOutput(1)) {
     throw new UserError('-o - writes a zip archive to standard output, which is closed or /dev/null: the archive would be lost while the chain counts it saved; redirect it to a file or a pipe');
   }
-  const compressFlag = process.argv.slice(2).some((a) => a === '-z' || a === '--compress' || a.startsWith('--compress='));
+  const compressFlag = flagGiven('-z', '--compress');
   const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;
   const progress = await makeProgress(argv, 'saving');
   try {

@@ -12,6 +12,7 @@ import { nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { backupJobXml, checkpointXml, dirtyBitmapContext, type CheckpointPlan, type JobServer } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
 import { deleteCheckpoint } from './chain.js';
+import { UserError, oneLine } from '../util/errors.js';
 
 export interface BackupJobOptions {
   server: JobServer;
@@ -86,7 +87,9 @@ export class BackupJob {
       if (await beginning.then(() => true, () => false)) await job().end(true).catch(() => undefined);
       throw err;
     }
-    await beginning;
+    await beginning.catch((err: unknown) => {
+      throw (('socket' in options.server) && socketRefused(err, options.server.socket)) || err;
+    });
     options.hooks?.begun();
     return job();
   }
@@ -132,4 +135,10 @@ export class BackupJob {
     await waitForJobTeardown(this.domain);
     await Promise.all(this.leftovers.map((f) => fs.rm(f, { force: true }).catch(() => undefined)));
   }
+}
+
+/** QEMU, which creates the job's socket as its own user, may not write where -f points: said so, with the way out. */
+function socketRefused(err: unknown, socket: string): UserError | undefined {
+  if (!/Failed to bind socket.*Permission denied/i.test(oneLine(err))) return undefined;
+  return new UserError(`QEMU may not create the backup job's socket ${socket}: its user (libvirt-qemu) cannot write in ${path.dirname(socket)}; give -f a path in a directory it can write to, such as /var/tmp (the default)`);
 }

@@ -223,7 +223,7 @@ function checkSequence(links: readonly ChainLink[]): void {
     }
   }
   try {
-    checkLinks([...links]);
+    checkLinks([...links], 'add it to -f, or map only the files before it');
   } catch (err) {
     throw new UserError(`sequence out of order or incomplete: ${oneLine(err)}; give the full backup first, then each incremental in checkpoint order`);
   }

@@ -15,7 +15,7 @@ import { NbdServer, type NbdTrace } from './nbdServer.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { run } from '../util/process.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, oneLine } from '../util/errors.js';
+import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 
 export interface MapOptions {
   /** The full or copy stream, then incs/diffs in checkpoint order. */
@@ -84,7 +84,9 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
       const overlayParent = options.overlayParent ?? '/var/tmp';
       const cow = await CopyOnWriteEndpoint.create(chain, overlayParent, log).catch(async (err: unknown) => {
         await chain.close();
-        throw new UserError(`cannot create the copy-on-write overlay in ${overlayParent}: ${oneLine(err)} (use -r to serve read-only)`);
+        const missing = errnoOf(err) === 'ENOENT' && !fs.existsSync(overlayParent);
+        const why = missing ? 'the directory does not exist; create it or give another --overlay-dir' : describeFailure(err);
+        throw new UserError(`cannot create the copy-on-write overlay in ${overlayParent}: ${why} (or use -r to serve read-only)`);
       });
       endpoint = cow;
       overlayDir = cow.overlayDir;

@@ -324,6 +324,23 @@ async function resolveOutput(output: string): Promise<OutputTarget> {
   return existingTarget(output, kind, head, kind === 'other' ? 0 : await rawSize(output), '');
 }
 
+/**
+ * The --sequence entries as names of files of the set: a bare name is one in -i (as Python reads it); a path must
+ * lead into -i, through symbolic links too, since the files applied are always the set's.
+ */
+async function sequenceInSet(sequence: string[], input: string): Promise<string[]> {
+  const real = (p: string): Promise<string> => fs.realpath(p).catch(() => path.resolve(p));
+  const set = await real(input);
+  const names: string[] = [];
+  for (const entry of sequence) {
+    if (entry.includes('/') && (await real(path.dirname(entry))) !== set) {
+      throw new UserError(`${entry} in --sequence is not in the set ${input}: --sequence names files of the set given with -i (a name alone will do)`);
+    }
+    names.push(path.basename(entry));
+  }
+  return names;
+}
+
 /** What gets applied per disk: the --sequence, or the chains selected by -d and cut at --until, and raw images. */
 function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): ScannedSet {
   const { input } = options;
@@ -359,7 +376,7 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
       throw new UserError(`-o ${output.file} is ${inSet ? `a file of the backup set ${input}` : 'a backup data file'}: a restore would overwrite it; give a raw file, a block device or a directory outside the set`);
     }
   }
-  const resolved = { ...options, input };
+  const resolved = { ...options, input, sequence: options.sequence && (await sequenceInSet(options.sequence, input)) };
   const { chains, images, checkpoints } = selectSources(await scanSet(input, log), resolved, log);
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];

@@ -86,8 +86,12 @@ const CONNECTIONS = 4;
 /** Pieces of a raw image sent onto another host. */
 const RAW_PIECE = 4 * 1024 * 1024;
 
-/** What the error line adds when a file of the set is damaged. */
-const DAMAGED_HINT = "the set's file is damaged: check the set with -a verify, or restore an earlier point with --until";
+/** What the error line adds when a file of the set is damaged: an earlier point helps unless it is the base. */
+function damagedHint(err: unknown, disk: DiskPlan): string {
+  const base = disk.source.kind === 'stream' ? disk.source.chain[0] : undefined;
+  const inBase = base !== undefined && oneLine(err).includes(base.path);
+  return `the set's file is damaged: check the set with -a verify${inBase ? `; it is the base of disk ${disk.disk}'s chain, so no point in time of that disk restores from this set` : ', or restore an earlier point with --until'}`;
+}
 
 interface ConfigPlan {
   source: string;
@@ -113,6 +117,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const host = outputHost(options);
   // Before anything is written: qemu-nbd's socket path is cleared for it, so it must not hold a file of the user's.
   if (options.socketFile && !host.remote) await checkSocketPath(options.socketFile);
+  const madeDir = plan.outputDir !== undefined && !(await host.exists(plan.outputDir)) ? plan.outputDir : undefined;
   if (plan.outputDir) {
     const dir = plan.outputDir;
     await host.makeDir(dir).catch((err: unknown) => {
@@ -120,7 +125,13 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     });
   }
   const disks: RestoredDisk[] = [];
-  for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
+  try {
+    for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
+  } catch (err) {
+    // A failed disk's image is removed: a directory this run made is then left only if something else is in it.
+    if (madeDir) await (host.remote ? host.run('rmdir', ['--', madeDir]) : fs.rmdir(madeDir)).catch(() => undefined);
+    throw err;
+  }
   const result: RestoreResult = { disks };
   // The images are whole by now: a file that cannot be written after them must say they are kept.
   const writeAfterImages = (file: string, content: Buffer | { localFile: string }, what: string): Promise<void> =>
@@ -148,9 +159,17 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   return result;
 }
 
+/**
+ * -C's file: a path as given, from the working directory (as Python reads it); a bare name that is not there names
+ * a file of the set (-C vmconfig.virtnbdbackup.0.xml).
+ */
+async function configFilePath(file: string, input: string): Promise<string> {
+  return file.includes('/') || (await exists(file)) ? path.resolve(file) : path.join(input, file);
+}
+
 /** Which domain XML goes into the output, adjusted or as saved; refuses before anything is written. */
 async function planConfig(plan: RestorePlan, options: RestoreOptions, adjust: boolean, log: Logger): Promise<ConfigPlan | undefined> {
-  const source = options.configFile ? path.resolve(plan.input, options.configFile) : plan.vmconfig;
+  const source = options.configFile ? await configFilePath(options.configFile, plan.input) : plan.vmconfig;
   if (!source) {
     if (adjust) throw new UserError(`${plan.input} holds no vmconfig.${plan.ident}.xml for -c/-D; give the domain XML with -C`);
     log.warn(`${plan.input} holds no vmconfig.${plan.ident}.xml: no domain XML copied`);
@@ -289,7 +308,7 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
     // A host that went away keeps what it holds: then the line names it, not "nothing kept".
     const kept = (await Promise.all(created.map((file) => host.remove(file).then(() => undefined, () => file)))).filter((file) => file !== undefined);
     if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
-    const hint = err instanceof StreamFormatError ? `; ${DAMAGED_HINT}` : '';
+    const hint = err instanceof StreamFormatError ? `; ${damagedHint(err, disk)}` : '';
     const left = kept.length > 0 ? `${kept.join(', ')}${host.remote ? ` on ${host.label}` : ''} could not be removed: remove ${kept.length > 1 ? 'them' : 'it'}`
       : disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
     // A full output is named as such: libnbd only says that qemu-nbd's write failed.

@@ -240,12 +240,12 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
 }
 
 /** Checks that every inc and diff is based on the last checkpoint of the chain before it. */
-export function checkLinks(chain: ChainLink[]): void {
+export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore an earlier point with --until'): void {
   let lastCheckpoint = chain[0]?.meta.checkpointName ?? '';
   let lastFile = chain[0]?.file ?? '';
   for (const link of chain.slice(1)) {
     if (link.meta.parentCheckpoint !== lastCheckpoint) {
-      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${lastFile}); a data file is missing from the set: put it back, or restore an earlier point with --until`);
+      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${lastFile}); a data file is missing from the set: ${remedy}`);
     }
     if (link.level === 'inc') {
       lastCheckpoint = link.meta.checkpointName;

@@ -28,6 +28,18 @@ export function accepts(where: net.NetConnectOpts, timeoutMs = ACCEPT_PROBE_MS):
   });
 }
 
+/** The Debian package of each program we run, for the line that says it is missing. */
+const PACKAGE_OF: Record<string, string> = {
+  'qemu-img': 'qemu-utils', 'qemu-nbd': 'qemu-utils', nbdkit: 'nbdkit', ssh: 'openssh-client', setpriv: 'util-linux', logger: 'bsdutils',
+};
+
+/** The one line for a program that is not on PATH. */
+export function notInstalled(command: string): UserError {
+  const name = command.split('/').pop() as string;
+  const pkg = PACKAGE_OF[name];
+  return new UserError(`${name} is not installed (not found on PATH)${pkg ? `: install the package ${pkg} (apt install ${pkg})` : ''}`);
+}
+
 /**
  * Runs `command` to its end; rejects with its last line of stderr when it fails. `signal` aborted kills it
  * (SIGTERM) and rejects with the signal's reason once it is gone.
@@ -41,7 +53,10 @@ export function run(command: string, args: string[], options: { signal?: AbortSi
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => { stdout += text; });
     child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
-    child.once('error', (err) => reject(abort?.aborted ? abort.reason : new Error(`${command} failed: ${err.message}`)));
+    child.once('error', (err: NodeJS.ErrnoException) => {
+      if (abort?.aborted) reject(abort.reason);
+      else reject(err.code === 'ENOENT' ? notInstalled(command) : new Error(`${command} failed: ${err.message}`));
+    });
     child.once('close', (code, signal) => {
       if (code === 0) {
         resolve({ stdout, stderr });
@@ -133,6 +148,8 @@ export async function spawnServer(command: string, args: string[], socketPath: s
       // It may have bound the socket before it died; nobody else will remove it.
       await fs.rm(socketPath, { force: true });
       const said = stderr.trim().split('\n').pop();
+      // setpriv runs the server: a server that is not installed is its "failed to execute".
+      if (child.exitCode === 127 && /failed to execute .*No such file/.test(said ?? '')) throw notInstalled(command);
       throw new Error(`${command} ${exited} before it served ${socketPath}${said ? `: ${said}` : ''}`);
     }
     if (await fs.access(socketPath).then(() => listensAt(socketPath), () => false)) return child;

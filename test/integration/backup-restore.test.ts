@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { withDomain, tempDir, TestDomain, type DiskSpec } from '../support/testbed.js';
 import { ourBin, pythonBin, runOk } from '../support/cli.js';
 
@@ -202,6 +202,11 @@ test('a volume disk (type=\'volume\' in a storage pool): full and inc restore bi
   const xml = await fs.readFile(path.join(ours, 'vmconfig.virtnbdbackup.1.xml'), 'utf8');
   assert.match(xml, new RegExp(`<disk type="file" device="disk">[\\s\\S]*<source file="${path.join(ours, 'vda.qcow2')}"`));
   assert.doesNotMatch(xml, /pool=/);
+  // -C names a file as given, from the working directory, as Python reads it (it was looked for in the set).
+  await fs.copyFile(path.join(set, 'vmconfig.virtnbdbackup.1.xml'), path.join(work, 'my.xml'));
+  const fromCwd = spawnSync(ourBin('virtnbdrestore'), ['-i', 'set', '-o', 'own-xml', '-c', '-C', 'my.xml', '-n'], { cwd: work, encoding: 'utf8' });
+  assert.equal(fromCwd.status, 0, fromCwd.stderr);
+  assert.match(await fs.readFile(path.join(work, 'own-xml', 'my.xml'), 'utf8'), new RegExp(`<source file="${path.join(work, 'own-xml', 'vda.qcow2')}"`));
   const py = path.join(work, 'python');
   await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py]);
   const pyResult = await TestDomain.compare(path.join(py, 'vda.qcow2'), reference);

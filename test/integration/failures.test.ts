@@ -181,7 +181,12 @@ test('an output that cannot hold a set: a file, a read-only file system, under a
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
   assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
   const set = path.join(work, 'set');
-  await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  // Values written onto short flags, as argparse takes them (-lfull read as -l -f -u -l -l); a disk name no disk has
+  // beside one that is, which went unnoticed: a warning naming it.
+  const attached = await runOk(ourBin('virtnbdbackup'), ['-n', `-d${dom.name}`, '-lfull', '-ivda,vdz', `-o${set}`]);
+  assert.match(attached.stderr, new RegExp(`warning: -i vdz: domain '${dom.name}' has no disk vdz \\(its disks: vda\\)`));
+  assert.ok(await fs.access(path.join(set, 'vda.full.data')).then(() => true, () => false), 'the full backup of vda');
+  assert.match((await runOk(ourBin('virtnbdrestore'), [`-i${set}`, '-overify', '-dvda'])).stdout, /^OK vda\.full\.data$/m);
   const restore = await runCli(ourBin('virtnbdrestore'), ['-n', '-i', set, '-o', path.join(readOnly, 'out')]);
   assert.equal(restore.code, 1, restore.stderr);
   assert.match(restore.stderr.trim(), /^virtnbdrestore: error: cannot create output directory \S+\/ro\/out: read-only file system; choose another output directory \(EROFS\)$/);

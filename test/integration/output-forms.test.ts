@@ -9,6 +9,7 @@ import { spawn } from 'node:child_process';
 import { withDomain, tempDir, run, type TestDomain } from '../support/testbed.js';
 import { assertNoNodeWarning, ourBin, pythonBin, repoRoot, runCli, runOk } from '../support/cli.js';
 import { TestDomain as Domain } from '../support/testbed.js';
+import { flipByte } from '../support/craftedSet.js';
 
 const MiB = 1024 * 1024;
 
@@ -192,6 +193,13 @@ test('zip on stdout: two domains backed up from one working directory keep their
     assert.match(listed.stdout, /^checkpoints\/virtnbdbackup\.1\.xml$/m);
   }
   assert.deepEqual((await fs.readdir(path.join(state, 'checkpoints'))).sort(), doms.map((d) => d.name).sort());
+  // Another chain (a set in a directory) replaces a domain's checkpoints: the next zip is a full, and the line says
+  // where the old chain's state went and that its zips still restore (it said the moved state "restores from there").
+  const first = doms[0] as TestDomain;
+  await runOk(ourBin('virtnbdbackup'), ['-d', first.name, '-l', 'full', '-o', path.join(state, 'dirset'), '-n']);
+  const fallback = await backupToZip(state, ['-d', first.name, '-l', 'inc', '-n'], path.join(state, 'after.zip'));
+  assert.equal(fallback.code, 0, fallback.stderr);
+  assert.match(fallback.stderr, /makes a full backup instead; the previous chain's state was moved to \S+\/chain\.\d+; its zips still restore, unzipped into a directory of their own \(not with this run's zip, which holds a new full\)/);
 });
 
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
@@ -241,9 +249,8 @@ test('-t raw writes full-size sparse images (-z a warning) with their .chksum, w
   const restored = path.join(work, 'restored');
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', restored, '-n']);
   await assertSame(path.join(restored, 'vda.qcow2'), ref, 'qcow2');
-  const handle = await fs.open(image, 'r+');
-  await handle.write(Buffer.from([0xee]), 0, 1, 100 * MiB + 5);
-  await handle.close();
+  // Flipped, not overwritten: that region is random, and a fixed byte matched what was there one time in 256.
+  await flipByte(image, 100 * MiB + 5);
   const rotted = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
   assert.equal(rotted.code, 1, rotted.stderr);
   assert.match(rotted.stdout, /^FAILED vda\.full\.data: adler32 of the file is \d+, vda\.full\.data\.chksum says \d+$/m);

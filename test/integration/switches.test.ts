@@ -41,6 +41,19 @@ test('-s leaves a job running that other runs refuse; -k ends it', async (t) => 
   const again = await runCli(bin, ['-d', dom.name, '-k']);
   assert.equal(again.code, 1);
   assert.match(again.stderr, /has no active job to end/);
+  // A relative -f is this directory's, not libvirt's ("XML document failed to validate against schema").
+  const relative = spawnSync(bin, ['-n', '-d', dom.name, '-s', '-f', 'rel.sock', '-o', 'set'], { cwd: work, encoding: 'utf8' });
+  assert.equal(relative.status, 0, relative.stderr);
+  assert.equal(relative.stdout.trim(), path.join(work, 'rel.sock'));
+  await runOk(bin, ['-d', dom.name, '-k', '-f', path.join(work, 'rel.sock')]);
+  assert.equal(await exists(path.join(work, 'rel.sock')), false, 'socket left behind');
+  // QEMU creates the socket as its own user: a directory only root may write to gave libvirt's "Failed to bind socket".
+  const locked = path.join(work, 'locked');
+  await fs.mkdir(locked, { mode: 0o755 });
+  const denied = await runCli(bin, ['-n', '-d', dom.name, '-s', '-f', path.join(locked, 'job.sock'), '-o', path.join(work, 'set')]);
+  assert.equal(denied.code, 1, denied.stderr);
+  assert.match(denied.stderr.trim(), /^virtnbdbackup: error: cannot start the backup job of '\S+': QEMU may not create the backup job's socket \S+\/locked\/job\.sock: its user \(libvirt-qemu\) cannot write in \S+\/locked; give -f a path in a directory it can write to, such as \/var\/tmp \(the default\)$/);
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
 });
 
 test('runs end the job and the libvirt connection as libvirtd expects: its scratch files left to it, no dropped connection', async (t) => {

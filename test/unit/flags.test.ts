@@ -2,7 +2,7 @@
 // which for a string (-o "$UNSET") would mean the working directory.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { blankFlag } from '../../src/cli/common.js';
+import { blankFlag, splitShortValues } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -16,4 +16,16 @@ test('blankFlag: an empty or blank value of a number or string flag, named as wr
   assert.equal(blankFlag(['-T', '5', '--nbd-timeout=0', '-o', '/b', '-z'], numbers, strings), undefined, 'values, and -z alone (level 2)');
   assert.equal(blankFlag(['-d', '', '--device='], numbers, strings), undefined, 'a flag of neither list (virtnbdmap -d \'\')');
   assert.equal(blankFlag(['--', '-T', ''], numbers, strings), undefined, 'after --, arguments are not flags');
+});
+
+test('splitShortValues: short flags as argparse reads them (-lfull, -cD, -nz5), values and unknown letters left alone', () => {
+  const flags = { valued: new Set(['l', 'o', 'd', 'z', 'N', 'u']), switches: new Set(['c', 'D', 'n', 'v']), optional: new Set(['z']) };
+  const split = (...args: string[]): string[] => splitShortValues(args, flags);
+  assert.deepEqual(split('-dvm1', '-lfull', '-o/backup/vm1'), ['-d', 'vm1', '-l', 'full', '-o', '/backup/vm1']);
+  assert.deepEqual(split('-cD', '-Nvm2'), ['-c', '-D', '-N', 'vm2']);
+  assert.deepEqual(split('-nz5', '-nz', '-l=inc'), ['-n', '-z', '5', '-n', '-z', '-l', 'inc']);
+  assert.deepEqual(split('-uvirtnbdbackup.1'), ['-u', 'virtnbdbackup.1']);
+  assert.deepEqual(split('-N', '-cD', '-l', 'full'), ['-N', '-cD', '-l', 'full'], 'a flag\'s value stays whole, even one that looks like flags');
+  assert.deepEqual(split('-xq', '--level=full', '-5'), ['-xq', '--level=full', '-5'], 'unknown letters, long flags and numbers as they are');
+  assert.deepEqual(split('--', '-lfull'), ['--', '-lfull'], 'after --, nothing is a flag');
 });

@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { accepts, spawnServer, stopServer } from '../../src/util/process.js';
+import { accepts, run, spawnServer, stopServer } from '../../src/util/process.js';
+import { UserError } from '../../src/util/errors.js';
 
 async function scratchSocket(t: { after: (fn: () => Promise<void>) => void }): Promise<string> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-spawn-'));
@@ -48,4 +49,15 @@ test('a server whose socket is bound before it listens is ready once it listens'
   t.after(() => stopServer(child, socket));
   assert.ok(Date.now() - started >= 450, `ready after ${Date.now() - started} ms, before it listened`);
   assert.equal(await accepts({ path: socket }), true);
+});
+
+test('a program that is not installed: one line naming it and its Debian package, from run and from spawnServer', async (t) => {
+  await assert.rejects(run('/nonexistent/bin/qemu-img', ['info']), (err: Error) => {
+    assert.ok(err instanceof UserError);
+    assert.equal(err.message, 'qemu-img is not installed (not found on PATH): install the package qemu-utils (apt install qemu-utils)');
+    return true;
+  });
+  const socket = path.join(await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-missing-')), 'sock');
+  t.after(() => fs.rm(path.dirname(socket), { recursive: true, force: true }));
+  await assert.rejects(spawnServer('/nonexistent/bin/qemu-nbd', ['-k', socket], socket), /^UserError: qemu-nbd is not installed \(not found on PATH\): install the package qemu-utils/);
 });
