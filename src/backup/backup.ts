@@ -12,7 +12,7 @@ import path from 'node:path';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
 import { CHECKPOINT_DIR, checkpointListName, checksumFileName, digestFileName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
-import { checkPrefix, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
+import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
@@ -330,11 +330,12 @@ function chooseDisks(ctx: RunContext, level: Level): void {
   if (options.raw && incremental) log.warn('raw disks have no checkpoints: they are left out of inc and diff backups');
   const { disks, skipped } = selectDisks(ctx.info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, rawNotInThisLevel: options.raw && incremental, offline: ctx.power.offline });
   for (const s of skipped) (s.expected ? log.info : log.warn).call(log, `skipping disk ${s.disk.target}: ${s.reason}`);
-  // A mistyped name (-i vdz) would else go unnoticed: the run backs up, or leaves out, other disks than meant.
+  // A mistyped -i (vdz) would else go unnoticed: a warning. -x of a disk the domain lacks is a line of the log:
+  // one -x for every domain in a script is common, and -e would fail each domain without that disk.
   const targets = ctx.info.disks.map((d) => d.target);
-  for (const [flag, names] of [['-i', options.include], ['-x', options.exclude]] as const) {
+  for (const [flag, names, say] of [['-i', options.include, log.warn], ['-x', options.exclude, log.info]] as const) {
     for (const name of (names ?? []).filter((n) => !targets.includes(n))) {
-      log.warn(`${flag} ${name}: domain '${options.domain}' has no disk ${name} (its disks: ${targets.join(', ') || 'none'})`);
+      say.call(log, `${flag} ${name}: domain '${options.domain}' has no disk ${name} (its disks: ${targets.join(', ') || 'none'})`);
     }
   }
   for (const d of disks.filter((disk) => disk.encrypted)) {
@@ -347,6 +348,21 @@ function chooseDisks(ctx: RunContext, level: Level): void {
     throw new UserError(`domain '${options.domain}' has no disk to back up${why}`);
   }
   ctx.disks = disks;
+}
+
+/**
+ * libvirt's identity of the checkpoints this run's streams name (its own, once the job made it, and the parents),
+ * recorded in the streams so that restore tells one chain from files of two sets with the same names. One that
+ * cannot be read is left out, and the check with it.
+ */
+async function checkpointIdentities(domain: LibvirtDomain, plan: RunPlan): Promise<Map<string, string>> {
+  const names = new Set([plan.checkpoint.create ? plan.checkpoint.name : '', plan.checkpoint.parent ?? '', ...plan.resumedDisks.map((r) => r.from)]);
+  const identities = new Map<string, string>();
+  for (const name of [...names].filter(Boolean)) {
+    const identity = await domain.checkpointGetXMLDesc(name, 0).then(checkpointIdentity, () => '');
+    if (identity.trim()) identities.set(name, identity);
+  }
+  return identities;
 }
 
 function identOf(plan: RunPlan, startedAt: Date): string {
@@ -536,6 +552,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     return { ...base, startedJob: { server, exports: disks.map((d) => d.target) } };
   }
   const ident = identOf(plan, ctx.startedAt);
+  const identities = await checkpointIdentities(ctx.domain, plan);
   // qemu-img's spawn holds the event loop for about 5 ms: it starts once the first disk's reads are under way (after
   // the microtasks that issue them), not before them. The images look then as they will when the data is in.
   let imageInfo: Promise<ImageInfo[]> | undefined;
@@ -572,7 +589,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     await forEachLimited(disks, workers, async (disk) => {
       try {
         results.push(await backupDisk(disk, {
-          plan, ident, exports, target: ctx.target, connections, disksAtOnce, type: options.type, compress: options.compress ?? false,
+          plan, ident, identities, exports, target: ctx.target, connections, disksAtOnce, type: options.type, compress: options.compress ?? false,
           qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, nbdTimeout: options.nbdTimeout, progress: options.progress, onReading, onSourceRead,
           signal, log,
         }));

@@ -28,6 +28,8 @@ export interface DiskRunOptions {
   plan: RunPlan;
   /** Names this run's inc/diff files (checkpoint name or diff seconds). */
   ident: string;
+  /** libvirt's identity (checkpointIdentity) of the checkpoints the streams name, where it could be read. */
+  identities?: ReadonlyMap<string, string>;
   exports: DiskExports;
   target: OutputTarget;
   /** NBD connections for this disk. */
@@ -98,6 +100,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
       await target.writeFile(checksumFileName(file), String(checksum));
       return { ...result, bytesWritten: endpoint.size };
     }
+    const parent = level === 'full' ? '' : plan.resumedDisks.find((r) => r.target === disk.target)?.from ?? plan.checkpoint.parent;
     const written = await fillAndCommit(await target.create(file, { bulk: true }), async (sink) => {
       const writing = writeStream({
         source: endpoint,
@@ -108,8 +111,10 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
           diskName: disk.target,
           diskFormat: disk.format,
           checkpointName: plan.checkpoint.name,
-          parentCheckpoint: level === 'full' ? '' : plan.resumedDisks.find((r) => r.target === disk.target)?.from ?? plan.checkpoint.parent,
+          parentCheckpoint: parent,
           incremental,
+          checkpointIdentity: level === 'diff' ? undefined : options.identities?.get(plan.checkpoint.name),
+          parentCheckpointIdentity: parent ? options.identities?.get(parent) : undefined,
         },
         compress: options.compress,
         onProgress,

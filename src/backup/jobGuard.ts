@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { LibvirtLogin } from '../libvirt/connection.js';
-import { shellQuote } from '../libvirt/domainHost.js';
+import { shellQuote } from '../util/process.js';
 
 /** A tmpfs every Linux system mounts, where the guard's auth.conf stays off the disks. */
 const SHARED_MEMORY = '/dev/shm';

@@ -11,7 +11,8 @@ import fs from 'node:fs/promises';
 import readline from 'node:readline';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { Logger } from '../util/log.js';
-import { shellQuote, type DomainHost, type SshHost } from '../libvirt/domainHost.js';
+import type { DomainHost, SshHost } from '../libvirt/domainHost.js';
+import { shellQuote } from '../util/process.js';
 
 const MiB = 1024 * 1024;
 const LOOK_EVERY_MS = 100;

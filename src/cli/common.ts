@@ -3,7 +3,7 @@
 // anything else is a bug.
 import type { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { Logger } from '../util/log.js';
+import { Logger, printable } from '../util/log.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { LibvirtLogin } from '../libvirt/connection.js';
 import { OUTLIVES_TERMINAL } from '../util/process.js';
@@ -29,24 +29,30 @@ export interface FlagExceptions {
   valueOptional?: string[];
 }
 
+/** A wrong command line: one line naming the problem and where help is, exit 2 (argparse's usage error code). */
+export function usageError(name: string, what: string): never {
+  process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
+  process.exit(2);
+}
+
 export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExceptions = {}): ReturnType<Argv<T>['parseSync']> {
-  const usageError = (what: string): never => {
-    process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
-    process.exit(2);
-  };
   // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag, its alias map the rest.
   const kinds = (flags as unknown as { getOptions(): YargsOptions }).getOptions();
   const withAliases = (names: string[] | undefined): Set<string> => new Set((names ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
-  givenArgs = splitShortValues(hideBin(process.argv), { ...shortFlags(kinds), optional: withAliases(options.valueOptional) });
   // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o").
   const optional = withAliases(options.valueOptional);
+  try {
+    givenArgs = splitShortValues(hideBin(process.argv), { ...shortFlags(kinds), optional });
+  } catch (err) {
+    usageError(name, (err as Error).message);
+  }
   const valued = [...kinds.string, ...kinds.number].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
     // A repeated flag takes its last value, as argparse does, instead of becoming a list.
     .parserConfiguration({ 'duplicate-arguments-array': false })
     .requiresArg(valued)
     .strict()
-    .fail((message: string | null, err: Error | undefined) => usageError(message ?? err?.message ?? 'invalid arguments'))
+    .fail((message: string | null, err: Error | undefined) => usageError(name, message ?? err?.message ?? 'invalid arguments'))
     .wrap(Math.min(110, process.stdout.columns || 110))
     .parseSync(givenArgs);
   // yargs turns a number flag's non-numeric value (-T abc) into NaN, under the flag's every name (and camelCase twin).
@@ -55,13 +61,13 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
     .map(([key]) => key);
   if (notNumbers.length > 0) {
     const names = notNumbers.sort((a, b) => a.length - b.length).map((key) => (key.length === 1 ? `-${key}` : `--${key}`)).join('/');
-    usageError(`${names} takes a number`);
+    usageError(name, `${names} takes a number`);
   }
   // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever";
   // an empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI.
   const allowed = withAliases(options.emptyAllowed);
   const blank = blankFlag(givenArgs, new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
-  if (blank) usageError(`${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
+  if (blank) usageError(name, `${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
   return argv;
 }
 
@@ -79,7 +85,8 @@ let givenArgs: string[] = [];
 
 /** Whether any of `names` (-z, --compress) was given, with or without a value. */
 export function flagGiven(...names: string[]): boolean {
-  return givenArgs.some((arg) => names.some((name) => arg === name || arg.startsWith(`${name}=`)));
+  const end = givenArgs.indexOf('--');
+  return givenArgs.slice(0, end < 0 ? undefined : end).some((arg) => names.some((name) => arg === name || arg.startsWith(`${name}=`)));
 }
 
 /** The one-letter flags: those that take a value, and the switches. */
@@ -95,9 +102,10 @@ function shortFlags(kinds: YargsOptions): { valued: Set<string>; switches: Set<s
 }
 
 /**
- * `args` with short flags written as argparse reads them split apart for yargs: `-lfull` is `-l full`, `-cD` is
- * `-c -D`, `-nz5` is `-n -z 5`. An argument that is a flag's value, or holds an unknown letter, stays as it is;
- * after a flag whose value is `optional` (-z), the next argument is one of its own.
+ * `args` with short flags written as argparse reads them split apart for yargs: `-lfull` is `-l=full`, `-cD` is
+ * `-c -D`, `-nz5` is `-n -z=5`; `=` keeps a value as written (`-d-vm`), an empty one (`-d=`) is `-d ''`. An argument that is a flag's value,
+ * or holds an unknown letter, stays as it is; after a flag whose value is `optional` (-z), the next argument is one
+ * of its own. A switch given a value (`-e5`) throws, as argparse refuses it.
  */
 export function splitShortValues(args: readonly string[], flags: { valued: ReadonlySet<string>; switches: ReadonlySet<string>; optional?: ReadonlySet<string> }): string[] {
   const out: string[] = [];
@@ -116,9 +124,13 @@ export function splitShortValues(args: readonly string[], flags: { valued: Reado
       const letter = arg[at] as string;
       if (flags.switches.has(letter)) {
         split.push(`-${letter}`);
+        const next = arg[at + 1];
+        if (next !== undefined && !/[A-Za-z]/.test(next)) throw new Error(`${arg}: -${letter} takes no value`);
       } else if (flags.valued.has(letter)) {
-        const rest = arg.slice(at + 1).replace(/^=/, '');
-        split.push(`-${letter}`, ...(rest ? [rest] : []));
+        const rest = arg.slice(at + 1);
+        const value = rest.replace(/^=/, '');
+        // yargs reads `-d=` as d '' and a flag "=": an empty value goes as an argument of its own.
+        split.push(...(!rest ? [`-${letter}`] : value ? [`-${letter}=${value}`] : [`-${letter}`, '']));
         valueNext = !rest && !flags.optional?.has(letter);
         break;
       } else {
@@ -271,10 +283,10 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
     if (controller.signal.aborted && !options.servesUntilStopped) process.stderr.write(`${name}: a stop signal arrived after the work was complete; it was finished and kept\n`);
   } catch (err) {
     if (err instanceof UserError) {
-      process.stderr.write(`${name}: error: ${oneLine(err)}\n`);
+      process.stderr.write(`${name}: error: ${printable(oneLine(err))}\n`);
       code = err.exitCode;
     } else {
-      process.stderr.write(`${name}: error: ${oneLine(err)}\n`);
+      process.stderr.write(`${name}: error: ${printable(oneLine(err))}\n`);
       if (verbose && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
       code = 1;
     }

@@ -7,7 +7,7 @@ import { domainHostOf, tcpServerOn } from '../libvirt/domainHost.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
 import { DEFAULT_LIBVIRT_URI } from '../libvirt/connection.js';
-import { listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION, withLogFile } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, usageError, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION, withLogFile } from './common.js';
 
 const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv))))
   .scriptName('virtnbdrestore')
@@ -26,7 +26,6 @@ const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yarg
   .option('config-file', { alias: 'C', type: 'string', describe: 'Domain XML to copy or adjust (default: the vmconfig of the restore point)' })
   .option('name', { alias: 'N', type: 'string', describe: 'Name of the restored domain (default: restore_<name>)' })
   .option('buffsize', { alias: 'B', type: 'number', describe: 'Accepted for compatibility; verify reads 4 MiB at a time' })
-  .check((a) => a.buffsize === undefined || (Number.isSafeInteger(a.buffsize) && a.buffsize > 0) || `-B ${a.buffsize}: give a buffer size in bytes, above 0`)
   .option('preallocate', { alias: 'A', type: 'boolean', default: false, describe: 'Preallocate restored images (metadata for qcow2, falloc for raw)' })
   .option('compress', { type: 'boolean', default: false, describe: 'Write restored qcow2 images with compressed clusters' })
   .option('uri', { alias: 'U', type: 'string', default: DEFAULT_LIBVIRT_URI, describe: 'libvirt connection URI for -D; a remote one (qemu+ssh://user@host/system) restores onto that host: -o is a directory, raw file or block device there' })
@@ -52,6 +51,9 @@ const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yarg
   .example('$0 -i /backup/webvm -o /restore -s vda.full.data,vda.inc.virtnbdbackup.1.data', 'apply exactly these files')
   .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2')
   .example('$0 -U qemu+ssh://root@kvm2/system -D -i /backup/webvm -o /var/lib/libvirt/images/webvm', 'restore onto host kvm2 and define it there'));
+
+// After parseFlags, which names a word or an empty value (yargs' NaN and 0) as such.
+if (argv.buffsize !== undefined && !(Number.isSafeInteger(argv.buffsize) && argv.buffsize > 0)) usageError('virtnbdrestore', `-B ${argv.buffsize}: give a buffer size in bytes, above 0`);
 
 const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output : argv.action;
 

@@ -140,5 +140,5 @@ export class BackupJob {
 /** QEMU, which creates the job's socket as its own user, may not write where -f points: said so, with the way out. */
 function socketRefused(err: unknown, socket: string): UserError | undefined {
   if (!/Failed to bind socket.*Permission denied/i.test(oneLine(err))) return undefined;
-  return new UserError(`QEMU may not create the backup job's socket ${socket}: its user (libvirt-qemu) cannot write in ${path.dirname(socket)}; give -f a path in a directory it can write to, such as /var/tmp (the default)`);
+  return new UserError(`QEMU may not create the backup job's socket ${socket}: permission denied in ${path.dirname(socket)} for QEMU's user (libvirt-qemu on Debian), by its permissions or by AppArmor/SELinux; give -f a path QEMU may write to, such as one in /var/tmp (the default)`);
 }

@@ -9,7 +9,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { OUTLIVES_TERMINAL, accepts, run, type RunResult } from '../util/process.js';
+import { OUTLIVES_TERMINAL, accepts, run, shellQuote, type RunResult } from '../util/process.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
@@ -97,11 +97,6 @@ const SSH_ADVICE: Array<[RegExp, string]> = [
 function withSshAdvice(message: string): string {
   const advice = SSH_ADVICE.find(([pattern]) => pattern.test(message))?.[1];
   return advice ? `${message}; ${advice}` : message;
-}
-
-/** One word for a POSIX shell: single-quoted, with embedded quotes closed and escaped. */
-export function shellQuote(word: string): string {
-  return `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
 export interface SshTarget {

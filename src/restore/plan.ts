@@ -8,7 +8,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, checkLinks, isStreamFile, listSet, recordedChecksum, noDataFiles, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, checkLinks, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -93,9 +93,14 @@ interface ScannedSet {
   images: Map<string, DataFile>;
 }
 
-/** Lists the set, refuses leftovers and non-sets, and reads the chains; raw images stand alone. */
-async function scanSet(input: string, log: Logger): Promise<ScannedSet> {
-  const listing = await listSet(input);
+/**
+ * Lists the set (the files of `disk`, where one is asked for), refuses leftovers and non-sets, and reads the
+ * chains; raw images stand alone.
+ */
+async function scanSet(input: string, log: Logger, disk?: string): Promise<ScannedSet> {
+  const all = await listSet(input);
+  const ofThisDisk = ofDisk(disk);
+  const listing = { ...all, dataFiles: all.dataFiles.filter(ofThisDisk), partials: all.partials.filter((p) => ofThisDisk(parseDataFileName(p.slice(0, -'.partial'.length)))) };
   if (listing.partials.length > 0) {
     const partial = path.join(input, listing.partials[0] as string);
     const writer = await runningWriter(input);
@@ -103,7 +108,8 @@ async function scanSet(input: string, log: Logger): Promise<ScannedSet> {
     if (writer !== undefined) throw new UserError(`a backup${writer ? ` (pid ${writer})` : ''} is writing into ${input} right now (${partial}); restore once it has ended`);
     throw new UserError(`${partial} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
   }
-  if (listing.dataFiles.length === 0) throw noDataFiles(input);
+  if (all.dataFiles.length === 0) throw noDataFiles(input);
+  if (listing.dataFiles.length === 0) throw new UserError(`no backup of disk ${disk} in ${input}`);
   const cpt = listing.checkpointLists[0];
   // The list only orders the incrementals, which their names (.N) order too: a damaged one need not stop a restore.
   const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)).catch((err: unknown) => {
@@ -123,12 +129,15 @@ async function scanSet(input: string, log: Logger): Promise<ScannedSet> {
   return { checkpoints, chains, images };
 }
 
+/** --until names a checkpoint the chain does not have. */
+export class UnknownCheckpoint extends UserError {}
+
 /** Cuts a checked chain after the checkpoint `until` (diffs carry no checkpoint of their own). */
 function cutAt(chain: ChainLink[], until: string, disk: string, input: string): ChainLink[] {
   const end = chain.findIndex((l) => l.meta.checkpointName === until && l.level !== 'diff');
   if (end < 0) {
     const known = chain.filter((l) => l.level !== 'diff').map((l) => l.meta.checkpointName).join(', ');
-    throw new UserError(`checkpoint ${until} is not in the chain of disk ${disk} in ${input} (it has: ${known}); pick one of those with --until`);
+    throw new UnknownCheckpoint(`checkpoint ${until} is not in the chain of disk ${disk} in ${input} (it has: ${known}); pick one of those with --until`);
   }
   return chain.slice(0, end + 1);
 }
@@ -174,7 +183,7 @@ export async function loadChains(input: string, until: string | undefined, onlyD
 
 /** As loadChains, but a set of raw images (-t raw) alone has no chains, which is no error here. */
 export async function checkedChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<Map<string, ChainLink[]>> {
-  const { chains, checkpoints } = await scanSet(input, log);
+  const { chains, checkpoints } = await scanSet(input, log, onlyDisk);
   return selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log);
 }
 
@@ -324,16 +333,19 @@ async function resolveOutput(output: string): Promise<OutputTarget> {
   return existingTarget(output, kind, head, kind === 'other' ? 0 : await rawSize(output), '');
 }
 
+/** `p` with symbolic links resolved, or as an absolute path where it cannot be (it is not there). */
+const realPath = (p: string): Promise<string> => fs.realpath(p).catch(() => path.resolve(p));
+
 /**
  * The --sequence entries as names of files of the set: a bare name is one in -i (as Python reads it); a path must
  * lead into -i, through symbolic links too, since the files applied are always the set's.
  */
 async function sequenceInSet(sequence: string[], input: string): Promise<string[]> {
-  const real = (p: string): Promise<string> => fs.realpath(p).catch(() => path.resolve(p));
-  const set = await real(input);
+  const set = await realPath(input);
   const names: string[] = [];
   for (const entry of sequence) {
-    if (entry.includes('/') && (await real(path.dirname(entry))) !== set) {
+    // Relative to -i, as Python joins it: `./vda.full.data` is the set's.
+    if (entry.includes('/') && (await realPath(path.resolve(input, path.dirname(entry)))) !== set) {
       throw new UserError(`${entry} in --sequence is not in the set ${input}: --sequence names files of the set given with -i (a name alone will do)`);
     }
     names.push(path.basename(entry));
@@ -369,15 +381,14 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   const host = options.host ?? LOCAL_HOST;
   const output = host.remote ? await resolveRemoteOutput(options.output, host) : await resolveOutput(path.resolve(options.output));
   if (!host.remote && output.file) {
-    const real = (p: string): Promise<string> => fs.realpath(p).catch(() => p);
     // Through symbolic links too; and a data file of any set (another one, or a chain.* dir of this one).
-    const inSet = (await real(path.dirname(output.file))) === (await real(input));
+    const inSet = (await realPath(path.dirname(output.file))) === (await realPath(input));
     if (inSet || parseDataFileName(path.basename(output.file)) !== undefined) {
       throw new UserError(`-o ${output.file} is ${inSet ? `a file of the backup set ${input}` : 'a backup data file'}: a restore would overwrite it; give a raw file, a block device or a directory outside the set`);
     }
   }
   const resolved = { ...options, input, sequence: options.sequence && (await sequenceInSet(options.sequence, input)) };
-  const { chains, images, checkpoints } = selectSources(await scanSet(input, log), resolved, log);
+  const { chains, images, checkpoints } = selectSources(await scanSet(input, log, options.disk), resolved, log);
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));

@@ -117,7 +117,8 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const host = outputHost(options);
   // Before anything is written: qemu-nbd's socket path is cleared for it, so it must not hold a file of the user's.
   if (options.socketFile && !host.remote) await checkSocketPath(options.socketFile);
-  const madeDir = plan.outputDir !== undefined && !(await host.exists(plan.outputDir)) ? plan.outputDir : undefined;
+  // Here, the directories this run makes (-o and any missing parents, innermost first): a failed run removes them again.
+  const made = plan.outputDir && !host.remote ? await missingDirectories(plan.outputDir) : [];
   if (plan.outputDir) {
     const dir = plan.outputDir;
     await host.makeDir(dir).catch((err: unknown) => {
@@ -129,7 +130,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
   } catch (err) {
     // A failed disk's image is removed: a directory this run made is then left only if something else is in it.
-    if (madeDir) await (host.remote ? host.run('rmdir', ['--', madeDir]) : fs.rmdir(madeDir)).catch(() => undefined);
+    for (const dir of made) if (!(await fs.rmdir(dir).then(() => true, () => false))) break;
     throw err;
   }
   const result: RestoreResult = { disks };
@@ -157,6 +158,13 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     }
   }
   return result;
+}
+
+/** `dir` and those of its parents that do not exist, innermost first. */
+async function missingDirectories(dir: string): Promise<string[]> {
+  const missing: string[] = [];
+  for (let at = path.resolve(dir); !(await exists(at)) && at !== path.dirname(at); at = path.dirname(at)) missing.push(at);
+  return missing;
 }
 
 /**

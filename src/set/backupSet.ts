@@ -241,17 +241,28 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
 
 /** Checks that every inc and diff is based on the last checkpoint of the chain before it. */
 export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore an earlier point with --until'): void {
-  let lastCheckpoint = chain[0]?.meta.checkpointName ?? '';
-  let lastFile = chain[0]?.file ?? '';
+  let last = chain[0];
   for (const link of chain.slice(1)) {
+    const lastCheckpoint = last?.meta.checkpointName ?? '';
     if (link.meta.parentCheckpoint !== lastCheckpoint) {
-      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${lastFile}); a data file is missing from the set: ${remedy}`);
+      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${last?.file}); a data file is missing from the set: ${remedy}`);
     }
-    if (link.level === 'inc') {
-      lastCheckpoint = link.meta.checkpointName;
-      lastFile = link.file;
+    // Same names, another chain: a set's file copied over with another set's (ours record who made each checkpoint).
+    const made = last?.meta.checkpointIdentity;
+    const expected = link.meta.parentCheckpointIdentity;
+    if (made !== undefined && expected !== undefined && made !== expected) {
+      throw new UserError(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${describeIdentity(expected)}) than ${last?.file} holds (${describeIdentity(made)}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
     }
+    if (link.level === 'inc') last = link;
   }
+}
+
+/** A checkpoint's identity ("<creation seconds> <description>") in words: when it was made, and by which run. */
+function describeIdentity(identity: string): string {
+  const [seconds = '', ...description] = identity.split(' ');
+  const when = /^\d+$/.test(seconds) ? new Date(Number(seconds) * 1000).toISOString().replace('.000Z', 'Z') : 'unknown time';
+  const run = /\(run (\w+)\)/.exec(description.join(' '))?.[1];
+  return `made ${when}${run ? ` by run ${run}` : ''}`;
 }
 
 /** A chain moved aside (`chain.<unix-seconds>`) when its checkpoints became unusable; itself a complete set. */

@@ -36,6 +36,13 @@ export interface StreamMetadata {
   parentCheckpoint: string;
   incremental: boolean;
   streamVersion: number;
+  /**
+   * Ours, which the Python tools ignore: who made this stream's checkpoint and its parent, as libvirt describes them
+   * (creation time and description, which names the run), so a chain of files from two sets with the same names is
+   * told from one chain.
+   */
+  checkpointIdentity?: string;
+  parentCheckpointIdentity?: string;
 }
 
 /** One entry per data frame in the lz4 trailer: a single frame's size, or {total: [frame sizes]}. */
@@ -137,6 +144,8 @@ export function parseMetadata(json: Buffer, where: string): StreamMetadata {
     parentCheckpoint: String(m.parentCheckpoint ?? ''),
     incremental: Boolean(m.incremental),
     streamVersion: typeof m.streamVersion === 'number' ? m.streamVersion : 1,
+    ...(typeof m.checkpointIdentity === 'string' ? { checkpointIdentity: m.checkpointIdentity } : {}),
+    ...(typeof m.parentCheckpointIdentity === 'string' ? { parentCheckpointIdentity: m.parentCheckpointIdentity } : {}),
   };
 }
 

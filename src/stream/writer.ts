@@ -147,13 +147,17 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const { source, plan, sink, compress } = options;
   const addon = native();
   const compressed = compress !== false;
+  // Python's keys in Python's order, ours after them (JSON leaves out those undefined).
+  const { checkpointIdentity, parentCheckpointIdentity, ...pythonKeys } = options.meta;
   const meta: StreamMetadata = {
     virtualSize: source.size,
     dataSize: plan.dataSize,
-    ...options.meta,
+    ...pythonKeys,
     compressed: compress,
     compressionMethod: 'lz4',
     streamVersion: 2,
+    checkpointIdentity,
+    parentCheckpointIdentity,
   };
 
   let checksum = 1;

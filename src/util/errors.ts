@@ -30,7 +30,7 @@ const ERRNO_HINTS: Record<string, string> = {
   EDQUOT: 'disk quota exceeded; free space or choose another output directory',
   EACCES: 'permission denied; check the directory permissions',
   EROFS: 'read-only file system; choose another output directory',
-  EPERM: 'operation not permitted there (a system or special file system?); choose another output directory',
+  EPERM: 'operation not permitted there (a system or special file system?); choose another place',
   ENOTDIR: 'a part of the path is a file, not a directory; check the path',
   ENAMETOOLONG: 'the name is too long; choose a shorter path',
   EIO: 'I/O error on the output device',

@@ -62,7 +62,7 @@ export class Logger {
 
   /** A text of several lines (XML, a hexdump), a log line each; single messages have their newlines escaped. */
   block(level: 'debug' | 'info', text: string): void {
-    for (const line of text.split('\n')) this.log(level, line);
+    for (const line of text.replace(/\n$/, '').split('\n')) this.log(level, line);
   }
 
   debug(msg: string): void { this.log('debug', msg); }

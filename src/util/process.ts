@@ -28,16 +28,21 @@ export function accepts(where: net.NetConnectOpts, timeoutMs = ACCEPT_PROBE_MS):
   });
 }
 
+/** One word for a POSIX shell: single-quoted, with embedded quotes closed and escaped. */
+export function shellQuote(word: string): string {
+  return `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
 /** The Debian package of each program we run, for the line that says it is missing. */
 const PACKAGE_OF: Record<string, string> = {
-  'qemu-img': 'qemu-utils', 'qemu-nbd': 'qemu-utils', nbdkit: 'nbdkit', ssh: 'openssh-client', setpriv: 'util-linux', logger: 'bsdutils',
+  'qemu-img': 'qemu-utils', 'qemu-nbd': 'qemu-utils', 'qemu-io': 'qemu-utils', nbdkit: 'nbdkit', ssh: 'openssh-client', setpriv: 'util-linux', logger: 'bsdutils',
 };
 
 /** The one line for a program that is not on PATH. */
 export function notInstalled(command: string): UserError {
   const name = command.split('/').pop() as string;
   const pkg = PACKAGE_OF[name];
-  return new UserError(`${name} is not installed (not found on PATH)${pkg ? `: install the package ${pkg} (apt install ${pkg})` : ''}`);
+  return new UserError(`${name} is not installed (${command.includes('/') ? `no ${command}` : 'not found on PATH'})${pkg ? `: install the package ${pkg} (apt install ${pkg})` : ''}`);
 }
 
 /**
@@ -141,15 +146,20 @@ export async function spawnServer(command: string, args: string[], socketPath: s
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
   let exited: string | undefined;
   child.on('exit', () => { exited = howItEnded(child); });
-  child.on('error', (err) => { exited = err.message; });
+  let setprivMissing = false;
+  child.on('error', (err: NodeJS.ErrnoException) => {
+    exited = err.message;
+    setprivMissing = err.code === 'ENOENT';
+  });
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (exited) {
       // It may have bound the socket before it died; nobody else will remove it.
       await fs.rm(socketPath, { force: true });
       const said = stderr.trim().split('\n').pop();
-      // setpriv runs the server: a server that is not installed is its "failed to execute".
-      if (child.exitCode === 127 && /failed to execute .*No such file/.test(said ?? '')) throw notInstalled(command);
+      if (setprivMissing) throw notInstalled('setpriv');
+      // setpriv runs the server, and exits 127 when there is none to run.
+      if (child.exitCode === 127) throw notInstalled(command);
       throw new Error(`${command} ${exited} before it served ${socketPath}${said ? `: ${said}` : ''}`);
     }
     if (await fs.access(socketPath).then(() => listensAt(socketPath), () => false)) return child;

@@ -13,13 +13,14 @@ import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import {
   checksumFileName, checksumMismatch, digestFileName, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, readIfThere, recordedChecksum,
+  type ChainLink,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import { runningWriter } from '../backup/lock.js';
-import { checkedChains, loadChains } from '../restore/plan.js';
+import { UnknownCheckpoint, checkedChains } from '../restore/plan.js';
 
 export interface VerifyOptions {
   input: string;
@@ -189,9 +190,27 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   let files = listing.dataFiles.filter(ofThisDisk).map((d) => d.file);
   const partials = listing.partials.filter((p) => ofThisDisk(parseDataFileName(p.slice(0, -'.partial'.length))));
   if (files.length === 0 && partials.length === 0) throw noDataFiles(options.input, options.disk);
-  if (options.until !== undefined) {
-    const applied = new Set([...(await loadChains(input, options.until, options.disk)).values()].flat().map((l) => l.file));
-    files = files.filter((f) => applied.has(f));
+  // The chains, from the files' metadata (a set with a .partial has none: restore refuses it, and the file fails
+  // below). Why they cannot be read or do not link is a verdict of its own; an unknown --until is refused.
+  let chains: Map<string, ChainLink[]> | undefined;
+  let chainProblem: string | undefined;
+  if (partials.length === 0) {
+    try {
+      chains = await checkedChains(input, options.until, options.disk);
+    } catch (err) {
+      if (err instanceof UnknownCheckpoint || !(err instanceof UserError)) throw err;
+      chainProblem = oneLine(err);
+    }
+  }
+  // --until: the files a restore at that point reads, and the raw images (-t raw), which stand alone.
+  if (options.until !== undefined && chains) {
+    const read = new Set([...chains.values()].flat().map((l) => l.file));
+    const kept: string[] = [];
+    for (const f of files) {
+      const level = parseDataFileName(f)?.level;
+      if (read.has(f) || ((level === 'full' || level === 'copy') && !(await isStreamFile(path.join(input, f))))) kept.push(f);
+    }
+    files = kept;
   }
   const verdicts: FileVerdict[] = [];
   const report = (verdict: FileVerdict): void => {
@@ -202,14 +221,7 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   const why = writer === undefined ? 'left from a failed backup run: the file is incomplete' : `being written by a running backup${writer ? ` (pid ${writer})` : ''}: verify once it has ended`;
   for (const partial of partials) report({ file: partial, ok: false, reason: why });
   for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));
-  // Links are read from the files' metadata: only worth checking when every file read whole (and with no
-  // .partial, whose run left the chain unfinished, in the set).
-  if (options.until === undefined && listing.partials.length === 0 && verdicts.every((v) => v.ok)) {
-    const broken = await checkedChains(input, undefined, options.disk).then(() => undefined, (err: unknown) => {
-      if (err instanceof UserError) return oneLine(err);
-      throw err;
-    });
-    if (broken) report({ file: 'chain', ok: false, reason: broken });
-  }
+  // A damaged file is named by its own verdict, more closely than by the chain it breaks.
+  if (chainProblem && verdicts.every((v) => v.ok)) report({ file: 'chain', ok: false, reason: chainProblem });
   return verdicts;
 }

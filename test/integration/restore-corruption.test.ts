@@ -21,6 +21,8 @@ interface BadInput {
   /** What stderr (restore) or the FAILED line (verify) must say. */
   expect: RegExp;
   verify?: boolean;
+  /** Restore into <out>/a/b, none of which exists: all three must be gone again. */
+  nested?: boolean;
 }
 
 /** Byte position of the first `data` frame header of `file`. */
@@ -42,12 +44,24 @@ async function writeAt(file: string, offset: number, text: string): Promise<void
 const INC1 = 'vda.inc.virtnbdbackup.1.data';
 const INC2 = 'vda.inc.virtnbdbackup.2.data';
 const DAMAGED = /the set's file is damaged: check the set with -a verify, or restore an earlier point with --until/;
+const MIXED = /broken chain: vda\.inc\.virtnbdbackup\.1\.data is based on another checkpoint virtnbdbackup\.0 \(made \S+Z by run \w+\) than vda\.full\.data holds \(made \S+Z by run \w+\): the files come from two sets with the same names; keep each set's files in a directory of its own/;
+
+/** Copies a data file and its side files from set `from` over those of set `to`. */
+async function copySetFile(from: string, to: string, file: string): Promise<void> {
+  for (const name of [file, `${file}.chksum`, `${file}.blake3.json`]) await fs.copyFile(path.join(from, name), path.join(to, name));
+}
 
 const cases: BadInput[] = [
   { name: 'a data file missing from the chain', set: 'plain', damage: (d) => fs.rm(path.join(d, INC1)),
     expect: /broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set: put it back, or restore an earlier point with --until/ },
   { name: 'a data file missing from the chain (verify)', set: 'plain', verify: true, damage: (d) => fs.rm(path.join(d, INC1)),
     expect: /^FAILED chain: broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set/ },
+  // The lz4 set's chain was made after the plain one's, with the same checkpoint names: its inc over the plain set's
+  // was a chain the names alone cannot tell from the real one, and restored into a disk that never was.
+  { name: 'an inc of another set with the same name', set: 'plain', damage: (d) => copySetFile(path.join(path.dirname(d), 'lz4'), d, INC1),
+    expect: MIXED },
+  { name: 'an inc of another set with the same name (verify)', set: 'plain', verify: true, damage: (d) => copySetFile(path.join(path.dirname(d), 'lz4'), d, INC1),
+    expect: new RegExp(`^FAILED chain: ${MIXED.source}`) },
   { name: 'a .partial left in the set', set: 'plain', damage: (d) => fs.writeFile(path.join(d, 'vda.inc.virtnbdbackup.3.data.partial'), 'x'),
     expect: /vda\.inc\.virtnbdbackup\.3\.data\.partial is left from a failed backup run; .*restore with --until an earlier checkpoint after moving the \.partial file away/ },
   // Its head no longer says "stream", but it is no raw image (-t raw) either: it ends with a stop frame.
@@ -89,7 +103,7 @@ const cases: BadInput[] = [
   // Python reads a name as the set's file; a path elsewhere restored that other set's file with this set's name.
   { name: '--sequence naming a file of another directory', set: 'plain', args: ['--sequence', '/var/tmp/vnbdtest-elsewhere/vda.full.data'],
     expect: /\/var\/tmp\/vnbdtest-elsewhere\/vda\.full\.data in --sequence is not in the set .*: --sequence names files of the set given with -i \(a name alone will do\)$/ },
-  { name: 'a flipped byte in the full\'s payload: no earlier point to offer', set: 'plain', damage: async (d) => flipByte(path.join(d, 'vda.full.data'), (await firstDataHeader(path.join(d, 'vda.full.data'))) + 40 + 1000),
+  { name: 'a flipped byte in the full\'s payload: no earlier point to offer', set: 'plain', nested: true, damage: async (d) => flipByte(path.join(d, 'vda.full.data'), (await firstDataHeader(path.join(d, 'vda.full.data'))) + 40 + 1000),
     expect: /vda\.full\.data: adler32 of the file is \d+, .*; the set's file is damaged: check the set with -a verify; it is the base of disk vda's chain, so no point in time of that disk restores from this set; nothing of it was kept$/ },
   { name: '--until naming a checkpoint the set does not have', set: 'plain', args: ['--until', 'virtnbdbackup.9'],
     expect: /checkpoint virtnbdbackup\.9 is not in the chain of disk vda in .* \(it has: virtnbdbackup\.0, virtnbdbackup\.1, virtnbdbackup\.2\); pick one of those with --until/ },
@@ -139,7 +153,8 @@ describe('bad input: one line, non-zero exit, nothing touched outside the output
       await run('cp', ['-a', sets[c.set], set]);
       await c.damage?.(set);
       const before = await fingerprint(set);
-      const out = path.join(work, `out${i}`);
+      const top = path.join(work, `out${i}`);
+      const out = c.nested ? path.join(top, 'a', 'b') : top;
       const socket = path.join(work, `case${i}.sock`);
       const r: CliResult = c.verify
         ? await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify'])
@@ -152,7 +167,7 @@ describe('bad input: one line, non-zero exit, nothing touched outside the output
       } else {
         assert.equal(errorLines(r).length, 1, r.stderr);
         assert.match(errorLines(r)[0] as string, c.expect);
-        await assertNothingLeft(out, socket);
+        await assertNothingLeft(top, socket);
       }
       assert.deepEqual(await fingerprint(set), before, 'the run changed the set');
       await fs.rm(set, { recursive: true, force: true });

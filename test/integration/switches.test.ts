@@ -52,7 +52,7 @@ test('-s leaves a job running that other runs refuse; -k ends it', async (t) => 
   await fs.mkdir(locked, { mode: 0o755 });
   const denied = await runCli(bin, ['-n', '-d', dom.name, '-s', '-f', path.join(locked, 'job.sock'), '-o', path.join(work, 'set')]);
   assert.equal(denied.code, 1, denied.stderr);
-  assert.match(denied.stderr.trim(), /^virtnbdbackup: error: cannot start the backup job of '\S+': QEMU may not create the backup job's socket \S+\/locked\/job\.sock: its user \(libvirt-qemu\) cannot write in \S+\/locked; give -f a path in a directory it can write to, such as \/var\/tmp \(the default\)$/);
+  assert.match(denied.stderr.trim(), /^virtnbdbackup: error: cannot start the backup job of '\S+': QEMU may not create the backup job's socket \S+\/locked\/job\.sock: permission denied in \S+\/locked for QEMU's user \(libvirt-qemu on Debian\), by its permissions or by AppArmor\/SELinux; give -f a path QEMU may write to, such as one in \/var\/tmp \(the default\)$/);
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
 });
 

@@ -4,7 +4,8 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import assert from 'node:assert/strict';
-import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, shellQuote, silenceLimit } from '../../src/libvirt/domainHost.js';
+import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, silenceLimit } from '../../src/libvirt/domainHost.js';
+import { shellQuote } from '../../src/util/process.js';
 import { domainLockFile } from '../../src/backup/lock.js';
 
 /** ssh's arguments without those of the shared connection and the silence limit, which are checked on their own. */

@@ -19,13 +19,17 @@ test('blankFlag: an empty or blank value of a number or string flag, named as wr
 });
 
 test('splitShortValues: short flags as argparse reads them (-lfull, -cD, -nz5), values and unknown letters left alone', () => {
-  const flags = { valued: new Set(['l', 'o', 'd', 'z', 'N', 'u']), switches: new Set(['c', 'D', 'n', 'v']), optional: new Set(['z']) };
+  const flags = { valued: new Set(['l', 'o', 'd', 'z', 'N', 'u']), switches: new Set(['c', 'D', 'n', 'e']), optional: new Set(['z']) };
   const split = (...args: string[]): string[] => splitShortValues(args, flags);
-  assert.deepEqual(split('-dvm1', '-lfull', '-o/backup/vm1'), ['-d', 'vm1', '-l', 'full', '-o', '/backup/vm1']);
-  assert.deepEqual(split('-cD', '-Nvm2'), ['-c', '-D', '-N', 'vm2']);
-  assert.deepEqual(split('-nz5', '-nz', '-l=inc'), ['-n', '-z', '5', '-n', '-z', '-l', 'inc']);
-  assert.deepEqual(split('-uvirtnbdbackup.1'), ['-u', 'virtnbdbackup.1']);
+  assert.deepEqual(split('-dvm1', '-lfull', '-o/backup/vm1'), ['-d=vm1', '-l=full', '-o=/backup/vm1']);
+  assert.deepEqual(split('-cD', '-Nvm2'), ['-c', '-D', '-N=vm2']);
+  assert.deepEqual(split('-nz5', '-nz', '-l=inc'), ['-n', '-z=5', '-n', '-z', '-l=inc'], '-z alone takes no next argument');
+  assert.deepEqual(split('-uvirtnbdbackup.1', '-o-'), ['-u=virtnbdbackup.1', '-o=-']);
+  // A value that starts with "-", or is empty, stays the flag's (yargs takes what follows "=" as it is).
+  assert.deepEqual(split('-d-vm', '-d=-vm', '-d=', '-z='), ['-d=-vm', '-d=-vm', '-d', '', '-z', '']);
   assert.deepEqual(split('-N', '-cD', '-l', 'full'), ['-N', '-cD', '-l', 'full'], 'a flag\'s value stays whole, even one that looks like flags');
   assert.deepEqual(split('-xq', '--level=full', '-5'), ['-xq', '--level=full', '-5'], 'unknown letters, long flags and numbers as they are');
   assert.deepEqual(split('--', '-lfull'), ['--', '-lfull'], 'after --, nothing is a flag');
+  assert.throws(() => split('-e5'), /^Error: -e5: -e takes no value$/, 'a switch with a value, which yargs read as -e false');
+  assert.throws(() => split('-ne=1'), /-e takes no value/);
 });

@@ -52,12 +52,18 @@ test('a server whose socket is bound before it listens is ready once it listens'
 });
 
 test('a program that is not installed: one line naming it and its Debian package, from run and from spawnServer', async (t) => {
-  await assert.rejects(run('/nonexistent/bin/qemu-img', ['info']), (err: Error) => {
-    assert.ok(err instanceof UserError);
-    assert.equal(err.message, 'qemu-img is not installed (not found on PATH): install the package qemu-utils (apt install qemu-utils)');
-    return true;
-  });
+  const path0 = process.env.PATH;
+  process.env.PATH = '/nonexistent/bin';
+  try {
+    await assert.rejects(run('qemu-img', ['info']), (err: Error) => {
+      assert.ok(err instanceof UserError);
+      assert.equal(err.message, 'qemu-img is not installed (not found on PATH): install the package qemu-utils (apt install qemu-utils)');
+      return true;
+    });
+  } finally {
+    process.env.PATH = path0;
+  }
   const socket = path.join(await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-missing-')), 'sock');
   t.after(() => fs.rm(path.dirname(socket), { recursive: true, force: true }));
-  await assert.rejects(spawnServer('/nonexistent/bin/qemu-nbd', ['-k', socket], socket), /^UserError: qemu-nbd is not installed \(not found on PATH\): install the package qemu-utils/);
+  await assert.rejects(spawnServer('/nonexistent/bin/qemu-nbd', ['-k', socket], socket), /^UserError: qemu-nbd is not installed \(no \/nonexistent\/bin\/qemu-nbd\): install the package qemu-utils/);
 });

@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { chainFromSequence } from '../../src/restore/plan.js';
-import type { ChainLink } from '../../src/set/backupSet.js';
+import { checkLinks, type ChainLink } from '../../src/set/backupSet.js';
 import type { Level } from '../../src/libvirt/checkpoints.js';
 
 function link(disk: string, level: Level, ident: string, checkpointName: string, parentCheckpoint: string): ChainLink {
@@ -42,3 +42,17 @@ for (const [what, sequence, message] of refused) {
     assert.throws(() => chainFromSequence(sequence, chains, '/set'), message);
   });
 }
+
+test('checkLinks: identities recorded in the streams must match where both sides have one; a diff is checked against the inc before it', () => {
+  const withIds = (l: ChainLink, own?: string, parent?: string): ChainLink => ({ ...l, meta: { ...l.meta, checkpointIdentity: own, parentCheckpointIdentity: parent } });
+  const [full, inc1, diff, inc2] = chainOf('vda') as [ChainLink, ChainLink, ChainLink, ChainLink];
+  const A0 = '1764000000 Backup checkpoint (run aaaaaa)';
+  const A1 = '1764000100 Backup checkpoint (run bbbbbb)';
+  const B0 = '1764009999 Backup checkpoint (run cccccc)';
+  checkLinks([withIds(full, A0), withIds(inc1, A1, A0), withIds(diff, undefined, A1), withIds(inc2, undefined, A1)]);
+  // Python's files (no keys), or ours before the keys: names alone, as before.
+  checkLinks([full, withIds(inc1, A1, B0), inc2]);
+  assert.throws(() => checkLinks([withIds(full, A0), withIds(inc1, A1, B0)]),
+    /broken chain: vda\.inc\.virtnbdbackup\.1\.data is based on another checkpoint virtnbdbackup\.0 \(made 2025-11-24T18:46:39Z by run cccccc\) than vda\.full\.data holds \(made 2025-11-24T16:00:00Z by run aaaaaa\): the files come from two sets with the same names/);
+  assert.throws(() => checkLinks([withIds(full, A0), withIds(inc1, A1, A0), withIds(diff, undefined, B0)]), /vda\.diff\.1700000000\.data is based on another checkpoint virtnbdbackup\.1/);
+});

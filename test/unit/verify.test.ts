@@ -163,3 +163,27 @@ test('-d takes the files of that disk as restore names them, not every file whos
   const other = await verifySet({ input: dir, disk: 'vda.x' });
   assert.deepEqual(other.map((v) => [v.file, v.ok]), [['vda.x.inc.virtnbdbackup.1.data.partial', false], ['vda.x.full.data', true]]);
 });
+
+test('--until checks what a restore at that point reads, raw images (-t raw) included; -d looks at that disk alone', async (t) => {
+  const dir = await craftedDir(t);
+  const disk = new MemoryDisk(32 * MiB).fill(0x11, 0, MiB);
+  const extents = [{ offset: 0, length: MiB, kind: 'data' as const }];
+  await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents, checkpointName: 'virtnbdbackup.0' });
+  for (const n of [1, 2]) {
+    await craftStream({ dir, file: `vda.inc.virtnbdbackup.${n}.data`, disk, diskName: 'vda', extents, checkpointName: `virtnbdbackup.${n}`, parentCheckpoint: `virtnbdbackup.${n - 1}`, incremental: true });
+  }
+  // A raw image with no .chksum fails verify: --until left it out unchecked, and exited 0.
+  await fs.writeFile(path.join(dir, 'vdb.full.data'), Buffer.alloc(MiB, 0x5a));
+  const upTo1 = await verifySet({ input: dir, until: 'virtnbdbackup.1' });
+  assert.deepEqual(upTo1.map((v) => [v.file, v.ok]), [['vda.full.data', true], ['vda.inc.virtnbdbackup.1.data', true], ['vdb.full.data', false]]);
+  await assert.rejects(verifySet({ input: dir, until: 'virtnbdbackup.7' }), /checkpoint virtnbdbackup\.7 is not in the chain of disk vda/);
+  // Another disk's chain without a base fails that disk's check, not one of vda.
+  await craftStream({ dir, file: 'vdc.inc.virtnbdbackup.1.data', disk, diskName: 'vdc', extents, checkpointName: 'virtnbdbackup.1', parentCheckpoint: 'virtnbdbackup.0', incremental: true });
+  assert.ok((await verifySet({ input: dir, disk: 'vda' })).every((v) => v.ok));
+  const whole = await verifySet({ input: dir });
+  assert.match(whole.find((v) => v.file === 'vdb.full.data')?.reason ?? '', /no checksum file/);
+  await fs.rm(path.join(dir, 'vdb.full.data'));
+  const chain = (await verifySet({ input: dir })).filter((v) => !v.ok);
+  assert.deepEqual(chain.map((v) => v.file), ['chain']);
+  assert.match(chain[0]?.reason ?? '', /no full or copy backup of disk vdc/);
+});
