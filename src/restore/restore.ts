@@ -360,8 +360,13 @@ function outputHost(options: RestoreOptions): DomainHost {
 /** Applies the chain's streams in order to the disk's image, through qemu-nbd. */
 async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOptions, created: string[]): Promise<void> {
   await writeThroughServer(disk, options, created, async (endpoint, progress) => {
+    // An existing target is zeroed where the base does not reach; where the disk grew later in the chain too: the
+    // range a later stream's size adds and no frame of it covers reads as zero on the disk, not as the old bytes.
+    let zeroedTo = 0;
     for (const [i, link] of chain.entries()) {
       const base = i === 0;
+      if (disk.existing && !base && link.meta.virtualSize > zeroedTo) await endpoint.zero(zeroedTo, link.meta.virtualSize - zeroedTo, true);
+      zeroedTo = Math.max(zeroedTo, link.meta.virtualSize);
       const { checksum } = await applyStream(link, endpoint, {
         targetIsZero: base && !disk.existing, zeroUncovered: base && disk.existing, progress, signal: options.signal,
       });

@@ -244,6 +244,14 @@ test('disks change within a chain: one grown, one attached (saved whole by the n
   assert.match(await restoreAll('virtnbdbackup.3', { vda: [a3, 128] }), /disk vdb is left out of the restore at virtnbdbackup\.3: its backups end at checkpoint virtnbdbackup\.2 \(vdb\.inc\.virtnbdbackup\.2\.data\), before virtnbdbackup\.3: it was removed/);
   // Without --until, every disk the set holds, each at its newest.
   await restoreAll(undefined, { vda: [a3, 128], vdb: [b2, 32] });
+  // Onto a pre-filled raw file of the grown size: where the disk grew and no frame of the inc reaches, the file
+  // reads as zero, as the disk did (it kept the file's old bytes).
+  const prefilled = path.join(work, 'prefilled.raw');
+  await fs.writeFile(prefilled, Buffer.alloc(128 * 1024 * 1024, 0xab));
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', prefilled, '-n', '-d', 'vda', '--until', 'virtnbdbackup.1']);
+  const onFile = await TestDomain.compare(prefilled, a1, { formatA: 'raw' });
+  assert.ok(onFile.identical, onFile.output);
+  await fs.rm(prefilled);
   // virtnbdmap serves the grown disk at its size then, and the attached one from its whole first backup.
   for (const [name, files, reference, sizeMiB] of [['grown', ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], a1, 128], ['attached', ['vdb.full.data'], b1, 32]] as const) {
     const map = await startMap(t, work, name, files.map((f) => path.join(set, f)), ['-r']);
