@@ -11,7 +11,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
-import { CHECKPOINT_DIR, checkpointListName, checksumFileName, digestFileName, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
+import { CHECKPOINT_DIR, checkpointListName, checksumFileName, digestFileName, isStreamFile, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
@@ -158,12 +158,24 @@ async function checkSet(output: string, level: Level): Promise<void> {
   if (level === 'full' || level === 'copy') {
     const existing = [...listing.dataFiles.map((d) => d.file), ...listing.partials.filter((p) => p.includes('.data'))];
     if (existing.length > 0) {
-      throw new UserError(`output directory ${output} already holds a backup (${existing[0]}); use an empty directory for a ${level} backup, or -l inc/auto to continue its chain`);
+      const onlyCopies = listing.dataFiles.length > 0 && listing.dataFiles.every((d) => d.level === 'copy');
+      throw new UserError(`output directory ${output} already holds a backup (${existing[0]}); use an empty directory for a ${level} backup${onlyCopies ? '' : ', or -l inc/auto to continue its chain'}`);
     }
     return;
   }
-  if (!listing.dataFiles.some((d) => d.level === 'full')) {
-    throw new UserError(`no full backup in ${output}: ${level === 'inc' ? 'an' : 'a'} ${level} backup needs one; run with -l full (or -l auto) first`);
+  const fulls = listing.dataFiles.filter((d) => d.level === 'full');
+  const aLevel = level === 'inc' ? 'an inc' : 'a diff';
+  if (fulls.length === 0) {
+    const copy = listing.dataFiles.find((d) => d.level === 'copy');
+    throw new UserError(copy
+      ? `${output} holds a copy (${copy.file}), which starts no chain: ${aLevel} backup needs a full one; run -l full (or -l auto) into an empty directory`
+      : `no full backup in ${output}: ${aLevel} backup needs one; run with -l full (or -l auto) first`);
+  }
+  // A raw image holds no frames a chain can build on: the inc would be saved, and no point of the set restore.
+  for (const full of fulls) {
+    if (!(await isStreamFile(path.join(output, full.file)))) {
+      throw new UserError(`${full.file} in ${output} is a raw image (-t raw), which ${aLevel} cannot continue: a restore could not apply it; start a chain with -l full (stream) in an empty directory`);
+    }
   }
   if (listing.partials.length > 0) {
     throw new UserError(`${path.join(output, listing.partials[0] as string)} is left from a failed run, so the chain in ${output} is incomplete; start a new set with -l full in an empty directory (or move the .partial away to continue the chain from its last complete backup)`);

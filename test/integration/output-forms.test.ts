@@ -257,6 +257,19 @@ test('-t raw writes full-size sparse images (-z a warning) with their .chksum, w
   const inc = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-t', 'raw', '-o', set, '-n']);
   assert.equal(inc.code, 1);
   assert.match(inc.stderr, /-t raw writes full images only/);
+  // A stream inc onto the raw full was saved, and then no point of the set restored.
+  for (const level of ['inc', 'auto']) {
+    const onRaw = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', level, '-o', set, '-n']);
+    assert.equal(onRaw.code, 1, onRaw.stderr);
+    assert.match(onRaw.stderr.trim(), /^virtnbdbackup: error: vda\.full\.data in \S+ is a raw image \(-t raw\), which an inc cannot continue: a restore could not apply it; start a chain with -l full \(stream\) in an empty directory$/);
+  }
+  // A set of a copy alone starts no chain: each refusal says what does, not the other's way (auto said "-l inc/auto").
+  const copies = path.join(work, 'copies');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-o', copies, '-n']);
+  const auto = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'auto', '-o', copies, '-n']);
+  assert.match(auto.stderr.trim(), /already holds a backup \(vda\.copy\.data\); use an empty directory for a full backup$/);
+  const incOnCopy = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', copies, '-n']);
+  assert.match(incOnCopy.stderr.trim(), /holds a copy \(vda\.copy\.data\), which starts no chain: an inc backup needs a full one; run -l full \(or -l auto\) into an empty directory$/);
 });
 
 test('-r includes raw-format disks as copy; without it they are skipped with a warning', async (t) => {
