@@ -53,6 +53,12 @@ export async function runningWriter(dir: string): Promise<number | undefined> {
   return parseOwner(text)?.pid ?? 0;
 }
 
+/** Why the set `dir` holds a `.partial`: a run that died, or one writing now (then `action` it once it has ended). */
+export async function partialCause(dir: string, action: string): Promise<string> {
+  const writer = await runningWriter(dir);
+  return writer === undefined ? 'left from a failed backup run' : `being written by a running backup${writer ? ` (pid ${writer})` : ''}: ${action} once it has ended`;
+}
+
 const held = new Set<string>();
 let exitHookInstalled = false;
 

@@ -56,8 +56,9 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
   await withLogFile(log, argv.logfile, async () => {
     const files = listOption(argv.file, '-f/--file') ?? [];
-    if (!Number.isInteger(argv.blocksize) || argv.blocksize < 512 || argv.blocksize > 2 ** 30) {
-      throw new UserError(`-b ${argv.blocksize}: the block size must be a byte count between 512 and 1 GiB`);
+    // NBD clients (QEMU) take only a power of two as the preferred block size.
+    if (!Number.isInteger(argv.blocksize) || argv.blocksize < 512 || argv.blocksize > 2 ** 30 || (argv.blocksize & (argv.blocksize - 1)) !== 0) {
+      throw new UserError(`-b ${argv.blocksize}: the block size must be a power of two between 512 and 1 GiB (1 GiB = 1073741824)`);
     }
     if (!Number.isInteger(argv.threads) || argv.threads < 1) throw new UserError(`-t ${argv.threads}: give at least 1 thread`);
     const port = argv['listen-port'];

@@ -57,12 +57,17 @@ export class ChainEndpoint implements Endpoint {
   /** Checks and indexes `files` (base first); errors are one-line UserErrors naming the file. */
   static async open(files: readonly string[], options: ChainOpenOptions = {}): Promise<ChainEndpoint> {
     if (files.length === 0) throw new UserError('no backup files given: -f full.data[,inc1.data,...]');
+    const twice = files.find((f, i) => files.findIndex((g) => path.resolve(g) === path.resolve(f)) !== i);
+    if (twice) throw new UserError(`${twice} is given twice: give each file once, the full backup first, then each incremental in checkpoint order`);
     const indexes: StreamIndex[] = [];
     for (const [i, file] of files.entries()) {
       const stat = await fs.stat(file).catch((err: NodeJS.ErrnoException) => {
         throw new UserError(`cannot read ${file}: ${describeReadFailure(err)}`);
       });
       if (!stat.isFile()) throw new UserError(`${file} is not a backup data file (not a regular file)`);
+      if (file.endsWith('.partial')) {
+        throw new UserError(`${file} is an unfinished data file (being written by a backup, or left from a failed one): map the finished files of the set`);
+      }
       try {
         indexes.push(await indexStream(path.resolve(file), i));
       } catch (err) {

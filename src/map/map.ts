@@ -17,6 +17,9 @@ import { run } from '../util/process.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 
+/** Bytes of a unix socket's path the kernel keeps (sun_path, less its terminating zero). */
+const MAX_SOCKET_PATH = 107;
+
 export interface MapOptions {
   /** The full or copy stream, then incs/diffs in checkpoint order. */
   files: string[];
@@ -94,12 +97,17 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
       cleanups.push(() => cow.close());
     }
     const last = chain.links[chain.links.length - 1];
-    const description = `disk ${last?.meta.diskName} at ${last?.meta.checkpointName || 'copy'} (${last?.meta.date}) from ${chain.links.map((l) => l.file).join(', ')}`;
+    // A diff's metadata names the checkpoint the next inc makes: its point is the diff's time, after its parent's.
+    const point = last?.level === 'diff' ? `the diff after ${last.meta.parentCheckpoint}` : last?.meta.checkpointName || 'copy';
+    const description = `disk ${last?.meta.diskName} at ${point} (${last?.meta.date}) from ${chain.links.map((l) => l.file).join(', ')}`;
     const server = new NbdServer(endpoint, {
       exportName: options.exportName, readOnly: Boolean(options.readOnly), maxBlockSize: options.maxBlockSize,
       threads: options.threads, description, log, trace: options.trace,
     });
     cleanups.push(() => server.stop());
+    // The kernel keeps 107 bytes of a socket's path: a longer one was bound cut short, elsewhere, and never removed.
+    const pathBytes = Buffer.byteLength(path.resolve(options.socket));
+    if (pathBytes > MAX_SOCKET_PATH) throw new UserError(`--socket ${options.socket}: a unix socket's path may hold at most ${MAX_SOCKET_PATH} bytes, this one ${pathBytes}; choose a shorter one`);
     await server.listenUnix(options.socket).catch((err: Error) => {
       // bind() says EACCES, not ENOENT, for a socket in a directory that does not exist.
       const folder = path.dirname(path.resolve(options.socket));
@@ -113,8 +121,9 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     });
     const name = encodeURIComponent(options.exportName);
     const host = options.listenAddress.includes(':') ? `[${options.listenAddress}]` : options.listenAddress;
-    // A path's space, '&', '#', '%' or '+' would end or change the query: escaped, as libnbd and qemu-nbd decode them.
-    const socket = options.socket.replace(/[ %&#+?]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+    // A path's space, '&', '#', '%', '+' or non-ASCII letters would end, change or spoil the query: percent-encoded
+    // (UTF-8), as libnbd and qemu-nbd decode them.
+    const socket = encodeURIComponent(options.socket).replace(/%2F/g, '/');
     const uris = [`nbd+unix:///${name}?socket=${socket}`, `nbd://${host}:${port}/${name}`];
     const device = options.device ? await attachDevice(options.device, Boolean(options.readOnly), uris, log) : undefined;
     if (device) {

@@ -32,6 +32,7 @@ import { UserError, describeFailure, describeReadFailure, oneLine, outOfSpace, r
 import { WorkWindow } from '../util/window.js';
 import { leasePool } from '../util/bufferPool.js';
 import { ReadAhead, exists, readInto } from '../util/fileIo.js';
+import { partialCause } from '../backup/lock.js';
 import { qemuImgMapEntries } from '../backup/extentSources.js';
 import { checkSocketPath } from '../util/process.js';
 
@@ -515,6 +516,9 @@ export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; ra
 export async function dump(input: string, disk?: string): Promise<DumpEntry[]> {
   const listing = await listSet(path.resolve(input));
   const files = listing.dataFiles.filter(ofDisk(disk));
+  if (files.length === 0 && listing.partials.length > 0) {
+    throw new UserError(`${input} holds no finished data file yet, only ${listing.partials[0]} (${await partialCause(listing.dir, 'dump')})`);
+  }
   if (files.length === 0) throw noDataFiles(input, disk);
   const out: DumpEntry[] = [];
   for (const f of files) {

@@ -19,7 +19,7 @@ import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
-import { runningWriter } from '../backup/lock.js';
+import { partialCause } from '../backup/lock.js';
 import { UnknownCheckpoint, checkedChains } from '../restore/plan.js';
 
 export interface VerifyOptions {
@@ -217,8 +217,8 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
     verdicts.push(verdict);
     options.onVerdict?.(verdict);
   };
-  const writer = partials.length > 0 ? await runningWriter(listing.dir) : undefined;
-  const why = writer === undefined ? 'left from a failed backup run: the file is incomplete' : `being written by a running backup${writer ? ` (pid ${writer})` : ''}: verify once it has ended`;
+  const cause = partials.length > 0 ? await partialCause(listing.dir, 'verify') : '';
+  const why = cause.startsWith('left') ? `${cause}: the file is incomplete` : cause;
   for (const partial of partials) report({ file: partial, ok: false, reason: why });
   for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));
   // A damaged file is named by its own verdict, more closely than by the chain it breaks.

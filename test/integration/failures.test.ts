@@ -289,7 +289,7 @@ test('SIGTERM while the reader of a zip on standard output stalls: the run ends 
   await assertCleanDomain(dom, socket);
 });
 
-test('a restore or verify of a set a backup is writing into says so, and does not say to move its .partial away', async (t) => {
+test('a restore, verify, dump or map of a set a backup is writing into says so, and does not say to move its .partial away', async (t) => {
   const { out, run } = await backupInFlight(t, 'writing', 256);
   // Held still while the others look, so that it is surely in mid-write.
   run.child.kill('SIGSTOP');
@@ -300,6 +300,13 @@ test('a restore or verify of a set a backup is writing into says so, and does no
     const verify = await runCli(ourBin('virtnbdrestore'), ['-i', out, '-o', 'verify', '-n']);
     assert.equal(verify.code, 1, verify.stderr);
     assert.match(verify.stdout + verify.stderr, new RegExp(`vda\\.full\\.data\\.partial: .*being written by a running backup \\(pid ${run.child.pid}\\): verify once it has ended`));
+    // Dump said "not a backup set", map "unexpected end of file at byte 0".
+    const dump = await runCli(ourBin('virtnbdrestore'), ['-i', out, '-o', 'dump']);
+    assert.equal(dump.code, 1, dump.stderr);
+    assert.match(dump.stderr.trim(), new RegExp(`holds no finished data file yet, only vda\\.full\\.data\\.partial \\(being written by a running backup \\(pid ${run.child.pid}\\): dump once it has ended\\)$`));
+    const map = await runCli(ourBin('virtnbdmap'), ['-f', path.join(out, 'vda.full.data.partial'), '-d', '', '-p', '0']);
+    assert.equal(map.code, 1, map.stderr);
+    assert.match(map.stderr.trim(), /vda\.full\.data\.partial is an unfinished data file \(being written by a backup, or left from a failed one\): map the finished files of the set$/);
   } finally {
     run.child.kill('SIGCONT');
   }

@@ -156,6 +156,20 @@ test('virtnbdmap serves every point of plain and lz4 sets bit-identically to our
   await bad([path.join(plain, `vmconfig.virtnbdbackup.0.xml`)], /vmconfig\.virtnbdbackup\.0\.xml is not a usable backup stream/);
   await bad([full, inc2, inc1], /sequence out of order/);
   await bad([inc1], /must start with the full or copy backup/);
+  await bad([full, inc1, inc1], /vda\.inc\.virtnbdbackup\.1\.data is given twice: give each file once/);
+  // A socket path with a space and non-ASCII letters: the printed URI is percent-encoded, so clients parse it.
+  const named = await startMap(t, work, 'ü map', [full], ['-r']);
+  assert.match(named.uris[0], /socket=\S+\/%C3%BC%20map\.sock$/);
+  assert.equal((await run('nbdinfo', ['--size', named.uris[0]])).stdout.trim(), String(128 * MiB));
+  await named.stop();
+  // A path longer than the kernel keeps (107 bytes) was bound cut short, elsewhere, and left behind: refused.
+  const tooLong = await runCli(ourBin('virtnbdmap'), ['-f', full, '--socket', path.join(work, `${'x'.repeat(120)}.sock`), '-p', '0', '-d', '', '-r']);
+  assert.equal(tooLong.code, 1, tooLong.stderr);
+  assert.match(tooLong.stderr.trim(), /a unix socket's path may hold at most 107 bytes, this one \d+; choose a shorter one$/);
+  // QEMU takes only a power of two as the preferred block size ("server preferred block size 1000 is not valid").
+  const odd = await runCli(ourBin('virtnbdmap'), ['-f', full, '-b', '1000']);
+  assert.equal(odd.code, 1, odd.stderr);
+  assert.match(odd.stderr.trim(), /-b 1000: the block size must be a power of two between 512 and 1 GiB/);
 });
 
 test('a virtnbdmap killed (SIGKILL) leaves its socket and overlay: the next one on that socket replaces both; a socket a server answers on is refused', async (t) => {
