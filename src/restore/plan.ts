@@ -5,6 +5,7 @@
 //   -> per disk: restore point, vmconfig, raw-format check (-r), image name, qcow.json layout -> output checks
 // Guarantees: every refusal (bad set, broken chain, bad sequence, unknown checkpoint, images already there,
 // unusable target) happens here, so a refused restore touches nothing.
+import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
@@ -77,6 +78,23 @@ export interface RestorePlan {
 }
 
 export const identOf = (link: ChainLink): string => (link.level === 'full' ? link.meta.checkpointName : link.level === 'copy' ? 'copy' : link.ident);
+
+/** A file system's longest name, in bytes (NAME_MAX). */
+const NAME_MAX = 255;
+
+/**
+ * The name an image is written under until it is whole: `<image><suffix>`, or where that name would be longer than
+ * a file system takes (an image named near 255 bytes), the image's name cut short with a hash of all of it.
+ */
+export function partialName(image: string, suffix = '.partial'): string {
+  const base = path.basename(image);
+  if (Buffer.byteLength(base + suffix) <= NAME_MAX) return `${image}${suffix}`;
+  const hash = crypto.createHash('sha256').update(base).digest('hex').slice(0, 8);
+  let cut = Buffer.from(base).subarray(0, NAME_MAX - Buffer.byteLength(`.${hash}${suffix}`)).toString('utf8');
+  // A letter cut in half decodes as U+FFFD, which has more bytes than the half had: drop it.
+  cut = cut.replace(/\uFFFD$/, '');
+  return path.join(path.dirname(image), `${cut}.${hash}${suffix}`);
+}
 
 /** Refuses, naming the first, if any of `files` exists on `host`: a restore never overwrites. */
 export async function refuseExisting(files: readonly string[], host: DomainHost = LOCAL_HOST): Promise<void> {
@@ -500,7 +518,7 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
       outputs.push(disk.dataFile);
     }
     if (options.preallocate) disk.createOptions.push(`preallocation=${disk.format === 'qcow2' ? 'metadata' : 'falloc'}`);
-    outputs.push(disk.image, `${disk.image}.partial`, `${disk.image}.uncompressed.partial`);
+    outputs.push(disk.image, partialName(disk.image), partialName(disk.image, '.uncompressed.partial'));
   }
   const twice = outputs.find((file, i) => outputs.indexOf(file) !== i);
   if (twice) throw new UserError(`two restored files would be named ${twice}; restore the disks one by one with -d`);

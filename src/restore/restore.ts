@@ -23,7 +23,7 @@ import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, 
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
-import { planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
+import { partialName, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
@@ -340,7 +340,7 @@ async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions
     await convertImage(source, 'raw', disk.image, 'raw', { existing: true });
     return;
   }
-  const partial = `${disk.image}.partial`;
+  const partial = partialName(disk.image);
   created.push(partial, ...(disk.dataFile ? [disk.dataFile] : []));
   await convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2' });
   await LOCAL_HOST.rename(partial, disk.image);
@@ -392,8 +392,8 @@ async function writeThroughServer(
 ): Promise<void> {
   const host = outputHost(options);
   const compress = Boolean(options.compress) && disk.format === 'qcow2' && !disk.existing;
-  const partial = `${disk.image}.partial`;
-  const work = disk.existing ? disk.image : compress ? `${disk.image}.uncompressed.partial` : partial;
+  const partial = partialName(disk.image);
+  const work = disk.existing ? disk.image : compress ? partialName(disk.image, '.uncompressed.partial') : partial;
   if (!disk.existing) {
     created.push(work, ...(disk.dataFile ? [disk.dataFile] : []));
     await createImage(work, disk.format, disk.virtualSize, disk.createOptions, host);

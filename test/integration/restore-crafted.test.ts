@@ -87,6 +87,21 @@ test('raw-format disks: left out with a warning without -r, restored as raw imag
 });
 
 // Direct I/O where the file system takes it, cached writes where not (tmpfs before Linux 6.6; this kernel's takes it).
+test('an image named near the file system\'s 255 bytes is written under a shorter temporary name and restores exactly', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+  // `<name>.partial` did not fit: qemu-img said "File name too long", and the line said to remove what was never made.
+  const long = `${'w'.repeat(248)}.qcow2`;
+  await craftVmConfig(set, 'virtnbdbackup.1', 'web', [{ target: 'vda', file: `/vm/${long}`, format: 'qcow2' }]);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vda']);
+  assert.deepEqual((await fs.readdir(out)).filter((f) => f.endsWith('.qcow2')), [long]);
+  await assertSame(path.join(out, long), refs.vda as string, 'qcow2');
+  const compressed = path.join(work, 'out-compressed');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', compressed, '-n', '-d', 'vda', '--compress']);
+  await assertSame(path.join(compressed, long), refs.vda as string, 'qcow2');
+});
+
 test('a restore into tmpfs is exact', async (t) => {
   const work = await withTempDir(t, 'vnbd-crafted-');
   const { set, refs } = await craftTwoDiskSet(work);

@@ -1,7 +1,8 @@
 // --sequence: the files of one disk, from its base, in chain order, with no incremental left out.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chainFromSequence } from '../../src/restore/plan.js';
+import path from 'node:path';
+import { chainFromSequence, partialName } from '../../src/restore/plan.js';
 import { checkLinks, type ChainLink } from '../../src/set/backupSet.js';
 import type { Level } from '../../src/libvirt/checkpoints.js';
 
@@ -55,4 +56,18 @@ test('checkLinks: identities recorded in the streams must match where both sides
   assert.throws(() => checkLinks([withIds(full, A0), withIds(inc1, A1, B0)]),
     /broken chain: vda\.inc\.virtnbdbackup\.1\.data is based on another checkpoint virtnbdbackup\.0 \(made 2025-11-24T18:46:39Z by run cccccc\) than vda\.full\.data holds \(made 2025-11-24T16:00:00Z by run aaaaaa\): the files come from two sets with the same names/);
   assert.throws(() => checkLinks([withIds(full, A0), withIds(inc1, A1, A0), withIds(diff, undefined, B0)]), /vda\.diff\.1700000000\.data is based on another checkpoint virtnbdbackup\.1/);
+});
+
+test('partialName: <image>.partial, or where that would pass 255 bytes, the name cut short with a hash, whole letters only', () => {
+  assert.equal(partialName('/out/vda.qcow2'), '/out/vda.qcow2.partial');
+  assert.equal(partialName('/out/vda.qcow2', '.uncompressed.partial'), '/out/vda.qcow2.uncompressed.partial');
+  for (const base of [`${'a'.repeat(250)}.qcow2`, `${'ü'.repeat(124)}.qcow2`]) {
+    for (const suffix of ['.partial', '.uncompressed.partial']) {
+      const name = path.basename(partialName(`/out/${base}`, suffix));
+      assert.ok(Buffer.byteLength(name) <= 255, name);
+      assert.match(name, new RegExp(`^${base.slice(0, 8)}.*\\.[0-9a-f]{8}${suffix.replace(/\./g, '\\.')}$`));
+      assert.doesNotMatch(name, /\uFFFD/);
+    }
+  }
+  assert.notEqual(partialName(`/out/${'a'.repeat(250)}.qcow2`), partialName(`/out/${'a'.repeat(250)}.qcow3`), 'names that differ past the cut differ');
 });
