@@ -91,7 +91,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
     }
   });
   return 0;
-}, { leftover: action === 'restore' ? `an image it was writing (<disk image>.partial) may be left in ${argv.output}: remove it` : undefined });
+}, { leftover: action === 'restore' ? `an image it was writing (a .partial file) may be left in ${argv.output}: remove it` : undefined });
 
 /** With a remote -U, the restore goes onto that host; the flags for it mean nothing without one. */
 async function outputHost(): Promise<Pick<RestoreOptions, 'host' | 'remoteServer'>> {

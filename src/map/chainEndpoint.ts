@@ -11,7 +11,7 @@ import path from 'node:path';
 import { native } from '../native/addon.js';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError, undecompressable } from '../stream/format.js';
-import { checkLinks, isStreamFile, parseDataFileName, type ChainLink } from '../set/backupSet.js';
+import { MixedChain, checkLinks, isStreamFile, parseDataFileName, type ChainLink } from '../set/backupSet.js';
 import { UserError, describeReadFailure, oneLine } from '../util/errors.js';
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
@@ -57,7 +57,8 @@ export class ChainEndpoint implements Endpoint {
   /** Checks and indexes `files` (base first); errors are one-line UserErrors naming the file. */
   static async open(files: readonly string[], options: ChainOpenOptions = {}): Promise<ChainEndpoint> {
     if (files.length === 0) throw new UserError('no backup files given: -f full.data[,inc1.data,...]');
-    const twice = files.find((f, i) => files.findIndex((g) => path.resolve(g) === path.resolve(f)) !== i);
+    const real = await Promise.all(files.map((f) => fs.realpath(f).catch(() => path.resolve(f))));
+    const twice = files.find((_, i) => real.indexOf(real[i] as string) !== i);
     if (twice) throw new UserError(`${twice} is given twice: give each file once, the full backup first, then each incremental in checkpoint order`);
     const indexes: StreamIndex[] = [];
     for (const [i, file] of files.entries()) {
@@ -231,6 +232,7 @@ function checkSequence(links: readonly ChainLink[]): void {
   try {
     checkLinks([...links], 'add it to -f, or map only the files before it');
   } catch (err) {
+    if (err instanceof MixedChain) throw err;
     throw new UserError(`sequence out of order or incomplete: ${oneLine(err)}; give the full backup first, then each incremental in checkpoint order`);
   }
 }

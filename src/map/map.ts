@@ -105,8 +105,9 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
       threads: options.threads, description, log, trace: options.trace,
     });
     cleanups.push(() => server.stop());
-    // The kernel keeps 107 bytes of a socket's path: a longer one was bound cut short, elsewhere, and never removed.
-    const pathBytes = Buffer.byteLength(path.resolve(options.socket));
+    // The kernel keeps 107 bytes of a socket's path (as given: a relative one from the working directory): a longer
+    // one was bound cut short, elsewhere, and never removed.
+    const pathBytes = Buffer.byteLength(options.socket);
     if (pathBytes > MAX_SOCKET_PATH) throw new UserError(`--socket ${options.socket}: a unix socket's path may hold at most ${MAX_SOCKET_PATH} bytes, this one ${pathBytes}; choose a shorter one`);
     await server.listenUnix(options.socket).catch((err: Error) => {
       // bind() says EACCES, not ENOENT, for a socket in a directory that does not exist.

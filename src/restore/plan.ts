@@ -9,7 +9,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, checkLinks, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, checkLinks, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -117,14 +117,15 @@ interface ScannedSet {
  */
 async function scanSet(input: string, log: Logger, disk?: string): Promise<ScannedSet> {
   const all = await listSet(input);
-  const ofThisDisk = ofDisk(disk);
-  const listing = { ...all, dataFiles: all.dataFiles.filter(ofThisDisk), partials: all.partials.filter((p) => ofThisDisk(parseDataFileName(p.slice(0, -'.partial'.length)))) };
-  if (listing.partials.length > 0) {
-    const partial = path.join(input, listing.partials[0] as string);
-    const writer = await runningWriter(input);
+  const listing = { ...all, dataFiles: all.dataFiles.filter(ofDisk(disk)), partials: partialsOf(all, disk) };
+  // A backup writing now, into any disk, may yet set this disk's finished file aside: wait for it.
+  const writer = all.partials.length > 0 ? await runningWriter(input) : undefined;
+  if (writer !== undefined) {
     // Moving the file away, as said for a dead run's, would break a backup that is writing it.
-    if (writer !== undefined) throw new UserError(`a backup${writer ? ` (pid ${writer})` : ''} is writing into ${input} right now (${partial}); restore once it has ended`);
-    throw new UserError(`${partial} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
+    throw new UserError(`a backup${writer ? ` (pid ${writer})` : ''} is writing into ${input} right now (${path.join(input, all.partials[0] as string)}); restore once it has ended`);
+  }
+  if (listing.partials.length > 0) {
+    throw new UserError(`${path.join(input, listing.partials[0] as string)} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
   }
   if (all.dataFiles.length === 0) throw noDataFiles(input);
   if (listing.dataFiles.length === 0) throw new UserError(`no backup of disk ${disk} in ${input}`);
@@ -406,7 +407,8 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
     }
   }
   const resolved = { ...options, input, sequence: options.sequence && (await sequenceInSet(options.sequence, input)) };
-  const { chains, images, checkpoints } = selectSources(await scanSet(input, log, options.disk), resolved, log);
+  // --sequence names its disk itself: a -d that contradicts it is said so in selectSources, not "not in the set".
+  const { chains, images, checkpoints } = selectSources(await scanSet(input, log, options.sequence ? undefined : options.disk), resolved, log);
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));

@@ -18,7 +18,7 @@ import { NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
-import { autostartName, checksumMismatch, isStreamFile, listSet, noDataFiles, ofDisk, recordedChecksum, type ChainLink } from '../set/backupSet.js';
+import { autostartName, checksumMismatch, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, recordedChecksum, type ChainLink } from '../set/backupSet.js';
 import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openConnection, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
@@ -361,13 +361,17 @@ function outputHost(options: RestoreOptions): DomainHost {
 /** Applies the chain's streams in order to the disk's image, through qemu-nbd. */
 async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOptions, created: string[]): Promise<void> {
   await writeThroughServer(disk, options, created, async (endpoint, progress) => {
-    // An existing target is zeroed where the base does not reach; where the disk grew later in the chain too: the
-    // range a later stream's size adds and no frame of it covers reads as zero on the disk, not as the old bytes.
-    let zeroedTo = 0;
+    // Where the disk grew within the chain, the range its new size adds reads as zero on the disk, and a later
+    // stream's frames leave it out: it is zeroed on an existing target (the old bytes), and on a new image where an
+    // earlier, larger size left data there (a disk shrunk, then grown).
+    let size = 0;
+    let largest = 0;
     for (const [i, link] of chain.entries()) {
       const base = i === 0;
-      if (disk.existing && !base && link.meta.virtualSize > zeroedTo) await endpoint.zero(zeroedTo, link.meta.virtualSize - zeroedTo, true);
-      zeroedTo = Math.max(zeroedTo, link.meta.virtualSize);
+      const end = Math.min(link.meta.virtualSize, endpoint.size);
+      if (!base && end > size && (disk.existing || largest > size)) await endpoint.zero(size, end - size, true);
+      size = link.meta.virtualSize;
+      largest = Math.max(largest, size);
       const { checksum } = await applyStream(link, endpoint, {
         targetIsZero: base && !disk.existing, zeroUncovered: base && disk.existing, progress, signal: options.signal,
       });
@@ -516,8 +520,8 @@ export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; ra
 export async function dump(input: string, disk?: string): Promise<DumpEntry[]> {
   const listing = await listSet(path.resolve(input));
   const files = listing.dataFiles.filter(ofDisk(disk));
-  if (files.length === 0 && listing.partials.length > 0) {
-    throw new UserError(`${input} holds no finished data file yet, only ${listing.partials[0]} (${await partialCause(listing.dir, 'dump')})`);
+  if (listing.dataFiles.length === 0 && partialsOf(listing, disk).length > 0) {
+    throw new UserError(`${input} holds no finished data file yet, only ${partialsOf(listing, disk)[0]} (${await partialCause(listing.dir, 'dump')})`);
   }
   if (files.length === 0) throw noDataFiles(input, disk);
   const out: DumpEntry[] = [];

@@ -196,6 +196,17 @@ export async function listSet(dir: string): Promise<SetListing> {
   };
 }
 
+/**
+ * The `.partial` leftovers that concern `disk` (every disk's when undefined): its data files', and any that is no
+ * data file (a checksum, the checkpoint list, a domain XML a failed run left half written), which concern all.
+ */
+export function partialsOf(listing: SetListing, disk: string | undefined): string[] {
+  return listing.partials.filter((p) => {
+    const data = parseDataFileName(p.slice(0, -'.partial'.length));
+    return data === undefined || disk === undefined || data.disk === disk;
+  });
+}
+
 export interface ChainLink extends DataFile {
   path: string;
   meta: StreamMetadata;
@@ -251,11 +262,14 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
     const made = last?.meta.checkpointIdentity;
     const expected = link.meta.parentCheckpointIdentity;
     if (made !== undefined && expected !== undefined && made !== expected) {
-      throw new UserError(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${describeIdentity(expected)}) than ${last?.file} holds (${describeIdentity(made)}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
+      throw new MixedChain(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${describeIdentity(expected)}) than ${last?.file} holds (${describeIdentity(made)}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
     }
     if (link.level === 'inc') last = link;
   }
 }
+
+/** Files of two chains with the same names: in order, and still no chain. */
+export class MixedChain extends UserError {}
 
 /** A checkpoint's identity ("<creation seconds> <description>") in words: when it was made, and by which run. */
 function describeIdentity(identity: string): string {

@@ -147,17 +147,22 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const { source, plan, sink, compress } = options;
   const addon = native();
   const compressed = compress !== false;
-  // Python's keys in Python's order, ours after them (JSON leaves out those undefined).
-  const { checkpointIdentity, parentCheckpointIdentity, ...pythonKeys } = options.meta;
+  // Python's keys in the order its streamer writes them, ours after them (JSON leaves out those undefined).
+  const { meta: given } = options;
   const meta: StreamMetadata = {
     virtualSize: source.size,
     dataSize: plan.dataSize,
-    ...pythonKeys,
+    date: given.date,
+    diskName: given.diskName,
+    diskFormat: given.diskFormat,
+    checkpointName: given.checkpointName,
     compressed: compress,
     compressionMethod: 'lz4',
+    parentCheckpoint: given.parentCheckpoint,
+    incremental: given.incremental,
     streamVersion: 2,
-    checkpointIdentity,
-    parentCheckpointIdentity,
+    checkpointIdentity: given.checkpointIdentity,
+    parentCheckpointIdentity: given.parentCheckpointIdentity,
   };
 
   let checksum = 1;

@@ -12,7 +12,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import {
-  checksumFileName, checksumMismatch, digestFileName, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, readIfThere, recordedChecksum,
+  checksumFileName, checksumMismatch, digestFileName, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, partialsOf, readIfThere, recordedChecksum,
   type ChainLink,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
@@ -188,7 +188,7 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   const listing = await listSet(input);
   const ofThisDisk = ofDisk(options.disk);
   let files = listing.dataFiles.filter(ofThisDisk).map((d) => d.file);
-  const partials = listing.partials.filter((p) => ofThisDisk(parseDataFileName(p.slice(0, -'.partial'.length))));
+  const partials = partialsOf(listing, options.disk);
   if (files.length === 0 && partials.length === 0) throw noDataFiles(options.input, options.disk);
   // The chains, from the files' metadata (a set with a .partial has none: restore refuses it, and the file fails
   // below). Why they cannot be read or do not link is a verdict of its own; an unknown --until is refused.

@@ -62,6 +62,11 @@ const cases: BadInput[] = [
     expect: MIXED },
   { name: 'an inc of another set with the same name (verify)', set: 'plain', verify: true, damage: (d) => copySetFile(path.join(path.dirname(d), 'lz4'), d, INC1),
     expect: new RegExp(`^FAILED chain: ${MIXED.source}`) },
+  // A leftover that is no data file (its checksum's write failed) concerns the set too: it went unnoticed.
+  { name: 'a checksum .partial left in the set', set: 'plain', damage: (d) => fs.rename(path.join(d, `${INC2}.chksum`), path.join(d, `${INC2}.chksum.partial`)),
+    expect: /vda\.inc\.virtnbdbackup\.2\.data\.chksum\.partial is left from a failed backup run/ },
+  { name: '-d and a --sequence of another disk', set: 'plain', args: ['-d', 'vdb', '--sequence', 'vda.full.data'],
+    expect: /-d vdb and --sequence of disk vda contradict each other: give one of them$/ },
   { name: 'a .partial left in the set', set: 'plain', damage: (d) => fs.writeFile(path.join(d, 'vda.inc.virtnbdbackup.3.data.partial'), 'x'),
     expect: /vda\.inc\.virtnbdbackup\.3\.data\.partial is left from a failed backup run; .*restore with --until an earlier checkpoint after moving the \.partial file away/ },
   // Its head no longer says "stream", but it is no raw image (-t raw) either: it ends with a stop frame.

@@ -204,7 +204,7 @@ test('chain endpoint: files out of order, an inc first, another disk or a non-st
     // virtnbdmap has no --until: the way out it names is its own.
     [[full, inc2], /a data file is missing from the set: add it to -f, or map only the files before it; give the full backup first/],
     [[inc1, inc2], /must start with the full or copy backup/],
-    [[full, full], /only the first file of the sequence/],
+    [[full, full], /vda\.full\.data is given twice: give each file once/],
     [[notStream], /notes\.txt is not a usable backup stream/],
     [[full, path.join(dir, 'missing.data')], /cannot read .*missing\.data: no such file or directory \(ENOENT\)$/],
     [[dir], /is not a backup data file/],
