@@ -11,7 +11,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
-import { CHECKPOINT_DIR, checkpointListName, checksumFileName, digestFileName, isStreamFile, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
+import { CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, isArchivedChain, isStreamFile, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
@@ -22,7 +22,7 @@ import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHos
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
-import { makeDirectory } from '../util/fileIo.js';
+import { exists, makeDirectory } from '../util/fileIo.js';
 import { lockRun } from './lock.js';
 import { DomainPower } from './domainPower.js';
 import { OfflineExports, type DiskExports, type OfflineServing } from './offline.js';
@@ -166,10 +166,13 @@ async function checkSet(output: string, level: Level): Promise<void> {
   const fulls = listing.dataFiles.filter((d) => d.level === 'full');
   const aLevel = level === 'inc' ? 'an inc' : 'a diff';
   if (fulls.length === 0) {
+    // A run that fell back to a full moved the chain aside first: if it did not finish, the set is empty but for it.
+    const archived = (await fs.readdir(output)).filter(isArchivedChain).sort().at(-1);
+    const aside = archived ? ` (the previous chain is in ${path.join(output, archived)}, moved aside by a run that was to start a new one and did not finish)` : '';
     const copy = listing.dataFiles.find((d) => d.level === 'copy');
     throw new UserError(copy
       ? `${output} holds a copy (${copy.file}), which starts no chain: ${aLevel} backup needs a full one; run -l full (or -l auto) into an empty directory`
-      : `no full backup in ${output}: ${aLevel} backup needs one; run with -l full (or -l auto) first`);
+      : `no full backup in ${output}: ${aLevel} backup needs one; run with -l full (or -l auto) first${aside}`);
   }
   // A raw image holds no frames a chain can build on: the inc would be saved, and no point of the set restore.
   for (const full of fulls) {
@@ -412,8 +415,23 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
       return { ...base, estimate: changed, skipped: true };
     }
   }
+  if (plan.level === 'diff' && !ctx.toZip) await refuseTakenDiffName(ctx, plan);
   options.signal?.throwIfAborted();
   return exportAndSave(ctx, plan);
+}
+
+/**
+ * A diff is named by the second it starts in, as Python's are: one begun in the same second as the last would meet
+ * that one's file only after all its reads. Refused before the job instead.
+ */
+async function refuseTakenDiffName(ctx: RunContext, plan: RunPlan): Promise<void> {
+  const ident = identOf(plan, ctx.startedAt);
+  for (const disk of ctx.disks) {
+    const file = dataFileName(disk.target, 'diff', ident);
+    if (await exists(path.join(ctx.stateDir, file))) {
+      throw new UserError(`${file} is already in ${ctx.stateDir}: a diff is named by the second it starts in, and another one began in this second; run again a second later`);
+    }
+  }
 }
 
 /** What a result of `plan` says whatever the run did: no disks yet. */

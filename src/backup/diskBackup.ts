@@ -89,7 +89,9 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
     log.info(`disk ${disk.target}: ${extents.dataSize} bytes of data in ${extents.extents.length} extents of ${endpoint.size} bytes, writing ${file}`);
     const onProgress = options.progress?.(disk.target, extents.dataSize);
     const result = { disk: disk.target, file, dataSize: extents.dataSize, virtualSize: endpoint.size };
-    if (options.type === 'raw' && target.createPositional) {
+    // A raw-format disk is saved as a raw image, as Python's virtnbdbackup saves it, whose restore copies such a file
+    // as it is (a stream there became a "disk" of frame headers). A zip takes streams only.
+    if ((options.type === 'raw' || disk.format === 'raw') && target.createPositional) {
       const checksum = await fillAndCommit(await target.createPositional(file, endpoint.size), async (image) => {
         const copying = writeRawImage(endpoint, extents, image, onProgress, signal);
         options.onReading?.();

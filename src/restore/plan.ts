@@ -227,8 +227,17 @@ function absentAt(chain: ChainLink[], until: string, checkpoints: string[]): str
 
 function selectChains(chains: Map<string, ChainLink[]>, checkpoints: string[], options: { input: string; until?: string; disk?: string }, log: Logger): Map<string, ChainLink[]> {
   const selected = new Map<string, ChainLink[]>();
+  const timeless: string[] = [];
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
+    // A copy alone (a raw disk saved along a full; earlier builds wrote it as a stream) has no checkpoints of its
+    // own: as a raw image, it is restored as it is at any point (it was left out as "removed from the domain").
+    const base = chain[0] as ChainLink;
+    if (options.until !== undefined && chain.length === 1 && base.level === 'copy') {
+      timeless.push(base.file);
+      selected.set(disk, chain);
+      continue;
+    }
     const absent = options.until !== undefined && options.disk === undefined ? absentAt(chain, options.until, checkpoints) : undefined;
     if (absent) {
       log.info(`disk ${disk} is left out of the restore at ${options.until}: ${absent}`);
@@ -239,6 +248,7 @@ function selectChains(chains: Map<string, ChainLink[]>, checkpoints: string[], o
     checkLinks(applied);
     selected.set(disk, applied);
   }
+  if (timeless.length > 0) log.warn(`--until does not apply to copies, which have no checkpoints (${timeless.join(', ')}): they are restored as they are`);
   return selected;
 }
 

@@ -45,6 +45,17 @@ test('shut-off domain: full becomes copy, inc saves the changes as a diff, every
   assert.ok((await fs.readdir(copySet)).includes('vda.copy.data'));
   await assertRestores(work, copySet, p2);
 
+  // A diff is named by the second it starts in: one whose name is taken is refused before it reads anything (it
+  // met the file after all its reads). Names taken for the next seconds stand for a diff just made.
+  const now = Math.floor(Date.now() / 1000);
+  const taken = Array.from({ length: 30 }, (_, i) => path.join(set, `vda.diff.${now + i}.data`));
+  for (const file of taken) await fs.writeFile(file, 'x');
+  const twice = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'diff', '-o', set]);
+  assert.equal(twice.code, 1, twice.stderr);
+  assert.match(twice.stderr.trim(), /^virtnbdbackup: error: vda\.diff\.\d+\.data is already in \S+: a diff is named by the second it starts in, and another one began in this second; run again a second later$/);
+  assert.doesNotMatch(twice.stderr, /writing vda\.diff/);
+  for (const file of taken) await fs.rm(file);
+
   await dom.start();
   await dom.write('vda', 0x66, '20M', '1M');
   const p3 = await dom.snapshot('vda');

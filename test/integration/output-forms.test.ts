@@ -291,6 +291,15 @@ test('-r includes raw-format disks as copy; without it they are skipped with a w
   const out = path.join(work, 'out');
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vdb', '-r']);
   await assertSame(path.join(out, 'vdb.raw'), ref, 'raw');
+  // Saved as a raw image, as Python saves raw disks: its restore copies the file as it is (a stream of ours came out
+  // as frame headers and data, exit 0). --until keeps it, as a copy taken with the full.
+  assert.equal((await fs.stat(path.join(set, 'vdb.copy.data'))).size, 32 * 1024 * 1024);
+  const python = path.join(work, 'python');
+  await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', python, '-r']);
+  await assertSame(path.join(python, 'vdb.raw'), ref, 'raw');
+  const atFull = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'at-full'), '-n', '-r', '--until', 'virtnbdbackup.0']);
+  await assertSame(path.join(work, 'at-full', 'vdb.raw'), ref, 'raw');
+  assert.match(atFull.stderr, /--until does not apply to raw images \(vdb\.copy\.data\): they are restored as they are/);
   // In an incremental, raw disks are left out with a warning; the qcow2 disk continues its chain.
   await dom.write('vda', 0x12, '1M', '1M');
   const inc = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-r', '-o', set, '-n']);
