@@ -62,11 +62,16 @@ for file in "${files[@]}"; do
   esac
 done
 
+# The commands run with 8 libuv threads (bin/launch.cjs); tests that use the engine in-process get as many, so
+# that one pool thread held by a blocking NBD call cannot starve the rest as Node's default 4 might. A test that
+# hangs fails after 5 minutes, naming itself, where the run would wait for ever.
+export UV_THREADPOOL_SIZE="${UV_THREADPOOL_SIZE:-8}"
+timeout=(--test-timeout=300000)
 status=0
 if [ "${#shared[@]}" -gt 0 ]; then
-  node --test --test-reporter=spec --test-concurrency=2 "${options[@]}" "${shared[@]}" || status=$?
+  node --test --test-reporter=spec --test-concurrency=2 "${timeout[@]}" "${options[@]}" "${shared[@]}" || status=$?
 fi
 if [ "${#exclusive[@]}" -gt 0 ]; then
-  node --test --test-reporter=spec --test-concurrency=1 "${options[@]}" "${exclusive[@]}" || status=$?
+  node --test --test-reporter=spec --test-concurrency=1 "${timeout[@]}" "${options[@]}" "${exclusive[@]}" || status=$?
 fi
 exit "$status"
