@@ -63,10 +63,10 @@ for file in "${files[@]}"; do
 done
 
 # The commands run with 8 libuv threads (bin/launch.cjs); tests that use the engine in-process get as many, so
-# that one pool thread held by a blocking NBD call cannot starve the rest as Node's default 4 might. A test that
-# hangs fails after 5 minutes, naming itself, where the run would wait for ever.
+# that one pool thread held by a blocking NBD call cannot starve the rest as Node's default 4 might. A test file
+# that hangs is cancelled after 10 minutes (Node 20 times the file, not each test), where the run would wait for ever.
 export UV_THREADPOOL_SIZE="${UV_THREADPOOL_SIZE:-8}"
-timeout=(--test-timeout=300000)
+timeout=(--test-timeout=600000)
 status=0
 if [ "${#shared[@]}" -gt 0 ]; then
   node --test --test-reporter=spec --test-concurrency=2 "${timeout[@]}" "${options[@]}" "${shared[@]}" || status=$?

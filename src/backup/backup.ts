@@ -168,7 +168,8 @@ async function checkSet(output: string, level: Level): Promise<void> {
   if (fulls.length === 0) {
     // A run that fell back to a full moved the chain aside first: if it did not finish, the set is empty but for it.
     const archived = (await fs.readdir(output)).filter(isArchivedChain).sort().at(-1);
-    const aside = archived ? ` (the previous chain is in ${path.join(output, archived)}, moved aside by a run that was to start a new one and did not finish)` : '';
+    const leftover = listing.partials[0];
+    const aside = archived ? ` (the previous chain is in ${path.join(output, archived)}, moved aside by a run that was to start a new one and did not finish${leftover ? `; first move its ${leftover} out of the set` : ''})` : '';
     const copy = listing.dataFiles.find((d) => d.level === 'copy');
     throw new UserError(copy
       ? `${output} holds a copy (${copy.file}), which starts no chain: ${aLevel} backup needs a full one; run -l full (or -l auto) into an empty directory`

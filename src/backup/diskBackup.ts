@@ -90,7 +90,7 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
     const onProgress = options.progress?.(disk.target, extents.dataSize);
     const result = { disk: disk.target, file, dataSize: extents.dataSize, virtualSize: endpoint.size };
     // A raw-format disk is saved as a raw image, as Python's virtnbdbackup saves it, whose restore copies such a file
-    // as it is (a stream there became a "disk" of frame headers). A zip takes streams only.
+    // as it is (a stream there became a "disk" of frame headers). -r is refused with -o - (as Python refuses it).
     if ((options.type === 'raw' || disk.format === 'raw') && target.createPositional) {
       const checksum = await fillAndCommit(await target.createPositional(file, endpoint.size), async (image) => {
         const copying = writeRawImage(endpoint, extents, image, onProgress, signal);

@@ -73,7 +73,7 @@ export class ChainEndpoint implements Endpoint {
         indexes.push(await indexStream(path.resolve(file), i));
       } catch (err) {
         if (err instanceof StreamFormatError && !(await isStreamFile(file))) {
-          throw new UserError(`${file} is a raw disk image (a -t raw backup), not a stream: serve it as it is, read-only: qemu-nbd -r -f raw ${shellQuote(file)} (or losetup -r)`);
+          throw new UserError(`${file} is a raw disk image (a -t raw backup, or a raw-format disk's copy), not a stream: serve it as it is, read-only: qemu-nbd -r -f raw ${shellQuote(file)} (or losetup -r)`);
         }
         if (err instanceof StreamFormatError) throw new UserError(`${file} is not a usable backup stream: ${oneLine(err)}`);
         throw err;

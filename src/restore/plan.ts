@@ -234,6 +234,8 @@ function selectChains(chains: Map<string, ChainLink[]>, checkpoints: string[], o
     // own: as a raw image, it is restored as it is at any point (it was left out as "removed from the domain").
     const base = chain[0] as ChainLink;
     if (options.until !== undefined && chain.length === 1 && base.level === 'copy') {
+      const known = checkpoints.includes(options.until) || [...chains.values()].some((c) => c.some((l) => l.level !== 'diff' && l.meta.checkpointName === options.until));
+      if (!known) throw new UnknownCheckpoint(`checkpoint ${options.until} is not in ${options.input} (${checkpoints.length > 0 ? `it has: ${checkpoints.join(', ')}` : 'it holds copies, which have no checkpoints: restore without --until'})`);
       timeless.push(base.file);
       selected.set(disk, chain);
       continue;

@@ -44,6 +44,10 @@ test('shut-off domain: full becomes copy, inc saves the changes as a diff, every
   assert.match(copy.stderr, /warning: .*shut off.*this full backup is a copy/);
   assert.ok((await fs.readdir(copySet)).includes('vda.copy.data'));
   await assertRestores(work, copySet, p2);
+  // A copy has no checkpoints: --until of one that the set does not know is refused, not ignored.
+  const bogus = await runCli(ourBin('virtnbdrestore'), ['-i', copySet, '-o', path.join(work, 'bogus'), '-n', '--until', 'virtnbdbackup.7']);
+  assert.equal(bogus.code, 1, bogus.stderr);
+  assert.match(bogus.stderr.trim(), /checkpoint virtnbdbackup\.7 is not in \S+ \(it holds copies, which have no checkpoints: restore without --until\)$/);
 
   // A diff is named by the second it starts in: one whose name is taken is refused before it reads anything (it
   // met the file after all its reads). Names taken for the next seconds stand for a diff just made.

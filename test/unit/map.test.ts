@@ -225,7 +225,7 @@ test('chain endpoint: files out of order, an inc first, another disk or a non-st
   // A -t raw backup is an image already: said so, with what serves it ("invalid frame header" said nothing).
   const image = path.join(dir, 'vda.full.img');
   await fs.writeFile(image, Buffer.alloc(1024 * 1024, 0x5a));
-  await assert.rejects(ChainEndpoint.open([image]), new RegExp(`${image} is a raw disk image \\(a -t raw backup\\), not a stream: serve it as it is, read-only: qemu-nbd -r -f raw '${image}' \\(or losetup -r\\)$`));
+  await assert.rejects(ChainEndpoint.open([image]), new RegExp(`${image} is a raw disk image \\(a -t raw backup, or a raw-format disk's copy\\), not a stream: serve it as it is, read-only: qemu-nbd -r -f raw '${image}' \\(or losetup -r\\)$`));
 });
 
 test('copy-on-write: reads see every write and zero, the base and its files stay untouched, close removes the overlay', async (t) => {
