@@ -53,10 +53,14 @@ export async function runningWriter(dir: string): Promise<number | undefined> {
   return parseOwner(text)?.pid ?? 0;
 }
 
-/** Why the set `dir` holds a `.partial`: a run that died, or one writing now (then `action` it once it has ended). */
-export async function partialCause(dir: string, action: string): Promise<string> {
+/**
+ * Why the set `dir` holds a `.partial`, in words: a run that died, or one writing now (`writing`; then `action` it
+ * once it has ended).
+ */
+export async function partialCause(dir: string, action: string): Promise<{ text: string; writing: boolean }> {
   const writer = await runningWriter(dir);
-  return writer === undefined ? 'left from a failed backup run' : `being written by a running backup${writer ? ` (pid ${writer})` : ''}: ${action} once it has ended`;
+  if (writer === undefined) return { text: 'left from a failed backup run', writing: false };
+  return { text: `being written by a running backup${writer ? ` (pid ${writer})` : ''}: ${action} once it has ended`, writing: true };
 }
 
 const held = new Set<string>();

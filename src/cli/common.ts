@@ -39,13 +39,13 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   // getOptions() is yargs' own, missing from its types; its lists hold every name of each flag, its alias map the rest.
   const kinds = (flags as unknown as { getOptions(): YargsOptions }).getOptions();
   const withAliases = (names: string[] | undefined): Set<string> => new Set((names ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
-  // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o").
   const optional = withAliases(options.valueOptional);
   try {
     givenArgs = splitShortValues(hideBin(process.argv), { ...shortFlags(kinds), optional });
   } catch (err) {
     usageError(name, (err as Error).message);
   }
+  // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o").
   const valued = [...kinds.string, ...kinds.number].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
     // A repeated flag takes its last value, as argparse does, instead of becoming a list.

@@ -195,15 +195,18 @@ export function chainFromSequence(sequence: string[], chains: ReadonlyMap<string
 
 /** The set's chains, checked, selected by disk and cut at `until`: what a restore of every disk would apply. */
 export async function loadChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<Map<string, ChainLink[]>> {
-  const selected = await checkedChains(input, until, onlyDisk, log);
+  const { chains: selected } = await checkedChains(input, until, onlyDisk, log);
   if (selected.size === 0) throw new UserError(`no backup of disk ${onlyDisk} in ${input}`);
   return selected;
 }
 
-/** As loadChains, but a set of raw images (-t raw) alone has no chains, which is no error here. */
-export async function checkedChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<Map<string, ChainLink[]>> {
-  const { chains, checkpoints } = await scanSet(input, log, onlyDisk);
-  return selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log);
+/**
+ * As loadChains, but a set of raw images (-t raw) alone has no chains, which is no error here; with the raw images
+ * (of `onlyDisk`), which stand apart from the chains.
+ */
+export async function checkedChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<{ chains: Map<string, ChainLink[]>; images: DataFile[] }> {
+  const { chains, checkpoints, images } = await scanSet(input, log, onlyDisk);
+  return { chains: selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log), images: [...images.values()] };
 }
 
 /**

@@ -520,8 +520,9 @@ export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; ra
 export async function dump(input: string, disk?: string): Promise<DumpEntry[]> {
   const listing = await listSet(path.resolve(input));
   const files = listing.dataFiles.filter(ofDisk(disk));
-  if (listing.dataFiles.length === 0 && partialsOf(listing, disk).length > 0) {
-    throw new UserError(`${input} holds no finished data file yet, only ${partialsOf(listing, disk)[0]} (${await partialCause(listing.dir, 'dump')})`);
+  const partial = partialsOf(listing, disk)[0];
+  if (listing.dataFiles.length === 0 && partial !== undefined) {
+    throw new UserError(`${input} holds no finished data file yet, only ${partial} (${(await partialCause(listing.dir, 'dump')).text})`);
   }
   if (files.length === 0) throw noDataFiles(input, disk);
   const out: DumpEntry[] = [];

@@ -12,13 +12,12 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import {
-  checksumFileName, checksumMismatch, digestFileName, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, partialsOf, readIfThere, recordedChecksum,
-  type ChainLink,
+  checksumFileName, checksumMismatch, digestFileName, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
-import { UserError, describeFailure, oneLine } from '../util/errors.js';
+import { UserError, oneLine } from '../util/errors.js';
 import { partialCause } from '../backup/lock.js';
 import { UnknownCheckpoint, checkedChains } from '../restore/plan.js';
 
@@ -186,39 +185,33 @@ export async function verifyDataFile(file: string, signal?: AbortSignal): Promis
 export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> {
   const input = path.resolve(options.input);
   const listing = await listSet(input);
-  const ofThisDisk = ofDisk(options.disk);
-  let files = listing.dataFiles.filter(ofThisDisk).map((d) => d.file);
+  let files = listing.dataFiles.filter(ofDisk(options.disk)).map((d) => d.file);
   const partials = partialsOf(listing, options.disk);
   if (files.length === 0 && partials.length === 0) throw noDataFiles(options.input, options.disk);
   // The chains, from the files' metadata (a set with a .partial has none: restore refuses it, and the file fails
   // below). Why they cannot be read or do not link is a verdict of its own; an unknown --until is refused.
-  let chains: Map<string, ChainLink[]> | undefined;
+  let scanned: Awaited<ReturnType<typeof checkedChains>> | undefined;
   let chainProblem: string | undefined;
   if (partials.length === 0) {
     try {
-      chains = await checkedChains(input, options.until, options.disk);
+      scanned = await checkedChains(input, options.until, options.disk);
     } catch (err) {
       if (err instanceof UnknownCheckpoint || !(err instanceof UserError)) throw err;
       chainProblem = oneLine(err);
     }
   }
   // --until: the files a restore at that point reads, and the raw images (-t raw), which stand alone.
-  if (options.until !== undefined && chains) {
-    const read = new Set([...chains.values()].flat().map((l) => l.file));
-    const kept: string[] = [];
-    for (const f of files) {
-      const level = parseDataFileName(f)?.level;
-      if (read.has(f) || ((level === 'full' || level === 'copy') && !(await isStreamFile(path.join(input, f))))) kept.push(f);
-    }
-    files = kept;
+  if (options.until !== undefined && scanned) {
+    const read = new Set([...[...scanned.chains.values()].flat(), ...scanned.images].map((d) => d.file));
+    files = files.filter((f) => read.has(f));
   }
   const verdicts: FileVerdict[] = [];
   const report = (verdict: FileVerdict): void => {
     verdicts.push(verdict);
     options.onVerdict?.(verdict);
   };
-  const cause = partials.length > 0 ? await partialCause(listing.dir, 'verify') : '';
-  const why = cause.startsWith('left') ? `${cause}: the file is incomplete` : cause;
+  const cause = partials.length > 0 ? await partialCause(listing.dir, 'verify') : undefined;
+  const why = cause?.writing ? cause.text : `${cause?.text}: the file is incomplete`;
   for (const partial of partials) report({ file: partial, ok: false, reason: why });
   for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));
   // A damaged file is named by its own verdict, more closely than by the chain it breaks.
