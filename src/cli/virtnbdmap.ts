@@ -13,7 +13,7 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv))
   .usage('$0 -f FILE[,FILE...] [options]\n\nServe a backup (full, then incrementals up to the point wanted) as an NBD export:\n'
     + 'writable through a copy-on-write overlay that is discarded at exit, or read-only with -r.')
   .option('file', { alias: 'f', type: 'string', demandOption: true, describe: 'Backup files to map: the full (or copy) data file, then incrementals in order, comma-separated' })
-  .option('blocksize', { alias: 'b', type: 'number', default: DEFAULT_MAX_REQUEST_SIZE, describe: 'Largest request clients are told to send, in bytes' })
+  .option('blocksize', { alias: 'b', type: 'number', default: DEFAULT_MAX_REQUEST_SIZE, describe: 'Largest request clients are told to send, in bytes (a power of two)' })
   .option('device', { alias: 'd', type: 'string', default: '/dev/nbd0', describe: "Kernel block device to attach (needs the nbd module; '' for none)" })
   .option('export-name', { alias: 'e', type: 'string', default: 'sda', describe: 'NBD export name' })
   .option('threads', { alias: 't', type: 'number', default: 8, describe: 'Requests served at the same time' })

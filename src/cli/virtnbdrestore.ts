@@ -15,7 +15,7 @@ const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yarg
   .option('action', { alias: 'a', choices: ['dump', 'restore', 'verify'] as const, default: 'restore' as const, describe: 'Action to perform' })
   .option('input', { alias: 'i', type: 'string', demandOption: true, describe: 'Directory holding a backup set' })
   .option('output', { alias: 'o', type: 'string', demandOption: true, describe: "Restore target: a directory, or an existing raw file or block device for one disk ('dump' and 'verify' select those actions)" })
-  .option('until', { alias: 'u', type: 'string', describe: 'Restore only up to this checkpoint (point in time)' })
+  .option('until', { alias: 'u', type: 'string', describe: 'Restore (or verify) only up to this checkpoint (point in time)' })
   .option('sequence', { alias: 's', type: 'string', describe: 'Restore exactly these data files of one disk, in chain order (comma-separated)' })
   .option('disk', { alias: 'd', type: 'string', describe: 'Process only the disk with this target dev' })
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bars' })
