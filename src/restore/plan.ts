@@ -437,11 +437,10 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   });
   if (kept.length === 0) throw new UserError(`nothing to restore from ${input}: ${disks.map((d) => d.disk).join(', ')} ${disks.length > 1 ? 'are raw-format disks' : 'is a raw-format disk'}; add -r/--raw`);
   kept.sort((a, b) => a.disk.localeCompare(b.disk));
-  // Each stream's .chksum is checked after the stream is written: one that cannot be read must stop the run now.
+  // Each data file's .chksum is checked as or after the file is written: one that cannot be read must stop the run now.
   for (const d of kept) {
-    if (d.source.kind !== 'stream') continue;
-    for (const link of d.source.chain) {
-      await recordedChecksum(link.path).catch((err: unknown) => {
+    for (const file of d.source.kind === 'stream' ? d.source.chain.map((l) => l.path) : [d.source.path]) {
+      await recordedChecksum(file).catch((err: unknown) => {
         throw new UserError(`${oneLine(err)} in ${input}; restore its .chksum from a copy, or remove it to restore without that check`);
       });
     }

@@ -5,7 +5,8 @@
 //   -> each stream's records in order (zero frames of later links written; onto an existing target, the base
 //      also zeroes every range it does not cover) -> adler32 of each file == its .chksum -> flush, stop qemu-nbd
 //   -> (--compress: qemu-img convert -c) -> rename; raw images: qemu-img convert (onto another host: their data
-//   through its qemu-nbd, as for streams) -> vmconfig copied, or adjusted with the saved NVRAM copied beside it
+//   through its qemu-nbd, as for streams), their adler32 == .chksum read alongside (onto an existing target:
+//   before it is written) -> vmconfig copied, or adjusted with the saved NVRAM copied beside it
 //   -> -D: defined through libvirt (a warning when the backed-up domain is defined there too with the same MAC
 //   addresses). With a remote URI, every step on the output's side (files, qemu-img, qemu-nbd) runs on that host
 //   through ssh, and NBD goes over TCP.
@@ -18,7 +19,7 @@ import { NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
-import { autostartName, checksumMismatch, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, recordedChecksum, type ChainLink } from '../set/backupSet.js';
+import { autostartName, checksumMismatch, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, recordedChecksum, type ChainLink } from '../set/backupSet.js';
 import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openConnection, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
@@ -87,11 +88,13 @@ const CONNECTIONS = 4;
 /** Pieces of a raw image sent onto another host. */
 const RAW_PIECE = 4 * 1024 * 1024;
 
-/** What the error line adds when a file of the set is damaged: an earlier point helps unless it is the base. */
+/** What the error line adds when a file of the set is damaged: an earlier point helps unless it is the base or a raw image. */
 function damagedHint(err: unknown, disk: DiskPlan): string {
-  const base = disk.source.kind === 'stream' ? disk.source.chain[0] : undefined;
+  const check = "the set's file is damaged: check the set with -a verify";
+  if (disk.source.kind === 'image') return `${check}; it is disk ${disk.disk}'s raw image, which stands alone, so no point in time of that disk restores from this set`;
+  const base = disk.source.chain[0];
   const inBase = base !== undefined && oneLine(err).includes(base.path);
-  return `the set's file is damaged: check the set with -a verify${inBase ? `; it is the base of disk ${disk.disk}'s chain, so no point in time of that disk restores from this set` : ', or restore an earlier point with --until'}`;
+  return `${check}${inBase ? `; it is the base of disk ${disk.disk}'s chain, so no point in time of that disk restores from this set` : ', or restore an earlier point with --until'}`;
 }
 
 interface ConfigPlan {
@@ -303,7 +306,12 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
   const applied = disk.source.kind === 'stream' ? disk.source.chain.map((l) => l.file) : [disk.source.file];
   if (disk.existing) await refuseInUse(disk, outputHost(options));
   log.info(`restoring disk ${disk.disk} onto ${disk.image} (${disk.format}${disk.createOptions.length ? ` ${disk.createOptions.join(',')}` : ''}) from ${applied.join(', ')}`);
+  let touched = false;
   try {
+    // A damaged raw image must not replace an existing target's data: checked before it is written (a new image's
+    // copy is checked alongside, its .partial removed on a mismatch).
+    if (disk.existing && disk.source.kind === 'image') await checkImageChecksum(disk.source.path, options.signal);
+    touched = true;
     if (disk.existing) await growRegularFile(disk, outputHost(options));
     if (disk.source.kind === 'stream') {
       await writeChain(disk, disk.source.chain, options, created);
@@ -319,7 +327,7 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
     if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
     const hint = err instanceof StreamFormatError ? `; ${damagedHint(err, disk)}` : '';
     const left = kept.length > 0 ? `${kept.join(', ')}${host.remote ? ` on ${host.label}` : ''} could not be removed: remove ${kept.length > 1 ? 'them' : 'it'}`
-      : disk.existing ? `${disk.image} now holds incomplete data: restore onto it again` : 'nothing of it was kept';
+      : disk.existing ? (touched ? `${disk.image} now holds incomplete data: restore onto it again` : `${disk.image} was left untouched`) : 'nothing of it was kept';
     // A full output is named as such: libnbd only says that qemu-nbd's write failed.
     const full = outOfSpace(err);
     const failure = full ? `failed writing ${disk.image}: ${full}` : `failed: ${oneLine(err)}`;
@@ -334,7 +342,10 @@ async function growRegularFile(disk: DiskPlan, host: DomainHost): Promise<void> 
   await host.run('truncate', ['-s', `>${disk.virtualSize}`, disk.image]); // GNU truncate: to at least that size
 }
 
-/** A raw image of the set (-t raw, or Python's raw disks): copied as it is, or converted to the disk's format. */
+/**
+ * A raw image of the set (-t raw, or Python's raw disks): copied as it is, or converted to the disk's format; into a
+ * new image, its checksum is read alongside the copy (onto an existing target, restoreDisk checked it before).
+ */
 async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions, created: string[]): Promise<void> {
   if (disk.existing) {
     await convertImage(source, 'raw', disk.image, 'raw', { existing: true });
@@ -342,8 +353,19 @@ async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions
   }
   const partial = partialName(disk.image);
   created.push(partial, ...(disk.dataFile ? [disk.dataFile] : []));
-  await convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2' });
+  await allDone([
+    checkImageChecksum(source, options.signal),
+    convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2' }),
+  ]);
   await LOCAL_HOST.rename(partial, disk.image);
+}
+
+/**
+ * Waits for every step, then throws the first failure in their order: a step still running when another failed
+ * would write into a file the clean-up has removed, or create it again after.
+ */
+async function allDone(steps: Array<Promise<unknown>>): Promise<void> {
+  for (const result of await Promise.allSettled(steps)) if (result.status === 'rejected') throw result.reason;
 }
 
 /** Where the image's qemu-nbd serves: a socket here, or TCP on the output's remote host. */
@@ -381,9 +403,15 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
   });
 }
 
-/** A raw image of the set onto another host: its data written through the qemu-nbd there (holes stay holes). */
+/**
+ * A raw image of the set onto another host: its data written through the qemu-nbd there (holes stay holes); into a
+ * new image, its checksum is read alongside (onto an existing target, restoreDisk checked it before).
+ */
 async function sendImage(disk: DiskPlan, source: string, options: RestoreOptions, created: string[]): Promise<void> {
-  await writeThroughServer(disk, options, created, (endpoint, progress) => sendRawImage(source, endpoint, { targetIsZero: !disk.existing, progress, signal: options.signal }));
+  await writeThroughServer(disk, options, created, async (endpoint, progress) => {
+    const sent = sendRawImage(source, endpoint, { targetIsZero: !disk.existing, progress, signal: options.signal });
+    await (disk.existing ? sent : allDone([checkImageChecksum(source, options.signal), sent]));
+  });
 }
 
 /**
@@ -464,10 +492,20 @@ async function sendRawImage(file: string, target: Endpoint, options: Omit<ApplyO
   }
 }
 
-/** A data file whose adler32 differs from its `.chksum` is damaged, even where its frames parse. */
-async function checkRecordedChecksum(file: string, actual: number): Promise<void> {
+/**
+ * A data file whose adler32 differs from its `.chksum` is damaged, even where its frames parse. Without a `.chksum`
+ * it is not checked (`actual`, where it is a reading of the file, is then not read).
+ */
+async function checkRecordedChecksum(file: string, actual: number | (() => Promise<number>)): Promise<void> {
   const recorded = await recordedChecksum(file);
-  if (recorded !== undefined && recorded !== actual) throw new StreamFormatError(`${file}: ${checksumMismatch(file, actual, recorded)}`);
+  if (recorded === undefined) return;
+  const sum = typeof actual === 'number' ? actual : await actual();
+  if (sum !== recorded) throw new StreamFormatError(`${file}: ${checksumMismatch(file, sum, recorded)}`);
+}
+
+/** A raw image's adler32 against its `.chksum`, as verify checks it: a reading of every byte (holes as zeros). */
+function checkImageChecksum(file: string, signal?: AbortSignal): Promise<void> {
+  return checkRecordedChecksum(file, () => fileChecksum(file, signal));
 }
 
 export interface ApplyOptions {

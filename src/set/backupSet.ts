@@ -10,6 +10,7 @@ import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/
 import { fillAndCommit, type OutputTarget } from './target.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import { UserError, describeFailure, describeReadFailure, errnoOf } from '../util/errors.js';
+import { native } from '../native/addon.js';
 
 export function dataFileName(disk: string, level: Level, ident: string): string {
   if (level === 'full' || level === 'copy') return `${disk}.${level}.data`;
@@ -61,6 +62,26 @@ export async function recordedChecksum(dataFile: string): Promise<number | undef
   if (text === undefined) return undefined;
   if (!/^\s*\d+\s*$/.test(text)) throw new Error(`${path.basename(file)} holds no decimal checksum`);
   return Number(text.trim());
+}
+
+/** How much of a file fileChecksum reads at once. */
+const CHECKSUM_READ_SIZE = 4 * 1024 * 1024;
+
+/** adler32 of every byte of a file, read in large pieces: what its `.chksum` records (a raw image's holes as zeros). */
+export async function fileChecksum(file: string, signal?: AbortSignal): Promise<number> {
+  const handle = await fs.open(file, 'r');
+  try {
+    const buffer = Buffer.allocUnsafe(CHECKSUM_READ_SIZE);
+    let sum = 1;
+    for (;;) {
+      if (signal?.aborted) throw signal.reason ?? new Error('aborted');
+      const { bytesRead } = await handle.read(buffer, 0, CHECKSUM_READ_SIZE, null);
+      if (bytesRead === 0) return sum;
+      sum = native().adler32(buffer.subarray(0, bytesRead), sum);
+    }
+  } finally {
+    await handle.close();
+  }
 }
 
 /** The one line a checksum mismatch reads as, in verify and restore alike. */

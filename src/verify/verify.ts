@@ -8,11 +8,10 @@
 // what a restore at that checkpoint reads.
 // Guarantees: every byte of every data file is read; a file passes only when all present checks pass and its
 // checksum file exists; the first failing extent is named by disk offset and length.
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { StreamReader } from '../stream/reader.js';
 import {
-  checksumFileName, checksumMismatch, digestFileName, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum,
+  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
@@ -56,7 +55,6 @@ const ALGORITHM_NAMES: Record<DigestAlgorithm, string> = { blake3: 'BLAKE3', sha
 
 /** Digest work in flight at most, in bytes. */
 const HASH_WINDOW = 64 * 1024 * 1024;
-const READ_SIZE = 4 * 1024 * 1024;
 
 /** The pieces recorded in `<dataFile>.blake3.json` (or an earlier backup's `.sha256.json`), or undefined. */
 export async function recordedPieces(dataFile: string): Promise<RecordedDigests | undefined> {
@@ -145,23 +143,6 @@ async function verifyStream(file: string, signal?: AbortSignal): Promise<string[
 function checksumReasons(file: string, actual: number, recorded: number | undefined): string[] {
   if (recorded === undefined) return [`no checksum file ${path.basename(checksumFileName(file))}`];
   return actual === recorded ? [] : [checksumMismatch(file, actual, recorded)];
-}
-
-/** adler32 of a whole file read in large pieces. */
-async function fileChecksum(file: string, signal?: AbortSignal): Promise<number> {
-  const handle = await fs.open(file, 'r');
-  try {
-    const buffer = Buffer.allocUnsafe(READ_SIZE);
-    let sum = 1;
-    for (;;) {
-      if (signal?.aborted) throw signal.reason ?? new Error('aborted');
-      const { bytesRead } = await handle.read(buffer, 0, READ_SIZE, null);
-      if (bytesRead === 0) return sum;
-      sum = native().adler32(buffer.subarray(0, bytesRead), sum);
-    }
-  } finally {
-    await handle.close();
-  }
 }
 
 export async function verifyDataFile(file: string, signal?: AbortSignal): Promise<FileVerdict> {

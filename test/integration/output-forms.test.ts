@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { withDomain, tempDir, run, type TestDomain } from '../support/testbed.js';
-import { assertNoNodeWarning, ourBin, pythonBin, repoRoot, runCli, runOk } from '../support/cli.js';
+import { assertNoNodeWarning, errorLines, ourBin, pythonBin, repoRoot, runCli, runOk } from '../support/cli.js';
 import { TestDomain as Domain } from '../support/testbed.js';
 import { flipByte } from '../support/craftedSet.js';
 
@@ -227,7 +227,7 @@ test('zip of random data, plain and -z: the archive holds the bytes read, not bu
   }
 });
 
-test('-t raw writes full-size sparse images (-z a warning) with their .chksum, which verify checks, and restores; inc with -t raw is refused', async (t) => {
+test('-t raw writes full-size sparse images (-z a warning) with their .chksum, which verify and restore check, and restores; inc with -t raw is refused', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 256, fill: [
     { pattern: 0x11, offsetMiB: 3, lengthMiB: 1 }, { pattern: 'random', offsetMiB: 100, lengthMiB: 12 }] }] });
   const work = await tempDir('vnbd-raw-');
@@ -254,6 +254,26 @@ test('-t raw writes full-size sparse images (-z a warning) with their .chksum, w
   const rotted = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
   assert.equal(rotted.code, 1, rotted.stderr);
   assert.match(rotted.stdout, /^FAILED vda\.full\.data: adler32 of the file is \d+, vda\.full\.data\.chksum says \d+$/m);
+  // Restore checks it too (it used to copy it as it was): one line naming the file; no output dir or .partial left.
+  const damagedLine = /^virtnbdrestore: error: restore of disk vda failed: \S+\/vda\.full\.data: adler32 of the file is \d+, vda\.full\.data\.chksum says \d+; the set's file is damaged: check the set with -a verify; it is disk vda's raw image, which stands alone, so no point in time of that disk restores from this set; (nothing of it was kept|\S+ was left untouched)$/;
+  const refusedDir = path.join(work, 'refused', 'nested');
+  const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', refusedDir, '-n']);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.deepEqual(errorLines(refused).length, 1, refused.stderr);
+  assert.match(errorLines(refused)[0] ?? '', damagedLine);
+  assert.match(refused.stderr, /nothing of it was kept$/m);
+  assert.equal(await fs.access(path.join(work, 'refused')).then(() => true, () => false), false, 'the output dirs it made are left');
+  // Onto an existing raw file it is checked before anything is written: the file keeps its bytes.
+  const onto = path.join(work, 'onto.raw');
+  await run('qemu-img', ['create', '-q', '-f', 'raw', onto, String(256 * MiB)]);
+  await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 1M', onto]);
+  const ontoBefore = (await run('sha256sum', [onto])).stdout;
+  const refusedOnto = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', onto, '-n']);
+  assert.equal(refusedOnto.code, 1, refusedOnto.stderr);
+  assert.match(errorLines(refusedOnto).join('\n'), damagedLine);
+  assert.match(refusedOnto.stderr, /onto\.raw was left untouched$/m);
+  assert.equal((await run('sha256sum', [onto])).stdout, ontoBefore, `${onto} was written`);
+  await fs.rm(onto);
   const inc = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-t', 'raw', '-o', set, '-n']);
   assert.equal(inc.code, 1);
   assert.match(inc.stderr, /-t raw writes full images only/);

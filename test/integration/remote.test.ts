@@ -1,7 +1,8 @@
 // A domain of another host, reached with a remote libvirt URI (qemu+ssh://), as virtnbdbackup's users back up:
 // here this machine plays that host through a private sshd on 127.0.0.1. The job serves over TCP (-P); image info
 // and boot files come through ssh; -s/-k work remotely; a shut-off remote domain is served by qemu-nbd on that
-// host; --tls serves NBD over TLS with the host's certificates; a restore goes onto that host through its qemu-nbd;
+// host; --tls serves NBD over TLS with the host's certificates; a restore goes onto that host through its qemu-nbd
+// (a raw image checked against its .chksum as it is sent);
 // the scratch directory there is watched for space; a host whose ssh goes silent fails a run after --nbd-timeout,
 // and leaves the watch with one warning;
 // restore flags for another host without its URI are refused with one line.
@@ -15,6 +16,7 @@ import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/
 import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput, type CliResult } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, signalSshd, withPrivateSshd } from '../support/sshd.js';
+import { flipByte } from '../support/craftedSet.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
 import { domainHostOf } from '../../src/libvirt/domainHost.js';
 import { openScratchSpace, watchScratch } from '../../src/backup/scratchWatch.js';
@@ -191,6 +193,13 @@ test('restore onto another host (remote -U): images written there through its qe
   } finally {
     await run('losetup', ['-d', device]);
   }
+  // A raw image that differs from its .chksum fails there too, as it is sent: one line naming it, nothing kept.
+  await flipByte(path.join(rawSet, 'vda.copy.data'), 1024 * 1024);
+  const rottedOut = path.join(work, 'rotted');
+  const rotted = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', rottedOut, '-n', ...remote]);
+  assert.equal(rotted.code, 1, rotted.stderr);
+  assert.match(errorLines(rotted).join('\n'), /^virtnbdrestore: error: restore of disk vda failed: \S+\/vda\.copy\.data: adler32 of the file is \d+, vda\.copy\.data\.chksum says \d+; the set's file is damaged: .*; nothing of it was kept$/);
+  assert.deepEqual(await fs.readdir(rottedOut), []);
   const qcow = path.join(work, 'target.qcow2');
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '64M']);
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', qcow, '-d', 'vda', '-n', ...remote]);
