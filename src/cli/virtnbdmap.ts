@@ -6,6 +6,7 @@ import { hideBin } from 'yargs/helpers';
 import { startMap } from '../map/map.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { UserError } from '../util/errors.js';
+import { checkTcpPort } from '../util/tcpPort.js';
 import { listOption, makeLogger, parseFlags, runCommand, VERSION, withLogFile } from './common.js';
 
 const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv))
@@ -61,15 +62,14 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       throw new UserError(`-b ${argv.blocksize}: the block size must be a power of two between 512 and 1 GiB (1 GiB = 1073741824)`);
     }
     if (!Number.isInteger(argv.threads) || argv.threads < 1) throw new UserError(`-t ${argv.threads}: give at least 1 thread`);
-    const port = argv['listen-port'];
-    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UserError(`-p ${port}: give a TCP port from 1 to 65535, or 0 for any free one`);
+    const port = checkTcpPort(argv['listen-port'], '-p', { anyFree: true });
     const session = await startMap({
       files,
       exportName: argv['export-name'],
       readOnly: argv.readonly,
       socket: argv.socket,
       listenAddress: argv['listen-address'],
-      port: argv['listen-port'],
+      port,
       maxBlockSize: argv.blocksize,
       threads: argv.threads,
       device: argv.device || undefined,

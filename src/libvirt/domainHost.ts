@@ -12,7 +12,7 @@ import path from 'node:path';
 import { OUTLIVES_TERMINAL, accepts, run, shellQuote, type RunResult } from '../util/process.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
-import { UserError } from '../util/errors.js';
+import { checkTcpPort } from '../util/tcpPort.js';
 
 /** What every host offers; `remote` tells this machine (LOCAL_HOST) from another one (SshHost) and narrows the type. */
 interface HostAccess {
@@ -336,8 +336,7 @@ export interface RemoteServing {
 /** A TCP NBD server on `ssh`'s host: -I (default its name), -P (default 10809), and with --tls this side's certificates. */
 export function tcpServerOn(ssh: SshHost, serving: RemoteServing): { host: string; port: number; tlsCertificates?: string } {
   const tlsCertificates = serving.tls ? path.resolve(serving.tlsCertificates ?? DEFAULT_TLS_CERT_DIR) : undefined;
-  const port = serving.nbdPort ?? DEFAULT_NBD_PORT;
-  if (!(Number.isInteger(port) && port >= 1 && port <= 65535)) throw new UserError(`-P ${port}: give a TCP port from 1 to 65535`);
+  const port = checkTcpPort(serving.nbdPort ?? DEFAULT_NBD_PORT, '-P');
   return { host: serving.nbdHost ?? ssh.hostname, port, tlsCertificates };
 }
 

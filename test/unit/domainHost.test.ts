@@ -1,11 +1,12 @@
-// Which host a libvirt URI names and how ssh reaches it; remote domains' locks apart from this host's; this host's file moves.
+// Which host a libvirt URI names and how ssh reaches it; the port its NBD server takes; remote domains' locks apart from this host's; this host's file moves.
 import { test } from 'node:test';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import assert from 'node:assert/strict';
-import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, silenceLimit } from '../../src/libvirt/domainHost.js';
+import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, silenceLimit, tcpServerOn } from '../../src/libvirt/domainHost.js';
 import { shellQuote } from '../../src/util/process.js';
+import { checkTcpPort } from '../../src/util/tcpPort.js';
 import { domainLockFile } from '../../src/backup/lock.js';
 
 /** ssh's arguments without those of the shared connection and the silence limit, which are checked on their own. */
@@ -55,6 +56,19 @@ test('ssh gives up on a host silent for --nbd-timeout: connect timeout, keepaliv
   assert.ok(args().includes('ServerAliveCountMax=20'), 'the default is --nbd-timeout\'s, 300 s');
   assert.ok(args(2).includes('ConnectTimeout=2'));
   assert.ok(!args(0).some((arg) => /^(ConnectTimeout|ServerAlive)/.test(arg)));
+});
+
+test('ports: -P of backup and restore takes 1 to 65535, virtnbdmap\'s -p 0 too (any free port, which it prints); one check, one line', () => {
+  const ssh = domainHostOf('qemu+ssh://root@kvm1.example/system') as SshHost;
+  assert.equal(tcpServerOn(ssh, {}).port, 10809);
+  for (const port of [1, 65535]) assert.equal(tcpServerOn(ssh, { nbdPort: port }).port, port);
+  for (const port of [0, -1, 65536, 1.5, NaN]) {
+    assert.throws(() => tcpServerOn(ssh, { nbdPort: port }), { name: 'UserError', message: `-P ${port}: give a TCP port from 1 to 65535` });
+  }
+  for (const port of [0, 1, 10809, 65535]) assert.equal(checkTcpPort(port, '-p', { anyFree: true }), port);
+  for (const port of [-1, 65536, 0.5]) {
+    assert.throws(() => checkTcpPort(port, '-p', { anyFree: true }), { message: `-p ${port}: give a TCP port from 1 to 65535, or 0 for any free one` });
+  }
 });
 
 test('remote commands are quoted word by word for the remote shell', () => {
