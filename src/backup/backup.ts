@@ -21,7 +21,7 @@ import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, ty
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
-import { UserError, describeFailure, oneLine } from '../util/errors.js';
+import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
 import { lockRun } from './lock.js';
 import { DomainPower } from './domainPower.js';
@@ -269,7 +269,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
 async function backupLocked(options: BackupOptions, log: Logger, level: Level, stateDir: string, toZip: boolean, writesSet: boolean, host: DomainHost): Promise<BackupResult> {
   const uri = options.uri ?? DEFAULT_LIBVIRT_URI;
   const startedAt = new Date();
-  const logName = logFileName(level, startedAt);
+  const logName = writesSet ? await createLogFile(stateDir, level, startedAt) : logFileName(level, startedAt);
   if (writesSet) log.attachFile(path.join(stateDir, logName));
   const target: OutputTarget = toZip && writesSet ? await ZipTarget.open(options.stdout ?? process.stdout) : new DirectoryTarget(stateDir);
   let succeeded = false;
@@ -316,6 +316,20 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       if (succeeded) for (const record of afterZip) await record();
     }
     await log.detachFile();
+  }
+}
+
+/**
+ * Creates the run's log in `dir`, empty, and names it: `backup.<level>.<time>.log`, or where a run of that level
+ * began in the same second (a diff then refused for its name, another domain's zip from the same directory), a log
+ * of its own after that one, which is never appended to. A log that cannot be created is named all the same: the
+ * logger says it cannot write it.
+ */
+async function createLogFile(dir: string, level: Level, when: Date): Promise<string> {
+  for (let run = 1; ; run++) {
+    const name = logFileName(level, when, run);
+    const taken = await fs.open(path.join(dir, name), 'wx').then((handle) => handle.close().then(() => false), (err: unknown) => errnoOf(err) === 'EEXIST');
+    if (!taken) return name;
   }
 }
 

@@ -129,10 +129,11 @@ export const autostartName = (ident: string): string => `autostart.${ident}`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;
 export const CHECKPOINT_DIR = 'checkpoints';
 
-export function logFileName(level: Level, when: Date): string {
+/** A run's log, `backup.<level>.<time>.log`; the `run`-th of that level in that second (from 2) gets `.<run>` before `.log`. */
+export function logFileName(level: Level, when: Date, run = 1): string {
   const p = (n: number): string => String(n).padStart(2, '0');
   const stamp = `${p(when.getMonth() + 1)}${p(when.getDate())}${when.getFullYear()}${p(when.getHours())}${p(when.getMinutes())}${p(when.getSeconds())}`;
-  return `backup.${level}.${stamp}.log`;
+  return `backup.${level}.${stamp}${run > 1 ? `.${run}` : ''}.log`;
 }
 
 const DATA_FILE = /^(.+)\.(full|copy|inc|diff)(?:\.(.+))?\.data$/;

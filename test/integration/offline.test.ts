@@ -10,6 +10,7 @@ import path from 'node:path';
 import { run, withDomain, withTempDir, type DiskSpec, type TestDomain } from '../support/testbed.js';
 import { errorLines, ourBin, qemuNbdPid, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo as assertRestores, defineWithBootFiles, virsh } from '../support/points.js';
+import { logFileName } from '../../src/set/backupSet.js';
 
 const backup = (...args: string[]): ReturnType<typeof runOk> => runOk(ourBin('virtnbdbackup'), ['-n', ...args]);
 const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }, { pattern: 'random', offsetMiB: 8, lengthMiB: 24 }] } satisfies DiskSpec;
@@ -50,15 +51,21 @@ test('shut-off domain: full becomes copy, inc saves the changes as a diff, every
   assert.match(bogus.stderr.trim(), /checkpoint virtnbdbackup\.7 is not in \S+ \(it holds copies, which have no checkpoints: restore without --until\)$/);
 
   // A diff is named by the second it starts in: one whose name is taken is refused before it reads anything (it
-  // met the file after all its reads). Names taken for the next seconds stand for a diff just made.
+  // met the file after all its reads). Names taken for the next seconds stand for a diff just made, with its log
+  // (of the same second's name): the refused run writes a log of its own, never into that one.
   const now = Math.floor(Date.now() / 1000);
-  const taken = Array.from({ length: 30 }, (_, i) => path.join(set, `vda.diff.${now + i}.data`));
-  for (const file of taken) await fs.writeFile(file, 'x');
+  const earlier = 'the earlier diff\'s log\n';
+  const taken = Array.from({ length: 30 }, (_, i) => [path.join(set, `vda.diff.${now + i}.data`), path.join(set, logFileName('diff', new Date((now + i) * 1000)))]).flat();
+  for (const file of taken) await fs.writeFile(file, file.endsWith('.log') ? earlier : 'x');
   const twice = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'diff', '-o', set]);
   assert.equal(twice.code, 1, twice.stderr);
   assert.match(twice.stderr.trim(), /^virtnbdbackup: error: vda\.diff\.\d+\.data is already in \S+: a diff is named by the second it starts in, and another one began in this second; run again a second later$/);
   assert.doesNotMatch(twice.stderr, /writing vda\.diff/);
-  for (const file of taken) await fs.rm(file);
+  for (const file of taken.filter((f) => f.endsWith('.log'))) assert.equal(await fs.readFile(file, 'utf8'), earlier, `the refused run wrote into ${file}`);
+  const ownLogs = (await fs.readdir(set)).filter((f) => /^backup\.diff\.\d{14}\.2\.log$/.test(f));
+  assert.equal(ownLogs.length, 1, `no log of its own: ${ownLogs.join(', ')}`);
+  assert.match(await fs.readFile(path.join(set, ownLogs[0] as string), 'utf8'), /ERROR vda\.diff\.\d+\.data is already in \S+: a diff is named by the second it starts in/);
+  for (const file of [...taken, path.join(set, ownLogs[0] as string)]) await fs.rm(file);
 
   await dom.start();
   await dom.write('vda', 0x66, '20M', '1M');
