@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
   DamagedCheckpointList, checkLinks, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
-  type ChainLink, type DataFile,
+  type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
 import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
@@ -111,12 +111,16 @@ interface ScannedSet {
   images: Map<string, DataFile>;
 }
 
+/** A set by its directory, or by the listing of it that the caller made already (then it is not listed again). */
+export type SetOrListing = string | SetListing;
+
 /**
  * Lists the set (the files of `disk`, where one is asked for), refuses leftovers and non-sets, and reads the
  * chains; raw images stand alone.
  */
-async function scanSet(input: string, log: Logger, disk?: string): Promise<ScannedSet> {
-  const all = await listSet(input);
+async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<ScannedSet> {
+  const all = typeof set === 'string' ? await listSet(set) : set;
+  const input = all.dir;
   const listing = { ...all, dataFiles: all.dataFiles.filter(ofDisk(disk)), partials: partialsOf(all, disk) };
   // A backup writing now, into any disk, may yet set this disk's finished file aside: wait for it.
   const writer = all.partials.length > 0 ? await runningWriter(input) : undefined;
@@ -204,8 +208,9 @@ export async function loadChains(input: string, until: string | undefined, onlyD
  * As loadChains, but a set of raw images (-t raw) alone has no chains, which is no error here; with the raw images
  * (of `onlyDisk`), which stand apart from the chains.
  */
-export async function checkedChains(input: string, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<{ chains: Map<string, ChainLink[]>; images: DataFile[] }> {
-  const { chains, checkpoints, images } = await scanSet(input, log, onlyDisk);
+export async function checkedChains(set: SetOrListing, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<{ chains: Map<string, ChainLink[]>; images: DataFile[] }> {
+  const { chains, checkpoints, images } = await scanSet(set, log, onlyDisk);
+  const input = typeof set === 'string' ? set : set.dir;
   return { chains: selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log), images: [...images.values()] };
 }
 

@@ -175,7 +175,7 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   let chainProblem: string | undefined;
   if (partials.length === 0) {
     try {
-      scanned = await checkedChains(input, options.until, options.disk);
+      scanned = await checkedChains(listing, options.until, options.disk);
     } catch (err) {
       if (err instanceof UnknownCheckpoint || !(err instanceof UserError)) throw err;
       chainProblem = oneLine(err);

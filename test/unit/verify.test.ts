@@ -38,14 +38,16 @@ async function positionOf(file: string, text: string): Promise<number> {
   return at;
 }
 
-test('sound plain and lz4 streams verify OK', async (t) => {
+test('sound plain and lz4 streams verify OK; the set is listed once (the chain scan takes verify\'s listing)', async (t) => {
   const dir = await craftedDir(t);
   await craft(dir, 'vda.full.data', false);
   await craft(dir, 'vdb.full.data', 2);
+  const readdir = t.mock.method(fs, 'readdir');
   const lines: string[] = [];
   const verdicts = await verifySet({ input: dir, onVerdict: (v) => lines.push(`${v.ok ? 'OK' : 'FAILED'} ${v.file}`) });
   assert.deepEqual(lines, ['OK vda.full.data', 'OK vdb.full.data']);
   assert.ok(verdicts.every((v) => v.ok), JSON.stringify(verdicts));
+  assert.equal(readdir.mock.calls.filter((call) => call.arguments[0] === dir).length, 1);
 });
 
 test('a flipped byte in an uncompressed payload names the extent that rotted', async (t) => {
