@@ -147,9 +147,10 @@ export async function writeStream(options: StreamWriteOptions): Promise<StreamWr
   const { source, plan, sink, compress } = options;
   const addon = native();
   const compressed = compress !== false;
-  // Python's keys in the order its streamer writes them, ours after them (JSON leaves out those undefined).
+  // Python's keys in the order its streamer writes them, ours after them (JSON leaves out those undefined). Every
+  // key is named, so a key added to StreamMetadata fails to compile here rather than go missing from the file.
   const { meta: given } = options;
-  const meta: StreamMetadata = {
+  const meta: StreamMetadata & Record<keyof StreamMetadata, unknown> = {
     virtualSize: source.size,
     dataSize: plan.dataSize,
     date: given.date,
