@@ -8,7 +8,8 @@ import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { spawnServer, stopServer } from '../util/process.js';
 import { qemuNbdOverSsh, type SshHost } from '../libvirt/domainHost.js';
-import { oneLine } from '../util/errors.js';
+import { UserError, oneLine } from '../util/errors.js';
+import { HIGHEST_PORT } from '../util/tcpPort.js';
 
 /** Room for the endpoint's connections plus a `qemu-img map` (-q). */
 const CLIENTS_PER_EXPORT = 8;
@@ -45,6 +46,12 @@ export class OfflineExports implements DiskExports {
    * or on the remote host on ports firstPort, firstPort+1, ... in disk order.
    */
   static async start(disks: DomainDisk[], serving: OfflineServing, bitmap: string): Promise<OfflineExports> {
+    if (!('socketBase' in serving)) {
+      const lastPort = serving.firstPort + disks.length - 1;
+      if (lastPort > HIGHEST_PORT) {
+        throw new UserError(`-P ${serving.firstPort}: the shut-off domain's ${disks.length} disks are served on ports ${serving.firstPort} to ${lastPort}, past ${HIGHEST_PORT}; give -P ${HIGHEST_PORT - disks.length + 1} or lower`);
+      }
+    }
     const servers = new Map<string, ImageServer>();
     const exports = new OfflineExports(servers, bitmap);
     try {

@@ -1,7 +1,7 @@
 // The TCP port flags checked alike (-P of backup and restore, virtnbdmap's -p): one range, one line naming the flag.
 import { UserError } from './errors.js';
 
-const HIGHEST_PORT = 65535;
+export const HIGHEST_PORT = 65535;
 
 /**
  * `port`, given with `flag`, if it is a TCP port from 1 to 65535. With `anyFree`, 0 too, which asks the system for a

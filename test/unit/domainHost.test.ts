@@ -8,6 +8,8 @@ import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, silenceLimit, tcpServ
 import { shellQuote } from '../../src/util/process.js';
 import { checkTcpPort } from '../../src/util/tcpPort.js';
 import { domainLockFile } from '../../src/backup/lock.js';
+import { OfflineExports } from '../../src/backup/offline.js';
+import type { DomainDisk } from '../../src/libvirt/domainXml.js';
 
 /** ssh's arguments without those of the shared connection and the silence limit, which are checked on their own. */
 function withoutSharing(args: string[]): string[] {
@@ -69,6 +71,15 @@ test('ports: -P of backup and restore takes 1 to 65535, virtnbdmap\'s -p 0 too (
   for (const port of [-1, 65536, 0.5]) {
     assert.throws(() => checkTcpPort(port, '-p', { anyFree: true }), { message: `-p ${port}: give a TCP port from 1 to 65535, or 0 for any free one` });
   }
+});
+
+test("a shut-off domain's disks on another host need a port each from -P on, all within 65535", async () => {
+  const ssh = domainHostOf('qemu+ssh://root@kvm1/system') as SshHost;
+  const disks = ['vda', 'vdb'].map((target) => ({ target, format: 'qcow2' }) as DomainDisk);
+  await assert.rejects(OfflineExports.start(disks, { ssh, host: 'kvm1', firstPort: 65535 }, ''), {
+    name: 'UserError',
+    message: "-P 65535: the shut-off domain's 2 disks are served on ports 65535 to 65536, past 65535; give -P 65534 or lower",
+  });
 });
 
 test('remote commands are quoted word by word for the remote shell', () => {
