@@ -1,6 +1,7 @@
 // A read-only Endpoint over a sequence of stream files (full or copy, then incs/diffs in checkpoint order): the
 // disk as it was at the last file's point in time, read straight out of the backup files.
-//   open: check the sequence links up -> index each file (frame headers only) -> lay each index over the last
+//   open: check the sequence links up -> index each file (frame headers only) -> lay each index over the last,
+//   cut to its size
 //   read: newest covering segment -> file bytes, a cached decompressed lz4 frame, or zeros
 //   extents (base:allocation): data segments -> 0, zero frames and uncovered holes -> HOLE|ZERO
 // Guarantees: the files are opened read-only and never written; memory is the index (one small record per
@@ -18,7 +19,7 @@ import { readInto } from '../util/fileIo.js';
 import { shellQuote } from '../util/process.js';
 import { SizeClassPool } from '../util/bufferPool.js';
 import { FrameCache } from './frameCache.js';
-import { firstEndingAfter, overlay, segmentEnd, type Segment } from './segments.js';
+import { firstEndingAfter, overlay, segmentEnd, truncate, type Segment } from './segments.js';
 import { indexStream, type StreamIndex } from './streamIndex.js';
 import { lz4ContentSize } from '../stream/reader.js';
 
@@ -81,8 +82,10 @@ export class ChainEndpoint implements Endpoint {
     }
     const links = indexes.map(toLink);
     checkSequence(links);
+    // Each file is laid over the disk as it was at the file before, cut to this file's size: a range a disk shrunk
+    // away reads as zero once it grows back.
     let segments: Segment[] = [];
-    for (const index of indexes) segments = overlay(segments, index.segments);
+    for (const [i, index] of indexes.entries()) segments = overlay(truncate(segments, (links[i] as ChainLink).meta.virtualSize), index.segments);
     const handles: fs.FileHandle[] = [];
     try {
       for (const link of links) handles.push(await fs.open(link.path, 'r'));

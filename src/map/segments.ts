@@ -59,6 +59,16 @@ export function overlay(base: readonly Segment[], top: readonly Segment[]): Segm
   return out;
 }
 
+/** `segments` up to `size` (a disk shrunk): what lies past it is dropped, a segment across it cut there. */
+export function truncate(segments: readonly Segment[], size: number): Segment[] {
+  const out: Segment[] = [];
+  for (const s of segments) {
+    if (s.start >= size) break;
+    out.push(segmentEnd(s) > size ? cut(s, s.start, size) : s);
+  }
+  return out;
+}
+
 /** Index of the first segment that ends after `offset` (segments.length if none). */
 export function firstEndingAfter(segments: readonly Segment[], offset: number): number {
   let low = 0;

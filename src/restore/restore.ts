@@ -385,17 +385,18 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
   await writeThroughServer(disk, options, created, async (endpoint, progress) => {
     // Where the disk grew within the chain, the range its new size adds reads as zero on the disk, and a later
     // stream's frames leave it out: it is zeroed on an existing target (the old bytes), and on a new image where an
-    // earlier, larger size left data there (a disk shrunk, then grown).
+    // earlier, larger size left data there (a disk shrunk, then grown). What lies past the size at the point
+    // restored (a disk shrunk since) is left out.
     let size = 0;
     let largest = 0;
     for (const [i, link] of chain.entries()) {
       const base = i === 0;
-      const end = Math.min(link.meta.virtualSize, endpoint.size);
+      const end = Math.min(link.meta.virtualSize, disk.virtualSize);
       if (!base && end > size && (disk.existing || largest > size)) await endpoint.zero(size, end - size, true);
       size = link.meta.virtualSize;
       largest = Math.max(largest, size);
       const { checksum } = await applyStream(link, endpoint, {
-        targetIsZero: base && !disk.existing, zeroUncovered: base && disk.existing, progress, signal: options.signal,
+        targetIsZero: base && !disk.existing, zeroUncovered: base && disk.existing, diskSize: disk.virtualSize, progress, signal: options.signal,
       });
       await checkRecordedChecksum(link.path, checksum);
       options.log?.debug(`applied ${link.file}`);
@@ -513,6 +514,11 @@ export interface ApplyOptions {
   targetIsZero: boolean;
   /** Also zero every range the stream does not cover, up to its virtual size (a base onto a used target). */
   zeroUncovered?: boolean;
+  /**
+   * The disk's size at the point restored: an earlier stream of a disk shrunk since has frames past it, which are
+   * left out (their bytes are still read and checked). Default: the stream's own size.
+   */
+  diskSize?: number;
   progress?: (bytes: number) => void;
   signal?: AbortSignal;
 }
@@ -526,8 +532,12 @@ export interface AppliedStream {
 /** Writes one stream into the target, several writes in flight, and checks its structure to the last byte. */
 export async function applyStream(link: { path: string }, target: Endpoint, options: ApplyOptions): Promise<AppliedStream> {
   const reader = await StreamReader.open(link.path, { checksum: true });
+  const diskEnd = Math.min(options.diskSize ?? reader.meta.virtualSize, reader.meta.virtualSize);
   const window = new WorkWindow(WRITE_WINDOW);
-  const zero = (offset: number, length: number): Promise<void> => window.add(target.zero(offset, length, true), 0);
+  const zero = (offset: number, length: number): Promise<void> => {
+    const end = Math.min(offset + length, diskEnd);
+    return end > offset ? window.add(target.zero(offset, end - offset, true), 0) : Promise.resolve();
+  };
   let covered = 0;
   try {
     for await (const record of reader.records()) {
@@ -538,11 +548,12 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
         if (!options.targetIsZero) await zero(record.offset, record.length);
       } else {
         const { offset, length } = record;
-        const written = record.data.then((data) => target.write(data, offset)).finally(() => record.release());
+        const kept = Math.max(0, Math.min(length, diskEnd - offset));
+        const written = record.data.then((data) => (kept > 0 ? target.write(kept < length ? data.subarray(0, kept) : data, offset) : undefined)).finally(() => record.release());
         await window.add(written.then(() => options.progress?.(length)), length);
       }
     }
-    if (options.zeroUncovered && reader.meta.virtualSize > covered) await zero(covered, reader.meta.virtualSize - covered);
+    if (options.zeroUncovered && diskEnd > covered) await zero(covered, diskEnd - covered);
     await window.drain();
     return { meta: reader.meta, checksum: reader.checksum as number };
   } finally {

@@ -446,3 +446,48 @@ test('two sets of one domain sharing -C: an inc into the older set, whose last c
   assert.ok((await fs.readdir(older)).includes('vda.full.data'), 'the older set got no new full');
   await assertPoint(work, older, reference);
 });
+
+test('a disk shrunk (shut off) and grown again within a chain: the range the full wrote past the smaller size reads as zero at the later points, on a new image and onto a pre-filled raw file', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'shrink-grow-');
+  const set = path.join(work, 'set');
+  await dom.write('vda', 0x22, '40M', '1M');
+  const p0 = await dom.snapshot('vda');
+  await backup(dom, set, 'full');
+  // libvirt grows a disk only; an administrator shrinks the image of the shut-off domain (its bitmap goes along).
+  // The backup of the shut-off domain is a diff (no checkpoint is made offline), which records the smaller size.
+  await dom.stop();
+  await run('qemu-img', ['resize', '-q', '--shrink', '-f', 'qcow2', dom.diskPath('vda'), '32M']);
+  const p1 = await dom.snapshot('vda');
+  await backup(dom, set, 'inc');
+  const diff = (await fs.readdir(set)).find((f) => /^vda\.diff\..*\.data$/.test(f));
+  assert.ok(diff, 'the shut-off inc wrote a diff');
+  // Grown back: the new range reads as zero and its bitmap bits are clear, so no frame of the next inc covers it.
+  await run('qemu-img', ['resize', '-q', '-f', 'qcow2', dom.diskPath('vda'), '64M']);
+  await dom.start();
+  await dom.write('vda', 0x44, '1M', '1M');
+  const p2 = await dom.snapshot('vda');
+  await backup(dom, set, 'inc');
+
+  await assertPoint(work, set, p0, 'virtnbdbackup.0');
+  const atDiff = path.join(work, 'at-diff');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', atDiff, '-n', '--sequence', `vda.full.data,${diff}`]);
+  const diffResult = await TestDomain.compare(path.join(atDiff, 'vda.qcow2'), p1);
+  assert.ok(diffResult.identical, `at the diff: ${diffResult.output}`);
+  await assertPoint(work, set, p2);
+  const prefilled = path.join(work, 'prefilled.raw');
+  await fs.writeFile(prefilled, Buffer.alloc(64 * 1024 * 1024, 0xab));
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', prefilled, '-n', '-d', 'vda']);
+  const onFile = await TestDomain.compare(prefilled, p2, { formatA: 'raw' });
+  assert.ok(onFile.identical, onFile.output);
+  // virtnbdmap serves either point alike.
+  for (const [name, files, reference, sizeMiB] of [['at-diff', ['vda.full.data', diff], p1, 32], ['grown-back', ['vda.full.data', diff, 'vda.inc.virtnbdbackup.1.data'], p2, 64]] as const) {
+    const map = await startMap(t, work, name, files.map((f) => path.join(set, f)), ['-r']);
+    const copy = path.join(work, `${name}.raw`);
+    await run('nbdcopy', [map.uris[0], copy]);
+    assert.equal((await fs.stat(copy)).size, sizeMiB * 1024 * 1024, name);
+    const result = await TestDomain.compare(copy, reference);
+    assert.ok(result.identical, `${name}: ${result.output}`);
+    await map.stop();
+  }
+});

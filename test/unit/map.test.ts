@@ -16,7 +16,7 @@ import { ChainEndpoint } from '../../src/map/chainEndpoint.js';
 import { COW_BLOCK, CopyOnWriteEndpoint } from '../../src/map/copyOnWrite.js';
 import { FrameCache } from '../../src/map/frameCache.js';
 import { NbdServer, type NbdServerOptions } from '../../src/map/nbdServer.js';
-import { overlay, type Segment } from '../../src/map/segments.js';
+import { overlay, truncate, type Segment } from '../../src/map/segments.js';
 import { writeStream } from '../../src/stream/writer.js';
 import type { Sink } from '../../src/set/target.js';
 import { UserError } from '../../src/util/errors.js';
@@ -132,6 +132,14 @@ test('overlay: the later stream wins, earlier segments are cut at both ends and 
   assert.deepEqual(overlay(base, [seg(150, 60, 1, { file: 1 })]).map((s) => [s.start, s.length, s.at, s.skip]).slice(-1), [[210, 90, 5000, 10]]);
   assert.deepEqual(overlay([], top), top);
   assert.deepEqual(overlay(base, []), base);
+});
+
+test('truncate: a disk shrunk keeps what lies below its new size; a segment across it is cut and still points at its bytes', () => {
+  const base = [seg(0, 100, 1000), seg(200, 100, 5000, { packed: 77, skip: 0 }), seg(400, 50, 8000)];
+  assert.deepEqual(truncate(base, 250).map((s) => [s.start, s.length, s.at, s.skip]), [[0, 100, 1000, 0], [200, 50, 5000, 0]]);
+  assert.deepEqual(truncate(base, 200).map((s) => s.start), [0]);
+  assert.deepEqual(truncate(base, 450), base);
+  assert.deepEqual(truncate(base, 0), []);
 });
 
 test('frame cache: one load per frame, a dropped frame is handed back once and only after its readers return', async () => {
