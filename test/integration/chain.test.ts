@@ -8,7 +8,7 @@
 // guest writes while a full and an inc copy: each holds the disk of its start, the next inc the writes; an inc that
 // saved no data is a point of its own for --until.
 // Every point of every set is restored and compared bit for bit.
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -23,6 +23,17 @@ const DISK = { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0,
 /** Runs our backup on `dom` into `set`; returns stderr (the log lines). */
 async function backup(dom: TestDomain, set: string, level: string, ...extra: string[]): Promise<string> {
   return (await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', level, '-o', set, ...extra])).stderr;
+}
+
+/** virtnbdmap of `files` of `set` (read-only) serves a disk of `sizeMiB` equal to `reference`, copied out with nbdcopy. */
+async function assertMapsTo(t: TestContext, work: string, set: string, name: string, files: string[], reference: string, sizeMiB: number): Promise<void> {
+  const map = await startMap(t, work, name, files.map((f) => path.join(set, f)), ['-r']);
+  const copy = path.join(work, `${name}.raw`);
+  await run('nbdcopy', [map.uris[0], copy]);
+  assert.equal((await fs.stat(copy)).size, sizeMiB * 1024 * 1024, name);
+  const result = await TestDomain.compare(copy, reference);
+  assert.ok(result.identical, `${name}: ${result.output}`);
+  await map.stop();
 }
 
 function archivedChain(stderr: string): string {
@@ -253,15 +264,8 @@ test('disks change within a chain: one grown, one attached (saved whole by the n
   assert.ok(onFile.identical, onFile.output);
   await fs.rm(prefilled);
   // virtnbdmap serves the grown disk at its size then, and the attached one from its whole first backup.
-  for (const [name, files, reference, sizeMiB] of [['grown', ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], a1, 128], ['attached', ['vdb.full.data'], b1, 32]] as const) {
-    const map = await startMap(t, work, name, files.map((f) => path.join(set, f)), ['-r']);
-    const copy = path.join(work, `${name}.raw`);
-    await run('nbdcopy', [map.uris[0], copy]);
-    assert.equal((await fs.stat(copy)).size, sizeMiB * 1024 * 1024, name);
-    const result = await TestDomain.compare(copy, reference);
-    assert.ok(result.identical, `${name}: ${result.output}`);
-    await map.stop();
-  }
+  await assertMapsTo(t, work, set, 'grown', ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], a1, 128);
+  await assertMapsTo(t, work, set, 'attached', ['vdb.full.data'], b1, 32);
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'refused'), '-d', 'vdb', '--until', 'virtnbdbackup.0']);
   assert.equal(refused.code, 1);
   assert.match(refused.stderr, /checkpoint virtnbdbackup\.0 is not in the chain of disk vdb .* \(it has: virtnbdbackup\.1, virtnbdbackup\.2\)/);
@@ -481,13 +485,6 @@ test('a disk shrunk (shut off) and grown again within a chain: the range the ful
   const onFile = await TestDomain.compare(prefilled, p2, { formatA: 'raw' });
   assert.ok(onFile.identical, onFile.output);
   // virtnbdmap serves either point alike.
-  for (const [name, files, reference, sizeMiB] of [['at-diff', ['vda.full.data', diff], p1, 32], ['grown-back', ['vda.full.data', diff, 'vda.inc.virtnbdbackup.1.data'], p2, 64]] as const) {
-    const map = await startMap(t, work, name, files.map((f) => path.join(set, f)), ['-r']);
-    const copy = path.join(work, `${name}.raw`);
-    await run('nbdcopy', [map.uris[0], copy]);
-    assert.equal((await fs.stat(copy)).size, sizeMiB * 1024 * 1024, name);
-    const result = await TestDomain.compare(copy, reference);
-    assert.ok(result.identical, `${name}: ${result.output}`);
-    await map.stop();
-  }
+  await assertMapsTo(t, work, set, 'at-diff', ['vda.full.data', diff], p1, 32);
+  await assertMapsTo(t, work, set, 'grown-back', ['vda.full.data', diff, 'vda.inc.virtnbdbackup.1.data'], p2, 64);
 });
