@@ -82,7 +82,9 @@ export class ZipTarget implements OutputTarget {
   static async open(out: NodeJS.WritableStream): Promise<ZipTarget> {
     sumWithNodeCrc32();
     const { ZipArchive: Archive } = await import('archiver');
-    return new ZipTarget(out, new Archive({ store: true, forceZip64: true }));
+    // Entry times in local time, as zip readers (unzip, Python's zipfile) take them: archiver writes UTC by default,
+    // which unzips hours off and misorders the files for Python's restore, which goes by modification time.
+    return new ZipTarget(out, new Archive({ store: true, forceZip64: true, forceLocalTime: true }));
   }
 
   private constructor(out: NodeJS.WritableStream, archive: ZipArchive) {

@@ -219,6 +219,25 @@ test('zip entries are summed by zlib.crc32: the crc-32 module that archiver\'s c
   }
 });
 
+test('zip entries carry local time, as unzip and Python\'s zipfile read it (archiver\'s default is UTC)', async (t) => {
+  const zone = process.env.TZ;
+  process.env.TZ = 'Asia/Tokyo';
+  t.after(() => { if (zone === undefined) delete process.env.TZ; else process.env.TZ = zone; });
+  const out = new PassThrough();
+  const chunks: Buffer[] = [];
+  out.on('data', (chunk: Buffer) => chunks.push(chunk));
+  const target = await ZipTarget.open(out);
+  const before = new Date();
+  await target.writeFile('a.txt', 'x');
+  await target.close();
+  const zip = Buffer.concat(chunks);
+  // The first local file header: DOS time at byte 10, DOS date at byte 12.
+  assert.equal(zip.readUInt32LE(0), 0x04034b50);
+  const [time, date] = [zip.readUInt16LE(10), zip.readUInt16LE(12)];
+  const stamped = new Date((date >> 9) + 1980, ((date >> 5) & 15) - 1, date & 31, time >> 11, (time >> 5) & 63, (time & 31) * 2);
+  assert.ok(Math.abs(stamped.getTime() - before.getTime()) < 5000, `entry time ${stamped.toString()} is not the local time ${before.toString()}`);
+});
+
 test('a chain of twelve incrementals is ordered by number (.10 after .9), with its checkpoint list and without it', async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-long-chain-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
