@@ -1,7 +1,9 @@
 // Decides what one run writes and against which checkpoint, from the set's chain and the domain's state:
 //   requested level -> offline? (full becomes copy; inc becomes a diff: no checkpoint can be created)
 //   -> inc/diff: the set's checkpoint list under the domain's former name taken over after a rename (same UUID)
-//   -> inc/diff: the set's chain (.cpt), its prefix, checkpoints libvirt lost put back from the saved XML
+//   -> inc/diff: the set's chain (.cpt), its prefix; checkpoints at its end that no data file of the set belongs to
+//      (a run that listed its checkpoint first, as Python's tool does, and died) dropped, their changes kept;
+//      checkpoints libvirt lost put back from the saved XML
 //   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
 //   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
 //   -> inc: disks added to the domain since the parent (no bitmap of it) are saved whole, as their chain's base;
@@ -11,12 +13,14 @@
 import path from 'node:path';
 import fs from 'node:fs/promises';
 import {
-  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, readCheckpointList, savedConfigNames,
+  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, listSet, readCheckpointList, savedConfigNames, type DataFile,
 } from '../set/backupSet.js';
+import { DirectoryTarget } from '../set/target.js';
+import { StreamReader } from '../stream/reader.js';
 import {
   DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, checkpointDiskSize, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
 } from '../libvirt/checkpoints.js';
-import { foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
+import { deleteCheckpoint, foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError } from '../util/errors.js';
 import { exists } from '../util/fileIo.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
@@ -165,6 +169,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   warnForeign(await foreignCheckpoints(domain, prefix), options.domain, log);
   if (level === 'full') return planFor(level, [], prefix);
 
+  await dropUnfinished(ctx, chain, cptFile);
   const parent = chain[chain.length - 1];
   if (parent === undefined) {
     const missing = !(await exists(cptFile));
@@ -178,6 +183,8 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const ownCopy = own !== ctx.xmlDir && (await exists(path.join(own, `${parent}.xml`)));
   const problem = await unusableParent(domain, parent, ownCopy ? own : ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);
+  const unsaved = await disksWithoutFile(ctx, parent, chain);
+  if (unsaved) return fallBackToFull(ctx, prefix, unsaved);
   const added = await disksWithoutBitmap(ctx, parent, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
   if (power.offline && added.added.length > 0) {
@@ -202,6 +209,65 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
     log.info(`disk ${target} was left out of the backups after checkpoint ${from}: this ${level} saves its changes since ${from}, which its bitmap there has kept`);
   }
   return plan;
+}
+
+/**
+ * The disks the set's finished data files of checkpoint `chain[index]` belong to: the incs named after it, and the
+ * fulls of disks added then (an inc saves those whole), told by their metadata; for the first, every full.
+ */
+async function disksSavedAt(ctx: RunContext, files: DataFile[], chain: string[], index: number): Promise<Set<string>> {
+  const saved = new Set<string>();
+  for (const f of files) {
+    if (f.level === 'inc' && f.ident === chain[index]) saved.add(f.disk);
+    if (f.level !== 'full') continue;
+    const meta = index === 0 ? undefined : await StreamReader.metadata(path.join(ctx.stateDir, f.file)).catch(() => undefined);
+    if (index === 0 || meta?.checkpointName === chain[index]) saved.add(f.disk);
+  }
+  return saved;
+}
+
+/**
+ * Drops (from `chain`, in place) the checkpoints at its end that no finished data file of the set belongs to: a run
+ * that listed its checkpoint before its data was written (Python's tool does; ours lists it last) died, so their
+ * changes are in no file, and an inc on them would leave a gap no restore crosses. They are removed from libvirt,
+ * which keeps their changes in the previous checkpoint's bitmap, and from the list. Sets of -o - keep their files in
+ * the zips: not judged. A `.partial` of such a run was refused before (checkSet).
+ */
+async function dropUnfinished(ctx: RunContext, chain: string[], cptFile: string): Promise<void> {
+  if (ctx.toZip || chain.length < 2) return;
+  const { dataFiles } = await listSet(ctx.stateDir);
+  let kept = chain.length;
+  while (kept > 1 && (await disksSavedAt(ctx, dataFiles, chain, kept - 1)).size === 0) kept--;
+  const dropped = chain.slice(kept);
+  if (dropped.length === 0) return;
+  const parent = chain[kept - 1] as string;
+  const named = `checkpoint${dropped.length > 1 ? 's' : ''} ${dropped.join(', ')}`;
+  const what = `the set lists ${named} but holds no data file of ${dropped.length > 1 ? 'them' : 'it'} (a run that did not finish)`;
+  if (ctx.options.printOnly) throw new UserError(`${what}; the next backup continues from ${parent}`);
+  if (ctx.power.offline) {
+    throw new UserError(`${what}: a shut-off domain's changes since ${parent} cannot be read past ${dropped.length > 1 ? 'them' : 'it'}; run again ${ctx.power.runningAdvice} (that run continues from ${parent})`);
+  }
+  const present = new Set(await ctx.domain.listCheckpointNames());
+  for (const name of [...dropped].reverse()) if (present.has(name)) await deleteCheckpoint(ctx.domain, name, ctx.log);
+  chain.splice(kept);
+  await new DirectoryTarget(ctx.stateDir).writeFile(path.basename(cptFile), JSON.stringify(chain));
+  ctx.log.warn(`${what}: this run continues the chain from ${parent}, whose bitmap keeps the changes since; ${named} removed from libvirt and from ${path.basename(cptFile)}`);
+}
+
+/**
+ * A disk that checkpoint `parent` gave a bitmap but the set holds no file of (a run that died between two disks):
+ * its changes up to `parent` are in no file, so an inc would leave a gap in that disk's chain. Undefined when every
+ * such disk has its file; zip sets are not judged.
+ */
+async function disksWithoutFile(ctx: RunContext, parent: string, chain: string[]): Promise<string | undefined> {
+  if (ctx.toZip || chain.length < 2) return undefined;
+  const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
+  if (xml === undefined) return undefined;
+  const { dataFiles } = await listSet(ctx.stateDir);
+  const saved = await disksSavedAt(ctx, dataFiles, chain, chain.length - 1);
+  const unsaved = checkpointBitmapDisks(xml).filter((disk) => !saved.has(disk));
+  if (unsaved.length === 0) return undefined;
+  return `checkpoint ${parent} tracks disk ${unsaved.join(', ')}, but the set holds no ${unsaved.length > 1 ? 'files' : 'file'} of ${unsaved.length > 1 ? 'them' : 'it'} at that checkpoint (a run that did not finish)`;
 }
 
 /**

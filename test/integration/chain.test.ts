@@ -488,3 +488,34 @@ test('a disk shrunk (shut off) and grown again within a chain: the range the ful
   await assertMapsTo(t, work, set, 'at-diff', ['vda.full.data', diff], p1, 32);
   await assertMapsTo(t, work, set, 'grown-back', ['vda.full.data', diff, 'vda.inc.virtnbdbackup.1.data'], p2, 64);
 });
+
+test('a run that listed its checkpoint and died before its files were written (Python\'s tool lists it first): the next inc continues from the checkpoint before, which kept those changes; one whose other disk has no file makes a full', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 2 }] }] });
+  const work = await withTempDir(t, 'unfinished-');
+  const set = path.join(work, 'set');
+  const p0 = await dom.snapshot('vda');
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x33, '8M', '2M');
+  // The dead run: checkpoint virtnbdbackup.1 in libvirt and in the set's list, and no file of it.
+  await backup(dom, set, 'inc');
+  for (const name of await fs.readdir(set)) if (name.includes('.inc.virtnbdbackup.1.data')) await fs.rm(path.join(set, name));
+  await dom.write('vda', 0x44, '20M', '1M');
+  const p1 = await dom.snapshot('vda');
+  const resumed = await backup(dom, set, 'inc');
+  assert.match(resumed, /the set lists checkpoint virtnbdbackup\.1 but holds no data file of it \(a run that did not finish\): this run continues the chain from virtnbdbackup\.0, whose bitmap keeps the changes since; checkpoint virtnbdbackup\.1 removed from libvirt and from \S+\.cpt/);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  await assertPoint(work, set, p0, 'virtnbdbackup.0');
+  await assertPoint(work, set, p1);
+  const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  assert.equal(verified.code, 0, verified.stderr);
+
+  // Died between the disks: vda's file of virtnbdbackup.2 is there, vdb's is not.
+  await dom.write('vdb', 0x55, '4M', '1M');
+  await backup(dom, set, 'inc');
+  for (const name of await fs.readdir(set)) if (name.startsWith('vdb.inc.virtnbdbackup.2.data')) await fs.rm(path.join(set, name));
+  const p2 = await dom.snapshot('vda');
+  const full = await backup(dom, set, 'inc');
+  assert.match(full, /checkpoint virtnbdbackup\.2 tracks disk vdb, but the set holds no file of it at that checkpoint \(a run that did not finish\): an incremental backup would be wrong, so this run makes a full backup instead/);
+  assert.ok((await fs.readdir(set)).includes('vda.full.data'));
+  await assertPoint(work, set, p2);
+});
