@@ -1,6 +1,6 @@
 // Run locks: one backup at a time per domain and per output directory. A lock is a file created exclusively
 // holding the owner's pid and process start time; a lock whose owner is gone (crash, kill -9) is stale and
-// taken over; runningWriter tells readers of a set whether a backup is writing into it. Guarantees: a second
+// taken over, and so is one left empty by a run killed between creating and writing it, after a few seconds; runningWriter tells readers of a set whether a backup is writing into it. Guarantees: a second
 // run refuses with the owner's pid and the lock's path; locks are removed on release and, as a last resort,
 // when the process exits.
 import fs from 'node:fs';
@@ -36,10 +36,22 @@ function parseOwner(text: string): Owner | undefined {
   }
 }
 
-/** Whether the lock's owner still runs; an unreadable or half-written lock counts as alive (never stolen). */
-export function ownerAlive(text: string): boolean {
+/**
+ * A lock that names no owner is being written by its owner, which writes it right after creating it, unless it is
+ * older than this: then its owner was killed in between (kill -9), and it would otherwise hold for ever.
+ */
+const UNWRITTEN_LOCK_MS = 10_000;
+
+/**
+ * Whether the owner of the lock `file`, which reads `text`, still runs. A lock that names no owner counts as alive
+ * (never stolen) for UNWRITTEN_LOCK_MS from its creation, stale after.
+ */
+function ownerAlive(file: string, text: string): boolean {
   const owner = parseOwner(text);
-  if (!owner) return true;
+  if (!owner) {
+    const age = Date.now() - (fs.statSync(file, { throwIfNoEntry: false })?.mtimeMs ?? Date.now());
+    return age < UNWRITTEN_LOCK_MS;
+  }
   return processStart(owner.pid) === owner.start;
 }
 
@@ -48,8 +60,9 @@ export function ownerAlive(text: string): boolean {
  * undefined when none is. Tells a `.partial` being written from one left by a run that died.
  */
 export async function runningWriter(dir: string): Promise<number | undefined> {
-  const text = await fsp.readFile(path.join(dir, OUTPUT_LOCK_NAME), 'utf8').catch(() => undefined);
-  if (text === undefined || !ownerAlive(text)) return undefined;
+  const file = path.join(dir, OUTPUT_LOCK_NAME);
+  const text = await fsp.readFile(file, 'utf8').catch(() => undefined);
+  if (text === undefined || !ownerAlive(file, text)) return undefined;
   return parseOwner(text)?.pid ?? 0;
 }
 
@@ -92,7 +105,7 @@ export class RunLock {
       }
       const existing = await fsp.readFile(file, 'utf8').catch(() => undefined);
       if (existing === undefined) continue; // released meanwhile
-      if (ownerAlive(existing)) {
+      if (ownerAlive(file, existing)) {
         const pid = parseOwner(existing)?.pid;
         throw new UserError(`${what} is in use by another backup${pid ? ` (pid ${pid})` : ''}: lock ${file}; wait for it to finish, or remove the lock if that process is gone`);
       }

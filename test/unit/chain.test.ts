@@ -121,7 +121,7 @@ test('qemu-img map entries give the same plans as NBD block status', async () =>
   assert.deepEqual([...(await planDirty(denseExtents(fromNbd), context)).extents], [{ offset: 2 * MiB, length: 4 * MiB, kind: 'data' }]);
 });
 
-test('run locks: a live owner is refused by name, a dead owner is taken over, release removes only our own', async (t) => {
+test('run locks: a live owner is refused by name, a dead owner is taken over (an empty lock after some seconds), release removes only our own', async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-lock-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
   const file = path.join(dir, 'x.lock');
@@ -136,6 +136,15 @@ test('run locks: a live owner is refused by name, a dead owner is taken over, re
   await fs.writeFile(file, JSON.stringify({ pid: process.pid, start: 'someone else' }));
   await taken.release();
   assert.ok(await fs.access(file).then(() => true, () => false), 'released a lock that was not ours');
+
+  // Empty: its owner is writing it, or was killed between creating and writing it (kill -9), after some seconds.
+  await fs.writeFile(file, '');
+  await assert.rejects(RunLock.acquire(file, 'domain x'), /domain x is in use by another backup: lock/);
+  const old = new Date(Date.now() - 60_000);
+  await fs.utimes(file, old, old);
+  const afterKill = await RunLock.acquire(file, 'domain x');
+  assert.equal(JSON.parse(await fs.readFile(file, 'utf8')).pid, process.pid);
+  await afterKill.release();
 });
 
 test('an unusable chain is moved into chain.<secs>/, which lists as a set of its own', async (t) => {
