@@ -1,13 +1,15 @@
 // Ends a backup job whose run dies without ending it (kill -9, a crash, the OOM killer, a second Ctrl-C): left
 // running, such a job would keep guest writes' old data in its scratch files until someone ran -k, filling them.
-// A small shell, in a session of its own so that no terminal signal reaches it, reads a pipe from the run: "armed"
-// once the job has begun, then "done" when the run has ended the job itself; the pipe's end after "armed" without
-// "done" means the run died, and the shell then ends the job with `virsh domjobabort` and removes its socket. It is
-// spawned while libvirt begins the job (a spawn holds the event loop 8 to 15 ms, which then delays nothing), and
-// armed the moment the job runs. Guarantees: a run that ends its job itself (whether it succeeded or failed), or
-// dies before its job began, leaves the domain's jobs alone; one sh process per run, no cost on the copy's path; a
-// login given to the run is the guard's too, held in an unlinked file only the guard has open: no name on any file
-// system once the guard has started, and nothing left behind however the guard ends (kill -9 included).
+// A small shell, in a session of its own so that no terminal signal reaches it, reads a pipe from the run: "begin
+// <marker>" before the run asks libvirt for its job (the marker: a string only that job's definition holds), "armed"
+// once the job has begun, "done" when the run has ended the job itself. The pipe's end without "done" means the
+// run died: after "armed", the shell ends the job with `virsh domjobabort` and removes its socket; before it (killed
+// while libvirt began the job, which libvirt goes on with), it waits for the domain's backup job and ends it only if
+// its definition holds the marker. Guarantees: a run that ends its job itself (whether it succeeded or failed)
+// leaves the domain's jobs alone, and so does one that dies before its job began while another tool's job runs;
+// one sh process per run, spawned before the first job is asked for, no cost on the copy's path; a login given to
+// the run is the guard's too, held in an unlinked file only the guard has open: no name on any file system once
+// the guard has started, and nothing left behind however the guard ends (kill -9 included).
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -19,6 +21,8 @@ import { shellQuote } from '../util/process.js';
 const SHARED_MEMORY = '/dev/shm';
 
 export interface JobGuard {
+  /** The run is about to ask libvirt for the job whose definition holds `jobMarker` (again, on a retry). */
+  beginning(jobMarker: string): void;
   /** The job has begun: from now on, the run's death ends it. */
   arm(): void;
   /** The run has ended the job, or never began it: the guard exits and does nothing. */
@@ -28,15 +32,24 @@ export interface JobGuard {
 /** The guard's descriptor for its auth.conf: virsh opens it again as /dev/fd/3 (libvirt reads no pipe there). */
 const AUTH_FD = 3;
 
+/** How long a guard whose run died while libvirt began the job waits for that job: 60 looks, a quarter second apart. */
+const BEGIN_LOOKS = 60;
+
 /**
- * The job's guard. With the run's `login` (--user/--password), which virsh takes on no command line, the guard's
- * virsh reads it from an auth.conf the guard holds open as descriptor 3, whose name is removed once the guard has it.
+ * The guard of the run's jobs. With the run's `login` (--user/--password), which virsh takes on no command line, the
+ * guard's virsh reads it from an auth.conf the guard holds open as descriptor 3, whose name is removed once the
+ * guard has it.
  */
 export function guardJob(uri: string, domain: string, socket: string | undefined, login?: LibvirtLogin): JobGuard {
   const authFd = login ? openAuthFile(login) : undefined;
-  const auth = authFd === undefined ? '' : `LIBVIRT_AUTH_FILE=/dev/fd/${AUTH_FD} `;
-  const end = `${auth}virsh -q -c ${shellQuote(uri)} domjobabort ${shellQuote(domain)}${socket ? `; rm -f ${shellQuote(socket)}` : ''}`;
-  const script = `trap '' INT HUP TERM QUIT; read -r word; if [ "$word" = armed ]; then read -r word; [ "$word" = done ] || { ${end}; } >/dev/null 2>&1; fi`;
+  const virsh = `${authFd === undefined ? '' : `LIBVIRT_AUTH_FILE=/dev/fd/${AUTH_FD} `}virsh -q -c ${shellQuote(uri)}`;
+  const end = `{ ${virsh} domjobabort ${shellQuote(domain)}${socket ? `; rm -f ${shellQuote(socket)}` : ''}; } >/dev/null 2>&1`;
+  // Died while the job began: the first definition libvirt shows decides (this run's job, or another's).
+  const whenBegun = `i=0; while [ $i -lt ${BEGIN_LOOKS} ]; do if xml=$(${virsh} backup-dumpxml ${shellQuote(domain)} 2>/dev/null); then ` +
+    `case "$xml" in *"$marker"*) ${end} ;; esac; break; fi; sleep 0.25; i=$((i+1)); done`;
+  const script = `trap '' INT HUP TERM QUIT; marker=; armed=; while read -r word arg; do case "$word" in ` +
+    `"begin") marker=$arg ;; "armed") armed=1 ;; "done") exit 0 ;; esac; done; ` +
+    `if [ -n "$armed" ]; then ${end}; elif [ -n "$marker" ]; then ${whenBegun}; fi`;
   const stdio: Array<'pipe' | 'ignore' | number> = ['pipe', 'ignore', 'ignore'];
   if (authFd !== undefined) stdio[AUTH_FD] = authFd;
   let child: ReturnType<typeof spawn>;
@@ -57,6 +70,9 @@ export function guardJob(uri: string, domain: string, socket: string | undefined
   child.unref();
   pipe.unref();
   return {
+    beginning: (jobMarker) => {
+      input.write(`begin ${jobMarker}\n`);
+    },
     arm: () => {
       input.write('armed\n');
     },

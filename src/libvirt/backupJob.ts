@@ -29,8 +29,11 @@ export interface BackupJobOptions {
   allTargets: string[];
   checkpoint: CheckpointPlan;
   log: Logger;
-  /** Called once the job's begin is asked of libvirt, to do work while libvirt begins it; then when it has begun. */
-  hooks?: { beginning(): void; begun(): void };
+  /**
+   * `beginning` right before the job's begin is asked of libvirt, with a string only this job's definition holds (a
+   * throw there asks nothing); `begun` once it has begun.
+   */
+  hooks?: { beginning(jobMarker: string): void; begun(): void };
 }
 
 /** How long a run waits for libvirt to tear an aborted job down before it removes the leftovers itself. */
@@ -53,6 +56,9 @@ export async function waitForJobTeardown(domain: LibvirtDomain, waitMs = TEARDOW
   }
 }
 
+/** The start of this job's scratch file names: `backup.<tag>.`, the tag random per job. */
+const scratchMarker = (tag: string): string => `backup.${tag}.`;
+
 export class BackupJob {
   private ended = false;
   private releasing: Promise<void> | undefined;
@@ -72,21 +78,16 @@ export class BackupJob {
     const tag = crypto.randomBytes(3).toString('hex');
     const whole = new Set(options.wholeTargets);
     const since = new Map((options.resumedTargets ?? []).map((r) => [r.target, r.from]));
-    const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `backup.${tag}.${target}`), full: whole.has(target), since: since.get(target) }));
+    const disks = options.targets.map((target) => ({ target, scratchFile: path.join(options.scratchDir, `${scratchMarker(tag)}${target}`), full: whole.has(target), since: since.get(target) }));
     const jobXml = backupJobXml(options.server, checkpoint.parent, disks, options.allTargets);
     const cptXml = checkpoint.create ? checkpointXml(checkpoint, options.checkpointTargets, options.allTargets, tag) : null;
     options.log.block('debug', `backup job XML:\n${jobXml}`);
     if (cptXml) options.log.block('debug', `checkpoint XML:\n${cptXml}`);
     const leftovers = 'socket' in options.server ? [options.server.socket, ...disks.map((d) => d.scratchFile)] : [];
     const job = (): BackupJob => new BackupJob(domain, options.server, leftovers, checkpoint.create ? checkpoint.name : undefined, options.log);
+    // Before the job is asked for: a run killed while libvirt begins it is then watched too.
+    options.hooks?.beginning(scratchMarker(tag));
     const beginning = domain.backupBegin(jobXml, cptXml, 0);
-    try {
-      options.hooks?.beginning();
-    } catch (err) {
-      // The job begins anyway: it and its checkpoint must not outlive a run that cannot go on.
-      if (await beginning.then(() => true, () => false)) await job().end(true).catch(() => undefined);
-      throw err;
-    }
     await beginning.catch((err: unknown) => {
       throw (('socket' in options.server) && socketRefused(err, options.server.socket)) || err;
     });

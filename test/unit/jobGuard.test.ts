@@ -1,7 +1,8 @@
 // The job guard's word on a run's death, with a fake virsh on PATH that records what it was asked: a run that dies
-// after its job began has the job ended; one that dies before the job began, or ended its job itself, leaves the
-// domain's jobs alone (another tool's job there must survive). A run's login reaches the guard's virsh from a file
-// whose name is gone as soon as the guard has started, so that nothing is left however the guard ends.
+// after its job began has the job ended; one that dies while libvirt begins it has it ended once it runs if the
+// domain's job is this run's (its definition names the run's scratch files), and left alone if it is another
+// tool's; one that ended its job itself leaves the domain's jobs alone. A run's login reaches the guard's virsh from
+// a file whose name is gone as soon as the guard has started, so that nothing is left however the guard ends.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -24,8 +25,16 @@ interface Guarded {
   left: string[];
 }
 
-/** Runs a program that guards a job on domain 'dom' (`login` as a guardJob argument), does `steps`, then exits. */
-async function runGuarded(steps: string, login = 'undefined'): Promise<Guarded> {
+/** This run's scratch file names start so: the guard's marker of its job. */
+const MARKER = 'backup.a1b2c3.';
+
+/**
+ * Runs a program that guards a job on domain 'dom' (`login` as a guardJob argument), does `steps` (`guard` in
+ * them; `marker` is MARKER), then exits. The
+ * fake virsh shows `jobXml` as the domain's backup job from its third look on (libvirt still beginning it before),
+ * or no job at all.
+ */
+async function runGuarded(steps: string, login = 'undefined', jobXml?: string): Promise<Guarded> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-guard-'));
   try {
     const record = path.join(dir, 'asked');
@@ -34,14 +43,18 @@ async function runGuarded(steps: string, login = 'undefined'): Promise<Guarded> 
     const tmp = path.join(dir, 'tmp');
     await fs.mkdir(tmp);
     await fs.writeFile(socket, '');
+    const looks = path.join(dir, 'looks');
     await fs.writeFile(path.join(dir, 'virsh'), [
       '#!/bin/sh',
       `[ -z "$LIBVIRT_AUTH_FILE" ] || tr '\\n' ' ' < "$LIBVIRT_AUTH_FILE" > ${JSON.stringify(authCopy)}`,
+      `if [ "$4" = backup-dumpxml ]; then echo look >> ${JSON.stringify(looks)}; [ $(wc -l < ${JSON.stringify(looks)}) -ge 3 ] || exit 1;`,
+      jobXml === undefined ? '  exit 1; fi' : `  echo ${JSON.stringify(jobXml)}; exit 0; fi`,
       `echo "$@" >> ${JSON.stringify(record)}`, '',
     ].join('\n'), { mode: 0o755 });
     const whileGuarding = path.join(dir, 'while-guarding');
     const script = `import { guardJob } from ${JSON.stringify(jobGuard)};
       import fs from 'node:fs';
+      const marker = ${JSON.stringify(MARKER)};
       const guard = guardJob('qemu:///system', 'dom', ${JSON.stringify(socket)}, ${login});
       fs.writeFileSync(${JSON.stringify(whileGuarding)}, JSON.stringify(fs.readdirSync(${JSON.stringify(tmp)})));
       ${steps}
@@ -72,29 +85,37 @@ async function runGuarded(steps: string, login = 'undefined'): Promise<Guarded> 
 }
 
 test('a run that dies once its job has begun has the job ended, and its socket removed', async () => {
-  const { asked, auth } = await runGuarded('guard.arm();');
+  const { asked, auth } = await runGuarded('guard.beginning(marker); guard.arm();');
   assert.equal(asked, '-q -c qemu:///system domjobabort dom (socket removed)');
   assert.equal(auth, '');
 });
 
-test('a run that dies before its job began leaves the domain\'s jobs alone', async () => {
-  assert.equal((await runGuarded('')).asked, '');
+test('a run that dies while libvirt begins its job has it ended once it runs; another tool\'s job, or none, is left alone', async () => {
+  const ours = `<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/var/tmp/${MARKER}vda'/></disk></disks></domainbackup>`;
+  assert.equal((await runGuarded('guard.beginning(marker);', 'undefined', ours)).asked, '-q -c qemu:///system domjobabort dom (socket removed)');
+  // A retry asks for a job of another marker: the last one counts.
+  assert.equal((await runGuarded('guard.beginning("backup.000000."); guard.beginning(marker);', 'undefined', ours)).asked, '-q -c qemu:///system domjobabort dom (socket removed)');
+  const another = `<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/var/tmp/backup.ffffff.vda'/></disk></disks></domainbackup>`;
+  assert.equal((await runGuarded('guard.beginning(marker);', 'undefined', another)).asked, '');
+  assert.equal((await runGuarded('guard.beginning(marker);')).asked, '');
+  // Dead before asking for a job: nothing to look for.
+  assert.equal((await runGuarded('', 'undefined', ours)).asked, '');
 });
 
 test('a run that ended its job itself leaves the domain\'s jobs alone, armed or not', async () => {
-  assert.equal((await runGuarded('guard.arm(); await guard.release();')).asked, '');
-  assert.equal((await runGuarded('await guard.release();')).asked, '');
+  assert.equal((await runGuarded('guard.beginning(marker); guard.arm(); await guard.release();')).asked, '');
+  assert.equal((await runGuarded('guard.beginning(marker); await guard.release();')).asked, '');
 });
 
 test('the run\'s login reaches the guard\'s virsh in an auth.conf whose name is gone while the guard runs, whichever way it ends', async () => {
   const login = `{ user: 'backup', password: 'secret pw' }`;
-  const died = await runGuarded('guard.arm();', login);
+  const died = await runGuarded('guard.beginning(marker); guard.arm();', login);
   assert.equal(died.asked, '-q -c qemu:///system domjobabort dom (socket removed)');
   assert.equal(died.auth, '[credentials-virtnbd] authname=backup password=secret pw  [auth-libvirt-default] credentials=virtnbd');
   // Nothing to leave behind even should the guard be killed: the file has no name from its start.
   assert.deepEqual(died.whileGuarding, []);
   assert.deepEqual(died.left, []);
-  for (const steps of ['guard.arm(); await guard.release();', '', 'await guard.release();']) {
+  for (const steps of ['guard.beginning(marker); guard.arm(); await guard.release();', '', 'await guard.release();']) {
     const ended = await runGuarded(steps, login);
     assert.equal(ended.asked, '');
     assert.deepEqual(ended.whileGuarding, [], steps);
