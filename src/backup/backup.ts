@@ -153,13 +153,22 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
 }
 
 /** Refuses what would damage the set or produce an unusable run. */
-async function checkSet(output: string, level: Level): Promise<void> {
+async function checkSet(output: string, level: Level, domain: string): Promise<void> {
   const listing = await listSet(output);
+  const cptFile = path.join(output, checkpointListName(domain));
   if (level === 'full' || level === 'copy') {
-    const existing = [...listing.dataFiles.map((d) => d.file), ...listing.partials.filter((p) => p.includes('.data'))];
-    if (existing.length > 0) {
-      const onlyCopies = listing.dataFiles.length > 0 && listing.dataFiles.every((d) => d.level === 'copy');
-      throw new UserError(`output directory ${output} already holds a backup (${existing[0]}); use an empty directory for a ${level} backup${onlyCopies ? '' : ', or -l inc/auto to continue its chain'}`);
+    const partials = listing.partials.filter((p) => p.includes('.data'));
+    if (listing.dataFiles.length === 0 && partials.length > 0) {
+      // This run holds the set's lock: no other backup writes it now.
+      throw new UserError(`output directory ${output} holds ${partials[0]}, left from a failed backup run; move it out of the set, or use an empty directory for a ${level} backup`);
+    }
+    if (listing.dataFiles.length > 0) {
+      const existing = listing.dataFiles[0]!.file;
+      const onlyCopies = listing.dataFiles.every((d) => d.level === 'copy');
+      // Ours lists the chain's first checkpoint last: a full without the list did not finish (killed between disks).
+      const unfinished = !onlyCopies && !(await exists(cptFile));
+      const advice = onlyCopies ? '' : unfinished ? ` (with no ${path.basename(cptFile)}, the run that wrote it did not finish: move it out of the set)` : ', or -l inc/auto to continue its chain';
+      throw new UserError(`output directory ${output} already holds a backup (${existing}); use an empty directory for a ${level} backup${advice}`);
     }
     return;
   }
@@ -183,6 +192,13 @@ async function checkSet(output: string, level: Level): Promise<void> {
   }
   if (listing.partials.length > 0) {
     throw new UserError(`${path.join(output, listing.partials[0] as string)} is left from a failed run, so the chain in ${output} is incomplete; start a new set with -l full in an empty directory (or move the .partial away to continue the chain from its last complete backup)`);
+  }
+  // A run lists its checkpoint after its files: an inc file of a checkpoint the list does not hold is a run's that
+  // did not finish (killed as it named its files), and the next inc would write that name again.
+  const listed = await readCheckpointList(cptFile).catch(() => [] as string[]);
+  const unlisted = listed.length > 0 ? listing.dataFiles.find((d) => d.level === 'inc' && !listed.includes(d.ident)) : undefined;
+  if (unlisted) {
+    throw new UserError(`${path.join(output, unlisted.file)} is left from a run that did not finish (checkpoint ${unlisted.ident} is not in ${path.basename(cptFile)}), so the chain in ${output} is incomplete; move it, its .chksum and .blake3.json out of the set to continue the chain from its last complete backup`);
   }
 }
 
@@ -259,7 +275,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser, options.nbdTimeout);
   const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir, host.remote ? host.hostname : undefined);
   try {
-    if (!toZip && writesSet) await checkSet(stateDir, level);
+    if (!toZip && writesSet) await checkSet(stateDir, level, options.domain);
     return await backupLocked(options, log, level, stateDir, toZip, writesSet, host);
   } finally {
     await unlock();
@@ -271,7 +287,9 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   const startedAt = new Date();
   const logName = writesSet ? await createLogFile(stateDir, level, startedAt) : logFileName(level, startedAt);
   if (writesSet) log.attachFile(path.join(stateDir, logName));
-  const target: OutputTarget = toZip && writesSet ? await ZipTarget.open(options.stdout ?? process.stdout) : new DirectoryTarget(stateDir);
+  // A set's data files take their names together at the end (publish), just before the checkpoint list names their
+  // checkpoint: a run killed between two disks leaves .partial files only, which the next run names as such.
+  const target: OutputTarget = toZip && writesSet ? await ZipTarget.open(options.stdout ?? process.stdout) : new DirectoryTarget(stateDir, { publishTogether: true });
   let succeeded = false;
   let conn: LibvirtConnection | undefined;
   const afterZip: RunContext['afterZip'] = [];
@@ -575,11 +593,14 @@ async function openExports(ctx: RunContext, initial: RunPlan, hooks?: BackupJobO
 
 async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
   const { options, log, disks } = ctx;
-  // The job's guard is spawned while libvirt begins the job (its spawn then holds up nothing) and armed once the job
-  // runs; a job left running (-s) has none.
+  // The job's guard is spawned before the job is first asked for, told of each begin, and armed once the job runs;
+  // a job left running (-s) has none.
   let guard: JobGuard | undefined;
   const hooks = ctx.power.offline || options.startOnly ? undefined : {
-    beginning: () => { guard ??= guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login); },
+    beginning: (jobMarker: string) => {
+      guard ??= guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login);
+      guard.beginning(jobMarker);
+    },
     begun: () => guard?.arm(),
   };
   let opened: Awaited<ReturnType<typeof openExports>>;
@@ -646,6 +667,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       }
     });
     signal.throwIfAborted();
+    await ctx.target.publish?.();
     await saveSideFiles(ctx, plan, ident, imageInfo ?? readImageInfo(ctx));
     failed = false;
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
@@ -661,23 +683,23 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
 }
 
 /**
- * A failed run's data files that did finish are renamed back to .partial: its checkpoint is gone, so they belong to
- * no chain, and the next inc would make the same names. As .partial, the set's checks say what to do with them.
+ * A failed run's data files that did finish are renamed back to .partial where they were published (a failure after
+ * publish), and their checksums and digests named for the .partial: its checkpoint is gone, so they belong to no
+ * chain, and the next inc would make the same names. As .partial, the set's checks say what to do with them.
  */
 async function setAsideFinished(ctx: RunContext, results: DiskResult[]): Promise<void> {
   const there = (file: string): Promise<boolean> => fs.lstat(file).then(() => true, () => false);
   for (const { file } of results) {
     const final = ctx.target.pathOf(file);
     const partial = `${final}.partial`;
-    if (await there(partial)) continue;
     try {
-      await fs.rename(final, partial);
-      // Its checksum and digests go with it, named for the .partial: under the data file's name they would stop
-      // the next inc, which writes that name again.
+      const published = !(await there(partial)) && (await there(final));
+      if (published) await fs.rename(final, partial);
+      // Under the data file's name they would stop the next inc, which writes that name again.
       for (const side of [checksumFileName, digestFileName]) {
         if ((await there(side(final))) && !(await there(side(partial)))) await fs.rename(side(final), side(partial));
       }
-      ctx.log.info(`renamed ${file} to ${path.basename(partial)}: the run failed, so it belongs to no chain`);
+      ctx.log.info(`${published ? `renamed ${file} to` : `${file} stays`} ${path.basename(partial)}: the run failed, so it belongs to no chain`);
     } catch (err) {
       ctx.log.warn(`could not set ${final} aside as ${path.basename(partial)} after the run failed: ${describeFailure(err)}; move it and its .chksum and .blake3.json out of the set before the next inc`);
     }

@@ -1,5 +1,6 @@
 // Where a backup set is written. A Sink is one file of the set being written in order; the directory target
-// writes `<name>.partial`, fsyncs and renames it on commit, so a finished name always means a complete file.
+// writes `<name>.partial`, fsyncs and renames it on commit (or, for a run's data files, all together once the run
+// publishes them), so a finished name always means a complete file.
 // Bulk files (data files) go through O_DIRECT where the file system takes it: on disk when commit returns, without
 // the page cache's copy and its slow write-back. Guarantees: never overwrites an existing file of the set
 // (exclusive create); abort keeps the .partial as evidence.
@@ -54,6 +55,8 @@ export interface OutputTarget {
   createPositional?(name: string, size: number): Promise<PositionalSink>;
   /** Finishes the target (the zip's central directory); nothing for a directory. */
   close(): Promise<void>;
+  /** Puts the data files a run finished under their names where the target held them back (DirectoryTarget). */
+  publish?(): Promise<void>;
   /**
    * Fails every write that waits on the output, and every later one, with `reason`: a stopped run must not wait
    * for a reader that no longer reads (a zip on a stalled pipe). A directory's disk writes end by themselves.
@@ -103,10 +106,19 @@ class WriteBehind {
   }
 }
 
+/** Puts a synced, closed `.partial` under its final name: at once, or when the run publishes its files. */
+type Placer = () => Promise<void>;
+
+/** Renames `partial` to `final` and syncs the directory: the file is there whole after a power cut, or not at all. */
+async function renameIntoPlace(partial: string, final: string): Promise<void> {
+  await fs.rename(partial, final);
+  await syncDirectory(path.dirname(final));
+}
+
 class FileSink implements Sink, PositionalSink {
   private readonly writeBehind: WriteBehind;
 
-  constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {
+  constructor(private readonly handle: fs.FileHandle, private readonly place: Placer) {
     this.writeBehind = new WriteBehind(handle);
   }
 
@@ -131,8 +143,7 @@ class FileSink implements Sink, PositionalSink {
     await this.writeBehind.settle();
     await traced('sync', () => this.handle.sync());
     await this.handle.close();
-    await fs.rename(this.partial, this.final);
-    await syncDirectory(path.dirname(this.final));
+    await this.place();
   }
 
   async abort(): Promise<void> {
@@ -186,7 +197,7 @@ class DirectFileSink implements Sink {
   private readonly writeBehind: WriteBehind;
   private closed = false;
 
-  private constructor(private readonly handle: fs.FileHandle, private readonly partial: string, private readonly final: string) {
+  private constructor(private readonly handle: fs.FileHandle, private readonly place: Placer) {
     this.writeBehind = new WriteBehind(handle);
     directSinksOpen += 1;
   }
@@ -195,7 +206,7 @@ class DirectFileSink implements Sink {
    * A direct sink on the freshly created `partial`, or undefined where the file system refuses O_DIRECT (open or
    * a first aligned write fails with EINVAL): the caller then writes through the page cache.
    */
-  static async open(partial: string, final: string): Promise<DirectFileSink | undefined> {
+  static async open(partial: string, place: Placer): Promise<DirectFileSink | undefined> {
     let handle: fs.FileHandle;
     try {
       handle = await fs.open(partial, fsConstants.O_WRONLY | fsConstants.O_DIRECT);
@@ -206,7 +217,7 @@ class DirectFileSink implements Sink {
     try {
       await handle.write(native().alignedBuffer(DIRECT_ALIGN, DIRECT_ALIGN), 0, DIRECT_ALIGN, 0);
       await handle.truncate(0);
-      return new DirectFileSink(handle, partial, final);
+      return new DirectFileSink(handle, place);
     } catch (err) {
       await handle.close().catch(() => undefined);
       if ((err as NodeJS.ErrnoException).code === 'EINVAL') return undefined;
@@ -266,8 +277,7 @@ class DirectFileSink implements Sink {
     await traced('sync', () => this.handle.sync());
     await this.handle.close();
     this.markClosed();
-    await fs.rename(this.partial, this.final);
-    await syncDirectory(path.dirname(this.final));
+    await this.place();
   }
 
   async abort(): Promise<void> {
@@ -317,8 +327,36 @@ function skipBytes(buffers: Buffer[], count: number): Buffer[] {
   return out;
 }
 
+export interface DirectoryTargetOptions {
+  /**
+   * Data files (create, createPositional) keep their `.partial` names, synced, until publish(): a run killed between
+   * two disks (kill -9, a power cut) then leaves no finished file of a checkpoint the set does not list.
+   */
+  publishTogether?: boolean;
+}
+
 export class DirectoryTarget implements OutputTarget {
-  constructor(readonly dir: string) {}
+  /** Data files finished and waiting for publish(), in the order they finished. */
+  private unpublished: Array<[partial: string, final: string]> | undefined;
+
+  constructor(readonly dir: string, options: DirectoryTargetOptions = {}) {
+    if (options.publishTogether) this.unpublished = [];
+  }
+
+  /** Puts the finished data files under their names, in the order they finished; later ones go there at once. */
+  async publish(): Promise<void> {
+    const files = this.unpublished ?? [];
+    this.unpublished = undefined;
+    for (const [partial, final] of files) await fs.rename(partial, final);
+    if (files.length > 0) await syncDirectory(this.dir);
+  }
+
+  private placer(partial: string, final: string): Placer {
+    return async () => {
+      if (this.unpublished) this.unpublished.push([partial, final]);
+      else await renameIntoPlace(partial, final);
+    };
+  }
 
   pathOf(name: string): string {
     return path.join(this.dir, name);
@@ -330,7 +368,7 @@ export class DirectoryTarget implements OutputTarget {
     await refuseExisting(final);
     const handle = await fs.open(partial, 'wx');
     if (options.bulk) {
-      const direct = await DirectFileSink.open(partial, final).catch(async (err: unknown) => {
+      const direct = await DirectFileSink.open(partial, this.placer(partial, final)).catch(async (err: unknown) => {
         await handle.close();
         throw err;
       });
@@ -339,7 +377,7 @@ export class DirectoryTarget implements OutputTarget {
         return direct;
       }
     }
-    return new FileSink(handle, partial, final);
+    return new FileSink(handle, this.placer(partial, final));
   }
 
   async createPositional(name: string, size: number): Promise<PositionalSink> {

@@ -519,3 +519,37 @@ test('a run that listed its checkpoint and died before its files were written (P
   assert.ok((await fs.readdir(set)).includes('vda.full.data'));
   await assertPoint(work, set, p2);
 });
+
+test('files a run left without listing their checkpoint (killed as it named them): the next inc names them and what to do; a full with no checkpoint list, or a lone .partial, is said to be a run\'s that did not finish', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'unlisted-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x33, '8M', '2M');
+  await backup(dom, set, 'inc');
+  // As if killed after vda's file took its name and before the list named checkpoint virtnbdbackup.1.
+  const cpt = path.join(set, `${dom.name}.cpt`);
+  await fs.writeFile(cpt, JSON.stringify(['virtnbdbackup.0']));
+  const refused = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(refused.stderr, /vda\.inc\.virtnbdbackup\.1\.data is left from a run that did not finish \(checkpoint virtnbdbackup\.1 is not in \S+\.cpt\), so the chain in \S+ is incomplete; move it, its \.chksum and \.blake3\.json out of the set to continue the chain from its last complete backup/);
+  const aside = path.join(work, 'aside');
+  await fs.mkdir(aside);
+  for (const name of await fs.readdir(set)) if (name.startsWith('vda.inc.virtnbdbackup.1.data')) await fs.rename(path.join(set, name), path.join(aside, name));
+  await dom.write('vda', 0x44, '20M', '1M');
+  const p1 = await dom.snapshot('vda');
+  assert.match(await backup(dom, set, 'inc'), /removed checkpoint virtnbdbackup\.1: a run that did not finish created it/);
+  await assertPoint(work, set, p1);
+
+  // A full killed before it listed its checkpoint: its file alone, no list; a full killed earlier: a .partial alone.
+  const unfinished = path.join(work, 'unfinished');
+  await fs.mkdir(unfinished);
+  await fs.copyFile(path.join(set, 'vda.full.data'), path.join(unfinished, 'vda.full.data'));
+  const full = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', unfinished]);
+  assert.equal(full.code, 1, full.stderr);
+  assert.match(full.stderr, /already holds a backup \(vda\.full\.data\); use an empty directory for a full backup \(with no \S+\.cpt, the run that wrote it did not finish: move it out of the set\)/);
+  await fs.rename(path.join(unfinished, 'vda.full.data'), path.join(unfinished, 'vda.full.data.partial'));
+  const partial = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', unfinished]);
+  assert.equal(partial.code, 1, partial.stderr);
+  assert.match(partial.stderr, /holds vda\.full\.data\.partial, left from a failed backup run; move it out of the set, or use an empty directory for a full backup/);
+});

@@ -233,7 +233,8 @@ test('an inc that fails on its second disk sets the first disk\'s finished file 
   const failed = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-w', '1', '-o', set, '-n']);
   assert.equal(failed.code, 1, failed.stderr);
   assert.match(failed.stderr, /vdb\.inc\.virtnbdbackup\.1\.data\.partial: no space left on device/);
-  assert.match(failed.stderr, /renamed vda\.inc\.virtnbdbackup\.1\.data to vda\.inc\.virtnbdbackup\.1\.data\.partial: the run failed, so it belongs to no chain/);
+  // Finished, it kept its .partial name: a run's files take their names together, once all are done.
+  assert.match(failed.stderr, /vda\.inc\.virtnbdbackup\.1\.data stays vda\.inc\.virtnbdbackup\.1\.data\.partial: the run failed, so it belongs to no chain/);
   const files = await fs.readdir(set);
   assert.ok(files.includes('vda.inc.virtnbdbackup.1.data.partial') && !files.includes('vda.inc.virtnbdbackup.1.data'), files.join(' '));
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);

@@ -178,6 +178,25 @@ test('DigestList keeps pieces in order across blocks, digests set as hex or in p
   assert.deepEqual([...list], expected);
 });
 
+test('a run\'s data files keep their .partial names, synced, until it publishes them together; later ones take their names at once', async (t) => {
+  const dir = await fs.mkdtemp(path.join('/var/tmp', 'vnbd-publish-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const target = new DirectoryTarget(dir, { publishTogether: true });
+  for (const [name, bulk] of [['vda.inc.virtnbdbackup.1.data', true], ['vdb.inc.virtnbdbackup.1.data', false]] as const) {
+    const sink = await target.create(name, { bulk });
+    await sink.write([Buffer.from(name)]);
+    await sink.commit();
+  }
+  await target.writeFile('vda.inc.virtnbdbackup.1.data.chksum', '1');
+  assert.deepEqual((await fs.readdir(dir)).sort(), ['vda.inc.virtnbdbackup.1.data.chksum', 'vda.inc.virtnbdbackup.1.data.partial', 'vdb.inc.virtnbdbackup.1.data.partial']);
+  await target.publish();
+  assert.deepEqual((await fs.readdir(dir)).sort(), ['vda.inc.virtnbdbackup.1.data', 'vda.inc.virtnbdbackup.1.data.chksum', 'vdb.inc.virtnbdbackup.1.data']);
+  assert.equal(await fs.readFile(path.join(dir, 'vdb.inc.virtnbdbackup.1.data'), 'utf8'), 'vdb.inc.virtnbdbackup.1.data');
+  const later = await target.create('vdc.full.data');
+  await later.commit();
+  assert.ok((await fs.readdir(dir)).includes('vdc.full.data'));
+});
+
 test('bulk files (O_DIRECT where taken): any write sizes give the exact bytes, past background flushes too, a .partial till commit, nothing overwritten', async (t) => {
   const dir = await fs.mkdtemp(path.join('/var/tmp', 'vnbd-direct-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
