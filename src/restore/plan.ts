@@ -13,7 +13,7 @@ import {
   type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
-import { dataFileOptions, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
+import { dataFileOptions, heldForWriting, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
@@ -518,6 +518,7 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
   if (options.compress && options.preallocate) throw new UserError('--compress and -A/--preallocate contradict each other: give one of them');
   const taken = new Set<string>();
   const outputs: string[] = [];
+  const partials: string[] = [];
   for (const disk of disks) {
     let name = disk.image;
     if (taken.has(name)) name = `${disk.disk}.${name}`; // two source images of the same file name
@@ -539,11 +540,30 @@ async function placeInDirectory(disks: DiskPlan[], dir: string, options: PlanOpt
       outputs.push(disk.dataFile);
     }
     if (options.preallocate) disk.createOptions.push(`preallocation=${disk.format === 'qcow2' ? 'metadata' : 'falloc'}`);
-    outputs.push(disk.image, partialName(disk.image), partialName(disk.image, '.uncompressed.partial'));
+    partials.push(partialName(disk.image), partialName(disk.image, '.uncompressed.partial'));
+    outputs.push(disk.image);
   }
+  outputs.push(...partials);
   const twice = outputs.find((file, i) => outputs.indexOf(file) !== i);
   if (twice) throw new UserError(`two restored files would be named ${twice}; restore the disks one by one with -d`);
+  await refuseLeftPartials(partials, dir, options.host);
   await refuseExisting(outputs, options.host);
+}
+
+/**
+ * Refuses images a restore is still writing (.partial), or left unfinished: a restore killed (kill -9) could not
+ * remove them. Either way they are named, with what to do.
+ */
+async function refuseLeftPartials(partials: readonly string[], dir: string, host: DomainHost = LOCAL_HOST): Promise<void> {
+  const there: string[] = [];
+  for (const file of partials) if (await host.exists(file)) there.push(file);
+  if (there.length === 0) return;
+  const on = host.remote ? ` on ${host.label}` : '';
+  for (const file of there) {
+    if (await heldForWriting(file, host)) throw new UserError(`${file}${on} is being written by a restore that runs now; wait for it to end, or restore into another directory`);
+  }
+  const [them, are] = there.length > 1 ? ['them', 'are'] : ['it', 'is'];
+  throw new UserError(`${there.join(', ')}${on} ${are} left unfinished by a restore into ${dir} that was killed before it could clean up: remove ${them}, then restore again`);
 }
 
 async function readQcowInfo(input: string, disk: DiskPlan, log: Logger): Promise<string | undefined> {

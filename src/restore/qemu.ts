@@ -8,6 +8,7 @@ import path from 'node:path';
 import { run, serverExit, spawnServer, stopServer } from '../util/process.js';
 import { LOCAL_HOST, qemuNbdOverSsh, type DomainHost, type SshHost } from '../libvirt/domainHost.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
+import { oneLine } from '../util/errors.js';
 
 export type ImageFormat = 'qcow2' | 'raw';
 
@@ -87,15 +88,33 @@ export interface ConvertOptions {
   existing?: boolean;
   /** Where both files are: this host by default. */
   host?: DomainHost;
+  /** Aborted: qemu-img is ended, and the conversion rejects with the signal's reason once it is gone (here only). */
+  signal?: AbortSignal;
 }
 
-/** qemu-img convert; zero ranges stay holes in new targets and are written as zeroes into existing ones. */
+/**
+ * qemu-img convert; zero ranges stay holes in new targets and are written as zeroes into existing ones. Here, it
+ * ends with this process (a parent-death signal): killed, we leave no qemu-img writing on into a file nobody
+ * removes.
+ */
 export async function convertImage(source: string, sourceFormat: ImageFormat, target: string, targetFormat: ImageFormat, opts: ConvertOptions = {}): Promise<void> {
   const args = ['convert', '-q', '-f', sourceFormat, '-O', targetFormat];
   if (opts.existing) args.push('-n');
   if (opts.compress) args.push('-c');
   if (opts.options?.length) args.push('-o', opts.options.join(','));
-  await (opts.host ?? LOCAL_HOST).run('qemu-img', [...args, source, target]);
+  args.push(source, target);
+  const host = opts.host ?? LOCAL_HOST;
+  if (host.remote) await host.run('qemu-img', args);
+  else await run('qemu-img', args, { signal: opts.signal, bound: true });
+}
+
+/**
+ * Whether another process holds `file` open for writing (a running domain, a restore's qemu-nbd or qemu-img), by
+ * QEMU's image lock: it is opened for writing with nothing written, which that lock refuses. Other failures count
+ * as not in use, and are left to the steps that follow, which name them.
+ */
+export async function heldForWriting(file: string, host: DomainHost = LOCAL_HOST): Promise<boolean> {
+  return host.run('qemu-io', ['-f', 'raw', '-c', 'quit', file]).then(() => false, (err: unknown) => /lock\b|another process using the image/i.test(oneLine(err)));
 }
 
 /** Virtual size of a file or block device read as raw. */

@@ -12,7 +12,8 @@
 //   through ssh, and NBD goes over TCP.
 // Guarantees: never overwrites an existing file; each link is fully written before the next starts, so later
 // changes win; a damaged file (bad frame, bad lz4 checksum, checksum mismatch) fails the restore naming it, and a
-// failed restore into a directory leaves nothing of that disk behind. Only -D needs libvirtd.
+// failed or interrupted restore into a directory leaves nothing of that disk behind; here, qemu-nbd and qemu-img end
+// with the run, even one killed (kill -9). Only -D needs libvirtd.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NbdEndpoint } from '../endpoint/nbd.js';
@@ -22,7 +23,7 @@ import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
 import { autostartName, checksumMismatch, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, recordedChecksum, type ChainLink } from '../set/backupSet.js';
 import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openConnection, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
-import { ImageServer, convertImage, createImage, type ServeOptions } from './qemu.js';
+import { ImageServer, convertImage, createImage, heldForWriting, type ServeOptions } from './qemu.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
 import { partialName, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
@@ -281,8 +282,7 @@ async function defineRestored(uri: string, login: LibvirtLogin | undefined, adju
  */
 async function refuseInUse(disk: DiskPlan, host: DomainHost): Promise<void> {
   // Opened for writing, nothing written: a shared read (qemu-img info) passes where qemu-nbd's write lock fails.
-  const locked = await host.run('qemu-io', ['-f', 'raw', '-c', 'quit', disk.image]).then(() => false, (err: unknown) => /lock\b|another process using the image/i.test(oneLine(err)));
-  if (locked) {
+  if (await heldForWriting(disk.image, host)) {
     throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use: another process (a running domain?) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory`);
   }
 }
@@ -348,14 +348,14 @@ async function growRegularFile(disk: DiskPlan, host: DomainHost): Promise<void> 
  */
 async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions, created: string[]): Promise<void> {
   if (disk.existing) {
-    await convertImage(source, 'raw', disk.image, 'raw', { existing: true });
+    await convertImage(source, 'raw', disk.image, 'raw', { existing: true, signal: options.signal });
     return;
   }
   const partial = partialName(disk.image);
   created.push(partial, ...(disk.dataFile ? [disk.dataFile] : []));
   await allDone([
     checkImageChecksum(source, options.signal),
-    convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2' }),
+    convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2', signal: options.signal }),
   ]);
   await LOCAL_HOST.rename(partial, disk.image);
 }
@@ -451,7 +451,7 @@ async function writeThroughServer(
   if (disk.existing) return;
   if (compress) {
     created.push(partial);
-    await convertImage(work, 'qcow2', partial, 'qcow2', { options: disk.createOptions, compress: true, host });
+    await convertImage(work, 'qcow2', partial, 'qcow2', { options: disk.createOptions, compress: true, host, signal: options.signal });
     await host.remove(work);
   }
   await host.rename(partial, disk.image);

@@ -46,25 +46,52 @@ export function notInstalled(command: string): UserError {
 }
 
 /**
- * Runs `command` to its end; rejects with its last line of stderr when it fails. `signal` aborted kills it
- * (SIGTERM) and rejects with the signal's reason once it is gone.
+ * `command` and `args` as setpriv runs them with a parent-death signal: the kernel sends it SIGTERM when this process
+ * ends, so it never outlives us, even after kill -9. setpriv missing fails the spawn (ENOENT); a `command` it cannot
+ * run makes it exit 127.
  */
-export function run(command: string, args: string[], options: { signal?: AbortSignal } = {}): Promise<RunResult> {
+function boundToUs(command: string, args: string[]): [string, string[]] {
+  return ['setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args]];
+}
+
+export interface RunOptions {
+  /** Aborted: the command is killed (SIGTERM), and run rejects with the signal's reason once it is gone. */
+  signal?: AbortSignal;
+  /** Ends with this process (boundToUs): for long work on files that only this run would clean up. */
+  bound?: boolean;
+}
+
+/** Runs `command` to its end; rejects with its last line of stderr when it fails. */
+export function run(command: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    // With `signal`, Node kills the child on abort and reports it as an 'error' (an AbortError).
+    // With `signal`, Node kills the child on abort and reports it as an 'error' (an AbortError) at once, before
+    // the child is gone: the rejection waits for its 'close'.
     const { signal: abort } = options;
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL, signal: abort });
+    const [program, programArgs] = options.bound ? boundToUs(command, args) : [command, args];
+    const child = spawn(program, programArgs, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL, signal: abort });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => { stdout += text; });
     child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
     child.once('error', (err: NodeJS.ErrnoException) => {
-      if (abort?.aborted) reject(abort.reason);
-      else reject(err.code === 'ENOENT' ? notInstalled(command) : new Error(`${command} failed: ${err.message}`));
+      if (abort?.aborted) {
+        if (child.pid === undefined || hasExited(child)) reject(abort.reason);
+        return;
+      }
+      if (err.code === 'ENOENT') reject(notInstalled(options.bound ? 'setpriv' : command));
+      else reject(new Error(`${command} failed: ${err.message}`));
     });
     child.once('close', (code, signal) => {
+      if (abort?.aborted) {
+        reject(abort.reason);
+        return;
+      }
       if (code === 0) {
         resolve({ stdout, stderr });
+        return;
+      }
+      if (options.bound && code === 127) {
+        reject(notInstalled(command));
         return;
       }
       const detail = stderr.trim().split('\n').pop() || (signal ? `killed by ${signal}` : `exited with code ${code}`);
@@ -138,8 +165,8 @@ export async function clearSocketPath(socketPath: string): Promise<void> {
  */
 export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
   await clearSocketPath(socketPath);
-  // setpriv execs the server with a parent-death signal, so a server never outlives us, even after kill -9.
-  const child = spawn('setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args], {
+  const [program, programArgs] = boundToUs(command, args);
+  const child = spawn(program, programArgs, {
     stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(), detached: OUTLIVES_TERMINAL,
   });
   let stderr = '';

@@ -1,14 +1,15 @@
 // Restore of sets crafted with the engine's own stream writer (no domain needed, real qemu-img/qemu-nbd): raw-format
 // disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
-// --compress and -A layouts, the saved NVRAM with -c, and a restore (with -c) in a mount namespace where libvirtd
-// cannot be reached.
+// --compress and -A layouts, the saved NVRAM with -c, a restore (with -c) in a mount namespace where libvirtd
+// cannot be reached, and restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, withTempDir } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk } from '../support/cli.js';
+import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, type CliRun } from '../support/cli.js';
 import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
 
@@ -285,4 +286,61 @@ test('a domain XML that cannot be written after the images says that the images 
   assert.match(errorLines(r).join('\n'), new RegExp(`^virtnbdrestore: error: the restored images are in place in ${out}, but ${xml} could not be written: .*; run the restore again with -c into a new directory, or adjust the set's domain XML yourself$`));
   await fs.access(path.join(out, 'a.qcow2'));
   await assert.rejects(fs.access(xml), 'a part of the XML was left under its name');
+});
+
+/** A set (full backups) of qcow2 disks, `sizeMiB` MiB of random data each: compressing or writing it takes a while. */
+async function randomSet(work: string, disks: Record<string, number>): Promise<{ set: string; refs: Record<string, string> }> {
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  const refs: Record<string, string> = {};
+  for (const [target, sizeMiB] of Object.entries(disks)) {
+    const disk = new MemoryDisk(sizeMiB * MiB);
+    randomFillSync(disk.bytes);
+    await craftStream({ dir: set, file: `${target}.full.data`, disk, diskName: target, extents: [{ offset: 0, length: sizeMiB * MiB, kind: 'data' }] });
+    refs[target] = await disk.saveRaw(path.join(work, `${target}.ref`));
+  }
+  await craftVmConfig(set, 'virtnbdbackup.0', 'rnd', Object.keys(disks).map((target) => ({ target, file: `/vm/${target}.qcow2`, format: 'qcow2' })));
+  return { set, refs };
+}
+
+/** Polls until `check` holds, for up to `ms`; returns whether it did. */
+async function within(ms: number, check: () => Promise<boolean>): Promise<boolean> {
+  for (const deadline = Date.now() + ms; Date.now() < deadline; await new Promise((r) => setTimeout(r, 20))) if (await check()) return true;
+  return check();
+}
+
+test('--compress interrupted (SIGINT) while qemu-img compresses: exit 130 at once, qemu-img ended, nothing left; killed (SIGKILL), qemu-img ends with it and a rerun names what is left', async (t) => {
+  const work = await withTempDir(t, 'vnbd-intcompress-');
+  const { set } = await randomSet(work, { vda: 128 }); // about 2.5 s of compressing here
+  const out = path.join(work, 'out');
+  const partial = path.join(out, 'vda.qcow2.partial');
+  const args = ['-i', set, '-o', out, '-n', '--compress'];
+  const qemuImgOnOut = (): Promise<string | undefined> => helperPid('qemu-img', (arg) => arg.startsWith(`${out}/`));
+  // qemu-img convert -c creates the final .partial: the data is written and compressing has begun.
+  const compressing = async (): Promise<CliRun> => {
+    const running = startCli(ourBin('virtnbdrestore'), args);
+    await whenExists(partial);
+    assert.ok(await qemuImgOnOut(), 'qemu-img convert -c runs');
+    return running;
+  };
+
+  const interrupted = await compressing();
+  const signalled = Date.now();
+  interrupted.child.kill('SIGINT');
+  const stopped = await interrupted.done;
+  assert.equal(stopped.code, 130, stopped.stderr);
+  assert.ok(Date.now() - signalled < 2000, `took ${Date.now() - signalled} ms to stop`);
+  assert.deepEqual(errorLines(stopped), ['virtnbdrestore: error: interrupted by SIGINT; cleaned up']);
+  assert.doesNotMatch(stopped.stderr, /after the work was complete/);
+  assert.equal(await qemuImgOnOut(), undefined, 'qemu-img still runs');
+  await assert.rejects(fs.access(out), 'the output directory the run made is left');
+
+  const killed = await compressing();
+  killed.child.kill('SIGKILL');
+  await killed.done;
+  assert.ok(await within(2000, async () => (await qemuImgOnOut()) === undefined), 'qemu-img outlived the killed restore');
+  assert.deepEqual((await fs.readdir(out)).sort(), ['vda.qcow2.partial', 'vda.qcow2.uncompressed.partial']);
+  const rerun = await runCli(ourBin('virtnbdrestore'), args);
+  assert.equal(rerun.code, 1, rerun.stderr);
+  assert.deepEqual(errorLines(rerun), [`virtnbdrestore: error: ${partial}, ${out}/vda.qcow2.uncompressed.partial are left unfinished by a restore into ${out} that was killed before it could clean up: remove them, then restore again`]);
 });

@@ -123,10 +123,15 @@ export async function qemuNbdRuns(matches: (arg: string) => boolean): Promise<bo
 }
 
 /** The pid of a live qemu-nbd with an argument that `matches`, or undefined. */
-export async function qemuNbdPid(matches: (arg: string) => boolean): Promise<string | undefined> {
+export function qemuNbdPid(matches: (arg: string) => boolean): Promise<string | undefined> {
+  return helperPid('qemu-nbd', matches);
+}
+
+/** The pid of a live `program` (qemu-img, qemu-nbd) with an argument that `matches`, or undefined. */
+export async function helperPid(program: string, matches: (arg: string) => boolean): Promise<string | undefined> {
   for (const pid of (await fs.readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
     const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
-    if (path.basename(argv[0] ?? '') === 'qemu-nbd' && argv.slice(1).some(matches)) return pid;
+    if (path.basename(argv[0] ?? '') === program && argv.slice(1).some(matches)) return pid;
   }
   return undefined;
 }
