@@ -324,7 +324,10 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
     const host = outputHost(options);
     // A host that went away keeps what it holds: then the line names it, not "nothing kept".
     const kept = (await Promise.all(created.map((file) => host.remove(file).then(() => undefined, () => file)))).filter((file) => file !== undefined);
-    if (err instanceof UserError && err.exitCode === 130) throw err; // interrupted
+    if (err instanceof UserError && err.exitCode === 130) {
+      // Interrupted: cleaned up, but the run's writes onto an existing target cannot be taken back.
+      throw disk.existing && touched ? new UserError(`${err.message}, but ${disk.image} now holds incomplete data: restore onto it again`, 130) : err;
+    }
     const hint = err instanceof StreamFormatError ? `; ${damagedHint(err, disk)}` : '';
     const left = kept.length > 0 ? `${kept.join(', ')}${host.remote ? ` on ${host.label}` : ''} could not be removed: remove ${kept.length > 1 ? 'them' : 'it'}`
       : disk.existing ? (touched ? `${disk.image} now holds incomplete data: restore onto it again` : `${disk.image} was left untouched`) : 'nothing of it was kept';

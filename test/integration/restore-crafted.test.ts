@@ -9,7 +9,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, withTempDir } from '../support/testbed.js';
-import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, type CliRun } from '../support/cli.js';
+import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, type CliResult, type CliRun } from '../support/cli.js';
 import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
 
@@ -343,4 +343,29 @@ test('--compress interrupted (SIGINT) while qemu-img compresses: exit 130 at onc
   const rerun = await runCli(ourBin('virtnbdrestore'), args);
   assert.equal(rerun.code, 1, rerun.stderr);
   assert.deepEqual(errorLines(rerun), [`virtnbdrestore: error: ${partial}, ${out}/vda.qcow2.uncompressed.partial are left unfinished by a restore into ${out} that was killed before it could clean up: remove them, then restore again`]);
+});
+
+/**
+ * Starts virtnbdrestore with `args`, and SIGINTs it while the qemu-nbd serving `image` is stopped (SIGSTOP), so that
+ * the restore cannot end first; that qemu-nbd goes on (SIGCONT) after. Resolves with the run's result.
+ */
+async function interruptWhileServing(args: string[], image: string): Promise<CliResult> {
+  const running = startCli(ourBin('virtnbdrestore'), args);
+  let server: string | undefined;
+  assert.ok(await within(10_000, async () => (server = await helperPid('qemu-nbd', (arg) => arg === image)) !== undefined), `no qemu-nbd served ${image}`);
+  process.kill(Number(server), 'SIGSTOP');
+  running.child.kill('SIGINT');
+  await new Promise((r) => setTimeout(r, 200));
+  process.kill(Number(server), 'SIGCONT');
+  return running.done;
+}
+
+test('a restore onto an existing raw file interrupted (SIGINT) says that the file now holds incomplete data', async (t) => {
+  const work = await withTempDir(t, 'vnbd-intexisting-');
+  const { set } = await randomSet(work, { vda: 64 });
+  const target = path.join(work, 'target.raw');
+  await fs.writeFile(target, Buffer.alloc(64 * MiB, 0x77));
+  const stopped = await interruptWhileServing(['-i', set, '-o', target, '-n'], target);
+  assert.equal(stopped.code, 130, stopped.stderr);
+  assert.deepEqual(errorLines(stopped), [`virtnbdrestore: error: interrupted by SIGINT; cleaned up, but ${target} now holds incomplete data: restore onto it again`]);
 });
