@@ -12,8 +12,9 @@
 //   through ssh, and NBD goes over TCP.
 // Guarantees: never overwrites an existing file; each link is fully written before the next starts, so later
 // changes win; a damaged file (bad frame, bad lz4 checksum, checksum mismatch) fails the restore naming it, and a
-// failed or interrupted restore into a directory leaves nothing of that disk behind; here, qemu-nbd and qemu-img end
-// with the run, even one killed (kill -9). Only -D needs libvirtd.
+// failed or interrupted restore into a directory leaves nothing of that disk behind, and keeps the images of disks
+// restored before it, naming them; here, qemu-nbd and qemu-img end with the run, even one killed (kill -9). Only -D
+// needs libvirtd.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NbdEndpoint } from '../endpoint/nbd.js';
@@ -136,7 +137,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   } catch (err) {
     // A failed disk's image is removed: a directory this run made is then left only if something else is in it.
     for (const dir of made) if (!(await fs.rmdir(dir).then(() => true, () => false))) break;
-    throw err;
+    throw keptImages(err, disks, plan, adjust, host);
   }
   const result: RestoreResult = { disks };
   // The images are whole by now: a file that cannot be written after them must say they are kept.
@@ -163,6 +164,20 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     }
   }
   return result;
+}
+
+/**
+ * A run that failed or was interrupted after some disks were restored keeps their images, which are whole: its line
+ * names them and says how to go on, since a new restore into that directory refuses them. The domain XML (-c, -D)
+ * names every restored disk, so it takes a restore of all of them again.
+ */
+function keptImages(err: unknown, done: RestoredDisk[], plan: RestorePlan, adjust: boolean, host: DomainHost): unknown {
+  if (done.length === 0 || !(err instanceof UserError)) return err;
+  const images = done.map((d) => d.image);
+  const [them, are] = images.length > 1 ? ['them', 'are'] : ['it', 'is'];
+  const rest = plan.disks.filter((disk) => !done.some((d) => d.disk === disk.disk)).map((disk) => disk.disk);
+  const onlyRest = !adjust && rest.length > 0 ? `restore ${rest.length > 1 ? `the disks ${rest.join(', ')} one by one with -d` : `disk ${rest[0]} with -d ${rest[0]}`} into ${plan.outputDir}, or ` : '';
+  return new UserError(`${err.message}; ${images.join(', ')}${host.remote ? ` on ${host.label}` : ''} ${are} restored whole and kept: ${onlyRest}remove ${them} and restore again`, err.exitCode);
 }
 
 /** `dir` and those of its parents that do not exist, innermost first. */

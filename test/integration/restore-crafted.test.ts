@@ -10,7 +10,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, withTempDir } from '../support/testbed.js';
 import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, type CliResult, type CliRun } from '../support/cli.js';
-import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
+import { MemoryDisk, craftStream, craftVmConfig, flipByte } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
 
 const MiB = 1024 * 1024;
@@ -368,4 +368,24 @@ test('a restore onto an existing raw file interrupted (SIGINT) says that the fil
   const stopped = await interruptWhileServing(['-i', set, '-o', target, '-n'], target);
   assert.equal(stopped.code, 130, stopped.stderr);
   assert.deepEqual(errorLines(stopped), [`virtnbdrestore: error: interrupted by SIGINT; cleaned up, but ${target} now holds incomplete data: restore onto it again`]);
+});
+
+test('a two-disk restore interrupted (SIGINT) or failing on its second disk keeps the first disk\'s whole image and says so, with how to go on', async (t) => {
+  const work = await withTempDir(t, 'vnbd-intsecond-');
+  const { set, refs } = await randomSet(work, { vda: 8, vdb: 64 });
+  const out = path.join(work, 'out');
+  const stopped = await interruptWhileServing(['-i', set, '-o', out, '-n'], path.join(out, 'vdb.qcow2.partial'));
+  assert.equal(stopped.code, 130, stopped.stderr);
+  assert.deepEqual(errorLines(stopped), [`virtnbdrestore: error: interrupted by SIGINT; cleaned up; ${out}/vda.qcow2 is restored whole and kept: restore disk vdb with -d vdb into ${out}, or remove it and restore again`]);
+  assert.deepEqual(await fs.readdir(out), ['vda.qcow2']);
+  // As the line says: the rest goes beside it.
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vdb']);
+  await assertSame(path.join(out, 'vda.qcow2'), refs.vda as string, 'qcow2');
+  await assertSame(path.join(out, 'vdb.qcow2'), refs.vdb as string, 'qcow2');
+
+  // A failure says the same; with -c, whose domain XML names every disk, only a restore of all of them helps.
+  await flipByte(path.join(set, 'vdb.full.data'), 40 * MiB);
+  const failed = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'failed'), '-n', '-c']);
+  assert.equal(failed.code, 1, failed.stderr);
+  assert.match(errorLines(failed).join('\n'), new RegExp(`^virtnbdrestore: error: restore of disk vdb failed: .*; nothing of it was kept; ${work}/failed/vda\\.qcow2 is restored whole and kept: remove it and restore again$`));
 });
