@@ -3,7 +3,7 @@
 import os from 'node:os';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { startMap } from '../map/map.js';
+import { defaultSocket, startMap } from '../map/map.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { UserError } from '../util/errors.js';
 import { checkTcpPort } from '../util/tcpPort.js';
@@ -20,7 +20,7 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv))
   .option('threads', { alias: 't', type: 'number', default: 8, describe: 'Requests served at the same time' })
   .option('listen-address', { alias: 'l', type: 'string', default: '127.0.0.1', describe: 'TCP address to listen on' })
   .option('listen-port', { alias: 'p', type: 'number', default: 10809, describe: 'TCP port to listen on (0: any free port)' })
-  .option('socket', { type: 'string', default: `/var/tmp/virtnbdmap.${process.pid}.sock`, describe: 'Unix socket to listen on' })
+  .option('socket', { type: 'string', default: defaultSocket(), describe: 'Unix socket to listen on (a default one left by a killed virtnbdmap is removed by the next)' })
   .option('overlay-dir', { type: 'string', default: '/var/tmp', describe: 'Where the copy-on-write overlay of writes goes (deleted at exit)' })
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bar (mapping reads only frame headers: nothing to show)' })
   .group(['file', 'blocksize', 'device', 'export-name', 'threads', 'listen-address', 'listen-port', 'socket', 'overlay-dir', 'noprogress'], 'General options:')

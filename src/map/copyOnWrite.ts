@@ -14,6 +14,7 @@ import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusE
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
 import { silentLogger, type Logger } from '../util/log.js';
+import { processRuns } from '../util/process.js';
 
 /** Copy-on-write granularity: a smaller write costs one read of the base block, once. */
 export const COW_BLOCK = 64 * 1024;
@@ -199,14 +200,5 @@ async function removeOrphanOverlays(parentDir: string, log: Logger): Promise<voi
     if (!stat?.isDirectory() || stat.uid !== process.getuid?.() || (stat.mode & 0o777) !== 0o700) continue;
     await fs.rm(path.join(parentDir, name), { recursive: true, force: true });
     log.info(`removed ${path.join(parentDir, name)}, the overlay of a virtnbdmap that is gone (pid ${pid})`);
-  }
-}
-
-function processRuns(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -5,15 +5,18 @@
 // language or our server behind its nbd plugin; the copy-on-write here is small and lets block status show the
 // backup's holes and zero ranges through writes. Guarantees: the backup files are never written; stop() (and
 // any failure while starting) detaches the device, closes connections and removes the socket and the overlay;
-// an exit without stop() (a second Ctrl-C) still removes the socket and the overlay, and detaches the device.
+// an exit without stop() (a second Ctrl-C) still removes the socket and the overlay, and detaches the device; the
+// sockets and overlays of servers killed (kill -9) are removed by the next one.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { ChainEndpoint } from './chainEndpoint.js';
 import { CopyOnWriteEndpoint } from './copyOnWrite.js';
 import { NbdServer, type NbdTrace } from './nbdServer.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
-import { run } from '../util/process.js';
+import { listensAt, processRuns, run } from '../util/process.js';
+import { processStart } from '../backup/lock.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 
@@ -58,6 +61,51 @@ export interface MapSession {
 
 const NBD_MODULE = '/sys/module/nbd';
 
+/** Where a server's socket goes unless --socket says otherwise. */
+const SOCKET_DIR = '/var/tmp';
+
+/** The socket of the server with process id `pid` unless --socket says otherwise: its name tells its server. */
+export function defaultSocket(pid = process.pid): string {
+  return path.join(SOCKET_DIR, `virtnbdmap.${pid}.sock`);
+}
+
+const DEFAULT_SOCKET = /^virtnbdmap\.(\d+)\.sock$/;
+
+/** Clock ticks per second of /proc/<pid>/stat's start time (USER_HZ, 100 on every Linux architecture). */
+const TICKS_PER_SECOND = 100;
+
+/**
+ * When process `pid` started, in ms since the epoch, or undefined when it is gone. Boot time counts whole seconds,
+ * so this is up to a second early, never late.
+ */
+async function processStartedAt(pid: number): Promise<number | undefined> {
+  const ticks = Number(processStart(pid));
+  const boot = Number(/^btime (\d+)$/m.exec(await fsp.readFile('/proc/stat', 'utf8').catch(() => ''))?.[1]);
+  return Number.isFinite(ticks) && boot ? boot * 1000 + (ticks * 1000) / TICKS_PER_SECOND : undefined;
+}
+
+/**
+ * Removes the default sockets (virtnbdmap.<pid>.sock) in `dirs` of servers that are gone: one killed (kill -9) could
+ * not remove its own, and every run leaves another. Its server is gone when no process has its pid, or the one that
+ * has it started after the socket was made (the pid used again); a socket something listens on is kept all the same.
+ */
+async function removeOrphanSockets(dirs: string[], log: Logger): Promise<void> {
+  for (const dir of new Set(dirs)) {
+    for (const name of await fsp.readdir(dir).catch(() => [] as string[])) {
+      const pid = Number(DEFAULT_SOCKET.exec(name)?.[1]);
+      if (!pid || pid === process.pid) continue;
+      const file = path.join(dir, name);
+      // Only our own user's sockets: in a shared /var/tmp, the sticky bit leaves another's to them.
+      const stat = await fsp.lstat(file).catch(() => undefined);
+      if (!stat?.isSocket() || stat.uid !== process.getuid?.()) continue;
+      const gone = !processRuns(pid) || ((await processStartedAt(pid)) ?? 0) > stat.mtimeMs;
+      if (!gone || (await listensAt(file))) continue;
+      await fsp.rm(file, { force: true });
+      log.info(`removed ${file}, the socket of a virtnbdmap that is gone (pid ${pid})`);
+    }
+  }
+}
+
 export async function startMap(options: MapOptions): Promise<MapSession> {
   const log = options.log ?? silentLogger;
   const cleanups: Array<() => Promise<unknown>> = [];
@@ -73,6 +121,7 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     }
   };
   process.on('exit', removeLeftovers);
+  await removeOrphanSockets([SOCKET_DIR, path.dirname(path.resolve(options.socket))], log);
   const stop = async (): Promise<void> => {
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch((err: unknown) => log.warn(`cleanup: ${oneLine(err)}`));
     process.off('exit', removeLeftovers);

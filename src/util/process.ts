@@ -118,6 +118,16 @@ function serverEnvironment(): NodeJS.ProcessEnv {
   return { ...process.env, GLIBC_TUNABLES: own ? `${SERVER_TUNABLES}:${own}` : SERVER_TUNABLES };
 }
 
+/** Whether process `pid` exists (one of another user's, which we may not signal, too). */
+export function processRuns(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
 /** Listening sockets in /proc/net/unix carry __SO_ACCEPTCON in their flags column. */
 const ACCEPTS_CONNECTIONS = 0x10000;
 
@@ -126,7 +136,7 @@ const ACCEPTS_CONNECTIONS = 0x10000;
  * between is refused (seen under load: qemu-nbd's socket there, "Connection refused"). A probe connection would
  * count as qemu-nbd's one client, so the kernel's table tells instead; where it cannot be read, the path alone does.
  */
-async function listensAt(socketPath: string): Promise<boolean> {
+export async function listensAt(socketPath: string): Promise<boolean> {
   let table: string;
   try {
     table = await fs.readFile('/proc/net/unix', 'utf8');

@@ -2,17 +2,18 @@
 // incs, and lz4 full + inc), each point mapped and compared bit for bit (qemu-img compare) with our restore of the
 // same point; nbdinfo --map; nbdcopy with 4 connections; a second TCG domain booted on a qcow2 overlay whose
 // backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
-// one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next;
-// an overlay directory that fills up (ENOSPC to the client, the server serving on).
+// one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next,
+// and so are the default sockets of servers that are gone; an overlay directory that fills up (ENOSPC to the client, the server serving on).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION } from '../../src/endpoint/endpoint.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
 import { TestDomain, assertPattern, run, withDomain, withTempDir, withTmpfs, type DiskSpec } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, runOk, type CliResult } from '../support/cli.js';
+import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
 import { startMap } from '../support/map.js';
 import { MemoryDisk, craftStream } from '../support/craftedSet.js';
 
@@ -201,6 +202,43 @@ test('a virtnbdmap killed (SIGKILL) leaves its socket and overlay: the next one 
   assert.match(log, /removed \S+m\.sock, a socket left by a server that is gone/);
   await next.stop();
   assert.deepEqual(await overlays(), []);
+});
+
+test('the default sockets (virtnbdmap.<pid>.sock) of servers that are gone are removed by the next one: a killed one\'s, one whose pid now names a later process; a live process\'s and one something listens on are kept', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-mapsockets-');
+  await craftStream({ dir, file: 'vda.full.data', disk: new MemoryDisk(16 * MiB).fill(0x11, 0, 4 * MiB), diskName: 'vda', extents: [{ offset: 0, length: 4 * MiB, kind: 'data' }] });
+  const file = path.join(dir, 'vda.full.data');
+  const killed = await startMap(t, dir, 'killed', [file], [], { defaultSocket: true });
+  const killedPid = /virtnbdmap\.(\d+)\.sock$/.exec(killed.socket)?.[1] as string;
+  assert.equal(killed.socket, `/var/tmp/virtnbdmap.${killedPid}.sock`);
+  await killed.kill();
+  t.after(() => fs.rm(killed.socket, { force: true }));
+  await fs.access(killed.socket);
+
+  // Sockets as a killed server leaves them (bound, nobody listening), beside the next one's --socket.
+  await fs.writeFile(path.join(dir, 'bind.py'), 'import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\n');
+  const leave = (pid: number | string): Promise<unknown> => run('/usr/bin/python3', [path.join(dir, 'bind.py'), path.join(dir, `virtnbdmap.${pid}.sock`)]);
+  const reusedPid = 'later';
+  await leave(reusedPid);
+  // Its pid now names a process started after it (boot time counts whole seconds: more than one later).
+  await new Promise((r) => setTimeout(r, 1500));
+  const later = startCli('sleep', ['60']);
+  t.after(() => later.child.kill());
+  await fs.rename(path.join(dir, `virtnbdmap.${reusedPid}.sock`), path.join(dir, `virtnbdmap.${later.child.pid}.sock`));
+  await leave(process.pid); // this test's process, older than the socket
+  const listening = path.join(dir, `virtnbdmap.${killedPid}.sock`);
+  const server = net.createServer((c) => c.destroy());
+  await new Promise<void>((resolve) => server.listen(listening, resolve));
+  t.after(() => new Promise((resolve) => server.close(resolve)));
+
+  const next = await startMap(t, dir, 'next', [file]);
+  await assert.rejects(fs.access(killed.socket), 'the killed server\'s socket is left');
+  await assert.rejects(fs.access(path.join(dir, `virtnbdmap.${later.child.pid}.sock`)), 'the socket of a pid used again is left');
+  await fs.access(path.join(dir, `virtnbdmap.${process.pid}.sock`));
+  await fs.access(listening);
+  const log = await fs.readFile(path.join(dir, 'next.log'), 'utf8');
+  assert.match(log, new RegExp(`removed ${killed.socket}, the socket of a virtnbdmap that is gone \\(pid ${killedPid}\\)`));
+  await next.stop();
 });
 
 test('an overlay directory that fills up: the write that does not fit fails with ENOSPC to the client, the server serves on, earlier writes and the backup read right', async (t) => {

@@ -16,11 +16,13 @@ export interface RunningMap {
   kill: () => Promise<void>;
 }
 
-/** Starts bin/virtnbdmap on `files` with its socket in `dir`; stopped (SIGINT, else SIGKILL) when the test ends. */
-export async function startMap(t: TestContext, dir: string, name: string, files: string[], extra: string[] = []): Promise<RunningMap> {
-  const socket = path.join(dir, `${name}.sock`);
+/**
+ * Starts bin/virtnbdmap on `files` with its socket in `dir` (or, with `defaultSocket`, where virtnbdmap puts it);
+ * stopped (SIGINT, else SIGKILL) when the test ends.
+ */
+export async function startMap(t: TestContext, dir: string, name: string, files: string[], extra: string[] = [], { defaultSocket = false } = {}): Promise<RunningMap> {
   const { child, done } = startCli(ourBin('virtnbdmap'), [
-    '-f', files.join(','), '--socket', socket, '-p', '0', '-L', path.join(dir, `${name}.log`), '--nocolor',
+    '-f', files.join(','), ...(defaultSocket ? [] : ['--socket', path.join(dir, `${name}.sock`)]), '-p', '0', '-L', path.join(dir, `${name}.log`), '--nocolor',
     ...(extra.includes('-d') ? [] : ['-d', '']), ...(extra.includes('--overlay-dir') ? [] : ['--overlay-dir', dir]), ...extra,
   ]);
   t.after(async () => {
@@ -39,9 +41,11 @@ export async function startMap(t: TestContext, dir: string, name: string, files:
     if (Date.now() > deadline) throw new Error(`virtnbdmap ${name} printed no URIs within 15 s`);
     await new Promise((r) => setTimeout(r, 25));
   }
+  const uris = printed.trim().split('\n') as [string, string];
+  const socket = new URL(uris[0]).searchParams.get('socket') ?? '';
   await fs.access(socket);
   return {
-    uris: printed.trim().split('\n') as [string, string],
+    uris,
     socket,
     stop: async () => {
       child.kill('SIGINT');
