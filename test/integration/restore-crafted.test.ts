@@ -12,6 +12,7 @@ import { TestDomain, run, withTempDir } from '../support/testbed.js';
 import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, type CliResult, type CliRun } from '../support/cli.js';
 import { MemoryDisk, craftStream, craftVmConfig, flipByte } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
+import type { PlannedExtent } from '../../src/extents/plan.js';
 
 const MiB = 1024 * 1024;
 
@@ -289,14 +290,27 @@ test('a domain XML that cannot be written after the images says that the images 
 });
 
 /** A set (full backups) of qcow2 disks, `sizeMiB` MiB of random data each: compressing or writing it takes a while. */
-async function randomSet(work: string, disks: Record<string, number>): Promise<{ set: string; refs: Record<string, string> }> {
+/**
+ * A full backup of each disk, random data; the disks named in `scattered` hold it in 512-byte extents 2 KiB apart
+ * (the rest zero), so that restoring them takes tens of thousands of writes: long enough to be caught in mid-write,
+ * however fast or loaded the machine.
+ */
+async function randomSet(work: string, disks: Record<string, number>, scattered: string[] = []): Promise<{ set: string; refs: Record<string, string> }> {
   const set = path.join(work, 'set');
   await fs.mkdir(set);
   const refs: Record<string, string> = {};
   for (const [target, sizeMiB] of Object.entries(disks)) {
     const disk = new MemoryDisk(sizeMiB * MiB);
     randomFillSync(disk.bytes);
-    await craftStream({ dir: set, file: `${target}.full.data`, disk, diskName: target, extents: [{ offset: 0, length: sizeMiB * MiB, kind: 'data' }] });
+    let extents: PlannedExtent[] = [{ offset: 0, length: sizeMiB * MiB, kind: 'data' }];
+    if (scattered.includes(target)) {
+      extents = [];
+      for (let offset = 0; offset < sizeMiB * MiB; offset += 2048) {
+        disk.bytes.fill(0, offset + 512, offset + 2048);
+        extents.push({ offset, length: 512, kind: 'data' });
+      }
+    }
+    await craftStream({ dir: set, file: `${target}.full.data`, disk, diskName: target, extents });
     refs[target] = await disk.saveRaw(path.join(work, `${target}.ref`));
   }
   await craftVmConfig(set, 'virtnbdbackup.0', 'rnd', Object.keys(disks).map((target) => ({ target, file: `/vm/${target}.qcow2`, format: 'qcow2' })));
@@ -362,9 +376,9 @@ async function interruptWhileServing(args: string[], image: string): Promise<Cli
 
 test('a restore onto an existing raw file interrupted (SIGINT) says that the file now holds incomplete data', async (t) => {
   const work = await withTempDir(t, 'vnbd-intexisting-');
-  const { set } = await randomSet(work, { vda: 64 });
+  const { set } = await randomSet(work, { vda: 32 }, ['vda']);
   const target = path.join(work, 'target.raw');
-  await fs.writeFile(target, Buffer.alloc(64 * MiB, 0x77));
+  await fs.writeFile(target, Buffer.alloc(32 * MiB, 0x77));
   const stopped = await interruptWhileServing(['-i', set, '-o', target, '-n'], target);
   assert.equal(stopped.code, 130, stopped.stderr);
   assert.deepEqual(errorLines(stopped), [`virtnbdrestore: error: interrupted by SIGINT; cleaned up, but ${target} now holds incomplete data: restore onto it again`]);
@@ -372,7 +386,7 @@ test('a restore onto an existing raw file interrupted (SIGINT) says that the fil
 
 test('a two-disk restore interrupted (SIGINT) or failing on its second disk keeps the first disk\'s whole image and says so, with how to go on', async (t) => {
   const work = await withTempDir(t, 'vnbd-intsecond-');
-  const { set, refs } = await randomSet(work, { vda: 8, vdb: 64 });
+  const { set, refs } = await randomSet(work, { vda: 8, vdb: 32 }, ['vdb']);
   const out = path.join(work, 'out');
   const stopped = await interruptWhileServing(['-i', set, '-o', out, '-n'], path.join(out, 'vdb.qcow2.partial'));
   assert.equal(stopped.code, 130, stopped.stderr);
@@ -384,7 +398,7 @@ test('a two-disk restore interrupted (SIGINT) or failing on its second disk keep
   await assertSame(path.join(out, 'vdb.qcow2'), refs.vdb as string, 'qcow2');
 
   // A failure says the same; with -c, whose domain XML names every disk, only a restore of all of them helps.
-  await flipByte(path.join(set, 'vdb.full.data'), 40 * MiB);
+  await flipByte(path.join(set, 'vdb.full.data'), 5 * MiB);
   const failed = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'failed'), '-n', '-c']);
   assert.equal(failed.code, 1, failed.stderr);
   assert.match(errorLines(failed).join('\n'), new RegExp(`^virtnbdrestore: error: restore of disk vdb failed: .*; nothing of it was kept; ${work}/failed/vda\\.qcow2 is restored whole and kept: remove it and restore again$`));
