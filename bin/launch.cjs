@@ -21,7 +21,24 @@ function modified(file) {
  */
 const THREADS = '8';
 
+/**
+ * Stop signals that come while the command loads (100 to 200 ms), before it handles them itself: kept for it
+ * (runCommand takes them over), where Node would end the process silently with 128 + the signal's number. SIGHUP
+ * stays ignored where the shell found it so (nohup).
+ */
+function holdEarlySignals() {
+  const held = { signal: undefined, listeners: new Map() };
+  const signals = process.env.VIRTNBD_SIGHUP_IGNORED === '1' ? ['SIGINT', 'SIGTERM'] : ['SIGINT', 'SIGTERM', 'SIGHUP'];
+  for (const name of signals) {
+    const listener = () => { held.signal = held.signal || name; };
+    held.listeners.set(name, listener);
+    process.on(name, listener);
+  }
+  globalThis.virtnbdEarlySignals = held;
+}
+
 exports.launch = function launch(command) {
+  holdEarlySignals();
   process.env.UV_THREADPOOL_SIZE = process.env.UV_THREADPOOL_SIZE || THREADS;
   const cli = path.join(__dirname, '..', 'dist', 'src', 'cli');
   const compiled = path.join(cli, `${command}.js`);

@@ -234,8 +234,28 @@ export interface RunCommandOptions {
   servesUntilStopped?: boolean;
 }
 
+/** What the launcher (bin/launch.cjs) held of the stop signals that came while the command loaded. */
+interface EarlySignals {
+  signal?: NodeJS.Signals;
+  listeners: Map<NodeJS.Signals, () => void>;
+}
+
+/** The stop signal that came while the command loaded, if any; from now on the command handles them itself. */
+function takeEarlySignal(): NodeJS.Signals | undefined {
+  const held = (globalThis as { virtnbdEarlySignals?: EarlySignals }).virtnbdEarlySignals;
+  if (!held) return undefined;
+  for (const [name, listener] of held.listeners) process.off(name, listener);
+  delete (globalThis as { virtnbdEarlySignals?: EarlySignals }).virtnbdEarlySignals;
+  return held.signal;
+}
+
 /** Runs a command body with an abort signal wired to SIGINT/SIGTERM/SIGHUP; exits the process with its result. */
 export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>, options: RunCommandOptions = {}): Promise<never> {
+  const early = takeEarlySignal();
+  if (early) {
+    process.stderr.write(`${name}: error: interrupted by ${early} before it began; nothing was done\n`);
+    process.exit(130);
+  }
   const controller = new AbortController();
   const cutShort = options.leftover ? `; ${options.leftover}` : '';
   let signalled = false;

@@ -1,6 +1,6 @@
 // The launchers in bin/: they run each command's bundle, which answers as the compiled modules do, and fall back
 // to the compiled modules when the bundle is older than them.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -88,5 +88,27 @@ test('the launchers start the command with 8 libuv threads, or the UV_THREADPOOL
   for (const command of COMMANDS) {
     assert.equal((await threads(command)) - (await threads(command, '1')), 7, `${command}: 8 threads by default`);
     assert.equal((await threads(command, '3')) - (await threads(command, '1')), 2, `${command}: the caller's count wins`);
+  }
+});
+
+test('a stop signal while the command loads is held for it: one line and exit 130, not a silent 128 + signal', async (t) => {
+  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-launch-'));
+  t.after(() => fs.rm(root, { recursive: true, force: true }));
+  await fs.mkdir(path.join(root, 'bin'));
+  await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
+  await fs.copyFile(path.join(repoRoot, 'bin', 'launch.cjs'), path.join(root, 'bin', 'launch.cjs'));
+  // A command that takes a second to load, then runs as the commands do.
+  const common = path.join(repoRoot, 'dist', 'src', 'cli', 'common.js');
+  await fs.writeFile(path.join(root, 'dist', 'src', 'cli', 'probe.bundle.cjs'), `process.stdout.write('loading\\n');
+    setTimeout(() => import(${JSON.stringify(common)}).then((m) => m.runCommand('probe', false, async () => 0)), 1000);\n`);
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    const child = spawn(process.execPath, ['-e', `require(${JSON.stringify(path.join(root, 'bin', 'launch.cjs'))}).launch('probe')`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+    await new Promise((resolve) => child.stdout.once('data', resolve));
+    child.kill(signal);
+    const code = await new Promise((resolve) => child.once('exit', (c) => resolve(c)));
+    assert.equal(code, 130, `${signal}: ${stderr}`);
+    assert.equal(stderr, `probe: error: interrupted by ${signal} before it began; nothing was done\n`);
   }
 });
