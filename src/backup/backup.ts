@@ -315,7 +315,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       }
       return result;
     } catch (err) {
-      throw (await stoppedDomainError(domain, power, options.domain, err)) ?? err;
+      throw (await stoppedDomainError(domain, power, options.domain, err, toZip ? undefined : stateDir)) ?? err;
     } finally {
       await power.finish();
     }
@@ -353,11 +353,14 @@ async function createLogFile(dir: string, level: Level, when: Date): Promise<str
 
 /**
  * `err` restated when the domain that ran at the start is no longer running: its QEMU, which served the export,
- * is gone, and libnbd's words ("server disconnected unexpectedly") do not say why. Undefined otherwise.
+ * is gone, and libnbd's words ("server disconnected unexpectedly") do not say why. Undefined otherwise. The run's
+ * checkpoint is gone with it, so the set (`set`, not for a zip) goes on from its last complete backup once this
+ * run's .partial files are out of it.
  */
-async function stoppedDomainError(domain: LibvirtDomain, power: DomainPower, name: string, err: unknown): Promise<UserError | undefined> {
+async function stoppedDomainError(domain: LibvirtDomain, power: DomainPower, name: string, err: unknown, set?: string): Promise<UserError | undefined> {
   if (power.offline || (await domain.isActive().catch(() => true))) return undefined;
-  return new UserError(`domain '${name}' stopped during the backup (${oneLine(err)}); back it up again (a full or copy into an empty directory)`);
+  const again = set ? `move this run's .partial files out of ${set} and back it up again once it runs (an inc goes on from the set's last complete backup` : 'back it up again once it runs (';
+  return new UserError(`domain '${name}' stopped during the backup (${oneLine(err)}); ${again}${set ? '; ' : ''}shut off, a full is a copy and an inc a diff)`);
 }
 
 /** A zip ends with the run's log; a failed run's archive is left invalid on purpose. */

@@ -465,7 +465,7 @@ test('the domain stopped in mid-backup: one line saying so, checkpoint removed, 
   const r = await run.done;
   assert.equal(r.code, 1, r.stderr);
   const last = r.stderr.trim().split('\n').at(-1) ?? '';
-  assert.match(last, new RegExp(`^virtnbdbackup: error: domain '${dom.name}' stopped during the backup \\(backup of disk vda failed reading its NBD export: nbd_\\w+: .+\\); back it up again \\(a full or copy into an empty directory\\)$`));
+  assert.match(last, new RegExp(`^virtnbdbackup: error: domain '${dom.name}' stopped during the backup \\(backup of disk vda failed reading its NBD export: nbd_\\w+: .+\\); move this run's \\.partial files out of ${out.replace(/[.]/g, '\\.')} and back it up again once it runs \\(an inc goes on from the set's last complete backup; shut off, a full is a copy and an inc a diff\\)$`));
   // No job can outlive the domain's QEMU; the checkpoint and the socket are what could be left.
   assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
   assert.equal(await fs.access(socket).then(() => true, () => false), false, `socket ${socket} left behind`);
