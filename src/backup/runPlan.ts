@@ -120,7 +120,7 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
   }
   if (level === 'diff' && changes.added.length > 0) {
     const named = `disk${changes.added.length > 1 ? 's' : ''} ${changes.added.join(', ')}`;
-    return { ...changes, problem: `${named} of '${ctx.options.domain}' ${changes.added.length > 1 ? 'have' : 'has'} no bitmap of checkpoint ${parent} (added to the domain since), and a differential backup cannot start ${changes.added.length > 1 ? 'their chains' : 'its chain'}` };
+    return { ...changes, problem: `${named} of '${ctx.options.domain}' ${changes.added.length > 1 ? 'have' : 'has'} no bitmap of checkpoint ${parent} (added to the domain since, or left out of every backup of the chain), and a differential backup cannot start ${changes.added.length > 1 ? 'their chains' : 'its chain'}` };
   }
   return changes;
 }
@@ -203,7 +203,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   }
   const plan = { ...planFor(level, chain, prefix), addedDisks: added.added, resumedDisks: added.resumed };
   for (const target of options.printOnly ? [] : plan.addedDisks) {
-    log.info(`disk ${target} has no bitmap of checkpoint ${parent} (added to the domain since): this inc saves it whole as ${dataFileName(target, 'full', '')}, and checkpoint ${plan.checkpoint.name} starts its changes`);
+    log.info(`disk ${target} has no bitmap of checkpoint ${parent} (added to the domain since, or left out of every backup of the chain): this inc saves it whole as ${dataFileName(target, 'full', '')}, and checkpoint ${plan.checkpoint.name} starts its changes`);
   }
   for (const { target, from } of options.printOnly ? [] : plan.resumedDisks) {
     log.info(`disk ${target} was left out of the backups after checkpoint ${from}: this ${level} saves its changes since ${from}, which its bitmap there has kept`);
