@@ -278,7 +278,7 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
   for (const link of chain.slice(1)) {
     const lastCheckpoint = last?.meta.checkpointName ?? '';
     if (link.meta.parentCheckpoint !== lastCheckpoint) {
-      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint} (${last?.file}); a data file is missing from the set: ${remedy}`);
+      throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint || 'no checkpoint'} (${last?.file}); a data file is missing from the set: ${remedy}`);
     }
     // Same names, another chain: a set's file copied over with another set's (ours record who made each checkpoint).
     const made = last?.meta.checkpointIdentity;
