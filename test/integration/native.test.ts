@@ -23,6 +23,7 @@ import { DomainPower } from '../../src/backup/domainPower.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
 import { qemuImgExtents } from '../../src/backup/extentSources.js';
 import { UserError } from '../../src/util/errors.js';
+import { listensAt, stopServer } from '../../src/util/process.js';
 import { ReadAhead } from '../../src/util/fileIo.js';
 import { Logger } from '../../src/util/log.js';
 import { anonHugeKiB, hugePagesOffered } from '../support/cli.js';
@@ -73,11 +74,16 @@ async function makeImage(dir: string, size: string): Promise<string> {
   return image;
 }
 
+/**
+ * Waits until a server listens on `socket`, as spawnServer does: its file appears at bind(), before listen(), and a
+ * connect in between is refused. Such a refusal failed a test at once, and its stop() then sent qemu-nbd a SIGTERM
+ * that it dropped (see stop): the test hung.
+ */
 async function waitForSocket(socket: string, child?: ChildProcess): Promise<void> {
   for (let i = 0; i < 200; i++) {
     if (child && child.exitCode !== null) throw new Error(`server exited ${child.exitCode} before ${socket} appeared`);
     const st = await stat(socket).catch(() => undefined);
-    if (st?.isSocket()) return;
+    if (st?.isSocket() && (await listensAt(socket))) return;
     await sleep(50);
   }
   throw new Error(`${socket} did not appear`);
@@ -91,11 +97,13 @@ async function serve(image: string, socket: string, extra: string[] = []): Promi
   return child;
 }
 
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((resolve) => child.once('exit', resolve));
-  child.kill('SIGTERM');
-  await exited;
+/**
+ * stopServer: SIGTERM, and SIGKILL should the server outlive it. qemu-nbd drops a SIGTERM that comes before its
+ * main loop runs (it opens the image after it listens, then sets its state to running over the terminate its
+ * handler set), so waiting for the exit after one SIGTERM may wait for ever.
+ */
+function stop(child: ChildProcess): Promise<void> {
+  return stopServer(child);
 }
 
 /** Flags of the extent covering `at` in a flat [len, flags, ...] list starting at `start`. */
