@@ -225,13 +225,22 @@ export async function serverExit(child: ChildProcess, graceMs = 500): Promise<st
   return hasExited(child) ? howItEnded(child) : undefined;
 }
 
-/** Terminates a server started by spawnServer, waits for it to be gone, and removes its socket when given. */
+/** How often stopServer repeats its SIGTERM until the server is gone. */
+const SIGTERM_REPEAT_MS = 200;
+
+/**
+ * Terminates a server started by spawnServer, waits for it to be gone, and removes its socket when given. qemu-nbd
+ * drops a SIGTERM that comes before its main loop runs (it listens, then opens the image, then sets its state to
+ * running over the terminate its handler set), so the SIGTERM is repeated until it exits; SIGKILL after 5 s.
+ */
 export async function stopServer(child: ChildProcess, socketPath?: string): Promise<void> {
   if (!hasExited(child)) {
     const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
     child.kill('SIGTERM');
+    const again = setInterval(() => child.kill('SIGTERM'), SIGTERM_REPEAT_MS);
     const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
     await gone;
+    clearInterval(again);
     clearTimeout(timer);
   }
   if (socketPath) await fs.rm(socketPath, { force: true });

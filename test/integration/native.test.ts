@@ -98,7 +98,7 @@ async function serve(image: string, socket: string, extra: string[] = []): Promi
 }
 
 /**
- * stopServer: SIGTERM, and SIGKILL should the server outlive it. qemu-nbd drops a SIGTERM that comes before its
+ * stopServer: SIGTERM until the server is gone, SIGKILL after 5 s. qemu-nbd drops a SIGTERM that comes before its
  * main loop runs (it opens the image after it listens, then sets its state to running over the terminate its
  * handler set), so waiting for the exit after one SIGTERM may wait for ever.
  */
@@ -171,6 +171,25 @@ test('versions() names every library', () => {
   assert.match(v.libvirt, /^\d+\.\d+\.\d+$/);
   assert.match(v.lz4, /^\d+\.\d+\.\d+$/);
   assert.match(v.zlib, /^\d+\.\d+/);
+});
+
+test('a qemu-nbd stopped as soon as it listens, while it still opens its image, ends at once and cleanly (one SIGTERM then is dropped)', async () => {
+  const dir = await tempDir();
+  try {
+    const image = await makeImage(dir, '64M');
+    for (let i = 0; i < 3; i++) {
+      const socket = path.join(dir, `early${i}.sock`);
+      const server = spawn('qemu-nbd', ['-k', socket, '-f', 'qcow2', '-x', 'vda', '--cache=none', '-e', '4', '-t', image], { stdio: ['ignore', 'ignore', 'inherit'] });
+      // Polled every millisecond, not as waitForSocket does: it listens a few ms before its main loop runs.
+      for (let n = 0; n < 5000 && server.exitCode === null && !(await listensAt(socket)); n++) await sleep(1);
+      const started = Date.now();
+      await stop(server);
+      assert.equal(server.exitCode, 0, `qemu-nbd ended by ${server.signalCode ?? `exit ${server.exitCode}`}, not by a SIGTERM`);
+      assert.ok(Date.now() - started < 3000, `qemu-nbd took ${Date.now() - started} ms to stop`);
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });
 
 test('NbdHandle against qemu-nbd', async () => {
