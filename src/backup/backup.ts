@@ -28,7 +28,7 @@ import { DomainPower } from './domainPower.js';
 import { OfflineExports, type DiskExports, type OfflineServing } from './offline.js';
 import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
-import { backupDisk, type DiskResult } from './diskBackup.js';
+import { backupDisk, writeFailure, type DiskResult } from './diskBackup.js';
 import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
 import { openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
 import { guardJob, type JobGuard } from './jobGuard.js';
@@ -670,7 +670,13 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       }
     });
     signal.throwIfAborted();
-    await ctx.target.publish?.();
+    await ctx.target.publish?.().catch((err: unknown) => {
+      // Named as a failure of the disk whose file it was (a rename's error names the .partial as its path).
+      const partial = (err as NodeJS.ErrnoException).path;
+      const result = results.find((r) => `${ctx.target.pathOf(r.file)}.partial` === partial);
+      const disk = result && disks.find((d) => d.target === result.disk);
+      throw disk && partial ? writeFailure(disk, partial, err) : err;
+    });
     await saveSideFiles(ctx, plan, ident, imageInfo ?? readImageInfo(ctx));
     failed = false;
     return { ...base, disks: results.sort((a, b) => a.disk.localeCompare(b.disk)) };
@@ -697,6 +703,7 @@ async function setAsideFinished(ctx: RunContext, results: DiskResult[]): Promise
     const partial = `${final}.partial`;
     try {
       const published = !(await there(partial)) && (await there(final));
+      if (!published && !(await there(partial))) continue; // gone (the set directory removed)
       if (published) await fs.rename(final, partial);
       // Under the data file's name they would stop the next inc, which writes that name again.
       for (const side of [checksumFileName, digestFileName]) {

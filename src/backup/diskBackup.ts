@@ -63,7 +63,8 @@ async function openSource(disk: DomainDisk, incremental: boolean, options: DiskR
   return endpoint;
 }
 
-function writeFailure(disk: DomainDisk, partial: string, err: unknown): Error {
+/** A failure writing `partial`, the data file of `disk`, in words: its NBD export's, or the file's (gone, full...). */
+export function writeFailure(disk: DomainDisk, partial: string, err: unknown): Error {
   if (err instanceof UserError) return err; // an interrupt, or another disk's failure
   if (raisedBy(err, 'libnbd')) {
     return new UserError(`backup of disk ${disk.target} failed reading its NBD export: ${describeFailure(err)}`);
