@@ -1,12 +1,14 @@
-// Run locks: one backup at a time per domain and per output directory. A lock is a file created exclusively
-// holding the owner's pid and process start time; a lock whose owner is gone (crash, kill -9) is stale and
-// taken over, and so is one left empty by a run killed between creating and writing it, after a few seconds; runningWriter tells readers of a set whether a backup is writing into it. Guarantees: a second
-// run refuses with the owner's pid and the lock's path; locks are removed on release and, as a last resort,
-// when the process exits.
+// Run locks: one backup at a time per domain and per output directory. A lock is a file created whole (written
+// beside its name, then linked to it) holding the owner's pid and process start time; a lock whose owner is gone
+// (crash, kill -9) is stale and taken over, and so is an empty one (left by an earlier version killed between
+// creating and writing it) once it is 10 s old; runningWriter tells readers of a set whether a backup is writing
+// into it. Guarantees: a second run refuses with the owner's pid and the lock's path; locks are removed on release
+// and, as a last resort, when the process exits.
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { UserError, describeFailure } from '../util/errors.js';
+import { processStart } from '../util/process.js';
 
 /** Name of the lock file inside an output directory (moved aside never, listed as a set file never). */
 export const OUTPUT_LOCK_NAME = '.virtnbdbackup.lock';
@@ -15,16 +17,6 @@ interface Owner {
   pid: number;
   /** Process start time in clock ticks since boot (/proc/<pid>/stat field 22); tells pid reuse apart. */
   start: string;
-}
-
-export function processStart(pid: number): string | undefined {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
-  } catch {
-    return undefined;
-  }
 }
 
 function parseOwner(text: string): Owner | undefined {
@@ -91,7 +83,7 @@ export class RunLock {
     const content = JSON.stringify({ pid: process.pid, start: processStart(process.pid) ?? '' });
     for (let attempt = 0; attempt < 5; attempt++) {
       try {
-        await fsp.writeFile(file, content, { flag: 'wx', mode: 0o644 });
+        await createWhole(file, content);
         if (!exitHookInstalled) {
           exitHookInstalled = true;
           process.once('exit', removeHeldLocks);
@@ -119,6 +111,25 @@ export class RunLock {
     held.delete(this.file);
     const current = await fsp.readFile(this.file, 'utf8').catch(() => undefined);
     if (current === this.content) await fsp.rm(this.file, { force: true });
+  }
+}
+
+/**
+ * Creates `file` holding `content`, failing with EEXIST where it exists: written beside it, then hard-linked to its
+ * name, so that no one ever reads it empty (an empty lock is taken over once old). Where the file system has no hard
+ * links, an exclusive create and a write.
+ */
+async function createWhole(file: string, content: string): Promise<void> {
+  const beside = `${file}.${process.pid}.new`;
+  await fsp.writeFile(beside, content, { mode: 0o644 });
+  try {
+    await fsp.link(beside, file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
+    await fsp.writeFile(file, content, { flag: 'wx', mode: 0o644 });
+  } finally {
+    await fsp.rm(beside, { force: true });
   }
 }
 

@@ -15,8 +15,7 @@ import { ChainEndpoint } from './chainEndpoint.js';
 import { CopyOnWriteEndpoint } from './copyOnWrite.js';
 import { NbdServer, type NbdTrace } from './nbdServer.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
-import { listensAt, processRuns, run } from '../util/process.js';
-import { processStart } from '../backup/lock.js';
+import { listensAt, processRuns, processStart, run } from '../util/process.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 

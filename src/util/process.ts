@@ -1,6 +1,7 @@
 // Runs helper programs (qemu-img, qemu-nbd) without a shell; failures become errors carrying their stderr.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import { UserError, describeFailure } from './errors.js';
@@ -116,6 +117,17 @@ const SERVER_TUNABLES = 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_
 function serverEnvironment(): NodeJS.ProcessEnv {
   const own = process.env.GLIBC_TUNABLES;
   return { ...process.env, GLIBC_TUNABLES: own ? `${SERVER_TUNABLES}:${own}` : SERVER_TUNABLES };
+}
+
+/** Process `pid`'s start time in clock ticks since boot (/proc/<pid>/stat field 22), which tells a reused pid apart. */
+export function processStart(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
 }
 
 /** Whether process `pid` exists (one of another user's, which we may not signal, too). */
