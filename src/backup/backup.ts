@@ -165,9 +165,10 @@ async function checkSet(output: string, level: Level, domain: string): Promise<v
     if (listing.dataFiles.length > 0) {
       const existing = listing.dataFiles[0]!.file;
       const onlyCopies = listing.dataFiles.every((d) => d.level === 'copy');
-      // Ours lists the chain's first checkpoint last: a full without the list did not finish (killed between disks).
-      const unfinished = !onlyCopies && !(await exists(cptFile));
-      const advice = onlyCopies ? '' : unfinished ? ` (with no ${path.basename(cptFile)}, the run that wrote it did not finish: move it out of the set)` : ', or -l inc/auto to continue its chain';
+      // Ours lists the chain's first checkpoint last: a full without any list did not finish (killed between disks;
+      // a set whose domain was renamed has its list under the former name).
+      const unfinished = !onlyCopies && listing.checkpointLists.length === 0;
+      const advice = onlyCopies ? '' : unfinished ? ` (with no checkpoint list, ${path.basename(cptFile)}, the run that wrote it did not finish: move it out of the set)` : ', or -l inc/auto to continue its chain';
       throw new UserError(`output directory ${output} already holds a backup (${existing}); use an empty directory for a ${level} backup${advice}`);
     }
     return;
@@ -191,7 +192,8 @@ async function checkSet(output: string, level: Level, domain: string): Promise<v
     }
   }
   if (listing.partials.length > 0) {
-    throw new UserError(`${path.join(output, listing.partials[0] as string)} is left from a failed run, so the chain in ${output} is incomplete; start a new set with -l full in an empty directory (or move the .partial away to continue the chain from its last complete backup)`);
+    const shown = listing.partials.slice(0, 4).join(', ') + (listing.partials.length > 4 ? ` and ${listing.partials.length - 4} more` : '');
+    throw new UserError(`${output} holds what a failed run left: ${shown}; the chain there is incomplete: start a new set with -l full in an empty directory (or move the .partial files away to continue the chain from its last complete backup)`);
   }
   // A run lists its checkpoint after its files: an inc file of a checkpoint the list does not hold is a run's that
   // did not finish (killed as it named its files), and the next inc would write that name again.
@@ -315,7 +317,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       }
       return result;
     } catch (err) {
-      throw (await stoppedDomainError(domain, power, options.domain, err, toZip ? undefined : stateDir)) ?? err;
+      throw (await stoppedDomainError(domain, power, options.domain, err, toZip || !writesSet ? undefined : stateDir)) ?? err;
     } finally {
       await power.finish();
     }
@@ -359,8 +361,10 @@ async function createLogFile(dir: string, level: Level, when: Date): Promise<str
  */
 async function stoppedDomainError(domain: LibvirtDomain, power: DomainPower, name: string, err: unknown, set?: string): Promise<UserError | undefined> {
   if (power.offline || (await domain.isActive().catch(() => true))) return undefined;
-  const again = set ? `move this run's .partial files out of ${set} and back it up again once it runs (an inc goes on from the set's last complete backup` : 'back it up again once it runs (';
-  return new UserError(`domain '${name}' stopped during the backup (${oneLine(err)}); ${again}${set ? '; ' : ''}shut off, a full is a copy and an inc a diff)`);
+  const again = set
+    ? `move this run's .partial files out of ${set} and back it up again once it runs (an inc goes on from the set's last complete backup; shut off, a full is a copy and an inc a diff)`
+    : 'back it up again once it runs (shut off, a full is a copy and an inc a diff)';
+  return new UserError(`domain '${name}' stopped during the backup (${oneLine(err)}); ${again}`);
 }
 
 /** A zip ends with the run's log; a failed run's archive is left invalid on purpose. */
@@ -596,16 +600,11 @@ async function openExports(ctx: RunContext, initial: RunPlan, hooks?: BackupJobO
 
 async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
   const { options, log, disks } = ctx;
-  // The job's guard is spawned before the job is first asked for, told of each begin, and armed once the job runs;
-  // a job left running (-s) has none.
-  let guard: JobGuard | undefined;
-  const hooks = ctx.power.offline || options.startOnly ? undefined : {
-    beginning: (jobMarker: string) => {
-      guard ??= guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login);
-      guard.beginning(jobMarker);
-    },
-    begun: () => guard?.arm(),
-  };
+  // The job's guard is spawned here, before a guest is frozen or paused for the job's begin (its spawn holds the event
+  // loop 8 to 15 ms), and told of each begin; a job left running (-s) has none. It is released once the job is ended.
+  const guard: JobGuard | undefined = ctx.power.offline || options.startOnly ? undefined
+    : guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login);
+  const hooks = guard && { beginning: (jobMarker: string) => guard.beginning(jobMarker) };
   let opened: Awaited<ReturnType<typeof openExports>>;
   try {
     opened = await openExports(ctx, initial, hooks);
@@ -692,22 +691,21 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
 }
 
 /**
- * A failed run's data files that did finish are renamed back to .partial where they were published (a failure after
- * publish), and their checksums and digests named for the .partial: its checkpoint is gone, so they belong to no
+ * A failed run's data files that did finish, with their checksums and digests, are renamed back to .partial where
+ * they were published (a failure after publish; else they still are): its checkpoint is gone, so they belong to no
  * chain, and the next inc would make the same names. As .partial, the set's checks say what to do with them.
  */
 async function setAsideFinished(ctx: RunContext, results: DiskResult[]): Promise<void> {
-  const there = (file: string): Promise<boolean> => fs.lstat(file).then(() => true, () => false);
   for (const { file } of results) {
     const final = ctx.target.pathOf(file);
     const partial = `${final}.partial`;
     try {
-      const published = !(await there(partial)) && (await there(final));
-      if (!published && !(await there(partial))) continue; // gone (the set directory removed)
+      const published = !(await exists(partial)) && (await exists(final));
+      if (!published && !(await exists(partial))) continue; // gone (the set directory removed)
       if (published) await fs.rename(final, partial);
-      // Under the data file's name they would stop the next inc, which writes that name again.
+      // Under their names they would stop the next inc, which writes them again; as .partial, as those held back.
       for (const side of [checksumFileName, digestFileName]) {
-        if ((await there(side(final))) && !(await there(side(partial)))) await fs.rename(side(final), side(partial));
+        if ((await exists(side(final))) && !(await exists(`${side(final)}.partial`))) await fs.rename(side(final), `${side(final)}.partial`);
       }
       ctx.log.info(`${published ? `renamed ${file} to` : `${file} stays`} ${path.basename(partial)}: the run failed, so it belongs to no chain`);
     } catch (err) {

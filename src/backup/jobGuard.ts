@@ -1,15 +1,15 @@
 // Ends a backup job whose run dies without ending it (kill -9, a crash, the OOM killer, a second Ctrl-C): left
 // running, such a job would keep guest writes' old data in its scratch files until someone ran -k, filling them.
 // A small shell, in a session of its own so that no terminal signal reaches it, reads a pipe from the run: "begin
-// <marker>" before the run asks libvirt for its job (the marker: a string only that job's definition holds), "armed"
-// once the job has begun, "done" when the run has ended the job itself. The pipe's end without "done" means the
-// run died: after "armed", the shell ends the job with `virsh domjobabort` and removes its socket; before it (killed
-// while libvirt began the job, which libvirt goes on with), it waits for the domain's backup job and ends it only if
-// its definition holds the marker. Guarantees: a run that ends its job itself (whether it succeeded or failed)
-// leaves the domain's jobs alone, and so does one that dies before its job began while another tool's job runs;
-// one sh process per run, spawned before the first job is asked for, no cost on the copy's path; a login given to
-// the run is the guard's too, held in an unlinked file only the guard has open: no name on any file system once
-// the guard has started, and nothing left behind however the guard ends (kill -9 included).
+// <marker>" before the run asks libvirt for its job (the marker: a string only that job's definition holds, in its
+// scratch file names), "done" once the run has ended the job itself. The pipe's end without "done" means the run
+// died, before its job began, while libvirt began it, or after: the shell then waits for the domain's backup job
+// and ends it (`virsh domjobabort`, its socket removed) only if its definition holds the marker. Guarantees: a run
+// that ends its job itself (whether it succeeded or failed) leaves the domain's jobs alone, and so does one that
+// dies while another tool's job runs (or a migration, which domjobabort would end too); one sh process per run,
+// spawned before the job is asked for, no cost on the copy's path; a login given to the run is the guard's too, held
+// in an unlinked file only the guard has open: no name on any file system once the guard has started, and nothing
+// left behind however the guard ends (kill -9 included).
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -23,9 +23,7 @@ const SHARED_MEMORY = '/dev/shm';
 export interface JobGuard {
   /** The run is about to ask libvirt for the job whose definition holds `jobMarker` (again, on a retry). */
   beginning(jobMarker: string): void;
-  /** The job has begun: from now on, the run's death ends it. */
-  arm(): void;
-  /** The run has ended the job, or never began it: the guard exits and does nothing. */
+  /** The run has ended the job, or never began it: the guard exits and does nothing. Only the first call counts. */
   release(): Promise<void>;
 }
 
@@ -44,12 +42,13 @@ export function guardJob(uri: string, domain: string, socket: string | undefined
   const authFd = login ? openAuthFile(login) : undefined;
   const virsh = `${authFd === undefined ? '' : `LIBVIRT_AUTH_FILE=/dev/fd/${AUTH_FD} `}virsh -q -c ${shellQuote(uri)}`;
   const end = `{ ${virsh} domjobabort ${shellQuote(domain)}${socket ? `; rm -f ${shellQuote(socket)}` : ''}; } >/dev/null 2>&1`;
-  // Died while the job began: the first definition libvirt shows decides (this run's job, or another's).
-  const whenBegun = `i=0; while [ $i -lt ${BEGIN_LOOKS} ]; do if xml=$(${virsh} backup-dumpxml ${shellQuote(domain)} 2>/dev/null); then ` +
+  // The first backup job definition libvirt shows decides: this run's job (its marker) is ended, another's (another
+  // tool's, or a migration's, which domjobabort would end too) is left alone. Died while the job began, the guard
+  // waits for libvirt to show one.
+  const endOurs = `i=0; while [ $i -lt ${BEGIN_LOOKS} ]; do if xml=$(${virsh} backup-dumpxml ${shellQuote(domain)} 2>/dev/null); then ` +
     `case "$xml" in *"$marker"*) ${end} ;; esac; break; fi; sleep 0.25; i=$((i+1)); done`;
-  const script = `trap '' INT HUP TERM QUIT; marker=; armed=; while read -r word arg; do case "$word" in ` +
-    `"begin") marker=$arg ;; "armed") armed=1 ;; "done") exit 0 ;; esac; done; ` +
-    `if [ -n "$armed" ]; then ${end}; elif [ -n "$marker" ]; then ${whenBegun}; fi`;
+  const script = `trap '' INT HUP TERM QUIT; marker=; while read -r word arg; do case "$word" in ` +
+    `"begin") marker=$arg ;; "done") exit 0 ;; esac; done; [ -z "$marker" ] || { ${endOurs}; }`;
   const stdio: Array<'pipe' | 'ignore' | number> = ['pipe', 'ignore', 'ignore'];
   if (authFd !== undefined) stdio[AUTH_FD] = authFd;
   let child: ReturnType<typeof spawn>;
@@ -73,14 +72,13 @@ export function guardJob(uri: string, domain: string, socket: string | undefined
     beginning: (jobMarker) => {
       input.write(`begin ${jobMarker}\n`);
     },
-    arm: () => {
-      input.write('armed\n');
-    },
     release: () => {
       // ...but its exit does once the run waits for it.
-      child.ref();
-      pipe.ref();
-      input.end('done\n');
+      if (!input.writableEnded) {
+        child.ref();
+        pipe.ref();
+        input.end('done\n');
+      }
       return exited;
     },
   };

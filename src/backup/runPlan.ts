@@ -169,7 +169,9 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   warnForeign(await foreignCheckpoints(domain, prefix), options.domain, log);
   if (level === 'full') return planFor(level, [], prefix);
 
-  await dropUnfinished(ctx, chain, cptFile);
+  // Zip sets keep their files in the zips: not judged by files.
+  const savedAt = ctx.toZip || chain.length === 0 ? undefined : savedDisksOf(ctx, (await listSet(ctx.stateDir)).dataFiles, chain);
+  if (savedAt) await dropUnfinished(ctx, chain, cptFile, savedAt);
   const parent = chain[chain.length - 1];
   if (parent === undefined) {
     const missing = !(await exists(cptFile));
@@ -183,7 +185,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const ownCopy = own !== ctx.xmlDir && (await exists(path.join(own, `${parent}.xml`)));
   const problem = await unusableParent(domain, parent, ownCopy ? own : ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);
-  const unsaved = await disksWithoutFile(ctx, parent, chain);
+  const unsaved = savedAt && (await disksWithoutFile(ctx, parent, chain, savedAt));
   if (unsaved) return fallBackToFull(ctx, prefix, unsaved);
   const added = await disksWithoutBitmap(ctx, parent, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
@@ -211,60 +213,67 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   return plan;
 }
 
+/** The disks of which the set holds a finished data file at a checkpoint of the chain, by the checkpoint's index. */
+type SavedDisks = (index: number) => Promise<Set<string>>;
+
 /**
- * The disks the set's finished data files of checkpoint `chain[index]` belong to: the incs named after it, and the
- * fulls of disks added then (an inc saves those whole), told by their metadata; for the first, every full.
+ * SavedDisks of the set's `files`: the incs named after the checkpoint, and the fulls of disks added then (an inc
+ * saves those whole), told by their metadata, read once each; for the first checkpoint, every full.
  */
-async function disksSavedAt(ctx: RunContext, files: DataFile[], chain: string[], index: number): Promise<Set<string>> {
-  const saved = new Set<string>();
-  for (const f of files) {
-    if (f.level === 'inc' && f.ident === chain[index]) saved.add(f.disk);
-    if (f.level !== 'full') continue;
-    const meta = index === 0 ? undefined : await StreamReader.metadata(path.join(ctx.stateDir, f.file)).catch(() => undefined);
-    if (index === 0 || meta?.checkpointName === chain[index]) saved.add(f.disk);
-  }
-  return saved;
+function savedDisksOf(ctx: RunContext, files: DataFile[], chain: string[]): SavedDisks {
+  const fullsAt = new Map<string, Promise<string | undefined>>();
+  const checkpointOf = (file: string): Promise<string | undefined> => {
+    if (!fullsAt.has(file)) fullsAt.set(file, StreamReader.metadata(path.join(ctx.stateDir, file)).then((m) => m.checkpointName, () => undefined));
+    return fullsAt.get(file) as Promise<string | undefined>;
+  };
+  return async (index) => {
+    const saved = new Set<string>();
+    for (const f of files) {
+      if (f.level === 'inc' && f.ident === chain[index]) saved.add(f.disk);
+      if (f.level === 'full' && (index === 0 || (await checkpointOf(f.file)) === chain[index])) saved.add(f.disk);
+    }
+    return saved;
+  };
 }
 
 /**
  * Drops (from `chain`, in place) the checkpoints at its end that no finished data file of the set belongs to: a run
  * that listed its checkpoint before its data was written (Python's tool does; ours lists it last) died, so their
  * changes are in no file, and an inc on them would leave a gap no restore crosses. They are removed from libvirt,
- * which keeps their changes in the previous checkpoint's bitmap, and from the list. Sets of -o - keep their files in
- * the zips: not judged. A `.partial` of such a run was refused before (checkSet).
+ * which keeps their changes in the previous checkpoint's bitmap, and from the list (-p only says so). A `.partial`
+ * of such a run was refused before (checkSet).
  */
-async function dropUnfinished(ctx: RunContext, chain: string[], cptFile: string): Promise<void> {
-  if (ctx.toZip || chain.length < 2) return;
-  const { dataFiles } = await listSet(ctx.stateDir);
+async function dropUnfinished(ctx: RunContext, chain: string[], cptFile: string, savedAt: SavedDisks): Promise<void> {
   let kept = chain.length;
-  while (kept > 1 && (await disksSavedAt(ctx, dataFiles, chain, kept - 1)).size === 0) kept--;
+  while (kept > 1 && (await savedAt(kept - 1)).size === 0) kept--;
   const dropped = chain.slice(kept);
   if (dropped.length === 0) return;
   const parent = chain[kept - 1] as string;
   const named = `checkpoint${dropped.length > 1 ? 's' : ''} ${dropped.join(', ')}`;
   const what = `the set lists ${named} but holds no data file of ${dropped.length > 1 ? 'them' : 'it'} (a run that did not finish)`;
-  if (ctx.options.printOnly) throw new UserError(`${what}; the next backup continues from ${parent}`);
   if (ctx.power.offline) {
     throw new UserError(`${what}: a shut-off domain's changes since ${parent} cannot be read past ${dropped.length > 1 ? 'them' : 'it'}; run again ${ctx.power.runningAdvice} (that run continues from ${parent})`);
   }
+  chain.splice(kept);
+  if (ctx.options.printOnly) {
+    ctx.log.warn(`${what}: the next backup continues the chain from ${parent}`);
+    return;
+  }
   const present = new Set(await ctx.domain.listCheckpointNames());
   for (const name of [...dropped].reverse()) if (present.has(name)) await deleteCheckpoint(ctx.domain, name, ctx.log);
-  chain.splice(kept);
   await new DirectoryTarget(ctx.stateDir).writeFile(path.basename(cptFile), JSON.stringify(chain));
   ctx.log.warn(`${what}: this run continues the chain from ${parent}, whose bitmap keeps the changes since; ${named} removed from libvirt and from ${path.basename(cptFile)}`);
 }
 
 /**
- * A disk that checkpoint `parent` gave a bitmap but the set holds no file of (a run that died between two disks):
- * its changes up to `parent` are in no file, so an inc would leave a gap in that disk's chain. Undefined when every
- * such disk has its file; zip sets are not judged.
+ * A disk that checkpoint `parent` (the chain's last) gave a bitmap but the set holds no file of (a run that died
+ * between two disks, a full of Python's included): its changes up to `parent` are in no file, so an inc would leave
+ * a gap in that disk's chain, or start it with no full. Undefined when every such disk has its file.
  */
-async function disksWithoutFile(ctx: RunContext, parent: string, chain: string[]): Promise<string | undefined> {
-  if (ctx.toZip || chain.length < 2) return undefined;
+async function disksWithoutFile(ctx: RunContext, parent: string, chain: string[], savedAt: SavedDisks): Promise<string | undefined> {
   const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
   if (xml === undefined) return undefined;
-  const { dataFiles } = await listSet(ctx.stateDir);
-  const saved = await disksSavedAt(ctx, dataFiles, chain, chain.length - 1);
+  const saved = await savedAt(chain.length - 1);
   const unsaved = checkpointBitmapDisks(xml).filter((disk) => !saved.has(disk));
   if (unsaved.length === 0) return undefined;
   return `checkpoint ${parent} tracks disk ${unsaved.join(', ')}, but the set holds no ${unsaved.length > 1 ? 'files' : 'file'} of ${unsaved.length > 1 ? 'them' : 'it'} at that checkpoint (a run that did not finish)`;

@@ -31,9 +31,9 @@ export interface BackupJobOptions {
   log: Logger;
   /**
    * `beginning` right before the job's begin is asked of libvirt, with a string only this job's definition holds (a
-   * throw there asks nothing); `begun` once it has begun.
+   * throw there asks nothing).
    */
-  hooks?: { beginning(jobMarker: string): void; begun(): void };
+  hooks?: { beginning(jobMarker: string): void };
 }
 
 /** How long a run waits for libvirt to tear an aborted job down before it removes the leftovers itself. */
@@ -91,7 +91,6 @@ export class BackupJob {
     await beginning.catch((err: unknown) => {
       throw (('socket' in options.server) && socketRefused(err, options.server.socket)) || err;
     });
-    options.hooks?.begun();
     return job();
   }
 

@@ -106,6 +106,24 @@ class WriteBehind {
   }
 }
 
+/**
+ * `partial` under the name `final`, which must not exist: a hard link, then the `.partial` name removed. Where the
+ * file system has no hard links (some network and FAT ones), a rename after checking the name is free.
+ */
+async function placeWithoutReplacing(partial: string, final: string): Promise<void> {
+  try {
+    await fs.link(partial, final);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw Object.assign(new Error(`${final} appeared while this run wrote it (another program writing into the set?); refusing to replace it`), { code, path: partial });
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
+    await refuseExisting(final);
+    await fs.rename(partial, final);
+    return;
+  }
+  await fs.unlink(partial);
+}
+
 /** Puts a synced, closed `.partial` under its final name: at once, or when the run publishes its files. */
 type Placer = () => Promise<void>;
 
@@ -329,25 +347,29 @@ function skipBytes(buffers: Buffer[], count: number): Buffer[] {
 
 export interface DirectoryTargetOptions {
   /**
-   * Data files (create, createPositional) keep their `.partial` names, synced, until publish(): a run killed between
-   * two disks (kill -9, a power cut) then leaves no finished file of a checkpoint the set does not list.
+   * Every file (data files and their checksums and digests alike) keeps its `.partial` name, synced, until
+   * publish(): a run killed between two disks (kill -9, a power cut) then leaves no finished file of a checkpoint
+   * the set does not list. Files written after publish() take their names at once.
    */
   publishTogether?: boolean;
 }
 
 export class DirectoryTarget implements OutputTarget {
-  /** Data files finished and waiting for publish(), in the order they finished. */
+  /** Files finished and waiting for publish(), in the order they finished. */
   private unpublished: Array<[partial: string, final: string]> | undefined;
 
   constructor(readonly dir: string, options: DirectoryTargetOptions = {}) {
     if (options.publishTogether) this.unpublished = [];
   }
 
-  /** Puts the finished data files under their names, in the order they finished; later ones go there at once. */
+  /**
+   * Puts the finished files under their names, in the order they finished; later ones go there at once. A name
+   * taken meanwhile (another tool writing into the set) is refused, not replaced: `rename` would replace it.
+   */
   async publish(): Promise<void> {
     const files = this.unpublished ?? [];
     this.unpublished = undefined;
-    for (const [partial, final] of files) await fs.rename(partial, final);
+    for (const [partial, final] of files) await placeWithoutReplacing(partial, final);
     if (files.length > 0) await syncDirectory(this.dir);
   }
 
@@ -404,8 +426,7 @@ export class DirectoryTarget implements OutputTarget {
       } finally {
         await handle.close();
       }
-      await fs.rename(partial, final);
-      await syncDirectory(path.dirname(final));
+      await this.placer(partial, final)();
     } catch (err) {
       // The .partial stays, as a data file's does: the run failed after its data, so the next inc must not go on
       // as if the set were whole.

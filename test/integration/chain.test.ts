@@ -547,9 +547,29 @@ test('files a run left without listing their checkpoint (killed as it named them
   await fs.copyFile(path.join(set, 'vda.full.data'), path.join(unfinished, 'vda.full.data'));
   const full = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', unfinished]);
   assert.equal(full.code, 1, full.stderr);
-  assert.match(full.stderr, /already holds a backup \(vda\.full\.data\); use an empty directory for a full backup \(with no \S+\.cpt, the run that wrote it did not finish: move it out of the set\)/);
+  assert.match(full.stderr, /already holds a backup \(vda\.full\.data\); use an empty directory for a full backup \(with no checkpoint list, \S+\.cpt, the run that wrote it did not finish: move it out of the set\)/);
   await fs.rename(path.join(unfinished, 'vda.full.data'), path.join(unfinished, 'vda.full.data.partial'));
   const partial = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', unfinished]);
   assert.equal(partial.code, 1, partial.stderr);
   assert.match(partial.stderr, /holds vda\.full\.data\.partial, left from a failed backup run; move it out of the set, or use an empty directory for a full backup/);
+});
+
+test('a full that listed its checkpoint and died between its disks (Python\'s tool lists it first): the next inc makes a full, never an inc of a disk with no full', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 2 }] }] });
+  const work = await withTempDir(t, 'unfinished-full-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  // As Python's full leaves it once its .partial is moved away: the list names virtnbdbackup.0, vdb has no full.
+  for (const name of await fs.readdir(set)) if (name.startsWith('vdb.full.data')) await fs.rm(path.join(set, name));
+  await dom.write('vdb', 0x55, '4M', '1M');
+  const [a, b] = [await dom.snapshot('vda'), await dom.snapshot('vdb')];
+  const next = await backup(dom, set, 'inc');
+  assert.match(next, /checkpoint virtnbdbackup\.0 tracks disk vdb, but the set holds no file of it at that checkpoint \(a run that did not finish\): an incremental backup would be wrong, so this run makes a full backup instead/);
+  assert.ok((await fs.readdir(set)).includes('vdb.full.data'));
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  for (const [disk, reference] of [['vda', a], ['vdb', b]] as const) {
+    const result = await TestDomain.compare(path.join(out, `${disk}.qcow2`), reference);
+    assert.ok(result.identical, `${disk}: ${result.output}`);
+  }
 });

@@ -241,7 +241,7 @@ test('an inc that fails on its second disk sets the first disk\'s finished file 
   assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), 'virtnbdbackup.0');
   const refused = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.equal(refused.code, 1);
-  assert.match(refused.stderr, /\.partial is left from a failed run/);
+  assert.match(refused.stderr, /holds what a failed run left: vda\.inc\.virtnbdbackup\.1\.data\.blake3\.json\.partial, vda\.inc\.virtnbdbackup\.1\.data\.chksum\.partial, vda\.inc\.virtnbdbackup\.1\.data\.partial, vdb\.inc\.virtnbdbackup\.1\.data\.partial; the chain there is incomplete/);
   // As the line says: the .partial files moved away (here: removed), and room made, the chain goes on from the full.
   for (const f of files.filter((name) => name.endsWith('.partial'))) await fs.rm(path.join(set, f));
   execFileSync('mount', ['-o', 'remount,size=96M', mount]);
@@ -383,7 +383,7 @@ test('an inc killed in mid-copy (SIGKILL): its guard ends the job; with its .par
 
   const refused = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.equal(refused.code, 1);
-  assert.match(errorLines(refused).join('\n'), /is left from a failed run, .* move the \.partial away to continue the chain/);
+  assert.match(errorLines(refused).join('\n'), /holds what a failed run left: .* move the \.partial files away to continue the chain/);
   await fs.rename(partial, path.join(work, 'evidence.partial'));
   const next = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.match(next.stderr, /removed checkpoint virtnbdbackup\.1: a run that did not finish created it \(its parent virtnbdbackup\.0\)/);

@@ -18,7 +18,7 @@ test('a beginning hook that throws (the job guard could not start) asks libvirt 
   const start = BackupJob.start(domain, {
     server: { socket: '/nonexistent/virtnbdbackup.sock' }, scratchDir: '/nonexistent', targets: ['vda'], checkpointTargets: ['vda'],
     allTargets: ['vda'], checkpoint: { name: 'virtnbdbackup.1', parent: 'virtnbdbackup.0', create: true }, log: new Logger({ quiet: true }),
-    hooks: { beginning: () => { throw new Error('cannot start the job guard'); }, begun: () => undefined },
+    hooks: { beginning: () => { throw new Error('cannot start the job guard'); } },
   });
   await assert.rejects(start, /cannot start the job guard/);
   assert.deepEqual(calls, []);

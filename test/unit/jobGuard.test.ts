@@ -1,7 +1,7 @@
 // The job guard's word on a run's death, with a fake virsh on PATH that records what it was asked: a run that dies
-// after its job began has the job ended; one that dies while libvirt begins it has it ended once it runs if the
-// domain's job is this run's (its definition names the run's scratch files), and left alone if it is another
-// tool's; one that ended its job itself leaves the domain's jobs alone. A run's login reaches the guard's virsh from
+// once it asked for its job, whether the job began or libvirt was still beginning it, has it ended if the domain's
+// job is this run's (its definition names the run's scratch files), and left alone if it is another tool's (or there
+// is none); one that ended its job itself leaves the domain's jobs alone. A run's login reaches the guard's virsh from
 // a file whose name is gone as soon as the guard has started, so that nothing is left however the guard ends.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -84,39 +84,38 @@ async function runGuarded(steps: string, login = 'undefined', jobXml?: string): 
   }
 }
 
-test('a run that dies once its job has begun has the job ended, and its socket removed', async () => {
-  const { asked, auth } = await runGuarded('guard.beginning(marker); guard.arm();');
+const OURS = `<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/var/tmp/${MARKER}vda'/></disk></disks></domainbackup>`;
+const ANOTHER = `<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/var/tmp/backup.ffffff.vda'/></disk></disks></domainbackup>`;
+
+test('a run that dies once it asked for its job has the job ended, and its socket removed, once libvirt shows it', async () => {
+  const { asked, auth } = await runGuarded('guard.beginning(marker);', 'undefined', OURS);
   assert.equal(asked, '-q -c qemu:///system domjobabort dom (socket removed)');
   assert.equal(auth, '');
-});
-
-test('a run that dies while libvirt begins its job has it ended once it runs; another tool\'s job, or none, is left alone', async () => {
-  const ours = `<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/var/tmp/${MARKER}vda'/></disk></disks></domainbackup>`;
-  assert.equal((await runGuarded('guard.beginning(marker);', 'undefined', ours)).asked, '-q -c qemu:///system domjobabort dom (socket removed)');
   // A retry asks for a job of another marker: the last one counts.
-  assert.equal((await runGuarded('guard.beginning("backup.000000."); guard.beginning(marker);', 'undefined', ours)).asked, '-q -c qemu:///system domjobabort dom (socket removed)');
-  const another = `<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/var/tmp/backup.ffffff.vda'/></disk></disks></domainbackup>`;
-  assert.equal((await runGuarded('guard.beginning(marker);', 'undefined', another)).asked, '');
-  assert.equal((await runGuarded('guard.beginning(marker);')).asked, '');
-  // Dead before asking for a job: nothing to look for.
-  assert.equal((await runGuarded('', 'undefined', ours)).asked, '');
+  assert.equal((await runGuarded('guard.beginning("backup.000000."); guard.beginning(marker);', 'undefined', OURS)).asked, '-q -c qemu:///system domjobabort dom (socket removed)');
 });
 
-test('a run that ended its job itself leaves the domain\'s jobs alone, armed or not', async () => {
-  assert.equal((await runGuarded('guard.beginning(marker); guard.arm(); await guard.release();')).asked, '');
-  assert.equal((await runGuarded('guard.beginning(marker); await guard.release();')).asked, '');
+test('another tool\'s job (or a migration), or none, is left alone; so are the domain\'s jobs when the run dies before it asked for one', async () => {
+  assert.equal((await runGuarded('guard.beginning(marker);', 'undefined', ANOTHER)).asked, '');
+  assert.equal((await runGuarded('guard.beginning(marker);')).asked, '');
+  assert.equal((await runGuarded('', 'undefined', OURS)).asked, '');
+});
+
+test('a run that ended its job itself leaves the domain\'s jobs alone', async () => {
+  assert.equal((await runGuarded('guard.beginning(marker); await guard.release();', 'undefined', OURS)).asked, '');
+  assert.equal((await runGuarded('guard.beginning(marker); await guard.release(); await guard.release();', 'undefined', OURS)).asked, '', 'a second release');
 });
 
 test('the run\'s login reaches the guard\'s virsh in an auth.conf whose name is gone while the guard runs, whichever way it ends', async () => {
   const login = `{ user: 'backup', password: 'secret pw' }`;
-  const died = await runGuarded('guard.beginning(marker); guard.arm();', login);
+  const died = await runGuarded('guard.beginning(marker);', login, OURS);
   assert.equal(died.asked, '-q -c qemu:///system domjobabort dom (socket removed)');
   assert.equal(died.auth, '[credentials-virtnbd] authname=backup password=secret pw  [auth-libvirt-default] credentials=virtnbd');
   // Nothing to leave behind even should the guard be killed: the file has no name from its start.
   assert.deepEqual(died.whileGuarding, []);
   assert.deepEqual(died.left, []);
-  for (const steps of ['guard.beginning(marker); guard.arm(); await guard.release();', '', 'await guard.release();']) {
-    const ended = await runGuarded(steps, login);
+  for (const steps of ['guard.beginning(marker); await guard.release();', '', 'await guard.release();']) {
+    const ended = await runGuarded(steps, login, OURS);
     assert.equal(ended.asked, '');
     assert.deepEqual(ended.whileGuarding, [], steps);
     assert.deepEqual(ended.left, [], steps);

@@ -178,7 +178,7 @@ test('DigestList keeps pieces in order across blocks, digests set as hex or in p
   assert.deepEqual([...list], expected);
 });
 
-test('a run\'s data files keep their .partial names, synced, until it publishes them together; later ones take their names at once', async (t) => {
+test('a run\'s files keep their .partial names, synced, until it publishes them together, never over a name taken meanwhile; later ones take their names at once', async (t) => {
   const dir = await fs.mkdtemp(path.join('/var/tmp', 'vnbd-publish-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
   const target = new DirectoryTarget(dir, { publishTogether: true });
@@ -188,13 +188,23 @@ test('a run\'s data files keep their .partial names, synced, until it publishes 
     await sink.commit();
   }
   await target.writeFile('vda.inc.virtnbdbackup.1.data.chksum', '1');
-  assert.deepEqual((await fs.readdir(dir)).sort(), ['vda.inc.virtnbdbackup.1.data.chksum', 'vda.inc.virtnbdbackup.1.data.partial', 'vdb.inc.virtnbdbackup.1.data.partial']);
+  assert.deepEqual((await fs.readdir(dir)).sort(), ['vda.inc.virtnbdbackup.1.data.chksum.partial', 'vda.inc.virtnbdbackup.1.data.partial', 'vdb.inc.virtnbdbackup.1.data.partial']);
   await target.publish();
   assert.deepEqual((await fs.readdir(dir)).sort(), ['vda.inc.virtnbdbackup.1.data', 'vda.inc.virtnbdbackup.1.data.chksum', 'vdb.inc.virtnbdbackup.1.data']);
   assert.equal(await fs.readFile(path.join(dir, 'vdb.inc.virtnbdbackup.1.data'), 'utf8'), 'vdb.inc.virtnbdbackup.1.data');
   const later = await target.create('vdc.full.data');
   await later.commit();
   assert.ok((await fs.readdir(dir)).includes('vdc.full.data'));
+
+  // A name another program took meanwhile is refused, not replaced; the run's file stays .partial.
+  const racing = new DirectoryTarget(dir, { publishTogether: true });
+  const sink = await racing.create('vde.full.data');
+  await sink.write([Buffer.from('ours')]);
+  await sink.commit();
+  await fs.writeFile(path.join(dir, 'vde.full.data'), 'theirs');
+  await assert.rejects(racing.publish(), /vde\.full\.data appeared while this run wrote it .*refusing to replace it/);
+  assert.equal(await fs.readFile(path.join(dir, 'vde.full.data'), 'utf8'), 'theirs');
+  assert.equal(await fs.readFile(path.join(dir, 'vde.full.data.partial'), 'utf8'), 'ours');
 });
 
 test('bulk files (O_DIRECT where taken): any write sizes give the exact bytes, past background flushes too, a .partial till commit, nothing overwritten', async (t) => {
