@@ -263,12 +263,16 @@ test('--user/--password log in to a libvirtd that asks for a login (SASL): backu
       delete process.env.LIBVIRT_AUTH_FILE;
     }
     assert.equal(await exists(socket), false, 'socket left behind');
-    // A run's guard logs in as the run did: a job begun, then its run gone (a program that armed a guard with the
-    // login and exited), and the guard's virsh ends the job on this daemon, which refuses virsh without a login.
+    // A run's guard logs in as the run did: a job begun, then its run gone (a program that told a guard with the login
+    // the job's mark and exited), and the guard's virsh finds the job and ends it on this daemon, which refuses virsh
+    // without a login.
     await runOk(bin, ['-n', ...login, '-d', dom.name, '-s', '-f', socket, '-o', path.join(work, 'guarded')]);
+    const jobXml = execFileSync('virsh', ['-c', uri, 'backup-dumpxml', dom.name], { encoding: 'utf8', env: { ...process.env, LIBVIRT_AUTH_FILE: authFile } });
+    const marker = /\/(backup\.[0-9a-f]+\.)[^'/]*'/.exec(jobXml)?.[1];
+    assert.ok(marker, `no scratch file of ours in ${jobXml}`);
     const guardModule = path.join(repoRoot, 'dist', 'src', 'backup', 'jobGuard.js');
     const dies = `import { guardJob } from ${JSON.stringify(guardModule)};
-      guardJob(${JSON.stringify(uri)}, ${JSON.stringify(dom.name)}, ${JSON.stringify(socket)}, ${JSON.stringify({ user, password })}).arm();
+      guardJob(${JSON.stringify(uri)}, ${JSON.stringify(dom.name)}, ${JSON.stringify(socket)}, ${JSON.stringify({ user, password })}).beginning(${JSON.stringify(marker)});
       process.exit(0);`;
     const run = spawn(process.execPath, ['--input-type=module', '-e', dies], { stdio: 'inherit' });
     assert.equal((await once(run, 'exit'))[0], 0);
