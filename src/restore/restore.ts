@@ -371,11 +371,22 @@ async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions
   }
   const partial = partialName(disk.image);
   created.push(partial, ...(disk.dataFile ? [disk.dataFile] : []));
-  await allDone([
-    checkImageChecksum(source, options.signal),
-    convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2', signal: options.signal }),
-  ]);
+  await copyChecked(source, options.signal, (signal) =>
+    convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2', signal }));
   await LOCAL_HOST.rename(partial, disk.image);
+}
+
+/**
+ * `copy` of the raw image `source` with its checksum read alongside: a mismatch stops the copy at once (a damaged
+ * image is not copied to its end first). Both have ended when it throws, the checksum's failure first.
+ */
+async function copyChecked(source: string, signal: AbortSignal | undefined, copy: (signal: AbortSignal) => Promise<void>): Promise<void> {
+  const mismatch = new AbortController();
+  const check = checkImageChecksum(source, signal).catch((err: unknown) => {
+    mismatch.abort(err);
+    throw err;
+  });
+  await allDone([check, copy(signal ? AbortSignal.any([signal, mismatch.signal]) : mismatch.signal)]);
 }
 
 /**
@@ -428,8 +439,8 @@ async function writeChain(disk: DiskPlan, chain: ChainLink[], options: RestoreOp
  */
 async function sendImage(disk: DiskPlan, source: string, options: RestoreOptions, created: string[]): Promise<void> {
   await writeThroughServer(disk, options, created, async (endpoint, progress) => {
-    const sent = sendRawImage(source, endpoint, { targetIsZero: !disk.existing, progress, signal: options.signal });
-    await (disk.existing ? sent : allDone([checkImageChecksum(source, options.signal), sent]));
+    const send = (signal?: AbortSignal): Promise<void> => sendRawImage(source, endpoint, { targetIsZero: !disk.existing, progress, signal });
+    await (disk.existing ? send(options.signal) : copyChecked(source, options.signal, send));
   });
 }
 
