@@ -191,16 +191,20 @@ async function checkSet(output: string, level: Level, domain: string): Promise<v
       throw new UserError(`${full.file} in ${output} is a raw image (-t raw), which ${aLevel} cannot continue: a restore could not apply it; start a chain with -l full (stream) in an empty directory`);
     }
   }
-  if (listing.partials.length > 0) {
-    const shown = listing.partials.slice(0, 4).join(', ') + (listing.partials.length > 4 ? ` and ${listing.partials.length - 4} more` : '');
-    throw new UserError(`${output} holds what a failed run left: ${shown}; the chain there is incomplete: start a new set with -l full in an empty directory (or move the .partial files away to continue the chain from its last complete backup)`);
-  }
-  // A run lists its checkpoint after its files: an inc file of a checkpoint the list does not hold is a run's that
-  // did not finish (killed as it named its files), and the next inc would write that name again.
+  // A run lists its checkpoint after its files: a finished inc file of a checkpoint the list does not hold is a run's
+  // that did not finish (killed as it named its files), and the next inc would write that name again. It goes with
+  // the .partial files into one list of what to move, its checksum and digests too.
   const listed = await readCheckpointList(cptFile).catch(() => [] as string[]);
-  const unlisted = listed.length > 0 ? listing.dataFiles.find((d) => d.level === 'inc' && !listed.includes(d.ident)) : undefined;
-  if (unlisted) {
-    throw new UserError(`${path.join(output, unlisted.file)} is left from a run that did not finish (checkpoint ${unlisted.ident} is not in ${path.basename(cptFile)}), so the chain in ${output} is incomplete; move it, its .chksum and .blake3.json out of the set to continue the chain from its last complete backup`);
+  const unlisted = listed.length > 0 ? listing.dataFiles.filter((d) => d.level === 'inc' && !listed.includes(d.ident)).map((d) => d.file) : [];
+  const sides: string[] = [];
+  for (const file of unlisted) {
+    for (const side of [checksumFileName(file), digestFileName(file)]) if (await exists(path.join(output, side))) sides.push(side);
+  }
+  const leftovers = [...listing.partials, ...unlisted, ...sides].sort();
+  if (leftovers.length > 0) {
+    const shown = leftovers.slice(0, 6).join(', ') + (leftovers.length > 6 ? ` and ${leftovers.length - 6} more` : '');
+    const why = unlisted.length > 0 ? ` (checkpoint ${listing.dataFiles.find((d) => d.file === unlisted[0])?.ident} is not in ${path.basename(cptFile)})` : '';
+    throw new UserError(`${output} holds what a failed run left${why}: ${shown}; the chain there is incomplete: move ${leftovers.length > 1 ? 'them' : 'it'} out of the set to continue the chain from its last complete backup (or start a new set with -l full in an empty directory)`);
   }
 }
 

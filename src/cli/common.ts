@@ -251,11 +251,6 @@ function takeEarlySignal(): NodeJS.Signals | undefined {
 
 /** Runs a command body with an abort signal wired to SIGINT/SIGTERM/SIGHUP; exits the process with its result. */
 export async function runCommand(name: string, verbose: boolean, body: (signal: AbortSignal) => Promise<number>, options: RunCommandOptions = {}): Promise<never> {
-  const early = takeEarlySignal();
-  if (early) {
-    process.stderr.write(`${name}: error: interrupted by ${early} before it began; nothing was done\n`);
-    process.exit(130);
-  }
   const controller = new AbortController();
   const cutShort = options.leftover ? `; ${options.leftover}` : '';
   let signalled = false;
@@ -274,6 +269,13 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   // A terminal that hangs up stops a run as Ctrl-C does, cleaning up (Node's default would kill it with the job
   // left); a run started to outlive its terminal (nohup) keeps ignoring it.
   process.on('SIGHUP', OUTLIVES_TERMINAL ? () => undefined : onSignal);
+  // Only now, with these listening, the launcher's go: a signal still on its way then reaches onSignal (with no
+  // listener in between, Node would stop watching it, and the signal would be lost).
+  const early = takeEarlySignal();
+  if (early) {
+    process.stderr.write(`${name}: error: interrupted by ${early} before it began; nothing was done\n`);
+    process.exit(130);
+  }
   // A reader of standard error that goes away (`2>&1 | head`, a dropped ssh) takes only the messages: the run goes
   // on, and a backup's log file in its set still has them.
   process.stderr.on('error', () => undefined);

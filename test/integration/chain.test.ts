@@ -532,7 +532,7 @@ test('files a run left without listing their checkpoint (killed as it named them
   await fs.writeFile(cpt, JSON.stringify(['virtnbdbackup.0']));
   const refused = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
   assert.equal(refused.code, 1, refused.stderr);
-  assert.match(refused.stderr, /vda\.inc\.virtnbdbackup\.1\.data is left from a run that did not finish \(checkpoint virtnbdbackup\.1 is not in \S+\.cpt\), so the chain in \S+ is incomplete; move it, its \.chksum and \.blake3\.json out of the set to continue the chain from its last complete backup/);
+  assert.match(refused.stderr, /holds what a failed run left \(checkpoint virtnbdbackup\.1 is not in \S+\.cpt\): vda\.inc\.virtnbdbackup\.1\.data, vda\.inc\.virtnbdbackup\.1\.data\.blake3\.json, vda\.inc\.virtnbdbackup\.1\.data\.chksum; the chain there is incomplete: move them out of the set to continue the chain from its last complete backup/);
   const aside = path.join(work, 'aside');
   await fs.mkdir(aside);
   for (const name of await fs.readdir(set)) if (name.startsWith('vda.inc.virtnbdbackup.1.data')) await fs.rename(path.join(set, name), path.join(aside, name));

@@ -383,7 +383,7 @@ test('an inc killed in mid-copy (SIGKILL): its guard ends the job; with its .par
 
   const refused = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.equal(refused.code, 1);
-  assert.match(errorLines(refused).join('\n'), /holds what a failed run left: .* move the \.partial files away to continue the chain/);
+  assert.match(errorLines(refused).join('\n'), /holds what a failed run left: .*; the chain there is incomplete: move (it|them) out of the set to continue the chain from its last complete backup/);
   await fs.rename(partial, path.join(work, 'evidence.partial'));
   const next = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.match(next.stderr, /removed checkpoint virtnbdbackup\.1: a run that did not finish created it \(its parent virtnbdbackup\.0\)/);

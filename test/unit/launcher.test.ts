@@ -111,4 +111,18 @@ test('a stop signal while the command loads is held for it: one line and exit 13
     assert.equal(code, 130, `${signal}: ${stderr}`);
     assert.equal(stderr, `probe: error: interrupted by ${signal} before it began; nothing was done\n`);
   }
+  // A signal not yet handed to JavaScript when the command takes over (it came during the command's last synchronous
+  // steps) reaches the command's own handler: the hand-over leaves no moment without a listener, in which Node
+  // would stop watching the signal and lose it (the run went on and exited 0).
+  await fs.writeFile(path.join(root, 'dist', 'src', 'cli', 'probe.bundle.cjs'), `import(${JSON.stringify(common)}).then((m) => {
+      process.kill(process.pid, 'SIGTERM');
+      m.runCommand('probe', false, async (signal) => {
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        if (signal.aborted) throw signal.reason;
+        return 0;
+      });
+    });\n`);
+  const pending = await runCli(process.execPath, ['-e', `require(${JSON.stringify(path.join(root, 'bin', 'launch.cjs'))}).launch('probe')`]);
+  assert.equal(pending.code, 130, pending.stderr);
+  assert.equal(pending.stderr, 'probe: error: interrupted by SIGTERM; cleaned up\n');
 });
