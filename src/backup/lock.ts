@@ -9,6 +9,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { UserError, describeFailure } from '../util/errors.js';
 import { processStart } from '../util/process.js';
+import { linkNewName } from '../util/fileIo.js';
 
 /** Name of the lock file inside an output directory (moved aside never, listed as a set file never). */
 export const OUTPUT_LOCK_NAME = '.virtnbdbackup.lock';
@@ -29,8 +30,9 @@ function parseOwner(text: string): Owner | undefined {
 }
 
 /**
- * A lock that names no owner is being written by its owner, which writes it right after creating it, unless it is
- * older than this: then its owner was killed in between (kill -9), and it would otherwise hold for ever.
+ * A lock that names no owner is being written by its owner (on a file system without hard links, which creates it
+ * empty first), unless it is older than this: then its owner was killed in between (kill -9; an earlier version
+ * always created it empty), and it would otherwise hold for ever.
  */
 const UNWRITTEN_LOCK_MS = 10_000;
 
@@ -123,11 +125,7 @@ async function createWhole(file: string, content: string): Promise<void> {
   const beside = `${file}.${process.pid}.new`;
   await fsp.writeFile(beside, content, { mode: 0o644 });
   try {
-    await fsp.link(beside, file);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
-    await fsp.writeFile(file, content, { flag: 'wx', mode: 0o644 });
+    await linkNewName(beside, file, () => fsp.writeFile(file, content, { flag: 'wx', mode: 0o644 }));
   } finally {
     await fsp.rm(beside, { force: true });
   }

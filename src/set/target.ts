@@ -9,7 +9,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { native } from '../native/addon.js';
 import { UserError, describeFailure } from '../util/errors.js';
-import { makeDirectory } from '../util/fileIo.js';
+import { linkNewName, makeDirectory } from '../util/fileIo.js';
 import { traced } from '../util/stageTrace.js';
 
 export interface Sink {
@@ -111,17 +111,15 @@ class WriteBehind {
  * file system has no hard links (some network and FAT ones), a rename after checking the name is free.
  */
 async function placeWithoutReplacing(partial: string, final: string): Promise<void> {
-  try {
-    await fs.link(partial, final);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') throw Object.assign(new Error(`${final} appeared while this run wrote it (another program writing into the set?); refusing to replace it`), { code, path: partial });
-    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
+  const linked = await linkNewName(partial, final, async () => {
     await refuseExisting(final);
     await fs.rename(partial, final);
-    return;
-  }
-  await fs.unlink(partial);
+  }).catch((err: unknown) => {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw Object.assign(new Error(`${final} appeared while this run wrote it (another program writing into the set?); refusing to replace it`), { code, path: partial });
+    throw err;
+  });
+  if (linked) await fs.unlink(partial);
 }
 
 /** Puts a synced, closed `.partial` under its final name: at once, or when the run publishes its files. */

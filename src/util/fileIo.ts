@@ -1,6 +1,7 @@
 // File-system steps shared by the commands: positional reads into a caller's buffer (the stream reader's exact
 // reads and the map's endpoints, which read into the NBD reply buffer, share this one loop), the kernel asked to
-// read ahead of a sequential reader, and making an output directory with the error that says why it failed.
+// read ahead of a sequential reader, a new name linked to a whole file, and making an output directory with the
+// error that says why it failed.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { native } from '../native/addon.js';
@@ -35,6 +36,25 @@ export class ReadAhead {
 /** Whether `file` is a directory, following symbolic links. */
 async function isDirectory(file: string): Promise<boolean> {
   return fs.stat(file).then((st) => st.isDirectory(), () => false);
+}
+
+/** What link() fails with where the file system has no hard links (some network and FAT ones). */
+const NO_HARD_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS']);
+
+/**
+ * Gives `file` the further name `name`, which must not exist (link() fails with EEXIST then): a hard link, so the
+ * name appears with the file whole. Where the file system has no hard links, `instead` runs in its place. Resolves
+ * to whether it linked.
+ */
+export async function linkNewName(file: string, name: string, instead: () => Promise<void>): Promise<boolean> {
+  try {
+    await fs.link(file, name);
+    return true;
+  } catch (err) {
+    if (!NO_HARD_LINKS.has((err as NodeJS.ErrnoException).code ?? '')) throw err;
+    await instead();
+    return false;
+  }
 }
 
 /** Whether `file` is there (a dangling symbolic link is not). */
