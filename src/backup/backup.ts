@@ -608,10 +608,9 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   // loop 8 to 15 ms), and told of each begin; a job left running (-s) has none. It is released once the job is ended.
   const guard: JobGuard | undefined = ctx.power.offline || options.startOnly ? undefined
     : guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login);
-  const hooks = guard && { beginning: (jobMarker: string) => guard.beginning(jobMarker) };
   let opened: Awaited<ReturnType<typeof openExports>>;
   try {
-    opened = await openExports(ctx, initial, hooks);
+    opened = await openExports(ctx, initial, guard);
   } catch (err) {
     await guard?.release();
     throw err;
@@ -704,8 +703,9 @@ async function setAsideFinished(ctx: RunContext, results: DiskResult[]): Promise
     const final = ctx.target.pathOf(file);
     const partial = `${final}.partial`;
     try {
-      const published = !(await exists(partial)) && (await exists(final));
-      if (!published && !(await exists(partial))) continue; // gone (the set directory removed)
+      const held = await exists(partial);
+      const published = !held && (await exists(final));
+      if (!held && !published) continue; // gone (the set directory removed)
       if (published) await fs.rename(final, partial);
       // Under their names they would stop the next inc, which writes them again; as .partial, as those held back.
       for (const side of [checksumFileName, digestFileName]) {
