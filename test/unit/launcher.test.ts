@@ -1,7 +1,7 @@
 // The launchers in bin/: they run each command's bundle, which answers as the compiled modules do, and fall back
 // to the compiled modules when the bundle is older than them.
 import { spawn, spawnSync } from 'node:child_process';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -12,6 +12,16 @@ const COMMANDS = ['virtnbdbackup', 'virtnbdrestore', 'virtnbdmap'] as const;
 
 /** virtnbdmap's default socket names its pid. */
 const withoutPids = (text: string): string => text.replace(/\.\d+\.sock/g, '.PID.sock');
+
+/** A tree of its own (removed after the test) with `binFiles` of bin/ and an empty dist/src/cli for probe commands. */
+async function launcherTree(t: TestContext, binFiles: string[]): Promise<string> {
+  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-launch-'));
+  t.after(() => fs.rm(root, { recursive: true, force: true }));
+  await fs.mkdir(path.join(root, 'bin'));
+  await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
+  for (const file of binFiles) await fs.copyFile(path.join(repoRoot, 'bin', file), path.join(root, 'bin', file));
+  return root;
+}
 
 test('each launcher runs its bundle, which answers --help, --version and bad flags as the compiled command', async () => {
   for (const command of COMMANDS) {
@@ -37,11 +47,7 @@ test("the bundle finds yargs' translations", async () => {
 });
 
 test('a bundle older than the compiled command is passed over for the compiled modules', async (t) => {
-  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-launch-'));
-  t.after(() => fs.rm(root, { recursive: true, force: true }));
-  await fs.mkdir(path.join(root, 'bin'));
-  await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
-  await fs.copyFile(path.join(repoRoot, 'bin', 'launch.cjs'), path.join(root, 'bin', 'launch.cjs'));
+  const root = await launcherTree(t, ['launch.cjs']);
   const compiled = path.join(root, 'dist', 'src', 'cli', 'probe.js');
   const bundle = path.join(root, 'dist', 'src', 'cli', 'probe.bundle.cjs');
   await fs.writeFile(compiled, "process.stdout.write('compiled');\n");
@@ -68,13 +74,7 @@ test('a bundle older than the compiled command is passed over for the compiled m
 test('the launchers start the command with 8 libuv threads, or the UV_THREADPOOL_SIZE given', async (t) => {
   // A probe in place of each command's bundle counts the process's threads once the pool has started (libuv starts
   // all of its threads at the first request). The ES module launchers had set the count too late, unnoticed.
-  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-launch-'));
-  t.after(() => fs.rm(root, { recursive: true, force: true }));
-  await fs.mkdir(path.join(root, 'bin'));
-  await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
-  for (const file of ['launch.cjs', 'package.json', ...COMMANDS]) {
-    await fs.copyFile(path.join(repoRoot, 'bin', file), path.join(root, 'bin', file));
-  }
+  const root = await launcherTree(t, ['launch.cjs', 'package.json', ...COMMANDS]);
   const probe = "require('node:fs').stat('/', () => process.stdout.write(String(require('node:fs').readdirSync('/proc/self/task').length)));\n";
   for (const command of COMMANDS) await fs.writeFile(path.join(root, 'dist', 'src', 'cli', `${command}.bundle.cjs`), probe);
   const threads = async (command: string, size?: string): Promise<number> => {
@@ -92,11 +92,7 @@ test('the launchers start the command with 8 libuv threads, or the UV_THREADPOOL
 });
 
 test('a stop signal while the command loads is held for it: one line and exit 130, not a silent 128 + signal', async (t) => {
-  const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-launch-'));
-  t.after(() => fs.rm(root, { recursive: true, force: true }));
-  await fs.mkdir(path.join(root, 'bin'));
-  await fs.mkdir(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
-  await fs.copyFile(path.join(repoRoot, 'bin', 'launch.cjs'), path.join(root, 'bin', 'launch.cjs'));
+  const root = await launcherTree(t, ['launch.cjs']);
   // A command that takes a second to load, then runs as the commands do.
   const common = path.join(repoRoot, 'dist', 'src', 'cli', 'common.js');
   await fs.writeFile(path.join(root, 'dist', 'src', 'cli', 'probe.bundle.cjs'), `process.stdout.write('loading\\n');
