@@ -9,12 +9,13 @@
 // that was killed is deleted when the next one starts (its directory names its pid). The block map (1 byte per
 // 64 KiB of disk) is allocated on the first write only.
 import fs from 'node:fs/promises';
+import type { Stats } from 'node:fs';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
 import { silentLogger, type Logger } from '../util/log.js';
-import { processRuns } from '../util/process.js';
+import { leftoversOfGoneRuns } from './leftovers.js';
 
 /** Copy-on-write granularity: a smaller write costs one read of the base block, once. */
 export const COW_BLOCK = 64 * 1024;
@@ -189,16 +190,13 @@ const OVERLAY_DIR = /^virtnbdmap\.(\d+)\.[A-Za-z0-9]{6}$/;
 
 /**
  * Removes the overlays in `parentDir` of servers that are gone: one killed (SIGKILL, a crash) could not remove its
- * own, and what a client wrote there was never meant to outlive the server.
+ * own, and what a client wrote there was never meant to outlive the server. Only directories as ours make them
+ * (mode 0700).
  */
 async function removeOrphanOverlays(parentDir: string, log: Logger): Promise<void> {
-  for (const name of await fs.readdir(parentDir).catch(() => [] as string[])) {
-    const pid = Number(OVERLAY_DIR.exec(name)?.[1]);
-    if (!pid || pid === process.pid || processRuns(pid)) continue;
-    // Only a directory as ours make them (our user's, mode 0700): in a shared /var/tmp, another user could plant one.
-    const stat = await fs.lstat(path.join(parentDir, name)).catch(() => undefined);
-    if (!stat?.isDirectory() || stat.uid !== process.getuid?.() || (stat.mode & 0o777) !== 0o700) continue;
-    await fs.rm(path.join(parentDir, name), { recursive: true, force: true });
-    log.info(`removed ${path.join(parentDir, name)}, the overlay of a virtnbdmap that is gone (pid ${pid})`);
+  const isOverlay = (stat: Stats): boolean => stat.isDirectory() && (stat.mode & 0o777) === 0o700;
+  for (const { file, pid } of await leftoversOfGoneRuns(parentDir, OVERLAY_DIR, isOverlay)) {
+    await fs.rm(file, { recursive: true, force: true });
+    log.info(`removed ${file}, the overlay of a virtnbdmap that is gone (pid ${pid})`);
   }
 }

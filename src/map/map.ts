@@ -15,7 +15,8 @@ import { ChainEndpoint } from './chainEndpoint.js';
 import { CopyOnWriteEndpoint } from './copyOnWrite.js';
 import { NbdServer, type NbdTrace } from './nbdServer.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
-import { listensAt, processRuns, processStart, run } from '../util/process.js';
+import { leftoversOfGoneRuns } from './leftovers.js';
+import { listensAt, run } from '../util/process.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 
@@ -70,35 +71,14 @@ export function defaultSocket(pid = process.pid): string {
 
 const DEFAULT_SOCKET = /^virtnbdmap\.(\d+)\.sock$/;
 
-/** Clock ticks per second of /proc/<pid>/stat's start time (USER_HZ, 100 on every Linux architecture). */
-const TICKS_PER_SECOND = 100;
-
-/**
- * When process `pid` started, in ms since the epoch, or undefined when it is gone. Boot time counts whole seconds,
- * so this is up to a second early, never late.
- */
-async function processStartedAt(pid: number): Promise<number | undefined> {
-  const ticks = Number(processStart(pid));
-  const boot = Number(/^btime (\d+)$/m.exec(await fsp.readFile('/proc/stat', 'utf8').catch(() => ''))?.[1]);
-  return Number.isFinite(ticks) && boot ? boot * 1000 + (ticks * 1000) / TICKS_PER_SECOND : undefined;
-}
-
 /**
  * Removes the default sockets (virtnbdmap.<pid>.sock) in `dirs` of servers that are gone: one killed (kill -9) could
- * not remove its own, and every run leaves another. Its server is gone when no process has its pid, or the one that
- * has it started after the socket was made (the pid used again); a socket something listens on is kept all the same.
+ * not remove its own, and every run leaves another. A socket something listens on is kept all the same.
  */
 async function removeOrphanSockets(dirs: string[], log: Logger): Promise<void> {
   for (const dir of new Set(dirs)) {
-    for (const name of await fsp.readdir(dir).catch(() => [] as string[])) {
-      const pid = Number(DEFAULT_SOCKET.exec(name)?.[1]);
-      if (!pid || pid === process.pid) continue;
-      const file = path.join(dir, name);
-      // Only our own user's sockets: in a shared /var/tmp, the sticky bit leaves another's to them.
-      const stat = await fsp.lstat(file).catch(() => undefined);
-      if (!stat?.isSocket() || stat.uid !== process.getuid?.()) continue;
-      const gone = !processRuns(pid) || ((await processStartedAt(pid)) ?? 0) > stat.mtimeMs;
-      if (!gone || (await listensAt(file))) continue;
+    for (const { file, pid } of await leftoversOfGoneRuns(dir, DEFAULT_SOCKET, (stat) => stat.isSocket())) {
+      if (await listensAt(file)) continue;
       await fsp.rm(file, { force: true });
       log.info(`removed ${file}, the socket of a virtnbdmap that is gone (pid ${pid})`);
     }
