@@ -212,6 +212,30 @@ export class SshHost implements HostAccess {
     }
   }
 
+  /**
+   * Runs `command` on the host as run() does, but bound to this run (watchedWhileInputOpen): ended there when
+   * `signal` aborts (rejecting with its reason once the session is gone), or when this process or its ssh dies.
+   */
+  async runBound(command: string, args: string[], signal?: AbortSignal): Promise<void> {
+    signal?.throwIfAborted();
+    const { child, lastWords } = this.spawn(`${watchedWhileInputOpen([command, ...args])}; wait $p`, 'pipe', 'ignore', true);
+    const stdin = child.stdin as Writable;
+    stdin.on('error', () => undefined); // a session that already ended
+    const endInput = (): void => { stdin.end(); };
+    signal?.addEventListener('abort', endInput, { once: true });
+    try {
+      const code = await new Promise<number | null>((resolve, reject) => {
+        child.once('error', reject);
+        child.once('close', resolve);
+      });
+      signal?.throwIfAborted();
+      if (code !== 0) throw new Error(`on ${this.label}: ${command} failed: ${withSshAdvice(lastWords(2) ?? `ssh exited with ${code}`)}`);
+    } finally {
+      signal?.removeEventListener('abort', endInput);
+      stdin.end();
+    }
+  }
+
   async exists(file: string): Promise<boolean> {
     const { stdout } = await this.run('sh', ['-c', 'if [ -e "$1" ] || [ -L "$1" ]; then echo yes; else echo no; fi', 'sh', file]);
     return stdout.trim() === 'yes';
@@ -285,6 +309,15 @@ export interface RemoteServer {
 }
 
 /**
+ * A remote shell's lines that start `argv` in the background as `$p`, killed once the session's input ends (closed
+ * by us, or by the death of this process or its ssh); the caller's line goes on with `wait $p`.
+ */
+function watchedWhileInputOpen(argv: string[]): string {
+  // Background jobs of a non-interactive shell read /dev/null: the watcher gets the session's input through fd 3.
+  return `exec 3<&0; ${argv.map(shellQuote).join(' ')} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-`;
+}
+
+/**
  * Runs `command` on `ssh` (SshHost) as a server and resolves once its TCP `port` on `host` accepts connections.
  * The remote shell kills the server when the session's input ends, which is also what happens when this process
  * or its ssh dies; a server that exits on its own ends the session, and rejects with its last words.
@@ -292,9 +325,7 @@ export interface RemoteServer {
 export async function serveRemotely(ssh: SshHost, command: string, args: string[], host: string, port: number, timeoutMs = 15000): Promise<RemoteServer> {
   // Readiness is the port accepting: one that already does belongs to someone else.
   if (await accepts({ host, port })) throw new Error(`port ${port} on ${host} is taken (another backup or restore?): choose another with -P`);
-  const line = [command, ...args].map(shellQuote).join(' ');
-  // Background jobs of a non-interactive shell read /dev/null: the watcher gets the session's input through fd 3.
-  const script = `exec 3<&0; ${line} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-; wait $p; echo "${command} exited with $?" >&2`;
+  const script = `${watchedWhileInputOpen([command, ...args])}; wait $p; echo "${command} exited with $?" >&2`;
   const { child, lastWords } = ssh.spawn(script, 'pipe', 'ignore', true);
   const stdin = child.stdin as Writable;
   stdin.on('error', () => undefined); // a session that already ended

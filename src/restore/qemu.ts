@@ -88,14 +88,14 @@ export interface ConvertOptions {
   existing?: boolean;
   /** Where both files are: this host by default. */
   host?: DomainHost;
-  /** Aborted: qemu-img is ended, and the conversion rejects with the signal's reason once it is gone (here only). */
+  /** Aborted: qemu-img is ended, and the conversion rejects with the signal's reason once it is gone. */
   signal?: AbortSignal;
 }
 
 /**
- * qemu-img convert; zero ranges stay holes in new targets and are written as zeroes into existing ones. Here, it
- * ends with this process (a parent-death signal): killed, we leave no qemu-img writing on into a file nobody
- * removes.
+ * qemu-img convert; zero ranges stay holes in new targets and are written as zeroes into existing ones. It ends
+ * with this process (here a parent-death signal, on another host the end of its ssh session): killed, we leave no
+ * qemu-img writing on into a file nobody removes.
  */
 export async function convertImage(source: string, sourceFormat: ImageFormat, target: string, targetFormat: ImageFormat, opts: ConvertOptions = {}): Promise<void> {
   const args = ['convert', '-q', '-f', sourceFormat, '-O', targetFormat];
@@ -104,7 +104,7 @@ export async function convertImage(source: string, sourceFormat: ImageFormat, ta
   if (opts.options?.length) args.push('-o', opts.options.join(','));
   args.push(source, target);
   const host = opts.host ?? LOCAL_HOST;
-  if (host.remote) await host.run('qemu-img', args);
+  if (host.remote) await host.runBound('qemu-img', args, opts.signal);
   else await run('qemu-img', args, { signal: opts.signal, bound: true });
 }
 

@@ -13,10 +13,10 @@ import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput, type CliResult } from '../support/cli.js';
+import { errorLines, helperPid, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput, whenExists, within, type CliResult, type CliRun } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, signalSshd, withPrivateSshd } from '../support/sshd.js';
-import { flipByte } from '../support/craftedSet.js';
+import { flipByte, randomSet } from '../support/craftedSet.js';
 import { HOST_TLS_DIR, withHostTlsCertificates } from '../support/tls.js';
 import { domainHostOf } from '../../src/libvirt/domainHost.js';
 import { openScratchSpace, watchScratch } from '../../src/backup/scratchWatch.js';
@@ -210,6 +210,38 @@ test('restore onto another host (remote -U): images written there through its qe
   const onArchive = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', archive, '-d', 'vda', '-n', ...remote]);
   assert.equal(onArchive.code, 1, onArchive.stderr);
   assert.match(errorLines(onArchive).join('\n'), new RegExp(`-o ${archive} on root@127\\.0\\.0\\.1 is a gzip file, not a raw disk: a restore would overwrite it`));
+});
+
+test('--compress onto another host interrupted (SIGINT) while qemu-img compresses there: exit 130 at once, that qemu-img ended, nothing left; killed (SIGKILL), that qemu-img ends too', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const work = await withTempDir(t, 'remotecompress-');
+  const { set } = await randomSet(work, { vda: 128 }); // about 2.5 s of compressing here
+  const out = path.join(work, 'out');
+  const port = await freePort();
+  // The private sshd's host is this one: its qemu-img shows in /proc.
+  const qemuImgOnOut = (): Promise<string | undefined> => helperPid('qemu-img', (arg) => arg.startsWith(`${out}/`));
+  const args = ['-i', set, '-o', out, '-n', '--compress', '-U', sshd.libvirtUri, '-P', String(port)];
+  // qemu-img convert -c creates the final .partial: the data is written and compressing has begun.
+  const compressing = async (): Promise<CliRun> => {
+    const running = startCli(ourBin('virtnbdrestore'), args);
+    await whenExists(path.join(out, 'vda.qcow2.partial'));
+    assert.ok(await qemuImgOnOut(), 'qemu-img convert -c runs there');
+    return running;
+  };
+  const running = await compressing();
+  const signalled = Date.now();
+  running.child.kill('SIGINT');
+  const stopped = await running.done;
+  assert.equal(stopped.code, 130, stopped.stderr);
+  assert.ok(Date.now() - signalled < 3000, `took ${Date.now() - signalled} ms to stop`);
+  assert.deepEqual(errorLines(stopped), ['virtnbdrestore: error: interrupted by SIGINT; cleaned up']);
+  assert.ok(await within(2000, async () => (await qemuImgOnOut()) === undefined), 'qemu-img there outlived the interrupted restore');
+  assert.deepEqual((await fs.readdir(out).catch(() => [])).filter((f) => f.includes('partial')), []);
+  // Killed (SIGKILL): its ssh ends with it, and so does the session's qemu-img.
+  const killed = await compressing();
+  killed.child.kill('SIGKILL');
+  await killed.done;
+  assert.ok(await within(3000, async () => (await qemuImgOnOut()) === undefined), 'qemu-img there outlived the killed restore');
 });
 
 test('the scratch directory on the remote host filling up with guest writes stops the run before the guest\'s writes would fail', async (t) => {

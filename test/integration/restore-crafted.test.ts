@@ -4,15 +4,13 @@
 // cannot be reached, and restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, withTempDir } from '../support/testbed.js';
-import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, type CliResult, type CliRun } from '../support/cli.js';
-import { MemoryDisk, craftStream, craftVmConfig, flipByte } from '../support/craftedSet.js';
+import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, within, type CliResult, type CliRun } from '../support/cli.js';
+import { MemoryDisk, craftStream, craftVmConfig, flipByte, randomSet } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
-import type { PlannedExtent } from '../../src/extents/plan.js';
 
 const MiB = 1024 * 1024;
 
@@ -288,40 +286,6 @@ test('a domain XML that cannot be written after the images says that the images 
   await fs.access(path.join(out, 'a.qcow2'));
   await assert.rejects(fs.access(xml), 'a part of the XML was left under its name');
 });
-
-/** A set (full backups) of qcow2 disks, `sizeMiB` MiB of random data each: compressing or writing it takes a while. */
-/**
- * A full backup of each disk, random data; the disks named in `scattered` hold it in 512-byte extents 2 KiB apart
- * (the rest zero), so that restoring them takes tens of thousands of writes: long enough to be caught in mid-write,
- * however fast or loaded the machine.
- */
-async function randomSet(work: string, disks: Record<string, number>, scattered: string[] = []): Promise<{ set: string; refs: Record<string, string> }> {
-  const set = path.join(work, 'set');
-  await fs.mkdir(set);
-  const refs: Record<string, string> = {};
-  for (const [target, sizeMiB] of Object.entries(disks)) {
-    const disk = new MemoryDisk(sizeMiB * MiB);
-    randomFillSync(disk.bytes);
-    let extents: PlannedExtent[] = [{ offset: 0, length: sizeMiB * MiB, kind: 'data' }];
-    if (scattered.includes(target)) {
-      extents = [];
-      for (let offset = 0; offset < sizeMiB * MiB; offset += 2048) {
-        disk.bytes.fill(0, offset + 512, offset + 2048);
-        extents.push({ offset, length: 512, kind: 'data' });
-      }
-    }
-    await craftStream({ dir: set, file: `${target}.full.data`, disk, diskName: target, extents });
-    refs[target] = await disk.saveRaw(path.join(work, `${target}.ref`));
-  }
-  await craftVmConfig(set, 'virtnbdbackup.0', 'rnd', Object.keys(disks).map((target) => ({ target, file: `/vm/${target}.qcow2`, format: 'qcow2' })));
-  return { set, refs };
-}
-
-/** Polls until `check` holds, for up to `ms`; returns whether it did. */
-async function within(ms: number, check: () => Promise<boolean>): Promise<boolean> {
-  for (const deadline = Date.now() + ms; Date.now() < deadline; await new Promise((r) => setTimeout(r, 20))) if (await check()) return true;
-  return check();
-}
 
 test('--compress interrupted (SIGINT) while qemu-img compresses: exit 130 at once, qemu-img ended, nothing left; killed (SIGKILL), qemu-img ends with it and a rerun names what is left', async (t) => {
   const work = await withTempDir(t, 'vnbd-intcompress-');

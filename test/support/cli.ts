@@ -88,6 +88,12 @@ export async function whenExists(file: string): Promise<void> {
   }
 }
 
+/** Polls until `check` holds, for up to `ms`; returns whether it did. */
+export async function within(ms: number, check: () => Promise<boolean>): Promise<boolean> {
+  for (const deadline = Date.now() + ms; Date.now() < deadline; await new Promise((r) => setTimeout(r, 20))) if (await check()) return true;
+  return check();
+}
+
 export function runCli(command: string, args: string[]): Promise<CliResult> {
   return startCli(command, args).done;
 }

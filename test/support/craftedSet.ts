@@ -1,6 +1,7 @@
 // Backup sets crafted without libvirt, for restore and verify tests: streams written by the engine's own
 // writeStream from an in-memory disk, with the side files a backup writes beside them (.chksum, .blake3.json,
 // vmconfig, qcow.json), so a test can build exactly the set it needs (raw disks, data files, chains) in milliseconds.
+import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Endpoint, StatusExtent } from '../../src/endpoint/endpoint.js';
@@ -143,4 +144,33 @@ export async function flipByte(file: string, offset: number): Promise<void> {
   } finally {
     await handle.close();
   }
+}
+
+const MiB = 1024 * 1024;
+
+/**
+ * A set (full backups) of qcow2 disks of `sizeMiB` MiB of random data each: compressing or writing it takes a while.
+ * The disks named in `scattered` hold it in 512-byte extents 2 KiB apart (the rest zero), so that restoring them takes tens of thousands of writes: long enough to be caught in mid-write,
+ * however fast or loaded the machine.
+ */
+export async function randomSet(work: string, disks: Record<string, number>, scattered: string[] = []): Promise<{ set: string; refs: Record<string, string> }> {
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  const refs: Record<string, string> = {};
+  for (const [target, sizeMiB] of Object.entries(disks)) {
+    const disk = new MemoryDisk(sizeMiB * MiB);
+    randomFillSync(disk.bytes);
+    let extents: PlannedExtent[] = [{ offset: 0, length: sizeMiB * MiB, kind: 'data' }];
+    if (scattered.includes(target)) {
+      extents = [];
+      for (let offset = 0; offset < sizeMiB * MiB; offset += 2048) {
+        disk.bytes.fill(0, offset + 512, offset + 2048);
+        extents.push({ offset, length: 512, kind: 'data' });
+      }
+    }
+    await craftStream({ dir: set, file: `${target}.full.data`, disk, diskName: target, extents });
+    refs[target] = await disk.saveRaw(path.join(work, `${target}.ref`));
+  }
+  await craftVmConfig(set, 'virtnbdbackup.0', 'rnd', Object.keys(disks).map((target) => ({ target, file: `/vm/${target}.qcow2`, format: 'qcow2' })));
+  return { set, refs };
 }
