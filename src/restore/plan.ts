@@ -2,6 +2,7 @@
 // into which images of which format and layout, and whether the output is a directory of new images or one
 // existing raw file or block device.
 //   scan set (refuse .partial, non-sets) -> streams vs raw images -> chains -> select (--sequence | -d, --until)
+//   -> the point (--until, else the set's latest) has every file its checkpoints say was saved
 //   -> per disk: restore point, vmconfig, raw-format check (-r), image name, qcow.json layout -> output checks
 // Guarantees: every refusal (bad set, broken chain, bad sequence, unknown checkpoint, images already there,
 // unusable target) happens here, so a refused restore touches nothing.
@@ -9,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, checkLinks, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, checkLinks, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedBitmapDisks, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -109,6 +110,9 @@ interface ScannedSet {
   checkpoints: string[];
   chains: Map<string, ChainLink[]>;
   images: Map<string, DataFile>;
+  /** The checkpoints some data file of the set (of any disk, also with -d) belongs to. */
+  filed: Set<string>;
+  bitmapsAt: BitmapsAt;
 }
 
 /** A set by its directory, or by the listing of it that the caller made already (then it is not listed again). */
@@ -149,7 +153,15 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
     else streams.push(f);
   }
   const chains = await readChains({ ...listing, dataFiles: streams }, checkpoints);
-  return { checkpoints, chains, images };
+  // Inc files are named after their checkpoint; a full belongs to the checkpoint its disk's chain starts at.
+  const filed = new Set(all.dataFiles.filter((f) => f.level === 'inc').map((f) => f.ident));
+  for (const chain of chains.values()) filed.add((chain[0] as ChainLink).meta.checkpointName);
+  const saved = new Map<string, Promise<string[] | undefined>>();
+  const bitmapsAt: BitmapsAt = (name) => {
+    if (!saved.has(name)) saved.set(name, savedBitmapDisks(input, name));
+    return saved.get(name) as Promise<string[] | undefined>;
+  };
+  return { checkpoints, chains, images, filed, bitmapsAt };
 }
 
 /** --until names a checkpoint the chain does not have. */
@@ -209,9 +221,9 @@ export async function loadChains(input: string, until: string | undefined, onlyD
  * (of `onlyDisk`), which stand apart from the chains.
  */
 export async function checkedChains(set: SetOrListing, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<{ chains: Map<string, ChainLink[]>; images: DataFile[] }> {
-  const { chains, checkpoints, images } = await scanSet(set, log, onlyDisk);
+  const scanned = await scanSet(set, log, onlyDisk);
   const input = typeof set === 'string' ? set : set.dir;
-  return { chains: selectChains(chains, checkpoints, { input, until, disk: onlyDisk }, log), images: [...images.values()] };
+  return { chains: await selectChains(scanned, { input, until, disk: onlyDisk }, log), images: [...scanned.images.values()] };
 }
 
 /**
@@ -233,7 +245,98 @@ function absentAt(chain: ChainLink[], until: string, checkpoints: string[]): str
   return undefined;
 }
 
-function selectChains(chains: Map<string, ChainLink[]>, checkpoints: string[], options: { input: string; until?: string; disk?: string }, log: Logger): Map<string, ChainLink[]> {
+/** The disks the set's saved definition of a checkpoint gives a bitmap; undefined where it has none that reads. */
+export type BitmapsAt = (checkpoint: string) => Promise<readonly string[] | undefined>;
+
+/** A disk's data files the set lacks up to a restore point, and the newest file it holds there. */
+export interface LostFiles {
+  disk: string;
+  /** Missing files, oldest first. */
+  files: string[];
+  /** Index into the set's checkpoints of the first missing file's checkpoint. */
+  first: number;
+  newest: ChainLink;
+}
+
+/**
+ * The files `chain` lacks up to the restore point `point` (an index into the set's `checkpoints`): one per
+ * checkpoint after the newest the chain holds there whose saved definition gives the disk a bitmap, since the
+ * backup at such a checkpoint saved the disk. Undefined when none is missing, or nothing tells: a copy, a chain
+ * starting after the point (the disk was added later), a checkpoint the list does not name, no saved definitions.
+ */
+export async function lostFiles(chain: ChainLink[], point: number, checkpoints: readonly string[], bitmapsAt: BitmapsAt): Promise<LostFiles | undefined> {
+  const base = chain[0] as ChainLink;
+  if (base.level === 'copy' || point < 0) return undefined;
+  let newest: ChainLink | undefined;
+  let held = -1;
+  for (const link of chain) {
+    if (link.level === 'diff') continue;
+    const at = checkpoints.indexOf(link.meta.checkpointName);
+    if (at < 0) return undefined;
+    if (at <= point && at > held) [newest, held] = [link, at];
+  }
+  if (!newest) return undefined;
+  const files: string[] = [];
+  let first = -1;
+  for (let at = held + 1; at <= point; at++) {
+    const name = checkpoints[at] as string;
+    if (!(await bitmapsAt(name))?.includes(base.disk)) continue;
+    files.push(dataFileName(base.disk, 'inc', name));
+    if (first < 0) first = at;
+  }
+  return files.length > 0 ? { disk: base.disk, files, first, newest } : undefined;
+}
+
+/**
+ * The set's latest point (an index into `checkpoints`): its last checkpoint some data file belongs to. One listed
+ * after it has no file of any disk: a run that listed it and died before it wrote (Python's tool lists first),
+ * which the next inc continues past, or files all removed; restored from the point before, with a warning.
+ */
+function latestPoint(checkpoints: string[], filed: ReadonlySet<string>, input: string, log: Logger): number {
+  let point = checkpoints.length - 1;
+  while (point > 0 && !filed.has(checkpoints[point] as string)) point--;
+  const unfiled = checkpoints.slice(point + 1);
+  if (unfiled.length > 0) {
+    const [named, them] = unfiled.length > 1 ? [`checkpoints ${unfiled.join(', ')}`, 'them'] : [`checkpoint ${unfiled[0]}`, 'it'];
+    log.warn(`${input} lists ${named} but holds no data file of ${them} (a backup that did not finish, or its files were removed): restoring the point before, ${checkpoints[point]}`);
+  }
+  return point;
+}
+
+/**
+ * Refuses a restore point (`until`, else the set's latest) at which a disk restored lacks files its checkpoints
+ * say were saved: its chain would still link up, and the disk would come back from an earlier point than the
+ * others, silently. One line names the files and the earlier point that every disk holds.
+ */
+async function refuseLostFiles(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<void> {
+  const { chains, checkpoints, images, bitmapsAt } = scanned;
+  if (checkpoints.length === 0) return;
+  const point = options.until === undefined ? latestPoint(checkpoints, scanned.filed, options.input, log) : checkpoints.indexOf(options.until);
+  if (point < 0) return;
+  const name = checkpoints[point] as string;
+  const lost: LostFiles[] = [];
+  for (const [disk, chain] of chains) {
+    if (options.disk !== undefined && disk !== options.disk) continue;
+    const missing = await lostFiles(chain, point, checkpoints, bitmapsAt);
+    if (missing) lost.push(missing);
+  }
+  const at = options.until === undefined ? `the set's latest point (${name})` : name;
+  if (lost.length === 0) {
+    // A disk the point's checkpoint saved, of which the set holds no file at all (-d asks for one it has).
+    const gone = options.disk === undefined ? ((await bitmapsAt(name)) ?? []).filter((d) => !chains.has(d) && !images.has(d)) : [];
+    if (gone.length === 0) return;
+    throw new UserError(`${options.input} holds no data file of disk ${gone.join(', ')}, which checkpoint ${name} backed up: a restore at ${at} would leave it out; put its files back, or restore the other disks one by one with -d`);
+  }
+  lost.sort((a, b) => a.first - b.first);
+  const [worst, ...others] = lost as [LostFiles, ...LostFiles[]];
+  const also = others.length > 0 ? ` (and ${others.flatMap((l) => l.files).join(', ')})` : '';
+  const { newest } = worst;
+  throw new UserError(`${options.input} lacks ${worst.files.join(', ')}${also}: checkpoint ${checkpoints[worst.first]} backed up disk ${worst.disk}, so a restore at ${at} would give ${worst.disk} as it was at ${newest.meta.checkpointName} (${newest.file}); put ${worst.files.length + others.length > 1 ? 'them' : 'it'} back, or restore the earlier point with --until ${checkpoints[worst.first - 1]}`);
+}
+
+async function selectChains(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<Map<string, ChainLink[]>> {
+  const { chains, checkpoints } = scanned;
+  await refuseLostFiles(scanned, options, log);
   const selected = new Map<string, ChainLink[]>();
   const timeless: string[] = [];
   for (const [disk, chain] of chains) {
@@ -393,7 +496,7 @@ async function sequenceInSet(sequence: string[], input: string): Promise<string[
 }
 
 /** What gets applied per disk: the --sequence, or the chains selected by -d and cut at --until, and raw images. */
-function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): ScannedSet {
+async function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): Promise<ScannedSet> {
   const { input } = options;
   if (options.sequence && options.until) throw new UserError('--sequence and --until both choose the files to apply: give one of them');
   const named = options.sequence?.length === 1 ? path.basename(options.sequence[0] as string) : undefined;
@@ -405,7 +508,7 @@ function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): 
     if (options.disk !== undefined && options.disk !== disk) throw new UserError(`-d ${options.disk} and --sequence of disk ${disk} contradict each other: give one of them`);
     return { ...scanned, chains: new Map([[disk, chain]]), images: new Map() };
   }
-  const chains = selectChains(scanned.chains, scanned.checkpoints, { input, until: options.until, disk: options.disk }, log);
+  const chains = await selectChains(scanned, { input, until: options.until, disk: options.disk }, log);
   const images = new Map([...scanned.images].filter(([disk]) => options.disk === undefined || disk === options.disk));
   for (const [disk, file] of images) {
     if (chains.has(disk)) throw new UserError(`${input} holds a raw image (${file.file}) and streams of disk ${disk}, which form no chain; restore the image alone with -s ${file.file}`);
@@ -428,7 +531,7 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   }
   const resolved = { ...options, input, sequence: options.sequence && (await sequenceInSet(options.sequence, input)) };
   // --sequence names its disk itself: a -d that contradicts it is said so in selectSources, not "not in the set".
-  const { chains, images, checkpoints } = selectSources(await scanSet(input, log, options.sequence ? undefined : options.disk), resolved, log);
+  const { chains, images, checkpoints } = await selectSources(await scanSet(input, log, options.sequence ? undefined : options.disk), resolved, log);
   const configs = await SavedConfigs.read(input);
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));

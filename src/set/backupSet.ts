@@ -8,7 +8,7 @@ import { StreamReader } from '../stream/reader.js';
 import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH, type StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
-import type { Level } from '../libvirt/checkpoints.js';
+import { checkpointBitmapDisks, type Level } from '../libvirt/checkpoints.js';
 import { UserError, describeFailure, describeReadFailure, errnoOf } from '../util/errors.js';
 import { native } from '../native/addon.js';
 
@@ -128,6 +128,20 @@ export async function savedConfigNames(dir: string): Promise<string[]> {
 export const autostartName = (ident: string): string => `autostart.${ident}`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;
 export const CHECKPOINT_DIR = 'checkpoints';
+
+/**
+ * The disks the set's saved definition of checkpoint `name` (`checkpoints/<name>.xml`) gives a bitmap: those the
+ * backup at that checkpoint saved. Undefined where the set has no definition that reads (-C elsewhere, old sets).
+ */
+export async function savedBitmapDisks(dir: string, name: string): Promise<string[] | undefined> {
+  const xml = await readIfThere(path.join(dir, CHECKPOINT_DIR, `${name}.xml`)).catch(() => undefined);
+  if (xml === undefined) return undefined;
+  try {
+    return checkpointBitmapDisks(xml);
+  } catch {
+    return undefined;
+  }
+}
 
 /** A run's log, `backup.<level>.<time>.log`; the `run`-th of that level in that second (from 2) gets `.<run>` before `.log`. */
 export function logFileName(level: Level, when: Date, run = 1): string {

@@ -1,10 +1,18 @@
-// --sequence: the files of one disk, from its base, in chain order, with no incremental left out.
+// --sequence: the files of one disk, from its base, in chain order, with no incremental left out. A restore point
+// lacking a file its checkpoints say was saved is refused, naming the file and the earlier point every disk holds.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
-import { chainFromSequence, partialName } from '../../src/restore/plan.js';
-import { checkLinks, type ChainLink } from '../../src/set/backupSet.js';
-import type { Level } from '../../src/libvirt/checkpoints.js';
+import { chainFromSequence, lostFiles, partialName, planRestore } from '../../src/restore/plan.js';
+import { CHECKPOINT_DIR, checkLinks, dataFileName, type ChainLink } from '../../src/set/backupSet.js';
+import { checkpointXml, type Level } from '../../src/libvirt/checkpoints.js';
+import { verifySet } from '../../src/verify/verify.js';
+import { Logger } from '../../src/util/log.js';
+import { MemoryDisk, craftStream } from '../support/craftedSet.js';
+
+const MiB = 1024 * 1024;
 
 function link(disk: string, level: Level, ident: string, checkpointName: string, parentCheckpoint: string): ChainLink {
   const file = level === 'full' ? `${disk}.full.data` : `${disk}.${level}.${ident}.data`;
@@ -70,4 +78,110 @@ test('partialName: <image>.partial, or where that would pass 255 bytes, the name
     }
   }
   assert.notEqual(partialName(`/out/${'a'.repeat(250)}.qcow2`), partialName(`/out/${'a'.repeat(250)}.qcow3`), 'names that differ past the cut differ');
+});
+
+/** Checkpoint definitions as the set saves them: the disks each gave a bitmap. */
+const savedBitmaps = (byCheckpoint: Record<string, string[]>) => async (name: string): Promise<string[] | undefined> => byCheckpoint[name];
+const CHECKPOINTS = ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2'];
+const BOTH = { 'virtnbdbackup.0': ['vda', 'vdb'], 'virtnbdbackup.1': ['vda', 'vdb'], 'virtnbdbackup.2': ['vda', 'vdb'] };
+const upTo = (disk: string, n: number): ChainLink[] => chainOf(disk).filter((l) => l.level !== 'diff').slice(0, n + 1);
+
+test('lostFiles: the files of the checkpoints after a chain\'s newest whose definitions gave the disk a bitmap', async () => {
+  const lost = await lostFiles(upTo('vdb', 1), 2, CHECKPOINTS, savedBitmaps(BOTH));
+  assert.deepEqual(lost && { files: lost.files, first: lost.first, newest: lost.newest.file }, { files: ['vdb.inc.virtnbdbackup.2.data'], first: 2, newest: 'vdb.inc.virtnbdbackup.1.data' });
+  assert.deepEqual((await lostFiles(upTo('vdb', 0), 2, CHECKPOINTS, savedBitmaps(BOTH)))?.files, ['vdb.inc.virtnbdbackup.1.data', 'vdb.inc.virtnbdbackup.2.data']);
+  // At an earlier point (--until), what comes after it does not count; a file lost at that point does.
+  assert.equal(await lostFiles(upTo('vdb', 1), 1, CHECKPOINTS, savedBitmaps(BOTH)), undefined);
+  const skipped = [upTo('vdb', 2)[0], upTo('vdb', 2)[2]] as ChainLink[];
+  assert.deepEqual((await lostFiles(skipped, 1, CHECKPOINTS, savedBitmaps(BOTH)))?.files, ['vdb.inc.virtnbdbackup.1.data']);
+  assert.equal(await lostFiles(upTo('vdb', 2), 2, CHECKPOINTS, savedBitmaps(BOTH)), undefined);
+});
+
+test('lostFiles: nothing is lost where the checkpoints did not save the disk, or cannot tell', async () => {
+  // Left out at the last checkpoint (-x, checkpoint='no'), or a raw disk: no bitmap there.
+  assert.equal(await lostFiles(upTo('vdb', 1), 2, CHECKPOINTS, savedBitmaps({ ...BOTH, 'virtnbdbackup.2': ['vda'] })), undefined);
+  // No saved definitions (-C elsewhere, sets of old builds), or not this one.
+  assert.equal(await lostFiles(upTo('vdb', 0), 2, CHECKPOINTS, savedBitmaps({})), undefined);
+  // Added to the domain at checkpoint 2: at checkpoint 1 its chain has not begun.
+  const added = [link('vdb', 'full', '', 'virtnbdbackup.2', '')];
+  assert.equal(await lostFiles(added, 2, CHECKPOINTS, savedBitmaps(BOTH)), undefined);
+  assert.equal(await lostFiles(added, 1, CHECKPOINTS, savedBitmaps(BOTH)), undefined);
+  // A copy has no checkpoints; a chain of checkpoints the list does not name cannot be placed in it.
+  assert.equal(await lostFiles([link('vdb', 'copy', '', 'virtnbdbackup.0', '')], 2, CHECKPOINTS, savedBitmaps(BOTH)), undefined);
+  assert.equal(await lostFiles(upTo('vdb', 0), 2, ['weekly.0', 'weekly.1', 'weekly.2'], savedBitmaps({ 'weekly.2': ['vdb'] })), undefined);
+});
+
+/**
+ * A crafted set of disks vda and vdb, full and two incs each, with its checkpoint list and definitions (each
+ * checkpoint gives a bitmap to the disks of `saved`, every disk by default), as our backup and Python's write them.
+ */
+async function craftTwoDiskSet(t: { after: (fn: () => Promise<void>) => void }, saved: Record<string, string[]> = {}): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-lost-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const disk = new MemoryDisk(MiB).fill(0x11, 0, 65536);
+  const extents = [{ offset: 0, length: 65536, kind: 'data' as const }];
+  await fs.mkdir(path.join(dir, CHECKPOINT_DIR));
+  for (const [n, name] of CHECKPOINTS.entries()) {
+    const plan = { name, parent: CHECKPOINTS[n - 1] ?? '', create: true };
+    const targets = saved[name] ?? ['vda', 'vdb'];
+    await fs.writeFile(path.join(dir, CHECKPOINT_DIR, `${name}.xml`), checkpointXml(plan, targets, ['vda', 'vdb']));
+    for (const target of targets) {
+      await craftStream({ dir, file: dataFileName(target, n === 0 ? 'full' : 'inc', name), disk, diskName: target, extents, checkpointName: name, parentCheckpoint: plan.parent, incremental: n > 0 });
+    }
+  }
+  await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(CHECKPOINTS));
+  return dir;
+}
+
+/** Removes a data file and its side files from the set, as a user moving it away would. */
+async function lose(dir: string, file: string): Promise<void> {
+  for (const name of await fs.readdir(dir)) if (name.startsWith(file)) await fs.rm(path.join(dir, name));
+}
+
+const plannedFiles = async (options: { input: string; until?: string; disk?: string; log?: Logger }): Promise<Record<string, string[]>> => {
+  const plan = await planRestore({ ...options, output: path.join(options.input, 'out') });
+  return Object.fromEntries(plan.disks.map((d) => [d.disk, d.source.kind === 'stream' ? files(d.source.chain) : []]));
+};
+
+test('a disk whose newest file is lost refuses the latest point, naming the file and the earlier point; that point restores, and so does the other disk alone', async (t) => {
+  const dir = await craftTwoDiskSet(t);
+  await lose(dir, 'vdb.inc.virtnbdbackup.2.data');
+  const line = /lacks vdb\.inc\.virtnbdbackup\.2\.data: checkpoint virtnbdbackup\.2 backed up disk vdb, so a restore at the set's latest point \(virtnbdbackup\.2\) would give vdb as it was at virtnbdbackup\.1 \(vdb\.inc\.virtnbdbackup\.1\.data\); put it back, or restore the earlier point with --until virtnbdbackup\.1$/;
+  await assert.rejects(plannedFiles({ input: dir }), line);
+  await assert.rejects(plannedFiles({ input: dir, disk: 'vdb' }), line);
+  // Verify fails the chain with the same line (every file that is there passes).
+  const verdicts = await verifySet({ input: dir });
+  assert.deepEqual(verdicts.filter((v) => !v.ok).map((v) => v.file), ['chain']);
+  assert.match(verdicts.find((v) => v.file === 'chain')?.reason ?? '', line);
+  // --until the lost point is refused alike (it used to leave vdb out as "removed from the domain").
+  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* a restore at virtnbdbackup\.2 would give vdb as it was at virtnbdbackup\.1 .* --until virtnbdbackup\.1$/);
+  assert.deepEqual(await plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), {
+    vda: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], vdb: ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data'],
+  });
+  assert.deepEqual(Object.keys(await plannedFiles({ input: dir, disk: 'vda' })), ['vda']);
+  // Two incs lost: both named, and the point before the first.
+  await lose(dir, 'vdb.inc.virtnbdbackup.1.data');
+  await assert.rejects(plannedFiles({ input: dir }), /lacks vdb\.inc\.virtnbdbackup\.1\.data, vdb\.inc\.virtnbdbackup\.2\.data: checkpoint virtnbdbackup\.1 backed up disk vdb, .* as it was at virtnbdbackup\.0 \(vdb\.full\.data\); put them back, or restore the earlier point with --until virtnbdbackup\.0$/);
+  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), /lacks vdb\.inc\.virtnbdbackup\.1\.data: .* --until virtnbdbackup\.0$/);
+  // A disk with no file at all that the last checkpoint backed up.
+  await lose(dir, 'vdb.full.data');
+  await assert.rejects(plannedFiles({ input: dir }), /holds no data file of disk vdb, which checkpoint virtnbdbackup\.2 backed up: a restore at the set's latest point \(virtnbdbackup\.2\) would leave it out; put its files back, or restore the other disks one by one with -d$/);
+  // Sets without checkpoint definitions (-C elsewhere, older sets) restore what they hold, as before.
+  await fs.rm(path.join(dir, CHECKPOINT_DIR), { recursive: true });
+  assert.deepEqual(Object.keys(await plannedFiles({ input: dir })), ['vda']);
+});
+
+test('a disk a checkpoint did not save (-x, checkpoint=\'no\') is no loss; a checkpoint listed with no file of any disk is a warning, the point before restored', async (t) => {
+  const dir = await craftTwoDiskSet(t, { 'virtnbdbackup.2': ['vda'] });
+  assert.deepEqual(await plannedFiles({ input: dir }), {
+    vda: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vda.inc.virtnbdbackup.2.data'], vdb: ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data'],
+  });
+  // A run that listed virtnbdbackup.3 and died before it wrote (Python's tool lists first), its .partials moved away.
+  await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify([...CHECKPOINTS, 'virtnbdbackup.3']));
+  await fs.writeFile(path.join(dir, CHECKPOINT_DIR, 'virtnbdbackup.3.xml'), checkpointXml({ name: 'virtnbdbackup.3', parent: 'virtnbdbackup.2', create: true }, ['vda', 'vdb'], ['vda', 'vdb']));
+  const warned: string[] = [];
+  const log = new Logger({ quiet: true, color: false });
+  log.warn = (msg: string): void => void warned.push(msg);
+  assert.equal((await plannedFiles({ input: dir, log })).vda?.length, 3);
+  assert.match(warned.join('\n'), /lists checkpoint virtnbdbackup\.3 but holds no data file of it \(a backup that did not finish, or its files were removed\): restoring the point before, virtnbdbackup\.2/);
 });
