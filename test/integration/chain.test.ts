@@ -5,8 +5,9 @@
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
 // lost becomes a full, the old chain archived; disks grown, attached and detached within a chain; an external
 // snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc;
-// guest writes while a full and an inc copy: each holds the disk of its start, the next inc the writes; an inc that
-// saved no data is a point of its own for --until.
+// one disk's newest inc lost, which a restore of the latest point refuses naming it; guest writes while a full and
+// an inc copy: each holds the disk of its start, the next inc the writes; an inc that saved no data is a point of
+// its own for --until.
 // Every point of every set is restored and compared bit for bit.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
@@ -378,6 +379,42 @@ test('a disk left out of an inc (-x) and included again resumes from its last ch
   const py = path.join(work, 'python');
   await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py, '-d', 'vdb']);
   await same(path.join(py, 'vdb.qcow2'), b2);
+});
+
+test('one disk\'s newest inc lost (moved away with its chain): a restore of the latest point, and verify, refuse naming the file and the point before, which restores bit for bit', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 2 }] }] });
+  const work = await withTempDir(t, 'lost-inc-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x31, '1M', '1M');
+  await dom.write('vdb', 0x32, '4M', '1M');
+  const [a1, b1] = [await dom.snapshot('vda'), await dom.snapshot('vdb')];
+  await backup(dom, set, 'inc');
+  await dom.write('vda', 0x41, '2M', '1M');
+  await dom.write('vdb', 0x42, '6M', '1M');
+  await backup(dom, set, 'inc');
+  // The set moved elsewhere without vdb's last inc (and its side files): vdb's older files still link up.
+  const moved = path.join(work, 'moved');
+  await fs.mkdir(moved);
+  for (const name of await fs.readdir(set)) {
+    if (!name.startsWith('vdb.inc.virtnbdbackup.2.data')) await fs.rename(path.join(set, name), path.join(moved, name));
+  }
+  const line = new RegExp(`^virtnbdrestore: error: ${moved} lacks vdb\\.inc\\.virtnbdbackup\\.2\\.data: checkpoint virtnbdbackup\\.2 backed up disk vdb, so a restore at the set's latest point \\(virtnbdbackup\\.2\\) would give vdb as it was at virtnbdbackup\\.1 \\(vdb\\.inc\\.virtnbdbackup\\.1\\.data\\); put it back, or restore the earlier point with --until virtnbdbackup\\.1$`, 'm');
+  const refused = await runCli(ourBin('virtnbdrestore'), ['-i', moved, '-o', path.join(work, 'refused')]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(refused.stderr, line);
+  assert.equal(await fs.access(path.join(work, 'refused')).then(() => true, () => false), false, 'a refused restore writes nothing');
+  const verified = await runCli(ourBin('virtnbdrestore'), ['-i', moved, '-o', 'verify']);
+  assert.equal(verified.code, 1, verified.stdout);
+  assert.match(verified.stdout, /^FAILED chain: .* lacks vdb\.inc\.virtnbdbackup\.2\.data: /m);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', moved, '-o', out, '-n', '--until', 'virtnbdbackup.1']);
+  for (const [disk, reference] of [['vda', a1], ['vdb', b1]] as const) {
+    const result = await TestDomain.compare(path.join(out, `${disk}.qcow2`), reference);
+    assert.ok(result.identical, `${disk} at virtnbdbackup.1: ${result.output}`);
+  }
+  // The other disk alone restores at the latest point.
+  await runOk(ourBin('virtnbdrestore'), ['-i', moved, '-o', path.join(work, 'vda-only'), '-n', '-d', 'vda']);
 });
 
 test('guest writes during a backup: the set holds the disk as it was when the job started, and the next inc holds those writes', async (t) => {
