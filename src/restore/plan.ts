@@ -10,10 +10,11 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, checkLinks, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedBitmapDisks, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, checkLinks, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
+import { StreamReader } from '../stream/reader.js';
 import { dataFileOptions, heldForWriting, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
@@ -153,15 +154,44 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
     else streams.push(f);
   }
   const chains = await readChains({ ...listing, dataFiles: streams }, checkpoints);
-  // Inc files are named after their checkpoint; a full belongs to the checkpoint its disk's chain starts at.
-  const filed = new Set(all.dataFiles.filter((f) => f.level === 'inc').map((f) => f.ident));
-  for (const chain of chains.values()) filed.add((chain[0] as ChainLink).meta.checkpointName);
+  // The checkpoints of the set's full and inc files, by their metadata (Python names an offline inc after its
+  // parent): those of the disks not asked for (-d) are read too, since any disk's file makes a checkpoint a point.
+  const filed = new Set<string>();
+  for (const chain of chains.values()) for (const link of chain) if (link.level !== 'diff') filed.add(link.meta.checkpointName);
+  for (const f of all.dataFiles) {
+    if (disk === undefined || f.disk === disk || f.level === 'diff' || f.level === 'copy') continue;
+    const meta = await StreamReader.metadata(path.join(input, f.file)).catch(() => undefined);
+    if (meta) filed.add(meta.checkpointName);
+  }
+  return { checkpoints, chains, images, filed, bitmapsAt: setsOwnBitmaps(input, chains) };
+}
+
+/**
+ * BitmapsAt from the set's saved checkpoint definitions, those alone that are this set's: of the domain its saved
+ * XMLs (vmconfig) describe, by UUID, and not older than its chains' first checkpoint where the streams tell when
+ * that was (checkpointIdentity). Python's zip mode keeps every domain's definitions in one directory and zips it
+ * whole, so an unzipped set may hold another domain's under a name of its own chain; a directory used before may
+ * hold an earlier chain's.
+ */
+function setsOwnBitmaps(input: string, chains: Map<string, ChainLink[]>): BitmapsAt {
+  let uuids: Promise<Set<string>> | undefined;
+  const domainUuids = async (): Promise<Set<string>> => {
+    const xmls = await Promise.all((await savedConfigNames(input)).map((f) => fs.readFile(path.join(input, f), 'utf8').catch(() => '')));
+    return new Set(xmls.map((xml) => { try { return parseDomainXml(xml).uuid; } catch { return ''; } }).filter(Boolean));
+  };
+  const starts = [...chains.values()].map((chain) => Number(/^(\d+) /.exec((chain[0] as ChainLink).meta.checkpointIdentity ?? '')?.[1])).filter((t) => t > 0);
+  const chainStart = starts.length > 0 ? Math.min(...starts) : undefined;
   const saved = new Map<string, Promise<string[] | undefined>>();
-  const bitmapsAt: BitmapsAt = (name) => {
-    if (!saved.has(name)) saved.set(name, savedBitmapDisks(input, name));
+  const read = async (name: string): Promise<string[] | undefined> => {
+    const definition = await savedCheckpoint(input, name);
+    if (!definition?.domainUuid || !(await (uuids ??= domainUuids())).has(definition.domainUuid)) return undefined;
+    if (chainStart !== undefined && (definition.creationTime ?? 0) < chainStart) return undefined;
+    return definition.bitmapDisks;
+  };
+  return (name) => {
+    if (!saved.has(name)) saved.set(name, read(name));
     return saved.get(name) as Promise<string[] | undefined>;
   };
-  return { checkpoints, chains, images, filed, bitmapsAt };
 }
 
 /** --until names a checkpoint the chain does not have. */
@@ -331,7 +361,7 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   const [worst, ...others] = lost as [LostFiles, ...LostFiles[]];
   const also = others.length > 0 ? ` (and ${others.flatMap((l) => l.files).join(', ')})` : '';
   const { newest } = worst;
-  throw new UserError(`${options.input} lacks ${worst.files.join(', ')}${also}: checkpoint ${checkpoints[worst.first]} backed up disk ${worst.disk}, so a restore at ${at} would give ${worst.disk} as it was at ${newest.meta.checkpointName} (${newest.file}); put ${worst.files.length + others.length > 1 ? 'them' : 'it'} back, or restore the earlier point with --until ${checkpoints[worst.first - 1]}`);
+  throw new UserError(`${options.input} lacks ${worst.files.join(', ')}${also}: checkpoint ${checkpoints[worst.first]} backed up disk ${worst.disk}, so ${worst.disk} cannot be restored at ${at}: its newest file there is ${newest.file} (${newest.meta.checkpointName}); put ${worst.files.length + others.length > 1 ? 'them' : 'it'} back, or restore the earlier point with --until ${checkpoints[worst.first - 1]}`);
 }
 
 async function selectChains(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<Map<string, ChainLink[]>> {

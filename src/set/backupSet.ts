@@ -8,7 +8,7 @@ import { StreamReader } from '../stream/reader.js';
 import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH, type StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
-import { checkpointBitmapDisks, type Level } from '../libvirt/checkpoints.js';
+import { checkpointBitmapDisks, checkpointCreationTime, type Level } from '../libvirt/checkpoints.js';
 import { UserError, describeFailure, describeReadFailure, errnoOf } from '../util/errors.js';
 import { native } from '../native/addon.js';
 
@@ -129,15 +129,23 @@ export const autostartName = (ident: string): string => `autostart.${ident}`;
 export const qcowInfoName = (disk: string, ident: string): string => `${disk}.${ident}.qcow.json`;
 export const CHECKPOINT_DIR = 'checkpoints';
 
-/**
- * The disks the set's saved definition of checkpoint `name` (`checkpoints/<name>.xml`) gives a bitmap: those the
- * backup at that checkpoint saved. Undefined where the set has no definition that reads (-C elsewhere, old sets).
- */
-export async function savedBitmapDisks(dir: string, name: string): Promise<string[] | undefined> {
+/** What a set's saved definition of a checkpoint (`checkpoints/<name>.xml`) tells of it. */
+export interface SavedCheckpoint {
+  /** The disks it gives a bitmap: those the backup at that checkpoint saved. */
+  bitmapDisks: string[];
+  /** libvirt's `<creationTime>`, seconds since the epoch. */
+  creationTime?: number;
+  /** The UUID of the domain in its copy of the domain definition. */
+  domainUuid?: string;
+}
+
+/** The set's saved definition of checkpoint `name`; undefined where it has none that reads (-C elsewhere, old sets). */
+export async function savedCheckpoint(dir: string, name: string): Promise<SavedCheckpoint | undefined> {
   const xml = await readIfThere(path.join(dir, CHECKPOINT_DIR, `${name}.xml`)).catch(() => undefined);
   if (xml === undefined) return undefined;
   try {
-    return checkpointBitmapDisks(xml);
+    const created = checkpointCreationTime(xml);
+    return { bitmapDisks: checkpointBitmapDisks(xml), creationTime: created === undefined ? undefined : Number(created), domainUuid: /<domain[\s>][\s\S]*?<uuid>\s*([^<\s]+)\s*<\/uuid>/.exec(xml)?.[1] };
   } catch {
     return undefined;
   }

@@ -399,7 +399,7 @@ test('one disk\'s newest inc lost (moved away with its chain): a restore of the 
   for (const name of await fs.readdir(set)) {
     if (!name.startsWith('vdb.inc.virtnbdbackup.2.data')) await fs.rename(path.join(set, name), path.join(moved, name));
   }
-  const line = new RegExp(`^virtnbdrestore: error: ${moved} lacks vdb\\.inc\\.virtnbdbackup\\.2\\.data: checkpoint virtnbdbackup\\.2 backed up disk vdb, so a restore at the set's latest point \\(virtnbdbackup\\.2\\) would give vdb as it was at virtnbdbackup\\.1 \\(vdb\\.inc\\.virtnbdbackup\\.1\\.data\\); put it back, or restore the earlier point with --until virtnbdbackup\\.1$`, 'm');
+  const line = new RegExp(`^virtnbdrestore: error: ${moved} lacks vdb\\.inc\\.virtnbdbackup\\.2\\.data: checkpoint virtnbdbackup\\.2 backed up disk vdb, so vdb cannot be restored at the set's latest point \\(virtnbdbackup\\.2\\): its newest file there is vdb\\.inc\\.virtnbdbackup\\.1\\.data \\(virtnbdbackup\\.1\\); put it back, or restore the earlier point with --until virtnbdbackup\\.1$`, 'm');
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', moved, '-o', path.join(work, 'refused')]);
   assert.equal(refused.code, 1, refused.stderr);
   assert.match(refused.stderr, line);

@@ -8,7 +8,7 @@ import type { Endpoint, StatusExtent } from '../../src/endpoint/endpoint.js';
 import type { PlannedExtent } from '../../src/extents/plan.js';
 import type { Sink } from '../../src/set/target.js';
 import { writeStream } from '../../src/stream/writer.js';
-import { checksumFileName, vmConfigName, writeDigestFile } from '../../src/set/backupSet.js';
+import { CHECKPOINT_DIR, checksumFileName, vmConfigName, writeDigestFile } from '../../src/set/backupSet.js';
 import { DirectoryTarget } from '../../src/set/target.js';
 
 /** A disk held in memory: the source a crafted stream is read from, and the reference a restore is compared with. */
@@ -80,6 +80,8 @@ export interface CraftedStream {
   parentCheckpoint?: string;
   incremental?: boolean;
   compress?: number | false;
+  /** libvirt's creation time and description of the stream's checkpoint, as ours writes it. */
+  checkpointIdentity?: string;
 }
 
 /** Writes a stream and its .chksum and .blake3.json, as backup does. Returns the data file's path. */
@@ -94,6 +96,7 @@ export async function craftStream(s: CraftedStream): Promise<string> {
     meta: {
       date: new Date().toISOString(), diskName: s.diskName, diskFormat: s.diskFormat ?? 'qcow2',
       checkpointName: s.checkpointName ?? 'virtnbdbackup.0', parentCheckpoint: s.parentCheckpoint ?? '', incremental: s.incremental ?? false,
+      ...(s.checkpointIdentity === undefined ? {} : { checkpointIdentity: s.checkpointIdentity }),
     },
     compress: s.compress ?? false,
     digests: true,
@@ -112,11 +115,27 @@ export interface CraftedDiskXml {
   device?: 'disk' | 'cdrom' | 'floppy';
 }
 
+/** The UUID of every crafted domain XML. */
+export const CRAFTED_UUID = '8f0e2a9c-1f7e-4c55-9a53-0d1f6a2b3c4d';
+
+/**
+ * Writes checkpoints/<name>.xml as a backup saves libvirt's definition of a checkpoint: `definition` (the XML the
+ * checkpoint was created with) with its creation time and a copy of the domain (of `uuid`, the crafted one's by
+ * default).
+ */
+export async function craftCheckpointDefinition(dir: string, name: string, definition: string, { creationTime = 1_800_000_000, uuid = CRAFTED_UUID } = {}): Promise<string> {
+  const saved = definition.replace('</domaincheckpoint>', `  <creationTime>${creationTime}</creationTime>\n  <domain type='qemu'>\n    <name>crafted</name>\n    <uuid>${uuid}</uuid>\n  </domain>\n</domaincheckpoint>`);
+  await fs.mkdir(path.join(dir, CHECKPOINT_DIR), { recursive: true });
+  const file = path.join(dir, CHECKPOINT_DIR, `${name}.xml`);
+  await fs.writeFile(file, saved);
+  return file;
+}
+
 /** Writes vmconfig.<ident>.xml for a domain with these disks (and this NVRAM file, if given). */
 export async function craftVmConfig(dir: string, ident: string, name: string, disks: CraftedDiskXml[], nvram?: string): Promise<string> {
   const xml = `<domain type='qemu'>
   <name>${name}</name>
-  <uuid>8f0e2a9c-1f7e-4c55-9a53-0d1f6a2b3c4d</uuid>
+  <uuid>${CRAFTED_UUID}</uuid>
   <memory unit='MiB'>128</memory>
   <os><type arch='x86_64'>hvm</type>${nvram ? `<nvram>${nvram}</nvram>` : ''}</os>
   <devices>${disks.map((d) => `

@@ -10,7 +10,7 @@ import { CHECKPOINT_DIR, checkLinks, dataFileName, type ChainLink } from '../../
 import { checkpointXml, type Level } from '../../src/libvirt/checkpoints.js';
 import { verifySet } from '../../src/verify/verify.js';
 import { Logger } from '../../src/util/log.js';
-import { MemoryDisk, craftStream } from '../support/craftedSet.js';
+import { MemoryDisk, craftCheckpointDefinition, craftStream, craftVmConfig } from '../support/craftedSet.js';
 
 const MiB = 1024 * 1024;
 
@@ -111,6 +111,9 @@ test('lostFiles: nothing is lost where the checkpoints did not save the disk, or
   assert.equal(await lostFiles(upTo('vdb', 0), 2, ['weekly.0', 'weekly.1', 'weekly.2'], savedBitmaps({ 'weekly.2': ['vdb'] })), undefined);
 });
 
+/** When the crafted two-disk set's first checkpoint was created (seconds since the epoch); each next one a second later. */
+const CHAIN_START = 1_800_000_000;
+
 /**
  * A crafted set of disks vda and vdb, full and two incs each, with its checkpoint list and definitions (each
  * checkpoint gives a bitmap to the disks of `saved`, every disk by default), as our backup and Python's write them.
@@ -120,13 +123,17 @@ async function craftTwoDiskSet(t: { after: (fn: () => Promise<void>) => void }, 
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
   const disk = new MemoryDisk(MiB).fill(0x11, 0, 65536);
   const extents = [{ offset: 0, length: 65536, kind: 'data' as const }];
-  await fs.mkdir(path.join(dir, CHECKPOINT_DIR));
   for (const [n, name] of CHECKPOINTS.entries()) {
     const plan = { name, parent: CHECKPOINTS[n - 1] ?? '', create: true };
     const targets = saved[name] ?? ['vda', 'vdb'];
-    await fs.writeFile(path.join(dir, CHECKPOINT_DIR, `${name}.xml`), checkpointXml(plan, targets, ['vda', 'vdb']));
+    const creationTime = CHAIN_START + n;
+    await craftCheckpointDefinition(dir, name, checkpointXml(plan, targets, ['vda', 'vdb']), { creationTime });
+    await craftVmConfig(dir, name, 'dom', ['vda', 'vdb'].map((target) => ({ target, file: `/vm/${target}.qcow2`, format: 'qcow2' })));
     for (const target of targets) {
-      await craftStream({ dir, file: dataFileName(target, n === 0 ? 'full' : 'inc', name), disk, diskName: target, extents, checkpointName: name, parentCheckpoint: plan.parent, incremental: n > 0 });
+      await craftStream({
+        dir, file: dataFileName(target, n === 0 ? 'full' : 'inc', name), disk, diskName: target, extents, checkpointName: name, parentCheckpoint: plan.parent,
+        incremental: n > 0, checkpointIdentity: `${creationTime} Backup checkpoint (run crafted)`,
+      });
     }
   }
   await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(CHECKPOINTS));
@@ -146,7 +153,7 @@ const plannedFiles = async (options: { input: string; until?: string; disk?: str
 test('a disk whose newest file is lost refuses the latest point, naming the file and the earlier point; that point restores, and so does the other disk alone', async (t) => {
   const dir = await craftTwoDiskSet(t);
   await lose(dir, 'vdb.inc.virtnbdbackup.2.data');
-  const line = /lacks vdb\.inc\.virtnbdbackup\.2\.data: checkpoint virtnbdbackup\.2 backed up disk vdb, so a restore at the set's latest point \(virtnbdbackup\.2\) would give vdb as it was at virtnbdbackup\.1 \(vdb\.inc\.virtnbdbackup\.1\.data\); put it back, or restore the earlier point with --until virtnbdbackup\.1$/;
+  const line = /lacks vdb\.inc\.virtnbdbackup\.2\.data: checkpoint virtnbdbackup\.2 backed up disk vdb, so vdb cannot be restored at the set's latest point \(virtnbdbackup\.2\): its newest file there is vdb\.inc\.virtnbdbackup\.1\.data \(virtnbdbackup\.1\); put it back, or restore the earlier point with --until virtnbdbackup\.1$/;
   await assert.rejects(plannedFiles({ input: dir }), line);
   await assert.rejects(plannedFiles({ input: dir, disk: 'vdb' }), line);
   // Verify fails the chain with the same line (every file that is there passes).
@@ -154,14 +161,14 @@ test('a disk whose newest file is lost refuses the latest point, naming the file
   assert.deepEqual(verdicts.filter((v) => !v.ok).map((v) => v.file), ['chain']);
   assert.match(verdicts.find((v) => v.file === 'chain')?.reason ?? '', line);
   // --until the lost point is refused alike (it used to leave vdb out as "removed from the domain").
-  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* a restore at virtnbdbackup\.2 would give vdb as it was at virtnbdbackup\.1 .* --until virtnbdbackup\.1$/);
+  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* vdb cannot be restored at virtnbdbackup\.2: its newest file there is vdb\.inc\.virtnbdbackup\.1\.data .* --until virtnbdbackup\.1$/);
   assert.deepEqual(await plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), {
     vda: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], vdb: ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data'],
   });
   assert.deepEqual(Object.keys(await plannedFiles({ input: dir, disk: 'vda' })), ['vda']);
   // Two incs lost: both named, and the point before the first.
   await lose(dir, 'vdb.inc.virtnbdbackup.1.data');
-  await assert.rejects(plannedFiles({ input: dir }), /lacks vdb\.inc\.virtnbdbackup\.1\.data, vdb\.inc\.virtnbdbackup\.2\.data: checkpoint virtnbdbackup\.1 backed up disk vdb, .* as it was at virtnbdbackup\.0 \(vdb\.full\.data\); put them back, or restore the earlier point with --until virtnbdbackup\.0$/);
+  await assert.rejects(plannedFiles({ input: dir }), /lacks vdb\.inc\.virtnbdbackup\.1\.data, vdb\.inc\.virtnbdbackup\.2\.data: checkpoint virtnbdbackup\.1 backed up disk vdb, .* its newest file there is vdb\.full\.data \(virtnbdbackup\.0\); put them back, or restore the earlier point with --until virtnbdbackup\.0$/);
   await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), /lacks vdb\.inc\.virtnbdbackup\.1\.data: .* --until virtnbdbackup\.0$/);
   // A disk with no file at all that the last checkpoint backed up.
   await lose(dir, 'vdb.full.data');
@@ -178,10 +185,24 @@ test('a disk a checkpoint did not save (-x, checkpoint=\'no\') is no loss; a che
   });
   // A run that listed virtnbdbackup.3 and died before it wrote (Python's tool lists first), its .partials moved away.
   await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify([...CHECKPOINTS, 'virtnbdbackup.3']));
-  await fs.writeFile(path.join(dir, CHECKPOINT_DIR, 'virtnbdbackup.3.xml'), checkpointXml({ name: 'virtnbdbackup.3', parent: 'virtnbdbackup.2', create: true }, ['vda', 'vdb'], ['vda', 'vdb']));
+  await craftCheckpointDefinition(dir, 'virtnbdbackup.3', checkpointXml({ name: 'virtnbdbackup.3', parent: 'virtnbdbackup.2', create: true }, ['vda', 'vdb'], ['vda', 'vdb']), { creationTime: CHAIN_START + 3 });
   const warned: string[] = [];
   const log = new Logger({ quiet: true, color: false });
   log.warn = (msg: string): void => void warned.push(msg);
   assert.equal((await plannedFiles({ input: dir, log })).vda?.length, 3);
   assert.match(warned.join('\n'), /lists checkpoint virtnbdbackup\.3 but holds no data file of it \(a backup that did not finish, or its files were removed\): restoring the point before, virtnbdbackup\.2/);
+});
+
+test("only the set's own checkpoint definitions count: another domain's (Python's zip mode shares them) or an earlier chain's are no loss", async (t) => {
+  const dir = await craftTwoDiskSet(t, { 'virtnbdbackup.2': ['vda'] });
+  const definition = checkpointXml({ name: 'virtnbdbackup.2', parent: 'virtnbdbackup.1', create: true }, ['vda', 'vdb'], ['vda', 'vdb']);
+  // Another domain's virtnbdbackup.2, which saved a vdb of its own.
+  await craftCheckpointDefinition(dir, 'virtnbdbackup.2', definition, { creationTime: CHAIN_START + 2, uuid: '00000000-1111-2222-3333-444444444444' });
+  assert.equal((await plannedFiles({ input: dir })).vdb?.length, 2);
+  // This domain's, but from before the chain began (a directory used before).
+  await craftCheckpointDefinition(dir, 'virtnbdbackup.2', definition, { creationTime: CHAIN_START - 86_400 });
+  assert.equal((await plannedFiles({ input: dir })).vdb?.length, 2);
+  // This chain's: vdb was saved there, and its file is missing.
+  await craftCheckpointDefinition(dir, 'virtnbdbackup.2', definition, { creationTime: CHAIN_START + 2 });
+  await assert.rejects(plannedFiles({ input: dir }), /lacks vdb\.inc\.virtnbdbackup\.2\.data/);
 });
