@@ -16,6 +16,7 @@ import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
 import { silentLogger, type Logger } from '../util/log.js';
 import { leftoversOfGoneRuns } from './leftovers.js';
+import { processStart } from '../util/process.js';
 
 /** Copy-on-write granularity: a smaller write costs one read of the base block, once. */
 export const COW_BLOCK = 64 * 1024;
@@ -46,7 +47,7 @@ export class CopyOnWriteEndpoint implements Endpoint {
   /** A copy-on-write view of `base` with its overlay in a new directory under `parentDir`. */
   static async create(base: Endpoint, parentDir: string, log: Logger = silentLogger): Promise<CopyOnWriteEndpoint> {
     await removeOrphanOverlays(parentDir, log);
-    const dir = await fs.mkdtemp(path.join(parentDir, `virtnbdmap.${process.pid}.`));
+    const dir = await fs.mkdtemp(path.join(parentDir, `virtnbdmap.${process.pid}.${processStart(process.pid) ?? 0}.`));
     try {
       const overlay = await fs.open(path.join(dir, 'overlay.img'), 'w+', 0o600);
       return new CopyOnWriteEndpoint(base, dir, overlay);
@@ -185,8 +186,11 @@ function checkBounds(offset: number, length: number, size: number): void {
   if (offset < 0 || offset + length > size) throw new RangeError(`request of ${length} bytes at ${offset} beyond the disk's size ${size}`);
 }
 
-/** Overlay directories are named virtnbdmap.<pid>.<random>: the pid tells whether their server still runs. */
-const OVERLAY_DIR = /^virtnbdmap\.(\d+)\.[A-Za-z0-9]{6}$/;
+/**
+ * Overlay directories are named virtnbdmap.<pid>.<start>.<random>: the pid and its process's start tell whether their
+ * server still runs (virtnbdmap.<pid>.<random> before 2026-11-29: the pid alone).
+ */
+const OVERLAY_DIR = /^virtnbdmap\.(\d+)\.(?:(\d+)\.)?[A-Za-z0-9]{6}$/;
 
 /**
  * Removes the overlays in `parentDir` of servers that are gone: one killed (SIGKILL, a crash) could not remove its

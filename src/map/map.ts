@@ -77,7 +77,7 @@ const DEFAULT_SOCKET = /^virtnbdmap\.(\d+)\.sock$/;
  */
 async function removeOrphanSockets(dirs: string[], log: Logger): Promise<void> {
   for (const dir of new Set(dirs)) {
-    for (const { file, pid } of await leftoversOfGoneRuns(dir, DEFAULT_SOCKET, (stat) => stat.isSocket())) {
+    for (const { file, pid } of await leftoversOfGoneRuns(dir, DEFAULT_SOCKET, (stat) => stat.isSocket(), { mtimeTellsReuse: true })) {
       if (await listensAt(file)) continue;
       await fsp.rm(file, { force: true });
       log.info(`removed ${file}, the socket of a virtnbdmap that is gone (pid ${pid})`);

@@ -2,6 +2,7 @@
 // by our own writer (plain and lz4, full + incs with zero frames), copy-on-write, sequence errors, and the NBD
 // server spoken to by libnbd (our NbdEndpoint) over a unix socket, with its handshake timeout and connection cap,
 // and fed damaged client sessions.
+import { spawn } from 'node:child_process';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -15,11 +16,13 @@ import type { PlannedExtent } from '../../src/extents/plan.js';
 import { ChainEndpoint } from '../../src/map/chainEndpoint.js';
 import { COW_BLOCK, CopyOnWriteEndpoint } from '../../src/map/copyOnWrite.js';
 import { FrameCache } from '../../src/map/frameCache.js';
+import { leftoversOfGoneRuns } from '../../src/map/leftovers.js';
 import { NbdServer, type NbdServerOptions } from '../../src/map/nbdServer.js';
 import { overlay, truncate, type Segment } from '../../src/map/segments.js';
 import { writeStream } from '../../src/stream/writer.js';
 import type { Sink } from '../../src/set/target.js';
 import { UserError } from '../../src/util/errors.js';
+import { processStart } from '../../src/util/process.js';
 import { Logger } from '../../src/util/log.js';
 import { damageOnce, seeded } from '../support/fuzz.js';
 
@@ -428,4 +431,31 @@ test('NBD server: 1000 damaged client sessions neither crash it nor wedge it; a 
   const untouched = Buffer.alloc(MiB);
   await client.read(untouched, 20 * MiB);
   assert.ok(untouched.equals((points[2] as Buffer).subarray(20 * MiB, 21 * MiB)));
+});
+
+test("leftovers of gone runs: a name with its process's start is gone exactly when that process is; one without, only when its pid is free", async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-leftovers-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const live = spawn('sleep', ['60'], { stdio: 'ignore' });
+  t.after(() => { live.kill(); });
+  const ended = spawn('true', [], { stdio: 'ignore' });
+  await new Promise((resolve) => ended.once('exit', resolve));
+  const start = processStart(live.pid as number) as string;
+  const names = {
+    liveWithStart: `virtnbdmap.${live.pid}.${start}.aB3dE6`,
+    reusedPid: `virtnbdmap.${live.pid}.${Number(start) + 1}.aB3dE6`,
+    liveOldForm: `virtnbdmap.${live.pid}.123456`,
+    endedOldForm: `virtnbdmap.${ended.pid}.aB3dE6`,
+  };
+  for (const name of Object.values(names)) await fs.mkdir(path.join(dir, name));
+  const pattern = /^virtnbdmap\.(\d+)\.(?:(\d+)\.)?[A-Za-z0-9]{6}$/;
+  const found = async (mtimeTellsReuse: boolean): Promise<string[]> =>
+    (await leftoversOfGoneRuns(dir, pattern, (stat) => stat.isDirectory(), { mtimeTellsReuse })).map((f) => path.basename(f.file)).sort();
+  assert.deepEqual(await found(false), [names.endedOldForm, names.reusedPid].sort());
+  // An old-form entry last changed before its pid's process started, by the wall clock (which a clock step can
+  // fool): kept, unless the caller takes that as the pid used again (sockets, checked for a listener too).
+  const hourAgo = new Date(Date.now() - 3_600_000);
+  await fs.utimes(path.join(dir, names.liveOldForm), hourAgo, hourAgo);
+  assert.deepEqual(await found(false), [names.endedOldForm, names.reusedPid].sort());
+  assert.deepEqual(await found(true), [names.endedOldForm, names.liveOldForm, names.reusedPid].sort());
 });
