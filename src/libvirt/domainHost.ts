@@ -9,7 +9,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { OUTLIVES_TERMINAL, accepts, run, shellQuote, type RunResult } from '../util/process.js';
+import { OUTLIVES_TERMINAL, accepts, notInstalled, run, shellQuote, type RunResult } from '../util/process.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { checkTcpPort } from '../util/tcpPort.js';
@@ -221,16 +221,22 @@ export class SshHost implements HostAccess {
     const { child, lastWords } = this.spawn(`${watchedWhileInputOpen([command, ...args])}; wait $p`, 'pipe', 'ignore', true);
     const stdin = child.stdin as Writable;
     stdin.on('error', () => undefined); // a session that already ended
-    const endInput = (): void => { stdin.end(); };
+    // An ssh that cannot tell the host (gone silent) is ended here, as serveRemotely's stop() does.
+    let killer: NodeJS.Timeout | undefined;
+    const endInput = (): void => {
+      stdin.end();
+      killer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    };
     signal?.addEventListener('abort', endInput, { once: true });
     try {
-      const code = await new Promise<number | null>((resolve, reject) => {
-        child.once('error', reject);
-        child.once('close', resolve);
+      const [code, ended] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
+        child.once('error', (err: NodeJS.ErrnoException) => reject(err.code === 'ENOENT' ? notInstalled('setpriv') : err));
+        child.once('close', (exitCode, by) => resolve([exitCode, by]));
       });
       signal?.throwIfAborted();
-      if (code !== 0) throw new Error(`on ${this.label}: ${command} failed: ${withSshAdvice(lastWords(2) ?? `ssh exited with ${code}`)}`);
+      if (code !== 0) throw new Error(`on ${this.label}: ${command} failed: ${withSshAdvice(lastWords(2) ?? (code === null ? `ssh ended by ${ended}` : `ssh exited with ${code}`))}`);
     } finally {
+      clearTimeout(killer);
       signal?.removeEventListener('abort', endInput);
       stdin.end();
     }
