@@ -37,8 +37,17 @@ function holdEarlySignals() {
   globalThis.virtnbdEarlySignals = held;
 }
 
+/** The CA file the launcher kept from Node's start (see bin/virtnbdbackup): the processes the command starts get it. */
+function restoreExtraCaCerts() {
+  const kept = process.env.VIRTNBD_NODE_EXTRA_CA_CERTS;
+  if (kept === undefined) return;
+  process.env.NODE_EXTRA_CA_CERTS = kept;
+  delete process.env.VIRTNBD_NODE_EXTRA_CA_CERTS;
+}
+
 exports.launch = function launch(command) {
   holdEarlySignals();
+  restoreExtraCaCerts();
   process.env.UV_THREADPOOL_SIZE = process.env.UV_THREADPOOL_SIZE || THREADS;
   const cli = path.join(__dirname, '..', 'dist', 'src', 'cli');
   const compiled = path.join(cli, `${command}.js`);
