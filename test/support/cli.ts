@@ -107,14 +107,15 @@ const PYTHON_SOCKET_RACE = /Starting local NBD server[\s\S]*Starting local NBD s
 
 /** Runs and insists on exit code 0, showing the output when it is not. Python's restore is run again once after its socket race. */
 export async function runOk(command: string, args: string[]): Promise<CliResult> {
-  const out = command === pythonBin('virtnbdrestore') ? args[args.indexOf('-o') + 1] : undefined;
-  const before = out ? await fs.readdir(out).catch(() => undefined) : undefined;
+  const out = command === pythonBin('virtnbdrestore') ? outputOf(args) : undefined;
+  // What the output directory held before (null: there was none), so that a second run finds it as the first did.
+  const before = out ? await fs.readdir(out).catch((err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? null : undefined)) : undefined;
   let result = await runCli(command, args);
-  if (out && result.code !== 0 && PYTHON_SOCKET_RACE.test(result.stderr)) {
+  if (out && before !== undefined && result.code !== 0 && PYTHON_SOCKET_RACE.test(result.stderr)) {
     process.stderr.write(`# Python's virtnbdrestore lost its own socket (its race between disks); running it again\n`);
-    if (before === undefined) await fs.rm(out, { recursive: true, force: true });
-    else for (const made of (await fs.readdir(out)).filter((name) => !before.includes(name))) await fs.rm(path.join(out, made), { recursive: true, force: true });
     await qemuNbdGone(args);
+    if (before === null) await fs.rm(out, { recursive: true, force: true });
+    else for (const made of (await fs.readdir(out)).filter((name) => !before.includes(name))) await fs.rm(path.join(out, made), { recursive: true, force: true });
     result = await runCli(command, args);
   }
   if (result.code !== 0) {
@@ -128,8 +129,14 @@ export async function runOk(command: string, args: string[]): Promise<CliResult>
  * Python's virtnbdrestore exits while the qemu-nbd it started still flushes and closes the image; reading the
  * image before then sees stale data. Waits (up to 30 s) until no qemu-nbd serves a file under its -o directory.
  */
+/** The value of -o/--output among `args` (one of Python's virtnbdrestore), if any. */
+function outputOf(args: string[]): string | undefined {
+  const at = args.findIndex((arg) => arg === '-o' || arg === '--output');
+  return at < 0 ? undefined : args[at + 1];
+}
+
 async function qemuNbdGone(args: string[]): Promise<void> {
-  const out = args[args.indexOf('-o') + 1];
+  const out = outputOf(args);
   if (!out || out === 'dump' || out === 'verify') return;
   const dir = path.resolve(out) + path.sep;
   for (let waited = 0; waited < 30_000; waited += 100) {

@@ -39,13 +39,25 @@ test('each launcher runs its bundle, which answers --help, --version and bad fla
   }
 });
 
-test('the launchers start Node without NODE_EXTRA_CA_CERTS, whose parsing would slow every start', () => {
+test('the launchers start Node without NODE_EXTRA_CA_CERTS, whose parsing would slow every start, and give it back to the processes the command starts', async (t) => {
   // A file Node cannot load makes it warn as it starts: no warning, so Node never read the variable.
   const env = { ...process.env, NODE_EXTRA_CA_CERTS: '/nonexistent/vnbdtest-ca.pem' };
   for (const command of COMMANDS) {
     const run = spawnSync(path.join(repoRoot, 'bin', command), ['--version'], { env, encoding: 'utf8' });
     assert.equal(run.status, 0, command);
     assert.equal(run.stderr, '', command);
+  }
+  // A probe in place of each command prints what a child of it (ssh, qemu-img) would get.
+  const root = await launcherTree(t, ['launch.cjs', 'package.json', ...COMMANDS]);
+  const probe = "process.stdout.write(JSON.stringify([process.env.NODE_EXTRA_CA_CERTS, process.env.VIRTNBD_NODE_EXTRA_CA_CERTS]));\n";
+  for (const command of COMMANDS) await fs.writeFile(path.join(root, 'dist', 'src', 'cli', `${command}.bundle.cjs`), probe);
+  const without: NodeJS.ProcessEnv = { ...process.env };
+  delete without.NODE_EXTRA_CA_CERTS;
+  for (const command of COMMANDS) {
+    const given = spawnSync(path.join(root, 'bin', command), [], { env, encoding: 'utf8' });
+    assert.deepEqual(JSON.parse(given.stdout), ['/nonexistent/vnbdtest-ca.pem', null], command);
+    const none = spawnSync(path.join(root, 'bin', command), [], { env: without, encoding: 'utf8' });
+    assert.deepEqual(JSON.parse(none.stdout), [null, null], command);
   }
 });
 
