@@ -347,6 +347,8 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   const lost: LostFiles[] = [];
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
+    // --until a point whose checkpoint did not save the disk (detached, -x) leaves it out: nothing of it is read.
+    if (options.until !== undefined && !((await bitmapsAt(name)) ?? []).includes(disk)) continue;
     const missing = await lostFiles(chain, point, checkpoints, bitmapsAt);
     if (missing) lost.push(missing);
   }
@@ -361,7 +363,9 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   const [worst, ...others] = lost as [LostFiles, ...LostFiles[]];
   const also = others.length > 0 ? ` (and ${others.flatMap((l) => l.files).join(', ')})` : '';
   const { newest } = worst;
-  throw new UserError(`${options.input} lacks ${worst.files.join(', ')}${also}: checkpoint ${checkpoints[worst.first]} backed up disk ${worst.disk}, so ${worst.disk} cannot be restored at ${at}: its newest file there is ${newest.file} (${newest.meta.checkpointName}); put ${worst.files.length + others.length > 1 ? 'them' : 'it'} back, or restore the earlier point with --until ${checkpoints[worst.first - 1]}`);
+  // One disk (-d): a point of its own chain; all: the point before the first loss, which every disk holds or leaves out.
+  const earlier = options.disk === undefined ? checkpoints[worst.first - 1] : newest.meta.checkpointName;
+  throw new UserError(`${options.input} lacks ${worst.files.join(', ')}${also}: checkpoint ${checkpoints[worst.first]} backed up disk ${worst.disk}, so ${worst.disk} cannot be restored at ${at}: its newest file there is ${newest.file} (${newest.meta.checkpointName}); put ${worst.files.length + others.length > 1 ? 'them' : 'it'} back, or restore the earlier point with --until ${earlier}`);
 }
 
 async function selectChains(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<Map<string, ChainLink[]>> {

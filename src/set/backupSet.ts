@@ -284,7 +284,7 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
     const bases = links.filter((l) => l.level === 'full' || l.level === 'copy');
     if (bases.length !== 1) {
       throw new UserError(bases.length === 0
-        ? `no full or copy backup of disk ${disk} in ${listing.dir}: the chain has no base to restore onto`
+        ? `no full or copy backup of disk ${disk} in ${listing.dir}: the chain has no base to restore onto; put it back, or restore the other disks one by one with -d`
         : `${listing.dir} holds ${bases.map((b) => b.file).join(' and ')}: one base per disk expected`);
     }
     const rest = links.filter((l) => l.level === 'inc' || l.level === 'diff');
@@ -308,8 +308,24 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
     if (made !== undefined && expected !== undefined && made !== expected) {
       throw new MixedChain(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${describeIdentity(expected)}) than ${last?.file} holds (${describeIdentity(made)}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
     }
+    const before = writtenBefore(link, chain[0] as ChainLink);
+    if (before) {
+      throw new MixedChain(`broken chain: ${link.file} was written ${before}: it comes from an earlier chain with the same names (a chain begun anew over the old one's files, or their zips unzipped into one directory); move it out of the set, or keep each chain in a directory of its own`);
+    }
     if (link.level === 'inc') last = link;
   }
+}
+
+/**
+ * How `link` was written before the chain's `base`, if it was: then it belongs to an earlier chain whatever its
+ * names say (Python's files carry no checkpoint identities). Dates are compared only in the same form: Python
+ * writes local time without a zone, ours UTC.
+ */
+function writtenBefore(link: ChainLink, base: ChainLink): string | undefined {
+  const zoned = (date: string): boolean => /(Z|[+-]\d\d:?\d\d)$/.test(date);
+  const [at, from] = [link.meta.date, base.meta.date];
+  if (typeof at !== 'string' || typeof from !== 'string' || zoned(at) !== zoned(from)) return undefined;
+  return Date.parse(at) < Date.parse(from) ? `at ${at}, before the chain's base ${base.file} (${from})` : undefined;
 }
 
 /** Files of two chains with the same names: in order, and still no chain. */

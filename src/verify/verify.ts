@@ -195,7 +195,9 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   const why = cause?.writing ? cause.text : `${cause?.text}: the file is incomplete`;
   for (const partial of partials) report({ file: partial, ok: false, reason: why });
   for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));
-  // A damaged file is named by its own verdict, more closely than by the chain it breaks.
-  if (chainProblem && verdicts.every((v) => v.ok)) report({ file: 'chain', ok: false, reason: chainProblem });
+  // A damaged file is named by its own verdict, more closely than by the chain it breaks; a file lost or foreign to
+  // the chain has none (and one failing for want of a .chksum, as Python 1.9.15's all do, says nothing of links).
+  const sameDamage = (v: FileVerdict): boolean => !v.ok && (chainProblem?.includes(`file ${v.file} is damaged`) || chainProblem?.includes(`cannot read ${path.join(listing.dir, v.file)}:`)) === true;
+  if (chainProblem && !verdicts.some(sameDamage)) report({ file: 'chain', ok: false, reason: chainProblem });
   return verdicts;
 }

@@ -206,3 +206,62 @@ test("only the set's own checkpoint definitions count: another domain's (Python'
   await craftCheckpointDefinition(dir, 'virtnbdbackup.2', definition, { creationTime: CHAIN_START + 2 });
   await assert.rejects(plannedFiles({ input: dir }), /lacks vdb\.inc\.virtnbdbackup\.2\.data/);
 });
+
+test('--until a point whose checkpoint did not save a disk leaves it out without asking for its lost files; the line offers -d a point of that disk', async (t) => {
+  const dir = await craftTwoDiskSet(t, { 'virtnbdbackup.2': ['vda'] });
+  await lose(dir, 'vdb.inc.virtnbdbackup.1.data');
+  // At virtnbdbackup.2 vdb was not saved (detached, -x): the restore leaves it out, so its lost inc is no matter.
+  assert.deepEqual(Object.keys(await plannedFiles({ input: dir, until: 'virtnbdbackup.2' })), ['vda']);
+  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), /lacks vdb\.inc\.virtnbdbackup\.1\.data: .* --until virtnbdbackup\.0$/);
+  // Latest: vdb would come back at its newest, virtnbdbackup.0, where it was at virtnbdbackup.1.
+  await assert.rejects(plannedFiles({ input: dir }), /lacks vdb\.inc\.virtnbdbackup\.1\.data: /);
+
+  const skipped = await craftTwoDiskSet(t, { 'virtnbdbackup.1': ['vda'] });
+  await lose(skipped, 'vdb.inc.virtnbdbackup.2.data');
+  // All disks: the point before the loss, which vdb leaves out; vdb alone: its own newest point.
+  await assert.rejects(plannedFiles({ input: skipped }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* --until virtnbdbackup\.1$/);
+  await assert.rejects(plannedFiles({ input: skipped, disk: 'vdb' }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* --until virtnbdbackup\.0$/);
+  assert.deepEqual(Object.keys(await plannedFiles({ input: skipped, disk: 'vdb', until: 'virtnbdbackup.0' })), ['vdb']);
+});
+
+test("a file written before its chain's base is another chain's, whatever its names say: refused where it would be read", async (t) => {
+  const dir = await craftTwoDiskSet(t);
+  // A chain begun anew over the old one's files (Python's zips unzipped into one directory): new fulls and incs 1,
+  // the old incs 2 left, the list of the new chain.
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  const disk = new MemoryDisk(MiB).fill(0x33, 0, 65536);
+  const extents = [{ offset: 0, length: 65536, kind: 'data' as const }];
+  for (const target of ['vda', 'vdb']) {
+    for (const [n, name] of CHECKPOINTS.slice(0, 2).entries()) {
+      const file = dataFileName(target, n === 0 ? 'full' : 'inc', name);
+      await lose(dir, file);
+      await craftStream({ dir, file, disk, diskName: target, extents, checkpointName: name, parentCheckpoint: CHECKPOINTS[n - 1] ?? '', incremental: n > 0 });
+    }
+  }
+  await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(CHECKPOINTS.slice(0, 2)));
+  const line = /broken chain: vda\.inc\.virtnbdbackup\.2\.data was written at \S+, before the chain's base vda\.full\.data \(\S+\): it comes from an earlier chain with the same names .*; move it out of the set, or keep each chain in a directory of its own$/;
+  await assert.rejects(plannedFiles({ input: dir }), line);
+  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), line);
+  assert.deepEqual(await plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), {
+    vda: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], vdb: ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data'],
+  });
+  assert.match((await verifySet({ input: dir })).find((v) => v.file === 'chain')?.reason ?? '', line);
+});
+
+test("dates are compared only in one form: Python's local time without a zone, ours UTC", () => {
+  const dated = (l: ChainLink, date: string): ChainLink => ({ ...l, meta: { ...l.meta, date } });
+  const [full, inc] = chainOf('vda') as [ChainLink, ChainLink];
+  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(inc, '2026-11-29T09:59:59.000001')]), /was written at 2026-11-29T09:59:59\.000001, before the chain's base/);
+  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000Z'), dated(inc, '2026-11-29T09:00:00.000Z')]), /before the chain's base/);
+  checkLinks([dated(full, '2026-11-29T10:00:00.000Z'), dated(inc, '2026-11-29T09:00:00.000001')]);
+  checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(inc, '2026-11-29T10:00:00.000001')]);
+});
+
+test("verify names a lost file also where the set's files fail for want of a .chksum (Python 1.9.15 writes none)", async (t) => {
+  const dir = await craftTwoDiskSet(t);
+  for (const name of await fs.readdir(dir)) if (name.endsWith('.chksum')) await fs.rm(path.join(dir, name));
+  await lose(dir, 'vdb.inc.virtnbdbackup.2.data');
+  const verdicts = await verifySet({ input: dir });
+  assert.ok(verdicts.some((v) => !v.ok && v.file === 'vdb.inc.virtnbdbackup.1.data'), 'the files fail for their missing .chksum');
+  assert.match(verdicts.find((v) => v.file === 'chain')?.reason ?? '', /lacks vdb\.inc\.virtnbdbackup\.2\.data: /);
+});
