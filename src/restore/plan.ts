@@ -392,7 +392,7 @@ async function selectChains(scanned: ScannedSet, options: { input: string; until
     }
     // Cut first: a file missing after the restore point does not stop a restore of that point.
     const applied = options.until === undefined ? chain : cutAt(chain, options.until, disk, options.input);
-    checkLinks(applied);
+    checkLinks(applied, undefined, checkpoints);
     selected.set(disk, applied);
   }
   if (timeless.length > 0) log.warn(`--until does not apply to copies, which have no checkpoints (${timeless.join(', ')}): they are restored as they are`);

@@ -294,8 +294,11 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
   return byDisk;
 }
 
-/** Checks that every inc and diff is based on the last checkpoint of the chain before it. */
-export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore an earlier point with --until'): void {
+/**
+ * Checks that every inc and diff is based on the last checkpoint of the chain before it, and, where the set's
+ * checkpoint list is given (`listed`), that no file of a checkpoint it does not name was written before the base.
+ */
+export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore an earlier point with --until', listed: readonly string[] = []): void {
   let last = chain[0];
   for (const link of chain.slice(1)) {
     const lastCheckpoint = last?.meta.checkpointName ?? '';
@@ -308,7 +311,8 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
     if (made !== undefined && expected !== undefined && made !== expected) {
       throw new MixedChain(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${describeIdentity(expected)}) than ${last?.file} holds (${describeIdentity(made)}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
     }
-    const before = writtenBefore(link, chain[0] as ChainLink);
+    // Unlisted, too: a file the list names is this chain's, even if the clock went back (a DST change in Python's local times).
+    const before = listed.length > 0 && !listed.includes(link.meta.checkpointName) ? writtenBefore(link, chain[0] as ChainLink) : undefined;
     if (before) {
       throw new MixedChain(`broken chain: ${link.file} was written ${before}: it comes from an earlier chain with the same names (a chain begun anew over the old one's files, or their zips unzipped into one directory); move it out of the set, or keep each chain in a directory of its own`);
     }
@@ -317,8 +321,9 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
 }
 
 /**
- * How `link` was written before the chain's `base`, if it was: then it belongs to an earlier chain whatever its
- * names say (Python's files carry no checkpoint identities). Dates are compared only in the same form: Python
+ * How `link` was written before the chain's `base`, if it was: unlisted too, it belongs to an earlier chain whatever
+ * its names say (Python's files carry no checkpoint identities: a chain begun anew, its zips unzipped over the old
+ * one's, leaves the old chain's newer incs, which the new chain's list does not name). Dates are compared only in the same form: Python
  * writes local time without a zone, ours UTC.
  */
 function writtenBefore(link: ChainLink, base: ChainLink): string | undefined {

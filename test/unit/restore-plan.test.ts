@@ -248,13 +248,18 @@ test("a file written before its chain's base is another chain's, whatever its na
   assert.match((await verifySet({ input: dir })).find((v) => v.file === 'chain')?.reason ?? '', line);
 });
 
-test("dates are compared only in one form: Python's local time without a zone, ours UTC", () => {
+test("a file is dated against its base only where the set's list does not name its checkpoint, and only in one form: Python's local time without a zone, ours UTC", () => {
   const dated = (l: ChainLink, date: string): ChainLink => ({ ...l, meta: { ...l.meta, date } });
   const [full, inc] = chainOf('vda') as [ChainLink, ChainLink];
-  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(inc, '2026-11-29T09:59:59.000001')]), /was written at 2026-11-29T09:59:59\.000001, before the chain's base/);
-  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000Z'), dated(inc, '2026-11-29T09:00:00.000Z')]), /before the chain's base/);
-  checkLinks([dated(full, '2026-11-29T10:00:00.000Z'), dated(inc, '2026-11-29T09:00:00.000001')]);
-  checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(inc, '2026-11-29T10:00:00.000001')]);
+  const baseOnly = ['virtnbdbackup.0'];
+  const remedy = undefined;
+  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(inc, '2026-11-29T09:59:59.000001')], remedy, baseOnly), /was written at 2026-11-29T09:59:59\.000001, before the chain's base/);
+  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000Z'), dated(inc, '2026-11-29T09:00:00.000Z')], remedy, baseOnly), /before the chain's base/);
+  checkLinks([dated(full, '2026-11-29T10:00:00.000Z'), dated(inc, '2026-11-29T09:00:00.000001')], remedy, baseOnly);
+  checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(inc, '2026-11-29T10:00:00.000001')], remedy, baseOnly);
+  // Listed: this chain's, though the local clock went back (a DST change); no list (map's -f): no dates compared.
+  checkLinks([dated(full, '2026-11-29T02:30:00.000001'), dated(inc, '2026-11-29T02:10:00.000001')], remedy, ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  checkLinks([dated(full, '2026-11-29T02:30:00.000001'), dated(inc, '2026-11-29T02:10:00.000001')]);
 });
 
 test("verify names a lost file also where the set's files fail for want of a .chksum (Python 1.9.15 writes none)", async (t) => {
