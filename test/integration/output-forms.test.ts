@@ -1,5 +1,6 @@
 // Output forms on a real domain: the zip stream on stdout through a pipe (full + inc unzipped into one set,
-// restored by ours and by Python; random data, plain and -z, kept intact; a reader that goes away), -t raw images, -r raw-format disks, lz4 over compressible and
+// restored by ours and by Python; random data, plain and -z, kept intact; a reader that goes away; Python's zips of a chain begun anew
+// unzipped over the old one's), -t raw images, -r raw-format disks, lz4 over compressible and
 // incompressible data, and offsets/files beyond 4 GiB (reduced by default; VNBD_LARGE=1 for > 4 GiB of data).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -37,15 +38,15 @@ function backupPiped(cwd: string, args: string[], reader: string): Promise<{ cod
 }
 
 /** Runs `virtnbdbackup ... -o - <where>` in `cwd`, `where` a pipe or a redirection of the shell's. */
-function backupInShell(cwd: string, args: string[], where: string): Promise<{ code: number | null; stderr: string }> {
+function backupInShell(cwd: string, args: string[], where: string, command = ourBin('virtnbdbackup')): Promise<{ code: number | null; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const shell = spawn('bash', ['-o', 'pipefail', '-c', `"$0" "$@" -o - ${where}`, ourBin('virtnbdbackup'), ...args], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+    const shell = spawn('bash', ['-o', 'pipefail', '-c', `"$0" "$@" -o - ${where}`, command, ...args], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     shell.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
     shell.on('error', reject);
     shell.on('close', (code) => {
       try {
-        assertNoNodeWarning('virtnbdbackup', stderr);
+        if (command === ourBin('virtnbdbackup')) assertNoNodeWarning('virtnbdbackup', stderr);
         resolve({ code, stderr });
       } catch (err) {
         reject(err);
@@ -405,4 +406,43 @@ test('zip on stdout: a disk left out of one inc (-x) resumes in the next zip as 
   const out = path.join(work, 'out');
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vdb']);
   await assertSame(path.join(out, 'vdb.qcow2'), reference);
+});
+
+test("Python's zip chain begun anew, its zips unzipped over the old chain's: the old chain's newer inc is refused as another chain's by restore and verify; the new chain's points restore", async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const work = await tempDir('vnbd-pyzip-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const state = path.join(work, 'state');
+  await fs.mkdir(state);
+  const zips: string[] = [];
+  const pythonZip = async (level: string): Promise<void> => {
+    const zip = path.join(work, `${zips.length}.${level}.zip`);
+    const r = await backupInShell(state, ['-d', dom.name, '-l', level, '-n'], `> '${zip}'`, pythonBin('virtnbdbackup'));
+    assert.equal(r.code, 0, r.stderr);
+    zips.push(zip);
+  };
+  // The old chain: full, inc 1, inc 2; then a new chain: full, inc 1.
+  await pythonZip('full');
+  await dom.write('vda', 0x22, '8M', '2M');
+  await pythonZip('inc');
+  await dom.write('vda', 0x33, '12M', '2M');
+  await pythonZip('inc');
+  await dom.write('vda', 0x44, '16M', '2M');
+  await pythonZip('full');
+  await dom.write('vda', 0x55, '20M', '2M');
+  const reference = await dom.snapshot('vda', path.join(work, 'vda.ref'));
+  await pythonZip('inc');
+  const set = path.join(work, 'set');
+  for (const zip of zips) await run('unzip', ['-o', '-q', zip, '-d', set]);
+  const line = /broken chain: vda\.inc\.virtnbdbackup\.2\.data was written at \S+, before the chain's base vda\.full\.data \(\S+\): it comes from an earlier chain with the same names/;
+  const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'refused'), '-n']);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(errorLines(refused).join('\n'), line);
+  await assert.rejects(fs.access(path.join(work, 'refused', 'vda.qcow2')));
+  const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  assert.equal(verified.code, 1, verified.stdout);
+  assert.match(verified.stdout, /^FAILED chain: .*was written at .* before the chain's base/m);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '--until', 'virtnbdbackup.1']);
+  await assertSame(path.join(out, 'vda.qcow2'), reference);
 });
