@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, checkLinks, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, MixedChain, checkLinks, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -334,6 +334,22 @@ function latestPoint(checkpoints: string[], filed: ReadonlySet<string>, input: s
 }
 
 /**
+ * Refuses a file of `chain` up to `point` (an index into the set's checkpoints) at a checkpoint whose own saved
+ * definition gave its disk no bitmap: that backup did not save the disk, so the file is another chain's with the
+ * same names (a disk the old chain had, its files unzipped beside a new chain's that leaves it out).
+ */
+async function refuseUnsaved(chain: ChainLink[], point: number, checkpoints: readonly string[], bitmapsAt: BitmapsAt, input: string): Promise<void> {
+  for (const link of chain) {
+    if (link.level !== 'full' && link.level !== 'inc') continue;
+    const at = checkpoints.indexOf(link.meta.checkpointName);
+    if (at < 0 || at > point) continue;
+    const saved = await bitmapsAt(link.meta.checkpointName);
+    if (saved === undefined || saved.includes(link.disk)) continue;
+    throw new MixedChain(`broken chain: the backup at checkpoint ${link.meta.checkpointName} did not save disk ${link.disk} (checkpoints/${link.meta.checkpointName}.xml), yet ${input} holds ${link.file}: it comes from another chain with the same names; move the disk's files out of the set, or restore the other disks one by one with -d`);
+  }
+}
+
+/**
  * Refuses a restore point (`until`, else the set's latest) at which a disk restored lacks files its checkpoints
  * say were saved: its chain would still link up, and the disk would come back from an earlier point than the
  * others, silently. One line names the files and the earlier point that every disk holds.
@@ -347,8 +363,10 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   const lost: LostFiles[] = [];
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
+    await refuseUnsaved(chain, point, checkpoints, bitmapsAt, options.input);
     // --until a point whose checkpoint did not save the disk (detached, -x) leaves it out: nothing of it is read.
-    if (options.until !== undefined && !((await bitmapsAt(name)) ?? []).includes(disk)) continue;
+    const savedThere = await bitmapsAt(name);
+    if (options.until !== undefined && savedThere !== undefined && !savedThere.includes(disk)) continue;
     const missing = await lostFiles(chain, point, checkpoints, bitmapsAt);
     if (missing) lost.push(missing);
   }

@@ -296,9 +296,11 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
 
 /**
  * Checks that every inc and diff is based on the last checkpoint of the chain before it, and, where the set's
- * checkpoint list is given (`listed`), that no file of a checkpoint it does not name was written before the base.
+ * checkpoint list is given (`listed`), that no file of another chain with the same names is among them (olderChains).
  */
 export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore an earlier point with --until', listed: readonly string[] = []): void {
+  // First: once those files are moved away, the links after them would ask for them back.
+  refuseOlderChains(chain, listed);
   let last = chain[0];
   for (const link of chain.slice(1)) {
     const lastCheckpoint = last?.meta.checkpointName ?? '';
@@ -311,26 +313,39 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
     if (made !== undefined && expected !== undefined && made !== expected) {
       throw new MixedChain(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${describeIdentity(expected)}) than ${last?.file} holds (${describeIdentity(made)}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
     }
-    // Unlisted, too: a file the list names is this chain's, even if the clock went back (a DST change in Python's local times).
-    const before = listed.length > 0 && !listed.includes(link.meta.checkpointName) ? writtenBefore(link, chain[0] as ChainLink) : undefined;
-    if (before) {
-      throw new MixedChain(`broken chain: ${link.file} was written ${before}: it comes from an earlier chain with the same names (a chain begun anew over the old one's files, or their zips unzipped into one directory); move it out of the set, or keep each chain in a directory of its own`);
-    }
     if (link.level === 'inc') last = link;
   }
 }
 
 /**
- * How `link` was written before the chain's `base`, if it was: unlisted too, it belongs to an earlier chain whatever
- * its names say (Python's files carry no checkpoint identities: a chain begun anew, its zips unzipped over the old
- * one's, leaves the old chain's newer incs, which the new chain's list does not name). Dates are compared only in the same form: Python
- * writes local time without a zone, ours UTC.
+ * Refuses the files of `chain` written before its base that the set's checkpoint list (`listed`) does not vouch
+ * for: they belong to an earlier chain whatever their names say. Python's files carry no checkpoint identities, so
+ * a chain begun anew, its zips unzipped over the old one's, leaves the old chain's newer incs (which the new list
+ * does not name) and diffs (whose checkpoint name, the next one's, the new chain may well have reached). A listed
+ * inc is the chain's even if the clock went back; a file of ours proves its link by identity, not by date.
  */
-function writtenBefore(link: ChainLink, base: ChainLink): string | undefined {
+function refuseOlderChains(chain: ChainLink[], listed: readonly string[]): void {
+  const base = chain[0];
+  if (listed.length === 0 || !base) return;
+  const older = chain.slice(1).filter((link) => link.meta.parentCheckpointIdentity === undefined
+    && (link.level === 'diff' || !listed.includes(link.meta.checkpointName)) && writtenBefore(link, base));
+  const [first] = older;
+  if (!first) return;
+  const what = older.length === 1 ? `${first.file} was written at ${first.meta.date}, before` : `${older.map((l) => l.file).join(', ')} were written before`;
+  const them = older.length === 1 ? 'it' : 'them';
+  throw new MixedChain(`broken chain: ${what} the chain's base ${base.file} (${base.meta.date}): ${older.length === 1 ? 'it comes' : 'they come'} from an earlier chain with the same names (a chain begun anew over the old one's files, or their zips unzipped into one directory); move ${them} out of the set, or restore with --until ${listed.at(-1)}`);
+}
+
+/**
+ * Whether `link` was written before `base`, by their dates in one form: Python writes local time without a zone,
+ * ours UTC. Local times are compared as they read (as UTC), so the restoring host's zone and DST do not enter.
+ */
+function writtenBefore(link: ChainLink, base: ChainLink): boolean {
   const zoned = (date: string): boolean => /(Z|[+-]\d\d:?\d\d)$/.test(date);
   const [at, from] = [link.meta.date, base.meta.date];
-  if (typeof at !== 'string' || typeof from !== 'string' || zoned(at) !== zoned(from)) return undefined;
-  return Date.parse(at) < Date.parse(from) ? `at ${at}, before the chain's base ${base.file} (${from})` : undefined;
+  if (typeof at !== 'string' || typeof from !== 'string' || zoned(at) !== zoned(from)) return false;
+  const asRead = (date: string): number => Date.parse(zoned(date) ? date : `${date}Z`);
+  return asRead(at) < asRead(from);
 }
 
 /** Files of two chains with the same names: in order, and still no chain. */

@@ -239,7 +239,7 @@ test("a file written before its chain's base is another chain's, whatever its na
     }
   }
   await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(CHECKPOINTS.slice(0, 2)));
-  const line = /broken chain: vda\.inc\.virtnbdbackup\.2\.data was written at \S+, before the chain's base vda\.full\.data \(\S+\): it comes from an earlier chain with the same names .*; move it out of the set, or keep each chain in a directory of its own$/;
+  const line = /broken chain: vda\.inc\.virtnbdbackup\.2\.data was written at \S+, before the chain's base vda\.full\.data \(\S+\): it comes from an earlier chain with the same names .*; move it out of the set, or restore with --until virtnbdbackup\.1$/;
   await assert.rejects(plannedFiles({ input: dir }), line);
   await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), line);
   assert.deepEqual(await plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), {
@@ -260,6 +260,32 @@ test("a file is dated against its base only where the set's list does not name i
   // Listed: this chain's, though the local clock went back (a DST change); no list (map's -f): no dates compared.
   checkLinks([dated(full, '2026-11-29T02:30:00.000001'), dated(inc, '2026-11-29T02:10:00.000001')], remedy, ['virtnbdbackup.0', 'virtnbdbackup.1']);
   checkLinks([dated(full, '2026-11-29T02:30:00.000001'), dated(inc, '2026-11-29T02:10:00.000001')]);
+  // A file of ours proves its link by its parent's identity: no dates compared (a clock stepped back).
+  const proven = { ...dated(inc, '2026-11-29T09:00:00.000Z'), meta: { ...inc.meta, date: '2026-11-29T09:00:00.000Z', parentCheckpointIdentity: '1800000000 x' } };
+  checkLinks([{ ...dated(full, '2026-11-29T10:00:00.000Z'), meta: { ...full.meta, date: '2026-11-29T10:00:00.000Z', checkpointIdentity: '1800000000 x' } }, proven], remedy, baseOnly);
+  // A diff names the next checkpoint, which a new chain may have listed: dated all the same. Several are named at once.
+  const diff = (chainOf('vda')[2] as ChainLink);
+  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(diff, '2026-11-29T09:00:00.000001'), dated(chainOf('vda')[3] as ChainLink, '2026-11-29T09:30:00.000001')], remedy, ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2']),
+    /vda\.diff\.1700000000\.data was written at 2026-11-29T09:00:00\.000001, before the chain's base/);
+  assert.throws(() => checkLinks([dated(full, '2026-11-29T10:00:00.000001'), dated(inc, '2026-11-29T09:00:00.000001'), dated(chainOf('vda')[3] as ChainLink, '2026-11-29T09:30:00.000001')], remedy, baseOnly),
+    /broken chain: vda\.inc\.virtnbdbackup\.1\.data, vda\.inc\.virtnbdbackup\.2\.data were written before the chain's base vda\.full\.data .* move them out of the set, or restore with --until virtnbdbackup\.0$/);
+});
+
+test("a disk's file at a checkpoint whose own definition did not save that disk is another chain's; a point whose definition is not the set's own still asks for lost files", async (t) => {
+  // The new chain left vdb out (-x) at every checkpoint; the old chain's vdb files lie beside it.
+  const dir = await craftTwoDiskSet(t, { 'virtnbdbackup.0': ['vda'], 'virtnbdbackup.1': ['vda'], 'virtnbdbackup.2': ['vda'] });
+  const disk = new MemoryDisk(MiB).fill(0x44, 0, 65536);
+  const extents = [{ offset: 0, length: 65536, kind: 'data' as const }];
+  await craftStream({ dir, file: 'vdb.full.data', disk, diskName: 'vdb', extents, checkpointName: 'virtnbdbackup.0' });
+  await assert.rejects(plannedFiles({ input: dir }), /broken chain: the backup at checkpoint virtnbdbackup\.0 did not save disk vdb \(checkpoints\/virtnbdbackup\.0\.xml\), yet \S+ holds vdb\.full\.data: it comes from another chain with the same names; move the disk's files out of the set, or restore the other disks one by one with -d$/);
+  assert.deepEqual(Object.keys(await plannedFiles({ input: dir, disk: 'vda' })), ['vda']);
+
+  // --until a point whose definition is another domain's: vdb's lost files are still asked for.
+  const foreign = await craftTwoDiskSet(t);
+  await craftCheckpointDefinition(foreign, 'virtnbdbackup.2', checkpointXml({ name: 'virtnbdbackup.2', parent: 'virtnbdbackup.1', create: true }, ['vda'], ['vda']), { creationTime: CHAIN_START + 2, uuid: '00000000-1111-2222-3333-444444444444' });
+  await lose(foreign, 'vdb.inc.virtnbdbackup.1.data');
+  await lose(foreign, 'vdb.inc.virtnbdbackup.2.data');
+  await assert.rejects(plannedFiles({ input: foreign, until: 'virtnbdbackup.2' }), /lacks vdb\.inc\.virtnbdbackup\.1\.data: /);
 });
 
 test("verify names a lost file also where the set's files fail for want of a .chksum (Python 1.9.15 writes none)", async (t) => {
