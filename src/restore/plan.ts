@@ -328,7 +328,7 @@ function latestPoint(checkpoints: string[], filed: ReadonlySet<string>, input: s
   const unfiled = checkpoints.slice(point + 1);
   if (unfiled.length > 0) {
     const [named, them] = unfiled.length > 1 ? [`checkpoints ${unfiled.join(', ')}`, 'them'] : [`checkpoint ${unfiled[0]}`, 'it'];
-    log.warn(`${input} lists ${named} but holds no data file of ${them} (a backup that did not finish, or its files were removed): restoring the point before, ${checkpoints[point]}`);
+    log.warn(`${input} lists ${named} but holds no data file of ${them} (a backup that did not finish, or its files were removed): its latest point is the one before, ${checkpoints[point]}`);
   }
   return point;
 }

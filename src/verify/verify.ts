@@ -9,6 +9,7 @@
 // Guarantees: every byte of every data file is read; a file passes only when all present checks pass and its
 // checksum file exists; the first failing extent is named by disk offset and length.
 import path from 'node:path';
+import type { Logger } from '../util/log.js';
 import { StreamReader } from '../stream/reader.js';
 import {
   checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum,
@@ -29,6 +30,8 @@ export interface VerifyOptions {
   /** Called with each verdict as soon as it is known (files are verified one after the other). */
   onVerdict?: (verdict: FileVerdict) => void;
   signal?: AbortSignal;
+  /** Warnings about the set that fail nothing (a checkpoint listed with no file of it). */
+  log?: Logger;
 }
 
 export interface FileVerdict {
@@ -175,7 +178,7 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   let chainProblem: string | undefined;
   if (partials.length === 0) {
     try {
-      scanned = await checkedChains(listing, options.until, options.disk);
+      scanned = await checkedChains(listing, options.until, options.disk, options.log);
     } catch (err) {
       if (err instanceof UnknownCheckpoint || !(err instanceof UserError)) throw err;
       chainProblem = oneLine(err);

@@ -190,7 +190,11 @@ test('a disk a checkpoint did not save (-x, checkpoint=\'no\') is no loss; a che
   const log = new Logger({ quiet: true, color: false });
   log.warn = (msg: string): void => void warned.push(msg);
   assert.equal((await plannedFiles({ input: dir, log })).vda?.length, 3);
-  assert.match(warned.join('\n'), /lists checkpoint virtnbdbackup\.3 but holds no data file of it \(a backup that did not finish, or its files were removed\): restoring the point before, virtnbdbackup\.2/);
+  assert.match(warned.join('\n'), /lists checkpoint virtnbdbackup\.3 but holds no data file of it \(a backup that did not finish, or its files were removed\): its latest point is the one before, virtnbdbackup\.2/);
+  // Verify says so too, and passes the set.
+  warned.length = 0;
+  assert.ok((await verifySet({ input: dir, log })).every((v) => v.ok));
+  assert.match(warned.join('\n'), /lists checkpoint virtnbdbackup\.3 but holds no data file of it/);
 });
 
 test("only the set's own checkpoint definitions count: another domain's (Python's zip mode shares them) or an earlier chain's are no loss", async (t) => {
