@@ -383,7 +383,9 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   const { newest } = worst;
   // One disk (-d): a point of its own chain; all: the point before the first loss, which every disk holds or leaves out.
   const earlier = options.disk === undefined ? checkpoints[worst.first - 1] : newest.meta.checkpointName;
-  throw new UserError(`${options.input} lacks ${worst.files.join(', ')}${also}: checkpoint ${checkpoints[worst.first]} backed up disk ${worst.disk}, so ${worst.disk} cannot be restored at ${at}: its newest file there is ${newest.file} (${newest.meta.checkpointName}); put ${worst.files.length + others.length > 1 ? 'them' : 'it'} back, or restore the earlier point with --until ${earlier}`);
+  // That point may not have saved the disk (-x), and a restore there leaves it out: say how to get the disk too.
+  const alone = earlier === newest.meta.checkpointName ? '' : ` (disk ${worst.disk} alone: -d ${worst.disk} --until ${newest.meta.checkpointName})`;
+  throw new UserError(`${options.input} lacks ${worst.files.join(', ')}${also}: checkpoint ${checkpoints[worst.first]} backed up disk ${worst.disk}, so ${worst.disk} cannot be restored at ${at}: its newest file there is ${newest.file} (${newest.meta.checkpointName}); put ${worst.files.length + others.length > 1 ? 'them' : 'it'} back, or restore the earlier point with --until ${earlier}${alone}`);
 }
 
 async function selectChains(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<Map<string, ChainLink[]>> {

@@ -223,7 +223,7 @@ test('--until a point whose checkpoint did not save a disk leaves it out without
   const skipped = await craftTwoDiskSet(t, { 'virtnbdbackup.1': ['vda'] });
   await lose(skipped, 'vdb.inc.virtnbdbackup.2.data');
   // All disks: the point before the loss, which vdb leaves out; vdb alone: its own newest point.
-  await assert.rejects(plannedFiles({ input: skipped }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* --until virtnbdbackup\.1$/);
+  await assert.rejects(plannedFiles({ input: skipped }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* --until virtnbdbackup\.1 \(disk vdb alone: -d vdb --until virtnbdbackup\.0\)$/);
   await assert.rejects(plannedFiles({ input: skipped, disk: 'vdb' }), /lacks vdb\.inc\.virtnbdbackup\.2\.data: .* --until virtnbdbackup\.0$/);
   assert.deepEqual(Object.keys(await plannedFiles({ input: skipped, disk: 'vdb', until: 'virtnbdbackup.0' })), ['vdb']);
 });
