@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
@@ -108,7 +108,10 @@ export async function refuseExisting(files: readonly string[], host: DomainHost 
 }
 
 interface ScannedSet {
+  /** The set's checkpoints in order: those its list names, then those only its files name (a list left behind). */
   checkpoints: string[];
+  /** Those its list (`<domain>.cpt`) names. */
+  listed: string[];
   chains: Map<string, ChainLink[]>;
   images: Map<string, DataFile>;
   /** The checkpoints some data file of the set (of any disk, also with -d) belongs to. */
@@ -163,7 +166,12 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
     const meta = await StreamReader.metadata(path.join(input, f.file)).catch(() => undefined);
     if (meta) filed.add(meta.checkpointName);
   }
-  return { checkpoints, chains, images, filed, bitmapsAt: setsOwnBitmaps(input, chains) };
+  // A list left behind names fewer checkpoints than the files do (zips unzipped with -n keep the first zip's): the
+  // files' own follow it, by their numbers, so that a point of theirs is a point of the set.
+  const number = (name: string): number => Number(/\.(\d+)$/.exec(name)?.[1] ?? Number.NaN);
+  const unlisted = [...filed].filter((name) => name !== '' && !checkpoints.includes(name)).sort((a, b) => number(a) - number(b) || a.localeCompare(b));
+  const ordered = checkpoints.length > 0 ? [...checkpoints, ...unlisted] : checkpoints;
+  return { checkpoints: ordered, listed: checkpoints, chains, images, filed, bitmapsAt: setsOwnBitmaps(input, chains) };
 }
 
 /**
@@ -360,6 +368,8 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   const point = options.until === undefined ? latestPoint(checkpoints, scanned.filed, options.input, log) : checkpoints.indexOf(options.until);
   if (point < 0) return;
   const name = checkpoints[point] as string;
+  // Another chain's files first: the latest point reads them all, and they would make other disks look short.
+  if (options.until === undefined) for (const [disk, chain] of chains) if (options.disk === undefined || disk === options.disk) refuseOlderChains(chain, scanned.listed);
   const lost: LostFiles[] = [];
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
@@ -412,7 +422,7 @@ async function selectChains(scanned: ScannedSet, options: { input: string; until
     }
     // Cut first: a file missing after the restore point does not stop a restore of that point.
     const applied = options.until === undefined ? chain : cutAt(chain, options.until, disk, options.input);
-    checkLinks(applied, undefined, checkpoints);
+    checkLinks(applied, undefined, scanned.listed);
     selected.set(disk, applied);
   }
   if (timeless.length > 0) log.warn(`--until does not apply to copies, which have no checkpoints (${timeless.join(', ')}): they are restored as they are`);

@@ -324,7 +324,7 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
  * does not name) and diffs (whose checkpoint name, the next one's, the new chain may well have reached). A listed
  * inc is the chain's even if the clock went back; a file of ours proves its link by identity, not by date.
  */
-function refuseOlderChains(chain: ChainLink[], listed: readonly string[]): void {
+export function refuseOlderChains(chain: ChainLink[], listed: readonly string[]): void {
   const base = chain[0];
   if (listed.length === 0 || !base) return;
   const older = chain.slice(1).filter((link) => link.meta.parentCheckpointIdentity === undefined

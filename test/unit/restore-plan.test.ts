@@ -300,3 +300,18 @@ test("verify names a lost file also where the set's files fail for want of a .ch
   assert.ok(verdicts.some((v) => !v.ok && v.file === 'vdb.inc.virtnbdbackup.1.data'), 'the files fail for their missing .chksum');
   assert.match(verdicts.find((v) => v.file === 'chain')?.reason ?? '', /lacks vdb\.inc\.virtnbdbackup\.2\.data: /);
 });
+
+test('a checkpoint list left behind (zips unzipped with -n keep the first one) is followed by the checkpoints the files name: their points restore, a disk a point left out (-x) included', async (t) => {
+  const dir = await craftTwoDiskSet(t, { 'virtnbdbackup.2': ['vda'] });
+  await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(CHECKPOINTS.slice(0, 1)));
+  assert.deepEqual(Object.keys(await plannedFiles({ input: dir, until: 'virtnbdbackup.2' })), ['vda']);
+  assert.deepEqual(await plannedFiles({ input: dir, until: 'virtnbdbackup.1' }), {
+    vda: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'], vdb: ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data'],
+  });
+  assert.equal((await plannedFiles({ input: dir })).vda?.length, 3);
+  assert.ok((await verifySet({ input: dir, until: 'virtnbdbackup.2' })).every((v) => v.ok));
+  // Past the list, only the files name a point: with its only file lost, it is unknown.
+  await lose(dir, 'vda.inc.virtnbdbackup.2.data');
+  await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(CHECKPOINTS.slice(0, 1)));
+  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), /checkpoint virtnbdbackup\.2 is not in/);
+});
