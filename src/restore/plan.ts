@@ -2,7 +2,7 @@
 // into which images of which format and layout, and whether the output is a directory of new images or one
 // existing raw file or block device.
 //   scan set (refuse .partial, non-sets) -> streams vs raw images -> chains -> select (--sequence | -d, --until)
-//   -> the point (--until, else the set's latest) has every file its checkpoints say was saved
+//   -> the point (--until, else the set's latest) has every file its checkpoints say was saved, none of another chain
 //   -> per disk: restore point, vmconfig, raw-format check (-r), image name, qcow.json layout -> output checks
 // Guarantees: every refusal (bad set, broken chain, bad sequence, unknown checkpoint, images already there,
 // unusable target) happens here, so a refused restore touches nothing.
@@ -358,9 +358,10 @@ async function refuseUnsaved(chain: ChainLink[], point: number, checkpoints: rea
 }
 
 /**
- * Refuses a restore point (`until`, else the set's latest) at which a disk restored lacks files its checkpoints
- * say were saved: its chain would still link up, and the disk would come back from an earlier point than the
- * others, silently. One line names the files and the earlier point that every disk holds.
+ * Refuses a restore point (`until`, else the set's latest) whose files do not make one point in time: files of
+ * another chain with the same names (refuseOlderChains, refuseUnsaved), or a disk restored that lacks files its
+ * checkpoints say were saved: its chain would still link up, and the disk would come back from an earlier point
+ * than the others, silently. One line names the files and an earlier point to restore instead.
  */
 async function refuseLostFiles(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<void> {
   const { chains, checkpoints, images, bitmapsAt } = scanned;
