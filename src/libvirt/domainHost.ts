@@ -9,7 +9,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { OUTLIVES_TERMINAL, accepts, notInstalled, run, shellQuote, type RunResult } from '../util/process.js';
+import { OUTLIVES_TERMINAL, accepts, boundToUs, notInstalled, run, shellQuote, type RunResult } from '../util/process.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { checkTcpPort } from '../util/tcpPort.js';
@@ -196,9 +196,8 @@ export class SshHost implements HostAccess {
    * `bound` ties ssh to this process (a parent-death signal), for sessions that outlive a call.
    */
   spawn(script: string, stdin: 'pipe' | 'ignore', stdout: 'pipe' | 'ignore', bound = false): { child: ChildProcess; lastWords: (lines?: number) => string | undefined } {
-    const ssh = ['ssh', ...this.sshArgs(), script];
-    const [command, ...args] = bound ? ['setpriv', '--pdeathsig', 'SIGTERM', '--', ...ssh] : ssh;
-    const child = spawn(command as string, args, { stdio: [stdin, stdout, 'pipe'], detached: OUTLIVES_TERMINAL });
+    const [command, args] = bound ? boundToUs('ssh', [...this.sshArgs(), script]) : ['ssh', [...this.sshArgs(), script]];
+    const child = spawn(command, args, { stdio: [stdin, stdout, 'pipe'], detached: OUTLIVES_TERMINAL });
     let stderr = '';
     child.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
     return { child, lastWords: (lines = 1) => stderr.trim().split('\n').filter(Boolean).slice(-lines).join('; ') || undefined };
@@ -213,32 +212,22 @@ export class SshHost implements HostAccess {
   }
 
   /**
-   * Runs `command` on the host as run() does, but bound to this run (watchedWhileInputOpen): ended there when
-   * `signal` aborts (rejecting with its reason once the session is gone), or when this process or its ssh dies.
+   * Runs `command` on the host as run() does, but bound to this run (startWatched): ended there when `signal` aborts
+   * (rejecting with its reason once the session is gone), or when this process or its ssh dies.
    */
   async runBound(command: string, args: string[], signal?: AbortSignal): Promise<void> {
     signal?.throwIfAborted();
-    const { child, lastWords } = this.spawn(`${watchedWhileInputOpen([command, ...args])}; wait $p`, 'pipe', 'ignore', true);
-    const stdin = child.stdin as Writable;
-    stdin.on('error', () => undefined); // a session that already ended
-    // An ssh that cannot tell the host (gone silent) is ended here, as serveRemotely's stop() does.
-    let killer: NodeJS.Timeout | undefined;
-    const endInput = (): void => {
-      stdin.end();
-      killer = setTimeout(() => child.kill('SIGKILL'), 5000);
-    };
-    signal?.addEventListener('abort', endInput, { once: true });
+    const session = startWatched(this, [command, ...args]);
+    const stop = (): void => { void session.stop(); };
+    signal?.addEventListener('abort', stop, { once: true });
     try {
-      const [code, ended] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
-        child.once('error', (err: NodeJS.ErrnoException) => reject(err.code === 'ENOENT' ? notInstalled('setpriv') : err));
-        child.once('close', (exitCode, by) => resolve([exitCode, by]));
-      });
+      const { code, signal: endedBy, spawnFailure } = await session.ended;
+      if (spawnFailure) throw (spawnFailure as NodeJS.ErrnoException).code === 'ENOENT' ? notInstalled('setpriv') : spawnFailure;
       signal?.throwIfAborted();
-      if (code !== 0) throw new Error(`on ${this.label}: ${command} failed: ${withSshAdvice(lastWords(2) ?? (code === null ? `ssh ended by ${ended}` : `ssh exited with ${code}`))}`);
+      if (code !== 0) throw new Error(`on ${this.label}: ${command} failed: ${withSshAdvice(session.lastWords(2) ?? (code === null ? `ssh ended by ${endedBy}` : `ssh exited with ${code}`))}`);
     } finally {
-      clearTimeout(killer);
-      signal?.removeEventListener('abort', endInput);
-      stdin.end();
+      signal?.removeEventListener('abort', stop);
+      await session.stop();
     }
   }
 
@@ -314,13 +303,43 @@ export interface RemoteServer {
   stop(): Promise<void>;
 }
 
+/** A command running on another host through ssh, in a session that ends it once the session's input ends. */
+interface WatchedSession {
+  /** Settles once the session is gone: ssh's exit, or why there was no session at all (ssh or setpriv missing). */
+  ended: Promise<{ code: number | null; signal: NodeJS.Signals | null; spawnFailure?: Error }>;
+  /**
+   * Ends the command (the session's input closed) and waits for the session; an ssh still there after 5 s (the host
+   * gone silent) is killed.
+   */
+  stop(): Promise<void>;
+  /** The last line (or `lines` lines, joined) of the session's stderr. */
+  lastWords(lines?: number): string | undefined;
+}
+
 /**
- * A remote shell's lines that start `argv` in the background as `$p`, killed once the session's input ends (closed
- * by us, or by the death of this process or its ssh); the caller's line goes on with `wait $p`.
+ * Starts `argv` on `ssh`'s host: the remote shell starts it in the background and kills it once the session's
+ * input ends (closed by stop(), or by the death of this process or its ssh, which is bound to us), then waits for
+ * it and runs `after` (more of the shell's lines, e.g. one saying how it exited); without `after`, the session exits
+ * with the command's status.
  */
-function watchedWhileInputOpen(argv: string[]): string {
+function startWatched(ssh: SshHost, argv: string[], after = ''): WatchedSession {
   // Background jobs of a non-interactive shell read /dev/null: the watcher gets the session's input through fd 3.
-  return `exec 3<&0; ${argv.map(shellQuote).join(' ')} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-`;
+  const script = `exec 3<&0; ${argv.map(shellQuote).join(' ')} </dev/null & p=$!; (cat <&3 >/dev/null; kill $p) >/dev/null 2>&1 & exec 3<&-; wait $p${after}`;
+  const { child, lastWords } = ssh.spawn(script, 'pipe', 'ignore', true);
+  const stdin = child.stdin as Writable;
+  stdin.on('error', () => undefined); // a session that already ended
+  const ended: WatchedSession['ended'] = new Promise((resolve) => {
+    child.once('close', (code, signal) => resolve({ code, signal }));
+    // ssh or setpriv missing: no session at all, and no 'close' either.
+    child.once('error', (err) => resolve({ code: null, signal: null, spawnFailure: err }));
+  });
+  const stop = async (): Promise<void> => {
+    stdin.end();
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await ended;
+    clearTimeout(timer);
+  };
+  return { ended, stop, lastWords };
 }
 
 /**
@@ -331,35 +350,20 @@ function watchedWhileInputOpen(argv: string[]): string {
 export async function serveRemotely(ssh: SshHost, command: string, args: string[], host: string, port: number, timeoutMs = 15000): Promise<RemoteServer> {
   // Readiness is the port accepting: one that already does belongs to someone else.
   if (await accepts({ host, port })) throw new Error(`port ${port} on ${host} is taken (another backup or restore?): choose another with -P`);
-  const script = `${watchedWhileInputOpen([command, ...args])}; wait $p; echo "${command} exited with $?" >&2`;
-  const { child, lastWords } = ssh.spawn(script, 'pipe', 'ignore', true);
-  const stdin = child.stdin as Writable;
-  stdin.on('error', () => undefined); // a session that already ended
-  let spawnFailure: string | undefined;
-  const ended = new Promise<void>((resolve) => {
-    child.once('close', () => resolve());
-    // ssh or setpriv missing: no session at all, and no 'close' either.
-    child.once('error', (err) => { spawnFailure = err.message; resolve(); });
-  });
+  const session = startWatched(ssh, [command, ...args], `; echo "${command} exited with $?" >&2`);
   let gone = false;
-  void ended.then(() => { gone = true; });
-  const stop = async (): Promise<void> => {
-    stdin.end();
-    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-    await ended;
-    clearTimeout(timer);
-  };
+  void session.ended.then(() => { gone = true; });
   const deadline = Date.now() + timeoutMs;
   while (!(await accepts({ host, port }))) {
     if (gone || Date.now() > deadline) {
-      await stop();
+      await session.stop();
       // The server's own reason comes before the shell's line with its exit status.
-      const said = spawnFailure ?? lastWords(2);
+      const said = (await session.ended).spawnFailure?.message ?? session.lastWords(2);
       throw new Error(`on ${ssh.label}: ${command} ${gone ? 'ended' : `did not listen within ${timeoutMs / 1000} s`} before it served ${host}:${port}${said ? `: ${withSshAdvice(said)}` : ''}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
-  return { stop };
+  return { stop: session.stop };
 }
 
 /** How a server on another host is reached (-I, -P, --tls, --tls-cert), as backup and restore take them. */

@@ -51,7 +51,7 @@ export function notInstalled(command: string): UserError {
  * ends, so it never outlives us, even after kill -9. setpriv missing fails the spawn (ENOENT); a `command` it cannot
  * run makes it exit 127.
  */
-function boundToUs(command: string, args: string[]): [string, string[]] {
+export function boundToUs(command: string, args: string[]): [string, string[]] {
   return ['setpriv', ['--pdeathsig', 'SIGTERM', '--', command, ...args]];
 }
 
