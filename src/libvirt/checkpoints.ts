@@ -168,6 +168,11 @@ export function checkpointCreationTime(xml: string): string | undefined {
   return time !== undefined && /^\d+$/.test(time) ? time : undefined;
 }
 
+/** The UUID in a checkpoint XML's copy of its domain's definition, if it holds one. */
+export function checkpointDomainUuid(xml: string): string | undefined {
+  return /<domain[\s>][\s\S]*?<uuid>\s*([^<\s]+)\s*<\/uuid>/.exec(xml)?.[1];
+}
+
 /** Creation time and description: tell a checkpoint apart from a later one of the same name (another chain's). */
 export function checkpointIdentity(xml: string): string {
   return `${element(xml, 'creationTime') ?? ''} ${element(xml, 'description') ?? ''}`;

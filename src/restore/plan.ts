@@ -13,7 +13,7 @@ import {
   DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, vmConfigName,
   type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
-import { parseDomainXml, type DomainDisk } from '../libvirt/domainXml.js';
+import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
 import { StreamReader } from '../stream/reader.js';
 import { dataFileOptions, heldForWriting, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
 import { UserError, oneLine } from '../util/errors.js';
@@ -116,6 +116,8 @@ interface ScannedSet {
   images: Map<string, DataFile>;
   /** The checkpoints some data file of the set (of any disk, also with -d) belongs to. */
   filed: Set<string>;
+  /** The set's saved domain XMLs (vmconfig): listed when first asked for, each read once for the point and the plan. */
+  configs: () => Promise<SavedConfigs>;
   bitmapsAt: BitmapsAt;
 }
 
@@ -171,7 +173,9 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
   const number = (name: string): number => Number(/\.(\d+)$/.exec(name)?.[1] ?? Number.NaN);
   const unlisted = [...filed].filter((name) => name !== '' && !checkpoints.includes(name)).sort((a, b) => number(a) - number(b) || a.localeCompare(b));
   const ordered = checkpoints.length > 0 ? [...checkpoints, ...unlisted] : checkpoints;
-  return { checkpoints: ordered, listed: checkpoints, chains, images, filed, bitmapsAt: setsOwnBitmaps(input, chains) };
+  let read: Promise<SavedConfigs> | undefined;
+  const configs = (): Promise<SavedConfigs> => (read ??= SavedConfigs.read(input));
+  return { checkpoints: ordered, listed: checkpoints, chains, images, filed, configs, bitmapsAt: setsOwnBitmaps(input, chains, configs) };
 }
 
 /**
@@ -181,18 +185,14 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
  * whole, so an unzipped set may hold another domain's under a name of its own chain; a directory used before may
  * hold an earlier chain's.
  */
-function setsOwnBitmaps(input: string, chains: Map<string, ChainLink[]>): BitmapsAt {
+function setsOwnBitmaps(input: string, chains: Map<string, ChainLink[]>, configs: () => Promise<SavedConfigs>): BitmapsAt {
   let uuids: Promise<Set<string>> | undefined;
-  const domainUuids = async (): Promise<Set<string>> => {
-    const xmls = await Promise.all((await savedConfigNames(input)).map((f) => fs.readFile(path.join(input, f), 'utf8').catch(() => '')));
-    return new Set(xmls.map((xml) => { try { return parseDomainXml(xml).uuid; } catch { return ''; } }).filter(Boolean));
-  };
   const starts = [...chains.values()].map((chain) => Number(/^(\d+) /.exec((chain[0] as ChainLink).meta.checkpointIdentity ?? '')?.[1])).filter((t) => t > 0);
   const chainStart = starts.length > 0 ? Math.min(...starts) : undefined;
   const saved = new Map<string, Promise<string[] | undefined>>();
   const read = async (name: string): Promise<string[] | undefined> => {
     const definition = await savedCheckpoint(input, name);
-    if (!definition?.domainUuid || !(await (uuids ??= domainUuids())).has(definition.domainUuid)) return undefined;
+    if (!definition?.domainUuid || !(await (uuids ??= configs().then((c) => c.uuids()))).has(definition.domainUuid)) return undefined;
     if (chainStart !== undefined && (definition.creationTime ?? 0) < chainStart) return undefined;
     return definition.bitmapDisks;
   };
@@ -436,7 +436,8 @@ async function selectChains(scanned: ScannedSet, options: { input: string; until
  * is saved under the full's ident, not under 'copy').
  */
 class SavedConfigs {
-  private readonly parsed = new Map<string, Promise<DomainDisk[]>>();
+  /** Each XML read and parsed once; undefined where it does not read. */
+  private readonly parsed = new Map<string, Promise<DomainInfo | undefined>>();
 
   private constructor(private readonly input: string, readonly files: string[]) {}
 
@@ -444,13 +445,23 @@ class SavedConfigs {
     return new SavedConfigs(input, await savedConfigNames(input));
   }
 
-  private disks(file: string): Promise<DomainDisk[]> {
-    let disks = this.parsed.get(file);
-    if (!disks) {
-      disks = fs.readFile(path.join(this.input, file), 'utf8').then((xml) => parseDomainXml(xml).disks).catch(() => []);
-      this.parsed.set(file, disks);
+  private domain(file: string): Promise<DomainInfo | undefined> {
+    let domain = this.parsed.get(file);
+    if (!domain) {
+      domain = fs.readFile(path.join(this.input, file), 'utf8').then(parseDomainXml).catch(() => undefined);
+      this.parsed.set(file, domain);
     }
-    return disks;
+    return domain;
+  }
+
+  private async disks(file: string): Promise<DomainDisk[]> {
+    return (await this.domain(file))?.disks ?? [];
+  }
+
+  /** The UUIDs of the domains the XMLs describe: the set's domain's (more than one where it was defined anew). */
+  async uuids(): Promise<Set<string>> {
+    const domains = await Promise.all(this.files.map((file) => this.domain(file)));
+    return new Set(domains.map((d) => d?.uuid ?? '').filter(Boolean));
   }
 
   /** The disk as the XML of the first of `idents` that has one describes it, else as the newest XML does. */
@@ -596,8 +607,8 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   }
   const resolved = { ...options, input, sequence: options.sequence && (await sequenceInSet(options.sequence, input)) };
   // --sequence names its disk itself: a -d that contradicts it is said so in selectSources, not "not in the set".
-  const { chains, images, checkpoints } = await selectSources(await scanSet(input, log, options.sequence ? undefined : options.disk), resolved, log);
-  const configs = await SavedConfigs.read(input);
+  const { chains, images, checkpoints, configs: savedConfigs } = await selectSources(await scanSet(input, log, options.sequence ? undefined : options.disk), resolved, log);
+  const configs = await savedConfigs();
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));
   for (const [disk, file] of images) disks.push(await planImageDisk(disk, file, input, checkpoints, configs));

@@ -8,7 +8,7 @@ import { StreamReader } from '../stream/reader.js';
 import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH, type StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
-import { checkpointBitmapDisks, checkpointCreationTime, type Level } from '../libvirt/checkpoints.js';
+import { checkpointBitmapDisks, checkpointCreationTime, checkpointDomainUuid, type Level } from '../libvirt/checkpoints.js';
 import { UserError, describeFailure, describeReadFailure, errnoOf } from '../util/errors.js';
 import { native } from '../native/addon.js';
 
@@ -145,7 +145,7 @@ export async function savedCheckpoint(dir: string, name: string): Promise<SavedC
   if (xml === undefined) return undefined;
   try {
     const created = checkpointCreationTime(xml);
-    return { bitmapDisks: checkpointBitmapDisks(xml), creationTime: created === undefined ? undefined : Number(created), domainUuid: /<domain[\s>][\s\S]*?<uuid>\s*([^<\s]+)\s*<\/uuid>/.exec(xml)?.[1] };
+    return { bitmapDisks: checkpointBitmapDisks(xml), creationTime: created === undefined ? undefined : Number(created), domainUuid: checkpointDomainUuid(xml) };
   } catch {
     return undefined;
   }
