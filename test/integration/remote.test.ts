@@ -13,7 +13,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
-import { errorLines, helperPid, ourBin, qemuNbdRuns, runCli, runOk, startCli, startHeldOnOutput, whenExists, within, type CliResult, type CliRun } from '../support/cli.js';
+import { errorLines, ourBin, qemuImgIn, qemuNbdRuns, restoreCompressing, runCli, runOk, startCli, startHeldOnOutput, within, type CliResult, type CliRun } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, signalSshd, withPrivateSshd } from '../support/sshd.js';
 import { flipByte, randomSet } from '../support/craftedSet.js';
@@ -219,15 +219,9 @@ test('--compress onto another host interrupted (SIGINT) while qemu-img compresse
   const out = path.join(work, 'out');
   const port = await freePort();
   // The private sshd's host is this one: its qemu-img shows in /proc.
-  const qemuImgOnOut = (): Promise<string | undefined> => helperPid('qemu-img', (arg) => arg.startsWith(`${out}/`));
+  const qemuImgOnOut = (): Promise<string | undefined> => qemuImgIn(out);
   const args = ['-i', set, '-o', out, '-n', '--compress', '-U', sshd.libvirtUri, '-P', String(port)];
-  // qemu-img convert -c creates the final .partial: the data is written and compressing has begun.
-  const compressing = async (): Promise<CliRun> => {
-    const running = startCli(ourBin('virtnbdrestore'), args);
-    await whenExists(path.join(out, 'vda.qcow2.partial'));
-    assert.ok(await qemuImgOnOut(), 'qemu-img convert -c runs there');
-    return running;
-  };
+  const compressing = (): Promise<CliRun> => restoreCompressing(args, out);
   const running = await compressing();
   const signalled = Date.now();
   running.child.kill('SIGINT');

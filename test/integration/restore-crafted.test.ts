@@ -8,7 +8,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, withTempDir } from '../support/testbed.js';
-import { errorLines, helperPid, ourBin, runCli, runOk, startCli, whenExists, within, type CliResult, type CliRun } from '../support/cli.js';
+import { errorLines, helperPid, ourBin, qemuImgIn, restoreCompressing, runCli, runOk, startCli, within, type CliResult, type CliRun } from '../support/cli.js';
 import { MemoryDisk, craftStream, craftVmConfig, flipByte, randomSet } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
 
@@ -293,14 +293,8 @@ test('--compress interrupted (SIGINT) while qemu-img compresses: exit 130 at onc
   const out = path.join(work, 'out');
   const partial = path.join(out, 'vda.qcow2.partial');
   const args = ['-i', set, '-o', out, '-n', '--compress'];
-  const qemuImgOnOut = (): Promise<string | undefined> => helperPid('qemu-img', (arg) => arg.startsWith(`${out}/`));
-  // qemu-img convert -c creates the final .partial: the data is written and compressing has begun.
-  const compressing = async (): Promise<CliRun> => {
-    const running = startCli(ourBin('virtnbdrestore'), args);
-    await whenExists(partial);
-    assert.ok(await qemuImgOnOut(), 'qemu-img convert -c runs');
-    return running;
-  };
+  const qemuImgOnOut = (): Promise<string | undefined> => qemuImgIn(out);
+  const compressing = (): Promise<CliRun> => restoreCompressing(args, out);
 
   const interrupted = await compressing();
   const signalled = Date.now();

@@ -88,6 +88,22 @@ export async function whenExists(file: string): Promise<void> {
   }
 }
 
+/** The pid of a qemu-img working on a file in `dir` (a restore's convert), or undefined. */
+export function qemuImgIn(dir: string): Promise<string | undefined> {
+  return helperPid('qemu-img', (arg) => arg.startsWith(`${dir}/`));
+}
+
+/**
+ * Starts our virtnbdrestore with `args` (a --compress restore of disk vda into `out`) and resolves once its qemu-img
+ * convert -c runs: that creates the image's final .partial, so the data is written and compressing has begun.
+ */
+export async function restoreCompressing(args: string[], out: string): Promise<CliRun> {
+  const running = startCli(ourBin('virtnbdrestore'), args);
+  await whenExists(path.join(out, 'vda.qcow2.partial'));
+  if (!(await qemuImgIn(out))) throw new Error(`no qemu-img convert -c runs on ${out}/vda.qcow2.partial`);
+  return running;
+}
+
 /** Polls until `check` holds, for up to `ms`; returns whether it did. */
 export async function within(ms: number, check: () => Promise<boolean>): Promise<boolean> {
   for (const deadline = Date.now() + ms; Date.now() < deadline; await new Promise((r) => setTimeout(r, 20))) if (await check()) return true;
