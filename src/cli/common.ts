@@ -8,6 +8,7 @@ import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { LibvirtLogin } from '../libvirt/connection.js';
 import { OUTLIVES_TERMINAL } from '../util/process.js';
 import { DEFAULT_NBD_TIMEOUT } from '../endpoint/nbd.js';
+import { importLazily } from '../util/lazyImport.js';
 
 export const VERSION = '2.0.0-ts';
 
@@ -206,7 +207,7 @@ export function makeLogger(flags: CommonFlags): Logger {
  */
 export async function makeProgress(flags: CommonFlags, label: string): Promise<{ factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void }> {
   if (flags.noprogress || flags.quiet || !process.stderr.isTTY) return { stop: () => undefined };
-  const { default: cliProgress } = await import('cli-progress');
+  const { default: cliProgress } = await importLazily('cli-progress', () => import('cli-progress'));
   const bars = new cliProgress.MultiBar({
     stream: process.stderr,
     format: `${label} {disk} [{bar}] {percentage}% | {value}/{total} MiB`,

@@ -10,6 +10,7 @@ import zlib from 'node:zlib';
 import type { ZipArchive } from 'archiver';
 import type { OutputTarget, Sink } from './target.js';
 import { UserError, describeFailure } from '../util/errors.js';
+import { importLazily } from '../util/lazyImport.js';
 
 /** Copies below this come from Node's shared slab and are left to the GC. */
 const SMALL_COPY_BYTES = 64 * 1024;
@@ -81,7 +82,7 @@ export class ZipTarget implements OutputTarget {
   /** archiver is loaded only when a zip is written: it costs start-up time every other run would pay. */
   static async open(out: NodeJS.WritableStream): Promise<ZipTarget> {
     sumWithNodeCrc32();
-    const { ZipArchive: Archive } = await import('archiver');
+    const { ZipArchive: Archive } = await importLazily('archiver', () => import('archiver'));
     // Entry times in local time, as zip readers (unzip, Python's zipfile) take them: archiver writes UTC by default,
     // which unzips hours off and misorders the files for Python's restore, which goes by modification time.
     return new ZipTarget(out, new Archive({ store: true, forceZip64: true, forceLocalTime: true }));
