@@ -304,16 +304,8 @@ export interface LostFiles {
  */
 export async function lostFiles(chain: ChainLink[], point: number, checkpoints: readonly string[], bitmapsAt: BitmapsAt): Promise<LostFiles | undefined> {
   const base = chain[0] as ChainLink;
-  if (base.level === 'copy' || point < 0) return undefined;
-  let newest: ChainLink | undefined;
-  let held = -1;
-  for (const link of chain) {
-    if (link.level === 'diff') continue;
-    const at = checkpoints.indexOf(link.meta.checkpointName);
-    if (at < 0) return undefined;
-    if (at <= point && at > held) [newest, held] = [link, at];
-  }
-  if (!newest) return undefined;
+  const { newest, held } = newestAt(chain, point, checkpoints) ?? {};
+  if (!newest || held === undefined) return undefined;
   const files: string[] = [];
   let first = -1;
   for (let at = held + 1; at <= point; at++) {
@@ -323,6 +315,38 @@ export async function lostFiles(chain: ChainLink[], point: number, checkpoints: 
     if (first < 0) first = at;
   }
   return files.length > 0 ? { disk: base.disk, files, first, newest } : undefined;
+}
+
+/**
+ * The newest file of `chain` at the restore point `point` (an index into the set's `checkpoints`) and its
+ * checkpoint's index; undefined for a copy, a chain that starts after the point, or one naming a checkpoint the list
+ * does not.
+ */
+function newestAt(chain: ChainLink[], point: number, checkpoints: readonly string[]): { newest: ChainLink; held: number } | undefined {
+  if ((chain[0] as ChainLink).level === 'copy' || point < 0) return undefined;
+  let newest: ChainLink | undefined;
+  let held = -1;
+  for (const link of chain) {
+    if (link.level === 'diff') continue;
+    const at = checkpoints.indexOf(link.meta.checkpointName);
+    if (at < 0) return undefined;
+    if (at <= point && at > held) [newest, held] = [link, at];
+  }
+  return newest ? { newest, held } : undefined;
+}
+
+/**
+ * A disk whose newest file is older than the set's latest point, where no saved checkpoint definition after that
+ * file tells whether the backups since left the disk out (-x, detached) or its files were lost: restored at its
+ * newest file, said once as a warning.
+ */
+async function warnIfShortUnproven(chain: ChainLink[], point: number, checkpoints: readonly string[], bitmapsAt: BitmapsAt, at: string, log: Logger): Promise<void> {
+  const { newest, held } = newestAt(chain, point, checkpoints) ?? {};
+  if (!newest || held === undefined || held >= point) return;
+  const unknown: string[] = [];
+  for (let i = held + 1; i <= point; i++) if ((await bitmapsAt(checkpoints[i] as string)) === undefined) unknown.push(checkpoints[i] as string);
+  if (unknown.length === 0) return;
+  log.warn(`disk ${newest.disk} is restored at checkpoint ${newest.meta.checkpointName} (${newest.file}), before ${at}: no saved definition of ${unknown.join(', ')} (checkpoints/<name>.xml, of this domain and chain) tells whether those backups left it out or its files were lost`);
 }
 
 /**
@@ -372,6 +396,7 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   // Another chain's files first: the latest point reads them all, and they would make other disks look short.
   if (options.until === undefined) for (const [disk, chain] of chains) if (options.disk === undefined || disk === options.disk) refuseOlderChains(chain, scanned.listed);
   const lost: LostFiles[] = [];
+  const short: ChainLink[][] = [];
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
     await refuseUnsaved(chain, point, checkpoints, bitmapsAt, options.input);
@@ -380,12 +405,17 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
     if (options.until !== undefined && savedThere !== undefined && !savedThere.includes(disk)) continue;
     const missing = await lostFiles(chain, point, checkpoints, bitmapsAt);
     if (missing) lost.push(missing);
+    else short.push(chain);
   }
   const at = options.until === undefined ? `the set's latest point (${name})` : name;
   if (lost.length === 0) {
     // A disk the point's checkpoint saved, of which the set holds no file at all (-d asks for one it has).
     const gone = options.disk === undefined ? ((await bitmapsAt(name)) ?? []).filter((d) => !chains.has(d) && !images.has(d)) : [];
-    if (gone.length === 0) return;
+    if (gone.length === 0) {
+      // --until leaves such a disk out (absentAt); the latest point restores it at its newest file.
+      if (options.until === undefined) for (const chain of short) await warnIfShortUnproven(chain, point, checkpoints, bitmapsAt, at, log);
+      return;
+    }
     throw new UserError(`${options.input} holds no data file of disk ${gone.join(', ')}, which checkpoint ${name} backed up: a restore at ${at} would leave it out; put its files back, or restore the other disks one by one with -d`);
   }
   lost.sort((a, b) => a.first - b.first);

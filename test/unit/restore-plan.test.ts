@@ -315,3 +315,21 @@ test('a checkpoint list left behind (zips unzipped with -n keep the first one) i
   await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(CHECKPOINTS.slice(0, 1)));
   await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), /checkpoint virtnbdbackup\.2 is not in/);
 });
+
+test('without saved checkpoint definitions, a disk short of the restore point is restored at its newest file, with a warning that cannot tell left out from lost', async (t) => {
+  const dir = await craftTwoDiskSet(t);
+  await fs.rm(path.join(dir, CHECKPOINT_DIR), { recursive: true });
+  const warned: string[] = [];
+  const log = new Logger({ quiet: true, color: false });
+  log.warn = (msg: string): void => void warned.push(msg);
+  assert.equal((await plannedFiles({ input: dir, log })).vdb?.length, 3);
+  assert.deepEqual(warned, []);
+  await lose(dir, 'vdb.inc.virtnbdbackup.2.data');
+  assert.deepEqual(await plannedFiles({ input: dir, log }), {
+    vda: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vda.inc.virtnbdbackup.2.data'], vdb: ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data'],
+  });
+  assert.deepEqual(warned, ["disk vdb is restored at checkpoint virtnbdbackup.1 (vdb.inc.virtnbdbackup.1.data), before the set's latest point (virtnbdbackup.2): no saved definition of virtnbdbackup.2 (checkpoints/<name>.xml, of this domain and chain) tells whether those backups left it out or its files were lost"]);
+  warned.length = 0;
+  assert.deepEqual(Object.keys(await plannedFiles({ input: dir, until: 'virtnbdbackup.1', log })), ['vda', 'vdb']);
+  assert.deepEqual(warned, []);
+});
