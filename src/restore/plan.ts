@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, vmConfigName,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, strandedOf, vmConfigName,
   type ChainLink, type DataFile, type SetListing,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
@@ -143,6 +143,10 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
   }
   if (all.dataFiles.length === 0) throw noDataFiles(input);
   if (listing.dataFiles.length === 0) throw new UserError(`no backup of disk ${disk} in ${input}`);
+  // A lost diff leaves the chain whole and the restore short of it: its side files are all that tell.
+  for (const { dataFile, sideFile } of strandedOf(all, disk)) {
+    log.warn(`${input} lacks ${dataFile}, whose ${sideFile} is there: that backup's data was lost or removed, and a restore without it may end before that backup; put it back, or move ${sideFile} out of the set if the file was removed on purpose`);
+  }
   const cpt = listing.checkpointLists[0];
   // The list only orders the incrementals, which their names (.N) order too: a damaged one need not stop a restore.
   const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)).catch((err: unknown) => {

@@ -213,6 +213,27 @@ export interface SetListing {
   partials: string[];
   /** `<domain>.cpt` files found. */
   checkpointLists: string[];
+  /** Data files the set lacks while their side files (`.chksum`, digests) are there, each with one of those. */
+  stranded: StrandedSideFile[];
+}
+
+export interface StrandedSideFile {
+  dataFile: string;
+  sideFile: string;
+}
+
+/**
+ * The side files whose data file is not among `names`: a data file lost, or removed without them. The only trace
+ * of a lost diff, which makes no checkpoint.
+ */
+function strandedSideFiles(names: string[]): StrandedSideFile[] {
+  const present = new Set(names);
+  const stranded = new Map<string, string>();
+  for (const name of names) {
+    const dataFile = [checksumFileName(''), digestFileName('')].map((suffix) => (name.endsWith(suffix) ? name.slice(0, -suffix.length) : undefined)).find((d) => d !== undefined);
+    if (dataFile && !present.has(dataFile) && !stranded.has(dataFile) && parseDataFileName(dataFile)) stranded.set(dataFile, name);
+  }
+  return [...stranded].map(([dataFile, sideFile]) => ({ dataFile, sideFile }));
 }
 
 export async function listSet(dir: string): Promise<SetListing> {
@@ -237,6 +258,7 @@ export async function listSet(dir: string): Promise<SetListing> {
     dataFiles,
     partials: names.filter((n) => n.endsWith('.partial')),
     checkpointLists: names.filter((n) => n.endsWith('.cpt')),
+    stranded: strandedSideFiles(names),
   };
 }
 
@@ -249,6 +271,11 @@ export function partialsOf(listing: SetListing, disk: string | undefined): strin
     const data = parseDataFileName(p.slice(0, -'.partial'.length));
     return data === undefined || disk === undefined || data.disk === disk;
   });
+}
+
+/** The stranded side files (listSet) that concern `disk` (every disk's when undefined). */
+export function strandedOf(listing: SetListing, disk: string | undefined): StrandedSideFile[] {
+  return listing.stranded.filter((s) => ofDisk(disk)(parseDataFileName(s.dataFile)));
 }
 
 export interface ChainLink extends DataFile {

@@ -333,3 +333,20 @@ test('without saved checkpoint definitions, a disk short of the restore point is
   assert.deepEqual(Object.keys(await plannedFiles({ input: dir, until: 'virtnbdbackup.1', log })), ['vda', 'vdb']);
   assert.deepEqual(warned, []);
 });
+
+test('a data file whose side files are there without it (a lost diff leaves no other trace) is a warning for restore and a failure for verify', async (t) => {
+  const dir = await craftTwoDiskSet(t);
+  await fs.writeFile(path.join(dir, 'vda.diff.1800000010.data.chksum'), '12345');
+  await fs.writeFile(path.join(dir, 'vda.diff.1800000010.data.blake3.json'), '{}');
+  const warned: string[] = [];
+  const log = new Logger({ quiet: true, color: false });
+  log.warn = (msg: string): void => void warned.push(msg);
+  assert.equal((await plannedFiles({ input: dir, log })).vda?.length, 3);
+  assert.deepEqual(warned, [`${dir} lacks vda.diff.1800000010.data, whose vda.diff.1800000010.data.blake3.json is there: that backup's data was lost or removed, and a restore without it may end before that backup; put it back, or move vda.diff.1800000010.data.blake3.json out of the set if the file was removed on purpose`]);
+  warned.length = 0;
+  await plannedFiles({ input: dir, disk: 'vdb', log });
+  assert.deepEqual(warned, []);
+  const verdicts = await verifySet({ input: dir });
+  assert.deepEqual(verdicts.filter((v) => !v.ok), [{ file: 'vda.diff.1800000010.data', ok: false, reason: 'missing, while its vda.diff.1800000010.data.blake3.json is in the set: lost, or removed without its side files' }]);
+  assert.ok((await verifySet({ input: dir, disk: 'vdb' })).every((v) => v.ok));
+});
