@@ -10,8 +10,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, strandedOf, vmConfigName,
-  type ChainLink, type DataFile, type SetListing,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, strandedDiffs, vmConfigName,
+  type ChainLink, type DataFile, type SetListing, type StrandedSideFile,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
 import { StreamReader } from '../stream/reader.js';
@@ -119,6 +119,8 @@ interface ScannedSet {
   /** The set's saved domain XMLs (vmconfig): listed when first asked for, each read once for the point and the plan. */
   configs: () => Promise<SavedConfigs>;
   bitmapsAt: BitmapsAt;
+  /** Diffs (of the disk asked for) whose side files are there without them. */
+  lostDiffs: StrandedSideFile[];
 }
 
 /** A set by its directory, or by the listing of it that the caller made already (then it is not listed again). */
@@ -143,10 +145,6 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
   }
   if (all.dataFiles.length === 0) throw noDataFiles(input);
   if (listing.dataFiles.length === 0) throw new UserError(`no backup of disk ${disk} in ${input}`);
-  // A lost diff leaves the chain whole and the restore short of it: its side files are all that tell.
-  for (const { dataFile, sideFile } of strandedOf(all, disk)) {
-    log.warn(`${input} lacks ${dataFile}, whose ${sideFile} is there: that backup's data was lost or removed, and a restore without it may end before that backup; put it back, or move ${sideFile} out of the set if the file was removed on purpose`);
-  }
   const cpt = listing.checkpointLists[0];
   // The list only orders the incrementals, which their names (.N) order too: a damaged one need not stop a restore.
   const checkpoints = cpt ? await readCheckpointList(path.join(input, cpt)).catch((err: unknown) => {
@@ -179,7 +177,7 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
   const ordered = checkpoints.length > 0 ? [...checkpoints, ...unlisted] : checkpoints;
   let read: Promise<SavedConfigs> | undefined;
   const configs = (): Promise<SavedConfigs> => (read ??= SavedConfigs.read(input));
-  return { checkpoints: ordered, listed: checkpoints, chains, images, filed, configs, bitmapsAt: setsOwnBitmaps(input, chains, configs) };
+  return { checkpoints: ordered, listed: checkpoints, chains, images, filed, configs, bitmapsAt: setsOwnBitmaps(input, chains, configs), lostDiffs: strandedDiffs(all, disk) };
 }
 
 /**
@@ -393,6 +391,12 @@ async function refuseUnsaved(chain: ChainLink[], point: number, checkpoints: rea
  */
 async function refuseLostFiles(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<void> {
   const { chains, checkpoints, images, bitmapsAt } = scanned;
+  // The latest point would include a lost diff (one after a point a --until names is not read).
+  if (options.until === undefined) {
+    for (const { dataFile, sideFile } of scanned.lostDiffs) {
+      log.warn(`${options.input} lacks ${dataFile}, whose ${sideFile} is there: that diff was lost or removed, and the restore may end before it; put it back, or move ${sideFile} out of the set if the diff was removed on purpose`);
+    }
+  }
   if (checkpoints.length === 0) return;
   const point = options.until === undefined ? latestPoint(checkpoints, scanned.filed, options.input, log) : checkpoints.indexOf(options.until);
   if (point < 0) return;

@@ -273,9 +273,16 @@ export function partialsOf(listing: SetListing, disk: string | undefined): strin
   });
 }
 
-/** The stranded side files (listSet) that concern `disk` (every disk's when undefined). */
-export function strandedOf(listing: SetListing, disk: string | undefined): StrandedSideFile[] {
-  return listing.stranded.filter((s) => ofDisk(disk)(parseDataFileName(s.dataFile)));
+/**
+ * The diffs of `disk` (every disk's when undefined) the set lacks while their side files are there: a lost diff
+ * leaves the chain whole, and a restore of the latest point short of it. A lost full or inc breaks the chain, or is
+ * told by the checkpoint definitions (lostFiles), more closely.
+ */
+export function strandedDiffs(listing: SetListing, disk: string | undefined): StrandedSideFile[] {
+  return listing.stranded.filter((s) => {
+    const data = parseDataFileName(s.dataFile);
+    return data?.level === 'diff' && ofDisk(disk)(data);
+  });
 }
 
 export interface ChainLink extends DataFile {

@@ -334,7 +334,7 @@ test('without saved checkpoint definitions, a disk short of the restore point is
   assert.deepEqual(warned, []);
 });
 
-test('a data file whose side files are there without it (a lost diff leaves no other trace) is a warning for restore and a failure for verify', async (t) => {
+test('a diff whose side files are there without it (a lost diff leaves no other trace) is a warning for a restore of the latest point and a failure for verify', async (t) => {
   const dir = await craftTwoDiskSet(t);
   await fs.writeFile(path.join(dir, 'vda.diff.1800000010.data.chksum'), '12345');
   await fs.writeFile(path.join(dir, 'vda.diff.1800000010.data.blake3.json'), '{}');
@@ -342,11 +342,15 @@ test('a data file whose side files are there without it (a lost diff leaves no o
   const log = new Logger({ quiet: true, color: false });
   log.warn = (msg: string): void => void warned.push(msg);
   assert.equal((await plannedFiles({ input: dir, log })).vda?.length, 3);
-  assert.deepEqual(warned, [`${dir} lacks vda.diff.1800000010.data, whose vda.diff.1800000010.data.blake3.json is there: that backup's data was lost or removed, and a restore without it may end before that backup; put it back, or move vda.diff.1800000010.data.blake3.json out of the set if the file was removed on purpose`]);
+  assert.deepEqual(warned, [`${dir} lacks vda.diff.1800000010.data, whose vda.diff.1800000010.data.blake3.json is there: that diff was lost or removed, and the restore may end before it; put it back, or move vda.diff.1800000010.data.blake3.json out of the set if the diff was removed on purpose`]);
   warned.length = 0;
   await plannedFiles({ input: dir, disk: 'vdb', log });
   assert.deepEqual(warned, []);
   const verdicts = await verifySet({ input: dir });
-  assert.deepEqual(verdicts.filter((v) => !v.ok), [{ file: 'vda.diff.1800000010.data', ok: false, reason: 'missing, while its vda.diff.1800000010.data.blake3.json is in the set: lost, or removed without its side files' }]);
+  assert.deepEqual(verdicts.filter((v) => !v.ok), [{ file: 'vda.diff.1800000010.data', ok: false, reason: 'missing, while its vda.diff.1800000010.data.blake3.json is in the set: a diff lost, or removed without its side files' }]);
   assert.ok((await verifySet({ input: dir, disk: 'vdb' })).every((v) => v.ok));
+  // --until a checkpoint reads no diff after it; nor does a lost inc count here, which the chain tells.
+  assert.ok((await verifySet({ input: dir, until: 'virtnbdbackup.2' })).every((v) => v.ok));
+  await plannedFiles({ input: dir, until: 'virtnbdbackup.2', log });
+  assert.deepEqual(warned, []);
 });
