@@ -9,7 +9,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { withDomain, tempDir, TestDomain, type DiskSpec } from '../support/testbed.js';
-import { ourBin, pythonBin, runOk } from '../support/cli.js';
+import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
 
 const DISKS = [
   { target: 'vda', sizeMiB: 256, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 24 }, { pattern: 0x11, offsetMiB: 24, lengthMiB: 8 }, { pattern: 0x22, offsetMiB: 100, lengthMiB: 8 }] },
@@ -72,6 +72,18 @@ test('two-disk chain: every point in time restores bit-identically, ours and Pyt
     await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', ...(until ? ['--until', until] : [])]);
     await assertRestored(dom, out, work, point);
   }
+
+  // The diff's data lost, its side files left: the chain is whole, so only they tell; restore warns, verify fails.
+  const diff = files.find((f) => /^vda\.diff\.\d+\.data$/.test(f)) as string;
+  await fs.rename(path.join(set, diff), path.join(work, diff));
+  const short = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'lost-diff'), '-n', '-d', 'vda']);
+  assert.match(short.stderr, new RegExp(`lacks ${diff.replace(/\./g, '\\.')}, whose ${diff.replace(/\./g, '\\.')}\\.\\S+ is there: that diff was lost or removed, and the restore may end before it`));
+  const atInc = await TestDomain.compare(path.join(work, 'lost-diff', path.basename(dom.diskPath('vda'))), path.join(work, 'p2.vda.raw'));
+  assert.ok(atInc.identical, `without its diff, vda restores at the inc before it: ${atInc.output}`);
+  const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  assert.equal(verified.code, 1, verified.stdout);
+  assert.match(verified.stdout, new RegExp(`^FAILED ${diff.replace(/\./g, '\\.')}: missing, while its \\S+ is in the set`, 'm'));
+  await fs.rename(path.join(work, diff), path.join(set, diff));
 
   // Python's restore of our set up to a point without zeroed ranges (it skips zero frames by design).
   const pyOut = path.join(work, 'python-p1');
