@@ -1,6 +1,7 @@
 // virtnbdmap: command-line front of the map engine, flags as virtnbdbackup 2.x (plus --socket, --overlay-dir, -H, --nocolor):
 // serves a backup at a point in time over NBD until Ctrl-C / SIGTERM, then cleans up and exits 0.
 import os from 'node:os';
+import path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { defaultSocket, startMap } from '../map/map.js';
@@ -67,7 +68,8 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       files,
       exportName: argv['export-name'],
       readOnly: argv.readonly,
-      socket: argv.socket,
+      // Absolute: the URI printed must reach the socket from any directory.
+      socket: path.resolve(argv.socket),
       listenAddress: argv['listen-address'],
       port,
       maxBlockSize: argv.blocksize,
@@ -86,7 +88,7 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
     } finally {
       await session.stop();
     }
-    log.info(`stopped; removed ${argv.socket}${session.overlayDir ? ` and ${session.overlayDir}` : ''}`);
+    log.info(`stopped; removed ${path.resolve(argv.socket)}${session.overlayDir ? ` and ${session.overlayDir}` : ''}`);
   });
   return 0;
 }, { servesUntilStopped: true });

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { native } from '../native/addon.js';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { DEFAULT_MAX_REQUEST_SIZE, StreamFormatError, undecompressable } from '../stream/format.js';
-import { MixedChain, checkLinks, isStreamFile, parseDataFileName, type ChainLink } from '../set/backupSet.js';
+import { checkLinks, isStreamFile, parseDataFileName, type ChainLink } from '../set/backupSet.js';
 import { UserError, describeReadFailure, oneLine } from '../util/errors.js';
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
@@ -232,11 +232,22 @@ function checkSequence(links: readonly ChainLink[]): void {
       throw new UserError(`${link.path} is a backup of disk ${link.meta.diskName}, not of ${base.meta.diskName} like ${base.path}`);
     }
   }
-  try {
-    checkLinks([...links], 'add it to -f, or map only the files before it');
-  } catch (err) {
-    if (err instanceof MixedChain) throw err;
-    throw new UserError(`sequence out of order or incomplete: ${oneLine(err)}; give the full backup first, then each incremental in checkpoint order`);
+  refuseMisordered(links);
+  checkLinks([...links], 'add it to -f (the full backup first, then each incremental in checkpoint order), or map only the files before it');
+}
+
+/**
+ * Files that are all there, in another order than the chain's: said so, where the chain check would ask for a file
+ * that is missing. A file's parent checkpoint is made by a full or inc (a diff's metadata names the next one).
+ */
+function refuseMisordered(links: readonly ChainLink[]): void {
+  const makers = links.map((l, i) => ({ l, i })).filter(({ l }) => l.level !== 'diff');
+  for (const [i, link] of links.entries()) {
+    if (i === 0) continue;
+    const parent = makers.find(({ l }) => l.meta.checkpointName === link.meta.parentCheckpoint);
+    const before = makers.filter(({ i: at }) => at < i).at(-1);
+    if (!parent || parent.i === before?.i) continue;
+    throw new UserError(`-f is out of chain order: ${link.path} is based on checkpoint ${link.meta.parentCheckpoint}, which ${parent.l.path} makes, so it goes right after that file, not after ${(before as { l: ChainLink }).l.path}; give the full backup first, then each incremental in checkpoint order, a diff after the file of its checkpoint`);
   }
 }
 

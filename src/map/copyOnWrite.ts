@@ -46,7 +46,6 @@ export class CopyOnWriteEndpoint implements Endpoint {
 
   /** A copy-on-write view of `base` with its overlay in a new directory under `parentDir`. */
   static async create(base: Endpoint, parentDir: string, log: Logger = silentLogger): Promise<CopyOnWriteEndpoint> {
-    await removeOrphanOverlays(parentDir, log);
     const dir = await fs.mkdtemp(path.join(parentDir, `virtnbdmap.${process.pid}.${processStart(process.pid) ?? 0}.`));
     try {
       const overlay = await fs.open(path.join(dir, 'overlay.img'), 'w+', 0o600);
@@ -195,9 +194,9 @@ const OVERLAY_DIR = /^virtnbdmap\.(\d+)\.(?:(\d+)\.)?[A-Za-z0-9]{6}$/;
 /**
  * Removes the overlays in `parentDir` of servers that are gone: one killed (SIGKILL, a crash) could not remove its
  * own, and what a client wrote there was never meant to outlive the server. Only directories as ours make them
- * (mode 0700).
+ * (mode 0700). Every map runs it, a read-only one too, which makes no overlay of its own.
  */
-async function removeOrphanOverlays(parentDir: string, log: Logger): Promise<void> {
+export async function removeOrphanOverlays(parentDir: string, log: Logger): Promise<void> {
   const isOverlay = (stat: Stats): boolean => stat.isDirectory() && (stat.mode & 0o777) === 0o700;
   for (const { file, pid } of await leftoversOfGoneRuns(parentDir, OVERLAY_DIR, isOverlay)) {
     await fs.rm(file, { recursive: true, force: true });

@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { ChainEndpoint } from './chainEndpoint.js';
-import { CopyOnWriteEndpoint } from './copyOnWrite.js';
+import { CopyOnWriteEndpoint, removeOrphanOverlays } from './copyOnWrite.js';
 import { NbdServer, type NbdTrace } from './nbdServer.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { leftoversOfGoneRuns } from './leftovers.js';
@@ -109,10 +109,11 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     const chain = await ChainEndpoint.open(options.files);
     let endpoint: Endpoint = chain;
     let overlayDir: string | undefined;
+    const overlayParent = options.overlayParent ?? '/var/tmp';
+    await removeOrphanOverlays(overlayParent, log);
     if (options.readOnly) {
       cleanups.push(() => chain.close());
     } else {
-      const overlayParent = options.overlayParent ?? '/var/tmp';
       const cow = await CopyOnWriteEndpoint.create(chain, overlayParent, log).catch(async (err: unknown) => {
         await chain.close();
         const missing = errnoOf(err) === 'ENOENT' && !fs.existsSync(overlayParent);

@@ -335,7 +335,13 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
 export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore an earlier point with --until', listed: readonly string[] = []): void {
   // First: once those files are moved away, the links after them would ask for them back.
   refuseOlderChains(chain, listed);
-  let last = chain[0];
+  const base = chain[0];
+  // A copy makes no checkpoint: an inc naming the one a copy's metadata carries was made after another base.
+  if (base?.level === 'copy' && chain.length > 1) {
+    throw new MixedChain(`broken chain: ${(chain[1] as ChainLink).file} cannot follow ${base.file}: a copy backup makes no checkpoint, so no inc or diff builds on it, and this one comes from a chain of its own; restore the copy alone, or the inc with the full backup it was made after, each from a directory of its own`);
+  }
+  let last = base;
+  let lastDiff: ChainLink | undefined;
   for (const link of chain.slice(1)) {
     const lastCheckpoint = last?.meta.checkpointName ?? '';
     if (link.meta.parentCheckpoint !== lastCheckpoint) {
@@ -345,9 +351,17 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
     const made = last?.meta.checkpointIdentity;
     const expected = link.meta.parentCheckpointIdentity;
     if (made !== undefined && expected !== undefined && made !== expected) {
-      throw new MixedChain(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${describeIdentity(expected)}) than ${last?.file} holds (${describeIdentity(made)}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
+      const [named, held] = [describeIdentity(expected), describeIdentity(made)];
+      // Identities that read the same in words differ where no other set would: in bytes a damaged file changed.
+      if (named === held) throw new UserError(`broken chain: ${link.file} names checkpoint ${lastCheckpoint} by an identity that differs from the one ${last?.file} holds, though both read "${named}": the metadata of one of them is damaged; check the set with -a verify, or restore an earlier point with --until`);
+      throw new MixedChain(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${named}) than ${last?.file} holds (${held}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
     }
-    if (link.level === 'inc') last = link;
+    // Diffs after one checkpoint each hold every change since it: one older than the diff before it would undo changes.
+    if (link.level === 'diff' && lastDiff && madeBefore(link, lastDiff)) {
+      throw new UserError(`${link.file} (${link.meta.date}) comes after ${lastDiff.file} (${lastDiff.meta.date}), a later diff after the same checkpoint ${lastCheckpoint}: each holds every change since it, so the older one after would undo changes; give the newest diff alone, or the diffs in the order they were made`);
+    }
+    if (link.level === 'inc') [last, lastDiff] = [link, undefined];
+    else lastDiff = link;
   }
 }
 
@@ -380,6 +394,13 @@ function writtenBefore(link: ChainLink, base: ChainLink): boolean {
   if (typeof at !== 'string' || typeof from !== 'string' || zoned(at) !== zoned(from)) return false;
   const asRead = (date: string): number => Date.parse(zoned(date) ? date : `${date}Z`);
   return asRead(at) < asRead(from);
+}
+
+/** Whether diff `link` was made before diff `other`: by the seconds their names hold, else by their dates. */
+function madeBefore(link: ChainLink, other: ChainLink): boolean {
+  const seconds = (diff: ChainLink): number | undefined => (/^\d+$/.test(diff.ident) ? Number(diff.ident) : undefined);
+  const [at, from] = [seconds(link), seconds(other)];
+  return at !== undefined && from !== undefined ? at < from : writtenBefore(link, other);
 }
 
 /** Files of two chains with the same names: in order, and still no chain. */

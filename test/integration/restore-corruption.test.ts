@@ -54,6 +54,9 @@ async function copySetFile(from: string, to: string, file: string): Promise<void
 const cases: BadInput[] = [
   { name: 'a data file missing from the chain', set: 'plain', damage: (d) => fs.rm(path.join(d, INC1)),
     expect: /broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set: put it back, or restore an earlier point with --until/ },
+  // A copy makes no checkpoint: incs beside one (directories mixed) were made after another base.
+  { name: 'incs beside a copy in place of their full', set: 'plain', damage: (d) => fs.rename(path.join(d, 'vda.full.data'), path.join(d, 'vda.copy.data')),
+    expect: /broken chain: vda\.inc\.virtnbdbackup\.1\.data cannot follow vda\.copy\.data: a copy backup makes no checkpoint, so no inc or diff builds on it/ },
   { name: 'a data file missing from the chain (verify)', set: 'plain', verify: true, damage: (d) => fs.rm(path.join(d, INC1)),
     expect: /^FAILED chain: broken chain: vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, .*a data file is missing from the set/ },
   // The lz4 set's chain was made after the plain one's, with the same checkpoint names: its inc over the plain set's

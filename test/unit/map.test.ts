@@ -211,9 +211,9 @@ test('chain endpoint: files out of order, an inc first, another disk or a non-st
   const notStream = path.join(dir, 'notes.txt');
   await fs.writeFile(notStream, 'these are not the frames you are looking for\n'.repeat(10));
   const cases: Array<[string[], RegExp]> = [
-    [[full, inc2, inc1], /sequence out of order.*virtnbdbackup\.1/],
+    [[full, inc2, inc1], /^-f is out of chain order: \S+vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, which \S+vda\.inc\.virtnbdbackup\.1\.data makes, so it goes right after that file, not after \S+vda\.full\.data/],
     // virtnbdmap has no --until: the way out it names is its own.
-    [[full, inc2], /a data file is missing from the set: add it to -f, or map only the files before it; give the full backup first/],
+    [[full, inc2], /a data file is missing from the set: add it to -f \(the full backup first, then each incremental in checkpoint order\), or map only the files before it$/],
     [[inc1, inc2], /must start with the full or copy backup/],
     [[full, full], /vda\.full\.data is given twice: give each file once/],
     [[notStream], /notes\.txt is not a usable backup stream/],

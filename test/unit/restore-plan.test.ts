@@ -66,6 +66,29 @@ test('checkLinks: identities recorded in the streams must match where both sides
   assert.throws(() => checkLinks([withIds(full, A0), withIds(inc1, A1, A0), withIds(diff, undefined, B0)]), /vda\.diff\.1700000000\.data is based on another checkpoint virtnbdbackup\.1/);
 });
 
+test('checkLinks: identities that differ though they read the same in words are damage, not another set', () => {
+  const [full, inc1] = chainOf('vda') as [ChainLink, ChainLink];
+  const own = '1764000000 Backup checkpoint (run aaaaaa)';
+  const damaged = '1764000000 Backup checkpoinT (run aaaaaa)';
+  const withIds = (l: ChainLink, mine?: string, parent?: string): ChainLink => ({ ...l, meta: { ...l.meta, checkpointIdentity: mine, parentCheckpointIdentity: parent } });
+  assert.throws(() => checkLinks([withIds(full, own), withIds(inc1, undefined, damaged)]),
+    /broken chain: vda\.inc\.virtnbdbackup\.1\.data names checkpoint virtnbdbackup\.0 by an identity that differs from the one vda\.full\.data holds, though both read "made 2025-11-24T16:00:00Z by run aaaaaa": the metadata of one of them is damaged; check the set with -a verify/);
+});
+
+test('checkLinks: nothing builds on a copy, which makes no checkpoint; two diffs after one checkpoint go in the order they were made', () => {
+  const [full, inc1, diff] = chainOf('vda') as [ChainLink, ChainLink, ChainLink];
+  const copy: ChainLink = { ...full, file: 'vda.copy.data', level: 'copy', path: '/set/vda.copy.data' };
+  checkLinks([copy]);
+  assert.throws(() => checkLinks([copy, inc1]), /broken chain: vda\.inc\.virtnbdbackup\.1\.data cannot follow vda\.copy\.data: a copy backup makes no checkpoint, so no inc or diff builds on it/);
+  const later = { ...diff, file: 'vda.diff.1700000100.data', ident: '1700000100' };
+  checkLinks([full, inc1, diff, later]);
+  assert.throws(() => checkLinks([full, inc1, later, diff]), /vda\.diff\.1700000000\.data \(\) comes after vda\.diff\.1700000100\.data \(\), a later diff after the same checkpoint virtnbdbackup\.1: .*give the newest diff alone, or the diffs in the order they were made$/);
+  // Files not named as a set names them: by their dates, where both have one of the same form.
+  const dated = (l: ChainLink, date: string): ChainLink => ({ ...l, ident: '', meta: { ...l.meta, date } });
+  assert.throws(() => checkLinks([full, inc1, dated(later, '2026-11-29T03:00:10Z'), dated(diff, '2026-11-29T03:00:00Z')]), /comes after/);
+  checkLinks([full, inc1, dated(later, '2026-11-29T03:00:10Z'), dated(diff, '2026-11-29 03:00:00')]);
+});
+
 test('partialName: <image>.partial, or where that would pass 255 bytes, the name cut short with a hash, whole letters only', () => {
   assert.equal(partialName('/out/vda.qcow2'), '/out/vda.qcow2.partial');
   assert.equal(partialName('/out/vda.qcow2', '.uncompressed.partial'), '/out/vda.qcow2.uncompressed.partial');
