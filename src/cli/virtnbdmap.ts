@@ -68,8 +68,7 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       files,
       exportName: argv['export-name'],
       readOnly: argv.readonly,
-      // Absolute: the URI printed must reach the socket from any directory.
-      socket: path.resolve(argv.socket),
+      socket: argv.socket,
       listenAddress: argv['listen-address'],
       port,
       maxBlockSize: argv.blocksize,

@@ -241,6 +241,8 @@ function checkSequence(links: readonly ChainLink[]): void {
  * that is missing. A file's parent checkpoint is made by a full or inc (a diff's metadata names the next one).
  */
 function refuseMisordered(links: readonly ChainLink[]): void {
+  // A file named otherwise may be a diff taken for an inc (toLink), whose metadata names the next checkpoint.
+  if (links.some((l) => !parseDataFileName(l.file))) return;
   const makers = links.map((l, i) => ({ l, i })).filter(({ l }) => l.level !== 'diff');
   for (const [i, link] of links.entries()) {
     if (i === 0) continue;

@@ -14,6 +14,7 @@ import path from 'node:path';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { coalesce } from './coalesce.js';
 import { readInto } from '../util/fileIo.js';
+import { describeFailure } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
 import { leftoversOfGoneRuns } from './leftovers.js';
 import { processStart } from '../util/process.js';
@@ -199,7 +200,10 @@ const OVERLAY_DIR = /^virtnbdmap\.(\d+)\.(?:(\d+)\.)?[A-Za-z0-9]{6}$/;
 export async function removeOrphanOverlays(parentDir: string, log: Logger): Promise<void> {
   const isOverlay = (stat: Stats): boolean => stat.isDirectory() && (stat.mode & 0o777) === 0o700;
   for (const { file, pid } of await leftoversOfGoneRuns(parentDir, OVERLAY_DIR, isOverlay)) {
-    await fs.rm(file, { recursive: true, force: true });
-    log.info(`removed ${file}, the overlay of a virtnbdmap that is gone (pid ${pid})`);
+    // Housekeeping: one that cannot be removed is said so, and the map serves all the same.
+    await fs.rm(file, { recursive: true, force: true }).then(
+      () => log.info(`removed ${file}, the overlay of a virtnbdmap that is gone (pid ${pid})`),
+      (err: unknown) => log.warn(`cannot remove ${file}, the overlay of a virtnbdmap that is gone (pid ${pid}): ${describeFailure(err)}`),
+    );
   }
 }

@@ -153,7 +153,10 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     const host = options.listenAddress.includes(':') ? `[${options.listenAddress}]` : options.listenAddress;
     // A path's space, '&', '#', '%', '+' or non-ASCII letters would end, change or spoil the query: percent-encoded
     // (UTF-8), as libnbd and qemu-nbd decode them.
-    const socket = encodeURIComponent(options.socket).replace(/%2F/g, '/');
+    // Absolute, so that the URI reaches the socket from any directory (a client names at most 107 bytes of it too).
+    const absolute = path.resolve(options.socket);
+    if (Buffer.byteLength(absolute) > MAX_SOCKET_PATH) log.warn(`the socket's full path ${absolute} is over the ${MAX_SOCKET_PATH} bytes a client can name: connect from ${path.dirname(absolute)}, with socket=${path.basename(absolute)}`);
+    const socket = encodeURIComponent(absolute).replace(/%2F/g, '/');
     const uris = [`nbd+unix:///${name}?socket=${socket}`, `nbd://${host}:${port}/${name}`];
     const device = options.device ? await attachDevice(options.device, Boolean(options.readOnly), uris, log) : undefined;
     if (device) {

@@ -10,8 +10,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, strandedDiffs, vmConfigName,
-  type ChainLink, type DataFile, type SetListing, type StrandedSideFile,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, vmConfigName,
+  type ChainLink, type DataFile, type SetListing, type StrandedSideFiles,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
 import { StreamReader } from '../stream/reader.js';
@@ -119,8 +119,8 @@ interface ScannedSet {
   /** The set's saved domain XMLs (vmconfig): listed when first asked for, each read once for the point and the plan. */
   configs: () => Promise<SavedConfigs>;
   bitmapsAt: BitmapsAt;
-  /** Diffs (of the disk asked for) whose side files are there without them. */
-  lostDiffs: StrandedSideFile[];
+  /** Diffs (of the disk asked for) whose side files are there without them, newer than the files that are (lostDiffs). */
+  lostDiffs: StrandedSideFiles[];
 }
 
 /** A set by its directory, or by the listing of it that the caller made already (then it is not listed again). */
@@ -177,7 +177,7 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
   const ordered = checkpoints.length > 0 ? [...checkpoints, ...unlisted] : checkpoints;
   let read: Promise<SavedConfigs> | undefined;
   const configs = (): Promise<SavedConfigs> => (read ??= SavedConfigs.read(input));
-  return { checkpoints: ordered, listed: checkpoints, chains, images, filed, configs, bitmapsAt: setsOwnBitmaps(input, chains, configs), lostDiffs: strandedDiffs(all, disk) };
+  return { checkpoints: ordered, listed: checkpoints, chains, images, filed, configs, bitmapsAt: setsOwnBitmaps(input, chains, configs), lostDiffs: lostDiffs(all, disk, chains) };
 }
 
 /**
@@ -260,10 +260,10 @@ export async function loadChains(input: string, until: string | undefined, onlyD
  * As loadChains, but a set of raw images (-t raw) alone has no chains, which is no error here; with the raw images
  * (of `onlyDisk`), which stand apart from the chains.
  */
-export async function checkedChains(set: SetOrListing, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<{ chains: Map<string, ChainLink[]>; images: DataFile[] }> {
+export async function checkedChains(set: SetOrListing, until: string | undefined, onlyDisk: string | undefined, log: Logger = silentLogger): Promise<{ chains: Map<string, ChainLink[]>; images: DataFile[]; lostDiffs: StrandedSideFiles[] }> {
   const scanned = await scanSet(set, log, onlyDisk);
   const input = typeof set === 'string' ? set : set.dir;
-  return { chains: await selectChains(scanned, { input, until, disk: onlyDisk }, log), images: [...scanned.images.values()] };
+  return { chains: await selectChains(scanned, { input, until, disk: onlyDisk }, log), images: [...scanned.images.values()], lostDiffs: scanned.lostDiffs };
 }
 
 /**
@@ -348,7 +348,7 @@ async function warnIfShortUnproven(chain: ChainLink[], point: number, checkpoint
   const unknown: string[] = [];
   for (let i = held + 1; i <= point; i++) if ((await bitmapsAt(checkpoints[i] as string)) === undefined) unknown.push(checkpoints[i] as string);
   if (unknown.length === 0) return;
-  log.warn(`disk ${newest.disk} is restored at checkpoint ${newest.meta.checkpointName} (${newest.file}), before ${at}: no saved definition of ${unknown.join(', ')} (checkpoints/<name>.xml, of this domain and chain) tells whether those backups left it out or its files were lost`);
+  log.warn(`disk ${newest.disk}'s newest file is ${newest.file} (checkpoint ${newest.meta.checkpointName}), before ${at}, and a restore of that point brings the disk back from there: no saved definition of ${unknown.join(', ')} (checkpoints/<name>.xml, of this domain and chain) tells whether those backups left it out or its files were lost`);
 }
 
 /**
@@ -391,12 +391,6 @@ async function refuseUnsaved(chain: ChainLink[], point: number, checkpoints: rea
  */
 async function refuseLostFiles(scanned: ScannedSet, options: { input: string; until?: string; disk?: string }, log: Logger): Promise<void> {
   const { chains, checkpoints, images, bitmapsAt } = scanned;
-  // The latest point would include a lost diff (one after a point a --until names is not read).
-  if (options.until === undefined) {
-    for (const { dataFile, sideFile } of scanned.lostDiffs) {
-      log.warn(`${options.input} lacks ${dataFile}, whose ${sideFile} is there: that diff was lost or removed, and the restore may end before it; put it back, or move ${sideFile} out of the set if the diff was removed on purpose`);
-    }
-  }
   if (checkpoints.length === 0) return;
   const point = options.until === undefined ? latestPoint(checkpoints, scanned.filed, options.input, log) : checkpoints.indexOf(options.until);
   if (point < 0) return;
@@ -623,6 +617,13 @@ async function selectSources(scanned: ScannedSet, options: PlanOptions, log: Log
     return { ...scanned, chains: new Map([[disk, chain]]), images: new Map() };
   }
   const chains = await selectChains(scanned, { input, until: options.until, disk: options.disk }, log);
+  // The latest point would include a lost diff (none after the checkpoint --until names is read).
+  if (options.until === undefined) {
+    for (const { dataFile, sideFiles } of scanned.lostDiffs) {
+      const them = sideFiles.length > 1 ? 'them' : 'it';
+      log.warn(`${input} lacks ${dataFile}, whose ${sideFiles.join(' and ')} ${sideFiles.length > 1 ? 'are' : 'is'} there: that diff, the newest backup of its disk, was lost or removed, and the restore ends before it; put it back, or move ${them} out of the set if the diff was removed on purpose`);
+    }
+  }
   const images = new Map([...scanned.images].filter(([disk]) => options.disk === undefined || disk === options.disk));
   for (const [disk, file] of images) {
     if (chains.has(disk)) throw new UserError(`${input} holds a raw image (${file.file}) and streams of disk ${disk}, which form no chain; restore the image alone with -s ${file.file}`);

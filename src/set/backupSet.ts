@@ -213,27 +213,31 @@ export interface SetListing {
   partials: string[];
   /** `<domain>.cpt` files found. */
   checkpointLists: string[];
-  /** Data files the set lacks while their side files (`.chksum`, digests) are there, each with one of those. */
-  stranded: StrandedSideFile[];
+  /** Data files the set lacks while their side files (`.chksum`, digests) are there. */
+  stranded: StrandedSideFiles[];
 }
 
-export interface StrandedSideFile {
+export interface StrandedSideFiles {
   dataFile: string;
-  sideFile: string;
+  sideFiles: string[];
 }
+
+/** The endings of a data file's side files: its checksum, and its digests of either algorithm. */
+const SIDE_FILE_SUFFIXES = [checksumFileName(''), digestFileName('', 'blake3'), digestFileName('', 'sha256')];
 
 /**
  * The side files whose data file is not among `names`: a data file lost, or removed without them. The only trace
  * of a lost diff, which makes no checkpoint.
  */
-function strandedSideFiles(names: string[]): StrandedSideFile[] {
+function strandedSideFiles(names: string[]): StrandedSideFiles[] {
   const present = new Set(names);
-  const stranded = new Map<string, string>();
+  const stranded = new Map<string, string[]>();
   for (const name of names) {
-    const dataFile = [checksumFileName(''), digestFileName('')].map((suffix) => (name.endsWith(suffix) ? name.slice(0, -suffix.length) : undefined)).find((d) => d !== undefined);
-    if (dataFile && !present.has(dataFile) && !stranded.has(dataFile) && parseDataFileName(dataFile)) stranded.set(dataFile, name);
+    const suffix = SIDE_FILE_SUFFIXES.find((s) => name.endsWith(s));
+    const dataFile = suffix === undefined ? undefined : name.slice(0, -suffix.length);
+    if (dataFile && !present.has(dataFile) && parseDataFileName(dataFile)) stranded.set(dataFile, [...(stranded.get(dataFile) ?? []), name]);
   }
-  return [...stranded].map(([dataFile, sideFile]) => ({ dataFile, sideFile }));
+  return [...stranded].map(([dataFile, sideFiles]) => ({ dataFile, sideFiles }));
 }
 
 export async function listSet(dir: string): Promise<SetListing> {
@@ -274,15 +278,29 @@ export function partialsOf(listing: SetListing, disk: string | undefined): strin
 }
 
 /**
- * The diffs of `disk` (every disk's when undefined) the set lacks while their side files are there: a lost diff
- * leaves the chain whole, and a restore of the latest point short of it. A lost full or inc breaks the chain, or is
- * told by the checkpoint definitions (lostFiles), more closely.
+ * The diffs of `disk` (every disk's when undefined) the set lacks while their side files are there, made after
+ * every file the set holds of their disk (`chains`): such a lost diff leaves the chain whole, and a restore of the
+ * latest point short of it. One made before a file still there was passed by it (a newer diff or inc holds its
+ * changes), so pruning old diffs is no loss. A lost full or inc breaks the chain, or is told by the checkpoint
+ * definitions (lostFiles), more closely.
  */
-export function strandedDiffs(listing: SetListing, disk: string | undefined): StrandedSideFile[] {
+export function lostDiffs(listing: SetListing, disk: string | undefined, chains: ReadonlyMap<string, ChainLink[]>): StrandedSideFiles[] {
   return listing.stranded.filter((s) => {
     const data = parseDataFileName(s.dataFile);
-    return data?.level === 'diff' && ofDisk(disk)(data);
+    const made = diffSeconds(data?.ident ?? '');
+    if (data?.level !== 'diff' || !ofDisk(disk)(data) || made === undefined) return false;
+    // Whole seconds, as a diff's name has them: a diff run starts after the file before it, within a second maybe.
+    const times = (chains.get(data.disk) ?? []).map(madeAt).filter((t) => !Number.isNaN(t));
+    return times.every((t) => made >= Math.floor(t));
   });
+}
+
+/** A diff's unix seconds from its name's ident, or undefined for a name that holds none. */
+const diffSeconds = (ident: string): number | undefined => (/^\d+$/.test(ident) ? Number(ident) : undefined);
+
+/** When a file was made, in unix seconds: a diff's name says; else its metadata's date (local time where it has no zone). */
+function madeAt(link: ChainLink): number {
+  return (link.level === 'diff' ? diffSeconds(link.ident) : undefined) ?? Date.parse(String(link.meta.date)) / 1000;
 }
 
 export interface ChainLink extends DataFile {
@@ -322,7 +340,7 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
         : `${listing.dir} holds ${bases.map((b) => b.file).join(' and ')}: one base per disk expected`);
     }
     const rest = links.filter((l) => l.level === 'inc' || l.level === 'diff');
-    rest.sort((a, b) => chainPosition(a, order) - chainPosition(b, order) || Number(a.ident) - Number(b.ident) || a.file.localeCompare(b.file));
+    rest.sort((a, b) => chainPosition(a, order) - chainPosition(b, order) || madeOrder(a, b));
     byDisk.set(disk, [bases[0] as ChainLink, ...rest]);
   }
   return byDisk;
@@ -353,7 +371,7 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
     if (made !== undefined && expected !== undefined && made !== expected) {
       const [named, held] = [describeIdentity(expected), describeIdentity(made)];
       // Identities that read the same in words differ where no other set would: in bytes a damaged file changed.
-      if (named === held) throw new UserError(`broken chain: ${link.file} names checkpoint ${lastCheckpoint} by an identity that differs from the one ${last?.file} holds, though both read "${named}": the metadata of one of them is damaged; check the set with -a verify, or restore an earlier point with --until`);
+      if (named === held && / by run /.test(named)) throw new UserError(`broken chain: ${link.file} names checkpoint ${lastCheckpoint} by an identity that differs from the one ${last?.file} holds, though both read "${named}": the metadata of one of them is damaged; check the set with -a verify, or restore an earlier point with --until`);
       throw new MixedChain(`broken chain: ${link.file} is based on another checkpoint ${lastCheckpoint} (${named}) than ${last?.file} holds (${held}): the files come from two sets with the same names; keep each set's files in a directory of its own, and restore from the one they were written into`);
     }
     // Diffs after one checkpoint each hold every change since it: one older than the diff before it would undo changes.
@@ -398,9 +416,13 @@ function writtenBefore(link: ChainLink, base: ChainLink): boolean {
 
 /** Whether diff `link` was made before diff `other`: by the seconds their names hold, else by their dates. */
 function madeBefore(link: ChainLink, other: ChainLink): boolean {
-  const seconds = (diff: ChainLink): number | undefined => (/^\d+$/.test(diff.ident) ? Number(diff.ident) : undefined);
-  const [at, from] = [seconds(link), seconds(other)];
+  const [at, from] = [diffSeconds(link.ident), diffSeconds(other.ident)];
   return at !== undefined && from !== undefined ? at < from : writtenBefore(link, other);
+}
+
+/** Diffs after one checkpoint in the order they were made (madeBefore), else by name: the order checkLinks asks for. */
+function madeOrder(a: ChainLink, b: ChainLink): number {
+  return madeBefore(a, b) ? -1 : madeBefore(b, a) ? 1 : a.file.localeCompare(b.file);
 }
 
 /** Files of two chains with the same names: in order, and still no chain. */

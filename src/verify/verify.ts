@@ -12,7 +12,7 @@ import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { StreamReader } from '../stream/reader.js';
 import {
-  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum, strandedDiffs,
+  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
@@ -197,9 +197,10 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   const cause = partials.length > 0 ? await partialCause(listing.dir, 'verify') : undefined;
   const why = cause?.writing ? cause.text : `${cause?.text}: the file is incomplete`;
   for (const partial of partials) report({ file: partial, ok: false, reason: why });
+  // Only where the chains tell that the diff was the newest of its disk (an older one passed by a newer file is no loss).
   if (options.until === undefined) {
-    for (const { dataFile, sideFile } of strandedDiffs(listing, options.disk)) {
-      report({ file: dataFile, ok: false, reason: `missing, while its ${sideFile} is in the set: a diff lost, or removed without its side files` });
+    for (const { dataFile, sideFiles } of scanned?.lostDiffs ?? []) {
+      report({ file: dataFile, ok: false, reason: `missing, while its ${sideFiles.join(' and ')} ${sideFiles.length > 1 ? 'are' : 'is'} in the set: the newest diff of its disk, lost, or removed without its side files` });
     }
   }
   for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));

@@ -77,12 +77,12 @@ test('two-disk chain: every point in time restores bit-identically, ours and Pyt
   const diff = files.find((f) => /^vda\.diff\.\d+\.data$/.test(f)) as string;
   await fs.rename(path.join(set, diff), path.join(work, diff));
   const short = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'lost-diff'), '-n', '-d', 'vda']);
-  assert.match(short.stderr, new RegExp(`lacks ${diff.replace(/\./g, '\\.')}, whose ${diff.replace(/\./g, '\\.')}\\.\\S+ is there: that diff was lost or removed, and the restore may end before it`));
+  assert.match(short.stderr, new RegExp(`lacks ${diff.replace(/\./g, '\\.')}, whose ${diff.replace(/\./g, '\\.')}\\.blake3\\.json and ${diff.replace(/\./g, '\\.')}\\.chksum are there: that diff, the newest backup of its disk, was lost or removed, and the restore ends before it`));
   const atInc = await TestDomain.compare(path.join(work, 'lost-diff', path.basename(dom.diskPath('vda'))), path.join(work, 'p2.vda.raw'));
   assert.ok(atInc.identical, `without its diff, vda restores at the inc before it: ${atInc.output}`);
   const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
   assert.equal(verified.code, 1, verified.stdout);
-  assert.match(verified.stdout, new RegExp(`^FAILED ${diff.replace(/\./g, '\\.')}: missing, while its \\S+ is in the set`, 'm'));
+  assert.match(verified.stdout, new RegExp(`^FAILED ${diff.replace(/\./g, '\\.')}: missing, while its \\S+ and \\S+ are in the set: the newest diff of its disk`, 'm'));
   await fs.rename(path.join(work, diff), path.join(set, diff));
 
   // Python's restore of our set up to a point without zeroed ranges (it skips zero frames by design).

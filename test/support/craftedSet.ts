@@ -82,6 +82,8 @@ export interface CraftedStream {
   compress?: number | false;
   /** libvirt's creation time and description of the stream's checkpoint, as ours writes it. */
   checkpointIdentity?: string;
+  /** The metadata's date (default: now, as ours writes it). */
+  date?: string;
 }
 
 /** Writes a stream and its .chksum and .blake3.json, as backup does. Returns the data file's path. */
@@ -94,7 +96,7 @@ export async function craftStream(s: CraftedStream): Promise<string> {
     plan: { extents: s.extents, dataSize },
     sink,
     meta: {
-      date: new Date().toISOString(), diskName: s.diskName, diskFormat: s.diskFormat ?? 'qcow2',
+      date: s.date ?? new Date().toISOString(), diskName: s.diskName, diskFormat: s.diskFormat ?? 'qcow2',
       checkpointName: s.checkpointName ?? 'virtnbdbackup.0', parentCheckpoint: s.parentCheckpoint ?? '', incremental: s.incremental ?? false,
       ...(s.checkpointIdentity === undefined ? {} : { checkpointIdentity: s.checkpointIdentity }),
     },

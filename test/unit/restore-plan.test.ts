@@ -351,7 +351,7 @@ test('without saved checkpoint definitions, a disk short of the restore point is
   assert.deepEqual(await plannedFiles({ input: dir, log }), {
     vda: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vda.inc.virtnbdbackup.2.data'], vdb: ['vdb.full.data', 'vdb.inc.virtnbdbackup.1.data'],
   });
-  assert.deepEqual(warned, ["disk vdb is restored at checkpoint virtnbdbackup.1 (vdb.inc.virtnbdbackup.1.data), before the set's latest point (virtnbdbackup.2): no saved definition of virtnbdbackup.2 (checkpoints/<name>.xml, of this domain and chain) tells whether those backups left it out or its files were lost"]);
+  assert.deepEqual(warned, ["disk vdb's newest file is vdb.inc.virtnbdbackup.1.data (checkpoint virtnbdbackup.1), before the set's latest point (virtnbdbackup.2), and a restore of that point brings the disk back from there: no saved definition of virtnbdbackup.2 (checkpoints/<name>.xml, of this domain and chain) tells whether those backups left it out or its files were lost"]);
   warned.length = 0;
   assert.deepEqual(Object.keys(await plannedFiles({ input: dir, until: 'virtnbdbackup.1', log })), ['vda', 'vdb']);
   assert.deepEqual(warned, []);
@@ -365,15 +365,37 @@ test('a diff whose side files are there without it (a lost diff leaves no other 
   const log = new Logger({ quiet: true, color: false });
   log.warn = (msg: string): void => void warned.push(msg);
   assert.equal((await plannedFiles({ input: dir, log })).vda?.length, 3);
-  assert.deepEqual(warned, [`${dir} lacks vda.diff.1800000010.data, whose vda.diff.1800000010.data.blake3.json is there: that diff was lost or removed, and the restore may end before it; put it back, or move vda.diff.1800000010.data.blake3.json out of the set if the diff was removed on purpose`]);
+  assert.deepEqual(warned, [`${dir} lacks vda.diff.1800000010.data, whose vda.diff.1800000010.data.blake3.json and vda.diff.1800000010.data.chksum are there: that diff, the newest backup of its disk, was lost or removed, and the restore ends before it; put it back, or move them out of the set if the diff was removed on purpose`]);
   warned.length = 0;
   await plannedFiles({ input: dir, disk: 'vdb', log });
   assert.deepEqual(warned, []);
   const verdicts = await verifySet({ input: dir });
-  assert.deepEqual(verdicts.filter((v) => !v.ok), [{ file: 'vda.diff.1800000010.data', ok: false, reason: 'missing, while its vda.diff.1800000010.data.blake3.json is in the set: a diff lost, or removed without its side files' }]);
+  assert.deepEqual(verdicts.filter((v) => !v.ok), [{ file: 'vda.diff.1800000010.data', ok: false, reason: 'missing, while its vda.diff.1800000010.data.blake3.json and vda.diff.1800000010.data.chksum are in the set: the newest diff of its disk, lost, or removed without its side files' }]);
   assert.ok((await verifySet({ input: dir, disk: 'vdb' })).every((v) => v.ok));
   // --until a checkpoint reads no diff after it; nor does a lost inc count here, which the chain tells.
   assert.ok((await verifySet({ input: dir, until: 'virtnbdbackup.2' })).every((v) => v.ok));
   await plannedFiles({ input: dir, until: 'virtnbdbackup.2', log });
   assert.deepEqual(warned, []);
+  // A diff older than a file still there was passed by it (pruning old diffs is no loss); so is one without seconds.
+  await fs.rm(path.join(dir, 'vda.diff.1800000010.data.chksum'));
+  await fs.rm(path.join(dir, 'vda.diff.1800000010.data.blake3.json'));
+  await fs.writeFile(path.join(dir, 'vda.diff.1700000000.data.chksum'), '12345');
+  await fs.writeFile(path.join(dir, 'vda.diff.mine.data.chksum'), '12345');
+  await plannedFiles({ input: dir, log });
+  assert.deepEqual(warned, []);
+  assert.ok((await verifySet({ input: dir })).every((v) => v.ok));
+});
+
+test('diffs after one checkpoint whose names hold no seconds are ordered by their dates, so the latest point restores', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-diffs-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const disk = new MemoryDisk(MiB).fill(0x11, 0, 65536);
+  const extents = [{ offset: 0, length: 65536, kind: 'data' as const }];
+  await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents });
+  // b made first, a later: by name a would come first, and the older b after it would undo its changes.
+  for (const [file, date] of [['vda.diff.b.data', '2026-11-29T10:00:00.000Z'], ['vda.diff.a.data', '2026-11-29T11:00:00.000Z']] as const) {
+    await craftStream({ dir, file, disk, diskName: 'vda', extents, checkpointName: 'virtnbdbackup.1', parentCheckpoint: 'virtnbdbackup.0', incremental: true, date });
+  }
+  await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(['virtnbdbackup.0']));
+  assert.deepEqual((await plannedFiles({ input: dir })).vda, ['vda.full.data', 'vda.diff.b.data', 'vda.diff.a.data']);
 });
