@@ -506,9 +506,12 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
 }
 
 /** Starts the libvirt backup job for `plan`; a full first removes this chain's old checkpoints. */
-async function startJob(ctx: RunContext, plan: RunPlan, hooks?: BackupJobOptions['hooks']): Promise<BackupJob> {
+async function startJob(ctx: RunContext, plan: RunPlan, guard?: JobGuard): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
   if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, plan.prefix, log);
+  // The guard hears of a guest held, so that a run killed meanwhile does not leave it paused or frozen.
+  const frozen = (held: boolean): void => guard?.guestHeld('frozen', held);
+  const paused = (held: boolean): void => guard?.guestHeld('paused', held);
   return ctx.power.whileFrozen(ctx.info.guestAgent, options.freezeMountpoints, () => ctx.power.whilePaused(options.pause ?? false, () => BackupJob.start(domain, {
     server: serverOf(ctx),
     scratchDir: scratchDirOf(options),
@@ -519,8 +522,8 @@ async function startJob(ctx: RunContext, plan: RunPlan, hooks?: BackupJobOptions
     allTargets: ctx.info.disks.map((d) => d.target),
     checkpoint: plan.checkpoint,
     log,
-    hooks,
-  })));
+    hooks: guard,
+  }), paused), frozen);
 }
 
 /**
@@ -569,7 +572,7 @@ function describeServer(server: JobServer): string {
  * Exports the disks for `plan`: qemu-nbd for a shut-off domain, else a backup job. A job refused for a lost
  * bitmap falls back to a full backup; one refused for a bitmap left without its checkpoint clears it and retries.
  */
-async function openExports(ctx: RunContext, initial: RunPlan, hooks?: BackupJobOptions['hooks']): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
+async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
   const { options, disks } = ctx;
   if (!ctx.host.remote) await clearSocketPath(socketOf(options));
   if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
@@ -583,7 +586,7 @@ async function openExports(ctx: RunContext, initial: RunPlan, hooks?: BackupJobO
     let plan = options.startOnly ? { ...initial, checkpoint: { ...initial.checkpoint, create: false } } : initial;
     for (let attempt = 1; ; attempt++) {
       try {
-        return { exports: await startJob(ctx, plan, hooks), plan, scratch };
+        return { exports: await startJob(ctx, plan, guard), plan, scratch };
       } catch (err) {
         const orphan = existingBitmapName(err);
         if (attempt < 3 && plan.checkpoint.parent && isLostBitmapError(err)) {

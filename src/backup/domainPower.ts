@@ -50,16 +50,27 @@ export class DomainPower {
     return new DomainPower(domain, false, true, log);
   }
 
-  /** Runs `step` with the guest suspended when `pause` asks for it and it is running. */
-  async whilePaused<T>(pause: boolean, step: () => Promise<T>): Promise<T> {
+  /**
+   * Runs `step` with the guest suspended when `pause` asks for it and it is running; `held` hears when it is, and
+   * when it runs again.
+   */
+  async whilePaused<T>(pause: boolean, step: () => Promise<T>, held: (on: boolean) => void = () => undefined): Promise<T> {
     if (!pause || (await this.domain.getState())[0] !== VIR_DOMAIN_RUNNING) return step();
-    await this.domain.suspend();
+    // Told before the suspend: a run killed while it is under way must still be undone.
+    held(true);
+    await this.domain.suspend().catch((err: unknown) => {
+      held(false);
+      throw err;
+    });
     this.log.info(`suspended domain '${this.domain.name()}' while the backup job starts`);
     try {
       return await step();
     } finally {
       await this.domain.resume().then(
-        () => this.log.info(`resumed domain '${this.domain.name()}'`),
+        () => {
+          held(false);
+          this.log.info(`resumed domain '${this.domain.name()}'`);
+        },
         (err: unknown) => this.log.warn(`could not resume domain '${this.domain.name()}': ${oneLine(err)}; resume it with 'virsh resume ${this.domain.name()}'`),
       );
     }
@@ -69,7 +80,7 @@ export class DomainPower {
    * Runs `step` with the guest's filesystems frozen through its agent (`mountpoints`, or all). A domain without an
    * agent channel, or whose CPUs do not run, is not frozen; an agent that does not answer is a warning.
    */
-  async whileFrozen<T>(agent: boolean, mountpoints: string[] | undefined, step: () => Promise<T>): Promise<T> {
+  async whileFrozen<T>(agent: boolean, mountpoints: string[] | undefined, step: () => Promise<T>, held: (on: boolean) => void = () => undefined): Promise<T> {
     const name = this.domain.name();
     const crashConsistent = 'the backup holds the disks as a power cut would leave them (crash-consistent)';
     if (this.offline || this.started) return step();
@@ -83,9 +94,11 @@ export class DomainPower {
       return step();
     }
     try {
+      held(true);
       const frozen = await this.domain.fsFreeze(mountpoints ?? []);
       this.log.info(`froze ${frozen} filesystem(s) of domain '${name}' through its guest agent while the backup job starts`);
     } catch (err) {
+      held(false);
       this.log.warn(`could not freeze the filesystems of domain '${name}' through its guest agent (${oneLine(err)}); ${crashConsistent}`);
       return step();
     }
@@ -93,7 +106,10 @@ export class DomainPower {
       return await step();
     } finally {
       await this.domain.fsThaw().then(
-        (thawed) => this.log.info(`thawed ${thawed} filesystem(s) of domain '${name}'`),
+        (thawed) => {
+          held(false);
+          this.log.info(`thawed ${thawed} filesystem(s) of domain '${name}'`);
+        },
         (err: unknown) => this.log.warn(`could not thaw the filesystems of domain '${name}' (${oneLine(err)}); its writes wait until 'virsh domfsthaw ${name}' succeeds`),
       );
     }

@@ -3,8 +3,10 @@
 // A small shell, in a session of its own so that no terminal signal reaches it, reads a pipe from the run: "begin
 // <marker>" before the run asks libvirt for its job (the marker: a string only that job's definition holds, in its
 // scratch file names), "done" once the run has ended the job itself. The pipe's end without "done" means the run
-// died, before its job began, while libvirt began it, or after: the shell then waits for the domain's backup job
-// and ends it (`virsh domjobabort`, its socket removed) only if its definition holds the marker. Guarantees: a run
+// died, before its job began, while libvirt began it, or after: the shell then resumes and thaws a guest the run
+// had paused (--pause) or frozen ("paused 1", "frozen 1"; an empty word when it let it go), waits for the domain's
+// backup job and ends it (`virsh domjobabort`) only if its definition holds the marker, and removes the run's
+// socket. Guarantees: a run
 // that ends its job itself (whether it succeeded or failed) leaves the domain's jobs alone, and so does one that
 // dies while another tool's job runs (or a migration, which domjobabort would end too); one sh process per run,
 // spawned before the job is asked for, no cost on the copy's path; a login given to the run is the guard's too, held
@@ -23,6 +25,8 @@ const SHARED_MEMORY = '/dev/shm';
 export interface JobGuard {
   /** The run is about to ask libvirt for the job whose definition holds `jobMarker` (again, on a retry). */
   beginning(jobMarker: string): void;
+  /** The run suspended the guest (--pause) or froze its filesystems, or undid that: a guard whose run dies undoes it. */
+  guestHeld(hold: 'paused' | 'frozen', held: boolean): void;
   /** The run has ended the job, or never began it: the guard exits and does nothing. Only the first call counts. */
   release(): Promise<void>;
 }
@@ -41,14 +45,19 @@ const BEGIN_LOOKS = 60;
 export function guardJob(uri: string, domain: string, socket: string | undefined, login?: LibvirtLogin): JobGuard {
   const authFd = login ? openAuthFile(login) : undefined;
   const virsh = `${authFd === undefined ? '' : `LIBVIRT_AUTH_FILE=/dev/fd/${AUTH_FD} `}virsh -q -c ${shellQuote(uri)}`;
-  const end = `{ ${virsh} domjobabort ${shellQuote(domain)}${socket ? `; rm -f ${shellQuote(socket)}` : ''}; } >/dev/null 2>&1`;
+  const end = `${virsh} domjobabort ${shellQuote(domain)} >/dev/null 2>&1`;
   // The first backup job definition libvirt shows decides: this run's job (its marker) is ended, another's (another
   // tool's, or a migration's, which domjobabort would end too) is left alone. Died while the job began, the guard
   // waits for libvirt to show one.
   const endOurs = `i=0; while [ $i -lt ${BEGIN_LOOKS} ]; do if xml=$(${virsh} backup-dumpxml ${shellQuote(domain)} 2>/dev/null); then ` +
     `case "$xml" in *"$marker"*) ${end} ;; esac; break; fi; sleep 0.25; i=$((i+1)); done`;
-  const script = `trap '' INT HUP TERM QUIT; marker=; while read -r word arg; do case "$word" in ` +
-    `"begin") marker=$arg ;; "done") exit 0 ;; esac; done; [ -z "$marker" ] || { ${endOurs}; }`;
+  // A guest the run held is let go first (resumed, then thawed: a paused guest's agent does not answer), the job then
+  // ended, and the socket removed whether the job was found or not (a domain -S started goes with the run).
+  const letGo = `[ -z "$paused" ] || ${virsh} resume ${shellQuote(domain)} >/dev/null 2>&1; ` +
+    `[ -z "$frozen" ] || ${virsh} domfsthaw ${shellQuote(domain)} >/dev/null 2>&1`;
+  const script = `trap '' INT HUP TERM QUIT; marker=; paused=; frozen=; while read -r word arg; do case "$word" in ` +
+    `"begin") marker=$arg ;; "paused") paused=$arg ;; "frozen") frozen=$arg ;; "done") exit 0 ;; esac; done; ${letGo}; ` +
+    `[ -z "$marker" ] || { ${endOurs}; }${socket ? `; rm -f ${shellQuote(socket)}` : ''}`;
   const stdio: Array<'pipe' | 'ignore' | number> = ['pipe', 'ignore', 'ignore'];
   if (authFd !== undefined) stdio[AUTH_FD] = authFd;
   let child: ReturnType<typeof spawn>;
@@ -71,6 +80,9 @@ export function guardJob(uri: string, domain: string, socket: string | undefined
   return {
     beginning: (jobMarker) => {
       input.write(`begin ${jobMarker}\n`);
+    },
+    guestHeld: (hold, held) => {
+      input.write(`${hold} ${held ? '1' : ''}\n`);
     },
     release: () => {
       // ...but its exit does once the run waits for it.

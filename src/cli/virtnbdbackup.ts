@@ -89,7 +89,7 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
     await log.detachSyslog();
   }
   return argv.strict && log.warnings > 0 ? 2 : 0;
-}, { leftover: `a backup job it started, if any, is ended in the background (virsh domjobabort); should one still run, end it with 'virtnbdbackup -d ${argv.domain} -k'` });
+}, { leftover: `a backup job it started, if any, is ended in the background (virsh domjobabort), and a guest it paused (--pause) or froze is resumed and thawed; should a job still run, end it with 'virtnbdbackup -d ${argv.domain} -k', and check the guest with 'virsh domstate ${argv.domain}'` });
 
 /** Whether `fd` is closed or /dev/null (Node opens /dev/null in place of a closed standard stream, `>&-`). */
 function discardsOutput(fd: number): boolean {

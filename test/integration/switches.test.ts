@@ -103,13 +103,32 @@ test('-q, --no-sparse-detection and --pause back up what restores exactly, with 
   assert.match(full.stderr, /suspended domain .* while the backup job starts\n(.*\n)*resumed domain/);
   assert.match(virsh('domstate', dom.name), /running/);
 
+  // Killed outright (kill -9) while the guest is suspended: its guard resumes it, ends the job and removes the socket.
+  const killed = spawn(bin, ['-d', dom.name, '-l', 'inc', '--pause', '-o', set], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let said = '';
+  for await (const chunk of killed.stderr) if (/suspended domain/.test(said += String(chunk))) break;
+  killed.kill('SIGKILL');
+  await once(killed, 'close').catch(() => undefined);
+  const socket = `/var/tmp/virtnbdbackup.${killed.pid}`;
+  let state = '';
+  for (let waited = 0; waited < 20_000; waited += 250) {
+    state = virsh('domstate', dom.name).trim();
+    if (state === 'running' && !/Backup/.test(virsh('domjobinfo', dom.name)) && !(await exists(socket))) break;
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  assert.equal(state, 'running', 'the guard resumes the guest a killed run had suspended');
+  assert.doesNotMatch(virsh('domjobinfo', dom.name), /Backup/);
+  assert.equal(await exists(socket), false, 'the killed run\'s socket is removed');
+  // Its checkpoint is unlisted: the next inc removes it with a warning and goes on from the last listed one.
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+
   await dom.write('vda', 0x77, '8M', '1M');
   await dom.writeZeroes('vda', '2M', '1M');
   const reference = await dom.snapshot('vda');
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'diff', '-q', '-o', set]);
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '--no-sparse-detection', '-o', set]);
   const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<{ file: string; dataSize: number }>;
-  const dataSize = (pattern: RegExp): number | undefined => dumped.find((m) => pattern.test(m.file))?.dataSize;
+  const dataSize = (pattern: RegExp): number | undefined => dumped.filter((m) => pattern.test(m.file)).at(-1)?.dataSize;
   assert.equal(dataSize(/^vda\.diff\./), 1024 * 1024, 'the zeroed range should be a zero frame');
   assert.equal(dataSize(/^vda\.inc\./), 2 * 1024 * 1024, '--no-sparse-detection should save the zeroed range as data');
 

@@ -63,12 +63,11 @@ async function runGuarded(steps: string, login = 'undefined', jobXml?: string): 
       stdio: 'inherit', env: { ...process.env, PATH: `${dir}:${process.env.PATH}`, TMPDIR: tmp },
     });
     assert.equal(await new Promise((resolve) => child.once('exit', resolve)), 0);
-    // The guard acts once the pipe closes, in a session of its own: give it a moment, then as long to clean up.
-    let asked = '';
-    for (let waited = 0; waited < 1500 && !asked; waited += 100) {
-      await sleep(100);
-      asked = await fs.readFile(record, 'utf8').catch(() => '');
-    }
+    // The guard acts once the pipe closes, in a session of its own; removing the socket is its last step on a run's
+    // death (the pipe closed without "done"): give it a moment, then as long to clean up.
+    const socketThere = (): Promise<boolean> => fs.access(socket).then(() => true, () => false);
+    for (let waited = 0; waited < 2000 && (await socketThere()); waited += 100) await sleep(100);
+    const asked = await fs.readFile(record, 'utf8').catch(() => '');
     let left = await fs.readdir(tmp);
     for (let waited = 0; waited < 1500 && left.length > 0; waited += 100) {
       await sleep(100);
@@ -120,4 +119,13 @@ test('the run\'s login reaches the guard\'s virsh in an auth.conf whose name is 
     assert.deepEqual(ended.whileGuarding, [], steps);
     assert.deepEqual(ended.left, [], steps);
   }
+});
+
+test('a run that dies with the guest paused (--pause) or frozen has it resumed, then thawed, before its job is ended; one it let go is left as it is', async () => {
+  const both = await runGuarded('guard.guestHeld("frozen", true); guard.guestHeld("paused", true); guard.beginning(marker);', 'undefined', OURS);
+  assert.equal(both.asked, '-q -c qemu:///system resume dom\n-q -c qemu:///system domfsthaw dom\n-q -c qemu:///system domjobabort dom (socket removed)');
+  // Killed before it asked for its job: the guest is let go all the same, and there is no job to end.
+  assert.equal((await runGuarded('guard.guestHeld("paused", true);')).asked, '-q -c qemu:///system resume dom (socket removed)');
+  const letGo = await runGuarded('guard.guestHeld("frozen", true); guard.guestHeld("paused", true); guard.beginning(marker); guard.guestHeld("paused", false); guard.guestHeld("frozen", false);', 'undefined', OURS);
+  assert.equal(letGo.asked, '-q -c qemu:///system domjobabort dom (socket removed)');
 });
