@@ -128,6 +128,8 @@ async function verifyStream(file: string, signal?: AbortSignal): Promise<string[
     }
     await window.drain();
   } catch (err) {
+    // A stop signal is no finding about the file: the run ends, naming no file FAILED.
+    if (signal?.aborted) throw err;
     return [withoutPath(err, file)];
   } finally {
     await window.settle();
@@ -203,7 +205,10 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
       report({ file: dataFile, ok: false, reason: `missing, while its ${sideFiles.join(' and ')} ${sideFiles.length > 1 ? 'are' : 'is'} in the set: the newest diff of its disk, lost, or removed without its side files` });
     }
   }
-  for (const file of files) report(await verifyDataFile(path.join(listing.dir, file), options.signal));
+  for (const file of files) {
+    options.signal?.throwIfAborted();
+    report(await verifyDataFile(path.join(listing.dir, file), options.signal));
+  }
   // A damaged file is named by its own verdict, more closely than by the chain it breaks; a file lost or foreign to
   // the chain has none (and one failing for want of a .chksum, as Python 1.9.15's all do, says nothing of links).
   const sameDamage = (v: FileVerdict): boolean => !v.ok && (chainProblem?.includes(`file ${v.file} is damaged`) || chainProblem?.includes(`cannot read ${path.join(listing.dir, v.file)}:`)) === true;

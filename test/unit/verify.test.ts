@@ -189,3 +189,19 @@ test('--until checks what a restore at that point reads, raw images (-t raw) inc
   assert.deepEqual(chain.map((v) => v.file), ['chain']);
   assert.match(chain[0]?.reason ?? '', /no full or copy backup of disk vdc/);
 });
+
+test('a stop signal during verify ends it with the signal, naming no file FAILED', async (t) => {
+  const dir = await craftedDir(t);
+  await craft(dir, 'vda.full.data', false);
+  await craft(dir, 'vdb.full.data', 2);
+  const controller = new AbortController();
+  const reason = new Error('interrupted by SIGINT; cleaned up');
+  const verdicts: string[] = [];
+  // Stopped as the first file's first piece is read: neither that file nor the next is a verdict.
+  const aborting = new Promise<void>((resolve) => setImmediate(() => { controller.abort(reason); resolve(); }));
+  await assert.rejects(verifySet({ input: dir, signal: controller.signal, onVerdict: (v) => verdicts.push(`${v.ok ? 'OK' : 'FAILED'} ${v.file}`) }), reason);
+  await aborting;
+  assert.deepEqual(verdicts.filter((v) => v.startsWith('FAILED')), []);
+  // Stopped before it began: nothing at all.
+  await assert.rejects(verifySet({ input: dir, signal: AbortSignal.abort(reason) }), reason);
+});
