@@ -197,7 +197,8 @@ export class SshHost implements HostAccess {
    */
   spawn(script: string, stdin: 'pipe' | 'ignore', stdout: 'pipe' | 'ignore', bound = false): { child: ChildProcess; lastWords: (lines?: number) => string | undefined } {
     const [command, args] = bound ? boundToUs('ssh', [...this.sshArgs(), script]) : ['ssh', [...this.sshArgs(), script]];
-    const child = spawn(command, args, { stdio: [stdin, stdout, 'pipe'], detached: OUTLIVES_TERMINAL });
+    // A bound session is the run's to end, as a local server is (spawnServer): a terminal's Ctrl-C does not reach it.
+    const child = spawn(command, args, { stdio: [stdin, stdout, 'pipe'], detached: OUTLIVES_TERMINAL || bound });
     let stderr = '';
     child.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
     return { child, lastWords: (lines = 1) => stderr.trim().split('\n').filter(Boolean).slice(-lines).join('; ') || undefined };

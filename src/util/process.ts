@@ -69,7 +69,8 @@ export function run(command: string, args: string[], options: RunOptions = {}): 
     // the child is gone: the rejection waits for its 'close'.
     const { signal: abort } = options;
     const [program, programArgs] = options.bound ? boundToUs(command, args) : [command, args];
-    const child = spawn(program, programArgs, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL, signal: abort });
+    // Work the run stops itself (`signal`) or that ends with it (`bound`) runs in a session of its own, as servers do.
+    const child = spawn(program, programArgs, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL || abort !== undefined || options.bound === true, signal: abort });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => { stdout += text; });
@@ -188,8 +189,11 @@ export async function clearSocketPath(socketPath: string): Promise<void> {
 export async function spawnServer(command: string, args: string[], socketPath: string, timeoutMs = 15000): Promise<ChildProcess> {
   await clearSocketPath(socketPath);
   const [program, programArgs] = boundToUs(command, args);
+  // A session of its own: a terminal's Ctrl-C, sent to the run's process group, would stop the server before the
+  // run heard of it, and the run would report a failed write for what is an interruption. The run stops it on its
+  // way out, and it goes with the run should the run be killed (boundToUs).
   const child = spawn(program, programArgs, {
-    stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(), detached: OUTLIVES_TERMINAL,
+    stdio: ['ignore', 'ignore', 'pipe'], env: serverEnvironment(), detached: true,
   });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });

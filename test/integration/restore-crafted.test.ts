@@ -361,3 +361,20 @@ test('a two-disk restore interrupted (SIGINT) or failing on its second disk keep
   assert.equal(failed.code, 1, failed.stderr);
   assert.match(errorLines(failed).join('\n'), new RegExp(`^virtnbdrestore: error: restore of disk vdb failed: .*; nothing of it was kept; ${work}/failed/vda\\.qcow2 is restored whole and kept: remove it and restore again$`));
 });
+
+test('Ctrl-C at a terminal (SIGINT to the whole process group) during a restore: exit 130, interrupted, not a failed qemu-nbd', async (t) => {
+  const work = await withTempDir(t, 'vnbd-groupint-');
+  const { set } = await randomSet(work, { vda: 512 }); // about 1.5 s of writing here
+  for (const [round, delay] of [0, 50, 150].entries()) {
+    const out = path.join(work, `out${round}`);
+    // A process group of its own, as a shell gives a job: the terminal's SIGINT goes to every process in it.
+    const running = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n'], { detached: true });
+    assert.ok(await within(10_000, () => fs.access(path.join(out, 'vda.qcow2.partial')).then(() => true, () => false)), 'the restore began');
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    process.kill(-(running.child.pid as number), 'SIGINT');
+    const stopped = await running.done;
+    assert.equal(stopped.code, 130, `round ${round}: ${stopped.stderr}`);
+    assert.deepEqual(errorLines(stopped), ['virtnbdrestore: error: interrupted by SIGINT; cleaned up'], `round ${round}`);
+    await assert.rejects(fs.access(out), 'the output directory the run made is left');
+  }
+});
