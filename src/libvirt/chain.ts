@@ -12,7 +12,7 @@ import {
   type LibvirtDomain, type NativeError,
 } from '../native/addon.js';
 import {
-  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointCreationTime, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
+  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointBitmapDisks, checkpointCreationTime, checkpointDiskSize, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
   inChain, prefixOf, withoutDomain,
 } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
@@ -161,7 +161,16 @@ export async function clearOrphanBitmap(domain: LibvirtDomain, name: string, tar
   }
 }
 
-/** Bytes changed since checkpoint `name` on all its disks, as libvirt estimates them (running domains only). */
+/**
+ * Bytes changed since checkpoint `name` on all its disks, as libvirt estimates them (running domains only). A disk
+ * the checkpoint gives a bitmap that libvirt sizes not has lost it (removed from the image, or left inconsistent by
+ * a crash): refused, where a sum without it read as nothing changed, and -T skipped every backup.
+ */
 export async function changedBytesSince(domain: LibvirtDomain, name: string): Promise<number> {
-  return checkpointSize(await domain.checkpointGetXMLDesc(name, VIR_DOMAIN_CHECKPOINT_XML_SIZE));
+  const xml = await domain.checkpointGetXMLDesc(name, VIR_DOMAIN_CHECKPOINT_XML_SIZE);
+  const unsized = checkpointBitmapDisks(xml).filter((target) => checkpointDiskSize(xml, target) === undefined);
+  if (unsized.length > 0) {
+    throw new UserError(`the bitmap of checkpoint ${name} on disk ${unsized.join(', ')} is missing or broken in the image (libvirt sizes no changes since it): the next inc makes a full backup instead`);
+  }
+  return checkpointSize(xml);
 }

@@ -93,6 +93,19 @@ test('-p prints the estimated size of the next inc; -T skips the backup below it
   assert.ok(!(await fs.readdir(set)).some((f) => f.startsWith('vda.inc.')), 'backed up below the threshold');
   await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-T', '1000000', '-o', set]);
   assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.1.data'));
+
+  // The checkpoint's bitmap gone from the image: libvirt gives that disk no size, which summed as nothing changed,
+  // and -T skipped every backup from then on. -p is refused, naming it; -T backs up (a full, as an inc would).
+  await dom.stop();
+  execFileSync('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.1']);
+  await dom.start();
+  await dom.write('vda', 0x44, '8M', '1M');
+  const unsized = await runCli(bin, ['-n', '-d', dom.name, '-p', '-o', set]);
+  assert.equal(unsized.code, 1, unsized.stderr);
+  assert.match(unsized.stderr, /error: the bitmap of checkpoint virtnbdbackup\.1 on disk vda is missing or broken in the image \(libvirt sizes no changes since it\): the next inc makes a full backup instead\n$/);
+  const backedUp = await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-T', '1000000000', '-o', set]);
+  assert.match(backedUp.stderr, /-T: no size estimate \(the bitmap of checkpoint virtnbdbackup\.1 on disk vda is missing or broken/);
+  assert.match(backedUp.stderr, /finished full backup/);
 });
 
 test('-q, --no-sparse-detection and --pause back up what restores exactly, with Python too', async (t) => {
