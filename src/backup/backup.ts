@@ -303,7 +303,8 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
     const connection = await openLibvirt(uri, options.login, options.nbdTimeout);
     conn = connection;
     const domain = await lookupDomain(connection, options.domain, uri);
-    const power = await DomainPower.prepare(domain, options.startDomain ?? false, log);
+    // -s leaves a job running past the run, and -S stops the domain it started as the run ends: not started for -s.
+    const power = await DomainPower.prepare(domain, (options.startDomain ?? false) && !options.startOnly, log);
     try {
       const vmXml = await domain.getXMLDesc(0);
       const info = parseDomainXml(vmXml);
@@ -438,7 +439,8 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   const tls = ctx.host.remote ? tcpServerOn(ctx.host, options).tlsCertificates : undefined;
   if (tls) await checkTlsClientFiles(tls);
   if (power.offline && options.startOnly) {
-    throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first`);
+    const notHere = options.startDomain ? ' (virsh start: -S would stop the domain again as the run ends, and the job with it)' : '';
+    throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first${notHere}`);
   }
   chooseDisks(ctx, requested);
   let level = requested;

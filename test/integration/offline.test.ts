@@ -91,6 +91,13 @@ test('-S starts a shut-off domain paused and stops it again; a bitmap removed wh
   await backup('-d', dom.name, '-l', 'inc', '-S', '-o', set);
   assert.match(virsh('domstate', dom.name), /shut off/);
 
+  // -s with -S: the job is to outlive the run, and -S stops the domain as the run ends: refused, the domain not started.
+  const leftRunning = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-s', '-S', '-o', set]);
+  assert.equal(leftRunning.code, 1, leftRunning.stderr);
+  assert.match(errorLines(leftRunning).join('\n'), /is shut off: -s leaves a backup job running, which needs a running domain; start it first \(virsh start: -S would stop the domain again as the run ends, and the job with it\)$/);
+  assert.doesNotMatch(leftRunning.stderr, /started shut-off domain/);
+  assert.match(virsh('domstate', dom.name), /shut off/);
+
   await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.1']);
   await writeOffline(dom, '0x77', '30M', '1M');
   const p2 = await dom.snapshot('vda');
