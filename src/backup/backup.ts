@@ -665,7 +665,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     await forEachLimited(disks, workers, async (disk) => {
       try {
         results.push(await backupDisk(disk, {
-          plan, ident, identities, exports, target: ctx.target, connections, disksAtOnce, type: options.type, compress: options.compress ?? false,
+          plan, ident, identities, exports, offline: ctx.power.offline, target: ctx.target, connections, disksAtOnce, type: options.type, compress: options.compress ?? false,
           qemuExtents: options.qemuExtents, noSparseDetection: options.noSparseDetection, nbdTimeout: options.nbdTimeout, progress: options.progress, onReading, onSourceRead,
           signal, log,
         }));

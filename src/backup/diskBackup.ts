@@ -31,6 +31,8 @@ export interface DiskRunOptions {
   /** libvirt's identity (checkpointIdentity) of the checkpoints the streams name, where it could be read. */
   identities?: ReadonlyMap<string, string>;
   exports: DiskExports;
+  /** The domain is shut off: its diffs name their parent as their checkpoint, as Python's offline backups do. */
+  offline?: boolean;
   target: OutputTarget;
   /** NBD connections for this disk. */
   connections: number;
@@ -113,7 +115,9 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
           date: new Date().toISOString(),
           diskName: disk.target,
           diskFormat: disk.format,
-          checkpointName: plan.checkpoint.name,
+          // Python's restore stops (-u) at the first file naming that checkpoint: an offline diff naming the next one,
+          // which the next online inc makes, ended a restore to that point before its inc.
+          checkpointName: options.offline && level === 'diff' ? parent : plan.checkpoint.name,
           parentCheckpoint: parent,
           incremental,
           checkpointIdentity: level === 'diff' ? undefined : options.identities?.get(plan.checkpoint.name),

@@ -7,8 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { run, withDomain, withTempDir, type DiskSpec, type TestDomain } from '../support/testbed.js';
-import { errorLines, ourBin, qemuNbdPid, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
+import { TestDomain, run, withDomain, withTempDir, type DiskSpec } from '../support/testbed.js';
+import { errorLines, ourBin, pythonBin, qemuNbdPid, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo as assertRestores, defineWithBootFiles, virsh } from '../support/points.js';
 import { logFileName } from '../../src/set/backupSet.js';
 
@@ -55,8 +55,12 @@ test('shut-off domain: full becomes copy, inc saves the changes as a diff, every
   // (of the same second's name): the refused run writes a log of its own, never into that one.
   const now = Math.floor(Date.now() / 1000);
   const earlier = 'the earlier diff\'s log\n';
-  const taken = Array.from({ length: 30 }, (_, i) => [path.join(set, `vda.diff.${now + i}.data`), path.join(set, logFileName('diff', new Date((now + i) * 1000)))]).flat();
-  for (const file of taken) await fs.writeFile(file, file.endsWith('.log') ? earlier : 'x');
+  const names = Array.from({ length: 30 }, (_, i) => [path.join(set, `vda.diff.${now + i}.data`), path.join(set, logFileName('diff', new Date((now + i) * 1000)))]).flat();
+  // Never over the real diff and its log, which the offline inc may have made in this very second.
+  const taken: string[] = [];
+  for (const file of names) {
+    if (await fs.writeFile(file, file.endsWith('.log') ? earlier : 'x', { flag: 'wx' }).then(() => true, () => false)) taken.push(file);
+  }
   const twice = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'diff', '-o', set]);
   assert.equal(twice.code, 1, twice.stderr);
   assert.match(twice.stderr.trim(), /^virtnbdbackup: error: vda\.diff\.\d+\.data is already in \S+: a diff is named by the second it starts in, and another one began in this second; run again a second later$/);
@@ -74,6 +78,14 @@ test('shut-off domain: full becomes copy, inc saves the changes as a diff, every
   assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.2.data'));
   await assertRestores(work, set, p3);
   await assertRestores(work, set, p1, 'virtnbdbackup.1');
+  // The offline diff names its parent as its checkpoint, as Python's offline backups do: Python's restore stops (-u)
+  // at the first file naming the checkpoint, and the next one's name ended it at the diff, before that inc.
+  const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<{ file: string; checkpointName: string }>;
+  assert.deepEqual(dumped.filter((m) => m.file.startsWith('vda.diff.')).map((m) => m.checkpointName), ['virtnbdbackup.1']);
+  const python = path.join(work, 'python-p3');
+  await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', python, '-n', '-u', 'virtnbdbackup.2']);
+  const same = await TestDomain.compare(path.join(python, 'vda.qcow2'), p3);
+  assert.ok(same.identical, `Python's restore to virtnbdbackup.2: ${same.output}`);
 });
 
 test('-S starts a shut-off domain paused and stops it again; a bitmap removed while off makes the next inc a full', async (t) => {
