@@ -42,7 +42,9 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   const withAliases = (names: string[] | undefined): Set<string> => new Set((names ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
   const optional = withAliases(options.valueOptional);
   try {
-    givenArgs = splitShortValues(hideBin(process.argv), { ...shortFlags(kinds), optional });
+    const longNames = Object.keys(kinds.key).flatMap((key) => [key, ...(kinds.alias[key] ?? [])]).filter((n) => n.length > 1 && !/[A-Z]/.test(n));
+    const longValued = new Set(longNames.filter((n) => !kinds.boolean.includes(n) && !optional.has(n)));
+    givenArgs = splitShortValues(expandLongPrefixes(hideBin(process.argv), new Set(longNames), longValued), { ...shortFlags(kinds), optional });
   } catch (err) {
     usageError(name, (err as Error).message);
   }
@@ -56,6 +58,9 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
     .fail((message: string | null, err: Error | undefined) => usageError(name, message ?? err?.message ?? 'invalid arguments'))
     .wrap(Math.min(110, process.stdout.columns || 110))
     .parseSync(givenArgs);
+  // Words after `--` are no flags, and the commands take no others: argparse refuses them, yargs let them pass.
+  const extra = (argv as { _?: Array<string | number> })._ ?? [];
+  if (extra.length > 0) usageError(name, `unrecognized arguments: ${extra.join(' ')}`);
   // yargs turns a number flag's non-numeric value (-T abc) into NaN, under the flag's every name (and camelCase twin).
   const notNumbers = Object.entries(argv)
     .filter(([key, value]) => key !== '_' && !(key.length > 1 && /[A-Z]/.test(key)) && typeof value === 'number' && Number.isNaN(value))
@@ -88,6 +93,34 @@ let givenArgs: string[] = [];
 export function flagGiven(...names: string[]): boolean {
   const end = givenArgs.indexOf('--');
   return givenArgs.slice(0, end < 0 ? undefined : end).some((arg) => names.some((name) => arg === name || arg.startsWith(`${name}=`)));
+}
+
+/**
+ * `args` with long flags abbreviated as argparse takes them written out: `--lev inc` is `--level inc`, `--comp=2` is
+ * `--compress=2`, where the prefix names one flag of `names` alone; one that could name several throws as argparse
+ * refuses it (`ambiguous option: --t could match --type, --threshold, ...`). The value of a flag of `valued` written
+ * apart, and everything after `--`, stay as they are.
+ */
+export function expandLongPrefixes(args: readonly string[], names: ReadonlySet<string>, valued: ReadonlySet<string>): string[] {
+  const out: string[] = [];
+  let valueNext = false;
+  for (const [i, arg] of args.entries()) {
+    if (arg === '--') return [...out, ...args.slice(i)];
+    const isValue = valueNext;
+    valueNext = false;
+    const match = /^--([^=]+)(=.*)?$/s.exec(arg);
+    if (isValue || !match) {
+      out.push(arg);
+      continue;
+    }
+    const [, given = '', value = ''] = match;
+    const candidates = names.has(given) ? [given] : [...names].filter((n) => n.startsWith(given));
+    if (candidates.length > 1) throw new Error(`ambiguous option: --${given} could match ${candidates.map((n) => `--${n}`).join(', ')}`);
+    const full = candidates[0] ?? given;
+    out.push(`--${full}${value}`);
+    valueNext = !value && valued.has(full);
+  }
+  return out;
 }
 
 /** The one-letter flags: those that take a value, and the switches. */

@@ -2,7 +2,7 @@
 // which for a string (-o "$UNSET") would mean the working directory.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { blankFlag, splitShortValues } from '../../src/cli/common.js';
+import { blankFlag, expandLongPrefixes, splitShortValues } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -32,4 +32,16 @@ test('splitShortValues: short flags as argparse reads them (-lfull, -cD, -nz5), 
   assert.deepEqual(split('--', '-lfull'), ['--', '-lfull'], 'after --, nothing is a flag');
   assert.throws(() => split('-e5'), /^Error: -e5: -e takes no value$/, 'a switch with a value, which yargs read as -e false');
   assert.throws(() => split('-ne=1'), /-e takes no value/);
+});
+
+test('expandLongPrefixes: a long flag abbreviated as argparse takes it is written out; an ambiguous one throws; values and what follows -- stay', () => {
+  const names = new Set(['level', 'output', 'printonly', 'type', 'threshold', 'tls', 'tls-cert', 'compress', 'noprogress']);
+  const valued = new Set(['level', 'output', 'type', 'threshold', 'tls-cert']);
+  assert.deepEqual(expandLongPrefixes(['--lev', 'inc', '--out=o', '--print', '--comp', '--thr', '5'], names, valued),
+    ['--level', 'inc', '--output=o', '--printonly', '--compress', '--threshold', '5']);
+  // A flag's value that looks like a flag is its value; an exact name wins over longer ones (--tls, --tls-cert).
+  assert.deepEqual(expandLongPrefixes(['--output', '--lev', '--tls', '--', '--lev'], names, valued), ['--output', '--lev', '--tls', '--', '--lev']);
+  assert.deepEqual(expandLongPrefixes(['--nosuch', '--noprog'], names, valued), ['--nosuch', '--noprogress']);
+  assert.throws(() => expandLongPrefixes(['--t', '5'], names, valued), /^Error: ambiguous option: --t could match --type, --threshold, --tls, --tls-cert$/);
+  assert.deepEqual(expandLongPrefixes(['--tls-', 'cert.pem'], names, valued), ['--tls-cert', 'cert.pem'], 'a prefix of one name alone is that name');
 });
