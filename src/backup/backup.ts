@@ -11,7 +11,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
-import { CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, isArchivedChain, isStreamFile, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
+import { CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, isStreamFile, lastArchivedChain, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
@@ -177,13 +177,13 @@ async function checkSet(output: string, level: Level, domain: string): Promise<v
   const aLevel = level === 'inc' ? 'an inc' : 'a diff';
   if (fulls.length === 0) {
     // A run that fell back to a full moved the chain aside first: if it did not finish, the set is empty but for it.
-    const archived = (await fs.readdir(output)).filter(isArchivedChain).sort().at(-1);
+    const archived = await lastArchivedChain(output);
     const leftover = listing.partials[0];
-    const aside = archived ? ` (the previous chain is in ${path.join(output, archived)}, moved aside by a run that was to start a new one and did not finish${leftover ? `; first move its ${leftover} out of the set` : ''})` : '';
+    const aside = archived ? ` (the previous chain is in ${archived.path}, moved aside by a run that was to start a new one and did not finish${leftover ? `; first move its ${leftover} out of the set` : ''})` : '';
     const copy = listing.dataFiles.find((d) => d.level === 'copy');
     throw new UserError(copy
       ? `${output} holds a copy (${copy.file}), which starts no chain: ${aLevel} backup needs a full one; run -l full (or -l auto) into an empty directory`
-      : `no full backup in ${output}: ${aLevel} backup needs one; run with -l full (or -l auto) first${aside}`);
+      : `no full backup in ${output}: ${aLevel} backup needs one; run with -l full${archived?.prefixFlag ?? ''} (or -l auto) first${aside}`);
   }
   // A raw image holds no frames a chain can build on: the inc would be saved, and no point of the set restore.
   for (const full of fulls) {

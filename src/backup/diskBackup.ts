@@ -6,7 +6,7 @@ import { CONTEXT_ALLOCATION, type Endpoint } from '../endpoint/endpoint.js';
 import { planDirty, planFull } from '../extents/plan.js';
 import { writeStream } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from '../set/target.js';
-import { checksumFileName, dataFileName, writeDigestFile } from '../set/backupSet.js';
+import { checksumFileName, dataFileName, digestFileName, writeDigestFile } from '../set/backupSet.js';
 import type { DomainDisk } from '../libvirt/domainXml.js';
 import type { Level } from '../libvirt/checkpoints.js';
 import type { Logger } from '../util/log.js';
@@ -136,7 +136,9 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
       return streamed;
     }).catch((err: unknown) => { throw writeFailure(disk, partial, err); });
     await target.writeFile(checksumFileName(file), String(written.checksum));
-    await writeDigestFile(target, file, written.digests ?? []);
+    // Named as the data file's failures are (a full disk is said so, with what to do), not as Node's bare errno.
+    const digests = digestFileName(file);
+    await writeDigestFile(target, file, written.digests ?? []).catch((err: unknown) => { throw writeFailure(disk, `${target.pathOf(digests)}.partial`, err); });
     return { ...result, bytesWritten: written.bytesWritten };
   } finally {
     await endpoint.close();

@@ -13,7 +13,7 @@
 import path from 'node:path';
 import fs from 'node:fs/promises';
 import {
-  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, listSet, readCheckpointList, savedConfigNames, type DataFile,
+  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, lastArchivedChain, listSet, readCheckpointList, savedConfigNames, type DataFile,
 } from '../set/backupSet.js';
 import { DirectoryTarget } from '../set/target.js';
 import { StreamReader } from '../stream/reader.js';
@@ -175,8 +175,12 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const parent = chain[chain.length - 1];
   if (parent === undefined) {
     const missing = !(await exists(cptFile));
-    const elsewhere = missing && ctx.toZip ? ', or start this run from the directory the chain\'s earlier -o - runs started from (their state is kept there)' : '';
-    throw new UserError(`no checkpoints in the backup set (${cptFile} ${missing ? 'is missing' : 'lists none'}): run a full backup first${elsewhere}`);
+    // A run that was to start the chain anew moved its state aside and did not finish: that is where the state went.
+    const archived = await lastArchivedChain(ctx.stateDir);
+    const elsewhere = archived
+      ? ` (the previous chain's state is in ${archived.path}, moved aside by a run that was to start a new chain and did not finish)`
+      : missing && ctx.toZip ? ', or start this run from the directory the chain\'s earlier -o - runs started from (their state is kept there)' : '';
+    throw new UserError(`no checkpoints in the backup set (${cptFile} ${missing ? 'is missing' : 'lists none'}): run a full backup first${archived ? ` (-l full${archived.prefixFlag})` : ''}${elsewhere}`);
   }
   await redefineMissing(domain, chain, ctx.xmlDir, log);
   // -C may be shared by several sets of the domain: the set's own copy tells whether libvirt's checkpoint is its own

@@ -8,7 +8,7 @@ import { StreamReader } from '../stream/reader.js';
 import { looksLikeStream, looksLikeStreamEnd, FRAME_HEADER_LENGTH, type StreamMetadata } from '../stream/format.js';
 import { PIECE_DIGEST, type DigestAlgorithm, type PieceDigest } from '../stream/writer.js';
 import { fillAndCommit, type OutputTarget } from './target.js';
-import { checkpointBitmapDisks, checkpointCreationTime, checkpointDomainUuid, type Level } from '../libvirt/checkpoints.js';
+import { DEFAULT_PREFIX, checkpointBitmapDisks, checkpointCreationTime, checkpointDomainUuid, prefixOf, type Level } from '../libvirt/checkpoints.js';
 import { UserError, describeFailure, describeReadFailure, errnoOf } from '../util/errors.js';
 import { native } from '../native/addon.js';
 
@@ -439,6 +439,21 @@ function describeIdentity(identity: string): string {
 /** A chain moved aside (`chain.<unix-seconds>`) when its checkpoints became unusable; itself a complete set. */
 export const archivedChainName = (when: Date): string => `chain.${Math.floor(when.getTime() / 1000)}`;
 export const isArchivedChain = (name: string): boolean => /^chain\.\d+$/.test(name);
+
+/**
+ * The newest chain moved aside in `dir`, and the flag its checkpoints' prefix asks of the full backup that starts
+ * the set anew (` --checkpoint-prefix P`, or '' for the default): a full without it starts a chain of another
+ * name, and removes the default chain's checkpoints of other sets of the domain.
+ */
+export async function lastArchivedChain(dir: string): Promise<{ path: string; prefixFlag: string } | undefined> {
+  const archived = (await fs.readdir(dir).catch(() => [] as string[])).filter(isArchivedChain).sort().at(-1);
+  if (!archived) return undefined;
+  const archive = path.join(dir, archived);
+  const list = (await fs.readdir(archive).catch(() => [] as string[])).find((n) => n.endsWith('.cpt'));
+  const [first] = list ? await readCheckpointList(path.join(archive, list)).catch(() => [] as string[]) : [];
+  const prefix = first === undefined ? undefined : prefixOf(first);
+  return { path: archive, prefixFlag: prefix && prefix !== DEFAULT_PREFIX ? ` --checkpoint-prefix ${prefix}` : '' };
+}
 
 /**
  * Moves `names` (files and directories of the set `dir`) into a new subdirectory `chain.<unix-seconds>`, where

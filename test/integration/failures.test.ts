@@ -138,7 +138,12 @@ test('inc or diff without a full backup, and full into a used set, are refused',
   const interrupted = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', out, '-n']);
   assert.equal(interrupted.code, 1, interrupted.stderr);
   assert.match(interrupted.stderr.trim(), new RegExp(`run with -l full \\(or -l auto\\) first \\(the previous chain is in ${aside.replace(/\./g, '\\.')}, moved aside by a run that was to start a new one and did not finish\\)$`));
-  await fs.rmdir(aside);
+  // A chain of its own prefix: the full that starts anew must keep it (without, it began a chain of the default
+  // name, and removed other sets' checkpoints of that name).
+  await fs.writeFile(path.join(aside, `${dom.name}.cpt`), JSON.stringify(['bbm.0', 'bbm.1']));
+  const prefixed = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', out, '-n']);
+  assert.match(prefixed.stderr.trim(), /run with -l full --checkpoint-prefix bbm \(or -l auto\) first \(the previous chain is in /);
+  await fs.rm(aside, { recursive: true });
   await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n']);
   const before = await fs.readFile(path.join(out, 'vda.full.data'));
   const again = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', out, '-n']);

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { dataFileName, listSet, parseDataFileName, logFileName, qcowInfoName, readChains, writeDigestFile } from '../../src/set/backupSet.js';
+import { dataFileName, lastArchivedChain, listSet, parseDataFileName, logFileName, qcowInfoName, readChains, writeDigestFile } from '../../src/set/backupSet.js';
 import { MemoryDisk, craftStream } from '../support/craftedSet.js';
 import { DirectoryTarget } from '../../src/set/target.js';
 import { ZipTarget } from '../../src/set/zipTarget.js';
@@ -283,4 +283,17 @@ test('a chain of twelve incrementals is ordered by number (.10 after .9), with i
     const chain = (await readChains(await listSet(dir), list)).get('vda') ?? [];
     assert.deepEqual(chain.map((l) => l.meta.checkpointName), names, list.length ? 'with the .cpt list' : 'without it');
   }
+});
+
+test('lastArchivedChain: the newest chain.<secs> moved aside, and the prefix flag its checkpoint list asks of the full that starts anew', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-aside-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  assert.equal(await lastArchivedChain(dir), undefined);
+  await fs.mkdir(path.join(dir, 'chain.1795901892'));
+  await fs.mkdir(path.join(dir, 'chain.1795909999'));
+  assert.deepEqual(await lastArchivedChain(dir), { path: path.join(dir, 'chain.1795909999'), prefixFlag: '' });
+  await fs.writeFile(path.join(dir, 'chain.1795909999', 'dom.cpt'), JSON.stringify(['virtnbdbackup.0']));
+  assert.equal((await lastArchivedChain(dir))?.prefixFlag, '');
+  await fs.writeFile(path.join(dir, 'chain.1795909999', 'dom.cpt'), JSON.stringify(['nightly.0', 'nightly.1']));
+  assert.equal((await lastArchivedChain(dir))?.prefixFlag, ' --checkpoint-prefix nightly');
 });
