@@ -89,7 +89,7 @@ export class BackupJob {
     options.hooks?.beginning(scratchMarker(tag));
     const beginning = domain.backupBegin(jobXml, cptXml, 0);
     await beginning.catch((err: unknown) => {
-      throw (('socket' in options.server) && socketRefused(err, options.server.socket)) || err;
+      throw (('socket' in options.server) && socketRefused(err, options.server.socket)) || scratchRefused(err, options.scratchDir) || err;
     });
     return job();
   }
@@ -135,6 +135,13 @@ export class BackupJob {
     await waitForJobTeardown(this.domain);
     await Promise.all(this.leftovers.map((f) => fs.rm(f, { force: true }).catch(() => undefined)));
   }
+}
+
+/** QEMU opens the job's scratch files as its own user (blockdev-add): a --scratchdir it may not write, said so. */
+function scratchRefused(err: unknown, scratchDir: string): UserError | undefined {
+  const text = oneLine(err);
+  if (!/blockdev-add/.test(text) || !/Permission denied/i.test(text)) return undefined;
+  return new UserError(`QEMU may not create the backup job's scratch files in ${scratchDir}: permission denied for QEMU's user (libvirt-qemu on Debian), by the directory's permissions or by AppArmor/SELinux; give --scratchdir a directory QEMU may write to, such as /var/tmp (the default)`);
 }
 
 /** QEMU, which creates the job's socket as its own user, may not write where -f points: said so, with the way out. */

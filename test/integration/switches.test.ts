@@ -153,6 +153,18 @@ test('-q, --no-sparse-detection and --pause back up what restores exactly, with 
   assert.ok(result.identical, `Python's restore: ${result.output}`);
 });
 
+test('a --scratchdir QEMU may not write is one line saying so; the checkpoint the run made is gone and the next full works', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'scratchperm-');
+  const closed = path.join(work, 'closed');
+  await fs.mkdir(closed, { mode: 0o700 });
+  const refused = await runCli(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, 'set'), '--scratchdir', closed]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(refused.stderr, new RegExp(`error: cannot start the backup job of '${dom.name}': QEMU may not create the backup job's scratch files in ${closed.replace(/[.]/g, '\\.')}: permission denied for QEMU's user .*; give --scratchdir a directory QEMU may write to, such as /var/tmp \\(the default\\)\n$`));
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
+  await runOk(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, 'set2')]);
+});
+
 /** A unix datagram socket that collects what syslog clients send (Node has no unix datagrams: python3). */
 async function syslogListener(socket: string): Promise<{ stop(): Promise<string> }> {
   const script = 'import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\ns.bind(sys.argv[1])\nprint("ready",flush=True)\n'
