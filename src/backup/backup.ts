@@ -168,7 +168,7 @@ async function checkSet(output: string, level: Level, domain: string): Promise<v
       // Ours lists the chain's first checkpoint last: a full without any list did not finish (killed between disks;
       // a set whose domain was renamed has its list under the former name).
       const unfinished = !onlyCopies && listing.checkpointLists.length === 0;
-      const advice = onlyCopies ? '' : unfinished ? ` (with no checkpoint list, ${path.basename(cptFile)}, the run that wrote it did not finish: move it out of the set)` : ', or -l inc/auto to continue its chain';
+      const advice = onlyCopies ? ': a copy (as a shut-off domain\'s full or auto backup makes) starts no chain; start one in an empty directory with the domain running, or with -S' : unfinished ? ` (with no checkpoint list, ${path.basename(cptFile)}, the run that wrote it did not finish: move it out of the set)` : ', or -l inc/auto to continue its chain';
       throw new UserError(`output directory ${output} already holds a backup (${existing}); use an empty directory for a ${level} backup${advice}`);
     }
     return;

@@ -288,7 +288,7 @@ test('-t raw writes full-size sparse images (-z a warning) with their .chksum, w
   const copies = path.join(work, 'copies');
   await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-o', copies, '-n']);
   const auto = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'auto', '-o', copies, '-n']);
-  assert.match(auto.stderr.trim(), /already holds a backup \(vda\.copy\.data\); use an empty directory for a full backup$/);
+  assert.match(auto.stderr.trim(), /already holds a backup \(vda\.copy\.data\); use an empty directory for a full backup: a copy \(as a shut-off domain's full or auto backup makes\) starts no chain; start one in an empty directory with the domain running, or with -S$/);
   const incOnCopy = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', copies, '-n']);
   assert.match(incOnCopy.stderr.trim(), /holds a copy \(vda\.copy\.data\), which starts no chain: an inc backup needs a full one; run -l full \(or -l auto\) into an empty directory$/);
 });
