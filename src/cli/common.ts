@@ -102,23 +102,29 @@ export function flagGiven(...names: string[]): boolean {
  * apart, and everything after `--`, stay as they are.
  */
 export function expandLongPrefixes(args: readonly string[], names: ReadonlySet<string>, valued: ReadonlySet<string>): string[] {
-  const out: string[] = [];
-  let valueNext = false;
-  for (const [i, arg] of args.entries()) {
-    if (arg === '--') return [...out, ...args.slice(i)];
-    const isValue = valueNext;
-    valueNext = false;
+  return rewriteFlags(args, (arg) => {
     const match = /^--([^=]+)(=.*)?$/s.exec(arg);
-    if (isValue || !match) {
-      out.push(arg);
-      continue;
-    }
+    if (!match) return undefined;
     const [, given = '', value = ''] = match;
     const candidates = names.has(given) ? [given] : [...names].filter((n) => n.startsWith(given));
     if (candidates.length > 1) throw new Error(`ambiguous option: --${given} could match ${candidates.map((n) => `--${n}`).join(', ')}`);
     const full = candidates[0] ?? given;
-    out.push(`--${full}${value}`);
-    valueNext = !value && valued.has(full);
+    return { becomes: [`--${full}${value}`], valueNext: !value && valued.has(full) };
+  });
+}
+
+/**
+ * Walks `args` as argparse reads them: up to `--`, each argument that is not the value of the flag before it goes
+ * to `flag`, which gives what it becomes and whether the next argument is its value (undefined: it stays as it is).
+ */
+function rewriteFlags(args: readonly string[], flag: (arg: string) => { becomes: string[]; valueNext: boolean } | undefined): string[] {
+  const out: string[] = [];
+  let valueNext = false;
+  for (const [i, arg] of args.entries()) {
+    if (arg === '--') return [...out, ...args.slice(i)];
+    const rewritten: ReturnType<typeof flag> = valueNext ? undefined : flag(arg);
+    out.push(...(rewritten?.becomes ?? [arg]));
+    valueNext = rewritten?.valueNext ?? false;
   }
   return out;
 }
@@ -142,18 +148,9 @@ function shortFlags(kinds: YargsOptions): { valued: Set<string>; switches: Set<s
  * of its own. A switch given a value (`-e5`) throws, as argparse refuses it.
  */
 export function splitShortValues(args: readonly string[], flags: { valued: ReadonlySet<string>; switches: ReadonlySet<string>; optional?: ReadonlySet<string> }): string[] {
-  const out: string[] = [];
-  let valueNext = false;
-  for (const [i, arg] of args.entries()) {
-    if (arg === '--') return [...out, ...args.slice(i)];
-    const isValue = valueNext;
-    valueNext = false;
-    if (isValue || !/^-[A-Za-z]/.test(arg)) {
-      out.push(arg);
-      continue;
-    }
+  return rewriteFlags(args, (arg) => {
+    if (!/^-[A-Za-z]/.test(arg)) return undefined;
     const split: string[] = [];
-    let known = true;
     for (let at = 1; at < arg.length; at++) {
       const letter = arg[at] as string;
       if (flags.switches.has(letter)) {
@@ -165,20 +162,13 @@ export function splitShortValues(args: readonly string[], flags: { valued: Reado
         const value = rest.replace(/^=/, '');
         // yargs reads `-d=` as d '' and a flag "=": an empty value goes as an argument of its own.
         split.push(...(!rest ? [`-${letter}`] : value ? [`-${letter}=${value}`] : [`-${letter}`, '']));
-        valueNext = !rest && !flags.optional?.has(letter);
-        break;
+        return { becomes: split, valueNext: !rest && !flags.optional?.has(letter) };
       } else {
-        known = false;
-        break;
+        return undefined;
       }
     }
-    if (known) out.push(...split);
-    else {
-      out.push(arg);
-      valueNext = false;
-    }
-  }
-  return out;
+    return { becomes: split, valueNext: false };
+  });
 }
 
 /**
