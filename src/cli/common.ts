@@ -74,6 +74,8 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   const allowed = withAliases(options.emptyAllowed);
   const blank = blankFlag(givenArgs, new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
   if (blank) usageError(name, `${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
+  const fraction = notWholeNumber(givenArgs, new Set(kinds.number));
+  if (fraction) usageError(name, `${fraction.flag} takes a whole number, not ${fraction.value}`);
   return argv;
 }
 
@@ -182,6 +184,22 @@ export function blankFlag(args: readonly string[], numberFlags: ReadonlySet<stri
     if (!match || !(numberFlags.has(name) || stringFlags.has(name))) continue;
     const value = match[2] !== undefined ? match[3] : args[i + 1];
     if (value !== undefined && value.trim() === '') return { flag: (args[i] as string).split('=')[0] as string, number: numberFlags.has(name) };
+  }
+  return undefined;
+}
+
+/**
+ * The first number flag of `args` given a value that is no whole number (`-T 1e3`, `-w 0x10`, `--nbd-timeout 1.5`),
+ * as written: yargs reads those as numbers, where argparse refuses them (every such flag of virtnbdbackup's is an
+ * int). A next argument that is a flag is no value (`-z -n`).
+ */
+export function notWholeNumber(args: readonly string[], numberFlags: ReadonlySet<string>): { flag: string; value: string } | undefined {
+  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
+    const match = /^--?([^=]+)(=(.*))?$/s.exec(args[i] as string);
+    if (!match || !numberFlags.has(match[1] as string)) continue;
+    const value = match[2] !== undefined ? match[3] : args[i + 1];
+    if (value === undefined || value.trim() === '' || (match[2] === undefined && /^-(?!\d)/.test(value))) continue;
+    if (!/^[+-]?\d+$/.test(value.trim())) return { flag: (args[i] as string).split('=')[0] as string, value };
   }
   return undefined;
 }

@@ -2,7 +2,7 @@
 // which for a string (-o "$UNSET") would mean the working directory.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { blankFlag, expandLongPrefixes, splitShortValues } from '../../src/cli/common.js';
+import { blankFlag, expandLongPrefixes, notWholeNumber, splitShortValues } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -44,4 +44,12 @@ test('expandLongPrefixes: a long flag abbreviated as argparse takes it is writte
   assert.deepEqual(expandLongPrefixes(['--nosuch', '--noprog'], names, valued), ['--nosuch', '--noprogress']);
   assert.throws(() => expandLongPrefixes(['--t', '5'], names, valued), /^Error: ambiguous option: --t could match --type, --threshold, --tls, --tls-cert$/);
   assert.deepEqual(expandLongPrefixes(['--tls-', 'cert.pem'], names, valued), ['--tls-cert', 'cert.pem'], 'a prefix of one name alone is that name');
+});
+
+test('notWholeNumber: a number flag given 1e3, 0x10 or 1.5 is named as written, as argparse refuses them; whole numbers, flags that follow and -- pass', () => {
+  assert.deepEqual(notWholeNumber(['-T', '1e3'], numbers), { flag: '-T', value: '1e3' });
+  assert.deepEqual(notWholeNumber(['--threshold=0x10'], numbers), { flag: '--threshold', value: '0x10' });
+  assert.deepEqual(notWholeNumber(['-o', 'x', '--nbd-timeout', '1.5'], numbers), { flag: '--nbd-timeout', value: '1.5' });
+  assert.equal(notWholeNumber(['-T', '1000', '-z', '-n', '--nbd-timeout=0', '-T', '-1'], numbers), undefined);
+  assert.equal(notWholeNumber(['-z', '--', '-T', '1e3'], numbers), undefined);
 });
