@@ -266,6 +266,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   if (options.type === 'raw' && options.compress !== undefined && options.compress !== false) {
     log.warn('-z does not apply to -t raw: the images are written uncompressed');
   }
+  let made = false;
   if (!toZip) {
     const existing = await fs.stat(stateDir).catch(() => undefined);
     if (existing && !existing.isDirectory()) throw new UserError(`-o ${stateDir} is not a directory: give a directory for the set, or - for a zip on standard output`);
@@ -275,16 +276,24 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       await makeDirectory(stateDir).catch((err: unknown) => {
         throw new UserError(`cannot create output directory ${stateDir}: ${describeFailure(err)}`);
       });
+      made = !existing;
     }
   }
-  if (writesSet) await checkStateWritable(options, stateDir, toZip);
-  const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser, options.nbdTimeout);
-  const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir, host.remote ? host.hostname : undefined);
   try {
-    if (!toZip && writesSet) await checkSet(stateDir, level, options.domain);
-    return await backupLocked(options, log, level, stateDir, toZip, writesSet, host);
-  } finally {
-    await unlock();
+    if (writesSet) await checkStateWritable(options, stateDir, toZip);
+    const host = domainHostOf(options.uri ?? DEFAULT_LIBVIRT_URI, options.sshUser, options.nbdTimeout);
+    const unlock = await lockRun(options.domain, toZip || !writesSet ? undefined : stateDir, host.remote ? host.hostname : undefined);
+    try {
+      if (!toZip && writesSet) await checkSet(stateDir, level, options.domain);
+      return await backupLocked(options, log, level, stateDir, toZip, writesSet, host);
+    } finally {
+      await unlock();
+    }
+  } catch (err) {
+    // A run refused before it wrote anything (another run's lock, no full to go on from) leaves no empty directory
+    // it made; one that wrote its log keeps it there, as Python's does.
+    if (made) await fs.rmdir(stateDir).catch(() => undefined);
+    throw err;
   }
 }
 

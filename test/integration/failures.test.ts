@@ -132,6 +132,10 @@ test('inc or diff without a full backup, and full into a used set, are refused',
     assert.equal(errorLines(r).length, 1, r.stderr);
     assert.match(r.stderr, /no full backup in .*run with -l full/);
   }
+  // Refused into a directory it made: the run leaves none behind.
+  const fresh = path.join(out, 'fresh');
+  assert.equal((await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', fresh, '-n'])).code, 1);
+  await assert.rejects(fs.access(fresh), 'the refused run left the directory it made');
   // A run that fell back to a full and did not finish leaves the set empty but for the chain it moved aside: said.
   const aside = path.join(out, 'chain.1795901892');
   await fs.mkdir(aside);
