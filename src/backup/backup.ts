@@ -13,7 +13,7 @@ import { DirectoryTarget, type OutputTarget } from '../set/target.js';
 import { ZipTarget } from '../set/zipTarget.js';
 import { CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, isStreamFile, lastArchivedChain, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
-import { parseDomainXml, resolveVolumes, selectDisks } from '../libvirt/domainXml.js';
+import { parseDomainXml, resolveVolumes, selectDisks, type DomainDisk } from '../libvirt/domainXml.js';
 import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
@@ -312,8 +312,14 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
     const connection = await openLibvirt(uri, options.login, options.nbdTimeout);
     conn = connection;
     const domain = await lookupDomain(connection, options.domain, uri);
+    const startDomain = (options.startDomain ?? false) && !options.startOnly;
+    // -S would start the domain only to find no disk to back up (-i vdz): refused first, with the same lines.
+    if (startDomain) {
+      const defined = parseDomainXml(await domain.getXMLDesc(0)).disks;
+      if (selectionOf(options, defined, level, false).disks.length === 0) chooseDisks(options, log, defined, level, false);
+    }
     // -s leaves a job running past the run, and -S stops the domain it started as the run ends: not started for -s.
-    const power = await DomainPower.prepare(domain, (options.startDomain ?? false) && !options.startOnly, log);
+    const power = await DomainPower.prepare(domain, startDomain, log);
     try {
       const vmXml = await domain.getXMLDesc(0);
       const info = parseDomainXml(vmXml);
@@ -393,15 +399,14 @@ async function finishZip(zip: ZipTarget, succeeded: boolean, logFile: string, lo
 }
 
 /** Picks the disks: -i/-x, raw disks only with -r and never in inc/diff. */
-function chooseDisks(ctx: RunContext, level: Level): void {
-  const { options, log } = ctx;
+function chooseDisks(options: BackupOptions, log: Logger, domainDisks: DomainDisk[], level: Level, offline: boolean): DomainDisk[] {
   const incremental = level === 'inc' || level === 'diff';
   if (options.raw && incremental) log.warn('raw disks have no checkpoints: they are left out of inc and diff backups');
-  const { disks, skipped } = selectDisks(ctx.info.disks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, rawNotInThisLevel: options.raw && incremental, offline: ctx.power.offline });
+  const { disks, skipped } = selectionOf(options, domainDisks, level, offline);
   for (const s of skipped) (s.expected ? log.info : log.warn).call(log, `skipping disk ${s.disk.target}: ${s.reason}`);
   // A mistyped -i (vdz) would else go unnoticed: a warning. -x of a disk the domain lacks is a line of the log:
   // one -x for every domain in a script is common, and -e would fail each domain without that disk.
-  const targets = ctx.info.disks.map((d) => d.target);
+  const targets = domainDisks.map((d) => d.target);
   for (const [flag, names, say] of [['-i', options.include, log.warn], ['-x', options.exclude, log.info]] as const) {
     for (const name of (names ?? []).filter((n) => !targets.includes(n))) {
       say.call(log, `${flag} ${name}: domain '${options.domain}' has no disk ${name} (its disks: ${targets.join(', ') || 'none'})`);
@@ -416,7 +421,12 @@ function chooseDisks(ctx: RunContext, level: Level): void {
         : skipped.length ? ' that can be backed up (see the lines above)' : '';
     throw new UserError(`domain '${options.domain}' has no disk to back up${why}`);
   }
-  ctx.disks = disks;
+  return disks;
+}
+
+function selectionOf(options: BackupOptions, domainDisks: DomainDisk[], level: Level, offline: boolean): ReturnType<typeof selectDisks> {
+  const incremental = level === 'inc' || level === 'diff';
+  return selectDisks(domainDisks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, rawNotInThisLevel: options.raw && incremental, offline });
 }
 
 /**
@@ -451,7 +461,7 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
     const notHere = options.startDomain ? ' (virsh start: -S would stop the domain again as the run ends, and the job with it)' : '';
     throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first${notHere}`);
   }
-  chooseDisks(ctx, requested);
+  ctx.disks = chooseDisks(options, log, ctx.info.disks, requested, power.offline);
   let level = requested;
   if (level === 'full' && ctx.disks.every((d) => d.format === 'raw')) {
     log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');

@@ -109,6 +109,12 @@ test('-S starts a shut-off domain paused and stops it again; a bitmap removed wh
   assert.match(errorLines(leftRunning).join('\n'), /is shut off: -s leaves a backup job running, which needs a running domain; start it first \(virsh start: -S would stop the domain again as the run ends, and the job with it\)$/);
   assert.doesNotMatch(leftRunning.stderr, /started shut-off domain/);
   assert.match(virsh('domstate', dom.name), /shut off/);
+  // -S with no disk to back up (-i of a disk it lacks): refused with the same lines, before the domain is started.
+  const noDisk = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-S', '-i', 'vdz', '-o', set]);
+  assert.equal(noDisk.code, 1, noDisk.stderr);
+  assert.match(noDisk.stderr, /-i vdz: domain '\S+' has no disk vdz \(its disks: vda\)\n(.*\n)*.*error: domain '\S+' has no disk to back up matching -i vdz\n$/);
+  assert.doesNotMatch(noDisk.stderr, /started shut-off domain/);
+  assert.match(virsh('domstate', dom.name), /shut off/);
 
   await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.1']);
   await writeOffline(dom, '0x77', '30M', '1M');
