@@ -9,7 +9,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { OUTLIVES_TERMINAL, accepts, boundToUs, notInstalled, run, shellQuote, type RunResult } from '../util/process.js';
+import { accepts, boundToUs, notInstalled, run, shellQuote, type RunResult } from '../util/process.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { checkTcpPort } from '../util/tcpPort.js';
@@ -197,8 +197,8 @@ export class SshHost implements HostAccess {
    */
   spawn(script: string, stdin: 'pipe' | 'ignore', stdout: 'pipe' | 'ignore', bound = false): { child: ChildProcess; lastWords: (lines?: number) => string | undefined } {
     const [command, args] = bound ? boundToUs('ssh', [...this.sshArgs(), script]) : ['ssh', [...this.sshArgs(), script]];
-    // A bound session is the run's to end, as a local server is (spawnServer): a terminal's Ctrl-C does not reach it.
-    const child = spawn(command, args, { stdio: [stdin, stdout, 'pipe'], detached: OUTLIVES_TERMINAL || bound });
+    // The run's to end, as a local server is (spawnServer): a terminal's Ctrl-C reaches the run, not its ssh.
+    const child = spawn(command, args, { stdio: [stdin, stdout, 'pipe'], detached: true });
     let stderr = '';
     child.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
     return { child, lastWords: (lines = 1) => stderr.trim().split('\n').filter(Boolean).slice(-lines).join('; ') || undefined };

@@ -10,8 +10,9 @@ export interface RunResult { stdout: string; stderr: string }
 
 /**
  * Started under nohup, as the launcher (bin/) says: Node resets every signal's handling as it starts, so the
- * launcher's shell reads it. Such a run outlives its terminal, and so do the helpers it starts: they run in
- * sessions of their own, where the hangup sent to the run's process group does not reach them.
+ * launcher's shell reads it. Such a run outlives its terminal, and so do the helpers it starts: every helper runs
+ * in a session of its own, where neither the hangup nor the Ctrl-C sent to the run's process group reaches it; the
+ * run stops its helpers itself, and those bound to it (boundToUs) die with it.
  */
 export const OUTLIVES_TERMINAL = process.env.VIRTNBD_SIGHUP_IGNORED === '1';
 
@@ -69,8 +70,9 @@ export function run(command: string, args: string[], options: RunOptions = {}): 
     // the child is gone: the rejection waits for its 'close'.
     const { signal: abort } = options;
     const [program, programArgs] = options.bound ? boundToUs(command, args) : [command, args];
-    // Work the run stops itself (`signal`) or that ends with it (`bound`) runs in a session of its own, as servers do.
-    const child = spawn(program, programArgs, { stdio: ['ignore', 'pipe', 'pipe'], detached: OUTLIVES_TERMINAL || abort !== undefined || options.bound === true, signal: abort });
+    // A session of its own, as servers have (spawnServer): a terminal's Ctrl-C reaches the run, which stops what it
+    // started (`signal`), and not a qemu-img that would fail first and be reported as the run's failure.
+    const child = spawn(program, programArgs, { stdio: ['ignore', 'pipe', 'pipe'], detached: true, signal: abort });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => { stdout += text; });

@@ -2,7 +2,6 @@
 // so no native socket code is needed. Guarantees: never throws into the caller; a syslog that cannot be
 // reached (no /dev/log, no `logger`) is reported once through `onProblem` and later lines are dropped.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { OUTLIVES_TERMINAL } from './process.js';
 
 /** Severity of each logger level (RFC 5424), facility user (1). */
 const SEVERITY = { debug: 7, info: 6, warn: 4, error: 3 } as const;
@@ -15,7 +14,7 @@ export class SyslogSink {
   constructor(tag: string, socket: string | undefined, private readonly onProblem: (problem: string) => void) {
     const args = ['--socket-errors=on', '--prio-prefix', '-t', tag, `--id=${process.pid}`];
     if (socket) args.push('--socket', socket);
-    const child = spawn('logger', args, { stdio: ['pipe', 'ignore', 'pipe'], detached: OUTLIVES_TERMINAL });
+    const child = spawn('logger', args, { stdio: ['pipe', 'ignore', 'pipe'], detached: true });
     this.child = child;
     let stderr = '';
     child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });

@@ -72,7 +72,11 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
   assert.equal(twice.code, 1);
   assert.match(twice.stderr.trim(), /^virtnbdbackup: error: -p estimates the next inc of the set in \/nonexistent, which does not exist: give the set's directory$/);
   // An lz4 level out of range is refused before anything is touched (it failed after the old chain was removed).
-  for (const level of ['1.5', '0', '-3', '17', '99999999999']) {
+  // 1.5 is no whole number: a wrong flag (exit 2), as argparse's int refuses it.
+  const fraction = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-l', 'full', '-o', '/nonexistent', '-z', '1.5']);
+  assert.equal(fraction.code, 2, fraction.stderr);
+  assert.equal(fraction.stderr.trim(), 'virtnbdbackup: error: -z takes a whole number, not 1.5; see virtnbdbackup --help');
+  for (const level of ['0', '-3', '17', '99999999999']) {
     const z = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-l', 'full', '-o', '/nonexistent', '-z', level]);
     assert.equal(z.code, 1, z.stderr);
     assert.equal(z.stderr.trim(), `virtnbdbackup: error: -z ${level}: give an lz4 compression level from 1 to 16 (-z alone: 2)`);
