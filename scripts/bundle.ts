@@ -11,7 +11,7 @@ import fs from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { build } from 'esbuild';
+import { build, type Plugin } from 'esbuild';
 import { repoRoot } from '../test/support/cli.js';
 
 const COMMANDS = ['virtnbdbackup', 'virtnbdrestore', 'virtnbdmap'] as const;
@@ -27,6 +27,28 @@ function stringWidthOfCliProgress(): string {
   const fromRoot = createRequire(path.join(repoRoot, 'package.json'));
   return createRequire(fromRoot.resolve('cli-progress')).resolve('string-width');
 }
+
+/**
+ * yargs guesses a version at every start from the package.json nearest its `mainFilename`: the folder above its
+ * node_modules, which a bundle has not, so it looked from the working directory up, reading every folder on the
+ * way (a working directory of 20 000 files cost 15 ms a start) and whatever package.json it met. In the bundle the
+ * repository's root is three folders above it (dist/src/cli), where the package's own package.json is.
+ */
+const YARGS_SHIM = /yargs[\\/]lib[\\/]platform-shims[\\/]esm\.mjs$/;
+const YARGS_MAIN = 'mainFilename: mainFilename || process.cwd(),';
+const fromBundleRoot: Plugin = {
+  name: 'yargs-main-from-bundle',
+  setup(build) {
+    build.onLoad({ filter: YARGS_SHIM }, async (args) => {
+      const source = await fs.readFile(args.path, 'utf8');
+      if (!source.includes(YARGS_MAIN)) {
+        process.stderr.write(`bundle: warning: yargs' ${path.basename(args.path)} has no "${YARGS_MAIN}": it guesses its version from the working directory\n`);
+        return { contents: source, loader: 'js' };
+      }
+      return { contents: source.replace(YARGS_MAIN, "mainFilename: mainFilename || fileURLToPath(new URL('../../../', import.meta.url)),"), loader: 'js' };
+    });
+  },
+};
 
 async function bundle(command: string, stringWidth: string): Promise<void> {
   const final = path.join(CLI_DIR, `${command}.bundle.cjs`);
@@ -45,6 +67,7 @@ async function bundle(command: string, stringWidth: string): Promise<void> {
     // Loaded only for zip output and progress bars, so left out: in the bundle they would be parsed on every run.
     external: ['archiver', 'cli-progress'],
     alias: { 'string-width': stringWidth, assert: path.join(repoRoot, 'dist', 'scripts', 'yargsAssert.js') },
+    plugins: [fromBundleRoot],
   });
   await fs.rm(`${final}.cache`, { force: true });
   await fs.rename(partial, final);

@@ -88,6 +88,15 @@ test('a code cache made for another bundle of the same length is passed over, an
   assert.deepEqual(launch('check'), { stdout: 'two function', stderr: 'code cache: none\n' });
 });
 
+test("each bundle has yargs look for its version from the package's root, not from the working directory up", async () => {
+  // A working directory of 20 000 files cost 15 ms of every start, read folder by folder up to / (scripts/bundle.ts).
+  for (const command of COMMANDS) {
+    const bundle = await fs.readFile(path.join(repoRoot, 'dist', 'src', 'cli', `${command}.bundle.cjs`), 'utf8');
+    assert.doesNotMatch(bundle, /mainFilename: mainFilename \|\| process\.cwd\(\)/, command);
+    assert.match(bundle, /mainFilename: mainFilename \|\| \(0, \w+\.fileURLToPath\)\(new URL\("\.\.\/\.\.\/\.\.\/", importMetaUrl\)\)/, command);
+  }
+});
+
 test("the bundle finds yargs' translations", async () => {
   const german = { ...process.env, LANG: 'de_DE.UTF-8', LC_ALL: 'de_DE.UTF-8' };
   const run = spawnSync(path.join(repoRoot, 'bin', 'virtnbdbackup'), ['-l', 'full'], { env: german, encoding: 'utf8' });
