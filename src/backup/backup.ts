@@ -14,7 +14,7 @@ import { ZipTarget } from '../set/zipTarget.js';
 import { CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, digestFileName, isStreamFile, lastArchivedChain, listSet, logFileName, readCheckpointList } from '../set/backupSet.js';
 import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks, type DomainDisk } from '../libvirt/domainXml.js';
-import { BackupJob, type BackupJobOptions } from '../libvirt/backupJob.js';
+import { BackupJob } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';

@@ -173,17 +173,31 @@ export function splitShortValues(args: readonly string[], flags: { valued: Reado
   });
 }
 
+/** A flag of `args` (up to `--`) with its value as written: after `=` (inline), else the next argument. */
+interface GivenValue {
+  /** The flag as written (`-T`, `--threshold`), its name (`T`, `threshold`). */
+  flag: string;
+  name: string;
+  value: string | undefined;
+  inline: boolean;
+}
+
+function* givenValues(args: readonly string[], names: ReadonlySet<string>): Generator<GivenValue> {
+  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
+    const match = /^--?([^=]+)(=(.*))?$/s.exec(args[i] as string);
+    if (!match || !names.has(match[1] as string)) continue;
+    const inline = match[2] !== undefined;
+    yield { flag: (args[i] as string).split('=')[0] as string, name: match[1] as string, value: inline ? match[3] : args[i + 1], inline };
+  }
+}
+
 /**
  * The first number or string flag in `args` given an empty or blank value (`-T ''`, `--nbd-timeout=`, `-o ' '`),
  * named as written; nothing after `--`.
  */
 export function blankFlag(args: readonly string[], numberFlags: ReadonlySet<string>, stringFlags: ReadonlySet<string>): { flag: string; number: boolean } | undefined {
-  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
-    const match = /^--?([^=]+)(=(.*))?$/s.exec(args[i] as string);
-    const name = match?.[1] as string;
-    if (!match || !(numberFlags.has(name) || stringFlags.has(name))) continue;
-    const value = match[2] !== undefined ? match[3] : args[i + 1];
-    if (value !== undefined && value.trim() === '') return { flag: (args[i] as string).split('=')[0] as string, number: numberFlags.has(name) };
+  for (const given of givenValues(args, new Set([...numberFlags, ...stringFlags]))) {
+    if (given.value !== undefined && given.value.trim() === '') return { flag: given.flag, number: numberFlags.has(given.name) };
   }
   return undefined;
 }
@@ -194,12 +208,9 @@ export function blankFlag(args: readonly string[], numberFlags: ReadonlySet<stri
  * int). A next argument that is a flag is no value (`-z -n`).
  */
 export function notWholeNumber(args: readonly string[], numberFlags: ReadonlySet<string>): { flag: string; value: string } | undefined {
-  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
-    const match = /^--?([^=]+)(=(.*))?$/s.exec(args[i] as string);
-    if (!match || !numberFlags.has(match[1] as string)) continue;
-    const value = match[2] !== undefined ? match[3] : args[i + 1];
-    if (value === undefined || value.trim() === '' || (match[2] === undefined && /^-(?!\d)/.test(value))) continue;
-    if (!/^[+-]?\d+$/.test(value.trim())) return { flag: (args[i] as string).split('=')[0] as string, value };
+  for (const { flag, value, inline } of givenValues(args, numberFlags)) {
+    if (value === undefined || value.trim() === '' || (!inline && /^-(?!\d)/.test(value))) continue;
+    if (!/^[+-]?\d+$/.test(value.trim())) return { flag, value };
   }
   return undefined;
 }

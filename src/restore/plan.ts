@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, vmConfigName,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, sideFilesAre, vmConfigName,
   type ChainLink, type DataFile, type SetListing, type StrandedSideFiles,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
@@ -399,11 +399,11 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   if (options.until === undefined) for (const [disk, chain] of chains) if (options.disk === undefined || disk === options.disk) refuseOlderChains(chain, scanned.listed);
   const lost: LostFiles[] = [];
   const short: ChainLink[][] = [];
+  const savedThere = await bitmapsAt(name);
   for (const [disk, chain] of chains) {
     if (options.disk !== undefined && disk !== options.disk) continue;
     await refuseUnsaved(chain, point, checkpoints, bitmapsAt, options.input);
     // --until a point whose checkpoint did not save the disk (detached, -x) leaves it out: nothing of it is read.
-    const savedThere = await bitmapsAt(name);
     if (options.until !== undefined && savedThere !== undefined && !savedThere.includes(disk)) continue;
     const missing = await lostFiles(chain, point, checkpoints, bitmapsAt);
     if (missing) lost.push(missing);
@@ -412,7 +412,7 @@ async function refuseLostFiles(scanned: ScannedSet, options: { input: string; un
   const at = options.until === undefined ? `the set's latest point (${name})` : name;
   if (lost.length === 0) {
     // A disk the point's checkpoint saved, of which the set holds no file at all (-d asks for one it has).
-    const gone = options.disk === undefined ? ((await bitmapsAt(name)) ?? []).filter((d) => !chains.has(d) && !images.has(d)) : [];
+    const gone = options.disk === undefined ? (savedThere ?? []).filter((d) => !chains.has(d) && !images.has(d)) : [];
     if (gone.length === 0) {
       // --until leaves such a disk out (absentAt); the latest point restores it at its newest file.
       if (options.until === undefined) for (const chain of short) await warnIfShortUnproven(chain, point, checkpoints, bitmapsAt, at, log);
@@ -619,9 +619,9 @@ async function selectSources(scanned: ScannedSet, options: PlanOptions, log: Log
   const chains = await selectChains(scanned, { input, until: options.until, disk: options.disk }, log);
   // The latest point would include a lost diff (none after the checkpoint --until names is read).
   if (options.until === undefined) {
-    for (const { dataFile, sideFiles } of scanned.lostDiffs) {
-      const them = sideFiles.length > 1 ? 'them' : 'it';
-      log.warn(`${input} lacks ${dataFile}, whose ${sideFiles.join(' and ')} ${sideFiles.length > 1 ? 'are' : 'is'} there: that diff, the newest backup of its disk, was lost or removed, and the restore ends before it; put it back, or move ${them} out of the set if the diff was removed on purpose`);
+    for (const lost of scanned.lostDiffs) {
+      const them = lost.sideFiles.length > 1 ? 'them' : 'it';
+      log.warn(`${input} lacks ${lost.dataFile}, whose ${sideFilesAre(lost)} there: that diff, the newest backup of its disk, was lost or removed, and the restore ends before it; put it back, or move ${them} out of the set if the diff was removed on purpose`);
     }
   }
   const images = new Map([...scanned.images].filter(([disk]) => options.disk === undefined || disk === options.disk));

@@ -222,6 +222,9 @@ export interface StrandedSideFiles {
   sideFiles: string[];
 }
 
+/** A stranded data file's side files in words, with their verb: "x.chksum is", "x.blake3.json and x.chksum are". */
+export const sideFilesAre = (stranded: StrandedSideFiles): string => `${stranded.sideFiles.join(' and ')} ${stranded.sideFiles.length > 1 ? 'are' : 'is'}`;
+
 /** The endings of a data file's side files: its checksum, and its digests of either algorithm. */
 const SIDE_FILE_SUFFIXES = [checksumFileName(''), digestFileName('', 'blake3'), digestFileName('', 'sha256')];
 

@@ -12,7 +12,7 @@ import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { StreamReader } from '../stream/reader.js';
 import {
-  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum,
+  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum, sideFilesAre,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
@@ -201,8 +201,8 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   for (const partial of partials) report({ file: partial, ok: false, reason: why });
   // Only where the chains tell that the diff was the newest of its disk (an older one passed by a newer file is no loss).
   if (options.until === undefined) {
-    for (const { dataFile, sideFiles } of scanned?.lostDiffs ?? []) {
-      report({ file: dataFile, ok: false, reason: `missing, while its ${sideFiles.join(' and ')} ${sideFiles.length > 1 ? 'are' : 'is'} in the set: the newest diff of its disk, lost, or removed without its side files` });
+    for (const lost of scanned?.lostDiffs ?? []) {
+      report({ file: lost.dataFile, ok: false, reason: `missing, while its ${sideFilesAre(lost)} in the set: the newest diff of its disk, lost, or removed without its side files` });
     }
   }
   for (const file of files) {
