@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -69,11 +70,16 @@ class NbdHandle : public Napi::ObjectWrap<NbdHandle> {
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value Cut(const Napi::CallbackInfo& info);
 
-  // Queues op(handle) -> out on the threadpool; -1 rejects with that thread's libnbd error.
+  // Queues op(handle) -> out on the threadpool, one op of this connection at a time; -1 rejects with that
+  // thread's libnbd error.
   template <typename T>
   Napi::Value Submit(const Napi::CallbackInfo& info, std::function<int(nbd_handle*, T&)> op,
                      typename PromiseWorker<T>::Settle settle = PromiseWorker<T>::Undefined,
                      std::optional<Napi::Object> buffer = std::nullopt);
+  // The same for an op that names its own failure (one it met before cleaning up, which may call libnbd again).
+  template <typename T>
+  Napi::Value SubmitChecked(const Napi::CallbackInfo& info, std::function<std::optional<Failure>(nbd_handle*, T&)> op,
+                            typename PromiseWorker<T>::Settle settle, std::optional<Napi::Object> buffer);
   Napi::Value Submit(const Napi::CallbackInfo& info, Op op, std::optional<Napi::Object> buffer = std::nullopt);
   // pread/pwrite of a whole Buffer, split into requests the server accepts.
   using Transfer = int (*)(nbd_handle*, uint8_t* data, uint64_t count, uint64_t offset);
@@ -87,6 +93,9 @@ class NbdHandle : public Napi::ObjectWrap<NbdHandle> {
 
   std::shared_ptr<SocketCutter> cutter_ = std::make_shared<SocketCutter>();
   Handle handle_;  // null once close() has started
+  // Held by each op for its whole run: a pipelined read polls the handle between libnbd calls, and another thread's
+  // call in between could take its replies and leave its poll waiting for nothing.
+  std::shared_ptr<std::mutex> serial_ = std::make_shared<std::mutex>();
   std::optional<NbdInfo> info_;
 };
 

@@ -272,6 +272,57 @@ test('NbdHandle.preadSummed reads like pread and sums like checksumPiece', async
   });
 });
 
+/** nbdkit's pattern plugin (each 8-byte word holds its offset, big-endian) whose reads fail with EIO while `trigger` exists. */
+async function withFailingServer(body: (socket: string, trigger: string) => Promise<void>): Promise<void> {
+  const dir = await tempDir();
+  const socket = path.join(dir, 'nbd.sock');
+  const trigger = path.join(dir, 'fail-reads');
+  const args = ['--foreground', '--exit-with-parent', '-U', socket, '--filter=error', 'pattern', '64M', 'error-pread=EIO', 'error-pread-rate=1', `error-pread-file=${trigger}`];
+  const server = spawn('nbdkit', args, { stdio: 'ignore' });
+  try {
+    for (let i = 0; i < 100 && !(await stat(socket).catch(() => undefined)); i++) await sleep(50);
+    await body(socket, trigger);
+  } finally {
+    server.kill();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+function patternAt(offset: number, length: number): Buffer {
+  const words = Buffer.alloc(length + 16);
+  const first = Math.floor(offset / 8) * 8;
+  for (let at = 0; at < words.length; at += 8) words.writeBigUInt64BE(BigInt(first + at), at);
+  return words.subarray(offset - first, offset - first + length);
+}
+
+test('NbdHandle.preadSummed keeps requests in flight: a failing one settles the rest first, and the connection reads on', async () => {
+  await withFailingServer(async (socket, trigger) => {
+    const h = new addon.NbdHandle();
+    await h.connectUnix(socket, '', []);
+    try {
+      const size = h.getSize();
+      const readsRight = async (offset: number, length: number): Promise<void> => {
+        const buffer = Buffer.alloc(length, 0xee);
+        const sums = await h.preadSummed(buffer, offset, 256 * 1024, true, 'blake3');
+        assert.ok(buffer.equals(patternAt(offset, length)), `${length} bytes at ${offset}`);
+        assert.deepEqual(sums, await addon.checksumPiece(buffer, 'blake3'));
+      };
+      // The fifth request lies beyond the end: libnbd refuses to send it while four are in flight.
+      await assert.rejects(h.preadSummed(Buffer.alloc(2 * MiB), size - MiB, 256 * 1024, true), isNativeError('libnbd'));
+      await readsRight(size - 4 * MiB, 4 * MiB);
+      // The server fails every read: the first failure is the answer, the requests sent after it are retired.
+      await writeFile(trigger, '');
+      await assert.rejects(h.preadSummed(Buffer.alloc(8 * MiB), 0, 256 * 1024, true, 'blake3'), isNativeError('libnbd', 5));
+      await rm(trigger);
+      await readsRight(3 * MiB + 8, 8 * MiB - 24);
+      // Many pieces on one connection at once take turns and each gets its own bytes.
+      await Promise.all(Array.from({ length: 8 }, (_, i) => readsRight(i * 5 * MiB + 512, 4 * MiB + 4096)));
+    } finally {
+      await h.close();
+    }
+  });
+});
+
 test('NbdHandle connect failures reject with errno', async () => {
   const h = new addon.NbdHandle();
   await assert.rejects(h.connectUnix('/nonexistent/virtnbd.sock', 'vda', []), isNativeError('libnbd', 2));
