@@ -316,6 +316,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
     // -S would start the domain only to find no disk to back up (-i vdz): refused first, with the same lines.
     if (startDomain) {
       const defined = parseDomainXml(await domain.getXMLDesc(0)).disks;
+      await resolveVolumes(defined, (pool, volume) => connection.storageVolumePath(pool, volume));
       if (selectionOf(options, defined, level, false).disks.length === 0) chooseDisks(options, log, defined, level, false);
     }
     // -s leaves a job running past the run, and -S stops the domain it started as the run ends: not started for -s.
@@ -511,7 +512,7 @@ async function estimate(ctx: RunContext, plan: RunPlan): Promise<number> {
   // libvirt counts changes on the disks the checkpoint has bitmaps on; an added disk goes whole into the next inc.
   for (const target of plan.addedDisks) ctx.log.info(`disk ${target} was added since ${plan.checkpoint.parent}: the next inc saves it whole, which this estimate leaves out`);
   for (const { target, from } of plan.resumedDisks) ctx.log.info(`disk ${target} was left out of the backups after ${from}: the next inc saves its changes since then, which this estimate leaves out`);
-  return changedBytesSince(ctx.domain, plan.checkpoint.parent);
+  return changedBytesSince(ctx.domain, plan.checkpoint.parent, ctx.info.disks.map((d) => d.target));
 }
 
 /** The estimate for -T, or undefined when none can be made (shut-off domain, broken checkpoint). */
@@ -520,7 +521,7 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
     ctx.log.info('-T: no size estimate for a shut-off domain (libvirt needs QEMU for it): backing up');
     return undefined;
   }
-  return changedBytesSince(ctx.domain, plan.checkpoint.parent).catch((err: unknown) => {
+  return changedBytesSince(ctx.domain, plan.checkpoint.parent, ctx.info.disks.map((d) => d.target)).catch((err: unknown) => {
     ctx.log.info(`-T: no size estimate (${oneLine(err)}): backing up`);
     return undefined;
   });
@@ -629,8 +630,8 @@ async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard):
 async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
   const { options, log, disks } = ctx;
   // The job's guard is spawned here, before a guest is frozen or paused for the job's begin (its spawn holds the event
-  // loop 8 to 15 ms), and told of each begin; a job left running (-s) has none. It is released once the job is ended.
-  const guard: JobGuard | undefined = ctx.power.offline || options.startOnly ? undefined
+  // loop 8 to 15 ms), and told of each begin. It is released once the job is ended, or, with -s, once it has begun.
+  const guard: JobGuard | undefined = ctx.power.offline ? undefined
     : guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login);
   let opened: Awaited<ReturnType<typeof openExports>>;
   try {
@@ -642,6 +643,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
   const { exports, plan, scratch: scratchSpace } = opened;
   const base = resultOf(ctx, plan);
   if (options.startOnly) {
+    await guard?.release();
     const server = describeServer(serverOf(ctx));
     log.info(`backup job of '${options.domain}' started and left running: NBD server ${server}, exports ${disks.map((d) => d.target).join(', ')}; end it with -k${ctx.power.offline ? '' : ` (until then, guest writes keep their old data in ${scratchLocation(ctx.host, scratchDirOf(options))}, which nothing watches for space)`}`);
     return { ...base, startedJob: { server, exports: disks.map((d) => d.target) } };

@@ -42,7 +42,7 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   const withAliases = (names: string[] | undefined): Set<string> => new Set((names ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
   const optional = withAliases(options.valueOptional);
   try {
-    const longNames = Object.keys(kinds.key).flatMap((key) => [key, ...(kinds.alias[key] ?? [])]).filter((n) => n.length > 1 && !/[A-Z]/.test(n));
+    const longNames = longFlagNames(kinds);
     const longValued = new Set(longNames.filter((n) => !kinds.boolean.includes(n) && !optional.has(n)));
     givenArgs = splitShortValues(expandLongPrefixes(hideBin(process.argv), new Set(longNames), longValued), { ...shortFlags(kinds), optional });
   } catch (err) {
@@ -80,12 +80,23 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
 }
 
 /** What yargs' getOptions() tells of the flags (it is missing from its types). */
-interface YargsOptions {
+export interface YargsOptions {
   number: string[];
   string: string[];
   boolean: string[];
   alias: Record<string, string[]>;
   key: Record<string, boolean>;
+  default: Record<string, unknown>;
+}
+
+/**
+ * The long flags a command line may abbreviate: every long name, and `no-<flag>` of a switch that is on unless
+ * turned off (--no-sparse-detection is the flag argparse knows, and --no-sparse its prefix).
+ */
+export function longFlagNames(kinds: YargsOptions): string[] {
+  const names = Object.keys(kinds.key).flatMap((key) => [key, ...(kinds.alias[key] ?? [])]).filter((n) => n.length > 1 && !/[A-Z]/.test(n));
+  const negated = kinds.boolean.filter((flag) => kinds.default[flag] === true && flag.length > 1 && !/[A-Z]/.test(flag)).map((flag) => `no-${flag}`);
+  return [...names, ...negated];
 }
 
 /** The command line as parseFlags read it, short flags split as argparse splits them. */

@@ -163,12 +163,13 @@ export async function clearOrphanBitmap(domain: LibvirtDomain, name: string, tar
 
 /**
  * Bytes changed since checkpoint `name` on all its disks, as libvirt estimates them (running domains only). A disk
- * the checkpoint gives a bitmap that libvirt sizes not has lost it (removed from the image, or left inconsistent by
- * a crash): refused, where a sum without it read as nothing changed, and -T skipped every backup.
+ * of the domain (`present`) that the checkpoint gives a bitmap libvirt sizes not has lost it (removed from the
+ * image, or left inconsistent by a crash): refused, where a sum without it read as nothing changed, and -T skipped
+ * every backup. libvirt sizes no disk detached since the checkpoint either; that one has nothing to back up.
  */
-export async function changedBytesSince(domain: LibvirtDomain, name: string): Promise<number> {
+export async function changedBytesSince(domain: LibvirtDomain, name: string, present: readonly string[]): Promise<number> {
   const xml = await domain.checkpointGetXMLDesc(name, VIR_DOMAIN_CHECKPOINT_XML_SIZE);
-  const unsized = checkpointBitmapDisks(xml).filter((target) => checkpointDiskSize(xml, target) === undefined);
+  const unsized = checkpointBitmapDisks(xml).filter((target) => present.includes(target) && checkpointDiskSize(xml, target) === undefined);
   if (unsized.length > 0) {
     throw new UserError(`the bitmap of checkpoint ${name} on disk ${unsized.join(', ')} is missing or broken in the image (libvirt sizes no changes since it): the next inc makes a full backup instead`);
   }

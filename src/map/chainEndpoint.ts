@@ -238,7 +238,9 @@ function checkSequence(links: readonly ChainLink[]): void {
 
 /**
  * Files that are all there, in another order than the chain's: said so, where the chain check would ask for a file
- * that is missing. A file's parent checkpoint is made by a full or inc (a diff's metadata names the next one).
+ * that is missing. A file's parent checkpoint is made by a full or inc; a diff's metadata names the next one (an
+ * offline one, the one it is based on), and Python's offline inc names the one it is based on, as the file before
+ * it does.
  */
 function refuseMisordered(links: readonly ChainLink[]): void {
   // A file named otherwise may be a diff taken for an inc (toLink), whose metadata names the next checkpoint.
@@ -246,9 +248,10 @@ function refuseMisordered(links: readonly ChainLink[]): void {
   const makers = links.map((l, i) => ({ l, i })).filter(({ l }) => l.level !== 'diff');
   for (const [i, link] of links.entries()) {
     if (i === 0) continue;
-    const parent = makers.find(({ l }) => l.meta.checkpointName === link.meta.parentCheckpoint);
     const before = makers.filter(({ i: at }) => at < i).at(-1);
-    if (!parent || parent.i === before?.i) continue;
+    if (before?.l.meta.checkpointName === link.meta.parentCheckpoint) continue;
+    const parent = makers.find(({ l }) => l.meta.checkpointName === link.meta.parentCheckpoint);
+    if (!parent) continue;
     throw new UserError(`-f is out of chain order: ${link.path} is based on checkpoint ${link.meta.parentCheckpoint}, which ${parent.l.path} makes, so it goes right after that file, not after ${(before as { l: ChainLink }).l.path}; give the full backup first, then each incremental in checkpoint order, a diff after the file of its checkpoint`);
   }
 }

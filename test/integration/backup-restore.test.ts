@@ -223,6 +223,11 @@ test('a volume disk (type=\'volume\' in a storage pool): full and inc restore bi
   await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', py]);
   const pyResult = await TestDomain.compare(path.join(py, 'vda.qcow2'), reference);
   assert.ok(pyResult.identical, pyResult.output);
+  // Shut off, -S finds the volume disk before it starts the domain (it refused: "no disk to back up").
+  await dom.stop();
+  const started = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-S', '-o', set, '-n']);
+  assert.match(started.stderr, /started shut-off domain .* paused/);
+  assert.doesNotMatch(started.stderr, /skipping|warning/);
 });
 
 test('network disks (NBD, as Ceph RBD or iSCSI images are reached): a qcow2 one backs up full and inc, a raw one with -r as a copy; both restore bit for bit, -c makes them file disks libvirt defines; a shut-off domain\'s are left out with a line', async (t) => {

@@ -116,24 +116,27 @@ test('-q, --no-sparse-detection and --pause back up what restores exactly, with 
   assert.match(full.stderr, /suspended domain .* while the backup job starts\n(.*\n)*resumed domain/);
   assert.match(virsh('domstate', dom.name), /running/);
 
-  // Killed outright (kill -9) while the guest is suspended: its guard resumes it, ends the job and removes the socket.
-  const killed = spawn(bin, ['-d', dom.name, '-l', 'inc', '--pause', '-o', set], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let said = '';
-  for await (const chunk of killed.stderr) if (/suspended domain/.test(said += String(chunk))) break;
-  killed.kill('SIGKILL');
-  await once(killed, 'close').catch(() => undefined);
-  const socket = `/var/tmp/virtnbdbackup.${killed.pid}`;
-  let state = '';
-  for (let waited = 0; waited < 20_000; waited += 250) {
-    state = virsh('domstate', dom.name).trim();
-    if (state === 'running' && !/Backup/.test(virsh('domjobinfo', dom.name)) && !(await exists(socket))) break;
-    await new Promise((resolve) => setTimeout(resolve, 250));
+  // Killed outright (kill -9) while the guest is suspended, as an inc and as -s (whose job was to outlive the run,
+  // once begun): its guard resumes the guest, ends the job and removes the socket.
+  for (const extra of [[], ['-s']]) {
+    const killed = spawn(bin, ['-d', dom.name, '-l', 'inc', '--pause', ...extra, '-o', set], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let said = '';
+    for await (const chunk of killed.stderr) if (/suspended domain/.test(said += String(chunk))) break;
+    killed.kill('SIGKILL');
+    await once(killed, 'close').catch(() => undefined);
+    const socket = `/var/tmp/virtnbdbackup.${killed.pid}`;
+    let state = '';
+    for (let waited = 0; waited < 20_000; waited += 250) {
+      state = virsh('domstate', dom.name).trim();
+      if (state === 'running' && !/Backup/.test(virsh('domjobinfo', dom.name)) && !(await exists(socket))) break;
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
+    assert.equal(state, 'running', `the guard resumes the guest a killed run (${['inc', ...extra].join(' ')}) had suspended`);
+    assert.doesNotMatch(virsh('domjobinfo', dom.name), /Backup/);
+    assert.equal(await exists(socket), false, 'the killed run\'s socket is removed');
+    // Its checkpoint is unlisted: the next inc removes it with a warning and goes on from the last listed one.
+    await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
   }
-  assert.equal(state, 'running', 'the guard resumes the guest a killed run had suspended');
-  assert.doesNotMatch(virsh('domjobinfo', dom.name), /Backup/);
-  assert.equal(await exists(socket), false, 'the killed run\'s socket is removed');
-  // Its checkpoint is unlisted: the next inc removes it with a warning and goes on from the last listed one.
-  await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
 
   await dom.write('vda', 0x77, '8M', '1M');
   await dom.writeZeroes('vda', '2M', '1M');

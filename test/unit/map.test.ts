@@ -204,6 +204,20 @@ for (const compress of [false, 2] as const) {
   });
 }
 
+test('chain endpoint: a chain with Python\'s offline inc (named after its parent checkpoint, as the full is) maps in order', async (t) => {
+  const dir = await withDir(t, 'offline');
+  const disk = new MemoryDisk(Buffer.alloc(DISK));
+  disk.image.fill(0x11, 0, 8 * MiB);
+  const full = await writeLink(dir, FULL, disk, [data(0, 8 * MiB)], false);
+  disk.image.fill(0x22, 2 * MiB, 3 * MiB);
+  const offline = await writeLink(dir, { name: 'vda.inc.virtnbdbackup.0.data', checkpoint: 'virtnbdbackup.0', parent: 'virtnbdbackup.0' }, disk, [data(2 * MiB, MiB)], false);
+  disk.image.fill(0x33, 5 * MiB, 6 * MiB);
+  const inc = await writeLink(dir, INC1, disk, [data(5 * MiB, MiB)], false);
+  const chain = await ChainEndpoint.open([full, offline, inc]);
+  t.after(() => chain.close());
+  await assertReadsMatch(chain, disk.image, 'full, offline inc, inc');
+});
+
 test('chain endpoint: files out of order, an inc first, another disk or a non-stream give one-line UserErrors', async (t) => {
   const dir = await withDir(t, 'errors');
   const { files } = await buildChain(dir, false);
