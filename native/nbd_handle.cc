@@ -41,10 +41,11 @@ Await AwaitCommand(nbd_handle* h, int64_t cookie) {
   }
 }
 
-// Requests a pipelined read keeps in flight beyond the slice being summed. Four connections with three 256 KiB
+// Requests a pipelined read keeps in flight beyond the slice being summed. Four connections with two 256 KiB
 // requests each keep QEMU's request buffers below the line where its heap gives them back (see READ_REQUEST_SIZE
-// in endpoint.ts): 0 to 2 page faults a run, against about 500 with nine each; two to nine copied alike.
-constexpr uint64_t kReadsAhead = 2;
+// in endpoint.ts): 0 to 300 page faults a run; three each cost 17 000 to 28 000 on some domains (once 386 000),
+// and copied no sooner.
+constexpr uint64_t kReadsAhead = 1;
 
 // Reads [offset, offset+length) into data in requests of `request` bytes, kReadsAhead of them sent ahead, and
 // calls arrived(pos, n) for each slice in order once it is in. On a failure, waits out the requests still in
@@ -320,9 +321,9 @@ Napi::Value NbdHandle::Pread(const Napi::CallbackInfo& info) {
 
 // preadSummed(buffer, offset, requestSize, withAdler, digest?): reads the buffer in requests of requestSize with
 // kReadsAhead more in flight, and sums each slice on this worker as soon as it arrives, while the server sends the
-// next ones: the adler32 (from 1; left at 1 without `withAdler`) and, with `digest` ('blake3'), the digest (hex) of
+// next: the adler32 (from 1; left at 1 without `withAdler`) and, with `digest` ('blake3'), the digest (hex) of
 // the whole buffer. One task per piece in place of a task per request plus one for the sums halved the context
-// switches and saved about 0.3 CPU-s per 2.5 GiB; the requests ahead made a full copy of 2.5 GiB 7 to 10 % sooner
+// switches and saved about 0.3 CPU-s per 2.5 GiB; the request ahead made a full copy of 2.5 GiB 5 to 10 % sooner
 // (measured 2026-11-29 against one request at a time, summed in between).
 Napi::Value NbdHandle::PreadSummed(const Napi::CallbackInfo& info) {
   return AsPromise(info.Env(), [&] {
