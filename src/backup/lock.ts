@@ -168,7 +168,16 @@ export async function lockRun(domain: string, outputDir: string | undefined, hos
   const domainLock = await RunLock.acquire(domainLockFile(domain, host), host ? `domain '${domain}' of ${host}` : `domain '${domain}'`);
   let outputLock: RunLock | undefined;
   try {
-    if (outputDir) outputLock = await RunLock.acquire(path.join(outputDir, OUTPUT_LOCK_NAME), `output directory ${outputDir}`);
+    if (outputDir) {
+      const take = (): Promise<RunLock> => RunLock.acquire(path.join(outputDir, OUTPUT_LOCK_NAME), `output directory ${outputDir}`);
+      // A run that made the same new directory a moment ago and was refused the domain removes it as it leaves
+      // (it wrote nothing there): made again, as this run made it before.
+      outputLock = await take().catch(async (err: unknown) => {
+        if (await fsp.stat(outputDir).then(() => true, () => false)) throw err;
+        await fsp.mkdir(outputDir, { recursive: true });
+        return take();
+      });
+    }
   } catch (err) {
     await domainLock.release();
     throw err;

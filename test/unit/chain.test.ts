@@ -16,7 +16,7 @@ import type { LibvirtDomain } from '../../src/native/addon.js';
 import { clip, denseExtents, qemuMapFlags, type QemuMapEntry } from '../../src/backup/extentSources.js';
 import { planDirty, planFull, type ExtentPlan } from '../../src/extents/plan.js';
 import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../../src/endpoint/endpoint.js';
-import { RunLock } from '../../src/backup/lock.js';
+import { RunLock, lockRun } from '../../src/backup/lock.js';
 import { archiveChain, isArchivedChain, listSet } from '../../src/set/backupSet.js';
 import { bootFileName } from '../../src/backup/bootFiles.js';
 
@@ -145,6 +145,16 @@ test('run locks: a live owner is refused by name, a dead owner is taken over (an
   const afterKill = await RunLock.acquire(file, 'domain x');
   assert.equal(JSON.parse(await fs.readFile(file, 'utf8')).pid, process.pid);
   await afterKill.release();
+});
+
+test('lockRun: an output directory removed before its lock is taken (another run that made it, refused the domain) is made again', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbd-lockrun-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const output = path.join(dir, 'set');
+  const unlock = await lockRun(`vnbdtest-lockrun-${process.pid}`, output);
+  assert.ok((await fs.readdir(output)).includes('.virtnbdbackup.lock'));
+  await unlock();
+  assert.deepEqual(await fs.readdir(output), []);
 });
 
 test('an unusable chain is moved into chain.<secs>/, which lists as a set of its own', async (t) => {
