@@ -42,7 +42,7 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   const withAliases = (names: string[] | undefined): Set<string> => new Set((names ?? []).flatMap((flag) => [flag, ...(kinds.alias[flag] ?? [])]));
   const optional = withAliases(options.valueOptional);
   try {
-    const longNames = longFlagNames(kinds);
+    const longNames = Object.keys(kinds.key).flatMap((key) => [key, ...(kinds.alias[key] ?? [])]).filter((n) => n.length > 1 && !/[A-Z]/.test(n));
     const longValued = new Set(longNames.filter((n) => !kinds.boolean.includes(n) && !optional.has(n)));
     givenArgs = splitShortValues(expandLongPrefixes(hideBin(process.argv), new Set(longNames), longValued), { ...shortFlags(kinds), optional });
   } catch (err) {
@@ -52,10 +52,11 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   const valued = [...kinds.string, ...kinds.number].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
     // A repeated flag takes its last value, as argparse does, instead of becoming a list.
-    .parserConfiguration({ 'duplicate-arguments-array': false })
+    // ... and knows no --no-<flag> it was not given (yargs took --no-raw as -r off); --no-sparse-detection is a flag.
+    .parserConfiguration({ 'duplicate-arguments-array': false, 'boolean-negation': false })
     .requiresArg(valued)
     .strict()
-    .fail((message: string | null, err: Error | undefined) => usageError(name, message ?? err?.message ?? 'invalid arguments'))
+    .fail((message: string | null, err: Error | undefined) => usageError(name, withoutCamelTwins(message ?? err?.message ?? 'invalid arguments')))
     .wrap(Math.min(110, process.stdout.columns || 110))
     .parseSync(givenArgs);
   // Words after `--` are no flags, and the commands take no others: argparse refuses them, yargs let them pass.
@@ -80,23 +81,22 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
 }
 
 /** What yargs' getOptions() tells of the flags (it is missing from its types). */
-export interface YargsOptions {
+/** yargs' "Unknown arguments: no-raw, noRaw" as argparse would say it: each unknown flag once, as given. */
+export function withoutCamelTwins(message: string): string {
+  const listed = /^Unknown arguments?: (.*)$/s.exec(message);
+  if (!listed) return message;
+  const names = (listed[1] ?? '').split(', ');
+  const camel = (n: string): string => n.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+  const given = names.filter((n) => !names.some((other) => other !== n && camel(other) === n));
+  return `Unknown argument${given.length > 1 ? 's' : ''}: ${given.join(', ')}`;
+}
+
+interface YargsOptions {
   number: string[];
   string: string[];
   boolean: string[];
   alias: Record<string, string[]>;
   key: Record<string, boolean>;
-  default: Record<string, unknown>;
-}
-
-/**
- * The long flags a command line may abbreviate: every long name, and `no-<flag>` of a switch that is on unless
- * turned off (--no-sparse-detection is the flag argparse knows, and --no-sparse its prefix).
- */
-export function longFlagNames(kinds: YargsOptions): string[] {
-  const names = Object.keys(kinds.key).flatMap((key) => [key, ...(kinds.alias[key] ?? [])]).filter((n) => n.length > 1 && !/[A-Z]/.test(n));
-  const negated = kinds.boolean.filter((flag) => kinds.default[flag] === true && flag.length > 1 && !/[A-Z]/.test(flag)).map((flag) => `no-${flag}`);
-  return [...names, ...negated];
 }
 
 /** The command line as parseFlags read it, short flags split as argparse splits them. */

@@ -32,7 +32,7 @@ const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs
   .option('compress', { alias: 'z', type: 'number', describe: 'Compress with lz4 at this level (-z alone: level 2)' })
   .option('worker', { alias: 'w', type: 'number', describe: 'Disks backed up in parallel (default: all, at most 4)' })
   .option('strict', { alias: 'e', type: 'boolean', default: false, describe: 'Exit with code 2 when warnings occurred' })
-  .option('sparse-detection', { type: 'boolean', default: true, describe: 'inc/diff: save changed ranges that now read as zero as zero frames (--no-sparse-detection: as data)' })
+  .option('no-sparse-detection', { type: 'boolean', default: false, describe: 'inc/diff: save changed ranges that now read as zero as data, not as zero frames' })
   .option('threshold', { alias: 'T', type: 'number', describe: 'Back up (inc/diff) only when at least this many bytes changed' })
   .option('uri', { alias: 'U', type: 'string', default: DEFAULT_LIBVIRT_URI, describe: 'libvirt connection URI; a remote one (qemu+ssh://user@host/system) backs up a domain of that host over TCP' })
   .option('nbd-port', { alias: 'P', type: 'number', default: DEFAULT_NBD_PORT, describe: 'Remote domains: TCP port of the backup job\'s NBD server' })
@@ -142,7 +142,7 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
       printOnly: argv.printonly,
       threshold: argv.threshold,
       qemuExtents: argv.qemu,
-      noSparseDetection: !argv['sparse-detection'],
+      noSparseDetection: argv['no-sparse-detection'],
       nbdTimeout: argv['nbd-timeout'],
       log,
       progress: progress.factory,

@@ -59,6 +59,9 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o'], /^virtnbdrestore: error: Not enough arguments following: o; see virtnbdrestore --help$/],
     [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '-D', '-N'], /^virtnbdrestore: error: Not enough arguments following: N; see virtnbdrestore --help$/],
     [ourBin('virtnbdmap'), ['-f', '/nonexistent', '-p'], /^virtnbdmap: error: Not enough arguments following: p; see virtnbdmap --help$/],
+    // No --no-<flag> but --no-sparse-detection, which a prefix names too: yargs took --no-raw as -r off.
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '--no-raw'], /^virtnbdbackup: error: Unknown argument: no-raw; see virtnbdbackup --help$/],
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '--no'], /^virtnbdbackup: error: ambiguous option: --no could match --noprogress, --no-sparse-detection, --nocolor; see virtnbdbackup --help$/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(command, args);
@@ -68,6 +71,8 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
   }
   assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false, 'a refused command created its output');
   // A flag given twice takes its last value, as argparse does (it became a list: "a copy,full backup").
+  const abbreviated = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '--no-sparse', '-l', 'inc', '-o', '/nonexistent', '-p']);
+  assert.match(abbreviated.stderr.trim(), /^virtnbdbackup: error: -p estimates the next inc of the set in \/nonexistent/);
   const twice = await runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-d', 'vnbdtest-no-such-domain', '-l', 'copy', '-l', 'full', '-o', '/nonexistent', '-p']);
   assert.equal(twice.code, 1);
   assert.match(twice.stderr.trim(), /^virtnbdbackup: error: -p estimates the next inc of the set in \/nonexistent, which does not exist: give the set's directory$/);

@@ -2,7 +2,7 @@
 // which for a string (-o "$UNSET") would mean the working directory.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { blankFlag, expandLongPrefixes, longFlagNames, notWholeNumber, splitShortValues } from '../../src/cli/common.js';
+import { blankFlag, expandLongPrefixes, notWholeNumber, splitShortValues, withoutCamelTwins } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -46,16 +46,11 @@ test('expandLongPrefixes: a long flag abbreviated as argparse takes it is writte
   assert.deepEqual(expandLongPrefixes(['--tls-', 'cert.pem'], names, valued), ['--tls-cert', 'cert.pem'], 'a prefix of one name alone is that name');
 });
 
-test('longFlagNames: long names and aliases, and no-<flag> of a switch on by default, so that --no-sparse expands to --no-sparse-detection', () => {
-  const kinds = {
-    number: [], string: ['output', 'o'], boolean: ['sparse-detection', 'sparseDetection', 'noprogress', 'n', 'raw'],
-    alias: { output: ['o'], noprogress: ['n'] }, key: { output: true, 'sparse-detection': true, noprogress: true, raw: true },
-    default: { 'sparse-detection': true, sparseDetection: true, noprogress: false, raw: false },
-  };
-  const names = longFlagNames(kinds);
-  assert.deepEqual([...names].sort(), ['no-sparse-detection', 'noprogress', 'output', 'raw', 'sparse-detection']);
-  assert.deepEqual(expandLongPrefixes(['--no-sp', '--nop'], new Set(names), new Set()), ['--no-sparse-detection', '--noprogress']);
-  assert.throws(() => expandLongPrefixes(['--no'], new Set(names), new Set()), /ambiguous option: --no could match --noprogress, --no-sparse-detection$/);
+test('withoutCamelTwins: an unknown dashed flag is named once, as given (yargs adds its camelCase twin)', () => {
+  assert.equal(withoutCamelTwins('Unknown arguments: no-raw, noRaw'), 'Unknown argument: no-raw');
+  assert.equal(withoutCamelTwins('Unknown arguments: foo-bar, fooBar, baz'), 'Unknown arguments: foo-bar, baz');
+  assert.equal(withoutCamelTwins('Unknown argument: bogus'), 'Unknown argument: bogus');
+  assert.equal(withoutCamelTwins('Missing required argument: domain'), 'Missing required argument: domain');
 });
 
 test('notWholeNumber: a number flag given 1e3, 0x10 or 1.5 is named as written, as argparse refuses them; whole numbers, flags that follow and -- pass', () => {
