@@ -407,20 +407,15 @@ export function refuseOlderChains(chain: ChainLink[], listed: readonly string[])
 
 /**
  * Whether `link` was written before `base`, by their dates in one form: Python writes local time without a zone,
- * ours UTC. Local times are compared as they read (as UTC), so the restoring host's zone does not enter; the
- * backup host's clock going back an hour (the end of summer time) makes a file written after another read up to
- * an hour earlier, so local times count as earlier only by more than that.
+ * ours UTC. Local times are compared as they read (as UTC), so the restoring host's zone and DST do not enter.
  */
 function writtenBefore(link: ChainLink, base: ChainLink): boolean {
   const zoned = (date: string): boolean => /(Z|[+-]\d\d:?\d\d)$/.test(date);
   const [at, from] = [link.meta.date, base.meta.date];
   if (typeof at !== 'string' || typeof from !== 'string' || zoned(at) !== zoned(from)) return false;
-  if (zoned(at)) return Date.parse(at) < Date.parse(from);
-  return Date.parse(`${at}Z`) < Date.parse(`${from}Z`) - CLOCK_CHANGE_MS;
+  const asRead = (date: string): number => Date.parse(zoned(date) ? date : `${date}Z`);
+  return asRead(at) < asRead(from);
 }
-
-/** How far a local clock goes back when summer time ends. */
-const CLOCK_CHANGE_MS = 3600 * 1000;
 
 /** Whether diff `link` was made before diff `other`: by the seconds their names hold, else by their dates. */
 function madeBefore(link: ChainLink, other: ChainLink): boolean {
