@@ -80,7 +80,6 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   return argv;
 }
 
-/** What yargs' getOptions() tells of the flags (it is missing from its types). */
 /** yargs' "Unknown arguments: no-raw, noRaw" as argparse would say it: each unknown flag once, as given. */
 export function withoutCamelTwins(message: string): string {
   const listed = /^Unknown arguments?: (.*)$/s.exec(message);
@@ -91,6 +90,7 @@ export function withoutCamelTwins(message: string): string {
   return `Unknown argument${given.length > 1 ? 's' : ''}: ${given.join(', ')}`;
 }
 
+/** What yargs' getOptions() tells of the flags (it is missing from its types). */
 interface YargsOptions {
   number: string[];
   string: string[];
