@@ -13,10 +13,11 @@ export const CONTEXT_ALLOCATION = 'base:allocation';
  * then faults the pages in again. Up to four pieces are read at once (four connections), each with two
  * requests in flight (native/nbd_handle.cc, kReadsAhead): two 256 KiB requests a connection measured 0 to 300
  * faults a run, three 17 000 to 28 000 on some domains; four 512 KiB buffers, one a connection, pass that line.
- * Whether they ended at the heap's top varied with QEMU's history (a fresh domain's first run mostly not, most later runs and some fresh domains yes); where they did, a run cost QEMU 110 000 to 168 000
- * faults and about 2 CPU-s more, and a full stream of 2.5 GiB took 4.9 to 6.2 s in place of 3.3 to 4.0 s. Four
- * of 256 KiB stay below it (measured alternately, 2026-11-28). At 1 MiB or more glibc maps each buffer fresh;
- * 128 KiB costs QEMU more per byte.
+ * Whether they ended at the heap's top varied with QEMU's history (a fresh domain's first run mostly not, most
+ * later runs and some fresh domains yes); where they did, a run cost QEMU 110 000 to 168 000 faults and about
+ * 2 CPU-s more, and a full stream of 2.5 GiB took 4.9 to 6.2 s in place of 3.3 to 4.0 s. Four of 256 KiB stay
+ * below it (measured alternately, 2026-11-28). At 1 MiB or more glibc maps each buffer fresh; 128 KiB costs QEMU
+ * more per byte.
  */
 export const READ_REQUEST_SIZE = 256 * 1024;
 
