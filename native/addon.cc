@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -143,6 +144,12 @@ Napi::Value ReadAhead(const Napi::CallbackInfo& info) {
   });
 }
 
+// exitNow(code): ends the process at once. process.exit first joins libuv's threads, and one blocked in a libvirt or
+// libnbd call to a QEMU that stopped answering would hold the exit as long as QEMU does.
+Napi::Value ExitNow(const Napi::CallbackInfo& info) {
+  _exit(info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 1);
+}
+
 Napi::Value Versions(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(info.Env());
   out.Set("libnbd", LibnbdVersion());
@@ -167,6 +174,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("copyInto", Napi::Function::New(env, CopyInto, "copyInto"));
   exports.Set("readAhead", Napi::Function::New(env, ReadAhead, "readAhead"));
   exports.Set("versions", Napi::Function::New(env, Versions, "versions"));
+  exports.Set("exitNow", Napi::Function::New(env, ExitNow, "exitNow"));
   return exports;
 }
 

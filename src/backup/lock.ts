@@ -121,7 +121,23 @@ export class RunLock {
  * name, so that no one ever reads it empty (an empty lock is taken over once old). Where the file system has no hard
  * links, an exclusive create and a write.
  */
+/**
+ * Removes what runs killed while taking lock `file` left beside it (`<file>.<pid>.new`, written whole before it is
+ * linked as the lock): they would pile up in /run/lock, one per kill.
+ */
+async function removeStaleDrafts(file: string): Promise<void> {
+  const dir = path.dirname(file);
+  const prefix = `${path.basename(file)}.`;
+  const names = await fsp.readdir(dir).catch(() => [] as string[]);
+  for (const name of names.filter((n) => n.startsWith(prefix) && /^\d+\.new$/.test(n.slice(prefix.length)))) {
+    const draft = path.join(dir, name);
+    const text = await fsp.readFile(draft, 'utf8').catch(() => undefined);
+    if (text !== undefined && !ownerAlive(draft, text)) await fsp.rm(draft, { force: true });
+  }
+}
+
 async function createWhole(file: string, content: string): Promise<void> {
+  await removeStaleDrafts(file);
   const beside = `${file}.${process.pid}.new`;
   await fsp.writeFile(beside, content, { mode: 0o644 });
   try {

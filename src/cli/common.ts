@@ -9,6 +9,7 @@ import type { LibvirtLogin } from '../libvirt/connection.js';
 import { OUTLIVES_TERMINAL } from '../util/process.js';
 import { DEFAULT_NBD_TIMEOUT } from '../endpoint/nbd.js';
 import { importLazily } from '../util/lazyImport.js';
+import { loadedNative } from '../native/addon.js';
 
 export const VERSION = '2.0.0-ts';
 
@@ -322,7 +323,9 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
     // A second signal (an impatient Ctrl-C) stops at once, clean-up or not; a person at a terminal is told so.
     if (signalled) {
       process.stderr.write(`${name}: error: stopped by a second ${sig} before its clean-up ended${cutShort}\n`);
-      process.exit(130);
+      // A thread may be waiting in libvirt or libnbd for a QEMU that stopped answering: not for it.
+      const exit = loadedNative()?.exitNow ?? process.exit;
+      exit(130);
     }
     if (process.stderr.isTTY) process.stderr.write(`${name}: cleaning up; ${sig === 'SIGINT' ? 'Ctrl-C' : sig} again stops at once\n`);
     signalled = true;

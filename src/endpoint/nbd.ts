@@ -80,6 +80,11 @@ class StallWatch {
     clearInterval(this.timer);
   }
 
+  /** Whether requests stalled and the connections were cut. */
+  hasStalled(): boolean {
+    return this.stalled !== undefined;
+  }
+
   private answered(): void {
     this.waiting -= 1;
     this.since = Date.now();
@@ -153,6 +158,9 @@ export function nbdUri(server: { host: string; port: number; tlsCertificates?: s
   const host = server.host.includes(':') ? `[${server.host}]` : server.host;
   return `${server.tlsCertificates ? 'nbds' : 'nbd'}://${host}:${server.port}/${encodeURIComponent(exportName)}`;
 }
+
+/** How long a closing connection waits for the server to hang up after its goodbye (it needs no more than a round trip). */
+const GOODBYE_MS = 10_000;
 
 /** Largest block-status request: below 4 GiB and aligned. */
 const MAX_STATUS_REQUEST = 2 ** 32 - 2 ** 20;
@@ -272,8 +280,17 @@ export class NbdEndpoint implements Endpoint {
     }
   }
 
+  /**
+   * Says goodbye (NBD_CMD_DISC) on each connection and waits for the server to hang up: a server that stopped
+   * answering never does, so a connection still open after GOODBYE_MS is cut (at once where requests stalled).
+   */
   async close(): Promise<void> {
     this.watch?.stop();
-    await Promise.all(this.handles.map((h) => h.close().catch(() => undefined)));
+    await Promise.all(this.handles.map(async (h) => {
+      const closing = h.close().catch(() => undefined);
+      const timer = setTimeout(() => h.cut(), this.watch?.hasStalled() ? 0 : GOODBYE_MS);
+      await closing;
+      clearTimeout(timer);
+    }));
   }
 }

@@ -170,6 +170,8 @@ export interface NativeAddon {
   readAhead(fd: number, offset: number, length: number): Promise<void>;
   /** Library versions, for -V and logs. */
   versions(): { libnbd: string; libvirt: string; lz4: string; zlib: string };
+  /** Ends the process at once with `code`, without joining libuv's threads (process.exit waits for them). */
+  exitNow(code: number): never;
 }
 
 export const VIR_ERR_NO_DOMAIN = 42;
@@ -194,6 +196,11 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 let loaded: NativeAddon | undefined;
 
 /** Loads build/Release/virtnbd_native.node once; a missing build gets an error that says how to build it. */
+/** The addon if this process has loaded it, without loading it. */
+export function loadedNative(): NativeAddon | undefined {
+  return loaded;
+}
+
 export function native(): NativeAddon {
   if (loaded) return loaded;
   const require = createRequire(import.meta.url);

@@ -476,6 +476,24 @@ test('the domain\'s QEMU hung (SIGSTOP) in mid-backup: after --nbd-timeout one l
   await assertCleanDomain(dom, socket);
 });
 
+test('the domain\'s QEMU hung in mid-backup, then Ctrl-C twice: the second ends the run at once (130) while QEMU still hangs; the guard ends the job once QEMU answers', async (t) => {
+  const { dom, socket, run } = await backupInFlight(t, 'hung2', 256, ['--nbd-timeout', '2']);
+  const qemu = Number((await fs.readFile(`/run/libvirt/qemu/${dom.name}.pid`, 'utf8')).trim());
+  process.kill(qemu, 'SIGSTOP');
+  t.after(() => { try { process.kill(qemu, 'SIGCONT'); } catch { /* gone with its domain */ } });
+  run.child.kill('SIGINT');
+  // The first waits to end the job, which waits for QEMU's monitor; the second does not wait for anything.
+  await new Promise((resolve) => setTimeout(resolve, 3000));
+  run.child.kill('SIGINT');
+  const r = await Promise.race([run.done, new Promise<undefined>((resolve) => setTimeout(resolve, 15_000))]);
+  process.kill(qemu, 'SIGCONT');
+  assert.ok(r, 'the run went on waiting for the hung QEMU after a second SIGINT');
+  assert.equal(r.code, 130, r.stderr);
+  assert.match(r.stderr, /error: stopped by a second SIGINT before its clean-up ended/);
+  for (let waited = 0; waited < 20_000 && /Backup/.test(virsh('domjobinfo', dom.name)); waited += 250) await new Promise((resolve) => setTimeout(resolve, 250));
+  assert.doesNotMatch(virsh('domjobinfo', dom.name), /Backup/);
+});
+
 test('the domain stopped in mid-backup: one line saying so, checkpoint removed, socket gone, .partial kept', async (t) => {
   // More data than the other tests: the copy must still run when the domain is gone, a second or so after the start.
   const { dom, out, socket, run } = await backupInFlight(t, 'stopped', 1536);

@@ -145,6 +145,15 @@ test('run locks: a live owner is refused by name, a dead owner is taken over (an
   const afterKill = await RunLock.acquire(file, 'domain x');
   assert.equal(JSON.parse(await fs.readFile(file, 'utf8')).pid, process.pid);
   await afterKill.release();
+
+  // A run killed while it took the lock left its draft beside it: the next one removes it, not a live run's.
+  const dead = `${file}.${2 ** 22 + 12345}.new`;
+  const live = `${file}.${process.pid + 1}.new`;
+  await fs.writeFile(dead, JSON.stringify({ pid: 2 ** 22 + 12345, start: '1' }));
+  await fs.writeFile(live, '');
+  const again = await RunLock.acquire(file, 'domain x');
+  assert.deepEqual((await fs.readdir(dir)).sort(), ['x.lock', path.basename(live)]);
+  await again.release();
 });
 
 test('lockRun: an output directory removed before its lock is taken (another run that made it, refused the domain) is made again', async (t) => {
