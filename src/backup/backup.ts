@@ -15,7 +15,7 @@ import { CHECKPOINT_DIR, checkpointListName, checksumFileName, dataFileName, dig
 import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, type Level } from '../libvirt/checkpoints.js';
 import { parseDomainXml, resolveVolumes, selectDisks, type DomainDisk } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
-import { DEFAULT_TLS_CERT_DIR, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
+import { DEFAULT_TLS_CERT_DIR, NbdStalled, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
 import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
@@ -693,6 +693,8 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       } catch (err) {
         // Once stopped, reads fail as the job ends under them: the reason to tell is the stop's.
         if (signal.aborted) throw signal.reason;
+        // A hung QEMU holds the job's end too (libvirt asks it): said now, not once it answers again.
+        if (err instanceof NbdStalled) log.info(`${err.message}; ending the backup job, which waits until libvirt and the domain's QEMU answer (Ctrl-C twice stops at once, leaving the job to the run's guard)`);
         controller.abort(err);
         throw err;
       }

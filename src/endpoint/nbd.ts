@@ -37,8 +37,11 @@ export interface NbdOpenOptions {
 export const DEFAULT_NBD_TIMEOUT = 300;
 
 /** The failure of every request of an endpoint whose server stopped answering. */
+/** Requests of an NBD export that went unanswered for the stall timeout. */
+export class NbdStalled extends UserError {}
+
 function stallError(where: string, seconds: number): UserError {
-  return new UserError(`NBD export ${where} answered nothing for ${seconds} s (a hung host, network or storage?); its connections were cut: check the host, or raise --nbd-timeout (0 waits forever)`);
+  return new NbdStalled(`NBD export ${where} answered nothing for ${seconds} s (a hung host, network or storage?); its connections were cut: check the host, or raise --nbd-timeout (0 waits forever)`);
 }
 
 /**

@@ -462,12 +462,15 @@ test('a scratch directory filling up with guest writes in mid-backup: the run st
 
 test('the domain\'s QEMU hung (SIGSTOP) in mid-backup: after --nbd-timeout one line naming the export and the timeout; once QEMU answers again, job ended, checkpoint removed, socket gone', async (t) => {
   const { dom, socket, run } = await backupInFlight(t, 'hung', 256, ['--nbd-timeout', '2']);
+  let said = '';
+  run.child.stderr?.on('data', (d: Buffer) => { said += d.toString(); });
   const qemu = Number((await fs.readFile(`/run/libvirt/qemu/${dom.name}.pid`, 'utf8')).trim());
   process.kill(qemu, 'SIGSTOP');
   t.after(() => { try { process.kill(qemu, 'SIGCONT'); } catch { /* gone with its domain */ } });
   // Ending the job needs QEMU's monitor: the run waits for it after the stall, as it would for a host that recovers.
-  // The stall is seen within 2.5 s (2 s, checked every 0.5 s), well before QEMU goes on.
+  // The stall is seen within 2.5 s (2 s, checked every 0.5 s), well before QEMU goes on, and said at once.
   await new Promise((resolve) => setTimeout(resolve, 4500));
+  assert.match(said, /answered nothing for 2 s .*; ending the backup job, which waits until libvirt and the domain's QEMU answer/, 'the stall is told while the run waits for QEMU');
   process.kill(qemu, 'SIGCONT');
   const r = await run.done;
   assert.equal(r.code, 1, r.stderr);
