@@ -83,6 +83,7 @@ export class RunLock {
   /** Takes the lock `file` for `what` ("domain webvm"), or throws a UserError naming the running owner. */
   static async acquire(file: string, what: string): Promise<RunLock> {
     const content = JSON.stringify({ pid: process.pid, start: processStart(process.pid) ?? '' });
+    await removeStaleDrafts(file);
     for (let attempt = 0; attempt < 5; attempt++) {
       try {
         await createWhole(file, content);
@@ -117,11 +118,6 @@ export class RunLock {
 }
 
 /**
- * Creates `file` holding `content`, failing with EEXIST where it exists: written beside it, then hard-linked to its
- * name, so that no one ever reads it empty (an empty lock is taken over once old). Where the file system has no hard
- * links, an exclusive create and a write.
- */
-/**
  * Removes what runs killed while taking lock `file` left beside it (`<file>.<pid>.new`, written whole before it is
  * linked as the lock): they would pile up in /run/lock, one per kill.
  */
@@ -136,8 +132,12 @@ async function removeStaleDrafts(file: string): Promise<void> {
   }
 }
 
+/**
+ * Creates `file` holding `content`, failing with EEXIST where it exists: written beside it, then hard-linked to its
+ * name, so that no one ever reads it empty (an empty lock is taken over once old). Where the file system has no hard
+ * links, an exclusive create and a write.
+ */
 async function createWhole(file: string, content: string): Promise<void> {
-  await removeStaleDrafts(file);
   const beside = `${file}.${process.pid}.new`;
   await fsp.writeFile(beside, content, { mode: 0o644 });
   try {

@@ -36,10 +36,10 @@ export interface NbdOpenOptions {
 /** --nbd-timeout's default: far beyond any answer of a working server, short of a night's backup window. */
 export const DEFAULT_NBD_TIMEOUT = 300;
 
-/** The failure of every request of an endpoint whose server stopped answering. */
 /** Requests of an NBD export that went unanswered for the stall timeout. */
 export class NbdStalled extends UserError {}
 
+/** The failure of every request of an endpoint whose server stopped answering. */
 function stallError(where: string, seconds: number): UserError {
   return new NbdStalled(`NBD export ${where} answered nothing for ${seconds} s (a hung host, network or storage?); its connections were cut: check the host, or raise --nbd-timeout (0 waits forever)`);
 }

@@ -195,12 +195,12 @@ export const VIR_ERR_CHECKPOINT_INCONSISTENT = 109;
 const here = path.dirname(fileURLToPath(import.meta.url));
 let loaded: NativeAddon | undefined;
 
-/** Loads build/Release/virtnbd_native.node once; a missing build gets an error that says how to build it. */
 /** The addon if this process has loaded it, without loading it. */
 export function loadedNative(): NativeAddon | undefined {
   return loaded;
 }
 
+/** Loads build/Release/virtnbd_native.node once; a missing build gets an error that says how to build it. */
 export function native(): NativeAddon {
   if (loaded) return loaded;
   const require = createRequire(import.meta.url);
