@@ -555,8 +555,9 @@ async function startJob(ctx: RunContext, plan: RunPlan, guard?: JobGuard): Promi
  */
 const DEFAULT_MAX_WORKERS = 4;
 
+/** A relative --scratchdir is the working directory's, as -f is: libvirt refused it ("failed to validate against schema"). */
 function scratchDirOf(options: BackupOptions): string {
-  return options.scratchDir ?? '/var/tmp';
+  return path.resolve(options.scratchDir ?? '/var/tmp');
 }
 
 function socketOf(options: BackupOptions): string {

@@ -47,6 +47,13 @@ test('-s leaves a job running that other runs refuse; -k ends it', async (t) => 
   assert.equal(relative.stdout.trim(), path.join(work, 'rel.sock'));
   await runOk(bin, ['-d', dom.name, '-k', '-f', path.join(work, 'rel.sock')]);
   assert.equal(await exists(path.join(work, 'rel.sock')), false, 'socket left behind');
+  // So is a relative --scratchdir (libvirt refused it the same way; found by a black-box round).
+  await fs.mkdir(path.join(work, 'scratch'), { mode: 0o777 });
+  await fs.chmod(path.join(work, 'scratch'), 0o777);
+  const relativeScratch = spawnSync(bin, ['-n', '-d', dom.name, '-s', '--scratchdir', 'scratch', '-o', 'set'], { cwd: work, encoding: 'utf8' });
+  assert.equal(relativeScratch.status, 0, relativeScratch.stderr);
+  assert.match(virsh('backup-dumpxml', dom.name), new RegExp(`<scratch file='${path.join(work, 'scratch')}/backup\\.`));
+  await runOk(bin, ['-d', dom.name, '-k']);
   // QEMU creates the socket as its own user: a directory only root may write to gave libvirt's "Failed to bind socket".
   const locked = path.join(work, 'locked');
   await fs.mkdir(locked, { mode: 0o755 });
