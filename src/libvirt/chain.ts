@@ -15,7 +15,7 @@ import {
   CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointBitmapDisks, checkpointCreationTime, checkpointDiskSize, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
   inChain, prefixOf, withoutDomain,
 } from './checkpoints.js';
-import type { Logger } from '../util/log.js';
+import { silentLogger, type Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 
 function chainIndex(name: string): number {
@@ -155,8 +155,9 @@ export async function clearOrphanBitmap(domain: LibvirtDomain, name: string, tar
     } catch {
       continue;
     }
-    // A failure leaves the bitmap where it was; the backup start that follows names it.
-    const removed = await deleteCheckpoint(domain, name, log).catch(() => undefined);
+    // A failure leaves the bitmap where it was; the backup start that follows names it. A disk without the bitmap
+    // gives a delete of the metadata alone, which is no news: it said "no usable bitmap" once for each such disk.
+    const removed = await deleteCheckpoint(domain, name, silentLogger).catch(() => undefined);
     if (removed === 'with bitmaps') log.info(`removed bitmap ${name} of disk ${target}: it was left without its checkpoint`);
   }
 }

@@ -3,7 +3,8 @@
 // interleave without harm, a foreign checkpoint is left alone with a warning (-e: exit 2), and a chain whose
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
-// lost becomes a full, the old chain archived; disks grown, attached and detached within a chain; an external
+// lost becomes a full, the old chain archived; disks grown, attached and detached within a chain, one attached with an
+// earlier chain's bitmap; an external
 // snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc;
 // one disk's newest inc lost, which a restore of the latest point refuses naming it; guest writes while a full and
 // an inc copy: each holds the disk of its start, the next inc the writes; an inc that saved no data is a point of
@@ -284,6 +285,29 @@ test('disks change within a chain: one grown, one attached (saved whole by the n
   assert.match(again, /disk vdb of '\S+' has no bitmap of checkpoint virtnbdbackup\.3 \(attached anew since\), and the chain already holds a disk vdb \(up to checkpoint virtnbdbackup\.2\): an incremental backup would be wrong, so this run makes a full backup instead/);
   await assertPoint(work, archivedChain(again), a3);
   await restoreAll(undefined, { vda: [a3, 128], vdb: [c4, 16] });
+});
+
+test('a disk attached holding a bitmap of an earlier chain, named as the checkpoint the next inc creates: the bitmap is cleared with one line for that disk alone, and every point restores', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'stale-bitmap-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  // An image that was attached to a domain of an earlier chain (or to this one before its last full) keeps its bitmaps.
+  await dom.stop();
+  const vdb = await dom.attachDisk({ target: 'vdb', sizeMiB: 16, fill: [{ pattern: 0x55, offsetMiB: 1, lengthMiB: 2 }] });
+  await run('qemu-img', ['bitmap', '--add', vdb.image, 'virtnbdbackup.1']);
+  await dom.start();
+  await dom.write('vda', 0x33, '2M', '1M');
+  const [a1, b1] = [await dom.snapshot('vda'), await dom.snapshot('vdb')];
+  const added = await backup(dom, set, 'inc');
+  assert.match(added, /removed bitmap virtnbdbackup\.1 of disk vdb: it was left without its checkpoint/);
+  // vda never held the bitmap: it said "checkpoint virtnbdbackup.1 had no usable bitmap: removed its metadata only".
+  assert.doesNotMatch(added, /no usable bitmap|warning/);
+  await assertPoint(work, set, a1);
+  const out = path.join(work, 'vdb');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vdb']);
+  const result = await TestDomain.compare(path.join(out, 'vdb.qcow2'), b1);
+  assert.ok(result.identical, result.output);
 });
 
 test('an external snapshot taken within a chain and committed back: the incs go on across both, every point restores bit for bit, ours and Python', async (t) => {
