@@ -15,7 +15,8 @@ import {
   CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointBitmapDisks, checkpointCreationTime, checkpointDiskSize, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
   inChain, prefixOf, withoutDomain,
 } from './checkpoints.js';
-import { silentLogger, type Logger } from '../util/log.js';
+import type { Logger } from '../util/log.js';
+import { parseDomainXml } from './domainXml.js';
 import { UserError, oneLine } from '../util/errors.js';
 
 function chainIndex(name: string): number {
@@ -45,19 +46,27 @@ export function warnForeign(foreign: string[], domainName: string, log: Logger):
   }
 }
 
-/** Deletes a checkpoint with its bitmaps; when the bitmap is already gone, its metadata only. Says which it did. */
+/**
+ * Deletes a checkpoint with its bitmaps; where libvirt cannot (a disk of it lost its bitmap: an image replaced or
+ * repaired), its metadata, then the bitmaps of that name its other disks still hold. Says which it did.
+ */
 export async function deleteCheckpoint(domain: LibvirtDomain, name: string, log: Logger): Promise<'with bitmaps' | 'metadata only'> {
   try {
     await domain.checkpointDelete(name, 0);
     return 'with bitmaps';
   } catch {
+    const xml = await domain.checkpointGetXMLDesc(name, 0).catch(() => '');
     try {
       await domain.checkpointDelete(name, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
-      log.info(`checkpoint ${name} had no usable bitmap: removed its metadata only`);
-      return 'metadata only';
     } catch (again) {
       throw new UserError(`cannot remove checkpoint ${name} of domain '${domain.name()}': ${oneLine(again)}; remove it with 'virsh checkpoint-delete --metadata ${domain.name()} ${name}'`);
     }
+    log.info(`checkpoint ${name} had no usable bitmap: removed its metadata only`);
+    // libvirt leaves the other disks' bitmaps of it: they tracked every guest write, and the next checkpoint of that
+    // name failed with "Bitmap already exists" (Python's inc; ours cleared them then).
+    const present = await domain.getXMLDesc(0).then((d) => parseDomainXml(d).disks.map((disk) => disk.target), () => [] as string[]);
+    await clearOrphanBitmap(domain, name, checkpointBitmapDisks(xml).filter((target) => present.includes(target)), present, log);
+    return 'metadata only';
   }
 }
 
@@ -156,9 +165,13 @@ export async function clearOrphanBitmap(domain: LibvirtDomain, name: string, tar
       continue;
     }
     // A failure leaves the bitmap where it was; the backup start that follows names it. A disk without the bitmap
-    // gives a delete of the metadata alone, which is no news: it said "no usable bitmap" once for each such disk.
-    const removed = await deleteCheckpoint(domain, name, silentLogger).catch(() => undefined);
-    if (removed === 'with bitmaps') log.info(`removed bitmap ${name} of disk ${target}: it was left without its checkpoint`);
+    // gives a delete of the metadata alone, which is no news (it said "no usable bitmap" once for each such disk).
+    try {
+      await domain.checkpointDelete(name, 0);
+      log.info(`removed bitmap ${name} of disk ${target}: it was left without its checkpoint`);
+    } catch {
+      await domain.checkpointDelete(name, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY).catch(() => undefined);
+    }
   }
 }
 

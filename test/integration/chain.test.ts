@@ -152,20 +152,31 @@ test('chains of two prefixes interleave, a foreign checkpoint is left alone, a r
   assert.ok(checkpoints(dom).includes('someone-elses'), 'the foreign checkpoint was removed');
 });
 
-test('a full backup removes an old checkpoint whose bitmap is gone by its metadata alone, and says so', async (t) => {
-  const dom = await withDomain(t, { disks: [DISK] });
+test('a full backup removes an old checkpoint whose bitmap is gone by its metadata alone, and says so; the bitmaps of that name its other disks held go too, which failed a Python inc creating that name', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 16 }] });
   const work = await withTempDir(t, 'nobitmap-');
-  await backup(dom, path.join(work, 'set1'), 'full');
-  // The image loses the checkpoint's bitmap while libvirt keeps the checkpoint (an image replaced or repaired).
+  const set1 = path.join(work, 'set1');
+  await backup(dom, set1, 'full');
+  await dom.write('vda', 0x65, '1M', '1M');
+  await backup(dom, set1, 'inc');
+  // vda's image loses the checkpoint's bitmap while libvirt keeps the checkpoint (an image replaced or repaired,
+  // or the disk detached); vdb's keeps it.
   await dom.stop();
-  await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.0']);
+  await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.1']);
   await dom.start();
   await dom.write('vda', 0x66, '2M', '1M');
   const p0 = await dom.snapshot('vda');
-  const log = await backup(dom, path.join(work, 'set2'), 'full');
-  assert.match(log, /checkpoint virtnbdbackup\.0 had no usable bitmap: removed its metadata only/);
+  const set2 = path.join(work, 'set2');
+  const log = await backup(dom, set2, 'full');
+  assert.match(log, /checkpoint virtnbdbackup\.1 had no usable bitmap: removed its metadata only/);
+  assert.match(log, /removed bitmap virtnbdbackup\.1 of disk vdb: it was left without its checkpoint/);
   assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0']);
-  await assertPoint(work, path.join(work, 'set2'), p0);
+  await assertPoint(work, set2, p0);
+  // Python's inc creates virtnbdbackup.1, which vdb's bitmap left behind refused: "Bitmap already exists".
+  await dom.write('vda', 0x67, '3M', '1M');
+  const p1 = await dom.snapshot('vda');
+  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set2, '-n']);
+  await assertPoint(work, set2, p1);
 });
 
 test('an inc whose parent checkpoint lost its bitmap in the image falls back to a full and keeps the old chain restorable', async (t) => {
