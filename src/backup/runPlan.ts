@@ -152,6 +152,18 @@ async function adoptRenamedChain(ctx: RunContext, cptFile: string): Promise<stri
   return cptFile;
 }
 
+/**
+ * Zip runs keep their chain's state in the working directory's `<domain>.cpt`, one chain per directory: a full of
+ * another prefix replaced that chain's state without a word, and its next inc was refused (found by a black-box round).
+ */
+async function refuseOtherZipChain(cptFile: string, prefix: string): Promise<void> {
+  const first = (await readCheckpointList(cptFile).catch(() => [] as string[]))[0];
+  const own = first === undefined ? undefined : prefixOf(first);
+  if (own !== undefined && own !== prefix) {
+    throw new UserError(`${cptFile} keeps the state of the zip chain of checkpoint prefix '${own}', which a full of prefix '${prefix}' would replace; run the zips of each prefix from a working directory of its own, or move that list away to end its chain`);
+  }
+}
+
 /** Plans the run for `requested` (never 'auto'); may fall back to a full backup (see fallBackToFull). */
 export async function planRun(ctx: RunContext, requested: Level): Promise<RunPlan> {
   const { options, log, domain, power } = ctx;
@@ -166,6 +178,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const chain = incremental ? await readCheckpointList(cptFile) : [];
   const prefix = resolvePrefix(options.checkpointPrefix, chain, cptFile);
   if (level === 'copy') return planFor(level, [], prefix);
+  if (level === 'full' && ctx.toZip) await refuseOtherZipChain(listFile, prefix);
   warnForeign(await foreignCheckpoints(domain, prefix), options.domain, log);
   if (level === 'full') return planFor(level, [], prefix);
 

@@ -176,7 +176,7 @@ test('a zip that fails at its very end (its central directory) leaves the chain 
   assert.ok(compared.identical, compared.output);
 });
 
-test('zip on stdout: two domains backed up from one working directory keep their chains apart (each inc an inc)', async (t) => {
+test('zip on stdout: two domains backed up from one working directory keep their chains apart (each inc an inc); a full of another prefix there is refused', async (t) => {
   const doms = await Promise.all([0x11, 0x22].map((pattern) => withDomain(t, { disks: [{ target: 'vda', sizeMiB: 32, fill: [{ pattern, offsetMiB: 0, lengthMiB: 2 }] }] })));
   const state = await tempDir('vnbd-zipdoms-');
   t.after(() => fs.rm(state, { recursive: true, force: true }));
@@ -201,6 +201,13 @@ test('zip on stdout: two domains backed up from one working directory keep their
   const fallback = await backupToZip(state, ['-d', first.name, '-l', 'inc', '-n'], path.join(state, 'after.zip'));
   assert.equal(fallback.code, 0, fallback.stderr);
   assert.match(fallback.stderr, /makes a full backup instead; the previous chain's state was moved to \S+\/chain\.\d+; its zips still restore, unzipped into a directory of their own \(not with this run's zip, which holds a new full\)/);
+  // The directory holds one chain's state per domain: a full of another prefix replaced it without a word, and
+  // that chain's next inc was refused (found by a black-box round).
+  const second = doms[1] as TestDomain;
+  const otherPrefix = await backupToZip(state, ['-d', second.name, '-l', 'full', '--checkpoint-prefix', 'weekly', '-n'], path.join(state, 'weekly.zip'));
+  assert.equal(otherPrefix.code, 1, otherPrefix.stderr);
+  assert.match(otherPrefix.stderr, /\.cpt keeps the state of the zip chain of checkpoint prefix 'virtnbdbackup', which a full of prefix 'weekly' would replace; run the zips of each prefix from a working directory of its own/);
+  assert.deepEqual(JSON.parse(await fs.readFile(path.join(state, `${second.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1']);
 });
 
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
