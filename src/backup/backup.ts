@@ -29,7 +29,7 @@ import { OfflineExports, type DiskExports, type OfflineServing } from './offline
 import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, writeFailure, type DiskResult } from './diskBackup.js';
-import { readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
+import { imageInfoJson, readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
 import { openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
 import { guardJob, type JobGuard } from './jobGuard.js';
 import type { RunContext } from './context.js';
@@ -587,6 +587,22 @@ function jobStartHint(server: JobServer, err: unknown): string {
   return '';
 }
 
+/**
+ * QEMU refuses a checkpoint on a qcow2 v2 image naming a block node ("libvirt-60-format"), not the disk: the disks
+ * whose images are v2 (compat 0.10), and the ways out.
+ */
+async function oldQcowHint(ctx: RunContext, err: unknown): Promise<string> {
+  if (!/Cannot store dirty bitmaps in qcow2 v2/i.test(oneLine(err))) return '';
+  const old: DomainDisk[] = [];
+  for (const disk of ctx.disks.filter((d) => d.format === 'qcow2' && d.path)) {
+    const info = await imageInfoJson(ctx, disk).then((json) => JSON.parse(json) as { 'format-specific'?: { data?: { compat?: string } } }, () => undefined);
+    if (info?.['format-specific']?.data?.compat === '0.10') old.push(disk);
+  }
+  const named = old.length > 0 ? `disk ${old.map((d) => `${d.target} (${d.path})`).join(', ')} is` : 'a disk is';
+  const exclude = old.length > 0 ? ` -x ${old.map((d) => d.target).join(',')}` : ' -x';
+  return `; ${named} a qcow2 v2 image (compat 0.10), which cannot hold checkpoint bitmaps: upgrade it with 'qemu-img amend -o compat=1.1 IMAGE' while the domain is shut off, leave it out with${exclude}, or back up with -l copy`;
+}
+
 function describeServer(server: JobServer): string {
   return 'socket' in server ? server.socket : nbdUri(server, '').replace(/\/$/, '');
 }
@@ -618,7 +634,7 @@ async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard):
           await clearOrphanBitmap(ctx.domain, orphan, disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
         } else {
           const server = serverOf(ctx);
-          throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${jobStartHint(server, err)}`);
+          throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${jobStartHint(server, err)}${await oldQcowHint(ctx, err)}`);
         }
       }
     }

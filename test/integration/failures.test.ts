@@ -237,6 +237,22 @@ test('disk full in mid-backup: clear error, job ended, checkpoint removed, .part
   assert.match(inc.stderr, /no full backup/);
 });
 
+test('a qcow2 v2 disk (compat 0.10), which cannot hold checkpoint bitmaps: one line naming the disk and the ways out, where QEMU named a block node; nothing left; a copy works', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 32 }, { target: 'vdb', sizeMiB: 16, fill: [{ pattern: 0x22, offsetMiB: 0, lengthMiB: 1 }] }], start: false });
+  execFileSync('qemu-img', ['amend', '-f', 'qcow2', '-o', 'compat=0.10', dom.diskPath('vdb')]);
+  await dom.start();
+  const work = await tempDir('v2-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const socket = `/var/tmp/vnbdtest-${process.pid}-v2.sock`;
+  const r = await runCli(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', path.join(work, 'set'), '-n', '-f', socket]);
+  assert.equal(r.code, 1);
+  assert.equal(errorLines(r).length, 1, r.stderr);
+  const image = dom.diskPath('vdb').replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  assert.match(r.stderr, new RegExp(`Cannot store dirty bitmaps in qcow2 v2 files; disk vdb \\(${image}\\) is a qcow2 v2 image \\(compat 0\\.10\\), which cannot hold checkpoint bitmaps: upgrade it with 'qemu-img amend -o compat=1\\.1 IMAGE' while the domain is shut off, leave it out with -x vdb, or back up with -l copy$`, 'm'));
+  await assertCleanDomain(dom, socket);
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-o', path.join(work, 'copy'), '-n']);
+});
+
 test('an inc that fails on its second disk sets the first disk\'s finished file aside as .partial; once both are moved away, the next inc continues the chain', async (t) => {
   const dom = await withDomain(t, { disks: [
     { target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] },
