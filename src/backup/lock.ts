@@ -4,6 +4,7 @@
 // creating and writing it) once it is 10 s old; runningWriter tells readers of a set whether a backup is writing
 // into it. Guarantees: a second run refuses with the owner's pid and the lock's path; locks are removed on release
 // and, as a last resort, when the process exits.
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
@@ -173,10 +174,20 @@ function domainLockDir(): string {
   }
 }
 
+/**
+ * Longest lock file name kept whole: its drafts add `.<pid>.new` or `.stale.<pid>` within a name's 255 bytes. A
+ * domain name of 60 Cyrillic letters (escaped, 6 bytes each) made a run fail with "the name is too long".
+ */
+const MAX_LOCK_NAME = 200;
+
 /** The lock of `domain` of this host, or of another host's (`host`, from a remote URI: names repeat across hosts). */
 export function domainLockFile(domain: string, host?: string): string {
   const where = host ? `${encodeURIComponent(host)}.` : '';
-  return path.join(domainLockDir(), `virtnbdbackup.${where}${encodeURIComponent(domain)}.lock`);
+  const name = `virtnbdbackup.${where}${encodeURIComponent(domain)}.lock`;
+  if (name.length <= MAX_LOCK_NAME) return path.join(domainLockDir(), name);
+  // Cut, with a digest of the whole name so that names alike up to the cut keep locks of their own.
+  const digest = createHash('sha256').update(`${where}${domain}`).digest('hex').slice(0, 16);
+  return path.join(domainLockDir(), `${name.slice(0, MAX_LOCK_NAME - 22)}-${digest}.lock`);
 }
 
 /** Locks the domain (of `host` when remote) and, when given, the output directory; returns the release of both. */

@@ -87,10 +87,18 @@ test('remote commands are quoted word by word for the remote shell', () => {
   assert.equal(shellQuote("it's $HOME; rm -rf /"), `'it'\\''s $HOME; rm -rf /'`);
 });
 
-test('a domain of another host has a lock of its own: names repeat across hosts', () => {
+test('a domain of another host has a lock of its own: names repeat across hosts; a long name is cut, with a digest', () => {
   assert.notEqual(domainLockFile('webvm', 'kvm1'), domainLockFile('webvm'));
   assert.notEqual(domainLockFile('webvm', 'kvm1'), domainLockFile('webvm', 'kvm2'));
   assert.match(domainLockFile('web/vm', 'kvm1'), /virtnbdbackup\.kvm1\.web%2Fvm\.lock$/);
+  // A long name (escaped: 6 bytes a Cyrillic letter) is cut to leave its drafts room in 255 bytes, with a digest.
+  const long = 'сервер'.repeat(10);
+  for (const file of [domainLockFile(long), domainLockFile(`${long}x`), domainLockFile(long, 'kvm1')]) {
+    assert.ok(path.basename(file).length <= 200, file);
+    assert.match(path.basename(file), /^virtnbdbackup\.\S+-[0-9a-f]{16}\.lock$/);
+  }
+  assert.notEqual(domainLockFile(long), domainLockFile(`${long}x`));
+  assert.notEqual(domainLockFile(long), domainLockFile(long, 'kvm1'));
 });
 
 test('the commands of a run share one ssh connection per host, through a socket in a private directory', () => {
