@@ -735,6 +735,10 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
       await guard?.release();
       if (failed && !ctx.toZip) await setAsideFinished(ctx, results);
     }
+    // The reads failed for it, in libnbd's words ("Transport endpoint is not connected"), which did not say why.
+    if (failed && exports.endedElsewhere && !options.signal?.aborted) {
+      throw new UserError(`the backup job of '${options.domain}' was ended by another program in mid-backup (virtnbdbackup -k, or virsh domjobabort); this run's checkpoint is removed: back it up again${ctx.toZip ? '' : ` once its .partial files are out of ${ctx.stateDir}`}`);
+    }
   }
 }
 

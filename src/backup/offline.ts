@@ -23,6 +23,8 @@ export interface DiskExports {
   release(): Promise<void>;
   /** Stops serving (if release() did not) and cleans up; `failed` undoes what the run created. */
   end(failed: boolean): Promise<void>;
+  /** Another program ended the exports under the run (a backup job's -k). */
+  readonly endedElsewhere?: boolean;
 }
 
 /** Where a shut-off domain's images are served: sockets here, or TCP ports on its remote host (through ssh). */

@@ -62,6 +62,11 @@ const scratchMarker = (tag: string): string => `backup.${tag}.`;
 export class BackupJob {
   private ended = false;
   private releasing: Promise<void> | undefined;
+  /**
+   * The job was gone when the run came to end it, the domain still running: a pull-mode job never ends by itself,
+   * so another program ended it (virtnbdbackup -k, virsh domjobabort) under the run.
+   */
+  endedElsewhere = false;
 
   private constructor(
     private readonly domain: LibvirtDomain,
@@ -130,10 +135,20 @@ export class BackupJob {
     try {
       await this.domain.abortJob();
     } catch (err) {
-      this.log.warn(`ending the backup job of ${this.domain.name()}: ${(err as Error).message}`);
+      if (await this.jobGoneUnderRun()) this.endedElsewhere = true;
+      else this.log.warn(`ending the backup job of ${this.domain.name()}: ${(err as Error).message}`);
     }
     await waitForJobTeardown(this.domain);
     await Promise.all(this.leftovers.map((f) => fs.rm(f, { force: true }).catch(() => undefined)));
+  }
+
+  /** No job (type 0) on the domain, which still runs. */
+  private async jobGoneUnderRun(): Promise<boolean> {
+    try {
+      return (await this.domain.getJobType()).type === 0 && (await this.domain.isActive());
+    } catch {
+      return false;
+    }
   }
 }
 

@@ -527,6 +527,18 @@ test('the domain stopped in mid-backup: one line saying so, checkpoint removed, 
   assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('.data')), ['vda.full.data.partial']);
 });
 
+test('the job ended by another program in mid-backup (-k): one line saying so, where libnbd\'s words said a read failed; checkpoint removed, socket gone, .partial kept', async (t) => {
+  const { dom, out, socket, run } = await backupInFlight(t, 'killonly', 1536);
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-k']);
+  const r = await run.done;
+  assert.equal(r.code, 1, r.stderr);
+  assert.equal(errorLines(r).length, 1, r.stderr);
+  assert.match(r.stderr.trim().split('\n').at(-1) ?? '', new RegExp(`^virtnbdbackup: error: the backup job of '${dom.name}' was ended by another program in mid-backup \\(virtnbdbackup -k, or virsh domjobabort\\); this run's checkpoint is removed: back it up again once its \\.partial files are out of ${out.replace(/[.]/g, '\\.')}$`));
+  assert.doesNotMatch(r.stderr, /warning/);
+  await assertCleanDomain(dom, socket);
+  assert.deepEqual((await fs.readdir(out)).filter((f) => f.includes('.data')), ['vda.full.data.partial']);
+});
+
 test('libvirtd killed in mid-backup: one line naming it and what to do, and so does -k while it is down; after its restart -k ends the job and a new full works', async (t) => {
   const { dom, out, socket, run } = await backupInFlight(t, 'daemon');
   // -k while libvirtd is still down: one line saying so, nothing else tried.
