@@ -51,7 +51,7 @@ export async function writeDigestFile(target: OutputTarget, dataFile: string, pi
 export async function readIfThere(file: string): Promise<string | undefined> {
   return fs.readFile(file, 'utf8').catch((err: NodeJS.ErrnoException) => {
     if (err.code === 'ENOENT') return undefined;
-    throw new Error(`cannot read ${path.basename(file)}: ${describeFailure(err)}`);
+    throw new Error(`cannot read ${path.basename(file)}: ${describeReadFailure(err)}`);
   });
 }
 
@@ -99,7 +99,7 @@ const SECTOR = 512;
  */
 export async function isStreamFile(file: string): Promise<boolean> {
   const handle = await fs.open(file, 'r').catch((err: unknown) => {
-    throw new UserError(`cannot read ${file}: ${describeFailure(err)}`);
+    throw new UserError(`cannot read ${file}: ${describeReadFailure(err)}`);
   });
   try {
     const head = Buffer.alloc(FRAME_HEADER_LENGTH);
@@ -190,7 +190,7 @@ export async function readCheckpointList(file: string): Promise<string[]> {
     text = await fs.readFile(file, 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw new UserError(`cannot read the checkpoint list ${file}: ${describeFailure(err)}`);
+    throw new UserError(`cannot read the checkpoint list ${file}: ${describeReadFailure(err)}`);
   }
   try {
     const list: unknown = JSON.parse(text);
@@ -328,7 +328,7 @@ export async function readChains(listing: SetListing, checkpoints: string[]): Pr
     const p = path.join(listing.dir, f.file);
     const meta = await StreamReader.metadata(p).catch((err: Error) => {
       // A file that cannot be opened (permissions) is not damaged: say only why.
-      if (errnoOf(err) !== undefined) throw new UserError(`cannot read ${p}: ${describeFailure(err)}`);
+      if (errnoOf(err) !== undefined) throw new UserError(`cannot read ${p}: ${describeReadFailure(err.cause ?? err)}`);
       throw new UserError(`${err.message}; the set's file ${f.file} is damaged or not a stream`);
     });
     const list = byDisk.get(f.disk) ?? [];

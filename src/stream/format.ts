@@ -49,8 +49,8 @@ export interface StreamMetadata {
 export type TrailerEntry = number | Record<string, number[]>;
 
 export class StreamFormatError extends Error {
-  constructor(message: string) {
-    super(message);
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
     this.name = 'StreamFormatError';
   }
 }

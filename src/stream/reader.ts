@@ -108,7 +108,8 @@ export class StreamReader {
     try {
       handle = await fs.open(file, 'r');
     } catch (err) {
-      throw new StreamFormatError(`${file}: cannot open (${describeReadFailure(err)})`);
+      // The cause keeps the errno: a file that cannot be opened (permissions) is not a damaged one.
+      throw new StreamFormatError(`${file}: cannot open (${describeReadFailure(err)})`, { cause: err });
     }
     try {
       const { size } = await handle.stat();

@@ -89,7 +89,7 @@ function isCount(value: unknown, zeroAllowed = false): boolean {
 
 /** An error's line without the file's path in front: the verdict line names the file already. */
 function withoutPath(err: unknown, file: string): string {
-  return oneLine(err).replace(`${file}: `, '').replace(`${file} `, '');
+  return oneLine(err).replace(`cannot read ${file}:`, 'cannot read it:').replace(`${file}: `, '').replace(`${file} `, '');
 }
 
 const describeExtent = (p: { offset: number; length: number }): string => `extent at disk offset ${p.offset} (${p.length} bytes)`;

@@ -378,3 +378,26 @@ test('Ctrl-C at a terminal (SIGINT to the whole process group) during a restore:
     await assert.rejects(fs.access(out), 'the output directory the run made is left');
   }
 });
+
+test('a data file or .chksum the user may not read is named as unreadable, not as damaged, by restore and verify', async (t) => {
+  const work = await withTempDir(t, 'vnbd-unreadable-');
+  const { set } = await craftTwoDiskSet(work);
+  const inc = path.join(set, 'vda.inc.virtnbdbackup.1.data');
+  const asNobody = (args: string[]): Promise<CliResult> => runCli('runuser', ['-u', 'nobody', '--', ourBin('virtnbdrestore'), ...args]);
+  await fs.chmod(inc, 0o600);
+  const out = path.join(work, 'out');
+  const refused = await asNobody(['-i', set, '-o', out, '-n']);
+  assert.equal(refused.code, 1, refused.stderr);
+  // It said "cannot open (permission denied (EACCES)); the set's file ... is damaged or not a stream".
+  assert.deepEqual(errorLines(refused), [`virtnbdrestore: error: cannot read ${inc}: permission denied (EACCES)`]);
+  await assert.rejects(fs.access(out), 'the output directory was made');
+  const verify = await asNobody(['-i', set, '-o', 'verify']);
+  assert.equal(verify.code, 1, verify.stderr);
+  // It said "cannot read permission denied; check the directory permissions (EACCES)".
+  assert.match(verify.stdout, /^FAILED vda\.inc\.virtnbdbackup\.1\.data: cannot read it: permission denied \(EACCES\)$/m);
+  await fs.chmod(inc, 0o644);
+  await fs.chmod(`${inc}.chksum`, 0o600);
+  const chksum = await asNobody(['-i', set, '-o', out, '-n']);
+  assert.equal(chksum.code, 1, chksum.stderr);
+  assert.match(errorLines(chksum)[0] ?? '', /^virtnbdrestore: error: cannot read vda\.inc\.virtnbdbackup\.1\.data\.chksum: permission denied \(EACCES\)/);
+});
