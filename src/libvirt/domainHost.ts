@@ -38,6 +38,8 @@ interface HostAccess {
   remove(file: string): Promise<void>;
   /** Creates `file` with `content` (bytes, or a local file's bytes); fails if it exists. */
   createNew(file: string, content: Buffer | { localFile: string }): Promise<void>;
+  /** Creates `file` empty, at once; fails if anything is there (claims a name that another run may also want). */
+  createEmpty(file: string): Promise<void>;
 }
 
 /** This machine, or another one reached through ssh. */
@@ -68,6 +70,7 @@ export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
     await fs.unlink(from);
   },
   remove: (file) => fs.rm(file, { force: true }),
+  createEmpty: (file) => fs.writeFile(file, '', { flag: 'wx' }),
   async createNew(file, content) {
     // Whole or not at all: written beside it, then linked in (which fails on an existing file, never replaces it).
     const partial = `${file}.partial`;
@@ -248,6 +251,10 @@ export class SshHost implements HostAccess {
 
   async remove(file: string): Promise<void> {
     await this.run('rm', ['-f', '--', file]);
+  }
+
+  async createEmpty(file: string): Promise<void> {
+    await this.run('sh', ['-c', 'set -C; : > "$1"', 'sh', file]);
   }
 
   /**

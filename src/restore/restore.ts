@@ -370,7 +370,7 @@ async function copyImage(disk: DiskPlan, source: string, options: RestoreOptions
     return;
   }
   const partial = partialName(disk.image);
-  created.push(partial, ...(disk.dataFile ? [disk.dataFile] : []));
+  await claimNew([partial, ...(disk.dataFile ? [disk.dataFile] : [])], LOCAL_HOST, created);
   await copyChecked(source, options.signal, (signal) =>
     convertImage(source, 'raw', partial, disk.format, { options: disk.createOptions, compress: options.compress && disk.format === 'qcow2', signal }));
   await LOCAL_HOST.rename(partial, disk.image);
@@ -445,6 +445,24 @@ async function sendImage(disk: DiskPlan, source: string, options: RestoreOptions
 }
 
 /**
+ * Creates the files a disk's restore writes, empty, before qemu-img writes them, and adds them to `created` (which a
+ * failure removes). The plan found none of them, but a run started since may have: two restores into one
+ * directory at once (a second disk restored with -d while the first run still writes another) both passed that
+ * check, and the later one's qemu-img wrote over the other's .partial, then its clean-up removed it.
+ */
+async function claimNew(files: string[], host: DomainHost, created: string[]): Promise<void> {
+  for (const file of files) {
+    try {
+      await host.createEmpty(file);
+    } catch (err) {
+      if (!(await host.exists(file))) throw err;
+      throw new UserError(`${file}${host.remote ? ` on ${host.label}` : ''} appeared after this restore checked its output: another run writes it now; wait for it to end, or restore into another directory (it was left as it is)`);
+    }
+    created.push(file);
+  }
+}
+
+/**
  * Creates the disk's image (unless it exists), serves it with qemu-nbd, lets `fill` write it, flushes, and gives the
  * new image its name (--compress: through a compressing qemu-img convert).
  */
@@ -457,7 +475,7 @@ async function writeThroughServer(
   const partial = partialName(disk.image);
   const work = disk.existing ? disk.image : compress ? partialName(disk.image, '.uncompressed.partial') : partial;
   if (!disk.existing) {
-    created.push(work, ...(disk.dataFile ? [disk.dataFile] : []));
+    await claimNew([work, ...(disk.dataFile ? [disk.dataFile] : [])], host, created);
     await createImage(work, disk.format, disk.virtualSize, disk.createOptions, host);
   }
   // -A preallocates new images (plan.ts refuses it for an existing target): zero writes must not unmap them.
@@ -479,7 +497,7 @@ async function writeThroughServer(
   }
   if (disk.existing) return;
   if (compress) {
-    created.push(partial);
+    await claimNew([partial], host, created);
     await convertImage(work, 'qcow2', partial, 'qcow2', { options: disk.createOptions, compress: true, host, signal: options.signal });
     await host.remove(work);
   }

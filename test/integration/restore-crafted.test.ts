@@ -401,3 +401,25 @@ test('a data file or .chksum the user may not read is named as unreadable, not a
   assert.equal(chksum.code, 1, chksum.stderr);
   assert.match(errorLines(chksum)[0] ?? '', /^virtnbdrestore: error: cannot read vda\.inc\.virtnbdbackup\.1\.data\.chksum: permission denied \(EACCES\)/);
 });
+
+test('a .partial that appears after the plan (another run restoring that disk now) is neither written over nor removed', async (t) => {
+  const work = await withTempDir(t, 'vnbd-claim-');
+  const { set, refs } = await randomSet(work, { vda: 16, vdb: 8 }, ['vda']);
+  const out = path.join(work, 'out');
+  const running = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  const pid = running.child.pid as number;
+  t.after(() => { try { process.kill(pid, 'SIGCONT'); } catch { /* ended */ } });
+  // Held while it writes vda (checked, planned): meanwhile another run (here: the test) takes vdb's .partial.
+  assert.ok(await within(10_000, () => fs.access(path.join(out, 'vda.qcow2.partial')).then(() => true, () => false)), 'the restore began');
+  process.kill(pid, 'SIGSTOP');
+  const other = path.join(out, 'vdb.qcow2.partial');
+  await fs.writeFile(other, 'another run\'s image');
+  process.kill(pid, 'SIGCONT');
+  const r = await running.done;
+  assert.equal(r.code, 1, r.stderr);
+  // It created its image over that file (qemu-img create), wrote vdb into it and named it vdb.qcow2: the other run's file was gone.
+  assert.deepEqual(errorLines(r), [`virtnbdrestore: error: restore of disk vdb failed: ${other} appeared after this restore checked its output: another run writes it now; wait for it to end, or restore into another directory (it was left as it is); nothing of it was kept; ${out}/vda.qcow2 is restored whole and kept: restore disk vdb with -d vdb into ${out}, or remove it and restore again`]);
+  assert.equal(await fs.readFile(other, 'utf8'), 'another run\'s image');
+  assert.deepEqual((await fs.readdir(out)).sort(), ['vda.qcow2', 'vdb.qcow2.partial']);
+  await assertSame(path.join(out, 'vda.qcow2'), refs.vda as string, 'qcow2');
+});

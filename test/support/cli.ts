@@ -95,12 +95,13 @@ export function qemuImgIn(dir: string): Promise<string | undefined> {
 
 /**
  * Starts our virtnbdrestore with `args` (a --compress restore of disk vda into `out`) and resolves once its qemu-img
- * convert -c runs: that creates the image's final .partial, so the data is written and compressing has begun.
+ * convert -c runs (the data is written and compressing has begun).
  */
 export async function restoreCompressing(args: string[], out: string): Promise<CliRun> {
   const running = startCli(ourBin('virtnbdrestore'), args);
   await whenExists(path.join(out, 'vda.qcow2.partial'));
-  if (!(await qemuImgIn(out))) throw new Error(`no qemu-img convert -c runs on ${out}/vda.qcow2.partial`);
+  // The restore makes that file (empty, to claim its name) just before it starts qemu-img.
+  if (!(await within(5_000, async () => (await qemuImgIn(out)) !== undefined))) throw new Error(`no qemu-img convert -c runs on ${out}/vda.qcow2.partial`);
   return running;
 }
 
