@@ -423,3 +423,26 @@ test('a .partial that appears after the plan (another run restoring that disk no
   assert.deepEqual((await fs.readdir(out)).sort(), ['vda.qcow2', 'vdb.qcow2.partial']);
   await assertSame(path.join(out, 'vda.qcow2'), refs.vda as string, 'qcow2');
 });
+
+test('a disk whose size is no multiple of 4 KiB restores onto a new file grown to it (a hole at its start) and as a new raw image', async (t) => {
+  const work = await withTempDir(t, 'vnbd-oddsize-');
+  const set = path.join(work, 'set');
+  await fs.mkdir(set);
+  const size = 10 * MiB + 512;
+  const disk = new MemoryDisk(size).fill(0x41, 0, 64 * 1024).fill(0x42, size - 4096, 4096);
+  for (const [target, format] of [['vda', 'qcow2'], ['vdb', 'raw']] as const) {
+    await craftStream({ dir: set, file: `${target}.full.data`, disk, diskName: target, diskFormat: format, extents: [
+      { offset: 0, length: 64 * 1024, kind: 'data' }, { offset: size - 4096, length: 4096, kind: 'data' },
+    ] });
+  }
+  await craftVmConfig(set, 'virtnbdbackup.0', 'odd', [{ target: 'vda', file: '/vm/odd.qcow2', format: 'qcow2' }, { target: 'vdb', file: '/vm/odd.img', format: 'raw' }]);
+  const ref = await disk.saveRaw(path.join(work, 'ref.raw'));
+  const target = path.join(work, 'target.raw');
+  await fs.writeFile(target, '');
+  // qemu-nbd with direct I/O refused it: "Image size is not a multiple of request alignment".
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', target, '-n', '-d', 'vda']);
+  await assertSame(target, ref, 'raw');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out'), '-n', '-r']);
+  await assertSame(path.join(work, 'out', 'odd.qcow2'), ref, 'qcow2');
+  await assertSame(path.join(work, 'out', 'odd.img'), ref, 'raw');
+});
