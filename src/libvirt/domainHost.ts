@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { accepts, boundToUs, notInstalled, run, shellQuote, type RunResult } from '../util/process.js';
-import { exists, makeDirectory } from '../util/fileIo.js';
+import { makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { checkTcpPort } from '../util/tcpPort.js';
 
@@ -54,7 +54,9 @@ export const LOCAL_HOST: HostAccess & { readonly remote: false } = {
     const handle = await fs.open(file, 'r');
     return handle.createReadStream({ highWaterMark: 1024 * 1024 });
   },
-  exists,
+  // Anything at that name, a symbolic link to nothing too (as on another host): a restore's image was written
+  // whole, then its rename refused such a link.
+  exists: (file) => fs.lstat(file).then(() => true, () => false),
   makeDir: (dir) => makeDirectory(dir),
   // Never over a file that appeared meanwhile: linked in (which fails on an existing name), then the old name dropped.
   async rename(from, to) {

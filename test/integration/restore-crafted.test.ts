@@ -446,3 +446,17 @@ test('a disk whose size is no multiple of 4 KiB restores onto a new file grown t
   await assertSame(path.join(work, 'out', 'odd.qcow2'), ref, 'qcow2');
   await assertSame(path.join(work, 'out', 'odd.img'), ref, 'raw');
 });
+
+test('a symbolic link to nothing named as the image is refused before anything is written, as a file there is', async (t) => {
+  const work = await withTempDir(t, 'vnbd-danglink-');
+  const { set } = await randomSet(work, { vda: 8 });
+  const out = path.join(work, 'out');
+  await fs.mkdir(out);
+  await fs.symlink(path.join(work, 'nowhere'), path.join(out, 'vda.qcow2'));
+  const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  assert.equal(r.code, 1, r.stderr);
+  // The disk was written whole first, then its rename refused: "restore of disk vda failed: ... already exists".
+  assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${out}/vda.qcow2 already exists; restore into another directory or move it away (nothing is overwritten)`]);
+  assert.doesNotMatch(r.stderr, /restoring disk/);
+  assert.deepEqual(await fs.readdir(out), ['vda.qcow2']);
+});
