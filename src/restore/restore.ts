@@ -455,7 +455,7 @@ async function claimNew(files: string[], host: DomainHost, created: string[]): P
     try {
       await host.createEmpty(file);
     } catch (err) {
-      if (!(await host.exists(file))) throw err;
+      if (!(await host.exists(file))) throw new Error(`cannot create ${file}: ${describeFailure(err)}`, { cause: err });
       throw new UserError(`${file}${host.remote ? ` on ${host.label}` : ''} appeared after this restore checked its output: another run writes it now; wait for it to end, or restore into another directory (it was left as it is)`);
     }
     created.push(file);

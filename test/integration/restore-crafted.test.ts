@@ -400,6 +400,13 @@ test('a data file or .chksum the user may not read is named as unreadable, not a
   const chksum = await asNobody(['-i', set, '-o', out, '-n']);
   assert.equal(chksum.code, 1, chksum.stderr);
   assert.match(errorLines(chksum)[0] ?? '', /^virtnbdrestore: error: cannot read vda\.inc\.virtnbdbackup\.1\.data\.chksum: permission denied \(EACCES\)/);
+  await fs.chmod(`${inc}.chksum`, 0o644);
+  // An output directory the user may not write in is named so, not with Node's own words (EACCES: ..., open '...').
+  const closed = path.join(work, 'closed');
+  await fs.mkdir(closed, { mode: 0o755 });
+  const denied = await asNobody(['-i', set, '-o', closed, '-n', '-d', 'vda']);
+  assert.equal(denied.code, 1, denied.stderr);
+  assert.deepEqual(errorLines(denied), [`virtnbdrestore: error: restore of disk vda failed: cannot create ${closed}/web.qcow2.partial: permission denied; check the directory permissions (EACCES); nothing of it was kept`]);
 });
 
 test('a .partial that appears after the plan (another run restoring that disk now) is neither written over nor removed', async (t) => {
