@@ -291,11 +291,19 @@ async function defineRestored(uri: string, login: LibvirtLogin | undefined, adju
 }
 
 /**
- * Refuses an existing target that another process holds open for writing, such as a running domain's disk: QEMU's
- * image lock tells, and qemu-nbd would fail on it only after the file was grown, with a message that data was
- * left incomplete. Other failures are left to the steps that follow, which name them.
+ * Refuses an existing target the system uses (a mounted device), or that another process holds open for writing,
+ * such as a running domain's disk: QEMU's image lock tells, and qemu-nbd would fail on it only after the file was
+ * grown, with a message that data was left incomplete. Other failures are left to the steps that follow, which
+ * name them.
  */
 async function refuseInUse(disk: DiskPlan, host: DomainHost): Promise<void> {
+  // A device the kernel holds (a mounted file system, an LVM physical volume, swap, RAID) shows no QEMU lock, and
+  // was written over: an exclusive open, which such a device refuses (EBUSY), tells.
+  if (disk.block && !host.remote) {
+    await fs.open(disk.image, fs.constants.O_RDONLY | fs.constants.O_EXCL).then((handle) => handle.close(), (err: NodeJS.ErrnoException) => {
+      if (err.code === 'EBUSY') throw new UserError(`${disk.image} is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`);
+    });
+  }
   // Opened for writing, nothing written: a shared read (qemu-img info) passes where qemu-nbd's write lock fails.
   if (await heldForWriting(disk.image, host)) {
     throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use: another process (a running domain?) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory`);

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { TestDomain, run, withTempDir } from '../support/testbed.js';
+import { TestDomain, run, tempDir, withTempDir } from '../support/testbed.js';
 import { errorLines, helperPid, ourBin, qemuImgIn, restoreCompressing, runCli, runOk, startCli, within, type CliResult, type CliRun } from '../support/cli.js';
 import { MemoryDisk, craftStream, craftVmConfig, flipByte, randomSet } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
@@ -466,4 +466,34 @@ test('a symbolic link to nothing named as the image is refused before anything i
   assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${out}/vda.qcow2 already exists; restore into another directory or move it away (nothing is overwritten)`]);
   assert.doesNotMatch(r.stderr, /restoring disk/);
   assert.deepEqual(await fs.readdir(out), ['vda.qcow2']);
+});
+
+test('a block device the system uses (a mounted file system) is refused before anything is written; unmounted, it is restored onto', async (t) => {
+  const work = await tempDir('vnbd-mounted-');
+  const { set, refs } = await randomSet(work, { vda: 8 });
+  const backing = path.join(work, 'fs.img');
+  await fs.writeFile(backing, Buffer.alloc(8 * MiB)); // the disk's size: compared whole after
+  await run('mkfs.ext4', ['-q', backing]);
+  const device = (await run('losetup', ['-f', '--show', backing])).stdout.trim();
+  const mountPoint = path.join(work, 'mnt');
+  await fs.mkdir(mountPoint);
+  let mounted = false;
+  // Unmounted and detached before the work dir goes, which would otherwise be removed through the mount.
+  t.after(async () => {
+    if (mounted) await run('umount', [mountPoint]);
+    await run('losetup', ['-d', device]);
+    await fs.rm(work, { recursive: true, force: true });
+  });
+  await run('mount', [device, mountPoint]);
+  mounted = true;
+  await fs.writeFile(path.join(mountPoint, 'file'), 'precious');
+  const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', device, '-n']);
+  assert.equal(refused.code, 1, refused.stderr);
+  // It wrote the disk over the mounted file system, exit 0.
+  assert.deepEqual(errorLines(refused), [`virtnbdrestore: error: ${device} is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`]);
+  await run('umount', [mountPoint]);
+  mounted = false;
+  await run('fsck.ext4', ['-n', device]);
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', device, '-n']);
+  await assertSame(device, refs.vda as string, 'raw');
 });
