@@ -297,17 +297,27 @@ async function defineRestored(uri: string, login: LibvirtLogin | undefined, adju
  * name them.
  */
 async function refuseInUse(disk: DiskPlan, host: DomainHost): Promise<void> {
-  // A device the kernel holds (a mounted file system, an LVM physical volume, swap, RAID) shows no QEMU lock, and
-  // was written over: an exclusive open, which such a device refuses (EBUSY), tells.
-  if (disk.block && !host.remote) {
-    await fs.open(disk.image, fs.constants.O_RDONLY | fs.constants.O_EXCL).then((handle) => handle.close(), (err: NodeJS.ErrnoException) => {
-      if (err.code === 'EBUSY') throw new UserError(`${disk.image} is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`);
-    });
+  if (disk.block && (await claimedBySystem(disk.image, host))) {
+    throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`);
   }
   // Opened for writing, nothing written: a shared read (qemu-img info) passes where qemu-nbd's write lock fails.
   if (await heldForWriting(disk.image, host)) {
     throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use: another process (a running domain?) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory`);
   }
+}
+
+/**
+ * Whether the kernel holds block device `device` (a mounted file system, an LVM physical volume, swap, RAID): that
+ * takes no QEMU lock, and such a device was written over. Its exclusive open fails (EBUSY); on another host through
+ * perl, which Debian always has (perl-base): without it, or on any other failure, not known, and left to the steps
+ * that follow.
+ */
+async function claimedBySystem(device: string, host: DomainHost): Promise<boolean> {
+  if (!host.remote) {
+    return fs.open(device, fs.constants.O_RDONLY | fs.constants.O_EXCL).then((handle) => handle.close().then(() => false), (err: NodeJS.ErrnoException) => err.code === 'EBUSY');
+  }
+  const open = 'sysopen(my $f, $ARGV[0], O_RDONLY | O_EXCL) || !$!{EBUSY} || die "EBUSY\\n"';
+  return host.run('perl', ['-MFcntl', '-e', open, device]).then(() => false, (err: unknown) => /\bEBUSY\b/.test(oneLine(err)));
 }
 
 /**

@@ -187,6 +187,15 @@ test('restore onto another host (remote -U): images written there through its qe
   await fs.writeFile(backing, Buffer.alloc(64 * 1024 * 1024, 0xee));
   const device = (await run('losetup', ['-f', '--show', backing])).stdout.trim();
   try {
+    // Mounted there, it is refused before anything is written (it was written over, exit 0).
+    const mountPoint = path.join(work, 'mnt');
+    await fs.mkdir(mountPoint);
+    await run('mkfs.ext4', ['-q', device]);
+    await run('mount', [device, mountPoint]);
+    const mounted = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', device, '-n', ...remote]).finally(() => run('umount', [mountPoint]));
+    assert.equal(mounted.code, 1, mounted.stderr);
+    assert.deepEqual(errorLines(mounted), [`virtnbdrestore: error: ${device} on root@127.0.0.1 is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`]);
+    await run('fsck.ext4', ['-n', device]);
     await runOk(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', device, '-n', ...remote]);
     const ontoDevice = await TestDomain.compare(device, p1, { formatA: 'raw' });
     assert.ok(ontoDevice.identical, ontoDevice.output);
