@@ -539,7 +539,7 @@ const NOT_RAW: Array<[string, string]> = [
   ['meta 000', 'a backup data file'], ['\x04\x22\x4d\x18', 'an lz4 file'], ['\x1f\x8b', 'a gzip file'],
   ['\xfd7zXZ\x00', 'an xz file'], ['\x28\xb5\x2f\xfd', 'a zstd file'], ['BZh', 'a bzip2 file'],
   ['KDMV', 'a VMDK image'], ['vhdxfile', 'a VHDX image'], ['conectix', 'a VHD image'], ['QED\x00', 'a QED image'],
-  ['<<< ', 'a VDI image'],
+  ['<<< ', 'a VDI image'], ['<?xml', 'an XML file'], ['<domain', 'a libvirt XML definition (a set\'s vmconfig or checkpoint?)'],
 ];
 
 /** An existing target, once its kind and first bytes are known: a raw file or block device, never an image of another format or an archive. */
@@ -638,8 +638,9 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   const host = options.host ?? LOCAL_HOST;
   const output = host.remote ? await resolveRemoteOutput(options.output, host) : await resolveOutput(path.resolve(options.output));
   if (!host.remote && output.file) {
-    // Through symbolic links too; and a data file of any set (another one, or a chain.* dir of this one).
-    const inSet = (await realPath(path.dirname(output.file))) === (await realPath(input));
+    // Through symbolic links too, in its folders too (checkpoints/, a chain.* moved aside); and a data file of any set.
+    const [dir, set] = [await realPath(path.dirname(output.file)), await realPath(input)];
+    const inSet = dir === set || dir.startsWith(`${set}/`);
     if (inSet || parseDataFileName(path.basename(output.file)) !== undefined) {
       throw new UserError(`-o ${output.file} is ${inSet ? `a file of the backup set ${input}` : 'a backup data file'}: a restore would overwrite it; give a raw file, a block device or a directory outside the set`);
     }

@@ -9,7 +9,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, tempDir, withTempDir } from '../support/testbed.js';
 import { errorLines, helperPid, ourBin, qemuImgIn, restoreCompressing, runCli, runOk, startCli, within, type CliResult, type CliRun } from '../support/cli.js';
-import { MemoryDisk, craftStream, craftVmConfig, flipByte, randomSet } from '../support/craftedSet.js';
+import { MemoryDisk, craftCheckpointDefinition, craftStream, craftVmConfig, flipByte, randomSet } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
 
 const MiB = 1024 * 1024;
@@ -496,4 +496,27 @@ test('a block device the system uses (a mounted file system) is refused before a
   await run('fsck.ext4', ['-n', device]);
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', device, '-n']);
   await assertSame(device, refs.vda as string, 'raw');
+});
+
+test('-o naming a file in a folder of the set (checkpoints/, a chain moved aside), or a domain or checkpoint XML anywhere, is refused and left as it was', async (t) => {
+  const work = await withTempDir(t, 'vnbd-setfolder-');
+  const { set } = await randomSet(work, { vda: 8 });
+  const definition = await craftCheckpointDefinition(set, 'virtnbdbackup.0', '<domaincheckpoint>\n  <name>virtnbdbackup.0</name>\n  <disks><disk name="vda" checkpoint="bitmap"/></disks>\n</domaincheckpoint>');
+  const moved = path.join(set, 'chain.1800000000', 'old.raw');
+  await fs.mkdir(path.dirname(moved));
+  await fs.writeFile(moved, Buffer.alloc(MiB, 0x42));
+  const config = path.join(work, 'web.xml');
+  await fs.copyFile(path.join(set, 'vmconfig.virtnbdbackup.0.xml'), config);
+  for (const [file, what] of [
+    [definition, 'a libvirt XML definition \\(a set\'s vmconfig or checkpoint\\?\\), not a raw disk'],
+    [moved, `a file of the backup set ${set}`],
+    [config, 'a libvirt XML definition \\(a set\'s vmconfig or checkpoint\\?\\), not a raw disk'],
+  ] as const) {
+    const before = await fs.readFile(file);
+    // The checkpoint definition was grown to the disk's size and written over, exit 0.
+    const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', file, '-n']);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(errorLines(r).join('\n'), new RegExp(`^virtnbdrestore: error: -o ${file} is ${what}: a restore would overwrite it`));
+    assert.ok(before.equals(await fs.readFile(file)), `${file} changed`);
+  }
 });
