@@ -701,11 +701,27 @@ async function planImageDisk(disk: string, file: DataFile, input: string, checkp
   const saved = await configs.disk(disk, [ident]);
   const filePath = path.join(input, file.file);
   const size = (await fs.stat(filePath)).size;
+  // A raw image has no header to say its size: a copy cut short (no .chksum in older sets) restored a smaller disk.
+  const recorded = await recordedVirtualSize(path.join(input, qcowInfoName(disk, ident)));
+  if (recorded !== undefined && recorded !== size) {
+    throw new UserError(`${file.file} in ${input} holds ${size} bytes, but disk ${disk} had ${recorded} (${qcowInfoName(disk, ident)}): the raw image is cut short or damaged; copy it again from where it came, or restore the other disks with -d`);
+  }
   const format: ImageFormat = (saved?.format ?? 'raw') === 'raw' ? 'raw' : 'qcow2';
   return {
     disk, source: { kind: 'image', file: file.file, path: filePath }, ident, virtualSize: size, format, createOptions: [],
     image: imageBaseName(saved, disk, format), existing: false, block: false, dataSize: size,
   };
+}
+
+/** The disk's size as `qemu-img info` recorded it at backup time (qcow.json), if the set holds a readable one. */
+async function recordedVirtualSize(qcowJson: string): Promise<number | undefined> {
+  const text = await fs.readFile(qcowJson, 'utf8').catch(() => undefined);
+  try {
+    const size: unknown = text === undefined ? undefined : (JSON.parse(text) as { 'virtual-size'?: unknown })['virtual-size'];
+    return Number.isSafeInteger(size) ? (size as number) : undefined;
+  } catch {
+    return undefined; // a damaged qcow.json is named where its layout is read
+  }
 }
 
 /**

@@ -137,6 +137,15 @@ test('raw images in the set (-t raw) are copied as they are, or converted into q
     { file: 'vda.full.data', rawImage: true, size: 32 * MiB },
     { file: 'vdb.copy.data', rawImage: true, size: 32 * MiB },
   ]);
+
+  // Cut short (a copy of the set that ran out of room), with no .chksum to tell (older sets): the size backup
+  // recorded in qcow.json does. It restored a 16 MiB disk, exit 0.
+  await fs.writeFile(path.join(set, qcowInfoName('vda', 'virtnbdbackup.0')), JSON.stringify({ 'virtual-size': 32 * MiB, format: 'qcow2' }));
+  await fs.truncate(path.join(set, 'vda.full.data'), 16 * MiB);
+  const short = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'short'), '-n', '-d', 'vda']);
+  assert.equal(short.code, 1, short.stderr);
+  assert.deepEqual(errorLines(short), [`virtnbdrestore: error: vda.full.data in ${set} holds ${16 * MiB} bytes, but disk vda had ${32 * MiB} (vda.virtnbdbackup.0.qcow.json): the raw image is cut short or damaged; copy it again from where it came, or restore the other disks with -d`]);
+  await assert.rejects(fs.access(path.join(work, 'short')), 'the output directory was made');
 });
 
 test('a qcow2 image with an external data file is recreated with its data file in the output directory; a damaged qcow.json is a warning; restored into the set itself, the set\'s domain XML is left as it is', async (t) => {
