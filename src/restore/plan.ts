@@ -746,6 +746,10 @@ async function placeOnto(disks: DiskPlan[], target: string, block: boolean, size
     throw new UserError(`block device ${target} holds ${size} bytes, disk ${disk.disk} needs ${disk.virtualSize}; give a device at least that large`);
   }
   Object.assign(disk, { image: target, format: 'raw', existing: true, block });
+  // A file is not cut: what lies past the disk's end stays, and the file reads as a larger disk than the one restored.
+  if (!block && size > disk.virtualSize) {
+    (options.log ?? silentLogger).warn(`${target} holds ${size} bytes, disk ${disk.disk} ${disk.virtualSize}: its bytes past the disk's end are left as they are, so it reads as a larger disk; truncate -s ${disk.virtualSize} ${target} after the restore if it is to be the disk alone`);
+  }
 }
 
 /** New images in `dir`: unique names, the source's qcow2 layout, nothing of the same name already there. */

@@ -461,6 +461,13 @@ test('a disk whose size is no multiple of 4 KiB restores onto a new file grown t
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out'), '-n', '-r']);
   await assertSame(path.join(work, 'out', 'odd.qcow2'), ref, 'qcow2');
   await assertSame(path.join(work, 'out', 'odd.img'), ref, 'raw');
+  // A larger file keeps its tail, and so reads as a larger disk: said, with how to cut it (it was silent).
+  const larger = path.join(work, 'larger.raw');
+  await fs.writeFile(larger, Buffer.alloc(12 * MiB, 0xee));
+  const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', larger, '-n', '-d', 'vda']);
+  assert.match(r.stderr, new RegExp(`warning: ${larger} holds ${12 * MiB} bytes, disk vda ${size}: its bytes past the disk's end are left as they are, so it reads as a larger disk; truncate -s ${size} ${larger} after the restore`));
+  await fs.truncate(larger, size);
+  await assertSame(larger, ref, 'raw');
 });
 
 test('a symbolic link to nothing named as the image is refused before anything is written, as a file there is', async (t) => {
