@@ -798,11 +798,22 @@ async function refuseLeftPartials(partials: readonly string[], dir: string, host
   for (const file of partials) if (await host.exists(file)) there.push(file);
   if (there.length === 0) return;
   const on = host.remote ? ` on ${host.label}` : '';
-  for (const file of there) {
-    if (await heldForWriting(file, host)) throw new UserError(`${file}${on} is being written by a restore that runs now; wait for it to end, or restore into another directory`);
+  // A restore that has just made its .partial takes the image's lock a moment later (qemu-img, then qemu-nbd start):
+  // looked at again after a second before it is called killed, which says to remove it. Gone by then, it was
+  // renamed (the check of existing files says so) or removed.
+  let left = there;
+  for (const pause of [0, 1000]) {
+    if (pause > 0) {
+      await new Promise((resolve) => setTimeout(resolve, pause));
+      left = (await Promise.all(left.map(async (file) => ((await host.exists(file)) ? [file] : [])))).flat();
+    }
+    for (const file of left) {
+      if (await heldForWriting(file, host)) throw new UserError(`${file}${on} is being written by a restore that runs now; wait for it to end, or restore into another directory`);
+    }
   }
-  const [them, are] = there.length > 1 ? ['them', 'are'] : ['it', 'is'];
-  throw new UserError(`${there.join(', ')}${on} ${are} left unfinished by a restore into ${dir} that was killed before it could clean up: remove ${them}, then restore again`);
+  if (left.length === 0) return;
+  const [them, are] = left.length > 1 ? ['them', 'are'] : ['it', 'is'];
+  throw new UserError(`${left.join(', ')}${on} ${are} left unfinished by a restore into ${dir} that was killed before it could clean up: remove ${them}, then restore again`);
 }
 
 async function readQcowInfo(input: string, disk: DiskPlan, log: Logger): Promise<string | undefined> {

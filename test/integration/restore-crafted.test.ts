@@ -4,6 +4,7 @@
 // cannot be reached, and restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -535,4 +536,23 @@ test('-o naming a file in a folder of the set (checkpoints/, a chain moved aside
     assert.match(errorLines(r).join('\n'), new RegExp(`^virtnbdrestore: error: -o ${file} is ${what}: a restore would overwrite it`));
     assert.ok(before.equals(await fs.readFile(file)), `${file} changed`);
   }
+});
+
+test('a .partial another restore has just made, and locks a moment later, is said to be written now, not left by a killed run', async (t) => {
+  const work = await withTempDir(t, 'vnbd-youngpartial-');
+  const { set } = await randomSet(work, { vda: 8 });
+  const out = path.join(work, 'out');
+  await fs.mkdir(out);
+  const partial = path.join(out, 'vda.qcow2.partial');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', partial, '8M']); // made, its qemu-nbd not started yet
+  const running = startCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  // The other run's qemu-nbd: QEMU's write lock on the image (qemu-io holds it while its input is open).
+  const holder = spawn('qemu-io', ['-f', 'qcow2', partial], { stdio: ['pipe', 'ignore', 'ignore'] });
+  t.after(() => { holder.kill(); });
+  const r = await running.done;
+  assert.equal(r.code, 1, r.stderr);
+  // It said: "... is left unfinished by a restore into ... that was killed before it could clean up: remove it".
+  assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${partial} is being written by a restore that runs now; wait for it to end, or restore into another directory`]);
+  await fs.access(partial);
 });
