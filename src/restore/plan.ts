@@ -130,7 +130,7 @@ export type SetOrListing = string | SetListing;
  * Lists the set (the files of `disk`, where one is asked for), refuses leftovers and non-sets, and reads the
  * chains; raw images stand alone.
  */
-async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<ScannedSet> {
+async function scanSet(set: SetOrListing, log: Logger, disk?: string, chosenPoint = false): Promise<ScannedSet> {
   const all = typeof set === 'string' ? await listSet(set) : set;
   const input = all.dir;
   const listing = { ...all, dataFiles: all.dataFiles.filter(ofDisk(disk)), partials: partialsOf(all, disk) };
@@ -141,7 +141,15 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string): Promise<S
     throw new UserError(`a backup${writer ? ` (pid ${writer})` : ''} is writing into ${input} right now (${path.join(input, all.partials[0] as string)}); restore once it has ended`);
   }
   if (listing.partials.length > 0) {
-    throw new UserError(`${path.join(input, listing.partials[0] as string)} is left from a failed backup run; the set is incomplete at that point: restore with --until an earlier checkpoint after moving the .partial file away`);
+    // An inc's or diff's leftover is no part of a point chosen with --until or -s (a point that needs its file finds
+    // it missing from the chain): a set on read-only storage, whose leftover cannot be moved, still restores.
+    const level = (partial: string): string | undefined => parseDataFileName(partial.slice(0, -'.partial'.length).replace(/\.(chksum|blake3\.json|sha256\.json)$/, ''))?.level;
+    const base = listing.partials.find((p) => !['inc', 'diff'].includes(level(p) ?? ''));
+    if (base !== undefined || !chosenPoint) {
+      const what = base !== undefined ? 'move the .partial file out of the set' : 'restore an earlier checkpoint with --until';
+      throw new UserError(`${path.join(input, base ?? (listing.partials[0] as string))} is left from a failed backup run; the set is incomplete at that point: ${what}`);
+    }
+    log.warn(`${listing.partials.join(', ')} in ${input} ${listing.partials.length > 1 ? 'are' : 'is'} left from a failed backup run: no part of the point restored`);
   }
   if (all.dataFiles.length === 0) throw noDataFiles(input);
   if (listing.dataFiles.length === 0) throw new UserError(`no backup of disk ${disk} in ${input}`);
@@ -647,7 +655,7 @@ export async function planRestore(options: PlanOptions): Promise<RestorePlan> {
   }
   const resolved = { ...options, input, sequence: options.sequence && (await sequenceInSet(options.sequence, input)) };
   // --sequence names its disk itself: a -d that contradicts it is said so in selectSources, not "not in the set".
-  const { chains, images, checkpoints, configs: savedConfigs } = await selectSources(await scanSet(input, log, options.sequence ? undefined : options.disk), resolved, log);
+  const { chains, images, checkpoints, configs: savedConfigs } = await selectSources(await scanSet(input, log, options.sequence ? undefined : options.disk, options.until !== undefined || options.sequence !== undefined), resolved, log);
   const configs = await savedConfigs();
   const disks: DiskPlan[] = [];
   for (const [disk, chain] of chains) disks.push(await planStreamDisk(disk, chain, configs));

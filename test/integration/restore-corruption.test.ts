@@ -71,7 +71,9 @@ const cases: BadInput[] = [
   { name: '-d and a --sequence of another disk', set: 'plain', args: ['-d', 'vdb', '--sequence', 'vda.full.data'],
     expect: /-d vdb and --sequence of disk vda contradict each other: give one of them$/ },
   { name: 'a .partial left in the set', set: 'plain', damage: (d) => fs.writeFile(path.join(d, 'vda.inc.virtnbdbackup.3.data.partial'), 'x'),
-    expect: /vda\.inc\.virtnbdbackup\.3\.data\.partial is left from a failed backup run; .*restore with --until an earlier checkpoint after moving the \.partial file away/ },
+    expect: /vda\.inc\.virtnbdbackup\.3\.data\.partial is left from a failed backup run; the set is incomplete at that point: restore an earlier checkpoint with --until$/ },
+  { name: 'a full\'s .partial left in the set, with --until', set: 'plain', args: ['--until', 'virtnbdbackup.1'], damage: (d) => fs.writeFile(path.join(d, 'vdb.full.data.partial'), 'x'),
+    expect: /vdb\.full\.data\.partial is left from a failed backup run; the set is incomplete at that point: move the \.partial file out of the set$/ },
   // Its head no longer says "stream", but it is no raw image (-t raw) either: it ends with a stop frame.
   { name: 'a full whose first bytes are overwritten (restore)', set: 'plain', damage: (d) => writeAt(path.join(d, 'vda.full.data'), 0, 'garbage, not a meta frame header'),
     expect: /vda\.full\.data at byte 0: invalid frame header "garbage, not a meta frame header.*"; the set's file vda\.full\.data is damaged or not a stream/ },
@@ -196,6 +198,27 @@ describe('bad input: one line, non-zero exit, nothing touched outside the output
     assert.equal(unknown.code, 1, unknown.stderr);
     assert.equal(unknown.stdout, '');
     assert.match(errorLines(unknown).join('\n'), /^virtnbdrestore: error: checkpoint virtnbdbackup\.9 is not in the chain of disk vda in .*; pick one of those with --until$/);
+    await fs.rm(set, { recursive: true, force: true });
+  });
+
+  test('an inc\'s or its checksum\'s .partial left in a set on read-only storage: --until an earlier point restores, with a warning', async () => {
+    const set = path.join(work, 'partial-ro');
+    await run('cp', ['-a', sets.plain, set]);
+    await fs.writeFile(path.join(set, 'vda.inc.virtnbdbackup.3.data.partial'), 'x');
+    await fs.rename(path.join(set, `${INC2}.chksum`), path.join(set, `${INC2}.chksum.partial`));
+    const readOnly = path.join(work, 'partial-ro-mount');
+    await fs.mkdir(readOnly);
+    await run('mount', ['--bind', '-o', 'ro', set, readOnly]);
+    try {
+      // It said to move the .partial away, which a read-only mount does not allow: no point restored from it.
+      const out = path.join(work, 'out-partial-ro');
+      const r = await runOk(ourBin('virtnbdrestore'), ['-i', readOnly, '-o', out, '-n', '--until', 'virtnbdbackup.1']);
+      assert.match(r.stderr, /warning: vda\.inc\.virtnbdbackup\.2\.data\.chksum\.partial, vda\.inc\.virtnbdbackup\.3\.data\.partial in \S+ are left from a failed backup run: no part of the point restored/);
+      await runOk(ourBin('virtnbdrestore'), ['-i', sets.plain, '-o', path.join(work, 'out-point-1'), '-n', '--until', 'virtnbdbackup.1']);
+      await run('qemu-img', ['compare', '-q', path.join(out, 'vda.qcow2'), path.join(work, 'out-point-1', 'vda.qcow2')]);
+    } finally {
+      await run('umount', [readOnly]);
+    }
     await fs.rm(set, { recursive: true, force: true });
   });
 
