@@ -149,7 +149,7 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string, chosenPoin
       const what = base !== undefined ? 'move the .partial file out of the set' : 'restore an earlier checkpoint with --until';
       throw new UserError(`${path.join(input, base ?? (listing.partials[0] as string))} is left from a failed backup run; the set is incomplete at that point: ${what}`);
     }
-    log.warn(`${listing.partials.join(', ')} in ${input} ${listing.partials.length > 1 ? 'are' : 'is'} left from a failed backup run: no part of the point restored`);
+    log.warn(`${listing.partials.join(', ')} in ${input} ${listing.partials.length > 1 ? 'are' : 'is'} left from a failed backup run: not read`);
   }
   if (all.dataFiles.length === 0) throw noDataFiles(input);
   if (listing.dataFiles.length === 0) throw new UserError(`no backup of disk ${disk} in ${input}`);
