@@ -323,9 +323,14 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
     // A second signal (an impatient Ctrl-C) stops at once, clean-up or not; a person at a terminal is told so.
     if (signalled) {
       process.stderr.write(`${name}: error: stopped by a second ${sig} before its clean-up ended${cutShort}\n`);
-      // A thread may be waiting in libvirt or libnbd for a QEMU that stopped answering: not for it.
-      const exit = loadedNative()?.exitNow ?? process.exit;
-      exit(130);
+      // A thread may be waiting in libvirt or libnbd for a QEMU that stopped answering: not for it. exitNow skips
+      // Node's 'exit' listeners, which remove what a run must not leave (virtnbdmap's socket and overlay, lock
+      // files; each synchronous and bounded): they run first.
+      const now = loadedNative()?.exitNow;
+      if (!now) process.exit(130);
+      process.exitCode = 130;
+      process.emit('exit', 130);
+      now(130);
     }
     if (process.stderr.isTTY) process.stderr.write(`${name}: cleaning up; ${sig === 'SIGINT' ? 'Ctrl-C' : sig} again stops at once\n`);
     signalled = true;

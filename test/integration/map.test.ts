@@ -3,7 +3,8 @@
 // same point; nbdinfo --map; nbdcopy with 4 connections; a second TCG domain booted on a qcow2 overlay whose
 // backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
 // one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next,
-// and so are the default sockets of servers that are gone; an overlay directory that fills up (ENOSPC to the client, the server serving on).
+// and so are the default sockets of servers that are gone; an overlay directory that fills up (ENOSPC to the client, the server serving on);
+// a second stop signal that cuts the clean-up short, leaving neither.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
@@ -269,4 +270,28 @@ test('an overlay directory that fills up: the write that does not fit fails with
   const stopped = await map.stop();
   assert.match(stopped.stderr, /warning: NBD WRITE at 8388608\+8388608 failed: ENOSPC/);
   assert.deepEqual(await fs.readdir(overlayDir), []);
+});
+
+test('a second stop signal cutting the clean-up short still removes the socket and the overlay (exit 130)', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-mapsecond-');
+  await craftStream({ dir, file: 'vda.full.data', disk: new MemoryDisk(16 * MiB).fill(0x11, 0, 4 * MiB), diskName: 'vda', extents: [{ offset: 0, length: 4 * MiB, kind: 'data' }] });
+  const socket = path.join(dir, 'm.sock');
+  const { child, done } = startCli(ourBin('virtnbdmap'), ['-f', path.join(dir, 'vda.full.data'), '--socket', socket, '-p', '0', '-d', '', '-L', path.join(dir, 'm.log'), '--overlay-dir', dir]);
+  t.after(() => child.kill('SIGKILL'));
+  const overlays = async (): Promise<string[]> => (await fs.readdir(dir)).filter((f) => /^virtnbdmap\.\d+\./.test(f));
+  for (let tries = 0; (await overlays()).length === 0 || !(await fs.access(socket).then(() => true, () => false)); tries++) {
+    assert.ok(tries < 300 && child.exitCode === null, 'virtnbdmap did not start serving');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  // Held stopped, two different signals are both pending: the second comes before the first's clean-up can end.
+  child.kill('SIGSTOP');
+  child.kill('SIGINT');
+  child.kill('SIGTERM');
+  child.kill('SIGCONT');
+  const result = await done;
+  assert.equal(result.code, 130, result.stderr);
+  assert.match(result.stderr, /error: stopped by a second SIG(INT|TERM) before its clean-up ended/); // either comes first
+  // exitNow skipped Node's 'exit' listeners, which remove them (the overlay was left).
+  assert.deepEqual(await overlays(), [], 'overlay left behind');
+  await assert.rejects(fs.access(socket), 'socket left behind');
 });

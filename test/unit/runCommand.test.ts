@@ -1,6 +1,6 @@
 // runCommand, which every command runs in: its exit code and one error line, also when the run stalls (the event
 // loop empties while the run still waits, where Node would exit 0 as if it had succeeded) or a second stop signal
-// cuts its clean-up short.
+// cuts its clean-up short (Node's 'exit' listeners still run).
 import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -44,4 +44,12 @@ test('a second stop signal during the clean-up stops at once, with one line sayi
   // One signal: the clean-up runs to its end.
   const once = runBody("async (signal) => { const work = setTimeout(() => undefined, 20000); process.kill(process.pid, 'SIGINT'); await new Promise((resolve) => signal.addEventListener('abort', resolve)); clearTimeout(work); throw signal.reason; }");
   assert.deepEqual(once, { status: 130, stderr: 'demo: error: interrupted by SIGINT; cleaned up\n' });
+  // With the addon loaded the second one ends through its exitNow, which skips Node's 'exit' listeners: they remove
+  // what a run must not leave (virtnbdmap's socket and overlay, lock files), so they run first.
+  const addon = JSON.stringify(path.join(repoRoot, 'dist', 'src', 'native', 'addon.js'));
+  const native = runBody(`async (signal) => {
+    (await import(${addon})).native();
+    process.on('exit', (code) => process.stderr.write('exit listener: ' + code + '\\n'));
+    ${body.slice(body.indexOf('{') + 1)}`);
+  assert.deepEqual(native, { status: 130, stderr: 'demo: error: stopped by a second SIGTERM before its clean-up ended\nexit listener: 130\n' });
 });
