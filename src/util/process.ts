@@ -133,13 +133,21 @@ export function processStart(pid: number): string | undefined {
   }
 }
 
-/** Whether process `pid` exists (one of another user's, which we may not signal, too). */
+/**
+ * Whether process `pid` exists (one of another user's, which we may not signal, too) and has not ended: a zombie,
+ * ended but not yet reaped by its parent (one that does not wait, an init slow to reap orphans), holds nothing.
+ */
 export function processRuns(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2));
+  } catch {
+    return true;
   }
 }
 

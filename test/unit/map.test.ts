@@ -447,7 +447,7 @@ test('NBD server: 1000 damaged client sessions neither crash it nor wedge it; a 
   assert.ok(untouched.equals((points[2] as Buffer).subarray(20 * MiB, 21 * MiB)));
 });
 
-test("leftovers of gone runs: a name with its process's start is gone exactly when that process is; one without, only when its pid is free", async (t) => {
+test("leftovers of gone runs: a name with its process's start is gone exactly when that process is (a zombie is gone); one without, only when its pid is free", async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-leftovers-'));
   t.after(() => fs.rm(dir, { recursive: true, force: true }));
   const live = spawn('sleep', ['60'], { stdio: 'ignore' });
@@ -455,21 +455,32 @@ test("leftovers of gone runs: a name with its process's start is gone exactly wh
   const ended = spawn('true', [], { stdio: 'ignore' });
   await new Promise((resolve) => ended.once('exit', resolve));
   const start = processStart(live.pid as number) as string;
+  // A zombie: sh starts `true` and becomes sleep, which never waits for it (as a killed server whose parent does not).
+  const parent = spawn('sh', ['-c', 'true & exec sleep 60'], { stdio: 'ignore' });
+  t.after(() => { parent.kill(); });
+  let zombie: number | undefined;
+  for (let tries = 0; zombie === undefined; tries++) {
+    assert.ok(tries < 200, 'no zombie child of sleep');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    const child = Number((await fs.readFile(`/proc/${parent.pid}/task/${parent.pid}/children`, 'utf8')).trim());
+    if (child && (await fs.readFile(`/proc/${child}/stat`, 'utf8').catch(() => '')).includes(') Z ')) zombie = child;
+  }
   const names = {
     liveWithStart: `virtnbdmap.${live.pid}.${start}.aB3dE6`,
     reusedPid: `virtnbdmap.${live.pid}.${Number(start) + 1}.aB3dE6`,
     liveOldForm: `virtnbdmap.${live.pid}.123456`,
     endedOldForm: `virtnbdmap.${ended.pid}.aB3dE6`,
+    zombieWithStart: `virtnbdmap.${zombie}.${processStart(zombie)}.aB3dE6`,
   };
   for (const name of Object.values(names)) await fs.mkdir(path.join(dir, name));
   const pattern = /^virtnbdmap\.(\d+)\.(?:(\d+)\.)?[A-Za-z0-9]{6}$/;
   const found = async (mtimeTellsReuse: boolean): Promise<string[]> =>
     (await leftoversOfGoneRuns(dir, pattern, (stat) => stat.isDirectory(), { mtimeTellsReuse })).map((f) => path.basename(f.file)).sort();
-  assert.deepEqual(await found(false), [names.endedOldForm, names.reusedPid].sort());
+  assert.deepEqual(await found(false), [names.endedOldForm, names.reusedPid, names.zombieWithStart].sort());
   // An old-form entry last changed before its pid's process started, by the wall clock (which a clock step can
   // fool): kept, unless the caller takes that as the pid used again (sockets, checked for a listener too).
   const hourAgo = new Date(Date.now() - 3_600_000);
   await fs.utimes(path.join(dir, names.liveOldForm), hourAgo, hourAgo);
-  assert.deepEqual(await found(false), [names.endedOldForm, names.reusedPid].sort());
-  assert.deepEqual(await found(true), [names.endedOldForm, names.liveOldForm, names.reusedPid].sort());
+  assert.deepEqual(await found(false), [names.endedOldForm, names.reusedPid, names.zombieWithStart].sort());
+  assert.deepEqual(await found(true), [names.endedOldForm, names.liveOldForm, names.reusedPid, names.zombieWithStart].sort());
 });
