@@ -66,7 +66,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   }
   if (action === 'verify') {
     const verdicts = await verifySet({
-      input: argv.input, disk: argv.disk, until: argv.until, signal, log: makeLogger(argv),
+      input: argv.input, disk: argv.disk, until: argv.until, sequence: listOption(argv.sequence, '-s/--sequence'), signal, log: makeLogger(argv),
       onVerdict: (v) => process.stdout.write(v.ok ? `OK ${v.file}\n` : `FAILED ${v.file}: ${v.reason}\n`),
     });
     return verdicts.every((v) => v.ok) ? 0 : 1;

@@ -611,6 +611,17 @@ async function sequenceInSet(sequence: string[], input: string): Promise<string[
   return names;
 }
 
+/**
+ * The data files a restore with `--sequence` reads, checked as restore checks them (verify -s, which checks those
+ * files alone, as Python's verify does): names of the set's files; a bad sequence throws restore's UserError.
+ */
+export async function sequenceFiles(set: SetListing, sequence: string[], disk: string | undefined, log: Logger = silentLogger): Promise<string[]> {
+  const resolved = { input: set.dir, output: '', disk, sequence: await sequenceInSet(sequence, set.dir) };
+  // Only the sequence's disk: a damaged file of another one is no fault of these.
+  const { chains, images } = await selectSources(await scanSet(set, log, parseDataFileName(resolved.sequence[0] ?? '')?.disk), resolved, log);
+  return [...[...chains.values()].flat(), ...images.values()].map((d) => d.file);
+}
+
 /** What gets applied per disk: the --sequence, or the chains selected by -d and cut at --until, and raw images. */
 async function selectSources(scanned: ScannedSet, options: PlanOptions, log: Logger): Promise<ScannedSet> {
   const { input } = options;

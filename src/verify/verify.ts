@@ -5,21 +5,22 @@
 //      backups), which names the extent that rotted.
 // Raw images (-t raw) get the adler32 check only. `.partial` leftovers fail as incomplete files. Then the chains:
 // the files must link up as a restore needs them (a file missing in between fails). --until narrows all of it to
-// what a restore at that checkpoint reads.
+// what a restore at that checkpoint reads, --sequence to its files (linked as a restore with it needs them).
 // Guarantees: every byte of every data file is read; a file passes only when all present checks pass and its
 // checksum file exists; the first failing extent is named by disk offset and length.
 import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { StreamReader } from '../stream/reader.js';
 import {
-  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, readIfThere, recordedChecksum, sideFilesAre,
+  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, partialsOf, readIfThere, recordedChecksum,
+  sideFilesAre,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
 import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { partialCause } from '../backup/lock.js';
-import { UnknownCheckpoint, checkedChains } from '../restore/plan.js';
+import { UnknownCheckpoint, checkedChains, sequenceFiles } from '../restore/plan.js';
 
 export interface VerifyOptions {
   input: string;
@@ -27,6 +28,8 @@ export interface VerifyOptions {
   disk?: string;
   /** Only the files a restore at this checkpoint reads (an unknown one is refused, as restore refuses it). */
   until?: string;
+  /** Only these data files of one disk (-s), linked as a restore with --sequence needs them, as Python checks -s. */
+  sequence?: string[];
   /** Called with each verdict as soon as it is known (files are verified one after the other). */
   onVerdict?: (verdict: FileVerdict) => void;
   signal?: AbortSignal;
@@ -171,16 +174,22 @@ export async function verifyDataFile(file: string, signal?: AbortSignal): Promis
 export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> {
   const input = path.resolve(options.input);
   const listing = await listSet(input);
-  let files = listing.dataFiles.filter(ofDisk(options.disk)).map((d) => d.file);
-  const partials = partialsOf(listing, options.disk);
-  if (files.length === 0 && partials.length === 0) throw noDataFiles(options.input, options.disk);
+  const sequence = options.sequence?.map((f) => path.basename(f));
+  if (sequence && options.until !== undefined) throw new UserError('--sequence and --until both choose the files to check: give one of them');
+  const disk = options.disk ?? (sequence && parseDataFileName(sequence[0] as string)?.disk);
+  // A name of the sequence that the set lacks fails as `chain`, with restore's line.
+  const known = new Set(listing.dataFiles.map((d) => d.file));
+  let files = sequence ? sequence.filter((f) => known.has(f)) : listing.dataFiles.filter(ofDisk(disk)).map((d) => d.file);
+  const partials = partialsOf(listing, disk);
+  if (!sequence && files.length === 0 && partials.length === 0) throw noDataFiles(options.input, disk);
   // The chains, from the files' metadata (a set with a .partial has none: restore refuses it, and the file fails
   // below). Why they cannot be read or do not link is a verdict of its own; an unknown --until is refused.
   let scanned: Awaited<ReturnType<typeof checkedChains>> | undefined;
   let chainProblem: string | undefined;
   if (partials.length === 0) {
     try {
-      scanned = await checkedChains(listing, options.until, options.disk, options.log);
+      if (options.sequence) files = await sequenceFiles(listing, options.sequence, options.disk, options.log);
+      else scanned = await checkedChains(listing, options.until, options.disk, options.log);
     } catch (err) {
       if (err instanceof UnknownCheckpoint || !(err instanceof UserError)) throw err;
       chainProblem = oneLine(err);

@@ -1,5 +1,6 @@
 // Verify on crafted sets (no libvirt): sound streams pass; a flipped payload byte names its extent, a damaged lz4
-// frame, a bent header, truncation, a missing checksum and a .partial leftover each fail with their reason.
+// frame, a bent header, truncation, a missing checksum and a .partial leftover each fail with their reason; -d,
+// --until and --sequence choose the files.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -9,6 +10,7 @@ import { createHash } from 'node:crypto';
 import { verifyDataFile, verifySet } from '../../src/verify/verify.js';
 import { isStreamFile } from '../../src/set/backupSet.js';
 import { MemoryDisk, craftStream, flipByte } from '../support/craftedSet.js';
+import { ourBin, runCli } from '../support/cli.js';
 
 const MiB = 1024 * 1024;
 
@@ -188,6 +190,31 @@ test('--until checks what a restore at that point reads, raw images (-t raw) inc
   const chain = (await verifySet({ input: dir })).filter((v) => !v.ok);
   assert.deepEqual(chain.map((v) => v.file), ['chain']);
   assert.match(chain[0]?.reason ?? '', /no full or copy backup of disk vdc/);
+});
+
+test('--sequence (-s) checks those files alone, as Python\'s verify does, linked as restore -s needs them', async (t) => {
+  const dir = await craftedDir(t);
+  const disk = new MemoryDisk(32 * MiB).fill(0x11, 0, MiB);
+  const extents = [{ offset: 0, length: MiB, kind: 'data' as const }];
+  await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents, checkpointName: 'virtnbdbackup.0' });
+  for (const n of [1, 2]) {
+    await craftStream({ dir, file: `vda.inc.virtnbdbackup.${n}.data`, disk, diskName: 'vda', extents, checkpointName: `virtnbdbackup.${n}`, parentCheckpoint: `virtnbdbackup.${n - 1}`, incremental: true });
+  }
+  // Damage outside the sequence, in this disk's newest file and another disk's: no concern of it (all were checked).
+  await flipByte(path.join(dir, 'vda.inc.virtnbdbackup.2.data'), 1000);
+  await craft(dir, 'vdb.full.data', false);
+  await fs.truncate(path.join(dir, 'vdb.full.data'), 100);
+  const verdicts = async (sequence: string[]): Promise<string[]> => (await verifySet({ input: dir, sequence })).map((v) => `${v.ok ? 'OK' : 'FAILED'} ${v.file}`);
+  assert.deepEqual(await verdicts(['vda.full.data', 'vda.inc.virtnbdbackup.1.data']), ['OK vda.full.data', 'OK vda.inc.virtnbdbackup.1.data']);
+  // A gap fails as restore -s refuses it.
+  const gap = await verifySet({ input: dir, sequence: ['vda.full.data', 'vda.inc.virtnbdbackup.2.data'] });
+  assert.deepEqual(gap.map((v) => [v.file, v.ok]), [['vda.full.data', true], ['vda.inc.virtnbdbackup.2.data', false], ['chain', false]]);
+  assert.match(gap[2]?.reason ?? '', /--sequence has a gap before vda\.inc\.virtnbdbackup\.2\.data: it needs vda\.inc\.virtnbdbackup\.1\.data first/);
+  assert.deepEqual(await verdicts(['vda.full.data', 'vda.gone.data']), ['OK vda.full.data', 'FAILED chain']);
+  await assert.rejects(verifySet({ input: dir, sequence: ['vda.full.data'], until: 'virtnbdbackup.0' }), /--sequence and --until both choose the files to check/);
+  // The command passes -s on (it checked every file of the set, and failed for the damage outside the sequence).
+  const cli = await runCli(ourBin('virtnbdrestore'), ['-i', dir, '-o', 'verify', '-s', 'vda.full.data,vda.inc.virtnbdbackup.1.data']);
+  assert.deepEqual([cli.code, cli.stdout], [0, 'OK vda.full.data\nOK vda.inc.virtnbdbackup.1.data\n'], cli.stderr);
 });
 
 test('a stop signal during verify ends it with the signal, naming no file FAILED', async (t) => {
