@@ -13,7 +13,7 @@ import type { Stats } from 'node:fs';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { coalesce } from './coalesce.js';
-import { readInto } from '../util/fileIo.js';
+import { readInto, writeAt } from '../util/fileIo.js';
 import { describeFailure } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
 import { leftoversOfGoneRuns } from './leftovers.js';
@@ -100,7 +100,7 @@ export class CopyOnWriteEndpoint implements Endpoint {
       const from = Math.max(offset, block * COW_BLOCK);
       const to = Math.min(end, (block + 1) * COW_BLOCK);
       const piece = buffer.subarray(from - offset, to - offset);
-      if (states[block] === IN_OVERLAY && !this.locks.has(block)) pieces.push(this.overlay.write(piece, 0, piece.length, from));
+      if (states[block] === IN_OVERLAY && !this.locks.has(block)) pieces.push(writeAt(this.overlay, piece, from));
       else pieces.push(this.copyIn(block, piece, from));
     }
     await Promise.all(pieces);
@@ -111,14 +111,14 @@ export class CopyOnWriteEndpoint implements Endpoint {
     return this.locked(block, async () => {
       const states = this.blockStates();
       if (states[block] === IN_OVERLAY) {
-        await this.overlay.write(piece, 0, piece.length, at);
+        await writeAt(this.overlay, piece, at);
         return;
       }
       const start = block * COW_BLOCK;
       const content = Buffer.alloc(Math.min(COW_BLOCK, this.size - start));
       if (piece.length < content.length && states[block] === FROM_BASE) await this.base.read(content, start);
       piece.copy(content, at - start);
-      await this.overlay.write(content, 0, content.length, start);
+      await writeAt(this.overlay, content, start);
       states[block] = IN_OVERLAY;
     });
   }

@@ -1,5 +1,6 @@
 // File-system steps shared by the commands: positional reads into a caller's buffer (the stream reader's exact
-// reads and the map's endpoints, which read into the NBD reply buffer, share this one loop), the kernel asked to
+// reads and the map's endpoints, which read into the NBD reply buffer, share this one loop), whole positional
+// writes (the map's copy-on-write overlay: a short write is no success), the kernel asked to
 // read ahead of a sequential reader, a new name linked to a whole file, and making an output directory with the
 // error that says why it failed.
 import fs from 'node:fs/promises';
@@ -100,4 +101,16 @@ export async function readInto(handle: fs.FileHandle, target: Buffer, position: 
     done += bytesRead;
   }
   return done;
+}
+
+/**
+ * Writes all of `buffer` at `position`. A write may take only part of it (a file system filling up, a file reaching
+ * its size limit: ext4's is 16 TiB less 4 KiB); the rest is written on, and the failure that stopped it thrown.
+ */
+export async function writeAt(handle: fs.FileHandle, buffer: Buffer, position: number): Promise<void> {
+  for (let done = 0; done < buffer.length;) {
+    const { bytesWritten } = await handle.write(buffer, done, buffer.length - done, position + done);
+    if (bytesWritten === 0) throw Object.assign(new Error(`wrote nothing at byte ${position + done}`), { code: 'EIO' });
+    done += bytesWritten;
+  }
 }

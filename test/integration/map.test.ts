@@ -4,7 +4,7 @@
 // backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
 // one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next,
 // and so are the default sockets of servers that are gone; an overlay directory that fills up (ENOSPC to the client, the server serving on);
-// a second stop signal that cuts the clean-up short, leaving neither.
+// a second stop signal that cuts the clean-up short, leaving neither; a write the overlay takes only part of fails.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
@@ -294,4 +294,35 @@ test('a second stop signal cutting the clean-up short still removes the socket a
   // exitNow skipped Node's 'exit' listeners, which remove them (the overlay was left).
   assert.deepEqual(await overlays(), [], 'overlay left behind');
   await assert.rejects(fs.access(socket), 'socket left behind');
+});
+
+test('a write the overlay takes only part of (its file system filling up within a 64 KiB block) fails to the client, never acknowledged half-kept', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-mapshort-');
+  await craftStream({ dir, file: 'vda.full.data', disk: new MemoryDisk(16 * MiB).fill(0x11, 0, 16 * MiB), diskName: 'vda', extents: [{ offset: 0, length: 16 * MiB, kind: 'data' }] });
+  // 1025 pages: the 65th block copied into the overlay fits its first page only (the write took 4 KiB of 64).
+  const overlayDir = await withTmpfs(t, 'vnbd-mapshortovl-', 'size=4100k');
+  const map = await startMap(t, dir, 'full', [path.join(dir, 'vda.full.data')], ['--overlay-dir', overlayDir]);
+  const client = await NbdEndpoint.open({ socket: map.socket, exportName: 'sda' });
+  t.after(() => client.close());
+  const written = Buffer.alloc(4096, 0x22);
+  const acknowledged: number[] = [];
+  try {
+    for (let block = 0; block < 80; block++) {
+      const at = block * 64 * 1024 + 32 * 1024; // past the block's first page
+      await client.write(written, at).then(() => acknowledged.push(at), () => undefined);
+    }
+    assert.ok(acknowledged.length >= 60 && acknowledged.length < 80, `${acknowledged.length} of 80 writes acknowledged`);
+    const read = Buffer.alloc(4096);
+    for (const at of acknowledged) {
+      await client.read(read, at);
+      assert.ok(read.equals(written), `the write at ${at} was acknowledged, and not kept`);
+    }
+  } catch (err) {
+    // The tmpfs is unmounted before the server would be stopped, and cannot be while it holds the overlay.
+    await client.close();
+    await map.kill();
+    throw err;
+  }
+  await client.close();
+  await map.stop();
 });
