@@ -329,8 +329,11 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
       const now = loadedNative()?.exitNow;
       if (!now) process.exit(130);
       process.exitCode = 130;
-      process.emit('exit', 130);
-      now(130);
+      try {
+        process.emit('exit', 130);
+      } finally {
+        now(130);
+      }
     }
     if (process.stderr.isTTY) process.stderr.write(`${name}: cleaning up; ${sig === 'SIGINT' ? 'Ctrl-C' : sig} again stops at once\n`);
     signalled = true;
