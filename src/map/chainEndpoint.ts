@@ -73,6 +73,10 @@ export class ChainEndpoint implements Endpoint {
       try {
         indexes.push(await indexStream(path.resolve(file), i));
       } catch (err) {
+        // A qcow2 file (the disk itself, a restored one) served as raw would show qcow2's bytes.
+        if (err instanceof StreamFormatError && (await isQcow2(file))) {
+          throw new UserError(`${file} is a qcow2 disk image, not a backup stream: serve it read-only with qemu-nbd -r -f qcow2 ${shellQuote(file)}`);
+        }
         if (err instanceof StreamFormatError && !(await isStreamFile(file))) {
           throw new UserError(`${file} is a raw disk image (a -t raw backup, or a raw-format disk's copy), not a stream: serve it as it is, read-only: qemu-nbd -r -f raw ${shellQuote(file)} (or losetup -r)`);
         }
@@ -253,6 +257,19 @@ function refuseMisordered(links: readonly ChainLink[]): void {
     const parent = makers.find(({ l }) => l.meta.checkpointName === link.meta.parentCheckpoint);
     if (!parent) continue;
     throw new UserError(`-f is out of chain order: ${link.path} is based on checkpoint ${link.meta.parentCheckpoint}, which ${parent.l.path} makes, so it goes right after that file, not after ${(before as { l: ChainLink }).l.path}; give the full backup first, then each incremental in checkpoint order, a diff after the file of its checkpoint`);
+  }
+}
+
+const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
+
+/** Whether `file` starts with qcow2's magic. */
+async function isQcow2(file: string): Promise<boolean> {
+  const handle = await fs.open(file, 'r');
+  try {
+    const head = Buffer.alloc(QCOW2_MAGIC.length);
+    return (await readInto(handle, head, 0)) === head.length && head.equals(QCOW2_MAGIC);
+  } finally {
+    await handle.close();
   }
 }
 

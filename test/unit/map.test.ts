@@ -25,6 +25,7 @@ import { UserError } from '../../src/util/errors.js';
 import { processStart } from '../../src/util/process.js';
 import { Logger } from '../../src/util/log.js';
 import { damageOnce, seeded } from '../support/fuzz.js';
+import { run } from '../support/testbed.js';
 
 const MiB = 1024 * 1024;
 const DISK = 48 * MiB;
@@ -251,6 +252,10 @@ test('chain endpoint: files out of order, an inc first, another disk or a non-st
   const image = path.join(dir, 'vda.full.img');
   await fs.writeFile(image, Buffer.alloc(1024 * 1024, 0x5a));
   await assert.rejects(ChainEndpoint.open([image]), new RegExp(`${image} is a raw disk image \\(a -t raw backup, or a raw-format disk's copy\\), not a stream: serve it as it is, read-only: qemu-nbd -r -f raw '${image}' \\(or losetup -r\\)$`));
+  // A qcow2 image (the disk, a restored one) is said to be one: served as raw it would show qcow2's bytes.
+  const qcow2 = path.join(dir, 'vda.qcow2');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow2, '1M']);
+  await assert.rejects(ChainEndpoint.open([qcow2]), new RegExp(`${qcow2} is a qcow2 disk image, not a backup stream: serve it read-only with qemu-nbd -r -f qcow2 '${qcow2}'$`));
 });
 
 test('copy-on-write: reads see every write and zero, the base and its files stay untouched, close removes the overlay', async (t) => {
