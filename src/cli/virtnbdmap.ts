@@ -77,8 +77,11 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       overlayParent: argv['overlay-dir'],
       log,
       trace: argv.hexdump ? (direction, what, bytes) => log.block('info', [`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
+      signal,
     });
     try {
+      // Stopped while it started: no URIs of a server about to go.
+      signal.throwIfAborted();
       log.info(`serving ${session.description}, ${argv.readonly ? 'read-only' : `writable (copy-on-write overlay in ${session.overlayDir}, discarded at exit)`}`);
       for (const uri of session.uris) process.stdout.write(`${uri}\n`);
       log.info('press Ctrl-C to stop');

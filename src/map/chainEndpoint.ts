@@ -26,6 +26,8 @@ import { lz4ContentSize } from '../stream/reader.js';
 export interface ChainOpenOptions {
   /** Bytes of decompressed lz4 frames kept for reuse (default 128 MiB: four readers, each in its own 32 MiB frame). */
   cacheBytes?: number;
+  /** Stops the indexing (Ctrl-C), which throws its reason. */
+  signal?: AbortSignal;
 }
 
 const DEFAULT_CACHE_BYTES = 128 * 1024 * 1024;
@@ -71,9 +73,10 @@ export class ChainEndpoint implements Endpoint {
         throw new UserError(`${file} is an unfinished data file (being written by a backup, or left from a failed one): map the finished files of the set`);
       }
       try {
-        indexes.push(await indexStream(path.resolve(file), i));
+        indexes.push(await indexStream(path.resolve(file), i, options.signal));
       } catch (err) {
         // A qcow2 file (the disk itself, a restored one) served as raw would show qcow2's bytes.
+        if (options.signal?.aborted) throw options.signal.reason;
         if (err instanceof StreamFormatError && (await isQcow2(file))) {
           throw new UserError(`${file} is a qcow2 disk image, not a backup stream: serve it read-only with qemu-nbd -r -f qcow2 ${shellQuote(file)}`);
         }

@@ -44,6 +44,8 @@ export interface MapOptions {
   overlayParent?: string;
   log?: Logger;
   trace?: NbdTrace;
+  /** Stops the start (Ctrl-C while the files are indexed), which then cleans up and throws its reason. */
+  signal?: AbortSignal;
 }
 
 export interface MapSession {
@@ -106,7 +108,7 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     process.off('exit', removeLeftovers);
   };
   try {
-    const chain = await ChainEndpoint.open(options.files);
+    const chain = await ChainEndpoint.open(options.files, { signal: options.signal });
     let endpoint: Endpoint = chain;
     let overlayDir: string | undefined;
     const overlayParent = options.overlayParent ?? '/var/tmp';

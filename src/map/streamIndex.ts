@@ -18,9 +18,14 @@ export interface StreamIndex {
 }
 
 const CRLF_AND_HEADER = TERMINATOR.length + FRAME_HEADER_LENGTH;
+/** Frames indexed between looks at the stop signal: a set of many frames takes seconds (200,000: 7 s here). */
+const FRAMES_PER_SIGNAL_CHECK = 1024;
 
-/** Indexes `file`, which is stream number `fileId` of a chain (the id goes into its segments). */
-export async function indexStream(file: string, fileId: number): Promise<StreamIndex> {
+/**
+ * Indexes `file`, which is stream number `fileId` of a chain (the id goes into its segments); `signal` stops it
+ * (Ctrl-C), throwing its reason.
+ */
+export async function indexStream(file: string, fileId: number, signal?: AbortSignal): Promise<StreamIndex> {
   const reader = await StreamReader.open(file);
   await reader.close();
   const { meta, trailer, bodyStart, bodyEnd } = reader;
@@ -43,7 +48,8 @@ export async function indexStream(file: string, fileId: number): Promise<StreamI
     if (at + FRAME_HEADER_LENGTH > bodyEnd) fail(at, 'stream ends without a stop frame (truncated)');
     let headerBytes = await readExactly(handle, at, FRAME_HEADER_LENGTH, file);
     const frames = new FrameSequence(meta, trailer);
-    for (;;) {
+    for (let count = 1; ; count++) {
+      if (count % FRAMES_PER_SIGNAL_CHECK === 0) signal?.throwIfAborted();
       const frame = parseHeader(headerBytes, `${file} at byte ${at}`);
       if (frame.kind === 'stop') {
         at += FRAME_HEADER_LENGTH;

@@ -4,7 +4,8 @@
 // backing file is the export, read through the monitor; writes that leave the backup untouched; clean Ctrl-C;
 // one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next,
 // and so are the default sockets of servers that are gone; an overlay directory that fills up (ENOSPC to the client, the server serving on);
-// a second stop signal that cuts the clean-up short, leaving neither; a write the overlay takes only part of fails.
+// a second stop signal that cuts the clean-up short, leaving neither; a write the overlay takes only part of fails;
+// Ctrl-C while a large stream is indexed.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
@@ -19,6 +20,7 @@ import { TestDomain, assertPattern, run, withDomain, withTempDir, withTmpfs, typ
 import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
 import { startMap } from '../support/map.js';
 import { MemoryDisk, craftStream } from '../support/craftedSet.js';
+import { encodeHeader } from '../../src/stream/format.js';
 
 const MiB = 1024 * 1024;
 const DISK = {
@@ -325,4 +327,32 @@ test('a write the overlay takes only part of (its file system filling up within 
   }
   await client.close();
   await map.stop();
+});
+
+test('Ctrl-C while the files are indexed stops at once (130), printing no URIs and leaving nothing', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-mapindex-');
+  // 200,000 frames, one read each to index: seconds here (8 s for these), as a large set's many extents take.
+  const frames = 200_000;
+  const meta = Buffer.from(JSON.stringify({
+    virtualSize: frames * 4096, dataSize: 0, date: '2026-11-29T08:00:00', diskName: 'vda', diskFormat: 'qcow2', checkpointName: 'virtnbdbackup.0',
+    compressed: false, compressionMethod: 'lz4', parentCheckpoint: '', incremental: false, streamVersion: 2,
+  }));
+  const file = path.join(dir, 'vda.full.data');
+  await fs.writeFile(file, Buffer.concat([
+    encodeHeader('meta', 0, meta.length), meta, Buffer.from('\r\n'),
+    ...Array.from({ length: frames }, (_, i) => encodeHeader('zero', i * 4096, 512)), encodeHeader('stop', 0, 0),
+  ]));
+  const socket = path.join(dir, 'm.sock');
+  const { child, done } = startCli(ourBin('virtnbdmap'), ['-f', file, '--socket', socket, '-p', '0', '-d', '', '-L', path.join(dir, 'm.log'), '--overlay-dir', dir]);
+  t.after(() => child.kill('SIGKILL'));
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  assert.equal(child.exitCode, null, 'it ended before the signal');
+  const signalled = Date.now();
+  child.kill('SIGINT');
+  const result = await done;
+  // It went on indexing to the end, then served (URIs printed) and stopped with 0.
+  assert.ok(Date.now() - signalled < 3000, `it took ${Date.now() - signalled} ms to stop`);
+  assert.deepEqual([result.code, result.stdout], [130, ''], result.stderr);
+  assert.match(result.stderr, /error: interrupted by SIGINT/);
+  assert.deepEqual((await fs.readdir(dir)).filter((f) => f.startsWith('virtnbdmap.') || f.endsWith('.sock')), []);
 });
