@@ -75,8 +75,8 @@ export class ChainEndpoint implements Endpoint {
       try {
         indexes.push(await indexStream(path.resolve(file), i, options.signal));
       } catch (err) {
-        // A qcow2 file (the disk itself, a restored one) served as raw would show qcow2's bytes.
         if (options.signal?.aborted) throw options.signal.reason;
+        // A qcow2 file (the disk itself, a restored one) served as raw would show qcow2's bytes.
         if (err instanceof StreamFormatError && (await isQcow2(file))) {
           throw new UserError(`${file} is a qcow2 disk image, not a backup stream: serve it read-only with qemu-nbd -r -f qcow2 ${shellQuote(file)}`);
         }
