@@ -157,6 +157,17 @@ test('a stream whose first bytes are damaged is still a stream (its end, or a si
   assert.equal(await isStreamFile(raw), true);
 });
 
+/** vda's full and incs 1 and 2, each holding the first MiB of a 32 MiB disk; returns that disk and its extents. */
+async function craftFullAndTwoIncs(dir: string): Promise<{ disk: MemoryDisk; extents: Array<{ offset: number; length: number; kind: 'data' }> }> {
+  const disk = new MemoryDisk(32 * MiB).fill(0x11, 0, MiB);
+  const extents = [{ offset: 0, length: MiB, kind: 'data' as const }];
+  await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents, checkpointName: 'virtnbdbackup.0' });
+  for (const n of [1, 2]) {
+    await craftStream({ dir, file: `vda.inc.virtnbdbackup.${n}.data`, disk, diskName: 'vda', extents, checkpointName: `virtnbdbackup.${n}`, parentCheckpoint: `virtnbdbackup.${n - 1}`, incremental: true });
+  }
+  return { disk, extents };
+}
+
 test('-d takes the files of that disk as restore names them, not every file whose name starts with it', async (t) => {
   const dir = await craftedDir(t);
   await craft(dir, 'vda.full.data', false);
@@ -170,12 +181,7 @@ test('-d takes the files of that disk as restore names them, not every file whos
 
 test('--until checks what a restore at that point reads, raw images (-t raw) included; -d looks at that disk alone', async (t) => {
   const dir = await craftedDir(t);
-  const disk = new MemoryDisk(32 * MiB).fill(0x11, 0, MiB);
-  const extents = [{ offset: 0, length: MiB, kind: 'data' as const }];
-  await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents, checkpointName: 'virtnbdbackup.0' });
-  for (const n of [1, 2]) {
-    await craftStream({ dir, file: `vda.inc.virtnbdbackup.${n}.data`, disk, diskName: 'vda', extents, checkpointName: `virtnbdbackup.${n}`, parentCheckpoint: `virtnbdbackup.${n - 1}`, incremental: true });
-  }
+  const { disk, extents } = await craftFullAndTwoIncs(dir);
   // A raw image with no .chksum fails verify: --until left it out unchecked, and exited 0.
   await fs.writeFile(path.join(dir, 'vdb.full.data'), Buffer.alloc(MiB, 0x5a));
   const upTo1 = await verifySet({ input: dir, until: 'virtnbdbackup.1' });
@@ -194,12 +200,7 @@ test('--until checks what a restore at that point reads, raw images (-t raw) inc
 
 test('--sequence (-s) checks those files alone, as Python\'s verify does, linked as restore -s needs them', async (t) => {
   const dir = await craftedDir(t);
-  const disk = new MemoryDisk(32 * MiB).fill(0x11, 0, MiB);
-  const extents = [{ offset: 0, length: MiB, kind: 'data' as const }];
-  await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents, checkpointName: 'virtnbdbackup.0' });
-  for (const n of [1, 2]) {
-    await craftStream({ dir, file: `vda.inc.virtnbdbackup.${n}.data`, disk, diskName: 'vda', extents, checkpointName: `virtnbdbackup.${n}`, parentCheckpoint: `virtnbdbackup.${n - 1}`, incremental: true });
-  }
+  const { disk, extents } = await craftFullAndTwoIncs(dir);
   // Damage outside the sequence, in this disk's newest file and another disk's: no concern of it (all were checked).
   await flipByte(path.join(dir, 'vda.inc.virtnbdbackup.2.data'), 1000);
   await craft(dir, 'vdb.full.data', false);
