@@ -16,7 +16,7 @@ const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yarg
   .option('input', { alias: 'i', type: 'string', demandOption: true, describe: 'Directory holding a backup set' })
   .option('output', { alias: 'o', type: 'string', demandOption: true, describe: "Restore target: a directory, or an existing raw file or block device for one disk ('dump' and 'verify' select those actions)" })
   .option('until', { alias: 'u', type: 'string', describe: 'Restore (or verify) only up to this checkpoint (point in time)' })
-  .option('sequence', { alias: 's', type: 'string', describe: 'Restore exactly these data files of one disk, in chain order (comma-separated)' })
+  .option('sequence', { alias: 's', type: 'string', describe: 'Restore exactly these data files of one disk, in chain order (comma-separated); verify or dump only these' })
   .option('disk', { alias: 'd', type: 'string', describe: 'Process only the disk with this target dev' })
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bars' })
   .option('socketfile', { alias: 'f', type: 'string', describe: 'Socket for the local NBD server (default under /var/tmp)' })
@@ -61,7 +61,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   const login = loginOf(argv);
   if (action === 'dump') {
     // One JSON array, indented as Python's virtnbdrestore prints it, so scripts that parse its output read ours.
-    process.stdout.write(`${JSON.stringify(await dump(argv.input, argv.disk), null, 4)}\n`);
+    process.stdout.write(`${JSON.stringify(await dump(argv.input, argv.disk, listOption(argv.sequence, '-s/--sequence')), null, 4)}\n`);
     return 0;
   }
   if (action === 'verify') {

@@ -598,7 +598,7 @@ const realPath = (p: string): Promise<string> => fs.realpath(p).catch(() => path
  * The --sequence entries as names of files of the set: a bare name is one in -i (as Python reads it); a path must
  * lead into -i, through symbolic links too, since the files applied are always the set's.
  */
-async function sequenceInSet(sequence: string[], input: string): Promise<string[]> {
+export async function sequenceInSet(sequence: string[], input: string): Promise<string[]> {
   const set = await realPath(input);
   const names: string[] = [];
   for (const entry of sequence) {

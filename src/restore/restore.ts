@@ -26,7 +26,7 @@ import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, 
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { ImageServer, convertImage, createImage, heldForWriting, type ServeOptions } from './qemu.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
-import { partialName, planRestore, refuseExisting, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
+import { partialName, planRestore, refuseExisting, sequenceInSet, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
@@ -630,13 +630,27 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
 /** One entry of `-o dump`: a stream's metadata, or the size of a raw image (`-t raw`), which has none. */
 export type DumpEntry = ({ file: string } & StreamMetadata) | { file: string; rawImage: true; size: number };
 
-/** The metadata of the set's data files in name order, of `disk` alone where given (by the file name's disk, as restore reads it). */
-export async function dump(input: string, disk?: string): Promise<DumpEntry[]> {
+/**
+ * The metadata of the set's data files in name order, of `disk` alone where given (by the file name's disk, as
+ * restore reads it); with `sequence` (-s), of those files alone in the order given, as Python dumps them.
+ */
+export async function dump(input: string, disk?: string, sequence?: string[]): Promise<DumpEntry[]> {
   const listing = await listSet(path.resolve(input));
-  const files = listing.dataFiles.filter(ofDisk(disk));
+  let files = listing.dataFiles.filter(ofDisk(disk));
   const partial = partialsOf(listing, disk)[0];
   if (listing.dataFiles.length === 0 && partial !== undefined) {
     throw new UserError(`${input} holds no finished data file yet, only ${partial} (${(await partialCause(listing.dir, 'dump')).text})`);
+  }
+  if (sequence) {
+    // Files to look at, not a chain to apply: a gap or another disk's file is no error here (restore -s checks those).
+    const byName = new Map(listing.dataFiles.map((f) => [f.file, f]));
+    const named = (await sequenceInSet(sequence, listing.dir)).map((name) => {
+      const found = byName.get(name);
+      if (!found) throw new UserError(`${name} in --sequence is not a data file of the set ${input}; list the set with -o dump`);
+      return found;
+    });
+    files = named.filter(ofDisk(disk));
+    if (files.length === 0) throw new UserError(`-d ${disk} and --sequence of disk ${[...new Set(named.map((f) => f.disk))].join(' and ')} contradict each other: give one of them`);
   }
   if (files.length === 0) throw noDataFiles(input, disk);
   const out: DumpEntry[] = [];

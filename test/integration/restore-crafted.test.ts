@@ -1,7 +1,7 @@
 // Restore of sets crafted with the engine's own stream writer (no domain needed, real qemu-img/qemu-nbd): raw-format
 // disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
 // --compress and -A layouts, the saved NVRAM with -c, a restore (with -c) in a mount namespace where libvirtd
-// cannot be reached, and restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress.
+// cannot be reached, restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress, and -o dump -s.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -9,7 +9,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { TestDomain, run, tempDir, withTempDir } from '../support/testbed.js';
-import { errorLines, helperPid, ourBin, qemuImgIn, restoreCompressing, runCli, runOk, startCli, within, type CliResult, type CliRun } from '../support/cli.js';
+import { errorLines, helperPid, ourBin, pythonBin, qemuImgIn, restoreCompressing, runCli, runOk, startCli, within, type CliResult, type CliRun } from '../support/cli.js';
 import { MemoryDisk, craftCheckpointDefinition, craftStream, craftVmConfig, flipByte, randomSet } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
 
@@ -147,6 +147,24 @@ test('raw images in the set (-t raw) are copied as they are, or converted into q
   assert.equal(short.code, 1, short.stderr);
   assert.deepEqual(errorLines(short), [`virtnbdrestore: error: vda.full.data in ${set} holds ${16 * MiB} bytes, but disk vda had ${32 * MiB} (vda.virtnbdbackup.0.qcow.json): the raw image is cut short or damaged; copy it again from where it came, or restore the other disks with -d`]);
   await assert.rejects(fs.access(path.join(work, 'short')), 'the output directory was made');
+});
+
+test('-o dump -s dumps those files alone, in the order given, as Python\'s does; -d narrows them; a name the set lacks is refused', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set } = await craftTwoDiskSet(work);
+  const files = async (args: string[]): Promise<string[]> => (JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump', ...args])).stdout) as Array<{ file: string }>).map((m) => m.file);
+  // It dumped every file of the set.
+  assert.deepEqual(await files(['-s', 'vda.full.data']), ['vda.full.data']);
+  assert.deepEqual(await files(['-s', 'vda.inc.virtnbdbackup.1.data,vda.full.data,vdb.copy.data']), ['vda.inc.virtnbdbackup.1.data', 'vda.full.data', 'vdb.copy.data']);
+  assert.deepEqual(await files(['-s', 'vda.full.data,vdb.copy.data', '-d', 'vdb']), ['vdb.copy.data']);
+  const ours = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump', '-s', 'vda.full.data,vda.inc.virtnbdbackup.1.data'])).stdout) as Array<Record<string, unknown>>;
+  const python = JSON.parse((await runOk(pythonBin('virtnbdrestore'), ['-i', set, '-o', 'dump', '-s', 'vda.full.data,vda.inc.virtnbdbackup.1.data'])).stdout) as unknown;
+  assert.deepEqual(ours.map(({ file: _, ...meta }) => meta), python);
+  // Python leaves a name it cannot read out without a word.
+  const gone = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump', '-s', 'vda.full.data,vda.gone.data']);
+  assert.deepEqual([gone.code, gone.stdout, errorLines(gone)], [1, '', [`virtnbdrestore: error: vda.gone.data in --sequence is not a data file of the set ${set}; list the set with -o dump`]]);
+  const other = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump', '-s', 'vda.full.data', '-d', 'vdb']);
+  assert.deepEqual([other.code, errorLines(other)], [1, ['virtnbdrestore: error: -d vdb and --sequence of disk vda contradict each other: give one of them']]);
 });
 
 test('a qcow2 image with an external data file is recreated with its data file in the output directory; a damaged qcow.json is a warning; restored into the set itself, the set\'s domain XML is left as it is', async (t) => {
