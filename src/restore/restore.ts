@@ -109,11 +109,26 @@ interface ConfigPlan {
   nvram?: { saved: string; target: string };
 }
 
+/**
+ * Refuses a -N name libvirt would refuse only when defining, after every image is written: '/', a newline (libvirt's
+ * own checks), control characters XML cannot hold (-c wrote them into a file no parser reads), and the tab, CR and
+ * DEL it takes but virsh prints unreadably, which only a pasted name brings.
+ */
+function checkDomainName(name: string): void {
+  const control = /[\u0000-\u001f\u007f]/.exec(name)?.[0];
+  if (control !== undefined) {
+    const which = control === '\n' ? 'a newline' : control === '\t' ? 'a tab' : `the control character 0x${control.charCodeAt(0).toString(16).padStart(2, '0')}`;
+    // Escaped, so that the line stays one and shows what was typed (JSON leaves DEL as it is).
+    const shown = JSON.stringify(name).replace(/\u007f/g, '\\u007f');
+    throw new UserError(`-N ${shown}: a domain name cannot contain ${which}; choose another name`);
+  }
+  if (name.includes('/')) throw new UserError(`-N ${name}: a domain name cannot contain '/'; choose another name`);
+}
+
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const log = options.log ?? silentLogger;
   const adjust = Boolean(options.adjustConfig || options.define);
-  // libvirt refuses such a name only when defining, after every image is written.
-  if (options.name?.includes('/')) throw new UserError(`-N ${options.name}: a domain name cannot contain '/'; choose another name`);
+  if (options.name !== undefined) checkDomainName(options.name);
   const plan = await planRestore({ ...options, log });
   const config = await planConfig(plan, options, adjust, log);
   const uri = options.uri ?? DEFAULT_LIBVIRT_URI;

@@ -1,7 +1,8 @@
 // Restore of sets crafted with the engine's own stream writer (no domain needed, real qemu-img/qemu-nbd): raw-format
 // disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
 // --compress and -A layouts, the saved NVRAM with -c, a restore (with -c) in a mount namespace where libvirtd
-// cannot be reached, restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress, and -o dump -s.
+// cannot be reached, restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress, -o dump -s,
+// and -N names refused.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -234,6 +235,26 @@ test('restore and -c need no libvirtd; -D does, and says so before touching anyt
   assert.equal(refused.code, 1);
   assert.match(refused.stderr, /cannot connect to libvirt at qemu:\/\/\/system: .*is libvirtd running\?/);
   assert.equal(await fs.access(defined).then(() => true, () => false), false, 'the output directory was created');
+});
+
+test('-N with a newline or another control character is refused before anything is written (libvirt refused it at define, after the images)', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set } = await craftTwoDiskSet(work);
+  const refused: Array<[string, string]> = [
+    ['bad\nname', '"bad\\nname": a domain name cannot contain a newline'],
+    ['bad\tname', '"bad\\tname": a domain name cannot contain a tab'],
+    // -c wrote it into an XML no parser reads; libvirt takes DEL, but virsh shows it as nothing.
+    ['bad\x01name', '"bad\\u0001name": a domain name cannot contain the control character 0x01'],
+    ['bad\x7f', '"bad\\u007f": a domain name cannot contain the control character 0x7f'],
+  ];
+  for (const [name, why] of refused) {
+    for (const flag of ['-D', '-c']) {
+      const out = path.join(work, 'out');
+      const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vda', flag, '-N', name]);
+      assert.deepEqual([r.code, errorLines(r)], [1, [`virtnbdrestore: error: -N ${why}; choose another name`]], `${flag} ${JSON.stringify(name)}`);
+      await assert.rejects(fs.access(out), `${flag} ${JSON.stringify(name)}: the output directory was made`);
+    }
+  }
 });
 
 test('-c copies the NVRAM the backup saved beside the images and points the XML at it; without a copy it is dropped', async (t) => {
