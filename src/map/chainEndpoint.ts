@@ -247,16 +247,21 @@ function checkSequence(links: readonly ChainLink[]): void {
  * Files that are all there, in another order than the chain's: said so, where the chain check would ask for a file
  * that is missing. A file's parent checkpoint is made by a full or inc; a diff's metadata names the next one (an
  * offline one, the one it is based on), and Python's offline inc names the one it is based on, as the file before
- * it does.
+ * it does. Files named otherwise (renamed) are told by their metadata alone, where an inc and a diff after one
+ * checkpoint read alike: only a file given later that names the checkpoint as its own tells of the order.
  */
 function refuseMisordered(links: readonly ChainLink[]): void {
-  // A file named otherwise may be a diff taken for an inc (toLink), whose metadata names the next checkpoint.
-  if (links.some((l) => !parseDataFileName(l.file))) return;
+  const named = links.every((l) => parseDataFileName(l.file));
   const makers = links.map((l, i) => ({ l, i })).filter(({ l }) => l.level !== 'diff');
   for (const [i, link] of links.entries()) {
     if (i === 0) continue;
     const before = makers.filter(({ i: at }) => at < i).at(-1);
     if (before?.l.meta.checkpointName === link.meta.parentCheckpoint) continue;
+    if (!named) {
+      const later = makers.find(({ l, i: at }) => at > i && l.meta.checkpointName === link.meta.parentCheckpoint);
+      if (!later || makers.some(({ l, i: at }) => at < i && l.meta.checkpointName === link.meta.parentCheckpoint)) continue;
+      throw new UserError(`-f is out of chain order: ${link.path} is based on checkpoint ${link.meta.parentCheckpoint}, which ${later.l.path}, given after it, names as its own (by their metadata); give the full backup first, then each incremental in checkpoint order, a diff after the file of its checkpoint`);
+    }
     const parent = makers.find(({ l }) => l.meta.checkpointName === link.meta.parentCheckpoint);
     if (!parent) continue;
     throw new UserError(`-f is out of chain order: ${link.path} is based on checkpoint ${link.meta.parentCheckpoint}, which ${parent.l.path} makes, so it goes right after that file, not after ${(before as { l: ChainLink }).l.path}; give the full backup first, then each incremental in checkpoint order, a diff after the file of its checkpoint`);

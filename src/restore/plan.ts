@@ -169,6 +169,7 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string, chosenPoin
     else streams.push(f);
   }
   const chains = await readChains({ ...listing, dataFiles: streams }, checkpoints);
+  if (cpt) for (const chain of chains.values()) checkListedOrder(chain, checkpoints, path.join(input, cpt));
   // The checkpoints of the set's full and inc files, by their metadata (Python names an offline inc after its
   // parent): those of the disks not asked for (-d) are read too, since any disk's file makes a checkpoint a point.
   const filed = new Set<string>();
@@ -186,6 +187,33 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string, chosenPoin
   let read: Promise<SavedConfigs> | undefined;
   const configs = (): Promise<SavedConfigs> => (read ??= SavedConfigs.read(input));
   return { checkpoints: ordered, listed: checkpoints, chains, images, filed, configs, bitmapsAt: setsOwnBitmaps(input, chains, configs), lostDiffs: lostDiffs(all, disk, chains) };
+}
+
+/**
+ * Refuses a checkpoint list whose order disagrees with the chain its data files' metadata make (each names the
+ * checkpoint it is based on): its incs were ordered by the list, so the chain check would call a file missing that
+ * is there. Only a checkpoint that no file before names, and a later one does, tells of the order; the chain's own
+ * order, by the metadata, is said when it covers the list, for the user to write into it.
+ */
+function checkListedOrder(chain: ChainLink[], listed: string[], cptFile: string): void {
+  const makers = chain.filter((l) => l.level !== 'diff');
+  for (const [i, link] of makers.entries()) {
+    const parent = link.meta.parentCheckpoint;
+    if (i === 0 || (makers[i - 1] as ChainLink).meta.checkpointName === parent) continue;
+    if (makers.slice(0, i).some((l) => l.meta.checkpointName === parent)) continue;
+    const maker = makers.slice(i + 1).find((l) => l.meta.checkpointName === parent);
+    if (!maker) continue;
+    // The order of the chain by its links alone: from the base, each time the file based on the one before.
+    const order = [(makers[0] as ChainLink).meta.checkpointName];
+    for (;;) {
+      const next = makers.find((l) => l.meta.parentCheckpoint === order.at(-1));
+      if (!next || order.includes(next.meta.checkpointName)) break;
+      order.push(next.meta.checkpointName);
+    }
+    const covers = order.length === makers.length && listed.every((name) => order.includes(name));
+    const fix = covers ? `write the chain's order into it, oldest first: ${JSON.stringify(order)}` : 'write its checkpoints into it in the chain\'s order, each after the one its files are based on';
+    throw new UserError(`${cptFile} lists the checkpoints in another order than the data files' chain (each file's metadata names the checkpoint it is based on): ${link.file} is based on ${parent}, which ${maker.file} makes, but the list has ${parent} after ${link.meta.checkpointName}; the list is damaged: put it back from a copy, or ${fix}`);
+  }
 }
 
 /**

@@ -219,14 +219,21 @@ test('chain endpoint: a chain with Python\'s offline inc (named after its parent
   await assertReadsMatch(chain, disk.image, 'full, offline inc, inc');
 });
 
-test('chain endpoint: files out of order, an inc first, another disk or a non-stream give one-line UserErrors', async (t) => {
+test('chain endpoint: files out of order (renamed ones too, by their metadata), an inc first, another disk or a non-stream give one-line UserErrors', async (t) => {
   const dir = await withDir(t, 'errors');
   const { files } = await buildChain(dir, false);
   const [full, inc1, inc2] = files as [string, string, string];
   const notStream = path.join(dir, 'notes.txt');
   await fs.writeFile(notStream, 'these are not the frames you are looking for\n'.repeat(10));
+  // Renamed, the files' metadata alone tells the order (it said a file was missing).
+  const [one, two] = [path.join(dir, 'one.bin'), path.join(dir, 'two.bin')];
+  await fs.copyFile(inc1, one);
+  await fs.copyFile(inc2, two);
   const cases: Array<[string[], RegExp]> = [
     [[full, inc2, inc1], /^-f is out of chain order: \S+vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, which \S+vda\.inc\.virtnbdbackup\.1\.data makes, so it goes right after that file, not after \S+vda\.full\.data/],
+    [[full, two, one], /^-f is out of chain order: \S+two\.bin is based on checkpoint virtnbdbackup\.1, which \S+one\.bin, given after it, names as its own \(by their metadata\); give the full backup first/],
+    [[full, inc2, one], /^-f is out of chain order: \S+vda\.inc\.virtnbdbackup\.2\.data is based on checkpoint virtnbdbackup\.1, which \S+one\.bin, given after it/],
+    [[full, two], /a data file is missing from the set: add it to -f/],
     // virtnbdmap has no --until: the way out it names is its own.
     [[full, inc2], /a data file is missing from the set: add it to -f \(the full backup first, then each incremental in checkpoint order\), or map only the files before it$/],
     [[inc1, inc2], /must start with the full or copy backup/],
@@ -244,6 +251,8 @@ test('chain endpoint: files out of order, an inc first, another disk or a non-st
       return true;
     });
   }
+  const renamed = await ChainEndpoint.open([full, one, two]);
+  await renamed.close();
   // A stream cut short is refused when it is indexed, not when a client happens to read there.
   const truncated = path.join(dir, 'vda.inc.virtnbdbackup.1.data.cut');
   await fs.writeFile(truncated, (await fs.readFile(inc1)).subarray(0, 5000));

@@ -339,6 +339,26 @@ test('a checkpoint list left behind (zips unzipped with -n keep the first one) i
   await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), /checkpoint virtnbdbackup\.2 is not in/);
 });
 
+test('a checkpoint list in another order than the files\' chain (their metadata\'s parents) is said to be that, with the order to write into it; it was "a data file is missing"', async (t) => {
+  const dir = await craftTwoDiskSet(t);
+  const cpt = path.join(dir, 'dom.cpt');
+  const said = `${cpt} lists the checkpoints in another order than the data files' chain (each file's metadata names the checkpoint it is based on): vda.inc.virtnbdbackup.2.data is based on virtnbdbackup.1, which vda.inc.virtnbdbackup.1.data makes, but the list has virtnbdbackup.1 after virtnbdbackup.2; the list is damaged: put it back from a copy, or write the chain's order into it, oldest first: ["virtnbdbackup.0","virtnbdbackup.1","virtnbdbackup.2"]`;
+  const reversed = new RegExp(`${said.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
+  await fs.writeFile(cpt, JSON.stringify([...CHECKPOINTS].reverse()));
+  await assert.rejects(plannedFiles({ input: dir }), reversed);
+  await assert.rejects(plannedFiles({ input: dir, until: 'virtnbdbackup.2' }), reversed);
+  await assert.rejects(planRestore({ input: dir, output: path.join(dir, 'out'), sequence: ['vda.full.data', 'vda.inc.virtnbdbackup.1.data'] }), reversed);
+  const verdicts = await verifySet({ input: dir });
+  assert.deepEqual(verdicts.filter((v) => !v.ok).map((v) => v.file), ['chain']);
+  assert.match(verdicts.find((v) => v.file === 'chain')?.reason ?? '', reversed);
+  // The first checkpoint after the base out of place.
+  await fs.writeFile(cpt, JSON.stringify(['virtnbdbackup.0', 'virtnbdbackup.2', 'virtnbdbackup.1']));
+  await assert.rejects(plannedFiles({ input: dir }), reversed);
+  // In order, it restores as before.
+  await fs.writeFile(cpt, JSON.stringify(CHECKPOINTS));
+  assert.equal((await plannedFiles({ input: dir })).vda?.length, 3);
+});
+
 test('without saved checkpoint definitions, a disk short of the restore point is restored at its newest file, with a warning that cannot tell left out from lost', async (t) => {
   const dir = await craftTwoDiskSet(t);
   await fs.rm(path.join(dir, CHECKPOINT_DIR), { recursive: true });
