@@ -17,6 +17,7 @@ import path from 'node:path';
 import { CONTEXT_ALLOCATION } from '../../src/endpoint/endpoint.js';
 import { NbdEndpoint } from '../../src/endpoint/nbd.js';
 import { TestDomain, assertPattern, run, withDomain, withTempDir, withTmpfs, type DiskSpec } from '../support/testbed.js';
+import { cleanup } from '../support/cleanup.js';
 import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
 import { startMap } from '../support/map.js';
 import { MemoryDisk, craftStream } from '../support/craftedSet.js';
@@ -123,7 +124,7 @@ test('virtnbdmap serves every point of plain and lz4 sets bit-identically to our
 
   // Instant boot: a second TCG domain whose disk is a qcow2 overlay over the export, read through its monitor.
   const booted = await TestDomain.create({ disks: [{ target: 'vda', sizeMiB: 128 }], start: false });
-  t.after(() => booted.destroy());
+  cleanup(t, () => booted.destroy());
   await fs.chmod(chainMap.socket, 0o666); // QEMU connects as its own user
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', chainMap.uris[0], booted.diskPath('vda'), String(128 * MiB)]);
   await booted.start();
@@ -141,7 +142,7 @@ test('virtnbdmap serves every point of plain and lz4 sets bit-identically to our
 
   // Ctrl-C with a client still connected: clean exit, socket and overlay gone.
   const client = await NbdEndpoint.open({ socket: chainMap.socket, exportName: 'sda' }, { metaContexts: [CONTEXT_ALLOCATION] });
-  t.after(() => client.close());
+  cleanup(t, () => client.close());
   const stopped = await chainMap.stop();
   assert.match(stopped.stderr, /disconnecting 1 client/);
   await assert.rejects(fs.access(chainMap.socket), 'socket left behind');
@@ -227,7 +228,7 @@ test('the default sockets (virtnbdmap.<pid>.sock) of servers that are gone are r
   const killedPid = /virtnbdmap\.(\d+)\.sock$/.exec(killed.socket)?.[1] as string;
   assert.equal(killed.socket, `/var/tmp/virtnbdmap.${killedPid}.sock`);
   await killed.kill();
-  t.after(() => fs.rm(killed.socket, { force: true }));
+  cleanup(t, () => fs.rm(killed.socket, { force: true }));
   await fs.access(killed.socket);
 
   // Sockets as a killed server leaves them (bound, nobody listening), beside the next one's --socket.
@@ -238,13 +239,13 @@ test('the default sockets (virtnbdmap.<pid>.sock) of servers that are gone are r
   // Its pid now names a process started after it (boot time counts whole seconds: more than one later).
   await new Promise((r) => setTimeout(r, 1500));
   const later = startCli('sleep', ['60']);
-  t.after(() => later.child.kill());
+  cleanup(t, () => later.child.kill());
   await fs.rename(path.join(dir, `virtnbdmap.${reusedPid}.sock`), path.join(dir, `virtnbdmap.${later.child.pid}.sock`));
   await leave(process.pid); // this test's process, older than the socket
   const listening = path.join(dir, `virtnbdmap.${killedPid}.sock`);
   const server = net.createServer((c) => c.destroy());
   await new Promise<void>((resolve) => server.listen(listening, resolve));
-  t.after(() => new Promise((resolve) => server.close(resolve)));
+  cleanup(t, () => new Promise((resolve) => server.close(resolve)));
 
   const next = await startMap(t, dir, 'next', [file]);
   await assert.rejects(fs.access(killed.socket), 'the killed server\'s socket is left');
@@ -279,7 +280,7 @@ test('a second stop signal cutting the clean-up short still removes the socket a
   await craftStream({ dir, file: 'vda.full.data', disk: new MemoryDisk(16 * MiB).fill(0x11, 0, 4 * MiB), diskName: 'vda', extents: [{ offset: 0, length: 4 * MiB, kind: 'data' }] });
   const socket = path.join(dir, 'm.sock');
   const { child, done } = startCli(ourBin('virtnbdmap'), ['-f', path.join(dir, 'vda.full.data'), '--socket', socket, '-p', '0', '-d', '', '-L', path.join(dir, 'm.log'), '--overlay-dir', dir]);
-  t.after(() => child.kill('SIGKILL'));
+  cleanup(t, () => child.kill('SIGKILL'));
   const overlays = async (): Promise<string[]> => (await fs.readdir(dir)).filter((f) => /^virtnbdmap\.\d+\./.test(f));
   for (let tries = 0; (await overlays()).length === 0 || !(await fs.access(socket).then(() => true, () => false)); tries++) {
     assert.ok(tries < 300 && child.exitCode === null, 'virtnbdmap did not start serving');
@@ -305,25 +306,18 @@ test('a write the overlay takes only part of (its file system filling up within 
   const overlayDir = await withTmpfs(t, 'vnbd-mapshortovl-', 'size=4100k');
   const map = await startMap(t, dir, 'full', [path.join(dir, 'vda.full.data')], ['--overlay-dir', overlayDir]);
   const client = await NbdEndpoint.open({ socket: map.socket, exportName: 'sda' });
-  t.after(() => client.close());
+  cleanup(t, () => client.close());
   const written = Buffer.alloc(4096, 0x22);
   const acknowledged: number[] = [];
-  try {
-    for (let block = 0; block < 80; block++) {
-      const at = block * 64 * 1024 + 32 * 1024; // past the block's first page
-      await client.write(written, at).then(() => acknowledged.push(at), () => undefined);
-    }
-    assert.ok(acknowledged.length >= 60 && acknowledged.length < 80, `${acknowledged.length} of 80 writes acknowledged`);
-    const read = Buffer.alloc(4096);
-    for (const at of acknowledged) {
-      await client.read(read, at);
-      assert.ok(read.equals(written), `the write at ${at} was acknowledged, and not kept`);
-    }
-  } catch (err) {
-    // The tmpfs is unmounted before the server would be stopped, and cannot be while it holds the overlay.
-    await client.close();
-    await map.kill();
-    throw err;
+  for (let block = 0; block < 80; block++) {
+    const at = block * 64 * 1024 + 32 * 1024; // past the block's first page
+    await client.write(written, at).then(() => acknowledged.push(at), () => undefined);
+  }
+  assert.ok(acknowledged.length >= 60 && acknowledged.length < 80, `${acknowledged.length} of 80 writes acknowledged`);
+  const read = Buffer.alloc(4096);
+  for (const at of acknowledged) {
+    await client.read(read, at);
+    assert.ok(read.equals(written), `the write at ${at} was acknowledged, and not kept`);
   }
   await client.close();
   await map.stop();
@@ -344,7 +338,7 @@ test('Ctrl-C while the files are indexed stops at once (130), printing no URIs a
   ]));
   const socket = path.join(dir, 'm.sock');
   const { child, done } = startCli(ourBin('virtnbdmap'), ['-f', file, '--socket', socket, '-p', '0', '-d', '', '-L', path.join(dir, 'm.log'), '--overlay-dir', dir]);
-  t.after(() => child.kill('SIGKILL'));
+  cleanup(t, () => child.kill('SIGKILL'));
   await new Promise((resolve) => setTimeout(resolve, 1000));
   assert.equal(child.exitCode, null, 'it ended before the signal');
   const signalled = Date.now();

@@ -5,6 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
 import { ourBin, startCli, type CliResult } from './cli.js';
+import { cleanup } from './cleanup.js';
 
 export interface RunningMap {
   /** nbd+unix:// URI, then nbd:// URI. */
@@ -18,14 +19,14 @@ export interface RunningMap {
 
 /**
  * Starts bin/virtnbdmap on `files` with its socket in `dir` (or, with `defaultSocket`, where virtnbdmap puts it);
- * stopped (SIGINT, else SIGKILL) when the test ends.
+ * stopped (SIGINT, else SIGKILL) when the test ends, before what it stands on (a tmpfs of its overlay) goes.
  */
 export async function startMap(t: TestContext, dir: string, name: string, files: string[], extra: string[] = [], { defaultSocket = false } = {}): Promise<RunningMap> {
   const { child, done } = startCli(ourBin('virtnbdmap'), [
     '-f', files.join(','), ...(defaultSocket ? [] : ['--socket', path.join(dir, `${name}.sock`)]), '-p', '0', '-L', path.join(dir, `${name}.log`), '--nocolor',
     ...(extra.includes('-d') ? [] : ['-d', '']), ...(extra.includes('--overlay-dir') ? [] : ['--overlay-dir', dir]), ...extra,
   ]);
-  t.after(async () => {
+  cleanup(t, async () => {
     if (child.exitCode !== null || child.signalCode !== null) return;
     child.kill('SIGINT');
     const timer = setTimeout(() => child.kill('SIGKILL'), 5000);

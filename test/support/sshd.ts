@@ -11,6 +11,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { run, tempDir, withTempDir } from './testbed.js';
+import { cleanup } from './cleanup.js';
 import { accepts } from '../../src/util/process.js';
 
 export interface PrivateSshd {
@@ -53,12 +54,12 @@ export async function withPrivateSshd(t: TestContext): Promise<PrivateSshd> {
   const serve = `[ -f "$HOME/.bashrc" ] && mount --bind /dev/null "$HOME/.bashrc"; exec /usr/sbin/sshd -D -f "$1" -E "$2"`;
   const sshd = spawn('unshare', ['--mount', '--propagation', 'slave', '--', 'sh', '-c', serve, 'sshd', config, path.join(dir, 'sshd.log')], { stdio: 'ignore' });
   const exited = new Promise<void>((resolve) => sshd.once('exit', () => resolve()));
-  // Should an earlier hook of the test throw (and keep this one from running), the server neither holds the test
-  // process open nor outlives it.
+  // Should its clean-up not run (the test file cancelled at its timeout), the server neither holds the test process
+  // open nor outlives it.
   const stopAtExit = (): void => { sshd.kill(); };
   process.once('exit', stopAtExit);
   sshd.unref();
-  t.after(async () => {
+  cleanup(t, async () => {
     process.off('exit', stopAtExit);
     sshd.ref(); // so that its exit, awaited here, keeps the event loop going
     sshd.kill();

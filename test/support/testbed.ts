@@ -9,6 +9,7 @@ import type { TestContext } from 'node:test';
 import { native, type LibvirtConnection, type LibvirtDomain } from '../../src/native/addon.js';
 import { domainLockFile } from '../../src/backup/lock.js';
 import { runCli, type CliResult } from './cli.js';
+import { cleanup } from './cleanup.js';
 
 export const LIBVIRT_URI = 'qemu:///system';
 /** Name prefix of test domains and dirs. */
@@ -102,21 +103,22 @@ export async function tempDir(prefix: string, owner: OwnerPrefix = TEST_PREFIX):
   return dir;
 }
 
-/** tempDir removed when the test ends (t.after), whatever its outcome. */
+/** tempDir removed when the test ends (cleanup), whatever its outcome. */
 export async function withTempDir(t: TestContext, prefix: string): Promise<string> {
   const dir = await tempDir(prefix);
-  t.after(() => fsp.rm(dir, { recursive: true, force: true }));
+  cleanup(t, () => fsp.rm(dir, { recursive: true, force: true }));
   return dir;
 }
 
 /**
  * A tmpfs mounted with `options` (size=4M, ro, mode=1777, ...) on a new scratch dir, unmounted and removed when the
- * test ends. QEMU sees only the mounts of its start: mount one before the domain that is to use it.
+ * test ends, after what was started on it since (cleanup: last in, first out). QEMU sees only the mounts of its
+ * start: mount one before the domain that is to use it.
  */
 export async function withTmpfs(t: TestContext, prefix: string, options: string): Promise<string> {
   const dir = await tempDir(prefix);
   await run('mount', ['-t', 'tmpfs', '-o', options, 'tmpfs', dir]);
-  t.after(async () => {
+  cleanup(t, async () => {
     // A process leaving it (a remote shell its ssh's end stops a moment later) may still hold it: up to 3 s.
     for (let attempt = 1; ; attempt++) {
       const result = await run('umount', [dir], { allowFailure: true });
@@ -536,10 +538,10 @@ async function fillImage(disk: TestDisk, fills: FillSpec[], dir: string): Promis
   }
 }
 
-/** A domain removed when the test ends (t.after), whatever its outcome. */
+/** A domain removed when the test ends (cleanup), whatever its outcome. */
 export async function withDomain(t: TestContext, opts: DomainOptions): Promise<TestDomain> {
   const domain = await TestDomain.create(opts);
-  t.after(() => domain.destroy());
+  cleanup(t, () => domain.destroy());
   return domain;
 }
 

@@ -6,6 +6,7 @@ import type { TestContext } from 'node:test';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { run, withTempDir } from './testbed.js';
+import { cleanup } from './cleanup.js';
 
 export const HOST_TLS_DIR = '/etc/pki/qemu';
 /** Marks an /etc/pki/qemu these tests wrote. */
@@ -41,7 +42,7 @@ export async function withHostTlsCertificates(t: TestContext): Promise<string | 
   for (const file of ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']) await fs.copyFile(path.join(work, file), path.join(client, file));
 
   const pkiCreated = !(await exists(path.dirname(HOST_TLS_DIR)));
-  t.after(() => fs.rm(pkiCreated ? path.dirname(HOST_TLS_DIR) : HOST_TLS_DIR, { recursive: true, force: true }));
+  cleanup(t, () => fs.rm(pkiCreated ? path.dirname(HOST_TLS_DIR) : HOST_TLS_DIR, { recursive: true, force: true }));
   await fs.mkdir(HOST_TLS_DIR, { recursive: true, mode: 0o755 });
   await fs.writeFile(path.join(HOST_TLS_DIR, OURS), 'throwaway certificates of the virtnbd tests\n');
   for (const file of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) {

@@ -4,6 +4,7 @@ import type { TestContext } from 'node:test';
 import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { cleanup } from './cleanup.js';
 
 /** vnbdt-p<owner pid>-<random>: a sweep tells leftovers of dead processes from users in use. */
 const USER_NAME = /^vnbdt-p(\d+)-[0-9a-f]+$/;
@@ -19,7 +20,7 @@ export function withSystemUser(t: TestContext, home: string, groups: string[]): 
   const made = spawnSync('useradd', ['--system', '--user-group', '--no-create-home', '--home-dir', home, '--shell', '/usr/sbin/nologin',
     ...(groups.length > 0 ? ['--groups', groups.join(',')] : []), name], { encoding: 'utf8' });
   if (made.status !== 0) throw new Error(`useradd ${name} failed: ${made.stderr.trim()}`);
-  t.after(() => removeUser(name));
+  cleanup(t, () => removeUser(name));
   return name;
 }
 
