@@ -2,7 +2,7 @@
 // disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
 // --compress and -A layouts, the saved NVRAM with -c, a restore (with -c) in a mount namespace where libvirtd
 // cannot be reached, restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress, -o dump -s,
-// and -N names refused.
+// -N names refused, and the images' names in a set without a domain XML.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -166,6 +166,19 @@ test('-o dump -s dumps those files alone, in the order given, as Python\'s does;
   assert.deepEqual([gone.code, gone.stdout, errorLines(gone)], [1, '', [`virtnbdrestore: error: vda.gone.data in --sequence is not a data file of the set ${set}; list the set with -o dump`]]);
   const other = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump', '-s', 'vda.full.data', '-d', 'vdb']);
   assert.deepEqual([other.code, errorLines(other)], [1, ['virtnbdrestore: error: -d vdb and --sequence of disk vda contradict each other: give one of them']]);
+});
+
+test('a set without a domain XML (vmconfig) restores each disk to an image named after it, as Python names an image it knows no file name of', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+  for (const name of await fs.readdir(set)) if (name.startsWith('vmconfig.')) await fs.rm(path.join(set, name));
+  const out = path.join(work, 'out');
+  const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vda']);
+  assert.match(r.stderr, /holds no vmconfig\.virtnbdbackup\.1\.xml: no domain XML copied/);
+  // No extension, as Python's -s (and a disk of its XML without a file) names it: `vda`, a qcow2 image.
+  assert.deepEqual(await fs.readdir(out), ['vda']);
+  assert.equal((await imageInfo(path.join(out, 'vda'))).format, 'qcow2');
+  await assertSame(path.join(out, 'vda'), refs.vda as string, 'qcow2');
 });
 
 test('a qcow2 image with an external data file is recreated with its data file in the output directory; a damaged qcow.json is a warning; restored into the set itself, the set\'s domain XML is left as it is', async (t) => {
