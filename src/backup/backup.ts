@@ -612,9 +612,9 @@ function describeServer(server: JobServer): string {
  * bitmap falls back to a full backup; one refused for a bitmap left without its checkpoint clears it and retries.
  */
 async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
-  const { options, disks } = ctx;
+  const { options } = ctx;
   if (!ctx.host.remote) await clearSocketPath(socketOf(options));
-  if (ctx.power.offline) return { exports: await OfflineExports.start(disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
+  if (ctx.power.offline) return { exports: await OfflineExports.start(ctx.disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
   let scratch = await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, ctx.log);
   if (options.startOnly) {
     // A job left running (-s) is not watched: its scratch space is looked at once, here.
@@ -631,7 +631,7 @@ async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard):
         if (attempt < 3 && plan.checkpoint.parent && isLostBitmapError(err)) {
           plan = await fallBackToFull(ctx, plan.prefix, `the bitmap of checkpoint ${plan.checkpoint.parent} is missing or broken in the disk images (${oneLine(err)})`);
         } else if (attempt < 3 && orphan) {
-          await clearOrphanBitmap(ctx.domain, orphan, disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
+          await clearOrphanBitmap(ctx.domain, orphan, ctx.disks.filter((d) => d.format !== 'raw').map((d) => d.target), ctx.info.disks.map((d) => d.target), ctx.log);
         } else {
           const server = serverOf(ctx);
           throw new UserError(`cannot start the backup job of '${options.domain}': ${oneLine(err)}${jobStartHint(server, err)}${await oldQcowHint(ctx, err)}`);
@@ -645,7 +645,7 @@ async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard):
 }
 
 async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
-  const { options, log, disks } = ctx;
+  const { options, log } = ctx;
   // The job's guard is spawned here, before a guest is frozen or paused for the job's begin (its spawn holds the event
   // loop 8 to 15 ms), and told of each begin. It is released once the job is ended, or, with -s, once it has begun.
   const guard: JobGuard | undefined = ctx.power.offline ? undefined
@@ -658,6 +658,8 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     throw err;
   }
   const { exports, plan, scratch: scratchSpace } = opened;
+  // Read after the job's start: a fallback to a full there adds the raw disks (-r).
+  const { disks } = ctx;
   const base = resultOf(ctx, plan);
   if (options.startOnly) {
     await guard?.release();

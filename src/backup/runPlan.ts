@@ -5,6 +5,7 @@
 //      (a run that listed its checkpoint first, as Python's tool does, and died) dropped, their changes kept;
 //      checkpoints libvirt lost put back from the saved XML
 //   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
+//      (with -r, of the raw disks too, as any full)
 //   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
 //   -> inc: disks added to the domain since the parent (no bitmap of it) are saved whole, as their chain's base;
 //      disks left out of the backups since (-x) resume from their last checkpoint, whose bitmap still runs
@@ -23,7 +24,7 @@ import {
 import { deleteCheckpoint, foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError } from '../util/errors.js';
 import { exists } from '../util/fileIo.js';
-import { parseDomainXml } from '../libvirt/domainXml.js';
+import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems, imageBitmaps } from './offline.js';
 import { VIR_DOMAIN_CHECKPOINT_XML_SIZE } from '../native/addon.js';
@@ -328,5 +329,19 @@ export async function fallBackToFull(ctx: RunContext, prefix: string, problem: s
     ? `the previous chain's state was moved to ${archive}; its zips still restore, unzipped into a directory of their own (not with this run's zip, which holds a new full)`
     : `the set's previous chain was moved to ${archive} and restores from there`;
   log.warn(`${problem}: an incremental backup would be wrong, so this run makes a full backup instead; ${moved}`);
+  if (options.raw) joinRawDisks(ctx);
   return { ...planFor('full', [], prefix), archivedChain: archive };
+}
+
+/**
+ * -r: the raw disks an inc or diff left out join the full it became (as copies), as in `-l full -r`; else the new
+ * chain's set would hold none of them (found by a black-box round).
+ */
+function joinRawDisks(ctx: RunContext): void {
+  const { include, exclude } = ctx.options;
+  const full = selectDisks(ctx.info.disks, { include, exclude, raw: true, offline: ctx.power.offline }).disks;
+  const joining = full.filter((d) => d.format === 'raw' && !ctx.disks.includes(d));
+  if (joining.length === 0) return;
+  ctx.disks = full.filter((d) => ctx.disks.includes(d) || joining.includes(d));
+  for (const d of joining) ctx.log.info(`disk ${d.target} (raw format, -r) is saved in this full backup as a copy, as a full with -r saves raw disks`);
 }

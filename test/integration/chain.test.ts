@@ -3,9 +3,8 @@
 // interleave without harm, a foreign checkpoint is left alone with a warning (-e: exit 2), and a chain whose
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
 // removes an old checkpoint whose bitmap the image lost by its metadata alone; an inc whose parent's bitmap the image
-// lost becomes a full, the old chain archived; disks grown, attached and detached within a chain, one attached with an
-// earlier chain's bitmap; an external
-// snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc;
+// lost becomes a full, the old chain archived (with -r, the full takes the raw disks the inc left out); disks grown,
+// attached and detached within a chain, one attached with an earlier chain's bitmap; an external snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc;
 // one disk's newest inc lost, which a restore of the latest point refuses naming it; guest writes while a full and
 // an inc copy: each holds the disk of its start, the next inc the writes; an inc that saved no data is a point of
 // its own for --until.
@@ -205,6 +204,27 @@ test('an inc whose parent checkpoint lost its bitmap in the image falls back to 
   await backup(dom, set, 'inc');
   assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.1']);
   await assertPoint(work, set, p2);
+});
+
+test('-r: an inc that falls back to a full saves the raw disks too, as a full with -r does, and the new set restores them', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, format: 'raw', fill: [{ pattern: 0x77, offsetMiB: 2, lengthMiB: 3 }] }] });
+  const work = await withTempDir(t, 'rawfallback-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full', '-r');
+  await dom.stop();
+  await run('qemu-img', ['bitmap', '--remove', dom.diskPath('vda'), 'virtnbdbackup.0']);
+  await dom.start();
+  await dom.write('vdb', 0x78, '8M', '1M');
+  const vdb = await dom.snapshot('vdb', path.join(work, 'vdb.now.raw'));
+  // The job's start finds the bitmap gone: the inc, which left vdb out, becomes a full, which takes it (it did not).
+  const log = await backup(dom, set, 'inc', '-r');
+  archivedChain(log);
+  assert.match(log, /^disk vdb \(raw format, -r\) is saved in this full backup as a copy/m);
+  assert.ok((await fs.readdir(set)).includes('vdb.copy.data'), (await fs.readdir(set)).join(' '));
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vdb', '-r']);
+  const result = await TestDomain.compare(path.join(out, 'vdb.raw'), vdb, { formatA: 'raw' });
+  assert.ok(result.identical, result.output);
 });
 
 test('disks change within a chain: one grown, one attached (saved whole by the next inc, then by incs), one detached; every point restores (and maps) with the disks and sizes it had, ours and Python', async (t) => {
