@@ -456,6 +456,11 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   if (options.tls && !ctx.host.remote) {
     log.warn(`--tls: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket: no TLS needed, none used`);
   }
+  // Python's tool ignores them here without a word; a -P meant to keep two backups apart went unnoticed.
+  const remoteOnly = ([['-I', options.nbdHost], ['-P', options.nbdPort], ['--ssh-user', options.sshUser]] as const).filter(([, value]) => value !== undefined).map(([flag]) => flag);
+  if (remoteOnly.length > 0 && !ctx.host.remote) {
+    log.warn(`${remoteOnly.join(', ')}: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket (-f): ${remoteOnly.length > 1 ? 'they apply' : 'it applies'} to domains of another host (-U qemu+ssh://user@host/system) only, and ${remoteOnly.length > 1 ? 'are' : 'is'} ignored`);
+  }
   const tls = ctx.host.remote ? tcpServerOn(ctx.host, options).tlsCertificates : undefined;
   if (tls) await checkTlsClientFiles(tls);
   if (power.offline && options.startOnly) {

@@ -35,7 +35,7 @@ const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs
   .option('no-sparse-detection', { type: 'boolean', default: false, describe: 'inc/diff: save changed ranges that now read as zero as data, not as zero frames' })
   .option('threshold', { alias: 'T', type: 'number', describe: 'Back up (inc/diff) only when at least this many bytes changed' })
   .option('uri', { alias: 'U', type: 'string', default: DEFAULT_LIBVIRT_URI, describe: 'libvirt connection URI; a remote one (qemu+ssh://user@host/system) backs up a domain of that host over TCP' })
-  .option('nbd-port', { alias: 'P', type: 'number', default: DEFAULT_NBD_PORT, describe: 'Remote domains: TCP port of the backup job\'s NBD server' })
+  .option('nbd-port', { alias: 'P', type: 'number', describe: `Remote domains: TCP port of the backup job's NBD server (default ${DEFAULT_NBD_PORT})` })
   .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Remote domains: address the NBD server binds and is reached at (default: the URI\'s host)' })
   .option('tls', { type: 'boolean', default: false, describe: 'Remote domains: NBD over TLS (the host\'s libvirt must serve TLS)' })
   .option('tls-cert', { type: 'string', default: DEFAULT_TLS_CERT_DIR, describe: 'Remote domains, --tls: directory of ca-cert.pem, client-cert.pem and client-key.pem' })

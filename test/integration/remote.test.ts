@@ -5,7 +5,8 @@
 // (a raw image checked against its .chksum as it is sent);
 // the scratch directory there is watched for space; a host whose ssh goes silent fails a run after --nbd-timeout,
 // and leaves the watch with one warning;
-// restore flags for another host without its URI are refused with one line.
+// restore flags for another host without its URI are refused with one line; backup's (-I, -P, --ssh-user) on a
+// domain of this host are a warning, as Python ignores them there.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -407,4 +408,18 @@ test('ssh failures say what to do: a port nobody answers on, a key the host does
   execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', keyless]);
   const wrongKey = domainHostOf(`qemu+ssh://root@127.0.0.1:${sshd.port}/system?keyfile=${keyless}&no_verify=1`, undefined, 10);
   await assert.rejects(wrongKey.run('true', []), /Permission denied \(publickey.*; this user's ssh key is not accepted there: give the user with --ssh-user, or the key with keyfile= in the URI$/);
+});
+
+test('-I, -P and --ssh-user on a domain of this host: one warning that they apply to another host\'s domains (-e: exit 2), and the backup goes through the unix socket', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'localnbd-');
+  const all = await runCli(bin, ['-n', '-e', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'all'), '-I', '127.0.0.1', '-P', '10811', '--ssh-user', 'nobody']);
+  assert.equal(all.code, 2, all.stderr);
+  assert.deepEqual(all.stderr.match(/^warning: .*$/gm), [`warning: -I, -P, --ssh-user: domain '${dom.name}' runs on this host, whose backup job serves through a unix socket (-f): they apply to domains of another host (-U qemu+ssh://user@host/system) only, and are ignored`]);
+  assert.ok((await fs.readdir(path.join(work, 'all'))).includes('vda.copy.data'));
+  const port = await runCli(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'port'), '-P', '10811']);
+  assert.equal(port.code, 0, port.stderr);
+  assert.match(port.stderr, /^warning: -P: .* it applies to domains of another host .* and is ignored$/m);
+  const none = await runCli(bin, ['-n', '-e', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'none')]);
+  assert.equal(none.code, 0, none.stderr);
 });
