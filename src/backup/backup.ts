@@ -399,6 +399,17 @@ async function finishZip(zip: ZipTarget, succeeded: boolean, logFile: string, lo
   await zip.close();
 }
 
+/**
+ * Marks a shut-off domain's optional disks (startupPolicy='optional') whose image is gone: libvirt starts the domain
+ * without them, so selectDisks leaves them out, as a running domain's backup does, where qemu-img failed on them or
+ * an inc said to run with -S, which would not have saved them either (found by a black-box round).
+ */
+async function markMissingImages(disks: DomainDisk[], host: DomainHost): Promise<void> {
+  for (const disk of disks) {
+    if (disk.optional && disk.path && !(await host.exists(disk.path))) disk.missing = true;
+  }
+}
+
 /** Picks the disks: -i/-x, raw disks only with -r and never in inc/diff. */
 function chooseDisks(options: BackupOptions, log: Logger, domainDisks: DomainDisk[], level: Level, offline: boolean): DomainDisk[] {
   const incremental = level === 'inc' || level === 'diff';
@@ -467,6 +478,7 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
     const notHere = options.startDomain ? ' (virsh start: -S would stop the domain again as the run ends, and the job with it)' : '';
     throw new UserError(`domain '${options.domain}' is shut off: -s leaves a backup job running, which needs a running domain; start it first${notHere}`);
   }
+  if (power.offline) await markMissingImages(ctx.info.disks, ctx.host);
   ctx.disks = chooseDisks(options, log, ctx.info.disks, requested, power.offline);
   let level = requested;
   if (level === 'full' && ctx.disks.every((d) => d.format === 'raw')) {

@@ -16,6 +16,10 @@ export interface DomainDisk {
   encrypted?: boolean;
   /** `<readonly/>`: libvirt's backup jobs refuse such a disk ("empty or readonly"). */
   readOnly?: boolean;
+  /** startupPolicy='optional' (of its source): libvirt starts the domain without the disk when its image is missing. */
+  optional?: boolean;
+  /** An optional disk of a shut-off domain whose image is missing (the backup looks): the domain starts without it. */
+  missing?: boolean;
   /** type='volume': the storage pool and volume libvirt names the image by (resolveVolumes gives the path). */
   volume?: { pool: string; name: string; unresolved?: string };
   /** type='network': QEMU reaches the image itself (rbd, nbd, iscsi, ...); `name` is the image's name there, if any. */
@@ -77,6 +81,7 @@ export function parseDomainXml(xml: string): DomainInfo {
       path: (source['@_file'] ?? source['@_dev']) as string | undefined,
       format: String(driver['@_type'] ?? 'raw'),
       ...(d.readonly !== undefined ? { readOnly: true } : {}),
+      ...(source['@_startupPolicy'] === 'optional' ? { optional: true } : {}),
       ...(d.encryption !== undefined || source.encryption !== undefined ? { encrypted: true } : {}),
       ...(volume ? { volume } : {}),
       ...(network ? { network } : {}),
@@ -131,7 +136,7 @@ export async function resolveVolumes(disks: DomainDisk[], volumePath: (pool: str
   }
 }
 
-/** Which disks a backup covers: -i/-x filters, no cdrom/floppy, raw only with `raw`, only file/block images. */
+/** Which disks a backup covers: -i/-x filters, no cdrom/floppy, raw only with `raw`, only file/block images that are there. */
 export function selectDisks(all: DomainDisk[], selection: DiskSelection): SelectedDisks {
   const disks: DomainDisk[] = [];
   const skipped: SelectedDisks['skipped'] = [];
@@ -145,6 +150,9 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
       skipped.push({ disk, reason: 'lun device (SCSI passthrough): QEMU passes its commands through to the device, whose changes no bitmap tracks' });
     } else if (disk.readOnly) {
       skipped.push({ disk, reason: 'read-only disk (<readonly/>): libvirt backs up only writable disks, and nothing this domain does changes it; copy its image once, or leave it out with -x' });
+    } else if (disk.missing) {
+      // Advice to run with -S was wrong: libvirt starts the domain without the disk, and no job then sees it.
+      skipped.push({ disk, reason: `its image ${disk.path} is missing, and startupPolicy='optional' starts the domain without it (with -S too), so no backup holds it; put the image back to back it up, or leave the disk out with -x ${disk.target}` });
     } else if (disk.volume?.unresolved !== undefined) {
       skipped.push({ disk, reason: `libvirt gives no path of its volume ${disk.volume.name} in storage pool ${disk.volume.pool} (${disk.volume.unresolved})` });
     } else if (disk.type === 'network' && selection.offline) {

@@ -186,6 +186,8 @@ export interface DiskSpec {
   volume?: boolean;
   /** The domain sees the disk read-only (`<readonly/>`). */
   readOnly?: boolean;
+  /** startupPolicy='optional': libvirt starts the domain without the disk when its image file is missing (file disks). */
+  optional?: boolean;
   /**
    * The domain reaches the image over the network (type='network', NBD, as it reaches Ceph RBD or iSCSI images):
    * a qemu-nbd of the test's serves the image file's bytes, which the domain reads in the disk's format.
@@ -220,6 +222,7 @@ export interface TestDisk {
   /** The unix socket of the qemu-nbd serving the image (DiskSpec.network); stopped when the domain is removed. */
   socket?: string;
   readOnly?: boolean;
+  optional?: boolean;
 }
 
 /** What qemu-io prints that means a command did not do its work (it never fails the monitor command itself). */
@@ -262,7 +265,7 @@ export class TestDomain {
       const format = spec.format ?? 'qcow2';
       const disk: TestDisk = { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
       return {
-        ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}),
+        ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}), ...(spec.optional ? { optional: true } : {}),
         ...(spec.network ? { socket: path.join(dir, `${spec.target}.nbd.sock`) } : {}),
       };
     });
@@ -465,7 +468,7 @@ export class TestDomain {
     const source = (d: TestDisk): string => {
       if (d.socket) return `<source protocol='nbd'><host transport='unix' socket='${d.socket}'/></source>`;
       if (d.pool) return `<source pool='${d.pool}' volume='${path.basename(d.image)}'/>`;
-      return d.device ? `<source dev='${d.device}'/>` : `<source file='${d.image}'/>`;
+      return d.device ? `<source dev='${d.device}'/>` : `<source file='${d.image}'${d.optional ? " startupPolicy='optional'" : ''}/>`;
     };
     const disks = this.disks.map((d) => `
     <disk type='${d.socket ? 'network' : d.pool ? 'volume' : d.device ? 'block' : 'file'}' device='disk'>

@@ -13,7 +13,7 @@ import { PassThrough } from 'node:stream';
 import { DigestList } from '../../src/stream/digestList.js';
 import { randomBytes } from 'node:crypto';
 import { backupJobXml, checkpointBitmapDisks, checkpointDiskSize, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
-import { parseDomainXml, resolveVolumes, selectDisks } from '../../src/libvirt/domainXml.js';
+import { parseDomainXml, resolveVolumes, selectDisks, type DomainDisk } from '../../src/libvirt/domainXml.js';
 import { qcow2CreateOptions } from '../../src/restore/qemu.js';
 
 test('data file names follow virtnbdbackup', () => {
@@ -100,6 +100,18 @@ test('domain XML: disks, boot files and the guest agent channel; selection skips
     ['vda', 'left out with -x', true], ['vdc', 'raw-format disk (no checkpoints possible); include it with -r/--raw', false], ['sda', 'cdrom device', true]]);
   const rawInInc = selectDisks(info.disks, { rawNotInThisLevel: true }).skipped.find((s) => s.disk.target === 'vdc');
   assert.deepEqual([rawInInc?.reason, rawInInc?.expected], ['raw-format disk (no checkpoints possible): -r takes it into full and copy backups only', true]);
+});
+
+test('domain XML: startupPolicy=\'optional\' is read; an optional disk marked missing is left out with a warning naming -x, not -S', () => {
+  const xml = domainXml.replace("<source file='/images/web.qcow2'/>", "<source file='/images/web.qcow2' startupPolicy='optional'/>");
+  const [vda, vdb] = parseDomainXml(xml).disks;
+  assert.deepEqual([vda?.optional, vdb?.optional], [true, undefined]);
+  const left = selectDisks([{ ...(vda as DomainDisk), missing: true }, vdb as DomainDisk], {});
+  assert.deepEqual(left.disks.map((d) => d.target), ['vdb']);
+  assert.match(left.skipped[0]?.reason ?? '', /^its image \/images\/web\.qcow2 is missing, .*leave the disk out with -x vda$/);
+  assert.equal(left.skipped[0]?.expected, undefined);
+  // -x comes first: a line, no warning.
+  assert.equal(selectDisks([{ ...(vda as DomainDisk), missing: true }], { exclude: ['vda'] }).skipped[0]?.expected, true);
 });
 
 test('domain XML: network disks (rbd, nbd) are selected by format as other disks, and left out of a shut-off domain\'s backup', () => {
