@@ -4,6 +4,7 @@ import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
+import path from 'node:path';
 import { UserError, describeFailure } from './errors.js';
 
 export interface RunResult { stdout: string; stderr: string }
@@ -171,15 +172,22 @@ export async function listensAt(socketPath: string): Promise<boolean> {
 
 /**
  * Refuses a socket path (-f) that holds something a new server must not replace: a file or directory (a path given
- * by mistake: removing it would lose it) or a socket a server still listens on. Nothing there, or a socket left by
- * a server that is gone, is fine.
+ * by mistake: removing it would lose it) or a socket a server still listens on, and one in a directory that does
+ * not exist. Nothing there, or a socket left by a server that is gone, is fine. Checked before a full backup
+ * removes the old chain's checkpoints: the job's start failed on a missing directory only after that.
  */
 export async function checkSocketPath(socketPath: string): Promise<void> {
   const there = await fs.lstat(socketPath).catch((err: NodeJS.ErrnoException) => {
     if (err.code === 'ENOENT') return undefined;
     throw new UserError(`cannot use ${socketPath} for the NBD socket: ${describeFailure(err)}`);
   });
-  if (!there) return;
+  if (!there) {
+    const dir = path.dirname(socketPath);
+    if (!(await fs.stat(dir).then((s) => s.isDirectory(), () => false))) {
+      throw new UserError(`the directory of the NBD socket ${socketPath} (-f), ${dir}, does not exist: create it, or give a socket path in an existing directory`);
+    }
+    return;
+  }
   if (!there.isSocket()) {
     throw new UserError(`${socketPath} already exists and is not a socket, so it cannot be the NBD socket (-f); give a path where nothing is (${socketPath} was left as it is)`);
   }

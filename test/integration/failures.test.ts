@@ -1,6 +1,7 @@
 // Bad input and failures on a real domain: one-line errors, non-zero exits, and nothing left behind — no
 // running job, no checkpoint of the failed run, no socket — while the evidence (.partial) stays; libvirtd killed
-// in mid-run is named as the cause, with the way back (a restore with -D defines on a connection of its own at the end).
+// in mid-run is named as the cause, with the way back (a restore with -D defines on a connection of its own at the end);
+// a full refused for a bad --scratchdir or -f keeps the old chain's checkpoints.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -218,6 +219,34 @@ test('an output that cannot hold a set: a file, a read-only file system, under a
   const underLink = await runCli(ourBin('virtnbdrestore'), ['-n', '-i', set, '-o', path.join(work, 'dangling', 'out')]);
   assert.equal(underLink.code, 1, underLink.stderr);
   assert.match(underLink.stderr.trim(), new RegExp(`^virtnbdrestore: error: ${dangling.source.slice(0, -1)}$`));
+});
+
+test('a full refused for its --scratchdir or -f (no such directory, a file in the path) keeps the old chain\'s checkpoints: the earlier set\'s next inc goes on', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 16, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] }] });
+  const work = await tempDir('vnbd-keepchain-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  await fs.writeFile(path.join(work, 'afile'), 'x');
+  const cases: Array<[string[], RegExp]> = [
+    [['--scratchdir', path.join(work, 'nodir')], /the scratch directory \S+\/nodir does not exist or is no directory/],
+    [['--scratchdir', path.join(work, 'afile')], /the scratch directory \S+\/afile does not exist or is no directory/],
+    // The job's start failed on it ("Failed to bind socket"), after the full had removed the old checkpoints.
+    [['-f', path.join(work, 'nodir', 'sock')], /the directory of the NBD socket \S+\/nodir\/sock \(-f\), \S+\/nodir, does not exist: create it, or give a socket path in an existing directory$/],
+    [['-f', path.join(work, 'afile', 'sock')], /cannot use \S+\/afile\/sock for the NBD socket: a part of the path is a file/],
+  ];
+  for (const [index, [flags, message]] of cases.entries()) {
+    const r = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, `new${index}`), ...flags]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.equal(errorLines(r).length, 1, r.stderr);
+    assert.match(r.stderr.trim(), message);
+    assert.doesNotMatch(r.stderr, /removed old checkpoint/);
+    assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), 'virtnbdbackup.0', flags.join(' '));
+  }
+  await dom.write('vda', 0x22, '2M', '1M');
+  const inc = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.doesNotMatch(inc.stderr, /warning/);
+  assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.1.data'));
 });
 
 test('disk full in mid-backup: clear error, job ended, checkpoint removed, .partial kept, inc refuses', async (t) => {
