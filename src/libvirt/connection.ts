@@ -1,4 +1,7 @@
-// Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do.
+// Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do. The ssh
+// libvirt starts for a qemu+ssh:// URI is ours (libexec/libvirt-ssh): out of reach of a terminal's Ctrl-C.
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { native, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_UNAVAILABLE, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { DEFAULT_NBD_TIMEOUT } from '../endpoint/nbd.js';
@@ -41,7 +44,7 @@ export class NoAnswerError extends Error {}
  */
 export async function openConnection(uri: string, login?: LibvirtLogin, silentSeconds = DEFAULT_NBD_TIMEOUT): Promise<LibvirtConnection> {
   const keepalives = keepalivesFor(silentSeconds);
-  const opening = native().libvirtOpen(uri, login?.user, login?.password, keepalives?.interval, keepalives?.count);
+  const opening = native().libvirtOpen(withOurSsh(uri), login?.user, login?.password, keepalives?.interval, keepalives?.count);
   if (!keepalives) return opening;
   let timer: NodeJS.Timeout | undefined;
   const silence = new Promise<never>((_, reject) => {
@@ -59,6 +62,22 @@ export async function openConnection(uri: string, login?: LibvirtLogin, silentSe
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** libexec/libvirt-ssh: dist/src/libvirt, or the bundle's dist/src/cli, are three folders below the package's root. */
+const LIBVIRT_SSH = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'libexec', 'libvirt-ssh');
+
+/**
+ * `uri` as libvirt is to open it: an ssh transport (qemu+ssh://) runs libexec/libvirt-ssh as its ssh, unless the URI
+ * names its own (`command=`). libvirt starts its ssh in the run's process group, so a terminal's Ctrl-C killed it
+ * with the connection: the run failed as if libvirtd were gone, its job left running on that host.
+ */
+export function withOurSsh(uri: string): string {
+  const scheme = /^([a-z0-9.+-]+):\/\//i.exec(uri)?.[1] ?? '';
+  if (!scheme.toLowerCase().endsWith('+ssh')) return uri;
+  const query = uri.indexOf('?');
+  if (query >= 0 && /(^|[&;])command=/.test(uri.slice(query + 1))) return uri;
+  return `${uri}${query >= 0 ? '&' : '?'}command=${encodeURIComponent(LIBVIRT_SSH)}`;
 }
 
 /** The open failed on the login: libvirtd wanted one, or refused the one given. */

@@ -5,14 +5,15 @@
 // (a raw image checked against its .chksum as it is sent);
 // the scratch directory there is watched for space; a host whose ssh goes silent fails a run after --nbd-timeout,
 // and leaves the watch with one warning;
-// restore flags for another host without its URI are refused with one line; backup's (-I, -P, --ssh-user) on a
-// domain of this host are a warning, as Python ignores them there.
+// Ctrl-C to the run's group leaves no job there (libvirt's ssh ignores it); restore flags for another host without
+// its URI are refused with one line; backup's (-I, -P, --ssh-user) on a domain of this host are a warning, as Python
+// ignores them there.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
 import { errorLines, ourBin, qemuImgIn, qemuNbdRuns, restoreCompressing, runCli, runOk, startCli, startHeldOnOutput, within, type CliResult, type CliRun } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
@@ -110,6 +111,27 @@ test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cer
   const local = await runCli(bin, ['-n', '-e', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'local'), '--tls']);
   assert.equal(local.code, 2, local.stderr);
   assert.match(local.stderr, /--tls: domain .* runs on this host, .* no TLS needed, none used/);
+});
+
+test('Ctrl-C (SIGINT to the run\'s process group, as a terminal sends it) in mid-backup of a remote domain: exit 130, its job there ended and its checkpoint removed', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'remotectrlc-');
+  // A zip on standard output, unread: the copy waits, the job up, while the signal comes.
+  const child = spawn(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', '-', '-U', sshd.libvirtUri, '-P', String(await freePort())], { cwd: work, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  child.stdout.pause();
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const done = new Promise<number | null>((resolve) => child.once('close', resolve));
+  assert.ok(await within(20_000, async () => /writing vda\.full\.data/.test(stderr)), stderr);
+  process.kill(-(child.pid as number), 'SIGINT');
+  child.stdout.resume();
+  const code = await done;
+  // libvirt's own ssh, in the run's group, died of it: the run failed as if libvirtd were gone (exit 1), its job left.
+  assert.equal(code, 130, stderr);
+  assert.match(stderr, /^virtnbdbackup: error: interrupted by SIGINT; cleaned up$/m);
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  assert.equal(virsh('checkpoint-list', dom.name, '--name').trim(), '');
 });
 
 /** qemu-img info of an image: its format and the bytes it takes on disk. */

@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { openLibvirt } from '../../src/libvirt/connection.js';
+import { openLibvirt, withOurSsh } from '../../src/libvirt/connection.js';
 
 /** A unix socket server that does `onClient` with each connection; closed, with its clients, after the test. */
 async function fakeDaemon(t: TestContext, onClient: (socket: net.Socket) => void): Promise<string> {
@@ -63,5 +63,32 @@ test('a daemon that hangs up at once fails the open with libvirt\'s words and th
       assert.match(err.message, /^cannot connect to libvirt at qemu\+unix:\/\/\/system\?socket=\S+: .+; is libvirtd running\?$/);
       return true;
     });
+  }
+});
+
+test('an ssh URI runs libexec/libvirt-ssh as libvirt\'s ssh, which ignores a terminal\'s Ctrl-C; other URIs, and one naming its own command, are left as given', async () => {
+  const ours = withOurSsh('qemu+ssh://root@kvm1:2222/system?keyfile=/k&no_verify=1');
+  const command = new URL(ours).searchParams.get('command') ?? '';
+  assert.match(ours, /^qemu\+ssh:\/\/root@kvm1:2222\/system\?keyfile=\/k&no_verify=1&command=/);
+  assert.equal(path.basename(command), 'libvirt-ssh');
+  await fs.access(command, fs.constants.X_OK);
+  assert.equal(new URL(withOurSsh('qemu+ssh://kvm1/system')).searchParams.get('command'), command);
+  for (const uri of ['qemu:///system', 'qemu+tcp://kvm1/system', 'qemu+libssh://kvm1/system', 'qemu+ssh://kvm1/system?command=/usr/local/bin/myssh']) {
+    assert.equal(withOurSsh(uri), uri);
+  }
+  // The ssh it starts (here a stand-in on PATH that prints its ignored signals) has SIGHUP, SIGINT, SIGQUIT and SIGTERM ignored.
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-libvirt-ssh-'));
+  try {
+    await fs.writeFile(path.join(dir, 'ssh'), '#!/bin/sh\nsed -n "s/^SigIgn:\\t//p" /proc/$$/status; echo "$@"\n', { mode: 0o755 });
+    const child = spawn(command, ['-p', '22', 'kvm1', 'sh -c x'], { env: { ...process.env, PATH: `${dir}:${process.env.PATH ?? ''}` }, stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+    assert.equal(await new Promise((resolve) => child.once('close', resolve)), 0);
+    const [mask, args] = out.trim().split('\n');
+    const ignored = BigInt(`0x${mask}`);
+    for (const signal of [1, 2, 3, 15]) assert.equal((ignored >> BigInt(signal - 1)) & 1n, 1n, `signal ${signal} is not ignored: ${mask}`);
+    assert.equal(args, '-p 22 kvm1 sh -c x');
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
   }
 });
