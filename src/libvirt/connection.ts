@@ -67,14 +67,18 @@ export async function openConnection(uri: string, login?: LibvirtLogin, silentSe
 /** libexec/libvirt-ssh: dist/src/libvirt, or the bundle's dist/src/cli, are three folders below the package's root. */
 const LIBVIRT_SSH = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'libexec', 'libvirt-ssh');
 
+/** Whether libvirt reaches `uri` through the system's ssh (qemu+ssh://), which it starts itself. */
+function viaSsh(uri: string): boolean {
+  return /^[a-z0-9.-]+\+ssh:\/\//i.test(uri);
+}
+
 /**
  * `uri` as libvirt is to open it: an ssh transport (qemu+ssh://) runs libexec/libvirt-ssh as its ssh, unless the URI
  * names its own (`command=`). libvirt starts its ssh in the run's process group, so a terminal's Ctrl-C killed it
  * with the connection: the run failed as if libvirtd were gone, its job left running on that host.
  */
 export function withOurSsh(uri: string): string {
-  const scheme = /^([a-z0-9.+-]+):\/\//i.exec(uri)?.[1] ?? '';
-  if (!scheme.toLowerCase().endsWith('+ssh')) return uri;
+  if (!viaSsh(uri)) return uri;
   const query = uri.indexOf('?');
   if (query >= 0 && /(^|[&;])command=/.test(uri.slice(query + 1))) return uri;
   return `${uri}${query >= 0 ? '&' : '?'}command=${encodeURIComponent(LIBVIRT_SSH)}`;
@@ -85,10 +89,24 @@ export function loginRefused(err: unknown): boolean {
   return AUTH_ERRORS.has((err as NativeError).code ?? -1);
 }
 
-/** What to do about a failed open: a login to give or check, else the host to reach or the daemon to start. */
+/**
+ * The failures of libvirt's own ssh (qemu+ssh://) in its words, and what to do: it takes the user, port and key from
+ * the URI alone (--ssh-user is ours, for qemu-img and the boot files).
+ */
+const LIBVIRT_SSH_ADVICE: Array<[RegExp, string]> = [
+  [/Identity file .* not accessible/, 'the key file keyfile= names in the URI cannot be read'],
+  [/Host key verification failed/, 'connect once with ssh to accept the host\'s key, or add no_verify=1 to the URI'],
+  [/Permission denied \((publickey|password)/, 'the host refused the ssh login: give its user in the URI (qemu+ssh://user@host/system) and its key with keyfile='],
+  [/Could not resolve hostname/, 'check the host name in the URI'],
+  [/Connection refused|No route to host|Connection timed out/, 'check that sshd runs on that host and the port in the URI'],
+];
+
+/** What to do about a failed open: a login to give or check, an ssh failure's cure, else the host to reach or the daemon to start. */
 export function connectAdvice(err: unknown, login?: LibvirtLogin, uri?: string): string {
   if (!loginRefused(err)) {
     const host = uri ? domainHostOf(uri) : LOCAL_HOST;
+    const sshAdvice = uri && viaSsh(uri) ? LIBVIRT_SSH_ADVICE.find(([pattern]) => pattern.test((err as Error).message ?? ''))?.[1] : undefined;
+    if (sshAdvice) return sshAdvice;
     return host.remote ? `is ${host.hostname} reachable, and libvirtd running there?` : 'is libvirtd running?';
   }
   if (login) return `check the login --user ${login.user} and its --password`;

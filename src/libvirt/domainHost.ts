@@ -9,7 +9,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { accepts, boundToUs, notInstalled, run, shellQuote, type RunResult } from '../util/process.js';
+import { accepts, boundToUs, notInstalled, packageOf, run, shellQuote, type RunResult } from '../util/process.js';
 import { makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { checkTcpPort } from '../util/tcpPort.js';
@@ -98,8 +98,16 @@ const SSH_ADVICE: Array<[RegExp, string]> = [
   [/Connection refused|Connection timed out(?! during banner)|No route to host/, 'check that sshd runs on that host and the port in the URI'],
 ];
 
-/** `message` with what to do, when it is one of ssh's own failures. */
+/** The remote shell's word for a program it did not find (bash: 'qemu-img: command not found'; dash: 'qemu-img: not found'). */
+const NOT_FOUND = /(?:^|: )([\w.+-]+): (?:command )?not found\b/;
+
+/** `message` with what to do, when it is one of ssh's own failures, or a program the host lacks. */
 function withSshAdvice(message: string): string {
+  const missing = NOT_FOUND.exec(message)?.[1];
+  if (missing) {
+    const pkg = packageOf(missing);
+    return `${message}; ${missing} is not installed on that host${pkg ? `: install the package ${pkg} there` : ''}`;
+  }
   const advice = SSH_ADVICE.find(([pattern]) => pattern.test(message))?.[1];
   return advice ? `${message}; ${advice}` : message;
 }

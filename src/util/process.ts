@@ -41,6 +41,11 @@ const PACKAGE_OF: Record<string, string> = {
   'qemu-img': 'qemu-utils', 'qemu-nbd': 'qemu-utils', 'qemu-io': 'qemu-utils', nbdkit: 'nbdkit', ssh: 'openssh-client', setpriv: 'util-linux', logger: 'bsdutils',
 };
 
+/** The Debian package that holds `program`, where it is one of ours. */
+export function packageOf(program: string): string | undefined {
+  return PACKAGE_OF[program];
+}
+
 /** The one line for a program that is not on PATH. */
 export function notInstalled(command: string): UserError {
   const name = command.split('/').pop() as string;

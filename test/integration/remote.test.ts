@@ -421,7 +421,7 @@ test('refused with one line: restore flags for another host without its URI; a h
   assert.equal(await fs.access('/nonexistent').then(() => true, () => false), false);
 });
 
-test('ssh failures say what to do: a port nobody answers on, a key the host does not take', async (t) => {
+test('ssh failures say what to do: a port nobody answers on, a key the host does not take, a program the host lacks; libvirt\'s own ssh\'s too', async (t) => {
   const closed = await freePort();
   const refused = domainHostOf(`qemu+ssh://root@127.0.0.1:${closed}/system`, undefined, 10);
   await assert.rejects(refused.run('true', []), /Connection refused; check that sshd runs on that host and the port in the URI$/);
@@ -430,6 +430,23 @@ test('ssh failures say what to do: a port nobody answers on, a key the host does
   execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', keyless]);
   const wrongKey = domainHostOf(`qemu+ssh://root@127.0.0.1:${sshd.port}/system?keyfile=${keyless}&no_verify=1`, undefined, 10);
   await assert.rejects(wrongKey.run('true', []), /Permission denied \(publickey.*; this user's ssh key is not accepted there: give the user with --ssh-user, or the key with keyfile= in the URI$/);
+  // A program the host lacks (qemu-img, qemu-nbd) is named with its package, as the remote shell words it (bash, dash).
+  const host = domainHostOf(sshd.libvirtUri, undefined, 10);
+  await assert.rejects(host.run('sh', ['-c', 'PATH=/nonexistent; qemu-img info /x']), /qemu-img: not found; qemu-img is not installed on that host: install the package qemu-utils there$/);
+  await assert.rejects(host.run('virtnbd-no-such-tool', []), /virtnbd-no-such-tool: command not found; virtnbd-no-such-tool is not installed on that host$/);
+  // libvirt's own ssh (the connect, before any of ours) gets advice for its failures too, where it was told to check
+  // that the host is reachable and libvirtd runs there.
+  const connects: Array<[string, RegExp]> = [
+    [`qemu+ssh://root@127.0.0.1:${closed}/system`, /Connection refused.*; check that sshd runs on that host and the port in the URI$/],
+    [`qemu+ssh://nobody@127.0.0.1:${sshd.port}/system?keyfile=${sshd.keyfile}&no_verify=1`, /Permission denied \(publickey.*; the host refused the ssh login: give its user in the URI \(qemu\+ssh:\/\/user@host\/system\) and its key with keyfile=$/],
+    [`qemu+ssh://root@127.0.0.1:${sshd.port}/system?keyfile=${keyless}.missing&no_verify=1`, /not accessible.*; the key file keyfile= names in the URI cannot be read$/],
+  ];
+  for (const [uri, advice] of connects) {
+    const r = await runCli(bin, ['-U', uri, '-d', 'x', '-k']);
+    assert.equal(r.code, 1, r.stderr);
+    assert.deepEqual(errorLines(r).length, 1, r.stderr);
+    assert.match(errorLines(r)[0] ?? '', advice);
+  }
 });
 
 test('-I, -P and --ssh-user on a domain of this host: one warning that they apply to another host\'s domains (-e: exit 2), and the backup goes through the unix socket', async (t) => {
