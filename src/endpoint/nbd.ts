@@ -173,6 +173,20 @@ const MAX_STATUS_REQUEST = 2 ** 32 - 2 ** 20;
  */
 const ZERO_STEP = 256 * 1024 * 1024;
 
+/**
+ * What to do when the TLS handshake with a server of another host fails (gnutls's words name no file): this side's
+ * certificates (--tls-cert) against the host's.
+ */
+function tlsAdvice(uri: string, dir: string): string {
+  let host = '';
+  try {
+    host = new URL(uri).hostname;
+  } catch {
+    // a URI libnbd took and URL does not: the advice names no host
+  }
+  return `; the TLS handshake failed: check that ${path.join(dir, 'ca-cert.pem')} is the CA that signed the host's server certificate${host ? ` (which must name ${host})` : ''}, and that the host takes ${path.join(dir, 'client-cert.pem')}; give the right directory with --tls-cert`;
+}
+
 export class NbdEndpoint implements Endpoint {
   private next = 0;
   private readonly watch: StallWatch | undefined;
@@ -205,7 +219,8 @@ export class NbdEndpoint implements Endpoint {
         await handle.close().catch(() => undefined);
         if (err instanceof UserError) throw err;
         if (address.socket && errnoOf(err) === 'EACCES') throw new UserError(await socketRefusal(address.socket, where));
-        throw new Error(`cannot connect to NBD export ${where}: ${(err as Error).message}`, { cause: err });
+        const advice = address.tlsCertificates && /gnutls|certificate|TLS/i.test((err as Error).message) ? tlsAdvice(address.uri ?? '', address.tlsCertificates) : '';
+        throw new Error(`cannot connect to NBD export ${where}: ${(err as Error).message}${advice}`, { cause: err });
       }
       return handle;
     };

@@ -74,7 +74,7 @@ test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -
   await assertRestoresTo(work, set, p2);
 });
 
-test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cert (qemu-img map too), a restore onto that host too; plain NBD is refused by it; missing client files are one line', async (t) => {
+test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cert (qemu-img map too), a restore onto that host too; plain NBD is refused by it; missing client files, and a CA that did not sign the host\'s certificate, are one line', async (t) => {
   const client = await withHostTlsCertificates(t);
   if (!client) {
     t.skip(`${HOST_TLS_DIR} exists: this machine's own TLS set-up is left alone`);
@@ -107,6 +107,16 @@ test('--tls: the remote job serves NBD over TLS and ours connects with --tls-cer
   const missing = await runCli(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'missing'), ...remote.slice(0, -1), path.join(work, 'nowhere')]);
   assert.equal(missing.code, 1, missing.stderr);
   assert.match(errorLines(missing).join('\n'), /--tls: .*nowhere\/ca-cert\.pem is missing or unreadable; give the directory holding ca-cert\.pem .* with --tls-cert$/);
+  // A CA that did not sign the host's certificate: gnutls's words named no file; the line now says what to check.
+  const otherCa = path.join(work, 'other-ca');
+  await fs.mkdir(otherCa);
+  await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', path.join(otherCa, 'ca-key.pem'),
+    '-out', path.join(otherCa, 'ca-cert.pem'), '-days', '2', '-subj', '/CN=another CA']);
+  for (const file of ['client-cert.pem', 'client-key.pem']) await fs.copyFile(path.join(client, file), path.join(otherCa, file));
+  const unsigned = await runCli(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'other'), ...remote.slice(0, -1), otherCa]);
+  assert.equal(unsigned.code, 1, unsigned.stderr);
+  assert.match(errorLines(unsigned).join('\n'), new RegExp(`certificate verification.*; the TLS handshake failed: check that ${otherCa}/ca-cert\\.pem is the CA that signed the host's server certificate \\(which must name 127\\.0\\.0\\.1\\), and that the host takes ${otherCa}/client-cert\\.pem; give the right directory with --tls-cert$`));
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
   // A domain of this host needs no TLS: a warning (-e: exit 2), and the backup is made.
   const local = await runCli(bin, ['-n', '-e', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'local'), '--tls']);
   assert.equal(local.code, 2, local.stderr);
