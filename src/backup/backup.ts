@@ -594,10 +594,12 @@ function offlineServing(ctx: RunContext): OfflineServing {
   return { ssh: ctx.host, host, firstPort: port, tlsCertificates };
 }
 
-/** What to do about a job refused on a domain's remote host: a port in use, or TLS the host is not set up for. */
+/** What to do about a job refused on a domain's remote host: a port in use, an address it lacks, or TLS the host is not set up for. */
 function jobStartHint(server: JobServer, err: unknown): string {
   if ('socket' in server) return '';
   if (/address already in use/i.test(oneLine(err))) return `; port ${server.port} on ${server.host} is taken (another backup?): choose another with -P`;
+  // -I (default: the URI's host name) names an address of that host as seen from here, which it may not have (NAT).
+  if (/cannot assign requested address/i.test(oneLine(err))) return `; ${server.host} is no address of the domain's host: give one of its own with -I`;
   if (server.tlsCertificates && /tls|x509|certificate|pki/i.test(oneLine(err))) {
     return `; --tls needs the host's libvirt to serve TLS: ca-cert.pem, server-cert.pem and server-key.pem in its backup_tls_x509_cert_dir (qemu.conf; default ${DEFAULT_TLS_CERT_DIR})`;
   }

@@ -53,6 +53,11 @@ test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -
   assert.equal(busy.code, 1, busy.stderr);
   assert.match(errorLines(busy).join('\n'), new RegExp(`port ${port} on 127\\.0\\.0\\.1 is taken \\(another backup\\?\\): choose another with -P$`));
   assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
+  // An -I that host does not have (the URI's name as seen through NAT, say): QEMU's words, then what to do.
+  const unbound = await runCli(bin, ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'unbound'), ...remote, '-I', '192.0.2.1']);
+  assert.equal(unbound.code, 1, unbound.stderr);
+  assert.match(errorLines(unbound).join('\n'), /Cannot assign requested address; 192\.0\.2\.1 is no address of the domain's host: give one of its own with -I$/);
+  assert.match(virsh('domjobinfo', dom.name), /Job type:\s+None/);
 
   const started = await runOk(bin, ['-n', '-d', dom.name, '-s', '-o', path.join(work, 'started'), ...remote]);
   assert.equal(started.stdout.trim(), `nbd://127.0.0.1:${port}`);
