@@ -47,9 +47,15 @@ function localFreeSpace(dir: string): FreeSpace {
 }
 
 /** One ssh session prints the free bytes every 100 ms; read() gives the latest. Resolves at the first figure. */
+/** The remote look's line for a scratch directory that does not exist there, or is no directory. */
+const NO_DIRECTORY = 'no-directory';
+
+class NoScratchDirectory extends Error {}
+
 async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
   // No cd: a loop whose working directory is the scratch directory would keep its file system busy (umount).
-  const script = `while stat -f -c '%a %S' -- ${shellQuote(dir)}; do sleep ${LOOK_EVERY_MS / 1000}; done`;
+  // A directory that is not there is said so (a line of its own), as on this host: QEMU's job would fail on it.
+  const script = `[ -d ${shellQuote(dir)} ] || { echo ${NO_DIRECTORY}; exit 1; }; while stat -f -c '%a %S' -- ${shellQuote(dir)}; do sleep ${LOOK_EVERY_MS / 1000}; done`;
   const { child, lastWords } = ssh.spawn(script, 'ignore', 'pipe', true);
   let latest: number | undefined;
   /** Why the session ended (a host gone silent: ssh's keepalives), once it has. */
@@ -58,6 +64,7 @@ async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
   const first = new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`no answer from ${ssh.label} within ${REMOTE_START_MS / 1000} s`)), REMOTE_START_MS);
     readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+      if (line.trim() === NO_DIRECTORY) reject(new NoScratchDirectory());
       const [blocks, size] = line.trim().split(/\s+/).map(Number);
       if (blocks === undefined || size === undefined || Number.isNaN(blocks * size)) return;
       latest = blocks * size;
@@ -126,6 +133,10 @@ export interface ScratchSpace {
  * host's looks come through one ssh session, kept for the watch. Undefined where nobody can look (the job's start
  * then names a problem with the directory); another host's with a warning, as its run then goes unwatched.
  */
+function noScratchDirectory(where: string): UserError {
+  return new UserError(`the scratch directory ${where} does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`);
+}
+
 export async function openScratchSpace(host: DomainHost, dir: string, domain: string, log: Logger): Promise<ScratchSpace | undefined> {
   const where = scratchLocation(host, dir);
   let space: FreeSpace;
@@ -133,12 +144,14 @@ export async function openScratchSpace(host: DomainHost, dir: string, domain: st
     try {
       space = await remoteFreeSpace(host, dir);
     } catch (err) {
+      // Refused as on this host: the run went on, removed a full's old checkpoints, then QEMU failed the job on it.
+      if (err instanceof NoScratchDirectory) throw noScratchDirectory(where);
       warnUnwatched(log, where, oneLine(err));
       return undefined;
     }
   } else {
     const isDir = await fs.stat(dir).then((st) => st.isDirectory(), () => false);
-    if (!isDir) throw new UserError(`the scratch directory ${dir} does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`);
+    if (!isDir) throw noScratchDirectory(where);
     space = localFreeSpace(dir);
   }
   const atStart = await space.read().catch((err: unknown) => {

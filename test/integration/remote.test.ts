@@ -45,6 +45,12 @@ test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -
   assert.equal(info.format, 'qcow2');
   assert.deepEqual(virsh('checkpoint-list', dom.name, '--name').split('\n').map((l) => l.trim()).filter(Boolean).sort(), ['virtnbdbackup.0', 'virtnbdbackup.1']);
   await assertRestoresTo(work, set, p1);
+  // A --scratchdir that host does not have is refused before anything, as on this host: a full went on, removed the
+  // chain's checkpoints, then QEMU failed its job on the directory, and the set above could not go on.
+  const noScratch = await runCli(bin, ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, 'noscratch'), ...remote, '--scratchdir', path.join(work, 'nowhere')]);
+  assert.equal(noScratch.code, 1, noScratch.stderr);
+  assert.deepEqual(errorLines(noScratch), [`virtnbdbackup: error: the scratch directory ${path.join(work, 'nowhere')} on root@127.0.0.1 does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`]);
+  assert.deepEqual(virsh('checkpoint-list', dom.name, '--name').split('\n').map((l) => l.trim()).filter(Boolean).sort(), ['virtnbdbackup.0', 'virtnbdbackup.1']);
 
   // A port already taken on that host (another backup's): one line naming it and -P; nothing is left running.
   const taken = net.createServer();
