@@ -152,6 +152,41 @@ export function silenceLimit(seconds: number | undefined): string[] {
   return ['-o', `ConnectTimeout=${Math.ceil(seconds)}`, '-o', `ServerAliveInterval=${keepalives.interval}`, '-o', `ServerAliveCountMax=${keepalives.count}`];
 }
 
+/** The shared connections' directories: `virtnbd-ssh-<pid>-XXXXXX` in the temporary directory. */
+const CONTROL_DIR_PREFIX = 'virtnbd-ssh-';
+const CONTROL_DIR = /^virtnbd-ssh-(\d+)-\w{6}$/;
+
+/**
+ * Removes the shared-connection directories of this user's runs that died without removing theirs (SIGKILL): each
+ * such run left one in /tmp for good. A directory whose pid lives is left alone (a run, or a pid taken again).
+ */
+export function sweepControlDirectories(tmp = os.tmpdir()): void {
+  let names: string[];
+  try {
+    names = fsSync.readdirSync(tmp);
+  } catch {
+    return;
+  }
+  const uid = process.getuid?.();
+  for (const name of names) {
+    const pid = Number(CONTROL_DIR.exec(name)?.[1]);
+    if (!pid || pid === process.pid) continue;
+    try {
+      process.kill(pid, 0);
+      continue; // alive
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') continue; // alive, another user's
+    }
+    try {
+      const dir = path.join(tmp, name);
+      const st = fsSync.lstatSync(dir);
+      if (st.isDirectory() && st.uid === uid) fsSync.rmSync(dir, { recursive: true, force: true });
+    } catch {
+      // gone meanwhile, or not ours to remove
+    }
+  }
+}
+
 export class SshHost implements HostAccess {
   readonly remote = true as const;
 
@@ -164,11 +199,12 @@ export class SshHost implements HostAccess {
    * Options that make every command of this run share one connection to the host (OpenSSH multiplexing): a run
    * issues tens of commands, and each handshake took about 0.8 s here. The connection's master is ended, and its
    * socket's private directory removed, when this process exits; should that not happen (SIGKILL), it ends itself
-   * after a minute without sessions.
+   * after a minute without sessions, and the next run removes the directory (its name holds the pid).
    */
   private sharedConnection(): string[] {
     if (!this.controlPath) {
-      const dir = fsSync.mkdtempSync(path.join(os.tmpdir(), 'virtnbd-ssh-'));
+      sweepControlDirectories();
+      const dir = fsSync.mkdtempSync(path.join(os.tmpdir(), `${CONTROL_DIR_PREFIX}${process.pid}-`));
       const controlPath = path.join(dir, '%C');
       this.controlPath = controlPath;
       process.once('exit', () => {

@@ -4,7 +4,8 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import assert from 'node:assert/strict';
-import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, silenceLimit, tcpServerOn } from '../../src/libvirt/domainHost.js';
+import { spawnSync } from 'node:child_process';
+import { LOCAL_HOST, SshHost, domainHostOf, keepalivesFor, silenceLimit, sweepControlDirectories, tcpServerOn } from '../../src/libvirt/domainHost.js';
 import { shellQuote } from '../../src/util/process.js';
 import { checkTcpPort } from '../../src/util/tcpPort.js';
 import { domainLockFile } from '../../src/backup/lock.js';
@@ -105,10 +106,21 @@ test('the commands of a run share one ssh connection per host, through a socket 
   const host = domainHostOf('qemu+ssh://root@kvm1/system') as SshHost;
   const args = host.sshArgs();
   const path = args.find((a) => a.startsWith('ControlPath='))?.slice('ControlPath='.length) ?? '';
-  assert.match(path, /\/virtnbd-ssh-\w+\/%C$/);
+  assert.match(path, new RegExp(`/virtnbd-ssh-${process.pid}-\\w+/%C$`));
   assert.ok(args.includes('ControlMaster=auto') && args.includes('ControlPersist=60'), args.join(' '));
   assert.deepEqual(host.sshArgs(), args, 'the same socket for every command of the host');
   assert.notEqual((domainHostOf('qemu+ssh://root@kvm2/system') as SshHost).sshArgs().find((a) => a.startsWith('ControlPath=')), `ControlPath=${path}`);
+});
+
+test('the shared connection directories of runs that died (SIGKILL) are removed by the next run; a live pid\'s are kept', async (t) => {
+  const tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'vnbdtest-controldirs-'));
+  t.after(() => fs.rm(tmp, { recursive: true, force: true }));
+  const dead = spawnSync('true').pid as number;
+  const names = [`virtnbd-ssh-${dead}-AbC123`, `virtnbd-ssh-${process.pid}-xyz789`, 'virtnbd-ssh-1-qwe456', 'virtnbd-ssh-Zx9Yw8', 'other-dir'];
+  for (const name of names) await fs.mkdir(path.join(tmp, name));
+  await fs.writeFile(path.join(tmp, names[0] as string, 'left'), '');
+  sweepControlDirectories(tmp);
+  assert.deepEqual((await fs.readdir(tmp)).sort(), names.slice(1).sort());
 });
 
 test('this host renames never over a file that appeared, nor into a directory; createNew never replaces one', async (t) => {
