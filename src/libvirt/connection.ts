@@ -1,5 +1,6 @@
 // Opens libvirt and looks up a domain, turning libvirt's failures into one-line errors that say what to do. The ssh
 // libvirt starts for a qemu+ssh:// URI is ours (libexec/libvirt-ssh): out of reach of a terminal's Ctrl-C.
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { native, VIR_ERR_AUTH_CANCELLED, VIR_ERR_AUTH_FAILED, VIR_ERR_AUTH_UNAVAILABLE, VIR_ERR_NO_DOMAIN, type LibvirtConnection, type LibvirtDomain, type NativeError } from '../native/addon.js';
@@ -101,12 +102,21 @@ const LIBVIRT_SSH_ADVICE: Array<[RegExp, string]> = [
   [/Connection refused|No route to host|Connection timed out/, 'check that sshd runs on that host and the port in the URI'],
 ];
 
+/**
+ * A user other than root refused by this host's libvirtd, in libvirt's words: its socket's permissions, or polkit
+ * (Debian's default), which fails without the system's D-Bus. The line asked whether libvirtd was running.
+ */
+function notLetIn(err: unknown): boolean {
+  return process.getuid?.() !== 0 && /system bus|polkit|Permission denied|not authorized|authentication unavailable/i.test((err as Error).message ?? '');
+}
+
 /** What to do about a failed open: a login to give or check, an ssh failure's cure, else the host to reach or the daemon to start. */
 export function connectAdvice(err: unknown, login?: LibvirtLogin, uri?: string): string {
   if (!loginRefused(err)) {
     const host = uri ? domainHostOf(uri) : LOCAL_HOST;
     const sshAdvice = uri && viaSsh(uri) ? LIBVIRT_SSH_ADVICE.find(([pattern]) => pattern.test((err as Error).message ?? ''))?.[1] : undefined;
     if (sshAdvice) return sshAdvice;
+    if (!host.remote && notLetIn(err)) return `libvirtd does not let user ${os.userInfo().username} in: run as root, or let the user in (libvirtd.conf: unix_sock_group = "libvirt" and auth_unix_rw = "none", the user in group libvirt; or a polkit rule)`;
     return host.remote ? `is ${host.hostname} reachable, and libvirtd running there?` : 'is libvirtd running?';
   }
   if (login) return `check the login --user ${login.user} and its --password`;

@@ -405,6 +405,26 @@ test('not root: a member of groups libvirt and libvirt-qemu backs up (full, inc)
   });
 });
 
+test('not root, and not let in by this host\'s libvirtd (Debian\'s polkit without the system\'s D-Bus, or its socket\'s permissions): one line saying so and what to do', async (t) => {
+  const work = await withTempDir(t, 'notletin-');
+  await fs.chmod(work, 0o755);
+  const user = withSystemUser(t, work, []);
+  const asUser = (command: string, args: string[]) => runCli('setpriv', ['--reuid', user, '--regid', user, '--clear-groups', '--reset-env', '--', command, ...args]);
+  const readable = await asUser('test', ['-r', ourBin('virtnbdbackup'), '-a', '-r', path.join(repoRoot, 'build', 'Release')]);
+  if (readable.code !== 0) {
+    t.skip(`the clone at ${repoRoot} is not readable by other users`);
+    return;
+  }
+  const refused = await asUser(bin, ['-d', 'vnbdtest-none', '-k']);
+  if (refused.code === 1 && /not found at/.test(refused.stderr)) {
+    t.skip('this libvirtd lets any user in');
+    return;
+  }
+  assert.equal(refused.code, 1, refused.stderr);
+  // It asked whether libvirtd was running.
+  assert.match(refused.stderr.trim(), new RegExp(`^virtnbdbackup: error: cannot connect to libvirt at qemu:///system: .*; libvirtd does not let user ${user} in: run as root, or let the user in \\(libvirtd\\.conf: .*\\)$`));
+});
+
 /** Runs our virtnbdbackup through `asUser` and asserts it succeeded without a warning. */
 async function ourRunAs(asUser: (command: string, args: string[]) => Promise<{ code: number | null; stderr: string }>, args: string[]): Promise<void> {
   const result = await asUser(bin, args);
