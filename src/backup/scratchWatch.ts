@@ -46,12 +46,12 @@ function localFreeSpace(dir: string): FreeSpace {
   };
 }
 
-/** One ssh session prints the free bytes every 100 ms; read() gives the latest. Resolves at the first figure. */
 /** The remote look's line for a scratch directory that does not exist there, or is no directory. */
 const NO_DIRECTORY = 'no-directory';
 
 class NoScratchDirectory extends Error {}
 
+/** One ssh session prints the free bytes every 100 ms; read() gives the latest. Resolves at the first figure. */
 async function remoteFreeSpace(ssh: SshHost, dir: string): Promise<FreeSpace> {
   // No cd: a loop whose working directory is the scratch directory would keep its file system busy (umount).
   // A directory that is not there is said so (a line of its own), as on this host: QEMU's job would fail on it.
@@ -127,16 +127,18 @@ export interface ScratchSpace {
   close(): void;
 }
 
-/**
- * Looks at the scratch directory `dir` on `host` before a job starts, and refuses the job when it is not there (this
- * host: libvirt's own words name a scratch file, not the option) or has less than MIN_SCRATCH_FREE free. Another
- * host's looks come through one ssh session, kept for the watch. Undefined where nobody can look (the job's start
- * then names a problem with the directory); another host's with a warning, as its run then goes unwatched.
- */
+/** The line for a scratch directory `where` that is not there, or is no directory. */
 function noScratchDirectory(where: string): UserError {
   return new UserError(`the scratch directory ${where} does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`);
 }
 
+/**
+ * Looks at the scratch directory `dir` on `host` before a job starts, and refuses the job when it is not there
+ * (libvirt's own words name a scratch file, not the option, and come after a full removed the old chain's
+ * checkpoints) or has less than MIN_SCRATCH_FREE free. Another
+ * host's looks come through one ssh session, kept for the watch. Undefined where nobody can look (the job's start
+ * then names a problem with the directory); another host's with a warning, as its run then goes unwatched.
+ */
 export async function openScratchSpace(host: DomainHost, dir: string, domain: string, log: Logger): Promise<ScratchSpace | undefined> {
   const where = scratchLocation(host, dir);
   let space: FreeSpace;
