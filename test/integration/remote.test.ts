@@ -14,7 +14,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execFileSync, spawn } from 'node:child_process';
-import { TestDomain, run, withDomain, withTempDir, withTmpfs } from '../support/testbed.js';
+import { TestDomain, run, withDomain, withTempDir, withTmpfs, unmountDevice } from '../support/testbed.js';
 import { errorLines, ourBin, qemuImgIn, qemuNbdRuns, restoreCompressing, runCli, runOk, startCli, startHeldOnOutput, within, type CliResult, type CliRun } from '../support/cli.js';
 import { assertRestoresTo, defineWithBootFiles, virsh } from '../support/points.js';
 import { freePort, signalSshd, withPrivateSshd } from '../support/sshd.js';
@@ -236,7 +236,7 @@ test('restore onto another host (remote -U): images written there through its qe
     await fs.mkdir(mountPoint);
     await run('mkfs.ext4', ['-q', device]);
     await run('mount', [device, mountPoint]);
-    const mounted = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', device, '-n', ...remote]).finally(() => run('umount', [mountPoint]));
+    const mounted = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', device, '-n', ...remote]).finally(() => unmountDevice(mountPoint, device));
     assert.equal(mounted.code, 1, mounted.stderr);
     assert.deepEqual(errorLines(mounted), [`virtnbdrestore: error: ${device} on root@127.0.0.1 is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`]);
     await run('fsck.ext4', ['-n', device]);

@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { TestDomain, run, tempDir, withTempDir } from '../support/testbed.js';
+import { TestDomain, run, tempDir, withTempDir, unmountDevice } from '../support/testbed.js';
 import { errorLines, helperPid, ourBin, pythonBin, qemuImgIn, restoreCompressing, runCli, runOk, startCli, within, type CliResult, type CliRun } from '../support/cli.js';
 import { MemoryDisk, craftCheckpointDefinition, craftStream, craftVmConfig, flipByte, randomSet } from '../support/craftedSet.js';
 import { qcowInfoName } from '../../src/set/backupSet.js';
@@ -560,7 +560,7 @@ test('a block device the system uses (a mounted file system) is refused before a
   assert.equal(refused.code, 1, refused.stderr);
   // It wrote the disk over the mounted file system, exit 0.
   assert.deepEqual(errorLines(refused), [`virtnbdrestore: error: ${device} is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`]);
-  await run('umount', [mountPoint]);
+  await unmountDevice(mountPoint, device);
   mounted = false;
   await run('fsck.ext4', ['-n', device]);
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', device, '-n']);

@@ -131,6 +131,20 @@ export async function withTmpfs(t: TestContext, prefix: string, options: string)
   return dir;
 }
 
+/**
+ * Unmounts `mountPoint` and waits (up to 5 s) until its block device `device` opens exclusively again: right after
+ * umount, a restore onto the device was refused once as "in use by the system" (its claim not yet released).
+ */
+export async function unmountDevice(mountPoint: string, device: string): Promise<void> {
+  await run('umount', [mountPoint]);
+  for (let attempt = 1; ; attempt++) {
+    const claimed = await fsp.open(device, fs.constants.O_RDONLY | fs.constants.O_EXCL).then((handle) => handle.close().then(() => false), (err: NodeJS.ErrnoException) => err.code === 'EBUSY');
+    if (!claimed) return;
+    if (attempt >= 50) throw new Error(`${device} is still claimed 5 s after umount ${mountPoint}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Image helpers
 
