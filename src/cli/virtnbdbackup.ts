@@ -39,7 +39,7 @@ const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs
   .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Remote domains: address the NBD server binds and is reached at (default: the URI\'s host)' })
   .option('tls', { type: 'boolean', default: false, describe: 'Remote domains: NBD over TLS (the host\'s libvirt must serve TLS)' })
   .option('tls-cert', { type: 'string', default: DEFAULT_TLS_CERT_DIR, describe: 'Remote domains, --tls: directory of ca-cert.pem, client-cert.pem and client-key.pem' })
-  .option('ssh-user', { type: 'string', describe: 'Remote domains: ssh user for qemu-img info and the boot files (default: the URI\'s user, else root)' })
+  .option('ssh-user', { type: 'string', describe: 'Remote domains: ssh user for qemu-img info and the boot files (default: a qemu+ssh URI\'s user, else the user running this)' })
   .option('syslog', { alias: 'L', type: 'boolean', default: false, describe: 'Also send log messages to syslog' })
   .option('quiet', { type: 'boolean', default: false, describe: 'Only warnings and errors' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })

@@ -31,7 +31,7 @@ const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yarg
   .option('uri', { alias: 'U', type: 'string', default: DEFAULT_LIBVIRT_URI, describe: 'libvirt connection URI for -D; a remote one (qemu+ssh://user@host/system) restores onto that host: -o is a directory, raw file or block device there' })
   .option('nbd-port', { alias: 'P', type: 'number', describe: `Onto another host: TCP port of its qemu-nbd (default ${DEFAULT_NBD_PORT})` })
   .option('nbd-ip', { alias: 'I', type: 'string', describe: 'Onto another host: address its qemu-nbd binds and is reached at (default: the URI\'s host)' })
-  .option('ssh-user', { type: 'string', describe: 'Onto another host: ssh user (default: the URI\'s user, else root)' })
+  .option('ssh-user', { type: 'string', describe: 'Onto another host: ssh user (default: a qemu+ssh URI\'s user, else the user running this)' })
   .option('tls', { type: 'boolean', describe: 'Onto another host: NBD over TLS (its certificates in /etc/pki/qemu there)' })
   .option('tls-cert', { type: 'string', describe: `Onto another host, --tls: directory of ca-cert.pem, client-cert.pem and client-key.pem (default ${DEFAULT_TLS_CERT_DIR})` })
   .option('logfile', { alias: 'L', type: 'string', describe: 'Also write the log to this file' })

@@ -450,9 +450,10 @@ export async function qemuNbdOverSsh(ssh: SshHost, args: string[], file: string,
 
 /**
  * The host of libvirt URI `uri`: this machine when it names none (qemu:///system), else that host through ssh as
- * `sshUser` (default: the URI's user, else root), with the URI's port, `keyfile`, `no_verify` and `known_hosts`
- * when it is an ssh URI, as libvirt's own ssh transport uses them; ssh gives up on it after `silentSeconds` of
- * silence (--nbd-timeout).
+ * `sshUser` (default: an ssh URI's user, else the user running this, as ssh and Python's --ssh-user default to;
+ * another transport's user is a libvirt login, not an ssh one), with the URI's port, `keyfile`, `no_verify` and
+ * `known_hosts` when it is an ssh URI, as libvirt's own ssh transport uses them; ssh gives up on it after
+ * `silentSeconds` of silence (--nbd-timeout).
  */
 export function domainHostOf(uri: string, sshUser?: string, silentSeconds = DEFAULT_NBD_TIMEOUT): DomainHost {
   let parsed: URL;
@@ -466,7 +467,7 @@ export function domainHostOf(uri: string, sshUser?: string, silentSeconds = DEFA
   const params = parsed.searchParams;
   return new SshHost({
     host: parsed.hostname.replace(/^\[(.*)\]$/, '$1'),
-    user: sshUser ?? (decodeURIComponent(parsed.username) || 'root'),
+    user: sshUser ?? ((viaSsh && decodeURIComponent(parsed.username)) || os.userInfo().username),
     port: viaSsh && parsed.port ? Number(parsed.port) : undefined,
     keyfile: viaSsh ? params.get('keyfile') ?? undefined : undefined,
     noVerify: viaSsh && params.get('no_verify') === '1',

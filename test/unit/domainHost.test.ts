@@ -36,10 +36,11 @@ test('local URIs name this host; remote ones the host, with ssh options only fro
   const known = domainHostOf('qemu+ssh://kvm1/system?known_hosts=/etc/backup/known_hosts', 'operator') as SshHost;
   assert.deepEqual(withoutSharing(known.sshArgs()), ['-l', 'operator', '-o', 'UserKnownHostsFile=/etc/backup/known_hosts', '-o', 'BatchMode=yes', 'kvm1', '--']);
 
-  // Another transport's port and parameters are libvirt's, not ssh's: ssh gets its defaults and root.
-  const tcp = domainHostOf('qemu+tcp://[fd00::5]:16509/system?keyfile=/x') as SshHost;
+  // Another transport's port, parameters and user (a libvirt login) are libvirt's, not ssh's: ssh gets its defaults
+  // and the user running this, as Python's --ssh-user (root was taken, whoever ran it).
+  const tcp = domainHostOf('qemu+tcp://sasluser@[fd00::5]:16509/system?keyfile=/x') as SshHost;
   assert.equal(tcp.hostname, 'fd00::5');
-  assert.deepEqual(withoutSharing(tcp.sshArgs()), ['-l', 'root', '-o', 'BatchMode=yes', 'fd00::5', '--']);
+  assert.deepEqual(withoutSharing(tcp.sshArgs()), ['-l', os.userInfo().username, '-o', 'BatchMode=yes', 'fd00::5', '--']);
 });
 
 test('ssh gives up on a host silent for --nbd-timeout: connect timeout, keepalives every quarter of it (1 to 15 s)', () => {
