@@ -267,28 +267,47 @@ export function makeLogger(flags: CommonFlags): Logger {
 
 /**
  * One bar per disk on stderr, or nothing when disabled or stderr is not a terminal. cli-progress is loaded only
- * when bars are drawn: its modules cost start-up time that runs without a terminal would pay for nothing.
+ * when bars are drawn: its modules cost start-up time that runs without a terminal would pay for nothing. While
+ * bars are drawn, `log`'s console lines go above them: written in between, a line was glued to a bar's, and the
+ * bars' last redraw wrote over the run's last line. A run that drew none writes nothing at its stop (it wrote an
+ * empty line and cursor codes before the error line).
  */
-export async function makeProgress(flags: CommonFlags, label: string): Promise<{ factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void }> {
-  if (flags.noprogress || flags.quiet || !process.stderr.isTTY) return { stop: () => undefined };
+export async function makeProgress(flags: CommonFlags, label: string, log?: Logger, stream: NodeJS.WriteStream = process.stderr): Promise<{ factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void }> {
+  if (flags.noprogress || flags.quiet || !stream.isTTY) return { stop: () => undefined };
   const { default: cliProgress } = await importLazily('cli-progress', () => import('cli-progress'));
   const bars = new cliProgress.MultiBar({
-    stream: process.stderr,
+    stream,
     format: `${label} {disk} [{bar}] {percentage}% | {value}/{total} MiB`,
     hideCursor: true,
     clearOnComplete: false,
+    // Each redraw writes every bar (a log line may have covered one), and long log lines wrap, not cut at the edge.
+    forceRedraw: true,
+    linewrap: true,
   }, cliProgress.Presets.shades_classic);
   const MiB = 1024 * 1024;
+  let drawing = false;
+  let stopped = false;
   return {
     factory: (disk, total) => {
       const bar = bars.create(Math.max(1, Math.round(total / MiB)), 0, { disk });
+      // Cleared to its end: a log line written over a bar's line left that bar's tail.
+      if (!drawing && !stopped) log?.divertConsole((line) => bars.log(line.replace(/\n$/, '\x1b[K\n')));
+      drawing = true;
       let done = 0;
       return (bytes) => {
         done += bytes;
         bar.update(Math.round(done / MiB));
       };
     },
-    stop: () => bars.stop(),
+    stop: () => {
+      if (stopped) return;
+      stopped = true;
+      if (!drawing) return;
+      // The lines logged since the last redraw, above the bars, then the bars' final state.
+      bars.update();
+      bars.stop();
+      log?.divertConsole(undefined);
+    },
   };
 }
 

@@ -74,7 +74,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   const log = makeLogger(argv);
   const onto = await outputHost();
   await withLogFile(log, argv.logfile, async () => {
-    const progress = await makeProgress(argv, 'restoring');
+    const progress = await makeProgress(argv, 'restoring', log);
     try {
       const result = await restore({
         input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence, '-s/--sequence'), disk: argv.disk,

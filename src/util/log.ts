@@ -19,6 +19,8 @@ export class Logger {
   errors = 0;
   private file: fs.WriteStream | undefined;
   private syslog: SyslogSink | undefined;
+  /** Where console lines go instead of stderr (above the progress bars while they are drawn). */
+  private console: ((line: string) => void) | undefined;
   private readonly threshold: number;
   private readonly color: boolean;
 
@@ -55,6 +57,11 @@ export class Logger {
     await syslog?.close();
   }
 
+  /** Console lines go to `write` (each ends with a newline) until this is called again without one. */
+  divertConsole(write?: (line: string) => void): void {
+    this.console = write;
+  }
+
   /** A line for the log file alone: what the command itself reports on the console, such as the error it exits with. */
   toFile(level: Level, msg: string): void {
     this.file?.write(`${new Date().toISOString()} ${level.toUpperCase()} ${printable(msg)}\n`);
@@ -77,7 +84,9 @@ export class Logger {
     this.syslog?.send(level, msg);
     const prefix = level === 'info' || level === 'debug' ? '' : `${level === 'warn' ? 'warning' : 'error'}: `;
     const line = `${prefix}${msg}`;
-    process.stderr.write(this.color && COLOR[level] ? `${COLOR[level]}${line}\x1b[0m\n` : `${line}\n`);
+    const out = this.color && COLOR[level] ? `${COLOR[level]}${line}\x1b[0m\n` : `${line}\n`;
+    if (this.console) this.console(out);
+    else process.stderr.write(out);
   }
 }
 

@@ -1,10 +1,14 @@
-// The log: one message is one line in the file and on the console, whatever names it holds; block() keeps lines.
+// The log: one message is one line in the file and on the console, whatever names it holds; block() keeps lines;
+// at a terminal, lines logged while progress bars are drawn go above them, whole.
+import { Writable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Logger, printable } from '../../src/util/log.js';
+import { makeProgress } from '../../src/cli/common.js';
 
 test('control characters in a message are escaped, so a name holding a newline stays on its line', () => {
   assert.equal(printable('set /var/tmp/a\nb: done'), 'set /var/tmp/a\\nb: done');
@@ -24,4 +28,79 @@ test('the log file gets one line per message, and a block a line per line of its
   assert.equal(lines.length, 4, lines.join('\n'));
   assert.match(lines[0] as string, /INFO disk vda saved to \/backup\/odd\\nname\/vda\.full\.data$/);
   assert.match(lines[3] as string, /DEBUG <\/domainbackup>$/);
+});
+
+/** A terminal's stderr that records what is written to it. */
+function fakeTerminal(): { stream: NodeJS.WriteStream; written: () => string } {
+  let text = '';
+  const stream = new Writable({ write(chunk: Buffer, _encoding, done) { text += chunk.toString(); done(); } });
+  Object.assign(stream, { isTTY: true, columns: 100, rows: 40 });
+  return { stream: stream as unknown as NodeJS.WriteStream, written: () => text };
+}
+
+/** The screen `text` leaves on a terminal: the cursor moves, line clears and carriage returns the bars use. */
+function screen(text: string): string[] {
+  const rows: string[][] = [[]];
+  let row = 0;
+  let col = 0;
+  const line = (): string[] => (rows[row] ??= []);
+  for (let at = 0; at < text.length;) {
+    const esc = /^\x1b\[(\??)(\d*)([A-Za-z])/.exec(text.slice(at));
+    if (esc) {
+      const [, privateMode, count, command] = esc;
+      const n = count ? Number(count) : 1;
+      if (!privateMode && command === 'A') row = Math.max(0, row - n);
+      if (!privateMode && command === 'B') row += n;
+      if (!privateMode && command === 'G') col = n - 1;
+      if (!privateMode && command === 'K') line().splice(count === '2' ? 0 : col, Infinity);
+      if (!privateMode && command === 'J') rows.splice(row + 1, Infinity);
+      at += esc[0].length;
+      continue;
+    }
+    const ch = text[at++] as string;
+    if (ch === '\r') col = 0;
+    else if (ch === '\n') { row++; col = 0; }
+    else {
+      const cells = line();
+      while (cells.length < col) cells.push(' ');
+      cells[col++] = ch;
+    }
+  }
+  return rows.map((cells) => cells.join('').trimEnd()).filter((r, i, all) => r !== '' || all.slice(i).some(Boolean));
+}
+
+test('at a terminal, lines logged while bars are drawn go above them whole, and the bars\' last redraw covers none', async () => {
+  const { stream, written } = fakeTerminal();
+  const log = new Logger({ color: false });
+  const progress = await makeProgress({}, 'saving', log, stream);
+  const MiB = 1024 * 1024;
+  const vda = progress.factory!('vda', 32 * MiB);
+  log.info('disk vdb: 16777216 bytes of data in 3 extents, writing vdb.full.data');
+  const vdb = progress.factory!('vdb', 16 * MiB);
+  vda(16 * MiB);
+  await sleep(250);
+  vda(16 * MiB);
+  vdb(16 * MiB);
+  log.info('disk vda: saved');
+  log.info('disk vdb: saved');
+  log.info('finished full backup, checkpoint virtnbdbackup.0');
+  progress.stop();
+  progress.stop();
+  assert.deepEqual(screen(written()), [
+    'disk vdb: 16777216 bytes of data in 3 extents, writing vdb.full.data',
+    'disk vda: saved',
+    'disk vdb: saved',
+    'finished full backup, checkpoint virtnbdbackup.0',
+    `saving vda [${'\u2588'.repeat(40)}] 100% | 32/32 MiB`,
+    `saving vdb [${'\u2588'.repeat(40)}] 100% | 16/16 MiB`,
+  ]);
+  // After the bars, lines go to stderr again.
+  assert.equal((log as unknown as { console?: unknown }).console, undefined);
+});
+
+test('bars that were never drawn (a run that failed first) leave nothing on the terminal', async () => {
+  const { stream, written } = fakeTerminal();
+  const progress = await makeProgress({}, 'saving', new Logger({ color: false }), stream);
+  progress.stop();
+  assert.equal(written(), '');
 });
