@@ -7,7 +7,7 @@ import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR } from '../endpoint/nbd.js';
 import { endBackupJob } from '../backup/jobControl.js';
 import type { Logger } from '../util/log.js';
 import { DEFAULT_LIBVIRT_URI, type LibvirtLogin } from '../libvirt/connection.js';
-import { UserError } from '../util/errors.js';
+import { UserError, oneLine } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
 import { flagGiven, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
 
@@ -85,6 +85,10 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
       return 0;
     }
     await runBackup(log, login, signal);
+  } catch (err) {
+    // syslog gets the error the run ends with, as the set's log does (the command prints it on the console).
+    log.toSyslog('error', oneLine(err));
+    throw err;
   } finally {
     await log.detachSyslog();
   }

@@ -62,6 +62,11 @@ export class Logger {
     this.console = write;
   }
 
+  /** A line for syslog alone: what the command itself reports on the console, such as the error it exits with. */
+  toSyslog(level: Level, msg: string): void {
+    this.syslog?.send(level, printable(msg));
+  }
+
   /** A line for the log file alone: what the command itself reports on the console, such as the error it exits with. */
   toFile(level: Level, msg: string): void {
     this.file?.write(`${new Date().toISOString()} ${level.toUpperCase()} ${printable(msg)}\n`);

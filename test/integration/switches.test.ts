@@ -1,7 +1,8 @@
 // The job-control and tuning switches on real libvirt/QEMU: -s/-k (a job left running, refused by other runs,
 // ended), -p/-T (size estimate of the next inc), -q/--no-sparse-detection/--pause (backups that still restore
-// exactly), -w (disks at once), -L (syslog, and -e's exit 2 when it cannot be reached), the run locks (same domain or same set
-// refused, two domains in parallel fine), how runs leave libvirtd (job torn down, connection closed), the
+// exactly), -w (disks at once), -L (syslog, a failed run's error line too, and -e's exit 2 when it cannot be
+// reached), the run locks (same domain or same set refused, two domains in parallel fine), how runs leave libvirtd
+// (job torn down, connection closed), the
 // guest agent freeze (-F) where no agent answers, --user/--password for a libvirtd that asks for a login, also
 // over qemu+tcp:// for a whole full and inc, and a user other than root in libvirt's groups.
 import { test } from 'node:test';
@@ -203,9 +204,13 @@ test('-L sends the log to syslog; an unreachable syslog is a warning, and -e mak
   t.after(() => { delete process.env.VIRTNBD_SYSLOG_SOCKET; });
   process.env.VIRTNBD_SYSLOG_SOCKET = path.join(work, 'log.sock');
   await runOk(bin, ['-n', '-L', '-d', dom.name, '-o', path.join(work, 'set1')]);
+  // A failed run's error line goes there too (it went to the console and the set's log alone).
+  const failed = await runCli(bin, ['-n', '-L', '-d', dom.name, '-i', 'vdz', '-o', path.join(work, 'set3')]);
+  assert.equal(failed.code, 1, failed.stderr);
   const lines = await listener.stop();
   assert.match(lines, /^<14>.* virtnbdbackup\[\d+\]: copy backup of .* into /m);
   assert.match(lines, /^<14>.* virtnbdbackup\[\d+\]: finished copy backup/m);
+  assert.match(lines, /^<11>.* virtnbdbackup\[\d+\]: domain '.*' has no disk to back up matching -i vdz/m);
 
   process.env.VIRTNBD_SYSLOG_SOCKET = path.join(work, 'nothing-listens-here');
   const strict = await runCli(bin, ['-n', '-L', '-e', '-d', dom.name, '-o', path.join(work, 'set2')]);
