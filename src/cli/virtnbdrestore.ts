@@ -59,19 +59,26 @@ const action = argv.output === 'dump' || argv.output === 'verify' ? argv.output 
 
 void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   const login = loginOf(argv);
+  const log = makeLogger(argv);
+  // -L logs every action, as Python's does (dump and verify wrote no file).
   if (action === 'dump') {
     // One JSON array, indented as Python's virtnbdrestore prints it, so scripts that parse its output read ours.
-    process.stdout.write(`${JSON.stringify(await dump(argv.input, argv.disk, listOption(argv.sequence, '-s/--sequence')), null, 4)}\n`);
+    const metadata = await withLogFile(log, argv.logfile, () => dump(argv.input, argv.disk, listOption(argv.sequence, '-s/--sequence')));
+    process.stdout.write(`${JSON.stringify(metadata, null, 4)}\n`);
     return 0;
   }
   if (action === 'verify') {
-    const verdicts = await verifySet({
-      input: argv.input, disk: argv.disk, until: argv.until, sequence: listOption(argv.sequence, '-s/--sequence'), signal, log: makeLogger(argv),
-      onVerdict: (v) => process.stdout.write(v.ok ? `OK ${v.file}\n` : `FAILED ${v.file}: ${v.reason}\n`),
-    });
+    // The verdicts go to stdout, and into the log file too.
+    const verdicts = await withLogFile(log, argv.logfile, () => verifySet({
+      input: argv.input, disk: argv.disk, until: argv.until, sequence: listOption(argv.sequence, '-s/--sequence'), signal, log,
+      onVerdict: (v) => {
+        const line = v.ok ? `OK ${v.file}` : `FAILED ${v.file}: ${v.reason}`;
+        log.toFile(v.ok ? 'info' : 'error', line);
+        process.stdout.write(`${line}\n`);
+      },
+    }));
     return verdicts.every((v) => v.ok) ? 0 : 1;
   }
-  const log = makeLogger(argv);
   const onto = await outputHost();
   await withLogFile(log, argv.logfile, async () => {
     const progress = await makeProgress(argv, 'restoring', log);

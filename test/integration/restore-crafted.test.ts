@@ -2,7 +2,7 @@
 // disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
 // --compress and -A layouts, the saved NVRAM with -c, a restore (with -c) in a mount namespace where libvirtd
 // cannot be reached, restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress, -o dump -s,
-// -N names refused, and the images' names in a set without a domain XML.
+// -N names refused, the images' names in a set without a domain XML, and -L's log of verify and dump.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -334,6 +334,20 @@ test('-L naming a log file that cannot be written is a warning; the restore goes
   const r = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out'), '-n', '-L', logFile]);
   assert.match(r.stderr, new RegExp(`warning: cannot write the log file ${logFile}: .*ENOENT.*; the log goes on the console only`));
   await fs.access(path.join(work, 'out', 'a.qcow2'));
+});
+
+test('-L logs verify and dump too: the verdicts, and the error line of a failed run (no file was written)', async (t) => {
+  const { work, set } = await smallRawSet(t, 'vnbd-logverify-');
+  const verifyLog = path.join(work, 'verify.log');
+  const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify', '-L', verifyLog]);
+  const verdicts = verified.stdout.trimEnd().split('\n');
+  assert.ok(verdicts.length > 0 && verdicts.every((v) => /^(OK|FAILED) /.test(v)), verified.stdout);
+  const logged = (await fs.readFile(verifyLog, 'utf8')).trimEnd().split('\n').map((l) => l.replace(/^\S+ (INFO|ERROR) /, ''));
+  assert.deepEqual(logged, verdicts);
+  const dumpLog = path.join(work, 'dump.log');
+  const failed = await runCli(ourBin('virtnbdrestore'), ['-i', path.join(work, 'no-such-set'), '-o', 'dump', '-L', dumpLog]);
+  assert.equal(failed.code, 1, failed.stderr);
+  assert.match(await fs.readFile(dumpLog, 'utf8'), /ERROR cannot read backup set directory .*no-such-set/);
 });
 
 test('a domain XML that cannot be written after the images says that the images are in place, and leaves no part of it', async (t) => {
