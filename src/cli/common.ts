@@ -45,7 +45,8 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   try {
     const longNames = Object.keys(kinds.key).flatMap((key) => [key, ...(kinds.alias[key] ?? [])]).filter((n) => n.length > 1 && !/[A-Z]/.test(n));
     const longValued = new Set(longNames.filter((n) => !kinds.boolean.includes(n) && !optional.has(n)));
-    givenArgs = splitShortValues(expandLongPrefixes(hideBin(process.argv), new Set(longNames), longValued), { ...shortFlags(kinds), optional });
+    const switches = new Set(longNames.filter((n) => kinds.boolean.includes(n)));
+    givenArgs = splitShortValues(expandLongPrefixes(hideBin(process.argv), new Set(longNames), longValued, switches), { ...shortFlags(kinds), optional });
   } catch (err) {
     usageError(name, (err as Error).message);
   }
@@ -113,9 +114,10 @@ export function flagGiven(...names: string[]): boolean {
  * `args` with long flags abbreviated as argparse takes them written out: `--lev inc` is `--level inc`, `--comp=2` is
  * `--compress=2`, where the prefix names one flag of `names` alone; one that could name several throws as argparse
  * refuses it (`ambiguous option: --t could match --type, --threshold, ...`). The value of a flag of `valued` written
- * apart, and everything after `--`, stay as they are.
+ * apart, and everything after `--`, stay as they are. A switch of `switches` given a value (`--strict=false`) throws
+ * as argparse refuses it: yargs took `--strict=false` as off and `--printonly=1` as not given.
  */
-export function expandLongPrefixes(args: readonly string[], names: ReadonlySet<string>, valued: ReadonlySet<string>): string[] {
+export function expandLongPrefixes(args: readonly string[], names: ReadonlySet<string>, valued: ReadonlySet<string>, switches: ReadonlySet<string> = new Set()): string[] {
   return rewriteFlags(args, (arg) => {
     const match = /^--([^=]+)(=.*)?$/s.exec(arg);
     if (!match) return undefined;
@@ -123,6 +125,7 @@ export function expandLongPrefixes(args: readonly string[], names: ReadonlySet<s
     const candidates = names.has(given) ? [given] : [...names].filter((n) => n.startsWith(given));
     if (candidates.length > 1) throw new Error(`ambiguous option: --${given} could match ${candidates.map((n) => `--${n}`).join(', ')}`);
     const full = candidates[0] ?? given;
+    if (value && switches.has(full)) throw new Error(`argument --${full}: ignored explicit argument '${value.slice(1)}'`);
     return { becomes: [`--${full}${value}`], valueNext: !value && valued.has(full) };
   });
 }

@@ -63,6 +63,11 @@ test('wrong flags: one line naming the problem, exit 2 as argparse does, for all
     // No --no-<flag> but --no-sparse-detection, which a prefix names too: yargs took --no-raw as -r off.
     [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '--no-raw'], /^virtnbdbackup: error: Unknown argument: no-raw; see virtnbdbackup --help$/],
     [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '--no'], /^virtnbdbackup: error: ambiguous option: --no could match --noprogress, --no-sparse-detection, --nocolor; see virtnbdbackup --help$/],
+    // A switch given a value, as argparse refuses it: yargs took --strict=false as off and --printonly=1 as not given.
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-l', 'inc', '-o', '/nonexistent', '--strict=false'], /^virtnbdbackup: error: argument --strict: ignored explicit argument 'false'; see virtnbdbackup --help$/],
+    [ourBin('virtnbdbackup'), ['-d', 'x', '-k', '--print=1'], /^virtnbdbackup: error: argument --printonly: ignored explicit argument '1'; see virtnbdbackup --help$/],
+    [ourBin('virtnbdrestore'), ['-i', '/nonexistent', '-o', '/nonexistent', '--raw=yes'], /^virtnbdrestore: error: argument --raw: ignored explicit argument 'yes'; see virtnbdrestore --help$/],
+    [ourBin('virtnbdmap'), ['-f', '/nonexistent', '--readonly='], /^virtnbdmap: error: argument --readonly: ignored explicit argument ''; see virtnbdmap --help$/],
   ];
   for (const [command, args, message] of cases) {
     const r = await runCli(command, args);

@@ -44,6 +44,11 @@ test('expandLongPrefixes: a long flag abbreviated as argparse takes it is writte
   assert.deepEqual(expandLongPrefixes(['--nosuch', '--noprog'], names, valued), ['--nosuch', '--noprogress']);
   assert.throws(() => expandLongPrefixes(['--t', '5'], names, valued), /^Error: ambiguous option: --t could match --type, --threshold, --tls, --tls-cert$/);
   assert.deepEqual(expandLongPrefixes(['--tls-', 'cert.pem'], names, valued), ['--tls-cert', 'cert.pem'], 'a prefix of one name alone is that name');
+  // A switch given a value, as argparse refuses it (yargs took --printonly=1 as not given); a flag's value is its own.
+  const switches = new Set(['printonly', 'tls', 'noprogress']);
+  assert.throws(() => expandLongPrefixes(['--print=1'], names, valued, switches), /^Error: argument --printonly: ignored explicit argument '1'$/);
+  assert.throws(() => expandLongPrefixes(['--tls='], names, valued, switches), /^Error: argument --tls: ignored explicit argument ''$/);
+  assert.deepEqual(expandLongPrefixes(['--output', '--tls=1', '--noprog'], names, valued, switches), ['--output', '--tls=1', '--noprogress']);
 });
 
 test('withoutCamelTwins: an unknown dashed flag is named once, as given (yargs adds its camelCase twin)', () => {
