@@ -290,11 +290,15 @@ export async function makeProgress(flags: CommonFlags, label: string, log?: Logg
   const MiB = 1024 * 1024;
   let drawing = false;
   let stopped = false;
+  // Cleared to its end: a log line written over a bar's line left that bar's tail.
+  const above = (line: string): void => bars.log(line.replace(/\n$/, '\x1b[K\n'));
   return {
     factory: (disk, total) => {
       const bar = bars.create(Math.max(1, Math.round(total / MiB)), 0, { disk });
-      // Cleared to its end: a log line written over a bar's line left that bar's tail.
-      if (!drawing && !stopped) log?.divertConsole((line) => bars.log(line.replace(/\n$/, '\x1b[K\n')));
+      if (!drawing && !stopped) {
+        log?.divertConsole(above);
+        aboveBars = above;
+      }
       drawing = true;
       let done = 0;
       return (bytes) => {
@@ -310,8 +314,18 @@ export async function makeProgress(flags: CommonFlags, label: string, log?: Logg
       bars.update();
       bars.stop();
       log?.divertConsole(undefined);
+      if (aboveBars === above) aboveBars = undefined;
     },
   };
+}
+
+/** Where the command's own lines go while progress bars are drawn (above them); else stderr. */
+let aboveBars: ((line: string) => void) | undefined;
+
+/** Writes one of the command's own lines (ending with a newline) to stderr, above the progress bars while drawn. */
+export function writeConsole(line: string): void {
+  if (aboveBars) aboveBars(line);
+  else process.stderr.write(line);
 }
 
 export interface RunCommandOptions {
@@ -357,7 +371,8 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
         now(130);
       }
     }
-    if (process.stderr.isTTY) process.stderr.write(`${name}: cleaning up; ${sig === 'SIGINT' ? 'Ctrl-C' : sig} again stops at once\n`);
+    // Above the bars: written in between, it was glued to a bar's line.
+    if (process.stderr.isTTY) writeConsole(`${name}: cleaning up; ${sig === 'SIGINT' ? 'Ctrl-C' : sig} again stops at once\n`);
     signalled = true;
     controller.abort(new UserError(`interrupted by ${sig}; cleaned up`, 130));
   };

@@ -8,7 +8,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Logger, printable } from '../../src/util/log.js';
-import { makeProgress } from '../../src/cli/common.js';
+import { makeProgress, writeConsole } from '../../src/cli/common.js';
 
 test('control characters in a message are escaped, so a name holding a newline stays on its line', () => {
   assert.equal(printable('set /var/tmp/a\nb: done'), 'set /var/tmp/a\\nb: done');
@@ -69,7 +69,7 @@ function screen(text: string): string[] {
   return rows.map((cells) => cells.join('').trimEnd()).filter((r, i, all) => r !== '' || all.slice(i).some(Boolean));
 }
 
-test('at a terminal, lines logged while bars are drawn go above them whole, and the bars\' last redraw covers none', async () => {
+test('at a terminal, lines logged (and the command\'s own) while bars are drawn go above them whole, and the bars\' last redraw covers none', async () => {
   const { stream, written } = fakeTerminal();
   const log = new Logger({ color: false });
   const progress = await makeProgress({}, 'saving', log, stream);
@@ -79,6 +79,8 @@ test('at a terminal, lines logged while bars are drawn go above them whole, and 
   const vdb = progress.factory!('vdb', 16 * MiB);
   vda(16 * MiB);
   await sleep(250);
+  // The command's own line, as runCommand's at a first Ctrl-C.
+  writeConsole('demo: cleaning up; Ctrl-C again stops at once\n');
   vda(16 * MiB);
   vdb(16 * MiB);
   log.info('disk vda: saved');
@@ -88,6 +90,7 @@ test('at a terminal, lines logged while bars are drawn go above them whole, and 
   progress.stop();
   assert.deepEqual(screen(written()), [
     'disk vdb: 16777216 bytes of data in 3 extents, writing vdb.full.data',
+    'demo: cleaning up; Ctrl-C again stops at once',
     'disk vda: saved',
     'disk vdb: saved',
     'finished full backup, checkpoint virtnbdbackup.0',
