@@ -85,6 +85,8 @@ void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
       return 0;
     }
     await runBackup(log, login, signal);
+    // Why the exit code is 2, as Python's says it (it was 2 without a word), on the console and in syslog.
+    if (argv.strict && log.warnings > 0) log.info(`exit code 2: ${log.warnings} warning${log.warnings > 1 ? 's' : ''} with -e/--strict`);
   } catch (err) {
     // syslog gets the error the run ends with, as the set's log does (the command prints it on the console).
     log.toSyslog('error', oneLine(err));

@@ -216,6 +216,7 @@ test('-L sends the log to syslog; an unreachable syslog is a warning, and -e mak
   const strict = await runCli(bin, ['-n', '-L', '-e', '-d', dom.name, '-o', path.join(work, 'set2')]);
   assert.equal(strict.code, 2, strict.stderr);
   assert.match(strict.stderr, /warning: syslog: .*nothing-listens-here/);
+  assert.match(strict.stderr, /^exit code 2: 1 warning with -e\/--strict\n$/m, 'the exit code was 2 without a word');
   assert.ok(await exists(path.join(work, 'set2', 'vda.copy.data')));
 });
 
