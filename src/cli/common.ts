@@ -294,7 +294,9 @@ export async function makeProgress(flags: CommonFlags, label: string, log?: Logg
   const above = (line: string): void => bars.log(line.replace(/\n$/, '\x1b[K\n'));
   return {
     factory: (disk, total) => {
-      const bar = bars.create(Math.max(1, Math.round(total / MiB)), 0, { disk });
+      // Whole MiB, rounded up: a disk with nothing to copy is done (0/0, 100%), where it stayed at 0% of 1 MiB.
+      const totalMiB = Math.ceil(total / MiB);
+      const bar = bars.create(totalMiB, 0, { disk });
       if (!drawing && !stopped) {
         log?.divertConsole(above);
         aboveBars = above;
@@ -303,7 +305,7 @@ export async function makeProgress(flags: CommonFlags, label: string, log?: Logg
       let done = 0;
       return (bytes) => {
         done += bytes;
-        bar.update(Math.round(done / MiB));
+        bar.update(Math.min(totalMiB, Math.ceil(done / MiB)));
       };
     },
     stop: () => {

@@ -77,6 +77,7 @@ test('at a terminal, lines logged (and the command\'s own) while bars are drawn 
   const vda = progress.factory!('vda', 32 * MiB);
   log.info('disk vdb: 16777216 bytes of data in 3 extents, writing vdb.full.data');
   const vdb = progress.factory!('vdb', 16 * MiB);
+  progress.factory!('vdc', 0);
   vda(16 * MiB);
   await sleep(250);
   // The command's own line, as runCommand's at a first Ctrl-C.
@@ -96,6 +97,8 @@ test('at a terminal, lines logged (and the command\'s own) while bars are drawn 
     'finished full backup, checkpoint virtnbdbackup.0',
     `saving vda [${'\u2588'.repeat(40)}] 100% | 32/32 MiB`,
     `saving vdb [${'\u2588'.repeat(40)}] 100% | 16/16 MiB`,
+    // Nothing to copy (an inc of a disk that did not change) is done, not 0% of 1 MiB.
+    `saving vdc [${'\u2588'.repeat(40)}] 100% | 0/0 MiB`,
   ]);
   // After the bars, lines go to stderr again.
   assert.equal((log as unknown as { console?: unknown }).console, undefined);
