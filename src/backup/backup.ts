@@ -98,6 +98,8 @@ export interface BackupOptions {
    */
   nbdTimeout?: number;
   log?: Logger;
+  /** The first line of the set's log (the command's version and flags, as Python's logs them), debug on the console. */
+  runDescription?: string;
   /** Called once per disk with its total data bytes; returns the per-chunk progress callback. */
   progress?: (disk: string, total: number) => (bytes: number) => void;
   signal?: AbortSignal;
@@ -302,6 +304,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   const startedAt = new Date();
   const logName = writesSet ? await createLogFile(stateDir, level, startedAt) : logFileName(level, startedAt);
   if (writesSet) log.attachFile(path.join(stateDir, logName));
+  if (options.runDescription) log.debug(options.runDescription);
   // A set's data files take their names together at the end (publish), just before the checkpoint list names their
   // checkpoint: a run killed between two disks leaves .partial files only, which the next run names as such.
   const target: OutputTarget = toZip && writesSet ? await ZipTarget.open(options.stdout ?? process.stdout) : new DirectoryTarget(stateDir, { publishTogether: true });

@@ -104,6 +104,15 @@ interface YargsOptions {
 /** The command line as parseFlags read it, short flags split as argparse splits them. */
 let givenArgs: string[] = [];
 
+/**
+ * The command line as parseFlags read it, for a log: `args` with --password's value hidden (long flags are written
+ * out by then, so `--pass x` is `--password x` here).
+ */
+export function argumentsForLog(args: readonly string[] = givenArgs): string {
+  const quoted = (arg: string): string => (/^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replace(/'/g, "'\\''")}'`);
+  return args.map((arg, i) => (args[i - 1] === '--password' ? '***' : arg.startsWith('--password=') ? '--password=***' : quoted(arg))).join(' ');
+}
+
 /** Whether any of `names` (-z, --compress) was given, with or without a value. */
 export function flagGiven(...names: string[]): boolean {
   const end = givenArgs.indexOf('--');

@@ -9,7 +9,7 @@ import type { Logger } from '../util/log.js';
 import { DEFAULT_LIBVIRT_URI, type LibvirtLogin } from '../libvirt/connection.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
-import { flagGiven, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
+import { argumentsForLog, flagGiven, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
 
 const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv))))
   .scriptName('virtnbdbackup')
@@ -151,6 +151,7 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
       noSparseDetection: argv['no-sparse-detection'],
       nbdTimeout: argv['nbd-timeout'],
       log,
+      runDescription: `virtnbdbackup ${VERSION}, arguments: ${argumentsForLog()}`,
       progress: progress.factory,
       signal,
     });

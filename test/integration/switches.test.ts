@@ -204,6 +204,10 @@ test('-L sends the log to syslog; an unreachable syslog is a warning, and -e mak
   t.after(() => { delete process.env.VIRTNBD_SYSLOG_SOCKET; });
   process.env.VIRTNBD_SYSLOG_SOCKET = path.join(work, 'log.sock');
   await runOk(bin, ['-n', '-L', '-d', dom.name, '-o', path.join(work, 'set1')]);
+  // The set's log begins with the version and the flags, as Python's does (it named neither).
+  const setLog = (await fs.readdir(path.join(work, 'set1'))).find((f) => f.endsWith('.log')) ?? '';
+  assert.match((await fs.readFile(path.join(work, 'set1', setLog), 'utf8')).split('\n')[0] ?? '',
+    new RegExp(`^\\S+ DEBUG virtnbdbackup \\S+, arguments: -n -L -d ${dom.name} -o ${path.join(work, 'set1')}$`));
   // A failed run's error line goes there too (it went to the console and the set's log alone).
   const failed = await runCli(bin, ['-n', '-L', '-d', dom.name, '-i', 'vdz', '-o', path.join(work, 'set3')]);
   assert.equal(failed.code, 1, failed.stderr);

@@ -2,7 +2,7 @@
 // which for a string (-o "$UNSET") would mean the working directory.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { blankFlag, expandLongPrefixes, notWholeNumber, splitShortValues, withoutCamelTwins } from '../../src/cli/common.js';
+import { argumentsForLog, blankFlag, expandLongPrefixes, notWholeNumber, splitShortValues, withoutCamelTwins } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -64,4 +64,10 @@ test('notWholeNumber: a number flag given 1e3, 0x10 or 1.5 is named as written, 
   assert.deepEqual(notWholeNumber(['-o', 'x', '--nbd-timeout', '1.5'], numbers), { flag: '--nbd-timeout', value: '1.5' });
   assert.equal(notWholeNumber(['-T', '1000', '-z', '-n', '--nbd-timeout=0', '-T', '-1'], numbers), undefined);
   assert.equal(notWholeNumber(['-z', '--', '-T', '1e3'], numbers), undefined);
+});
+
+test('argumentsForLog: the command line for the set\'s log, --password\'s value hidden, odd words quoted as a shell reads them', () => {
+  assert.equal(argumentsForLog(['-d', 'web vm', '-l=full', '--user', 'backup', '--password', 's3cret', '-o', "/b/it's"]),
+    "-d 'web vm' -l=full --user backup --password *** -o '/b/it'\\''s'");
+  assert.equal(argumentsForLog(['--password=s3cret', '-o', '']), "--password=*** -o ''");
 });
