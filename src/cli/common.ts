@@ -369,6 +369,8 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
   const onSignal = (sig: NodeJS.Signals): void => {
     // A second signal (an impatient Ctrl-C) stops at once, clean-up or not; a person at a terminal is told so.
     if (signalled) {
+      // Progress bars are not stopped: the cursor they hid is shown again, and the line begins below them.
+      if (aboveBars) process.stderr.write('\x1b[?25h\n');
       process.stderr.write(`${name}: error: stopped by a second ${sig} before its clean-up ended${cutShort}\n`);
       // A thread may be waiting in libvirt or libnbd for a QEMU that stopped answering: not for it. exitNow skips
       // Node's 'exit' listeners, which remove what a run must not leave (virtnbdmap's socket and overlay, lock

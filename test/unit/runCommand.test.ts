@@ -1,7 +1,9 @@
 // runCommand, which every command runs in: its exit code and one error line, also when the run stalls (the event
 // loop empties while the run still waits, where Node would exit 0 as if it had succeeded) or a second stop signal
-// cuts its clean-up short (Node's 'exit' listeners still run).
+// cuts its clean-up short (Node's 'exit' listeners still run; at a terminal, the cursor progress bars hid is shown).
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
@@ -52,4 +54,27 @@ test('a second stop signal during the clean-up stops at once, with one line sayi
     process.on('exit', (code) => process.stderr.write('exit listener: ' + code + '\\n'));
     ${body.slice(body.indexOf('{') + 1)}`);
   assert.deepEqual(native, { status: 130, stderr: 'demo: error: stopped by a second SIGTERM before its clean-up ended\nexit listener: 130\n' });
+});
+
+test('at a terminal, a second stop signal while progress bars are drawn shows the cursor they hid, and its line begins below them', () => {
+  const script = `import { makeProgress, runCommand } from ${JSON.stringify(common)}; import { Logger } from ${JSON.stringify(path.join(repoRoot, 'dist', 'src', 'util', 'log.js'))};
+void runCommand('demo', false, async (signal) => {
+  const progress = await makeProgress({}, 'saving', new Logger({}));
+  progress.factory('vda', 64 * 1024 * 1024)(16 * 1024 * 1024);
+  setTimeout(() => undefined, 20000);
+  process.kill(process.pid, 'SIGINT');
+  await new Promise((resolve) => signal.addEventListener('abort', resolve));
+  process.kill(process.pid, 'SIGINT');
+  await new Promise((resolve) => setTimeout(resolve, 20000));
+  return 0;
+});`;
+  // script(1) gives the command a terminal and records what it writes there.
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'vnbd-tty-'));
+  const file = path.join(dir, 'run.mjs');
+  writeFileSync(file, script);
+  const r = spawnSync('script', ['-qfec', `${process.execPath} ${file}`, '/dev/null'], { encoding: 'utf8' });
+  rmSync(dir, { recursive: true, force: true });
+  assert.equal(r.status, 130, r.stdout);
+  assert.match(r.stdout, /\x1b\[\?25l/, 'the bars hid the cursor');
+  assert.match(r.stdout, /\x1b\[\?25h\r?\ndemo: error: stopped by a second SIGINT before its clean-up ended\r?\n/);
 });
