@@ -412,8 +412,10 @@ test('diffs after one checkpoint whose names hold no seconds are ordered by thei
   const disk = new MemoryDisk(MiB).fill(0x11, 0, 65536);
   const extents = [{ offset: 0, length: 65536, kind: 'data' as const }];
   await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents });
-  // b made first, a later: by name a would come first, and the older b after it would undo its changes.
-  for (const [file, date] of [['vda.diff.b.data', '2026-11-29T10:00:00.000Z'], ['vda.diff.a.data', '2026-11-29T11:00:00.000Z']] as const) {
+  // b made first, a later: by name a would come first, and the older b after it would undo its changes. Both after
+  // the full, which is dated now (fixed dates failed once the clock passed them, as a chain's base newer than its diffs).
+  const later = (hours: number): string => new Date(Date.now() + hours * 3600_000).toISOString();
+  for (const [file, date] of [['vda.diff.b.data', later(1)], ['vda.diff.a.data', later(2)]] as const) {
     await craftStream({ dir, file, disk, diskName: 'vda', extents, checkpointName: 'virtnbdbackup.1', parentCheckpoint: 'virtnbdbackup.0', incremental: true, date });
   }
   await fs.writeFile(path.join(dir, 'dom.cpt'), JSON.stringify(['virtnbdbackup.0']));
