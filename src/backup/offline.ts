@@ -109,13 +109,30 @@ export function imageBitmaps(infoJson: string): ImageBitmap[] {
   return info['format-specific']?.data?.bitmaps ?? [];
 }
 
-/** What is wrong with the persistent bitmap `name` in each qcow2 image, or [] when every image has it intact. */
-export async function bitmapProblems(infoOf: (disk: DomainDisk) => Promise<string>, disks: DomainDisk[], name: string): Promise<string[]> {
+/**
+ * What is wrong with the persistent bitmap `name` in each qcow2 image, or [] when every image has it intact. A bitmap
+ * marked in use in an image another process holds open (QEMU's lock) is that process's, not a crash's: refused with
+ * a line saying so, where it read as broken and asked for a full backup that -S could not make either.
+ */
+export async function bitmapProblems(infoOf: (disk: DomainDisk) => Promise<string>, disks: DomainDisk[], name: string, lockHolder: (disk: DomainDisk) => Promise<boolean>): Promise<string[]> {
   const problems: string[] = [];
   for (const disk of disks.filter((d) => d.format === 'qcow2')) {
     const bitmap = imageBitmaps(await infoOf(disk)).find((b) => b.name === name);
     if (!bitmap) problems.push(`bitmap ${name} is missing from ${disk.path}`);
-    else if (bitmap.flags?.includes('in-use')) problems.push(`bitmap ${name} in ${disk.path} is inconsistent (the image was not closed cleanly)`);
+    else if (bitmap.flags?.includes('in-use')) {
+      if (await lockHolder(disk)) throw new UserError(`image ${disk.path} of disk ${disk.target} is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`);
+      problems.push(`bitmap ${name} in ${disk.path} is inconsistent (the image was not closed cleanly)`);
+    }
   }
   return problems;
+}
+
+/** Whether another process holds `image` open for writing (QEMU's lock): qemu-img then cannot open it unshared. */
+export async function isImageLocked(run: (command: string, args: string[]) => Promise<unknown>, image: string): Promise<boolean> {
+  try {
+    await run('qemu-img', ['info', '--output=json', image]);
+    return false;
+  } catch (err) {
+    return /lock|another process/i.test(oneLine(err));
+  }
 }

@@ -26,7 +26,7 @@ import { UserError } from '../util/errors.js';
 import { exists } from '../util/fileIo.js';
 import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
-import { bitmapProblems, imageBitmaps } from './offline.js';
+import { bitmapProblems, imageBitmaps, isImageLocked } from './offline.js';
 import { VIR_DOMAIN_CHECKPOINT_XML_SIZE } from '../native/addon.js';
 import { imageInfoJson } from './sideFiles.js';
 import { ownCheckpointDir, type RunContext } from './context.js';
@@ -214,7 +214,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (power.offline && resumed) {
     throw new UserError(`disk ${resumed.target} of '${options.domain}' was left out of the backups after checkpoint ${resumed.from}: a shut-off domain's disks are read against one checkpoint, ${parent}; run again ${power.runningAdvice} (that inc saves its changes since ${resumed.from})`);
   }
-  const bitmaps = power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent)).join('; ') : '';
+  const bitmaps = power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent, (disk) => isImageLocked((c, a) => ctx.host.run(c, a), disk.path as string))).join('; ') : '';
   if (bitmaps) return fallBackToFull(ctx, prefix, bitmaps);
   if (!power.offline && level === 'inc' && !options.printOnly) await removeUnlisted(domain, chain, prefix, log);
   if (power.offline && level === 'inc') {

@@ -3,11 +3,13 @@
 // removed from the image while the domain was off (refused offline, a full fallback with -S), a domain with its
 // memory saved (managedsave), which -S does not start, and the domain's boot files and autostart flag; optional disks
 // (startupPolicy='optional') whose image is missing are left out with a warning, as libvirt starts the domain without
-// them. Every point is restored and compared bit for bit.
+// them; an image another process holds open is refused naming it. Every point is restored and compared bit for bit.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { TestDomain, run, withDomain, withTempDir, type DiskSpec } from '../support/testbed.js';
 import { errorLines, ourBin, pythonBin, qemuNbdPid, qemuNbdRuns, runCli, runOk, startCli } from '../support/cli.js';
 import { assertRestoresTo as assertRestores, defineWithBootFiles, virsh } from '../support/points.js';
@@ -162,6 +164,32 @@ test('a shut-off domain\'s optional disks whose image is missing (one since befo
   await new Promise((resolve) => setTimeout(resolve, 1000)); // a diff is named by its second
   const excluded = await runCli(ourBin('virtnbdbackup'), ['-n', '-e', '-d', dom.name, '-l', 'inc', '-x', 'vdb,vdc', '-o', set]);
   assert.equal(excluded.code, 0, excluded.stderr);
+});
+
+test('a shut-off domain whose image another process holds open (a qemu-nbd): the inc is refused naming the image, not read as a broken bitmap; once it is closed the inc goes on', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK], start: false });
+  const work = await withTempDir(t, 'held-');
+  const set = path.join(work, 'set');
+  await backup('-d', dom.name, '-l', 'full', '-S', '-o', set);
+  await writeOffline(dom, '0x44', '2M', '1M');
+  const p1 = await dom.snapshot('vda');
+  // A writable qemu-nbd marks the image's bitmaps in use, as a crash leaves them: that read as broken and asked
+  // for -S, whose start fails on the same lock.
+  const holderSocket = path.join(work, 'holder.sock');
+  const holder = spawn('qemu-nbd', ['--format', 'qcow2', '--socket', holderSocket, dom.diskPath('vda')], { stdio: 'ignore' });
+  const holderDone = once(holder, 'exit');
+  try {
+    for (let i = 0; i < 200 && !(await fs.access(holderSocket).then(() => true, () => false)); i++) await new Promise((r) => setTimeout(r, 25));
+    const refused = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.deepEqual(errorLines(refused), [`virtnbdbackup: error: image ${dom.diskPath('vda')} of disk vda is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`]);
+    assert.equal((await fs.readdir(set)).filter((f) => f.includes('.diff.')).length, 0);
+  } finally {
+    holder.kill('SIGTERM');
+    await holderDone;
+  }
+  await backup('-d', dom.name, '-l', 'inc', '-o', set);
+  await assertRestores(work, set, p1);
 });
 
 test('a domain shut off with its memory saved (managedsave): -S backs it up from its images without starting it, and it resumes afterwards', async (t) => {
