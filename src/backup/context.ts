@@ -41,7 +41,11 @@ export interface RunContext {
   afterZip: Array<() => Promise<void>>;
 }
 
-/** The set's own copy of its checkpoints' definitions: its checkpoints/ (with -C as well), or a zip's state. */
+/**
+ * The set's own copy of its checkpoints' definitions (with -C as well): its checkpoints/, or for a zip chain
+ * checkpoints/<domain>/ of the state dir. A -C shared by several domains' zip chains holds one definition per name,
+ * the last domain's, which made every other domain's inc a full.
+ */
 export function ownCheckpointDir(ctx: RunContext): string {
-  return ctx.toZip ? ctx.xmlDir : path.join(ctx.stateDir, CHECKPOINT_DIR);
+  return ctx.toZip ? path.join(ctx.stateDir, CHECKPOINT_DIR, ctx.options.domain) : path.join(ctx.stateDir, CHECKPOINT_DIR);
 }

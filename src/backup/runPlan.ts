@@ -306,7 +306,7 @@ async function chainFiles(ctx: RunContext): Promise<string[]> {
   if (ctx.toZip) {
     const names = [checkpointListName(ctx.options.domain)];
     const own = path.join(CHECKPOINT_DIR, ctx.options.domain);
-    if (path.resolve(ctx.xmlDir) === path.join(ctx.stateDir, own)) names.push(own);
+    if (await exists(path.join(ctx.stateDir, own))) names.push(own);
     return names;
   }
   const names = await fs.readdir(ctx.stateDir);

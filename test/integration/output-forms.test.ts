@@ -176,7 +176,7 @@ test('a zip that fails at its very end (its central directory) leaves the chain 
   assert.ok(compared.identical, compared.output);
 });
 
-test('zip on stdout: two domains backed up from one working directory keep their chains apart (each inc an inc); a full of another prefix there is refused', async (t) => {
+test('zip on stdout: two domains backed up from one working directory keep their chains apart (each inc an inc), with one -C too; a full of another prefix there is refused', async (t) => {
   const doms = await Promise.all([0x11, 0x22].map((pattern) => withDomain(t, { disks: [{ target: 'vda', sizeMiB: 32, fill: [{ pattern, offsetMiB: 0, lengthMiB: 2 }] }] })));
   const state = await tempDir('vnbd-zipdoms-');
   t.after(() => fs.rm(state, { recursive: true, force: true }));
@@ -208,6 +208,24 @@ test('zip on stdout: two domains backed up from one working directory keep their
   assert.equal(otherPrefix.code, 1, otherPrefix.stderr);
   assert.match(otherPrefix.stderr, /\.cpt keeps the state of the zip chain of checkpoint prefix 'virtnbdbackup', which a full of prefix 'weekly' would replace; run the zips of each prefix from a working directory of its own/);
   assert.deepEqual(JSON.parse(await fs.readFile(path.join(state, `${second.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+
+  // One -C for both domains' zip chains holds one definition per name, the last domain's: the other domain's inc
+  // took its checkpoint for another chain's and made a full, every time (found by a black-box round). Each chain's
+  // state keeps its own copy, in checkpoints/<domain>/, as it does without -C.
+  const shared = await tempDir('vnbd-zipdoms-c-');
+  t.after(() => fs.rm(shared, { recursive: true, force: true }));
+  const cdir = path.join(shared, 'cpt');
+  for (const level of ['full', 'inc', 'inc']) {
+    for (const dom of doms) {
+      const r = await backupToZip(shared, ['-d', dom.name, '-l', level, '-C', cdir, '-n'], path.join(shared, `${dom.name}.zip`));
+      assert.equal(r.code, 0, r.stderr);
+      assert.doesNotMatch(r.stderr, /warning/, r.stderr);
+    }
+  }
+  for (const dom of doms) {
+    assert.deepEqual(JSON.parse(await fs.readFile(path.join(shared, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2']);
+    assert.deepEqual((await fs.readdir(path.join(shared, 'checkpoints', dom.name))).sort(), ['virtnbdbackup.0.xml', 'virtnbdbackup.1.xml', 'virtnbdbackup.2.xml']);
+  }
 });
 
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
