@@ -256,11 +256,20 @@ async function forEachLimited<T>(items: T[], limit: number, task: (item: T) => P
   if (failure !== undefined) throw failure;
 }
 
+/** The working directory, which keeps a zip chain's state; one removed under the shell is said so (Node's words were "uv_cwd"). */
+function zipStateDir(): string {
+  try {
+    return process.cwd();
+  } catch {
+    throw new UserError('the working directory no longer exists (removed after the shell entered it): it keeps the chain\'s state of a zip on standard output (-o -); cd to the directory of the earlier -o - runs, or an existing one for a new chain');
+  }
+}
+
 export async function backup(options: BackupOptions): Promise<BackupResult> {
   const log = options.log ?? silentLogger;
   const toZip = options.output === '-';
   // The state dir holds the chain (.cpt, checkpoints/): the set itself, or for a zip the current directory.
-  const stateDir = toZip ? process.cwd() : path.resolve(options.output);
+  const stateDir = toZip ? zipStateDir() : path.resolve(options.output);
   const writesSet = !options.printOnly && !options.startOnly;
   // -p and -s look at the next inc: the level only picks the export (-s) and is never written.
   const level = options.printOnly ? 'inc' : await resolveLevel(options.level, stateDir, toZip, options.domain);

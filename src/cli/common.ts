@@ -31,6 +31,18 @@ export interface FlagExceptions {
   valueOptional?: string[];
 }
 
+/**
+ * The working directory for yargs, which reads it as it starts: '/' where the directory was removed under the shell,
+ * which crashed every command with a stack trace; a run with absolute paths then works, as Python's does.
+ */
+export function flagsCwd(): string {
+  try {
+    return process.cwd();
+  } catch {
+    return '/';
+  }
+}
+
 /** A wrong command line: one line naming the problem and where help is, exit 2 (argparse's usage error code). */
 export function usageError(name: string, what: string): never {
   process.stderr.write(`${name}: error: ${what.replace(/\s*\n\s*/g, ' ').trim()}; see ${name} --help\n`);
@@ -433,7 +445,11 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
       process.stderr.write(`${name}: error: ${printable(oneLine(err))}\n`);
       code = err.exitCode;
     } else {
-      process.stderr.write(`${name}: error: ${printable(oneLine(err))}\n`);
+      // A relative path resolved in a working directory removed under the shell: Node says only "uv_cwd".
+      const said = (err as NodeJS.ErrnoException | undefined)?.syscall === 'uv_cwd'
+        ? 'the working directory no longer exists (removed after the shell entered it), and a relative path needs it: cd to an existing directory, or give absolute paths'
+        : oneLine(err);
+      process.stderr.write(`${name}: error: ${printable(said)}\n`);
       if (verbose && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
       code = 1;
     }

@@ -9,9 +9,9 @@ import type { Logger } from '../util/log.js';
 import { DEFAULT_LIBVIRT_URI, type LibvirtLogin } from '../libvirt/connection.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
-import { argumentsForLog, flagGiven, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
+import { argumentsForLog, flagGiven, flagsCwd, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
 
-const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv))))
+const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv), flagsCwd())))
   .scriptName('virtnbdbackup')
   .usage('$0 -d DOMAIN -l {copy,full,inc,diff,auto} -o DIR [options]\n\nBack up libvirt/qemu virtual machines over NBD.')
   .option('domain', { alias: 'd', type: 'string', demandOption: true, describe: 'Domain to back up' })

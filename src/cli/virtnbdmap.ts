@@ -8,9 +8,9 @@ import { defaultSocket, startMap } from '../map/map.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
 import { UserError } from '../util/errors.js';
 import { checkTcpPort } from '../util/tcpPort.js';
-import { listOption, makeLogger, parseFlags, runCommand, VERSION, withLogFile } from './common.js';
+import { listOption, makeLogger, parseFlags, runCommand, VERSION, withLogFile, flagsCwd } from './common.js';
 
-const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv))
+const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv), flagsCwd())
   .scriptName('virtnbdmap')
   .usage('$0 -f FILE[,FILE...] [options]\n\nServe a backup (full, then incrementals up to the point wanted) as an NBD export:\n'
     + 'writable through a copy-on-write overlay that is discarded at exit, or read-only with -r.')

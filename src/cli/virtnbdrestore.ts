@@ -7,9 +7,9 @@ import { domainHostOf, tcpServerOn } from '../libvirt/domainHost.js';
 import { DEFAULT_NBD_PORT, DEFAULT_TLS_CERT_DIR, checkTlsClientFiles } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
 import { DEFAULT_LIBVIRT_URI } from '../libvirt/connection.js';
-import { listOption, makeLogger, makeProgress, parseFlags, usageError, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION, withLogFile } from './common.js';
+import { listOption, makeLogger, makeProgress, parseFlags, usageError, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION, withLogFile, flagsCwd } from './common.js';
 
-const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv))))
+const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv), flagsCwd())))
   .scriptName('virtnbdrestore')
   .usage('$0 -i SETDIR -o OUTDIR [options]\n\nRestore virtual machine disks from a backup set, dump its metadata or verify it.')
   .option('action', { alias: 'a', choices: ['dump', 'restore', 'verify'] as const, default: 'restore' as const, describe: 'Action to perform' })

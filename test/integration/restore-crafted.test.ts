@@ -2,7 +2,8 @@
 // disks with and without -r, raw images (-t raw) copied or converted, qcow2 images with an external data file,
 // --compress and -A layouts, the saved NVRAM with -c, a restore (with -c) in a mount namespace where libvirtd
 // cannot be reached, restores interrupted (SIGINT) or killed (SIGKILL) while they write or compress, -o dump -s,
-// -N names refused, the images' names in a set without a domain XML, and -L's log of verify and dump.
+// -N names refused, the images' names in a set without a domain XML, -L's log of verify and dump, and commands run
+// from a removed working directory.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -166,6 +167,25 @@ test('-o dump -s dumps those files alone, in the order given, as Python\'s does;
   assert.deepEqual([gone.code, gone.stdout, errorLines(gone)], [1, '', [`virtnbdrestore: error: vda.gone.data in --sequence is not a data file of the set ${set}; list the set with -o dump`]]);
   const other = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump', '-s', 'vda.full.data', '-d', 'vdb']);
   assert.deepEqual([other.code, errorLines(other)], [1, ['virtnbdrestore: error: -d vdb and --sequence of disk vda contradict each other: give one of them']]);
+});
+
+test('a working directory removed under the shell: absolute paths work, as in Python, a relative one is one line saying so, and -o - (its chain state kept there) is refused naming it', async (t) => {
+  const work = await withTempDir(t, 'vnbd-crafted-');
+  const { set, refs } = await craftTwoDiskSet(work);
+  /** Runs `command` from a directory removed after it was entered (yargs read it as it started: a stack trace). */
+  const inRemovedDir = async (command: string, args: string[]): Promise<CliResult> => {
+    const gone = path.join(work, `gone-${path.basename(command)}-${args.length}`);
+    await fs.mkdir(gone);
+    return runCli('sh', ['-c', 'cd "$1" && rmdir "$1" && shift && exec "$@"', 'sh', gone, command, ...args]);
+  };
+  const out = path.join(work, 'out');
+  const restored = await inRemovedDir(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '-d', 'vda']);
+  assert.equal(restored.code, 0, restored.stderr);
+  await assertSame(path.join(out, 'web.qcow2'), refs.vda as string, 'qcow2');
+  const relative = await inRemovedDir(ourBin('virtnbdrestore'), ['-i', set, '-o', 'out', '-n', '-d', 'vda']);
+  assert.deepEqual([relative.code, errorLines(relative)], [1, ['virtnbdrestore: error: the working directory no longer exists (removed after the shell entered it), and a relative path needs it: cd to an existing directory, or give absolute paths']]);
+  const zip = await inRemovedDir(ourBin('virtnbdbackup'), ['-d', 'vnbd-no-such-domain', '-l', 'inc', '-o', '-', '-n']);
+  assert.deepEqual([zip.code, zip.stdout, errorLines(zip)], [1, '', ['virtnbdbackup: error: the working directory no longer exists (removed after the shell entered it): it keeps the chain\'s state of a zip on standard output (-o -); cd to the directory of the earlier -o - runs, or an existing one for a new chain']]);
 });
 
 test('a set without a domain XML (vmconfig) restores each disk to an image named after it, as Python names an image it knows no file name of', async (t) => {
