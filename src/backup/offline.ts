@@ -66,6 +66,8 @@ export class OfflineExports implements DiskExports {
       }
     } catch (err) {
       await exports.end();
+      const held = disks.find((d) => oneLine(err).includes(`another process using the image [${d.path}]`));
+      if (held) throw imageInUse(held);
       throw new Error(`cannot export the images of the shut-off domain: ${oneLine(err)}`);
     }
     return exports;
@@ -120,11 +122,15 @@ export async function bitmapProblems(infoOf: (disk: DomainDisk) => Promise<strin
     const bitmap = imageBitmaps(await infoOf(disk)).find((b) => b.name === name);
     if (!bitmap) problems.push(`bitmap ${name} is missing from ${disk.path}`);
     else if (bitmap.flags?.includes('in-use')) {
-      if (await lockHolder(disk)) throw new UserError(`image ${disk.path} of disk ${disk.target} is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`);
+      if (await lockHolder(disk)) throw imageInUse(disk);
       problems.push(`bitmap ${name} in ${disk.path} is inconsistent (the image was not closed cleanly)`);
     }
   }
   return problems;
+}
+
+function imageInUse(disk: DomainDisk): UserError {
+  return new UserError(`image ${disk.path} of disk ${disk.target} is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`);
 }
 
 /** Whether another process holds `image` open for writing (QEMU's lock): qemu-img then cannot open it unshared. */

@@ -166,7 +166,7 @@ test('a shut-off domain\'s optional disks whose image is missing (one since befo
   assert.equal(excluded.code, 0, excluded.stderr);
 });
 
-test('a shut-off domain whose image another process holds open (a qemu-nbd): the inc is refused naming the image, not read as a broken bitmap; once it is closed the inc goes on', async (t) => {
+test('a shut-off domain whose image another process holds open (a qemu-nbd): an inc or copy is refused naming the image (the inc read it as a broken bitmap); once it is closed the inc goes on', async (t) => {
   const dom = await withDomain(t, { disks: [DISK], start: false });
   const work = await withTempDir(t, 'held-');
   const set = path.join(work, 'set');
@@ -184,6 +184,9 @@ test('a shut-off domain whose image another process holds open (a qemu-nbd): the
     assert.equal(refused.code, 1, refused.stderr);
     assert.deepEqual(errorLines(refused), [`virtnbdbackup: error: image ${dom.diskPath('vda')} of disk vda is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`]);
     assert.equal((await fs.readdir(set)).filter((f) => f.includes('.diff.')).length, 0);
+    // A copy met it in qemu-nbd, whose words said nothing of what to do.
+    const copy = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'copy')]);
+    assert.deepEqual([copy.code, errorLines(copy)], [1, errorLines(refused)]);
   } finally {
     holder.kill('SIGTERM');
     await holderDone;
