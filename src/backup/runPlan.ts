@@ -46,11 +46,15 @@ export interface RunPlan {
   resumedDisks: Array<{ target: string; from: string }>;
 }
 
-/** The chain's prefix: the set's own for inc/diff (a mismatching --checkpoint-prefix is refused), else the option. */
-function resolvePrefix(wanted: string | undefined, chain: string[], cptFile: string): string {
+/**
+ * The chain's prefix: the set's own for inc/diff (a mismatching --checkpoint-prefix is refused), else the option.
+ * A zip chain's set is the working directory that keeps its state.
+ */
+function resolvePrefix(wanted: string | undefined, chain: string[], cptFile: string, toZip: boolean): string {
   const own = chain.length > 0 ? prefixOf(chain[0] as string) : undefined;
   if (own !== undefined && wanted !== undefined && wanted !== own) {
-    throw new UserError(`the set's chain uses checkpoint prefix '${own}' (${cptFile}), not '${wanted}'; drop --checkpoint-prefix or use the set of that chain`);
+    const where = toZip ? `run the '${wanted}' zips from a working directory of their own` : 'use the set of that chain';
+    throw new UserError(`the ${toZip ? 'zip chain' : 'set\'s chain'} uses checkpoint prefix '${own}' (${cptFile}), not '${wanted}'; drop --checkpoint-prefix or ${where}`);
   }
   return checkPrefix(own ?? wanted ?? DEFAULT_PREFIX);
 }
@@ -177,7 +181,7 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   const listFile = path.join(ctx.stateDir, checkpointListName(options.domain));
   const cptFile = incremental ? await adoptRenamedChain(ctx, listFile) : listFile;
   const chain = incremental ? await readCheckpointList(cptFile) : [];
-  const prefix = resolvePrefix(options.checkpointPrefix, chain, cptFile);
+  const prefix = resolvePrefix(options.checkpointPrefix, chain, cptFile, ctx.toZip);
   if (level === 'copy') return planFor(level, [], prefix);
   if (level === 'full' && ctx.toZip) await refuseOtherZipChain(listFile, prefix);
   warnForeign(await foreignCheckpoints(domain, prefix), options.domain, log);

@@ -208,6 +208,10 @@ test('zip on stdout: two domains backed up from one working directory keep their
   assert.equal(otherPrefix.code, 1, otherPrefix.stderr);
   assert.match(otherPrefix.stderr, /\.cpt keeps the state of the zip chain of checkpoint prefix 'virtnbdbackup', which a full of prefix 'weekly' would replace; run the zips of each prefix from a working directory of its own/);
   assert.deepEqual(JSON.parse(await fs.readFile(path.join(state, `${second.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  // An inc (auto) of another prefix there: the line spoke of the set of that chain, which a zip run has not.
+  const otherInc = await backupToZip(state, ['-d', second.name, '-l', 'auto', '--checkpoint-prefix', 'weekly', '-n'], path.join(state, 'weekly.zip'));
+  assert.equal(otherInc.code, 1, otherInc.stderr);
+  assert.match(otherInc.stderr, /error: the zip chain uses checkpoint prefix 'virtnbdbackup' \(\S+\.cpt\), not 'weekly'; drop --checkpoint-prefix or run the 'weekly' zips from a working directory of their own\n/);
 
   // One -C for both domains' zip chains holds one definition per name, the last domain's: the other domain's inc
   // took its checkpoint for another chain's and made a full, every time (found by a black-box round). Each chain's
