@@ -492,6 +492,11 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   }
   if (power.offline) await markMissingImages(ctx.info.disks, ctx.host);
   ctx.disks = chooseDisks(options, log, ctx.info.disks, requested, power.offline);
+  // QEMU decrypts with the key libvirt gives it; our qemu-nbd has none, and failed with QEMU's words on a parameter.
+  const encrypted = power.offline ? ctx.disks.find((d) => d.encrypted) : undefined;
+  if (encrypted) {
+    throw new UserError(`disk ${encrypted.target} of '${options.domain}' is encrypted in its image, with a key libvirt keeps for QEMU: a shut-off domain's images are read without it; back it up ${power.runningAdvice}, or leave the disk out with -x ${encrypted.target}`);
+  }
   let level = requested;
   if (level === 'full' && ctx.disks.every((d) => d.format === 'raw')) {
     log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');
