@@ -13,7 +13,7 @@ import {
 } from '../native/addon.js';
 import {
   CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointBitmapDisks, checkpointCreationTime, checkpointDiskSize, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
-  inChain, prefixOf, withoutDomain,
+  inChain, prefixOf, withoutDomain, withoutParent,
 } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
 import { parseDomainXml } from './domainXml.js';
@@ -101,17 +101,21 @@ async function readSaved(xmlDir: string, name: string): Promise<string | undefin
 /**
  * Puts back the set's checkpoints that libvirt lost (domain undefined and defined again, moved to another host)
  * from the definitions saved in `xmlDir`, oldest first. A domain defined anew has another UUID, so a definition
- * libvirt refuses is tried again without its copy of the domain.
+ * libvirt refuses is tried again without its copy of the domain. A parent libvirt lacks (the first checkpoint of a
+ * chain that began under another prefix's) is left out: libvirt refused the definition, and the inc became a full.
  */
 export async function redefineMissing(domain: LibvirtDomain, chain: string[], xmlDir: string, log: Logger): Promise<void> {
   const present = new Set(await domain.listCheckpointNames());
   for (const name of chain) {
     if (present.has(name)) continue;
-    const xml = await readSaved(xmlDir, name);
-    if (xml === undefined) continue;
+    const saved = await readSaved(xmlDir, name);
+    if (saved === undefined) continue;
+    const parent = checkpointParent(saved);
+    const xml = parent !== undefined && !present.has(parent) ? withoutParent(saved) : saved;
     try {
       await domain.checkpointCreateXML(xml, VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE).catch(() =>
         domain.checkpointCreateXML(withoutDomain(xml), VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE));
+      present.add(name);
       log.info(`redefined checkpoint ${name} from ${path.join(xmlDir, `${name}.xml`)}`);
     } catch (err) {
       log.info(`could not redefine checkpoint ${name}: ${oneLine(err)}`);

@@ -129,6 +129,14 @@ export function withoutDomain(checkpointXml: string): string {
   return checkpointXml.replace(/<domain[\s>][\s\S]*<\/domain>\s*/, '');
 }
 
+/**
+ * The checkpoint XML without its `<parent>`, for a redefinition whose parent libvirt no longer has: another chain's
+ * checkpoint (the chains of a domain share one tree) that its full removed, or one not redefined yet.
+ */
+export function withoutParent(checkpointXml: string): string {
+  return checkpointXml.replace(/<parent>\s*<name>[^<]*<\/name>\s*<\/parent>\s*/, '');
+}
+
 const checkpointParser = new XMLParser({ ignoreAttributes: false, attributeNamePrefix: '@_', isArray: (name) => name === 'disk' });
 
 /** The attributes of each `<disk>` of a checkpoint XML's `<disks>` (not of its copy of the domain). */

@@ -1,4 +1,5 @@
-// Chain integrity on real libvirt/QEMU: checkpoints lost with the domain definition come back from -C, lost
+// Chain integrity on real libvirt/QEMU: checkpoints lost with the domain definition come back from -C (a chain's
+// first without the other prefix's parent it names), lost
 // checkpoint metadata makes the next inc a full (clearing the bitmaps left behind), chains of different prefixes
 // interleave without harm, a foreign checkpoint is left alone with a warning (-e: exit 2), and a chain whose
 // checkpoint another set of the same prefix replaced falls back to a full instead of writing a wrong inc, and a full
@@ -94,6 +95,35 @@ test('lost checkpoints: redefined from -C after the domain is defined anew; meta
   await assertPoint(work, archive, p0, 'virtnbdbackup.0');
   await assertPoint(work, archive, p1, 'virtnbdbackup.1');
   await assertPoint(work, archive, p2);
+});
+
+test('lost checkpoints of a chain begun under another prefix\'s: its first names the other chain\'s checkpoint as parent, and is redefined without it; the inc goes on', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'redefine-prefix-');
+  const daily = path.join(work, 'daily');
+  const weekly = path.join(work, 'weekly');
+  await backup(dom, daily, 'full');
+  await backup(dom, weekly, 'full', '--checkpoint-prefix', 'weekly');
+  assert.match(virsh('checkpoint-dumpxml', dom.name, 'weekly.0'), /<parent>\s*<name>virtnbdbackup\.0<\/name>/);
+  await dom.write('vda', 0x33, '1M', '1M');
+  await backup(dom, weekly, 'inc');
+
+  // Defined anew (a transient domain created again alike): libvirt forgot every checkpoint, the images kept their bitmaps.
+  await dom.stop();
+  virsh('undefine', '--checkpoints-metadata', dom.name);
+  virsh('define', path.join(dom.dir, 'domain.xml'));
+  process.env.VIRTNBD_TESTBED_MONITOR = 'virsh';
+  t.after(() => { delete process.env.VIRTNBD_TESTBED_MONITOR; });
+  await dom.start();
+  await dom.write('vda', 0x44, '8M', '2M');
+  const p2 = await dom.snapshot('vda');
+  // libvirt refused weekly.0 ("parent virtnbdbackup.0 for moment weekly.0 not found"), and the inc became a full.
+  const inc = await backup(dom, weekly, 'inc');
+  assert.match(inc, /redefined checkpoint weekly\.0 from/);
+  assert.match(inc, /redefined checkpoint weekly\.1 from/);
+  assert.doesNotMatch(inc, /full backup instead/);
+  assert.ok((await fs.readdir(weekly)).includes('vda.inc.weekly.2.data'));
+  await assertPoint(work, weekly, p2);
 });
 
 test('chains of two prefixes interleave, a foreign checkpoint is left alone, a replaced checkpoint is never used', async (t) => {

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import {
-  bitmapOwnerXml, checkPrefix, checkpointIdentity, checkpointSize, checkpointXml, inChain, planCheckpoint, prefixOf, withoutDomain,
+  bitmapOwnerXml, checkPrefix, checkpointIdentity, checkpointSize, checkpointXml, inChain, planCheckpoint, prefixOf, withoutDomain, withoutParent,
 } from '../../src/libvirt/checkpoints.js';
 import { existingBitmapName, isLostBitmapError, unusableParent } from '../../src/libvirt/chain.js';
 import type { LibvirtDomain } from '../../src/native/addon.js';
@@ -52,7 +52,7 @@ const LIBVIRT_CHECKPOINT = `<domaincheckpoint>
 </domaincheckpoint>
 `;
 
-test('checkpoint XML: run id in the description, identity, size, redefinable without the domain', () => {
+test('checkpoint XML: run id in the description, identity, size, redefinable without the domain or its parent', () => {
   const xml = checkpointXml({ name: 'weekly.1', parent: 'weekly.0', create: true }, ['vda'], ['vda', 'vdb'], 'beef01');
   assert.match(xml, /<description>Backup checkpoint \(run beef01\)<\/description>/);
   assert.match(xml, /<disk name='vdb' checkpoint='no'\/>/);
@@ -62,6 +62,9 @@ test('checkpoint XML: run id in the description, identity, size, redefinable wit
   const stripped = withoutDomain(LIBVIRT_CHECKPOINT);
   assert.doesNotMatch(stripped, /<domain[ >]|uuid|web server/);
   assert.match(stripped, /<disks>[\s\S]*<\/disks>\s*<\/domaincheckpoint>/);
+  const orphan = withoutParent(LIBVIRT_CHECKPOINT);
+  assert.doesNotMatch(orphan, /<parent>|virtnbdbackup\.0/);
+  assert.equal(checkpointIdentity(orphan), checkpointIdentity(LIBVIRT_CHECKPOINT));
   const owner = bitmapOwnerXml('virtnbdbackup.0', 'vdb', ['vda', 'vdb']);
   assert.match(owner, /<disk name='vdb' checkpoint='bitmap' bitmap='virtnbdbackup\.0'\/>/);
   assert.match(owner, /<disk name='vda' checkpoint='no'\/>/);
