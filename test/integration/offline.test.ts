@@ -166,7 +166,7 @@ test('a shut-off domain\'s optional disks whose image is missing (one since befo
   assert.equal(excluded.code, 0, excluded.stderr);
 });
 
-test('a shut-off domain whose image another process holds open (a qemu-nbd): an inc or copy is refused naming the image (the inc read it as a broken bitmap); once it is closed the inc goes on', async (t) => {
+test('a shut-off domain whose image another process holds open (a qemu-nbd): an inc, copy or -S run is refused naming the image (the inc read it as a broken bitmap); once it is closed the inc goes on', async (t) => {
   const dom = await withDomain(t, { disks: [DISK], start: false });
   const work = await withTempDir(t, 'held-');
   const set = path.join(work, 'set');
@@ -187,6 +187,10 @@ test('a shut-off domain whose image another process holds open (a qemu-nbd): an 
     // A copy met it in qemu-nbd, whose words said nothing of what to do.
     const copy = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'copy')]);
     assert.deepEqual([copy.code, errorLines(copy)], [1, errorLines(refused)]);
+    // -S: libvirt's start fails on the lock, in a monitor line that holds QEMU's whole -blockdev argument.
+    const started = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-S', '-o', set]);
+    assert.deepEqual([started.code, errorLines(started)], [1, [`virtnbdbackup: error: cannot start domain '${dom.name}' paused for the backup (-S): its image ${dom.diskPath('vda')} is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`]]);
+    assert.match(virsh('domstate', dom.name), /shut off/);
   } finally {
     holder.kill('SIGTERM');
     await holderDone;
