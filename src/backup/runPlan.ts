@@ -200,10 +200,10 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
       : missing && ctx.toZip ? ', or start this run from the directory the chain\'s earlier -o - runs started from (their state is kept there)' : '';
     throw new UserError(`no checkpoints in the backup set (${cptFile} ${missing ? 'is missing' : 'lists none'}): run a full backup first${archived ? ` (-l full${archived.prefixFlag})` : ''}${elsewhere}`);
   }
-  await redefineMissing(domain, chain, ctx.xmlDir, log);
-  // -C may be shared by several sets of the domain: the set's own copy tells whether libvirt's checkpoint is its own
-  // (sets made before it kept one have only -C's).
+  // -C may be shared by several sets (of the domain, or in zip mode of several domains): the set's own copy tells
+  // whether libvirt's checkpoint is its own (sets made before it kept one have only -C's).
   const own = ownCheckpointDir(ctx);
+  await redefineMissing(domain, chain, [...new Set([own, ctx.xmlDir])], log);
   const ownCopy = own !== ctx.xmlDir && (await exists(path.join(own, `${parent}.xml`)));
   const problem = await unusableParent(domain, parent, ownCopy ? own : ctx.xmlDir);
   if (problem) return fallBackToFull(ctx, prefix, problem);

@@ -100,15 +100,22 @@ async function readSaved(xmlDir: string, name: string): Promise<string | undefin
 
 /**
  * Puts back the set's checkpoints that libvirt lost (domain undefined and defined again, moved to another host)
- * from the definitions saved in `xmlDir`, oldest first. A domain defined anew has another UUID, so a definition
+ * from the definitions saved in the first of `xmlDirs` that holds one (the set's own copy before a -C that other
+ * sets may share), oldest first. A domain defined anew has another UUID, so a definition
  * libvirt refuses is tried again without its copy of the domain. A parent libvirt lacks (the first checkpoint of a
  * chain that began under another prefix's) is left out: libvirt refused the definition, and the inc became a full.
  */
-export async function redefineMissing(domain: LibvirtDomain, chain: string[], xmlDir: string, log: Logger): Promise<void> {
+export async function redefineMissing(domain: LibvirtDomain, chain: string[], xmlDirs: string[], log: Logger): Promise<void> {
   const present = new Set(await domain.listCheckpointNames());
   for (const name of chain) {
     if (present.has(name)) continue;
-    const saved = await readSaved(xmlDir, name);
+    let saved: string | undefined;
+    let xmlDir = '';
+    for (const dir of xmlDirs) {
+      saved = await readSaved(dir, name);
+      xmlDir = dir;
+      if (saved !== undefined) break;
+    }
     if (saved === undefined) continue;
     const parent = checkpointParent(saved);
     const xml = parent !== undefined && !present.has(parent) ? withoutParent(saved) : saved;

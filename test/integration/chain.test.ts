@@ -72,9 +72,11 @@ test('lost checkpoints: redefined from -C after the domain is defined anew; meta
   assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.2.data'));
   await assertPoint(work, set, p2);
 
-  // Checkpoint metadata deleted and no saved definitions: the bitmaps stay in QEMU without their checkpoints.
+  // Checkpoint metadata deleted and no saved definitions (in -C nor the set's own copies, from which they would
+  // come back): the bitmaps stay in QEMU without their checkpoints.
   for (const name of ['virtnbdbackup.2', 'virtnbdbackup.1', 'virtnbdbackup.0']) virsh('checkpoint-delete', '--metadata', dom.name, name);
   await fs.rm(cdir, { recursive: true });
+  await fs.rm(path.join(set, 'checkpoints'), { recursive: true });
   await dom.write('vda', 0x55, '16M', '1M');
   const p3 = await dom.snapshot('vda');
   // What a file system or an NFS client keeps in the directory is not the set's: it stays where it is.

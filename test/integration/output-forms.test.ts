@@ -230,6 +230,16 @@ test('zip on stdout: two domains backed up from one working directory keep their
     assert.deepEqual(JSON.parse(await fs.readFile(path.join(shared, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2']);
     assert.deepEqual((await fs.readdir(path.join(shared, 'checkpoints', dom.name))).sort(), ['virtnbdbackup.0.xml', 'virtnbdbackup.1.xml', 'virtnbdbackup.2.xml']);
   }
+  // The first domain defined anew loses its checkpoints: they come back from its own copies, not from -C, which
+  // holds the other domain's (the inc became a full).
+  await first.stop();
+  await run('virsh', ['-c', 'qemu:///system', 'undefine', '--checkpoints-metadata', first.name]);
+  await run('virsh', ['-c', 'qemu:///system', 'define', path.join(first.dir, 'domain.xml')]);
+  await first.start();
+  const redefined = await backupToZip(shared, ['-d', first.name, '-l', 'inc', '-C', cdir, '-n'], path.join(shared, 'redefined.zip'));
+  assert.equal(redefined.code, 0, redefined.stderr);
+  assert.match(redefined.stderr, new RegExp(`redefined checkpoint virtnbdbackup\\.2 from ${path.join(shared, 'checkpoints', first.name, 'virtnbdbackup.2.xml')}`));
+  assert.doesNotMatch(redefined.stderr, /warning/, redefined.stderr);
 });
 
 test('zip of random data, plain and -z: the archive holds the bytes read, not buffers reused after the write', async (t) => {
