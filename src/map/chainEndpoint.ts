@@ -22,6 +22,7 @@ import { FrameCache } from './frameCache.js';
 import { firstEndingAfter, overlay, segmentEnd, truncate, type Segment } from './segments.js';
 import { indexStream, type StreamIndex } from './streamIndex.js';
 import { lz4ContentSize } from '../stream/reader.js';
+import { QCOW2_MAGIC } from '../restore/qemu.js';
 
 export interface ChainOpenOptions {
   /** Bytes of decompressed lz4 frames kept for reuse (default 128 MiB: four readers, each in its own 32 MiB frame). */
@@ -267,8 +268,6 @@ function refuseMisordered(links: readonly ChainLink[]): void {
     throw new UserError(`-f is out of chain order: ${link.path} is based on checkpoint ${link.meta.parentCheckpoint}, which ${parent.l.path} makes, so it goes right after that file, not after ${(before as { l: ChainLink }).l.path}; give the full backup first, then each incremental in checkpoint order, a diff after the file of its checkpoint`);
   }
 }
-
-const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
 
 /** Whether `file` starts with qcow2's magic. */
 async function isQcow2(file: string): Promise<boolean> {

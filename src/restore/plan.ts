@@ -15,7 +15,7 @@ import {
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
 import { StreamReader } from '../stream/reader.js';
-import { dataFileOptions, heldForWriting, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
+import { QCOW2_MAGIC, dataFileOptions, heldForWriting, qcow2CreateOptions, qcow2DataFile, rawSize, type ImageFormat } from './qemu.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/log.js';
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
@@ -563,7 +563,6 @@ interface OutputTarget {
   size?: number;
 }
 
-const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
 /** How many first bytes of an existing target tell what it is. */
 const HEAD_LENGTH = 8;
 /**

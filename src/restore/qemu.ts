@@ -117,6 +117,9 @@ export async function heldForWriting(file: string, host: DomainHost = LOCAL_HOST
   return host.run('qemu-io', ['-f', 'raw', '-c', 'quit', file]).then(() => false, (err: unknown) => /lock\b|another process using the image/i.test(oneLine(err)));
 }
 
+/** The first bytes of every qcow2 image. */
+export const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
+
 /** Virtual size of a file or block device read as raw. */
 export async function rawSize(file: string): Promise<number> {
   const { stdout } = await run('qemu-img', ['info', '--output=json', '-f', 'raw', file]);
