@@ -9,7 +9,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { accepts, boundToUs, notInstalled, packageOf, run, shellQuote, type RunResult } from '../util/process.js';
+import { accepts, boundToUs, notInstalled, packageOf, processRuns, run, shellQuote, type RunResult } from '../util/process.js';
 import { makeDirectory } from '../util/fileIo.js';
 import { DEFAULT_NBD_PORT, DEFAULT_NBD_TIMEOUT, DEFAULT_TLS_CERT_DIR, nbdUri, type NbdAddress } from '../endpoint/nbd.js';
 import { checkTcpPort } from '../util/tcpPort.js';
@@ -170,13 +170,7 @@ export function sweepControlDirectories(tmp = os.tmpdir()): void {
   const uid = process.getuid?.();
   for (const name of names) {
     const pid = Number(CONTROL_DIR.exec(name)?.[1]);
-    if (!pid || pid === process.pid) continue;
-    try {
-      process.kill(pid, 0);
-      continue; // alive
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') continue; // alive, another user's
-    }
+    if (!pid || pid === process.pid || processRuns(pid)) continue;
     try {
       const dir = path.join(tmp, name);
       const st = fsSync.lstatSync(dir);
