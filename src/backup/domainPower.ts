@@ -12,6 +12,7 @@
 import { VIR_DOMAIN_RUNNING, VIR_DOMAIN_START_AUTODESTROY, VIR_DOMAIN_START_PAUSED, type LibvirtDomain } from '../native/addon.js';
 import type { Logger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
+import { IMAGE_HELD, lockedImage } from './offline.js';
 
 export class DomainPower {
   private constructor(
@@ -45,8 +46,8 @@ export class DomainPower {
       // libvirt cannot start QEMU without virtlogd, which takes its output; its message names only a socket.
       const hint = /virtlogd/.test(oneLine(err)) ? '; virtlogd, which keeps QEMU\'s log, is not running: start it (systemctl start virtlogd)' : '';
       // QEMU's lock refusal comes inside a long monitor line, its command line included: the image and the way out.
-      const held = /Failed to get "write" lock.*another process using the image \[([^\]]+)\]/.exec(oneLine(err))?.[1];
-      if (held) throw new UserError(`cannot start domain '${domain.name()}' paused for the backup (-S): its image ${held} is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`);
+      const held = /Failed to get "write" lock/.test(oneLine(err)) ? lockedImage(oneLine(err)) : undefined;
+      if (held) throw new UserError(`cannot start domain '${domain.name()}' paused for the backup (-S): its image ${held} ${IMAGE_HELD}`);
       throw new UserError(`cannot start domain '${domain.name()}' paused for the backup (-S): ${oneLine(err)}${hint}`);
     }
     log.info(`started shut-off domain '${domain.name()}' paused for the backup; it is stopped again afterwards`);

@@ -66,7 +66,8 @@ export class OfflineExports implements DiskExports {
       }
     } catch (err) {
       await exports.end();
-      const held = disks.find((d) => oneLine(err).includes(`another process using the image [${d.path}]`));
+      const heldPath = lockedImage(oneLine(err));
+      const held = disks.find((d) => d.path === heldPath);
       if (held) throw imageInUse(held);
       throw new Error(`cannot export the images of the shut-off domain: ${oneLine(err)}`);
     }
@@ -129,8 +130,16 @@ export async function bitmapProblems(infoOf: (disk: DomainDisk) => Promise<strin
   return problems;
 }
 
+/** What to do about an image another process holds: the end of the lines that name it. */
+export const IMAGE_HELD = 'is in use by another process, which holds QEMU\'s lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again';
+
+/** The image QEMU's lock refusal in `message` names ("Is another process using the image [<path>]?"), if any. */
+export function lockedImage(message: string): string | undefined {
+  return /another process using the image \[([^\]]+)\]/.exec(message)?.[1];
+}
+
 function imageInUse(disk: DomainDisk): UserError {
-  return new UserError(`image ${disk.path} of disk ${disk.target} is in use by another process, which holds QEMU's lock on it: stop that process (a qemu-nbd, qemu-io, guestmount ...) and run again`);
+  return new UserError(`image ${disk.path} of disk ${disk.target} ${IMAGE_HELD}`);
 }
 
 /** Whether another process holds `image` open for writing (QEMU's lock): qemu-img then cannot open it unshared. */
