@@ -3,7 +3,7 @@
 // anything else is a bug.
 import type { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { Logger, printable } from '../util/log.js';
+import { Logger, consoleDiverted, divertConsole, endDiversion, printable, writeConsole } from '../util/log.js';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';
 import type { LibvirtLogin } from '../libvirt/connection.js';
 import { OUTLIVES_TERMINAL } from '../util/process.js';
@@ -292,11 +292,11 @@ export function makeLogger(flags: CommonFlags): Logger {
 /**
  * One bar per disk on stderr, or nothing when disabled or stderr is not a terminal. cli-progress is loaded only
  * when bars are drawn: its modules cost start-up time that runs without a terminal would pay for nothing. While
- * bars are drawn, `log`'s console lines go above them: written in between, a line was glued to a bar's, and the
- * bars' last redraw wrote over the run's last line. A run that drew none writes nothing at its stop (it wrote an
- * empty line and cursor codes before the error line).
+ * bars are drawn, the console's lines (writeConsole: the loggers' and the command's own) go above them: written in
+ * between, a line was glued to a bar's, and the bars' last redraw wrote over the run's last line. A run that drew
+ * none writes nothing at its stop (it wrote an empty line and cursor codes before the error line).
  */
-export async function makeProgress(flags: CommonFlags, label: string, log?: Logger, stream: NodeJS.WriteStream = process.stderr): Promise<{ factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void }> {
+export async function makeProgress(flags: CommonFlags, label: string, stream: NodeJS.WriteStream = process.stderr): Promise<{ factory?: (disk: string, total: number) => (bytes: number) => void; stop(): void }> {
   if (flags.noprogress || flags.quiet || !stream.isTTY) return { stop: () => undefined };
   const { default: cliProgress } = await importLazily('cli-progress', () => import('cli-progress'));
   const bars = new cliProgress.MultiBar({
@@ -318,10 +318,7 @@ export async function makeProgress(flags: CommonFlags, label: string, log?: Logg
       // Whole MiB, rounded up: a disk with nothing to copy is done (0/0, 100%), where it stayed at 0% of 1 MiB.
       const totalMiB = Math.ceil(total / MiB);
       const bar = bars.create(totalMiB, 0, { disk });
-      if (!drawing && !stopped) {
-        log?.divertConsole(above);
-        aboveBars = above;
-      }
+      if (!drawing && !stopped) divertConsole(above);
       drawing = true;
       let done = 0;
       return (bytes) => {
@@ -336,19 +333,9 @@ export async function makeProgress(flags: CommonFlags, label: string, log?: Logg
       // The lines logged since the last redraw, above the bars, then the bars' final state.
       bars.update();
       bars.stop();
-      log?.divertConsole(undefined);
-      if (aboveBars === above) aboveBars = undefined;
+      endDiversion(above);
     },
   };
-}
-
-/** Where the command's own lines go while progress bars are drawn (above them); else stderr. */
-let aboveBars: ((line: string) => void) | undefined;
-
-/** Writes one of the command's own lines (ending with a newline) to stderr, above the progress bars while drawn. */
-export function writeConsole(line: string): void {
-  if (aboveBars) aboveBars(line);
-  else process.stderr.write(line);
 }
 
 export interface RunCommandOptions {
@@ -382,7 +369,7 @@ export async function runCommand(name: string, verbose: boolean, body: (signal: 
     // A second signal (an impatient Ctrl-C) stops at once, clean-up or not; a person at a terminal is told so.
     if (signalled) {
       // Progress bars are not stopped: the cursor they hid is shown again, and the line begins below them.
-      if (aboveBars) process.stderr.write('\x1b[?25h\n');
+      if (consoleDiverted()) process.stderr.write('\x1b[?25h\n');
       process.stderr.write(`${name}: error: stopped by a second ${sig} before its clean-up ended${cutShort}\n`);
       // A thread may be waiting in libvirt or libnbd for a QEMU that stopped answering: not for it. exitNow skips
       // Node's 'exit' listeners, which remove what a run must not leave (virtnbdmap's socket and overlay, lock

@@ -118,7 +118,7 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
   }
   const compressFlag = flagGiven('-z', '--compress');
   const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;
-  const progress = await makeProgress(argv, 'saving', log);
+  const progress = await makeProgress(argv, 'saving');
   try {
     const result = await backup({
       domain: argv.domain,

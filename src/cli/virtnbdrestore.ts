@@ -81,7 +81,7 @@ void runCommand('virtnbdrestore', argv.verbose, async (signal) => {
   }
   const onto = await outputHost();
   await withLogFile(log, argv.logfile, async () => {
-    const progress = await makeProgress(argv, 'restoring', log);
+    const progress = await makeProgress(argv, 'restoring');
     try {
       const result = await restore({
         input: argv.input, output: argv.output, until: argv.until, sequence: listOption(argv.sequence, '-s/--sequence'), disk: argv.disk,

@@ -1,5 +1,6 @@
-// Logging for the commands: level-filtered lines to stderr (never stdout, which may carry a zip) and
-// optionally to a log file in the backup set and to syslog; counts warnings for --strict.
+// Logging for the commands: level-filtered lines to stderr (never stdout, which may carry a zip; above the progress
+// bars while they are drawn, as the commands' own console lines) and optionally to a log file in the backup set and
+// to syslog; counts warnings for --strict.
 import fs from 'node:fs';
 import { SyslogSink } from './syslog.js';
 import { describeFailure } from './errors.js';
@@ -19,8 +20,6 @@ export class Logger {
   errors = 0;
   private file: fs.WriteStream | undefined;
   private syslog: SyslogSink | undefined;
-  /** Where console lines go instead of stderr (above the progress bars while they are drawn). */
-  private console: ((line: string) => void) | undefined;
   private readonly threshold: number;
   private readonly color: boolean;
 
@@ -57,11 +56,6 @@ export class Logger {
     await syslog?.close();
   }
 
-  /** Console lines go to `write` (each ends with a newline) until this is called again without one. */
-  divertConsole(write?: (line: string) => void): void {
-    this.console = write;
-  }
-
   /** A line for syslog alone: what the command itself reports on the console, such as the error it exits with. */
   toSyslog(level: Level, msg: string): void {
     this.syslog?.send(level, printable(msg));
@@ -90,9 +84,32 @@ export class Logger {
     const prefix = level === 'info' || level === 'debug' ? '' : `${level === 'warn' ? 'warning' : 'error'}: `;
     const line = `${prefix}${msg}`;
     const out = this.color && COLOR[level] ? `${COLOR[level]}${line}\x1b[0m\n` : `${line}\n`;
-    if (this.console) this.console(out);
-    else process.stderr.write(out);
+    writeConsole(out);
   }
+}
+
+/** Where the console's lines go instead of stderr: above the progress bars while they are drawn. */
+let consoleDiversion: ((line: string) => void) | undefined;
+
+/** The console's lines (the loggers' and the command's own) go to `write` (each ends with a newline) from now. */
+export function divertConsole(write: (line: string) => void): void {
+  consoleDiversion = write;
+}
+
+/** The console's lines go to stderr again, unless another diversion than `write` has replaced it since. */
+export function endDiversion(write: (line: string) => void): void {
+  if (consoleDiversion === write) consoleDiversion = undefined;
+}
+
+/** Whether the console's lines go elsewhere than stderr now. */
+export function consoleDiverted(): boolean {
+  return consoleDiversion !== undefined;
+}
+
+/** Writes a line (ending with a newline) to the console: stderr, or where divertConsole sends it. */
+export function writeConsole(line: string): void {
+  if (consoleDiversion) consoleDiversion(line);
+  else process.stderr.write(line);
 }
 
 /** `msg` with control characters escaped (`\\n`, `\\u001b`): a name holding a newline keeps its message on one line. */

@@ -7,8 +7,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { Logger, printable } from '../../src/util/log.js';
-import { makeProgress, writeConsole } from '../../src/cli/common.js';
+import { Logger, consoleDiverted, printable, writeConsole } from '../../src/util/log.js';
+import { makeProgress } from '../../src/cli/common.js';
 
 test('control characters in a message are escaped, so a name holding a newline stays on its line', () => {
   assert.equal(printable('set /var/tmp/a\nb: done'), 'set /var/tmp/a\\nb: done');
@@ -72,7 +72,7 @@ function screen(text: string): string[] {
 test('at a terminal, lines logged (and the command\'s own) while bars are drawn go above them whole, and the bars\' last redraw covers none', async () => {
   const { stream, written } = fakeTerminal();
   const log = new Logger({ color: false });
-  const progress = await makeProgress({}, 'saving', log, stream);
+  const progress = await makeProgress({}, 'saving', stream);
   const MiB = 1024 * 1024;
   const vda = progress.factory!('vda', 32 * MiB);
   log.info('disk vdb: 16777216 bytes of data in 3 extents, writing vdb.full.data');
@@ -101,12 +101,12 @@ test('at a terminal, lines logged (and the command\'s own) while bars are drawn 
     `saving vdc [${'\u2588'.repeat(40)}] 100% | 0/0 MiB`,
   ]);
   // After the bars, lines go to stderr again.
-  assert.equal((log as unknown as { console?: unknown }).console, undefined);
+  assert.equal(consoleDiverted(), false);
 });
 
 test('bars that were never drawn (a run that failed first) leave nothing on the terminal', async () => {
   const { stream, written } = fakeTerminal();
-  const progress = await makeProgress({}, 'saving', new Logger({ color: false }), stream);
+  const progress = await makeProgress({}, 'saving', stream);
   progress.stop();
   assert.equal(written(), '');
 });

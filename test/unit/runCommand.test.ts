@@ -57,9 +57,9 @@ test('a second stop signal during the clean-up stops at once, with one line sayi
 });
 
 test('at a terminal, a second stop signal while progress bars are drawn shows the cursor they hid, and its line begins below them', () => {
-  const script = `import { makeProgress, runCommand } from ${JSON.stringify(common)}; import { Logger } from ${JSON.stringify(path.join(repoRoot, 'dist', 'src', 'util', 'log.js'))};
+  const script = `import { makeProgress, runCommand } from ${JSON.stringify(common)};
 void runCommand('demo', false, async (signal) => {
-  const progress = await makeProgress({}, 'saving', new Logger({}));
+  const progress = await makeProgress({}, 'saving');
   progress.factory('vda', 64 * 1024 * 1024)(16 * 1024 * 1024);
   setTimeout(() => undefined, 20000);
   process.kill(process.pid, 'SIGINT');
