@@ -6,7 +6,7 @@
 // died, before its job began, while libvirt began it, or after: the shell then resumes and thaws a guest the run
 // had paused (--pause) or frozen ("paused 1", "frozen 1"; an empty word when it let it go), waits for the domain's
 // backup job and ends it (`virsh domjobabort`) only if its definition holds the marker, and removes the run's
-// socket. Guarantees: a run
+// socket unless another run's job serves on it now. Guarantees: a run
 // that ends its job itself (whether it succeeded or failed) leaves the domain's jobs alone, and so does one that
 // dies while another tool's job runs (or a migration, which domjobabort would end too); one sh process per run,
 // spawned before the job is asked for, no cost on the copy's path; a login given to the run is the guard's too, held
@@ -57,7 +57,7 @@ export function guardJob(uri: string, domain: string, socket: string | undefined
     `[ -z "$frozen" ] || ${virsh} domfsthaw ${shellQuote(domain)} >/dev/null 2>&1`;
   const script = `trap '' INT HUP TERM QUIT; marker=; paused=; frozen=; while read -r word arg; do case "$word" in ` +
     `"begin") marker=$arg ;; "paused") paused=$arg ;; "frozen") frozen=$arg ;; "done") exit 0 ;; esac; done; ${letGo}; ` +
-    `[ -z "$marker" ] || { ${endOurs}; }${socket ? `; rm -f ${shellQuote(socket)}` : ''}`;
+    `[ -z "$marker" ] || { ${endOurs}; }${socket ? `; ${removeSocket(virsh, domain, socket)}` : ''}`;
   const stdio: Array<'pipe' | 'ignore' | number> = ['pipe', 'ignore', 'ignore'];
   if (authFd !== undefined) stdio[AUTH_FD] = authFd;
   let child: ReturnType<typeof spawn>;
@@ -94,6 +94,17 @@ export function guardJob(uri: string, domain: string, socket: string | undefined
       return exited;
     },
   };
+}
+
+/**
+ * Removes the run's socket unless the domain's backup job now is another run's and serves on it: a run with the same
+ * -f, started while this guard waited up to 15 s for its own job, would lose its export. A job holding this run's
+ * marker, or none, leaves the socket to be removed.
+ */
+function removeSocket(virsh: string, domain: string, socket: string): string {
+  const quoted = shellQuote(socket);
+  return `keep=; if xml=$(${virsh} backup-dumpxml ${shellQuote(domain)} 2>/dev/null); then case "$xml" in *${quoted}*) keep=1 ;; esac; ` +
+    `[ -z "$marker" ] || case "$xml" in *"$marker"*) keep= ;; esac; fi; [ -n "$keep" ] || rm -f ${quoted}`;
 }
 
 /**

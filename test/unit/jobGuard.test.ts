@@ -23,8 +23,12 @@ interface Guarded {
   whileGuarding: string[];
   /** Files the guard left in its temporary directory, once it is gone. */
   left: string[];
+  /** Whether the run's socket was there once the guard was done. */
+  socketKept: boolean;
 }
 
+/** Stands for the run's socket in a job definition given to runGuarded. */
+const SOCKET = '@SOCKET@';
 /** This run's scratch file names start so: the guard's marker of its job. */
 const MARKER = 'backup.a1b2c3.';
 
@@ -48,7 +52,7 @@ async function runGuarded(steps: string, login = 'undefined', jobXml?: string): 
       '#!/bin/sh',
       `[ -z "$LIBVIRT_AUTH_FILE" ] || tr '\\n' ' ' < "$LIBVIRT_AUTH_FILE" > ${JSON.stringify(authCopy)}`,
       `if [ "$4" = backup-dumpxml ]; then echo look >> ${JSON.stringify(looks)}; [ $(wc -l < ${JSON.stringify(looks)}) -ge 3 ] || exit 1;`,
-      jobXml === undefined ? '  exit 1; fi' : `  echo ${JSON.stringify(jobXml)}; exit 0; fi`,
+      jobXml === undefined ? '  exit 1; fi' : `  echo ${JSON.stringify(jobXml.replace(SOCKET, socket))}; exit 0; fi`,
       `echo "$@" >> ${JSON.stringify(record)}`, '',
     ].join('\n'), { mode: 0o755 });
     const whileGuarding = path.join(dir, 'while-guarding');
@@ -76,7 +80,7 @@ async function runGuarded(steps: string, login = 'undefined', jobXml?: string): 
     const socketGone = await fs.access(socket).then(() => '', () => ' (socket removed)');
     return {
       asked: asked ? `${asked.trim()}${socketGone}` : '', auth: (await fs.readFile(authCopy, 'utf8').catch(() => '')).trim(),
-      whileGuarding: JSON.parse(await fs.readFile(whileGuarding, 'utf8')) as string[], left,
+      whileGuarding: JSON.parse(await fs.readFile(whileGuarding, 'utf8')) as string[], left, socketKept: !socketGone,
     };
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
@@ -98,6 +102,14 @@ test('another tool\'s job (or a migration), or none, is left alone; so are the d
   assert.equal((await runGuarded('guard.beginning(marker);', 'undefined', ANOTHER)).asked, '');
   assert.equal((await runGuarded('guard.beginning(marker);')).asked, '');
   assert.equal((await runGuarded('', 'undefined', OURS)).asked, '');
+});
+
+test('a run that dies while another run\'s job serves on its socket (the same -f, begun while the guard waited) leaves that socket; a job on another socket does not keep it', async () => {
+  const anotherOnSocket = `<domainbackup mode='pull'><server transport='unix' socket='${SOCKET}'/><disks><disk name='vda'><scratch file='/var/tmp/backup.ffffff.vda'/></disk></disks></domainbackup>`;
+  const guarded = await runGuarded('guard.beginning(marker);', 'undefined', anotherOnSocket);
+  assert.equal(guarded.asked, '', 'the other run\'s job is not ended');
+  assert.equal(guarded.socketKept, true);
+  assert.equal((await runGuarded('guard.beginning(marker);', 'undefined', ANOTHER)).socketKept, false, 'a job on another socket');
 });
 
 test('a run that ended its job itself leaves the domain\'s jobs alone', async () => {
