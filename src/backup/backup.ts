@@ -30,10 +30,11 @@ import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, writeFailure, type DiskResult } from './diskBackup.js';
 import { imageInfoJson, readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
-import { openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
+import { noScratchDirectory, openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
 import { guardJob, type JobGuard } from './jobGuard.js';
 import type { RunContext } from './context.js';
-import { clearSocketPath } from '../util/process.js';
+import { checkSocketPath, clearSocketPath } from '../util/process.js';
+import { checkQemuMayWrite, qemuUserOf } from './qemuAccess.js';
 
 export type { DiskResult } from './diskBackup.js';
 
@@ -502,6 +503,9 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
     log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');
     level = 'copy';
   }
+  // Before the plan, which may move a chain aside (an inc that falls back to a full), and the job's start, before
+  // which a full removes the old chain's checkpoints.
+  if (!power.offline && !ctx.host.remote && !options.printOnly) await checkJobPaths(ctx);
   const plan = await planRun(ctx, level);
   const base = resultOf(ctx, plan);
   if (options.printOnly) return { ...base, estimate: await estimate(ctx, plan) };
@@ -559,6 +563,27 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
     ctx.log.info(`-T: no size estimate (${oneLine(err)}): backing up`);
     return undefined;
   });
+}
+
+/**
+ * Refuses a job on this host whose socket (-f) or scratch directory QEMU could not create files in: not there, or
+ * not writable by QEMU's user. The job's start failed on them only after a full had removed the old chain's
+ * checkpoints, and the earlier set could not go on.
+ */
+async function checkJobPaths(ctx: RunContext): Promise<void> {
+  const { options, log } = ctx;
+  const socket = socketOf(options);
+  await checkSocketPath(socket);
+  const scratch = scratchDirOf(options);
+  if (!(await fs.stat(scratch).then((st) => st.isDirectory(), () => false))) throw noScratchDirectory(scratch);
+  const who = await qemuUserOf(options.domain, ctx.vmXml, options.uri ?? DEFAULT_LIBVIRT_URI);
+  if (!who) {
+    log.debug(`cannot tell which user QEMU of '${options.domain}' runs as: not checked whether it may write to ${path.dirname(socket)} and ${scratch}`);
+    return;
+  }
+  log.debug(`QEMU of '${options.domain}' runs as uid ${who.uid}, gid ${who.gid}, groups ${who.groups.join(',') || 'none'} (${who.source})`);
+  await checkQemuMayWrite(path.dirname(socket), who, 'the directory of the NBD socket (-f)', 'give -f a path in a directory it may write to, such as /var/tmp (the default)', log);
+  await checkQemuMayWrite(scratch, who, 'the scratch directory (--scratchdir)', 'give --scratchdir a directory it may write to, such as /var/tmp (the default)', log);
 }
 
 /** Starts the libvirt backup job for `plan`; a full first removes this chain's old checkpoints. */

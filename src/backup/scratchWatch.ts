@@ -128,7 +128,7 @@ export interface ScratchSpace {
 }
 
 /** The line for a scratch directory `where` that is not there, or is no directory. */
-function noScratchDirectory(where: string): UserError {
+export function noScratchDirectory(where: string): UserError {
   return new UserError(`the scratch directory ${where} does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`);
 }
 

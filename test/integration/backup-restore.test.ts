@@ -315,3 +315,67 @@ test('a chain that switches tools: Python full, ours inc, Python inc, ours inc; 
     }
   }
 });
+
+test('a full (and an inc that falls back to one) whose --scratchdir or -f directory QEMU\'s user may not write is refused before the old chain\'s checkpoints go, naming the directory and the user; a directory its group, or an ACL, lets it write works', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 16, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] }] });
+  const work = await tempDir('vnbd-qemuaccess-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  // Who this test bed's QEMU runs as (libvirt-qemu on Debian): the refusal must name that user.
+  const pid = (await fs.readFile(`/run/libvirt/qemu/${dom.name}.pid`, 'utf8')).trim();
+  const uid = Number(/^Uid:\s+(\d+)/m.exec(await fs.readFile(`/proc/${pid}/status`, 'utf8'))?.[1]);
+  if (uid === 0) {
+    t.skip('QEMU runs as root here: it may write anywhere, so there is nothing to refuse');
+    return;
+  }
+  const qemuUser = execFileSync('id', ['-nu', String(uid)], { encoding: 'utf8' }).trim();
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  // Root's directories under the test's (0777, made 0755: only each case's own bits decide).
+  await fs.chmod(work, 0o755);
+  const closed = path.join(work, 'closed');
+  await fs.mkdir(closed, { mode: 0o700 });
+  const shut = path.join(work, 'shut');
+  await fs.mkdir(path.join(shut, 'open'), { recursive: true });
+  await fs.chmod(path.join(shut, 'open'), 0o777);
+  await fs.chmod(shut, 0o700);
+  const rootOnly = path.join(work, 'rootonly');
+  await fs.mkdir(rootOnly, { mode: 0o755 });
+  const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  const cases: Array<[string[], RegExp]> = [
+    [['--scratchdir', closed], new RegExp(`^virtnbdbackup: error: QEMU runs as ${qemuUser} \\(groups [^)]+\\), which may not create files in the scratch directory \\(--scratchdir\\) ${esc(closed)} \\(owner root, group root, mode 0700\\); give --scratchdir a directory it may write to, such as /var/tmp \\(the default\\), or let that user write there$`)],
+    [['--scratchdir', path.join(shut, 'open')], new RegExp(`^virtnbdbackup: error: QEMU runs as ${qemuUser} .*scratch directory \\(--scratchdir\\) ${esc(path.join(shut, 'open'))}: it may not enter ${esc(shut)} \\(owner root, group root, mode 0700\\); .*, or let that user enter ${esc(shut)}$`)],
+    [['-f', path.join(rootOnly, 'job.sock')], new RegExp(`^virtnbdbackup: error: QEMU runs as ${qemuUser} .*the directory of the NBD socket \\(-f\\) ${esc(rootOnly)} \\(owner root, group root, mode 0755\\); give -f a path in a directory it may write to, such as /var/tmp \\(the default\\), or let that user write there$`)],
+  ];
+  for (const [flags, message] of cases) {
+    const r = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, `new${cases.findIndex((c) => c[0] === flags)}`), ...flags]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr.trim(), message);
+    assert.doesNotMatch(r.stderr, /removed old checkpoint/);
+    assert.equal(execFileSync('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'], { encoding: 'utf8' }).trim(), 'virtnbdbackup.0', flags.join(' '));
+  }
+  // An inc that would fall back to a full (its parent's saved definition gone, so the checkpoint is not the set's)
+  // is refused as well, before it moves the chain aside.
+  const cpt = path.join(set, 'checkpoints', 'virtnbdbackup.0.xml');
+  const saved = await fs.readFile(cpt);
+  await fs.rm(cpt);
+  const inc = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set, '--scratchdir', closed]);
+  assert.equal(inc.code, 1, inc.stderr);
+  assert.match(inc.stderr.trim(), /which may not create files in the scratch directory/);
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.startsWith('chain.')), [], 'the chain was moved aside');
+  await fs.writeFile(cpt, saved);
+  // The owner's group may write: QEMU's user is in it, so the run goes on.
+  const grouped = path.join(work, 'grouped');
+  await fs.mkdir(grouped);
+  await fs.chown(grouped, 0, Number(execFileSync('id', ['-g', String(uid)], { encoding: 'utf8' }).trim()));
+  await fs.chmod(grouped, 0o770);
+  // Root's 0700 with an ACL entry for QEMU's user (written as the xattr setfacl writes; the acl tools are not
+  // installed here): the mode bits refuse, the kernel allows, so the run goes on.
+  const acl = path.join(work, 'acl');
+  await fs.mkdir(acl, { mode: 0o700 });
+  const entries = [[0x01, 7, -1], [0x02, 7, uid], [0x04, 0, -1], [0x10, 7, -1], [0x20, 0, -1]].map(([tag, perm, id]) => `struct.pack('<HHI',${tag},${perm},${id === -1 ? '0xffffffff' : id})`);
+  execFileSync('/usr/bin/python3', ['-c', `import os,struct\nos.setxattr(${JSON.stringify(acl)},'system.posix_acl_access',struct.pack('<I',2)+${entries.join('+')})`]);
+  await dom.write('vda', 0x22, '2M', '1M');
+  const ok = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set, '--scratchdir', acl, '-f', path.join(grouped, 'job.sock')]);
+  assert.doesNotMatch(ok.stderr, /warning/);
+  assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.1.data'));
+});
