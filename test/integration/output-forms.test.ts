@@ -485,3 +485,46 @@ test("Python's zip chain begun anew, its zips unzipped over the old chain's: the
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', '--until', 'virtnbdbackup.1']);
   await assertSame(path.join(out, 'vda.qcow2'), reference);
 });
+
+test('a boot file the domain XML names twice (kernel and initrd one file) is one entry of the zip and one file of a set; of two boot files of one name the nvram\'s is kept, which restore puts back', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 16, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] }], start: false });
+  const work = await tempDir('vnbd-zipboot-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const shared = path.join(dom.dir, 'boot-both');
+  await fs.writeFile(shared, Buffer.alloc(4096, 7));
+  // The loader and the NVRAM both named vars.fd, in two directories: different files of one name in the set.
+  await fs.mkdir(path.join(dom.dir, 'code'));
+  await fs.mkdir(path.join(dom.dir, 'vars'));
+  const loader = path.join(dom.dir, 'code', 'vars.fd');
+  const nvram = path.join(dom.dir, 'vars', 'vars.fd');
+  await fs.writeFile(loader, Buffer.alloc(65536, 1));
+  await fs.writeFile(nvram, Buffer.alloc(65536, 2));
+  const virsh = (...args: string[]): Promise<{ stdout: string }> => run('virsh', ['-c', 'qemu:///system', ...args]);
+  const xml = (await virsh('dumpxml', dom.name)).stdout
+    .replace('</os>', `<loader readonly='yes' type='pflash'>${loader}</loader><nvram>${nvram}</nvram><kernel>${shared}</kernel><initrd>${shared}</initrd></os>`)
+    .replace('<devices>', '<features><acpi/></features><devices>');
+  await fs.writeFile(path.join(work, 'domain.xml'), xml);
+  await virsh('define', path.join(work, 'domain.xml'));
+
+  const state = path.join(work, 'state');
+  await fs.mkdir(state);
+  const zip = await backupToZip(state, ['-d', dom.name, '-l', 'copy', '-n'], path.join(work, 'copy.zip'));
+  assert.equal(zip.code, 0, zip.stderr);
+  assert.match(zip.stderr, new RegExp(`warning: boot files ${loader.replace(/[.]/g, '\\.')} \\(loader\\) and ${nvram.replace(/[.]/g, '\\.')} \\(nvram\\) have the same name, vars\\.fd: the backup keeps the nvram's`));
+  const listed = await run('/usr/bin/python3', ['-W', 'error', '-c', 'import sys,zipfile; z=zipfile.ZipFile(sys.argv[1]); assert z.testzip() is None; print("\\n".join(z.namelist()))', path.join(work, 'copy.zip')]);
+  const names = listed.stdout.trim().split('\n');
+  assert.deepEqual(names.filter((n) => n === 'boot-both'), ['boot-both'], names.join(' '));
+  assert.deepEqual(names.filter((n) => n === 'vars.fd'), ['vars.fd'], names.join(' '));
+  const set = path.join(work, 'set');
+  await run('unzip', ['-q', path.join(work, 'copy.zip'), '-d', set]);
+  assert.ok((await fs.readFile(path.join(set, 'boot-both'))).equals(await fs.readFile(shared)));
+  assert.ok((await fs.readFile(path.join(set, 'vars.fd'))).equals(await fs.readFile(nvram)), 'the NVRAM saved is the loader');
+  // Restore puts the NVRAM back beside the disks, from that one file.
+  const restored = path.join(work, 'restored');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', restored, '-c']);
+  assert.ok((await fs.readFile(path.join(restored, 'vars.fd'))).equals(await fs.readFile(nvram)));
+  // A set directory: the file named twice is saved once, without a warning that it is already there.
+  const dirSet = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'dirset')]);
+  assert.doesNotMatch(dirSet.stderr, /could not save/);
+  assert.match(dirSet.stderr, new RegExp(`saved kernel and initrd ${shared.replace(/[.]/g, '\\.')} as boot-both`));
+});
