@@ -16,7 +16,7 @@ import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, t
 import { parseDomainXml, resolveVolumes, selectDisks, type DomainDisk } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, NbdStalled, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
-import { changedBytesSince, clearOrphanBitmap, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
+import { changedBytesSince, clearOrphanBitmap, deleteCheckpoint, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
@@ -321,6 +321,8 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
   let succeeded = false;
   let conn: LibvirtConnection | undefined;
   const afterZip: RunContext['afterZip'] = [];
+  /** A zip run's checkpoint, made permanent only once the archive is whole (removed should its end fail). */
+  let zipCheckpoint: { domain: LibvirtDomain; name: string } | undefined;
   try {
     const connection = await openLibvirt(uri, options.login, options.nbdTimeout);
     conn = connection;
@@ -344,6 +346,7 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
       };
       const result = await runBackup(ctx, level);
       succeeded = true;
+      if (toZip && writesSet && result.checkpoint.create && !result.skipped) zipCheckpoint = { domain, name: result.checkpoint.name };
       // Logged here, before the log file is closed, so the set's log ends with the outcome.
       if (writesSet && !result.skipped) {
         for (const d of result.disks) log.info(`disk ${d.disk}: ${d.dataSize} bytes of data saved to ${d.file}`);
@@ -362,14 +365,35 @@ async function backupLocked(options: BackupOptions, log: Logger, level: Level, s
     log.toFile('error', oneLine(failure));
     throw failure;
   } finally {
-    await conn?.close().catch(() => undefined);
-    if (toZip && writesSet) {
-      await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log);
-      // Only now, the archive whole: a zip that failed leaves the checkpoint unlisted, and the next inc removes it,
-      // its changes merged into its parent's bitmap.
-      if (succeeded) for (const record of afterZip) await record();
+    try {
+      if (toZip && writesSet) {
+        await finishZip(target as ZipTarget, succeeded, path.join(stateDir, logName), logName, log).catch(async (err: unknown) => {
+          // Stopped (a signal) or failed as the archive's end was written, after "finished": no whole zip holds the
+          // run's checkpoint, which is removed as a failed run's is, its changes merged into its parent's bitmap.
+          if (zipCheckpoint) await dropZipCheckpoint(zipCheckpoint.domain, zipCheckpoint.name, log);
+          throw err;
+        });
+        // Only now, the archive whole: the state dir lists the checkpoint.
+        if (succeeded) for (const record of afterZip) await record();
+      }
+    } finally {
+      // Closed after the zip's end: a checkpoint to remove needs it.
+      await conn?.close().catch(() => undefined);
+      await log.detachFile();
     }
-    await log.detachFile();
+  }
+}
+
+/**
+ * Removes the checkpoint of a zip run whose archive did not end whole; one that cannot be removed is a warning (the
+ * next inc removes it, as it does one left by a run killed there).
+ */
+async function dropZipCheckpoint(domain: LibvirtDomain, name: string, log: Logger): Promise<void> {
+  try {
+    await deleteCheckpoint(domain, name, log);
+    log.info(`removed checkpoint ${name}: the zip holding it did not end whole, so the chain goes on from its parent`);
+  } catch (err) {
+    log.warn(`could not remove checkpoint ${name} of the unfinished zip: ${oneLine(err)}; the next inc removes it`);
   }
 }
 

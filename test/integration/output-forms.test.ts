@@ -139,7 +139,7 @@ test('a reader of the zip that goes away, or a full output: one line saying so, 
   await run('unzip', ['-tq', path.join(state, 'full.zip')]);
 });
 
-test('a zip that fails at its very end (its central directory) leaves the chain state as it was: the next inc saves those changes too', async (t) => {
+test('a zip that fails at its very end (its central directory) leaves the chain state as it was and removes its checkpoint: the next inc saves those changes too', async (t) => {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
   const state = await tempDir('vnbd-zipend-');
   t.after(() => fs.rm(state, { recursive: true, force: true }));
@@ -163,10 +163,13 @@ test('a zip that fails at its very end (its central directory) leaves the chain 
   assert.equal(cut.code, 1, cut.stdout + cut.stderr);
   assert.match(cut.stdout, /^failed: cannot finish the zip on standard output: the reader of the output went away \(broken pipe\); check the command the output is piped into \(EPIPE\)$/m);
   assert.equal(await fs.readFile(cpt, 'utf8'), chainBefore, 'the .cpt lists the checkpoint of a zip that failed');
-  // The next inc removes that checkpoint (its bitmap merged into the full's) and saves the write.
+  // The run removed its checkpoint itself (its bitmap merged into the full's): the next inc finds none to remove
+  // and saves the write.
+  assert.equal((await run('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'])).stdout.trim(), 'virtnbdbackup.0');
   const reference = await dom.snapshot('vda', path.join(state, 'vda.raw'));
   const inc = await backupToZip(state, ['-d', dom.name, '-l', 'inc', '-n'], path.join(state, 'inc.zip'));
   assert.equal(inc.code, 0, inc.stderr);
+  assert.doesNotMatch(inc.stderr, /warning/);
   const set = path.join(state, 'set');
   await fs.mkdir(set);
   for (const zip of ['full.zip', 'inc.zip']) await run('unzip', ['-oq', path.join(state, zip), '-d', set]);
@@ -527,4 +530,43 @@ test('a boot file the domain XML names twice (kernel and initrd one file) is one
   const dirSet = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'copy', '-o', path.join(work, 'dirset')]);
   assert.doesNotMatch(dirSet.stderr, /could not save/);
   assert.match(dirSet.stderr, new RegExp(`saved kernel and initrd ${shared.replace(/[.]/g, '\\.')} as boot-both`));
+});
+
+test('a zip run stopped (SIGINT, SIGTERM) after \'finished\', while the archive\'s end waits for its reader: the run\'s checkpoint is removed, the chain goes on from its parent', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
+  const state = await tempDir('vnbd-zipstop-');
+  t.after(() => fs.rm(state, { recursive: true, force: true }));
+  const full = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
+  assert.equal(full.code, 0, full.stderr);
+  const cpt = path.join(state, `${dom.name}.cpt`);
+  const chainBefore = await fs.readFile(cpt, 'utf8');
+  await dom.write('vda', 0x5a, '8M', '2M');
+  // The engine, as the command runs it: its output takes every byte but the archive's end, which it holds as a
+  // slow reader would; the stop comes then, as the command's signal handler gives it (an abort of the signal).
+  const engine = path.join(repoRoot, 'dist', 'src', 'index.js');
+  const script = `import { Writable } from 'node:stream';
+    import { backup } from ${JSON.stringify(engine)};
+    const stop = new AbortController();
+    const ends = [Buffer.from('504b0506', 'hex'), Buffer.from('504b0606', 'hex'), Buffer.from('504b0102', 'hex')];
+    import { Logger } from ${JSON.stringify(path.join(repoRoot, 'dist', 'src', 'util', 'log.js'))};
+    import { UserError } from ${JSON.stringify(path.join(repoRoot, 'dist', 'src', 'util', 'errors.js'))};
+    let finished = false;
+    class Watching extends Logger { info(m) { if (/^finished /.test(m)) finished = true; super.info(m); } }
+    const stdout = new Writable({ write(chunk, _enc, done) {
+      if (!ends.some((e) => chunk.includes(e))) return done();
+      console.log(finished ? 'held after finished' : 'held before finished');
+      setTimeout(() => stop.abort(new UserError('interrupted by SIGTERM; cleaned up', 130)), 50);
+    } });
+    await backup({ domain: ${JSON.stringify(dom.name)}, level: 'inc', output: '-', stdout, signal: stop.signal, log: new Watching() }).then(
+      () => { console.log('finished'); process.exit(0); }, (err) => { console.log('failed: ' + err.message); process.exit(1); });`;
+  const cut = await runCliIn(state, process.execPath, ['--input-type=module', '-e', script]);
+  assert.equal(cut.code, 1, cut.stdout + cut.stderr);
+  assert.match(cut.stdout, /^held after finished$/m);
+  assert.match(cut.stdout, /^failed: interrupted by SIGTERM; cleaned up$/m);
+  assert.equal(await fs.readFile(cpt, 'utf8'), chainBefore);
+  assert.equal((await run('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'])).stdout.trim(), 'virtnbdbackup.0', 'the stopped zip\'s checkpoint is left');
+  const inc = await backupToZip(state, ['-d', dom.name, '-l', 'inc', '-n'], path.join(state, 'inc.zip'));
+  assert.equal(inc.code, 0, inc.stderr);
+  assert.doesNotMatch(inc.stderr, /warning/);
+  assert.match(inc.stderr, /checkpoint virtnbdbackup\.1/);
 });
