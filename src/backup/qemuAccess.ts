@@ -203,7 +203,7 @@ export async function checkQemuMayWrite(dir: string, who: QemuUser, what: string
   const kernel = await kernelAllows(dir, who);
   if (kernel === true) return;
   if (kernel === undefined && (await hasAcl(refusal.dir.path))) {
-    log.debug(`${refusal.dir.path} has an ACL: not judged by its mode whether QEMU (${describeUser(who)}) may use ${dir}`);
+    log.debug(`${refusal.dir.path} has an ACL: not judged by its mode whether QEMU's user, ${describeUser(who)}, may use ${dir}`);
     return;
   }
   const { dir: at, lacks } = refusal;
