@@ -28,6 +28,7 @@ import { ImageServer, convertImage, createImage, heldForWriting, type ServeOptio
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
 import { partialName, planRestore, refuseExisting, sequenceInSet, type DiskPlan, type PlanOptions, type RestorePlan } from './plan.js';
 import { adjustDomainConfig } from './vmconfig.js';
+import { holdersRefusal, targetHolders } from './holders.js';
 import { parseDomainXml } from '../libvirt/domainXml.js';
 import { bootFileName } from '../backup/bootFiles.js';
 import { Logger, silentLogger } from '../util/log.js';
@@ -306,16 +307,21 @@ async function defineRestored(uri: string, login: LibvirtLogin | undefined, adju
 }
 
 /**
- * Refuses an existing target the system uses (a mounted device), or that another process holds open for writing,
- * such as a running domain's disk: QEMU's image lock tells, and qemu-nbd would fail on it only after the file was
- * grown, with a message that data was left incomplete. Other failures are left to the steps that follow, which
- * name them.
+ * Refuses an existing target the system uses (a mounted device, a loop device it backs, swap), or that another
+ * process holds open for writing, such as a running domain's disk or a raw qemu-nbd: the probe of holders.ts names
+ * them, and QEMU's image lock tells of others. A restore would write under each (qemu-nbd failed on a lock only
+ * after the file was grown, with a message that data was left incomplete). Other failures are left to the steps
+ * that follow, which name them.
  */
 async function refuseInUse(disk: DiskPlan, host: DomainHost): Promise<void> {
   if (disk.block && (await claimedBySystem(disk.image, host))) {
     throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use by the system (a mounted file system, or part of LVM, RAID or swap), so it was left untouched; unmount or release it, or give another device`);
   }
+  // Loop devices, swap and writers that take no QEMU lock (a raw qemu-nbd with --cache=none, dd): each named.
+  const holders = await targetHolders(disk.image, host);
+  if (holders.length > 0) throw new UserError(holdersRefusal(disk.image, host.remote ? ` on ${host.label}` : '', holders));
   // Opened for writing, nothing written: a shared read (qemu-img info) passes where qemu-nbd's write lock fails.
+  // It still tells where the probe sees no holder (a process in a pid namespace of its own, another NFS client).
   if (await heldForWriting(disk.image, host)) {
     throw new UserError(`${disk.image}${host.remote ? ` on ${host.label}` : ''} is in use: another process (a running domain?) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory`);
   }

@@ -791,7 +791,8 @@ test('restore refuses bad input with one line: not a set, unknown --until, exist
   const content = await fs.readFile(inUse);
   const busy = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', inUse, '-n']);
   assert.equal(busy.code, 1);
-  assert.match(busy.stderr, new RegExp(`^virtnbdrestore: error: ${inUse} is in use: another process \\(a running domain\\?\\) holds it open for writing, so it was left untouched; stop what uses it, or restore to another file or into a directory$`, 'm'));
+  // Its QEMU is named, with the domain.
+  assert.match(busy.stderr, new RegExp(`^virtnbdrestore: error: ${inUse} is in use: qemu-system-x86_64 \\(pid \\d+, domain '${victim.name}'\\) holds it open for writing, so it was left untouched; shut down the domain '${victim.name}', or restore to another file or into a directory$`, 'm'));
   assert.ok((await fs.readFile(inUse)).equals(content), 'the running domain\'s disk changed');
   for (const r of [notSet, until, again, busy]) assert.equal(errorLines(r).length, 1, r.stderr);
 });

@@ -1,0 +1,163 @@
+// A restore onto an existing raw file that something else holds, which QEMU's image lock does not tell: a loop
+// device it backs (also under a name of its own, the file's first name deleted), swap on it, a process with it open
+// for writing (a raw qemu-nbd with --cache=none, any program). Each is refused with one line naming the holder, here
+// and on another host (-U qemu+ssh://, this machine through a private sshd), and the file is left as it was;
+// readers are no holders. A failed restore onto another host removes the directories it made there, and only
+// those.
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fsSync from 'node:fs';
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { run, withTempDir } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, runOk, whenExists } from '../support/cli.js';
+import { cleanup } from '../support/cleanup.js';
+import { randomSet } from '../support/craftedSet.js';
+import { freePort, withPrivateSshd } from '../support/sshd.js';
+import { holdersRefusal, parseHolders } from '../../src/restore/holders.js';
+
+const MiB = 1024 * 1024;
+const restoreBin = ourBin('virtnbdrestore');
+
+/** A raw file of `size` bytes of 0xee: a restore onto it changes it. */
+async function prefilled(file: string, size = 4 * MiB): Promise<Buffer> {
+  const content = Buffer.alloc(size, 0xee);
+  await fs.writeFile(file, content);
+  return content;
+}
+
+/** `file` attached to a loop device, detached when the test ends. */
+async function withLoop(t: TestContext, file: string): Promise<string> {
+  const device = (await run('losetup', ['-f', '--show', file])).stdout.trim();
+  cleanup(t, () => run('losetup', ['-d', device]));
+  return device;
+}
+
+/** `file` made swap and turned on (its size must be a whole number of pages), off again when the test ends. */
+async function withSwap(t: TestContext, file: string): Promise<Buffer> {
+  await fs.chmod(file, 0o600);
+  await run('mkswap', ['-q', file]);
+  await run('swapon', [file]);
+  cleanup(t, () => run('swapoff', [file], { allowFailure: true }));
+  return fs.readFile(file);
+}
+
+/** A process holding `file` open (`flags`: 'r' or 'r+'), ended when the test ends; its fd is not the test's. */
+function withHolder(t: TestContext, file: string, flags: 'r' | 'r+'): ChildProcess {
+  const fd = fsSync.openSync(file, flags);
+  const child = spawn('sleep', ['600'], { stdio: ['ignore', 'ignore', 'ignore', fd] });
+  fsSync.closeSync(fd);
+  cleanup(t, () => { child.kill(); });
+  return child;
+}
+
+/** qemu-nbd serving `file` raw with direct I/O (it takes no lock a writer's open would fail on), stopped at the end. */
+async function withRawQemuNbd(t: TestContext, file: string, socket: string): Promise<ChildProcess> {
+  const child = spawn('qemu-nbd', ['-k', socket, '-f', 'raw', '--cache=none', file], { stdio: 'ignore' });
+  cleanup(t, async () => {
+    child.kill();
+    await fs.rm(socket, { force: true });
+  });
+  await whenExists(socket);
+  return child;
+}
+
+test('the refusal names each holder and what to do about it, in one line (unit)', () => {
+  const holders = parseHolders([
+    `loop ${Buffer.from('/dev/loop3').toString('hex')}`,
+    `swap ${Buffer.from('/var/swap file').toString('hex')}`,
+    `writer 42 ${Buffer.from('qemu-nbd').toString('hex')} `,
+    `writer 43 ${Buffer.from('qemu-system-x86_64').toString('hex')} ${Buffer.from('web').toString('hex')}`,
+    'noise',
+  ].join('\n'));
+  assert.deepEqual(holders, [
+    { kind: 'loop', device: '/dev/loop3' }, { kind: 'swap', file: '/var/swap file' },
+    { kind: 'writer', pid: 42, program: 'qemu-nbd' }, { kind: 'writer', pid: 43, program: 'qemu-system-x86_64', domain: 'web' },
+  ]);
+  assert.equal(holdersRefusal('/t.raw', ' on root@kvm2', holders), "/t.raw on root@kvm2 is in use: it backs the loop device /dev/loop3, and it is active swap (/proc/swaps), and qemu-nbd (pid 42) and qemu-system-x86_64 (pid 43, domain 'web') hold it open for writing, so it was left untouched; detach it (losetup -d /dev/loop3), turn that swap off (swapoff '/var/swap file'), shut down the domain 'web', stop that process, or restore to another file or into a directory");
+  assert.equal(holdersRefusal('/t.raw', '', holders.slice(2, 3)), '/t.raw is in use: qemu-nbd (pid 42) holds it open for writing, so it was left untouched; stop that process, or restore to another file or into a directory');
+});
+
+test('onto a raw file that backs a loop device (also by inode: its first name deleted), is swap, or another process writes (a raw qemu-nbd, any program): refused naming the holder, the file left as it was; readers do not count', async (t) => {
+  const work = await withTempDir(t, 'vnbd-holders-');
+  const { set, refs } = await randomSet(work, { vda: 8 });
+  const refused = async (target: string, content: Buffer, holder: string, todo: string): Promise<void> => {
+    const r = await runCli(restoreBin, ['-i', set, '-o', target, '-n']);
+    assert.equal(r.code, 1, r.stderr);
+    assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${target} is in use: ${holder}, so it was left untouched; ${todo}, or restore to another file or into a directory`]);
+    assert.doesNotMatch(r.stderr, /restoring disk/);
+    // Neither grown (4 MiB, the disk 8) nor written.
+    assert.ok((await fs.readFile(target)).equals(content), `${target} changed`);
+  };
+
+  // It was written under the loop device, exit 0.
+  const looped = path.join(work, 'looped.raw');
+  const loopedContent = await prefilled(looped);
+  const device = await withLoop(t, looped);
+  await refused(looped, loopedContent, `it backs the loop device ${device}`, `detach it (losetup -d ${device})`);
+  // The loop device's file under a second name, its first one deleted: sysfs shows "<first> (deleted)".
+  const first = path.join(work, 'first.raw');
+  const second = path.join(work, 'second.raw');
+  const secondContent = await prefilled(first);
+  const other = await withLoop(t, first);
+  await fs.link(first, second);
+  await fs.rm(first);
+  assert.equal((await fs.readFile(`/sys/block/${path.basename(other)}/loop/backing_file`, 'utf8')).trim(), `${first} (deleted)`);
+  await refused(second, secondContent, `it backs the loop device ${other}`, `detach it (losetup -d ${other})`);
+
+  // Active swap: the file was grown, then qemu-nbd's writes failed (EINVAL: the kernel refuses writes to swap), and
+  // the line said that it held incomplete data.
+  const swap = path.join(work, 'swap.raw');
+  await prefilled(swap);
+  await refused(swap, await withSwap(t, swap), 'it is active swap (/proc/swaps)', `turn that swap off (swapoff ${swap})`);
+
+  // A raw qemu-nbd with direct I/O takes no lock QEMU's check fails on: the restore wrote under it, exit 0.
+  const served = path.join(work, 'served.raw');
+  const servedContent = await prefilled(served);
+  const nbd = await withRawQemuNbd(t, served, path.join(work, 'nbd.sock'));
+  await refused(served, servedContent, `qemu-nbd (pid ${nbd.pid}) holds it open for writing`, 'stop that process');
+  // Any program with it open for writing (O_RDWR here).
+  const held = path.join(work, 'held.raw');
+  const heldContent = await prefilled(held);
+  const writer = withHolder(t, held, 'r+');
+  await refused(held, heldContent, `sleep (pid ${writer.pid}) holds it open for writing`, 'stop that process');
+
+  // A reader is no holder: the restore goes on, and the file holds the disk.
+  const read = path.join(work, 'read.raw');
+  await prefilled(read);
+  withHolder(t, read, 'r');
+  await runOk(restoreBin, ['-i', set, '-o', read, '-n']);
+  assert.ok((await fs.readFile(read)).equals(await fs.readFile(refs.vda as string)), 'the restore under a reader differs from the disk');
+});
+
+test('onto another host (-U qemu+ssh://): a file there that backs a loop device, is swap, or another process writes is refused naming the holder and the host, and left as it was; a reader does not count', async (t) => {
+  const sshd = await withPrivateSshd(t);
+  const work = await withTempDir(t, 'vnbd-holders-remote-');
+  const { set, refs } = await randomSet(work, { vda: 8 });
+  const remote = ['-U', sshd.libvirtUri, '-P', String(await freePort())];
+  const refused = async (target: string, content: Buffer, holder: string, todo: string): Promise<void> => {
+    const r = await runCli(restoreBin, ['-i', set, '-o', target, '-n', ...remote]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${target} on root@127.0.0.1 is in use: ${holder}, so it was left untouched; ${todo}, or restore to another file or into a directory`]);
+    assert.ok((await fs.readFile(target)).equals(content), `${target} changed`);
+  };
+  const looped = path.join(work, 'looped.raw');
+  const loopedContent = await prefilled(looped);
+  const device = await withLoop(t, looped);
+  await refused(looped, loopedContent, `it backs the loop device ${device}`, `detach it (losetup -d ${device})`);
+  const swap = path.join(work, 'swap.raw');
+  await prefilled(swap);
+  await refused(swap, await withSwap(t, swap), 'it is active swap (/proc/swaps)', `turn that swap off (swapoff ${swap})`);
+  const served = path.join(work, 'served.raw');
+  const servedContent = await prefilled(served);
+  const nbd = await withRawQemuNbd(t, served, path.join(work, 'nbd.sock'));
+  await refused(served, servedContent, `qemu-nbd (pid ${nbd.pid}) holds it open for writing`, 'stop that process');
+
+  const read = path.join(work, 'read.raw');
+  await prefilled(read);
+  withHolder(t, read, 'r');
+  await runOk(restoreBin, ['-i', set, '-o', read, '-n', ...remote]);
+  assert.ok((await fs.readFile(read)).equals(await fs.readFile(refs.vda as string)), 'the restore under a reader differs from the disk');
+});
