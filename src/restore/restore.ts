@@ -139,11 +139,13 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const host = outputHost(options);
   // Before anything is written: qemu-nbd's socket path is cleared for it, so it must not hold a file of the user's.
   if (options.socketFile && !host.remote) await checkSocketPath(options.socketFile);
-  // Here, the directories this run makes (-o and any missing parents, innermost first): a failed run removes them again.
-  const made = plan.outputDir && !host.remote ? await missingDirectories(plan.outputDir) : [];
+  // The directories this run makes, here or on the output's host (-o and any missing parents, innermost first): a
+  // failed run removes them again.
+  const made = plan.outputDir ? await missingDirectories(plan.outputDir, host) : [];
   if (plan.outputDir) {
     const dir = plan.outputDir;
-    await host.makeDir(dir).catch((err: unknown) => {
+    await host.makeDir(dir).catch(async (err: unknown) => {
+      await removeEmptyDirectories(made, host);
       throw new UserError(`cannot create output directory ${dir}${host.remote ? ` on ${host.label}` : ''}: ${describeFailure(err)}`);
     });
   }
@@ -152,7 +154,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
   } catch (err) {
     // A failed disk's image is removed: a directory this run made is then left only if something else is in it.
-    for (const dir of made) if (!(await fs.rmdir(dir).then(() => true, () => false))) break;
+    await removeEmptyDirectories(made, host);
     throw keptImages(err, disks, plan, adjust, host);
   }
   const result: RestoreResult = { disks };
@@ -196,11 +198,35 @@ function keptImages(err: unknown, done: RestoredDisk[], plan: RestorePlan, adjus
   return new UserError(`${err.message}; ${images.join(', ')}${host.remote ? ` on ${host.label}` : ''} ${are} restored whole and kept: ${onlyRest}remove ${them} and restore again`, err.exitCode);
 }
 
-/** `dir` and those of its parents that do not exist, innermost first. */
-async function missingDirectories(dir: string): Promise<string[]> {
-  const missing: string[] = [];
-  for (let at = path.resolve(dir); !(await exists(at)) && at !== path.dirname(at); at = path.dirname(at)) missing.push(at);
-  return missing;
+/** `dir` and those of its parents that do not exist on `host`, innermost first (on another host, `dir` is absolute). */
+async function missingDirectories(dir: string, host: DomainHost): Promise<string[]> {
+  const candidates: string[] = [];
+  for (let at = path.resolve(dir); at !== path.dirname(at); at = path.dirname(at)) candidates.push(at);
+  if (!host.remote) {
+    const missing: string[] = [];
+    for (const at of candidates) {
+      if (await exists(at)) break;
+      missing.push(at);
+    }
+    return missing;
+  }
+  // One round trip: each name up to the first that is there, NUL-separated (a name may hold a newline).
+  const script = 'for d; do if [ -e "$d" ] || [ -L "$d" ]; then break; fi; printf "%s\\0" "$d"; done';
+  const { stdout } = await host.run('sh', ['-c', script, 'sh', ...candidates]);
+  return stdout.split('\0').filter((d) => candidates.includes(d));
+}
+
+/**
+ * Removes the directories this run made (`made`, innermost first) where they are empty, stopping at the first that
+ * is not (or cannot be reached): nothing that was there before the run, nor anything in them, is removed.
+ */
+async function removeEmptyDirectories(made: string[], host: DomainHost): Promise<void> {
+  if (made.length === 0) return;
+  if (!host.remote) {
+    for (const dir of made) if (!(await fs.rmdir(dir).then(() => true, () => false))) break;
+    return;
+  }
+  await host.run('sh', ['-c', 'for d; do rmdir -- "$d" 2>/dev/null || break; done', 'sh', ...made]).catch(() => undefined);
 }
 
 /**

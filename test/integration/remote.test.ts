@@ -185,14 +185,28 @@ test('restore onto another host (remote -U): images written there through its qe
   const again = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n', ...remote]);
   assert.equal(again.code, 1, again.stderr);
   assert.match(errorLines(again).join('\n'), new RegExp(`${image} on root@127\\.0\\.0\\.1 already exists; restore into another directory`));
-  // Its qemu-nbd's port already taken there: one line naming it and -P, and nothing of the disk kept.
+  // Its qemu-nbd's port already taken there: one line naming it and -P, and nothing of the disk kept; the
+  // directories the run made there (-o and its missing parent) are removed again (they were left, empty), and a
+  // directory that was there before is kept.
   const taken = net.createServer();
   await new Promise<void>((resolve) => taken.listen(port, '127.0.0.1', resolve));
-  const busyOut = path.join(work, 'busy');
-  const busy = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', busyOut, '-n', ...remote]).finally(() => taken.close());
-  assert.equal(busy.code, 1, busy.stderr);
-  assert.match(errorLines(busy).join('\n'), new RegExp(`port ${port} on 127\\.0\\.0\\.1 is taken \\(another backup or restore\\?\\): choose another with -P; nothing of it was kept$`));
-  assert.deepEqual(await fs.readdir(busyOut), []);
+  const busyOut = path.join(work, 'busy', 'deeper');
+  const existingOut = path.join(work, 'existing');
+  await fs.mkdir(existingOut);
+  let busy: CliResult;
+  let busyExisting: CliResult;
+  try {
+    busy = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', busyOut, '-n', ...remote]);
+    busyExisting = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', existingOut, '-n', ...remote]);
+  } finally {
+    taken.close();
+  }
+  for (const r of [busy, busyExisting]) {
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(errorLines(r).join('\n'), new RegExp(`port ${port} on 127\\.0\\.0\\.1 is taken \\(another backup or restore\\?\\): choose another with -P; nothing of it was kept$`));
+  }
+  await assert.rejects(fs.access(path.join(work, 'busy')), 'the directories the failed run made there are left');
+  assert.deepEqual(await fs.readdir(existingOut), []);
   // Its qemu-nbd told to bind an address that host does not have (-I): qemu-nbd's own reason is in the line.
   const unbound = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'unbound'), '-n', ...remote, '-I', '192.0.2.1']);
   assert.equal(unbound.code, 1, unbound.stderr);
@@ -252,7 +266,7 @@ test('restore onto another host (remote -U): images written there through its qe
   const rotted = await runCli(ourBin('virtnbdrestore'), ['-i', rawSet, '-o', rottedOut, '-n', ...remote]);
   assert.equal(rotted.code, 1, rotted.stderr);
   assert.match(errorLines(rotted).join('\n'), /^virtnbdrestore: error: restore of disk vda failed: \S+\/vda\.copy\.data: adler32 of the file is \d+, vda\.copy\.data\.chksum says \d+; the set's file is damaged: .*; nothing of it was kept$/);
-  assert.deepEqual(await fs.readdir(rottedOut), []);
+  await assert.rejects(fs.access(rottedOut), 'the output directory the failed run made there is left');
   const qcow = path.join(work, 'target.qcow2');
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '64M']);
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', qcow, '-d', 'vda', '-n', ...remote]);
