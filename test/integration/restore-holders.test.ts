@@ -80,7 +80,7 @@ test('the refusal names each holder and what to do about it, in one line (unit)'
   assert.equal(holdersRefusal('/t.raw', '', holders.slice(2, 3)), '/t.raw is in use: qemu-nbd (pid 42) holds it open for writing, so it was left untouched; stop that process, or restore to another file or into a directory');
 });
 
-test('onto a raw file that backs a loop device (also by inode: its first name deleted), is swap, or another process writes (a raw qemu-nbd, any program): refused naming the holder, the file left as it was; readers do not count', async (t) => {
+test('onto a raw file that backs a loop device (also by inode: its first name deleted), is swap, or another process writes (a raw qemu-nbd, any program; a block device too): refused naming the holder, the file left as it was; readers do not count', async (t) => {
   const work = await withTempDir(t, 'vnbd-holders-');
   const { set, refs } = await randomSet(work, { vda: 8 });
   const refused = async (target: string, content: Buffer, holder: string, todo: string): Promise<void> => {
@@ -88,7 +88,7 @@ test('onto a raw file that backs a loop device (also by inode: its first name de
     assert.equal(r.code, 1, r.stderr);
     assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${target} is in use: ${holder}, so it was left untouched; ${todo}, or restore to another file or into a directory`]);
     assert.doesNotMatch(r.stderr, /restoring disk/);
-    // Neither grown (4 MiB, the disk 8) nor written.
+    // Neither grown (a file of 4 MiB, the disk 8) nor written.
     assert.ok((await fs.readFile(target)).equals(content), `${target} changed`);
   };
 
@@ -123,6 +123,12 @@ test('onto a raw file that backs a loop device (also by inode: its first name de
   const heldContent = await prefilled(held);
   const writer = withHolder(t, held, 'r+');
   await refused(held, heldContent, `sleep (pid ${writer.pid}) holds it open for writing`, 'stop that process');
+  // A block device another process writes (no exclusive open, so the system's claim does not tell): the same.
+  const behind = path.join(work, 'behind-device.raw');
+  const deviceContent = await prefilled(behind, 8 * MiB);
+  const target = await withLoop(t, behind);
+  const deviceWriter = withHolder(t, target, 'r+');
+  await refused(target, deviceContent, `sleep (pid ${deviceWriter.pid}) holds it open for writing`, 'stop that process');
 
   // A reader is no holder: the restore goes on, and the file holds the disk.
   const read = path.join(work, 'read.raw');
