@@ -6,12 +6,15 @@
 //     -> each attached loop device's backing file, by its LOOP_GET_STATUS64 identity (its path in
 //        /sys/block/loop*/loop/backing_file, " (deleted)" cut, where the ioctl fails)
 //     -> each entry of /proc/swaps, by the identity of its path
-//     -> each process's fds (/proc/*/fd) opened O_WRONLY or O_RDWR (/proc/*/fdinfo), by identity; readers never count
+//     -> each process's fds (/proc/*/fd) opened O_WRONLY or O_RDWR (/proc/*/fdinfo), by identity (a file's fds
+//        first by fdinfo's inode number, so that other files are not stat()ed); readers never count
 //   -> one line of facts per holder, parsed here.
 // Guarantees: only reads (the target is never opened for writing); this process, the probe and their descendants
-// are not holders; a probe that cannot run (no perl there) finds none, and the steps that follow name what fails.
+// are not holders; a host without perl is not known to hold anything (the steps that follow name what fails), and
+// any other failure of the probe is an error, never taken for "no holder".
 import { LOCAL_HOST, type DomainHost } from '../libvirt/domainHost.js';
 import { shellQuote } from '../util/process.js';
+import { oneLine } from '../util/errors.js';
 
 export type Holder =
   | { kind: 'loop'; device: string }
@@ -30,7 +33,11 @@ sub ident { my @s = stat($_[0]) or return ''; return -b _ ? "b$s[6]" : "f$s[0]:$
 sub hex_of { return unpack('H*', $_[0] // ''); }
 my $want = ident($target);
 exit 0 if $want eq '';
-my ($ino) = $want =~ /^f\d+:(\d+)$/;
+# The inode number as fdinfo shows it (the kernel's, which on overlayfs may differ from stat's): a file's quick filter.
+my ($ino, $own_fd, $own_info);
+if ($want =~ /^f/ && open($own_fd, '<', $target) && open($own_info, '<', '/proc/self/fdinfo/' . fileno($own_fd))) {
+  for (<$own_info>) { $ino = $1 if /^ino:\s*(\d+)/; }
+}
 for my $dir (glob('/sys/block/loop*')) {
   my ($name) = $dir =~ m{([^/]+)$};
   open(my $bf, '<', "$dir/loop/backing_file") or next;
@@ -122,8 +129,13 @@ export function parseHolders(stdout: string): Holder[] {
  */
 export async function targetHolders(file: string, host: DomainHost = LOCAL_HOST): Promise<Holder[]> {
   const own = host.remote ? '0' : String(process.pid);
-  const result = await host.run('perl', ['-e', PROBE, '--', file, own]).catch(() => undefined);
-  return result ? parseHolders(result.stdout) : [];
+  try {
+    return parseHolders((await host.run('perl', ['-e', PROBE, '--', file, own])).stdout);
+  } catch (err) {
+    // A host without perl is not known to hold anything; any other failure is told, not taken for "none".
+    if (/\bperl\b.*\bnot (installed|found)\b/.test(oneLine(err))) return [];
+    throw new Error(`cannot tell what holds ${file}${host.remote ? ` on ${host.label}` : ''}: ${oneLine(err)}`, { cause: err });
+  }
 }
 
 /** A path as one word for the shell the advice is pasted into: quoted only where it needs to be. */

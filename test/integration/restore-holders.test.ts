@@ -2,21 +2,18 @@
 // device it backs (also under a name of its own, the file's first name deleted), swap on it, a process with it open
 // for writing (a raw qemu-nbd with --cache=none, any program). Each is refused with one line naming the holder, here
 // and on another host (-U qemu+ssh://, this machine through a private sshd), and the file is left as it was;
-// readers are no holders. A failed restore onto another host removes the directories it made there, and only
-// those.
+// readers are no holders (the probe's parsing and the line's wording: test/unit/restore-holders.test.ts).
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { run, withTempDir } from '../support/testbed.js';
 import { errorLines, ourBin, runCli, runOk, whenExists } from '../support/cli.js';
 import { cleanup } from '../support/cleanup.js';
 import { randomSet } from '../support/craftedSet.js';
 import { freePort, withPrivateSshd } from '../support/sshd.js';
-import { holdersRefusal, parseHolders } from '../../src/restore/holders.js';
 
 const MiB = 1024 * 1024;
 const restoreBin = ourBin('virtnbdrestore');
@@ -63,22 +60,6 @@ async function withRawQemuNbd(t: TestContext, file: string, socket: string): Pro
   await whenExists(socket);
   return child;
 }
-
-test('the refusal names each holder and what to do about it, in one line (unit)', () => {
-  const holders = parseHolders([
-    `loop ${Buffer.from('/dev/loop3').toString('hex')}`,
-    `swap ${Buffer.from('/var/swap file').toString('hex')}`,
-    `writer 42 ${Buffer.from('qemu-nbd').toString('hex')} `,
-    `writer 43 ${Buffer.from('qemu-system-x86_64').toString('hex')} ${Buffer.from('web').toString('hex')}`,
-    'noise',
-  ].join('\n'));
-  assert.deepEqual(holders, [
-    { kind: 'loop', device: '/dev/loop3' }, { kind: 'swap', file: '/var/swap file' },
-    { kind: 'writer', pid: 42, program: 'qemu-nbd' }, { kind: 'writer', pid: 43, program: 'qemu-system-x86_64', domain: 'web' },
-  ]);
-  assert.equal(holdersRefusal('/t.raw', ' on root@kvm2', holders), "/t.raw on root@kvm2 is in use: it backs the loop device /dev/loop3, and it is active swap (/proc/swaps), and qemu-nbd (pid 42) and qemu-system-x86_64 (pid 43, domain 'web') hold it open for writing, so it was left untouched; detach it (losetup -d /dev/loop3), turn that swap off (swapoff '/var/swap file'), shut down the domain 'web', stop that process, or restore to another file or into a directory");
-  assert.equal(holdersRefusal('/t.raw', '', holders.slice(2, 3)), '/t.raw is in use: qemu-nbd (pid 42) holds it open for writing, so it was left untouched; stop that process, or restore to another file or into a directory');
-});
 
 test('onto a raw file that backs a loop device (also by inode: its first name deleted), is swap, or another process writes (a raw qemu-nbd, any program; a block device too): refused naming the holder, the file left as it was; readers do not count', async (t) => {
   const work = await withTempDir(t, 'vnbd-holders-');
