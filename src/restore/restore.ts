@@ -1,7 +1,7 @@
 // Restores disks from a backup set at any point of its chain, and dumps stream metadata.
 //   plan (plan.ts: every refusal before anything is written) -> -c: adjusted domain XML, -D: name free in libvirt
-//   -> per disk: new image (.partial, qcow.json layout) or the existing raw file/device (refused while another
-//      process holds it open for writing) -> qemu-nbd
+//   -> per disk: new image (.partial, qcow.json layout) or the existing raw file/device (refused while the system
+//      or another process holds it: mounted, a loop device's file, swap, open for writing; holders.ts) -> qemu-nbd
 //   -> each stream's records in order (zero frames of later links written; onto an existing target, the base
 //      also zeroes every range it does not cover) -> adler32 of each file == its .chksum -> flush, stop qemu-nbd
 //   -> (--compress: qemu-img convert -c) -> rename; raw images: qemu-img convert (onto another host: their data
@@ -13,8 +13,8 @@
 // Guarantees: never overwrites an existing file; each link is fully written before the next starts, so later
 // changes win; a damaged file (bad frame, bad lz4 checksum, checksum mismatch) fails the restore naming it, and a
 // failed or interrupted restore into a directory leaves nothing of that disk behind, and keeps the images of disks
-// restored before it, naming them; here, qemu-nbd and qemu-img end with the run, even one killed (kill -9). Only -D
-// needs libvirtd.
+// restored before it, naming them; the directories it made for -o (here or there) go again where left empty;
+// here, qemu-nbd and qemu-img end with the run, even one killed (kill -9). Only -D needs libvirtd.
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NbdEndpoint } from '../endpoint/nbd.js';
