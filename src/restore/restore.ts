@@ -218,15 +218,20 @@ async function missingDirectories(dir: string, host: DomainHost): Promise<string
 
 /**
  * Removes the directories this run made (`made`, innermost first) where they are empty, stopping at the first that
- * is not (or cannot be reached): nothing that was there before the run, nor anything in them, is removed.
+ * is not (or cannot be reached): nothing that was there before the run, nor anything in them, is removed. Those it
+ * did not get to make (its mkdir failed part way) are passed over.
  */
 async function removeEmptyDirectories(made: string[], host: DomainHost): Promise<void> {
   if (made.length === 0) return;
   if (!host.remote) {
-    for (const dir of made) if (!(await fs.rmdir(dir).then(() => true, () => false))) break;
+    for (const dir of made) {
+      const removed = await fs.rmdir(dir).then(() => true, (err: NodeJS.ErrnoException) => err.code === 'ENOENT' || err.code === 'ENAMETOOLONG');
+      if (!removed) break;
+    }
     return;
   }
-  await host.run('sh', ['-c', 'for d; do rmdir -- "$d" 2>/dev/null || break; done', 'sh', ...made]).catch(() => undefined);
+  const script = 'for d; do if [ -d "$d" ]; then rmdir -- "$d" 2>/dev/null || break; fi; done';
+  await host.run('sh', ['-c', script, 'sh', ...made]).catch(() => undefined);
 }
 
 /**
