@@ -153,8 +153,9 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   try {
     for (const disk of plan.disks) disks.push(await restoreDisk(disk, options, log));
   } catch (err) {
-    // A failed disk's image is removed: a directory this run made is then left only if something else is in it.
-    await removeEmptyDirectories(made, host);
+    // A failed disk's image is removed: a directory this run made is then left only if something else is in it (as
+    // it surely is where a file could not be removed: a host gone silent is not waited for again).
+    if (!filesLeft.has(err as object)) await removeEmptyDirectories(made, host);
     throw keptImages(err, disks, plan, adjust, host);
   }
   const result: RestoreResult = { disks };
@@ -197,6 +198,9 @@ function keptImages(err: unknown, done: RestoredDisk[], plan: RestorePlan, adjus
   const onlyRest = !adjust && rest.length > 0 ? `restore ${rest.length > 1 ? `the disks ${rest.join(', ')} one by one with -d` : `disk ${rest[0]} with -d ${rest[0]}`} into ${plan.outputDir}, or ` : '';
   return new UserError(`${err.message}; ${images.join(', ')}${host.remote ? ` on ${host.label}` : ''} ${are} restored whole and kept: ${onlyRest}remove ${them} and restore again`, err.exitCode);
 }
+
+/** Failures of a disk whose files could not all be removed (its output directory is not empty). */
+const filesLeft = new WeakSet<object>();
 
 /** `dir` and those of its parents that do not exist on `host`, innermost first (on another host, `dir` is absolute). */
 async function missingDirectories(dir: string, host: DomainHost): Promise<string[]> {
@@ -419,7 +423,9 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
     // A full output is named as such: libnbd only says that qemu-nbd's write failed.
     const full = outOfSpace(err);
     const failure = full ? `failed writing ${disk.image}: ${full}` : `failed: ${oneLine(err)}`;
-    throw new UserError(`restore of disk ${disk.disk} ${failure}${hint}; ${left}`);
+    const error = new UserError(`restore of disk ${disk.disk} ${failure}${hint}; ${left}`);
+    if (kept.length > 0) filesLeft.add(error);
+    throw error;
   }
   return { disk: disk.disk, image: disk.image, applied };
 }
