@@ -125,7 +125,7 @@ export function parseHolders(stdout: string): Holder[] {
 
 /**
  * What holds `file` on `host` besides this run: loop devices it backs, swap on it, and processes with it open for
- * writing. A probe that cannot run finds nothing (left to the steps that follow).
+ * writing. On a host without perl, none is known (left to the steps that follow); any other failure throws.
  */
 export async function targetHolders(file: string, host: DomainHost = LOCAL_HOST): Promise<Holder[]> {
   const own = host.remote ? '0' : String(process.pid);
@@ -164,7 +164,7 @@ export function holdersRefusal(target: string, where: string, holders: Holder[])
   if (writers.length > 0) {
     const named = writers.map((h) => `${h.program} (pid ${h.pid}${h.domain ? `, domain '${h.domain}'` : ''})`);
     what.push(`${listed(named)} ${writers.length > 1 ? 'hold' : 'holds'} it open for writing`);
-    // A domain's QEMU is stopped through libvirt, which would start it again or mark the domain crashed.
+    // A domain's QEMU is ended through libvirt (virsh shutdown), not by its pid.
     const domains = [...new Set(writers.flatMap((h) => (h.domain ? [`'${h.domain}'`] : [])))];
     const others = writers.filter((h) => !h.domain).length;
     if (domains.length > 0) todo.push(`shut down the domain${domains.length > 1 ? 's' : ''} ${listed(domains)}`);
