@@ -29,6 +29,8 @@ export interface FlagExceptions {
   emptyAllowed?: string[];
   /** Flags that may stand without a value (virtnbdbackup's -z alone: level 2). */
   valueOptional?: string[];
+  /** Flags required unless another is given (virtnbdbackup's -o, which -k needs not): flag -> the other flag. */
+  requiredUnless?: Record<string, string>;
 }
 
 /**
@@ -62,15 +64,15 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   } catch (err) {
     usageError(name, (err as Error).message);
   }
-  // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o").
-  const valued = [...kinds.string, ...kinds.number].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
+  // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o"; `-l` last, a level).
+  const valued = [...kinds.string, ...kinds.number, ...Object.keys(kinds.choices)].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
     // A repeated flag takes its last value, as argparse does, instead of becoming a list.
     // ... and knows no --no-<flag> it was not given (yargs took --no-raw as -r off); --no-sparse-detection is a flag.
     .parserConfiguration({ 'duplicate-arguments-array': false, 'boolean-negation': false })
     .requiresArg(valued)
     .strict()
-    .fail((message: string | null, err: Error | undefined) => usageError(name, withoutCamelTwins(message ?? err?.message ?? 'invalid arguments')))
+    .fail((message: string | null, err: Error | undefined) => usageError(name, asArgparseSays(withoutCamelTwins(message ?? err?.message ?? 'invalid arguments'), kinds, givenArgs, options.requiredUnless)))
     .wrap(Math.min(110, process.stdout.columns || 110))
     .parseSync(givenArgs);
   // Words after `--` are no flags, and the commands take no others: argparse refuses them, yargs let them pass.
@@ -91,6 +93,8 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   if (blank) usageError(name, `${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
   const fraction = notWholeNumber(givenArgs, new Set(kinds.number));
   if (fraction) usageError(name, `${fraction.flag} takes a whole number, not ${fraction.value}`);
+  const missing = missingRequired(kinds, givenArgs, options.requiredUnless);
+  if (missing) usageError(name, missing);
   return argv;
 }
 
@@ -111,7 +115,85 @@ interface YargsOptions {
   boolean: string[];
   alias: Record<string, string[]>;
   key: Record<string, boolean>;
+  choices: Record<string, unknown[]>;
+  demandedOptions: Record<string, unknown>;
 }
+
+/** What missingRequired and asArgparseSays read of yargs' getOptions(): each flag's names, which are required. */
+export type FlagNames = Pick<YargsOptions, 'alias' | 'key' | 'demandedOptions' | 'choices'>;
+
+/** A flag's names as argparse prints them, its letter first: `-d/--domain`, `--tls`; camelCase twins left out. */
+export function argparseNames(kinds: Pick<YargsOptions, 'alias'>, flag: string): string {
+  const entry = Object.entries(kinds.alias).find(([key, aliases]) => key === flag || aliases.includes(flag));
+  const names = (entry ? [entry[0], ...entry[1]] : [flag]).filter((n) => n.length === 1 || !/[A-Z]/.test(n));
+  return [...names.filter((n) => n.length === 1), ...names.filter((n) => n.length > 1)].map((n) => (n.length === 1 ? `-${n}` : `--${n}`)).join('/');
+}
+
+/** Whether `args` (as parseFlags wrote them out) give `flag` under any of its names before `--`. */
+function flagIn(kinds: Pick<YargsOptions, 'alias'>, args: readonly string[], flag: string): boolean {
+  const names = argparseNames(kinds, flag).split('/');
+  const end = args.indexOf('--');
+  return args.slice(0, end < 0 ? undefined : end).some((arg) => names.some((n) => arg === n || arg.startsWith(`${n}=`)));
+}
+
+/**
+ * argparse's line for the required flags `args` lack, all of them, in the order they were defined (`the following
+ * arguments are required: -d/--domain, -o/--output`); undefined when none is missing. A flag of `unless` is
+ * required only while the flag it names is not given.
+ */
+export function missingRequired(kinds: FlagNames, args: readonly string[], unless: Record<string, string> = {}): string | undefined {
+  const required = new Set([...Object.keys(kinds.demandedOptions), ...Object.keys(unless)]);
+  const missing = Object.keys(kinds.key).filter((flag) => required.has(flag) && !flagIn(kinds, args, flag)
+    && !(unless[flag] !== undefined && flagIn(kinds, args, unless[flag] as string)));
+  return missing.length > 0 ? `the following arguments are required: ${missing.map((flag) => argparseNames(kinds, flag)).join(', ')}` : undefined;
+}
+
+/** argparse's line for a value none of its flag's choices, `choices` as yargs lists them: `'copy', 'full'`. */
+function invalidChoice(kinds: FlagNames, flag: string, value: string, choices: string): string {
+  return `argument ${argparseNames(kinds, flag)}: invalid choice: '${value}' (choose from ${choices})`;
+}
+
+/**
+ * A yargs failure in argparse's words, which virtnbdbackup's users know: every missing flag (also when yargs stopped
+ * at an unknown one first: argparse names the missing ones first, after a value none of a flag's choices), a flag
+ * with no value, a value none of a flag's choices, unknown arguments as written. Any other message as it is.
+ */
+export function asArgparseSays(message: string, kinds: FlagNames, args: readonly string[], unless?: Record<string, string>): string {
+  if (/^(Missing required argument|Unknown argument)/.test(message)) {
+    const choiceNames = new Set(Object.keys(kinds.choices).flatMap((flag) => argparseNames(kinds, flag).split('/').map((n) => n.replace(/^-+/, ''))));
+    for (const { name, value } of givenValues(args, choiceNames)) {
+      const flag = Object.keys(kinds.choices).find((key) => argparseNames(kinds, key).split('/').includes(name.length === 1 ? `-${name}` : `--${name}`)) as string;
+      const choices = (kinds.choices[flag] ?? []).map(String);
+      if (value !== undefined && !choices.includes(value)) return invalidChoice(kinds, flag, value, choices.map((c) => `'${c}'`).join(', '));
+    }
+    const missing = missingRequired(kinds, args, unless);
+    if (missing) return missing;
+  }
+  const noValue = /^Not enough arguments following: (.+)$/.exec(message);
+  if (noValue) return `argument ${argparseNames(kinds, noValue[1] as string)}: expected one argument`;
+  const choice = /^Invalid values:\s*Argument: (.+?), Given: "(.*?)", Choices: (.+?)$/m.exec(message);
+  if (choice) {
+    // yargs writes the values as JSON strings.
+    const unquoted = (text: string): string => {
+      try {
+        return String(JSON.parse(text));
+      } catch {
+        return text;
+      }
+    };
+    return invalidChoice(kinds, choice[1] as string, unquoted(`"${choice[2] as string}"`), (choice[3] as string).replace(/"((?:[^"\\]|\\.)*)"/g, (quoted) => `'${unquoted(quoted)}'`));
+  }
+  const unknown = /^Unknown arguments?: (.*)$/s.exec(message);
+  if (unknown) {
+    const end = args.indexOf('--');
+    const before = args.slice(0, end < 0 ? undefined : end);
+    const asWritten = (n: string): string => before.find((a) => a === `--${n}` || a.startsWith(`--${n}=`) || a === `-${n}` || a.startsWith(`-${n}=`))
+      ?? before.find((a) => a === n) ?? (n.length === 1 ? `-${n}` : `--${n}`);
+    return `unrecognized arguments: ${(unknown[1] ?? '').split(', ').map(asWritten).join(' ')}`;
+  }
+  return message;
+}
+
 
 /** The command line as parseFlags read it, short flags split as argparse splits them. */
 let givenArgs: string[] = [];

@@ -48,7 +48,6 @@ const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs
   .option('killonly', { alias: 'k', type: 'boolean', default: false, describe: 'End a running backup job of the domain' })
   .option('printonly', { alias: 'p', type: 'boolean', default: false, describe: 'Print the estimated size of the next inc/diff and exit' })
   .option('verbose', { alias: 'v', type: 'boolean', default: false, describe: 'Debug output' })
-  .check((a) => a.killonly || a.output !== undefined || 'Missing required argument: output')
   .version('version', 'Show version and exit', VERSION)
   .alias('version', 'V')
   .help('help')
@@ -71,8 +70,8 @@ const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs
     '  VIRTNBD_SYSLOG_SOCKET=PATH  the syslog socket for -L (default /dev/log)',
     `  ${STAGE_TRACE_ENV}=FILE  write to FILE (JSON) when each read, lz4 compression and disk write of the copy ran`,
   ].join('\n')),
-// -z alone means level 2, as Python's optional -z value.
-{ valueOptional: ['compress'] });
+// -z alone means level 2, as Python's optional -z value; -k ends a job, which needs no -o.
+{ valueOptional: ['compress'], requiredUnless: { output: 'killonly' } });
 
 void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);

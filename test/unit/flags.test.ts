@@ -2,7 +2,8 @@
 // which for a string (-o "$UNSET") would mean the working directory.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { argumentsForLog, blankFlag, expandLongPrefixes, notWholeNumber, splitShortValues, withoutCamelTwins } from '../../src/cli/common.js';
+import yargs from 'yargs';
+import { argumentsForLog, argparseNames, asArgparseSays, blankFlag, expandLongPrefixes, missingRequired, notWholeNumber, splitShortValues, withoutCamelTwins, type FlagNames } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -70,4 +71,45 @@ test('argumentsForLog: the command line for the set\'s log, --password\'s value 
   assert.equal(argumentsForLog(['-d', 'web vm', '-l=full', '--user', 'backup', '--password', 's3cret', '-o', "/b/it's"]),
     "-d 'web vm' -l=full --user backup --password *** -o '/b/it'\\''s'");
   assert.equal(argumentsForLog(['--password=s3cret', '-o', '']), "--password=*** -o ''");
+});
+
+/** yargs' view of flags shaped as virtnbdbackup's: -d required, -o required unless -k, -l with choices. */
+function backupLikeFlags(): FlagNames {
+  const flags = yargs([])
+    .option('domain', { alias: 'd', type: 'string', demandOption: true })
+    .option('level', { alias: 'l', choices: ['copy', 'full'] })
+    .option('output', { alias: 'o', type: 'string' })
+    .option('killonly', { alias: 'k', type: 'boolean' })
+    .option('no-sparse-detection', { type: 'boolean' })
+    .option('tls', { type: 'boolean' });
+  return (flags as unknown as { getOptions(): FlagNames }).getOptions();
+}
+
+test('missingRequired: every required flag missing, named as argparse names them in one line, in their order; one required unless another is given', () => {
+  const kinds = backupLikeFlags();
+  const unless = { output: 'killonly' };
+  assert.equal(missingRequired(kinds, [], unless), 'the following arguments are required: -d/--domain, -o/--output');
+  assert.equal(missingRequired(kinds, ['-l', 'full'], unless), 'the following arguments are required: -d/--domain, -o/--output');
+  assert.equal(missingRequired(kinds, ['--domain=vm'], unless), 'the following arguments are required: -o/--output');
+  assert.equal(missingRequired(kinds, ['-o', '/b'], unless), 'the following arguments are required: -d/--domain');
+  assert.equal(missingRequired(kinds, ['-d=vm', '-k'], unless), undefined, '-k needs no -o');
+  assert.equal(missingRequired(kinds, ['-d', 'vm', '--output=/b'], unless), undefined);
+  assert.equal(missingRequired(kinds, ['--', '-d', 'vm'], unless), 'the following arguments are required: -d/--domain, -o/--output', 'after --, no flags');
+  assert.equal(argparseNames(kinds, 'no-sparse-detection'), '--no-sparse-detection', 'no camelCase twin');
+  assert.equal(argparseNames(kinds, 'l'), '-l/--level', 'by its letter too');
+});
+
+test('asArgparseSays: yargs\' failures in argparse\'s words: missing flags (before unknown ones, after a wrong choice), no value, a wrong choice, unknown arguments as written', () => {
+  const kinds = backupLikeFlags();
+  const unless = { output: 'killonly' };
+  const says = (message: string, args: string[]): string => asArgparseSays(message, kinds, args, unless);
+  assert.equal(says('Missing required argument: domain', ['-l', 'full']), 'the following arguments are required: -d/--domain, -o/--output');
+  assert.equal(says('Unknown argument: bogus', ['-d', 'vm', '--bogus']), 'the following arguments are required: -o/--output', 'argparse names the missing flags first');
+  assert.equal(says('Missing required argument: domain', ['-l=foo']), "argument -l/--level: invalid choice: 'foo' (choose from 'copy', 'full')", '... after a wrong choice');
+  assert.equal(says('Not enough arguments following: l', ['-d', 'vm', '-o', 'x', '-l']), 'argument -l/--level: expected one argument');
+  assert.equal(says('Invalid values:\n  Argument: level, Given: "a\\"b", Choices: "copy", "full"', ['-d', 'vm', '-o', 'x', '-l', 'a"b']),
+    'argument -l/--level: invalid choice: \'a"b\' (choose from \'copy\', \'full\')');
+  assert.equal(says('Unknown arguments: bogus, X, extra', ['-d', 'vm', '-o', 'x', '--bogus=5', '-X', 'extra']), 'unrecognized arguments: --bogus=5 -X extra');
+  assert.equal(says('Unknown argument: no-raw', ['-d', 'vm', '-o', 'x']), 'unrecognized arguments: --no-raw', 'not found as written: as a flag');
+  assert.equal(says('-T takes a number', ['-d', 'vm']), '-T takes a number', 'any other message as it is');
 });
