@@ -312,7 +312,9 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
 async function backupLocked(options: BackupOptions, log: Logger, level: Level, stateDir: string, toZip: boolean, writesSet: boolean, host: DomainHost): Promise<BackupResult> {
   const uri = options.uri ?? DEFAULT_LIBVIRT_URI;
   const startedAt = new Date();
-  const logName = writesSet ? await createLogFile(stateDir, level, startedAt) : logFileName(level, startedAt);
+  // -l auto's log is named for auto, as Python's is (backup.auto.<time>.log), whatever level it resolved to.
+  const logLevel = options.level === 'auto' ? 'auto' : level;
+  const logName = writesSet ? await createLogFile(stateDir, logLevel, startedAt) : logFileName(logLevel, startedAt);
   if (writesSet) log.attachFile(path.join(stateDir, logName));
   if (options.runDescription) log.debug(options.runDescription);
   // A set's data files take their names together at the end (publish), just before the checkpoint list names their
@@ -398,12 +400,12 @@ async function dropZipCheckpoint(domain: LibvirtDomain, name: string, log: Logge
 }
 
 /**
- * Creates the run's log in `dir`, empty, and names it: `backup.<level>.<time>.log`, or where a run of that level
+ * Creates the run's log in `dir`, empty, and names it: `backup.<level>.<time>.log` (`auto` for -l auto), or where a run of that level
  * began in the same second (a diff then refused for its name, another domain's zip from the same directory), a log
  * of its own after that one, which is never appended to. A log that cannot be created is named all the same: the
  * logger says it cannot write it.
  */
-async function createLogFile(dir: string, level: Level, when: Date): Promise<string> {
+async function createLogFile(dir: string, level: Level | 'auto', when: Date): Promise<string> {
   for (let run = 1; ; run++) {
     const name = logFileName(level, when, run);
     const taken = await fs.open(path.join(dir, name), 'wx').then((handle) => handle.close().then(() => false), (err: unknown) => errnoOf(err) === 'EEXIST');

@@ -151,8 +151,11 @@ export async function savedCheckpoint(dir: string, name: string): Promise<SavedC
   }
 }
 
-/** A run's log, `backup.<level>.<time>.log`; the `run`-th of that level in that second (from 2) gets `.<run>` before `.log`. */
-export function logFileName(level: Level, when: Date, run = 1): string {
+/**
+ * A run's log, `backup.<level>.<time>.log`, the level as given (-l auto's is `backup.auto.`, as Python's); the `run`-th
+ * of that level in that second (from 2) gets `.<run>` before `.log`.
+ */
+export function logFileName(level: Level | 'auto', when: Date, run = 1): string {
   const p = (n: number): string => String(n).padStart(2, '0');
   const stamp = `${p(when.getMonth() + 1)}${p(when.getDate())}${when.getFullYear()}${p(when.getHours())}${p(when.getMinutes())}${p(when.getSeconds())}`;
   return `backup.${level}.${stamp}${run > 1 ? `.${run}` : ''}.log`;

@@ -195,6 +195,7 @@ test('zip on stdout: two domains backed up from one working directory keep their
     const listed = await run('/usr/bin/python3', ['-c', 'import sys,zipfile; print("\\n".join(zipfile.ZipFile(sys.argv[1]).namelist()))', path.join(state, `${dom.name}.inc.zip`)]);
     assert.match(listed.stdout, /^vda\.inc\.virtnbdbackup\.1\.data$/m);
     assert.match(listed.stdout, /^checkpoints\/virtnbdbackup\.1\.xml$/m);
+    assert.match(listed.stdout, /^backup\.auto\.\d{14}(\.\d+)?\.log$/m, '-l auto\'s log is named for auto, as Python\'s');
   }
   assert.deepEqual((await fs.readdir(path.join(state, 'checkpoints'))).sort(), doms.map((d) => d.name).sort());
   // Another chain (a set in a directory) replaces a domain's checkpoints: the next zip is a full, and the line says
@@ -569,4 +570,28 @@ test('a zip run stopped (SIGINT, SIGTERM) after \'finished\', while the archive\
   assert.equal(inc.code, 0, inc.stderr);
   assert.doesNotMatch(inc.stderr, /warning/);
   assert.match(inc.stderr, /checkpoint virtnbdbackup\.1/);
+});
+
+test('-l auto names the run\'s log backup.auto.<time>.log, whatever level it resolves to, as Debian\'s virtnbdbackup does (log rotation matches on it)', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 16, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] }] });
+  const work = await tempDir('vnbd-autolog-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const logs = async (dir: string): Promise<string[]> => (await fs.readdir(dir)).filter((f) => f.endsWith('.log')).sort();
+  const ours = path.join(work, 'ours');
+  const full = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'auto', '-o', ours, '-n']);
+  assert.match(full.stderr, /full backup/);
+  await dom.write('vda', 0x22, '2M', '1M');
+  const inc = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'auto', '-o', ours, '-n']);
+  assert.match(inc.stderr, /finished inc backup/);
+  const named = await logs(ours);
+  assert.equal(named.length, 2, named.join(' '));
+  for (const log of named) assert.match(log, /^backup\.auto\.\d{14}(\.\d+)?\.log$/);
+  // The peer, for the record: its auto full's log has that name too.
+  const python = path.join(work, 'python');
+  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'auto', '-o', python, '-n']);
+  assert.deepEqual((await logs(python)).map((log) => log.replace(/\d{14}/, 'TIME')), ['backup.auto.TIME.log']);
+  // A level given names its own log.
+  const explicit = path.join(work, 'explicit');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', explicit, '-n']);
+  assert.match((await logs(explicit)).join(' '), /^backup\.full\.\d{14}\.log$/);
 });

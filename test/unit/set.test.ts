@@ -27,6 +27,7 @@ test('data file names follow virtnbdbackup', () => {
   assert.equal(qcowInfoName('vda', 'virtnbdbackup.0'), 'vda.virtnbdbackup.0.qcow.json');
   assert.match(logFileName('inc', new Date(2026, 0, 2, 3, 4, 5)), /^backup\.inc\.01022026030405\.log$/);
   assert.equal(logFileName('diff', new Date(2026, 0, 2, 3, 4, 5), 2), 'backup.diff.01022026030405.2.log', 'a later run of that second');
+  assert.equal(logFileName('auto', new Date(2026, 0, 2, 3, 4, 5)), 'backup.auto.01022026030405.log', '-l auto, as Python names it');
 });
 
 test('checkpoint chain: full starts at .0, inc continues, diff creates nothing, inc without chain refused', () => {
