@@ -149,6 +149,18 @@ test('the launchers start the command with 8 libuv threads, or the UV_THREADPOOL
   }
 });
 
+test('the launcher holds the stop signals as its file loads, before its own requires (SIGHUP not under nohup)', () => {
+  const launcher = JSON.stringify(path.join(repoRoot, 'bin', 'launch.cjs'));
+  const count = "['SIGINT', 'SIGTERM', 'SIGHUP'].map((s) => process.listenerCount(s)).join(' ')";
+  const loaded = spawnSync(process.execPath, ['-e', `require(${launcher}); process.stdout.write(${count})`], { encoding: 'utf8' });
+  assert.equal(loaded.stdout, '1 1 1', loaded.stderr);
+  const nohup = spawnSync(process.execPath, ['-e', `require(${launcher}); process.stdout.write(${count})`], { encoding: 'utf8', env: { ...process.env, VIRTNBD_SIGHUP_IGNORED: '1' } });
+  assert.equal(nohup.stdout, '1 1 0', nohup.stderr);
+  // First of all: the file's first statement after 'use strict', before any require.
+  const source = spawnSync('grep', ['-v', '^//', path.join(repoRoot, 'bin', 'launch.cjs')], { encoding: 'utf8' }).stdout.split('\n');
+  assert.deepEqual(source.slice(0, 2), ["'use strict';", 'holdEarlySignals();']);
+});
+
 test('a stop signal while the command loads is held for it: one line and exit 130, not a silent 128 + signal', async (t) => {
   const root = await launcherTree(t, ['launch.cjs']);
   // A command that takes a second to load, then runs as the commands do.
