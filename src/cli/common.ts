@@ -333,6 +333,26 @@ export function notWholeNumber(args: readonly string[], numberFlags: ReadonlySet
   return undefined;
 }
 
+/** lz4's highest level (liblz4 compresses above 12 as 12). */
+const MAX_LZ4_LEVEL = 16;
+
+/**
+ * virtnbdbackup's -z as Python's takes it (`given`: the flag was there; `level`: its value, if any): alone it is
+ * level 2; 0 is no compression (Python's tests the level for truth); a level above 16 is 16 and one below 0 is 1,
+ * where Python hands both to liblz4, which takes them (as its highest level, and as its fast mode).
+ */
+export function compressLevel(given: boolean, level: number | undefined): number | false {
+  if (!given) return false;
+  if (level === undefined || Number.isNaN(level)) return 2;
+  if (level === 0) return false;
+  return Math.min(MAX_LZ4_LEVEL, Math.max(1, level));
+}
+
+/** virtnbdbackup's -w as Python's takes it: 0 or less is 1, one disk at a time. */
+export function workerCount(worker: number | undefined): number | undefined {
+  return worker === undefined ? undefined : Math.max(1, worker);
+}
+
 /** --nbd-timeout, for the commands that talk NBD. */
 export interface NbdTimeoutFlags {
   'nbd-timeout': number;

@@ -9,7 +9,7 @@ import type { Logger } from '../util/log.js';
 import { DEFAULT_LIBVIRT_URI, type LibvirtLogin } from '../libvirt/connection.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { STAGE_TRACE_ENV } from '../util/stageTrace.js';
-import { argumentsForLog, flagGiven, flagsCwd, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
+import { argumentsForLog, compressLevel, flagGiven, workerCount, flagsCwd, listOption, makeLogger, makeProgress, parseFlags, loginOf, runCommand, withLoginFlags, withNbdTimeoutFlag, VERSION } from './common.js';
 
 const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs(hideBin(process.argv), flagsCwd())))
   .scriptName('virtnbdbackup')
@@ -115,8 +115,7 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
   if (output === '-' && !argv.printonly && !argv.startonly && discardsOutput(1)) {
     throw new UserError('-o - writes a zip archive to standard output, which is closed or /dev/null: the archive would be lost while the chain counts it saved; redirect it to a file or a pipe');
   }
-  const compressFlag = flagGiven('-z', '--compress');
-  const compress = argv.compress !== undefined && !Number.isNaN(argv.compress) ? argv.compress : compressFlag ? 2 : false;
+  const compress = compressLevel(flagGiven('-z', '--compress'), argv.compress);
   const progress = await makeProgress(argv, 'saving');
   try {
     const result = await backup({
@@ -131,7 +130,7 @@ async function runBackup(log: Logger, login: LibvirtLogin | undefined, signal: A
       exclude: listOption(argv.exclude, '-x/--exclude'),
       socketFile: argv.socketfile,
       scratchDir: argv.scratchdir,
-      workers: argv.worker,
+      workers: workerCount(argv.worker),
       compress,
       checkpointDir: argv.checkpointdir,
       checkpointPrefix: argv['checkpoint-prefix'],

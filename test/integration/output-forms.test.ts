@@ -595,3 +595,24 @@ test('-l auto names the run\'s log backup.auto.<time>.log, whatever level it res
   await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', explicit, '-n']);
   assert.match((await logs(explicit)).join(' '), /^backup\.full\.\d{14}\.log$/);
 });
+
+test('-z and -w values Python\'s virtnbdbackup takes: -z 0 compresses nothing, -z 99 is level 16 and -z -3 level 1, -w 0 one disk at a time; each set restores with ours and Python', async (t) => {
+  const dom = await withDomain(t, { disks: [
+    { target: 'vda', sizeMiB: 32, fill: [{ pattern: 0x61, offsetMiB: 0, lengthMiB: 4 }] },
+    { target: 'vdb', sizeMiB: 16, fill: [{ pattern: 0x62, offsetMiB: 1, lengthMiB: 2 }] },
+  ] });
+  const work = await tempDir('vnbd-pyvalues-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const refs = await Promise.all(['vda', 'vdb'].map((disk) => dom.snapshot(disk, path.join(work, `${disk}.ref`))));
+  for (const [name, flags, compressed] of [['z0', ['-z', '0', '-w', '0'], false], ['z99', ['-z', '99'], 16], ['zneg', ['-z', '-3', '-w', '-2'], 1], ['zeq0', ['--compress=0'], false]] as const) {
+    const set = path.join(work, name);
+    await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', ...flags, '-o', set, '-n']);
+    const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<{ compressed: unknown }>;
+    assert.deepEqual(dumped.map((m) => m.compressed), [compressed, compressed], `${flags.join(' ')}: ${JSON.stringify(dumped)}`);
+    for (const [tool, who] of [[ourBin('virtnbdrestore'), 'ours'], [pythonBin('virtnbdrestore'), 'python']] as const) {
+      const out = path.join(work, `${name}-${who}`);
+      await runOk(tool, ['-i', set, '-o', out, '-n']);
+      for (const [i, disk] of ['vda', 'vdb'].entries()) await assertSame(path.join(out, `${disk}.qcow2`), refs[i] as string);
+    }
+  }
+});

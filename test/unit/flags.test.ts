@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import yargs from 'yargs';
-import { argumentsForLog, argparseNames, asArgparseSays, blankFlag, expandLongPrefixes, missingRequired, notWholeNumber, splitShortValues, withoutCamelTwins, type FlagNames } from '../../src/cli/common.js';
+import { argumentsForLog, argparseNames, asArgparseSays, blankFlag, compressLevel, workerCount, expandLongPrefixes, missingRequired, notWholeNumber, splitShortValues, withoutCamelTwins, type FlagNames } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -112,4 +112,20 @@ test('asArgparseSays: yargs\' failures in argparse\'s words: missing flags (befo
   assert.equal(says('Unknown arguments: bogus, X, extra', ['-d', 'vm', '-o', 'x', '--bogus=5', '-X', 'extra']), 'unrecognized arguments: --bogus=5 -X extra');
   assert.equal(says('Unknown argument: no-raw', ['-d', 'vm', '-o', 'x']), 'unrecognized arguments: --no-raw', 'not found as written: as a flag');
   assert.equal(says('-T takes a number', ['-d', 'vm']), '-T takes a number', 'any other message as it is');
+});
+
+test('compressLevel and workerCount: -z and -w as Python\'s virtnbdbackup takes them', () => {
+  assert.equal(compressLevel(false, undefined), false, 'no -z');
+  assert.equal(compressLevel(true, undefined), 2, '-z alone');
+  assert.equal(compressLevel(true, Number.NaN), 2, '-z alone, as yargs may give it');
+  assert.equal(compressLevel(true, 0), false, '-z 0: Python tests the level for truth, and compresses nothing');
+  assert.equal(compressLevel(true, 9), 9);
+  assert.equal(compressLevel(true, 16), 16);
+  assert.equal(compressLevel(true, 99), 16, 'above 16: liblz4\'s highest, as python-lz4 hands it on');
+  assert.equal(compressLevel(true, 99999999999), 16);
+  assert.equal(compressLevel(true, -3), 1, 'below 0: the fast mode');
+  assert.equal(workerCount(undefined), undefined);
+  assert.equal(workerCount(0), 1, 'Python sets -w below 1 to 1');
+  assert.equal(workerCount(-4), 1);
+  assert.equal(workerCount(3), 3);
 });
