@@ -64,6 +64,8 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   } catch (err) {
     usageError(name, (err as Error).message);
   }
+  const beforeHelp = errorBeforeHelp(givenArgs, kinds, optional);
+  if (beforeHelp) usageError(name, beforeHelp);
   // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o"; `-l` last, a level).
   const valued = [...kinds.string, ...kinds.number, ...Object.keys(kinds.choices)].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
@@ -146,6 +148,38 @@ export function missingRequired(kinds: FlagNames, args: readonly string[], unles
   const missing = Object.keys(kinds.key).filter((flag) => required.has(flag) && !flagIn(kinds, args, flag)
     && !(unless[flag] !== undefined && flagIn(kinds, args, unless[flag] as string)));
   return missing.length > 0 ? `the following arguments are required: ${missing.map((flag) => argparseNames(kinds, flag)).join(', ')}` : undefined;
+}
+
+/**
+ * The wrong flag argparse would stop at before a -h/--help or -V/--version that comes after it in `args` (as
+ * parseFlags wrote them out): argparse reads left to right and fails at the first flag with no value, a value none
+ * of its choices or no whole number, where yargs shows the help or version whatever precedes it (exit 0 for `-o -h`).
+ * Undefined when no help or version follows a wrong flag; `optional` holds the flags whose value may be left out.
+ */
+export function errorBeforeHelp(args: readonly string[], kinds: FlagNames & Pick<YargsOptions, 'boolean' | 'number'>, optional: ReadonlySet<string>): string | undefined {
+  const keyOf = (name: string): string | undefined => (name in kinds.key ? name : Object.entries(kinds.alias).find(([, aliases]) => aliases.includes(name))?.[0]);
+  // argparse takes `-`, `-5` and anything not starting with `-` as a value.
+  const isValue = (arg: string | undefined): arg is string => arg !== undefined && arg !== '--' && (!arg.startsWith('-') || arg === '-' || /^-\d+$|^-\d*\.\d+$/.test(arg));
+  const isHelp = (key: string | undefined): boolean => key === 'help' || key === 'version';
+  const end = args.indexOf('--');
+  const flags = args.slice(0, end < 0 ? undefined : end);
+  for (let i = 0; i < flags.length; i++) {
+    const match = isValue(flags[i]) ? null : /^--?([^=]+)(?:=(.*))?$/s.exec(flags[i] as string);
+    const key = match ? keyOf(match[1] as string) : undefined;
+    if (!match || key === undefined || kinds.boolean.includes(key)) {
+      if (isHelp(key)) return undefined;
+      continue;
+    }
+    let value = match[2];
+    if (value === undefined && isValue(flags[i + 1])) value = flags[++i];
+    let wrong: string | undefined;
+    const choices = kinds.choices[key]?.map(String);
+    if (value === undefined) wrong = optional.has(key) ? undefined : `argument ${argparseNames(kinds, key)}: expected one argument`;
+    else if (choices && !choices.includes(value)) wrong = `argument ${argparseNames(kinds, key)}: invalid choice: '${value}' (choose from ${choices.map((c) => `'${c}'`).join(', ')})`;
+    else if (kinds.number.includes(key) && !/^\s*[+-]?\d+\s*$/.test(value)) wrong = `argument ${argparseNames(kinds, key)}: invalid int value: '${value}'`;
+    if (wrong) return flags.slice(i + 1).some((arg) => isHelp(keyOf(/^--?([^=]+)/.exec(arg)?.[1] ?? '')) && !isValue(arg)) ? wrong : undefined;
+  }
+  return undefined;
 }
 
 /** argparse's line for a value none of its flag's choices, `choices` as yargs lists them: `'copy', 'full'`. */

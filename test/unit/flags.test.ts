@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import yargs from 'yargs';
-import { argumentsForLog, argparseNames, asArgparseSays, blankFlag, compressLevel, workerCount, expandLongPrefixes, missingRequired, notWholeNumber, splitShortValues, withoutCamelTwins, type FlagNames } from '../../src/cli/common.js';
+import { argumentsForLog, argparseNames, asArgparseSays, blankFlag, compressLevel, errorBeforeHelp, workerCount, expandLongPrefixes, missingRequired, notWholeNumber, splitShortValues, withoutCamelTwins, type FlagNames } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -74,15 +74,19 @@ test('argumentsForLog: the command line for the set\'s log, --password\'s value 
 });
 
 /** yargs' view of flags shaped as virtnbdbackup's: -d required, -o required unless -k, -l with choices. */
-function backupLikeFlags(): FlagNames {
+function backupLikeFlags(): FlagNames & { boolean: string[]; number: string[] } {
   const flags = yargs([])
     .option('domain', { alias: 'd', type: 'string', demandOption: true })
     .option('level', { alias: 'l', choices: ['copy', 'full'] })
     .option('output', { alias: 'o', type: 'string' })
     .option('killonly', { alias: 'k', type: 'boolean' })
     .option('no-sparse-detection', { type: 'boolean' })
-    .option('tls', { type: 'boolean' });
-  return (flags as unknown as { getOptions(): FlagNames }).getOptions();
+    .option('tls', { type: 'boolean' })
+    .option('worker', { alias: 'w', type: 'number' })
+    .option('compress', { alias: 'z', type: 'number' })
+    .version('version', 'version', '1').alias('version', 'V')
+    .help('help').alias('help', 'h');
+  return (flags as unknown as { getOptions(): ReturnType<typeof backupLikeFlags> }).getOptions();
 }
 
 test('missingRequired: every required flag missing, named as argparse names them in one line, in their order; one required unless another is given', () => {
@@ -128,4 +132,20 @@ test('compressLevel and workerCount: -z and -w as Python\'s virtnbdbackup takes 
   assert.equal(workerCount(0), 1, 'Python sets -w below 1 to 1');
   assert.equal(workerCount(-4), 1);
   assert.equal(workerCount(3), 3);
+});
+
+test('errorBeforeHelp: a wrong flag before -h or -V is an error, as argparse reads left to right (yargs showed the help, exit 0); after them, or with none, it is left to yargs', () => {
+  const kinds = backupLikeFlags();
+  const optional = new Set(['compress', 'z']);
+  const before = (...args: string[]): string | undefined => errorBeforeHelp(args, kinds, optional);
+  assert.equal(before('-o', '-h'), 'argument -o/--output: expected one argument');
+  assert.equal(before('-d', 'vm', '-o', '-V'), 'argument -o/--output: expected one argument');
+  assert.equal(before('-l=foo', '--help'), "argument -l/--level: invalid choice: 'foo' (choose from 'copy', 'full')");
+  assert.equal(before('-w', 'abc', '-h'), "argument -w/--worker: invalid int value: 'abc'");
+  assert.equal(before('-z', 'abc', '-h'), "argument -z/--compress: invalid int value: 'abc'");
+  assert.equal(before('-h', '-l', 'foo'), undefined, 'the help first: the help');
+  assert.equal(before('-o', '-', '-w', '-5', '-z', '-h'), undefined, '-, -5 are values; -z may stand alone');
+  assert.equal(before('-o'), undefined, 'no help: yargs says it');
+  assert.equal(before('-l', 'foo', '--', '-h'), undefined, 'after --, -h is no flag');
+  assert.equal(before('--bogus', '-o', '/b', '-h'), undefined, 'an unknown flag: argparse goes on to the help');
 });
