@@ -64,8 +64,8 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   } catch (err) {
     usageError(name, (err as Error).message);
   }
-  const beforeHelp = errorBeforeHelp(givenArgs, kinds, optional);
-  if (beforeHelp) usageError(name, beforeHelp);
+  const wrong = firstWrongFlag(givenArgs, kinds, optional);
+  if (wrong) usageError(name, wrong);
   // A flag that takes a value must get one (`-o` last, `-o -l full` must not mean "no -o"; `-l` last, a level).
   const valued = [...kinds.string, ...kinds.number, ...Object.keys(kinds.choices)].filter((flag) => !optional.has(flag) && !(flag.length > 1 && /[A-Z]/.test(flag)));
   const argv = flags
@@ -80,21 +80,11 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
   // Words after `--` are no flags, and the commands take no others: argparse refuses them, yargs let them pass.
   const extra = (argv as { _?: Array<string | number> })._ ?? [];
   if (extra.length > 0) usageError(name, `unrecognized arguments: ${extra.join(' ')}`);
-  // yargs turns a number flag's non-numeric value (-T abc) into NaN, under the flag's every name (and camelCase twin).
-  const notNumbers = Object.entries(argv)
-    .filter(([key, value]) => key !== '_' && !(key.length > 1 && /[A-Z]/.test(key)) && typeof value === 'number' && Number.isNaN(value))
-    .map(([key]) => key);
-  if (notNumbers.length > 0) {
-    const names = notNumbers.sort((a, b) => a.length - b.length).map((key) => (key.length === 1 ? `-${key}` : `--${key}`)).join('/');
-    usageError(name, `${names} takes a number`);
-  }
-  // ... and an empty one (an unset shell variable: -T "$LIMIT") into 0, which would mean "always" or "forever";
-  // an empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI.
+  // An empty string flag (-o "$DIR") would mean the working directory, or libvirt's default URI (an empty number,
+  // which yargs reads as 0, firstWrongFlag refused).
   const allowed = withAliases(options.emptyAllowed);
   const blank = blankFlag(givenArgs, new Set(kinds.number), new Set(kinds.string.filter((flag) => !allowed.has(flag))));
   if (blank) usageError(name, `${blank.flag} takes ${blank.number ? 'a number' : 'a value'}, not an empty one`);
-  const fraction = notWholeNumber(givenArgs, new Set(kinds.number));
-  if (fraction) usageError(name, `${fraction.flag} takes a whole number, not ${fraction.value}`);
   const missing = missingRequired(kinds, givenArgs, options.requiredUnless);
   if (missing) usageError(name, missing);
   return argv;
@@ -151,33 +141,37 @@ export function missingRequired(kinds: FlagNames, args: readonly string[], unles
 }
 
 /**
- * The wrong flag argparse would stop at before a -h/--help or -V/--version that comes after it in `args` (as
- * parseFlags wrote them out): argparse reads left to right and fails at the first flag with no value, a value none
- * of its choices or no whole number, where yargs shows the help or version whatever precedes it (exit 0 for `-o -h`).
- * Undefined when no help or version follows a wrong flag; `optional` holds the flags whose value may be left out.
+ * The first wrong flag of `args` (as parseFlags wrote them out) as argparse reads them, left to right: a flag with
+ * no value, a value none of its choices, a number flag's value that is no whole number (`10MB`, `1.5`, `1e3`, which
+ * yargs read as NaN or as numbers) or empty (yargs read it as 0); undefined when there is none, or when -h/--help or
+ * -V/--version comes first, which argparse then answers (yargs answered them whatever preceded them: `-o -h` exited
+ * 0). argparse stops at such a flag before it names missing or unknown ones. `optional` holds the flags whose value
+ * may be left out (-z).
  */
-export function errorBeforeHelp(args: readonly string[], kinds: FlagNames & Pick<YargsOptions, 'boolean' | 'number'>, optional: ReadonlySet<string>): string | undefined {
+export function firstWrongFlag(args: readonly string[], kinds: FlagNames & Pick<YargsOptions, 'boolean' | 'number'>, optional: ReadonlySet<string>): string | undefined {
   const keyOf = (name: string): string | undefined => (name in kinds.key ? name : Object.entries(kinds.alias).find(([, aliases]) => aliases.includes(name))?.[0]);
   // argparse takes `-`, `-5` and anything not starting with `-` as a value.
   const isValue = (arg: string | undefined): arg is string => arg !== undefined && arg !== '--' && (!arg.startsWith('-') || arg === '-' || /^-\d+$|^-\d*\.\d+$/.test(arg));
-  const isHelp = (key: string | undefined): boolean => key === 'help' || key === 'version';
   const end = args.indexOf('--');
   const flags = args.slice(0, end < 0 ? undefined : end);
   for (let i = 0; i < flags.length; i++) {
-    const match = isValue(flags[i]) ? null : /^--?([^=]+)(?:=(.*))?$/s.exec(flags[i] as string);
-    const key = match ? keyOf(match[1] as string) : undefined;
-    if (!match || key === undefined || kinds.boolean.includes(key)) {
-      if (isHelp(key)) return undefined;
-      continue;
-    }
-    let value = match[2];
+    const match = isValue(flags[i]) ? null : /^(--?([^=]+))(?:=(.*))?$/s.exec(flags[i] as string);
+    const key = match ? keyOf(match[2] as string) : undefined;
+    if (key === 'help' || key === 'version') return undefined;
+    if (!match || key === undefined || kinds.boolean.includes(key)) continue;
+    let value = match[3];
     if (value === undefined && isValue(flags[i + 1])) value = flags[++i];
-    let wrong: string | undefined;
+    const names = argparseNames(kinds, key);
     const choices = kinds.choices[key]?.map(String);
-    if (value === undefined) wrong = optional.has(key) ? undefined : `argument ${argparseNames(kinds, key)}: expected one argument`;
-    else if (choices && !choices.includes(value)) wrong = `argument ${argparseNames(kinds, key)}: invalid choice: '${value}' (choose from ${choices.map((c) => `'${c}'`).join(', ')})`;
-    else if (kinds.number.includes(key) && !/^\s*[+-]?\d+\s*$/.test(value)) wrong = `argument ${argparseNames(kinds, key)}: invalid int value: '${value}'`;
-    if (wrong) return flags.slice(i + 1).some((arg) => isHelp(keyOf(/^--?([^=]+)/.exec(arg)?.[1] ?? '')) && !isValue(arg)) ? wrong : undefined;
+    if (value === undefined) {
+      if (!optional.has(key)) return `argument ${names}: expected one argument`;
+    } else if (choices && !choices.includes(value)) {
+      return invalidChoice(kinds, key, value, choices.map((c) => `'${c}'`).join(', '));
+    } else if (kinds.number.includes(key) && value.trim() === '') {
+      return `${match[1] as string} takes a number, not an empty one`;
+    } else if (kinds.number.includes(key) && !/^\s*[+-]?\d+\s*$/.test(value)) {
+      return `argument ${names}: invalid int value: '${value}'`;
+    }
   }
   return undefined;
 }
@@ -189,17 +183,11 @@ function invalidChoice(kinds: FlagNames, flag: string, value: string, choices: s
 
 /**
  * A yargs failure in argparse's words, which virtnbdbackup's users know: every missing flag (also when yargs stopped
- * at an unknown one first: argparse names the missing ones first, after a value none of a flag's choices), a flag
- * with no value, a value none of a flag's choices, unknown arguments as written. Any other message as it is.
+ * at an unknown one first: argparse names the missing ones first), a flag with no value, a value none of a flag's
+ * choices, unknown arguments as written. Any other message as it is.
  */
 export function asArgparseSays(message: string, kinds: FlagNames, args: readonly string[], unless?: Record<string, string>): string {
   if (/^(Missing required argument|Unknown argument)/.test(message)) {
-    const choiceNames = new Set(Object.keys(kinds.choices).flatMap((flag) => argparseNames(kinds, flag).split('/').map((n) => n.replace(/^-+/, ''))));
-    for (const { name, value } of givenValues(args, choiceNames)) {
-      const flag = Object.keys(kinds.choices).find((key) => argparseNames(kinds, key).split('/').includes(name.length === 1 ? `-${name}` : `--${name}`)) as string;
-      const choices = (kinds.choices[flag] ?? []).map(String);
-      if (value !== undefined && !choices.includes(value)) return invalidChoice(kinds, flag, value, choices.map((c) => `'${c}'`).join(', '));
-    }
     const missing = missingRequired(kinds, args, unless);
     if (missing) return missing;
   }
@@ -350,19 +338,6 @@ function* givenValues(args: readonly string[], names: ReadonlySet<string>): Gene
 export function blankFlag(args: readonly string[], numberFlags: ReadonlySet<string>, stringFlags: ReadonlySet<string>): { flag: string; number: boolean } | undefined {
   for (const given of givenValues(args, new Set([...numberFlags, ...stringFlags]))) {
     if (given.value !== undefined && given.value.trim() === '') return { flag: given.flag, number: numberFlags.has(given.name) };
-  }
-  return undefined;
-}
-
-/**
- * The first number flag of `args` given a value that is no whole number (`-T 1e3`, `-w 0x10`, `--nbd-timeout 1.5`),
- * as written: yargs reads those as numbers, where argparse refuses them (every such flag of virtnbdbackup's is an
- * int). A next argument that is a flag is no value (`-z -n`).
- */
-export function notWholeNumber(args: readonly string[], numberFlags: ReadonlySet<string>): { flag: string; value: string } | undefined {
-  for (const { flag, value, inline } of givenValues(args, numberFlags)) {
-    if (value === undefined || value.trim() === '' || (!inline && /^-(?!\d)/.test(value))) continue;
-    if (!/^[+-]?\d+$/.test(value.trim())) return { flag, value };
   }
   return undefined;
 }

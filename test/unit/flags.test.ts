@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import yargs from 'yargs';
-import { argumentsForLog, argparseNames, asArgparseSays, blankFlag, compressLevel, errorBeforeHelp, workerCount, expandLongPrefixes, missingRequired, notWholeNumber, splitShortValues, withoutCamelTwins, type FlagNames } from '../../src/cli/common.js';
+import { argumentsForLog, argparseNames, asArgparseSays, blankFlag, compressLevel, firstWrongFlag, workerCount, expandLongPrefixes, missingRequired, splitShortValues, withoutCamelTwins, type FlagNames } from '../../src/cli/common.js';
 
 const numbers = new Set(['threshold', 'T', 'nbd-timeout', 'compress', 'z']);
 const strings = new Set(['output', 'o', 'uri', 'U']);
@@ -59,14 +59,6 @@ test('withoutCamelTwins: an unknown dashed flag is named once, as given (yargs a
   assert.equal(withoutCamelTwins('Missing required argument: domain'), 'Missing required argument: domain');
 });
 
-test('notWholeNumber: a number flag given 1e3, 0x10 or 1.5 is named as written, as argparse refuses them; whole numbers, flags that follow and -- pass', () => {
-  assert.deepEqual(notWholeNumber(['-T', '1e3'], numbers), { flag: '-T', value: '1e3' });
-  assert.deepEqual(notWholeNumber(['--threshold=0x10'], numbers), { flag: '--threshold', value: '0x10' });
-  assert.deepEqual(notWholeNumber(['-o', 'x', '--nbd-timeout', '1.5'], numbers), { flag: '--nbd-timeout', value: '1.5' });
-  assert.equal(notWholeNumber(['-T', '1000', '-z', '-n', '--nbd-timeout=0', '-T', '-1'], numbers), undefined);
-  assert.equal(notWholeNumber(['-z', '--', '-T', '1e3'], numbers), undefined);
-});
-
 test('argumentsForLog: the command line for the set\'s log, --password\'s value hidden, odd words quoted as a shell reads them', () => {
   assert.equal(argumentsForLog(['-d', 'web vm', '-l=full', '--user', 'backup', '--password', 's3cret', '-o', "/b/it's"]),
     "-d 'web vm' -l=full --user backup --password *** -o '/b/it'\\''s'");
@@ -103,13 +95,12 @@ test('missingRequired: every required flag missing, named as argparse names them
   assert.equal(argparseNames(kinds, 'l'), '-l/--level', 'by its letter too');
 });
 
-test('asArgparseSays: yargs\' failures in argparse\'s words: missing flags (before unknown ones, after a wrong choice), no value, a wrong choice, unknown arguments as written', () => {
+test('asArgparseSays: yargs\' failures in argparse\'s words: missing flags (before unknown ones), no value, a wrong choice, unknown arguments as written', () => {
   const kinds = backupLikeFlags();
   const unless = { output: 'killonly' };
   const says = (message: string, args: string[]): string => asArgparseSays(message, kinds, args, unless);
   assert.equal(says('Missing required argument: domain', ['-l', 'full']), 'the following arguments are required: -d/--domain, -o/--output');
   assert.equal(says('Unknown argument: bogus', ['-d', 'vm', '--bogus']), 'the following arguments are required: -o/--output', 'argparse names the missing flags first');
-  assert.equal(says('Missing required argument: domain', ['-l=foo']), "argument -l/--level: invalid choice: 'foo' (choose from 'copy', 'full')", '... after a wrong choice');
   assert.equal(says('Not enough arguments following: l', ['-d', 'vm', '-o', 'x', '-l']), 'argument -l/--level: expected one argument');
   assert.equal(says('Invalid values:\n  Argument: level, Given: "a\\"b", Choices: "copy", "full"', ['-d', 'vm', '-o', 'x', '-l', 'a"b']),
     'argument -l/--level: invalid choice: \'a"b\' (choose from \'copy\', \'full\')');
@@ -134,18 +125,27 @@ test('compressLevel and workerCount: -z and -w as Python\'s virtnbdbackup takes 
   assert.equal(workerCount(3), 3);
 });
 
-test('errorBeforeHelp: a wrong flag before -h or -V is an error, as argparse reads left to right (yargs showed the help, exit 0); after them, or with none, it is left to yargs', () => {
+test('firstWrongFlag: the first flag with no value, a wrong choice or no whole number, as argparse reads left to right; none after -h or -V, which come first', () => {
   const kinds = backupLikeFlags();
   const optional = new Set(['compress', 'z']);
-  const before = (...args: string[]): string | undefined => errorBeforeHelp(args, kinds, optional);
-  assert.equal(before('-o', '-h'), 'argument -o/--output: expected one argument');
-  assert.equal(before('-d', 'vm', '-o', '-V'), 'argument -o/--output: expected one argument');
-  assert.equal(before('-l=foo', '--help'), "argument -l/--level: invalid choice: 'foo' (choose from 'copy', 'full')");
-  assert.equal(before('-w', 'abc', '-h'), "argument -w/--worker: invalid int value: 'abc'");
-  assert.equal(before('-z', 'abc', '-h'), "argument -z/--compress: invalid int value: 'abc'");
-  assert.equal(before('-h', '-l', 'foo'), undefined, 'the help first: the help');
-  assert.equal(before('-o', '-', '-w', '-5', '-z', '-h'), undefined, '-, -5 are values; -z may stand alone');
-  assert.equal(before('-o'), undefined, 'no help: yargs says it');
-  assert.equal(before('-l', 'foo', '--', '-h'), undefined, 'after --, -h is no flag');
-  assert.equal(before('--bogus', '-o', '/b', '-h'), undefined, 'an unknown flag: argparse goes on to the help');
+  const wrong = (...args: string[]): string | undefined => firstWrongFlag(args, kinds, optional);
+  assert.equal(wrong('-o', '-h'), 'argument -o/--output: expected one argument', 'yargs showed the help: exit 0');
+  assert.equal(wrong('-d', 'vm', '-o', '-V'), 'argument -o/--output: expected one argument');
+  assert.equal(wrong('-d', 'vm', '-o'), 'argument -o/--output: expected one argument');
+  assert.equal(wrong('-l=foo', '--help'), "argument -l/--level: invalid choice: 'foo' (choose from 'copy', 'full')");
+  assert.equal(wrong('-w', 'abc', '-h'), "argument -w/--worker: invalid int value: 'abc'");
+  assert.equal(wrong('-z', 'abc'), "argument -z/--compress: invalid int value: 'abc'", '-z takes a next word as its value, as argparse does');
+  // Numbers yargs read as numbers, where argparse's int refuses them; an empty one yargs read as 0.
+  for (const value of ['1e3', '0x10', '1.5', '10MB']) assert.equal(wrong('-d', 'vm', '--worker', value), `argument -w/--worker: invalid int value: '${value}'`);
+  assert.equal(wrong('--worker=0x10'), "argument -w/--worker: invalid int value: '0x10'");
+  assert.equal(wrong('-w', ''), '-w takes a number, not an empty one');
+  assert.equal(wrong('--worker='), '--worker takes a number, not an empty one');
+  assert.equal(wrong('-w', '1000', '-z', '-w', '-1', '-w', ' 7 ', '-z', '-n'), undefined, 'whole numbers, -z alone, -1 a value');
+  assert.equal(wrong('-l', 'foo', '-w', 'abc'), "argument -l/--level: invalid choice: 'foo' (choose from 'copy', 'full')", 'the first one');
+  // Help or version first: argparse answers them.
+  assert.equal(wrong('-h', '-l', 'foo'), undefined);
+  assert.equal(wrong('-V', '-o'), undefined);
+  assert.equal(wrong('-o', '-', '-w', '-5', '-z', '-h'), undefined, '-, -5 are values; -z may stand alone');
+  assert.equal(wrong('-z', '--', '-w', '1e3'), undefined, 'after --, nothing is a flag');
+  assert.equal(wrong('--bogus', '-o', '/b', '-h'), undefined, 'an unknown flag is no stop: argparse names it after the rest');
 });
