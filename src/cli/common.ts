@@ -31,6 +31,11 @@ export interface FlagExceptions {
   valueOptional?: string[];
   /** Flags required unless another is given (virtnbdbackup's -o, which -k needs not): flag -> the other flag. */
   requiredUnless?: Record<string, string>;
+  /**
+   * Long flags Python's command (Debian's 1.9.15) has not: an abbreviation that also names one of its flags means
+   * that one, as it does there (`--no` is --noprogress, though --nocolor begins so too).
+   */
+  extensions?: string[];
 }
 
 /**
@@ -60,7 +65,7 @@ export function parseFlags<T>(name: string, flags: Argv<T>, options: FlagExcepti
     const longNames = Object.keys(kinds.key).flatMap((key) => [key, ...(kinds.alias[key] ?? [])]).filter((n) => n.length > 1 && !/[A-Z]/.test(n));
     const longValued = new Set(longNames.filter((n) => !kinds.boolean.includes(n) && !optional.has(n)));
     const switches = new Set(longNames.filter((n) => kinds.boolean.includes(n)));
-    givenArgs = splitShortValues(expandLongPrefixes(hideBin(process.argv), new Set(longNames), longValued, switches), { ...shortFlags(kinds), optional });
+    givenArgs = splitShortValues(expandLongPrefixes(hideBin(process.argv), new Set(longNames), longValued, switches, new Set(options.extensions)), { ...shortFlags(kinds), optional });
   } catch (err) {
     usageError(name, (err as Error).message);
   }
@@ -240,14 +245,18 @@ export function flagGiven(...names: string[]): boolean {
  * `--compress=2`, where the prefix names one flag of `names` alone; one that could name several throws as argparse
  * refuses it (`ambiguous option: --t could match --type, --threshold, ...`). The value of a flag of `valued` written
  * apart, and everything after `--`, stay as they are. A switch of `switches` given a value (`--strict=false`) throws
- * as argparse refuses it: yargs took `--strict=false` as off and `--printonly=1` as not given.
+ * as argparse refuses it: yargs took `--strict=false` as off and `--printonly=1` as not given. A prefix that names
+ * one flag Python's has and flags of `extensions` (ours alone) is Python's flag, as there: `--no` is --noprogress,
+ * not ambiguous with --nocolor, so every command line Python's takes means the same here.
  */
-export function expandLongPrefixes(args: readonly string[], names: ReadonlySet<string>, valued: ReadonlySet<string>, switches: ReadonlySet<string> = new Set()): string[] {
+export function expandLongPrefixes(args: readonly string[], names: ReadonlySet<string>, valued: ReadonlySet<string>, switches: ReadonlySet<string> = new Set(), extensions: ReadonlySet<string> = new Set()): string[] {
   return rewriteFlags(args, (arg) => {
     const match = /^--([^=]+)(=.*)?$/s.exec(arg);
     if (!match) return undefined;
     const [, given = '', value = ''] = match;
-    const candidates = names.has(given) ? [given] : [...names].filter((n) => n.startsWith(given));
+    const matching = names.has(given) ? [given] : [...names].filter((n) => n.startsWith(given));
+    const pythons = matching.filter((n) => !extensions.has(n));
+    const candidates = matching.length > 1 && pythons.length === 1 ? pythons : matching;
     if (candidates.length > 1) throw new Error(`ambiguous option: --${given} could match ${candidates.map((n) => `--${n}`).join(', ')}`);
     const full = candidates[0] ?? given;
     if (value && switches.has(full)) throw new Error(`argument --${full}: ignored explicit argument '${value.slice(1)}'`);

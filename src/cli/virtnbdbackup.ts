@@ -71,7 +71,11 @@ const argv = parseFlags('virtnbdbackup', withNbdTimeoutFlag(withLoginFlags(yargs
     `  ${STAGE_TRACE_ENV}=FILE  write to FILE (JSON) when each read, lz4 compression and disk write of the copy ran`,
   ].join('\n')),
 // -z alone means level 2, as Python's optional -z value; -k ends a job, which needs no -o.
-{ valueOptional: ['compress'], requiredUnless: { output: 'killonly' } });
+{
+  valueOptional: ['compress'],
+  requiredUnless: { output: 'killonly' },
+  extensions: ['checkpoint-prefix', 'start-domain', 'pause', 'no-sparse-detection', 'quiet', 'nocolor', 'nbd-timeout'],
+});
 
 void runCommand('virtnbdbackup', argv.verbose, async (signal) => {
   const log = makeLogger(argv);

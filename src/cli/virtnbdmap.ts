@@ -40,7 +40,7 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv), flagsCwd())
   .example('$0 -f /backup/sda.full.data,/backup/sda.inc.virtnbdbackup.1.data -d /dev/nbd2', 'the point of the first incremental, as /dev/nbd2')
   .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket'),
 // -d '' attaches no device; -e '' is NBD's default export name.
-{ emptyAllowed: ['device', 'export-name'] });
+{ emptyAllowed: ['device', 'export-name'], extensions: ['socket', 'overlay-dir', 'nocolor', 'hexdump'] });
 
 /** `offset  hex bytes  |ascii|` lines of `bytes`. */
 function hexdump(bytes: Buffer): string[] {

@@ -50,7 +50,8 @@ const argv = parseFlags('virtnbdrestore', withNbdTimeoutFlag(withLoginFlags(yarg
   .example('$0 -i /backup/webvm -o /dev/vg/webvm -d vda', 'restore disk vda onto an existing block device')
   .example('$0 -i /backup/webvm -o /restore -s vda.full.data,vda.inc.virtnbdbackup.1.data', 'apply exactly these files')
   .example('$0 -cD -N webvm2 -i /backup/webvm -o /restore', 'restore, adjust the domain XML and define it as webvm2')
-  .example('$0 -U qemu+ssh://root@kvm2/system -D -i /backup/webvm -o /var/lib/libvirt/images/webvm', 'restore onto host kvm2 and define it there'));
+  .example('$0 -U qemu+ssh://root@kvm2/system -D -i /backup/webvm -o /var/lib/libvirt/images/webvm', 'restore onto host kvm2 and define it there'),
+{ extensions: ['config-file', 'buffsize', 'preallocate', 'compress', 'quiet', 'nocolor', 'nbd-timeout'] });
 
 // After parseFlags, which names a word or an empty value (yargs' NaN and 0) as such.
 if (argv.buffsize !== undefined && !(Number.isSafeInteger(argv.buffsize) && argv.buffsize > 0)) usageError('virtnbdrestore', `-B ${argv.buffsize}: give a buffer size in bytes, above 0`);

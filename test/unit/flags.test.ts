@@ -50,6 +50,13 @@ test('expandLongPrefixes: a long flag abbreviated as argparse takes it is writte
   assert.throws(() => expandLongPrefixes(['--print=1'], names, valued, switches), /^Error: argument --printonly: ignored explicit argument '1'$/);
   assert.throws(() => expandLongPrefixes(['--tls='], names, valued, switches), /^Error: argument --tls: ignored explicit argument ''$/);
   assert.deepEqual(expandLongPrefixes(['--output', '--tls=1', '--noprog'], names, valued, switches), ['--output', '--tls=1', '--noprogress']);
+  // A prefix that names one of Python's flags and flags of ours alone is Python's flag, as there; ours by any
+  // prefix of their own, or in full.
+  const ours = new Set([...names, 'nocolor', 'quiet', 'pause', 'password', 'qemu', 'checkpointdir', 'checkpoint-prefix']);
+  const extensions = new Set(['nocolor', 'quiet', 'pause', 'checkpoint-prefix']);
+  assert.deepEqual(expandLongPrefixes(['--no', '--q', '--pa', 'x', '--check', 'c'], ours, valued, switches, extensions), ['--noprogress', '--qemu', '--password', 'x', '--checkpointdir', 'c']);
+  assert.deepEqual(expandLongPrefixes(['--noc', '--qu', '--pau', '--checkpoint-', 'p'], ours, valued, switches, extensions), ['--nocolor', '--quiet', '--pause', '--checkpoint-prefix', 'p']);
+  assert.throws(() => expandLongPrefixes(['--p'], ours, valued, switches, extensions), /^Error: ambiguous option: --p could match --printonly, --pause, --password$/, 'two of Python\'s: ambiguous there too');
 });
 
 test('withoutCamelTwins: an unknown dashed flag is named once, as given (yargs adds its camelCase twin)', () => {
