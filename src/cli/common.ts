@@ -116,7 +116,7 @@ interface YargsOptions {
   demandedOptions: Record<string, unknown>;
 }
 
-/** What missingRequired and asArgparseSays read of yargs' getOptions(): each flag's names, which are required. */
+/** What the argparse checks below read of yargs' getOptions(): each flag's names and choices, which are required. */
 export type FlagNames = Pick<YargsOptions, 'alias' | 'key' | 'demandedOptions' | 'choices'>;
 
 /** A flag's names as argparse prints them, its letter first: `-d/--domain`, `--tls`; camelCase twins left out. */
@@ -220,7 +220,6 @@ export function asArgparseSays(message: string, kinds: FlagNames, args: readonly
   }
   return message;
 }
-
 
 /** The command line as parseFlags read it, short flags split as argparse splits them. */
 let givenArgs: string[] = [];
