@@ -2,8 +2,9 @@
 // state to back up (running, started paused with -S, or shut off), plans the checkpoint, exports the disks
 // (libvirt pull-mode job, or qemu-nbd on the images of a shut-off domain), streams every selected disk, then
 // saves the set's side files.
-//   lock -> check set -> domain state -> plan (runPlan.ts) -> [-p | -T] -> export disks -> [-s] -> per disk
-//   (parallel): plan extents, write stream, commit -> side files, .cpt last -> end export -> unlock
+//   lock -> check set -> domain state -> job paths, scratch space -> plan (runPlan.ts) -> [-p | -T] -> export
+//   disks -> [-s] -> per disk (parallel): plan extents, write stream, commit -> side files, .cpt last -> end export
+//   -> unlock
 // Guarantees: the export is always ended and its socket and scratch files removed; a failed run leaves no
 // checkpoint of its own in libvirt and no entry in .cpt, and its unfinished files stay as .partial; a domain
 // started for the run is stopped again; locks are released.
@@ -529,9 +530,23 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
     log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');
     level = 'copy';
   }
-  // Before the plan, which may move a chain aside (an inc that falls back to a full), and the job's start, before
-  // which a full removes the old chain's checkpoints.
+  // Before the plan, which may move a chain aside (an inc that falls back to a full) or remove checkpoints a run
+  // that did not finish left, and the job's start, before which a full removes the old chain's checkpoints.
   if (!power.offline && !ctx.host.remote && !options.printOnly) await checkJobPaths(ctx);
+  // The scratch directory's first look (there at all, on another host too; free space enough) needs no plan: made
+  // here, an inc that was to fall back to a full had moved the chain aside before it was refused. The run owns it
+  // until it ends (a watch's stop closes it too; closing twice is harmless).
+  const scratch = power.offline || options.printOnly ? undefined : await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, log);
+  try {
+    return await planAndSave(ctx, level, scratch);
+  } finally {
+    scratch?.close();
+  }
+}
+
+/** Plans the run, then -p, -T, and the backup itself with the scratch space looked at before the plan. */
+async function planAndSave(ctx: RunContext, level: Level, scratch: ScratchSpace | undefined): Promise<BackupResult> {
+  const { options, log } = ctx;
   const plan = await planRun(ctx, level);
   const base = resultOf(ctx, plan);
   if (options.printOnly) return { ...base, estimate: await estimate(ctx, plan) };
@@ -547,7 +562,7 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   }
   if (plan.level === 'diff' && !ctx.toZip) await refuseTakenDiffName(ctx, plan);
   options.signal?.throwIfAborted();
-  return exportAndSave(ctx, plan);
+  return exportAndSave(ctx, plan, scratch);
 }
 
 /**
@@ -695,14 +710,15 @@ function describeServer(server: JobServer): string {
 }
 
 /**
- * Exports the disks for `plan`: qemu-nbd for a shut-off domain, else a backup job. A job refused for a lost
- * bitmap falls back to a full backup; one refused for a bitmap left without its checkpoint clears it and retries.
+ * Exports the disks for `plan`: qemu-nbd for a shut-off domain, else a backup job, whose scratch space (`looked`)
+ * was looked at before the plan. A job refused for a lost bitmap falls back to a full backup; one refused for a
+ * bitmap left without its checkpoint clears it and retries.
  */
-async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
+async function openExports(ctx: RunContext, initial: RunPlan, looked: ScratchSpace | undefined, guard?: JobGuard): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
   const { options } = ctx;
   if (!ctx.host.remote) await clearSocketPath(socketOf(options));
   if (ctx.power.offline) return { exports: await OfflineExports.start(ctx.disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
-  let scratch = await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, ctx.log);
+  let scratch = looked;
   if (options.startOnly) {
     // A job left running (-s) is not watched: its scratch space is looked at once, here.
     scratch?.close();
@@ -731,7 +747,7 @@ async function openExports(ctx: RunContext, initial: RunPlan, guard?: JobGuard):
   }
 }
 
-async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupResult> {
+async function exportAndSave(ctx: RunContext, initial: RunPlan, looked: ScratchSpace | undefined): Promise<BackupResult> {
   const { options, log } = ctx;
   // The job's guard is spawned here, before a guest is frozen or paused for the job's begin (its spawn holds the event
   // loop 8 to 15 ms), and told of each begin. It is released once the job is ended, or, with -s, once it has begun.
@@ -739,7 +755,7 @@ async function exportAndSave(ctx: RunContext, initial: RunPlan): Promise<BackupR
     : guardJob(options.uri ?? DEFAULT_LIBVIRT_URI, options.domain, ctx.host.remote ? undefined : socketOf(options), options.login);
   let opened: Awaited<ReturnType<typeof openExports>>;
   try {
-    opened = await openExports(ctx, initial, guard);
+    opened = await openExports(ctx, initial, looked, guard);
   } catch (err) {
     await guard?.release();
     throw err;

@@ -5,8 +5,8 @@
 // below the margin, the run is stopped (so the job ends and the guest writes as before) with one line saying why
 // and what to do; looks that fail (another host's ssh gone) are one warning, and the run goes on unwatched; the
 // looks come every 100 ms, off the copy's path, and end with stop(). The first look comes
-// before the job starts (openScratchSpace), which is not started with less than MIN_SCRATCH_FREE free there, or
-// with a directory of this host that is not there.
+// before the run's plan (openScratchSpace), which may move a chain aside, and before the job starts: neither happens
+// with less than MIN_SCRATCH_FREE free there, or with a directory that is not there (on this host or another).
 import fs from 'node:fs/promises';
 import readline from 'node:readline';
 import { UserError, describeFailure, oneLine } from '../util/errors.js';

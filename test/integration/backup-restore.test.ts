@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { withDomain, tempDir, TestDomain, type DiskSpec } from '../support/testbed.js';
+import { withDomain, withTempDir, withTmpfs, tempDir, TestDomain, type DiskSpec } from '../support/testbed.js';
 import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
 
 const DISKS = [
@@ -378,4 +378,39 @@ test('a full (and an inc that falls back to one) whose --scratchdir or -f direct
   const ok = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set, '--scratchdir', acl, '-f', path.join(grouped, 'job.sock')]);
   assert.doesNotMatch(ok.stderr, /warning/);
   assert.ok((await fs.readdir(set)).includes('vda.inc.virtnbdbackup.1.data'));
+});
+
+test('a --scratchdir with too little free space is refused before anything changes: a full keeps the old chain\'s checkpoints, an inc that would fall back to a full leaves the chain where it is', async (t) => {
+  const scratch = await withTmpfs(t, 'vnbd-tinyscratch-', 'size=1M,mode=1777');
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 16, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] }] });
+  const work = await withTempDir(t, 'tinyscratch-');
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', set]);
+  const tooLittle = new RegExp(`^virtnbdbackup: error: the scratch directory ${scratch} has only \\d+ MiB free, less than the 64 MiB a backup job of '${dom.name}' starts with: .+; give --scratchdir a directory with more free space, or free space there$`);
+  const checkpointNames = (): string => execFileSync('virsh', ['-c', 'qemu:///system', 'checkpoint-list', dom.name, '--name'], { encoding: 'utf8' }).trim();
+  const full = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'full', '-o', path.join(work, 'new'), '--scratchdir', scratch]);
+  assert.equal(full.code, 1, full.stderr);
+  assert.match(full.stderr.trim(), tooLittle);
+  assert.equal(checkpointNames(), 'virtnbdbackup.0');
+  // An inc whose parent's saved definition is gone would fall back to a full, moving the chain aside first: it was
+  // refused only after that, and the set's next inc found no full.
+  const cpt = path.join(set, 'checkpoints', 'virtnbdbackup.0.xml');
+  const saved = await fs.readFile(cpt);
+  await fs.rm(cpt);
+  const before = (await fs.readdir(set)).sort();
+  const inc = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set, '--scratchdir', scratch]);
+  assert.equal(inc.code, 1, inc.stderr);
+  assert.match(inc.stderr.trim(), tooLittle);
+  assert.doesNotMatch(inc.stderr, /moved to/);
+  assert.deepEqual((await fs.readdir(set)).filter((f) => !f.startsWith('backup.')).sort(), before.filter((f) => !f.startsWith('backup.')), 'the set changed');
+  assert.equal(checkpointNames(), 'virtnbdbackup.0');
+  // The chain goes on once its definition is back.
+  await fs.writeFile(cpt, saved);
+  await dom.write('vda', 0x22, '2M', '1M');
+  const reference = await dom.snapshot('vda');
+  await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  const result = await TestDomain.compare(path.join(out, path.basename(dom.diskPath('vda'))), reference);
+  assert.ok(result.identical, result.output);
 });

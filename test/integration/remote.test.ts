@@ -51,6 +51,15 @@ test('remote domain (qemu+ssh URI): full and inc over TCP NBD restore exactly; -
   assert.equal(noScratch.code, 1, noScratch.stderr);
   assert.deepEqual(errorLines(noScratch), [`virtnbdbackup: error: the scratch directory ${path.join(work, 'nowhere')} on root@127.0.0.1 does not exist or is no directory: create it, or give --scratchdir an existing directory (QEMU keeps the old data of guest writes there during the backup)`]);
   assert.deepEqual(virsh('checkpoint-list', dom.name, '--name').split('\n').map((l) => l.trim()).filter(Boolean).sort(), ['virtnbdbackup.0', 'virtnbdbackup.1']);
+  // So is an inc that would fall back to a full (its parent's saved definition gone): it moved the chain aside first.
+  const cpt = path.join(set, 'checkpoints', 'virtnbdbackup.1.xml');
+  const saved = await fs.readFile(cpt);
+  await fs.rm(cpt);
+  const noScratchInc = await runCli(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set, ...remote, '--scratchdir', path.join(work, 'nowhere')]);
+  assert.equal(noScratchInc.code, 1, noScratchInc.stderr);
+  assert.match(errorLines(noScratchInc).join('\n'), /the scratch directory \S+\/nowhere on root@127\.0\.0\.1 does not exist or is no directory/);
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.startsWith('chain.')), [], 'the chain was moved aside');
+  await fs.writeFile(cpt, saved);
 
   // A port already taken on that host (another backup's): one line naming it and -P; nothing is left running.
   const taken = net.createServer();
