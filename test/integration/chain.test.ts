@@ -701,3 +701,60 @@ test('a full that listed its checkpoint and died between its disks (Python\'s to
     assert.ok(result.identical, `${disk}: ${result.output}`);
   }
 });
+
+test('a prefix named like a checkpoint of the default chain (virtnbdbackup.0): its checkpoints (virtnbdbackup.0.N) and the default chain\'s never mix, each full removes its own alone and each inc continues its own; Python\'s full takes that chain for its own and removes it, and our next inc then makes a full', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'overlap-');
+  const daily = path.join(work, 'daily');
+  const shaped = path.join(work, 'shaped');
+  const write = async (pattern: number, offsetMiB: number): Promise<string> => {
+    await dom.write('vda', pattern, `${offsetMiB}M`, '1M');
+    return dom.snapshot('vda');
+  };
+  const d0 = await dom.snapshot('vda');
+  await backup(dom, daily, 'full');
+  const d1 = await write(0x31, 1);
+  await backup(dom, daily, 'inc');
+  const s0 = await write(0x32, 2);
+  const first = await backup(dom, shaped, 'full', '--checkpoint-prefix', 'virtnbdbackup.0');
+  assert.doesNotMatch(first, /removed old checkpoint|warning/);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.0.0', 'virtnbdbackup.1']);
+  const s1 = await write(0x33, 3);
+  await backup(dom, shaped, 'inc');
+  const d2 = await write(0x34, 4);
+  await backup(dom, daily, 'inc');
+  const s2 = await write(0x35, 5);
+  await backup(dom, shaped, 'inc');
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.0.0', 'virtnbdbackup.0.1', 'virtnbdbackup.0.2', 'virtnbdbackup.1', 'virtnbdbackup.2']);
+  assert.deepEqual(JSON.parse(await fs.readFile(path.join(shaped, `${dom.name}.cpt`), 'utf8')), ['virtnbdbackup.0.0', 'virtnbdbackup.0.1', 'virtnbdbackup.0.2']);
+  // A new full of either chain removes that chain's checkpoints alone; the other's next inc goes on from its own.
+  const daily2 = path.join(work, 'daily2');
+  const removedDaily = await backup(dom, daily2, 'full');
+  assert.deepEqual([...removedDaily.matchAll(/removed old checkpoint (\S+):/g)].map((m) => m[1]), ['virtnbdbackup.2', 'virtnbdbackup.1', 'virtnbdbackup.0']);
+  const s3 = await write(0x36, 6);
+  assert.doesNotMatch(await backup(dom, shaped, 'inc'), /warning/);
+  const shaped2 = path.join(work, 'shaped2');
+  const removedShaped = await backup(dom, shaped2, 'full', '--checkpoint-prefix', 'virtnbdbackup.0');
+  assert.deepEqual([...removedShaped.matchAll(/removed old checkpoint (\S+):/g)].map((m) => m[1]), ['virtnbdbackup.0.3', 'virtnbdbackup.0.2', 'virtnbdbackup.0.1', 'virtnbdbackup.0.0']);
+  const d3 = await write(0x37, 7);
+  assert.doesNotMatch(await backup(dom, daily2, 'inc'), /warning/);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.0.0', 'virtnbdbackup.1']);
+  for (const [set, point, until] of [[daily, d0, 'virtnbdbackup.0'], [daily, d1, 'virtnbdbackup.1'], [daily, d2, undefined], [shaped, s0, 'virtnbdbackup.0.0'], [shaped, s1, 'virtnbdbackup.0.1'], [shaped, s2, 'virtnbdbackup.0.2'], [shaped, s3, undefined], [daily2, d3, undefined]] as const) {
+    await assertPoint(work, set, point, until);
+  }
+  // Python's restore reads the shaped set too.
+  const py = path.join(work, 'py');
+  await runOk(pythonBin('virtnbdrestore'), ['-i', shaped, '-o', py, '-n']);
+  const pyResult = await TestDomain.compare(path.join(py, 'vda.qcow2'), s3);
+  assert.ok(pyResult.identical, pyResult.output);
+  // Python's full removes every checkpoint whose name holds virtnbdbackup, the shaped chain's too: our next inc there
+  // finds the bitmap gone and makes a full, the chain moved aside, never a wrong inc.
+  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', path.join(work, 'python'), '-n']);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0']);
+  const s4 = await write(0x38, 8);
+  const after = await backup(dom, shaped2, 'inc');
+  const archive = archivedChain(after);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.0.0']);
+  await assertPoint(work, shaped2, s4);
+  await assertPoint(work, archive, s3);
+});
