@@ -29,6 +29,9 @@ test('prefixes name chains: prefix.N; a bad prefix is refused', () => {
   assert.equal(prefixOf('my.chain.3'), 'my.chain');
   assert.equal(prefixOf('someone-elses'), undefined);
   assert.ok(inChain('weekly.3', 'weekly') && !inChain('weekly.3', 'week') && !inChain('weekly-old.3', 'weekly'));
+  // A prefix shaped like another chain's checkpoint: the two chains share no name.
+  assert.ok(inChain('virtnbdbackup.0.1', 'virtnbdbackup.0') && !inChain('virtnbdbackup.0.1', 'virtnbdbackup'));
+  assert.ok(inChain('virtnbdbackup.0', 'virtnbdbackup') && !inChain('virtnbdbackup.0', 'virtnbdbackup.0'));
   for (const bad of ['', '.hidden', 'a/b', 'a b', 'x'.repeat(65)]) assert.throws(() => checkPrefix(bad), /not usable/, bad);
   assert.equal(checkPrefix('daily_2-a.b'), 'daily_2-a.b');
 });
