@@ -17,7 +17,7 @@ import { checkPrefix, checkpointIdentity, type CheckpointPlan, type JobServer, t
 import { parseDomainXml, resolveVolumes, selectDisks, type DomainDisk } from '../libvirt/domainXml.js';
 import { BackupJob } from '../libvirt/backupJob.js';
 import { DEFAULT_TLS_CERT_DIR, NbdStalled, checkTlsClientFiles, nbdUri } from '../endpoint/nbd.js';
-import { changedBytesSince, clearOrphanBitmap, deleteCheckpoint, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
+import { changedBytesSince, clearChainOrphans, clearOrphanBitmap, deleteCheckpoint, existingBitmapName, isLostBitmapError, removeChain } from '../libvirt/chain.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { domainHostOf, tcpServerOn, type DomainHost } from '../libvirt/domainHost.js';
 import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
@@ -26,7 +26,7 @@ import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js'
 import { exists, makeDirectory } from '../util/fileIo.js';
 import { lockRun } from './lock.js';
 import { DomainPower } from './domainPower.js';
-import { OfflineExports, type DiskExports, type OfflineServing } from './offline.js';
+import { OfflineExports, imageBitmaps, type DiskExports, type OfflineServing } from './offline.js';
 import { refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, writeFailure, type DiskResult } from './diskBackup.js';
@@ -627,10 +627,16 @@ async function checkJobPaths(ctx: RunContext): Promise<void> {
   await checkQemuMayWrite(scratch, who, 'the scratch directory (--scratchdir)', 'give --scratchdir a directory it may write to, such as /var/tmp (the default)', log);
 }
 
-/** Starts the libvirt backup job for `plan`; a full first removes this chain's old checkpoints. */
+/**
+ * Starts the libvirt backup job for `plan`; a full first removes this chain's old checkpoints, then the bitmaps of
+ * the chain's names its images hold without a checkpoint.
+ */
 async function startJob(ctx: RunContext, plan: RunPlan, guard?: JobGuard): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
-  if (plan.level === 'full' && plan.checkpoint.create) await removeChain(domain, plan.prefix, log);
+  if (plan.level === 'full' && plan.checkpoint.create) {
+    await removeChain(domain, plan.prefix, log);
+    await clearChainOrphans(domain, plan.prefix, await listedBitmaps(ctx), ctx.info.disks.map((d) => d.target), log);
+  }
   // The guard hears of a guest held, so that a run killed meanwhile does not leave it paused or frozen.
   const frozen = (held: boolean): void => guard?.guestHeld('frozen', held);
   const paused = (held: boolean): void => guard?.guestHeld('paused', held);
@@ -646,6 +652,23 @@ async function startJob(ctx: RunContext, plan: RunPlan, guard?: JobGuard): Promi
     log,
     hooks: guard,
   }), paused), frozen);
+}
+
+/**
+ * The bitmaps each qcow2 image of the domain lists (`qemu-img info`), by disk target; a disk whose image cannot be
+ * read is left out with a debug line. A running QEMU writes the bitmaps it made into the image only when it closes
+ * it: those made since it started are not listed (a job's start still clears one in the way, see openExports).
+ */
+async function listedBitmaps(ctx: RunContext): Promise<Map<string, string[]>> {
+  const listed = new Map<string, string[]>();
+  for (const disk of ctx.info.disks.filter((d) => d.format === 'qcow2' && d.path && d.type !== 'network' && !d.missing)) {
+    try {
+      listed.set(disk.target, imageBitmaps(await imageInfoJson(ctx, disk)).map((b) => b.name));
+    } catch (err) {
+      ctx.log.debug(`bitmaps of disk ${disk.target} not looked at: ${oneLine(err)}`);
+    }
+  }
+  return listed;
 }
 
 /**

@@ -1,7 +1,7 @@
 // Keeps a domain's checkpoints in step with a backup set's chain: tells this chain's checkpoints from other
 // chains' and from foreign ones, puts back checkpoints libvirt lost, finds a chain that can no longer give a
-// correct incremental, and removes a chain (before a full), checkpoints a run that did not finish left, or a
-// bitmap left without its checkpoint.
+// correct incremental, and removes a chain (before a full, with the bitmaps of its names the images hold without a
+// checkpoint), checkpoints a run that did not finish left, or a bitmap left without its checkpoint.
 // Guarantees: only checkpoints of the given prefix are ever deleted; other chains' and foreign checkpoints
 // are left alone (libvirt keeps one active bitmap per checkpoint, so they do not disturb this chain).
 import fs from 'node:fs/promises';
@@ -12,7 +12,7 @@ import {
   type LibvirtDomain, type NativeError,
 } from '../native/addon.js';
 import {
-  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointBitmapDisks, checkpointCreationTime, checkpointDiskSize, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
+  CHECKPOINT_DESCRIPTION, DEFAULT_PREFIX, bitmapOwnerXml, checkpointBitmapDisks, checkpointBitmapNames, checkpointCreationTime, checkpointDiskSize, checkpointDescription, checkpointIdentity, checkpointParent, checkpointSize,
   inChain, prefixOf, withoutDomain, withoutParent,
 } from './checkpoints.js';
 import type { Logger } from '../util/log.js';
@@ -184,6 +184,31 @@ export async function clearOrphanBitmap(domain: LibvirtDomain, name: string, tar
       await domain.checkpointDelete(name, VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY).catch(() => undefined);
     }
   }
+}
+
+/**
+ * Before a full starts chain `prefix` anew (its checkpoints removed): removes the bitmaps of that chain's names
+ * (`<prefix>.N`) that the disks' images hold without a checkpoint owning them, as `listed` gives them (per disk
+ * target, the bitmaps its image lists). Earlier versions of ours left such bitmaps (a checkpoint deleted by its
+ * metadata alone), and so does a checkpoint's metadata deleted by hand: each stayed until the chain reached its
+ * name, tracking every guest write, and a Python inc that created that name failed ("Bitmap already exists").
+ * Bitmaps of other prefixes and foreign ones are left alone. Returns the names cleared.
+ */
+export async function clearChainOrphans(domain: LibvirtDomain, prefix: string, listed: Map<string, string[]>, allTargets: string[], log: Logger): Promise<string[]> {
+  const holders = new Map<string, string[]>();
+  for (const [target, names] of listed) {
+    for (const name of names.filter((n) => inChain(n, prefix))) holders.set(name, [...(holders.get(name) ?? []), target]);
+  }
+  if (holders.size === 0) return [];
+  // A bitmap some checkpoint owns is no orphan, whatever its name (a checkpoint may name its bitmap otherwise).
+  for (const checkpoint of await domain.listCheckpointNames()) {
+    holders.delete(checkpoint);
+    const xml = await domain.checkpointGetXMLDesc(checkpoint, 0).catch(() => '');
+    for (const owned of checkpointBitmapNames(xml)) holders.delete(owned);
+  }
+  const orphans = [...holders.keys()].sort((a, b) => chainIndex(a) - chainIndex(b));
+  for (const name of orphans) await clearOrphanBitmap(domain, name, holders.get(name) as string[], allTargets, log);
+  return orphans;
 }
 
 /**

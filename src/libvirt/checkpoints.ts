@@ -150,6 +150,12 @@ export function checkpointBitmapDisks(xml: string): string[] {
   return checkpointDiskEntries(xml).filter((d) => d['@_checkpoint'] === 'bitmap').map((d) => d['@_name'] ?? '');
 }
 
+/** The bitmaps a checkpoint XML owns: each bitmap disk's `bitmap` attribute, else the checkpoint's name (libvirt's default). */
+export function checkpointBitmapNames(xml: string): string[] {
+  const name = element(xml, 'name');
+  return checkpointDiskEntries(xml).filter((d) => d['@_checkpoint'] === 'bitmap').map((d) => d['@_bitmap'] ?? name ?? '').filter(Boolean);
+}
+
 /** The `size` (bytes changed since the checkpoint) an XML got with the size flag gives `target`: none without its bitmap. */
 export function checkpointDiskSize(xml: string, target: string): number | undefined {
   const size = checkpointDiskEntries(xml).find((d) => d['@_name'] === target)?.['@_size'];

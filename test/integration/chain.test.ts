@@ -758,3 +758,35 @@ test('a prefix named like a checkpoint of the default chain (virtnbdbackup.0): i
   await assertPoint(work, shaped2, s4);
   await assertPoint(work, archive, s3);
 });
+
+test('a full clears the bitmaps of its chain\'s names that the images hold without a checkpoint (left by earlier versions, or by metadata deleted by hand), one line each; Python\'s incs then create those names, and other prefixes\' and foreign bitmaps stay', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 16, fill: [{ pattern: 0x44, offsetMiB: 1, lengthMiB: 1 }] }] });
+  const work = await withTempDir(t, 'orphans-');
+  const set = path.join(work, 'set');
+  await dom.stop();
+  const orphans: Array<[string, string]> = [['vda', 'virtnbdbackup.0'], ['vda', 'virtnbdbackup.2'], ['vdb', 'virtnbdbackup.1'], ['vdb', 'virtnbdbackup.2'], ['vda', 'weekly.1'], ['vdb', 'someone-elses']];
+  for (const [target, name] of orphans) await run('qemu-img', ['bitmap', '--add', dom.diskPath(target), name]);
+  await dom.start();
+  const full = await backup(dom, set, 'full');
+  assert.deepEqual([...full.matchAll(/^removed bitmap (\S+) of disk (\S+): it was left without its checkpoint$/gm)].map((m) => `${m[1]} ${m[2]}`),
+    ['virtnbdbackup.0 vda', 'virtnbdbackup.1 vdb', 'virtnbdbackup.2 vda', 'virtnbdbackup.2 vdb']);
+  assert.doesNotMatch(full, /warning|no usable bitmap/);
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0']);
+  // Python's incs create virtnbdbackup.1 and .2, which the bitmaps left there refused ("Bitmap already exists").
+  const points: string[] = [];
+  for (const [i, bin] of [pythonBin('virtnbdbackup'), pythonBin('virtnbdbackup'), ourBin('virtnbdbackup')].entries()) {
+    await dom.write('vda', 0x60 + i, `${i + 1}M`, '1M');
+    points.push(await dom.snapshot('vda'));
+    await runOk(bin, ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  }
+  assert.deepEqual(checkpoints(dom), ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2', 'virtnbdbackup.3']);
+  for (const [i, point] of points.entries()) await assertPoint(work, set, point, `virtnbdbackup.${i + 1}`);
+  // Another prefix's bitmap and a foreign one were left where they were.
+  await dom.stop();
+  const listed = async (target: string): Promise<string[]> => {
+    const info = JSON.parse((await run('qemu-img', ['info', '--output=json', dom.diskPath(target)])).stdout) as { 'format-specific': { data: { bitmaps?: Array<{ name: string }> } } };
+    return (info['format-specific'].data.bitmaps ?? []).map((b) => b.name).sort();
+  };
+  assert.deepEqual(await listed('vda'), ['virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2', 'virtnbdbackup.3', 'weekly.1']);
+  assert.deepEqual(await listed('vdb'), ['someone-elses', 'virtnbdbackup.0', 'virtnbdbackup.1', 'virtnbdbackup.2', 'virtnbdbackup.3']);
+});

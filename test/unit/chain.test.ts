@@ -9,7 +9,7 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import {
-  bitmapOwnerXml, checkPrefix, checkpointIdentity, checkpointSize, checkpointXml, inChain, planCheckpoint, prefixOf, withoutDomain, withoutParent,
+  bitmapOwnerXml, checkPrefix, checkpointBitmapNames, checkpointIdentity, checkpointSize, checkpointXml, inChain, planCheckpoint, prefixOf, withoutDomain, withoutParent,
 } from '../../src/libvirt/checkpoints.js';
 import { existingBitmapName, isLostBitmapError, unusableParent } from '../../src/libvirt/chain.js';
 import type { LibvirtDomain } from '../../src/native/addon.js';
@@ -71,6 +71,10 @@ test('checkpoint XML: run id in the description, identity, size, redefinable wit
   const owner = bitmapOwnerXml('virtnbdbackup.0', 'vdb', ['vda', 'vdb']);
   assert.match(owner, /<disk name='vdb' checkpoint='bitmap' bitmap='virtnbdbackup\.0'\/>/);
   assert.match(owner, /<disk name='vda' checkpoint='no'\/>/);
+  // The bitmaps a checkpoint owns: named by its disks, else after it.
+  assert.deepEqual(checkpointBitmapNames(LIBVIRT_CHECKPOINT), ['virtnbdbackup.1', 'virtnbdbackup.1']);
+  assert.deepEqual(checkpointBitmapNames(owner.replace("<name>virtnbdbackup.0</name>", '<name>probe</name>')), ['virtnbdbackup.0']);
+  assert.deepEqual(checkpointBitmapNames(xml), ['weekly.1']);
 });
 
 test("libvirt's refusals: a lost bitmap, and a bitmap left without its checkpoint", () => {
