@@ -2,7 +2,9 @@
 // every point restored and compared bit for bit with a copy of the disk taken at that point, by our restore
 // and (where the format allows) by Debian's Python virtnbdrestore; and Python's backups restored by ours; a
 // block-backed disk (loop device); a linked clone (a qcow2 overlay on a backing image); a volume of a storage pool;
-// network disks (NBD); a read-only disk beside a writable one; a chain whose backups switch between Python and ours.
+// network disks (NBD); a read-only disk beside a writable one; a chain whose backups switch between Python and ours;
+// a --scratchdir or -f QEMU's user may not write, and a --scratchdir with too little free space, refused before a
+// full removes the old chain's checkpoints or an inc that falls back to a full moves the chain aside.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';

@@ -8,7 +8,8 @@
 // attached and detached within a chain, one attached with an earlier chain's bitmap; an external snapshot taken and committed back within a chain; a domain renamed within a chain; a disk left out of an inc;
 // one disk's newest inc lost, which a restore of the latest point refuses naming it; guest writes while a full and
 // an inc copy: each holds the disk of its start, the next inc the writes; an inc that saved no data is a point of
-// its own for --until.
+// its own for --until; a prefix shaped like a default chain's checkpoint (virtnbdbackup.0) never mixes with that
+// chain; a full clears the bitmaps of its chain's names left without a checkpoint, so that Python's incs go on.
 // Every point of every set is restored and compared bit for bit.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
