@@ -115,9 +115,10 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
           date: new Date().toISOString(),
           diskName: disk.target,
           diskFormat: disk.format,
-          // Python's restore stops (-u) at the first file naming that checkpoint: an offline diff naming the next one,
-          // which the next online inc makes, ended a restore to that point before its inc.
-          checkpointName: options.offline && level === 'diff' ? parent : plan.checkpoint.name,
+          // A diff names the checkpoint it follows, online or offline: Python's restore stops (-u) at the first file
+          // naming that checkpoint, and a diff naming the next one, which the next inc makes, ended a restore to
+          // that point at the diff, before its inc (Python's own online diffs do so).
+          checkpointName: level === 'diff' ? parent : plan.checkpoint.name,
           parentCheckpoint: parent,
           incremental,
           checkpointIdentity: level === 'diff' ? undefined : options.identities?.get(plan.checkpoint.name),

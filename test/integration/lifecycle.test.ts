@@ -1,0 +1,64 @@
+// Chains across a domain's life, as an administrator's daily full + incs meet it: diffs taken between incs restore
+// at every point with our virtnbdrestore and Python's (-u / --until by checkpoint name, -s by files).
+// Every point is compared bit for bit with a snapshot taken when it was backed up.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { TestDomain, withDomain, withTempDir } from '../support/testbed.js';
+import { ourBin, pythonBin, runOk } from '../support/cli.js';
+
+const DISK = { target: 'vda', sizeMiB: 32, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
+
+/** Runs our backup on `dom` into `set`; a diff starts in a second of its own (its file is named by that second). */
+async function backup(dom: TestDomain, set: string, level: string): Promise<void> {
+  if (level === 'diff') await new Promise((resolve) => setTimeout(resolve, 1000 - (Date.now() % 1000) + 10));
+  await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', level, '-o', set]);
+}
+
+/** Restores disk vda of `set` with `tool` and `args` into a fresh dir; asserts it equals `reference`. */
+async function assertRestores(tool: string, work: string, set: string, reference: string, args: string[]): Promise<void> {
+  const out = await fs.mkdtemp(path.join(work, 'restore-'));
+  await runOk(tool, ['-i', set, '-o', out, '-d', 'vda', ...args]);
+  // Images of -s are named after the disk alone (vda), as Python names them; else after the source image.
+  const image = (await fs.readdir(out)).filter((f) => !f.endsWith('.xml'));
+  assert.equal(image.length, 1, `${args.join(' ')}: ${image.join(', ')}`);
+  const result = await TestDomain.compare(path.join(out, image[0] as string), reference, { formatA: 'qcow2' });
+  assert.ok(result.identical, `${path.basename(tool)} ${args.join(' ')}: ${result.output}`);
+}
+
+test('online diffs between incs name the checkpoint they follow: --until each checkpoint and -s of each diff restore bit for bit, ours and Python (whose restore stopped at a diff naming the next checkpoint, before its inc)', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'online-diffs-');
+  const set = path.join(work, 'set');
+  const points: Record<string, string> = {};
+  await backup(dom, set, 'full');
+  points.c0 = await dom.snapshot('vda');
+  await dom.write('vda', 0x22, '2M', '1M');
+  await backup(dom, set, 'diff');
+  points.d0 = await dom.snapshot('vda');
+  await dom.write('vda', 0x23, '3M', '1M');
+  await backup(dom, set, 'inc');
+  points.c1 = await dom.snapshot('vda');
+  await dom.write('vda', 0x24, '5M', '1M');
+  await backup(dom, set, 'diff');
+  points.d1 = await dom.snapshot('vda');
+  await dom.write('vda', 0x25, '6M', '1M');
+  await backup(dom, set, 'inc');
+  points.c2 = await dom.snapshot('vda');
+
+  const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<{ file: string; checkpointName: string; parentCheckpoint: string }>;
+  const diffs = dumped.filter((m) => m.file.startsWith('vda.diff.'));
+  assert.equal(diffs.length, 2);
+  const [d0, d1] = diffs.map((m) => m.file);
+  for (const tool of [ourBin('virtnbdrestore'), pythonBin('virtnbdrestore')]) {
+    await assertRestores(tool, work, set, points.c0 as string, ['--until', 'virtnbdbackup.0']);
+    await assertRestores(tool, work, set, points.c1 as string, ['--until', 'virtnbdbackup.1']);
+    await assertRestores(tool, work, set, points.c2 as string, ['--until', 'virtnbdbackup.2']);
+    await assertRestores(tool, work, set, points.c2 as string, []);
+    await assertRestores(tool, work, set, points.d0 as string, ['-s', `vda.full.data,${d0}`]);
+    await assertRestores(tool, work, set, points.d1 as string, ['-s', `vda.full.data,vda.inc.virtnbdbackup.1.data,${d1}`]);
+  }
+  // Python's restore stops (-u) at the first file naming the checkpoint: each diff names the one it follows.
+  for (const diff of diffs) assert.equal(diff.checkpointName, diff.parentCheckpoint, `${diff.file} names another checkpoint than the one it follows`);
+});
