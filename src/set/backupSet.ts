@@ -369,6 +369,11 @@ export function checkLinks(chain: ChainLink[], remedy = 'put it back, or restore
   for (const link of chain.slice(1)) {
     const lastCheckpoint = last?.meta.checkpointName ?? '';
     if (link.meta.parentCheckpoint !== lastCheckpoint) {
+      // Python's offline inc saves the changes since the last checkpoint under the name of the inc that made it.
+      if (link.level === 'inc' && link.meta.incremental && link.meta.parentCheckpoint === link.meta.checkpointName) {
+        const since = link.meta.parentCheckpoint;
+        throw new UserError(`broken chain: ${link.file} holds only the changes since checkpoint ${since}, which it names as its own and as its parent: an offline backup of Python's virtnbdbackup, which writes them under the name of the inc that made ${since}, replacing that inc; the changes from ${lastCheckpoint || 'the base'} to ${since} are lost from the set, and nothing can put them back: ${last?.file} (${lastCheckpoint || 'the base'}) is the latest point before it that restores${lastCheckpoint ? ` (--until ${lastCheckpoint})` : ''}`);
+      }
       throw new UserError(`broken chain: ${link.file} is based on checkpoint ${link.meta.parentCheckpoint || '(none)'}, but the chain before it ends at ${lastCheckpoint || 'no checkpoint'} (${last?.file}); a data file is missing from the set: ${remedy}`);
     }
     // Same names, another chain: a set's file copied over with another set's (ours record who made each checkpoint).

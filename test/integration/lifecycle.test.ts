@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { TestDomain, withDomain, withTempDir } from '../support/testbed.js';
-import { ourBin, pythonBin, runOk } from '../support/cli.js';
+import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
 
 const DISK = { target: 'vda', sizeMiB: 32, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
 
@@ -61,4 +61,25 @@ test('online diffs between incs name the checkpoint they follow: --until each ch
   }
   // Python's restore stops (-u) at the first file naming the checkpoint: each diff names the one it follows.
   for (const diff of diffs) assert.equal(diff.checkpointName, diff.parentCheckpoint, `${diff.file} names another checkpoint than the one it follows`);
+});
+
+test('Python\'s offline inc, which replaces the inc that made the set\'s last checkpoint: restore and verify say so and name the point that restores', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'python-offline-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  const c0 = await dom.snapshot('vda');
+  await dom.write('vda', 0x22, '2M', '1M');
+  await backup(dom, set, 'inc');
+  await dom.stop();
+  // Python 1.9.15 writes the changes since virtnbdbackup.1 (none) as vda.inc.virtnbdbackup.1.data, over ours.
+  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '--noprogress']);
+  const lost = /broken chain: vda\.inc\.virtnbdbackup\.1\.data holds only the changes since checkpoint virtnbdbackup\.1, which it names as its own and as its parent: an offline backup of Python's virtnbdbackup, which writes them under the name of the inc that made virtnbdbackup\.1, replacing that inc; the changes from virtnbdbackup\.0 to virtnbdbackup\.1 are lost from the set, and nothing can put them back: vda\.full\.data \(virtnbdbackup\.0\) is the latest point before it that restores \(--until virtnbdbackup\.0\)/;
+  const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'refused')]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(refused.stderr, lost);
+  const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  assert.equal(verified.code, 1, verified.stdout);
+  assert.match(verified.stdout, lost);
+  await assertRestores(ourBin('virtnbdrestore'), work, set, c0, ['--until', 'virtnbdbackup.0']);
 });
