@@ -4,6 +4,8 @@
 //   -> inc/diff: the set's chain (.cpt), its prefix; checkpoints at its end that no data file of the set belongs to
 //      (a run that listed its checkpoint first, as Python's tool does, and died) dropped, their changes kept;
 //      checkpoints libvirt lost put back from the saved XML
+//   -> an inc of the set replaced by Python's offline inc of its checkpoint (the chain cannot restore from there)
+//      makes a full, as an unusable parent does
 //   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
 //      (with -r, of the raw disks too, as any full)
 //   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
@@ -188,7 +190,8 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (level === 'full') return planFor(level, [], prefix);
 
   // Zip sets keep their files in the zips: not judged by files.
-  const savedAt = ctx.toZip || chain.length === 0 ? undefined : savedDisksOf(ctx, (await listSet(ctx.stateDir)).dataFiles, chain);
+  const setFiles = ctx.toZip || chain.length === 0 ? undefined : (await listSet(ctx.stateDir)).dataFiles;
+  const savedAt = setFiles && savedDisksOf(ctx, setFiles, chain);
   if (savedAt) await dropUnfinished(ctx, chain, cptFile, savedAt);
   const parent = chain[chain.length - 1];
   if (parent === undefined) {
@@ -209,6 +212,8 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (problem) return fallBackToFull(ctx, prefix, problem);
   const unsaved = savedAt && (await disksWithoutFile(ctx, parent, chain, savedAt));
   if (unsaved) return fallBackToFull(ctx, prefix, unsaved);
+  const replaced = setFiles && (await replacedIncs(ctx, setFiles, chain));
+  if (replaced) return fallBackToFull(ctx, prefix, replaced);
   const added = await disksWithoutBitmap(ctx, parent, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
   if (power.offline && added.added.length > 0) {
@@ -299,6 +304,23 @@ async function disksWithoutFile(ctx: RunContext, parent: string, chain: string[]
   const unsaved = checkpointBitmapDisks(xml).filter((disk) => !saved.has(disk));
   if (unsaved.length === 0) return undefined;
   return `checkpoint ${parent} tracks disk ${unsaved.join(', ')}, but the set holds no ${unsaved.length > 1 ? 'files' : 'file'} of ${unsaved.length > 1 ? 'them' : 'it'} at that checkpoint (a run that did not finish)`;
+}
+
+/**
+ * An inc of the chain (not its first checkpoint's) whose metadata names its checkpoint as its own parent: an offline
+ * backup of Python's virtnbdbackup, which saves the changes since the last checkpoint under the name of the inc that
+ * made it, replacing that file. The changes up to that checkpoint are then in no file, so no later point restores.
+ */
+async function replacedIncs(ctx: RunContext, files: DataFile[], chain: string[]): Promise<string | undefined> {
+  const later = new Set(chain.slice(1));
+  for (const f of files) {
+    if (f.level !== 'inc' || !later.has(f.ident)) continue;
+    const meta = await StreamReader.metadata(path.join(ctx.stateDir, f.file)).catch(() => undefined);
+    if (meta?.incremental && meta.checkpointName === f.ident && meta.parentCheckpoint === f.ident) {
+      return `${f.file} holds only the changes since checkpoint ${f.ident}: an offline backup of Python's virtnbdbackup, which writes them under the name of the inc that made ${f.ident}, replaced that inc, so the set lacks disk ${f.disk}'s changes up to ${f.ident} and no point from there on restores`;
+    }
+  }
+  return undefined;
 }
 
 /**

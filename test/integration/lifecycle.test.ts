@@ -63,7 +63,7 @@ test('online diffs between incs name the checkpoint they follow: --until each ch
   for (const diff of diffs) assert.equal(diff.checkpointName, diff.parentCheckpoint, `${diff.file} names another checkpoint than the one it follows`);
 });
 
-test('Python\'s offline inc, which replaces the inc that made the set\'s last checkpoint: restore and verify say so and name the point that restores', async (t) => {
+test('Python\'s offline inc, which replaces the inc that made the set\'s last checkpoint: restore and verify say so and name the point that restores; our next inc makes a full instead of continuing a chain no restore crosses', async (t) => {
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'python-offline-');
   const set = path.join(work, 'set');
@@ -82,4 +82,13 @@ test('Python\'s offline inc, which replaces the inc that made the set\'s last ch
   assert.equal(verified.code, 1, verified.stdout);
   assert.match(verified.stdout, lost);
   await assertRestores(ourBin('virtnbdrestore'), work, set, c0, ['--until', 'virtnbdbackup.0']);
+
+  await dom.start();
+  await dom.write('vda', 0x23, '3M', '1M');
+  const now = await dom.snapshot('vda');
+  const { stderr } = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.match(stderr, /warning: vda\.inc\.virtnbdbackup\.1\.data holds only the changes since checkpoint virtnbdbackup\.1: an offline backup of Python's virtnbdbackup, .* replaced that inc, so the set lacks disk vda's changes up to virtnbdbackup\.1 and no point from there on restores: an incremental backup would be wrong, so this run makes a full backup instead; the set's previous chain was moved to (\S+) and restores from there/);
+  const archived = /previous chain was moved to (\S+) and restores from there/.exec(stderr)?.[1] as string;
+  await assertRestores(ourBin('virtnbdrestore'), work, set, now, []);
+  await assertRestores(ourBin('virtnbdrestore'), work, archived, c0, ['--until', 'virtnbdbackup.0']);
 });
