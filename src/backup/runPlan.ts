@@ -6,7 +6,7 @@
 //      checkpoints libvirt lost put back from the saved XML
 //   -> an inc of the set replaced by Python's offline inc of its checkpoint (the chain cannot restore from there)
 //      makes a full, as an unusable parent does
-//   -> the parent still usable? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
+//   -> the parent still usable, no disk's image another disk's at the parent (swapped)? else fall back: the set's chain is moved to chain.<secs>/, this run is a full
 //      (with -r, of the raw disks too, as any full)
 //   -> inc: checkpoints after the set's last, left by a run that did not finish, removed (their changes kept)
 //   -> inc: disks added to the domain since the parent (no bitmap of it) are saved whole, as their chain's base;
@@ -26,7 +26,7 @@ import {
 import { deleteCheckpoint, foreignCheckpoints, redefineMissing, removeUnlisted, unusableParent, warnForeign } from '../libvirt/chain.js';
 import { UserError } from '../util/errors.js';
 import { exists } from '../util/fileIo.js';
-import { parseDomainXml, selectDisks } from '../libvirt/domainXml.js';
+import { parseDomainXml, selectDisks, type DomainDisk } from '../libvirt/domainXml.js';
 import { OUTPUT_LOCK_NAME } from './lock.js';
 import { bitmapProblems, imageBitmaps, isImageLocked } from './offline.js';
 import { VIR_DOMAIN_CHECKPOINT_XML_SIZE } from '../native/addon.js';
@@ -120,6 +120,8 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
     if (from === undefined) {
       changes.added.push(target);
     } else if (await stillTracked(ctx, target, from)) {
+      const moved = await movedImage(ctx, from, [target]);
+      if (moved) return { ...changes, problem: moved };
       changes.resumed.push({ target, from });
     } else {
       return { ...changes, problem: `disk ${target} of '${ctx.options.domain}' has no bitmap of checkpoint ${parent} (attached anew since), and the chain already holds a disk ${target} (up to checkpoint ${from})` };
@@ -130,6 +132,43 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
     return { ...changes, problem: `${named} of '${ctx.options.domain}' ${changes.added.length > 1 ? 'have' : 'has'} no bitmap of checkpoint ${parent} (added to the domain since, or left out of every backup of the chain), and a differential backup cannot start ${changes.added.length > 1 ? 'their chains' : 'its chain'}` };
   }
   return changes;
+}
+
+/** What names a disk's image in a domain XML: its file or device, or its pool volume; none for a network disk. */
+const imageOf = (disk: DomainDisk): string | undefined => (disk.volume ? `volume ${disk.volume.pool}/${disk.volume.name}` : disk.network ? undefined : disk.path);
+
+/**
+ * A disk read against a checkpoint whose image another disk of the domain had at that checkpoint (images swapped or
+ * moved between targets by an edited XML): libvirt reads the bitmap of that name in whatever image the target has
+ * now, so the inc would put one disk's changes onto another disk's chain, and its restore would mix the two. Judged
+ * by the domain definition libvirt keeps with the checkpoint; none tells nothing. `targets` are the disks of this
+ * run read against `checkpoint`; undefined where none moved.
+ */
+async function movedImage(ctx: RunContext, checkpoint: string, targets: string[]): Promise<string | undefined> {
+  if (targets.length === 0) return undefined;
+  const xml = await ctx.domain.checkpointGetXMLDesc(checkpoint, 0).catch(() => undefined);
+  const definition = xml === undefined ? undefined : /<domain[\s>][\s\S]*<\/domain>/.exec(xml)?.[0];
+  if (definition === undefined) return undefined;
+  let then: DomainDisk[];
+  try {
+    then = parseDomainXml(definition).disks;
+  } catch {
+    return undefined;
+  }
+  for (const disk of ctx.disks.filter((d) => targets.includes(d.target))) {
+    const image = imageOf(disk);
+    const was = image === undefined ? undefined : then.find((d) => d.target !== disk.target && imageOf(d) === image);
+    if (was) {
+      return `disk ${disk.target} of '${ctx.options.domain}' now has the image ${image as string}, which disk ${was.target} had at checkpoint ${checkpoint} (the disks' images were swapped or moved between targets since): its bitmap holds disk ${was.target}'s changes, and an inc would put them onto disk ${disk.target}'s chain`;
+    }
+  }
+  return undefined;
+}
+
+/** movedImage of the disks checkpoint `parent` gave a bitmap. */
+async function movedImages(ctx: RunContext, parent: string): Promise<string | undefined> {
+  const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
+  return xml === undefined ? undefined : movedImage(ctx, parent, checkpointBitmapDisks(xml));
 }
 
 /**
@@ -214,6 +253,8 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (unsaved) return fallBackToFull(ctx, prefix, unsaved);
   const replaced = setFiles && (await replacedIncs(ctx, setFiles, chain));
   if (replaced) return fallBackToFull(ctx, prefix, replaced);
+  const moved = await movedImages(ctx, parent);
+  if (moved) return fallBackToFull(ctx, prefix, moved);
   const added = await disksWithoutBitmap(ctx, parent, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
   if (power.offline && added.added.length > 0) {

@@ -7,6 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { TestDomain, withDomain, withTempDir } from '../support/testbed.js';
 import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
+import { virsh } from '../support/points.js';
 
 const DISK = { target: 'vda', sizeMiB: 32, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] };
 
@@ -91,4 +92,41 @@ test('Python\'s offline inc, which replaces the inc that made the set\'s last ch
   const archived = /previous chain was moved to (\S+) and restores from there/.exec(stderr)?.[1] as string;
   await assertRestores(ourBin('virtnbdrestore'), work, set, now, []);
   await assertRestores(ourBin('virtnbdrestore'), work, archived, c0, ['--until', 'virtnbdbackup.0']);
+});
+
+test('two disks\' images swapped between targets within a chain (the XML edited): the inc makes a full instead of saving each image\'s changes onto the other disk\'s chain; shut off it is refused; every point restores bit for bit', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x55, offsetMiB: 8, lengthMiB: 4 }] }] });
+  const work = await withTempDir(t, 'swapped-');
+  const set = path.join(work, 'set');
+  const [imageA, imageB] = [dom.diskPath('vda'), dom.diskPath('vdb')];
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x22, '1M', '1M');
+  await dom.write('vdb', 0x66, '2M', '1M');
+  await backup(dom, set, 'inc');
+  const [a1, b1] = [await dom.snapshot('vda'), await dom.snapshot('vdb')];
+  await dom.stop();
+  const xml = virsh('dumpxml', '--inactive', dom.name).replace(imageA, '\0').replace(imageB, imageA).replace('\0', imageB);
+  await fs.writeFile(path.join(work, 'swapped.xml'), xml);
+  virsh('define', path.join(work, 'swapped.xml'));
+  const moved = `disk vda of '${dom.name}' now has the image ${imageB}, which disk vdb had at checkpoint virtnbdbackup.1 (the disks' images were swapped or moved between targets since): its bitmap holds disk vdb's changes, and an inc would put them onto disk vda's chain`;
+  const before = (await fs.readdir(set)).sort();
+  const offline = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.equal(offline.code, 1, offline.stderr);
+  assert.ok(offline.stderr.includes(`${moved}: an incremental backup would be wrong, and a shut-off domain cannot start a new chain; run again with -S`), offline.stderr);
+  assert.deepEqual((await fs.readdir(set)).filter((f) => !f.startsWith('backup.')).sort(), before.filter((f) => !f.startsWith('backup.')));
+  await dom.start();
+  const { stderr } = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.ok(stderr.includes(`warning: ${moved}: an incremental backup would be wrong, so this run makes a full backup instead`), stderr);
+  const archived = /previous chain was moved to (\S+) and restores from there/.exec(stderr)?.[1] as string;
+  // The testbed's snapshots follow the image: vda now reads image B.
+  const [vdaNow, vdbNow] = [await dom.snapshot('vdb'), await dom.snapshot('vda')];
+  await assertRestores(ourBin('virtnbdrestore'), work, archived, a1, []);
+  await assertRestores(ourBin('virtnbdrestore'), work, set, vdaNow, []);
+  const out = await fs.mkdtemp(path.join(work, 'vdb-'));
+  await runOk(ourBin('virtnbdrestore'), ['-i', archived, '-o', out, '-d', 'vdb']);
+  assert.ok((await TestDomain.compare(path.join(out, 'vdb.qcow2'), b1)).identical);
+  const out2 = await fs.mkdtemp(path.join(work, 'vdb-'));
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out2, '-d', 'vdb']);
+  const now = (await fs.readdir(out2)).find((f) => f.endsWith('.qcow2')) as string;
+  assert.ok((await TestDomain.compare(path.join(out2, now), vdbNow)).identical);
 });
