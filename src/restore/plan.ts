@@ -316,7 +316,7 @@ function absentAt(chain: ChainLink[], until: string, checkpoints: string[]): str
   if (first > point) return `its backups start at checkpoint ${base.meta.checkpointName} (${base.file}), after ${until}: it was added to the domain later`;
   if (end < point) return `its backups end at checkpoint ${last.meta.checkpointName} (${last.file}), before ${until}: it was removed from the domain or left out of the backups since`;
   if (!chain.some((l) => l.level !== 'diff' && l.meta.checkpointName === until)) {
-    return `the backup at checkpoint ${until} left it out (-x); restore it alone with -d ${base.disk} and --until one of its own points`;
+    return `the backup at checkpoint ${until} did not save it (left out with -x, or not attached to the domain then); restore it alone with -d ${base.disk} and --until one of its own points`;
   }
   return undefined;
 }

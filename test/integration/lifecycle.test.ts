@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { TestDomain, withDomain, withTempDir } from '../support/testbed.js';
+import { TestDomain, run, withDomain, withTempDir } from '../support/testbed.js';
 import { ourBin, pythonBin, runCli, runOk } from '../support/cli.js';
 import { virsh } from '../support/points.js';
 
@@ -129,4 +129,57 @@ test('two disks\' images swapped between targets within a chain (the XML edited)
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out2, '-d', 'vdb']);
   const now = (await fs.readdir(out2)).find((f) => f.endsWith('.qcow2')) as string;
   assert.ok((await TestDomain.compare(path.join(out2, now), vdbNow)).identical);
+});
+
+test('a disk\'s target renamed within a chain (vdb to vdc, and back): vdc is saved whole, vdb resumes from the checkpoint it left, whose bitmap kept every change; each point restores bit for bit, and --until a point without vdb says why', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 16, fill: [{ pattern: 0x55, offsetMiB: 0, lengthMiB: 2 }] }] });
+  const work = await withTempDir(t, 'renamed-');
+  const set = path.join(work, 'set');
+  const image = dom.diskPath('vdb');
+  /** Gives the shut-off domain's image of `from` the target `to` (virsh detach-disk / attach-disk --config). */
+  const rename = (from: string, to: string): void => {
+    virsh('detach-disk', dom.name, from, '--config');
+    virsh('attach-disk', dom.name, image, to, '--driver', 'qemu', '--subdriver', 'qcow2', '--targetbus', 'virtio', '--config');
+  };
+  /** A raw copy of the image now (written only while the domain was off, so the file holds it all). */
+  let copies = 0;
+  const snapshot = async (): Promise<string> => {
+    const out = path.join(work, `image${++copies}.raw`);
+    await run('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', image, out]);
+    return out;
+  };
+  await backup(dom, set, 'full');
+  await dom.write('vdb', 0x56, '4M', '1M');
+  await backup(dom, set, 'inc');
+  const b1 = await dom.snapshot('vdb');
+  await dom.stop();
+  rename('vdb', 'vdc');
+  // Written while it is vdc: through qemu-io on the image while the domain is off (its bitmaps see it too).
+  await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x57 5M 1M', image]);
+  await dom.start();
+  const renamed = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.match(renamed.stderr, /disk vdc has no bitmap of checkpoint virtnbdbackup\.1 .*: this inc saves it whole as vdc\.full\.data/);
+  const c2 = await snapshot();
+  await dom.stop();
+  rename('vdc', 'vdb');
+  await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x58 6M 1M', image]);
+  await dom.start();
+  const back = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.match(back.stderr, /disk vdb was left out of the backups after checkpoint virtnbdbackup\.1: this inc saves its changes since virtnbdbackup\.1/);
+  const b3 = await snapshot();
+  const restores = async (disk: string, reference: string, args: string[]): Promise<string> => {
+    const out = await fs.mkdtemp(path.join(work, `${disk}-`));
+    const { stderr } = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-d', disk, ...args]);
+    const [restored] = (await fs.readdir(out)).filter((f) => f.endsWith('.qcow2'));
+    const result = await TestDomain.compare(path.join(out, restored as string), reference);
+    assert.ok(result.identical, `${disk} ${args.join(' ')}: ${result.output}`);
+    return stderr;
+  };
+  await restores('vdb', b1, ['--until', 'virtnbdbackup.1']);
+  await restores('vdc', c2, ['--until', 'virtnbdbackup.2']);
+  await restores('vdb', b3, ['--until', 'virtnbdbackup.3']);
+  await restores('vdb', b3, []);
+  const out = await fs.mkdtemp(path.join(work, 'all-'));
+  const { stderr } = await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '--until', 'virtnbdbackup.2']);
+  assert.match(stderr, /disk vdb is left out of the restore at virtnbdbackup\.2: the backup at checkpoint virtnbdbackup\.2 did not save it \(left out with -x, or not attached to the domain then\)/);
 });
