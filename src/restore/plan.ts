@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, sideFilesAre, vmConfigName,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isArchivedChain, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, sideFilesAre, vmConfigName,
   type ChainLink, type DataFile, type SetListing, type StrandedSideFiles,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
@@ -254,6 +254,27 @@ function cutAt(chain: ChainLink[], until: string, disk: string, input: string): 
 }
 
 /**
+ * `err` (a checkpoint the set's chain lacks) naming the earlier chains of the set that list `until`: a backup that
+ * had to start a new chain moved the old one into chain.<secs>/, which restores from there, under the same names.
+ */
+async function withArchivedChains(err: UnknownCheckpoint, input: string, until: string): Promise<UnknownCheckpoint> {
+  const holding: string[] = [];
+  for (const name of (await fs.readdir(input).catch(() => [] as string[])).filter(isArchivedChain).sort().reverse()) {
+    const dir = path.join(input, name);
+    const lists = (await fs.readdir(dir).catch(() => [] as string[])).filter((f) => f.endsWith('.cpt'));
+    for (const list of lists) {
+      if ((await readCheckpointList(path.join(dir, list)).catch(() => [] as string[])).includes(until)) {
+        holding.push(dir);
+        break;
+      }
+    }
+  }
+  if (holding.length === 0) return err;
+  const which = holding.length === 1 ? `${holding[0]}, an earlier chain of the set,` : `the set's earlier chains ${holding.join(', ')} (newest first)`;
+  return new UnknownCheckpoint(`${err.message.replace(/; pick one of those with --until$/, '')}: ${which} moved aside when a backup had to start a new chain, ${holding.length === 1 ? 'holds' : 'hold'} a checkpoint ${until}; restore it with -i ${holding[0]} --until ${until}, or pick one of the set's own with --until`);
+}
+
+/**
  * The chain a --sequence names: files of one disk, starting at its base, in chain order, with no incremental
  * left out between two of them (diffs may be skipped: each holds all changes since its checkpoint).
  */
@@ -490,7 +511,12 @@ async function selectChains(scanned: ScannedSet, options: { input: string; until
       continue;
     }
     // Cut first: a file missing after the restore point does not stop a restore of that point.
-    const applied = options.until === undefined ? chain : cutAt(chain, options.until, disk, options.input);
+    let applied = chain;
+    try {
+      if (options.until !== undefined) applied = cutAt(chain, options.until, disk, options.input);
+    } catch (err) {
+      throw err instanceof UnknownCheckpoint ? await withArchivedChains(err, options.input, options.until as string) : err;
+    }
     checkLinks(applied, undefined, scanned.listed);
     selected.set(disk, applied);
   }

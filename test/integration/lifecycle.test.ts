@@ -121,6 +121,10 @@ test('two disks\' images swapped between targets within a chain (the XML edited)
   // The testbed's snapshots follow the image: vda now reads image B.
   const [vdaNow, vdbNow] = [await dom.snapshot('vdb'), await dom.snapshot('vda')];
   await assertRestores(ourBin('virtnbdrestore'), work, archived, a1, []);
+  // Weeks later, --until a point of the old chain: the line names the chain moved aside that holds it.
+  const older = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'older'), '--until', 'virtnbdbackup.1']);
+  assert.equal(older.code, 1, older.stderr);
+  assert.ok(older.stderr.includes(`checkpoint virtnbdbackup.1 is not in the chain of disk vda in ${set} (it has: virtnbdbackup.0): ${archived}, an earlier chain of the set, moved aside when a backup had to start a new chain, holds a checkpoint virtnbdbackup.1; restore it with -i ${archived} --until virtnbdbackup.1, or pick one of the set's own with --until\n`), older.stderr);
   await assertRestores(ourBin('virtnbdrestore'), work, set, vdaNow, []);
   const out = await fs.mkdtemp(path.join(work, 'vdb-'));
   await runOk(ourBin('virtnbdrestore'), ['-i', archived, '-o', out, '-d', 'vdb']);
