@@ -20,6 +20,7 @@ import {
 } from '../set/backupSet.js';
 import { DirectoryTarget } from '../set/target.js';
 import { StreamReader } from '../stream/reader.js';
+import type { StreamMetadata } from '../stream/format.js';
 import {
   DEFAULT_PREFIX, checkPrefix, checkpointBitmapDisks, checkpointDiskSize, planCheckpoint, prefixOf, type CheckpointPlan, type Level,
 } from '../libvirt/checkpoints.js';
@@ -348,16 +349,20 @@ async function disksWithoutFile(ctx: RunContext, parent: string, chain: string[]
 }
 
 /**
- * An inc of the chain (not its first checkpoint's) whose metadata names its checkpoint as its own parent: an offline
+ * An inc of the chain (not of the checkpoint of its disk's full) whose metadata names its checkpoint as its own parent: an offline
  * backup of Python's virtnbdbackup, which saves the changes since the last checkpoint under the name of the inc that
  * made it, replacing that file. The changes up to that checkpoint are then in no file, so no later point restores.
  */
 async function replacedIncs(ctx: RunContext, files: DataFile[], chain: string[]): Promise<string | undefined> {
-  const later = new Set(chain.slice(1));
+  const listed = new Set(chain);
+  const metadata = (file: string): Promise<StreamMetadata | undefined> => StreamReader.metadata(path.join(ctx.stateDir, file)).catch(() => undefined);
   for (const f of files) {
-    if (f.level !== 'inc' || !later.has(f.ident)) continue;
-    const meta = await StreamReader.metadata(path.join(ctx.stateDir, f.file)).catch(() => undefined);
-    if (meta?.incremental && meta.checkpointName === f.ident && meta.parentCheckpoint === f.ident) {
+    if (f.level !== 'inc' || !listed.has(f.ident)) continue;
+    const meta = await metadata(f.file);
+    if (!meta?.incremental || meta.checkpointName !== f.ident || meta.parentCheckpoint !== f.ident) continue;
+    // After the disk's full (the chain's first checkpoint, or one that added the disk) it replaced nothing.
+    const full = files.find((b) => b.disk === f.disk && b.level === 'full');
+    if (full === undefined || (await metadata(full.file))?.checkpointName !== f.ident) {
       return `${f.file} holds only the changes since checkpoint ${f.ident}: an offline backup of Python's virtnbdbackup, which writes them under the name of the inc that made ${f.ident}, replaced that inc, so the set lacks disk ${f.disk}'s changes up to ${f.ident} and no point from there on restores`;
     }
   }

@@ -64,34 +64,44 @@ test('online diffs between incs name the checkpoint they follow: --until each ch
   for (const diff of diffs) assert.equal(diff.checkpointName, diff.parentCheckpoint, `${diff.file} names another checkpoint than the one it follows`);
 });
 
-test('Python\'s offline inc, which replaces the inc that made the set\'s last checkpoint: restore and verify say so and name the point that restores; our next inc makes a full instead of continuing a chain no restore crosses', async (t) => {
+test('Python\'s offline inc, which replaces the inc that made the set\'s last checkpoint: restore and verify say so and name the point that restores; our next inc makes a full instead of continuing a chain no restore crosses (right after a full it replaces nothing, and the chain goes on)', async (t) => {
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'python-offline-');
   const set = path.join(work, 'set');
   await backup(dom, set, 'full');
-  const c0 = await dom.snapshot('vda');
+  await dom.stop();
+  // Right after the full, Python's offline inc (vda.inc.virtnbdbackup.0.data) replaces nothing: the chain goes on.
+  await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x21 1M 1M', dom.diskPath('vda')]);
+  const offline = await dom.snapshot('vda');
+  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '--noprogress']);
+  await assertRestores(ourBin('virtnbdrestore'), work, set, offline, ['-s', 'vda.full.data,vda.inc.virtnbdbackup.0.data']);
+  await dom.start();
   await dom.write('vda', 0x22, '2M', '1M');
+  const goesOn = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.doesNotMatch(goesOn.stderr, /warning/);
+  const c1 = await dom.snapshot('vda');
+  await dom.write('vda', 0x23, '4M', '1M');
   await backup(dom, set, 'inc');
   await dom.stop();
-  // Python 1.9.15 writes the changes since virtnbdbackup.1 (none) as vda.inc.virtnbdbackup.1.data, over ours.
+  // Python 1.9.15 writes the changes since virtnbdbackup.2 (none) as vda.inc.virtnbdbackup.2.data, over ours.
   await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '--noprogress']);
-  const lost = /broken chain: vda\.inc\.virtnbdbackup\.1\.data holds only the changes since checkpoint virtnbdbackup\.1, which it names as its own and as its parent: an offline backup of Python's virtnbdbackup, which writes them under the name of the inc that made virtnbdbackup\.1, replacing that inc; the changes from virtnbdbackup\.0 to virtnbdbackup\.1 are lost from the set, and nothing can put them back: vda\.full\.data \(virtnbdbackup\.0\) is the latest point before it that restores \(--until virtnbdbackup\.0\)/;
+  const lost = /broken chain: vda\.inc\.virtnbdbackup\.2\.data holds only the changes since checkpoint virtnbdbackup\.2, which it names as its own and as its parent: an offline backup of Python's virtnbdbackup, which writes them under the name of the inc that made virtnbdbackup\.2, replacing that inc; the changes from virtnbdbackup\.1 to virtnbdbackup\.2 are lost from the set, and nothing can put them back: vda\.inc\.virtnbdbackup\.1\.data \(virtnbdbackup\.1\) is the latest point before it that restores \(--until virtnbdbackup\.1\)/;
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'refused')]);
   assert.equal(refused.code, 1, refused.stderr);
   assert.match(refused.stderr, lost);
   const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
   assert.equal(verified.code, 1, verified.stdout);
   assert.match(verified.stdout, lost);
-  await assertRestores(ourBin('virtnbdrestore'), work, set, c0, ['--until', 'virtnbdbackup.0']);
+  await assertRestores(ourBin('virtnbdrestore'), work, set, c1, ['--until', 'virtnbdbackup.1']);
 
   await dom.start();
-  await dom.write('vda', 0x23, '3M', '1M');
+  await dom.write('vda', 0x24, '3M', '1M');
   const now = await dom.snapshot('vda');
   const { stderr } = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
-  assert.match(stderr, /warning: vda\.inc\.virtnbdbackup\.1\.data holds only the changes since checkpoint virtnbdbackup\.1: an offline backup of Python's virtnbdbackup, .* replaced that inc, so the set lacks disk vda's changes up to virtnbdbackup\.1 and no point from there on restores: an incremental backup would be wrong, so this run makes a full backup instead; the set's previous chain was moved to (\S+) and restores from there/);
+  assert.match(stderr, /warning: vda\.inc\.virtnbdbackup\.2\.data holds only the changes since checkpoint virtnbdbackup\.2: an offline backup of Python's virtnbdbackup, .* replaced that inc, so the set lacks disk vda's changes up to virtnbdbackup\.2 and no point from there on restores: an incremental backup would be wrong, so this run makes a full backup instead; the set's previous chain was moved to (\S+) and restores from there/);
   const archived = /previous chain was moved to (\S+) and restores from there/.exec(stderr)?.[1] as string;
   await assertRestores(ourBin('virtnbdrestore'), work, set, now, []);
-  await assertRestores(ourBin('virtnbdrestore'), work, archived, c0, ['--until', 'virtnbdbackup.0']);
+  await assertRestores(ourBin('virtnbdrestore'), work, archived, c1, ['--until', 'virtnbdbackup.1']);
 });
 
 test('two disks\' images swapped between targets within a chain (the XML edited): the inc makes a full instead of saving each image\'s changes onto the other disk\'s chain; shut off it is refused; every point restores bit for bit', async (t) => {
