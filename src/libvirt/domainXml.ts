@@ -16,6 +16,8 @@ export interface DomainDisk {
   encrypted?: boolean;
   /** `<readonly/>`: libvirt's backup jobs refuse such a disk ("empty or readonly"). */
   readOnly?: boolean;
+  /** `<transient/>`: QEMU writes to an overlay libvirt drops at shutdown, and libvirt runs no block job on the disk. */
+  transient?: boolean;
   /** startupPolicy='optional' (of its source): libvirt starts the domain without the disk when its image is missing. */
   optional?: boolean;
   /** An optional disk of a shut-off domain whose image is missing (the backup looks): the domain starts without it. */
@@ -81,6 +83,7 @@ export function parseDomainXml(xml: string): DomainInfo {
       path: (source['@_file'] ?? source['@_dev']) as string | undefined,
       format: String(driver['@_type'] ?? 'raw'),
       ...(d.readonly !== undefined ? { readOnly: true } : {}),
+      ...(d.transient !== undefined ? { transient: true } : {}),
       ...(source['@_startupPolicy'] === 'optional' ? { optional: true } : {}),
       ...(d.encryption !== undefined || source.encryption !== undefined ? { encrypted: true } : {}),
       ...(volume ? { volume } : {}),
@@ -150,6 +153,8 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
       skipped.push({ disk, reason: 'lun device (SCSI passthrough): QEMU passes its commands through to the device, whose changes no bitmap tracks' });
     } else if (disk.readOnly) {
       skipped.push({ disk, reason: 'read-only disk (<readonly/>): libvirt backs up only writable disks, and nothing this domain does changes it; copy its image once, or leave it out with -x' });
+    } else if (disk.transient) {
+      skipped.push({ disk, reason: 'transient disk (<transient/>): libvirt runs no backup job on it, and its image never changes (QEMU writes to an overlay that is dropped at shutdown); copy its image once, or leave it out with -x' });
     } else if (disk.missing) {
       // Advice to run with -S was wrong: libvirt starts the domain without the disk, and no job then sees it.
       skipped.push({ disk, reason: `its image ${disk.path} is missing, and startupPolicy='optional' starts the domain without it (with -S too), so no backup holds it; put the image back to back it up, or leave the disk out with -x ${disk.target}` });
