@@ -16,7 +16,7 @@
 import path from 'node:path';
 import fs from 'node:fs/promises';
 import {
-  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, lastArchivedChain, listSet, readCheckpointList, savedConfigNames, type DataFile,
+  CHECKPOINT_DIR, archiveChain, checkpointListName, dataFileName, isArchivedChain, lastArchivedChain, listSet, readCheckpointList, savedConfigNames, vmConfigName, type DataFile,
 } from '../set/backupSet.js';
 import { DirectoryTarget } from '../set/target.js';
 import { StreamReader } from '../stream/reader.js';
@@ -142,13 +142,15 @@ const imageOf = (disk: DomainDisk): string | undefined => (disk.volume ? `volume
  * A disk read against a checkpoint whose image another disk of the domain had at that checkpoint (images swapped or
  * moved between targets by an edited XML): libvirt reads the bitmap of that name in whatever image the target has
  * now, so the inc would put one disk's changes onto another disk's chain, and its restore would mix the two. Judged
- * by the domain definition libvirt keeps with the checkpoint; none tells nothing. `targets` are the disks of this
+ * by the domain definition libvirt keeps with the checkpoint, else the one the set saved then; none tells nothing. `targets` are the disks of this
  * run read against `checkpoint`; undefined where none moved.
  */
 async function movedImage(ctx: RunContext, checkpoint: string, targets: string[]): Promise<string | undefined> {
   if (targets.length === 0) return undefined;
   const xml = await ctx.domain.checkpointGetXMLDesc(checkpoint, 0).catch(() => undefined);
-  const definition = xml === undefined ? undefined : /<domain[\s>][\s\S]*<\/domain>/.exec(xml)?.[0];
+  // A checkpoint redefined without it (the domain defined anew): the domain XML the set saved at that checkpoint.
+  const definition = (xml === undefined ? undefined : /<domain[\s>][\s\S]*<\/domain>/.exec(xml)?.[0])
+    ?? (ctx.toZip ? undefined : await fs.readFile(path.join(ctx.stateDir, vmConfigName(checkpoint)), 'utf8').catch(() => undefined));
   if (definition === undefined) return undefined;
   let then: DomainDisk[];
   try {

@@ -219,3 +219,26 @@ test('a disk made transient within a chain (<transient/>, its writes dropped at 
   assert.match(full.stderr, skipped);
   assert.deepEqual((await fs.readdir(path.join(work, 'full'))).filter((f) => f.endsWith('.data')), ['vda.full.data']);
 });
+
+test('images swapped between targets and the domain defined anew (a new UUID: its checkpoints are redefined without the domain XML): the set\'s saved domain XML tells, and the inc makes a full', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x55, offsetMiB: 8, lengthMiB: 4 }] }] });
+  const work = await withTempDir(t, 'swapped-anew-');
+  const set = path.join(work, 'set');
+  const [imageA, imageB] = [dom.diskPath('vda'), dom.diskPath('vdb')];
+  await backup(dom, set, 'full');
+  await dom.write('vda', 0x22, '1M', '1M');
+  await dom.write('vdb', 0x66, '2M', '1M');
+  await backup(dom, set, 'inc');
+  await dom.stop();
+  const xml = virsh('dumpxml', '--inactive', dom.name).replace(/<uuid>[^<]*<\/uuid>/, '').replace(imageA, '\0').replace(imageB, imageA).replace('\0', imageB);
+  virsh('undefine', '--checkpoints-metadata', dom.name);
+  await fs.writeFile(path.join(work, 'anew.xml'), xml);
+  virsh('define', path.join(work, 'anew.xml'));
+  await dom.start();
+  const { stderr } = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.ok(stderr.includes(`warning: disk vda of '${dom.name}' now has the image ${imageB}, which disk vdb had at checkpoint virtnbdbackup.1 (the disks' images were swapped or moved between targets since)`), stderr);
+  assert.match(stderr, /so this run makes a full backup instead/);
+  // Off, the images hold what the full read (nothing wrote since); vda reads image B now.
+  await dom.stop();
+  await assertRestores(ourBin('virtnbdrestore'), work, set, await dom.snapshot('vdb'), []);
+});
