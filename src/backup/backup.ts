@@ -633,6 +633,12 @@ async function checkJobPaths(ctx: RunContext): Promise<void> {
  */
 async function startJob(ctx: RunContext, plan: RunPlan, guard?: JobGuard): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
+  // libvirt refuses the job ("has a blockjob assigned"), after a full had removed the old chain's checkpoints.
+  const mirrored = disks.find((d) => d.mirror !== undefined);
+  if (mirrored) {
+    const what = mirrored.mirror === 'active-commit' ? 'a commit of its overlay (virsh blockcommit --active)' : mirrored.mirror === 'copy' ? 'a copy to another image (virsh blockcopy)' : `a ${mirrored.mirror} job`;
+    throw new UserError(`disk ${mirrored.target} has a block job running, ${what}: libvirt starts no backup job while it runs; end it (virsh blockjob ${options.domain} ${mirrored.target} --pivot, or --abort) and run again`);
+  }
   if (plan.level === 'full' && plan.checkpoint.create) {
     await removeChain(domain, plan.prefix, log);
     await clearChainOrphans(domain, plan.prefix, await listedBitmaps(ctx), ctx.info.disks.map((d) => d.target), log);

@@ -18,6 +18,8 @@ export interface DomainDisk {
   readOnly?: boolean;
   /** `<transient/>`: QEMU writes to an overlay libvirt drops at shutdown, and libvirt runs no block job on the disk. */
   transient?: boolean;
+  /** The job of a `<mirror>` (live XML): a block copy or active commit running, which no backup job may join. */
+  mirror?: string;
   /** startupPolicy='optional' (of its source): libvirt starts the domain without the disk when its image is missing. */
   optional?: boolean;
   /** An optional disk of a shut-off domain whose image is missing (the backup looks): the domain starts without it. */
@@ -84,6 +86,7 @@ export function parseDomainXml(xml: string): DomainInfo {
       format: String(driver['@_type'] ?? 'raw'),
       ...(d.readonly !== undefined ? { readOnly: true } : {}),
       ...(d.transient !== undefined ? { transient: true } : {}),
+      ...(d.mirror !== undefined ? { mirror: String(((d.mirror ?? {}) as Node)['@_job'] ?? 'copy') } : {}),
       ...(source['@_startupPolicy'] === 'optional' ? { optional: true } : {}),
       ...(d.encryption !== undefined || source.encryption !== undefined ? { encrypted: true } : {}),
       ...(volume ? { volume } : {}),

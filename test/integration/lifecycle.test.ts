@@ -246,3 +246,24 @@ test('images swapped between targets and the domain defined anew (a new UUID: it
   await dom.stop();
   await assertRestores(ourBin('virtnbdrestore'), work, set, await dom.snapshot('vdb'), []);
 });
+
+test('a block job running on a disk (virsh blockcopy, not yet pivoted): an inc and a full are refused naming it and how to end it, the full before it removed the chain\'s checkpoints (libvirt refused the job after); once it ends, the inc goes on', async (t) => {
+  const dom = await withDomain(t, { disks: [DISK] });
+  const work = await withTempDir(t, 'blockjob-');
+  const set = path.join(work, 'set');
+  await backup(dom, set, 'full');
+  virsh('blockcopy', dom.name, 'vda', path.join(dom.dir, 'copy.qcow2'), '--transient-job', '--format', 'qcow2', '--wait');
+  const running = `cannot start the backup job of '${dom.name}': disk vda has a block job running, a copy to another image (virsh blockcopy): libvirt starts no backup job while it runs; end it (virsh blockjob ${dom.name} vda --pivot, or --abort) and run again`;
+  for (const [level, dir] of [['inc', set], ['full', path.join(work, 'other')]] as const) {
+    const refused = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', level, '-o', dir]);
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.ok(refused.stderr.includes(running), refused.stderr);
+    assert.doesNotMatch(refused.stderr, /removed old checkpoint/);
+  }
+  virsh('blockjob', dom.name, 'vda', '--abort');
+  await dom.write('vda', 0x22, '1M', '1M');
+  const { stderr } = await runOk(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', 'inc', '-o', set]);
+  assert.match(stderr, /inc backup of .*, checkpoint virtnbdbackup\.1, changes since virtnbdbackup\.0/);
+  assert.doesNotMatch(stderr, /warning/);
+  await assertRestores(ourBin('virtnbdrestore'), work, set, await dom.snapshot('vda'), []);
+});
