@@ -3,7 +3,8 @@
 // offline inc written over the inc of the set's last checkpoint is named by restore and verify, and our next inc
 // makes a full; disks' images swapped between targets (also with the domain defined anew) make a full, never an
 // inc onto the other disk's chain, and --until a point of the chain moved aside names where it went; a target
-// renamed and back; a disk made transient is left out.
+// renamed and back; a disk made transient is left out; a block job running on a disk is refused before a full
+// removes the chain's checkpoints.
 // Every point is compared bit for bit with a snapshot taken when it was backed up.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
