@@ -73,12 +73,14 @@ test('Python\'s offline inc, which replaces the inc that made the set\'s last ch
   const dom = await withDomain(t, { disks: [DISK] });
   const work = await withTempDir(t, 'python-offline-');
   const set = path.join(work, 'set');
+  // Python's offline run leaves its qemu-nbd's pid file beside the socket (<socket>.vda.pid): in the test's dir.
+  const socket = path.join(work, 'python.sock');
   await backup(dom, set, 'full');
   await dom.stop();
   // Right after the full, Python's offline inc (vda.inc.virtnbdbackup.0.data) replaces nothing: the chain goes on.
   await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x21 1M 1M', dom.diskPath('vda')]);
   const offline = await dom.snapshot('vda');
-  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '--noprogress']);
+  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '--noprogress', '-f', socket]);
   await assertRestores(ourBin('virtnbdrestore'), work, set, offline, ['-s', 'vda.full.data,vda.inc.virtnbdbackup.0.data']);
   await dom.start();
   await dom.write('vda', 0x22, '2M', '1M');
@@ -89,7 +91,7 @@ test('Python\'s offline inc, which replaces the inc that made the set\'s last ch
   await backup(dom, set, 'inc');
   await dom.stop();
   // Python 1.9.15 writes the changes since virtnbdbackup.2 (none) as vda.inc.virtnbdbackup.2.data, over ours.
-  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '--noprogress']);
+  await runOk(pythonBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '--noprogress', '-f', socket]);
   const lost = /broken chain: vda\.inc\.virtnbdbackup\.2\.data holds only the changes since checkpoint virtnbdbackup\.2, which it names as its own and as its parent: an offline backup of Python's virtnbdbackup, which writes them under the name of the inc that made virtnbdbackup\.2, replacing that inc; the changes from virtnbdbackup\.1 to virtnbdbackup\.2 are lost from the set, and nothing can put them back: vda\.inc\.virtnbdbackup\.1\.data \(virtnbdbackup\.1\) is the latest point before it that restores \(--until virtnbdbackup\.1\)/;
   const refused = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'refused')]);
   assert.equal(refused.code, 1, refused.stderr);
