@@ -6,6 +6,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { defaultSocket, startMap } from '../map/map.js';
 import { DEFAULT_MAX_REQUEST_SIZE } from '../stream/format.js';
+import { DEFAULT_TLS_CERT_DIR } from '../endpoint/nbd.js';
 import { UserError } from '../util/errors.js';
 import { checkTcpPort } from '../util/tcpPort.js';
 import { listOption, makeLogger, parseFlags, runCommand, VERSION, withLogFile, flagsCwd } from './common.js';
@@ -24,7 +25,9 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv), flagsCwd())
   .option('socket', { type: 'string', default: defaultSocket(), describe: 'Unix socket to listen on (a default one left by a killed virtnbdmap is removed by the next)' })
   .option('overlay-dir', { type: 'string', default: '/var/tmp', describe: 'Where the copy-on-write overlay of writes goes (deleted at exit)' })
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bar (mapping reads only frame headers: nothing to show)' })
-  .group(['file', 'blocksize', 'device', 'export-name', 'threads', 'listen-address', 'listen-port', 'socket', 'overlay-dir', 'noprogress'], 'General options:')
+  .option('tls', { type: 'boolean', default: false, describe: 'The TCP export requires TLS, with client certificates signed by the CA of --tls-cert (the unix socket stays plain)' })
+  .option('tls-cert', { type: 'string', default: DEFAULT_TLS_CERT_DIR, describe: '--tls: directory of ca-cert.pem, server-cert.pem and server-key.pem' })
+  .group(['file', 'blocksize', 'device', 'export-name', 'threads', 'listen-address', 'listen-port', 'socket', 'overlay-dir', 'noprogress', 'tls', 'tls-cert'], 'General options:')
   .option('logfile', { alias: 'L', type: 'string', default: `${os.homedir()}/virtnbdmap.log`, describe: 'Also log to this file' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
   .group(['logfile', 'nocolor'], 'Logging options:')
@@ -38,9 +41,10 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv), flagsCwd())
   .alias('help', 'h')
   .example('$0 -f /backup/sda.full.data', 'serve the full backup; Ctrl-C to stop')
   .example('$0 -f /backup/sda.full.data,/backup/sda.inc.virtnbdbackup.1.data -d /dev/nbd2', 'the point of the first incremental, as /dev/nbd2')
-  .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket'),
+  .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket')
+  .example('$0 -f /backup/vda.full.data -l 0.0.0.0 --tls', 'to other hosts over TLS (certificates in /etc/pki/qemu)'),
 // -d '' attaches no device; -e '' is NBD's default export name.
-{ emptyAllowed: ['device', 'export-name'], extensions: ['socket', 'overlay-dir', 'nocolor', 'hexdump'] });
+{ emptyAllowed: ['device', 'export-name'], extensions: ['socket', 'overlay-dir', 'nocolor', 'hexdump', 'tls', 'tls-cert'] });
 
 /** `offset  hex bytes  |ascii|` lines of `bytes`. */
 function hexdump(bytes: Buffer): string[] {
@@ -75,6 +79,7 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       threads: argv.threads,
       device: argv.device || undefined,
       overlayParent: argv['overlay-dir'],
+      tlsCertificates: argv.tls ? argv['tls-cert'] : undefined,
       log,
       trace: argv.hexdump ? (direction, what, bytes) => log.block('info', [`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
       signal,

@@ -6,14 +6,18 @@
 // backup's holes and zero ranges through writes. Guarantees: the backup files are never written; stop() (and
 // any failure while starting) detaches the device, closes connections and removes the socket and the overlay;
 // an exit without stop() (a second Ctrl-C) still removes the socket and the overlay, and detaches the device; the
-// sockets and overlays of servers killed (kill -9) are removed by the next one.
+// sockets and overlays of servers killed (kill -9) are removed by the next one. With TLS, the TCP export serves
+// only clients that start TLS and show a certificate of the given CA; its files are read (and checked) before
+// anything else, so a missing one fails before anything is served or created.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
+import tls from 'node:tls';
 import { ChainEndpoint } from './chainEndpoint.js';
 import { CopyOnWriteEndpoint, removeOrphanOverlays } from './copyOnWrite.js';
-import { NbdServer, type NbdTrace } from './nbdServer.js';
+import { NbdServer, type NbdTlsCredentials, type NbdTrace } from './nbdServer.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { leftoversOfGoneRuns } from './leftovers.js';
 import { listensAt, run } from '../util/process.js';
@@ -38,6 +42,11 @@ export interface MapOptions {
   maxBlockSize: number;
   /** Requests served at once. */
   threads: number;
+  /**
+   * Directory of ca-cert.pem (the CA of the clients' certificates), server-cert.pem and server-key.pem: the TCP
+   * export then requires TLS. Undefined: no TLS.
+   */
+  tlsCertificates?: string;
   /** Kernel block device to attach (e.g. /dev/nbd0), or undefined for none. */
   device?: string;
   /** Where the copy-on-write overlay goes (default /var/tmp). */
@@ -49,7 +58,7 @@ export interface MapOptions {
 }
 
 export interface MapSession {
-  /** nbd+unix:// and nbd:// URIs of the export. */
+  /** nbd+unix:// and nbd:// (nbds:// with TLS) URIs of the export. */
   uris: string[];
   /** The overlay directory (removed at stop), when writable. */
   overlayDir?: string;
@@ -87,8 +96,40 @@ async function removeOrphanSockets(dirs: string[], log: Logger): Promise<void> {
   }
 }
 
+/** The files a TLS server needs, in the order --tls names them. */
+export const TLS_SERVER_FILES = ['ca-cert.pem', 'server-cert.pem', 'server-key.pem'] as const;
+
+/**
+ * Reads a TLS server's certificates from `dir` (--tls-cert): one line naming the first file missing or unreadable,
+ * or saying that they do not make a usable certificate and key.
+ */
+export async function loadTlsServerFiles(dir: string): Promise<NbdTlsCredentials> {
+  const [ca, cert, key] = await Promise.all(TLS_SERVER_FILES.map((file) => fsp.readFile(path.join(dir, file)).catch(() => undefined)));
+  const missing = [ca, cert, key].findIndex((content) => content === undefined);
+  if (missing >= 0) {
+    throw new UserError(`--tls: ${path.join(dir, TLS_SERVER_FILES[missing] as string)} is missing or unreadable; give the directory holding ca-cert.pem (the CA that signed the clients' certificates), server-cert.pem and server-key.pem with --tls-cert`);
+  }
+  const credentials = { ca, cert, key } as NbdTlsCredentials;
+  try {
+    tls.createSecureContext(credentials);
+  } catch (err) {
+    throw new UserError(`--tls: the certificates in ${dir} cannot be used (${oneLine(err)}); ${TLS_SERVER_FILES.join(', ')} must be PEM files, the key that of server-cert.pem`);
+  }
+  return credentials;
+}
+
+/** Whether `address` (-l) reaches this host only. */
+export function isLoopback(address: string): boolean {
+  const bare = address.replace(/^\[|\]$/g, '').toLowerCase();
+  if (bare === 'localhost' || bare === '::1') return true;
+  const v4 = bare.startsWith('::ffff:') ? bare.slice(7) : bare;
+  return net.isIPv4(v4) && v4.startsWith('127.');
+}
+
 export async function startMap(options: MapOptions): Promise<MapSession> {
   const log = options.log ?? silentLogger;
+  // Before anything is created or served: certificates that cannot serve fail the start.
+  const tlsCredentials = options.tlsCertificates !== undefined ? await loadTlsServerFiles(options.tlsCertificates) : undefined;
   const cleanups: Array<() => Promise<unknown>> = [];
   // Should the process exit without stop() (a second Ctrl-C, a crash), the files still go.
   // The socket only once ours is there: --socket naming something else must never be removed.
@@ -133,7 +174,7 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     const description = `disk ${last?.meta.diskName} at ${point} (${last?.meta.date}) from ${chain.links.map((l) => l.file).join(', ')}`;
     const server = new NbdServer(endpoint, {
       exportName: options.exportName, readOnly: Boolean(options.readOnly), maxBlockSize: options.maxBlockSize,
-      threads: options.threads, description, log, trace: options.trace,
+      threads: options.threads, description, tls: tlsCredentials, log, trace: options.trace,
     });
     cleanups.push(() => server.stop());
     // The kernel keeps 107 bytes of a socket's path (as given: a relative one from the working directory): a longer
@@ -159,7 +200,10 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     const absolute = path.resolve(options.socket);
     if (Buffer.byteLength(absolute) > MAX_SOCKET_PATH) log.warn(`the socket's full path ${absolute} is over the ${MAX_SOCKET_PATH} bytes a client can name: connect from ${path.dirname(absolute)}, with socket=${path.basename(absolute)}`);
     const socket = encodeURIComponent(absolute).replace(/%2F/g, '/');
-    const uris = [`nbd+unix:///${name}?socket=${socket}`, `nbd://${host}:${port}/${name}`];
+    const uris = [`nbd+unix:///${name}?socket=${socket}`, `${tlsCredentials ? 'nbds' : 'nbd'}://${host}:${port}/${name}`];
+    if (!tlsCredentials && !isLoopback(options.listenAddress)) {
+      log.warn(`the TCP export on ${host}:${port} is served to anyone who reaches it, unencrypted and without authentication: give --tls (certificates in --tls-cert) or listen on 127.0.0.1`);
+    }
     const device = options.device ? await attachDevice(options.device, Boolean(options.readOnly), uris, log) : undefined;
     if (device) {
       attached = device;

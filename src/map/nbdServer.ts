@@ -8,9 +8,12 @@
 // reading requests while its unsent replies or requests in flight pile up; MULTI_CONN is advertised because
 // every connection shares the one endpoint in this process, so a flush covers all of them; a read's reply buffer
 // is used again only once the socket has taken it; stop() answers what is in flight, then closes every
-// connection and removes the unix sockets.
+// connection and removes the unix sockets. With `tls`, a TCP client gets nothing but NBD_REP_ERR_TLS_REQD (and a
+// hang-up for NBD_OPT_EXPORT_NAME) until NBD_OPT_STARTTLS, and then must show a certificate our CA signed; the
+// unix socket, reachable only through the file system, serves in the clear.
 import fs from 'node:fs/promises';
 import net from 'node:net';
+import tls from 'node:tls';
 import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../endpoint/endpoint.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { oneLine } from '../util/errors.js';
@@ -28,6 +31,13 @@ import { SocketClosedError, SocketReader } from './socketReader.js';
 /** `in`: from the client; `out`: to the client. `bytes` is the message head (payloads are cut short). */
 export type NbdTrace = (direction: 'in' | 'out', what: string, bytes: Buffer) => void;
 
+/** What a TLS server needs (PEM): its certificate and key, and the CA that must have signed every client's certificate. */
+export interface NbdTlsCredentials {
+  cert: Buffer;
+  key: Buffer;
+  ca: Buffer;
+}
+
 export interface NbdServerOptions {
   exportName: string;
   readOnly: boolean;
@@ -41,6 +51,8 @@ export interface NbdServerOptions {
   maxConnections?: number;
   /** How long a client may take from connect to transmission (default HANDSHAKE_TIMEOUT_MS). */
   handshakeTimeoutMs?: number;
+  /** TLS that every client of the TCP listeners must start before anything else (x509, client certificates checked). */
+  tls?: NbdTlsCredentials;
   log?: Logger;
   trace?: NbdTrace;
 }
@@ -138,12 +150,12 @@ export class NbdServer {
 
   /** Listens on TCP; returns the port (useful with port 0, which picks a free one). */
   async listenTcp(host: string, port: number): Promise<number> {
-    const server = await this.listen({ host, port });
+    const server = await this.listen({ host, port }, undefined, this.options.tls !== undefined);
     return (server.address() as net.AddressInfo).port;
   }
 
-  private listen(where: net.ListenOptions, socketPath?: string): Promise<net.Server> {
-    const server = net.createServer((socket) => this.accept(socket));
+  private listen(where: net.ListenOptions, socketPath?: string, tlsRequired = false): Promise<net.Server> {
+    const server = net.createServer((socket) => this.accept(socket, tlsRequired));
     return new Promise((resolve, reject) => {
       server.once('error', reject);
       server.listen(where, () => {
@@ -155,7 +167,7 @@ export class NbdServer {
     });
   }
 
-  private accept(socket: net.Socket): void {
+  private accept(socket: net.Socket, tlsRequired: boolean): void {
     if (this.stopping) {
       socket.destroy();
       return;
@@ -167,7 +179,7 @@ export class NbdServer {
       return;
     }
     socket.setNoDelay(true);
-    const connection = new Connection(this, socket);
+    const connection = new Connection(this, socket, tlsRequired);
     this.connections.add(connection);
     this.log.debug(`NBD client connected (${socket.remoteAddress ?? 'unix socket'})`);
     void connection.run().finally(() => {
@@ -209,7 +221,11 @@ export class NbdServer {
 }
 
 class Connection {
-  private readonly reader: SocketReader;
+  /** The client's socket: the TLS one once STARTTLS has been negotiated. */
+  private socket: net.Socket;
+  private reader: SocketReader;
+  /** TLS started (NBD_OPT_STARTTLS, then a handshake with a certificate our CA signed). */
+  private secured = false;
   private structured = false;
   private allocationSelected = false;
   private noZeroes = false;
@@ -220,7 +236,8 @@ class Connection {
    */
   private readonly requests = new WorkWindow(PAYLOAD_HIGH_WATER, MAX_IN_FLIGHT - 1);
 
-  constructor(private readonly server: NbdServer, private readonly socket: net.Socket) {
+  constructor(private readonly server: NbdServer, socket: net.Socket, private readonly tlsRequired: boolean) {
+    this.socket = socket;
     this.reader = new SocketReader(socket);
     socket.on('error', (err) => server.log.debug(`NBD connection: ${oneLine(err)}`));
   }
@@ -300,6 +317,14 @@ class Connection {
         fail(REP.ERR_SHUTDOWN, 'server is shutting down');
         continue;
       }
+      if (this.tlsRequired && !this.secured && option !== OPT.STARTTLS && option !== OPT.ABORT) {
+        const refusal = `${this.peer} did not start TLS, which this export requires (--tls)`;
+        if (option === OPT.EXPORT_NAME) return this.hangUp(refusal);
+        if (!this.refusedPlain) this.server.log.warn(`NBD client refused: ${refusal}`);
+        this.refusedPlain = true;
+        fail(REP.ERR_TLS_REQD, 'this export requires TLS: connect with nbds:// and the certificates of its CA');
+        continue;
+      }
       switch (option) {
         case OPT.EXPORT_NAME: {
           const name = data.toString('utf8');
@@ -322,7 +347,13 @@ class Connection {
           break;
         }
         case OPT.STARTTLS:
-          fail(REP.ERR_POLICY, 'TLS is not supported by this server');
+          if (length > 0) fail(REP.ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+          else if (this.secured) fail(REP.ERR_INVALID, 'TLS is already started');
+          else if (!this.tlsRequired) fail(REP.ERR_POLICY, this.server.options.tls ? 'TLS is served on the TCP export; this unix socket serves in the clear' : 'TLS is not enabled on this server (virtnbdmap --tls)');
+          else {
+            reply(REP.ACK);
+            if (!(await this.startTls())) return false;
+          }
           break;
         case OPT.INFO:
         case OPT.GO:
@@ -343,6 +374,44 @@ class Connection {
         default:
           fail(REP.ERR_UNSUP, `option ${option} is not supported`);
       }
+    }
+  }
+
+  private refusedPlain = false;
+
+  /** Who the client is, for log lines. */
+  private get peer(): string {
+    return this.socket.remoteAddress ? `${this.socket.remoteAddress}:${this.socket.remotePort}` : 'the unix socket\'s client';
+  }
+
+  /**
+   * After NBD_OPT_STARTTLS's ACK: the TLS handshake on the same connection, through a tls.Server of its own (which
+   * checks the client's certificate against our CA; a socket wrapped by hand checks nothing). False when it fails.
+   */
+  private async startTls(): Promise<boolean> {
+    const credentials = this.server.options.tls as NbdTlsCredentials;
+    // The client waits for the ACK before its handshake: bytes after STARTTLS would be read by no one.
+    if (this.reader.detach() > 0) return this.hangUp(`${this.peer} sent data after NBD_OPT_STARTTLS before its reply`);
+    const raw = this.socket;
+    try {
+      const secure = await new Promise<tls.TLSSocket>((resolve, reject) => {
+        const handshake = tls.createServer({ ...credentials, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2' });
+        handshake.once('secureConnection', resolve);
+        // A certificate our CA did not sign ends the handshake as a hang-up: the socket says why.
+        handshake.once('tlsClientError', (err: Error, socket: tls.TLSSocket) => reject(socket.authorizationError ? new Error(`its certificate was refused: ${String(socket.authorizationError)}`) : err));
+        // After the TLS socket's own word on it (its close comes later), which says why.
+        raw.once('close', () => setImmediate(() => reject(new Error('connection closed'))));
+        handshake.emit('connection', raw);
+      });
+      secure.on('error', (err) => this.server.log.debug(`NBD connection: ${oneLine(err)}`));
+      this.socket = secure;
+      this.reader = new SocketReader(secure);
+      this.secured = true;
+      this.server.log.debug(`NBD client ${raw.remoteAddress}:${raw.remotePort} started TLS (${secure.getProtocol() ?? '?'})`);
+      return true;
+    } catch (err) {
+      const why = /no certificate|peer did not return a certificate/i.test(oneLine(err)) ? 'it showed no client certificate signed by the CA of --tls-cert (a TLS client offers only one that CA signed)' : oneLine(err);
+      return this.hangUp(`TLS handshake with ${raw.remoteAddress}:${raw.remotePort} failed: ${why}`);
     }
   }
 

@@ -1,6 +1,7 @@
 // Reads exact byte counts from a socket, for a protocol read one message at a time. Guarantees: at most one
 // read waits at a time; the socket is paused while more than HIGH_WATER bytes sit unread, so a client that
-// sends faster than requests are served does not grow memory; a closed socket fails the waiting read.
+// sends faster than requests are served does not grow memory; a closed socket fails the waiting read; detach()
+// lets go of the socket (for STARTTLS, which hands it to TLS) and says how many bytes were read ahead.
 import type { Socket } from 'node:net';
 
 const HIGH_WATER = 8 * 1024 * 1024;
@@ -18,19 +19,33 @@ export class SocketReader {
   private closed = false;
   private waiter: { length: number; resolve: (data: Buffer) => void; reject: (err: Error) => void } | undefined;
 
+  private readonly onData = (chunk: Buffer): void => {
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    if (this.buffered >= HIGH_WATER && (!this.waiter || this.buffered >= this.waiter.length)) this.socket.pause();
+    this.serve();
+  };
+
+  private readonly onClose = (): void => {
+    this.closed = true;
+    this.serve();
+  };
+
   constructor(private readonly socket: Socket) {
-    socket.on('data', (chunk: Buffer) => {
-      this.chunks.push(chunk);
-      this.buffered += chunk.length;
-      if (this.buffered >= HIGH_WATER && (!this.waiter || this.buffered >= this.waiter.length)) socket.pause();
-      this.serve();
-    });
-    const close = (): void => {
-      this.closed = true;
-      this.serve();
-    };
-    socket.on('end', close);
-    socket.on('close', close);
+    socket.on('data', this.onData);
+    socket.on('end', this.onClose);
+    socket.on('close', this.onClose);
+  }
+
+  /**
+   * Stops reading the socket, which something else (TLS) then reads; returns the bytes read ahead and not taken
+   * (a client that sent more before the reply it waits for), which that reader would never see.
+   */
+  detach(): number {
+    this.socket.off('data', this.onData);
+    this.socket.off('end', this.onClose);
+    this.socket.off('close', this.onClose);
+    return this.buffered;
   }
 
   /** The next `length` bytes; rejects with SocketClosedError if the peer goes away first. */

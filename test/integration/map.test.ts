@@ -5,7 +5,10 @@
 // one-line errors for bad input; after a server killed with SIGKILL, its socket and overlay cleared by the next,
 // and so are the default sockets of servers that are gone; an overlay directory that fills up (ENOSPC to the client, the server serving on);
 // a second stop signal that cuts the clean-up short, leaving neither; a write the overlay takes only part of fails;
-// Ctrl-C while a large stream is indexed.
+// Ctrl-C while a large stream is indexed; --tls: the TCP export read bit for bit over TLS with the CA's client
+// certificates, clients without TLS, without a certificate or with another CA's refused, the unix socket plain;
+// certificate files missing or unusable refused with one line before anything is served; the warning for a TCP
+// export on a non-loopback address without --tls.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
@@ -20,6 +23,7 @@ import { TestDomain, assertPattern, run, withDomain, withTempDir, withTmpfs, typ
 import { cleanup } from '../support/cleanup.js';
 import { errorLines, ourBin, runCli, runOk, startCli, type CliResult } from '../support/cli.js';
 import { startMap } from '../support/map.js';
+import { withScratchCertificates } from '../support/tls.js';
 import { MemoryDisk, craftStream } from '../support/craftedSet.js';
 import { encodeHeader } from '../../src/stream/format.js';
 
@@ -349,4 +353,92 @@ test('Ctrl-C while the files are indexed stops at once (130), printing no URIs a
   assert.deepEqual([result.code, result.stdout], [130, ''], result.stderr);
   assert.match(result.stderr, /error: interrupted by SIGINT/);
   assert.deepEqual((await fs.readdir(dir)).filter((f) => f.startsWith('virtnbdmap.') || f.endsWith('.sock')), []);
+});
+
+test('virtnbdmap --tls: the TCP export serves only TLS clients with a certificate of its CA, bit for bit; plain clients, none or another CA\'s certificate refused; the unix socket plain', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 32, fill: [{ pattern: 'random', offsetMiB: 0, lengthMiB: 6 }, { pattern: 0x11, offsetMiB: 20, lengthMiB: 2 }] }] });
+  const work = await withTempDir(t, 'vnbd-maptls-');
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  const image = await restoreImage(set, path.join(work, 'restored'));
+  const certs = await withScratchCertificates(t);
+
+  const map = await startMap(t, work, 'tls', [path.join(set, 'vda.full.data')], ['-r', '--tls', '--tls-cert', certs.server]);
+  assert.match(map.uris[1], /^nbds:\/\/127\.0\.0\.1:\d+\/sda$/, 'the TCP URI says TLS');
+  const withCerts = (dir: string): string => `${map.uris[1]}?tls-certificates=${dir}`;
+  assert.equal((await run('nbdinfo', ['--size', withCerts(certs.client)])).stdout.trim(), String(32 * MiB));
+  const copied = path.join(work, 'tls-copy.raw');
+  await run('nbdcopy', ['--connections=4', withCerts(certs.client), copied]);
+  assert.ok((await TestDomain.compare(copied, image, { formatA: 'raw' })).identical, 'the export read over TLS differs from our restore');
+
+  // Without TLS: NBD_REP_ERR_TLS_REQD to libnbd, a hang-up to qemu-img (NBD_OPT_EXPORT_NAME has no error reply).
+  const plain = await runCli('nbdinfo', ['--size', map.uris[1].replace(/^nbds:/, 'nbd:')]);
+  assert.notEqual(plain.code, 0, 'a client without TLS read the export');
+  assert.match(plain.stderr, /TLS/, plain.stderr);
+  const qemuPlain = await runCli('qemu-img', ['info', map.uris[1].replace(/^nbds:/, 'nbd:')]);
+  assert.notEqual(qemuPlain.code, 0, 'qemu-img without TLS read the export');
+  // TLS without a client certificate, and with one of another CA: the handshake fails.
+  const caOnly = path.join(work, 'ca-only');
+  await fs.mkdir(caOnly);
+  await fs.copyFile(path.join(certs.client, 'ca-cert.pem'), path.join(caOnly, 'ca-cert.pem'));
+  // A certificate of our CA for another purpose (the server's own, serverAuth only): the server's check refuses it.
+  const wrongPurpose = path.join(work, 'wrong-purpose');
+  await fs.mkdir(wrongPurpose);
+  await fs.copyFile(path.join(certs.server, 'ca-cert.pem'), path.join(wrongPurpose, 'ca-cert.pem'));
+  await fs.copyFile(path.join(certs.server, 'server-cert.pem'), path.join(wrongPurpose, 'client-cert.pem'));
+  await fs.copyFile(path.join(certs.server, 'server-key.pem'), path.join(wrongPurpose, 'client-key.pem'));
+  for (const [dir, what] of [[caOnly, 'no client certificate'], [certs.stranger, "another CA's client certificate"], [wrongPurpose, 'a server certificate']] as const) {
+    const refused = await runCli('nbdinfo', ['--size', withCerts(dir)]);
+    assert.notEqual(refused.code, 0, `a client with ${what} read the export`);
+  }
+  // The unix socket, reachable through the file system only, stays plain.
+  assert.equal((await run('nbdinfo', ['--size', map.uris[0]])).stdout.trim(), String(32 * MiB));
+
+  const stopped = await map.stop();
+  assert.match(stopped.stderr, /warning: NBD client refused: 127\.0\.0\.1:\d+ did not start TLS, which this export requires \(--tls\)/);
+  // Without a certificate, and with another CA's (which a client does not offer to a server asking for our CA's).
+  assert.equal(stopped.stderr.match(/warning: NBD client dropped: TLS handshake with 127\.0\.0\.1:\d+ failed: it showed no client certificate signed by the CA of --tls-cert/g)?.length, 2, stopped.stderr);
+  assert.match(stopped.stderr, /warning: NBD client dropped: TLS handshake with 127\.0\.0\.1:\d+ failed: its certificate was refused: INVALID_PURPOSE/);
+  assert.doesNotMatch(stopped.stderr, /unencrypted and without authentication/, 'no warning on 127.0.0.1');
+});
+
+test('virtnbdmap --tls refuses missing or unusable certificate files with one line naming them, before anything is served; a non-loopback TCP export without --tls is warned about', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-maptlsfiles-');
+  await craftStream({ dir, file: 'vda.full.data', disk: new MemoryDisk(16 * MiB).fill(0x11, 0, 4 * MiB), diskName: 'vda', extents: [{ offset: 0, length: 4 * MiB, kind: 'data' }] });
+  const file = path.join(dir, 'vda.full.data');
+  const certs = await withScratchCertificates(t);
+  const socket = path.join(dir, 'm.sock');
+  const refused = async (certDir: string, message: RegExp): Promise<void> => {
+    const result = await runCli(ourBin('virtnbdmap'), ['-f', file, '--socket', socket, '-p', '0', '-d', '', '--overlay-dir', dir, '-L', path.join(dir, 'm.log'), '--tls', '--tls-cert', certDir]);
+    assert.equal(result.code, 1, result.stderr);
+    assert.deepEqual(errorLines(result).length, 1, result.stderr);
+    assert.match(result.stderr, message);
+    assert.equal(result.stdout, '', 'URIs printed');
+    await assert.rejects(fs.access(socket), 'socket created');
+    assert.deepEqual((await fs.readdir(dir)).filter((f) => f.startsWith('virtnbdmap.')), [], 'overlay created');
+  };
+  for (const missing of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) {
+    const partial = path.join(dir, `without-${missing}`);
+    await fs.cp(certs.server, partial, { recursive: true });
+    await fs.rm(path.join(partial, missing));
+    await refused(partial, new RegExp(`error: --tls: ${partial}/${missing} is missing or unreadable; give the directory holding ca-cert\\.pem .*server-cert\\.pem and server-key\\.pem with --tls-cert$`, 'm'));
+  }
+  // The default directory is /etc/pki/qemu, as for backups: a machine without it names its file.
+  const noDefault = await fs.access('/etc/pki/qemu/ca-cert.pem').then(() => false, () => true);
+  if (noDefault) {
+    const result = await runCli(ourBin('virtnbdmap'), ['-f', file, '--socket', socket, '-p', '0', '-d', '', '-r', '--tls']);
+    assert.equal(result.code, 1, result.stderr);
+    assert.match(result.stderr, /error: --tls: \/etc\/pki\/qemu\/ca-cert\.pem is missing or unreadable/);
+  }
+  const garbled = path.join(dir, 'garbled');
+  await fs.cp(certs.server, garbled, { recursive: true });
+  await fs.copyFile(path.join(certs.client, 'client-key.pem'), path.join(garbled, 'server-key.pem'));
+  await refused(garbled, /error: --tls: the certificates in \S+\/garbled cannot be used \(.+\); ca-cert\.pem, server-cert\.pem, server-key\.pem must be PEM files, the key that of server-cert\.pem$/m);
+
+  // On every address without --tls: a warning; with --tls, none.
+  const open = await startMap(t, dir, 'open', [file], ['-r', '-l', '0.0.0.0']);
+  assert.match((await open.stop()).stderr, /warning: the TCP export on 0\.0\.0\.0:\d+ is served to anyone who reaches it, unencrypted and without authentication: give --tls \(certificates in --tls-cert\) or listen on 127\.0\.0\.1/);
+  const secured = await startMap(t, dir, 'secured', [file], ['-r', '-l', '0.0.0.0', '--tls', '--tls-cert', certs.server]);
+  assert.match(secured.uris[1], /^nbds:\/\/0\.0\.0\.0:\d+\/sda$/);
+  assert.doesNotMatch((await secured.stop()).stderr, /unencrypted/);
 });
