@@ -370,6 +370,12 @@ test('virtnbdmap --tls: the TCP export serves only TLS clients with a certificat
   const copied = path.join(work, 'tls-copy.raw');
   await run('nbdcopy', ['--connections=4', withCerts(certs.client), copied]);
   assert.ok((await TestDomain.compare(copied, image, { formatA: 'raw' })).identical, 'the export read over TLS differs from our restore');
+  // QEMU as the client (instant boot on another host): its own TLS credentials object, the same files.
+  const port = Number(new URL(map.uris[1]).port);
+  const qemuTls = ['--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${certs.client}`];
+  const overTls = `json:${JSON.stringify({ driver: 'raw', file: { driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: String(port) }, export: 'sda', 'tls-creds': 'tls0' } })}`;
+  const compared = await runCli('qemu-img', ['compare', ...qemuTls, overTls, image]);
+  assert.equal(compared.code, 0, `qemu-img compare over TLS: ${compared.stdout}${compared.stderr}`);
 
   // Without TLS: NBD_REP_ERR_TLS_REQD to libnbd, a hang-up to qemu-img (NBD_OPT_EXPORT_NAME has no error reply).
   const plain = await runCli('nbdinfo', ['--size', map.uris[1].replace(/^nbds:/, 'nbd:')]);
