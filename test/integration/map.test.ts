@@ -6,7 +6,7 @@
 // and so are the default sockets of servers that are gone; an overlay directory that fills up (ENOSPC to the client, the server serving on);
 // a second stop signal that cuts the clean-up short, leaving neither; a write the overlay takes only part of fails;
 // Ctrl-C while a large stream is indexed; --tls: the TCP export read bit for bit over TLS with the CA's client
-// certificates, clients without TLS, without a certificate or with another CA's refused, the unix socket plain;
+// certificates (libnbd, qemu-img, a qcow2 overlay backed by it), clients without TLS, without a certificate or with another CA's refused, the unix socket plain;
 // certificate files missing or unusable refused with one line before anything is served; the warning for a TCP
 // export on a non-loopback address without --tls.
 import { spawn } from 'node:child_process';
@@ -376,6 +376,12 @@ test('virtnbdmap --tls: the TCP export serves only TLS clients with a certificat
   const overTls = `json:${JSON.stringify({ driver: 'raw', file: { driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: String(port) }, export: 'sda', 'tls-creds': 'tls0' } })}`;
   const compared = await runCli('qemu-img', ['compare', ...qemuTls, overTls, image]);
   assert.equal(compared.code, 0, `qemu-img compare over TLS: ${compared.stdout}${compared.stderr}`);
+  // A qcow2 overlay whose backing file is the export over TLS, as the README shows for instant boot.
+  const overlay = path.join(work, 'boot.qcow2');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', ...qemuTls, '-F', 'raw', '-b', overTls, overlay, String(32 * MiB)]);
+  const through = await runCli('qemu-io', [...qemuTls, '-c', 'read -P 0x11 20M 2M', '-c', 'write -P 0x77 0 1M', '-c', 'read -P 0x77 0 1M', '-c', 'read -P 0 24M 8M', overlay]);
+  assert.equal(through.code, 0, through.stdout + through.stderr);
+  assert.doesNotMatch(through.stdout, /Pattern verification failed/);
 
   // Without TLS: NBD_REP_ERR_TLS_REQD to libnbd, a hang-up to qemu-img (NBD_OPT_EXPORT_NAME has no error reply).
   const plain = await runCli('nbdinfo', ['--size', map.uris[1].replace(/^nbds:/, 'nbd:')]);
