@@ -27,7 +27,8 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv), flagsCwd())
   .option('noprogress', { alias: 'n', type: 'boolean', default: false, describe: 'Disable progress bar (mapping reads only frame headers: nothing to show)' })
   .option('tls', { type: 'boolean', default: false, describe: 'The TCP export requires TLS, with client certificates signed by the CA of --tls-cert (the unix socket stays plain)' })
   .option('tls-cert', { type: 'string', default: DEFAULT_TLS_CERT_DIR, describe: '--tls: directory of ca-cert.pem, server-cert.pem and server-key.pem' })
-  .group(['file', 'blocksize', 'device', 'export-name', 'threads', 'listen-address', 'listen-port', 'socket', 'overlay-dir', 'noprogress', 'tls', 'tls-cert'], 'General options:')
+  .option('tls-psk', { type: 'string', describe: 'The TCP export requires TLS with a pre-shared key of this file (username:hexkey lines, as psktool writes) instead of certificates' })
+  .group(['file', 'blocksize', 'device', 'export-name', 'threads', 'listen-address', 'listen-port', 'socket', 'overlay-dir', 'noprogress', 'tls', 'tls-cert', 'tls-psk'], 'General options:')
   .option('logfile', { alias: 'L', type: 'string', default: `${os.homedir()}/virtnbdmap.log`, describe: 'Also log to this file' })
   .option('nocolor', { type: 'boolean', default: false, describe: 'No colours in messages' })
   .group(['logfile', 'nocolor'], 'Logging options:')
@@ -44,7 +45,7 @@ const argv = parseFlags('virtnbdmap', yargs(hideBin(process.argv), flagsCwd())
   .example('$0 -f /backup/vda.full.data -r -p 0 --socket /run/vda.sock', 'read-only, any free TCP port, own socket')
   .example('$0 -f /backup/vda.full.data -l 0.0.0.0 --tls', 'to other hosts over TLS (certificates in /etc/pki/qemu)'),
 // -d '' attaches no device; -e '' is NBD's default export name.
-{ emptyAllowed: ['device', 'export-name'], extensions: ['socket', 'overlay-dir', 'nocolor', 'hexdump', 'tls', 'tls-cert'] });
+{ emptyAllowed: ['device', 'export-name'], extensions: ['socket', 'overlay-dir', 'nocolor', 'hexdump', 'tls', 'tls-cert', 'tls-psk'] });
 
 /** `offset  hex bytes  |ascii|` lines of `bytes`. */
 function hexdump(bytes: Buffer): string[] {
@@ -80,6 +81,7 @@ void runCommand('virtnbdmap', argv.verbose, async (signal) => {
       device: argv.device || undefined,
       overlayParent: argv['overlay-dir'],
       tlsCertificates: argv.tls ? argv['tls-cert'] : undefined,
+      tlsPskFile: argv['tls-psk'],
       log,
       trace: argv.hexdump ? (direction, what, bytes) => log.block('info', [`${direction === 'in' ? '>' : '<'} ${what}`, ...hexdump(bytes)].join('\n')) : undefined,
       signal,

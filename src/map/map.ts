@@ -44,9 +44,11 @@ export interface MapOptions {
   threads: number;
   /**
    * Directory of ca-cert.pem (the CA of the clients' certificates), server-cert.pem and server-key.pem: the TCP
-   * export then requires TLS. Undefined: no TLS.
+   * export then requires TLS. Undefined: no TLS (unless tlsPskFile).
    */
   tlsCertificates?: string;
+  /** A file of username:hexkey lines: the TCP export then requires TLS with one of these pre-shared keys instead. */
+  tlsPskFile?: string;
   /** Kernel block device to attach (e.g. /dev/nbd0), or undefined for none. */
   device?: string;
   /** Where the copy-on-write overlay goes (default /var/tmp). */
@@ -109,13 +111,31 @@ export async function loadTlsServerFiles(dir: string): Promise<NbdTlsCredentials
   if (missing >= 0) {
     throw new UserError(`--tls: ${path.join(dir, TLS_SERVER_FILES[missing] as string)} is missing or unreadable; give the directory holding ca-cert.pem (the CA that signed the clients' certificates), server-cert.pem and server-key.pem with --tls-cert`);
   }
-  const credentials = { ca, cert, key } as NbdTlsCredentials;
+  const credentials = { kind: 'x509', ca, cert, key } as NbdTlsCredentials & { kind: 'x509' };
   try {
-    tls.createSecureContext(credentials);
+    tls.createSecureContext({ ca, cert, key });
   } catch (err) {
     throw new UserError(`--tls: the certificates in ${dir} cannot be used (${oneLine(err)}); ${TLS_SERVER_FILES.join(', ')} must be PEM files, the key that of server-cert.pem`);
   }
   return credentials;
+}
+
+/**
+ * Reads --tls-psk's file: `username:hexkey` lines, as psktool (gnutls-bin) writes them and libnbd's tls-psk-file and
+ * qemu's tls-creds-psk read them. One line for a file missing or unreadable, a line not of that form, or no key.
+ */
+export async function loadTlsPskFile(file: string): Promise<NbdTlsCredentials> {
+  const text = await fsp.readFile(file, 'utf8').catch(() => undefined);
+  if (text === undefined) throw new UserError(`--tls-psk: ${file} is missing or unreadable; give a file of username:hexkey lines (psktool -u NAME -p FILE writes one)`);
+  const keys = new Map<string, Buffer>();
+  for (const [index, line] of text.split('\n').entries()) {
+    if (line.trim() === '') continue;
+    const match = /^([^:]+):((?:[0-9a-fA-F]{2})+)$/.exec(line.trim());
+    if (!match) throw new UserError(`--tls-psk: line ${index + 1} of ${file} is not username:hexkey (as psktool writes them)`);
+    keys.set(match[1] as string, Buffer.from(match[2] as string, 'hex'));
+  }
+  if (keys.size === 0) throw new UserError(`--tls-psk: ${file} holds no key; give a file of username:hexkey lines (psktool -u NAME -p FILE writes one)`);
+  return { kind: 'psk', keys };
 }
 
 /** Whether `address` (-l) reaches this host only. */
@@ -129,7 +149,8 @@ export function isLoopback(address: string): boolean {
 export async function startMap(options: MapOptions): Promise<MapSession> {
   const log = options.log ?? silentLogger;
   // Before anything is created or served: certificates that cannot serve fail the start.
-  const tlsCredentials = options.tlsCertificates !== undefined ? await loadTlsServerFiles(options.tlsCertificates) : undefined;
+  const tlsCredentials = options.tlsPskFile !== undefined ? await loadTlsPskFile(options.tlsPskFile)
+    : options.tlsCertificates !== undefined ? await loadTlsServerFiles(options.tlsCertificates) : undefined;
   const cleanups: Array<() => Promise<unknown>> = [];
   // Should the process exit without stop() (a second Ctrl-C, a crash), the files still go.
   // The socket only once ours is there: --socket naming something else must never be removed.
@@ -202,7 +223,7 @@ export async function startMap(options: MapOptions): Promise<MapSession> {
     const socket = encodeURIComponent(absolute).replace(/%2F/g, '/');
     const uris = [`nbd+unix:///${name}?socket=${socket}`, `${tlsCredentials ? 'nbds' : 'nbd'}://${host}:${port}/${name}`];
     if (!tlsCredentials && !isLoopback(options.listenAddress)) {
-      log.warn(`the TCP export on ${host}:${port} is served to anyone who reaches it, unencrypted and without authentication: give --tls (certificates in --tls-cert) or listen on 127.0.0.1`);
+      log.warn(`the TCP export on ${host}:${port} is served to anyone who reaches it, unencrypted and without authentication: give --tls (certificates in --tls-cert) or --tls-psk, or listen on 127.0.0.1`);
     }
     const device = options.device ? await attachDevice(options.device, Boolean(options.readOnly), uris, log) : undefined;
     if (device) {

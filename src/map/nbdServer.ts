@@ -9,8 +9,8 @@
 // every connection shares the one endpoint in this process, so a flush covers all of them; a read's reply buffer
 // is used again only once the socket has taken it; stop() answers what is in flight, then closes every
 // connection and removes the unix sockets. With `tls`, a TCP client gets nothing but NBD_REP_ERR_TLS_REQD (and a
-// hang-up for NBD_OPT_EXPORT_NAME) until NBD_OPT_STARTTLS, and then must show a certificate our CA signed; the
-// unix socket, reachable only through the file system, serves in the clear.
+// hang-up for NBD_OPT_EXPORT_NAME) until NBD_OPT_STARTTLS, and then must show a certificate our CA signed (x509) or
+// hold one of our pre-shared keys (psk); the unix socket, reachable only through the file system, serves in the clear.
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import tls from 'node:tls';
@@ -31,11 +31,28 @@ import { SocketClosedError, SocketReader } from './socketReader.js';
 /** `in`: from the client; `out`: to the client. `bytes` is the message head (payloads are cut short). */
 export type NbdTrace = (direction: 'in' | 'out', what: string, bytes: Buffer) => void;
 
-/** What a TLS server needs (PEM): its certificate and key, and the CA that must have signed every client's certificate. */
-export interface NbdTlsCredentials {
-  cert: Buffer;
-  key: Buffer;
-  ca: Buffer;
+/**
+ * What a TLS server needs: x509, its certificate and key and the CA that must have signed every client's certificate
+ * (PEM); or psk, a pre-shared key per user name, which clients prove they hold.
+ */
+export type NbdTlsCredentials =
+  | { kind: 'x509'; cert: Buffer; key: Buffer; ca: Buffer }
+  | { kind: 'psk'; keys: ReadonlyMap<string, Buffer> };
+
+/** PSK cipher suites of TLS 1.2 (TLS 1.3's own suites take a PSK as they are); OpenSSL enables none unless asked. */
+const PSK_CIPHERS = 'ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256:DHE-PSK-AES256-GCM-SHA384:DHE-PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256';
+
+/** Options of a TLS server (tls.createServer) for these credentials. */
+export function tlsServerOptions(credentials: NbdTlsCredentials): tls.TlsOptions {
+  if (credentials.kind === 'x509') {
+    const { cert, key, ca } = credentials;
+    return { cert, key, ca, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2' };
+  }
+  return {
+    pskCallback: (_socket, identity) => credentials.keys.get(identity) ?? null,
+    ciphers: `${PSK_CIPHERS}:${tls.DEFAULT_CIPHERS}`,
+    minVersion: 'TLSv1.2',
+  };
 }
 
 export interface NbdServerOptions {
@@ -318,7 +335,7 @@ class Connection {
         continue;
       }
       if (this.tlsRequired && !this.secured && option !== OPT.STARTTLS && option !== OPT.ABORT) {
-        const refusal = `${this.peer} did not start TLS, which this export requires (--tls)`;
+        const refusal = `${this.peer} did not start TLS, which this export requires (${this.server.options.tls?.kind === 'psk' ? '--tls-psk' : '--tls'})`;
         if (option === OPT.EXPORT_NAME) return this.hangUp(refusal);
         if (!this.refusedPlain) this.server.log.warn(`NBD client refused: ${refusal}`);
         this.refusedPlain = true;
@@ -390,12 +407,13 @@ class Connection {
    */
   private async startTls(): Promise<boolean> {
     const credentials = this.server.options.tls as NbdTlsCredentials;
+    const options = tlsServerOptions(credentials);
     // The client waits for the ACK before its handshake: bytes after STARTTLS would be read by no one.
     if (this.reader.detach() > 0) return this.hangUp(`${this.peer} sent data after NBD_OPT_STARTTLS before its reply`);
     const raw = this.socket;
     try {
       const secure = await new Promise<tls.TLSSocket>((resolve, reject) => {
-        const handshake = tls.createServer({ ...credentials, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2' });
+        const handshake = tls.createServer(options);
         handshake.once('secureConnection', resolve);
         // A certificate our CA did not sign ends the handshake as a hang-up: the socket says why.
         handshake.once('tlsClientError', (err: Error, socket: tls.TLSSocket) => reject(socket.authorizationError ? new Error(`its certificate was refused: ${String(socket.authorizationError)}`) : err));
@@ -410,7 +428,13 @@ class Connection {
       this.server.log.debug(`NBD client ${raw.remoteAddress}:${raw.remotePort} started TLS (${secure.getProtocol() ?? '?'})`);
       return true;
     } catch (err) {
-      const why = /no certificate|peer did not return a certificate/i.test(oneLine(err)) ? 'it showed no client certificate signed by the CA of --tls-cert (a TLS client offers only one that CA signed)' : oneLine(err);
+      const message = oneLine(err);
+      this.server.log.debug(`NBD TLS handshake: ${message}`);
+      // OpenSSL's words: a wrong key fails the binder (TLS 1.3) or the MAC (1.2); an unknown name falls back to
+      // certificates, which a PSK server has none of.
+      const why = credentials.kind === 'psk' && /psk|bad record mac|decrypt|no suitable signature algorithm|no shared cipher/i.test(message)
+        ? 'its user name or key is not one of --tls-psk\'s'
+        : /no certificate|peer did not return a certificate/i.test(message) ? 'it showed no client certificate signed by the CA of --tls-cert (a TLS client offers only one that CA signed)' : message;
       return this.hangUp(`TLS handshake with ${raw.remoteAddress}:${raw.remotePort} failed: ${why}`);
     }
   }

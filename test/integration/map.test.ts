@@ -8,12 +8,13 @@
 // Ctrl-C while a large stream is indexed; --tls: the TCP export read bit for bit over TLS with the CA's client
 // certificates (libnbd, qemu-img, a qcow2 overlay backed by it), clients without TLS, without a certificate or with another CA's refused, the unix socket plain;
 // certificate files missing or unusable refused with one line before anything is served; the warning for a TCP
-// export on a non-loopback address without --tls.
+// export on a non-loopback address without --tls; --tls-psk: libnbd and QEMU with the key read it, a wrong key, an
+// unknown user and plain clients refused, a key file missing, malformed or empty refused with one line.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -449,8 +450,65 @@ test('virtnbdmap --tls refuses missing or unusable certificate files with one li
 
   // On every address without --tls: a warning; with --tls, none.
   const open = await startMap(t, dir, 'open', [file], ['-r', '-l', '0.0.0.0']);
-  assert.match((await open.stop()).stderr, /warning: the TCP export on 0\.0\.0\.0:\d+ is served to anyone who reaches it, unencrypted and without authentication: give --tls \(certificates in --tls-cert\) or listen on 127\.0\.0\.1/);
+  assert.match((await open.stop()).stderr, /warning: the TCP export on 0\.0\.0\.0:\d+ is served to anyone who reaches it, unencrypted and without authentication: give --tls \(certificates in --tls-cert\) or --tls-psk, or listen on 127\.0\.0\.1/);
   const secured = await startMap(t, dir, 'secured', [file], ['-r', '-l', '0.0.0.0', '--tls', '--tls-cert', certs.server]);
   assert.match(secured.uris[1], /^nbds:\/\/0\.0\.0\.0:\d+\/sda$/);
   assert.doesNotMatch((await secured.stop()).stderr, /unencrypted/);
+});
+
+test('virtnbdmap --tls-psk: clients with a key of the file (libnbd, QEMU) read the export; a wrong key, an unknown user, no TLS refused; a key file missing, malformed or empty is one line', async (t) => {
+  const dir = await withTempDir(t, 'vnbd-mappsk-');
+  const disk = new MemoryDisk(16 * MiB).fill(0x11, 0, 4 * MiB).fill(0x5a, 9 * MiB, MiB);
+  await craftStream({ dir, file: 'vda.full.data', disk, diskName: 'vda', extents: [{ offset: 0, length: 4 * MiB, kind: 'data' }, { offset: 9 * MiB, length: MiB, kind: 'data' }] });
+  const file = path.join(dir, 'vda.full.data');
+  const key = (): string => randomBytes(32).toString('hex');
+  const keys = path.join(dir, 'keys.psk');
+  await fs.writeFile(keys, `alice:${key()}\nbob:${key()}\n`);
+  const aliceLine = (await fs.readFile(keys, 'utf8')).split('\n')[0] as string;
+  const qemuDir = path.join(dir, 'qemu');
+  await fs.mkdir(qemuDir);
+  await fs.writeFile(path.join(qemuDir, 'keys.psk'), `${aliceLine}\n`); // qemu's tls-creds-psk reads DIR/keys.psk
+  const wrong = path.join(dir, 'wrong.psk');
+  await fs.writeFile(wrong, `alice:${key()}\n`);
+  const stranger = path.join(dir, 'stranger.psk');
+  await fs.writeFile(stranger, `carol:${key()}\n`);
+
+  const map = await startMap(t, dir, 'psk', [file], ['-r', '--tls-psk', keys]);
+  assert.match(map.uris[1], /^nbds:\/\/127\.0\.0\.1:\d+\/sda$/);
+  // libnbd takes the user name from the URI.
+  const asUser = (user: string, pskFile: string): string => `${map.uris[1].replace('nbds://', `nbds://${user}@`)}?tls-psk-file=${pskFile}`;
+  const copied = path.join(dir, 'copy.raw');
+  await run('nbdcopy', [asUser('alice', keys), copied]);
+  assert.ok((await fs.readFile(copied)).equals(disk.bytes), 'the export read with a pre-shared key differs from the disk');
+  assert.equal((await run('nbdinfo', ['--size', asUser('bob', keys)])).stdout.trim(), String(16 * MiB), 'the second key of the file');
+  const port = Number(new URL(map.uris[1]).port);
+  const overTls = `json:${JSON.stringify({ driver: 'raw', file: { driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: String(port) }, export: 'sda', 'tls-creds': 'tls0' } })}`;
+  const qemu = await runCli('qemu-io', ['-r', '--object', `tls-creds-psk,id=tls0,endpoint=client,dir=${qemuDir},username=alice`, '-c', 'read -P 0x11 0 4M', '-c', 'read -P 0x5a 9M 1M', '-c', 'read -P 0 10M 6M', overTls]);
+  assert.equal(qemu.code, 0, qemu.stdout + qemu.stderr);
+  assert.doesNotMatch(qemu.stdout, /Pattern verification failed/);
+
+  for (const [user, pskFile, what] of [['alice', wrong, 'a wrong key'], ['carol', stranger, 'an unknown user']] as const) {
+    assert.notEqual((await runCli('nbdinfo', ['--size', asUser(user, pskFile)])).code, 0, `a client with ${what} read the export`);
+  }
+  const plain = await runCli('nbdinfo', ['--size', map.uris[1].replace(/^nbds:/, 'nbd:')]);
+  assert.notEqual(plain.code, 0, 'a client without TLS read the export');
+  const stopped = await map.stop();
+  assert.equal(stopped.stderr.match(/warning: NBD client dropped: TLS handshake with 127\.0\.0\.1:\d+ failed: its user name or key is not one of --tls-psk's$/gm)?.length, 2, stopped.stderr);
+  assert.match(stopped.stderr, /warning: NBD client refused: 127\.0\.0\.1:\d+ did not start TLS, which this export requires \(--tls-psk\)/);
+
+  const socket = path.join(dir, 'bad.sock');
+  const refused = async (pskFile: string, message: RegExp): Promise<void> => {
+    const result = await runCli(ourBin('virtnbdmap'), ['-f', file, '--socket', socket, '-p', '0', '-d', '', '-r', '-L', path.join(dir, 'bad.log'), '--tls-psk', pskFile]);
+    assert.equal(result.code, 1, result.stderr);
+    assert.deepEqual(errorLines(result).length, 1, result.stderr);
+    assert.match(result.stderr, message);
+    await assert.rejects(fs.access(socket), 'socket created');
+  };
+  await refused(path.join(dir, 'none.psk'), /error: --tls-psk: \S+\/none\.psk is missing or unreadable; give a file of username:hexkey lines \(psktool -u NAME -p FILE writes one\)$/m);
+  const malformed = path.join(dir, 'malformed.psk');
+  await fs.writeFile(malformed, `${aliceLine}\nbob ${key()}\n`);
+  await refused(malformed, /error: --tls-psk: line 2 of \S+\/malformed\.psk is not username:hexkey \(as psktool writes them\)$/m);
+  const empty = path.join(dir, 'empty.psk');
+  await fs.writeFile(empty, '\n');
+  await refused(empty, /error: --tls-psk: \S+\/empty\.psk holds no key/);
 });
