@@ -306,10 +306,14 @@ class Connection {
   }
 
   private hangUp(reason: string): false {
-    this.server.log.warn(`NBD client dropped: ${reason}`);
+    // Once: a TLS handshake cut short by the handshake timeout fails in turn.
+    if (!this.droppedBecause) this.server.log.warn(`NBD client dropped: ${reason}`);
+    this.droppedBecause ??= reason;
     this.socket.destroy();
     return false;
   }
+
+  private droppedBecause: string | undefined;
 
   /** Option haggling; true when the client entered transmission. */
   private async handshake(): Promise<boolean> {

@@ -1,13 +1,14 @@
 // virtnbdmap's engine without libvirt: segment overlay, the frame cache, the chain endpoint over streams written
 // by our own writer (plain and lz4, full + incs with zero frames), copy-on-write, sequence errors, and the NBD
 // server spoken to by libnbd (our NbdEndpoint) over a unix socket, with its handshake timeout and connection cap,
-// and fed damaged client sessions.
+// and fed damaged client sessions; its TLS gate (STARTTLS) spoken to byte by byte, damaged sessions against it too.
 import { spawn } from 'node:child_process';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import net from 'node:net';
+import tls from 'node:tls';
 import os from 'node:os';
 import path from 'node:path';
 import { CONTEXT_ALLOCATION, type Endpoint, type StatusExtent } from '../../src/endpoint/endpoint.js';
@@ -18,6 +19,10 @@ import { COW_BLOCK, CopyOnWriteEndpoint } from '../../src/map/copyOnWrite.js';
 import { FrameCache } from '../../src/map/frameCache.js';
 import { leftoversOfGoneRuns } from '../../src/map/leftovers.js';
 import { NbdServer, type NbdServerOptions } from '../../src/map/nbdServer.js';
+import { OPT, OPTION_REPLY_MAGIC, REP } from '../../src/map/nbdProtocol.js';
+import { loadTlsServerFiles } from '../../src/map/map.js';
+import { SocketClosedError, SocketReader } from '../../src/map/socketReader.js';
+import { withScratchCertificates } from '../support/tls.js';
 import { overlay, truncate, type Segment } from '../../src/map/segments.js';
 import { writeStream } from '../../src/stream/writer.js';
 import type { Sink } from '../../src/set/target.js';
@@ -459,6 +464,148 @@ test('NBD server: 1000 damaged client sessions neither crash it nor wedge it; a 
   const untouched = Buffer.alloc(MiB);
   await client.read(untouched, 20 * MiB);
   assert.ok(untouched.equals((points[2] as Buffer).subarray(20 * MiB, 21 * MiB)));
+});
+
+/** A client speaking the handshake byte by byte: options sent, their replies read (type and data). */
+class OptionClient {
+  reader: SocketReader;
+  constructor(public socket: net.Socket) {
+    this.reader = new SocketReader(socket);
+  }
+
+  static async connect(where: net.NetConnectOpts): Promise<OptionClient> {
+    const socket = net.connect(where);
+    socket.on('error', () => undefined);
+    const client = new OptionClient(socket);
+    const greeting = await client.reader.read(18);
+    assert.equal(greeting.toString('latin1', 0, 16), 'NBDMAGICIHAVEOPT');
+    socket.write(Buffer.from([0, 0, 0, 3])); // fixed newstyle, no zeroes
+    return client;
+  }
+
+  send(option: number, data: Buffer = Buffer.alloc(0), after: Buffer = Buffer.alloc(0)): void {
+    const head = Buffer.alloc(16);
+    head.write('IHAVEOPT', 'latin1');
+    head.writeUInt32BE(option, 8);
+    head.writeUInt32BE(data.length, 12);
+    this.socket.write(Buffer.concat([head, data, after]));
+  }
+
+  /** The next reply to `option`: its type and data. */
+  async reply(option: number): Promise<{ type: number; data: Buffer }> {
+    const head = await this.reader.read(20);
+    assert.equal(head.readBigUInt64BE(0), OPTION_REPLY_MAGIC);
+    assert.equal(head.readUInt32BE(8), option);
+    return { type: head.readUInt32BE(12), data: await this.reader.read(head.readUInt32BE(16)) };
+  }
+
+  async ask(option: number, data?: Buffer): Promise<{ type: number; data: Buffer }> {
+    this.send(option, data);
+    return this.reply(option);
+  }
+
+  /** Resolves once the server has hung up. */
+  async hungUp(): Promise<void> {
+    await assert.rejects(this.reader.read(1), SocketClosedError);
+  }
+}
+
+/** NBD_OPT_GO / INFO data for export `name`, no information requests. */
+const goData = (name: string): Buffer => {
+  const out = Buffer.alloc(6 + name.length);
+  out.writeUInt32BE(name.length, 0);
+  out.write(name, 4, 'latin1');
+  return out;
+};
+
+test('NBD server with TLS: TCP clients get only NBD_REP_ERR_TLS_REQD (EXPORT_NAME a hang-up) until STARTTLS; after it, TLS with our CA\'s client certificate, a second STARTTLS refused; bytes after STARTTLS, a bad handshake and damaged sessions hung up on; the unix socket plain', async (t) => {
+  const dir = await withDir(t, 'tls');
+  const { files, points } = await buildChain(dir, false);
+  const certs = await withScratchCertificates(t);
+  const { server, socket, warnings } = await serveRecording(t, dir, await ChainEndpoint.open(files), { tls: await loadTlsServerFiles(certs.server), maxConnections: 1_000_000, handshakeTimeoutMs: 1000 });
+  const port = await server.listenTcp('127.0.0.1', 0);
+  const tcp = { host: '127.0.0.1', port };
+
+  const plain = await OptionClient.connect(tcp);
+  for (const option of [OPT.GO, OPT.INFO, OPT.LIST, OPT.STRUCTURED_REPLY, OPT.SET_META_CONTEXT, 99]) {
+    const data = option === OPT.GO || option === OPT.INFO ? goData('sda') : undefined;
+    assert.equal((await plain.ask(option, data)).type, REP.ERR_TLS_REQD, `option ${option} before TLS`);
+  }
+  assert.equal((await plain.ask(OPT.STARTTLS, Buffer.from('x'))).type, REP.ERR_INVALID, 'STARTTLS with data');
+  assert.equal((await plain.ask(OPT.ABORT)).type, REP.ACK, 'ABORT before TLS');
+  await plain.hungUp();
+  const oldStyle = await OptionClient.connect(tcp);
+  oldStyle.send(OPT.EXPORT_NAME, Buffer.from('sda'));
+  await oldStyle.hungUp();
+  // Bytes after STARTTLS before its reply would be read by no one: a hang-up.
+  const eager = await OptionClient.connect(tcp);
+  eager.send(OPT.STARTTLS, undefined, Buffer.from('too early'));
+  assert.equal((await eager.reply(OPT.STARTTLS)).type, REP.ACK);
+  await eager.hungUp();
+  // A handshake that is not TLS.
+  const garbled = await OptionClient.connect(tcp);
+  assert.equal((await garbled.ask(OPT.STARTTLS)).type, REP.ACK);
+  garbled.socket.write(Buffer.alloc(64, 0x42));
+  await garbled.hungUp();
+
+  // A client that stops within the TLS handshake is dropped at the handshake timeout, with one warning.
+  const stalled = await OptionClient.connect(tcp);
+  assert.equal((await stalled.ask(OPT.STARTTLS)).type, REP.ACK);
+  const before = warnings.length;
+  await stalled.hungUp();
+  await new Promise((resolve) => setTimeout(resolve, 200)); // the handshake's own failure comes after
+  assert.deepEqual(warnings.slice(before), ['NBD client dropped: no handshake within 1 s']);
+
+  // The whole way: STARTTLS, TLS with our CA's client certificate, then the handshake inside it.
+  const client = await OptionClient.connect(tcp);
+  assert.equal((await client.ask(OPT.STARTTLS)).type, REP.ACK);
+  client.reader.detach();
+  const read = (name: string): Promise<Buffer> => fs.readFile(path.join(certs.client, name));
+  const secure = tls.connect({ socket: client.socket, ca: await read('ca-cert.pem'), cert: await read('client-cert.pem'), key: await read('client-key.pem'), servername: 'localhost' });
+  await new Promise<void>((resolve, reject) => { secure.once('secureConnect', resolve); secure.once('error', reject); });
+  const inside = new OptionClient(secure);
+  assert.equal((await inside.ask(OPT.STARTTLS)).type, REP.ERR_INVALID, 'a second STARTTLS');
+  assert.equal((await inside.ask(OPT.STRUCTURED_REPLY)).type, REP.ACK);
+  inside.send(OPT.GO, goData('sda'));
+  const replies: number[] = [];
+  for (let type = 0; type !== REP.ACK;) replies.push(type = (await inside.reply(OPT.GO)).type);
+  assert.deepEqual(replies, [REP.INFO, REP.INFO, REP.ACK]);
+  // One READ in transmission (structured reply: a 20-byte chunk header, the offset, the data).
+  const request = Buffer.alloc(28);
+  request.writeUInt32BE(0x25609513, 0);
+  request.writeBigUInt64BE(BigInt(20 * MiB), 16);
+  request.writeUInt32BE(4096, 24);
+  secure.write(request);
+  const chunk = await inside.reader.read(20 + 8 + 4096);
+  assert.ok(chunk.subarray(28).equals((points[2] as Buffer).subarray(20 * MiB, 20 * MiB + 4096)), 'the read over TLS');
+  secure.destroy();
+
+  // The unix socket serves in the clear, and says TLS is not for it.
+  const local = await OptionClient.connect({ path: socket });
+  assert.equal((await local.ask(OPT.STARTTLS)).type, REP.ERR_POLICY);
+  assert.equal((await local.ask(OPT.INFO, goData('sda'))).type, REP.INFO);
+  local.socket.destroy();
+
+  // Damaged sessions (the plain one, STARTTLS first) against the gate: each answered or hung up on.
+  const pick = seeded(20261129);
+  const starttls = Buffer.concat([Buffer.from([0, 0, 0, 3]), Buffer.from('IHAVEOPT'), Buffer.from([0, 0, 0, 5, 0, 0, 0, 0])]);
+  for (let round = 0; round < 200; round++) {
+    const [bytes] = damageOnce(round % 2 ? clientSession() : Buffer.concat([starttls, randomBytes(300)]), pick);
+    const ended = await new Promise<boolean>((resolve) => {
+      const peer = net.connect(tcp);
+      const timer = setTimeout(() => { peer.destroy(); resolve(false); }, 5000);
+      peer.on('error', () => undefined);
+      peer.resume();
+      peer.on('close', () => { clearTimeout(timer); resolve(true); });
+      peer.end(bytes);
+    });
+    assert.ok(ended, `round ${round}: the server neither answered to the end nor hung up`);
+  }
+  for (let waited = 0; server.connectionCount > 0 && waited < 5000; waited += 20) await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(server.connectionCount, 0);
+  assert.ok(warnings.some((w) => /^NBD client refused: 127\.0\.0\.1:\d+ did not start TLS, which this export requires \(--tls\)$/.test(w)), warnings.join('\n'));
+  assert.ok(warnings.some((w) => /^NBD client dropped: 127\.0\.0\.1:\d+ sent data after NBD_OPT_STARTTLS before its reply$/.test(w)), warnings.join('\n'));
+  assert.ok(warnings.some((w) => /^NBD client dropped: TLS handshake with 127\.0\.0\.1:\d+ failed: /.test(w)), warnings.join('\n'));
 });
 
 test("leftovers of gone runs: a name with its process's start is gone exactly when that process is (a zombie is gone); one without, only when its pid is free", async (t) => {
