@@ -6,7 +6,7 @@
 // renamed and back; a disk made transient is left out; a block job running on a disk is refused before a full
 // removes the chain's checkpoints.
 // Every point is compared bit for bit with a snapshot taken when it was backed up.
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -40,18 +40,13 @@ test('online diffs between incs name the checkpoint they follow: --until each ch
   const points: Record<string, string> = {};
   await backup(dom, set, 'full');
   points.c0 = await dom.snapshot('vda');
-  await dom.write('vda', 0x22, '2M', '1M');
-  await backup(dom, set, 'diff');
-  points.d0 = await dom.snapshot('vda');
-  await dom.write('vda', 0x23, '3M', '1M');
-  await backup(dom, set, 'inc');
-  points.c1 = await dom.snapshot('vda');
-  await dom.write('vda', 0x24, '5M', '1M');
-  await backup(dom, set, 'diff');
-  points.d1 = await dom.snapshot('vda');
-  await dom.write('vda', 0x25, '6M', '1M');
-  await backup(dom, set, 'inc');
-  points.c2 = await dom.snapshot('vda');
+  // Each step: a guest write at `offset`, then a backup of `level`, the disk's point kept under `point`.
+  const steps: Array<[number, string, string, string]> = [[0x22, '2M', 'diff', 'd0'], [0x23, '3M', 'inc', 'c1'], [0x24, '5M', 'diff', 'd1'], [0x25, '6M', 'inc', 'c2']];
+  for (const [pattern, offset, level, point] of steps) {
+    await dom.write('vda', pattern, offset, '1M');
+    await backup(dom, set, level);
+    points[point] = await dom.snapshot('vda');
+  }
 
   const dumped = JSON.parse((await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', 'dump'])).stdout) as Array<{ file: string; checkpointName: string; parentCheckpoint: string }>;
   const diffs = dumped.filter((m) => m.file.startsWith('vda.diff.'));
@@ -111,15 +106,20 @@ test('Python\'s offline inc, which replaces the inc that made the set\'s last ch
   await assertRestores(ourBin('virtnbdrestore'), work, archived, c1, ['--until', 'virtnbdbackup.1']);
 });
 
-test('two disks\' images swapped between targets within a chain (the XML edited): the inc makes a full instead of saving each image\'s changes onto the other disk\'s chain; shut off it is refused; every point restores bit for bit', async (t) => {
+/** A domain of two disks (vda, vdb) with a full and an inc in `set` (in a temporary directory named `prefix`). */
+async function twoDiskChain(t: TestContext, prefix: string): Promise<{ dom: TestDomain; work: string; set: string; imageA: string; imageB: string }> {
   const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x55, offsetMiB: 8, lengthMiB: 4 }] }] });
-  const work = await withTempDir(t, 'swapped-');
+  const work = await withTempDir(t, prefix);
   const set = path.join(work, 'set');
-  const [imageA, imageB] = [dom.diskPath('vda'), dom.diskPath('vdb')];
   await backup(dom, set, 'full');
   await dom.write('vda', 0x22, '1M', '1M');
   await dom.write('vdb', 0x66, '2M', '1M');
   await backup(dom, set, 'inc');
+  return { dom, work, set, imageA: dom.diskPath('vda'), imageB: dom.diskPath('vdb') };
+}
+
+test('two disks\' images swapped between targets within a chain (the XML edited): the inc makes a full instead of saving each image\'s changes onto the other disk\'s chain; shut off it is refused; every point restores bit for bit', async (t) => {
+  const { dom, work, set, imageA, imageB } = await twoDiskChain(t, 'swapped-');
   const [a1, b1] = [await dom.snapshot('vda'), await dom.snapshot('vdb')];
   await dom.stop();
   const xml = virsh('dumpxml', '--inactive', dom.name).replace(imageA, '\0').replace(imageB, imageA).replace('\0', imageB);
@@ -228,14 +228,7 @@ test('a disk made transient within a chain (<transient/>, its writes dropped at 
 });
 
 test('images swapped between targets and the domain defined anew (a new UUID: its checkpoints are redefined without the domain XML): the set\'s saved domain XML tells, and the inc makes a full', async (t) => {
-  const dom = await withDomain(t, { disks: [DISK, { target: 'vdb', sizeMiB: 32, fill: [{ pattern: 0x55, offsetMiB: 8, lengthMiB: 4 }] }] });
-  const work = await withTempDir(t, 'swapped-anew-');
-  const set = path.join(work, 'set');
-  const [imageA, imageB] = [dom.diskPath('vda'), dom.diskPath('vdb')];
-  await backup(dom, set, 'full');
-  await dom.write('vda', 0x22, '1M', '1M');
-  await dom.write('vdb', 0x66, '2M', '1M');
-  await backup(dom, set, 'inc');
+  const { dom, work, set, imageA, imageB } = await twoDiskChain(t, 'swapped-anew-');
   await dom.stop();
   const xml = virsh('dumpxml', '--inactive', dom.name).replace(/<uuid>[^<]*<\/uuid>/, '').replace(imageA, '\0').replace(imageB, imageA).replace('\0', imageB);
   virsh('undefine', '--checkpoints-metadata', dom.name);

@@ -2,7 +2,7 @@
 // restored by ours and by Python; random data, plain and -z, kept intact; a reader that goes away; Python's zips of a chain begun anew
 // unzipped over the old one's), -t raw images, -r raw-format disks, lz4 over compressible and
 // incompressible data, and offsets/files beyond 4 GiB (reduced by default; VNBD_LARGE=1 for > 4 GiB of data).
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -139,18 +139,26 @@ test('a reader of the zip that goes away, or a full output: one line saying so, 
   await run('unzip', ['-tq', path.join(state, 'full.zip')]);
 });
 
-test('a zip that fails at its very end (its central directory) leaves the chain state as it was and removes its checkpoint: the next inc saves those changes too', async (t) => {
+/**
+ * A domain with a full zip in a working directory `state` (named `prefix`), its .cpt then (`chainBefore`), and a guest
+ * write since; `engine` is the engine's module, for a script that runs the next backup in-process.
+ */
+async function zipFullThenChange(t: TestContext, prefix: string): Promise<{ dom: TestDomain; state: string; cpt: string; chainBefore: string; engine: string }> {
   const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
-  const state = await tempDir('vnbd-zipend-');
+  const state = await tempDir(prefix);
   t.after(() => fs.rm(state, { recursive: true, force: true }));
   const full = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
   assert.equal(full.code, 0, full.stderr);
   const cpt = path.join(state, `${dom.name}.cpt`);
   const chainBefore = await fs.readFile(cpt, 'utf8');
   await dom.write('vda', 0x5a, '8M', '2M');
+  return { dom, state, cpt, chainBefore, engine: path.join(repoRoot, 'dist', 'src', 'index.js') };
+}
+
+test('a zip that fails at its very end (its central directory) leaves the chain state as it was and removes its checkpoint: the next inc saves those changes too', async (t) => {
+  const { dom, state, cpt, chainBefore, engine } = await zipFullThenChange(t, 'vnbd-zipend-');
   // The engine itself, its output failing on the write of the end of central directory: all data and side files
   // are in, the archive is not whole.
-  const engine = path.join(repoRoot, 'dist', 'src', 'index.js');
   const script = `import { Writable } from 'node:stream';
     import { backup } from ${JSON.stringify(engine)};
     const ends = [Buffer.from('504b0506', 'hex'), Buffer.from('504b0606', 'hex')];
@@ -534,17 +542,9 @@ test('a boot file the domain XML names twice (kernel and initrd one file) is one
 });
 
 test('a zip run stopped (SIGINT, SIGTERM) after \'finished\', while the archive\'s end waits for its reader: the run\'s checkpoint is removed, the chain goes on from its parent', async (t) => {
-  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 4 }] }] });
-  const state = await tempDir('vnbd-zipstop-');
-  t.after(() => fs.rm(state, { recursive: true, force: true }));
-  const full = await backupToZip(state, ['-d', dom.name, '-l', 'full', '-n'], path.join(state, 'full.zip'));
-  assert.equal(full.code, 0, full.stderr);
-  const cpt = path.join(state, `${dom.name}.cpt`);
-  const chainBefore = await fs.readFile(cpt, 'utf8');
-  await dom.write('vda', 0x5a, '8M', '2M');
+  const { dom, state, cpt, chainBefore, engine } = await zipFullThenChange(t, 'vnbd-zipstop-');
   // The engine, as the command runs it: its output takes every byte but the archive's end, which it holds as a
   // slow reader would; the stop comes then, as the command's signal handler gives it (an abort of the signal).
-  const engine = path.join(repoRoot, 'dist', 'src', 'index.js');
   const script = `import { Writable } from 'node:stream';
     import { backup } from ${JSON.stringify(engine)};
     const stop = new AbortController();

@@ -61,10 +61,41 @@ async function withRawQemuNbd(t: TestContext, file: string, socket: string): Pro
   return child;
 }
 
+/** Checks a refusal: the restore onto `target`, held by `holder`, fails with its line and leaves `content` there. */
+type Refused = (target: string, content: Buffer, holder: string, todo: string) => Promise<void>;
+
+/**
+ * The holders both hosts refuse, in `work`: a loop device the file backs, swap on it, a raw qemu-nbd writing it; then
+ * a reader, which is no holder: `restoreUnder` restores onto its file, which must then hold `disk`.
+ */
+async function refusesHolders(t: TestContext, work: string, refused: Refused, restoreUnder: (target: string) => Promise<unknown>, disk: string): Promise<void> {
+  // It was written under the loop device, exit 0.
+  const looped = path.join(work, 'looped.raw');
+  const loopedContent = await prefilled(looped);
+  const device = await withLoop(t, looped);
+  await refused(looped, loopedContent, `it backs the loop device ${device}`, `detach it (losetup -d ${device})`);
+  // Active swap: the file was grown, then qemu-nbd's writes failed (EINVAL: the kernel refuses writes to swap), and
+  // the line said that it held incomplete data.
+  const swap = path.join(work, 'swap.raw');
+  await prefilled(swap);
+  await refused(swap, await withSwap(t, swap), 'it is active swap (/proc/swaps)', `turn that swap off (swapoff ${swap})`);
+  // A raw qemu-nbd with direct I/O takes no lock QEMU's check fails on: the restore wrote under it, exit 0.
+  const served = path.join(work, 'served.raw');
+  const servedContent = await prefilled(served);
+  const nbd = await withRawQemuNbd(t, served, path.join(work, 'nbd.sock'));
+  await refused(served, servedContent, `qemu-nbd (pid ${nbd.pid}) holds it open for writing`, 'stop that process');
+  // A reader is no holder: the restore goes on, and the file holds the disk.
+  const read = path.join(work, 'read.raw');
+  await prefilled(read);
+  withHolder(t, read, 'r');
+  await restoreUnder(read);
+  assert.ok((await fs.readFile(read)).equals(await fs.readFile(disk)), 'the restore under a reader differs from the disk');
+}
+
 test('onto a raw file that backs a loop device (also by inode: its first name deleted), is swap, or another process writes (a raw qemu-nbd, any program; a block device too): refused naming the holder, the file left as it was; readers do not count', async (t) => {
   const work = await withTempDir(t, 'vnbd-holders-');
   const { set, refs } = await randomSet(work, { vda: 8 });
-  const refused = async (target: string, content: Buffer, holder: string, todo: string): Promise<void> => {
+  const refused: Refused = async (target, content, holder, todo) => {
     const r = await runCli(restoreBin, ['-i', set, '-o', target, '-n']);
     assert.equal(r.code, 1, r.stderr);
     assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${target} is in use: ${holder}, so it was left untouched; ${todo}, or restore to another file or into a directory`]);
@@ -73,11 +104,8 @@ test('onto a raw file that backs a loop device (also by inode: its first name de
     assert.ok((await fs.readFile(target)).equals(content), `${target} changed`);
   };
 
-  // It was written under the loop device, exit 0.
-  const looped = path.join(work, 'looped.raw');
-  const loopedContent = await prefilled(looped);
-  const device = await withLoop(t, looped);
-  await refused(looped, loopedContent, `it backs the loop device ${device}`, `detach it (losetup -d ${device})`);
+  await refusesHolders(t, work, refused, (read) => runOk(restoreBin, ['-i', set, '-o', read, '-n']), refs.vda as string);
+
   // The loop device's file under a second name, its first one deleted: sysfs shows "<first> (deleted)".
   const first = path.join(work, 'first.raw');
   const second = path.join(work, 'second.raw');
@@ -88,17 +116,6 @@ test('onto a raw file that backs a loop device (also by inode: its first name de
   assert.equal((await fs.readFile(`/sys/block/${path.basename(other)}/loop/backing_file`, 'utf8')).trim(), `${first} (deleted)`);
   await refused(second, secondContent, `it backs the loop device ${other}`, `detach it (losetup -d ${other})`);
 
-  // Active swap: the file was grown, then qemu-nbd's writes failed (EINVAL: the kernel refuses writes to swap), and
-  // the line said that it held incomplete data.
-  const swap = path.join(work, 'swap.raw');
-  await prefilled(swap);
-  await refused(swap, await withSwap(t, swap), 'it is active swap (/proc/swaps)', `turn that swap off (swapoff ${swap})`);
-
-  // A raw qemu-nbd with direct I/O takes no lock QEMU's check fails on: the restore wrote under it, exit 0.
-  const served = path.join(work, 'served.raw');
-  const servedContent = await prefilled(served);
-  const nbd = await withRawQemuNbd(t, served, path.join(work, 'nbd.sock'));
-  await refused(served, servedContent, `qemu-nbd (pid ${nbd.pid}) holds it open for writing`, 'stop that process');
   // Any program with it open for writing (O_RDWR here).
   const held = path.join(work, 'held.raw');
   const heldContent = await prefilled(held);
@@ -110,13 +127,6 @@ test('onto a raw file that backs a loop device (also by inode: its first name de
   const target = await withLoop(t, behind);
   const deviceWriter = withHolder(t, target, 'r+');
   await refused(target, deviceContent, `sleep (pid ${deviceWriter.pid}) holds it open for writing`, 'stop that process');
-
-  // A reader is no holder: the restore goes on, and the file holds the disk.
-  const read = path.join(work, 'read.raw');
-  await prefilled(read);
-  withHolder(t, read, 'r');
-  await runOk(restoreBin, ['-i', set, '-o', read, '-n']);
-  assert.ok((await fs.readFile(read)).equals(await fs.readFile(refs.vda as string)), 'the restore under a reader differs from the disk');
 });
 
 test('onto another host (-U qemu+ssh://): a file there that backs a loop device, is swap, or another process writes is refused naming the holder and the host, and left as it was; a reader does not count', async (t) => {
@@ -124,27 +134,11 @@ test('onto another host (-U qemu+ssh://): a file there that backs a loop device,
   const work = await withTempDir(t, 'vnbd-holders-remote-');
   const { set, refs } = await randomSet(work, { vda: 8 });
   const remote = ['-U', sshd.libvirtUri, '-P', String(await freePort())];
-  const refused = async (target: string, content: Buffer, holder: string, todo: string): Promise<void> => {
+  const refused: Refused = async (target, content, holder, todo) => {
     const r = await runCli(restoreBin, ['-i', set, '-o', target, '-n', ...remote]);
     assert.equal(r.code, 1, r.stderr);
     assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${target} on root@127.0.0.1 is in use: ${holder}, so it was left untouched; ${todo}, or restore to another file or into a directory`]);
     assert.ok((await fs.readFile(target)).equals(content), `${target} changed`);
   };
-  const looped = path.join(work, 'looped.raw');
-  const loopedContent = await prefilled(looped);
-  const device = await withLoop(t, looped);
-  await refused(looped, loopedContent, `it backs the loop device ${device}`, `detach it (losetup -d ${device})`);
-  const swap = path.join(work, 'swap.raw');
-  await prefilled(swap);
-  await refused(swap, await withSwap(t, swap), 'it is active swap (/proc/swaps)', `turn that swap off (swapoff ${swap})`);
-  const served = path.join(work, 'served.raw');
-  const servedContent = await prefilled(served);
-  const nbd = await withRawQemuNbd(t, served, path.join(work, 'nbd.sock'));
-  await refused(served, servedContent, `qemu-nbd (pid ${nbd.pid}) holds it open for writing`, 'stop that process');
-
-  const read = path.join(work, 'read.raw');
-  await prefilled(read);
-  withHolder(t, read, 'r');
-  await runOk(restoreBin, ['-i', set, '-o', read, '-n', ...remote]);
-  assert.ok((await fs.readFile(read)).equals(await fs.readFile(refs.vda as string)), 'the restore under a reader differs from the disk');
+  await refusesHolders(t, work, refused, (read) => runOk(restoreBin, ['-i', set, '-o', read, '-n', ...remote]), refs.vda as string);
 });
