@@ -200,6 +200,8 @@ export interface DiskSpec {
   volume?: boolean;
   /** The domain sees the disk read-only (`<readonly/>`). */
   readOnly?: boolean;
+  /** `<transient/>`: libvirt gives QEMU a throwaway overlay of the image, and runs no block job on the disk. */
+  transient?: boolean;
   /** startupPolicy='optional': libvirt starts the domain without the disk when its image file is missing (file disks). */
   optional?: boolean;
   /**
@@ -236,6 +238,7 @@ export interface TestDisk {
   /** The unix socket of the qemu-nbd serving the image (DiskSpec.network); stopped when the domain is removed. */
   socket?: string;
   readOnly?: boolean;
+  transient?: boolean;
   optional?: boolean;
 }
 
@@ -279,7 +282,7 @@ export class TestDomain {
       const format = spec.format ?? 'qcow2';
       const disk: TestDisk = { target: spec.target, image: path.join(dir, `${spec.target}.${format}`), format, sizeBytes: spec.sizeMiB * MiB };
       return {
-        ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}), ...(spec.optional ? { optional: true } : {}),
+        ...disk, ...(spec.volume ? { pool } : {}), ...(spec.readOnly ? { readOnly: true } : {}), ...(spec.transient ? { transient: true } : {}), ...(spec.optional ? { optional: true } : {}),
         ...(spec.network ? { socket: path.join(dir, `${spec.target}.nbd.sock`) } : {}),
       };
     });
@@ -488,7 +491,7 @@ export class TestDomain {
     <disk type='${d.socket ? 'network' : d.pool ? 'volume' : d.device ? 'block' : 'file'}' device='disk'>
       <driver name='qemu' type='${d.format}' discard='unmap'/>
       ${source(d)}
-      <target dev='${d.target}' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}
+      <target dev='${d.target}' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}${d.transient ? '<transient/>' : ''}
     </disk>`).join('');
     const cdrom = this.cdrom ? `
     <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/></disk>` : '';

@@ -310,3 +310,14 @@ test('lastArchivedChain: the newest chain.<secs> moved aside, and the prefix fla
   await fs.writeFile(path.join(dir, 'chain.1795909999', 'dom.cpt'), JSON.stringify(['nightly.0', 'nightly.1']));
   assert.equal((await lastArchivedChain(dir))?.prefixFlag, ' --checkpoint-prefix nightly');
 });
+
+test('domain XML: a transient disk (<transient/>), on which libvirt refuses the whole backup job, is left out with a warning', () => {
+  const xml = domainXml.replace("<target dev='vdb' bus='virtio'/>", "<target dev='vdb' bus='virtio'/><transient/>");
+  const { disks } = parseDomainXml(xml);
+  assert.deepEqual(disks.map((d) => d.transient), [undefined, true, undefined, undefined]);
+  const selected = selectDisks(disks, {});
+  assert.deepEqual(selected.disks.map((d) => d.target), ['vda']);
+  const skipped = selected.skipped.find((s) => s.disk.target === 'vdb');
+  assert.match(skipped?.reason ?? '', /^transient disk \(<transient\/>\): libvirt runs no backup job on it, .*leave it out with -x$/);
+  assert.equal(skipped?.expected, undefined);
+});
