@@ -591,7 +591,7 @@ async function estimate(ctx: RunContext, plan: RunPlan): Promise<number> {
   // libvirt counts changes on the disks the checkpoint has bitmaps on; an added disk goes whole into the next inc.
   for (const target of plan.addedDisks) ctx.log.info(`disk ${target} was added since ${plan.checkpoint.parent}: the next inc saves it whole, which this estimate leaves out`);
   for (const { target, from } of plan.resumedDisks) ctx.log.info(`disk ${target} was left out of the backups after ${from}: the next inc saves its changes since then, which this estimate leaves out`);
-  return changedBytesSince(ctx.domain, plan.checkpoint.parent, ctx.info.disks.map((d) => d.target));
+  return changedBytesSince(ctx.domain, plan.checkpoint.parent, ctx.info.disks.map((d) => d.target).filter((t) => !plan.emptyDisks.includes(t)));
 }
 
 /** The estimate for -T, or undefined when none can be made (shut-off domain, broken checkpoint). */
@@ -600,7 +600,7 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
     ctx.log.info('-T: no size estimate for a shut-off domain (libvirt needs QEMU for it): backing up');
     return undefined;
   }
-  return changedBytesSince(ctx.domain, plan.checkpoint.parent, ctx.info.disks.map((d) => d.target)).catch((err: unknown) => {
+  return changedBytesSince(ctx.domain, plan.checkpoint.parent, ctx.info.disks.map((d) => d.target).filter((t) => !plan.emptyDisks.includes(t))).catch((err: unknown) => {
     ctx.log.info(`-T: no size estimate (${oneLine(err)}): backing up`);
     return undefined;
   });
@@ -650,7 +650,7 @@ async function startJob(ctx: RunContext, plan: RunPlan, guard?: JobGuard): Promi
     server: serverOf(ctx),
     scratchDir: scratchDirOf(options),
     targets: disks.map((d) => d.target),
-    wholeTargets: plan.addedDisks,
+    wholeTargets: [...plan.addedDisks, ...plan.emptyDisks],
     resumedTargets: plan.resumedDisks,
     checkpointTargets: disks.filter((d) => d.format !== 'raw').map((d) => d.target),
     allTargets: ctx.info.disks.map((d) => d.target),
@@ -746,7 +746,7 @@ function describeServer(server: JobServer): string {
 async function openExports(ctx: RunContext, initial: RunPlan, looked: ScratchSpace | undefined, guard?: JobGuard): Promise<{ exports: DiskExports; plan: RunPlan; scratch?: ScratchSpace }> {
   const { options } = ctx;
   if (!ctx.host.remote) await clearSocketPath(socketOf(options));
-  if (ctx.power.offline) return { exports: await OfflineExports.start(ctx.disks, offlineServing(ctx), initial.checkpoint.parent), plan: initial };
+  if (ctx.power.offline) return { exports: await OfflineExports.start(ctx.disks, offlineServing(ctx), initial.checkpoint.parent, initial.emptyDisks), plan: initial };
   let scratch = looked;
   if (options.startOnly) {
     // A job left running (-s) is not watched: its scratch space is looked at once, here.

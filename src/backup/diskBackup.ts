@@ -80,13 +80,15 @@ export async function backupDisk(disk: DomainDisk, options: DiskRunOptions): Pro
   const { plan, target, log, signal } = options;
   const level: Level = disk.format === 'raw' ? 'copy' : plan.addedDisks.includes(disk.target) ? 'full' : plan.level;
   const incremental = level === 'inc' || level === 'diff';
-  const endpoint = await openSource(disk, incremental, options);
+  // A disk of 0 bytes is read whole in an inc (RunPlan.emptyDisks): no dirty bitmap is exported for it.
+  const readsDirty = incremental && !plan.emptyDisks.includes(disk.target);
+  const endpoint = await openSource(disk, readsDirty, options);
   const sourceRead = async (): Promise<void> => {
     await endpoint.close();
     options.onSourceRead?.();
   };
   try {
-    const extents = incremental ? await planDirty(endpoint, options.exports.dirtyContext(disk.target)) : await planFull(endpoint);
+    const extents = readsDirty ? await planDirty(endpoint, options.exports.dirtyContext(disk.target)) : await planFull(endpoint);
     const file = dataFileName(disk.target, level, options.ident);
     const partial = `${target.pathOf(file)}.partial`;
     log.info(`disk ${disk.target}: ${extents.dataSize} bytes of data in ${extents.extents.length} extents of ${endpoint.size} bytes, writing ${file}`);

@@ -45,9 +45,9 @@ export class OfflineExports implements DiskExports {
 
   /**
    * Starts one read-only qemu-nbd per disk, with `bitmap` when given (inc/diff): here on `<socketBase>.<target>`,
-   * or on the remote host on ports firstPort, firstPort+1, ... in disk order.
+   * or on the remote host on ports firstPort, firstPort+1, ... in disk order. `empty` disks (0 bytes) have no bitmap.
    */
-  static async start(disks: DomainDisk[], serving: OfflineServing, bitmap: string): Promise<OfflineExports> {
+  static async start(disks: DomainDisk[], serving: OfflineServing, bitmap: string, empty: readonly string[] = []): Promise<OfflineExports> {
     if (!('socketBase' in serving)) {
       const lastPort = serving.firstPort + disks.length - 1;
       if (lastPort > HIGHEST_PORT) {
@@ -59,7 +59,7 @@ export class OfflineExports implements DiskExports {
     try {
       for (const [index, disk] of disks.entries()) {
         const args = ['--read-only', '--persistent', `--shared=${CLIENTS_PER_EXPORT}`, '--export-name', disk.target, '--format', disk.format];
-        if (bitmap && disk.format !== 'raw') args.push('--bitmap', bitmap);
+        if (bitmap && disk.format !== 'raw' && !empty.includes(disk.target)) args.push('--bitmap', bitmap);
         servers.set(disk.target, 'socketBase' in serving
           ? await serveHere(args, disk, `${serving.socketBase}.${disk.target}`)
           : await serveRemotelyOver(serving, args, disk, serving.firstPort + index));

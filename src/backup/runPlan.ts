@@ -47,6 +47,11 @@ export interface RunPlan {
   addedDisks: string[];
   /** Disks left out of the backups since an earlier checkpoint of the chain (-x): an inc saves their changes since it. */
   resumedDisks: Array<{ target: string; from: string }>;
+  /**
+   * qcow2 disks of 0 bytes (inc/diff): QEMU writes no persistent bitmap into such an image, so after the domain
+   * stops they have none; read whole (nothing) instead of against one, where every inc fell back to a full.
+   */
+  emptyDisks: string[];
 }
 
 /**
@@ -63,7 +68,7 @@ function resolvePrefix(wanted: string | undefined, chain: string[], cptFile: str
 }
 
 function planFor(level: Level, chain: string[], prefix: string): RunPlan {
-  return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix), addedDisks: [], resumedDisks: [] };
+  return { level, chain, prefix, checkpoint: planCheckpoint(level, chain, prefix), addedDisks: [], resumedDisks: [], emptyDisks: [] };
 }
 
 /** What disksWithoutBitmap found: disks to save whole, disks to resume, or why this run must be a full one. */
@@ -267,14 +272,16 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (power.offline && resumed) {
     throw new UserError(`disk ${resumed.target} of '${options.domain}' was left out of the backups after checkpoint ${resumed.from}: a shut-off domain's disks are read against one checkpoint, ${parent}; run again ${power.runningAdvice} (that inc saves its changes since ${resumed.from})`);
   }
-  const bitmaps = power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), ctx.disks, parent, (disk) => isImageLocked((c, a) => ctx.host.run(c, a), disk.path as string))).join('; ') : '';
+  const empty = await emptyDisks(ctx);
+  const tracked = ctx.disks.filter((d) => !empty.includes(d.target));
+  const bitmaps = power.offline ? (await bitmapProblems((disk) => imageInfoJson(ctx, disk), tracked, parent, (disk) => isImageLocked((c, a) => ctx.host.run(c, a), disk.path as string))).join('; ') : '';
   if (bitmaps) return fallBackToFull(ctx, prefix, bitmaps);
   if (!power.offline && level === 'inc' && !options.printOnly) await removeUnlisted(domain, chain, prefix, log);
   if (power.offline && level === 'inc') {
     log.info(`domain '${options.domain}' is shut off: libvirt cannot create checkpoint ${prefix}.${chain.length} now, so this inc saves the changes since ${parent} as a differential backup; the chain continues with the next inc while the domain runs`);
     level = 'diff';
   }
-  const plan = { ...planFor(level, chain, prefix), addedDisks: added.added, resumedDisks: added.resumed };
+  const plan = { ...planFor(level, chain, prefix), addedDisks: added.added, resumedDisks: added.resumed, emptyDisks: empty.filter((t) => !added.added.includes(t)) };
   for (const target of options.printOnly ? [] : plan.addedDisks) {
     log.info(`disk ${target} has no bitmap of checkpoint ${parent} (added to the domain since, or left out of every backup of the chain): this inc saves it whole as ${dataFileName(target, 'full', '')}, and checkpoint ${plan.checkpoint.name} starts its changes`);
   }
@@ -282,6 +289,20 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
     log.info(`disk ${target} was left out of the backups after checkpoint ${from}: this ${level} saves its changes since ${from}, which its bitmap there has kept`);
   }
   return plan;
+}
+
+/** The qcow2 image disks of this run whose image holds 0 bytes (qemu-img info); one it cannot read counts as not empty. */
+async function emptyDisks(ctx: RunContext): Promise<string[]> {
+  const empty: string[] = [];
+  for (const disk of ctx.disks.filter((d) => d.format === 'qcow2' && d.path !== undefined && d.type !== 'network')) {
+    const info = await imageInfoJson(ctx, disk).catch(() => undefined);
+    try {
+      if (info !== undefined && (JSON.parse(info) as { 'virtual-size'?: unknown })['virtual-size'] === 0) empty.push(disk.target);
+    } catch {
+      // not JSON: not known to be empty
+    }
+  }
+  return empty;
 }
 
 /** The disks of which the set holds a finished data file at a checkpoint of the chain, by the checkpoint's index. */

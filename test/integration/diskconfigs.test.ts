@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { withDomain, tempDir, TestDomain } from '../support/testbed.js';
+import { withDomain, tempDir, run, TestDomain } from '../support/testbed.js';
 import { ourBin, runOk } from '../support/cli.js';
 
 test('a transient disk (<transient/>), on which libvirt refuses the whole backup job, is left out with a warning: the other disks back up and restore', async (t) => {
@@ -26,4 +26,34 @@ test('a transient disk (<transient/>), on which libvirt refuses the whole backup
   await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
   const result = await TestDomain.compare(path.join(out, 'vda.qcow2'), await dom.snapshot('vda'));
   assert.ok(result.identical, result.output);
+});
+
+test('a disk of 0 bytes, whose image QEMU gives no persistent bitmap, keeps the chain going across a restart and while shut off', async (t) => {
+  const dom = await withDomain(t, { start: false, disks: [
+    { target: 'vda', sizeMiB: 4, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] },
+    { target: 'vdb', sizeMiB: 1 },
+  ] });
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', dom.diskPath('vdb'), '0']); // resize cannot make it 0 bytes
+  await dom.start();
+  const work = await tempDir('vnbd-empty-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', set, '-n']);
+  // Stopped, the domain's bitmaps go into the images: none into the empty one. Every inc fell back to a full since,
+  // and a shut-off domain's inc was refused.
+  await dom.stop();
+  const offline = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  assert.match(offline.stderr, /diff backup of \S+ \(vda, vdb\)/);
+  await dom.start();
+  await dom.write('vda', 0x22, '3M', '512');
+  const inc = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
+  assert.doesNotMatch(inc.stderr, /missing or broken|makes a full backup instead/);
+  const files = (await fs.readdir(set)).filter((f) => f.endsWith('.data')).sort();
+  assert.deepEqual(files.filter((f) => !f.includes('.diff.')), ['vda.full.data', 'vda.inc.virtnbdbackup.1.data', 'vdb.full.data', 'vdb.inc.virtnbdbackup.1.data']);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  const result = await TestDomain.compare(path.join(out, 'vda.qcow2'), await dom.snapshot('vda'));
+  assert.ok(result.identical, result.output);
+  const info = JSON.parse((await run('qemu-img', ['info', '--output=json', path.join(out, 'vdb.qcow2')])).stdout) as { 'virtual-size': number };
+  assert.equal(info['virtual-size'], 0);
 });
