@@ -89,6 +89,9 @@ export function checksumMismatch(dataFile: string, actual: number, recorded: num
   return `adler32 of the file is ${actual}, ${path.basename(checksumFileName(dataFile))} says ${recorded}`;
 }
 
+/** adler32 (start value 1) of no bytes: the .chksum of an empty file. */
+const ADLER32_OF_NOTHING = 1;
+
 /** A raw image holds a whole disk, whose size QEMU keeps to a multiple of this. */
 const SECTOR = 512;
 
@@ -102,10 +105,13 @@ export async function isStreamFile(file: string): Promise<boolean> {
     throw new UserError(`cannot read ${file}: ${describeReadFailure(err)}`);
   });
   try {
+    const { size } = await handle.stat();
+    // An empty file is the raw image of a disk of 0 bytes (-r, -t raw) where its .chksum says so (adler32 of nothing
+    // is 1); a stream cut to nothing otherwise. It failed as a truncated stream, and the set would not restore.
+    if (size === 0) return (await recordedChecksum(file).catch(() => undefined)) !== ADLER32_OF_NOTHING;
     const head = Buffer.alloc(FRAME_HEADER_LENGTH);
     const { bytesRead } = await handle.read(head, 0, FRAME_HEADER_LENGTH, 0);
     if (looksLikeStream(head.subarray(0, bytesRead))) return true;
-    const { size } = await handle.stat();
     if (size % SECTOR !== 0) return true;
     const tail = Buffer.alloc(FRAME_HEADER_LENGTH);
     await handle.read(tail, 0, FRAME_HEADER_LENGTH, size - FRAME_HEADER_LENGTH);

@@ -57,3 +57,28 @@ test('a disk of 0 bytes, whose image QEMU gives no persistent bitmap, keeps the 
   const info = JSON.parse((await run('qemu-img', ['info', '--output=json', path.join(out, 'vdb.qcow2')])).stdout) as { 'virtual-size': number };
   assert.equal(info['virtual-size'], 0);
 });
+
+test('a raw disk of 0 bytes saved with -r, and a qcow2 one in a -t raw full, restore: their empty raw images were read as truncated streams', async (t) => {
+  const dom = await withDomain(t, { start: false, disks: [
+    { target: 'vda', sizeMiB: 4, fill: [{ pattern: 0x11, offsetMiB: 3, lengthMiB: 1 }] },
+    { target: 'vdb', sizeMiB: 1 },
+    { target: 'vdc', sizeMiB: 1, format: 'raw' },
+  ] });
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', dom.diskPath('vdb'), '0']);
+  await fs.truncate(dom.diskPath('vdc'), 0);
+  await dom.start();
+  const work = await tempDir('vnbd-emptyraw-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const reference = await dom.snapshot('vda');
+  for (const type of ['stream', 'raw']) {
+    const set = path.join(work, `set-${type}`);
+    await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-t', type, '-r', '-o', set, '-n']);
+    const out = path.join(work, `out-${type}`);
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-r', '-n']);
+    const result = await TestDomain.compare(path.join(out, 'vda.qcow2'), reference);
+    assert.ok(result.identical, `${type}: ${result.output}`);
+    assert.equal((await fs.stat(path.join(out, 'vdc.raw'))).size, 0, type);
+    const info = JSON.parse((await run('qemu-img', ['info', '--output=json', path.join(out, 'vdb.qcow2')])).stdout) as { 'virtual-size': number };
+    assert.equal(info['virtual-size'], 0, type);
+  }
+});

@@ -157,6 +157,20 @@ test('a stream whose first bytes are damaged is still a stream (its end, or a si
   assert.equal(await isStreamFile(raw), true);
 });
 
+test('an empty data file is the raw image of a disk of 0 bytes where its .chksum says 1 (adler32 of nothing), else a stream cut to nothing', async (t) => {
+  const dir = await craftedDir(t);
+  const empty = path.join(dir, 'vdd.copy.data');
+  await fs.writeFile(empty, '');
+  await fs.writeFile(`${empty}.chksum`, '1');
+  // It was read as a truncated stream, and a set with a -r copy (or -t raw full) of an empty disk did not restore.
+  assert.equal(await isStreamFile(empty), false);
+  assert.equal((await verifyDataFile(empty)).ok, true);
+  await fs.writeFile(`${empty}.chksum`, '3154117');
+  assert.equal(await isStreamFile(empty), true);
+  await fs.rm(`${empty}.chksum`);
+  assert.equal(await isStreamFile(empty), true);
+});
+
 /** vda's full and incs 1 and 2, each holding the first MiB of a 32 MiB disk; returns that disk and its extents. */
 async function craftFullAndTwoIncs(dir: string): Promise<{ disk: MemoryDisk; extents: Array<{ offset: number; length: number; kind: 'data' }> }> {
   const disk = new MemoryDisk(32 * MiB).fill(0x11, 0, MiB);
