@@ -478,7 +478,7 @@ function chooseDisks(options: BackupOptions, log: Logger, domainDisks: DomainDis
 
 function selectionOf(options: BackupOptions, domainDisks: DomainDisk[], level: Level, offline: boolean): ReturnType<typeof selectDisks> {
   const incremental = level === 'inc' || level === 'diff';
-  return selectDisks(domainDisks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, rawNotInThisLevel: options.raw && incremental, offline });
+  return selectDisks(domainDisks, { include: options.include, exclude: options.exclude, raw: options.raw && !incremental, rawNotInThisLevel: options.raw && incremental, offline, checkpoints: level !== 'copy' });
 }
 
 /**

@@ -116,6 +116,8 @@ export interface DiskSelection {
   rawNotInThisLevel?: boolean;
   /** The domain is shut off: its disks are read from their images by a qemu-nbd of ours, which needs a path. */
   offline?: boolean;
+  /** The level makes or reads checkpoints (all but copy), which libvirt keeps in qcow2 images only. */
+  checkpoints?: boolean;
 }
 
 export interface SelectedDisks {
@@ -167,6 +169,9 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
       skipped.push({ disk, reason: `network disk (${disk.network?.protocol || 'no protocol'}) of a shut-off domain: only a running domain's backup job reads it; back it up with -S (the domain started paused), or while the domain runs` });
     } else if (disk.type !== 'network' && (!disk.path || (disk.type !== 'file' && disk.type !== 'block' && disk.type !== 'volume'))) {
       skipped.push({ disk, reason: `${disk.type} disk without a local image path is not supported` });
+    } else if (selection.checkpoints && disk.format !== 'raw' && disk.format !== 'qcow2') {
+      // libvirt refused the whole backup job for it ("checkpoint for disk vdb unsupported for storage type vmdk").
+      skipped.push({ disk, reason: `${disk.format}-format disk: libvirt keeps checkpoints in qcow2 images only, and refuses a backup job with a checkpoint on it; back it up with -l copy, convert its image to qcow2 (qemu-img convert -O qcow2) while the domain is shut off, or leave it out with -x` });
     } else if (disk.format === 'raw' && selection.rawNotInThisLevel) {
       skipped.push({ disk, reason: 'raw-format disk (no checkpoints possible): -r takes it into full and copy backups only', expected: true });
     } else if (disk.format === 'raw' && !selection.raw) {

@@ -82,3 +82,43 @@ test('a raw disk of 0 bytes saved with -r, and a qcow2 one in a -t raw full, res
     assert.equal(info['virtual-size'], 0, type);
   }
 });
+
+test('a vmdk disk beside a qcow2 one: full and inc leave it out with a warning (libvirt refused the whole job), a copy takes it; all restore', async (t) => {
+  const dom = await withDomain(t, { start: false, disks: [
+    { target: 'vda', sizeMiB: 4, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] },
+    { target: 'vdb', sizeMiB: 3 },
+  ] });
+  // The test bed makes qcow2 and raw images: vdb becomes a vmdk one, named so in the domain.
+  const vmdk = path.join(dom.dir, 'vdb.vmdk');
+  await run('qemu-img', ['convert', '-q', '-f', 'qcow2', '-O', 'vmdk', dom.diskPath('vdb'), vmdk]);
+  await run('qemu-io', ['-f', 'vmdk', '-c', `write -P 0x22 ${3 * 1024 * 1024 - 512} 512`, vmdk]);
+  const xml = (await run('virsh', ['-c', 'qemu:///system', 'dumpxml', dom.name])).stdout
+    .replace(`<driver name='qemu' type='qcow2' discard='unmap'/>\n      <source file='${dom.diskPath('vdb')}'/>`, `<driver name='qemu' type='vmdk' discard='unmap'/>\n      <source file='${vmdk}'/>`);
+  assert.ok(xml.includes(vmdk), 'the domain XML names the vmdk image');
+  await fs.writeFile(path.join(dom.dir, 'vmdk.xml'), xml);
+  await run('virsh', ['-c', 'qemu:///system', 'define', path.join(dom.dir, 'vmdk.xml')]);
+  await dom.start();
+  const work = await tempDir('vnbd-vmdk-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  for (const level of ['full', 'inc']) {
+    // It failed: "checkpoint for disk vdb unsupported for storage type vmdk", a full after removing the old chain.
+    const r = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', level, '-o', set, '-n']);
+    assert.match(r.stderr, /warning: skipping disk vdb: vmdk-format disk: libvirt keeps checkpoints in qcow2 images only, .*back it up with -l copy/);
+    if (level === 'full') await dom.write('vda', 0x33, '2M', '512');
+  }
+  assert.deepEqual((await fs.readdir(set)).filter((f) => f.endsWith('.data')).sort(), ['vda.full.data', 'vda.inc.virtnbdbackup.1.data']);
+  const copy = path.join(work, 'copy');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-o', copy, '-n']);
+  const reference = await dom.snapshot('vda');
+  for (const [from, restored] of [[set, ['vda']], [copy, ['vda', 'vdb']]] as const) {
+    const out = path.join(work, `out-${path.basename(from)}`);
+    await runOk(ourBin('virtnbdrestore'), ['-i', from, '-o', out, '-n']);
+    const vda = await TestDomain.compare(path.join(out, 'vda.qcow2'), reference);
+    assert.ok(vda.identical, `vda from ${from}: ${vda.output}`);
+    if (restored.length > 1) {
+      const vdb = await TestDomain.compare(path.join(out, 'vdb.vmdk'), vmdk, { formatB: 'vmdk' });
+      assert.ok(vdb.identical, `vdb from ${from}: ${vdb.output}`);
+    }
+  }
+});

@@ -321,3 +321,16 @@ test('domain XML: a transient disk (<transient/>), on which libvirt refuses the 
   assert.match(skipped?.reason ?? '', /^transient disk \(<transient\/>\): libvirt runs no backup job on it, .*leave it out with -x$/);
   assert.equal(skipped?.expected, undefined);
 });
+
+test('domain XML: a disk of another format than qcow2 or raw (vmdk) is left out of levels with checkpoints, with a warning naming -l copy; copy takes it', () => {
+  const xml = domainXml.replace("<driver name='qemu' type='qcow2'/><source dev='/dev/vg/web'/>", "<driver name='qemu' type='vmdk'/><source dev='/dev/vg/web'/>");
+  const { disks } = parseDomainXml(xml);
+  const full = selectDisks(disks, { checkpoints: true });
+  assert.deepEqual(full.disks.map((d) => d.target), ['vda']);
+  const skipped = full.skipped.find((s) => s.disk.target === 'vdb');
+  assert.match(skipped?.reason ?? '', /^vmdk-format disk: libvirt keeps checkpoints in qcow2 images only, .*back it up with -l copy, .*or leave it out with -x$/);
+  assert.equal(skipped?.expected, undefined);
+  assert.deepEqual(selectDisks(disks, {}).disks.map((d) => d.target), ['vda', 'vdb']);
+  // Raw disks keep their own reason (-r).
+  assert.match(full.skipped.find((s) => s.disk.target === 'vdc')?.reason ?? '', /^raw-format disk/);
+});
