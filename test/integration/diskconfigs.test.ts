@@ -45,6 +45,9 @@ test('a disk of 0 bytes, whose image QEMU gives no persistent bitmap, keeps the 
   const offline = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.match(offline.stderr, /diff backup of \S+ \(vda, vdb\)/);
   await dom.start();
+  // libvirt's estimate names no size for the empty disk's bitmap, which -p and -T took for a broken one.
+  const estimate = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-p', '-o', set, '-n']);
+  assert.match(estimate.stdout + estimate.stderr, /estimated size of the next inc\/diff: \d+ bytes/);
   await dom.write('vda', 0x22, '3M', '512');
   const inc = await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', set, '-n']);
   assert.doesNotMatch(inc.stderr, /missing or broken|makes a full backup instead/);
