@@ -6,6 +6,9 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { withDomain, tempDir, run, TestDomain } from '../support/testbed.js';
 import { ourBin, runOk } from '../support/cli.js';
+import { startMap } from '../support/map.js';
+
+const MiB = 1024 * 1024;
 
 test('a transient disk (<transient/>), on which libvirt refuses the whole backup job, is left out with a warning: the other disks back up and restore', async (t) => {
   const dom = await withDomain(t, { disks: [
@@ -124,4 +127,51 @@ test('a vmdk disk beside a qcow2 one: full and inc leave it out with a warning (
       assert.ok(vdb.identical, `vdb from ${from}: ${vdb.output}`);
     }
   }
+});
+
+test('odd disk sizes and qcow2 layouts (sizes off 4 KiB, cluster 4 KiB and 2 MiB, extended L2): the last sector and single sectors over the disk, full then inc, restore and map bit for bit', async (t) => {
+  // Each image is remade with its layout and a size the test bed (whole MiB) does not make; qemu-io -d writes past it.
+  const layouts = {
+    vda: { size: 10 * MiB + 512, options: [] },
+    vdb: { size: 3 * MiB + 1536, options: ['-o', 'cluster_size=4096'] },
+    vdc: { size: 5 * MiB + 512, options: ['-o', 'cluster_size=2M'] },
+    vdd: { size: 7 * MiB + 1536, options: ['-o', 'extended_l2=on'] },
+  };
+  const dom = await withDomain(t, { start: false, disks: Object.keys(layouts).map((target) => ({ target, sizeMiB: 1 })) });
+  for (const [target, { size, options }] of Object.entries(layouts)) {
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', ...options, dom.diskPath(target), String(size)]);
+    await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 512', '-c', `write -P 0x22 ${size - 512} 512`, dom.diskPath(target)]);
+  }
+  await dom.start();
+  const work = await tempDir('vnbd-oddsizes-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const set = path.join(work, 'set');
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-w', '1', '-o', set, '-n']);
+  for (const [target, { size }] of Object.entries(layouts)) {
+    const wrote = /^wrote \d+\/\d+ bytes/m;
+    await dom.qemuIo(target, `write -P 0x33 ${size - 512} 512`, wrote);
+    for (let offset = 512 * 3; offset < size - 512; offset += Math.floor(size / 9 / 512) * 512) await dom.qemuIo(target, `write -P 0x44 ${offset} 512`, wrote);
+    await dom.qemuIo(target, 'write -z 0 512', wrote);
+  }
+  await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-w', '4', '-z', '-o', set, '-n']);
+  const out = path.join(work, 'out');
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-n']);
+  for (const [target, { size }] of Object.entries(layouts)) {
+    const reference = await dom.snapshot(target);
+    assert.equal((await fs.stat(reference)).size, size, target);
+    const restored = await TestDomain.compare(path.join(out, `${target}.qcow2`), reference);
+    assert.ok(restored.identical, `${target} restored: ${restored.output}`);
+    const files = [`${target}.full.data`, `${target}.inc.virtnbdbackup.1.data`].map((f) => path.join(set, f));
+    const map = await startMap(t, work, target, files, ['-r']);
+    const mapped = await TestDomain.compare(map.uris[0], reference, { formatA: 'raw' });
+    assert.ok(mapped.identical, `${target} mapped: ${mapped.output}`);
+    await map.stop();
+  }
+  // Onto a raw file as large as the disk: the last sector lands in it.
+  const file = path.join(work, 'vda.raw');
+  await fs.writeFile(file, '');
+  await fs.truncate(file, layouts.vda.size);
+  await runOk(ourBin('virtnbdrestore'), ['-i', set, '-d', 'vda', '-o', file, '-n']);
+  const onto = await TestDomain.compare(file, await dom.snapshot('vda'));
+  assert.ok(onto.identical, onto.output);
 });
