@@ -520,6 +520,12 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
   }
   if (power.offline) await markMissingImages(ctx.info.disks, ctx.host);
   ctx.disks = chooseDisks(options, log, ctx.info.disks, requested, power.offline);
+  // libvirt refuses the job only after a full has removed the old chain's checkpoints ("has a blockjob assigned").
+  const mirrored = power.offline || options.printOnly ? undefined : ctx.disks.find((d) => d.mirror !== undefined);
+  if (mirrored) {
+    const what = mirrored.mirror === 'active-commit' ? 'a commit of its overlay (virsh blockcommit --active)' : mirrored.mirror === 'copy' ? 'a copy to another image (virsh blockcopy)' : `a ${mirrored.mirror} job`;
+    throw new UserError(`disk ${mirrored.target} of '${options.domain}' has a block job running, ${what}: libvirt starts no backup job while it runs; end it (virsh blockjob ${options.domain} ${mirrored.target} --pivot, or --abort) and run again`);
+  }
   // QEMU decrypts with the key libvirt gives it; our qemu-nbd has none, and failed with QEMU's words on a parameter.
   const encrypted = power.offline ? ctx.disks.find((d) => d.encrypted) : undefined;
   if (encrypted) {
@@ -633,12 +639,6 @@ async function checkJobPaths(ctx: RunContext): Promise<void> {
  */
 async function startJob(ctx: RunContext, plan: RunPlan, guard?: JobGuard): Promise<BackupJob> {
   const { domain, disks, log, options } = ctx;
-  // libvirt refuses the job ("has a blockjob assigned"), after a full had removed the old chain's checkpoints.
-  const mirrored = disks.find((d) => d.mirror !== undefined);
-  if (mirrored) {
-    const what = mirrored.mirror === 'active-commit' ? 'a commit of its overlay (virsh blockcommit --active)' : mirrored.mirror === 'copy' ? 'a copy to another image (virsh blockcopy)' : `a ${mirrored.mirror} job`;
-    throw new UserError(`disk ${mirrored.target} has a block job running, ${what}: libvirt starts no backup job while it runs; end it (virsh blockjob ${options.domain} ${mirrored.target} --pivot, or --abort) and run again`);
-  }
   if (plan.level === 'full' && plan.checkpoint.create) {
     await removeChain(domain, plan.prefix, log);
     await clearChainOrphans(domain, plan.prefix, await listedBitmaps(ctx), ctx.info.disks.map((d) => d.target), log);
@@ -708,6 +708,8 @@ function offlineServing(ctx: RunContext): OfflineServing {
 
 /** What to do about a job refused on a domain's remote host: a port in use, an address it lacks, or TLS the host is not set up for. */
 function jobStartHint(server: JobServer, err: unknown): string {
+  // A block job without a mirror in the domain XML (blockpull, commit) is found by libvirt alone.
+  if (/has a blockjob assigned/i.test(oneLine(err))) return '; end the disk\'s block job first (virsh blockjob DOMAIN DISK --info shows it; --abort ends it), then run again';
   if ('socket' in server) return '';
   if (/address already in use/i.test(oneLine(err))) return `; port ${server.port} on ${server.host} is taken (another backup?): choose another with -P`;
   // -I (default: the URI's host name) names an address of that host as seen from here, which it may not have (NAT).

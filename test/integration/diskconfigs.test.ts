@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { withDomain, tempDir, run, TestDomain } from '../support/testbed.js';
-import { ourBin, runOk } from '../support/cli.js';
+import { ourBin, runCli, runOk } from '../support/cli.js';
 import { startMap } from '../support/map.js';
 
 const MiB = 1024 * 1024;

@@ -249,7 +249,7 @@ test('a block job running on a disk (virsh blockcopy, not yet pivoted): an inc a
   const set = path.join(work, 'set');
   await backup(dom, set, 'full');
   virsh('blockcopy', dom.name, 'vda', path.join(dom.dir, 'copy.qcow2'), '--transient-job', '--format', 'qcow2', '--wait');
-  const running = `cannot start the backup job of '${dom.name}': disk vda has a block job running, a copy to another image (virsh blockcopy): libvirt starts no backup job while it runs; end it (virsh blockjob ${dom.name} vda --pivot, or --abort) and run again`;
+  const running = `disk vda of '${dom.name}' has a block job running, a copy to another image (virsh blockcopy): libvirt starts no backup job while it runs; end it (virsh blockjob ${dom.name} vda --pivot, or --abort) and run again`;
   for (const [level, dir] of [['inc', set], ['full', path.join(work, 'other')]] as const) {
     const refused = await runCli(ourBin('virtnbdbackup'), ['-n', '-d', dom.name, '-l', level, '-o', dir]);
     assert.equal(refused.code, 1, refused.stderr);

@@ -334,3 +334,9 @@ test('domain XML: a disk of another format than qcow2 or raw (vmdk) is left out 
   // Raw disks keep their own reason (-r).
   assert.match(full.skipped.find((s) => s.disk.target === 'vdc')?.reason ?? '', /^raw-format disk/);
 });
+
+test('domain XML: a disk\'s <mirror> names the block job holding it (copy, active-commit)', () => {
+  const xml = domainXml.replace("<target dev='vda' bus='virtio'/>", "<mirror type='file' file='/images/web.copy' format='qcow2' job='copy' ready='yes'><format type='qcow2'/><source file='/images/web.copy'/></mirror><target dev='vda' bus='virtio'/>")
+    .replace("<target dev='vdb' bus='virtio'/>", "<mirror type='block' job='active-commit'><source dev='/dev/vg/base'/></mirror><target dev='vdb' bus='virtio'/>");
+  assert.deepEqual(parseDomainXml(xml).disks.map((d) => d.mirror), ['copy', 'active-commit', undefined, undefined]);
+});
