@@ -4,7 +4,7 @@
 // offline inc saves the changes since the last checkpoint as a differential.
 // Guarantees: images are opened read-only (QEMU's image locking then also keeps the domain from starting
 // meanwhile); end() stops every qemu-nbd and removes its socket.
-import type { DomainDisk } from '../libvirt/domainXml.js';
+import { sliceImageOpts, type DomainDisk } from '../libvirt/domainXml.js';
 import type { NbdAddress } from '../endpoint/nbd.js';
 import { spawnServer, stopServer } from '../util/process.js';
 import { qemuNbdOverSsh, type SshHost } from '../libvirt/domainHost.js';
@@ -58,7 +58,9 @@ export class OfflineExports implements DiskExports {
     const exports = new OfflineExports(servers, bitmap);
     try {
       for (const [index, disk] of disks.entries()) {
-        const args = ['--read-only', '--persistent', `--shared=${CLIENTS_PER_EXPORT}`, '--export-name', disk.target, '--format', disk.format];
+        // A slice (<slices>) is served alone, as QEMU reads it for the domain: the whole file held other bytes.
+        const opts = sliceImageOpts(disk);
+        const args = ['--read-only', '--persistent', `--shared=${CLIENTS_PER_EXPORT}`, '--export-name', disk.target, ...(opts ? ['--image-opts'] : ['--format', disk.format])];
         if (bitmap && disk.format !== 'raw' && !empty.includes(disk.target)) args.push('--bitmap', bitmap);
         servers.set(disk.target, 'socketBase' in serving
           ? await serveHere(args, disk, `${serving.socketBase}.${disk.target}`)
@@ -93,12 +95,12 @@ export class OfflineExports implements DiskExports {
 }
 
 async function serveHere(args: string[], disk: DomainDisk, socket: string): Promise<ImageServer> {
-  const child = await spawnServer('qemu-nbd', [...args, '--socket', socket, disk.path as string], socket);
+  const child = await spawnServer('qemu-nbd', [...args, '--socket', socket, sliceImageOpts(disk) ?? (disk.path as string)], socket);
   return { address: { socket, exportName: disk.target }, stop: () => stopServer(child, socket) };
 }
 
 async function serveRemotelyOver(serving: Extract<OfflineServing, { ssh: SshHost }>, args: string[], disk: DomainDisk, port: number): Promise<ImageServer> {
-  return qemuNbdOverSsh(serving.ssh, args, disk.path as string, disk.target, { host: serving.host, port, tlsCertificates: serving.tlsCertificates });
+  return qemuNbdOverSsh(serving.ssh, args, sliceImageOpts(disk) ?? (disk.path as string), disk.target, { host: serving.host, port, tlsCertificates: serving.tlsCertificates });
 }
 
 interface ImageBitmap {

@@ -7,7 +7,7 @@ import { DirectoryTarget } from '../set/target.js';
 import { oneLine } from '../util/errors.js';
 import { saveBootFiles } from './bootFiles.js';
 import { ownCheckpointDir, type RunContext } from './context.js';
-import type { DomainDisk } from '../libvirt/domainXml.js';
+import { sliceImageOpts, type DomainDisk } from '../libvirt/domainXml.js';
 import type { RunPlan } from './runPlan.js';
 
 /** `qemu-img info` (JSON) of one disk, or why it could not be read; neither for a network disk, which has no image file here. */
@@ -34,7 +34,10 @@ export function readImageInfo(ctx: RunContext): Promise<ImageInfo[]> {
 
 /** `qemu-img info` JSON of `disk` on the domain's host; for a shut-off domain read once per run (the plan's bitmap check and qcow.json share it). */
 export function imageInfoJson(ctx: RunContext, disk: DomainDisk): Promise<string> {
-  const read = async (): Promise<string> => (await ctx.host.run('qemu-img', ['info', '--output=json', '--force-share', disk.path as string])).stdout;
+  // A slice (<slices>) is the disk: its size and layout, not the whole file's.
+  const opts = sliceImageOpts(disk);
+  const image = opts ? ['--image-opts', opts] : [disk.path as string];
+  const read = async (): Promise<string> => (await ctx.host.run('qemu-img', ['info', '--output=json', '--force-share', ...image])).stdout;
   if (!ctx.power.offline) return read();
   let info = ctx.offlineImageInfo.get(disk.target);
   if (!info) {

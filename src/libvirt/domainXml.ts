@@ -22,6 +22,8 @@ export interface DomainDisk {
   mirror?: string;
   /** startupPolicy='optional' (of its source): libvirt starts the domain without the disk when its image is missing. */
   optional?: boolean;
+  /** `<slices><slice type='storage' offset size/>` of its source: the disk is that range of the file or device alone. */
+  slice?: { offset: number; size: number };
   /** An optional disk of a shut-off domain whose image is missing (the backup looks): the domain starts without it. */
   missing?: boolean;
   /** type='volume': the storage pool and volume libvirt names the image by (resolveVolumes gives the path). */
@@ -77,6 +79,8 @@ export function parseDomainXml(xml: string): DomainInfo {
     const volume = type === 'volume' && source['@_pool'] !== undefined && source['@_volume'] !== undefined
       ? { pool: String(source['@_pool']), name: String(source['@_volume']) }
       : undefined;
+    const storageSlice = ([] as unknown[]).concat(((source.slices ?? {}) as Node).slice ?? []).find((x) => ((x ?? {}) as Node)['@_type'] === 'storage') as Node | undefined;
+    const slice = storageSlice ? { offset: Number(storageSlice['@_offset'] ?? 0), size: Number(storageSlice['@_size']) } : undefined;
     const network = type === 'network' ? { protocol: String(source['@_protocol'] ?? ''), ...(source['@_name'] !== undefined ? { name: String(source['@_name']) } : {}) } : undefined;
     return {
       target: String(target['@_dev'] ?? ''),
@@ -86,6 +90,7 @@ export function parseDomainXml(xml: string): DomainInfo {
       format: String(driver['@_type'] ?? 'raw'),
       ...(d.readonly !== undefined ? { readOnly: true } : {}),
       ...(d.transient !== undefined ? { transient: true } : {}),
+      ...(slice && Number.isSafeInteger(slice.offset) && Number.isSafeInteger(slice.size) ? { slice } : {}),
       ...(d.mirror !== undefined ? { mirror: String(((d.mirror ?? {}) as Node)['@_job'] ?? 'copy') } : {}),
       ...(source['@_startupPolicy'] === 'optional' ? { optional: true } : {}),
       ...(d.encryption !== undefined || source.encryption !== undefined ? { encrypted: true } : {}),
@@ -181,4 +186,18 @@ export function selectDisks(all: DomainDisk[], selection: DiskSelection): Select
     }
   }
   return { disks, skipped };
+}
+
+/**
+ * QEMU's --image-opts for a disk that is a slice of its file or device (`<slices>`), as libvirt opens it: the range
+ * alone, under the disk's format. Undefined for a disk without one, which is opened by its path.
+ */
+export function sliceImageOpts(disk: DomainDisk): string | undefined {
+  if (!disk.slice || !disk.path) return undefined;
+  const { offset, size } = disk.slice;
+  const driver = disk.type === 'block' ? 'host_device' : 'file';
+  const name = disk.path.replace(/,/g, ',,'); // a comma in an option value is written twice
+  return disk.format === 'raw'
+    ? `driver=raw,offset=${offset},size=${size},file.driver=${driver},file.filename=${name}`
+    : `driver=${disk.format},file.driver=raw,file.offset=${offset},file.size=${size},file.file.driver=${driver},file.file.filename=${name}`;
 }

@@ -124,6 +124,8 @@ function pointDiskAt(disk: XmlNode, image: RestoredDiskImage): boolean {
   }
   // Only the location changes: dev/file/pool/volume/protocol attributes go, child elements stay.
   source[':@'] = image.block ? { '@_dev': image.path } : { '@_file': image.path };
+  // The restored image is the slice the guest read (<slices>), from its first byte: the range would be read again.
+  for (const slices of children(source, 'slices')) removeChild(source, slices);
   const driver = child(disk, 'driver');
   if (driver) attributesOf(driver)['@_type'] = image.format;
   for (const backing of children(disk, 'backingStore')) removeChild(disk, backing);

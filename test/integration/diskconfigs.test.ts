@@ -175,3 +175,34 @@ test('odd disk sizes and qcow2 layouts (sizes off 4 KiB, cluster 4 KiB and 2 MiB
   const onto = await TestDomain.compare(file, await dom.snapshot('vda'));
   assert.ok(onto.identical, onto.output);
 });
+
+test('a raw disk that is a slice of its file (<slices>): shut off and running, -r saves the slice alone; it restores, and -c drops the slice', async (t) => {
+  const dom = await withDomain(t, { start: false, disks: [
+    { target: 'vda', sizeMiB: 2, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 1 }] },
+    { target: 'vdb', sizeMiB: 8, format: 'raw', fill: [{ pattern: 0xaa, offsetMiB: 0, lengthMiB: 1 }, { pattern: 0xbb, offsetMiB: 1, lengthMiB: 1 }, { pattern: 0xcc, offsetMiB: 5, lengthMiB: 1 }] },
+  ] });
+  // The guest sees bytes 1 MiB to 5 MiB of the file: 0xbb, then zeros.
+  const xml = (await run('virsh', ['-c', 'qemu:///system', 'dumpxml', '--inactive', dom.name])).stdout
+    .replace(`<source file='${dom.diskPath('vdb')}'/>`, `<source file='${dom.diskPath('vdb')}'><slices><slice type='storage' offset='${MiB}' size='${4 * MiB}'/></slices></source>`);
+  assert.match(xml, /<slice type='storage'/);
+  await fs.writeFile(path.join(dom.dir, 'sliced.xml'), xml);
+  await run('virsh', ['-c', 'qemu:///system', 'define', path.join(dom.dir, 'sliced.xml')]);
+  const work = await tempDir('vnbd-slice-');
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  const slice = path.join(work, 'slice.raw');
+  await run('dd', [`if=${dom.diskPath('vdb')}`, `of=${slice}`, 'bs=1M', 'skip=1', 'count=4', 'status=none']);
+  for (const state of ['off', 'running']) {
+    if (state === 'running') await dom.start();
+    const set = path.join(work, `set-${state}`);
+    // Shut off, our qemu-nbd served the whole file: an 8 MiB "disk" holding the bytes around the slice.
+    await runOk(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'copy', '-r', '-o', set, '-n']);
+    const saved = await TestDomain.compare(path.join(set, 'vdb.copy.data'), slice, { formatA: 'raw', formatB: 'raw' });
+    assert.ok(saved.identical && (await fs.stat(path.join(set, 'vdb.copy.data'))).size === 4 * MiB, `${state}: ${saved.output}`);
+    // The image details were the whole file's (8 MiB), and the restore refused the 4 MiB image as cut short.
+    const out = path.join(work, `out-${state}`);
+    await runOk(ourBin('virtnbdrestore'), ['-i', set, '-o', out, '-r', '-c', '-n']);
+    const restored = await TestDomain.compare(path.join(out, 'vdb.raw'), slice, { formatA: 'raw', formatB: 'raw' });
+    assert.ok(restored.identical, `${state}: ${restored.output}`);
+    assert.doesNotMatch(await fs.readFile(path.join(out, 'vmconfig.copy.xml'), 'utf8'), /<slice/);
+  }
+});

@@ -109,3 +109,13 @@ test('a network disk (rbd with a login) becomes a file disk: its hosts, login an
   assert.deepEqual(parseDomainXml(xml).disks.map((d) => [d.target, d.type, d.path]), [['vdb', 'file', '/restore/web-disk1.raw']]);
   assert.ok(changes.some((c) => c.startsWith('disk vdb -> /restore/web-disk1.raw (raw)')), changes.join('\n'));
 });
+
+test('a disk that was a slice of its file (<slices>) loses the slice: the restored image is the slice alone, from its first byte', () => {
+  const saved = `<domain type='kvm'><name>sliced</name><devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/vm/big.img'><slices><slice type='storage' offset='1048576' size='4194304'/></slices></source><target dev='vdb' bus='virtio'/></disk>
+  </devices></domain>`;
+  assert.deepEqual(parseDomainXml(saved).disks[0]?.slice, { offset: 1048576, size: 4194304 });
+  const { xml } = adjustDomainConfig(saved, { disks: new Map([['vdb', { path: '/restore/big.img', format: 'raw' }]]), keepRawDevices: true });
+  assert.doesNotMatch(xml, /<slice/);
+  assert.deepEqual(parseDomainXml(xml).disks.map((d) => [d.target, d.path, d.slice]), [['vdb', '/restore/big.img', undefined]]);
+});

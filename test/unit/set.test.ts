@@ -13,7 +13,7 @@ import { PassThrough } from 'node:stream';
 import { DigestList } from '../../src/stream/digestList.js';
 import { randomBytes } from 'node:crypto';
 import { backupJobXml, checkpointBitmapDisks, checkpointDiskSize, checkpointXml, planCheckpoint } from '../../src/libvirt/checkpoints.js';
-import { parseDomainXml, resolveVolumes, selectDisks, type DomainDisk } from '../../src/libvirt/domainXml.js';
+import { parseDomainXml, resolveVolumes, selectDisks, sliceImageOpts, type DomainDisk } from '../../src/libvirt/domainXml.js';
 import { qcow2CreateOptions } from '../../src/restore/qemu.js';
 
 test('data file names follow virtnbdbackup', () => {
@@ -339,4 +339,13 @@ test('domain XML: a disk\'s <mirror> names the block job holding it (copy, activ
   const xml = domainXml.replace("<target dev='vda' bus='virtio'/>", "<mirror type='file' file='/images/web.copy' format='qcow2' job='copy' ready='yes'><format type='qcow2'/><source file='/images/web.copy'/></mirror><target dev='vda' bus='virtio'/>")
     .replace("<target dev='vdb' bus='virtio'/>", "<mirror type='block' job='active-commit'><source dev='/dev/vg/base'/></mirror><target dev='vdb' bus='virtio'/>");
   assert.deepEqual(parseDomainXml(xml).disks.map((d) => d.mirror), ['copy', 'active-commit', undefined, undefined]);
+});
+
+test('domain XML: a slice of a file or device (<slices>) is opened alone, under the disk\'s format (QEMU --image-opts)', () => {
+  const xml = domainXml.replace("<source file='/images/data.img'/>", "<source file='/images/da,ta.img'><slices><slice type='storage' offset='1048576' size='4194304'/></slices></source>")
+    .replace("<source dev='/dev/vg/web'/>", "<source dev='/dev/vg/web'><slices><slice type='storage' offset='0' size='8388608'/></slices></source>");
+  const [vda, vdb, vdc] = parseDomainXml(xml).disks as DomainDisk[];
+  assert.equal(sliceImageOpts(vda as DomainDisk), undefined);
+  assert.equal(sliceImageOpts(vdc as DomainDisk), 'driver=raw,offset=1048576,size=4194304,file.driver=file,file.filename=/images/da,,ta.img');
+  assert.equal(sliceImageOpts(vdb as DomainDisk), 'driver=qcow2,file.driver=raw,file.offset=0,file.size=8388608,file.file.driver=host_device,file.file.filename=/dev/vg/web');
 });
