@@ -291,18 +291,21 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   return plan;
 }
 
-/** The qcow2 image disks of this run whose image holds 0 bytes (qemu-img info); one it cannot read counts as not empty. */
+/**
+ * The qcow2 image disks of this run whose image holds 0 bytes (qemu-img info, all at once: about 6 ms each here, an
+ * ssh round trip on another host); one it cannot read counts as not empty.
+ */
 async function emptyDisks(ctx: RunContext): Promise<string[]> {
-  const empty: string[] = [];
-  for (const disk of ctx.disks.filter((d) => d.format === 'qcow2' && d.path !== undefined && d.type !== 'network')) {
+  const images = ctx.disks.filter((d) => d.format === 'qcow2' && d.path !== undefined && d.type !== 'network');
+  const empty = await Promise.all(images.map(async (disk) => {
     const info = await imageInfoJson(ctx, disk).catch(() => undefined);
     try {
-      if (info !== undefined && (JSON.parse(info) as { 'virtual-size'?: unknown })['virtual-size'] === 0) empty.push(disk.target);
+      return info !== undefined && (JSON.parse(info) as { 'virtual-size'?: unknown })['virtual-size'] === 0;
     } catch {
-      // not JSON: not known to be empty
+      return false; // not JSON: not known to be empty
     }
-  }
-  return empty;
+  }));
+  return images.filter((_, i) => empty[i]).map((d) => d.target);
 }
 
 /** The disks of which the set holds a finished data file at a checkpoint of the chain, by the checkpoint's index. */

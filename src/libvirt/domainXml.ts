@@ -1,6 +1,7 @@
 // Reads what backup and restore need from domain XML: name, UUID, MAC addresses, the disks (target, image path,
-// storage volume or network source, format, device, read-only, encrypted) and the boot files. Parsing only, but for
-// resolveVolumes, which asks libvirt for volume paths; the decision which disks to back up lives in selectDisks.
+// storage volume or network source, slice, format, device, read-only, transient, block job, encrypted) and the boot
+// files. Parsing only, but for resolveVolumes, which asks libvirt for volume paths; the decision which disks to back
+// up lives in selectDisks; sliceImageOpts says how QEMU opens a slice.
 import { XMLParser } from 'fast-xml-parser';
 
 export interface DomainDisk {
