@@ -21,7 +21,7 @@ import { NbdEndpoint } from '../endpoint/nbd.js';
 import type { Endpoint } from '../endpoint/endpoint.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamFormatError, type StreamMetadata } from '../stream/format.js';
-import { autostartName, checksumMismatch, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, recordedChecksum, type ChainLink } from '../set/backupSet.js';
+import { archivedChainHolding, autostartName, checksumMismatch, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, partialsOf, recordedChecksum, type ChainLink } from '../set/backupSet.js';
 import { DEFAULT_LIBVIRT_URI, connectAdvice, loginRefused, lostConnectionError, openConnection, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { VIR_ERR_NO_DOMAIN, type LibvirtConnection, type NativeError } from '../native/addon.js';
 import { ImageServer, convertImage, createImage, heldForWriting, type ServeOptions } from './qemu.js';
@@ -161,8 +161,12 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const result: RestoreResult = { disks };
   // The images are whole by now: a file that cannot be written after them must say they are kept.
   const writeAfterImages = (file: string, content: Buffer | { localFile: string }, what: string): Promise<void> =>
-    host.createNew(file, content).catch((err: unknown) => {
-      throw new UserError(`the restored images are in place in ${plan.outputDir ?? 'their targets'}, but ${file} could not be written: ${describeFailure(err)}; ${what}`);
+    host.createNew(file, content).catch(async (err: unknown) => {
+      // A backup into the set that moved its chain aside meanwhile took the file along: named where it is now.
+      const source = Buffer.isBuffer(content) || (await exists(content.localFile)) ? undefined : content.localFile;
+      const archive = source && (await archivedChainHolding(path.dirname(source), path.basename(source)));
+      const advice = archive ? `${what.split(source).join(path.join(archive, path.basename(source)))} (a backup into the set moved its chain into ${archive} meanwhile)` : what;
+      throw new UserError(`the restored images are in place in ${plan.outputDir ?? 'their targets'}, but ${file} could not be written: ${describeFailure(err)}; ${advice}`);
     });
   if (config?.nvram) await writeAfterImages(config.nvram.target, { localFile: config.nvram.saved }, `copy ${config.nvram.saved} there yourself`);
   if (config?.target) {
@@ -417,7 +421,9 @@ async function restoreDisk(disk: DiskPlan, options: RestoreOptions, log: Logger)
       // Interrupted: cleaned up, but the run's writes onto an existing target cannot be taken back.
       throw disk.existing && touched ? new UserError(`${err.message}, but ${disk.image} now holds incomplete data: restore onto it again`, 130) : err;
     }
-    const hint = err instanceof StreamFormatError ? `; ${damagedHint(err, disk)}` : '';
+    const moved = await chainMovedAside(disk, err);
+    const hint = moved ? `; a backup into the set moved its chain into ${moved} while this restore read it (an inc that fell back to a full, which starts a new chain): restore from there (-i ${moved})`
+      : err instanceof StreamFormatError ? `; ${damagedHint(err, disk)}` : '';
     const left = kept.length > 0 ? `${kept.join(', ')}${host.remote ? ` on ${host.label}` : ''} could not be removed: remove ${kept.length > 1 ? 'them' : 'it'}`
       : disk.existing ? (touched ? `${disk.image} now holds incomplete data: restore onto it again` : `${disk.image} was left untouched`) : 'nothing of it was kept';
     // A full output is named as such: libnbd only says that qemu-nbd's write failed.
@@ -653,8 +659,12 @@ export interface AppliedStream {
 }
 
 /** Writes one stream into the target, several writes in flight, and checks its structure to the last byte. */
-export async function applyStream(link: { path: string }, target: Endpoint, options: ApplyOptions): Promise<AppliedStream> {
+export async function applyStream(link: { path: string; meta?: StreamMetadata }, target: Endpoint, options: ApplyOptions): Promise<AppliedStream> {
   const reader = await StreamReader.open(link.path, { checksum: true });
+  if (link.meta && !sameStream(link.meta, reader.meta)) {
+    await reader.close();
+    throw new Error(`${link.path} is no longer the file this restore planned with (its metadata changed since): the set was written meanwhile`);
+  }
   const diskEnd = Math.min(options.diskSize ?? reader.meta.virtualSize, reader.meta.virtualSize);
   const window = new WorkWindow(WRITE_WINDOW);
   const zero = (offset: number, length: number): Promise<void> => {
@@ -683,6 +693,27 @@ export async function applyStream(link: { path: string }, target: Endpoint, opti
     await window.settle();
     await reader.close();
   }
+}
+
+/** Whether two metadata describe the same stream: a file the plan read, and the one opened under its name later. */
+function sameStream(a: StreamMetadata, b: StreamMetadata): boolean {
+  return a.date === b.date && a.checkpointName === b.checkpointName && a.parentCheckpoint === b.parentCheckpoint && a.dataSize === b.dataSize
+    && a.virtualSize === b.virtualSize && a.checkpointIdentity === b.checkpointIdentity;
+}
+
+/**
+ * Where the chain of `disk` went when a backup into the set moved it aside (chain.<secs>/, a full that starts a new
+ * chain) while this restore read it: the file `err` names is gone or another one, and that directory holds the one
+ * planned with. Its restore failed for a damaged file, where nothing was.
+ */
+async function chainMovedAside(disk: DiskPlan, err: unknown): Promise<string | undefined> {
+  if (disk.source.kind !== 'stream') return undefined;
+  const text = oneLine(err);
+  const link = disk.source.chain.find((l) => text.includes(l.path));
+  if (!link) return undefined;
+  const archive = await archivedChainHolding(path.dirname(link.path), path.basename(link.path));
+  const there = archive && (await StreamReader.metadata(path.join(archive, path.basename(link.path))).catch(() => undefined));
+  return there && sameStream(there, link.meta) ? archive : undefined;
 }
 
 /** One entry of `-o dump`: a stream's metadata, or the size of a raw image (`-t raw`), which has none. */

@@ -473,6 +473,20 @@ export async function lastArchivedChain(dir: string): Promise<{ path: string; pr
 }
 
 /**
+ * The newest chain moved aside in the set `dir` (chain.<secs>/) that holds a file `name`, or undefined: where a file
+ * that a restore or verify listed at its start went, when a backup into the set fell back to a full meanwhile and
+ * moved the chain aside under it (found by a black-box round: the file was then called damaged).
+ */
+export async function archivedChainHolding(dir: string, name: string): Promise<string | undefined> {
+  const seconds = (archive: string): number => Number(archive.slice('chain.'.length));
+  const archives = (await fs.readdir(dir).catch(() => [] as string[])).filter(isArchivedChain).sort((a, b) => seconds(b) - seconds(a));
+  for (const archive of archives) {
+    if (await fs.lstat(path.join(dir, archive, name)).then(() => true, () => false)) return path.join(dir, archive);
+  }
+  return undefined;
+}
+
+/**
  * Moves `names` (files and directories of the set `dir`) into a new subdirectory `chain.<unix-seconds>`, where
  * they still form a set that restores; returns its path. Never overwrites: an existing subdirectory is refused.
  * All or nothing: should a move fail, those done are moved back and the subdirectory removed, so the set stays whole

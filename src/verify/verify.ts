@@ -12,7 +12,7 @@ import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { StreamReader } from '../stream/reader.js';
 import {
-  checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, partialsOf, readIfThere, recordedChecksum,
+  archivedChainHolding, checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, partialsOf, readIfThere, recordedChecksum,
   sideFilesAre,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
@@ -20,6 +20,7 @@ import { native } from '../native/addon.js';
 import { WorkWindow } from '../util/window.js';
 import { UserError, oneLine } from '../util/errors.js';
 import { partialCause } from '../backup/lock.js';
+import { exists } from '../util/fileIo.js';
 import { UnknownCheckpoint, checkedChains, sequenceFiles } from '../restore/plan.js';
 
 export interface VerifyOptions {
@@ -168,6 +169,18 @@ export async function verifyDataFile(file: string, signal?: AbortSignal): Promis
 }
 
 /**
+ * A file that failed because it is gone, and that a chain moved aside (chain.<secs>/) holds now: a backup into the
+ * set fell back to a full while this verify ran, which moved the chain under it. Said so, where the file was called
+ * unreadable as if the set were damaged; it still fails, since it was not verified.
+ */
+async function movedAside(verdict: FileVerdict, dir: string): Promise<FileVerdict> {
+  if (verdict.ok || (await exists(path.join(dir, verdict.file)))) return verdict;
+  const archive = await archivedChainHolding(dir, verdict.file);
+  if (!archive) return verdict;
+  return { ...verdict, reason: `not verified: a backup into the set moved its chain into ${archive} while this verify ran (an inc that fell back to a full, which starts a new chain); verify that directory` };
+}
+
+/**
  * Verifies every data file of the set (and fails every `.partial` leftover), in name order, then that the files
  * form chains a restore can apply: a file missing between others fails as `chain`, as restore would refuse it.
  */
@@ -216,7 +229,7 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   }
   for (const file of files) {
     options.signal?.throwIfAborted();
-    report(await verifyDataFile(path.join(listing.dir, file), options.signal));
+    report(await movedAside(await verifyDataFile(path.join(listing.dir, file), options.signal), listing.dir));
   }
   // A damaged file is named by its own verdict, more closely than by the chain it breaks; a file lost or foreign to
   // the chain has none (and one failing for want of a .chksum, as Python 1.9.15's all do, says nothing of links).

@@ -1,0 +1,119 @@
+// A restore or verify that runs while a backup into the same set falls back to a full and moves the chain aside
+// (chain.<secs>/, then a new chain's files under the old names): sets crafted with the engine's stream writer, the
+// move made by the test at a chosen moment of the run (restore's progress hook, verify's verdicts), real
+// qemu-img/qemu-nbd. The run fails naming the directory the chain went to, and never restores the new chain's file
+// under the old plan (found by a black-box round: a disk was silently restored from the new full, the others from
+// the old chain, and a gone file was called damaged).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { withTempDir, TestDomain } from '../support/testbed.js';
+import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
+import { restore } from '../../src/restore/restore.js';
+import { verifySet, type FileVerdict } from '../../src/verify/verify.js';
+
+const MiB = 1024 * 1024;
+const ARCHIVE = 'chain.1800000000';
+
+/** A set of disks vda and vdb (full backups, pattern `pattern`) in `dir`, with an inc of each where `inc` is set. */
+async function craftSet(dir: string, pattern: number, date: string, inc = false): Promise<void> {
+  await fsp.mkdir(dir, { recursive: true });
+  for (const [i, target] of ['vda', 'vdb'].entries()) {
+    const disk = new MemoryDisk(8 * MiB).fill(pattern + i, 0, 4 * MiB);
+    await craftStream({ dir, file: `${target}.full.data`, disk, diskName: target, date, extents: [{ offset: 0, length: 4 * MiB, kind: 'data' }] });
+    if (inc) {
+      disk.fill(pattern + 0x10, MiB, MiB);
+      await craftStream({ dir, file: `${target}.inc.virtnbdbackup.1.data`, disk, diskName: target, date, incremental: true, checkpointName: 'virtnbdbackup.1',
+        parentCheckpoint: 'virtnbdbackup.0', extents: [{ offset: MiB, length: MiB, kind: 'data' }] });
+    }
+  }
+  const checkpoints = inc ? ['virtnbdbackup.0', 'virtnbdbackup.1'] : ['virtnbdbackup.0'];
+  const disks = ['vda', 'vdb'].map((target) => ({ target, file: `/vm/${target}.qcow2`, format: 'qcow2' }));
+  for (const ident of checkpoints) await craftVmConfig(dir, ident, 'web', disks);
+  await fsp.writeFile(path.join(dir, 'web.cpt'), JSON.stringify(checkpoints));
+}
+
+/** What archiveChain does, at once: every file of `set` into set/chain.<secs>/; then `next`'s files (a new chain) into the set. */
+function moveChainAside(set: string, next?: string): void {
+  fs.mkdirSync(path.join(set, ARCHIVE));
+  for (const name of fs.readdirSync(set)) if (name !== ARCHIVE) fs.renameSync(path.join(set, name), path.join(set, ARCHIVE, name));
+  if (next) for (const name of fs.readdirSync(next)) fs.renameSync(path.join(next, name), path.join(set, name));
+}
+
+test('a restore whose set gets a new chain before its second disk refuses the new file, naming where its chain went', async (t) => {
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  const set = path.join(work, 'set');
+  const next = path.join(work, 'next');
+  await craftSet(set, 0x11, '2027-01-01T00:00:00.000Z');
+  await craftSet(next, 0x51, '2027-01-02T00:00:00.000Z');
+  const out = path.join(work, 'out');
+  // vdb's restore starts once vda's is done: the chain moves in between, the new full of vdb takes its name.
+  const progress = (disk: string): ((bytes: number) => void) => {
+    if (disk === 'vdb') moveChainAside(set, next);
+    return () => undefined;
+  };
+  await assert.rejects(restore({ input: set, output: out, progress }), (err: Error) => {
+    assert.match(err.message, new RegExp(`vdb\\.full\\.data is no longer the file this restore planned with .*moved its chain into ${path.join(set, ARCHIVE)} while this restore read it.*-i ${path.join(set, ARCHIVE)}`));
+    return true;
+  });
+  assert.equal(fs.existsSync(path.join(out, 'vdb.qcow2')), false, 'vdb restored from the new chain');
+  // The chain restores from where it went, as the line says.
+  const again = path.join(work, 'again');
+  await restore({ input: path.join(set, ARCHIVE), output: again });
+  const ref = await new MemoryDisk(8 * MiB).fill(0x12, 0, 4 * MiB).saveRaw(path.join(work, 'vdb.ref'));
+  assert.ok((await TestDomain.compare(path.join(again, 'vdb.qcow2'), ref, { formatA: 'qcow2', formatB: 'raw' })).identical);
+});
+
+test('a restore whose chain is moved aside under it says where it went, not that the set is damaged', async (t) => {
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  const set = path.join(work, 'set');
+  await craftSet(set, 0x11, '2027-01-01T00:00:00.000Z', true);
+  const progress = (disk: string): ((bytes: number) => void) => {
+    if (disk === 'vda') moveChainAside(set);
+    return () => undefined;
+  };
+  await assert.rejects(restore({ input: set, output: path.join(work, 'out'), progress }), (err: Error) => {
+    assert.match(err.message, new RegExp(`restore of disk vda failed: .*ENOENT.*moved its chain into ${path.join(set, ARCHIVE)} while this restore read it`));
+    assert.doesNotMatch(err.message, /damaged/);
+    return true;
+  });
+});
+
+test('a restore whose chain is moved aside after its images names the domain XML where it went', async (t) => {
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  const set = path.join(work, 'set');
+  await craftSet(set, 0x11, '2027-01-01T00:00:00.000Z');
+  const out = path.join(work, 'out');
+  // The last write of the last disk: the images are whole, the domain XML is copied next.
+  const progress = (disk: string, total: number): ((bytes: number) => void) => {
+    let done = 0;
+    return (bytes) => {
+      done += bytes;
+      if (disk === 'vdb' && done === total) moveChainAside(set);
+    };
+  };
+  await assert.rejects(restore({ input: set, output: out, progress }), (err: Error) => {
+    assert.match(err.message, new RegExp(`copy ${path.join(set, ARCHIVE, 'vmconfig.virtnbdbackup.0.xml')} there yourself \\(a backup into the set moved its chain into ${path.join(set, ARCHIVE)} meanwhile\\)`));
+    return true;
+  });
+});
+
+test('verify: a file moved aside with the chain in mid-verify is said to be, not unreadable', async (t) => {
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  const set = path.join(work, 'set');
+  await craftSet(set, 0x11, '2027-01-01T00:00:00.000Z', true);
+  let moved = false;
+  const onVerdict = (v: FileVerdict): void => {
+    if (!moved && v.file === 'vda.full.data') {
+      moved = true;
+      moveChainAside(set);
+    }
+  };
+  const verdicts = await verifySet({ input: set, onVerdict });
+  assert.deepEqual(verdicts.map((v) => [v.file, v.ok]), [
+    ['vda.full.data', true], ['vda.inc.virtnbdbackup.1.data', false], ['vdb.full.data', false], ['vdb.inc.virtnbdbackup.1.data', false],
+  ]);
+  for (const v of verdicts.slice(1)) assert.match(v.reason ?? '', new RegExp(`^not verified: a backup into the set moved its chain into ${path.join(set, ARCHIVE)} while this verify ran`));
+});
