@@ -24,7 +24,7 @@ import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
-import { lockRun } from './lock.js';
+import { lockRun, partialWriter } from './lock.js';
 import { DomainPower } from './domainPower.js';
 import { OfflineExports, imageBitmaps, type DiskExports, type OfflineServing } from './offline.js';
 import { refuseActiveJob } from './jobControl.js';
@@ -159,6 +159,11 @@ function checkOptions(options: BackupOptions, level: Level, toZip: boolean): voi
 /** Refuses what would damage the set or produce an unusable run. */
 async function checkSet(output: string, level: Level, domain: string): Promise<void> {
   const listing = await listSet(output);
+  // This run holds the set's lock, but another program's backup (Python's takes none) may be writing there now.
+  const writer = listing.partials.length > 0 ? await partialWriter(output) : undefined;
+  if (writer) {
+    throw new UserError(`${path.join(output, writer.file)} is being written right now by ${writer.program} (pid ${writer.pid}), a backup that takes no lock of ours (Python's virtnbdbackup, say): run again once it has ended`);
+  }
   const cptFile = path.join(output, checkpointListName(domain));
   if (level === 'full' || level === 'copy') {
     const partials = listing.partials.filter((p) => p.includes('.data'));

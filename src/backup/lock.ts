@@ -57,8 +57,30 @@ function ownerAlive(file: string, text: string): boolean {
 export async function runningWriter(dir: string): Promise<number | undefined> {
   const file = path.join(dir, OUTPUT_LOCK_NAME);
   const text = await fsp.readFile(file, 'utf8').catch(() => undefined);
-  if (text === undefined || !ownerAlive(file, text)) return undefined;
+  if (text === undefined || !ownerAlive(file, text)) return (await partialWriter(dir))?.pid;
   return parseOwner(text)?.pid ?? 0;
+}
+
+/**
+ * A process of this host other than this one that holds a `.partial` of the set `dir` open for writing: a backup
+ * that takes no lock of ours (Python's virtnbdbackup), writing into the set right now. Its `.partial` was called a
+ * failed run's, to be moved out of the set, which would have failed that backup (found by a black-box round).
+ */
+export async function partialWriter(dir: string): Promise<{ pid: number; program: string; file: string } | undefined> {
+  const real = await fsp.realpath(dir).catch(() => path.resolve(dir));
+  const pids = (await fsp.readdir('/proc').catch(() => [] as string[])).filter((n) => /^\d+$/.test(n) && Number(n) !== process.pid);
+  for (const pid of pids) {
+    for (const fd of await fsp.readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
+      const target = await fsp.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      if (!target.endsWith('.partial') || path.dirname(target) !== real) continue;
+      const flags = /^flags:\s*([0-7]+)/m.exec(await fsp.readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8').catch(() => ''))?.[1];
+      // O_WRONLY or O_RDWR: a reader (a verify) is no writer.
+      if (flags === undefined || (parseInt(flags, 8) & 3) === 0) continue;
+      const program = (await fsp.readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '')).trim() || 'unknown program';
+      return { pid: Number(pid), program, file: path.basename(target) };
+    }
+  }
+  return undefined;
 }
 
 /**

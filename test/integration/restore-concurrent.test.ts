@@ -3,13 +3,18 @@
 // move made by the test at a chosen moment of the run (restore's progress hook, verify's verdicts), real
 // qemu-img/qemu-nbd. The run fails naming the directory the chain went to, and never restores the new chain's file
 // under the old plan (found by a black-box round: a disk was silently restored from the new full, the others from
-// the old chain, and a gone file was called damaged).
-import { test } from 'node:test';
+// the old chain, and a gone file was called damaged). And a set whose `.partial` another program writes right now,
+// taking no lock of ours (Python's virtnbdbackup; here a shell holding it open for writing): backup, restore and
+// verify say so, where all three called it a failed run's, to be moved out of the set (found by a black-box round).
+import { test, type TestContext } from 'node:test';
+import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { withTempDir, TestDomain } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, within } from '../support/cli.js';
+import { cleanup } from '../support/cleanup.js';
 import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
 import { restore } from '../../src/restore/restore.js';
 import { verifySet, type FileVerdict } from '../../src/verify/verify.js';
@@ -116,4 +121,45 @@ test('verify: a file moved aside with the chain in mid-verify is said to be, not
     ['vda.full.data', true], ['vda.inc.virtnbdbackup.1.data', false], ['vdb.full.data', false], ['vdb.inc.virtnbdbackup.1.data', false],
   ]);
   for (const v of verdicts.slice(1)) assert.match(v.reason ?? '', new RegExp(`^not verified: a backup into the set moved its chain into ${path.join(set, ARCHIVE)} while this verify ran`));
+});
+
+/** A shell that holds `file` open (for writing, or reading), as another program's backup holds its .partial; ended with the test. */
+async function holdOpen(t: TestContext, file: string, mode: '>>' | '<'): Promise<number> {
+  const child = spawn('bash', ['-c', `exec 3${mode}"$0"; exec sleep 60`, file], { stdio: 'ignore' });
+  cleanup(t, () => {
+    child.kill('SIGKILL');
+  });
+  const pid = child.pid as number;
+  const held = async (): Promise<boolean> => {
+    const fds = await fsp.readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+    return (await Promise.all(fds.map((fd) => fsp.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')))).includes(file);
+  };
+  assert.ok(await within(5000, held), `the shell did not open ${file}`);
+  return pid;
+}
+
+test('a .partial another program writes now (no lock of ours) is said to be written, by backup, restore and verify', async (t) => {
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  const set = path.join(work, 'set');
+  await craftSet(set, 0x11, '2027-01-01T00:00:00.000Z');
+  const partial = path.join(set, 'vda.inc.virtnbdbackup.1.data.partial');
+  await fsp.writeFile(partial, '');
+  // The backup is refused before it looks for the domain: none is needed.
+  const backup = (): Promise<string[]> => runCli(ourBin('virtnbdbackup'), ['-d', 'vnbdtest-no-such-domain', '-l', 'inc', '-o', set]).then((r) => {
+    assert.equal(r.code, 1);
+    return errorLines(r);
+  });
+  const reader = await holdOpen(t, partial, '<');
+  assert.match((await backup()).join('\n'), /holds what a failed run left: vda\.inc\.virtnbdbackup\.1\.data\.partial/, 'a reader counted as a writer');
+  process.kill(reader, 'SIGKILL');
+
+  const writer = await holdOpen(t, partial, '>>');
+  assert.deepEqual(await backup(), [`virtnbdbackup: error: ${partial} is being written right now by sleep (pid ${writer}), a backup that takes no lock of ours (Python's virtnbdbackup, say): run again once it has ended`]);
+  assert.ok(fs.existsSync(partial));
+  const restored = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out')]);
+  assert.equal(restored.code, 1);
+  assert.deepEqual(errorLines(restored), [`virtnbdrestore: error: a backup (pid ${writer}) is writing into ${set} right now (${partial}); restore once it has ended`]);
+  const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
+  assert.equal(verified.code, 1);
+  assert.match(verified.stdout, new RegExp(`FAILED vda\\.inc\\.virtnbdbackup\\.1\\.data\\.partial: being written by a running backup \\(pid ${writer}\\): verify once it has ended`));
 });
