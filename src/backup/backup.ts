@@ -24,10 +24,10 @@ import type { LibvirtConnection, LibvirtDomain } from '../native/addon.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, describeFailure, errnoOf, oneLine } from '../util/errors.js';
 import { exists, makeDirectory } from '../util/fileIo.js';
-import { lockRun, partialWriter } from './lock.js';
+import { domainLockFile, lockRun, partialWriter, tookOverFromDeadRun } from './lock.js';
 import { DomainPower } from './domainPower.js';
 import { OfflineExports, imageBitmaps, type DiskExports, type OfflineServing } from './offline.js';
-import { refuseActiveJob } from './jobControl.js';
+import { DEAD_RUN_JOB_WAIT_MS, refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, writeFailure, type DiskResult } from './diskBackup.js';
 import { imageInfoJson, readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
@@ -508,7 +508,9 @@ function identOf(plan: RunPlan, startedAt: Date): string {
 
 async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResult> {
   const { options, log, power } = ctx;
-  if (!power.offline) await refuseActiveJob(ctx.domain);
+  // A run that died held this lock a moment ago: its guard may be ending its job right now.
+  const deadRun = tookOverFromDeadRun(domainLockFile(options.domain, ctx.host.remote ? ctx.host.hostname : undefined)) ? { waitMs: DEAD_RUN_JOB_WAIT_MS, log } : undefined;
+  if (!power.offline) await refuseActiveJob(ctx.domain, deadRun);
   if (options.tls && !ctx.host.remote) {
     log.warn(`--tls: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket: no TLS needed, none used`);
   }

@@ -1,14 +1,33 @@
 // The domain's block job seen from outside a backup run: refuse to start while another job runs, and end a
 // backup job left running (-k/--killonly, e.g. after -s/--startonly). Guarantees: only a backup job is ever ended.
 import fs from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { VIR_DOMAIN_JOB_OPERATION_BACKUP, type LibvirtDomain } from '../native/addon.js';
 import { DEFAULT_LIBVIRT_URI, lookupDomain, lostConnectionError, openLibvirt, type LibvirtLogin } from '../libvirt/connection.js';
 import { waitForJobTeardown } from '../libvirt/backupJob.js';
 import { Logger, silentLogger } from '../util/log.js';
 import { UserError, oneLine } from '../util/errors.js';
 
-export async function refuseActiveJob(domain: LibvirtDomain): Promise<void> {
-  const job = await domain.getJobType();
+/**
+ * How long a run that took the domain's lock over from a run that died waits for that run's job to go: its guard
+ * looks for the job for at most 15 s and ends it (jobGuard.ts). It was refused ("already has a backup job") while
+ * the guard was about to end the job (found by a black-box round: an inc started right after one killed with SIGKILL).
+ */
+export const DEAD_RUN_JOB_WAIT_MS = 20_000;
+
+/**
+ * Refuses while the domain has a job. With `deadRun` (this run took the lock over from a run that died), a job is
+ * first waited for, up to `deadRun.waitMs`, since that run's guard ends it.
+ */
+export async function refuseActiveJob(domain: LibvirtDomain, deadRun?: { waitMs: number; log: Logger }): Promise<void> {
+  let job = await domain.getJobType();
+  if (job.type !== 0 && deadRun && job.operation === VIR_DOMAIN_JOB_OPERATION_BACKUP) {
+    deadRun.log.info(`domain '${domain.name()}' has a backup job, maybe of a run that died (this run took over its lock): waiting up to ${Math.round(deadRun.waitMs / 1000)} s for its guard to end it`);
+    for (const deadline = Date.now() + deadRun.waitMs; job.type !== 0 && Date.now() < deadline;) {
+      await sleep(250);
+      job = await domain.getJobType();
+    }
+  }
   if (job.type === 0) return;
   const what = job.operation === VIR_DOMAIN_JOB_OPERATION_BACKUP ? 'a backup job' : `an active job (operation ${job.operation})`;
   throw new UserError(`domain '${domain.name()}' already has ${what}; wait for it, or end it with 'virtnbdbackup -d ${domain.name()} -k' (backup jobs) or 'virsh domjobabort ${domain.name()}'`);

@@ -94,7 +94,14 @@ export async function partialCause(dir: string, action: string): Promise<{ text:
 }
 
 const held = new Set<string>();
+/** Locks this process took over from a run that died (kill -9, a crash): its job may still be ending (its guard). */
+const takenOver = new Set<string>();
 let exitHookInstalled = false;
+
+/** Whether this process took the lock `file` over from a run that died, not from no one. */
+export function tookOverFromDeadRun(file: string): boolean {
+  return takenOver.has(file);
+}
 
 function removeHeldLocks(): void {
   for (const file of held) fs.rmSync(file, { force: true });
@@ -107,6 +114,7 @@ export class RunLock {
   static async acquire(file: string, what: string): Promise<RunLock> {
     const content = JSON.stringify({ pid: process.pid, start: processStart(process.pid) ?? '' });
     await removeStaleDrafts(file);
+    let stale = false;
     for (let attempt = 0; attempt < 5; attempt++) {
       try {
         await createWhole(file, content);
@@ -115,6 +123,7 @@ export class RunLock {
           process.once('exit', removeHeldLocks);
         }
         held.add(file);
+        if (stale) takenOver.add(file);
         return new RunLock(file, content);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
@@ -128,6 +137,7 @@ export class RunLock {
         throw new UserError(`${what} is in use by another backup${pid ? ` (pid ${pid})` : ''}: lock ${file}; wait for it to finish, or remove the lock if that process is gone`);
       }
       await takeOverStale(file, existing);
+      stale = true;
     }
     throw new UserError(`cannot take lock ${file}: it keeps changing; another backup of the same ${what} is starting`);
   }
@@ -135,6 +145,7 @@ export class RunLock {
   /** Removes the lock if it is still ours. */
   async release(): Promise<void> {
     held.delete(this.file);
+    takenOver.delete(this.file);
     const current = await fsp.readFile(this.file, 'utf8').catch(() => undefined);
     if (current === this.content) await fsp.rm(this.file, { force: true });
   }

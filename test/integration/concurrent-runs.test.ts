@@ -6,14 +6,16 @@
 // the old chain, and a gone file was called damaged). And a set whose `.partial` another program writes right now,
 // taking no lock of ours (Python's virtnbdbackup; here a shell holding it open for writing): backup, restore and
 // verify say so, where all three called it a failed run's, to be moved out of the set (found by a black-box round).
+// And an inc started right after one killed with SIGKILL, while the killed run's guard has yet to end its job: it
+// waits for the job to go and backs up, where it was refused for "a backup job" nothing but that guard would end.
 import { test, type TestContext } from 'node:test';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { withTempDir, TestDomain } from '../support/testbed.js';
-import { errorLines, ourBin, runCli, within } from '../support/cli.js';
+import { withTempDir, withDomain, run, TestDomain } from '../support/testbed.js';
+import { errorLines, ourBin, runCli, startHeldOnOutput, within } from '../support/cli.js';
 import { cleanup } from '../support/cleanup.js';
 import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
 import { restore } from '../../src/restore/restore.js';
@@ -162,4 +164,49 @@ test('a .partial another program writes now (no lock of ours) is said to be writ
   const verified = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', 'verify']);
   assert.equal(verified.code, 1);
   assert.match(verified.stdout, new RegExp(`FAILED vda\\.inc\\.virtnbdbackup\\.1\\.data\\.partial: being written by a running backup \\(pid ${writer}\\): verify once it has ended`));
+});
+
+test('an inc started right after one killed with SIGKILL waits for the killed run\'s job to go (its guard ends it), then backs up', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 64, fill: [{ pattern: 0x11, offsetMiB: 0, lengthMiB: 32 }] }] });
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  const zip = (level: string, name: string): Promise<unknown> => run('bash', ['-c', `cd "$0" && exec "$1" -d "$2" -l ${level} -o - -n > ${name}`, work, ourBin('virtnbdbackup'), dom.name]);
+  await zip('full', 'full.zip');
+  await dom.write('vda', 0x22, '8M', '16M');
+  // Held on its unread output with its job begun; its guard stopped, so that the job outlives the run for a while.
+  const killed = startHeldOnOutput(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'inc', '-o', '-', '-n'], work);
+  cleanup(t, () => {
+    killed.child.kill('SIGKILL');
+  });
+  assert.ok(await within(20_000, async () => /writing vda\.inc\.virtnbdbackup\.1\.data/.test(killed.stderr())), killed.stderr());
+  const guard = spawnSync('pgrep', ['-f', `domjobabort .?${dom.name}`], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean);
+  assert.equal(guard.length, 1, `one guard of ${dom.name}: ${guard.join(', ')}`);
+  const guardPid = Number(guard[0]);
+  process.kill(guardPid, 'SIGSTOP');
+  cleanup(t, () => {
+    try {
+      process.kill(guardPid, 'SIGCONT');
+    } catch {
+      // ended
+    }
+  });
+  killed.child.kill('SIGKILL');
+  await killed.done;
+
+  const next = spawn('bash', ['-c', `cd "$0" && exec "$1" -d "$2" -l inc -o - -n > inc.zip`, work, ourBin('virtnbdbackup'), dom.name], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  next.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const ended = new Promise<number | null>((resolve) => next.on('close', (code) => resolve(code)));
+  assert.ok(await within(20_000, async () => /has a backup job, maybe of a run that died \(this run took over its lock\): waiting up to 20 s for its guard to end it/.test(stderr)), stderr);
+  process.kill(guardPid, 'SIGCONT');
+  assert.equal(await ended, 0, stderr);
+  assert.match(stderr, /removed checkpoint virtnbdbackup\.1: a run that did not finish created it/);
+
+  const set = path.join(work, 'set');
+  await fsp.mkdir(set);
+  for (const name of ['full.zip', 'inc.zip']) await run('unzip', ['-o', '-q', path.join(work, name), '-d', set]);
+  const restored = path.join(work, 'restored');
+  await run(ourBin('virtnbdrestore'), ['-i', set, '-o', restored, '-n']);
+  const now = await dom.snapshot('vda');
+  const compared = await TestDomain.compare(path.join(restored, 'vda.qcow2'), now, { formatA: 'qcow2' });
+  assert.ok(compared.identical, compared.output);
 });
