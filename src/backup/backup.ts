@@ -509,7 +509,7 @@ function identOf(plan: RunPlan, startedAt: Date): string {
 async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResult> {
   const { options, log, power } = ctx;
   // A run that died held this lock a moment ago: its guard may be ending its job right now.
-  const deadRun = tookOverFromDeadRun(domainLockFile(options.domain, ctx.host.remote ? ctx.host.hostname : undefined)) ? { waitMs: DEAD_RUN_JOB_WAIT_MS, log } : undefined;
+  const deadRun = tookOverFromDeadRun(domainLockFile(options.domain, ctx.host.remote ? ctx.host.hostname : undefined)) ? { waitMs: DEAD_RUN_JOB_WAIT_MS, log, signal: options.signal } : undefined;
   if (!power.offline) await refuseActiveJob(ctx.domain, deadRun);
   if (options.tls && !ctx.host.remote) {
     log.warn(`--tls: domain '${options.domain}' runs on this host, whose backup job serves through a unix socket: no TLS needed, none used`);

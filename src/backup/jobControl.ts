@@ -19,12 +19,14 @@ export const DEAD_RUN_JOB_WAIT_MS = 20_000;
  * Refuses while the domain has a job. With `deadRun` (this run took the lock over from a run that died), a job is
  * first waited for, up to `deadRun.waitMs`, since that run's guard ends it.
  */
-export async function refuseActiveJob(domain: LibvirtDomain, deadRun?: { waitMs: number; log: Logger }): Promise<void> {
+export async function refuseActiveJob(domain: LibvirtDomain, deadRun?: { waitMs: number; log: Logger; signal?: AbortSignal }): Promise<void> {
   let job = await domain.getJobType();
   if (job.type !== 0 && deadRun && job.operation === VIR_DOMAIN_JOB_OPERATION_BACKUP) {
     deadRun.log.info(`domain '${domain.name()}' has a backup job, maybe of a run that died (this run took over its lock): waiting up to ${Math.round(deadRun.waitMs / 1000)} s for its guard to end it`);
     for (const deadline = Date.now() + deadRun.waitMs; job.type !== 0 && Date.now() < deadline;) {
-      await sleep(250);
+      // A stop signal ends the wait at once (it waited out the 20 s, then failed as refused).
+      await sleep(250, undefined, { signal: deadRun.signal }).catch(() => undefined);
+      deadRun.signal?.throwIfAborted();
       job = await domain.getJobType();
     }
   }

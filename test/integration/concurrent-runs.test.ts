@@ -20,6 +20,7 @@ import { cleanup } from '../support/cleanup.js';
 import { MemoryDisk, craftStream, craftVmConfig } from '../support/craftedSet.js';
 import { restore } from '../../src/restore/restore.js';
 import { verifySet, type FileVerdict } from '../../src/verify/verify.js';
+import { domainLockFile } from '../../src/backup/lock.js';
 
 const MiB = 1024 * 1024;
 const ARCHIVE = 'chain.1800000000';
@@ -209,4 +210,30 @@ test('an inc started right after one killed with SIGKILL waits for the killed ru
   const now = await dom.snapshot('vda');
   const compared = await TestDomain.compare(path.join(restored, 'vda.qcow2'), now, { formatA: 'qcow2' });
   assert.ok(compared.identical, compared.output);
+});
+
+test('a run waiting for a dead run\'s job stops at once on SIGTERM (exit 130), the other program\'s job left alone', async (t) => {
+  const dom = await withDomain(t, { disks: [{ target: 'vda', sizeMiB: 16 }] });
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  // Another program's job (virsh backup-begin), and a lock of a run that died: the run cannot tell the two apart.
+  const jobXml = path.join(work, 'job.xml');
+  await fsp.writeFile(jobXml, `<domainbackup mode='pull'><server transport='unix' socket='${path.join(work, 'other.sock')}'/><disks><disk name='vda' backup='yes' type='file'><scratch file='${path.join(work, 'other.scratch')}'/></disk></disks></domainbackup>`);
+  await run('virsh', ['-c', 'qemu:///system', 'backup-begin', dom.name, jobXml]);
+  cleanup(t, () => run('virsh', ['-c', 'qemu:///system', 'domjobabort', dom.name], { allowFailure: true }));
+  const gone = spawnSync('true').pid as number;
+  const lock = domainLockFile(dom.name);
+  await fsp.writeFile(lock, JSON.stringify({ pid: gone, start: '1' }));
+  cleanup(t, () => fsp.rm(lock, { force: true }));
+
+  const waiting = spawn(ourBin('virtnbdbackup'), ['-d', dom.name, '-l', 'full', '-o', path.join(work, 'set'), '-n'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  waiting.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const ended = new Promise<number | null>((resolve) => waiting.on('close', (code) => resolve(code)));
+  assert.ok(await within(20_000, async () => /waiting up to 20 s for its guard to end it/.test(stderr)), stderr);
+  const stopped = Date.now();
+  waiting.kill('SIGTERM');
+  assert.equal(await ended, 130, stderr);
+  assert.ok(Date.now() - stopped < 3000, `the run took ${Date.now() - stopped} ms to stop`);
+  assert.match(stderr, /interrupted by SIGTERM/);
+  assert.match(spawnSync('virsh', ['-c', 'qemu:///system', 'domjobinfo', dom.name], { encoding: 'utf8' }).stdout, /Backup/, 'the other program\'s job was ended');
 });
