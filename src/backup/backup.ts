@@ -162,7 +162,7 @@ async function checkSet(output: string, level: Level, domain: string): Promise<v
   // This run holds the set's lock, but another program's backup (Python's takes none) may be writing there now.
   const writer = listing.partials.length > 0 ? await partialWriter(output) : undefined;
   if (writer) {
-    throw new UserError(`${path.join(output, writer.file)} is being written right now by ${writer.program} (pid ${writer.pid}), a backup that takes no lock of ours (Python's virtnbdbackup, say): run again once it has ended`);
+    throw new UserError(`${path.join(output, writer.file)} is being written right now by ${writer.program} (pid ${writer.pid}), a program that takes no lock of ours (Python's virtnbdbackup, or a restore into this directory, say): run again once it has ended`);
   }
   const cptFile = path.join(output, checkpointListName(domain));
   if (level === 'full' || level === 'copy') {

@@ -157,7 +157,7 @@ test('a .partial another program writes now (no lock of ours) is said to be writ
   process.kill(reader, 'SIGKILL');
 
   const writer = await holdOpen(t, partial, '>>');
-  assert.deepEqual(await backup(), [`virtnbdbackup: error: ${partial} is being written right now by sleep (pid ${writer}), a backup that takes no lock of ours (Python's virtnbdbackup, say): run again once it has ended`]);
+  assert.deepEqual(await backup(), [`virtnbdbackup: error: ${partial} is being written right now by sleep (pid ${writer}), a program that takes no lock of ours (Python's virtnbdbackup, or a restore into this directory, say): run again once it has ended`]);
   assert.ok(fs.existsSync(partial));
   const restored = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', path.join(work, 'out')]);
   assert.equal(restored.code, 1);
