@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isArchivedChain, isStreamFile, listSet, recordedChecksum, noDataFiles, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, sideFilesAre, vmConfigName,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isArchivedChain, isStreamFile, listSet, recordedChecksum, noDataFiles, noDataFilesIn, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, sideFilesAre, vmConfigName,
   type ChainLink, type DataFile, type SetListing, type StrandedSideFiles,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
@@ -151,7 +151,7 @@ async function scanSet(set: SetOrListing, log: Logger, disk?: string, chosenPoin
     }
     log.warn(`${listing.partials.join(', ')} in ${input} ${listing.partials.length > 1 ? 'are' : 'is'} left from a failed backup run: not read`);
   }
-  if (all.dataFiles.length === 0) throw noDataFiles(input);
+  if (all.dataFiles.length === 0) throw await noDataFilesIn(input);
   if (listing.dataFiles.length === 0) throw new UserError(`no backup of disk ${disk} in ${input}`);
   const cpt = listing.checkpointLists[0];
   // The list only orders the incrementals, which their names (.N) order too: a damaged one need not stop a restore.

@@ -193,6 +193,17 @@ export const ofDisk = (disk: string | undefined) => (data: DataFile | undefined)
 export const noDataFiles = (input: string, disk?: string): UserError =>
   new UserError(`${input} is not a backup set: it holds no *.data files${disk ? ` of disk ${disk}` : ''}`);
 
+/**
+ * noDataFiles for a whole set, or where the set's chain was moved aside and no new chain's file is there yet: a
+ * backup that fell back to a full is writing the new one (or failed), and a restore or verify that came then was
+ * told that the directory is no backup set (found by a black-box round).
+ */
+export async function noDataFilesIn(input: string, disk?: string): Promise<UserError> {
+  const archived = disk === undefined ? await lastArchivedChain(input) : undefined;
+  if (!archived) return noDataFiles(input, disk);
+  return new UserError(`${input} holds no *.data files: its chain was moved aside into ${archived.path} by a backup that fell back to a full backup, whose new chain starts here (its files appear as that backup writes them); give -i ${archived.path} for the chain moved aside`);
+}
+
 export async function readCheckpointList(file: string): Promise<string[]> {
   let text: string;
   try {

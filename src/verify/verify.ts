@@ -12,7 +12,7 @@ import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { StreamReader } from '../stream/reader.js';
 import {
-  archivedChainHolding, checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFiles, ofDisk, parseDataFileName, partialsOf, readIfThere, recordedChecksum,
+  archivedChainHolding, checksumFileName, checksumMismatch, digestFileName, fileChecksum, isStreamFile, listSet, noDataFilesIn, ofDisk, parseDataFileName, partialsOf, readIfThere, recordedChecksum,
   sideFilesAre,
 } from '../set/backupSet.js';
 import type { DigestAlgorithm } from '../stream/writer.js';
@@ -194,7 +194,7 @@ export async function verifySet(options: VerifyOptions): Promise<FileVerdict[]> 
   const known = new Set(listing.dataFiles.map((d) => d.file));
   let files = sequence ? sequence.filter((f) => known.has(f)) : listing.dataFiles.filter(ofDisk(disk)).map((d) => d.file);
   const partials = partialsOf(listing, disk);
-  if (!sequence && files.length === 0 && partials.length === 0) throw noDataFiles(options.input, disk);
+  if (!sequence && files.length === 0 && partials.length === 0) throw await noDataFilesIn(options.input, disk);
   // The chains, from the files' metadata (a set with a .partial has none: restore refuses it, and the file fails
   // below). Why they cannot be read or do not link is a verdict of its own; an unknown --until is refused.
   let scanned: Awaited<ReturnType<typeof checkedChains>> | undefined;

@@ -237,3 +237,16 @@ test('a run waiting for a dead run\'s job stops at once on SIGTERM (exit 130), t
   assert.match(stderr, /interrupted by SIGTERM/);
   assert.match(spawnSync('virsh', ['-c', 'qemu:///system', 'domjobinfo', dom.name], { encoding: 'utf8' }).stdout, /Backup/, 'the other program\'s job was ended');
 });
+
+test('a set whose chain was just moved aside, before the new full wrote anything, names where the chain went (restore, verify)', async (t) => {
+  const work = await withTempDir(t, 'vnbd-concurrent-');
+  const set = path.join(work, 'set');
+  await craftSet(set, 0x11, '2027-01-01T00:00:00.000Z');
+  moveChainAside(set);
+  const line = `${set} holds no *.data files: its chain was moved aside into ${path.join(set, ARCHIVE)} by a backup that fell back to a full backup, whose new chain starts here (its files appear as that backup writes them); give -i ${path.join(set, ARCHIVE)} for the chain moved aside`;
+  for (const output of [path.join(work, 'out'), 'verify']) {
+    const r = await runCli(ourBin('virtnbdrestore'), ['-i', set, '-o', output]);
+    assert.equal(r.code, 1);
+    assert.deepEqual(errorLines(r), [`virtnbdrestore: error: ${line}`]);
+  }
+});
