@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
-  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isArchivedChain, isStreamFile, listSet, recordedChecksum, noDataFiles, noDataFilesIn, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, sideFilesAre, vmConfigName,
+  DamagedCheckpointList, MixedChain, checkLinks, refuseOlderChains, dataFileName, isArchivedChain, isStreamFile, listSet, recordedChecksum, noDataFilesIn, ofDisk, parseDataFileName, partialsOf, qcowInfoName, readChains, readCheckpointList, savedCheckpoint, savedConfigNames, lostDiffs, sideFilesAre, vmConfigName,
   type ChainLink, type DataFile, type SetListing, type StrandedSideFiles,
 } from '../set/backupSet.js';
 import { parseDomainXml, type DomainDisk, type DomainInfo } from '../libvirt/domainXml.js';
