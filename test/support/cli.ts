@@ -130,34 +130,44 @@ export async function runOk(command: string, args: string[]): Promise<CliResult>
   let result = await runCli(command, args);
   if (out && before !== undefined && result.code !== 0 && PYTHON_SOCKET_RACE.test(result.stderr)) {
     process.stderr.write(`# Python's virtnbdrestore lost its own socket (its race between disks); running it again\n`);
-    await qemuNbdGone(args);
+    await qemuNbdGone(args, true);
     if (before === null) await fs.rm(out, { recursive: true, force: true });
     else for (const made of (await fs.readdir(out)).filter((name) => !before.includes(name))) await fs.rm(path.join(out, made), { recursive: true, force: true });
     result = await runCli(command, args);
   }
+  if (command === pythonBin('virtnbdrestore')) await qemuNbdGone(args, result.code !== 0);
   if (result.code !== 0) {
     throw new Error(`${path.basename(command)} ${args.join(' ')} exited ${result.code ?? result.signal}\n${result.stderr}${result.stdout}`);
   }
-  if (command === pythonBin('virtnbdrestore')) await qemuNbdGone(args);
   return result;
 }
 
-/**
- * Python's virtnbdrestore exits while the qemu-nbd it started still flushes and closes the image; reading the
- * image before then sees stale data. Waits (up to 30 s) until no qemu-nbd serves a file under its -o directory.
- */
 /** The value of -o/--output among `args` (one of Python's virtnbdrestore), if any. */
 function outputOf(args: string[]): string | undefined {
   const at = args.findIndex((arg) => arg === '-o' || arg === '--output');
   return at < 0 ? undefined : args[at + 1];
 }
 
-async function qemuNbdGone(args: string[]): Promise<void> {
+/**
+ * Python's virtnbdrestore exits while the qemu-nbd it started still flushes and closes the image; reading the
+ * image before then sees stale data. Waits (up to 30 s) until no qemu-nbd serves a file under its -o directory.
+ * After a failed run (`failed`), one may never have had a client (its socket lost to the race above), and would
+ * serve for ever: after 2 s it is stopped.
+ */
+async function qemuNbdGone(args: string[], failed = false): Promise<void> {
   const out = outputOf(args);
   if (!out || out === 'dump' || out === 'verify') return;
   const dir = path.resolve(out) + path.sep;
   for (let waited = 0; waited < 30_000; waited += 100) {
-    if (!(await qemuNbdRuns((arg) => arg.startsWith(dir)))) return;
+    const pid = await qemuNbdPid((arg) => arg.startsWith(dir));
+    if (pid === undefined) return;
+    if (failed && waited >= 2_000) {
+      try {
+        process.kill(Number(pid), 'SIGTERM');
+      } catch {
+        // gone meanwhile
+      }
+    }
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error(`qemu-nbd started by Python's virtnbdrestore still serves ${dir} after 30 s`);
