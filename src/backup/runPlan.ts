@@ -106,7 +106,7 @@ async function stillTracked(ctx: RunContext, target: string, last: string): Prom
 }
 
 /**
- * The disks of this run that checkpoint `parent` gave no bitmap. One no checkpoint of the chain gave a bitmap was
+ * The disks of this run that checkpoint `parent` (its XML: `xml`) gave no bitmap. One no checkpoint of the chain gave a bitmap was
  * added to the domain since: an inc saves it whole (a full stream, `<disk>.full.data`) and the new checkpoint
  * gives it a bitmap, so its own chain goes on from there. One an earlier checkpoint did was left out of the
  * backups since (-x): it resumes from that checkpoint while it still has its bitmap (stillTracked). Where neither
@@ -114,9 +114,8 @@ async function stillTracked(ctx: RunContext, target: string, last: string): Prom
  * attached anew under the name of one the chain holds cannot take another base. Judged by the checkpoints, not
  * the files, so that a zip on standard output (whose set is elsewhere) is judged alike.
  */
-async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level, chain: string[]): Promise<DiskChanges> {
+async function disksWithoutBitmap(ctx: RunContext, parent: string, xml: string | undefined, level: Level, chain: string[]): Promise<DiskChanges> {
   // Unreadable, it tells nothing: the job's start then names a missing bitmap, which falls back to a full.
-  const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
   if (xml === undefined) return { added: [], resumed: [] };
   const bitmaps = new Set(checkpointBitmapDisks(xml));
   const missing = ctx.disks.filter((d) => d.format !== 'raw' && !bitmaps.has(d.target)).map((d) => d.target);
@@ -126,7 +125,7 @@ async function disksWithoutBitmap(ctx: RunContext, parent: string, level: Level,
     if (from === undefined) {
       changes.added.push(target);
     } else if (await stillTracked(ctx, target, from)) {
-      const moved = await movedImage(ctx, from, [target]);
+      const moved = await movedImage(ctx, from, await ctx.domain.checkpointGetXMLDesc(from, 0).catch(() => undefined), [target]);
       if (moved) return { ...changes, problem: moved };
       changes.resumed.push({ target, from });
     } else {
@@ -147,12 +146,11 @@ const imageOf = (disk: DomainDisk): string | undefined => (disk.volume ? `volume
  * A disk read against a checkpoint whose image another disk of the domain had at that checkpoint (images swapped or
  * moved between targets by an edited XML): libvirt reads the bitmap of that name in whatever image the target has
  * now, so the inc would put one disk's changes onto another disk's chain, and its restore would mix the two. Judged
- * by the domain definition libvirt keeps with the checkpoint, else the one the set saved then; none tells nothing. `targets` are the disks of this
- * run read against `checkpoint`; undefined where none moved.
+ * by the domain definition libvirt keeps with the checkpoint (in its XML, `xml`), else the one the set saved then;
+ * none tells nothing. `targets` are the disks of this run read against `checkpoint`; undefined where none moved.
  */
-async function movedImage(ctx: RunContext, checkpoint: string, targets: string[]): Promise<string | undefined> {
+async function movedImage(ctx: RunContext, checkpoint: string, xml: string | undefined, targets: string[]): Promise<string | undefined> {
   if (targets.length === 0) return undefined;
-  const xml = await ctx.domain.checkpointGetXMLDesc(checkpoint, 0).catch(() => undefined);
   // A checkpoint redefined without it (the domain defined anew): the domain XML the set saved at that checkpoint.
   const definition = (xml === undefined ? undefined : /<domain[\s>][\s\S]*<\/domain>/.exec(xml)?.[0])
     ?? (ctx.toZip ? undefined : await fs.readFile(path.join(ctx.stateDir, vmConfigName(checkpoint)), 'utf8').catch(() => undefined));
@@ -173,10 +171,9 @@ async function movedImage(ctx: RunContext, checkpoint: string, targets: string[]
   return undefined;
 }
 
-/** movedImage of the disks checkpoint `parent` gave a bitmap. */
-async function movedImages(ctx: RunContext, parent: string): Promise<string | undefined> {
-  const xml = await ctx.domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
-  return xml === undefined ? undefined : movedImage(ctx, parent, checkpointBitmapDisks(xml));
+/** movedImage of the disks checkpoint `parent` (its XML: `xml`) gave a bitmap. */
+async function movedImages(ctx: RunContext, parent: string, xml: string | undefined): Promise<string | undefined> {
+  return xml === undefined ? undefined : movedImage(ctx, parent, xml, checkpointBitmapDisks(xml));
 }
 
 /**
@@ -261,9 +258,11 @@ export async function planRun(ctx: RunContext, requested: Level): Promise<RunPla
   if (unsaved) return fallBackToFull(ctx, prefix, unsaved);
   const replaced = setFiles && (await replacedIncs(ctx, setFiles, chain));
   if (replaced) return fallBackToFull(ctx, prefix, replaced);
-  const moved = await movedImages(ctx, parent);
+  // The parent's XML, read once for both: whether an image moved between targets, and which disks it tracks.
+  const parentXml = await domain.checkpointGetXMLDesc(parent, 0).catch(() => undefined);
+  const moved = await movedImages(ctx, parent, parentXml);
   if (moved) return fallBackToFull(ctx, prefix, moved);
-  const added = await disksWithoutBitmap(ctx, parent, level, chain);
+  const added = await disksWithoutBitmap(ctx, parent, parentXml, level, chain);
   if (added.problem) return fallBackToFull(ctx, prefix, added.problem);
   if (power.offline && added.added.length > 0) {
     throw new UserError(`disk ${added.added.join(', ')} of '${options.domain}' was added since checkpoint ${parent}: its chain starts with a checkpoint, which libvirt cannot create while the domain is shut off; run again ${power.runningAdvice} (that inc saves it whole)`);
