@@ -31,7 +31,7 @@ import { DEAD_RUN_JOB_WAIT_MS, refuseActiveJob } from './jobControl.js';
 import { fallBackToFull, planRun, type RunPlan } from './runPlan.js';
 import { backupDisk, writeFailure, type DiskResult } from './diskBackup.js';
 import { imageInfoJson, readImageInfo, saveSideFiles, type ImageInfo } from './sideFiles.js';
-import { noScratchDirectory, openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
+import { openScratchSpace, scratchLocation, watchScratch, type ScratchSpace, type ScratchWatch } from './scratchWatch.js';
 import { guardJob, type JobGuard } from './jobGuard.js';
 import type { RunContext } from './context.js';
 import { checkSocketPath, clearSocketPath } from '../util/process.js';
@@ -543,14 +543,14 @@ async function runBackup(ctx: RunContext, requested: Level): Promise<BackupResul
     log.info('only raw disks selected: they cannot carry checkpoints, switching to level copy');
     level = 'copy';
   }
-  // Before the plan, which may move a chain aside (an inc that falls back to a full) or remove checkpoints a run
-  // that did not finish left, and the job's start, before which a full removes the old chain's checkpoints.
-  if (!power.offline && !ctx.host.remote && !options.printOnly) await checkJobPaths(ctx);
-  // The scratch directory's first look (there at all, on another host too; free space enough) needs no plan: made
-  // here, an inc that was to fall back to a full had moved the chain aside before it was refused. The run owns it
-  // until it ends (a watch's stop closes it too; closing twice is harmless).
+  // The scratch directory's first look (a directory there at all, on another host too; free space enough) needs no
+  // plan: made here, an inc that was to fall back to a full had moved the chain aside before it was refused. The run
+  // owns it until it ends (a watch's stop closes it too; closing twice is harmless).
   const scratch = power.offline || options.printOnly ? undefined : await openScratchSpace(ctx.host, scratchDirOf(options), options.domain, log);
   try {
+    // Before the plan, which may move a chain aside (an inc that falls back to a full) or remove checkpoints a run
+    // that did not finish left, and the job's start, before which a full removes the old chain's checkpoints.
+    if (!power.offline && !ctx.host.remote && !options.printOnly) await checkJobPaths(ctx);
     return await planAndSave(ctx, level, scratch);
   } finally {
     scratch?.close();
@@ -620,16 +620,17 @@ async function thresholdEstimate(ctx: RunContext, plan: RunPlan): Promise<number
 }
 
 /**
- * Refuses a job on this host whose socket (-f) or scratch directory QEMU could not create files in: not there, or
- * not writable by QEMU's user. The job's start failed on them only after a full had removed the old chain's
+ * Refuses a job on this host whose socket (-f) or scratch directory QEMU could not create files in: the socket's
+ * directory not there, or either not writable by QEMU's user (a scratch directory that is not there is
+ * openScratchSpace's refusal). The job's start failed on them only after a full had removed the old chain's
  * checkpoints, and the earlier set could not go on.
  */
 async function checkJobPaths(ctx: RunContext): Promise<void> {
   const { options, log } = ctx;
   const socket = socketOf(options);
   await checkSocketPath(socket);
+  // A directory: openScratchSpace, just before, refused anything else.
   const scratch = scratchDirOf(options);
-  if (!(await fs.stat(scratch).then((st) => st.isDirectory(), () => false))) throw noScratchDirectory(scratch);
   const who = await qemuUserOf(options.domain, ctx.vmXml, options.uri ?? DEFAULT_LIBVIRT_URI);
   if (!who) {
     log.debug(`cannot tell which user QEMU of '${options.domain}' runs as: not checked whether it may write to ${path.dirname(socket)} and ${scratch}`);
